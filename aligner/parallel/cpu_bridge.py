@@ -1,0 +1,237 @@
+"""Run megatron-core on a CPU-only torch.
+
+megatron-core assumes CUDA in three kinds of places (measured with megatron-core 0.16.1,
+torch 2.13 CPU, gloo, local layer spec):
+
+1. ``torch.cuda.current_device()`` used as a device (rotary embedding, attention's
+   global memory buffer, p2p communication in the pipeline schedules);
+2. the CUDA RNG state tracker (``tensor_parallel.random``), which snapshots and restores
+   CUDA generator states around model-parallel regions;
+3. tensors created with ``device="cuda"`` inside megatron.core modules (pipeline
+   schedules, ``transformer.utils.get_default_causal_mask``, optimizer, DDP buffers), plus
+   one assert on ``torch.cuda.FloatTensor`` in ``optimizer.clip_grads``.
+
+:func:`engage` bridges exactly these, and only when CUDA is absent:
+
+1./3. every loaded ``megatron.core`` module whose global ``torch`` is the torch module
+   sees :data:`_CPU_TORCH` instead: the same module, except that tensor factories map a
+   CUDA device to the CPU and ``torch.cuda`` answers "cpu" for ``current_device`` and
+   does nothing for ``synchronize`` / ``empty_cache``. Code outside megatron.core keeps
+   the real torch.
+2. the tracker is replaced by :class:`CpuRNGStatesTracker`, the same bookkeeping over the
+   CPU generator.
+3. ``clip_grad_by_total_norm_fp32`` is replaced by the same scaling without the CUDA type
+   assert.
+
+Nothing else in aligner knows it runs on a CPU. ``tests/parallel/test_cpu_bridge.py``
+checks each bridged place, so a megatron-core upgrade that moves one fails loudly.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+import types
+
+import torch
+from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+_ENGAGED = False
+
+# Factories whose ``device`` argument megatron-core sets to CUDA.
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
+    "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor", "linspace",
+)
+
+
+def _to_cpu_device(device):
+    """Map any CUDA spelling (str, int, torch.device) to ``"cpu"``; leave others alone."""
+    if device is None:
+        return None
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cpu"
+    if str(device).startswith("cuda"):
+        return "cpu"
+    return device
+
+
+def _cpu_factory(fn):
+    def factory(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)  # pinning needs an accelerator
+        return fn(*args, **kwargs)
+
+    factory.__name__ = fn.__name__
+    factory.__doc__ = fn.__doc__
+    return factory
+
+
+class _CpuCuda(types.ModuleType):
+    """``torch.cuda`` as megatron.core sees it on a CPU: the current device is the CPU."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    @staticmethod
+    def current_device():
+        return "cpu"
+
+    @staticmethod
+    def synchronize(*args, **kwargs):
+        return None
+
+    @staticmethod
+    def empty_cache():
+        return None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _CpuTorch(types.ModuleType):
+    """``torch`` as megatron.core sees it on a CPU (see the module docstring)."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+        for name in _FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+_CPU_TORCH = _CpuTorch()
+
+
+class CpuRNGStatesTracker(CudaRNGStatesTracker):
+    """megatron-core's ``CudaRNGStatesTracker`` over the CPU generator.
+
+    Same interface: ``reset``, ``get_states``, ``set_states``, ``add(name, seed)`` and
+    ``fork(name)``, which runs its body with the named generator state and saves the state
+    it leaves behind.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.use_cudagraphable_rng = False
+        self.is_inference_rng_tracker = False
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return {name: state.clone() for name, state in self.states_.items()}
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's clip by total norm, without its ``torch.cuda.FloatTensor`` assert."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0:
+        for g in grads:
+            g.mul_(clip_coeff)
+
+
+# Modules whose CUDA uses the bridge must cover; imported on engage so they are patched.
+_MODULES = (
+    "megatron.core.tensor_parallel.random",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.inference.contexts.static_context",
+    "megatron.core.utils",
+)
+
+
+def needed() -> bool:
+    """True when this torch has no usable CUDA device: the bridge is then required."""
+    return not torch.cuda.is_available()
+
+
+def patch_loaded_modules() -> int:
+    """Point every loaded megatron.core module's ``torch`` at the CPU view; returns count."""
+    count = 0
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.core") and getattr(module, "torch", None) is torch:
+            module.torch = _CPU_TORCH
+            count += 1
+    return count
+
+
+def engage() -> bool:
+    """Bridge megatron-core to the CPU if CUDA is absent. Idempotent; returns engaged."""
+    global _ENGAGED
+    if not needed():
+        return False
+    import importlib
+
+    for name in _MODULES:
+        importlib.import_module(name)
+    patch_loaded_modules()
+
+    from megatron.core.optimizer import clip_grads, optimizer
+    from megatron.core.tensor_parallel import random as mrandom
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
+    if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+        mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # megatron-core snapshots the CUDA generator around checkpointed regions.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _ENGAGED = True
+    return True
+
+
+def engaged() -> bool:
+    return _ENGAGED

@@ -1,0 +1,113 @@
+"""Run a function in N local processes as one distributed job (tests, CPU experiments).
+
+``spawn_local(fn, world_size, *args)`` starts ``world_size`` fresh interpreters with the
+torchrun variables set (free port on 127.0.0.1), calls ``fn(*args, **kwargs)`` in each and
+returns the list of per-rank results. A rank that raises, dies or outlives ``timeout``
+fails the whole call with :class:`SpawnError` (the rank, its traceback or exit code) and
+every remaining rank is killed: a broken rank never blocks the caller.
+``fn`` and its arguments must be picklable (a module-level function).
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import time
+import traceback
+from typing import Any, Callable
+
+from aligner.parallel.state import free_port
+
+
+class SpawnError(RuntimeError):
+    """A rank of a local job failed, died or hung."""
+
+
+def _worker(rank, world_size, port, fn, args, kwargs, results, threads):
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        out = fn(*args, **kwargs)
+        results.put((rank, True, out))
+    except BaseException as exc:  # report every failure, including SystemExit
+        results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+        raise SystemExit(1)
+    finally:
+        try:
+            from aligner.parallel.state import destroy
+
+            destroy()
+        except Exception:
+            pass
+
+
+def spawn_local(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args,
+    timeout: float = 300.0,
+    threads_per_rank: int | None = None,
+    **kwargs,
+) -> list:
+    """Run ``fn`` on ``world_size`` local ranks; returns ``[result_rank0, result_rank1, ...]``."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(rank, world_size, port, fn, args, kwargs, results, threads),
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) < world_size:
+            try:
+                rank, ok, payload = results.get(timeout=0.2)
+            except queue_mod.Empty:
+                for rank, p in enumerate(procs):
+                    if rank not in outputs and p.exitcode is not None and p.exitcode != 0:
+                        # give a rank that raised a moment to deliver its traceback
+                        try:
+                            r2, ok2, payload2 = results.get(timeout=2.0)
+                        except queue_mod.Empty:
+                            raise SpawnError(
+                                f"rank {rank} of {world_size} died with exit code {p.exitcode}"
+                            ) from None
+                        if not ok2:
+                            raise SpawnError(f"rank {r2} of {world_size} failed: {payload2}")
+                        outputs[r2] = payload2
+                if time.monotonic() > deadline:
+                    missing = [r for r in range(world_size) if r not in outputs]
+                    raise SpawnError(
+                        f"ranks {missing} of {world_size} did not finish within {timeout:.0f} s"
+                    )
+                continue
+            if not ok:
+                raise SpawnError(f"rank {rank} of {world_size} failed: {payload}")
+            outputs[rank] = payload
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=5)
+        results.close()
+    return [outputs[r] for r in range(world_size)]

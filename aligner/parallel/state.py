@@ -1,0 +1,286 @@
+"""Process groups, device and seeds: the one parallel-state core every algorithm shares.
+
+A job is a set of ranks started by ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/
+``MASTER_ADDR``/``MASTER_PORT``), by Slurm ``srun`` (``SLURM_PROCID``/``SLURM_NTASKS``/
+``SLURM_LOCALID``/``SLURM_NODELIST``) or a plain ``python`` (world size 1). On GPUs the
+backend is NCCL, one device per local rank; without CUDA it is gloo and megatron-core is
+bridged to the CPU (:mod:`aligner.parallel.cpu_bridge`).
+
+Layout: ``world = tp * pp * cp * dp`` (expert parallelism divides ``dp * cp``); the layout
+is validated before any process group exists.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from aligner.parallel import cpu_bridge
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message names the config keys and numbers."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout (config group ``parallel``).
+
+    tp: tensor-parallel size; pp: pipeline-parallel size; vpp: virtual pipeline stages per
+    rank (interleaved 1F1B) or None; cp: context-parallel size; ep: expert-parallel size;
+    dp is what the world size leaves (``world / (tp * pp * cp)``). ``backend``: ``auto``
+    (NCCL on GPU, gloo on CPU), ``nccl`` or ``gloo``. ``seed`` drives megatron-core's
+    data-parallel / tensor-parallel RNG streams.
+    """
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    cp: int = 1
+    ep: int = 1
+    backend: str = "auto"
+    seed: int = 1234
+    timeout_minutes: int = 30
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun", "slurm" or "single"
+
+
+def validate_layout(
+    parallel: ParallelConfig,
+    world_size: int,
+    *,
+    num_layers: Optional[int] = None,
+    num_attention_heads: Optional[int] = None,
+    num_query_groups: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    num_experts: Optional[int] = None,
+) -> int:
+    """Check a layout before anything is initialised; returns the data-parallel size.
+
+    Raises :class:`LayoutError` naming the config keys and their values.
+    """
+    for key in ("tp", "pp", "cp", "ep"):
+        value = getattr(parallel, key)
+        if not isinstance(value, int) or value < 1:
+            raise LayoutError(f"parallel.{key} must be a positive integer, got {value!r}")
+    if parallel.vpp is not None and (not isinstance(parallel.vpp, int) or parallel.vpp < 1):
+        raise LayoutError(f"parallel.vpp must be a positive integer or null, got {parallel.vpp!r}")
+    if parallel.backend not in ("auto", "nccl", "gloo"):
+        raise LayoutError(f"parallel.backend must be one of auto, nccl, gloo; got {parallel.backend!r}")
+    model_parallel = parallel.tp * parallel.pp * parallel.cp
+    if world_size % model_parallel != 0:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by parallel.tp * parallel.pp * parallel.cp"
+            f" = {parallel.tp} * {parallel.pp} * {parallel.cp} = {model_parallel}"
+        )
+    dp = world_size // model_parallel
+    if (dp * parallel.cp) % parallel.ep != 0:
+        raise LayoutError(
+            f"parallel.ep = {parallel.ep} must divide data-parallel x context-parallel size"
+            f" {dp} * {parallel.cp} = {dp * parallel.cp}"
+        )
+    if num_attention_heads is not None and num_attention_heads % parallel.tp != 0:
+        raise LayoutError(
+            f"model.num_attention_heads = {num_attention_heads} is not divisible by"
+            f" parallel.tp = {parallel.tp}"
+        )
+    if num_query_groups is not None and num_query_groups % parallel.tp != 0:
+        raise LayoutError(
+            f"model.num_query_groups = {num_query_groups} (key/value heads) is not divisible by"
+            f" parallel.tp = {parallel.tp}"
+        )
+    if num_layers is not None:
+        stages = parallel.pp * (parallel.vpp or 1)
+        if stages > num_layers:
+            raise LayoutError(
+                f"parallel.pp * parallel.vpp = {stages} pipeline stages exceed"
+                f" model.num_layers = {num_layers}"
+            )
+        if num_layers % stages != 0:
+            raise LayoutError(
+                f"model.num_layers = {num_layers} is not divisible by parallel.pp"
+                f"{' * parallel.vpp' if parallel.vpp else ''} = {stages}"
+            )
+    if num_experts is not None and num_experts % parallel.ep != 0:
+        raise LayoutError(
+            f"model.num_experts = {num_experts} is not divisible by parallel.ep = {parallel.ep}"
+        )
+    if vocab_size is not None and vocab_size < parallel.tp:
+        raise LayoutError(f"model.vocab_size = {vocab_size} is smaller than parallel.tp = {parallel.tp}")
+    return dp
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as ``node[003-005,007],gpu1`` -> ``node003``."""
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]
+    m = re.match(r"^([^\[]+)\[([^\]]+)\]", first)
+    if not m:
+        return first
+    prefix, ranges = m.groups()
+    start = ranges.split(",")[0].split("-")[0]
+    return prefix + start
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_dist_env(environ=None) -> DistEnv:
+    """Where this process sits in the job, from torchrun or Slurm variables (torchrun first)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get(
+            "SLURM_NODELIST", "127.0.0.1"
+        )
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="slurm",
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
+
+
+_DEVICE: Optional[torch.device] = None
+
+
+def get_device() -> torch.device:
+    """The device this rank computes on (``cuda:<local_rank>`` or ``cpu``)."""
+    if _DEVICE is not None:
+        return _DEVICE
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def initialize(parallel: Optional[ParallelConfig] = None, **model_dims) -> DistEnv:
+    """Start torch.distributed and megatron-core's parallel state for ``parallel``.
+
+    ``model_dims`` (num_layers, num_attention_heads, num_query_groups, vocab_size,
+    num_experts) are checked against the layout before any process group is created.
+    Idempotent for the same layout within a process.
+    """
+    global _DEVICE
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel = parallel or ParallelConfig()
+    denv = read_dist_env()
+    validate_layout(parallel, denv.world_size, **model_dims)
+
+    use_cuda = torch.cuda.is_available()
+    backend = parallel.backend if parallel.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if backend == "nccl" and not use_cuda:
+        raise LayoutError("parallel.backend = nccl needs CUDA, and this torch sees no GPU")
+    if use_cuda:
+        torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
+        _DEVICE = torch.device("cuda", torch.cuda.current_device())
+    else:
+        cpu_bridge.engage()
+        _DEVICE = torch.device("cpu")
+
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+            rank=denv.rank,
+            world_size=denv.world_size,
+            timeout=datetime.timedelta(minutes=parallel.timeout_minutes),
+        )
+    if parallel_state.model_parallel_is_initialized():
+        current = (
+            parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+        )
+        if current != (parallel.tp, parallel.pp):
+            raise LayoutError(
+                f"megatron-core is already initialised with tp={current[0]}, pp={current[1]};"
+                f" call aligner.parallel.destroy() before asking for tp={parallel.tp}, pp={parallel.pp}"
+            )
+    else:
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            virtual_pipeline_model_parallel_size=parallel.vpp,
+            context_parallel_size=parallel.cp,
+            expert_model_parallel_size=parallel.ep,
+            distributed_timeout_minutes=parallel.timeout_minutes,
+            create_gloo_process_groups=True,
+        )
+    if not use_cuda:
+        cpu_bridge.patch_loaded_modules()
+    model_parallel_cuda_manual_seed(parallel.seed)
+    return denv
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron-core's model-parallel RNG streams."""
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if parallel_state.model_parallel_is_initialized():
+        model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down megatron-core's parallel state and the default process group."""
+    global _DEVICE
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    _DEVICE = None
+
+
+def is_initialized() -> bool:
+    from megatron.core import parallel_state
+
+    return torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
+def ranks() -> dict:
+    """This rank's coordinates: global rank and tp / pp / dp ranks and sizes."""
+    from megatron.core import parallel_state as ps
+
+    return {
+        "rank": torch.distributed.get_rank(),
+        "world_size": torch.distributed.get_world_size(),
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "tp_size": ps.get_tensor_model_parallel_world_size(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "pp_size": ps.get_pipeline_model_parallel_world_size(),
+        "dp_rank": ps.get_data_parallel_rank(),
+        "dp_size": ps.get_data_parallel_world_size(),
+    }

@@ -48,6 +48,7 @@ setup(
         "safetensors>=0.4",
         "transformers>=4.45,<6",
         "numpy>=1.24",
+        "psutil>=5.9",  # megatron-core dist_checkpointing writer
         "tqdm>=4.60",
         "tensorboard>=2.14",
         "matplotlib>=3.7",

@@ -13,8 +13,8 @@ torch 2.13 CPU, gloo, local layer spec):
 
 :func:`engage` bridges exactly these, and only when CUDA is absent:
 
-1./3. every loaded ``megatron.core`` module whose global ``torch`` is the torch module
-   sees :data:`_CPU_TORCH` instead: the same module, except that tensor factories map a
+1./3. every ``megatron.core`` module whose global ``torch`` is the torch module (those
+   loaded already, and through an import hook those loaded later) sees :data:`_CPU_TORCH`: the same module, except that tensor factories map a
    CUDA device to the CPU and ``torch.cuda`` answers "cpu" for ``current_device`` and
    does nothing for ``synchronize`` / ``empty_cache``. Code outside megatron.core keeps
    the real torch.
@@ -207,6 +207,34 @@ def patch_loaded_modules() -> int:
     return count
 
 
+class _PatchOnImport:
+    """Import hook: a megatron.core module loaded after :func:`engage` gets the CPU view too."""
+
+    def find_spec(self, name, path=None, target=None):
+        if not name.startswith("megatron.core"):
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(name, path, target)
+            if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                exec_module = spec.loader.exec_module
+
+                def patched_exec(module, _exec=exec_module):
+                    _exec(module)
+                    if getattr(module, "torch", None) is torch:
+                        module.torch = _CPU_TORCH
+
+                spec.loader.exec_module = patched_exec
+                return spec
+            if spec is not None:
+                return spec
+        return None
+
+
+_HOOK = _PatchOnImport()
+
+
 def engage() -> bool:
     """Bridge megatron-core to the CPU if CUDA is absent. Idempotent; returns engaged."""
     global _ENGAGED
@@ -217,6 +245,8 @@ def engage() -> bool:
     for name in _MODULES:
         importlib.import_module(name)
     patch_loaded_modules()
+    if _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
 
     from megatron.core.optimizer import clip_grads, optimizer
     from megatron.core.tensor_parallel import random as mrandom

@@ -67,7 +67,7 @@ def spawn_local(
         ctx.Process(
             target=_worker,
             args=(rank, world_size, port, fn, args, kwargs, results, threads),
-            daemon=True,
+            daemon=False,  # ranks may start children (dist_checkpointing does)
         )
         for rank in range(world_size)
     ]

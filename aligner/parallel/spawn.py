@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue as queue_mod
 import time
 import traceback
@@ -37,7 +38,8 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, threads):
     torch.set_num_threads(threads)
     try:
         out = fn(*args, **kwargs)
-        results.put((rank, True, out))
+        # plain pickle: tensors travel as bytes, not as shared-memory handles that die with the rank
+        results.put((rank, True, pickle.dumps(out)))
     except BaseException as exc:  # report every failure, including SystemExit
         results.put((rank, False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
         raise SystemExit(1)
@@ -91,7 +93,7 @@ def spawn_local(
                             ) from None
                         if not ok2:
                             raise SpawnError(f"rank {r2} of {world_size} failed: {payload2}")
-                        outputs[r2] = payload2
+                        outputs[r2] = pickle.loads(payload2)
                 if time.monotonic() > deadline:
                     missing = [r for r in range(world_size) if r not in outputs]
                     raise SpawnError(
@@ -100,7 +102,7 @@ def spawn_local(
                 continue
             if not ok:
                 raise SpawnError(f"rank {rank} of {world_size} failed: {payload}")
-            outputs[rank] = payload
+            outputs[rank] = pickle.loads(payload)
         for p in procs:
             p.join(timeout=max(1.0, deadline - time.monotonic()))
     finally:

@@ -1,0 +1,244 @@
+"""Fused decode steps over the parameters of megatron-core's local-spec GPT layers.
+
+Notation: b rows, h hidden, ng / np query groups / heads on this TP rank, r = np / ng,
+d head size, S context length, p TP size.
+
+A decode step feeds one token per row. Through megatron-core's module stack that step
+costs far more in Python dispatch than in arithmetic on a CPU (and megatron-core's static
+cache stores keys without rotary embedding, so every step re-rotates every cached key).
+:class:`FusedDecoder` runs the same arithmetic directly on the layers' own parameters:
+
+    h <- h + W_proj · attn(rope(q), cache(rope(k)), cache(v))     (row-parallel: all-reduce)
+    h <- h + W_fc2 · act(W_fc1 · norm(h))                          (row-parallel: all-reduce)
+
+using the layers' own norm modules, megatron-core's fused QKV layout (per query group: r
+query heads, then one key head, then one value head), its rotary frequencies
+(``model.rotary_pos_emb``), softmax scale, activation and vocab-parallel embedding /
+output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, filled once
+from megatron-core's :class:`StaticInferenceContext` after the prefill.
+
+It supports exactly the layer structure it reproduces (checked by :func:`unsupported_reason`):
+megatron-core ``TransformerLayer`` with ``SelfAttention`` + ``DotProductAttention`` and
+``ColumnParallelLinear`` / ``RowParallelLinear`` projections (the local spec), no QK norm,
+non-interleaved full rotary embedding, dense MLP. Anything else (Transformer Engine spec,
+MoE, ...) decodes through megatron-core's own forward instead.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved rotary embedding, megatron-core's ``x * cos + rotate_half(x) * sin``
+    with ``rotate_half(x) = [-x2, x1]`` written as ``roll(x, d/2) * [-sin1, sin2]``
+    (the same products and sum)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+def unsupported_reason(models) -> Optional[str]:
+    """Why :class:`FusedDecoder` cannot run these model chunks, or None when it can."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    for model in models:
+        config = model.config
+        if model.position_embedding_type != "rope" or getattr(config, "multi_latent_attention", False):
+            return "position embedding is not rotary (rope)"
+        if config.rotary_interleaved:
+            return "interleaved rotary embedding"
+        if model.pre_process and model.embedding.add_position_embedding:
+            return "learned position embeddings"
+        if config.fp32_residual_connection or config.apply_query_key_layer_scaling:
+            return "fp32 residual connection / query-key layer scaling"
+        if getattr(config, "num_moe_experts", None):
+            return "mixture-of-experts layers"
+        if config.window_size is not None or getattr(config, "softmax_type", "vanilla") != "vanilla":
+            return "windowed or non-standard softmax attention"
+        if getattr(config, "attention_output_gate", False):
+            return "gated attention output"
+        if config.num_query_groups is not None and config.num_query_groups < config.tensor_model_parallel_size:
+            return "fewer key/value heads than TP ranks"
+        rotary = getattr(model, "rotary_pos_emb", None)
+        if rotary is None or 2 * rotary.inv_freq.numel() != config.kv_channels:
+            return "partial rotary embedding"
+        for layer in model.decoder.layers:
+            attn = getattr(layer, "self_attention", None)
+            mlp = getattr(layer, "mlp", None)
+            if type(layer) is not TransformerLayer or not isinstance(attn, SelfAttention) \
+                    or not isinstance(mlp, MLP):
+                return f"layer type {type(layer).__name__} is not the local TransformerLayer"
+            if not isinstance(attn.core_attention, DotProductAttention):
+                return f"attention {type(attn.core_attention).__name__} is not DotProductAttention"
+            for name, module, cls in (("linear_qkv", attn.linear_qkv, ColumnParallelLinear),
+                                      ("linear_proj", attn.linear_proj, RowParallelLinear),
+                                      ("linear_fc1", mlp.linear_fc1, ColumnParallelLinear),
+                                      ("linear_fc2", mlp.linear_fc2, RowParallelLinear)):
+                if type(module) is not cls:
+                    return f"{name} is {type(module).__name__}, not {cls.__name__}"
+            for norm in (attn.q_layernorm, attn.k_layernorm):
+                if norm is not None and not isinstance(norm, IdentityOp):
+                    return "query/key layer norm"
+            if not isinstance(layer.pre_cross_attn_layernorm, IdentityOp) or \
+                    not isinstance(layer.cross_attention, IdentityOp):
+                return "cross attention"
+    return None
+
+
+class _Layer:
+    """The parameters and modules of one layer that a decode step needs."""
+
+    def __init__(self, layer):
+        attn, mlp = layer.self_attention, layer.mlp
+        self.number = attn.layer_number
+        self.input_norm = layer.input_layernorm
+        self.mlp_norm = layer.pre_mlp_layernorm
+        self.w_qkv, self.b_qkv = attn.linear_qkv.weight, attn.linear_qkv.bias
+        self.w_proj, self.b_proj = attn.linear_proj.weight, attn.linear_proj.bias
+        self.w_fc1, self.b_fc1 = mlp.linear_fc1.weight, mlp.linear_fc1.bias
+        self.w_fc2, self.b_fc2 = mlp.linear_fc2.weight, mlp.linear_fc2.bias
+        self.groups = attn.num_query_groups_per_partition
+        self.heads = attn.num_attention_heads_per_partition
+        self.head_dim = attn.hidden_size_per_attention_head
+        self.scale = attn.core_attention.softmax_scale
+
+
+class FusedDecoder:
+    """Decode steps for this rank's model chunks (see the module docstring).
+
+    ``start`` takes the caches megatron-core filled during the prefill, ``step`` runs one
+    token per row through every chunk on this rank (with pipeline send/recv between
+    stages), ``keep_rows`` drops finished rows from the cache.
+    """
+
+    def __init__(self, models, vocab_size: int, device, prev_rank=None, next_rank=None):
+        self.models = models
+        self.vocab_size = vocab_size
+        self.device = device
+        self.prev_rank, self.next_rank = prev_rank, next_rank
+        config = models[0].config
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.dtype = config.params_dtype
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
+        self.tp_group = ps.get_tensor_model_parallel_group() if self.tp_size > 1 else None
+        self.activation = config.activation_func
+        self.gated = config.gated_linear_unit
+        self.layers = [[_Layer(layer) for layer in m.decoder.layers] for m in models]
+        self.cache = {}  # layer number -> (keys [b, ng, S, d] rotated, values [b, ng, S, d])
+        self.cos = self.sin_signed = None
+
+    # ------------------------------------------------------------------ cache
+    def start(self, contexts, prefill_len: int, total_len: int) -> None:
+        """Copy megatron-core's prefill cache (``[s, b, ng, d]``, keys not yet rotated) into
+        this decoder's layout, rotating the keys once."""
+        model = self.models[0]
+        freqs = model.rotary_pos_emb(total_len)  # [S, 1, 1, d] fp32, megatron-core's own
+        freqs = freqs.view(total_len, -1)
+        self.cos = freqs.cos().to(self.dtype)
+        sin = freqs.sin().to(self.dtype)
+        half = sin.shape[-1] // 2
+        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.cache = {}
+        cos, sin = self.cos[:prefill_len], self.sin_signed[:prefill_len]
+        for ctx, layers in zip(contexts, self.layers):
+            for layer in layers:
+                k, v = ctx.key_value_memory_dict[layer.number]
+                b = k.shape[1]
+                keys = torch.empty((b, layer.groups, total_len, layer.head_dim), dtype=k.dtype,
+                                   device=k.device)
+                values = torch.empty_like(keys)
+                keys[:, :, :prefill_len] = _rotate(k[:prefill_len].permute(1, 2, 0, 3), cos, sin)
+                values[:, :, :prefill_len] = v[:prefill_len].permute(1, 2, 0, 3)
+                self.cache[layer.number] = (keys, values)
+            ctx.key_value_memory_dict.clear()  # the prefill cache is no longer needed
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        for number, (k, v) in list(self.cache.items()):
+            self.cache[number] = (k.index_select(0, keep), v.index_select(0, keep))
+
+    # ------------------------------------------------------------------ step
+    def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_group is not None:
+            torch.distributed.all_reduce(x, group=self.tp_group)
+        return x
+
+    def _embed(self, model, token_ids: torch.Tensor) -> torch.Tensor:
+        emb = model.embedding.word_embeddings
+        if self.tp_size == 1:
+            return F.embedding(token_ids, emb.weight)
+        outside = (token_ids < emb.vocab_start_index) | (token_ids >= emb.vocab_end_index)
+        local = (token_ids - emb.vocab_start_index).masked_fill(outside, 0)
+        out = F.embedding(local, emb.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        return self._all_reduce(out)
+
+    def _logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = model.decoder.final_layernorm(hidden)
+        if model.share_embeddings_and_output_weights:
+            weight = model.shared_embedding_or_output_weight()
+        else:
+            weight = model.output_layer.weight
+        logits = F.linear(hidden, weight)  # [b, v/p]
+        if self.tp_group is not None:
+            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
+            torch.distributed.all_gather(parts, logits.contiguous(), group=self.tp_group)
+            logits = torch.cat(parts, dim=-1)
+        return logits[:, :self.vocab_size].float()
+
+    def _layer(self, layer: _Layer, h: torch.Tensor, t: int) -> torch.Tensor:
+        b = h.shape[0]
+        g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
+        qkv = F.linear(layer.input_norm(h), layer.w_qkv, layer.b_qkv).view(b, g, r + 2, d)
+        qk = _rotate(qkv[:, :, :r + 1], self.cos[t], self.sin_signed[t])  # queries and key
+        keys, values = self.cache[layer.number]
+        keys[:, :, t] = qk[:, :, r]
+        values[:, :, t] = qkv[:, :, r + 1]
+        seq = keys.shape[2]
+        q = qk[:, :, :r].reshape(b * g, r, d)
+        k = keys.view(b * g, seq, d)[:, :t + 1]
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)  # [b*g, r, t+1]
+        if scores.dtype != torch.float32:
+            probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        context = torch.bmm(probs, values.view(b * g, seq, d)[:, :t + 1]).view(b, layer.heads * d)
+        out = self._all_reduce(F.linear(context, layer.w_proj))
+        if layer.b_proj is not None:
+            out = out + layer.b_proj
+        h = h + out
+        x = F.linear(layer.mlp_norm(h), layer.w_fc1, layer.b_fc1)
+        if self.gated:
+            gate, up = x.chunk(2, dim=-1)
+            x = self.activation(gate) * up
+        else:
+            x = self.activation(x)
+        out = self._all_reduce(F.linear(x, layer.w_fc2))
+        if layer.b_fc2 is not None:
+            out = out + layer.b_fc2
+        return h + out
+
+    def step(self, token_ids: torch.Tensor, t: int) -> Optional[torch.Tensor]:
+        """Feed ``token_ids`` [b] at position ``t`` (the cache holds 0..t-1); returns the
+        next-token logits [b, v] fp32 where the output layer lives, else None."""
+        b = token_ids.shape[0]
+        logits = None
+        for model, layers in zip(self.models, self.layers):
+            if model.pre_process:
+                h = self._embed(model, token_ids)
+            else:
+                h = torch.empty((b, self.hidden_size), dtype=self.dtype, device=self.device)
+                torch.distributed.recv(h, src=self.prev_rank)
+            for layer in layers:
+                h = self._layer(layer, h, t)
+            if model.post_process:
+                logits = self._logits(model, h)
+            else:
+                torch.distributed.send(h.contiguous(), dst=self.next_rank)
+        return logits

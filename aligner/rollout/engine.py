@@ -1,0 +1,576 @@
+"""Batched generation from the megatron-core GPT model in any TP / PP layout.
+
+Notation: n prompts, b rows in the batch being generated, s tokens in one forward, h hidden,
+v vocabulary (real rows; padded rows are cut off).
+
+Design
+------
+- **KV cache**: megatron-core's own :class:`StaticInferenceContext`, one per model chunk.
+  Keys and values are stored per layer by megatron-core's attention; the engine only moves
+  ``sequence_len_offset`` forward and, when rows finish, drops their slots from the cache.
+- **Decode steps** (one token per row) run either through megatron-core's forward with that
+  context (``decode_impl="megatron"``, any layer spec) or, for the local layer spec,
+  through :class:`~aligner.rollout.decode.FusedDecoder` (``"fused"``; the default where
+  supported), which takes over the cache megatron-core filled in the prefill and runs the
+  same arithmetic on the same parameters with a fraction of the per-step Python dispatch.
+  Both give the same tokens; tests hold both to HF parity.
+- **Prompts of different lengths, no padding inside attention**: every row starts at
+  column 0 (prompt tokens right-aligned to nothing, so a token's column is its position and
+  megatron-core's own rotary offsets are exact). The prefill runs the first
+  ``min(prompt lengths)`` columns of every row with a causal mask; after that each step
+  feeds one column for every row still running. A row whose prompt is longer than the
+  current column is fed its own next prompt token instead of a sampled one. Nothing is
+  ever left-padded, so no attention mask has to hide pad keys (exact on the local and the
+  Transformer Engine layer specs alike). Masks are explicit: causal ``[1, 1, s, s]`` for
+  the prefill, all-visible ``[1, 1, 1, s_kv]`` for decode steps (True = blocked).
+- **Sampling decisions** are made on exactly one rank: the first tensor-parallel rank of
+  the last pipeline stage (the *source*). Logits are gathered over the TP group
+  (``runtime_gather_output=True``), the source picks the tokens, the stop decisions and the
+  log-probs, and broadcasts them as one ``[3, b]`` float64 tensor over the model-parallel
+  group (TP x PP). Every rank therefore holds the same tokens and returns the same result.
+- **Pipeline parallelism** runs stage by stage for every forward: the first stage embeds
+  the step's tokens, each stage sends its hidden state ``[s, b, h]`` to the next with a
+  point-to-point send/recv, the last stage computes the logits. With virtual pipeline
+  chunks the activation goes around the ring of pipeline ranks once per chunk. Pipeline
+  bubbles are accepted: generation is one sequence of dependent steps.
+- **Log-probs** are ``log_softmax`` of the raw fp32 logits at the chosen token: the
+  model's own distribution, before temperature, top-k and top-p; the same value the
+  training path computes on a full forward of the finished sequence.
+- **Stops**: each row ends on its own, on a stop token (kept as the last response token),
+  on a stop string appearing in its decoded response (the token that completes it is the
+  last one kept), after ``max_new_tokens``, or when the context is full. Finished rows are
+  removed from the batch and their cache slots dropped.
+
+All ranks of a model-parallel group call :meth:`RolloutEngine.generate` together with the
+same prompts and config (SPMD); data-parallel replicas generate independently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.inference.contexts import StaticInferenceContext
+
+from aligner.models.config import ModelConfig
+from aligner.models.gpt import unwrap_model
+from aligner.parallel import get_device
+from aligner.rollout.decode import FusedDecoder, unsupported_reason
+from aligner.rollout.sampling import chosen_logprobs, select_tokens
+
+# Why a row stopped: code in the broadcast decision tensor -> name in the result.
+CONTINUE, STOP_TOKEN, STOP_STRING, MAX_NEW_TOKENS, CONTEXT_LENGTH = 0, 1, 2, 3, 4
+STOP_REASONS = {
+    STOP_TOKEN: "stop_token",
+    STOP_STRING: "stop_string",
+    MAX_NEW_TOKENS: "max_new_tokens",
+    CONTEXT_LENGTH: "context_length",
+}
+
+
+@dataclass
+class GenerationConfig:
+    """How to generate (config group ``generation``).
+
+    max_new_tokens: response tokens per sample at most.
+    greedy: argmax decoding; temperature, top_k and top_p are then ignored. A
+    ``temperature`` of 0 also means greedy.
+    temperature: logits are divided by it before sampling (> 0).
+    top_k: sample among the k most likely tokens (0 = no limit).
+    top_p: nucleus sampling: the smallest set of most likely tokens whose mass reaches
+    top_p (1.0 = no limit).
+    stop_token_ids: a sample ends after emitting one of these (kept in its response).
+    None means the tokenizer's EOS (or the model config's ``eos_token_id``); [] means none.
+    stop_strings: a sample ends when its decoded response contains one of these (needs a
+    tokenizer).
+    seed: base seed; sample i of a call draws from ``seed_for(seed, i)`` unless the call
+    passes per-request ``seeds``.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    stop_token_ids: Optional[Sequence[int]] = None
+    stop_strings: Sequence[str] = field(default_factory=tuple)
+    seed: int = 0
+
+    def __post_init__(self):
+        def bad(name, expected):
+            value = getattr(self, name)
+            raise ValueError(f"GenerationConfig.{name} = {value!r}: expected {expected}")
+
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            bad("max_new_tokens", "a positive integer")
+        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            bad("temperature", "a finite number >= 0 (0 means greedy)")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "an integer >= 0 (0 = no top-k)")
+        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) \
+                or not (0.0 < self.top_p <= 1.0):
+            bad("top_p", "a number in (0, 1]")
+        if not isinstance(self.greedy, bool):
+            bad("greedy", "true or false")
+        if not _is_int(self.seed):
+            bad("seed", "an integer")
+        if self.stop_token_ids is not None:
+            if isinstance(self.stop_token_ids, (str, bytes)) or not all(
+                    _is_int(t) for t in self.stop_token_ids):
+                bad("stop_token_ids", "a list of integer token ids (or null for the EOS token)")
+            self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+        if isinstance(self.stop_strings, str):
+            bad("stop_strings", "a list of strings, not one string")
+        self.stop_strings = tuple(self.stop_strings or ())
+        for s in self.stop_strings:
+            if not isinstance(s, str) or not s:
+                raise ValueError(
+                    f"GenerationConfig.stop_strings contains {s!r}: expected non-empty strings"
+                )
+        if self.temperature == 0:
+            self.greedy = True
+
+    @property
+    def sampling(self) -> bool:
+        return not self.greedy
+
+
+@dataclass
+class GenerationResult:
+    """What :meth:`RolloutEngine.generate` returns, rows in the order of the prompts.
+
+    tokens: [n, L] int64, prompt followed by response, right-padded with ``pad_id``.
+    lengths: [n] prompt + response tokens. prompt_lengths / response_lengths: [n].
+    logprobs: [n, R] fp32, ``logprobs[i, j]`` = log-prob of response token j of row i under
+    the model's unmodified distribution (``log_softmax`` of the raw logits), 0 past the end.
+    texts: decoded responses when the engine has a tokenizer (a final stop token is left
+    out of the text; a stop string is kept), else None.
+    stop_reasons: per row, ``stop_token``, ``stop_string``, ``max_new_tokens`` or
+    ``context_length``.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    response_lengths: torch.Tensor
+    logprobs: torch.Tensor
+    texts: Optional[list]
+    stop_reasons: list
+    prompt_lengths: torch.Tensor
+    pad_id: int = 0
+
+    def response_tokens(self, i: int) -> list:
+        start = int(self.prompt_lengths[i])
+        return self.tokens[i, start:int(self.lengths[i])].tolist()
+
+    def response_logprobs(self, i: int) -> torch.Tensor:
+        return self.logprobs[i, :int(self.response_lengths[i])]
+
+    def __len__(self) -> int:
+        return len(self.stop_reasons)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def seed_for(base_seed: int, index: int) -> int:
+    """Seed of sample ``index`` of a call with ``GenerationConfig.seed = base_seed``
+    (decorrelated streams: numpy ``SeedSequence`` of the pair)."""
+    return int(np.random.SeedSequence([int(base_seed) & (2**63 - 1), int(index)]).generate_state(
+        1, np.uint64)[0] & (2**63 - 1))
+
+
+class RolloutEngine:
+    """Generate from this rank's model chunks (see the module docstring for the design).
+
+    model_chunks: this rank's model, or its list of virtual-pipeline chunks (wrappers such
+    as DDP / Float16Module are unwrapped); every chunk must be a causal LM (no score head).
+    model_cfg: the architecture (vocabulary size, context length, EOS / pad ids).
+    tokenizer: optional, anything with ``encode(str) -> list[int]`` and
+    ``decode(list[int]) -> str`` (and ``eos_id`` / ``pad_id`` when known); needed for string
+    prompts, stop strings and texts.
+    max_batch: prompts are generated in batches of at most this many rows (sorted by length,
+    so that rows of similar length share a batch).
+    max_seq_len: context length (prompt + response); default and upper bound
+    ``model_cfg.max_position_embeddings``.
+    decode_impl: how decode steps run. ``"megatron"``: megatron-core's forward with its
+    ``StaticInferenceContext`` for every step (any layer spec); ``"fused"``: the prefill
+    through megatron-core, then :class:`~aligner.rollout.decode.FusedDecoder` on the same
+    parameters (local layer spec only; much less Python overhead per step); ``"auto"``:
+    fused where supported, else megatron.
+
+    Constructing the engine is a collective over the model-parallel group.
+    """
+
+    def __init__(self, model_chunks, model_cfg: ModelConfig, tokenizer=None, max_batch: int = 64,
+                 max_seq_len: Optional[int] = None, decode_impl: str = "auto"):
+        chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+        if not chunks:
+            raise ValueError("RolloutEngine needs at least one model chunk")
+        self.models = unwrap_model(chunks)
+        self.model_cfg = model_cfg
+        self.tokenizer = tokenizer
+        if not _is_int(max_batch) or max_batch < 1:
+            raise ValueError(f"RolloutEngine max_batch = {max_batch!r}: expected a positive integer")
+        self.max_batch = int(max_batch)
+        context = model_cfg.max_position_embeddings
+        if max_seq_len is not None and (not _is_int(max_seq_len) or not 1 < max_seq_len <= context):
+            raise ValueError(
+                f"RolloutEngine max_seq_len = {max_seq_len!r}: expected an integer in 2..{context}"
+                " (model.max_position_embeddings)"
+            )
+        self.max_seq_len = int(max_seq_len or context)
+        for i, model in enumerate(self.models):
+            config = model.config
+            if getattr(model, "head", None) is not None:
+                raise ValueError(f"model chunk {i} has a {model.head_type!r} head: generation needs a causal LM")
+            if config.sequence_parallel:
+                raise ValueError(
+                    "generation needs sequence_parallel = False (a decode step has one token per row)"
+                )
+            if config.context_parallel_size != 1:
+                raise ValueError("generation does not support context parallelism (parallel.cp must be 1)")
+        config = self.models[0].config
+        self.hidden_size = config.hidden_size
+        self.pipeline_dtype = config.pipeline_dtype or config.params_dtype
+        self.device = get_device()
+        self.vocab_size = model_cfg.vocab_size
+
+        self.pp_size = ps.get_pipeline_model_parallel_world_size()
+        if self.pp_size > 1:
+            self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
+            self.next_rank = ps.get_pipeline_model_parallel_next_rank()
+        has_logits = any(m.post_process for m in self.models)
+        self.is_source = has_logits and ps.get_tensor_model_parallel_rank() == 0
+        self.mp_group = None
+        self.source_rank = None
+        if torch.distributed.is_initialized():
+            group = ps.get_model_parallel_group()
+            if torch.distributed.get_world_size(group) > 1:
+                # Find the source's global rank: the largest rank that says it is the source.
+                me = torch.tensor([torch.distributed.get_rank() if self.is_source else -1],
+                                  dtype=torch.int64, device=self.device)
+                torch.distributed.all_reduce(me, op=torch.distributed.ReduceOp.MAX, group=group)
+                self.mp_group, self.source_rank = group, int(me.item())
+        self.decoder = self._make_decoder(decode_impl)
+
+    def _make_decoder(self, decode_impl: str) -> Optional[FusedDecoder]:
+        """The fused decoder, or None for megatron-core decode steps; every rank of the
+        model-parallel group takes the same choice."""
+        if decode_impl not in ("auto", "fused", "megatron"):
+            raise ValueError(
+                f"RolloutEngine decode_impl = {decode_impl!r}: expected 'auto', 'fused' or 'megatron'"
+            )
+        if decode_impl == "megatron":
+            return None
+        reason = unsupported_reason(self.models)
+        if self.mp_group is not None:
+            ok = torch.tensor([0 if reason else 1], dtype=torch.int64, device=self.device)
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN, group=self.mp_group)
+            if not ok.item() and reason is None:
+                reason = "another pipeline stage's layers are not supported"
+        if reason is not None:
+            if decode_impl == "fused":
+                raise ValueError(f"RolloutEngine decode_impl = 'fused' is not possible: {reason}")
+            return None
+        return FusedDecoder(self.models, self.vocab_size, self.device,
+                            getattr(self, "prev_rank", None), getattr(self, "next_rank", None))
+
+    # ------------------------------------------------------------------ inputs
+    def _pad_id(self) -> int:
+        for value in (getattr(self.tokenizer, "pad_id", None), self.model_cfg.pad_token_id,
+                      getattr(self.tokenizer, "eos_id", None)):
+            if _is_int(value) and 0 <= value < self.vocab_size:
+                return int(value)
+        return 0
+
+    def _default_stop_ids(self) -> list:
+        eos = getattr(self.tokenizer, "eos_id", None) if self.tokenizer is not None else None
+        if eos is None:
+            eos = self.model_cfg.eos_token_id
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+    def _token_prompts(self, prompts) -> list:
+        if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence):
+            raise TypeError(
+                f"prompts: expected a list of strings or of token-id lists, got {type(prompts).__name__}"
+            )
+        out = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompts[{i}] is a string: string prompts need a tokenizer")
+                ids = list(self.tokenizer.encode(prompt))
+            elif isinstance(prompt, torch.Tensor) and prompt.dim() == 1:
+                ids = prompt.tolist()
+            elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
+                ids = list(prompt)
+            else:
+                raise TypeError(
+                    f"prompts[{i}]: expected a string or a list of token ids, got {type(prompt).__name__}"
+                )
+            if not ids:
+                raise ValueError(
+                    f"prompts[{i}] is empty: generation needs at least one prompt token (e.g. BOS)"
+                )
+            for j, tok in enumerate(ids):
+                if not _is_int(tok) or not 0 <= tok < self.vocab_size:
+                    raise ValueError(
+                        f"prompts[{i}][{j}] = {tok!r}: expected a token id in 0..{self.vocab_size - 1}"
+                    )
+            if len(ids) >= self.max_seq_len:
+                raise ValueError(
+                    f"prompts[{i}] has {len(ids)} tokens but the context holds {self.max_seq_len}"
+                    " (prompt + response): no room to generate; shorten the prompt"
+                )
+            out.append([int(t) for t in ids])
+        return out
+
+    def _stop_ids(self, config: GenerationConfig) -> list:
+        ids = self._default_stop_ids() if config.stop_token_ids is None else list(config.stop_token_ids)
+        for tok in ids:
+            if not 0 <= tok < self.vocab_size:
+                raise ValueError(
+                    f"GenerationConfig.stop_token_ids contains {tok}, which is not a token of the"
+                    f" vocabulary (0..{self.vocab_size - 1})"
+                )
+        return sorted(set(ids))
+
+    # ------------------------------------------------------------------ public
+    def generate(self, prompts, config: Optional[GenerationConfig] = None,
+                 seeds: Optional[Sequence[int]] = None) -> GenerationResult:
+        """Generate a response for every prompt (strings or token-id lists).
+
+        seeds: one per prompt (reproducible per request), or None for
+        ``seed_for(config.seed, i)``. Returns a :class:`GenerationResult` (CPU tensors), the
+        same on every rank of the model-parallel group.
+        """
+        config = config or GenerationConfig()
+        if not isinstance(config, GenerationConfig):
+            raise TypeError(f"config: expected a GenerationConfig, got {type(config).__name__}")
+        token_prompts = self._token_prompts(prompts)
+        n = len(token_prompts)
+        stop_ids = self._stop_ids(config)
+        if config.stop_strings and self.tokenizer is None:
+            raise ValueError("GenerationConfig.stop_strings needs a tokenizer (RolloutEngine(tokenizer=...))")
+        if seeds is None:
+            seeds = [seed_for(config.seed, i) for i in range(n)]
+        else:
+            seeds = list(seeds)
+            if len(seeds) != n:
+                raise ValueError(f"seeds: {len(seeds)} seeds for {n} prompts; pass one per prompt")
+            for i, s in enumerate(seeds):
+                if not _is_int(s):
+                    raise ValueError(f"seeds[{i}] = {s!r}: expected an integer")
+
+        responses: list = [None] * n
+        order = sorted(range(n), key=lambda i: len(token_prompts[i]))
+        was_training = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+        try:
+            for start in range(0, n, self.max_batch):
+                rows = order[start:start + self.max_batch]
+                batch = self._generate_batch(
+                    [token_prompts[i] for i in rows], [seeds[i] for i in rows], config, stop_ids
+                )
+                for i, resp in zip(rows, batch):
+                    responses[i] = resp
+        finally:
+            for m, training in zip(self.models, was_training):
+                m.train(training)
+        return self._result(token_prompts, responses, config.max_new_tokens)
+
+    # ------------------------------------------------------------------ result
+    def _result(self, prompts, responses, max_new_tokens) -> GenerationResult:
+        n = len(prompts)
+        pad = self._pad_id()
+        prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        response_lengths = torch.tensor([len(r[0]) for r in responses], dtype=torch.int64)
+        lengths = prompt_lengths + response_lengths
+        width = int(lengths.max()) if n else 0
+        resp_width = int(response_lengths.max()) if n else 0
+        tokens = torch.full((n, width), pad, dtype=torch.int64)
+        logprobs = torch.zeros((n, resp_width), dtype=torch.float32)
+        for i, (prompt, (resp, logps, _)) in enumerate(zip(prompts, responses)):
+            tokens[i, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
+            tokens[i, len(prompt):len(prompt) + len(resp)] = torch.tensor(resp, dtype=torch.int64)
+            logprobs[i, :len(resp)] = torch.tensor(logps, dtype=torch.float32)
+        reasons = [STOP_REASONS[r[2]] for r in responses]
+        texts = None
+        if self.tokenizer is not None:
+            texts = []
+            for (resp, _, code) in responses:
+                ids = resp[:-1] if code == STOP_TOKEN else resp
+                texts.append(self.tokenizer.decode(list(ids)))
+        return GenerationResult(tokens=tokens, lengths=lengths, response_lengths=response_lengths,
+                                logprobs=logprobs, texts=texts, stop_reasons=reasons,
+                                prompt_lengths=prompt_lengths, pad_id=pad)
+
+    # ------------------------------------------------------------------ one batch
+    @torch.inference_mode()
+    def _generate_batch(self, prompts, seeds, config: GenerationConfig, stop_ids) -> list:
+        """Generate for one batch; returns per row ``(response ids, log-probs, stop code)``.
+
+        State is kept in cache-slot order (``rows[j]`` is the prompt index of slot j);
+        finished rows are written out and their slots removed.
+        """
+        device = self.device
+        b = len(prompts)
+        max_new = config.max_new_tokens
+        plen = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
+        end = torch.clamp(plen + max_new, max=self.max_seq_len)  # one past a row's last column
+        total = int(end.max())
+        max_plen = int(plen.max())
+        tokens = torch.full((b, total), self._pad_id(), dtype=torch.int64, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.int64, device=device)
+        # logprobs[j, c]: log-prob of the token at column c (response columns only are read)
+        logprobs = torch.zeros((b, total), dtype=torch.float32, device=device)
+        stop_t = torch.tensor(stop_ids, dtype=torch.int64, device=device)
+        generators = None
+        if config.sampling and self.is_source:
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        rows = list(range(b))
+        out: list = [None] * b
+
+        t = int(plen.min())
+        fused = self.decoder is not None
+        # With the fused decoder megatron-core's cache only has to hold the prefill.
+        contexts = [StaticInferenceContext(b, t if fused else total) for _ in self.models]
+        logits = self._forward(tokens[:, :t], self._causal_mask(t), contexts)
+        if fused:
+            self.decoder.start(contexts, t, total)
+        while True:
+            # Column t of every slot: sampled, or the slot's own prompt token while t < its length.
+            in_prompt = (t < plen) if t < max_plen else None
+            if self.is_source:
+                decision = self._decide(logits, t, in_prompt, tokens, plen, end, rows, generators,
+                                        config, stop_t)
+            else:
+                decision = torch.empty((3, len(rows)), dtype=torch.float64, device=device)
+            if self.mp_group is not None:
+                torch.distributed.broadcast(decision, src=self.source_rank, group=self.mp_group)
+            chosen, logp, finished = decision[0].long(), decision[1].float(), decision[2] != 0
+            tokens[:, t] = chosen
+            logprobs[:, t] = logp
+            t += 1
+            if bool(finished.any()):
+                done = finished.nonzero().squeeze(-1).tolist()
+                self._write_out(out, done, rows, tokens, logprobs, plen, t, stop_t, config)
+                keep_mask = ~finished
+                if not bool(keep_mask.any()):
+                    break
+                keep = keep_mask.nonzero().squeeze(-1)
+                if fused:
+                    self.decoder.keep_rows(keep)
+                else:
+                    self._keep_cache_rows(contexts, keep)
+                tokens, logprobs = tokens[keep], logprobs[keep]
+                plen, end = plen[keep], end[keep]
+                kept = keep.tolist()
+                rows = [rows[j] for j in kept]
+                max_plen = int(plen.max())
+            if fused:
+                logits = self.decoder.step(tokens[:, t - 1], t - 1)
+            else:
+                logits = self._forward(tokens[:, t - 1:t], self._visible_mask(t), contexts)
+        return out
+
+    def _write_out(self, out, done, rows, tokens, logprobs, plen, t, stop_t, config) -> None:
+        """Record the finished slots ``done`` (their last column is ``t - 1``) with the reason."""
+        stop_set = set(stop_t.tolist())
+        for j in done:
+            p = int(plen[j])
+            resp = tokens[j, p:t].tolist()
+            if resp[-1] in stop_set:
+                code = STOP_TOKEN
+            elif config.stop_strings and self._has_stop_string(resp, config.stop_strings):
+                code = STOP_STRING
+            elif len(resp) >= config.max_new_tokens:
+                code = MAX_NEW_TOKENS
+            else:
+                code = CONTEXT_LENGTH
+            out[rows[j]] = (resp, logprobs[j, p:t].tolist(), code)
+
+    def _has_stop_string(self, response_ids, stop_strings) -> bool:
+        text = self.tokenizer.decode(list(response_ids))
+        return any(s in text for s in stop_strings)
+
+    def _decide(self, logits, t, in_prompt, tokens, plen, end, rows, generators,
+                config: GenerationConfig, stop_t) -> torch.Tensor:
+        """On the source rank: token, log-prob and finished flag of column ``t`` for every
+        slot -> ``[3, b]`` float64. ``in_prompt`` [b] marks slots still reading their prompt
+        (None when no slot does)."""
+        if in_prompt is None:
+            gens = None if generators is None else [generators[r] for r in rows]
+            chosen = select_tokens(logits, greedy=config.greedy, temperature=config.temperature,
+                                   top_k=config.top_k, top_p=config.top_p, generators=gens)
+        else:
+            # Only generating slots draw random numbers: a sample's stream is its own.
+            chosen = tokens[:, t].clone()
+            gen_idx = (~in_prompt).nonzero().squeeze(-1)
+            if gen_idx.numel():
+                gens = None if generators is None else [generators[rows[j]] for j in gen_idx.tolist()]
+                chosen[gen_idx] = select_tokens(
+                    logits[gen_idx], greedy=config.greedy, temperature=config.temperature,
+                    top_k=config.top_k, top_p=config.top_p, generators=gens,
+                )
+        logp = chosen_logprobs(logits, chosen)
+        finished = t + 1 >= end
+        if stop_t.numel():
+            finished |= torch.isin(chosen, stop_t)
+        if in_prompt is not None:
+            finished &= ~in_prompt
+        if config.stop_strings:
+            for j in (~finished).nonzero().squeeze(-1).tolist():
+                if in_prompt is not None and bool(in_prompt[j]):
+                    continue
+                p = int(plen[j])
+                ids = tokens[j, p:t].tolist() + [int(chosen[j])]
+                if self._has_stop_string(ids, config.stop_strings):
+                    finished[j] = True
+        return torch.stack([chosen.double(), logp.double(), finished.double()])
+
+    # ------------------------------------------------------------------ model steps
+    def _causal_mask(self, s: int) -> torch.Tensor:
+        return torch.ones((s, s), dtype=torch.bool, device=self.device).triu(1)[None, None]
+
+    def _visible_mask(self, s_kv: int) -> torch.Tensor:
+        return torch.zeros((1, 1, 1, s_kv), dtype=torch.bool, device=self.device)
+
+    @staticmethod
+    def _keep_cache_rows(contexts, keep: torch.Tensor) -> None:
+        """Drop the cache slots of finished rows (keys/values are ``[s, b, groups, d]``)."""
+        for ctx in contexts:
+            for layer, (k, v) in list(ctx.key_value_memory_dict.items()):
+                ctx.key_value_memory_dict[layer] = (k.index_select(1, keep), v.index_select(1, keep))
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, contexts) -> Optional[torch.Tensor]:
+        """One forward of ``input_ids`` [b, s] through every chunk on this rank, stage by
+        stage; returns the last position's logits [b, v] fp32 where the output layer lives,
+        else None."""
+        b, s = input_ids.shape
+        logits = None
+        for model, ctx in zip(self.models, contexts):
+            if model.pre_process:
+                out = model(input_ids, None, mask, inference_context=ctx, runtime_gather_output=True)
+            else:
+                hidden = torch.empty((s, b, self.hidden_size), dtype=self.pipeline_dtype,
+                                     device=self.device)
+                torch.distributed.recv(hidden, src=self.prev_rank)
+                model.set_input_tensor(hidden)
+                out = model(None, None, mask, inference_context=ctx, runtime_gather_output=True)
+            if model.post_process:
+                logits = out[:, -1, :self.vocab_size].float()
+            else:
+                torch.distributed.send(out.contiguous(), dst=self.next_rank)
+            ctx.increment_sequence_len_offset(s)
+        return logits

@@ -92,14 +92,32 @@ def unsupported_reason(models) -> Optional[str]:
     return None
 
 
+def _norm_fn(norm):
+    """A norm module as a function. ``torch.nn.RMSNorm`` (what the local spec builds) is
+    written out, ``x * rsqrt(mean(x^2) + eps) * weight`` with statistics in fp32: torch's
+    own kernel for it is a composite of about a dozen dispatched ops on a CPU, costlier than
+    the projections it sits between. Any other norm module is called as it is."""
+    if type(norm) is not torch.nn.RMSNorm or norm.weight is None:
+        return norm
+    weight, eps = norm.weight, norm.eps
+
+    def rms_norm(x):
+        x32 = x.float()
+        e = torch.finfo(torch.float32).eps if eps is None else eps
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(e))
+        return y.to(x.dtype) * weight
+
+    return rms_norm
+
+
 class _Layer:
     """The parameters and modules of one layer that a decode step needs."""
 
     def __init__(self, layer):
         attn, mlp = layer.self_attention, layer.mlp
         self.number = attn.layer_number
-        self.input_norm = layer.input_layernorm
-        self.mlp_norm = layer.pre_mlp_layernorm
+        self.input_norm = _norm_fn(layer.input_layernorm)
+        self.mlp_norm = _norm_fn(layer.pre_mlp_layernorm)
         self.w_qkv, self.b_qkv = attn.linear_qkv.weight, attn.linear_qkv.bias
         self.w_proj, self.b_proj = attn.linear_proj.weight, attn.linear_proj.bias
         self.w_fc1, self.b_fc1 = mlp.linear_fc1.weight, mlp.linear_fc1.bias
@@ -132,6 +150,7 @@ class FusedDecoder:
         self.activation = config.activation_func
         self.gated = config.gated_linear_unit
         self.layers = [[_Layer(layer) for layer in m.decoder.layers] for m in models]
+        self.final_norms = {id(m): _norm_fn(m.decoder.final_layernorm) for m in models if m.post_process}
         self.cache = {}  # layer number -> (keys [b, ng, S, d] rotated, values [b, ng, S, d])
         self.cos = self.sin_signed = None
 
@@ -180,7 +199,7 @@ class FusedDecoder:
         return self._all_reduce(out)
 
     def _logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = model.decoder.final_layernorm(hidden)
+        hidden = self.final_norms[id(model)](hidden)
         if model.share_embeddings_and_output_weights:
             weight = model.shared_embedding_or_output_weight()
         else:

@@ -16,7 +16,6 @@ and, for the first batch size, the share of the engine's time spent in matrix mu
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def parse_args(argv=None):
@@ -63,12 +61,9 @@ def load_aligner(path):
     from aligner.parallel import ParallelConfig, initialize
 
     initialize(ParallelConfig(seed=1))
-    try:
-        from aligner.models import from_pretrained
-    except ImportError:
-        from tests.rollout.hf_weights import load_hf as from_pretrained
-    models, cfg = from_pretrained(path)
-    return (models if isinstance(models, list) else [models]), cfg
+    from aligner.rollout.hf_import import load_hf
+
+    return load_hf(path)
 
 
 def median_time(fn, reps):

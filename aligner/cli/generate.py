@@ -1,0 +1,304 @@
+"""``aligner generate``: responses for a file of prompts, optionally scored by a reward model.
+
+    aligner generate --model HF_DIR_OR_CHECKPOINT --prompts prompts.jsonl --output out.jsonl \\
+        [--num-samples 4 --temperature 0.7 --top-p 0.9 --max-new-tokens 256] \\
+        [--reward-model RM_HF_DIR] [--tp 2 --pp 1]
+
+Run under ``torchrun --nproc-per-node N`` for N > 1 processes (N = tp * pp * dp; each
+data-parallel replica generates its share of the prompts; rank 0 writes the file).
+
+- ``--model``: a HF folder (``config.json`` + safetensors) or a training checkpoint
+  directory (then ``--model-config`` names the architecture unless the checkpoint records
+  it, and ``--tokenizer`` is needed for text).
+- ``--prompts``: any prompt-bearing format of the data layer (``aligner.data``); without
+  it, jsonl rows with ``prompt`` (text, encoded as is) or ``prompt_tokens`` (ids).
+- ``--output``: jsonl, one row per (prompt, sample) in prompt order: ``index``, ``sample``,
+  ``seed``, ``prompt``, ``response``, ``prompt_tokens``, ``response_tokens``, ``logprobs``
+  (per response token, the policy's unmodified distribution), ``stop_reason``, ``meta``
+  and, with ``--reward-model``, ``reward`` (head output 0) and ``scores`` (all outputs)
+  of prompt + response.
+
+Sample ``k`` of prompt ``i`` draws from ``seed_for(seed, i * num_samples + k)``, so a
+file regenerates identically for the same seed in any layout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aligner generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="HF folder or training checkpoint directory")
+    p.add_argument("--model-config", default=None,
+                   help="architecture for a training checkpoint: preset name, preset YAML or HF folder")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    p.add_argument("--prompts", required=True, help="prompt file (jsonl, or any data-layer prompt format)")
+    p.add_argument("--output", required=True, help="responses jsonl to write")
+    p.add_argument("--reward-model", default=None, help="HF reward model folder to score the responses")
+    p.add_argument("--num-samples", type=int, default=1, help="responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--greedy", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop-token-ids", default=None,
+                   help="comma-separated ids; default: the tokenizer's EOS; 'none' for no stop token")
+    p.add_argument("--stop-strings", nargs="*", default=[], help="stop strings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64, help="rows generated together")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--reward-batch-size", type=int, default=8)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"aligner generate: error: {message}", file=sys.stderr)
+    return 2
+
+
+# ---------------------------------------------------------------------------- inputs
+def _stop_ids(text: Optional[str]):
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--stop-token-ids {text!r}: expected comma-separated integers or 'none'") from None
+
+
+def load_tokenizer(path: Optional[str]):
+    """The data layer's tokenizer when available, else transformers' AutoTokenizer behind
+    the same interface (``encode``, ``decode``, ``eos_id``, ``pad_id``)."""
+    if path is None:
+        return None
+    try:
+        from aligner.data import load_tokenizer as data_load_tokenizer
+    except ImportError:
+        data_load_tokenizer = None
+    if data_load_tokenizer is not None:
+        return data_load_tokenizer(path)
+    return _HFTokenizer(path)
+
+
+class _HFTokenizer:
+    """transformers' AutoTokenizer with the data layer's tokenizer interface."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(path)
+        self.eos_id = self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+
+    def encode(self, text: str):
+        return self.tok.encode(text)
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def read_prompts(path: str, tokenizer) -> list:
+    """``[{"prompt_tokens", "prompt", "meta"}]`` from ``path`` (see the module docstring)."""
+    try:
+        from aligner.data import load_dataset
+    except ImportError:
+        load_dataset = None
+    if load_dataset is not None and tokenizer is not None:
+        return [dict(s) for s in load_dataset(path, kind="prompt", tokenizer=tokenizer)]
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            meta = {k: v for k, v in row.items() if k not in ("prompt", "prompt_tokens")}
+            if "prompt_tokens" in row:
+                ids = row["prompt_tokens"]
+                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ValueError(f"{path}:{line_no}: field 'prompt_tokens' must be a list of integers")
+                text = row.get("prompt") if isinstance(row.get("prompt"), str) else None
+                rows.append({"prompt_tokens": ids, "prompt": text, "meta": meta})
+            elif isinstance(row.get("prompt"), str):
+                if tokenizer is None:
+                    raise ValueError(f"{path}:{line_no}: text prompts need a tokenizer (--tokenizer)")
+                rows.append({"prompt_tokens": tokenizer.encode(row["prompt"]), "prompt": row["prompt"], "meta": meta})
+            else:
+                raise ValueError(
+                    f"{path}:{line_no}: expected a string field 'prompt' or a list field 'prompt_tokens';"
+                    f" found fields {sorted(row)}"
+                )
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+# ---------------------------------------------------------------------------- models
+def _is_hf_dir(path: str) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def load_policy(args, params_dtype):
+    """(model chunks, ModelConfig) of ``--model`` for the current layout."""
+    from aligner.models.config import ModelConfig
+
+    if _is_hf_dir(args.model):
+        from aligner.rollout.hf_import import load_hf
+
+        return load_hf(args.model, params_dtype=params_dtype)
+    ckpt = Path(args.model)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"--model {args.model}: neither a HF folder (config.json) nor a checkpoint directory")
+    cfg_source = args.model_config
+    if cfg_source is None:
+        for name in ("model_config.json", "model_config.yaml"):
+            if (ckpt / name).is_file():
+                cfg_source = str(ckpt / name)
+    if cfg_source is None:
+        raise ValueError(f"--model {args.model} is a training checkpoint: pass --model-config (preset or HF folder)")
+    if cfg_source.endswith("model_config.json"):
+        cfg = ModelConfig.from_dict(json.loads(Path(cfg_source).read_text()), source=cfg_source)
+    else:
+        cfg = ModelConfig.load(cfg_source)
+    from aligner.models.gpt import build_model
+
+    models = [build_model(cfg, params_dtype=params_dtype)]
+    try:
+        from aligner.models.checkpoint import load_checkpoint
+    except ImportError:
+        load_checkpoint = None
+    if load_checkpoint is not None:
+        load_checkpoint(ckpt, models)
+    else:
+        from megatron.core import dist_checkpointing
+
+        state = dist_checkpointing.load(models[0].sharded_state_dict(), str(ckpt))
+        models[0].load_state_dict(state)
+    return models, cfg
+
+
+def score(args, sequences, pad_id) -> Optional[list]:
+    """Reward-model outputs for each token sequence (every rank gets them)."""
+    import torch
+
+    from aligner.algorithms.scoring import score_sequences
+    from aligner.rollout.hf_import import load_hf, score_outputs
+
+    num_labels = score_outputs(args.reward_model)
+    models, _ = load_hf(args.reward_model, head="reward", num_outputs=num_labels)
+    scores = score_sequences(models, [torch.tensor(s, dtype=torch.int64) for s in sequences], pad_id,
+                             args.reward_batch_size)
+    return scores.tolist()
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv: Optional[list] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_samples < 1:
+        return _fail(f"--num-samples = {args.num_samples}: expected a positive integer")
+    if args.reward_model and not _is_hf_dir(args.reward_model):
+        return _fail(f"--reward-model {args.reward_model}: not a HF folder (no config.json)")
+    try:
+        stop_ids = _stop_ids(args.stop_token_ids)
+        from aligner.rollout import GenerationConfig, seed_for
+
+        gen_config = GenerationConfig(
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+            top_p=args.top_p, greedy=args.greedy, stop_token_ids=stop_ids,
+            stop_strings=args.stop_strings, seed=args.seed,
+        )
+    except ValueError as exc:
+        return _fail(str(exc))
+
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from aligner.models.config import ModelConfig
+    from aligner.parallel import ParallelConfig, initialize
+    from aligner.rollout import RolloutEngine
+
+    tokenizer_dir = args.tokenizer or (args.model if _is_hf_dir(args.model) else None)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    try:
+        prompts = read_prompts(args.prompts, tokenizer)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
+
+    dims = {}
+    if _is_hf_dir(args.model):
+        cfg = ModelConfig.from_hf(args.model)
+        dims = dict(num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+                    num_query_groups=cfg.num_query_groups)
+    initialize(ParallelConfig(tp=args.tp, pp=args.pp), **dims)
+    params_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    models, cfg = load_policy(args, params_dtype)
+    engine = RolloutEngine(models, cfg, tokenizer=tokenizer, max_batch=args.batch_size,
+                           max_seq_len=args.max_seq_len)
+
+    # every (prompt, sample) row, with its seed; data-parallel replicas take contiguous shares
+    jobs = [(i, k) for i in range(len(prompts)) for k in range(args.num_samples)]
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    share = (len(jobs) + dp_size - 1) // dp_size
+    mine = jobs[dp_rank * share:(dp_rank + 1) * share]
+    try:
+        result = engine.generate([prompts[i]["prompt_tokens"] for i, _ in mine], gen_config,
+                                 seeds=[seed_for(args.seed, i * args.num_samples + k) for i, k in mine])
+    except ValueError as exc:
+        return _fail(f"{args.prompts}: {exc}")
+    rows = []
+    for j, (i, k) in enumerate(mine):
+        rows.append({
+            "index": i, "sample": k, "seed": seed_for(args.seed, i * args.num_samples + k),
+            "prompt": prompts[i].get("prompt"),
+            "response": result.texts[j] if result.texts is not None else None,
+            "prompt_tokens": list(prompts[i]["prompt_tokens"]),
+            "response_tokens": result.response_tokens(j),
+            "logprobs": result.response_logprobs(j).tolist(),
+            "stop_reason": result.stop_reasons[j],
+            "meta": prompts[i].get("meta") or {},
+        })
+    if dp_size > 1:
+        gathered = [None] * dp_size
+        torch.distributed.all_gather_object(gathered, rows, group=ps.get_data_parallel_group())
+        rows = [r for part in gathered for r in part]
+
+    if args.reward_model:
+        del engine, models
+        pad_id = result.pad_id
+        scores = score(args, [r["prompt_tokens"] + r["response_tokens"] for r in rows], pad_id)
+        for r, s in zip(rows, scores):
+            r["scores"] = s
+            r["reward"] = s[0]
+
+    if torch.distributed.get_rank() == 0:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, out)
+        print(f"aligner generate: wrote {len(rows)} responses for {len(prompts)} prompts to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

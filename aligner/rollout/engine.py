@@ -13,10 +13,10 @@ Design
   through :class:`~aligner.rollout.decode.FusedDecoder` (``"fused"``; the default where
   supported), which takes over the cache megatron-core filled in the prefill and runs the
   same arithmetic on the same parameters with a fraction of the per-step Python dispatch.
-  Both give the same tokens; tests hold both to HF parity.
-- **Prompts of different lengths, no padding inside attention**: every row starts at
-  column 0 (prompt tokens right-aligned to nothing, so a token's column is its position and
-  megatron-core's own rotary offsets are exact). The prefill runs the first
+  The two agree to float rounding; tests hold both to HF greedy parity.
+- **Prompts of different lengths, no padding inside attention**: every prompt starts at
+  column 0 (right padding), so a token's column is its position and megatron-core's own
+  rotary offsets are exact. The prefill runs the first
   ``min(prompt lengths)`` columns of every row with a causal mask; after that each step
   feeds one column for every row still running. A row whose prompt is longer than the
   current column is fed its own next prompt token instead of a sampled one. Nothing is
@@ -25,9 +25,9 @@ Design
   the prefill, all-visible ``[1, 1, 1, s_kv]`` for decode steps (True = blocked).
 - **Sampling decisions** are made on exactly one rank: the first tensor-parallel rank of
   the last pipeline stage (the *source*). Logits are gathered over the TP group
-  (``runtime_gather_output=True``), the source picks the tokens, the stop decisions and the
-  log-probs, and broadcasts them as one ``[3, b]`` float64 tensor over the model-parallel
-  group (TP x PP). Every rank therefore holds the same tokens and returns the same result.
+  (``runtime_gather_output=True``), the source picks the tokens (its per-sample generators
+  are the only random state used), their log-probs and the finished flags, and broadcasts
+  them as one ``[3, b]`` float64 tensor over the model-parallel group (TP x PP). Every rank therefore holds the same tokens and returns the same result.
 - **Pipeline parallelism** runs stage by stage for every forward: the first stage embeds
   the step's tokens, each stage sends its hidden state ``[s, b, h]`` to the next with a
   point-to-point send/recv, the last stage computes the logits. With virtual pipeline
@@ -46,10 +46,9 @@ same prompts and config (SPMD); data-parallel replicas generate independently.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch

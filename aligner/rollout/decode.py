@@ -95,9 +95,9 @@ def unsupported_reason(models) -> Optional[str]:
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x @ weight^T (+ bias)`` for ``x`` [b, in], computed as ``(weight @ x^T)^T``: the same
     products, but for a handful of rows the CPU BLAS (MKL sgemm) runs this orientation
-    15-20% faster than ``F.linear`` on one thread and better spread over two (measured on
-    the 2-core CPU machine of this project); on a GPU both
-    orientations are one cuBLAS call. Returns a transposed view [b, out]."""
+    15-20% faster than ``F.linear`` on one thread and spreads it better over two (measured
+    on this project's 2-core CPU machine); on a GPU either orientation is one cuBLAS call.
+    Returns a transposed view [b, out]."""
     out = torch.mm(weight, x.t()).t()
     return out if bias is None else out + bias
 

@@ -1,0 +1,66 @@
+"""Supervised fine-tuning: next-token NLL on target (assistant) tokens.
+
+Loss: ``-Σ mask · log p(y_t | y_<t) / Σ mask`` over the global batch (token-level mean,
+independent of layout and packing). Samples: ``{"tokens", "loss_mask"}`` (data layer).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from aligner.training.algorithm import Algorithm, metric
+from aligner.training.batching import packed_microbatches, padded_microbatch, shifted_logprobs
+
+
+class TokenAlgorithm(Algorithm):
+    """Shared micro-batching for algorithms whose units are sequences or groups of them."""
+
+    def __init__(self, pad_id: int, packing: bool = False, capacity: int | None = None):
+        if packing and not capacity:
+            raise ValueError("packing needs a bin capacity (data.max_length)")
+        self.pad_id = pad_id
+        self.packing = packing
+        self.capacity = capacity
+
+    def groups(self, sample: dict) -> List[tuple]:
+        """The (tokens, loss_mask) items of one sample, kept together in one micro-batch."""
+        raise NotImplementedError
+
+    def attach(self, batch: dict, samples: Sequence[dict]) -> dict:
+        """Add per-sample tensors (labels, strengths, ...) for the samples of a micro-batch, in order."""
+        return batch
+
+    def sample_tokens(self, sample: dict) -> int:
+        return max(t.numel() for t, _ in self.groups(sample))
+
+    def microbatches(self, samples, micro_batch_size, seq_length):
+        if not samples:
+            return []
+        if self.packing:
+            groups = [self.groups(s) for s in samples]
+            micro, members = packed_microbatches(groups, self.capacity, micro_batch_size, self.pad_id)
+            return [self.attach(b, [samples[i] for i in held]) for b, held in zip(micro, members)]
+        out = []
+        for start in range(0, len(samples), micro_batch_size):
+            chunk = samples[start : start + micro_batch_size]
+            items = [item for s in chunk for item in self.groups(s)]
+            out.append(self.attach(padded_microbatch(items, seq_length, self.pad_id), chunk))
+        return out
+
+    def forward(self, model, batch):
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+
+
+class SFTAlgorithm(TokenAlgorithm):
+    name = "sft"
+
+    def groups(self, sample):
+        return [(sample["tokens"], sample["loss_mask"])]
+
+    def loss(self, batch, logits):
+        lp = shifted_logprobs(logits, batch["tokens"])
+        mask = batch["loss_mask"]
+        nll = -(lp * mask).sum()
+        count = mask.sum()
+        return nll, count.round().long(), {"loss": metric(nll, count)}

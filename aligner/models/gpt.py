@@ -1,0 +1,284 @@
+"""The policy / reward / value model: megatron-core ``GPTModel`` built for the current layout.
+
+``build_model(cfg, head=None)`` builds this rank's part of the model for the current
+TP/PP layout (embedding on the first pipeline stage, final norm and output layer or head on
+the last). Notation: b batch, s sequence, h hidden, v padded vocab, p TP size, N head outputs.
+
+Forward (every stage; the first reads ``input_ids``, the others the activation set by
+the pipeline schedule through ``set_input_tensor``)::
+
+    model(input_ids [b, s], position_ids [b, s] or None, attention_mask or None)
+      -> last stage, LM:    logits [b, s, v/p]   (vocab-parallel: this TP rank's slice)
+      -> last stage, head:  values [b, s, N]     (full, identical on every TP rank)
+      -> other stages:      hidden [s, b, h]
+
+Conventions every caller follows:
+
+- Batches are right-padded. ``attention_mask=None`` means causal attention, which is exact
+  for right padding: a real token never sees the pads that follow it. Read outputs at
+  non-pad positions only.
+- ``attention_mask``, when given, is megatron-core's boolean ``[b, 1, s, s]`` with
+  **True = blocked**, and it must contain the causal part itself
+  (:func:`attention_mask_from_padding` / :func:`packed_attention_mask` build it).
+- ``position_ids``: None means ``0..s-1`` for every row (what HF uses for right padding).
+  Given, they drive the rotary embedding per token, as HF does (left padding, packed
+  sequences with positions restarting per sample).
+- Padded vocabulary rows (``cfg.padded_vocab_size() > cfg.vocab_size``) get logit
+  ``finfo.min``, so softmax, log-probs and sampling see exactly the real vocabulary.
+- Heads (``head="reward"`` / ``"value"``): the output layer is replaced by a replicated
+  ``Linear(h, N, bias=False)`` on the final-norm hidden state (the HF
+  ``*ForSequenceClassification`` ``score`` layer). Identical inputs and loss on every TP
+  rank give identical head gradients; under sequence parallelism the hidden state is
+  gathered first.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.models.gpt import GPTModel
+
+from aligner.models.config import ModelConfig
+from aligner.parallel import get_device
+
+HEADS = ("reward", "value")
+
+
+def te_available() -> bool:
+    """Transformer Engine imports and a GPU is present."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies [head_dim/2] as HF computes them (default, llama3, linear)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    rs = cfg.rope_scaling or {}
+    if cfg.rope_type == "linear":
+        inv_freq = inv_freq / rs["factor"]
+    elif cfg.rope_type == "llama3":
+        factor = rs["factor"]
+        low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+        old_len = rs.get("original_max_position_embeddings", 8192)
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class ScoreHead(torch.nn.Module):
+    """``Linear(h, N, bias=False)`` on hidden states [s, b, h] -> [s, b, N], replicated on
+    every TP rank (its weight is the HF sequence-classification ``score.weight``)."""
+
+    def __init__(self, hidden_size: int, num_outputs: int, init_std: float, dtype, seed: int = 0):
+        super().__init__()
+        # A fixed generator: every rank (and every layout) starts from the same head.
+        gen = torch.Generator().manual_seed(seed)
+        weight = torch.randn(num_outputs, hidden_size, generator=gen) * init_std
+        self.weight = torch.nn.Parameter(weight.to(device=get_device(), dtype=dtype))
+        tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(self.weight)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden, self.weight)
+
+
+class AlignerGPTModel(GPTModel):
+    """megatron-core ``GPTModel`` with HF-exact rotary embeddings, vocab-padding masking,
+    per-token position ids and an optional score head (see the module docstring)."""
+
+    def __init__(self, *args, model_cfg: ModelConfig, head: Optional[str] = None,
+                 num_outputs: int = 1, head_seed: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_cfg = model_cfg
+        self.head_type = head
+        self.num_outputs = num_outputs if head else None
+        if hasattr(self, "rotary_pos_emb"):
+            self.rotary_pos_emb.inv_freq = rope_inv_freq(model_cfg).to(get_device())
+        self.head = None
+        if self.post_process and head is not None:
+            del self.output_layer  # the head replaces the vocabulary projection
+            self.head = ScoreHead(self.config.hidden_size, num_outputs, model_cfg.init_std,
+                                  self.config.params_dtype, seed=head_seed)
+        elif self.post_process and model_cfg.padded_vocab_size() > model_cfg.vocab_size:
+            self.output_layer.register_forward_hook(self._mask_vocab_padding)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """megatron-core's, except that a head model has no output layer to tie or pad:
+        the language module's output-layer handling is skipped and the head is saved as a
+        replicated tensor (``head.linear.weight``)."""
+        if self.head is None:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        self.post_process = False
+        try:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        finally:
+            self.post_process = True
+
+    # -- vocab padding --------------------------------------------------------------
+    def _mask_vocab_padding(self, module, inputs, output):
+        logits, bias = output
+        local = logits.shape[-1]
+        start = 0 if local == self.vocab_size else ps.get_tensor_model_parallel_rank() * local
+        valid = max(0, min(local, self.model_cfg.vocab_size - start))
+        if valid < local:
+            pad = torch.arange(local, device=logits.device) >= valid
+            logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
+        return logits, bias
+
+    # -- position ids ---------------------------------------------------------------
+    def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
+                    packed_seq_params=None, padding_mask=None):
+        out = super()._preprocess(
+            input_ids=input_ids, position_ids=position_ids, decoder_input=decoder_input,
+            inference_context=inference_context, packed_seq_params=packed_seq_params,
+            padding_mask=padding_mask,
+        )
+        # megatron-core's rotary embedding uses positions 0..s-1; honour explicit ones.
+        if (position_ids is not None and out[1] is not None and inference_context is None
+                and packed_seq_params is None and self.config.context_parallel_size == 1):
+            inv_freq = self.rotary_pos_emb.inv_freq.to(position_ids.device)
+            freqs = position_ids.t().float()[..., None] * inv_freq  # [s, b, d/2]
+            emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [s, b, 1, d]
+            out = (out[0], emb) + tuple(out[2:])
+        return out
+
+    # -- heads ----------------------------------------------------------------------
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if self.head is None:
+            return super()._postprocess(hidden_states, *args, **kwargs)
+        if kwargs.get("labels") is not None:
+            raise ValueError("a model with a score head takes no labels; compute the loss outside")
+        if self.config.sequence_parallel:
+            hidden_states = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden_states, tensor_parallel_output_grad=False
+            )
+        return self.head(hidden_states).transpose(0, 1).contiguous()  # [b, s, N]
+
+
+def build_model(
+    cfg: ModelConfig,
+    *,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    head: Optional[str] = None,
+    num_outputs: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    use_te: Optional[bool] = None,
+    vp_stage: Optional[int] = None,
+    head_seed: int = 0,
+    **config_overrides,
+) -> AlignerGPTModel:
+    """Build this rank's part of the model for the current megatron-core parallel state.
+
+    pre_process / post_process default to "first / last pipeline stage". ``head``:
+    None (causal LM), ``"reward"`` or ``"value"`` (score head with ``num_outputs``).
+    ``use_te``: Transformer Engine layer spec; default when TE imports and CUDA is present,
+    megatron-core's local spec otherwise. ``config_overrides`` go to the TransformerConfig.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if head is not None and head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS} or None, got {head!r}")
+    if not ps.model_parallel_is_initialized():
+        raise RuntimeError("build_model needs the parallel state: call aligner.parallel.initialize() first")
+    tc = cfg.to_transformer_config(params_dtype, **config_overrides)
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        layer_spec = get_gpt_layer_with_transformer_engine_spec()
+        final_norm = TENorm
+    else:
+        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        final_norm = layer_spec.submodules.input_layernorm
+    block_spec = TransformerBlockSubmodules(
+        layer_specs=[layer_spec] * get_num_layers_to_build(tc, vp_stage=vp_stage),
+        layer_norm=final_norm,
+    )
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    return AlignerGPTModel(
+        config=tc,
+        transformer_layer_spec=block_spec,
+        vocab_size=cfg.padded_vocab_size(),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings and head is None,
+        position_embedding_type="rope",
+        rotary_base=cfg.rope_theta,
+        vp_stage=vp_stage,
+        model_cfg=cfg,
+        head=head,
+        num_outputs=num_outputs,
+        head_seed=head_seed,
+    )
+
+
+def unwrap_model(model):
+    """The ``AlignerGPTModel`` inside DDP / Float16Module wrappers (lists map elementwise)."""
+    if isinstance(model, (list, tuple)):
+        return [unwrap_model(m) for m in model]
+    while hasattr(model, "module") and not isinstance(model, GPTModel):
+        model = model.module
+    return model
+
+
+# -- attention masks and positions ------------------------------------------------------
+def attention_mask_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
+    """HF-style ``padding_mask`` [b, s] (1 = real token, 0 = pad, any side) -> megatron's
+    boolean ``[b, 1, s, s]``, True = blocked: causal and no pad keys."""
+    b, s = padding_mask.shape
+    causal = torch.ones(s, s, dtype=torch.bool, device=padding_mask.device).tril()
+    allowed = causal[None] & padding_mask.bool()[:, None, :]
+    return (~allowed)[:, None]
+
+
+def packed_attention_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``segment_ids`` [b, s] (same id = same sample; pads get their own id or -1) ->
+    block-diagonal causal ``[b, 1, s, s]``, True = blocked."""
+    b, s = segment_ids.shape
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (~(causal[None] & same))[:, None]
+
+
+def position_ids_from_padding(padding_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only ([b, s]; pads get 0): left padding as HF's
+    ``generate`` numbers it."""
+    pos = padding_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0) * padding_mask.long()
+
+
+def packed_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 for every new segment id along each row ([b, s])."""
+    b, s = segment_ids.shape
+    idx = torch.arange(s, device=segment_ids.device).expand(b, s)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    start_idx = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
+    return idx - start_idx

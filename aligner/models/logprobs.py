@@ -1,0 +1,55 @@
+"""Per-token log-probabilities and entropy from vocab-parallel logits (no vocabulary gather).
+
+``logits`` are this tensor-parallel rank's slice ``[b, s, v/p]`` (the model's output);
+results are full ``[b, s]`` tensors, identical on every TP rank. Padded vocabulary rows
+carry logit ``finfo.min`` (aligner.models.gpt), so they hold no probability.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+
+def token_logprobs(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log p(labels[b, t])`` under ``softmax(logits[b, t])`` -> [b, s] (fp32, differentiable).
+
+    Through megatron-core's vocab-parallel cross-entropy: each TP rank reduces its own
+    vocabulary slice; only [b, s] statistics cross ranks.
+    """
+    logits = vocab_parallel_logits.float().transpose(0, 1).contiguous()  # [s, b, v/p], a copy
+    return -vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1)
+
+
+def token_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits[b, t])`` -> [b, s], reduced over the TP group."""
+    logits = vocab_parallel_logits.float()
+    group = ps.get_tensor_model_parallel_group() if ps.model_parallel_is_initialized() else None
+    tp = ps.get_tensor_model_parallel_world_size() if group is not None else 1
+    local_max = logits.max(dim=-1).values
+    gmax = local_max.detach().clone()
+    if tp > 1:
+        dist.all_reduce(gmax, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits - gmax.unsqueeze(-1)
+    exp = shifted.exp()
+    sum_exp = exp.sum(-1)
+    # exp = 0 rows (padded vocabulary at finfo.min) contribute 0, never 0 * -inf
+    sum_exp_x = torch.where(exp > 0, exp * shifted, torch.zeros_like(exp)).sum(-1)
+    if tp > 1:
+        from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+        sum_exp = reduce_from_tensor_model_parallel_region(sum_exp)
+        sum_exp_x = reduce_from_tensor_model_parallel_region(sum_exp_x)
+    # H = log Z - E[x - max] with Z = Σ exp(x - max)
+    return sum_exp.log() - sum_exp_x / sum_exp
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of ``x`` where ``mask`` is 1 (over ``dim`` or everything); 0 where nothing is masked in."""
+    mask = mask.to(x.dtype)
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)

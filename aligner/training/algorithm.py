@@ -1,0 +1,73 @@
+"""What an algorithm gives the training loop: micro-batches, a forward, a loss, metrics.
+
+The loop (:mod:`aligner.training.loop`) owns everything else — optimizer, schedule,
+pipeline schedules, data order, checkpoints, logging — and has no algorithm branches.
+
+Loss convention (layout-independent normalisation): :meth:`Algorithm.loss` returns
+``(loss_sum, count, metrics)``: the loss summed over this micro-batch's units (tokens for
+SFT, sequences for regression, pairs for BT / DPO) and the number of units. The loop
+runs megatron-core with ``calculate_per_token_loss``: gradients are divided by the total
+count over all micro-batches and data-parallel ranks, so the optimised quantity is the
+mean over the global batch whatever the TP / PP / DP layout or packing.
+
+Metrics are ``name -> tensor([sum, count])``; the loop sums both over micro-batches and
+data-parallel ranks and reports ``sum / count``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Metrics = Dict[str, torch.Tensor]
+
+
+def metric(total, count) -> torch.Tensor:
+    """A metric entry: ``tensor([sum, count])`` (float64, detached)."""
+    total = total.detach().double().sum() if torch.is_tensor(total) else torch.tensor(float(total), dtype=torch.float64)
+    count = count.detach().double().sum() if torch.is_tensor(count) else torch.tensor(float(count), dtype=torch.float64)
+    return torch.stack([total.cpu(), count.cpu()])
+
+
+class Algorithm:
+    """Base class of the per-algorithm plug-in.
+
+    head / num_outputs: the model head the algorithm needs (None: causal LM).
+    rows_per_sample: rows a sample occupies in a padded micro-batch (2 for pairs).
+    """
+
+    name: str = "algorithm"
+    head: Optional[str] = None
+    num_outputs: int = 1
+    rows_per_sample: int = 1
+
+    def sample_tokens(self, sample: dict) -> int:
+        """Tokens a sample holds (for throughput figures and pad lengths)."""
+        raise NotImplementedError
+
+    def microbatches(self, samples: Sequence[dict], micro_batch_size: int, seq_length: int) -> List[dict]:
+        """Collate this rank's share of a global batch into micro-batches of ``seq_length`` tokens."""
+        raise NotImplementedError
+
+    def forward(self, model, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    def loss(self, batch: dict, output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Metrics]:
+        raise NotImplementedError
+
+    def finalize_metrics(self, means: Dict[str, float], sums: Dict[str, Tuple[float, float]]) -> Dict[str, float]:
+        """Derived metrics from the reduced ones (e.g. Pearson from moment sums); default: the means."""
+        return means
+
+    def setup(self, trainer) -> None:
+        """Called once by the loop after the model, optimizer and data exist (e.g. reference log-probs)."""
+
+    def before_step(self, trainer, local_samples: Sequence[dict], seq_length: int) -> None:
+        """Called before each training step with this rank's samples (e.g. reference log-probs)."""
+
+    def state_dict(self) -> dict:
+        """Algorithm state saved in checkpoints (json-able)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

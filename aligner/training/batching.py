@@ -1,0 +1,160 @@
+"""Micro-batch assembly for the training loop: padded rows or packed bins.
+
+A micro-batch holds ``n`` sequences ("items", each a ``(tokens, loss_mask)`` pair of
+1-D tensors) and is a dict:
+
+- ``tokens`` [R, S] long, ``loss_mask`` [R, S] float (1 where the token is a target),
+- ``item_of_token`` [R, S] long: which item each position belongs to (-1: padding),
+- ``last_row`` / ``last_col`` [n]: where each item's last token sits,
+- ``position_ids`` / ``attention_mask``: None for padded rows (positions 0..S-1 and
+  causal attention, exact for right padding); for packed bins, positions restarting
+  per item and a block-diagonal causal mask (megatron-core's boolean, True = blocked),
+- ``num_items`` n and ``num_tokens`` (real tokens).
+
+Padded: one item per row, right-padded to S. Packed: items are placed into bins of S
+tokens by first-fit-decreasing over *groups* (a group — e.g. the chosen and rejected
+response of one pair — always shares a bin, so they share a micro-batch); R bins per
+micro-batch, a last short micro-batch filled with empty bins so every micro-batch of a
+step has the same shape (pipeline stages exchange fixed-shape activations). Padding
+positions get their own segment id in the mask so no row is fully blocked.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+
+Item = Tuple[torch.Tensor, torch.Tensor]
+
+
+def padded_microbatch(items: Sequence[Item], seq_length: int, pad_id: int) -> dict:
+    n = len(items)
+    tokens = torch.full((n, seq_length), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros(n, seq_length)
+    item_of_token = torch.full((n, seq_length), -1, dtype=torch.long)
+    last_col = torch.empty(n, dtype=torch.long)
+    for i, (tok, mask) in enumerate(items):
+        length = tok.numel()
+        if length > seq_length:
+            raise ValueError(f"sequence of {length} tokens does not fit seq_length {seq_length}")
+        tokens[i, :length] = tok
+        loss_mask[i, :length] = mask
+        loss_mask[i, 0] = 0.0  # an item's first token has no prediction inside the item
+        item_of_token[i, :length] = i
+        last_col[i] = length - 1
+    return {
+        "tokens": tokens,
+        "loss_mask": loss_mask,
+        "item_of_token": item_of_token,
+        "last_row": torch.arange(n),
+        "last_col": last_col,
+        "position_ids": None,
+        "attention_mask": None,
+        "num_items": n,
+        "num_tokens": int(sum(t.numel() for t, _ in items)),
+    }
+
+
+def pack_groups(group_lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    """First-fit-decreasing bins of group indices (the data layer's packer)."""
+    try:
+        from aligner.data.packing import pack_lengths
+    except ImportError:
+        pack_lengths = _first_fit_decreasing
+    return pack_lengths(list(group_lengths), capacity)
+
+
+def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    bins: List[List[int]] = []
+    room: List[int] = []
+    for i in order:
+        for b, r in enumerate(room):
+            if lengths[i] <= r:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return bins
+
+
+def packed_microbatches(
+    groups: Sequence[Sequence[Item]], capacity: int, bins_per_micro: int, pad_id: int
+) -> Tuple[List[dict], List[List[int]]]:
+    """Pack ``groups`` into micro-batches of ``bins_per_micro`` bins of ``capacity`` tokens.
+
+    Returns the micro-batches and, for each, the group indices it holds in item order
+    (so the algorithm can attach per-group data, e.g. labels or reference log-probs).
+    """
+    from aligner.models.gpt import packed_attention_mask, packed_position_ids
+
+    lengths = [sum(t.numel() for t, _ in g) for g in groups]
+    for gi, length in enumerate(lengths):
+        if length > capacity:
+            raise ValueError(f"a sample of {length} tokens does not fit a packing bin of {capacity} (data.max_length)")
+    bins = pack_groups(lengths, capacity)
+    out, members = [], []
+    for start in range(0, len(bins), bins_per_micro):
+        chunk = bins[start : start + bins_per_micro]
+        rows = bins_per_micro
+        tokens = torch.full((rows, capacity), pad_id, dtype=torch.long)
+        loss_mask = torch.zeros(rows, capacity)
+        item_of_token = torch.full((rows, capacity), -1, dtype=torch.long)
+        segment = torch.full((rows, capacity), -1, dtype=torch.long)
+        last_row, last_col, held = [], [], []
+        item = 0
+        for r, bin_groups in enumerate(chunk):
+            col = 0
+            for gi in bin_groups:
+                held.append(gi)
+                for tok, mask in groups[gi]:
+                    length = tok.numel()
+                    tokens[r, col : col + length] = tok
+                    loss_mask[r, col : col + length] = mask
+                    loss_mask[r, col] = 0.0  # predicted from the previous item: never a target
+                    item_of_token[r, col : col + length] = item
+                    segment[r, col : col + length] = item
+                    last_row.append(r)
+                    last_col.append(col + length - 1)
+                    col += length
+                    item += 1
+        # every pad run gets a segment of its own: attends to itself, never to samples
+        pad = segment < 0
+        segment = torch.where(pad, 1_000_000 + torch.arange(rows)[:, None], segment)
+        out.append(
+            {
+                "tokens": tokens,
+                "loss_mask": loss_mask,
+                "item_of_token": item_of_token,
+                "last_row": torch.tensor(last_row, dtype=torch.long),
+                "last_col": torch.tensor(last_col, dtype=torch.long),
+                "position_ids": packed_position_ids(segment),
+                "attention_mask": packed_attention_mask(segment),
+                "num_items": item,
+                "num_tokens": int((~pad).sum()),
+            }
+        )
+        members.append(held)
+    return out, members
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def per_item_sum(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Sum ``values`` [R, S] per item -> [n] (padding positions excluded)."""
+    idx = batch["item_of_token"]
+    keep = idx >= 0
+    out = torch.zeros(batch["num_items"], dtype=values.dtype, device=values.device)
+    return out.index_add(0, idx[keep], values[keep])
+
+
+def shifted_logprobs(vocab_parallel_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(tokens[:, t] | tokens[:, :t]) at position t ([R, S]; 0 at t = 0), vocab-parallel."""
+    from aligner.models.logprobs import token_logprobs
+
+    lp = token_logprobs(vocab_parallel_logits[:, :-1].contiguous(), tokens[:, 1:].contiguous())
+    return torch.nn.functional.pad(lp, (1, 0))

@@ -1,0 +1,358 @@
+"""The one training loop every algorithm runs on.
+
+``Trainer(algorithm, models, train_data, optim=..., trainer=...)`` wraps the model chunks
+in megatron-core's DistributedDataParallel, builds megatron-core's optimizer (the
+distributed optimizer when ``optim.distributed``) and LR / weight-decay schedule, and
+runs ``fit()``:
+
+- data order: epoch ``e`` visits the training samples in ``randperm(n, seed + e)``; step
+  ``k`` takes the ``k``-th block of ``global_batch_size`` samples of that order (a last
+  incomplete block of an epoch is not used; its size is reported at start). Data-parallel
+  rank ``r`` takes the ``r``-th contiguous share of the block and splits it into
+  micro-batches (gradient accumulation), so the data position is a function of the
+  step alone and resuming needs nothing else.
+- each step runs megatron-core's pipeline schedule for the layout (no pipelining,
+  1F1B, interleaved) with ``calculate_per_token_loss`` — see
+  :mod:`aligner.training.algorithm` for the loss convention — then the optimizer step
+  (gradient clipping inside) and the scheduler step.
+- metrics: summed over micro-batches and data-parallel ranks, sent from the last
+  pipeline stage, logged by rank 0 to ``metrics.jsonl`` / TensorBoard / W&B and the
+  progress line.
+- validation every ``val_interval`` steps and at the end; checkpoints every
+  ``save_interval`` steps and at the end (aligner.models.checkpoint: written under a
+  temporary name, marked latest only when complete, keep-last-k); resume from the latest
+  complete checkpoint when ``trainer.resume``; HF export of the final model when
+  ``trainer.export_hf``.
+"""
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from aligner.parallel import get_device
+from aligner.training.algorithm import Algorithm
+from aligner.training.batching import to_device
+from aligner.training.config import OptimSection, TrainerSection
+from aligner.training.logging import MetricsLogger, Progress
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class Trainer:
+    """Runs an :class:`Algorithm` on model chunks built for the current parallel layout."""
+
+    def __init__(
+        self,
+        algorithm: Algorithm,
+        models: List[torch.nn.Module],
+        train_data: Sequence[dict],
+        *,
+        optim: OptimSection,
+        trainer: TrainerSection,
+        val_data: Optional[Sequence[dict]] = None,
+        model_cfg=None,
+        tokenizer_dir: Optional[str] = None,
+        run_config: Optional[dict] = None,
+    ):
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        self.algorithm = algorithm
+        self.optim_cfg = optim
+        self.cfg = trainer
+        self.train_data = train_data
+        self.val_data = val_data
+        self.model_cfg = model_cfg
+        self.tokenizer_dir = tokenizer_dir
+        self.run_config = run_config or {}
+        self.out_dir = Path(trainer.out_dir)
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        if trainer.global_batch_size % (trainer.micro_batch_size * self.dp_size):
+            raise ValueError(
+                f"trainer.global_batch_size = {trainer.global_batch_size} must be a multiple of"
+                f" trainer.micro_batch_size x data-parallel size = {trainer.micro_batch_size} x {self.dp_size}"
+            )
+        if len(train_data) < trainer.global_batch_size:
+            raise ValueError(
+                f"the training set has {len(train_data)} samples, fewer than"
+                f" trainer.global_batch_size = {trainer.global_batch_size}"
+            )
+        self.steps_per_epoch = len(train_data) // trainer.global_batch_size
+        self.unused_per_epoch = len(train_data) - self.steps_per_epoch * trainer.global_batch_size
+        steps = trainer.max_steps
+        if trainer.max_epochs is not None:
+            by_epochs = trainer.max_epochs * self.steps_per_epoch
+            steps = by_epochs if steps < 0 else min(steps, by_epochs)
+        self.max_steps = steps
+
+        bf16 = any(p.dtype == torch.bfloat16 for m in models for p in m.parameters())
+        for m in models:
+            m.config.calculate_per_token_loss = True
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=optim.distributed,
+            average_in_collective=False,
+        )
+        self.models = [
+            DistributedDataParallel(m.config, ddp_cfg, m, disable_bucketing=i > 0) for i, m in enumerate(models)
+        ]
+        ocfg = OptimizerConfig(
+            optimizer=optim.name,
+            lr=optim.lr,
+            min_lr=optim.min_lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.beta1,
+            adam_beta2=optim.beta2,
+            adam_eps=optim.eps,
+            clip_grad=optim.clip_grad,
+            bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32,
+            use_distributed_optimizer=optim.distributed,
+        )
+        self.optimizer = get_megatron_optimizer(ocfg, self.models)
+        decay_steps = max(1, self.max_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0 if optim.warmup_steps > 0 else optim.lr,
+            max_lr=optim.lr,
+            min_lr=optim.min_lr,
+            lr_warmup_steps=optim.warmup_steps,
+            lr_decay_steps=max(decay_steps, optim.warmup_steps + 1),
+            lr_decay_style=optim.schedule,
+            start_wd=optim.weight_decay,
+            end_wd=optim.weight_decay,
+            wd_incr_steps=decay_steps,
+            wd_incr_style="constant",
+        )
+        config = self.models[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        nosync = [m.no_sync for m in self.models]
+        config.no_sync_func = nosync[0] if len(nosync) == 1 else nosync
+        self.step = 0
+        self.history: List[dict] = []
+
+    # ---------------------------------------------------------------- data
+    def global_batch(self, step: int) -> List[dict]:
+        """The samples of training step ``step`` (0-based), identical on every rank."""
+        gbs = self.cfg.global_batch_size
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.train_data), self.cfg.seed, epoch)
+        return [self.train_data[int(i)] for i in order[k * gbs : (k + 1) * gbs]]
+
+    def _local(self, samples: Sequence[dict]) -> List[dict]:
+        share = math.ceil(len(samples) / self.dp_size)
+        return list(samples[self.dp_rank * share : (self.dp_rank + 1) * share])
+
+    def _seq_length(self, samples: Sequence[dict]) -> int:
+        longest = max(self.algorithm.sample_tokens(s) for s in samples)
+        multiple = 8 * ps.get_tensor_model_parallel_world_size()
+        return int(math.ceil(longest / multiple) * multiple)
+
+    # ---------------------------------------------------------------- schedule
+    def _forward_step(self, data_iterator, model):
+        batch = to_device(next(data_iterator), get_device())
+        output = self.algorithm.forward(model, batch)
+        return output, partial(self._loss, batch)
+
+    def _loss(self, batch, output):
+        loss, count, metrics = self.algorithm.loss(batch, output)
+        return loss, torch.as_tensor(count, dtype=torch.int).reshape(()), metrics
+
+    def run_schedule(self, samples: Sequence[dict], *, forward_only: bool, seq_length: int) -> List[dict]:
+        """Forward (and backward) over this rank's micro-batches of ``samples``; the metric dicts."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro = self.algorithm.microbatches(samples, self.cfg.micro_batch_size, seq_length)
+        if not micro:
+            return []
+        rows, seq = micro[0]["tokens"].shape[:2]
+        iters = [iter(micro) for _ in self.models] if len(self.models) > 1 else iter(micro)
+        return get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=iters,
+            model=self.models,
+            num_microbatches=len(micro),
+            seq_length=seq,
+            micro_batch_size=rows,
+            forward_only=forward_only,
+        )
+
+    def reduce_metrics(self, store: List[dict]) -> Dict[str, float]:
+        """Sum metric [sum, count] pairs over micro-batches and DP ranks; every rank gets sum/count."""
+        payload = [None]
+        if ps.is_pipeline_last_stage(ignore_virtual=True):
+            # every algorithm emits the same metric names on every micro-batch and rank
+            keys = sorted({k for d in store for k in d})
+            totals = torch.zeros(len(keys), 2, dtype=torch.float64)
+            for d in store:
+                for i, k in enumerate(keys):
+                    if k in d:
+                        totals[i] += d[k].detach().double().cpu().reshape(2)
+            if self.dp_size > 1:
+                dist.all_reduce(totals, group=ps.get_data_parallel_group())
+            sums = {k: (float(totals[i, 0]), float(totals[i, 1])) for i, k in enumerate(keys)}
+            payload = [sums]
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            group = ps.get_pipeline_model_parallel_group()
+            dist.broadcast_object_list(payload, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
+        sums = payload[0] or {}
+        out = {k: (s / c if c else float("nan")) for k, (s, c) in sums.items()}
+        return self.algorithm.finalize_metrics(out, sums)
+
+    # ---------------------------------------------------------------- phases
+    def train_step(self) -> Dict[str, float]:
+        samples = self.global_batch(self.step)
+        seq_length = self._seq_length(samples)
+        local = self._local(samples)
+        t0 = time.perf_counter()
+        self.algorithm.before_step(self, local, seq_length)
+        for m in self.models:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        store = self.run_schedule(local, forward_only=False, seq_length=seq_length)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.step += 1
+        metrics = self.reduce_metrics(store)
+        elapsed = time.perf_counter() - t0
+        tokens = sum(self.algorithm.sample_tokens(s) for s in samples)
+        metrics.update(
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            step_time=elapsed,
+            tokens_per_s=tokens / elapsed,
+            skipped=0.0 if ok else 1.0,
+        )
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self, data: Optional[Sequence[dict]] = None, max_batches: Optional[int] = None) -> Dict[str, float]:
+        """Forward-only pass over ``data`` (default: the validation set) in global batches."""
+        data = self.val_data if data is None else data
+        if not data:
+            return {}
+        for m in self.models:
+            m.eval()
+        gbs = self.cfg.global_batch_size
+        store = []
+        starts = list(range(0, len(data), gbs))
+        if max_batches is not None:
+            starts = starts[:max_batches]
+        for start in starts:
+            samples = [data[i] for i in range(start, min(start + gbs, len(data)))]
+            store += self.run_schedule(self._local(samples), forward_only=True, seq_length=self._seq_length(samples))
+        for m in self.models:
+            m.train()
+        return self.reduce_metrics(store)
+
+    def save(self) -> Path:
+        from aligner.models.checkpoint import save_checkpoint
+
+        extra = {
+            "step": self.step,
+            "consumed_samples": self.step * self.cfg.global_batch_size,
+            "algorithm": self.algorithm.state_dict(),
+        }
+        return save_checkpoint(
+            self.out_dir / "checkpoints",
+            self.step,
+            self.models,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            extra=extra,
+            keep_last=self.cfg.keep_last,
+            model_config=self.model_cfg.to_dict() if self.model_cfg is not None else None,
+        )
+
+    def maybe_resume(self) -> Optional[int]:
+        from aligner.models.checkpoint import find_latest, load_checkpoint
+
+        if not self.cfg.resume:
+            return None
+        latest = find_latest(self.out_dir / "checkpoints")
+        if latest is None:
+            return None
+        extra = load_checkpoint(latest, self.models, optimizer=self.optimizer, scheduler=self.scheduler)
+        self.step = int(extra["step"])
+        self.algorithm.load_state_dict(extra.get("algorithm", {}))
+        return self.step
+
+    def export(self) -> Optional[Path]:
+        from aligner.models import export_hf
+
+        if self.model_cfg is None:
+            return None
+        out = self.out_dir / "hf"
+        export_hf(
+            [m.module for m in self.models],
+            self.model_cfg,
+            out,
+            tokenizer_dir=self.tokenizer_dir,
+            head=self.algorithm.head,
+        )
+        return out
+
+    def fit(self) -> Dict[str, Any]:
+        """Train to ``max_steps``; returns the last train and validation metrics."""
+        resumed = self.maybe_resume()
+        progress = Progress(self.algorithm.name, self.max_steps, start_step=self.step, enabled=self.cfg.progress)
+        logger = MetricsLogger(
+            self.out_dir,
+            tensorboard=self.cfg.tensorboard,
+            wandb_project=self.cfg.wandb_project,
+            wandb_name=self.cfg.wandb_name,
+            config=self.run_config,
+            resume_step=resumed,
+        )
+        if resumed is not None:
+            progress.message(f"resumed from step {resumed}")
+        else:
+            progress.message(
+                f"{len(self.train_data)} training samples, {self.steps_per_epoch} steps per epoch"
+                f" ({self.unused_per_epoch} samples per epoch beyond the last full global batch are not used),"
+                f" {self.max_steps} steps"
+            )
+        self.algorithm.setup(self)
+        train_metrics: Dict[str, float] = {}
+        val_metrics: Dict[str, float] = {}
+        if resumed is None and self.val_data and self.cfg.val_interval > 0:
+            val_metrics = self.evaluate(max_batches=self.cfg.val_batches)
+            logger.log(self.step, "val", val_metrics)
+        try:
+            while self.step < self.max_steps:
+                train_metrics = self.train_step()
+                if self.step % self.cfg.log_interval == 0 or self.step == self.max_steps:
+                    logger.log(self.step, "train", train_metrics)
+                    progress.update(self.step, train_metrics)
+                last = self.step == self.max_steps
+                if self.val_data and (last or (self.cfg.val_interval > 0 and self.step % self.cfg.val_interval == 0)):
+                    val_metrics = self.evaluate(max_batches=None if last else self.cfg.val_batches)
+                    logger.log(self.step, "val", val_metrics)
+                    progress.message("validation " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(val_metrics.items())))
+                if last or (self.cfg.save_interval > 0 and self.step % self.cfg.save_interval == 0):
+                    self.save()
+            if self.cfg.export_hf:
+                path = self.export()
+                if path is not None:
+                    progress.message(f"exported HF model to {path}")
+        finally:
+            logger.close()
+        return {"step": self.step, "train": train_metrics, "val": val_metrics}

@@ -8,8 +8,9 @@ Run under ``torchrun --nproc-per-node N`` for N > 1 processes (N = tp * pp * dp;
 data-parallel replica generates its share of the prompts; rank 0 writes the file).
 
 - ``--model``: a HF folder (``config.json`` + safetensors) or a training checkpoint
-  directory (then ``--model-config`` names the architecture unless the checkpoint records
-  it, and ``--tokenizer`` is needed for text).
+  (``aligner.models.checkpoint``: a checkpoint root, whose latest complete checkpoint is
+  read, or one ``step_*`` directory; ``--model-config`` names the architecture unless the
+  checkpoint records it; ``--tokenizer`` is needed for text).
 - ``--prompts``: any prompt-bearing format of the data layer (``aligner.data``); without
   it, jsonl rows with ``prompt`` (text, encoded as is) or ``prompt_tokens`` (ids).
 - ``--output``: jsonl, one row per (prompt, sample) in prompt order: ``index``, ``sample``,
@@ -167,31 +168,23 @@ def load_policy(args, params_dtype):
     ckpt = Path(args.model)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"--model {args.model}: neither a HF folder (config.json) nor a checkpoint directory")
-    cfg_source = args.model_config
-    if cfg_source is None:
-        for name in ("model_config.json", "model_config.yaml"):
-            if (ckpt / name).is_file():
-                cfg_source = str(ckpt / name)
-    if cfg_source is None:
-        raise ValueError(f"--model {args.model} is a training checkpoint: pass --model-config (preset or HF folder)")
-    if cfg_source.endswith("model_config.json"):
-        cfg = ModelConfig.from_dict(json.loads(Path(cfg_source).read_text()), source=cfg_source)
-    else:
-        cfg = ModelConfig.load(cfg_source)
+    from aligner.models.checkpoint import find_latest, load_checkpoint
     from aligner.models.gpt import build_model
 
-    models = [build_model(cfg, params_dtype=params_dtype)]
-    try:
-        from aligner.models.checkpoint import load_checkpoint
-    except ImportError:
-        load_checkpoint = None
-    if load_checkpoint is not None:
-        load_checkpoint(ckpt, models)
+    if (ckpt / "latest").is_file():  # a checkpoint root: its latest complete checkpoint
+        ckpt = find_latest(ckpt)
+    if args.model_config is not None:
+        cfg = ModelConfig.load(args.model_config)
+    elif (ckpt / "model_config.json").is_file():
+        source = ckpt / "model_config.json"
+        cfg = ModelConfig.from_dict(json.loads(source.read_text()), source=str(source))
     else:
-        from megatron.core import dist_checkpointing
-
-        state = dist_checkpointing.load(models[0].sharded_state_dict(), str(ckpt))
-        models[0].load_state_dict(state)
+        raise ValueError(
+            f"--model {args.model}: the checkpoint records no model_config.json; pass --model-config"
+            " (preset name, preset YAML or HF folder)"
+        )
+    models = [build_model(cfg, params_dtype=params_dtype)]
+    load_checkpoint(ckpt, models)
     return models, cfg
 
 
@@ -249,7 +242,10 @@ def main(argv: Optional[list] = None) -> int:
                     num_query_groups=cfg.num_query_groups)
     initialize(ParallelConfig(tp=args.tp, pp=args.pp), **dims)
     params_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    models, cfg = load_policy(args, params_dtype)
+    try:
+        models, cfg = load_policy(args, params_dtype)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail(str(exc))
     engine = RolloutEngine(models, cfg, tokenizer=tokenizer, max_batch=args.batch_size,
                            max_seq_len=args.max_seq_len)
 

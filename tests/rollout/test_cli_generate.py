@@ -69,8 +69,17 @@ def setup(tmp_path_factory):
     return dict(root=root, prompts=prompts, token_prompts=token_prompts, greedy=greedy, scores=scores, tok=tok)
 
 
-def run_cli(*argvs):
-    """Several CLI runs in one process (the parallel state is set up once)."""
+def run_cli(policy_dir, checkpoint_root, *argvs):
+    """Save the HF policy as a training checkpoint, then several CLI runs in one process
+    (the parallel state is set up once)."""
+    from aligner.models.checkpoint import save_checkpoint
+    from aligner.parallel import ParallelConfig, initialize
+    from aligner.rollout.hf_import import load_hf
+
+    initialize(ParallelConfig())
+    models, cfg = load_hf(policy_dir)
+    save_checkpoint(checkpoint_root, 3, models, model_config=cfg.to_dict())
+    del models
     return [main(argv) for argv in argvs]
 
 
@@ -86,14 +95,19 @@ def outputs(setup):
                      "--stop-token-ids", "none", "--num-samples", "2", "--reward-model", str(root / "rm")]
     sampled = base + ["--max-new-tokens", str(NEW), "--temperature", "0.8", "--top-p", "0.9", "--seed", "4",
                       "--num-samples", "3", "--batch-size", "5"]
-    codes = spawn_local(run_cli, 1, greedy, sampled + ["--output", str(root / "sampled_a.jsonl")],
-                        sampled + ["--output", str(root / "sampled_b.jsonl")], timeout=300)[0]
-    return codes, {name: _read(root / f"{name}.jsonl") for name in ("greedy", "sampled_a", "sampled_b")}
+    from_checkpoint = ["--model", str(root / "ckpt"), "--tokenizer", str(root / "policy"),
+                       "--prompts", str(setup["prompts"]), "--output", str(root / "checkpoint.jsonl"),
+                       "--greedy", "--max-new-tokens", str(NEW), "--stop-token-ids", "none"]
+    codes = spawn_local(run_cli, 1, str(root / "policy"), str(root / "ckpt"), greedy,
+                        sampled + ["--output", str(root / "sampled_a.jsonl")],
+                        sampled + ["--output", str(root / "sampled_b.jsonl")], from_checkpoint, timeout=300)[0]
+    names = ("greedy", "sampled_a", "sampled_b", "checkpoint")
+    return codes, {name: _read(root / f"{name}.jsonl") for name in names}
 
 
 def test_greedy_rows_match_transformers_and_reward_model(setup, outputs):
     codes, files = outputs
-    assert codes == [0, 0, 0]
+    assert codes == [0, 0, 0, 0]
     rows = files["greedy"]
     assert [(r["index"], r["sample"]) for r in rows] == [(i, k) for i in range(4) for k in range(2)]
     for r in rows:
@@ -134,3 +148,11 @@ def test_bad_prompt_file_names_file_and_line(setup, tmp_path, capsys):
                  "--top-p", "0"])
     assert code == 2 and "GenerationConfig.top_p" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_training_checkpoint_generates_like_the_hf_folder(setup, outputs):
+    _, files = outputs
+    rows = files["checkpoint"]
+    assert [r["index"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert r["response_tokens"] == setup["greedy"][r["index"]]

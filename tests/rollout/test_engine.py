@@ -60,11 +60,8 @@ def _training_logprobs(models, tokens, lengths):
 
     try:
         from aligner.models import token_logprobs
-    except ImportError:  # the model layer's helper; megatron-core's cross-entropy is the same
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        def token_logprobs(logits, labels):
-            return -vocab_parallel_cross_entropy(logits.float(), labels)
+    except ImportError:
+        from aligner.models.logprobs import token_logprobs
 
     out = []
 

@@ -1,0 +1,373 @@
+"""Hugging Face checkpoints in and out, at any TP / PP layout.
+
+Import (:func:`load_hf_weights`, :func:`from_pretrained`): each rank opens the
+safetensors files (single file or sharded with ``model.safetensors.index.json``) with
+``safe_open`` and reads only the slices its parameters hold — its pipeline stage's layers,
+its tensor-parallel rows / columns — so no rank ever materialises the whole model.
+
+Name and layout mapping (HF Llama family -> megatron-core, local or TE layer spec):
+
+- ``q_proj`` / ``k_proj`` / ``v_proj`` -> ``linear_qkv``: per query group, that group's
+  query heads, then its key head, then its value head (megatron-core's GQA layout); a TP
+  rank holds whole groups. Qwen2 biases the same way.
+- ``gate_proj`` / ``up_proj`` -> ``linear_fc1``: a TP rank holds [its gate rows; its up rows].
+- ``o_proj`` / ``down_proj`` -> ``linear_proj`` / ``linear_fc2``, split along the input.
+- ``embed_tokens`` / ``lm_head`` -> vocabulary rows padded to ``padded_vocab_size`` (zeros),
+  split over TP. Norms are replicated (``input_layernorm`` is ``linear_qkv.layer_norm_weight``
+  under the TE spec, ``post_attention_layernorm`` likewise ``linear_fc1.layer_norm_weight``).
+- ``score.weight`` (``*ForSequenceClassification``) -> the reward / value head.
+
+Export (:func:`export_hf`): tensors are gathered over the TP group; the first TP and DP
+rank of each pipeline stage writes that stage's shard
+(``model-0000k-of-0000P.safetensors``), rank 0 writes the index, ``config.json`` (causal LM
+or sequence classification with ``num_labels`` = head outputs) and the tokenizer files.
+The folder is written under a temporary name and renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from aligner.models.config import ModelConfig
+from aligner.models.gpt import build_model, unwrap_model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or does not match the model."""
+
+
+# ------------------------------------------------------------------------------ reading
+class HFReader:
+    """Lazy access to the tensors of an HF safetensors checkpoint folder."""
+
+    def __init__(self, path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            files = sorted(set(weight_map.values()))
+        elif single.is_file():
+            files, weight_map = ["model.safetensors"], None
+        else:
+            found = sorted(p.name for p in self.path.glob("*.safetensors"))
+            if not found:
+                raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+            files, weight_map = found, None
+        self._handles = {}
+        self.where: Dict[str, str] = {}
+        for name in files:
+            fpath = self.path / name
+            if not fpath.is_file():
+                raise CheckpointError(f"{fpath}: shard listed in the index is missing")
+            try:
+                handle = safe_open(str(fpath), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types
+                raise CheckpointError(f"{fpath}: cannot read safetensors file ({exc})") from None
+            self._handles[name] = handle
+            for key in handle.keys():
+                self.where[key] = name
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self.where.get(key) != name:
+                    raise CheckpointError(f"{self.path / name}: tensor {key!r} listed in the index is not in the file")
+
+    def has(self, key: str) -> bool:
+        return key in self.where
+
+    def _slice(self, key: str):
+        if key not in self.where:
+            raise CheckpointError(f"{self.path}: tensor {key!r} not found in the checkpoint")
+        return self._handles[self.where[key]].get_slice(key)
+
+    def shape(self, key: str) -> List[int]:
+        return list(self._slice(key).get_shape())
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._slice(key)[start:stop]
+
+    def cols(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._slice(key)[:, start:stop]
+
+    def full(self, key: str) -> torch.Tensor:
+        return self._slice(key)[:]
+
+
+def _expect(reader: HFReader, key: str, shape: List[int]) -> None:
+    have = reader.shape(key)
+    if have != list(shape):
+        raise CheckpointError(
+            f"{reader.path / reader.where[key]}: tensor {key!r} has shape {have}, the config needs {list(shape)}"
+        )
+
+
+def _tp():
+    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+
+
+def _layer_index(module) -> int:
+    return module.layer_number - 1  # megatron-core numbers layers from 1, globally
+
+
+def _qkv_groups(cfg: ModelConfig) -> Tuple[int, int, int]:
+    tp, rank = _tp()
+    per = cfg.num_query_groups // tp
+    return per, rank * per, cfg.num_attention_heads // cfg.num_query_groups
+
+
+def _local_tensor(reader: HFReader, cfg: ModelConfig, name: str, layer: int, head: Optional[str]) -> torch.Tensor:
+    """This rank's shard of megatron parameter ``name`` (local name inside the layer for layer params)."""
+    tp, rank = _tp()
+    h, d = cfg.hidden_size, cfg.head_dim
+    vpad = cfg.padded_vocab_size()
+    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        key = "model.embed_tokens.weight"
+        if name == "output_layer.weight" and not cfg.tie_word_embeddings:
+            key = "lm_head.weight"
+        _expect(reader, key, [cfg.vocab_size, h])
+        per = vpad // tp
+        start, stop = rank * per, (rank + 1) * per
+        out = torch.zeros(per, h)
+        real = max(0, min(stop, cfg.vocab_size) - start)
+        if real:
+            out[:real] = reader.rows(key, start, start + real).float()
+        return out
+    if name == "decoder.final_layernorm.weight":
+        _expect(reader, "model.norm.weight", [h])
+        return reader.full("model.norm.weight")
+    if name == "head.weight":
+        if not reader.has("score.weight"):
+            raise CheckpointError(f"{reader.path}: no 'score.weight': not a sequence-classification checkpoint")
+        return reader.full("score.weight")
+    p = f"model.layers.{layer}."
+    per, g0, r = _qkv_groups(cfg)
+    if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
+        kind = "weight" if name.endswith("weight") else "bias"
+        q_key, k_key, v_key = (p + f"self_attn.{x}_proj.{kind}" for x in "qkv")
+        tail = [h] if kind == "weight" else []
+        _expect(reader, q_key, [cfg.num_attention_heads * d] + tail)
+        _expect(reader, k_key, [cfg.num_query_groups * d] + tail)
+        _expect(reader, v_key, [cfg.num_query_groups * d] + tail)
+        q = reader.rows(q_key, g0 * r * d, (g0 + per) * r * d).reshape(per, r * d, *tail)
+        k = reader.rows(k_key, g0 * d, (g0 + per) * d).reshape(per, d, *tail)
+        v = reader.rows(v_key, g0 * d, (g0 + per) * d).reshape(per, d, *tail)
+        return torch.cat((q, k, v), dim=1).reshape(per * (r + 2) * d, *tail)
+    if name.endswith("linear_proj.weight"):
+        key = p + "self_attn.o_proj.weight"
+        _expect(reader, key, [h, cfg.num_attention_heads * d])
+        per_cols = cfg.num_attention_heads * d // tp
+        return reader.cols(key, rank * per_cols, (rank + 1) * per_cols)
+    if name.endswith("linear_fc1.weight"):
+        f = cfg.ffn_hidden_size
+        gk, uk = p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"
+        _expect(reader, gk, [f, h])
+        _expect(reader, uk, [f, h])
+        per_rows = f // tp
+        return torch.cat((reader.rows(gk, rank * per_rows, (rank + 1) * per_rows),
+                          reader.rows(uk, rank * per_rows, (rank + 1) * per_rows)), 0)
+    if name.endswith("linear_fc2.weight"):
+        key = p + "mlp.down_proj.weight"
+        _expect(reader, key, [h, cfg.ffn_hidden_size])
+        per_cols = cfg.ffn_hidden_size // tp
+        return reader.cols(key, rank * per_cols, (rank + 1) * per_cols)
+    if name.endswith("input_layernorm.weight") or name.endswith("linear_qkv.layer_norm_weight"):
+        _expect(reader, p + "input_layernorm.weight", [h])
+        return reader.full(p + "input_layernorm.weight")
+    if name.endswith("pre_mlp_layernorm.weight") or name.endswith("linear_fc1.layer_norm_weight"):
+        _expect(reader, p + "post_attention_layernorm.weight", [h])
+        return reader.full(p + "post_attention_layernorm.weight")
+    raise CheckpointError(f"no HF counterpart known for parameter {name!r}")
+
+
+def _param_sources(model):
+    """(megatron parameter name, parameter, global layer index or -1)."""
+    model = unwrap_model(model)
+    layer_of = {}
+    if getattr(model, "decoder", None) is not None:
+        for i, layer in enumerate(model.decoder.layers):
+            layer_of[f"decoder.layers.{i}."] = _layer_index(layer)
+    for name, param in model.named_parameters():
+        layer = -1
+        for prefix, idx in layer_of.items():
+            if name.startswith(prefix):
+                layer = idx
+                break
+        yield name, param, layer
+
+
+def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, strict_head: bool = False) -> None:
+    """Copy an HF checkpoint's weights into this rank's model chunks.
+
+    A reward / value model loads from a sequence-classification checkpoint (head
+    included) or from a causal LM (backbone only; the head keeps its initialisation,
+    unless ``strict_head``). A causal LM ignores a ``score.weight``.
+    """
+    reader = HFReader(path)
+    models = models if isinstance(models, (list, tuple)) else [models]
+    with torch.no_grad():
+        for model in models:
+            for name, param, layer in _param_sources(model):
+                if name == "head.weight" and not reader.has("score.weight") and not strict_head:
+                    continue
+                value = _local_tensor(reader, cfg, name, layer, head)
+                if tuple(value.shape) != tuple(param.shape):
+                    raise CheckpointError(
+                        f"{reader.path}: parameter {name!r} (layer {layer}) needs shape {tuple(param.shape)},"
+                        f" the checkpoint gives {tuple(value.shape)}"
+                    )
+                param.copy_(value.to(param.dtype))
+
+
+def from_pretrained(path, head: Optional[str] = None, num_outputs: Optional[int] = None,
+                    params_dtype: torch.dtype = torch.float32, **build_kwargs):
+    """(model chunks, ModelConfig) for the current parallel layout with weights from ``path``."""
+    from aligner.parallel import get_device
+
+    cfg = ModelConfig.from_hf(path)
+    if head is not None and num_outputs is None:
+        # transformers leaves num_labels out of config.json (id2label carries it): read the head
+        reader = HFReader(path)
+        if reader.has("score.weight"):
+            num_outputs = reader.shape("score.weight")[0]
+        else:
+            num_outputs = len((cfg.hf_config or {}).get("id2label") or {}) or 1
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    stages = [None] if not vpp else list(range(vpp))
+    models = [
+        build_model(cfg, head=head, num_outputs=num_outputs or 1, params_dtype=params_dtype, vp_stage=s, **build_kwargs)
+        .to(get_device())
+        for s in stages
+    ]
+    load_hf_weights(models, path, cfg, head=head)
+    return models, cfg
+
+
+# ------------------------------------------------------------------------------ export
+def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
+    tp, _ = _tp()
+    if tp == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(tp)]
+    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim)
+
+
+def _hf_tensors(model, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
+    """Full HF tensors of this pipeline stage's part of ``model`` (collective over TP)."""
+    tp, _ = _tp()
+    h, d = cfg.hidden_size, cfg.head_dim
+    r = cfg.num_attention_heads // cfg.num_query_groups
+    out = {}
+    for name, param, layer in _param_sources(model):
+        t = param.detach().float().cpu() if param.device.type != "cpu" else param.detach().float()
+        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+            full = _gather_tp(t, 0)[: cfg.vocab_size]
+            if name == "embedding.word_embeddings.weight":
+                out["model.embed_tokens.weight"] = full
+            elif not cfg.tie_word_embeddings:
+                out["lm_head.weight"] = full
+            continue
+        if name == "decoder.final_layernorm.weight":
+            out["model.norm.weight"] = t
+            continue
+        if name == "head.weight":
+            out["score.weight"] = t
+            continue
+        p = f"model.layers.{layer}."
+        if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
+            kind = "weight" if name.endswith("weight") else "bias"
+            full = _gather_tp(t, 0)
+            tail = [h] if kind == "weight" else []
+            grouped = full.reshape(cfg.num_query_groups, (r + 2) * d, *tail)
+            out[p + f"self_attn.q_proj.{kind}"] = grouped[:, : r * d].reshape(-1, *tail)
+            out[p + f"self_attn.k_proj.{kind}"] = grouped[:, r * d : (r + 1) * d].reshape(-1, *tail)
+            out[p + f"self_attn.v_proj.{kind}"] = grouped[:, (r + 1) * d :].reshape(-1, *tail)
+        elif name.endswith("linear_proj.weight"):
+            out[p + "self_attn.o_proj.weight"] = _gather_tp(t, 1)
+        elif name.endswith("linear_fc1.weight"):
+            parts = [torch.empty_like(t) for _ in range(tp)]
+            if tp > 1:
+                dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+            else:
+                parts = [t]
+            gates = [x[: x.shape[0] // 2] for x in parts]
+            ups = [x[x.shape[0] // 2 :] for x in parts]
+            out[p + "mlp.gate_proj.weight"] = torch.cat(gates, 0)
+            out[p + "mlp.up_proj.weight"] = torch.cat(ups, 0)
+        elif name.endswith("linear_fc2.weight"):
+            out[p + "mlp.down_proj.weight"] = _gather_tp(t, 1)
+        elif name.endswith("input_layernorm.weight") or name.endswith("linear_qkv.layer_norm_weight"):
+            out[p + "input_layernorm.weight"] = t
+        elif name.endswith("pre_mlp_layernorm.weight") or name.endswith("linear_fc1.layer_norm_weight"):
+            out[p + "post_attention_layernorm.weight"] = t
+        else:
+            raise CheckpointError(f"no HF counterpart known for parameter {name!r}")
+    return out
+
+
+def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optional[str] = None,
+              dtype: torch.dtype = torch.float32) -> Path:
+    """Write an HF folder loadable by ``transformers`` (collective: every rank calls it)."""
+    from safetensors.torch import save_file
+
+    models = models if isinstance(models, (list, tuple)) else [models]
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    tensors: Dict[str, torch.Tensor] = {}
+    for m in models:
+        tensors.update(_hf_tensors(m, cfg))
+    num_labels = int(tensors["score.weight"].shape[0]) if "score.weight" in tensors else 1
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    shard = "model.safetensors" if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
+    if writer:
+        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp / shard), metadata={"format": "pt"})
+    # every stage's key list reaches rank 0 for the index
+    keys = [(shard, sorted(tensors))] if writer else []
+    gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(gathered, keys)
+    else:
+        gathered = [keys]
+    head_labels = [num_labels]
+    if dist.is_initialized() and pp > 1:
+        dist.broadcast_object_list(head_labels, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+    if rank == 0:
+        if pp > 1:
+            weight_map = {k: s for entry in gathered for s, ks in entry for k in ks}
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+            )
+        hf_cfg = cfg.to_hf_dict(head=head, num_labels=head_labels[0])
+        hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+        if tokenizer_dir:
+            for f in Path(tokenizer_dir).iterdir():
+                if f.is_file() and f.name not in ("config.json",) and not f.name.endswith(".safetensors"):
+                    shutil.copy2(f, tmp / f.name)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir

@@ -106,7 +106,6 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        (tmp / "rng").mkdir()
     _barrier()
     state = _model_state(models)
     if optimizer is not None:
@@ -114,6 +113,7 @@ def save_checkpoint(
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
     with open(tmp / "rng" / f"rank_{_rank():05d}.json", "w") as f:
         json.dump(_rng_state(), f)
     _barrier()

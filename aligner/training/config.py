@@ -151,7 +151,8 @@ def validate_config(cfg: Any, schema: type) -> DictConfig:
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
-        raise ConfigError(f"config key {key!r}: {exc.msg if hasattr(exc, 'msg') else exc}") from None
+        msg = (exc.msg if hasattr(exc, "msg") else str(exc)).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {msg}") from None
     for key, choices in _CHOICES.items():
         value = OmegaConf.select(merged, key)
         if value is not None and value not in choices:

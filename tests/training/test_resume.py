@@ -1,0 +1,84 @@
+"""Kill -9 during training, rerun the same command: it resumes from the last complete
+checkpoint and ends with exactly the metrics of an uninterrupted run. Also: the SFT
+validation loss falls, and the final model is exported in HF format."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+STEPS, SAVE = 40, 10
+
+
+def _cmd(out, sleep=0.0):
+    return [sys.executable, "-W", "ignore", "-m", "tests.training.fit_driver", str(out), str(STEPS), str(SAVE), str(sleep)]
+
+
+def _run(out, sleep=0.0):
+    subprocess.run(_cmd(out, sleep), check=True, cwd=Path(__file__).parents[2], timeout=300,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("resume")
+    whole, killed = base / "whole", base / "killed"
+    _run(whole)
+    # the same command, killed with SIGKILL once a checkpoint beyond the first exists
+    proc = subprocess.Popen(_cmd(killed, 0.15), cwd=Path(__file__).parents[2],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    latest = killed / "checkpoints" / "latest"
+    while time.monotonic() < deadline:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 2 * SAVE:
+            break
+        time.sleep(0.05)
+    time.sleep(0.4)  # into the steps after that checkpoint
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = json.loads(latest.read_text())["step"]
+    assert not (killed / "result.json").exists(), "the run finished before it was killed"
+    _run(killed, 0.0)
+    return whole, killed, killed_at
+
+
+def test_resumed_run_ends_with_the_same_metrics(runs):
+    whole, killed, killed_at = runs
+    assert SAVE <= killed_at < STEPS
+    a, b = _metrics(whole), _metrics(killed)
+    assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "lr"):
+            if key in ra:
+                assert ra[key] == rb[key], (ra["step"], ra["split"], key)
+    ra, rb = (json.loads((p / "result.json").read_text()) for p in (whole, killed))
+    assert ra["val"] == rb["val"] and ra["train"]["loss"] == rb["train"]["loss"]
+
+
+def test_no_partial_checkpoint_is_latest(runs):
+    _, killed, _ = runs
+    root = killed / "checkpoints"
+    latest = json.loads((root / "latest").read_text())
+    assert latest["step"] == STEPS and (root / latest["dir"] / "extra.json").is_file()
+    assert not list(root.glob("*.tmp"))
+    assert len([p for p in root.glob("step_*")]) == 2  # keep_last = 2
+
+
+def test_validation_loss_falls_and_hf_export_loads(runs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    whole, _, _ = runs
+    val = [r["loss"] for r in _metrics(whole) if r["split"] == "val"]
+    assert val[-1] < val[0] - 0.5, val
+    model = AutoModelForCausalLM.from_pretrained(str(whole / "hf"))
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert torch.isfinite(model(torch.tensor([[1, 5, 6, 2]])).logits).all()

@@ -131,11 +131,23 @@ class DPOAlgorithm(TokenAlgorithm):
             self._collect = False
 
     def setup(self, trainer):
-        self._ref = torch.zeros(len(trainer.train_data), 4, dtype=torch.float64)
+        val = trainer.val_data or []
+        self._ref = torch.zeros(len(trainer.train_data) + len(val), 4, dtype=torch.float64)
+        for m in trainer.models:
+            m.eval()
+        with torch.no_grad():
+            # validation pairs: indices after the training set's, batched as evaluate() batches them
+            gbs = trainer.cfg.global_batch_size
+            for start in range(0, len(val), gbs):
+                samples = [dict(val[i], index=len(trainer.train_data) + i) for i in range(start, min(start + gbs, len(val)))]
+                self._reference_pass(trainer, trainer._local(samples), trainer._seq_length(samples))
+        for m in trainer.models:
+            m.train()
         if self.reference == "resident":
             self._host_ref = [
                 {n: p.detach().to("cpu", copy=True) for n, p in m.module.named_parameters()} for m in trainer.models
             ]
+            self._reduce_table()
             return
         # precompute over the training steps of the first epoch, batch for batch as training
         # will see them (same shapes, so step 0 reproduces these numbers bit for bit); samples
@@ -148,6 +160,9 @@ class DPOAlgorithm(TokenAlgorithm):
                 self._reference_pass(trainer, trainer._local(samples), trainer._seq_length(samples))
         for m in trainer.models:
             m.train()
+        self._reduce_table()
+
+    def _reduce_table(self):
         if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(self._ref, group=ps.get_data_parallel_group())
 

@@ -256,8 +256,9 @@ class Trainer:
         starts = list(range(0, len(data), gbs))
         if max_batches is not None:
             starts = starts[:max_batches]
+        offset = len(self.train_data) if data is self.val_data else 0
         for start in starts:
-            samples = [data[i] for i in range(start, min(start + gbs, len(data)))]
+            samples = [dict(data[i], index=offset + i) for i in range(start, min(start + gbs, len(data)))]
             store += self.run_schedule(self._local(samples), forward_only=True, seq_length=self._seq_length(samples))
         for m in self.models:
             m.train()

@@ -1,0 +1,202 @@
+"""``aligner quickstart``: the embedded end-to-end recipe, offline, on a CPU, in minutes.
+
+Stages (each is the same code path as its stand-alone command; the quickstart only
+composes the top-level configs in ``conf/`` with overrides):
+
+1. ``world``: synthesise the embedded instruction world (``aligner data synth``) and its
+   SentencePiece tokenizer.
+2. ``sft``: train a tiny Llama-shaped model from scratch (``aligner train sft``) on the
+   world's conversations (a stated share of them flawed).
+3. ``rm_regression``: a 5-attribute regression reward model initialised from the SFT
+   model (``aligner train rm_regression``).
+4. ``rm_bt``: Scaled Bradley-Terry initialised from the regression model, head included
+   (``aligner train rm_bt``).
+5. ``eval``: both reward models on the world's RewardBench-format file
+   (``aligner eval rewardbench``), and regression metrics on held-out HelpSteer2 rows.
+6. ``dpo``: DPO from the SFT model on the world's preference pairs (``aligner train dpo``).
+7. ``judge``: SFT and DPO sample (temperature 1, fixed seeds) for held-out prompts (the rollout engine);
+   the world's ground-truth scorer rates every response.
+
+Writes ``<out>/report.md`` (results table, plots), ``<out>/results.json``, per-stage run
+folders (composed ``config.yaml``, ``metrics.jsonl``, HF-format ``hf/`` checkpoints).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+
+def _log(msg: str) -> None:
+    print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
+
+
+def _train(config: str, overrides: List[str]) -> dict:
+    from aligner.cli.train import compose
+
+    trainer_cls, cfg = compose(config, overrides)
+    return trainer_cls(cfg).fit()
+
+
+def _generate(model_dir: Path, prompts: List[dict], tokenizer, max_new_tokens: int, seed: int) -> List[str]:
+    from aligner.models import from_pretrained
+    from aligner.rollout.engine import GenerationConfig, RolloutEngine
+
+    models, cfg = from_pretrained(str(model_dir))
+    engine = RolloutEngine(models, cfg, tokenizer=tokenizer, max_batch=64)
+    result = engine.generate(
+        [p["prompt_tokens"].tolist() for p in prompts],
+        # the policy's own distribution (temperature 1, seeded per prompt): what alignment changes
+        GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, seed=seed,
+                         stop_token_ids=[tokenizer.eos_id]),
+    )
+    return [tokenizer.decode(result.response_tokens(i)) for i in range(len(prompts))]
+
+
+def run(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
+    import torch
+
+    from aligner.cli.eval import regression as eval_regression
+    from aligner.cli.eval import rewardbench as eval_rewardbench
+    from aligner.data import load_tokenizer
+    from aligner.data.world import load_prompts, score_response, synthesize
+    from aligner.parallel import ParallelConfig, initialize, is_initialized
+    from aligner.reporting import markdown_table, plot_curves, plot_distributions, write_report
+
+    t_start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: Dict[str, float] = {}
+
+    def steps(n: int) -> int:
+        return max(2, int(round(n * scale)))
+
+    def stage(name):
+        timings[name] = time.perf_counter()
+        _log(f"stage {name} (elapsed {time.perf_counter() - t_start:.0f} s)")
+
+    stage("world")
+    world = synthesize(out / "world", seed=seed)
+    tok = load_tokenizer(str(world["tokenizer"]))
+    if not is_initialized():
+        initialize(ParallelConfig(seed=seed))
+    common = [f"trainer.seed={seed}", f"data.tokenizer={world['tokenizer']}", f"model.vocab_size={tok.vocab_size}",
+              "trainer.progress=true", "trainer.tensorboard=false"]
+
+    stage("sft")
+    sft = _train("sft", common + [
+        f"data.train={world['sft_train']}", f"data.validation={world['sft_val']}",
+        f"trainer.out_dir={out / 'sft'}", f"trainer.max_steps={steps(300)}", "trainer.val_interval=100",
+    ])
+    stage("rm_regression")
+    reg = _train("rm_regression", common + [
+        f"init.hf={out / 'sft' / 'hf'}", f"data.train={world['regression_train']}",
+        f"data.validation={world['regression_val']}", f"trainer.out_dir={out / 'rm_regression'}",
+        f"trainer.max_steps={steps(150)}",
+    ])
+    stage("rm_bt")
+    bt = _train("rm_bt", common + [
+        f"init.hf={out / 'rm_regression' / 'hf'}", f"data.train={world['pairs_train']}",
+        f"data.validation={world['pairs_val']}", f"trainer.out_dir={out / 'rm_bt'}",
+        f"trainer.max_steps={steps(80)}", "rm.bt_kind=scaled",
+    ])
+    stage("eval")
+    rb = {name: eval_rewardbench(str(out / name / "hf"), str(world["rewardbench"]), tokenizer=str(world["tokenizer"]),
+                                 attributes=["helpfulness", "correctness", "coherence", "complexity", "verbosity"],
+                                 reward_attribute="helpfulness")
+          for name in ("rm_regression", "rm_bt")}
+    regm = eval_regression(str(out / "rm_regression" / "hf"), str(world["regression_val"]),
+                           attributes=["helpfulness", "correctness", "coherence", "complexity", "verbosity"],
+                           tokenizer=str(world["tokenizer"]))
+    stage("dpo")
+    dpo = _train("dpo", common + [
+        f"init.hf={out / 'sft' / 'hf'}", f"data.train={world['pairs_train']}",
+        f"data.validation={world['pairs_val']}", f"trainer.out_dir={out / 'dpo'}",
+        f"trainer.max_steps={steps(120)}",
+    ])
+    stage("judge")
+    prompts = load_prompts(str(world["prompts_heldout"]), tok)
+    judged = {}
+    for name in ("sft", "dpo"):
+        responses = _generate(out / name / "hf", prompts, tok, max_new_tokens=48, seed=seed)
+        scores = [score_response(p["meta"], r) for p, r in zip(prompts, responses)]
+        judged[name] = {"responses": responses, "scores": scores}
+        with open(out / f"generations_{name}.jsonl", "w", encoding="utf-8") as f:
+            for p, r, s in zip(prompts, responses, scores):
+                f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
+    timings["end"] = time.perf_counter()
+
+    attrs = ["helpfulness", "correctness", "coherence", "verbosity"]
+
+    def mean(name, attr):
+        vals = [s[attr] for s in judged[name]["scores"]]
+        return sum(vals) / len(vals)
+
+    def exact(name):
+        vals = [s.get("exact", s["correctness"] == 4) for s in judged[name]["scores"]]
+        return sum(bool(v) for v in vals) / len(vals)
+
+    results = {
+        "seed": seed,
+        "sft": {"val_loss": sft["val"].get("loss")},
+        "rm_regression": {"rewardbench": rb["rm_regression"], "val": reg["val"], "heldout_regression": regm},
+        "rm_bt": {"rewardbench": rb["rm_bt"], "val": bt["val"]},
+        "dpo": {"val": dpo["val"]},
+        "judge": {name: {a: mean(name, a) for a in attrs} | {"exact_answer_rate": exact(name)} for name in judged},
+        "stage_seconds": {k: round(timings[n] - timings[k], 1) for k, n in zip(list(timings)[:-1], list(timings)[1:])},
+        "total_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+
+    plot_curves({s: str(out / s / "metrics.jsonl") for s in ("sft", "rm_regression", "rm_bt", "dpo")},
+                out / "loss_curves.png")
+    plot_distributions({n.upper(): [s["helpfulness"] for s in judged[n]["scores"]] for n in ("sft", "dpo")},
+                       out / "helpfulness_sft_vs_dpo.png", "ground-truth helpfulness (0..4)",
+                       bins=[x - 0.5 for x in range(6)])
+    def overall(report):  # accuracy over all rows of the world's subsets
+        subsets = report["subsets"].values()
+        return sum(v["correct"] for v in subsets) / max(1, sum(v["n"] for v in subsets))
+
+    table = markdown_table(
+        ["stage", "metric", "value"],
+        [
+            ["SFT", "validation loss (nats/token)", results["sft"]["val_loss"]],
+            ["RM regression", "embedded RewardBench-format accuracy (all rows)", overall(rb["rm_regression"])],
+            ["RM regression", "held-out Pearson (helpfulness)", regm.get("pearson/helpfulness", float("nan"))],
+            ["Scaled BT from regression", "embedded RewardBench-format accuracy (all rows)", overall(rb["rm_bt"])],
+            ["DPO", "held-out implicit-reward accuracy", dpo["val"].get("rewards/accuracy", float("nan"))],
+        ]
+        + [[name, f"embedded RewardBench {sub} accuracy", rb[key]["subsets"][sub]["accuracy"]]
+           for name, key in (("RM regression", "rm_regression"), ("Scaled BT from regression", "rm_bt"))
+           for sub in sorted(rb[key]["subsets"])]
+        + [[n.upper(), f"ground-truth {a} of generations", results["judge"][n][a]] for n in ("sft", "dpo") for a in attrs]
+        + [[n.upper(), "exact-answer rate of generations", results["judge"][n]["exact_answer_rate"]] for n in ("sft", "dpo")],
+    )
+    from aligner.algorithms.rewardbench import format_report
+
+    write_report(out / "report.md", "aligner quickstart: the embedded world", [
+        ("Results", table),
+        ("Ground truth: SFT vs DPO", "![helpfulness](helpfulness_sft_vs_dpo.png)"),
+        ("Loss curves", "![loss curves](loss_curves.png)"),
+        ("RewardBench-format evaluation: regression RM", format_report(rb["rm_regression"])),
+        ("RewardBench-format evaluation: Scaled BT from regression", format_report(rb["rm_bt"])),
+        ("Time per stage (s)", markdown_table(["stage", "seconds"], sorted(results["stage_seconds"].items()))),
+    ])
+    _log(f"done in {results['total_seconds']:.0f} s: report at {out / 'report.md'}")
+    return results
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="aligner quickstart", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/quickstart", help="run folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    args = parser.parse_args(argv)
+    run(Path(args.out), seed=args.seed, scale=args.scale)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Datasets: public-format jsonl files -> tokenised training samples, strictly validated.
+
+``load_dataset(path, kind, tokenizer, ...)`` reads a jsonl file (format detected per file
+from its first row, or given), checks every row, renders it with a template and returns a
+list of samples (dicts of 1-D tensors, the trainers' contract):
+
+- ``sft``: ``{"tokens", "loss_mask"}`` (loss on assistant-turn tokens and the turn end).
+- ``regression``: ``{"tokens", "labels" [N], "label_mask" [N]}`` for attribute names N.
+- ``pairs``: ``{"chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask", "strength",
+  "margin", "subset"}``; HelpSteer2-Preference ties (strength 0) are dropped and counted.
+- ``prompts``: ``{"prompt_tokens", "prompt", "meta"}`` (``meta``: the row's extra fields).
+- ``any_scored``: rows with a response to score: regression rows give ``tokens``, pairs
+  give ``chosen`` / ``rejected`` (``subset`` kept).
+
+Templates: ``extra_id`` (REFERENCE section 1: ``<extra_id_0>System\\n{system}\\n<extra_id_1>User\\n
+{prompt}\\n<extra_id_1>Assistant\\n{response}\\n<extra_id_2>``; a response's target tokens end
+with the end-of-sequence token for generation models) and ``chat`` (the tokenizer's own
+chat template). Errors name ``file:line``, the field and what was expected; with
+``skip_invalid`` bad rows are skipped and counted by reason (printed and kept in
+``last_report``). Over-length samples: ``truncate_left`` drops prompt tokens from the left,
+``drop`` drops the sample; both counted.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from aligner.data.formats import (
+    ASSISTANT,
+    HELPSTEER2_ATTRIBUTES,
+    NINE_ATTRIBUTES,
+    Conversation,
+    PairRecord,
+    detect_format,
+    parse_row,
+)
+
+DEFAULT_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions."
+)
+
+KIND_FORMATS = {
+    "sft": ("sft", "openai", "steerlm"),
+    "regression": ("helpsteer2",),
+    "pairs": ("helpsteer2_preference", "pairwise", "rewardbench"),
+    "prompts": ("prompt", "sft", "openai", "helpsteer2", "helpsteer2_preference", "pairwise", "rewardbench"),
+    "any_scored": ("helpsteer2", "helpsteer2_preference", "pairwise", "rewardbench"),
+}
+
+
+class DataFormatError(ValueError):
+    """A row does not follow its format: the message names file, line and field."""
+
+
+last_report: Dict[str, object] = {}
+
+
+# ------------------------------------------------------------------------------ validation
+def _text(row, field, where, allow_empty=False):
+    if field not in row:
+        raise DataFormatError(f"{where}: missing field {field!r}")
+    v = row[field]
+    if not isinstance(v, str):
+        raise DataFormatError(f"{where}: field {field!r} must be a string, got {type(v).__name__}")
+    if not allow_empty and not v.strip():
+        raise DataFormatError(f"{where}: field {field!r} is empty")
+    return v
+
+
+def _int_range(row, field, lo, hi, where, required=True):
+    if field not in row or row[field] is None:
+        if required:
+            raise DataFormatError(f"{where}: missing field {field!r}")
+        return None
+    v = row[field]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise DataFormatError(f"{where}: field {field!r} must be an integer {lo}..{hi}, got {v!r}")
+    if not lo <= v <= hi:
+        raise DataFormatError(f"{where}: field {field!r} = {v} is outside {lo}..{hi}")
+    return int(v)
+
+
+def validate_row(row, fmt: str, where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if fmt in ("sft", "steerlm"):
+        convs = row.get("conversations")
+        if not isinstance(convs, list) or not convs:
+            raise DataFormatError(f"{where}: field 'conversations' must be a non-empty list")
+        if "system" in row and not isinstance(row["system"], str):
+            raise DataFormatError(f"{where}: field 'system' must be a string")
+        for i, t in enumerate(convs):
+            if not isinstance(t, dict):
+                raise DataFormatError(f"{where}: conversations[{i}] must be an object")
+            role = t.get("from")
+            if not isinstance(role, str) or role.strip().lower() not in ("user", "assistant"):
+                raise DataFormatError(f"{where}: conversations[{i}].from must be 'User' or 'Assistant', got {role!r}")
+            _text(t, "value", f"{where}: conversations[{i}]")
+        if not any(str(t["from"]).strip().lower() == ASSISTANT for t in convs):
+            raise DataFormatError(f"{where}: field 'conversations' has no Assistant turn to learn from")
+    elif fmt == "openai":
+        msgs = row.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise DataFormatError(f"{where}: field 'messages' must be a non-empty list")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                raise DataFormatError(f"{where}: messages[{i}].role must be system, user or assistant")
+            _text(m, "content", f"{where}: messages[{i}]")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise DataFormatError(f"{where}: field 'messages' has no assistant message")
+    elif fmt == "helpsteer2":
+        _text(row, "prompt", where)
+        _text(row, "response", where)
+        for a in HELPSTEER2_ATTRIBUTES:
+            _int_range(row, a, 0, 4, where, required=False)
+        if all(row.get(a) is None for a in NINE_ATTRIBUTES):
+            raise DataFormatError(f"{where}: no attribute rating (expected {', '.join(HELPSTEER2_ATTRIBUTES)})")
+    elif fmt == "helpsteer2_preference":
+        for f in ("prompt", "response_1", "response_2"):
+            _text(row, f, where)
+        _int_range(row, "preference_strength", -3, 3, where)
+    elif fmt in ("pairwise", "rewardbench"):
+        for f in ("prompt", "chosen", "rejected"):
+            _text(row, f, where)
+        if fmt == "rewardbench":
+            _text(row, "subset", where)
+    elif fmt == "prompt":
+        _text(row, "prompt", where)
+    else:
+        raise DataFormatError(f"{where}: format {fmt!r} is not readable here")
+
+
+# ------------------------------------------------------------------------------ rendering
+def _enc(tok, text: str) -> List[int]:
+    return tok.encode(text)
+
+
+def render_extra_id(tok, conv: Conversation, response: Optional[str] = None, *, end: str = "eos",
+                    label: Optional[str] = None) -> Tuple[List[int], List[float]]:
+    """Tokens and target mask of a conversation (plus ``response`` as a final assistant turn).
+
+    Assistant turns are targets: their text, ``\\n`` and the turn end (the next header, or
+    for the last turn ``<extra_id_2>`` when ``end='extra_id'`` (reward models) or the EOS
+    token when ``end='eos'`` (generation)). A conversation ending with a user turn ends
+    with the assistant header (a generation prompt).
+    """
+    turns = list(conv.turns) + ([] if response is None else [type(conv.turns[0])(ASSISTANT, response, label)])
+    tokens: List[int] = []
+    mask: List[float] = []
+
+    def add(text, target):
+        ids = _enc(tok, text)
+        tokens.extend(ids)
+        mask.extend([1.0 if target else 0.0] * len(ids))
+
+    add(f"<extra_id_0>System\n{conv.system if conv.system is not None else DEFAULT_SYSTEM}\n", False)
+    for i, t in enumerate(turns):
+        if t.role == ASSISTANT:
+            header = "<extra_id_1>Assistant\n" + (f"<extra_id_2>{t.label}\n" if t.label else "")
+            add(header, False)
+            add(t.content, True)
+            last = i == len(turns) - 1
+            if last and end == "eos":
+                tokens.append(tok.eos_id)
+                mask.append(1.0)
+            elif last:
+                add("\n<extra_id_2>", True)
+            else:
+                add("\n", True)
+        else:
+            add(f"<extra_id_1>User\n{t.content}\n", False)
+    if turns[-1].role != ASSISTANT:
+        add("<extra_id_1>Assistant\n", False)
+    return tokens, mask
+
+
+def render_chat(tok, conv: Conversation, response: Optional[str] = None) -> Tuple[List[int], List[float]]:
+    """The tokenizer's chat template; targets are the tokens each assistant turn adds."""
+    if not getattr(tok, "chat_template", None):
+        raise DataFormatError("data.template = chat, but the tokenizer has no chat_template")
+    messages = ([{"role": "system", "content": conv.system}] if conv.system else []) + [
+        {"role": t.role, "content": t.content} for t in conv.turns
+    ]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    tokens: List[int] = []
+    mask: List[float] = []
+    for i in range(len(messages)):
+        gen = messages[i]["role"] != "assistant" and i == len(messages) - 1
+        ids = list(tok.tok.apply_chat_template(messages[: i + 1], tokenize=True, add_generation_prompt=gen))
+        new = ids[len(tokens):]
+        tokens = ids
+        mask.extend([1.0 if messages[i]["role"] == "assistant" else 0.0] * len(new))
+    return tokens, mask
+
+
+def _render(tok, template, conv, response=None, end="eos"):
+    if template == "chat" or (template == "auto" and getattr(tok, "chat_template", None) and end == "eos"):
+        return render_chat(tok, conv, response)
+    return render_extra_id(tok, conv, response, end=end)
+
+
+def _fit(tokens, mask, max_length, overlong, counts):
+    """Apply the over-length policy; None when the sample is dropped."""
+    if len(tokens) <= max_length:
+        return tokens, mask
+    first_target = next((i for i, m in enumerate(mask) if m > 0), len(mask))
+    cut = len(tokens) - max_length
+    if overlong == "truncate_left" and cut <= first_target:
+        counts["truncated_left"] += 1
+        return tokens[cut:], mask[cut:]
+    counts["dropped_overlong"] += 1
+    return None
+
+
+# ------------------------------------------------------------------------------ loading
+def read_jsonl(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invalid: bool = False,
+               counts: Optional[Counter] = None):
+    """(line number, row, format) for every valid row of a jsonl file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: data file not found")
+    counts = Counter() if counts is None else counts
+    file_fmt = None if fmt == "auto" else fmt
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataFormatError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+                if file_fmt is None:
+                    file_fmt = detect_format(row)
+                    if file_fmt is None:
+                        raise DataFormatError(f"{where}: cannot tell the format from fields {sorted(row)}")
+                if allowed and file_fmt not in allowed:
+                    raise DataFormatError(f"{where}: format {file_fmt!r} cannot be used here; expected one of {list(allowed)}")
+                validate_row(row, file_fmt, where)
+                yield lineno, row, file_fmt
+            except DataFormatError as exc:
+                if not skip_invalid or "cannot be used here" in str(exc):
+                    raise
+                reason = str(exc).split(": ", 1)[1]
+                counts[f"invalid: {reason.split(' (')[0]}"] += 1
+
+
+def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = "auto", max_length: int = 4096,
+                 overlong: str = "truncate_left", skip_invalid: bool = False,
+                 attributes: Sequence[str] = HELPSTEER2_ATTRIBUTES) -> List[dict]:
+    if kind not in KIND_FORMATS:
+        raise ValueError(f"unknown dataset kind {kind!r}; one of {sorted(KIND_FORMATS)}")
+    counts: Counter = Counter()
+    out: List[dict] = []
+    T = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    F = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    rb_end = "extra_id"
+    prev_prompt = None
+    for lineno, row, rfmt in read_jsonl(path, fmt, KIND_FORMATS[kind], skip_invalid, counts):
+        rec = parse_row(row, rfmt)
+        if kind == "sft":
+            fitted = _fit(*_render(tokenizer, template, rec), max_length, overlong, counts)
+            if fitted:
+                out.append({"tokens": T(fitted[0]), "loss_mask": F(fitted[1])})
+        elif kind == "regression" or (kind == "any_scored" and rfmt == "helpsteer2"):
+            end = "extra_id" if kind != "sft" else "eos"
+            fitted = _fit(*render_extra_id(tokenizer, rec.prompt, rec.response, end=end), max_length, overlong, counts)
+            if not fitted:
+                continue
+            labels = [rec.attributes.get(a) for a in attributes]
+            sample = {"tokens": T(fitted[0]),
+                      "labels": F([0.0 if v is None else float(v) for v in labels]),
+                      "label_mask": F([0.0 if v is None else 1.0 for v in labels])}
+            if kind == "any_scored":
+                sample["line"] = lineno
+            out.append(sample)
+        elif kind in ("pairs", "any_scored"):
+            assert isinstance(rec, PairRecord)
+            if rec.is_tie and kind == "pairs":
+                counts["dropped_tie"] += 1
+                continue
+            end = rb_end if (kind == "any_scored" or template == "extra_id") else "eos"
+            c = _fit(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts)
+            r = _fit(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong, counts)
+            if not c or not r:
+                continue
+            out.append({"chosen": T(c[0]), "chosen_loss_mask": F(c[1]), "rejected": T(r[0]),
+                        "rejected_loss_mask": F(r[1]), "strength": float(rec.strength), "margin": float(rec.margin),
+                        "subset": rec.subset or "", "line": lineno})
+        elif kind == "prompts":
+            from aligner.data.formats import prompt_of
+
+            p = prompt_of(rec)
+            tokens, _ = _render(tokenizer, template, p.prompt)
+            meta = {k: v for k, v in row.items() if k not in ("prompt",)}
+            out.append({"prompt_tokens": T(tokens), "prompt": p.prompt.to_prompt_string(), "meta": meta})
+        if kind == "regression" and rfmt == "helpsteer2":
+            prev_prompt = rec.prompt
+    report = {"file": str(path), "kind": kind, "samples": len(out), **dict(counts)}
+    last_report.clear()
+    last_report.update(report)
+    if counts:
+        print(f"aligner data: {path}: {len(out)} samples; " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+              file=sys.stderr)
+    if not out:
+        raise DataFormatError(f"{path}: no usable samples ({dict(counts) or 'empty file'})")
+    return out

@@ -1,0 +1,307 @@
+"""Public data formats (REFERENCE.md section 1 and 5), read natively as typed records.
+
+Formats (the names used by ``--format`` and :func:`detect_format`):
+
+=======================  ====================================================================
+``sft``                  NeMo-style conversation: ``{"system", "conversations": [{"from": "User"|
+                         "Assistant", "value"}]}``
+``openai``               ``{"messages": [{"role": "system"|"user"|"assistant", "content"}]}``
+``steerlm``              ``sft`` rows whose assistant turns carry an attribute ``label``
+                         (``"helpfulness:4,correctness:4,..."``), or a top-level ``label``
+``helpsteer2``           ``prompt``, ``response`` and the five attributes (integers 0..4);
+                         rows 2k and 2k+1 share a prompt
+``helpsteer2_preference`` ``split``, ``prompt``, ``response_1``, ``response_2``,
+                         ``preference_strength`` (-3..3; < 0 means response_1 is better)
+``pairwise``             ``prompt``, ``chosen``, ``rejected`` (+ optional ``margin``,
+                         ``strength``, ``chosen_reward``, ``rejected_reward``)
+``rewardbench``          ``prompt``, ``chosen``, ``rejected``, ``subset``, ``id``
+``prompt``               ``{"prompt"}`` (any other row with a ``prompt`` also reads as one)
+``steerlm2``             ``system``, ``prompt_turns``, ``label``, ``responses[]`` with ``value``,
+                         ``log(P(a|x,y))``, ``log(P(y|x))``, ``log(Q(y|a,x))``
+=======================  ====================================================================
+
+This module is pure (no I/O): :mod:`aligner.data.validate` checks rows, and
+:func:`parse_row` turns a checked row into a record.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+"""The five HelpSteer2 attributes, each an integer 0..4, in the dataset's column order."""
+
+NINE_ATTRIBUTES = ("quality", "toxicity", "humor", "creativity") + HELPSTEER2_ATTRIBUTES
+"""The 9-output head layout HelpSteer2 used; the first four are never labelled there."""
+
+STEERLM_DEFAULT_LABEL = "helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:2"
+"""The SteerLM inference default attributes (REFERENCE.md section 1)."""
+
+FORMATS = (
+    "sft",
+    "openai",
+    "steerlm",
+    "helpsteer2",
+    "helpsteer2_preference",
+    "pairwise",
+    "rewardbench",
+    "prompt",
+    "steerlm2",
+)
+
+STEERLM2_LOG_FIELDS = ("log(P(a|x,y))", "log(P(y|x))", "log(Q(y|a,x))")
+
+USER, ASSISTANT = "user", "assistant"
+
+# HelpSteer2 joins the turns of a multi-turn prompt into one string with these separators.
+HELPSTEER2_TURN_SEPARATOR = {USER: "\n<extra_id_1>User\n", ASSISTANT: "\n<extra_id_1>Assistant\n"}
+_TURN_SPLIT = re.compile(r"\n<extra_id_1>(User|Assistant)\n")
+
+
+@dataclass
+class Turn:
+    """One turn of a conversation. ``label`` is a SteerLM attribute string (assistant turns)."""
+
+    role: str  # "user" | "assistant"
+    content: str
+    label: str | None = None
+
+
+@dataclass
+class Conversation:
+    """A system prompt (None: the template's default) and alternating user/assistant turns."""
+
+    turns: list[Turn]
+    system: str | None = None
+
+    @property
+    def ends_with_assistant(self) -> bool:
+        return bool(self.turns) and self.turns[-1].role == ASSISTANT
+
+    def prompt(self) -> "Conversation":
+        """The conversation up to and including its last user turn."""
+        last_user = max(i for i, t in enumerate(self.turns) if t.role == USER)
+        return Conversation(self.turns[: last_user + 1], self.system)
+
+    def with_response(self, response: str, label: str | None = None) -> "Conversation":
+        """This (prompt) conversation followed by one assistant turn."""
+        return Conversation(self.turns + [Turn(ASSISTANT, response, label)], self.system)
+
+    def to_prompt_string(self) -> str:
+        """The turns joined the HelpSteer2 way (``{u1}\\n<extra_id_1>Assistant\\n{a1}\\n<extra_id_1>User\\n{u2}``)."""
+        parts = [self.turns[0].content]
+        for turn in self.turns[1:]:
+            parts.append(HELPSTEER2_TURN_SEPARATOR[turn.role] + turn.content)
+        return "".join(parts)
+
+
+@dataclass
+class RegressionRecord:
+    """A HelpSteer2 row: prompt, one response and its attribute ratings (None = unlabelled)."""
+
+    prompt: Conversation
+    response: str
+    attributes: dict[str, int | None]
+
+
+@dataclass
+class PairRecord:
+    """A preference pair.
+
+    ``strength`` is the preference magnitude m (|preference_strength| for HelpSteer2-Preference,
+    the row's ``strength`` for plain pairs, else 1.0); ``margin`` the margin used by margin
+    losses (HelpSteer2-Preference: m; plain pairs: the row's ``margin``, else 0.0).
+    ``preference_strength`` keeps the signed HelpSteer2-Preference value (0 = tie).
+    """
+
+    prompt: Conversation
+    chosen: str
+    rejected: str
+    strength: float = 1.0
+    margin: float = 0.0
+    chosen_reward: float | None = None
+    rejected_reward: float | None = None
+    preference_strength: int | None = None
+    subset: str | None = None
+    id: str | int | None = None
+
+    @property
+    def is_tie(self) -> bool:
+        return self.preference_strength == 0
+
+
+@dataclass
+class PromptRecord:
+    """A prompt to generate from (``label``: SteerLM attributes to condition on, if any)."""
+
+    prompt: Conversation
+    label: str | None = None
+
+
+@dataclass
+class SteerLM2Response:
+    value: str
+    log_p_attributes: float  # log P(a|x,y), from the regression reward model
+    log_p_sft: float  # log P(y|x), from the SFT model
+    log_q: float  # log Q'(y|a,x), from the SteerLM model that sampled it
+
+
+@dataclass
+class SteerLM2Record:
+    prompt: Conversation
+    label: str
+    responses: list[SteerLM2Response] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------- detection
+def detect_format(row: dict) -> str | None:
+    """The format a row's fields identify, or None. Checked most specific first."""
+    keys = set(row)
+    if "prompt_turns" in keys and "responses" in keys:
+        return "steerlm2"
+    if "conversations" in keys:
+        convs = row.get("conversations")
+        labelled = isinstance(convs, list) and any(
+            isinstance(t, dict) and t.get("label") not in (None, "") for t in convs
+        )
+        return "steerlm" if labelled or row.get("label") not in (None, "") else "sft"
+    if "messages" in keys:
+        return "openai"
+    if "response_1" in keys and "response_2" in keys:
+        return "helpsteer2_preference"
+    if "chosen" in keys and "rejected" in keys:
+        return "rewardbench" if "subset" in keys else "pairwise"
+    if "response" in keys and "prompt" in keys and keys & set(NINE_ATTRIBUTES):
+        return "helpsteer2"
+    if "prompt" in keys:
+        return "prompt"
+    return None
+
+
+# --------------------------------------------------------------------------------------- parsing
+def split_prompt_turns(prompt: str) -> list[Turn]:
+    """Split a HelpSteer2 prompt string into turns (single-turn prompts give one user turn)."""
+    pieces = _TURN_SPLIT.split(prompt)
+    turns = [Turn(USER, pieces[0])]
+    for i in range(1, len(pieces), 2):
+        turns.append(Turn(USER if pieces[i] == "User" else ASSISTANT, pieces[i + 1]))
+    return turns
+
+
+def parse_attribute_label(label: str) -> dict[str, int]:
+    """``"helpfulness:4,correctness:3"`` -> ``{"helpfulness": 4, "correctness": 3}``."""
+    out = {}
+    for item in label.strip().split(","):
+        name, _, value = item.partition(":")
+        out[name.strip()] = int(value)
+    return out
+
+
+def format_attribute_label(attributes: dict[str, int], order: tuple[str, ...] = HELPSTEER2_ATTRIBUTES) -> str:
+    """The SteerLM attribute string, attributes in ``order`` (others after, sorted)."""
+    names = [a for a in order if a in attributes] + sorted(set(attributes) - set(order))
+    return ",".join(f"{name}:{int(attributes[name])}" for name in names)
+
+
+def _role(value: str) -> str:
+    return value.strip().lower()
+
+
+def _nemo_conversation(row: dict) -> Conversation:
+    turns = [
+        Turn(_role(t["from"]), t["value"], t.get("label") or None) for t in row["conversations"]
+    ]
+    if row.get("label") and turns:
+        # a row-level label applies to every assistant turn that has none
+        for t in turns:
+            if t.role == ASSISTANT and t.label is None:
+                t.label = row["label"]
+    return Conversation(turns, row.get("system"))
+
+
+def _openai_conversation(row: dict) -> Conversation:
+    system = None
+    turns = []
+    for message in row["messages"]:
+        if message["role"] == "system":
+            system = message["content"]
+        else:
+            turns.append(Turn(message["role"], message["content"]))
+    return Conversation(turns, system)
+
+
+def _prompt_conversation(prompt: str, system: str | None = None) -> Conversation:
+    return Conversation(split_prompt_turns(prompt), system)
+
+
+def _number(row: dict, name: str) -> float | None:
+    value = row.get(name)
+    return None if value is None else float(value)
+
+
+def parse_row(row: dict, fmt: str):
+    """A validated row as its record type.
+
+    sft/openai/steerlm -> Conversation; helpsteer2 -> RegressionRecord;
+    helpsteer2_preference/pairwise/rewardbench -> PairRecord; prompt -> PromptRecord;
+    steerlm2 -> SteerLM2Record.
+    """
+    system = row.get("system") if isinstance(row.get("system"), str) else None
+    if fmt in ("sft", "steerlm"):
+        return _nemo_conversation(row)
+    if fmt == "openai":
+        return _openai_conversation(row)
+    if fmt == "helpsteer2":
+        attributes = {a: row.get(a) for a in NINE_ATTRIBUTES if a in row}
+        attributes = {a: (None if v is None else int(v)) for a, v in attributes.items()}
+        return RegressionRecord(_prompt_conversation(row["prompt"], system), row["response"], attributes)
+    if fmt == "helpsteer2_preference":
+        s = int(row["preference_strength"])
+        first_better = s <= 0  # a tie keeps response_1 first; ties are dropped for training
+        return PairRecord(
+            prompt=_prompt_conversation(row["prompt"], system),
+            chosen=row["response_1"] if first_better else row["response_2"],
+            rejected=row["response_2"] if first_better else row["response_1"],
+            strength=float(abs(s)),
+            margin=float(abs(s)),
+            preference_strength=s,
+            id=row.get("id"),
+        )
+    if fmt in ("pairwise", "rewardbench"):
+        strength = _number(row, "strength")
+        margin = _number(row, "margin")
+        return PairRecord(
+            prompt=_prompt_conversation(row["prompt"], system),
+            chosen=row["chosen"],
+            rejected=row["rejected"],
+            strength=1.0 if strength is None else abs(strength),
+            margin=0.0 if margin is None else margin,
+            chosen_reward=_number(row, "chosen_reward"),
+            rejected_reward=_number(row, "rejected_reward"),
+            subset=row.get("subset"),
+            id=row.get("id"),
+        )
+    if fmt == "prompt":
+        return PromptRecord(_prompt_conversation(row["prompt"], system), row.get("label") or None)
+    if fmt == "steerlm2":
+        turns = [Turn(_role(t["from"]), t["value"]) for t in row["prompt_turns"]]
+        responses = [
+            SteerLM2Response(r["value"], *(float(r[k]) for k in STEERLM2_LOG_FIELDS)) for r in row["responses"]
+        ]
+        return SteerLM2Record(Conversation(turns, system), row["label"], responses)
+    raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def prompt_of(record) -> PromptRecord:
+    """The prompt any record carries (for prompt-only datasets)."""
+    if isinstance(record, PromptRecord):
+        return record
+    if isinstance(record, Conversation):
+        prompt = record.prompt()
+        label = next((t.label for t in record.turns[len(prompt.turns):] if t.label), None)
+        return PromptRecord(prompt, label)
+    if isinstance(record, (RegressionRecord, PairRecord)):
+        return PromptRecord(record.prompt)
+    if isinstance(record, SteerLM2Record):
+        return PromptRecord(record.prompt, record.label)
+    raise TypeError(f"no prompt in a {type(record).__name__}")

@@ -1,0 +1,164 @@
+"""One tokenizer interface over SentencePiece ``.model`` files and HF tokenizer folders.
+
+``load_tokenizer(path)``: a ``.model`` file (or a folder holding ``tokenizer.model`` and no
+``tokenizer.json``) is read with SentencePiece; any other folder with
+``transformers.AutoTokenizer``. Both expose ``encode`` (no BOS / EOS added), ``decode``,
+``vocab_size``, ``bos_id`` / ``eos_id`` / ``pad_id``, ``token_to_id`` and ``save(dir)``,
+which writes files ``transformers.AutoTokenizer.from_pretrained(dir)`` loads (for
+SentencePiece: ``tokenizer.model`` + a Llama tokenizer config).
+
+:func:`train_sentencepiece` trains a small tokenizer (byte fallback, so any text
+round-trips; digits split so numbers are written digit by digit) with the extra_id
+template markers as single tokens.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+SPECIAL_TEMPLATE_TOKENS = ("<extra_id_0>", "<extra_id_1>", "<extra_id_2>")
+
+
+class Tokenizer:
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> List[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        raise NotImplementedError
+
+    def save(self, out_dir) -> Path:
+        raise NotImplementedError
+
+    chat_template: Optional[str] = None
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, model_file):
+        import sentencepiece as spm
+
+        self.path = Path(model_file)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: SentencePiece model not found")
+        self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        pad = self.sp.pad_id()
+        self.pad_id = pad if pad >= 0 else self.eos_id
+
+    def encode(self, text: str) -> List[int]:
+        return list(self.sp.encode(text))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        i = self.sp.piece_to_id(token)
+        return None if i == self.sp.unk_id() and token != self.sp.id_to_piece(i) else i
+
+    def save(self, out_dir) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(self.path, out / "tokenizer.model")
+        piece = self.sp.id_to_piece
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "bos_token": piece(self.bos_id),
+            "eos_token": piece(self.eos_id),
+            "pad_token": piece(self.pad_id),
+            "unk_token": piece(self.sp.unk_id()),
+            "add_bos_token": False,
+            "add_eos_token": False,
+            "legacy": True,
+            "model_max_length": 4096,
+        }
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        (out / "special_tokens_map.json").write_text(json.dumps(
+            {k: config[k] for k in ("bos_token", "eos_token", "pad_token", "unk_token")}, indent=2))
+        return out
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, folder):
+        from transformers import AutoTokenizer
+
+        self.path = Path(folder)
+        try:
+            self.tok = AutoTokenizer.from_pretrained(str(self.path))
+        except Exception as exc:
+            raise ValueError(f"{self.path}: cannot load an HF tokenizer ({exc})") from None
+        self.vocab_size = len(self.tok)
+        self.bos_id = self.tok.bos_token_id if self.tok.bos_token_id is not None else -1
+        self.eos_id = self.tok.eos_token_id
+        if self.eos_id is None:
+            raise ValueError(f"{self.path}: the tokenizer defines no eos_token")
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
+        self.chat_template = getattr(self.tok, "chat_template", None)
+
+    def encode(self, text: str) -> List[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> Optional[int]:
+        i = self.tok.convert_tokens_to_ids(token)
+        return None if i is None or i == self.tok.unk_token_id else i
+
+    def save(self, out_dir) -> Path:
+        out = Path(out_dir)
+        self.tok.save_pretrained(str(out))
+        return out
+
+
+def load_tokenizer(path) -> Tokenizer:
+    p = Path(path)
+    if p.is_file() and p.suffix == ".model":
+        return SentencePieceTokenizer(p)
+    if p.is_dir():
+        if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
+            if not (p / "tokenizer.json").is_file() and (p / "tokenizer.model").is_file():
+                return SentencePieceTokenizer(p / "tokenizer.model")
+            return HFTokenizer(p)
+        if (p / "tokenizer.model").is_file():
+            return SentencePieceTokenizer(p / "tokenizer.model")
+    raise FileNotFoundError(f"{p}: no tokenizer (expected a SentencePiece .model file or an HF tokenizer folder)")
+
+
+def train_sentencepiece(texts: Iterable[str], out_file, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Train a BPE SentencePiece model on ``texts``; deterministic for the same input."""
+    import io
+
+    import sentencepiece as spm
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,
+        split_digits=True,
+        pad_id=0,
+        unk_id=1,
+        bos_id=2,
+        eos_id=3,
+        user_defined_symbols=list(SPECIAL_TEMPLATE_TOKENS),
+        num_threads=1,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    out_file.write_bytes(model.getvalue())
+    return out_file

@@ -54,7 +54,9 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7.4", "pytest-timeout>=2.2", "trl>=0.12"],
+        "test": ["pytest>=7.4"],
+        # benchmarks/ compare against peers: TRL's DPOTrainer
+        "bench": ["trl>=1.0"],
         # Apex is not on PyPI: it ships inside the NGC PyTorch image the Dockerfile builds on.
         "gpu": ["transformer-engine[pytorch]>=1.12"],
         "wandb": ["wandb>=0.16"],

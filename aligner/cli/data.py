@@ -1,0 +1,75 @@
+"""``aligner data``: the embedded world and data-file tools.
+
+- ``synth --out DIR [--seed S]``: write the embedded instruction world (aligner.data.world).
+- ``validate FILE [--format F] [--kind K] [--tokenizer T]``: check every row (file:line
+  errors); with a tokenizer also render and count over-length samples.
+- ``stats FILE --tokenizer T [--kind K]``: sample count and token-length percentiles.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from typing import List, Optional
+
+
+def _percentiles(values, qs=(50, 90, 99, 100)):
+    values = sorted(values)
+    return {f"p{q}": values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))] for q in qs}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="aligner data", description="Embedded world and data-file tools.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synth", help="write the embedded instruction world")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--table", action="store_true", help="print the scorer's mean attributes per response style")
+    for name in ("validate", "stats"):
+        p = sub.add_parser(name)
+        p.add_argument("file")
+        p.add_argument("--format", default="auto")
+        p.add_argument("--kind", default=None, help="sft | regression | pairs | prompts (default: from the format)")
+        p.add_argument("--tokenizer", required=name == "stats")
+        p.add_argument("--max-length", type=int, default=4096)
+        p.add_argument("--skip-invalid", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.cmd == "synth":
+        from aligner.data.world import attribute_table, synthesize
+
+        paths = synthesize(args.out, seed=args.seed)
+        for k, v in paths.items():
+            print(f"{k:<17} {v}")
+        if args.table:
+            for style, row in attribute_table(args.seed).items():
+                print(f"{style:<11} " + "  ".join(f"{a} {v:.2f}" for a, v in row.items()))
+        return 0
+
+    from aligner.data.datasets import KIND_FORMATS, DataFormatError, load_dataset, read_jsonl
+
+    counts: Counter = Counter()
+    try:
+        rows = list(read_jsonl(args.file, args.format, skip_invalid=args.skip_invalid, counts=counts))
+    except DataFormatError as exc:
+        print(f"invalid: {exc}", file=sys.stderr)
+        return 1
+    fmt = rows[0][2] if rows else args.format
+    kind = args.kind or next((k for k, fs in KIND_FORMATS.items() if fmt in fs and k != "any_scored"), None)
+    report = {"file": args.file, "format": fmt, "kind": kind, "valid_rows": len(rows), **dict(counts)}
+    if args.tokenizer:
+        from aligner.data import load_tokenizer
+        from aligner.data.datasets import last_report
+
+        samples = load_dataset(args.file, kind=kind, tokenizer=load_tokenizer(args.tokenizer), fmt=args.format,
+                               max_length=args.max_length, skip_invalid=args.skip_invalid)
+        report.update({k: v for k, v in last_report.items() if k not in report})
+        key = next(k for k in ("tokens", "chosen", "prompt_tokens") if k in samples[0])
+        report["token_length"] = _percentiles([int(s[key].numel()) for s in samples])
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -61,9 +61,9 @@ def load_aligner(path):
     from aligner.parallel import ParallelConfig, initialize
 
     initialize(ParallelConfig(seed=1))
-    from aligner.rollout.hf_import import load_hf
+    from aligner.models import from_pretrained
 
-    return load_hf(path)
+    return from_pretrained(path)
 
 
 def median_time(fn, reps):

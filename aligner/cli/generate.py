@@ -159,17 +159,16 @@ def _is_hf_dir(path: str) -> bool:
 
 def load_policy(args, params_dtype):
     """(model chunks, ModelConfig) of ``--model`` for the current layout."""
-    from aligner.models.config import ModelConfig
+    from aligner.models import ModelConfig
 
     if _is_hf_dir(args.model):
-        from aligner.rollout.hf_import import load_hf
+        from aligner.models import from_pretrained
 
-        return load_hf(args.model, params_dtype=params_dtype)
+        return from_pretrained(args.model, params_dtype=params_dtype)
     ckpt = Path(args.model)
     if not ckpt.is_dir():
         raise FileNotFoundError(f"--model {args.model}: neither a HF folder (config.json) nor a checkpoint directory")
-    from aligner.models.checkpoint import find_latest, load_checkpoint
-    from aligner.models.gpt import build_model
+    from aligner.models import build_model, find_latest, load_checkpoint
 
     if (ckpt / "latest").is_file():  # a checkpoint root: its latest complete checkpoint
         ckpt = find_latest(ckpt)
@@ -193,10 +192,9 @@ def score(args, sequences, pad_id) -> Optional[list]:
     import torch
 
     from aligner.algorithms.scoring import score_sequences
-    from aligner.rollout.hf_import import load_hf, score_outputs
+    from aligner.models import from_pretrained
 
-    num_labels = score_outputs(args.reward_model)
-    models, _ = load_hf(args.reward_model, head="reward", num_outputs=num_labels)
+    models, _ = from_pretrained(args.reward_model, head="reward")
     scores = score_sequences(models, [torch.tensor(s, dtype=torch.int64) for s in sequences], pad_id,
                              args.reward_batch_size)
     return scores.tolist()
@@ -224,7 +222,7 @@ def main(argv: Optional[list] = None) -> int:
     import torch
     from megatron.core import parallel_state as ps
 
-    from aligner.models.config import ModelConfig
+    from aligner.models import ModelConfig
     from aligner.parallel import ParallelConfig, initialize
     from aligner.rollout import RolloutEngine
 

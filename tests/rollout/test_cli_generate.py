@@ -72,12 +72,11 @@ def setup(tmp_path_factory):
 def run_cli(policy_dir, checkpoint_root, *argvs):
     """Save the HF policy as a training checkpoint, then several CLI runs in one process
     (the parallel state is set up once)."""
-    from aligner.models.checkpoint import save_checkpoint
+    from aligner.models import from_pretrained, save_checkpoint
     from aligner.parallel import ParallelConfig, initialize
-    from aligner.rollout.hf_import import load_hf
 
     initialize(ParallelConfig())
-    models, cfg = load_hf(policy_dir)
+    models, cfg = from_pretrained(policy_dir)
     save_checkpoint(checkpoint_root, 3, models, model_config=cfg.to_dict())
     del models
     return [main(argv) for argv in argvs]

@@ -18,9 +18,9 @@ import math
 import pytest
 import torch
 
+from aligner.models import from_pretrained
 from aligner.parallel import ParallelConfig, initialize
 from aligner.parallel.spawn import spawn_local
-from tests.rollout.hf_weights import load_hf
 
 VOCAB, CONTEXT, NEW_TOKENS = 250, 64, 32
 PROMPTS = [
@@ -58,10 +58,7 @@ def _training_logprobs(models, tokens, lengths):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    try:
-        from aligner.models import token_logprobs
-    except ImportError:
-        from aligner.models.logprobs import token_logprobs
+    from aligner.models import token_logprobs
 
     out = []
 
@@ -95,7 +92,7 @@ SAMPLED = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, stop_token_ids=[],
 
 def run_layout(hf_dir, tp, pp):
     initialize(ParallelConfig(tp=tp, pp=pp, seed=5))
-    models, cfg = load_hf(hf_dir)
+    models, cfg = from_pretrained(hf_dir)
     return _layout_checks(models, cfg)
 
 
@@ -132,7 +129,7 @@ def run_single(hf_dir):
     from aligner.rollout import GenerationConfig, RolloutEngine
 
     initialize(ParallelConfig(seed=5))
-    models, cfg = load_hf(hf_dir)
+    models, cfg = from_pretrained(hf_dir)
     out = {"layout": _layout_checks(models, cfg)}
     engine = RolloutEngine(models, cfg, max_batch=1000)
     greedy = GenerationConfig(max_new_tokens=NEW_TOKENS, greedy=True, stop_token_ids=[])

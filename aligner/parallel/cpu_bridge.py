@@ -22,8 +22,11 @@ torch 2.13 CPU, gloo, local layer spec):
    CPU generator.
 3. ``clip_grad_by_total_norm_fp32`` is replaced by the same scaling without the CUDA type
    assert.
+4. tied embeddings under pipeline parallelism: ``LanguageModule.setup_embeddings_and_output_layer``
+   moves the last stage's embedding copy with ``weight.data.cuda()``; while it runs,
+   ``Tensor.cuda`` leaves the tensor on the CPU.
 
-Nothing else in aligner knows it runs on a CPU. ``tests/parallel/test_cpu_bridge.py``
+Nothing else in aligner knows it runs on a CPU. ``tests/parallel/test_bridge.py``
 checks each bridged place, so a megatron-core upgrade that moves one fails loudly.
 """
 from __future__ import annotations
@@ -259,6 +262,25 @@ def engage() -> bool:
     # megatron-core snapshots the CUDA generator around checkpointed regions.
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    # Tied embeddings under pipeline parallelism: the last stage's copy of the word
+    # embeddings is moved with ``weight.data.cuda()`` before its all-reduce
+    # (LanguageModule.setup_embeddings_and_output_layer); on the CPU it stays where it is.
+    from megatron.core.models.common.language_module import language_module
+
+    cls = language_module.LanguageModule
+    if not getattr(cls.setup_embeddings_and_output_layer, "_aligner_cpu", False):
+        original = cls.setup_embeddings_and_output_layer
+
+        def setup_embeddings_and_output_layer(self, *args, **kwargs):
+            real = torch.Tensor.cuda
+            torch.Tensor.cuda = lambda t, *a, **k: t
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                torch.Tensor.cuda = real
+
+        setup_embeddings_and_output_layer._aligner_cpu = True
+        cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
     _ENGAGED = True
     return True
 

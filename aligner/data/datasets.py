@@ -262,6 +262,7 @@ def read_jsonl(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invali
 def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = "auto", max_length: int = 4096,
                  overlong: str = "truncate_left", skip_invalid: bool = False,
                  attributes: Sequence[str] = HELPSTEER2_ATTRIBUTES) -> List[dict]:
+    kind = {"prompt": "prompts", "pair": "pairs", "sft_conversations": "sft"}.get(kind, kind)
     if kind not in KIND_FORMATS:
         raise ValueError(f"unknown dataset kind {kind!r}; one of {sorted(KIND_FORMATS)}")
     counts: Counter = Counter()
@@ -269,7 +270,6 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
     T = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     F = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
     rb_end = "extra_id"
-    prev_prompt = None
     for lineno, row, rfmt in read_jsonl(path, fmt, KIND_FORMATS[kind], skip_invalid, counts):
         rec = parse_row(row, rfmt)
         if kind == "sft":
@@ -308,8 +308,6 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
             tokens, _ = _render(tokenizer, template, p.prompt)
             meta = {k: v for k, v in row.items() if k not in ("prompt",)}
             out.append({"prompt_tokens": T(tokens), "prompt": p.prompt.to_prompt_string(), "meta": meta})
-        if kind == "regression" and rfmt == "helpsteer2":
-            prev_prompt = rec.prompt
     report = {"file": str(path), "kind": kind, "samples": len(out), **dict(counts)}
     last_report.clear()
     last_report.update(report)

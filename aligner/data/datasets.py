@@ -191,12 +191,29 @@ def render_chat(tok, conv: Conversation, response: Optional[str] = None) -> Tupl
         messages.append({"role": "assistant", "content": response})
     tokens: List[int] = []
     mask: List[float] = []
-    for i in range(len(messages)):
-        gen = messages[i]["role"] != "assistant" and i == len(messages) - 1
-        ids = list(tok.tok.apply_chat_template(messages[: i + 1], tokenize=True, add_generation_prompt=gen))
-        new = ids[len(tokens):]
-        tokens = ids
-        mask.extend([1.0 if messages[i]["role"] == "assistant" else 0.0] * len(new))
+
+    def apply(msgs, gen):
+        out = tok.tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=gen)
+        if hasattr(out, "keys"):  # transformers >= 5 returns a BatchEncoding
+            out = out["input_ids"]
+        return list(out)
+
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            # the header comes with the generation prompt (no loss); what the turn adds is the target
+            prefix = apply(messages[:i], True)
+            full = apply(messages[: i + 1], False)
+            if full[: len(prefix)] != prefix or prefix[: len(tokens)] != tokens:
+                raise DataFormatError("the tokenizer's chat template does not render turn by turn as a prefix")
+            mask.extend([0.0] * (len(prefix) - len(tokens)) + [1.0] * (len(full) - len(prefix)))
+            tokens = full
+        else:
+            gen = i == len(messages) - 1
+            ids = apply(messages[: i + 1], gen)
+            if ids[: len(tokens)] != tokens:
+                raise DataFormatError("the tokenizer's chat template does not render turn by turn as a prefix")
+            mask.extend([0.0] * (len(ids) - len(tokens)))
+            tokens = ids
     return tokens, mask
 
 
@@ -228,6 +245,7 @@ def read_jsonl(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invali
         raise FileNotFoundError(f"{path}: data file not found")
     counts = Counter() if counts is None else counts
     file_fmt = None if fmt == "auto" else fmt
+    pending = None  # HelpSteer2: the prompt the next row must repeat
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
@@ -251,6 +269,17 @@ def read_jsonl(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invali
                 if allowed and file_fmt not in allowed:
                     raise DataFormatError(f"{where}: format {file_fmt!r} cannot be used here; expected one of {list(allowed)}")
                 validate_row(row, file_fmt, where)
+                if file_fmt == "helpsteer2":
+                    # rows 2k and 2k+1 rate two responses to one prompt
+                    if pending is None:
+                        pending = row["prompt"]
+                    else:
+                        if row["prompt"] != pending:
+                            pending = None
+                            raise DataFormatError(
+                                f"{where}: field 'prompt' differs from the previous row's; HelpSteer2 rows 2k and"
+                                " 2k+1 must share their prompt")
+                        pending = None
                 yield lineno, row, file_fmt
             except DataFormatError as exc:
                 if not skip_invalid or "cannot be used here" in str(exc):

@@ -150,6 +150,7 @@ def train_sentencepiece(texts: Iterable[str], out_file, vocab_size: int = 512, s
         model_type="bpe",
         character_coverage=1.0,
         byte_fallback=True,
+        hard_vocab_limit=False,
         split_digits=True,
         pad_id=0,
         unk_id=1,

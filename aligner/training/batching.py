@@ -57,27 +57,9 @@ def padded_microbatch(items: Sequence[Item], seq_length: int, pad_id: int) -> di
 
 def pack_groups(group_lengths: Sequence[int], capacity: int) -> List[List[int]]:
     """First-fit-decreasing bins of group indices (the data layer's packer)."""
-    try:
-        from aligner.data.packing import pack_lengths
-    except ImportError:
-        pack_lengths = _first_fit_decreasing
+    from aligner.data.packing import pack_lengths
+
     return pack_lengths(list(group_lengths), capacity)
-
-
-def _first_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    bins: List[List[int]] = []
-    room: List[int] = []
-    for i in order:
-        for b, r in enumerate(room):
-            if lengths[i] <= r:
-                bins[b].append(i)
-                room[b] -= lengths[i]
-                break
-        else:
-            bins.append([i])
-            room.append(capacity - lengths[i])
-    return bins
 
 
 def packed_microbatches(

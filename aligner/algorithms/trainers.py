@@ -93,7 +93,7 @@ class _BaseTrainer:
             p = self.cfg.parallel
             initialize(
                 ParallelConfig(
-                    tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, backend=p.backend,
+                    tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, backend=p.backend or "auto",
                     seed=self.cfg.trainer.seed, timeout_minutes=p.timeout_minutes,
                 ),
                 num_layers=self.model_config().num_layers,
@@ -140,7 +140,8 @@ class _BaseTrainer:
         vpp = self.cfg.parallel.vpp
         stages = [None] if not vpp else list(range(vpp))
         models = [
-            build_model(mc, head=head, num_outputs=num_outputs, params_dtype=dtype, vp_stage=s).to(
+            build_model(mc, head=head, num_outputs=num_outputs, params_dtype=dtype, vp_stage=s,
+                        sequence_parallel=self.cfg.parallel.sequence_parallel and self.cfg.parallel.tp > 1).to(
                 _device()
             )
             for s in stages

@@ -81,6 +81,19 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states({k: torch.tensor(v, dtype=torch.uint8) for k, v in state["tracker"].items()})
 
 
+def _writer_queue() -> None:
+    """dist_checkpointing's writer collects results through a multiprocessing Manager that
+    it starts with the *spawn* method, which re-imports the ``__main__`` module: a research
+    script without a ``__main__`` guard would run again inside it. Its write workers are
+    forked; give it a Manager started the same way, which imports nothing."""
+    import multiprocessing as mp
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+
+
 def _step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:07d}"
 
@@ -112,6 +125,7 @@ def save_checkpoint(
         state["optimizer"] = optimizer.sharded_state_dict(state)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    _writer_queue()
     dist_checkpointing.save(state, str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     with open(tmp / "rng" / f"rank_{_rank():05d}.json", "w") as f:

@@ -4,6 +4,8 @@
 - ``validate FILE [--format F] [--kind K] [--tokenizer T]``: check every row (file:line
   errors); with a tokenizer also render and count over-length samples.
 - ``stats FILE --tokenizer T [--kind K]``: sample count and token-length percentiles.
+- ``pack FILE --tokenizer T --capacity C [--kind K]``: pack the file's samples (pairs keep
+  chosen and rejected together) and report bins and the share of capacity filled.
 """
 from __future__ import annotations
 
@@ -26,14 +28,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--table", action="store_true", help="print the scorer's mean attributes per response style")
-    for name in ("validate", "stats"):
+    for name in ("validate", "stats", "pack"):
         p = sub.add_parser(name)
         p.add_argument("file")
         p.add_argument("--format", default="auto")
         p.add_argument("--kind", default=None, help="sft | regression | pairs | prompts (default: from the format)")
-        p.add_argument("--tokenizer", required=name == "stats")
+        p.add_argument("--tokenizer", required=name != "validate")
         p.add_argument("--max-length", type=int, default=4096)
         p.add_argument("--skip-invalid", action="store_true")
+        if name == "pack":
+            p.add_argument("--capacity", type=int, required=True)
     args = parser.parse_args(argv)
 
     if args.cmd == "synth":
@@ -67,6 +71,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         report.update({k: v for k, v in last_report.items() if k not in report})
         key = next(k for k in ("tokens", "chosen", "prompt_tokens") if k in samples[0])
         report["token_length"] = _percentiles([int(s[key].numel()) for s in samples])
+        if args.cmd == "pack":
+            from aligner.data.packing import efficiency, pack_lengths
+
+            lengths = [sum(int(s[k].numel()) for k in ("tokens", "chosen", "rejected", "prompt_tokens") if k in s)
+                       for s in samples]
+            too_long = sum(n > args.capacity for n in lengths)
+            if too_long:
+                print(f"aligner data pack: {too_long} samples exceed --capacity {args.capacity}", file=sys.stderr)
+                return 1
+            bins = pack_lengths(lengths, args.capacity)
+            report["pack"] = {"capacity": args.capacity, "bins": len(bins), "samples": len(lengths),
+                              "efficiency": round(efficiency(lengths, bins, args.capacity), 4),
+                              "padded_rows_without_packing": len(lengths)}
     print(json.dumps(report, indent=2))
     return 0
 

@@ -114,7 +114,7 @@ def run(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
     dpo = _train("dpo", common + [
         f"init.hf={out / 'sft' / 'hf'}", f"data.train={world['pairs_train']}",
         f"data.validation={world['pairs_val']}", f"trainer.out_dir={out / 'dpo'}",
-        f"trainer.max_steps={steps(120)}",
+        f"trainer.max_steps={steps(100)}",
     ])
     stage("judge")
     prompts = load_prompts(str(world["prompts_heldout"]), tok)
@@ -138,6 +138,11 @@ def run(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
         vals = [s.get("exact", s["correctness"] == 4) for s in judged[name]["scores"]]
         return sum(bool(v) for v in vals) / len(vals)
 
+    import math
+
+    diffs = [d["helpfulness"] - s["helpfulness"] for s, d in zip(judged["sft"]["scores"], judged["dpo"]["scores"])]
+    mean_diff = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((x - mean_diff) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else float("nan")
     results = {
         "seed": seed,
         "sft": {"val_loss": sft["val"].get("loss")},
@@ -145,6 +150,7 @@ def run(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
         "rm_bt": {"rewardbench": rb["rm_bt"], "val": bt["val"]},
         "dpo": {"val": dpo["val"]},
         "judge": {name: {a: mean(name, a) for a in attrs} | {"exact_answer_rate": exact(name)} for name in judged},
+        "dpo_minus_sft_helpfulness": {"mean": mean_diff, "standard_error": se, "prompts": len(diffs)},
         "stage_seconds": {k: round(timings[n] - timings[k], 1) for k, n in zip(list(timings)[:-1], list(timings)[1:])},
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -172,7 +178,9 @@ def run(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
            for name, key in (("RM regression", "rm_regression"), ("Scaled BT from regression", "rm_bt"))
            for sub in sorted(rb[key]["subsets"])]
         + [[n.upper(), f"ground-truth {a} of generations", results["judge"][n][a]] for n in ("sft", "dpo") for a in attrs]
-        + [[n.upper(), "exact-answer rate of generations", results["judge"][n]["exact_answer_rate"]] for n in ("sft", "dpo")],
+        + [[n.upper(), "exact-answer rate of generations", results["judge"][n]["exact_answer_rate"]] for n in ("sft", "dpo")]
+        + [["DPO - SFT", f"paired ground-truth helpfulness gain (± standard error, {len(diffs)} prompts)",
+            f"{mean_diff:+.3f} ± {se:.3f}"]],
     )
     from aligner.algorithms.rewardbench import format_report
 

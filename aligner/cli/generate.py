@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="architecture for a training checkpoint: preset name, preset YAML or HF folder")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     p.add_argument("--prompts", required=True, help="prompt file (jsonl, or any data-layer prompt format)")
+    p.add_argument("--template", choices=("raw", "extra_id", "chat", "auto"), default="raw",
+                   help="raw: encode each prompt as it is (or take prompt_tokens); else render it as a chat prompt")
     p.add_argument("--output", required=True, help="responses jsonl to write")
     p.add_argument("--reward-model", default=None, help="HF reward model folder to score the responses")
     p.add_argument("--num-samples", type=int, default=1, help="responses per prompt")
@@ -109,14 +111,19 @@ class _HFTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
 
-def read_prompts(path: str, tokenizer) -> list:
-    """``[{"prompt_tokens", "prompt", "meta"}]`` from ``path`` (see the module docstring)."""
-    try:
+def read_prompts(path: str, tokenizer, template: str = "raw") -> list:
+    """``[{"prompt_tokens", "prompt", "meta"}]`` from ``path`` (see the module docstring).
+
+    ``template="raw"``: jsonl rows with ``prompt`` (encoded as it is) or ``prompt_tokens``;
+    ``extra_id`` / ``chat`` / ``auto``: any prompt-bearing format of the data layer,
+    rendered as a generation prompt with that template.
+    """
+    if template != "raw":
         from aligner.data import load_dataset
-    except ImportError:
-        load_dataset = None
-    if load_dataset is not None and tokenizer is not None:
-        return [dict(s) for s in load_dataset(path, kind="prompt", tokenizer=tokenizer)]
+
+        if tokenizer is None:
+            raise ValueError(f"--template {template} needs a tokenizer")
+        return [dict(s) for s in load_dataset(path, kind="prompts", tokenizer=tokenizer, template=template)]
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file")
@@ -229,7 +236,7 @@ def main(argv: Optional[list] = None) -> int:
     tokenizer_dir = args.tokenizer or (args.model if _is_hf_dir(args.model) else None)
     tokenizer = load_tokenizer(tokenizer_dir)
     try:
-        prompts = read_prompts(args.prompts, tokenizer)
+        prompts = read_prompts(args.prompts, tokenizer, args.template)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
 

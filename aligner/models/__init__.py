@@ -8,18 +8,11 @@ from aligner.models.gpt import (
     packed_attention_mask,
     packed_position_ids,
     position_ids_from_padding,
+    reward_at_last_token,
     unwrap_model,
 )
 from aligner.models.hf import CheckpointError, export_hf, from_pretrained, load_hf_weights
 from aligner.models.logprobs import masked_mean, token_entropy, token_logprobs
-
-
-def reward_at_last_token(values, lengths):
-    """Head outputs [b, s, N] at each row's last real token (right padding) -> [b, N]."""
-    import torch
-
-    rows = torch.arange(values.shape[0], device=values.device)
-    return values[rows, lengths.to(values.device) - 1]
 
 
 __all__ = [

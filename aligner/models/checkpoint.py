@@ -9,12 +9,16 @@ Layout of ``<root>``::
         model_config.json    the architecture (for ``aligner export``), when given
     latest                   {"step": 12, "dir": "step_0000012"}, replaced atomically
 
-Crash safety: a checkpoint is written under ``step_XXXXXXX.tmp``, renamed to its final
-name only after every rank finished, and ``latest`` is replaced after the rename; a
-crash at any point leaves ``latest`` naming the previous complete checkpoint (a stale
-``.tmp`` directory is removed by the next save). ``keep_last=k`` then deletes older
-complete checkpoints. Nothing is unpickled on load: dist_checkpointing's tensors, JSON
-for everything else.
+Crash safety: a checkpoint is written under ``step_XXXXXXX.tmp-<id>``, renamed to its
+final name only after every rank finished, and ``latest`` is replaced (write + rename)
+after that; a crash at any point leaves ``latest`` naming the previous complete
+checkpoint. Directories ending in ``.tmp-*`` are never read and are removed by the next
+save. ``keep_last=k`` then deletes older complete checkpoints.
+
+Nothing is unpickled by aligner: RNG states, extra data and the model config are JSON;
+tensors and the non-tensor state (optimizer hyper-parameters, scheduler) go through
+dist_checkpointing, whose ``common.pt`` is read with ``torch.load``'s default
+``weights_only=True`` (torch >= 2.6) unpickler.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -45,8 +50,12 @@ def _unwrap(m):
     return unwrap_model(m)
 
 
+def _as_list(models) -> list:
+    return list(models) if isinstance(models, (list, tuple)) else [models]
+
+
 def _model_state(models) -> dict:
-    models = list(models)
+    models = _as_list(models)
     if len(models) == 1:
         return {"model": _unwrap(models[0]).sharded_state_dict()}
     return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(models)}
@@ -98,6 +107,17 @@ def _step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:07d}"
 
 
+def _is_partial(path: Path) -> bool:
+    return ".tmp-" in path.name
+
+
+def _json_or_error(what: str, value) -> str:
+    try:
+        return json.dumps(value, indent=2, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"save_checkpoint: {what} must be JSON-serialisable ({exc})") from None
+
+
 def save_checkpoint(
     root,
     step: int,
@@ -108,16 +128,34 @@ def save_checkpoint(
     keep_last: Optional[int] = None,
     model_config: Optional[dict] = None,
 ) -> Path:
-    """Save a complete checkpoint of step ``step`` (collective: every rank calls it)."""
+    """Save a complete checkpoint of step ``step`` under ``root``; returns its directory.
+
+    models: the model chunks (megatron modules, possibly DDP-wrapped); optimizer: a
+    megatron-core optimizer or None; scheduler: an object with ``state_dict()`` /
+    ``load_state_dict()`` or None; extra: JSON-serialisable caller data (data position,
+    consumed samples, ...); model_config: the architecture (``ModelConfig.to_dict()``),
+    written as ``model_config.json`` for ``aligner export``. ``keep_last=k`` keeps the k
+    newest complete checkpoints. Collective: every rank calls it.
+    """
     from megatron.core import dist_checkpointing
+
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last}")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    # checked before anything is written, on every rank (no rank fails alone mid-save)
+    extra_json = _json_or_error("extra", dict(extra or {}, step=int(step), world_size=world))
+    config_json = _json_or_error("model_config", model_config) if model_config is not None else None
 
     root = Path(root)
     final = _step_dir(root, step)
-    tmp = final.with_name(final.name + ".tmp")
+    tag = [f"{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(tag, src=0)
+    tmp = final.with_name(f"{final.name}.tmp-{tag[0]}")
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob("step_*.tmp-*"):  # left by a crashed save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
     state = _model_state(models)
@@ -132,19 +170,17 @@ def save_checkpoint(
         json.dump(_rng_state(), f)
     _barrier()
     if _rank() == 0:
-        if model_config is not None:
-            (tmp / "model_config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True))
-        meta = dict(extra or {}, step=step, world_size=dist.get_world_size() if dist.is_initialized() else 1)
-        (tmp / "extra.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        if config_json is not None:
+            (tmp / "model_config.json").write_text(config_json)
+        (tmp / "extra.json").write_text(extra_json)  # last: marks the directory complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        latest_tmp = root / "latest.tmp"
-        latest_tmp.write_text(json.dumps({"step": step, "dir": final.name}))
+        latest_tmp = root / f"latest.tmp-{tag[0]}"
+        latest_tmp.write_text(json.dumps({"step": int(step), "dir": final.name}))
         os.replace(latest_tmp, root / "latest")
         if keep_last:
-            complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-            for old in complete[:-keep_last]:
+            for old in list_checkpoints(root)[:-keep_last]:
                 if old != final:
                     shutil.rmtree(old)
     _barrier()
@@ -152,17 +188,21 @@ def save_checkpoint(
 
 
 def find_latest(root) -> Optional[Path]:
-    """The complete checkpoint ``latest`` names, or None."""
+    """The complete checkpoint that ``<root>/latest`` names; without a ``latest`` file, the
+    newest complete ``step_*`` directory; None when there is none. ``*.tmp-*`` directories
+    (unfinished saves) are never returned."""
     root = Path(root)
     marker = root / "latest"
     if not marker.is_file():
-        return None
+        complete = list_checkpoints(root)
+        return complete[-1] if complete else None
     try:
         info = json.loads(marker.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{marker}: not valid JSON ({exc.msg})") from None
-    path = root / info["dir"]
-    if not (path / "extra.json").is_file():
+        name = info["dir"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{marker}: expected JSON {{\"step\": N, \"dir\": \"step_...\"}} ({exc})") from None
+    path = root / name
+    if _is_partial(path) or not (path / "extra.json").is_file():
         raise FileNotFoundError(f"{marker} names {path}, which is missing or incomplete (no extra.json)")
     return path
 
@@ -170,18 +210,22 @@ def find_latest(root) -> Optional[Path]:
 def load_checkpoint(path_or_root, models, optimizer=None, scheduler=None) -> dict:
     """Load model (and optimizer / scheduler / RNG) state; returns the saved ``extra`` (with ``step``).
 
-    The checkpoint may come from another TP / PP layout (dist_checkpointing reshards).
-    RNG states are restored only when the world size is unchanged.
+    ``path_or_root``: a step directory, or a root (its ``latest`` complete checkpoint).
+    The checkpoint may come from another TP / PP layout (dist_checkpointing reshards
+    model and optimizer). RNG states (Python, NumPy, torch, megatron-core's tracker) are
+    per rank, so they are restored when the world size is unchanged; at another world
+    size the current seeds stay.
     """
     from megatron.core import dist_checkpointing
 
     path = Path(path_or_root)
-    if (path / "latest").is_file():
-        path = find_latest(path)
-    if not (path / "extra.json").is_file():
-        raise FileNotFoundError(f"{path}: not a complete aligner checkpoint (no extra.json)")
+    if not (path / "extra.json").is_file():  # a root: its latest complete checkpoint
+        found = find_latest(path) if path.is_dir() else None
+        if found is None:
+            raise FileNotFoundError(f"{path}: no complete aligner checkpoint here (no extra.json, no latest)")
+        path = found
     extra = json.loads((path / "extra.json").read_text())
-    models = list(models)
+    models = _as_list(models)
     state = _model_state(models)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
@@ -205,5 +249,7 @@ def load_checkpoint(path_or_root, models, optimizer=None, scheduler=None) -> dic
 
 
 def list_checkpoints(root) -> List[Path]:
+    """Complete checkpoint directories under ``root``, oldest first."""
     root = Path(root)
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    return sorted(p for p in root.glob("step_*")
+                  if p.is_dir() and not _is_partial(p) and (p / "extra.json").is_file())

@@ -52,13 +52,6 @@ _ARCH_TO_FAMILY.update({v: k for k, v in _SEQ_CLS.items()})
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 
-# Tokenizer / generation files copied next to exported weights.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-)
-
-
 def preset_dirs() -> list[Path]:
     """Where ``ModelConfig.preset`` looks: ``$ALIGNER_MODEL_CONF``, ``<repo>/conf/model``,
     ``aligner/conf/model`` (installed package data)."""
@@ -80,8 +73,10 @@ class ModelConfig:
     rope_scaling: None or the HF dict (``rope_type`` ``llama3`` with ``factor``,
     ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``;
     or ``linear`` with ``factor``).
-    sliding_window: recorded from Mistral configs; attention is full (no window) on the
-    local layer spec, which equals a window for sequences up to ``sliding_window`` tokens.
+    sliding_window: from Mistral configs; attention is full (no window), which equals the
+    window for sequences up to ``sliding_window`` tokens; the model refuses longer ones.
+    qkv_bias: biases on q/k/v (None: the family's, i.e. only for ``qwen2``; HF Llama's
+    ``attention_bias`` also biases ``o_proj``, which aligner does not model).
     pad_token_id: the id the data layer right-pads with; a sequence-classification export
     needs it (HF reads the reward at the last token that is not ``pad_token_id``).
     """
@@ -99,7 +94,7 @@ class ModelConfig:
     rope_scaling: Optional[dict] = None
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
+    qkv_bias: Optional[bool] = None
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     sliding_window: Optional[int] = None
@@ -113,6 +108,14 @@ class ModelConfig:
         if self.arch not in _FAMILIES:
             raise UnsupportedModelError(
                 f"model.arch = {self.arch!r} is not supported; supported: {sorted(_FAMILIES)}"
+            )
+        family_bias = _FAMILIES[self.arch]["qkv_bias"]
+        if self.qkv_bias is None:
+            self.qkv_bias = family_bias
+        if self.qkv_bias != family_bias:
+            raise UnsupportedModelError(
+                f"model.qkv_bias = {self.qkv_bias} does not exist in HF {_CAUSAL_LM[self.arch]}"
+                f" (q/k/v biases: arch qwen2 only)"
             )
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
@@ -162,8 +165,9 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ presets
     @classmethod
-    def preset(cls, name: str) -> "ModelConfig":
-        """Load ``conf/model/<name>.yaml`` (see :func:`preset_dirs`); a path also works."""
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """Load ``conf/model/<name>.yaml`` (see :func:`preset_dirs`); a path also works.
+        ``overrides`` replace fields (e.g. ``vocab_size`` from the tokenizer)."""
         import yaml
 
         candidates = [Path(name)] if name.endswith((".yaml", ".yml")) else []
@@ -172,7 +176,9 @@ class ModelConfig:
             if path.is_file():
                 with open(path, encoding="utf-8") as f:
                     data = yaml.safe_load(f) or {}
-                return cls.from_dict(data, source=str(path))
+                if not isinstance(data, dict):
+                    raise ValueError(f"{path}: a model preset is a mapping of ModelConfig fields")
+                return cls.from_dict({**data, **overrides}, source=str(path))
         known = sorted({p.stem for d in preset_dirs() if d.is_dir() for p in d.glob("*.yaml")})
         raise FileNotFoundError(f"no model preset {name!r}; known presets: {known}")
 
@@ -255,9 +261,21 @@ class ModelConfig:
                 rope_scaling = None
 
         qkv_bias = _FAMILIES[family]["qkv_bias"]
-        if family == "llama":
-            qkv_bias = bool(hf.get("attention_bias", False))
+        if family in ("llama", "mistral") and hf.get("attention_bias"):
+            raise UnsupportedModelError(
+                f"{source}: attention_bias = true (biases on q/k/v and o_proj) is not supported"
+            )
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if key not in hf:
+                raise ValueError(f"{source}: missing key {key!r}")
         num_heads = hf["num_attention_heads"]
+        try:
+            return cls._from_hf_fields(hf, family, num_heads, rope_theta, rope_scaling, qkv_bias)
+        except ValueError as exc:  # a field check in __post_init__
+            raise type(exc)(f"{source}: {exc}") from None
+
+    @classmethod
+    def _from_hf_fields(cls, hf, family, num_heads, rope_theta, rope_scaling, qkv_bias) -> "ModelConfig":
         return cls(
             arch=family,
             vocab_size=hf["vocab_size"],
@@ -314,7 +332,7 @@ class ModelConfig:
             pad_token_id=self.pad_token_id,
         )
         if self.arch == "llama":
-            out["attention_bias"] = self.qkv_bias
+            out["attention_bias"] = False
             out["mlp_bias"] = False
         if self.arch == "mistral":
             out["sliding_window"] = self.sliding_window

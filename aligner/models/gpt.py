@@ -118,7 +118,7 @@ class AlignerGPTModel(GPTModel):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """megatron-core's, except that a head model has no output layer to tie or pad:
         the language module's output-layer handling is skipped and the head is saved as a
-        replicated tensor (``head.linear.weight``)."""
+        replicated tensor (``head.weight``)."""
         if self.head is None:
             return super().sharded_state_dict(prefix, sharded_offsets, metadata)
         self.post_process = False
@@ -141,6 +141,15 @@ class AlignerGPTModel(GPTModel):
     # -- position ids ---------------------------------------------------------------
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
                     packed_seq_params=None, padding_mask=None):
+        window = self.model_cfg.sliding_window
+        if window and input_ids is not None:
+            # attention here is full: equal to Mistral's sliding window only up to the window
+            total = input_ids.shape[1] + int(getattr(inference_context, "sequence_len_offset", 0) or 0)
+            if total > window:
+                raise ValueError(
+                    f"sequence of {total} tokens exceeds model.sliding_window = {window}; sliding-window"
+                    " attention is not implemented, so longer sequences would differ from the HF model"
+                )
         out = super()._preprocess(
             input_ids=input_ids, position_ids=position_ids, decoder_input=decoder_input,
             inference_context=inference_context, packed_seq_params=packed_seq_params,
@@ -246,6 +255,19 @@ def unwrap_model(model):
     while hasattr(model, "module") and not isinstance(model, GPTModel):
         model = model.module
     return model
+
+
+def reward_at_last_token(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Head outputs ``values`` [b, s, N] at each right-padded row's last real token
+    (position ``lengths - 1``) -> [b, N]."""
+    if lengths.shape != values.shape[:1]:
+        raise ValueError(f"reward_at_last_token: lengths {tuple(lengths.shape)} for values {tuple(values.shape)}")
+    if len(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > values.shape[1]):
+        raise ValueError(
+            f"reward_at_last_token: lengths must lie in [1, {values.shape[1]}], got {lengths.tolist()}"
+        )
+    rows = torch.arange(values.shape[0], device=values.device)
+    return values[rows, lengths.to(values.device) - 1]
 
 
 # -- attention masks and positions ------------------------------------------------------

@@ -45,30 +45,49 @@ class CheckpointError(ValueError):
 
 # ------------------------------------------------------------------------------ reading
 class HFReader:
-    """Lazy access to the tensors of an HF safetensors checkpoint folder."""
+    """Lazy access to the tensors of an HF safetensors checkpoint folder.
+
+    Every file is opened once up front (a missing or unreadable shard fails here, naming
+    the file). Reads go through ``safe_open`` slices, so only the requested rows / columns
+    are copied out of the memory-mapped file; :meth:`release` drops the open files (and
+    with them the mapped pages a read touched), which the loader does after each tensor.
+    """
 
     def __init__(self, path):
-        from safetensors import safe_open
-
         self.path = Path(path)
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
             files = sorted(set(weight_map.values()))
         elif single.is_file():
             files, weight_map = ["model.safetensors"], None
         else:
             found = sorted(p.name for p in self.path.glob("*.safetensors"))
             if not found:
-                raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+                unsafe = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt"))
+                hint = f" (found {unsafe}: pickle files are not read; convert them to safetensors)" if unsafe else ""
+                raise CheckpointError(f"{self.path}: no model.safetensors or model.safetensors.index.json{hint}")
             files, weight_map = found, None
         self._handles = {}
         self.where: Dict[str, str] = {}
         for name in files:
+            for key in self._open(name).keys():
+                self.where[key] = name
+        if weight_map is not None:
+            for key, name in weight_map.items():
+                if self.where.get(key) != name:
+                    raise CheckpointError(f"{self.path / name}: tensor {key!r} listed in the index is not in the file")
+        self.release()
+
+    def _open(self, name: str):
+        from safetensors import safe_open
+
+        handle = self._handles.get(name)
+        if handle is None:
             fpath = self.path / name
             if not fpath.is_file():
                 raise CheckpointError(f"{fpath}: shard listed in the index is missing")
@@ -77,12 +96,11 @@ class HFReader:
             except Exception as exc:  # safetensors raises its own error types
                 raise CheckpointError(f"{fpath}: cannot read safetensors file ({exc})") from None
             self._handles[name] = handle
-            for key in handle.keys():
-                self.where[key] = name
-        if weight_map is not None:
-            for key, name in weight_map.items():
-                if self.where.get(key) != name:
-                    raise CheckpointError(f"{self.path / name}: tensor {key!r} listed in the index is not in the file")
+        return handle
+
+    def release(self) -> None:
+        """Close the open files (unmapping them)."""
+        self._handles.clear()
 
     def has(self, key: str) -> bool:
         return key in self.where
@@ -90,7 +108,7 @@ class HFReader:
     def _slice(self, key: str):
         if key not in self.where:
             raise CheckpointError(f"{self.path}: tensor {key!r} not found in the checkpoint")
-        return self._handles[self.where[key]].get_slice(key)
+        return self._open(self.where[key]).get_slice(key)
 
     def shape(self, key: str) -> List[int]:
         return list(self._slice(key).get_shape())
@@ -207,6 +225,39 @@ def _param_sources(model):
         yield name, param, layer
 
 
+def hf_tensor_names(cfg: ModelConfig, head: Optional[str] = None) -> List[str]:
+    """Names of the HF tensors of the whole model ``cfg`` describes (causal LM, or with a
+    head the sequence-classification model)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    names.append("score.weight" if head else "lm_head.weight")
+    if not head and cfg.tie_word_embeddings:
+        names.remove("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
+        if cfg.qkv_bias:
+            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
+        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
+    return names
+
+
+def _check_no_unused_tensors(reader: "HFReader", cfg: ModelConfig, head: Optional[str]) -> None:
+    """Every checkpoint tensor has a place in the model: a bias, an extra layer or another
+    architecture's tensor is an error, never silently dropped."""
+    known = set(hf_tensor_names(cfg, head))
+    # also fine: the other kind of output (an LM checkpoint under a head, a head under an
+    # LM), a tied model's copy of the embedding, rotary buffers of older checkpoints
+    known |= {"lm_head.weight", "score.weight"}
+    unused = sorted(k for k in reader.where if k not in known and not k.endswith("rotary_emb.inv_freq"))
+    if unused:
+        more = f" (and {len(unused) - 1} more)" if len(unused) > 1 else ""
+        raise CheckpointError(
+            f"{reader.path / reader.where[unused[0]]}: tensor {unused[0]!r}{more} has no place in a"
+            f" {cfg.arch} model with {cfg.num_layers} layers as config.json describes it"
+        )
+
+
 def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, strict_head: bool = False) -> None:
     """Copy an HF checkpoint's weights into this rank's model chunks.
 
@@ -215,6 +266,7 @@ def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, 
     unless ``strict_head``). A causal LM ignores a ``score.weight``.
     """
     reader = HFReader(path)
+    _check_no_unused_tensors(reader, cfg, head)
     models = models if isinstance(models, (list, tuple)) else [models]
     with torch.no_grad():
         for model in models:
@@ -228,6 +280,8 @@ def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, 
                         f" the checkpoint gives {tuple(value.shape)}"
                     )
                 param.copy_(value.to(param.dtype))
+                del value
+                reader.release()
 
 
 def from_pretrained(path, head: Optional[str] = None, num_outputs: Optional[int] = None,
@@ -317,12 +371,51 @@ def _hf_tensors(model, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     return out
 
 
+# Files of a model folder that are weights or model config, never copied as "tokenizer files".
+_NOT_TOKENIZER = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def _tokenizer_files(tokenizer_dir) -> List[Path]:
+    d = Path(tokenizer_dir)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d}: tokenizer folder not found")
+    files = [f for f in sorted(d.iterdir())
+             if f.is_file() and f.name not in _NOT_TOKENIZER and not f.name.endswith(_WEIGHT_SUFFIXES)]
+    if not any(f.name.startswith("tokenizer") or f.name in ("vocab.json", "merges.txt") for f in files):
+        raise FileNotFoundError(f"{d}: no tokenizer files (tokenizer.json, tokenizer.model, vocab.json, ...)")
+    return files
+
+
 def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optional[str] = None,
-              dtype: torch.dtype = torch.float32) -> Path:
-    """Write an HF folder loadable by ``transformers`` (collective: every rank calls it)."""
+              dtype: Optional[torch.dtype] = None) -> Path:
+    """Write an HF folder loadable by ``transformers`` (collective: every rank calls it).
+
+    ``head``: None exports what the model is (causal LM, or a score head as
+    ``*ForSequenceClassification``); given, it must match the model. A head model needs
+    ``cfg.pad_token_id``: HF reads the score at the last token that is not the pad id,
+    which is the last real token of a right-padded row as long as the pad id does not
+    also end the real text (pad = eos with an eos-terminated sequence would move HF one
+    token back). ``tokenizer_dir``: its files (everything but weights and config.json)
+    are copied. ``dtype``: of the written tensors; None keeps the model's parameter dtype.
+    Each pipeline stage's first TP / DP rank writes that stage's shard
+    (no rank holds more than its stage), so the folder must be on a filesystem every
+    stage sees.
+    """
     from safetensors.torch import save_file
 
     models = models if isinstance(models, (list, tuple)) else [models]
+    model_head = unwrap_model(models[0]).head_type
+    if dtype is None:
+        dtype = unwrap_model(models[0]).config.params_dtype
+    if head is None:
+        head = model_head
+    elif head != model_head:
+        raise ValueError(f"export_hf: head={head!r}, but the model has head {model_head!r}")
+    if head is not None and cfg.pad_token_id is None:
+        raise ValueError("export_hf: a reward / value model needs model.pad_token_id (HF's"
+                         " sequence classification finds the last token through it)")
+    tok_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -337,7 +430,7 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
         tensors.update(_hf_tensors(m, cfg))
     num_labels = int(tensors["score.weight"].shape[0]) if "score.weight" in tensors else 1
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+    writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
     shard = "model.safetensors" if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
     if writer:
         save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp / shard), metadata={"format": "pt"})
@@ -361,10 +454,8 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
         hf_cfg = cfg.to_hf_dict(head=head, num_labels=head_labels[0])
         hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
-        if tokenizer_dir:
-            for f in Path(tokenizer_dir).iterdir():
-                if f.is_file() and f.name not in ("config.json",) and not f.name.endswith(".safetensors"):
-                    shutil.copy2(f, tmp / f.name)
+        for f in tok_files:
+            shutil.copy2(f, tmp / f.name)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -20,7 +20,14 @@ def token_logprobs(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor) ->
     Through megatron-core's vocab-parallel cross-entropy: each TP rank reduces its own
     vocabulary slice; only [b, s] statistics cross ranks.
     """
-    logits = vocab_parallel_logits.float().transpose(0, 1).contiguous()  # [s, b, v/p], a copy
+    if vocab_parallel_logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"token_logprobs: logits {tuple(vocab_parallel_logits.shape)} and labels {tuple(labels.shape)}"
+            " disagree on [b, s]"
+        )
+    # megatron-core's cross-entropy shifts its input in place: give it its own copy
+    # (transpose + contiguous alone returns the caller's storage when b or s is 1).
+    logits = vocab_parallel_logits.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     return -vocab_parallel_cross_entropy(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1)
 
 

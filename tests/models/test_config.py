@@ -1,0 +1,158 @@
+"""Model config (HF config.json and presets) against transformers' own reading of the same
+configs; RoPE frequencies against transformers' rotary embedding; mask / position helpers,
+masked_mean and reward_at_last_token against hand-computed values. No process group."""
+import json
+
+import pytest
+import torch
+
+from aligner.models import (ModelConfig, UnsupportedModelError, attention_mask_from_padding, masked_mean,
+                            packed_attention_mask, packed_position_ids, position_ids_from_padding,
+                            reward_at_last_token)
+from aligner.models.gpt import rope_inv_freq
+
+PRESETS = ("tiny", "llama_1b", "llama3_8b", "llama3_70b")
+
+
+def _hf_param_count(cfg: ModelConfig) -> int:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_cfg = AutoConfig.for_model(**cfg.to_hf_dict())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_build_the_model_transformers_builds(name):
+    cfg = ModelConfig.preset(name)
+    assert cfg.num_parameters() == _hf_param_count(cfg)
+    assert cfg.padded_vocab_size() % 128 == 0 and cfg.padded_vocab_size() - cfg.vocab_size < 128
+
+
+def test_preset_sizes():
+    # published sizes: Llama-3-8B 8,030,261,248 and Llama-3-70B 70,553,706,496 parameters
+    assert ModelConfig.preset("llama3_8b").num_parameters() == 8_030_261_248
+    assert ModelConfig.preset("llama3_70b").num_parameters() == 70_553_706_496
+    assert 0.9e9 < ModelConfig.preset("llama_1b").num_parameters() < 1.5e9
+    assert ModelConfig.preset("tiny").num_parameters() < 5e6
+
+
+def test_preset_overrides_and_bad_keys(tmp_path):
+    assert ModelConfig.preset("tiny", vocab_size=1000).vocab_size == 1000
+    assert ModelConfig.preset("tiny", vocab_size=1000).padded_vocab_size() == 1024
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hidden_size: 64\nnum_layer: 2\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: unknown model config keys \['num_layer'\]"):
+        ModelConfig.preset(str(bad))
+    with pytest.raises(FileNotFoundError, match="no model preset 'nope'.*tiny"):
+        ModelConfig.preset("nope")
+    with pytest.raises(ValueError, match="num_attention_heads = 6 is not a multiple of.*num_query_groups = 4"):
+        ModelConfig(hidden_size=48, num_attention_heads=6, num_query_groups=4)
+    with pytest.raises(UnsupportedModelError, match="model.qkv_bias = True does not exist in HF LlamaForCausalLM"):
+        ModelConfig(arch="llama", qkv_bias=True)
+    assert ModelConfig(arch="qwen2").qkv_bias and not ModelConfig(arch="mistral").qkv_bias
+
+
+def _llama3_hf():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
+                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                       max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=3)
+
+
+def test_from_hf_and_back(tmp_path):
+    from transformers import AutoConfig
+
+    _llama3_hf().save_pretrained(tmp_path)  # transformers 5 writes rope_parameters
+    cfg = ModelConfig.from_hf(tmp_path)
+    assert (cfg.arch, cfg.num_query_groups, cfg.head_dim, cfg.tie_word_embeddings) == ("llama", 2, 32, True)
+    assert cfg.rope_theta == 500000.0 and cfg.rope_type == "llama3" and cfg.rope_scaling["factor"] == 8.0
+    assert cfg.pad_token_id == 3
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    again = AutoConfig.from_pretrained(out)
+    assert again.rope_parameters["rope_type"] == "llama3" and again.rope_parameters["rope_theta"] == 500000.0
+    assert ModelConfig.from_hf(out).to_dict() == cfg.to_dict()
+    seq = cfg.to_hf_dict(head="reward", num_labels=4)
+    assert seq["architectures"] == ["LlamaForSequenceClassification"] and seq["num_labels"] == 4
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rope_frequencies_match_transformers(scaling):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf = LlamaConfig(hidden_size=256, num_attention_heads=8, rope_theta=500000.0, rope_scaling=scaling,
+                     max_position_embeddings=1024)
+    rotary = LlamaRotaryEmbedding(hf)
+    assert rotary.attention_scaling == 1.0
+    torch.testing.assert_close(rope_inv_freq(ModelConfig.from_hf(hf.to_dict())), rotary.inv_freq, atol=0, rtol=1e-6)
+
+
+def test_unsupported_configs_name_the_file_and_option(tmp_path):
+    base = _llama3_hf().to_dict()
+    cases = {
+        "gelu": (dict(base, hidden_act="gelu"), "hidden_act 'gelu'"),
+        "yarn": (dict(base, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "'yarn'"),
+        "bias": (dict(base, mlp_bias=True), "mlp_bias"),
+        "attn_bias": (dict(base, attention_bias=True), "attention_bias = true"),
+        "qwen_window": (dict(base, model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True),
+                        "use_sliding_window"),
+        "moe": (dict(base, model_type="mixtral", architectures=["MixtralForCausalLM"]), "'mixtral'"),
+    }
+    for name, (cfg, needle) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(UnsupportedModelError) as info:
+            ModelConfig.from_hf(tmp_path / name)
+        assert needle in str(info.value) and f"{name}/config.json" in str(info.value), name
+    (tmp_path / "gqa").mkdir()
+    (tmp_path / "gqa" / "config.json").write_text(json.dumps(dict(base, num_key_value_heads=3)))
+    with pytest.raises(ValueError, match=r"gqa/config.json: model.num_attention_heads = 8 is not a multiple"):
+        ModelConfig.from_hf(tmp_path / "gqa")
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ValueError, match=r"short/config.json: missing key 'vocab_size'"):
+        ModelConfig.from_hf(tmp_path / "short")
+
+
+def test_qwen2_has_qkv_bias_and_mistral_keeps_its_window():
+    from transformers import MistralConfig, Qwen2Config
+
+    assert ModelConfig.from_hf(Qwen2Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2).to_dict()).qkv_bias
+    mistral = ModelConfig.from_hf(MistralConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, sliding_window=4096).to_dict())
+    assert not mistral.qkv_bias and mistral.sliding_window == 4096
+    assert mistral.to_hf_dict()["sliding_window"] == 4096
+
+
+def test_attention_mask_and_positions():
+    pad = torch.tensor([[0, 1, 1], [1, 1, 0]])  # row 0 left-padded, row 1 right-padded
+    blocked = attention_mask_from_padding(pad)
+    assert blocked.shape == (2, 1, 3, 3) and blocked.dtype == torch.bool
+    allowed = (~blocked[:, 0]).int().tolist()
+    assert allowed[0] == [[0, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert allowed[1] == [[1, 0, 0], [1, 1, 0], [1, 1, 0]]
+    assert position_ids_from_padding(pad).tolist() == [[0, 0, 1], [0, 1, 0]]
+    seg = torch.tensor([[0, 0, 1, 1, 1, -1]])
+    assert packed_position_ids(seg).tolist() == [[0, 1, 0, 1, 2, 0]]
+    allowed = (~packed_attention_mask(seg)[0, 0]).int().tolist()
+    assert allowed[3] == [0, 0, 1, 1, 0, 0] and allowed[1] == [1, 1, 0, 0, 0, 0] and allowed[5] == [0] * 5 + [1]
+
+
+def test_masked_mean_and_reward_at_last_token():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    assert masked_mean(x, mask).item() == 1.5
+    assert masked_mean(x, mask, dim=-1).tolist() == [1.5, 0.0]  # nothing selected: 0, not nan
+    assert masked_mean(x, torch.ones_like(x), dim=0).tolist() == [2.5, 3.5, 4.5]
+    values = torch.arange(2 * 4 * 2, dtype=torch.float).reshape(2, 4, 2)  # [b, s, N]
+    assert reward_at_last_token(values, torch.tensor([3, 4])).tolist() == [[4.0, 5.0], [14.0, 15.0]]
+    with pytest.raises(ValueError, match="lengths"):
+        reward_at_last_token(values, torch.tensor([0, 5]))

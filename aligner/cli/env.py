@@ -1,4 +1,8 @@
-"""``aligner env``: the software and hardware stack, for bug reports (``--json`` for machines)."""
+"""``aligner env``: the software and hardware stack, for bug reports (``--json`` for machines).
+
+Every entry is collected on its own: a package that is missing reads "not installed", one
+that fails to import reads "error: <type>: <message>", and the report is still printed.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,63 +11,138 @@ import json
 import os
 import platform
 import sys
-from typing import List, Optional
+from importlib import metadata
+from typing import Any, Callable, List, Optional
+
+NOT_INSTALLED = "not installed"
+
+# report key -> (import name, distribution names to read the version from, first found)
+PACKAGES = {
+    "aligner": ("aligner", ("aligner",)),
+    "torch": ("torch", ("torch",)),
+    "megatron_core": ("megatron.core", ("megatron-core", "megatron_core")),
+    "transformer_engine": ("transformer_engine", ("transformer-engine", "transformer_engine")),
+    "apex": ("apex", ("apex",)),
+    "hydra_core": ("hydra", ("hydra-core",)),
+    "omegaconf": ("omegaconf", ("omegaconf",)),
+    "transformers": ("transformers", ("transformers",)),
+    "safetensors": ("safetensors", ("safetensors",)),
+    "tokenizers": ("tokenizers", ("tokenizers",)),
+    "sentencepiece": ("sentencepiece", ("sentencepiece",)),
+    "numpy": ("numpy", ("numpy",)),
+    "pybind11": ("pybind11", ("pybind11",)),
+}
 
 
-def _version(module: str) -> str:
+def _error(exc: BaseException) -> str:
+    return f"error: {type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def package_version(import_name: str, distributions=()) -> str:
+    """The version of an importable package; "not installed" or "error: ..." otherwise."""
     try:
-        mod = importlib.import_module(module)
+        module = importlib.import_module(import_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and import_name.startswith(exc.name):
+            return NOT_INSTALLED
+        return _error(exc)
     except Exception as exc:  # a broken install is worth reporting, not crashing on
-        return "not installed" if isinstance(exc, ImportError) else f"error: {type(exc).__name__}: {exc}"
-    return str(getattr(mod, "__version__", "installed"))
+        return _error(exc)
+    version = getattr(module, "__version__", None)
+    for dist in distributions:
+        if version:
+            break
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return str(version or "installed (version unknown)")
 
 
-def collect() -> dict:
-    import torch
-
-    info = {
-        "aligner": _version("aligner"),
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_cuda_build": torch.version.cuda or "none (CPU build)",
-        "megatron_core": _version("megatron.core"),
-        "transformer_engine": _version("transformer_engine"),
-        "apex": _version("apex"),
-        "hydra_core": _version("hydra"),
-        "omegaconf": _version("omegaconf"),
-        "transformers": _version("transformers"),
-        "safetensors": _version("safetensors"),
-        "sentencepiece": _version("sentencepiece"),
-        "cuda_available": torch.cuda.is_available(),
-        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [],
-        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "nccl_available": torch.distributed.is_nccl_available(),
-        "nccl_version": ".".join(map(str, torch.cuda.nccl.version())) if torch.distributed.is_nccl_available() and torch.cuda.is_available() else None,
-        "gloo_available": torch.distributed.is_gloo_available(),
-    }
+def _safe(fn: Callable[[], Any]) -> Any:
     try:
-        import aligner._C  # noqa: F401
+        return fn()
+    except Exception as exc:
+        return _error(exc)
 
-        info["packing_extension"] = "built (aligner._C)"
-    except ImportError:
-        info["packing_extension"] = "not built (pure-Python packer in use)"
+
+def _torch_info() -> dict:
+    try:
+        import torch
+    except Exception:
+        return {"torch_cuda_build": NOT_INSTALLED}
+    cuda = torch.cuda.is_available()
+    dist = torch.distributed.is_available()
+    info = {
+        "torch_cuda_build": torch.version.cuda or "none (CPU build)",
+        "cuda_available": cuda,
+        "gpu_count": torch.cuda.device_count() if cuda else 0,
+        "gpus": [
+            f"{p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})"
+            for p in (torch.cuda.get_device_properties(i) for i in range(torch.cuda.device_count()))
+        ] if cuda else [],
+        "cudnn": _safe(lambda: torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None),
+        "nccl_available": dist and torch.distributed.is_nccl_available(),
+        "nccl_version": None,
+        "gloo_available": dist and torch.distributed.is_gloo_available(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if info["nccl_available"]:
+        info["nccl_version"] = _safe(lambda: ".".join(map(str, torch.cuda.nccl.version())))
     return info
 
 
+def _packing_extension() -> str:
+    try:
+        from aligner import _C
+    except ImportError as exc:
+        return f"not built ({exc}); the pure-Python packer is used"
+    return f"built ({os.path.basename(_C.__file__)})"
+
+
+def collect() -> dict:
+    """The report as a flat dict (JSON-serialisable)."""
+    info: dict = {
+        "python": f"{sys.version.split()[0]} ({sys.executable})",
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    for key, (import_name, dists) in PACKAGES.items():
+        info[key] = package_version(import_name, dists)
+        if key == "torch":
+            info.update(_torch_info())
+    info["packing_extension"] = _packing_extension()
+    launch = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
+                                         "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    info["launch_env"] = launch or None
+    return info
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, list):
+        return ", ".join(map(str, value)) if value else "-"
+    if isinstance(value, dict):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="aligner env", description=__doc__)
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser = argparse.ArgumentParser(
+        prog="aligner env", description="Print the software and hardware stack (paste it into bug reports)."
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output (one JSON object)")
     args = parser.parse_args(argv)
     info = collect()
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         width = max(map(len, info))
-        for k, v in info.items():
-            print(f"{k:<{width}}  {v}")
+        for key, value in info.items():
+            print(f"{key:<{width}}  {_text(value)}")
     return 0
 
 

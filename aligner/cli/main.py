@@ -1,7 +1,9 @@
 """``aligner``: the command-line entry point (a dispatcher over ``aligner.cli.<module>``).
 
-Each subcommand lives in its own module with ``main(argv) -> int`` and is imported only
-when used, so ``aligner --help`` and ``aligner env`` stay fast.
+``aligner <command> [args...]`` imports ``aligner.cli.<module>`` only when that command is
+used (so ``aligner --help`` stays instant) and returns its ``main(args) -> int``. Exit
+status 2: a usage error, an unknown command, or a command whose module (or a package it
+needs) is not installed; the message says which.
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import sys
 import warnings
 from typing import List, Optional
 
+# command -> (module under aligner.cli, one-line description)
 SUBCOMMANDS = {
     "quickstart": ("quickstart", "the embedded end-to-end recipe: world -> SFT -> reward models -> DPO -> report"),
-    "train": ("train", "train with a Hydra config from conf/ (sft, rm_regression, rm_bt, dpo, recipes)"),
+    "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, recipes)"),
     "data": ("data", "synthesise the embedded world; validate, inspect and pack data files"),
     "generate": ("generate", "generate responses for a prompts file (optionally scored by a reward model)"),
     "rm": ("rm", "reward-model utilities: score a file, ExPO extrapolation"),
@@ -22,37 +25,73 @@ SUBCOMMANDS = {
 }
 
 
-def _usage() -> str:
+def usage() -> str:
     lines = ["usage: aligner <command> [args...]", "", "commands:"]
     lines += [f"  {name:<11} {desc}" for name, (_, desc) in SUBCOMMANDS.items()]
-    lines += ["", "aligner <command> --help describes a command; aligner --version prints the version."]
+    lines += [
+        "",
+        "options:",
+        "  -h, --help     show this message",
+        "  -V, --version  print the aligner version",
+        "",
+        "aligner <command> --help describes a command.",
+    ]
     return "\n".join(lines)
+
+
+def _load(name: str):
+    """The module of command ``name``, or None after printing why it cannot be loaded."""
+    module_name = f"aligner.cli.{SUBCOMMANDS[name][0]}"
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            print(f"aligner: the {name!r} command is not available in this installation"
+                  f" ({module_name} is missing)", file=sys.stderr)
+        elif exc.name and not exc.name.startswith("aligner"):
+            print(f"aligner: the {name!r} command needs the Python package {exc.name.split('.')[0]!r},"
+                  f" which is not installed (`aligner env` lists the stack)", file=sys.stderr)
+        else:
+            raise
+        return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0 if argv else 2
-    if argv[0] == "--version":
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
         from aligner import __version__
 
         print(f"aligner {__version__}")
         return 0
+    if argv[0] == "help":  # `aligner help train` = `aligner train --help`
+        if len(argv) == 1:
+            print(usage())
+            return 0
+        argv = [argv[1], "--help"]
     name, rest = argv[0], argv[1:]
     if name not in SUBCOMMANDS:
-        print(f"aligner: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"aligner: unknown command {name!r}; expected one of: {', '.join(SUBCOMMANDS)}\n\n{usage()}",
+              file=sys.stderr)
         return 2
     # megatron-core announces at import that TE / Apex are absent; `aligner env` reports that
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+    module = _load(name)
+    if module is None:
+        return 2
     try:
-        module = importlib.import_module(f"aligner.cli.{SUBCOMMANDS[name][0]}")
-    except ModuleNotFoundError as exc:
-        if exc.name == f"aligner.cli.{SUBCOMMANDS[name][0]}":
-            print(f"aligner: the {name!r} command is not available in this installation", file=sys.stderr)
-            return 2
-        raise
-    return int(module.main(rest) or 0)
+        return int(module.main(rest) or 0)
+    except SystemExit as exc:  # argparse's --help / usage errors inside the command
+        code = exc.code
+        if code is None or isinstance(code, int):
+            return int(code or 0)
+        print(code, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 torchrun variables set (free port on 127.0.0.1), calls ``fn(*args, **kwargs)`` in each and
 returns the list of per-rank results. A rank that raises, dies or outlives ``timeout``
 fails the whole call with :class:`SpawnError` (the rank, its traceback or exit code) and
-every remaining rank is killed: a broken rank never blocks the caller.
+every remaining rank is killed: a broken rank never blocks the caller. Each rank leads a
+process group, killed when the call returns, so nothing a rank started outlives it (POSIX).
 ``fn`` and its arguments must be picklable (a module-level function).
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
+import signal
 import time
 import traceback
 from typing import Any, Callable
@@ -25,6 +27,9 @@ class SpawnError(RuntimeError):
 
 
 def _worker(rank, world_size, port, fn, args, kwargs, results, threads):
+    # Each rank leads its own process group, so that whatever it starts (a checkpoint
+    # writer's manager, a subprocess) is killed with it instead of outliving the job.
+    os.setpgid(0, 0)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -50,6 +55,14 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, threads):
             destroy()
         except Exception:
             pass
+
+
+def _kill_group(pid: int) -> None:
+    """SIGKILL the process group a rank leads (the rank and anything it started)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def spawn_local(
@@ -83,8 +96,8 @@ def spawn_local(
                 rank, ok, payload = results.get(timeout=0.2)
             except queue_mod.Empty:
                 for rank, p in enumerate(procs):
-                    if rank not in outputs and p.exitcode is not None and p.exitcode != 0:
-                        # give a rank that raised a moment to deliver its traceback
+                    if rank not in outputs and p.exitcode is not None:
+                        # give a rank that raised (or returned) a moment to deliver its message
                         try:
                             r2, ok2, payload2 = results.get(timeout=2.0)
                         except queue_mod.Empty:
@@ -107,7 +120,9 @@ def spawn_local(
             p.join(timeout=max(1.0, deadline - time.monotonic()))
     finally:
         for p in procs:
-            if p.is_alive():
+            if p.pid is not None:
+                _kill_group(p.pid)
+            if p.is_alive():  # killed before it made its process group
                 p.kill()
         for p in procs:
             p.join(timeout=5)

@@ -15,12 +15,11 @@ import datetime
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
-from aligner.parallel import cpu_bridge
 
 
 class LayoutError(ValueError):
@@ -78,6 +77,11 @@ def validate_layout(
             raise LayoutError(f"parallel.{key} must be a positive integer, got {value!r}")
     if parallel.vpp is not None and (not isinstance(parallel.vpp, int) or parallel.vpp < 1):
         raise LayoutError(f"parallel.vpp must be a positive integer or null, got {parallel.vpp!r}")
+    if parallel.vpp is not None and parallel.pp == 1:
+        raise LayoutError(
+            f"parallel.vpp = {parallel.vpp} (virtual pipeline stages) needs pipeline parallelism, but"
+            f" parallel.pp = 1; set parallel.vpp = null or parallel.pp > 1"
+        )
     if parallel.backend not in ("auto", "nccl", "gloo"):
         raise LayoutError(f"parallel.backend must be one of auto, nccl, gloo; got {parallel.backend!r}")
     model_parallel = parallel.tp * parallel.pp * parallel.cp
@@ -123,15 +127,25 @@ def validate_layout(
     return dp
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm node list such as ``node[003-005,007],gpu1`` -> ``node003``."""
-    first = re.split(r",(?![^\[]*\])", nodelist)[0]
-    m = re.match(r"^([^\[]+)\[([^\]]+)\]", first)
-    if not m:
-        return first
-    prefix, ranges = m.groups()
-    start = ranges.split(",")[0].split("-")[0]
-    return prefix + start
+def _first_slurm_host(nodelist: str, key: Optional[str] = "SLURM_NODELIST") -> str:
+    """First host of a Slurm node list: ``node[003-005,007],gpu1`` -> ``node003``,
+    ``rack[1-2]-n[01-04]-ib`` -> ``rack1-n01-ib`` (each bracket expands to its first value)."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    if first.count("[") != first.count("]"):
+        raise ValueError(f"environment variable {key} = {nodelist!r} is not a Slurm node list: unbalanced brackets")
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0], first)
+
+
+def _env_int(env, key: str, default: Optional[int] = None) -> int:
+    value = env.get(key)
+    if value is None or value == "":
+        if default is None:
+            raise ValueError(f"environment variable {key} is not set")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {key} = {value!r} is not an integer") from None
 
 
 def free_port() -> int:
@@ -141,30 +155,45 @@ def free_port() -> int:
 
 
 def read_dist_env(environ=None) -> DistEnv:
-    """Where this process sits in the job, from torchrun or Slurm variables (torchrun first)."""
+    """Where this process sits in the job, from torchrun or Slurm variables (torchrun first).
+
+    torchrun: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``.
+    Slurm (one task per GPU under ``srun``): ``SLURM_PROCID``, ``SLURM_NTASKS``,
+    ``SLURM_LOCALID``; the rendezvous host is ``MASTER_ADDR`` if set, else the first host of
+    ``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST`` / ``SLURM_NODELIST``; port
+    ``MASTER_PORT`` or 29500. Neither: a single process. Raises ``ValueError`` naming the
+    variable for a non-integer value or a rank outside the world.
+    """
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", 29500)),
+        denv = DistEnv(
+            rank=_env_int(env, "RANK"),
+            world_size=_env_int(env, "WORLD_SIZE"),
+            local_rank=_env_int(env, "LOCAL_RANK", 0),
+            master_addr=env.get("MASTER_ADDR") or "127.0.0.1",
+            master_port=_env_int(env, "MASTER_PORT", 29500),
             launcher="torchrun",
         )
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get(
-            "SLURM_NODELIST", "127.0.0.1"
-        )
-        return DistEnv(
-            rank=int(env["SLURM_PROCID"]),
-            world_size=int(env["SLURM_NTASKS"]),
-            local_rank=int(env.get("SLURM_LOCALID", 0)),
-            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
-            master_port=int(env.get("MASTER_PORT", 29500)),
+        names = ("RANK", "WORLD_SIZE")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        key = next((k for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") if env.get(k)), None)
+        nodelist = env[key] if key else "127.0.0.1"
+        denv = DistEnv(
+            rank=_env_int(env, "SLURM_PROCID"),
+            world_size=_env_int(env, "SLURM_NTASKS"),
+            local_rank=_env_int(env, "SLURM_LOCALID", 0),
+            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist, key),
+            master_port=_env_int(env, "MASTER_PORT", 29500),
             launcher="slurm",
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
+        names = ("SLURM_PROCID", "SLURM_NTASKS")
+    else:
+        return DistEnv(0, 1, 0, "127.0.0.1", _env_int(env, "MASTER_PORT", 0) or free_port(), "single")
+    if denv.world_size < 1 or not 0 <= denv.rank < denv.world_size:
+        raise ValueError(
+            f"{names[0]} = {denv.rank} is not a rank of a world of {names[1]} = {denv.world_size}"
+        )
+    return denv
 
 
 _DEVICE: Optional[torch.device] = None
@@ -200,6 +229,8 @@ def initialize(parallel: Optional[ParallelConfig] = None, **model_dims) -> DistE
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
         _DEVICE = torch.device("cuda", torch.cuda.current_device())
     else:
+        from aligner.parallel import cpu_bridge
+
         cpu_bridge.engage()
         _DEVICE = torch.device("cpu")
 
@@ -232,6 +263,8 @@ def initialize(parallel: Optional[ParallelConfig] = None, **model_dims) -> DistE
             create_gloo_process_groups=True,
         )
     if not use_cuda:
+        from aligner.parallel import cpu_bridge
+
         cpu_bridge.patch_loaded_modules()
     model_parallel_cuda_manual_seed(parallel.seed)
     return denv
@@ -255,9 +288,9 @@ def set_seed(seed: int) -> None:
 def destroy() -> None:
     """Tear down megatron-core's parallel state and the default process group."""
     global _DEVICE
-    from megatron.core import parallel_state
+    parallel_state = sys.modules.get("megatron.core.parallel_state")  # not loaded: nothing to tear down
 
-    if parallel_state.model_parallel_is_initialized():
+    if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -318,57 +318,52 @@ def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat(parts, dim)
 
 
-def _hf_tensors(model, cfg: ModelConfig) -> Dict[str, torch.Tensor]:
-    """Full HF tensors of this pipeline stage's part of ``model`` (collective over TP)."""
+def _iter_hf_tensors(model, cfg: ModelConfig):
+    """(HF name, full tensor) for this pipeline stage's part of ``model``, one parameter at
+    a time (collective over TP: every TP rank iterates in the same order)."""
     tp, _ = _tp()
     h, d = cfg.hidden_size, cfg.head_dim
     r = cfg.num_attention_heads // cfg.num_query_groups
-    out = {}
     for name, param, layer in _param_sources(model):
         t = param.detach().float().cpu() if param.device.type != "cpu" else param.detach().float()
         if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
             full = _gather_tp(t, 0)[: cfg.vocab_size]
             if name == "embedding.word_embeddings.weight":
-                out["model.embed_tokens.weight"] = full
+                yield "model.embed_tokens.weight", full
             elif not cfg.tie_word_embeddings:
-                out["lm_head.weight"] = full
+                yield "lm_head.weight", full
             continue
         if name == "decoder.final_layernorm.weight":
-            out["model.norm.weight"] = t
+            yield "model.norm.weight", t
             continue
         if name == "head.weight":
-            out["score.weight"] = t
+            yield "score.weight", t
             continue
         p = f"model.layers.{layer}."
         if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
             kind = "weight" if name.endswith("weight") else "bias"
-            full = _gather_tp(t, 0)
             tail = [h] if kind == "weight" else []
-            grouped = full.reshape(cfg.num_query_groups, (r + 2) * d, *tail)
-            out[p + f"self_attn.q_proj.{kind}"] = grouped[:, : r * d].reshape(-1, *tail)
-            out[p + f"self_attn.k_proj.{kind}"] = grouped[:, r * d : (r + 1) * d].reshape(-1, *tail)
-            out[p + f"self_attn.v_proj.{kind}"] = grouped[:, (r + 1) * d :].reshape(-1, *tail)
+            grouped = _gather_tp(t, 0).reshape(cfg.num_query_groups, (r + 2) * d, *tail)
+            yield p + f"self_attn.q_proj.{kind}", grouped[:, : r * d].reshape(-1, *tail)
+            yield p + f"self_attn.k_proj.{kind}", grouped[:, r * d : (r + 1) * d].reshape(-1, *tail)
+            yield p + f"self_attn.v_proj.{kind}", grouped[:, (r + 1) * d :].reshape(-1, *tail)
         elif name.endswith("linear_proj.weight"):
-            out[p + "self_attn.o_proj.weight"] = _gather_tp(t, 1)
+            yield p + "self_attn.o_proj.weight", _gather_tp(t, 1)
         elif name.endswith("linear_fc1.weight"):
-            parts = [torch.empty_like(t) for _ in range(tp)]
+            # each TP rank holds [its gate rows; its up rows]
+            parts = [torch.empty_like(t) for _ in range(tp)] if tp > 1 else [t]
             if tp > 1:
                 dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-            else:
-                parts = [t]
-            gates = [x[: x.shape[0] // 2] for x in parts]
-            ups = [x[x.shape[0] // 2 :] for x in parts]
-            out[p + "mlp.gate_proj.weight"] = torch.cat(gates, 0)
-            out[p + "mlp.up_proj.weight"] = torch.cat(ups, 0)
+            yield p + "mlp.gate_proj.weight", torch.cat([x[: x.shape[0] // 2] for x in parts], 0)
+            yield p + "mlp.up_proj.weight", torch.cat([x[x.shape[0] // 2 :] for x in parts], 0)
         elif name.endswith("linear_fc2.weight"):
-            out[p + "mlp.down_proj.weight"] = _gather_tp(t, 1)
+            yield p + "mlp.down_proj.weight", _gather_tp(t, 1)
         elif name.endswith("input_layernorm.weight") or name.endswith("linear_qkv.layer_norm_weight"):
-            out[p + "input_layernorm.weight"] = t
+            yield p + "input_layernorm.weight", t
         elif name.endswith("pre_mlp_layernorm.weight") or name.endswith("linear_fc1.layer_norm_weight"):
-            out[p + "post_attention_layernorm.weight"] = t
+            yield p + "post_attention_layernorm.weight", t
         else:
             raise CheckpointError(f"no HF counterpart known for parameter {name!r}")
-    return out
 
 
 # Files of a model folder that are weights or model config, never copied as "tokenizer files".
@@ -388,7 +383,7 @@ def _tokenizer_files(tokenizer_dir) -> List[Path]:
 
 
 def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optional[str] = None,
-              dtype: Optional[torch.dtype] = None) -> Path:
+              dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 4 * 2**30) -> Path:
     """Write an HF folder loadable by ``transformers`` (collective: every rank calls it).
 
     ``head``: None exports what the model is (causal LM, or a score head as
@@ -398,8 +393,10 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
     also end the real text (pad = eos with an eos-terminated sequence would move HF one
     token back). ``tokenizer_dir``: its files (everything but weights and config.json)
     are copied. ``dtype``: of the written tensors; None keeps the model's parameter dtype.
-    Each pipeline stage's first TP / DP rank writes that stage's shard
-    (no rank holds more than its stage), so the folder must be on a filesystem every
+    Parameters are gathered over TP one at a time; each pipeline stage's first TP / DP
+    rank writes that stage's tensors in files of at most ``max_shard_bytes`` (one file:
+    ``model.safetensors``; more: ``model-0000k-of-0000n.safetensors`` and the index), so no
+    rank holds more than one file's worth, and the folder must be on a filesystem every
     stage sees.
     """
     from safetensors.torch import save_file
@@ -425,32 +422,56 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
         tmp.mkdir(parents=True)
     if dist.is_initialized():
         dist.barrier()
-    tensors: Dict[str, torch.Tensor] = {}
-    for m in models:
-        tensors.update(_hf_tensors(m, cfg))
-    num_labels = int(tensors["score.weight"].shape[0]) if "score.weight" in tensors else 1
+    # Stream: gather one parameter at a time; the stage's writer packs the tensors into
+    # files of at most max_shard_bytes, so no rank holds more than one file's worth.
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     writer = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank(with_context_parallel=True) == 0
-    shard = "model.safetensors" if pp == 1 else f"model-{pp_rank + 1:05d}-of-{pp:05d}.safetensors"
-    if writer:
-        save_file({k: v.to(dtype).contiguous() for k, v in tensors.items()}, str(tmp / shard), metadata={"format": "pt"})
-    # every stage's key list reaches rank 0 for the index
-    keys = [(shard, sorted(tensors))] if writer else []
+    written: List[Tuple[str, List[str], int]] = []  # (file name, tensor names, bytes)
+    buffer: Dict[str, torch.Tensor] = {}
+    num_labels = 1
+
+    def flush():
+        if buffer:
+            part = f"stage{pp_rank:05d}-part{len(written):05d}.safetensors"
+            save_file(buffer, str(tmp / part), metadata={"format": "pt"})
+            written.append((part, sorted(buffer), sum(t.nbytes for t in buffer.values())))
+            buffer.clear()
+
+    for m in models:
+        for name, tensor in _iter_hf_tensors(m, cfg):
+            if name == "score.weight":
+                num_labels = int(tensor.shape[0])
+            if not writer:
+                continue
+            tensor = tensor.to(dtype).contiguous()
+            if buffer and sum(t.nbytes for t in buffer.values()) + tensor.nbytes > max_shard_bytes:
+                flush()
+            buffer[name] = tensor
+    flush()
+    # rank 0 names the files in stage order and writes the index
     gathered = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
     if dist.is_initialized():
-        dist.all_gather_object(gathered, keys)
+        dist.all_gather_object(gathered, (pp_rank, written))
     else:
-        gathered = [keys]
+        gathered = [(pp_rank, written)]
     head_labels = [num_labels]
     if dist.is_initialized() and pp > 1:
         dist.broadcast_object_list(head_labels, src=ps.get_pipeline_model_parallel_last_rank(),
                                    group=ps.get_pipeline_model_parallel_group())
     if rank == 0:
-        if pp > 1:
-            weight_map = {k: s for entry in gathered for s, ks in entry for k in ks}
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
-            )
+        parts = [f for _, files in sorted(gathered, key=lambda x: x[0]) for f in files]
+        total = len(parts)
+        if total == 1:
+            os.replace(tmp / parts[0][0], tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, (part, names, _) in enumerate(parts):
+                final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+                os.replace(tmp / part, tmp / final)
+                weight_map.update({k: final for k in names})
+            size = sum(nbytes for _, _, nbytes in parts)
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         hf_cfg = cfg.to_hf_dict(head=head, num_labels=head_labels[0])
         hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))

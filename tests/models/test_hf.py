@@ -158,6 +158,10 @@ def run_world1(root):
     initialize(ParallelConfig())
     out = _layout(root, 1, 1)
     out["export_rc"] = export_main([f"{root}/rm_ckpt", f"{root}/rm_cli_export"])
+    from aligner.models import export_hf
+
+    models, cfg = from_pretrained(f"{root}/llama")
+    export_hf(models, cfg, f"{root}/llama_export_small_files", max_shard_bytes=200_000)
     x = torch.randn(1, 6, 128)
     kept = x.clone()
     token_logprobs(x, torch.zeros(1, 6, dtype=torch.long))
@@ -317,6 +321,27 @@ def test_export_round_trip_is_bit_identical(runs, name, layout):
     ref, _ = _hf(f"{root}/{name}", seq_cls=name == "rm")
     got, _ = _hf(str(dst_dir), seq_cls=name == "rm")
     assert torch.equal(ref, got)
+
+
+def test_export_splits_files_by_size(runs):
+    from safetensors.torch import load_file
+
+    root, _ = runs
+    dst = Path(f"{root}/llama_export_small_files")
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) >= 3 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    assert all((dst / f).stat().st_size < 200_000 + 10_000 for f in files)
+    src = load_file(f"{root}/llama/model.safetensors")
+    got = {}
+    for f in files:
+        part = load_file(str(dst / f))
+        assert all(index["weight_map"][k] == f for k in part)
+        got.update(part)
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in src.values())
+    assert sorted(got) == sorted(src) and all(torch.equal(src[k], got[k]) for k in src)
+    ref, _ = _hf(f"{root}/llama")
+    assert torch.equal(ref, _hf(str(dst))[0])
 
 
 def test_export_copies_tokenizer_files_only(runs):

@@ -1,0 +1,205 @@
+"""The DPO family: DPO, IPO, RPO (sq / fwd KL / bwd KL), margin and scaled DPO, and the
+entry point :func:`preference_loss` with the optional SFT term (docs/dpo.md).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from aligner.algorithms.losses.common import LossAndStats, Stats, _check_pairs, _check_same_shape, _mean, _strength
+
+
+def _implicit_reward_stats(beta: float, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                           ref_rejected_logps) -> Stats:
+    rc = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    rr = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    return {
+        "rewards/chosen": rc.float().mean(),
+        "rewards/rejected": rr.float().mean(),
+        "rewards/margins": (rc - rr).float().mean(),
+        "rewards/accuracy": (rc > rr).float().mean(),
+        "logps/chosen": _mean(policy_chosen_logps),
+        "logps/rejected": _mean(policy_rejected_logps),
+    }
+
+
+def _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps) -> torch.Tensor:
+    """``Δ = ρ_c − ρ_r`` with ``ρ = logπ − logπ_ref`` per sequence (summed or averaged by the caller)."""
+    _check_pairs(
+        policy_chosen_logps=policy_chosen_logps,
+        policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps,
+        ref_rejected_logps=ref_rejected_logps,
+    )
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def _reward_gap(reward_gap, like: torch.Tensor, kind: str) -> torch.Tensor:
+    if reward_gap is None:
+        raise ValueError(f"kind {kind!r} needs `reward_gap` = r*_chosen − r*_rejected per pair")
+    gap = torch.as_tensor(reward_gap, dtype=like.dtype, device=like.device)
+    if gap.shape != like.shape:
+        raise ValueError(f"reward_gap has shape {tuple(gap.shape)}; expected {tuple(like.shape)}")
+    return gap
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **_) -> torch.Tensor:
+    """DPO (REFERENCE section 3): ``−logσ(βΔ)`` per pair, [b] -> [b].
+
+    Identical chosen and rejected (Δ = 0) give ``ln 2 = 0.693147``.
+    """
+    delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -F.logsigmoid(beta * delta)
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **_) -> torch.Tensor:
+    """IPO (REFERENCE section 3): ``(Δ − 1/(2β))²`` per pair, [b] -> [b]."""
+    delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return (delta - 1.0 / (2.0 * beta)) ** 2
+
+
+def rpo_sq_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                reward_gap=None, eta=1.0, **_) -> torch.Tensor:
+    """Reward-aware PO, squared (REFERENCE section 3): ``(βΔ − η(r*_c − r*_r))²`` per pair.
+
+    reward_gap: [b] ground-truth ``r*_c − r*_r``; eta: its scale ``η``.
+    """
+    delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    gap = _reward_gap(reward_gap, delta, "rpo_sq")
+    return (beta * delta - eta * gap) ** 2
+
+
+def _bernoulli_kl(logit_p: torch.Tensor, logit_q: torch.Tensor) -> torch.Tensor:
+    """``KL(Bern(σ(logit_p)) ‖ Bern(σ(logit_q)))``, computed from log-sigmoids (stable)."""
+    log_p, log_1mp = F.logsigmoid(logit_p), F.logsigmoid(-logit_p)
+    log_q, log_1mq = F.logsigmoid(logit_q), F.logsigmoid(-logit_q)
+    return log_p.exp() * (log_p - log_q) + log_1mp.exp() * (log_1mp - log_1mq)
+
+
+def rpo_bwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                    reward_gap=None, eta=1.0, **_) -> torch.Tensor:
+    """Reward-aware PO, backward KL (REFERENCE section 3):
+    ``KL(Bern(σ(η(r*_c − r*_r))) ‖ Bern(σ(βΔ)))`` per pair — the target distribution first."""
+    delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    gap = _reward_gap(reward_gap, delta, "rpo_bwd_kl")
+    return _bernoulli_kl(eta * gap, beta * delta)
+
+
+def rpo_fwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                    reward_gap=None, eta=1.0, **_) -> torch.Tensor:
+    """Reward-aware PO, forward KL (REFERENCE section 3): the reverse direction of
+    :func:`rpo_bwd_kl_loss`, ``KL(Bern(σ(βΔ)) ‖ Bern(σ(η(r*_c − r*_r))))`` per pair."""
+    delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    gap = _reward_gap(reward_gap, delta, "rpo_fwd_kl")
+    return _bernoulli_kl(beta * delta, eta * gap)
+
+
+def margin_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                    strength=None, margin=None, **_) -> torch.Tensor:
+    """Margin DPO from preference strength (REFERENCE section 3, HelpSteer2-Preference):
+    the margin Bradley-Terry loss on the implicit reward difference, ``−logσ(βΔ − m)``
+    per pair, ``m`` = ``margin`` when given, else ``|strength|``."""
+    delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if margin is not None:
+        m = torch.as_tensor(margin, dtype=delta.dtype, device=delta.device)
+        _check_same_shape("policy_chosen_logps", delta, margin=m)
+    else:
+        m = _strength(strength, delta, "margin_dpo")
+    return -F.logsigmoid(beta * delta - m)
+
+
+def scaled_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                    strength=None, **_) -> torch.Tensor:
+    """Scaled DPO from preference strength (REFERENCE section 3, HelpSteer2-Preference):
+    the scaled Bradley-Terry loss on the implicit reward difference, ``−m·logσ(βΔ)`` per
+    pair with ``m = |strength|``."""
+    delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -_strength(strength, delta, "scaled_dpo") * F.logsigmoid(beta * delta)
+
+
+PreferenceLossFn = Callable[..., torch.Tensor]
+PREFERENCE_LOSSES: Dict[str, PreferenceLossFn] = {
+    "dpo": dpo_loss,
+    "ipo": ipo_loss,
+    "rpo_sq": rpo_sq_loss,
+    "rpo_fwd_kl": rpo_fwd_kl_loss,
+    "rpo_bwd_kl": rpo_bwd_kl_loss,
+    "margin_dpo": margin_dpo_loss,
+    "scaled_dpo": scaled_dpo_loss,
+}
+
+
+def register_preference_loss(name: str) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
+    """Decorator adding a per-pair loss ``fn(pc, pr, rc, rr, beta, **kw) -> [b]`` to the registry."""
+
+    def add(fn: PreferenceLossFn) -> PreferenceLossFn:
+        if name in PREFERENCE_LOSSES:
+            raise ValueError(f"preference loss {name!r} is already registered")
+        PREFERENCE_LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def preference_loss(
+    kind: str,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    *,
+    strength: Optional[torch.Tensor] = None,
+    margin: Optional[torch.Tensor] = None,
+    reward_gap: Optional[torch.Tensor] = None,
+    eta: float = 1.0,
+    chosen_nll: Optional[torch.Tensor] = None,
+    sft_weight: float = 0.0,
+    preference_weight: float = 1.0,
+) -> LossAndStats:
+    """The DPO family's entry point (REFERENCE section 3).
+
+    ``total = preference_weight · mean_pairs(L_kind) + sft_weight · mean_pairs(chosen_nll)``
+
+    Inputs are per-sequence quantities [b]: policy and reference log-probs of the chosen
+    and rejected responses, each summed over response tokens or averaged per token (see
+    :func:`sequence_logps`; both of a pair must use the same reduction). ``kind`` is a key
+    of :data:`PREFERENCE_LOSSES`: ``dpo``, ``ipo``, ``rpo_sq``, ``rpo_fwd_kl``,
+    ``rpo_bwd_kl``, ``margin_dpo``, ``scaled_dpo``. Kind-specific inputs:
+    ``strength`` (|preference_strength|, margin/scaled), ``margin`` (margin_dpo, instead
+    of strength), ``reward_gap`` and ``eta`` (RPO). Inputs a kind does not use are
+    ignored, so a trainer may always pass its batch's fields.
+
+    ``chosen_nll`` [b]: the SFT term's per-sequence NLL of the chosen response,
+    ``−mean_t log π(y_t)``; required when ``sft_weight > 0``.
+
+    Stats: ``loss``, ``loss/preference``, ``loss/sft`` (when chosen_nll is given),
+    ``rewards/chosen`` = mean βρ_c, ``rewards/rejected`` = mean βρ_r, ``rewards/margins``
+    = mean βΔ, ``rewards/accuracy`` = fraction βρ_c > βρ_r, ``logps/chosen``,
+    ``logps/rejected``.
+    """
+    if kind not in PREFERENCE_LOSSES:
+        raise ValueError(f"unknown preference loss {kind!r}; one of {sorted(PREFERENCE_LOSSES)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    per_pair = PREFERENCE_LOSSES[kind](
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+        strength=strength, margin=margin, reward_gap=reward_gap, eta=eta,
+    )
+    pref = per_pair.mean()
+    total = preference_weight * pref
+    stats: Stats = {"loss/preference": pref.detach()}
+    if sft_weight and chosen_nll is None:
+        raise ValueError("sft_weight > 0 needs chosen_nll (−mean log π of each chosen response)")
+    if chosen_nll is not None:
+        _check_pairs(policy_chosen_logps=policy_chosen_logps, chosen_nll=chosen_nll)
+        sft = chosen_nll.mean()
+        stats["loss/sft"] = sft.detach()
+        if sft_weight:
+            total = total + sft_weight * sft
+    stats["loss"] = total.detach()
+    stats.update(_implicit_reward_stats(beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                                        ref_rejected_logps))
+    return total, stats

@@ -88,7 +88,7 @@ def run_aligner(model_dir, pairs, args):
     from aligner.models import from_pretrained
     from aligner.parallel import ParallelConfig, initialize, is_initialized
     from aligner.training.config import OptimSection, TrainerSection
-    from aligner.training.loop import Trainer
+    from aligner.training.loop import TrainingLoop
 
     if not is_initialized():
         initialize(ParallelConfig(seed=0))
@@ -101,7 +101,7 @@ def run_aligner(model_dir, pairs, args):
             "rejected": torch.cat([p, r]), "rejected_loss_mask": torch.cat([zeros, torch.ones(len(r))]),
             "index": i,
         })
-    trainer = Trainer(
+    trainer = TrainingLoop(
         DPOAlgorithm(pad_id=0, beta=0.1, packing=args.packing, capacity=2 * (len(pairs[0][0]) + len(pairs[0][1]))),
         models, samples,
         optim=OptimSection(lr=1e-4, clip_grad=1.0),

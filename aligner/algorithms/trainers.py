@@ -5,7 +5,7 @@ where ``cfg`` is the composed config (a dict, DictConfig or the dataclass schema
 the sections of :class:`aligner.training.config.RunConfig` plus the algorithm's own
 (``sft``, ``rm``, ``dpo``). Each trainer initialises the parallel layout (unless already
 initialised), loads the tokenizer and data, builds the model (random init or ``init.hf``)
-and runs :class:`aligner.training.loop.Trainer`.
+and runs :class:`aligner.training.loop.TrainingLoop`.
 """
 from __future__ import annotations
 
@@ -177,7 +177,7 @@ class _BaseTrainer:
 
     # ---------------------------------------------------------------- run
     def fit(self) -> dict:
-        from aligner.training.loop import Trainer
+        from aligner.training.loop import TrainingLoop
 
         self.init_parallel()
         if not self.cfg.data.train:
@@ -195,7 +195,7 @@ class _BaseTrainer:
         if _rank0():
             tok_dir = out_dir / "tokenizer"
             self.tokenizer().save(tok_dir)
-        self.trainer = Trainer(
+        self.trainer = TrainingLoop(
             algo,
             models,
             train,

@@ -1,6 +1,6 @@
 """The one training loop every algorithm runs on.
 
-``Trainer(algorithm, models, train_data, optim=..., trainer=...)`` wraps the model chunks
+``TrainingLoop(algorithm, models, train_data, optim=..., trainer=...)`` wraps the model chunks
 in megatron-core's DistributedDataParallel, builds megatron-core's optimizer (the
 distributed optimizer when ``optim.distributed``) and LR / weight-decay schedule, and
 runs ``fit()``:
@@ -48,7 +48,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-class Trainer:
+class TrainingLoop:
     """Runs an :class:`Algorithm` on model chunks built for the current parallel layout."""
 
     def __init__(

@@ -38,7 +38,7 @@ def train(root, run, tp, pp, make_init=False):
     from aligner.models import build_model
     from aligner.parallel import set_seed
     from aligner.training.config import OptimSection, TrainerSection
-    from aligner.training.loop import Trainer
+    from aligner.training.loop import TrainingLoop
     from tests.training.fit_driver import samples
 
     initialize(ParallelConfig(tp=tp, pp=pp, seed=3))
@@ -55,7 +55,7 @@ def train(root, run, tp, pp, make_init=False):
         dist_checkpointing.save(model.sharded_state_dict(), init)
     model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), init))
     out_dir = os.path.join(root, run)
-    trainer = Trainer(
+    trainer = TrainingLoop(
         SFTAlgorithm(pad_id=0), [model], samples(128, 0), model_cfg=cfg,
         optim=OptimSection(lr=3e-3, warmup_steps=2, schedule="cosine", min_lr=3e-4, weight_decay=0.01),
         trainer=TrainerSection(max_steps=STEPS, global_batch_size=16, micro_batch_size=4, out_dir=out_dir,

@@ -28,7 +28,7 @@ def main(out_dir, steps, save_interval, sleep=0.0):
     from aligner.models import ModelConfig, build_model
     from aligner.parallel import ParallelConfig, initialize, set_seed
     from aligner.training.config import OptimSection, TrainerSection
-    from aligner.training.loop import Trainer
+    from aligner.training.loop import TrainingLoop
 
     initialize(ParallelConfig(seed=3))
     torch.set_num_threads(1)
@@ -45,7 +45,7 @@ def main(out_dir, steps, save_interval, sleep=0.0):
             return step(*a, **k)
 
         algo.microbatches = slow
-    trainer = Trainer(
+    trainer = TrainingLoop(
         algo, [model], samples(256, 0), val_data=samples(64, 1), model_cfg=cfg,
         optim=OptimSection(lr=3e-3, warmup_steps=5, schedule="cosine", min_lr=3e-4),
         trainer=TrainerSection(max_steps=steps, global_batch_size=16, micro_batch_size=8, out_dir=out_dir,

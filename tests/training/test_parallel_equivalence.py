@@ -52,7 +52,7 @@ def _train(algo, out_dir, steps=STEPS):
     from aligner.models.gpt import build_model
     from aligner.parallel import get_device, set_seed
     from aligner.training.config import OptimSection, TrainerSection
-    from aligner.training.loop import Trainer
+    from aligner.training.loop import TrainingLoop
 
     set_seed(5)
     cfg = _model_cfg()
@@ -61,7 +61,7 @@ def _train(algo, out_dir, steps=STEPS):
 
     load_reference_weights([model], cfg, algo.head, algo.num_outputs)
     data = _samples("regression" if getattr(algo, "mode", "") == "regression" else "pairs")
-    trainer = Trainer(
+    trainer = TrainingLoop(
         algo, [model], data,
         optim=OptimSection(lr=1e-2, clip_grad=1.0, warmup_steps=1),
         trainer=TrainerSection(

@@ -23,6 +23,7 @@ chat template). Errors name ``file:line``, the field and what was expected; with
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -35,6 +36,7 @@ from aligner.data.formats import (
     HELPSTEER2_ATTRIBUTES,
     NINE_ATTRIBUTES,
     Conversation,
+    STEERLM2_LOG_FIELDS,
     PairRecord,
     detect_format,
     parse_row,
@@ -132,8 +134,39 @@ def validate_row(row, fmt: str, where: str) -> None:
             _text(row, "subset", where)
     elif fmt == "prompt":
         _text(row, "prompt", where)
+    elif fmt == "steerlm2":
+        _validate_steerlm2(row, where)
     else:
         raise DataFormatError(f"{where}: format {fmt!r} is not readable here")
+
+
+def _validate_steerlm2(row, where: str) -> None:
+    turns = row.get("prompt_turns")
+    if not isinstance(turns, list) or not turns:
+        raise DataFormatError(f"{where}: field 'prompt_turns' must be a non-empty list")
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise DataFormatError(f"{where}: prompt_turns[{i}] must be an object")
+        role = t.get("from")
+        if not isinstance(role, str) or role.strip().lower() not in ("user", "assistant"):
+            raise DataFormatError(f"{where}: prompt_turns[{i}].from must be 'User' or 'Assistant', got {role!r}")
+        _text(t, "value", f"{where}: prompt_turns[{i}]")
+    if str(turns[-1]["from"]).strip().lower() != "user":
+        raise DataFormatError(f"{where}: the last of 'prompt_turns' must be a User turn")
+    if "system" in row and not isinstance(row["system"], str):
+        raise DataFormatError(f"{where}: field 'system' must be a string")
+    _text(row, "label", where)
+    responses = row.get("responses")
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataFormatError(f"{where}: field 'responses' must be a list of at least 2 scored responses")
+    for i, r in enumerate(responses):
+        if not isinstance(r, dict):
+            raise DataFormatError(f"{where}: responses[{i}] must be an object")
+        _text(r, "value", f"{where}: responses[{i}]")
+        for key in STEERLM2_LOG_FIELDS:
+            v = r.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise DataFormatError(f"{where}: responses[{i}] field {key!r} must be a finite number, got {v!r}")
 
 
 # ------------------------------------------------------------------------------ rendering

@@ -87,7 +87,7 @@ def group_stats(rewards: torch.Tensor, group, valid: Optional[torch.Tensor] = No
 @register_advantage("rloo")
 def rloo_token_advantages(rewards, mask, group, valid=None, seq_kl=None, kl_coef: float = 0.0, **_) -> torch.Tensor:
     """RLOO: ``r'_i = r_i − β·mean_t KL_t``, ``A_i = r'_i − mean_{j≠i} r'_j`` over the valid
-    rows of the group (REFERENCE.md section 4 / HelpSteer2-Preference's REINFORCE). Equals
+    rows of the group (docs/reinforce.md; HelpSteer2-Preference, arXiv 2410.01257). Equals
     ``G/(G−1)·(r'_i − mean_G r')`` for a group of G valid rows. [b] -> [b, s]."""
     r, v, ids, g = _prepare(rewards, group, valid)
     if kl_coef:
@@ -201,7 +201,7 @@ KL_VALUE_CLAMP = 10.0
 
 def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     """Per-token estimate of KL(π_θ ‖ π_ref) from samples of π_θ, with
-    ``δ = log π_ref − log π_θ`` clamped to ±20 and the estimate to ±10 (REFERENCE.md 4b):
+    ``δ = log π_ref − log π_θ`` clamped to ±20 and the estimate to ±10 (docs/reinforce.md):
 
     - ``k1``: ``−δ``; ``abs``: ``|δ|``; ``k2``: ``δ²/2``; ``k3``: ``exp(δ) − 1 − δ``;
     - ``k3+``: the value of k3 with the gradient of k2 (an unbiased value, a low-variance
@@ -295,7 +295,7 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "token_m
 
     The training loop sums both over every micro-batch and data-parallel rank and divides
     (megatron-core's per-token loss normalisation), so the objective is a global-batch
-    quantity whatever the micro-batch size, accumulation or layout (REFERENCE.md 4b):
+    quantity whatever the micro-batch size, accumulation or layout (docs/reinforce.md):
 
     - ``token_mean``: ``Σ_{i,t} l / Σ_i |o_i|``
     - ``seq_mean_token_mean``: ``(1/N) Σ_i (1/|o_i|) Σ_t l``

@@ -63,9 +63,10 @@ def score_file(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, mic
 
 
 def expo(weak: str, strong: str, out: str, alpha: float) -> Path:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from aligner.algorithms.losses import expo_extrapolate
+    from aligner.models.hf import save_safetensors
 
     def state(folder):
         folder = Path(folder)
@@ -82,8 +83,9 @@ def expo(weak: str, strong: str, out: str, alpha: float) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(strong, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    save_file({k: v.contiguous() for k, v in merged.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copytree(strong, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"),
+                    copy_function=shutil.copyfile)  # file modes follow the umask, not the source's
+    save_safetensors({k: v.contiguous() for k, v in merged.items()}, tmp / "model.safetensors")
     (tmp / "expo.json").write_text(json.dumps({"weak": str(weak), "strong": str(strong), "alpha": alpha}, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)

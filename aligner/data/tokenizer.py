@@ -68,7 +68,7 @@ class SentencePieceTokenizer(Tokenizer):
     def save(self, out_dir) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(self.path, out / "tokenizer.model")
+        shutil.copyfile(self.path, out / "tokenizer.model")  # content only: the mode follows the umask
         piece = self.sp.id_to_piece
         config = {
             "tokenizer_class": "LlamaTokenizer",

@@ -366,6 +366,31 @@ def _iter_hf_tensors(model, cfg: ModelConfig):
             raise CheckpointError(f"no HF counterpart known for parameter {name!r}")
 
 
+def process_umask() -> int:
+    """The process's file-mode creation mask (read from /proc where it can be, since
+    ``os.umask`` can only be read by setting it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path) -> None:
+    """``safetensors.torch.save_file`` with the mode a plain ``open`` would give the file.
+    safetensors writes a private temporary file (mode 0600) and renames it, so without this
+    an export on a shared filesystem is unreadable to anyone else whatever the umask."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, 0o666 & ~process_umask())
+
+
 # Files of a model folder that are weights or model config, never copied as "tokenizer files".
 _NOT_TOKENIZER = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
@@ -399,8 +424,6 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
     rank holds more than one file's worth, and the folder must be on a filesystem every
     stage sees.
     """
-    from safetensors.torch import save_file
-
     models = models if isinstance(models, (list, tuple)) else [models]
     model_head = unwrap_model(models[0]).head_type
     if dtype is None:
@@ -433,7 +456,7 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
     def flush():
         if buffer:
             part = f"stage{pp_rank:05d}-part{len(written):05d}.safetensors"
-            save_file(buffer, str(tmp / part), metadata={"format": "pt"})
+            save_safetensors(buffer, tmp / part)
             written.append((part, sorted(buffer), sum(t.nbytes for t in buffer.values())))
             buffer.clear()
 
@@ -476,7 +499,7 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
         hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
         for f in tok_files:
-            shutil.copy2(f, tmp / f.name)
+            shutil.copyfile(f, tmp / f.name)  # content only: the new file's mode follows the umask
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -172,8 +172,8 @@ class SDPAttention(DotProductAttention):
 
     - ``attention_mask`` [b or 1, 1, sq, sk] given: it decides alone (causal, padding and
       packed block-diagonal masks all arrive this way). A query row that may see no key at
-      all (a pad row) attends uniformly to every key, as megatron-core's masked softmax
-      gives it, never NaN.
+      all (a left-pad row) attends with equal weight to every key, as megatron-core's
+      masked softmax gives it (never NaN).
     - no mask, causal layer, sq > 1: causal attention (``is_causal``, the flash path); with
       sq < sk (queries after a KV cache) the causal mask is aligned to the last key.
     - no mask otherwise (a decode step): every key is visible.
@@ -216,8 +216,12 @@ class SDPAttention(DotProductAttention):
         mask, is_causal = None, False
         if attention_mask is not None:
             allowed = ~attention_mask
-            # rows with no visible key: every key visible (megatron-core's uniform softmax)
-            mask = allowed | ~allowed.any(dim=-1, keepdim=True)
+            # A row with no visible key gets megatron-core's masked-softmax result: equal
+            # weight on every key (and no gradient into its query or the keys). SDPA gives
+            # that for an all-visible row whose query is zero; a copy of q, no host sync.
+            visible = allowed.any(dim=-1, keepdim=True)  # [b, 1, sq, 1]
+            mask = allowed | ~visible
+            q = q.masked_fill(~visible, 0.0)
         elif self.attn_mask_type == AttnMaskType.causal and sq > 1:
             if sq == sk:
                 is_causal = True

@@ -21,13 +21,13 @@ import pytest
 STEPS, HALF, REL_TOL = 10, 5, 0.015
 
 
-def _train(out, world, dtype, steps):
+def _train(out, world, dtype, steps, progress=False):
     cmd = [
         sys.executable, "-W", "ignore", "-m", "aligner.cli.main", "train", "sft",
         f"data.train={world / 'sft_train.jsonl'}", f"data.validation={world / 'sft_val.jsonl'}",
         f"data.tokenizer={world / 'tokenizer.model'}", f"init.dtype={dtype}", f"trainer.out_dir={out}",
         f"trainer.max_steps={steps}", "trainer.global_batch_size=8", "trainer.micro_batch_size=8", "data.max_length=96",
-        f"trainer.save_interval={HALF}", "trainer.val_interval=0", "trainer.progress=false",
+        f"trainer.save_interval={HALF}", "trainer.val_interval=0", f"trainer.progress={str(progress).lower()}",
         "trainer.tensorboard=false", "optim.schedule=constant", "optim.warmup_steps=2", "trainer.seed=2",
     ]
     proc = subprocess.run(cmd, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
@@ -51,7 +51,7 @@ def runs(tmp_path_factory):
     _train(base / "fp32", world, "fp32", STEPS)
     log = _train(base / "bf16", world, "bf16", STEPS)
     _train(base / "resumed", world, "bf16", HALF)
-    resumed_log = _train(base / "resumed", world, "bf16", STEPS)
+    resumed_log = _train(base / "resumed", world, "bf16", STEPS, progress=True)  # says where it resumed
     return {"base": base, "world": world, "log": log, "resumed_log": resumed_log}
 
 

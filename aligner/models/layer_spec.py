@@ -158,6 +158,9 @@ class SequenceParallelNorm:
         return norm
 
 
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
 class SDPAttention(DotProductAttention):
     """Core attention through ``torch.nn.functional.scaled_dot_product_attention``.
 
@@ -178,7 +181,10 @@ class SDPAttention(DotProductAttention):
       sq < sk (queries after a KV cache) the causal mask is aligned to the last key.
     - no mask otherwise (a decode step): every key is visible.
 
-    Grouped-query attention is SDPA's ``enable_gqa`` (no copies of keys and values).
+    Grouped-query attention is SDPA's ``enable_gqa`` (no copies of keys and values) where
+    the kernel that runs supports it: on a CPU, and on a GPU for the flash kernel (causal
+    without a mask, bf16 / fp16); elsewhere keys and values are repeated per query head, so
+    CUDA's memory-efficient kernel serves masks and fp32 instead of the unfused fallback.
     Softmax runs in fp32 inside the kernel for bf16 inputs. Not supported (refused at
     construction): context parallelism, sliding windows, softmax offsets; packed THD
     sequences are refused in forward (pack with a block-diagonal mask instead).
@@ -227,12 +233,18 @@ class SDPAttention(DotProductAttention):
                 is_causal = True
             else:
                 mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        native_gqa = self.grouped and (q.device.type == "cpu" or (mask is None and q.dtype in _FLASH_DTYPES))
+        if self.grouped and not native_gqa:
+            # CUDA's memory-efficient and cuDNN kernels (masks, fp32) take equal head
+            # counts; with enable_gqa they would fall back to the unfused math kernel
+            r = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
         dropout_p = self.attention_dropout.p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p and not self.config.sequence_parallel \
                 else contextlib.nullcontext():
             context = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.sdpa_scale,
-                enable_gqa=self.grouped,
+                enable_gqa=native_gqa,
             )
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

@@ -2,14 +2,16 @@
 ``aligner train sft``) with ``init.dtype=bf16``: bf16 parameters and compute, fp32 main
 parameters and gradients in megatron-core's mixed-precision optimizer.
 
-- the bf16 training curve follows the fp32 one: every logged training loss within 1.5%
-  of fp32's (bf16 keeps 8 mantissa bits, a relative rounding of 0.4% per operation), the
-  validation loss within 1.5%, and both fall;
+- the bf16 training curve follows the fp32 one (bf16 keeps 8 mantissa bits, a relative
+  rounding of 0.4% per operation; at the quickstart's learning rate a batch of 8 makes
+  single steps jumpy, which bf16 rounding can shift): every logged training loss within
+  3% of fp32's, their mean relative gap within 0.5%, the final validation loss within
+  1%, and both curves fall;
 - a bf16 run stopped after 5 steps and rerun with 10 resumes from its checkpoint and ends
   with exactly the metrics of an uninterrupted bf16 run (fp32 main parameters and Adam
   moments are restored, not rebuilt from the bf16 copy);
 - the HF export holds bf16 tensors; transformers loads it and its loss on the validation
-  rows equals the run's own validation loss within 1.5%.
+  rows equals the run's own validation loss within 1.5% (bf16 compute on both sides).
 """
 import json
 import subprocess
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-STEPS, HALF, REL_TOL = 10, 5, 0.015
+STEPS, HALF = 10, 5
+STEP_TOL, MEAN_TOL, VAL_TOL, EXPORT_TOL = 0.03, 0.005, 0.01, 0.015
 
 
 def _train(out, world, dtype, steps, progress=False):
@@ -58,11 +61,11 @@ def runs(tmp_path_factory):
 def test_bf16_curve_follows_fp32(runs):
     fp32, bf16 = _metrics(runs["base"] / "fp32"), _metrics(runs["base"] / "bf16")
     assert [r["step"] for r in fp32] == [r["step"] for r in bf16] == list(range(1, STEPS + 1))
-    for a, b in zip(fp32, bf16):
-        assert abs(b["loss"] - a["loss"]) <= REL_TOL * a["loss"], (a["step"], a["loss"], b["loss"])
+    gaps = [abs(b["loss"] - a["loss"]) / a["loss"] for a, b in zip(fp32, bf16)]
+    assert max(gaps) <= STEP_TOL and sum(gaps) / len(gaps) <= MEAN_TOL, gaps
     assert bf16[-1]["loss"] < bf16[0]["loss"] - 0.5 and fp32[-1]["loss"] < fp32[0]["loss"] - 0.5
     va, vb = (_metrics(runs["base"] / k, "val")[-1]["loss"] for k in ("fp32", "bf16"))
-    assert abs(vb - va) <= REL_TOL * va, (va, vb)
+    assert abs(vb - va) <= VAL_TOL * va, (va, vb)
     # the two runs really differ in precision (bf16 rounding shows in the losses)
     assert any(a["loss"] != b["loss"] for a, b in zip(fp32, bf16))
     assert "layer spec" in runs["log"]  # the spec in use is announced at start-up
@@ -109,4 +112,4 @@ def test_bf16_export_loads_in_transformers_with_the_runs_loss(runs):
             nll -= float((lp * mask[1:]).sum())
             count += float(mask[1:].sum())
     run_val = _metrics(runs["base"] / "bf16", "val")[-1]["loss"]
-    assert abs(nll / count - run_val) <= REL_TOL * run_val, (nll / count, run_val)
+    assert abs(nll / count - run_val) <= EXPORT_TOL * run_val, (nll / count, run_val)

@@ -5,9 +5,17 @@ Same tiny HF Llama (random weights, saved with save_pretrained), same preference
 both tokenise identically), same global batch, steps, learning rate, beta, fp32, same
 number of CPU threads. Both precompute the reference log-probs; the timed region is the
 whole ``train`` call of each (reference pass included). Tokens/s counts every prompt +
-response token of both sides of every pair processed by the training steps.
+response token of both sides of every pair processed by the training steps. Model FLOPs
+(``benchmarks/flops.py``): 3 x forward over those tokens for the policy plus 1 x forward
+for the reference pass over every pair, reported as a rate against the fp32 matmul peak
+measured in the same run (before and after the timed runs, the better one).
 
     python benchmarks/bench_dpo.py [--pairs 128] [--steps 8] [--batch 16] [--threads 2] [--repeats 2]
+    python benchmarks/bench_dpo.py --device cuda --bf16 --hidden 1024 --layers 8 ...   (GPU suite)
+
+On a GPU (``--device cuda``) the peak is the bf16 (``--bf16``) or fp32 matmul rate on the
+device; ``--bf16``: aligner trains bf16 parameters with fp32 main parameters, TRL uses
+transformers' bf16 mixed precision. ``--json PATH`` also writes the result there.
 """
 from __future__ import annotations
 
@@ -20,6 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import forward_flops, matmul_peak  # noqa: E402
 
 VOCAB = 1024
 
@@ -69,11 +80,13 @@ def run_trl(model_dir, tok_dir, pairs, args):
     ds = Dataset.from_list([{"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)} for p, c, r in pairs])
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    if args.device != "cpu":
+        model = model.to(args.device)
     out = tempfile.mkdtemp()
     cfg = DPOConfig(
         output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=args.steps,
-        learning_rate=1e-4, beta=0.1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        precompute_ref_log_probs=True, max_length=None, dataloader_num_workers=0, seed=0, bf16=False, fp16=False,
+        learning_rate=1e-4, beta=0.1, logging_steps=1, save_strategy="no", report_to=[], use_cpu=args.device == "cpu",
+        precompute_ref_log_probs=True, max_length=None, dataloader_num_workers=0, seed=0, bf16=args.bf16, fp16=False,
     )
     trainer = DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=tok)
     t0 = time.perf_counter()
@@ -92,7 +105,7 @@ def run_aligner(model_dir, pairs, args):
 
     if not is_initialized():
         initialize(ParallelConfig(seed=0))
-    models, cfg = from_pretrained(str(model_dir))
+    models, cfg = from_pretrained(str(model_dir), params_dtype=torch.bfloat16 if args.bf16 else torch.float32)
     samples = []
     for i, (p, c, r) in enumerate(pairs):
         zeros = torch.zeros(len(p))
@@ -132,14 +145,22 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--packing", action="store_true")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each; the fastest counts")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--json", help="also write the result JSON to this path")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp())
-    make_model(work / "model", args.hidden, args.layers)
+    hf_cfg = make_model(work / "model", args.hidden, args.layers)
     make_tokenizer(work / "tok")
     pairs = make_pairs(args.pairs, args.prompt_len, args.resp_len)
     # the timed steps see steps x batch pairs; the reference pass sees every pair once
     tokens = args.steps * args.batch * 2 * (args.prompt_len + args.resp_len)
+    seq = args.prompt_len + args.resp_len
+    flops = 3 * forward_flops(hf_cfg, [seq] * (args.steps * args.batch * 2)) + forward_flops(hf_cfg, [seq] * (2 * args.pairs))
+    peak_of = lambda: matmul_peak(args.threads, n=1024 if args.device == "cpu" else 8192, device=args.device,  # noqa: E731
+                                  dtype=torch.bfloat16 if args.bf16 and args.device != "cpu" else torch.float32)
+    peak = peak_of()
     # alternate the two and keep each one's fastest run: robust to other load on the machine
     trl_runs, al_runs = [], []
     for _ in range(args.repeats):
@@ -149,13 +170,23 @@ def main():
     t_al, l_al = min(al_runs, key=lambda r: r[0])
     print("all runs (s): TRL", [round(r[0], 1) for r in trl_runs], "aligner", [round(r[0], 1) for r in al_runs])
     rows = [("TRL DPOTrainer", t_trl, tokens / t_trl, l_trl[:1]), ("aligner", t_al, tokens / t_al, l_al[:1])]
-    print(f"DPO, tiny Llama hidden {args.hidden} x {args.layers} layers, {args.pairs} pairs, global batch {args.batch},"
-          f" {args.steps} steps, {args.threads} threads, fp32")
+    print(f"DPO, Llama hidden {args.hidden} x {args.layers} layers, {args.pairs} pairs, global batch {args.batch},"
+          f" {args.steps} steps, {args.device} ({args.threads} threads), {'bf16' if args.bf16 else 'fp32'}")
     print(f"{'trainer':<16} {'seconds':>8} {'tokens/s':>10}  first loss")
     for name, t, tps, l0 in rows:
         print(f"{name:<16} {t:8.2f} {tps:10.0f}  {l0}")
     print(f"ratio aligner / TRL tokens/s: {t_trl / t_al:.2f}x")
-    print(json.dumps({"trl_s": t_trl, "aligner_s": t_al, "ratio": t_trl / t_al}))
+    peak = max(peak, peak_of())
+    print(f"model FLOPs per run: {flops / 1e9:.1f} GFLOP (policy 3 x forward, reference 1 x forward);"
+          f" measured matmul peak (fastest of 20): {peak / 1e9:.1f} GFLOP/s")
+    for name, t in (("aligner", t_al), ("TRL", t_trl)):
+        print(f"{name}: {flops / t / 1e9:.1f} GFLOP/s = {100 * flops / t / peak:.0f}% of peak")
+    result = {"trl_s": t_trl, "aligner_s": t_al, "ratio": t_trl / t_al, "model_flops": flops, "peak_flops": peak,
+              "aligner_flops_per_s": flops / t_al, "trl_flops_per_s": flops / t_trl, "device": args.device,
+              "bf16": args.bf16, "hidden": args.hidden, "layers": args.layers}
+    print(json.dumps(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ weights (TP=1, fp32). Both generate greedily with a KV cache from the same batch
 timed runs after one warm-up each; the median is reported. Tokens/s counts generated
 tokens (batch x new tokens). The engine's outputs are checked against transformers'.
 
-Also reported: the engine with megatron-core's own decode steps (``decode_impl=megatron``)
-and, for the first batch size, the share of the engine's time spent in matrix multiplies.
+Also reported: the engine with megatron-core's own decode steps (``decode_impl=megatron``),
+for the first batch size the share of the engine's time spent in matrix multiplies, and
+each row's model FLOP rate (``benchmarks/flops.py``: prefill plus one step per new token)
+against the fp32 matmul peak measured in the same run (before and after, the better).
 
     python benchmarks/bench_generate.py                 # batch 8 and 32
     python benchmarks/bench_generate.py --batch-sizes 8,64 --new-tokens 128
@@ -21,9 +23,12 @@ import sys
 import tempfile
 import time
 
+from pathlib import Path
+
 import torch
 
-
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import generation_flops, matmul_peak  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -104,6 +109,7 @@ def main(argv=None) -> int:
           f"{args.kv_heads}, vocab {args.vocab} ({n_params / 1e6:.1f}M params, fp32); "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    peak = matmul_peak()
     rows = []
     shares = None
     for b in [int(x) for x in args.batch_sizes.split(",")]:
@@ -128,18 +134,21 @@ def main(argv=None) -> int:
             for name, fn in runs.items():
                 times[name].append(median_time(fn, 1))
         tokens = b * args.new_tokens
+        flops = generation_flops(hf.config, b, args.prompt_len, args.new_tokens)
         hf_tps = tokens / statistics.median(times["transformers generate"])
         for name in runs:
             tps = tokens / statistics.median(times[name])
-            rows.append((b, name, tps, tps / hf_tps, same.get(name)))
+            rows.append((b, name, tps, tps / hf_tps, same.get(name), flops / statistics.median(times[name])))
         if shares is None:
             shares = (b, matmul_share(runs["aligner (fused decode)"]))
 
+    peak = max(peak, matmul_peak())
     print()
-    print(f"{'batch':>5}  {'generator':<32} {'tokens/s':>10} {'vs HF':>7}  tokens = HF")
-    for b, name, tps, ratio, same in rows:
+    print(f"measured fp32 matmul peak (1024^3, fastest of 20): {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'batch':>5}  {'generator':<32} {'tokens/s':>10} {'vs HF':>7} {'GFLOP/s':>8} {'of peak':>7}  tokens = HF")
+    for b, name, tps, ratio, same, rate in rows:
         flag = "" if same is None else ("yes" if same else "NO")
-        print(f"{b:>5}  {name:<32} {tps:>10.1f} {ratio:>6.2f}x  {flag}")
+        print(f"{b:>5}  {name:<32} {tps:>10.1f} {ratio:>6.2f}x {rate / 1e9:8.2f} {100 * rate / peak:6.1f}%  {flag}")
     if shares:
         print(f"\nbatch {shares[0]}: matrix multiplies (aten::mm/addmm/bmm) take {100 * shares[1]:.0f}% of the"
               " fused engine's CPU time")

@@ -90,7 +90,11 @@ class _BaseTrainer:
         from aligner.parallel import ParallelConfig, initialize, is_initialized, set_seed
 
         if not is_initialized():
+            from aligner.models.layer_spec import check_parallel_support, resolve_layer_spec
+
             p = self.cfg.parallel
+            spec = resolve_layer_spec(self.model_config().layer_spec)
+            check_parallel_support(spec, sequence_parallel=p.sequence_parallel and p.tp > 1)
             initialize(
                 ParallelConfig(
                     tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, backend=p.backend or "auto",
@@ -99,6 +103,7 @@ class _BaseTrainer:
                 num_layers=self.model_config().num_layers,
                 num_attention_heads=self.model_config().num_attention_heads,
                 num_query_groups=self.model_config().num_query_groups,
+                layer_spec=spec,
             )
         set_seed(self.cfg.trainer.seed)
 
@@ -108,6 +113,7 @@ class _BaseTrainer:
         if getattr(self, "_model_cfg", None) is None:
             if self.cfg.init.hf:
                 mc = ModelConfig.from_hf(self.cfg.init.hf)
+                mc.layer_spec = OmegaConf.select(self.cfg, "model.layer_spec") or "auto"  # kernels, not architecture
             else:
                 mc = ModelConfig.from_dict(OmegaConf.to_container(self.cfg.model, resolve=True), "config group 'model'")
             self._model_cfg = mc

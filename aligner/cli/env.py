@@ -1,5 +1,8 @@
 """``aligner env``: the software and hardware stack, for bug reports (``--json`` for machines).
 
+It includes the layer spec a model is built with here (``model.layer_spec = auto``: TE,
+fused or local, and why).
+
 Every entry is collected on its own: a package that is missing reads "not installed", one
 that fails to import reads "error: <type>: <message>", and the report is still printed.
 """
@@ -100,6 +103,15 @@ def _packing_extension() -> str:
     return f"built ({os.path.basename(_C.__file__)})"
 
 
+def _layer_spec() -> str:
+    """The layer spec ``model.layer_spec = auto`` builds here, and why (aligner.models.layer_spec)."""
+    try:
+        from aligner.models.layer_spec import describe_layer_spec
+    except Exception as exc:  # megatron-core missing or broken: the report still prints
+        return _error(exc)
+    return describe_layer_spec("auto")
+
+
 def collect() -> dict:
     """The report as a flat dict (JSON-serialisable)."""
     info: dict = {
@@ -112,6 +124,7 @@ def collect() -> dict:
         if key == "torch":
             info.update(_torch_info())
     info["packing_extension"] = _packing_extension()
+    info["layer_spec"] = _layer_spec()
     launch = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
                                          "CUDA_VISIBLE_DEVICES") if k in os.environ}
     info["launch_env"] = launch or None

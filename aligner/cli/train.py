@@ -76,7 +76,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cfg == "job":
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
-    trainer_cls(cfg).fit()
+    from aligner.parallel import LayoutError
+
+    try:
+        trainer_cls(cfg).fit()
+    except LayoutError as exc:  # a layout this install cannot run: refused before any process group
+        print(f"aligner train: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

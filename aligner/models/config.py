@@ -51,6 +51,7 @@ _ARCH_TO_FAMILY = {v: k for k, v in {**_CAUSAL_LM}.items()}
 _ARCH_TO_FAMILY.update({v: k for k, v in _SEQ_CLS.items()})
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+LAYER_SPECS = ("auto", "te", "fused", "local")  # model.layer_spec (aligner.models.layer_spec)
 
 def preset_dirs() -> list[Path]:
     """Where ``ModelConfig.preset`` looks: ``$ALIGNER_MODEL_CONF``, ``<repo>/conf/model``,
@@ -79,6 +80,10 @@ class ModelConfig:
     ``attention_bias`` also biases ``o_proj``, which aligner does not model).
     pad_token_id: the id the data layer right-pads with; a sequence-classification export
     needs it (HF reads the reward at the last token that is not ``pad_token_id``).
+    layer_spec: which kernels the layers are built from, not part of the architecture:
+    ``auto`` (Transformer Engine if it can run, else ``fused``, else ``local``), ``te``,
+    ``fused`` (torch's fused attention and RMSNorm) or ``local`` (see
+    :mod:`aligner.models.layer_spec`). Not written to checkpoints or exports.
     """
 
     arch: str = "llama"
@@ -101,10 +106,13 @@ class ModelConfig:
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Union[int, list]] = None
     pad_token_id: Optional[int] = None
+    layer_spec: str = field(default="auto", compare=False)
     # The HF config this came from (kept so an export preserves keys aligner ignores).
     hf_config: Optional[dict] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
+        if self.layer_spec not in LAYER_SPECS:
+            raise ValueError(f"model.layer_spec = {self.layer_spec!r}; expected one of {LAYER_SPECS}")
         if self.arch not in _FAMILIES:
             raise UnsupportedModelError(
                 f"model.arch = {self.arch!r} is not supported; supported: {sorted(_FAMILIES)}"
@@ -347,6 +355,7 @@ class ModelConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("hf_config")
+        d.pop("layer_spec")  # a choice of kernels where the model runs, not of architecture
         return d
 
     # ------------------------------------------------------------------ megatron-core

@@ -42,20 +42,15 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from aligner.models.config import ModelConfig
+from aligner.models.layer_spec import (
+    announce_layer_spec,
+    check_parallel_support,
+    layer_spec_and_final_norm,
+    resolve_layer_spec,
+)
 from aligner.parallel import get_device
 
 HEADS = ("reward", "value")
-
-
-def te_available() -> bool:
-    """Transformer Engine imports and a GPU is present."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -185,7 +180,7 @@ def build_model(
     head: Optional[str] = None,
     num_outputs: int = 1,
     params_dtype: torch.dtype = torch.float32,
-    use_te: Optional[bool] = None,
+    layer_spec: Optional[str] = None,
     vp_stage: Optional[int] = None,
     head_seed: int = 0,
     **config_overrides,
@@ -194,13 +189,11 @@ def build_model(
 
     pre_process / post_process default to "first / last pipeline stage". ``head``:
     None (causal LM), ``"reward"`` or ``"value"`` (score head with ``num_outputs``).
-    ``use_te``: Transformer Engine layer spec; default when TE imports and CUDA is present,
-    megatron-core's local spec otherwise. ``config_overrides`` go to the TransformerConfig.
+    ``layer_spec``: ``auto`` | ``te`` | ``fused`` | ``local`` (default ``cfg.layer_spec``; see
+    :mod:`aligner.models.layer_spec`: auto is TE when it can run, else torch's fused
+    attention and norms, else megatron-core's local spec). ``config_overrides`` go to the
+    TransformerConfig.
     """
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -211,25 +204,20 @@ def build_model(
     if not ps.model_parallel_is_initialized():
         raise RuntimeError("build_model needs the parallel state: call aligner.parallel.initialize() first")
     tc = cfg.to_transformer_config(params_dtype, **config_overrides)
-    if use_te is None:
-        use_te = te_available()
-    if use_te:
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        layer_spec = get_gpt_layer_with_transformer_engine_spec()
-        final_norm = TENorm
-    else:
-        layer_spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-        final_norm = layer_spec.submodules.input_layernorm
+    requested = cfg.layer_spec if layer_spec is None else layer_spec
+    spec = resolve_layer_spec(requested)
+    check_parallel_support(spec, sequence_parallel=tc.sequence_parallel, context_parallel=tc.context_parallel_size)
+    announce_layer_spec(spec, requested)
+    module_spec, final_norm = layer_spec_and_final_norm(spec)
     block_spec = TransformerBlockSubmodules(
-        layer_specs=[layer_spec] * get_num_layers_to_build(tc, vp_stage=vp_stage),
+        layer_specs=[module_spec] * get_num_layers_to_build(tc, vp_stage=vp_stage),
         layer_norm=final_norm,
     )
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-    return AlignerGPTModel(
+    model = AlignerGPTModel(
         config=tc,
         transformer_layer_spec=block_spec,
         vocab_size=cfg.padded_vocab_size(),
@@ -246,6 +234,13 @@ def build_model(
         num_outputs=num_outputs,
         head_seed=head_seed,
     )
+    if spec == "local":
+        # megatron-core's torch norms are always fp32; the mixed-precision optimizer
+        # checkpoints only parameters of the model's dtype, so they take params_dtype
+        for module in model.modules():
+            if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
+                module.to(params_dtype)
+    return model
 
 
 def unwrap_model(model):

@@ -25,6 +25,12 @@ torch 2.13 CPU, gloo, local layer spec):
 4. tied embeddings under pipeline parallelism: ``LanguageModule.setup_embeddings_and_output_layer``
    moves the last stage's embedding copy with ``weight.data.cuda()``; while it runs,
    ``Tensor.cuda`` leaves the tensor on the CPU.
+5. the mixed-precision optimizer (bf16 / fp16 parameters, fp32 main parameters and
+   gradients): ``Float16OptimizerWithFloat16Params.__init__`` sorts parameters by
+   ``param.type()`` against the CUDA spellings (``torch.cuda.BFloat16Tensor``, ...) and
+   raises ``TypeError`` for anything else; while it runs, ``Tensor.type()`` without
+   arguments spells a CPU tensor's type as its CUDA twin, so the same three groups
+   (float16 params, their fp32 copies, fp32 params) are formed from CPU tensors.
 
 Nothing else in aligner knows it runs on a CPU. ``tests/parallel/test_bridge.py``
 checks each bridged place, so a megatron-core upgrade that moves one fails loudly.
@@ -173,6 +179,44 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             g.mul_(clip_coeff)
 
 
+def _cuda_type_name(tensor: torch.Tensor) -> str:
+    """``tensor.type()`` spelt as for the CUDA twin: ``torch.BFloat16Tensor`` ->
+    ``torch.cuda.BFloat16Tensor`` (already-CUDA and sparse spellings are left alone)."""
+    name = torch._C.TensorBase.type(tensor)
+    if name.startswith("torch.") and name.count(".") == 1:
+        return "torch.cuda." + name[len("torch."):]
+    return name
+
+
+def _bridge_float16_optimizer() -> None:
+    """Item 5 of the module docstring: wrap ``Float16OptimizerWithFloat16Params.__init__``."""
+    from megatron.core.optimizer import optimizer
+
+    cls = optimizer.Float16OptimizerWithFloat16Params
+    if getattr(cls.__init__, "_aligner_cpu", False):  # engage() is idempotent
+        return
+    original = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        real = torch.Tensor.type
+
+        def type_(tensor, dtype=None, non_blocking=False, **kw):
+            # only the no-argument query is answered differently; conversions are real
+            if dtype is None and not kw:
+                return _cuda_type_name(tensor)
+            return real(tensor, dtype, non_blocking, **kw)
+
+        torch.Tensor.type = type_
+        try:
+            original(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = real  # outside the constructor, type() is torch's again
+
+    __init__._aligner_cpu = True
+    __init__.__wrapped__ = original
+    cls.__init__ = __init__
+
+
 # Modules whose CUDA uses the bridge must cover; imported on engage so they are patched.
 _MODULES = (
     "megatron.core.tensor_parallel.random",
@@ -281,6 +325,7 @@ def engage() -> bool:
 
         setup_embeddings_and_output_layer._aligner_cpu = True
         cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
+    _bridge_float16_optimizer()
     _ENGAGED = True
     return True
 

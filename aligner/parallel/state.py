@@ -66,10 +66,14 @@ def validate_layout(
     num_query_groups: Optional[int] = None,
     vocab_size: Optional[int] = None,
     num_experts: Optional[int] = None,
+    layer_spec: Optional[str] = None,
 ) -> int:
     """Check a layout before anything is initialised; returns the data-parallel size.
 
-    Raises :class:`LayoutError` naming the config keys and their values.
+    ``layer_spec``: the layer spec the model will be built with (``te``, ``fused`` or
+    ``local``, as resolved by ``aligner.models.layer_spec``), when known; context
+    parallelism needs TE's attention. Raises :class:`LayoutError` naming the config keys
+    and their values.
     """
     for key in ("tp", "pp", "cp", "ep"):
         value = getattr(parallel, key)
@@ -84,6 +88,11 @@ def validate_layout(
         )
     if parallel.backend not in ("auto", "nccl", "gloo"):
         raise LayoutError(f"parallel.backend must be one of auto, nccl, gloo; got {parallel.backend!r}")
+    if parallel.cp > 1 and layer_spec is not None and layer_spec != "te":
+        raise LayoutError(
+            f"parallel.cp = {parallel.cp}: context parallelism needs Transformer Engine's attention, and this"
+            f" install builds the {layer_spec!r} layer spec, which has no context-parallel attention; set parallel.cp = 1"
+        )
     model_parallel = parallel.tp * parallel.pp * parallel.cp
     if world_size % model_parallel != 0:
         raise LayoutError(
@@ -210,7 +219,7 @@ def initialize(parallel: Optional[ParallelConfig] = None, **model_dims) -> DistE
     """Start torch.distributed and megatron-core's parallel state for ``parallel``.
 
     ``model_dims`` (num_layers, num_attention_heads, num_query_groups, vocab_size,
-    num_experts) are checked against the layout before any process group is created.
+    num_experts, layer_spec) are checked against the layout before any process group is created.
     Idempotent for the same layout within a process.
     """
     global _DEVICE

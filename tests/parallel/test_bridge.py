@@ -56,6 +56,11 @@ SITES = [
     # 4. tied embeddings under pipeline parallelism
     ("megatron.core.models.common.language_module.language_module",
      "LanguageModule.setup_embeddings_and_output_layer", r"weight\.data\.cuda\(\)"),
+    # 5. the mixed-precision optimizer sorts parameters by their CUDA type names
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
+     r"""param\.type\(\) in \[['"]torch\.cuda\.HalfTensor['"], ['"]torch\.cuda\.BFloat16Tensor['"]\]"""),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
+     r"""param\.type\(\) == ['"]torch\.cuda\.FloatTensor['"]"""),
 ]
 
 
@@ -263,3 +268,36 @@ def test_clip_grad_by_total_norm_on_cpu(engaged):
     p1.grad = torch.tensor([3.0, 4.0])
     clip_grads.clip_grad_by_total_norm_fp32(p1, max_norm=10.0, total_norm=5.0)
     assert p1.grad.tolist() == [3.0, 4.0]
+
+
+@needs_cpu
+def test_mixed_precision_optimizer_keeps_fp32_main_params_on_cpu(engaged):
+    """bf16 parameters get fp32 main copies; fp32 parameters are stepped as they are. SGD
+    (lr 1e-3, gradient 1) three times from 1.0: the fp32 main weight reaches 0.997 while each
+    single step would be lost to bf16 rounding (1 - 1e-3 rounds back to 1.0 in bf16); the
+    bf16 parameter is the rounded main weight, 0.99609375 (bf16 spacing below 1 is 2^-8)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    assert Float16OptimizerWithFloat16Params.__init__._aligner_cpu is True
+    weight = torch.nn.Parameter(torch.ones(2, dtype=torch.bfloat16))
+    bias = torch.nn.Parameter(torch.ones(2))
+    config = OptimizerConfig(optimizer="sgd", lr=1e-3, bf16=True, params_dtype=torch.bfloat16, clip_grad=0.0)
+    opt = Float16OptimizerWithFloat16Params(torch.optim.SGD([weight, bias], lr=1e-3), config, None, None)
+    assert torch.Tensor.type is torch._C.TensorBase.type  # type() is torch's again after construction
+    assert weight.type() == "torch.BFloat16Tensor"
+    assert opt.float16_groups == [[weight]] and opt.fp32_from_fp32_groups == [[bias]]
+    (main,) = opt.fp32_from_float16_groups[0]
+    assert main.dtype == torch.float32 and main is weight.main_param and main.tolist() == [1.0, 1.0]
+    assert opt.optimizer.param_groups[0]["params"] == [main, bias]
+    assert torch.tensor(1 - 1e-3, dtype=torch.bfloat16).item() == 1.0
+    for _ in range(3):
+        weight.main_grad = torch.ones(2)  # DDP's fp32 gradient buffer
+        bias.main_grad = torch.ones(2)
+        ok, _, _ = opt.step()
+        assert ok
+    torch.testing.assert_close(main, torch.full((2,), 0.997), atol=1e-6, rtol=0)
+    torch.testing.assert_close(bias.detach(), torch.full((2,), 0.997), atol=1e-6, rtol=0)
+    assert weight.dtype == torch.bfloat16 and weight.tolist() == [0.99609375, 0.99609375]
+    # conversions through type() still convert while the bridge is engaged
+    assert weight.type(torch.float32).dtype == torch.float32

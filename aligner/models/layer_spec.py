@@ -1,0 +1,290 @@
+"""Layer specs: which implementation of a transformer layer's parts the model is built from.
+
+Three specs build the same Llama-family layer (pre-norm attention and SwiGLU MLP, RMSNorm,
+rotary embeddings); they differ in kernels only, so their outputs agree to rounding and
+their checkpoints are interchangeable (see docs/configuration.md, ``model.layer_spec``):
+
+- ``te``: megatron-core's Transformer Engine spec (fused norm + linear, TE attention, FP8
+  capable). The production GPU path; needs ``transformer_engine`` and CUDA.
+- ``fused``: megatron-core's own parallel linears, MLP and ``SelfAttention`` with torch's
+  fused kernels where TE would put its own: attention through
+  ``torch.nn.functional.scaled_dot_product_attention`` (:class:`SDPAttention`: flash /
+  memory-efficient kernels on a GPU, the fused flash kernel on a CPU) and norms through
+  ``torch.nn.RMSNorm`` (:class:`SequenceParallelNorm`, i.e. ``F.rms_norm``), which also
+  serve sequence parallelism. Needs torch >= 2.5 (``rms_norm`` and grouped-query SDPA).
+- ``local``: megatron-core's plain local spec (attention as explicit ``baddbmm`` + masked
+  softmax + ``bmm``; no sequence parallelism). The reference the fused spec is tested
+  against.
+
+``auto`` (the default) picks ``te`` when it can run, else ``fused``, else ``local``
+(:func:`resolve_layer_spec`). Context parallelism needs TE's attention (``te`` only).
+
+Notation: b batch, s (sq / sk) query / key sequence, np / ng attention heads / query groups
+on this TP rank, d head size, h hidden size.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+from aligner.models.config import LAYER_SPECS
+from aligner.parallel import LayoutError
+
+_DESCRIPTIONS = {
+    "te": "Transformer Engine (megatron-core TE spec)",
+    "fused": "megatron-core modules + torch scaled_dot_product_attention and rms_norm",
+    "local": "megatron-core local spec (unfused attention)",
+}
+
+
+# ------------------------------------------------------------------ availability
+def te_available() -> Tuple[bool, str]:
+    """(True, "") when the TE spec can run here, else (False, why not)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception as exc:  # a broken install counts as absent
+        return False, f"transformer_engine not importable ({type(exc).__name__})"
+    return True, ""
+
+
+def fused_available() -> Tuple[bool, str]:
+    """(True, "") when this torch has the kernels the fused spec is built on."""
+    if not hasattr(F, "rms_norm"):
+        return False, f"torch {torch.__version__} has no torch.nn.functional.rms_norm (torch >= 2.4)"
+    try:  # grouped-query attention without copying keys and values (torch >= 2.5)
+        q = torch.zeros(1, 2, 1, 2)
+        F.scaled_dot_product_attention(q, q[:, :1], q[:, :1], enable_gqa=True)
+    except TypeError:
+        return False, f"torch {torch.__version__} scaled_dot_product_attention has no enable_gqa (torch >= 2.5)"
+    return True, ""
+
+
+def resolve_layer_spec(requested: str = "auto") -> str:
+    """``model.layer_spec`` -> the spec that will be built: ``te``, ``fused`` or ``local``.
+
+    ``auto``: te if it can run, else fused, else local. An explicit choice that cannot run
+    here raises ``ValueError`` naming the key and the reason.
+    """
+    if requested not in LAYER_SPECS:
+        raise ValueError(f"model.layer_spec = {requested!r}; expected one of {LAYER_SPECS}")
+    te_ok, te_why = te_available()
+    fused_ok, fused_why = fused_available()
+    if requested == "auto":
+        return "te" if te_ok else ("fused" if fused_ok else "local")
+    if requested == "te" and not te_ok:
+        raise ValueError(f"model.layer_spec = te needs Transformer Engine on a GPU: {te_why}")
+    if requested == "fused" and not fused_ok:
+        raise ValueError(f"model.layer_spec = fused: {fused_why}")
+    return requested
+
+
+def describe_layer_spec(requested: str = "auto") -> str:
+    """One line for reports: the spec in use, what it is and why it was chosen."""
+    try:
+        name = resolve_layer_spec(requested)
+    except ValueError as exc:
+        return f"error: {exc}"
+    line = f"{name}: {_DESCRIPTIONS[name]}"
+    if requested == "auto" and name != "te":
+        line += f" (auto; TE spec unavailable: {te_available()[1]})"
+    elif requested != "auto":
+        line += " (model.layer_spec)"
+    return line
+
+
+def check_parallel_support(spec: str, *, sequence_parallel: bool = False, context_parallel: int = 1) -> None:
+    """Raise :class:`aligner.parallel.LayoutError` with a one-line reason when ``spec``
+    cannot run this layout."""
+    if context_parallel > 1 and spec != "te":
+        raise LayoutError(
+            f"parallel.cp = {context_parallel} needs Transformer Engine's context-parallel attention;"
+            f" the {spec!r} layer spec has none (use parallel.cp = 1 or a TE install on GPUs)"
+        )
+    if sequence_parallel and spec == "local":
+        raise LayoutError(
+            "parallel.sequence_parallel = true is not supported by the 'local' layer spec (torch norms"
+            " without sequence-parallel gradients); use model.layer_spec = fused or auto"
+        )
+
+
+_ANNOUNCED = set()
+
+
+def announce_layer_spec(spec: str, requested: str = "auto") -> None:
+    """Say once per process (on global rank 0) which spec the model is built with."""
+    if spec in _ANNOUNCED:
+        return
+    _ANNOUNCED.add(spec)
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    print(f"aligner: layer spec {describe_layer_spec(requested)}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ fused modules
+class SequenceParallelNorm:
+    """``torch.nn.RMSNorm`` (``LayerNorm`` for ``normalization="LayerNorm"``) built from a
+    megatron-core ``TransformerConfig`` like megatron-core's ``WrappedTorchNorm``, with
+    sequence parallelism supported instead of refused.
+
+    Forward: ``x`` [s/p, b, h] (sequence-parallel) or [s, b, h] -> same shape; RMSNorm is
+    ``x / sqrt(mean(x^2) + eps) * weight`` (statistics in fp32 for bf16 inputs, inside
+    ``F.rms_norm``). Under sequence parallelism each TP rank normalises its own s/p tokens,
+    so its weight gradient is a partial sum over tokens: the weight is tagged
+    ``sequence_parallel`` and megatron-core's ``finalize_model_grads`` all-reduces it over
+    the TP group, as it does for its own sequence-parallel norms. The weight is created in
+    ``config.params_dtype`` (bf16 models get bf16 norms, as TE and HF have them).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
+            raise ValueError("the fused layer spec's norm has no zero-centred gamma / memory-efficient variant")
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, bias=True, dtype=config.params_dtype)
+        else:
+            raise ValueError(f"the fused layer spec supports RMSNorm and LayerNorm, not {config.normalization!r}")
+        for param in norm.parameters():
+            setattr(param, "sequence_parallel", bool(config.sequence_parallel))
+        return norm
+
+
+_FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class SDPAttention(DotProductAttention):
+    """Core attention through ``torch.nn.functional.scaled_dot_product_attention``.
+
+    A megatron-core ``DotProductAttention`` (same constructor, scale, head bookkeeping and
+    checkpoint keys) whose forward calls torch's fused kernel instead of materialising the
+    [b·np, sq, sk] score matrix::
+
+        query [sq, b, np, hn], key / value [sk, b, ng, hn]  ->  context [sq, b, np·hn]
+
+    Masks follow megatron-core's convention (boolean, True = blocked), with the local
+    spec's semantics:
+
+    - ``attention_mask`` [b or 1, 1, sq, sk] given: it decides alone (causal, padding and
+      packed block-diagonal masks all arrive this way). A query row that may see no key at
+      all (a left-pad row) attends with equal weight to every key, as megatron-core's
+      masked softmax gives it (never NaN).
+    - no mask, causal layer, sq > 1: causal attention (``is_causal``, the flash path); with
+      sq < sk (queries after a KV cache) the causal mask is aligned to the last key.
+    - no mask otherwise (a decode step): every key is visible.
+
+    Grouped-query attention is SDPA's ``enable_gqa`` (no copies of keys and values) where
+    the kernel that runs supports it: on a CPU, and on a GPU for the flash kernel (causal
+    without a mask, bf16 / fp16); elsewhere keys and values are repeated per query head, so
+    CUDA's memory-efficient kernel serves masks and fp32 instead of the unfused fallback.
+    Softmax runs in fp32 inside the kernel for bf16 inputs. Not supported (refused at
+    construction): context parallelism, sliding windows, softmax offsets; packed THD
+    sequences are refused in forward (pack with a block-diagonal mask instead).
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None):
+        if config.context_parallel_size != 1:
+            raise ValueError("context parallelism needs Transformer Engine's attention (model.layer_spec = te)")
+        if config.window_size is not None:
+            raise ValueError("the fused layer spec has no sliding-window attention")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"the fused layer spec has no {config.softmax_type!r} softmax")
+        super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=attention_dropout,
+                         softmax_scale=softmax_scale, cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        # megatron-core divides the scale by the layer number under query-key layer
+        # scaling and multiplies it back inside its softmax: SDPA takes the product.
+        self.sdpa_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
+        self.grouped = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None:
+            raise NotImplementedError(
+                "packed THD sequences need Transformer Engine's attention; with the fused spec pack"
+                " with a block-diagonal attention_mask (aligner.models.packed_attention_mask)"
+            )
+        if attention_bias is not None:
+            raise NotImplementedError("the fused layer spec takes no attention bias")
+        sq, b, np_, hn = query.shape
+        sk = key.shape[0]
+        # [s, b, n, hn] -> [b, n, s, hn]: views, the kernels take strided inputs
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask, is_causal = None, False
+        if attention_mask is not None:
+            allowed = ~attention_mask
+            # A row with no visible key gets megatron-core's masked-softmax result: equal
+            # weight on every key (and no gradient into its query or the keys). SDPA gives
+            # that for an all-visible row whose query is zero; a copy of q, no host sync.
+            visible = allowed.any(dim=-1, keepdim=True)  # [b, 1, sq, 1]
+            mask = allowed | ~visible
+            q = q.masked_fill(~visible, 0.0)
+        elif self.attn_mask_type == AttnMaskType.causal and sq > 1:
+            if sq == sk:
+                is_causal = True
+            else:
+                mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
+        native_gqa = self.grouped and (q.device.type == "cpu" or (mask is None and q.dtype in _FLASH_DTYPES))
+        if self.grouped and not native_gqa:
+            # CUDA's memory-efficient and cuDNN kernels (masks, fp32) take equal head
+            # counts; with enable_gqa they would fall back to the unfused math kernel
+            r = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+            k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)
+        dropout_p = self.attention_dropout.p if self.training else 0.0
+        with tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p and not self.config.sequence_parallel \
+                else contextlib.nullcontext():
+            context = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.sdpa_scale,
+                enable_gqa=native_gqa,
+            )
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+
+# ------------------------------------------------------------------ specs
+def fused_layer_spec():
+    """The fused spec: megatron-core's local GPT layer with :class:`SDPAttention` as core
+    attention and :class:`SequenceParallelNorm` as its norms (same submodule names, so the
+    same state-dict keys and checkpoint mapping as the local spec)."""
+    import dataclasses
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    local = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = local.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention)
+    )
+    submodules = dataclasses.replace(
+        local.submodules,
+        input_layernorm=SequenceParallelNorm,
+        self_attention=attention,
+        pre_mlp_layernorm=SequenceParallelNorm,
+    )
+    return dataclasses.replace(local, submodules=submodules)
+
+
+def layer_spec_and_final_norm(spec: str):
+    """(layer ModuleSpec, final-norm module class) for a resolved spec name."""
+    if spec == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(), TENorm
+    if spec == "fused":
+        return fused_layer_spec(), SequenceParallelNorm
+    if spec == "local":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        local = get_gpt_layer_local_spec(normalization="RMSNorm")
+        return local, local.submodules.input_layernorm
+    raise ValueError(f"unknown layer spec {spec!r}; expected one of {LAYER_SPECS[1:]}")

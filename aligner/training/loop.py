@@ -20,10 +20,11 @@ runs ``fit()``:
   (megatron-core's ``OptimizerParamScheduler`` at ``num_steps = k``): ``lr * k / W``
   during ``W`` warmup steps, then constant or a decay that reaches ``min_lr`` at the last
   step; the logged ``lr`` is the one that step used.
-- metrics: summed over micro-batches and data-parallel ranks, sent from the last
-  pipeline stage, logged by rank 0 to ``metrics.jsonl`` / TensorBoard / W&B and the
-  progress line.
-- validation every ``val_interval`` steps and at the end; checkpoints every
+- metrics: summed over micro-batches and data-parallel ranks (over the union of the
+  ranks' metric names), sent from the last pipeline stage, logged by rank 0 to
+  ``metrics.jsonl`` / TensorBoard / W&B and the progress line.
+- validation every ``val_interval`` steps and at the end, without effect on training
+  (eval mode, every RNG stream restored afterwards); checkpoints every
   ``save_interval`` steps and at the end (aligner.models.checkpoint: written under a
   temporary name, marked latest only when complete, keep-last-k); resume from the latest
   complete checkpoint when ``trainer.resume``; HF export of the final model when

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from aligner.parallel import get_device
-from aligner.training.batching import padded_microbatch, to_device
+from aligner.training.batching import filler_microbatch, fill_rows, padded_microbatch, to_device
 
 
 @torch.no_grad()
@@ -32,11 +32,10 @@ def score_sequences(models, sequences: Sequence[torch.Tensor], pad_id: int, micr
     for start in range(0, len(sequences), micro_batch_size):
         chunk = list(sequences[start : start + micro_batch_size])
         items = [(s, torch.zeros(s.numel())) for s in chunk]
-        # fixed micro-batch shape for the pipeline: fill the last one with copies of its first row
-        items += [items[0]] * (micro_batch_size - len(items))
-        batch = padded_microbatch(items, seq_length, pad_id)
-        batch["real"] = len(chunk)
-        micro.append(batch)
+        # one micro-batch shape for the pipeline: a short last one gets zero-weight rows
+        micro.append(fill_rows(padded_microbatch(items, seq_length, pad_id), micro_batch_size))
+    if len(models) > 1:  # the interleaved schedule takes a multiple of the pipeline size
+        micro += [filler_microbatch(micro[-1]) for _ in range(-len(micro) % ps.get_pipeline_model_parallel_world_size())]
     collected: List[torch.Tensor] = []
 
     def forward_step(data_iterator, model):
@@ -44,7 +43,7 @@ def score_sequences(models, sequences: Sequence[torch.Tensor], pad_id: int, micr
         out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
 
         def loss_func(values):
-            scores = values[batch["last_row"], batch["last_col"]].float()[: batch["real"]]
+            scores = values[batch["last_row"], batch["last_col"]].float()
             collected.append(scores.cpu())
             return values.sum() * 0.0, {}
 

@@ -364,7 +364,9 @@ class ModelConfig:
 
         ``overrides`` are TransformerConfig fields (e.g. ``sequence_parallel=True``,
         ``recompute_granularity="selective"``); the parallel sizes come from the current
-        megatron-core parallel state when it is initialised.
+        megatron-core parallel state when it is initialised, the virtual pipeline size
+        included: megatron-core splits a rank's layers into its interleaved chunks from it
+        (without it every chunk would build all of the rank's layers).
         """
         import torch.nn.functional as F
         from megatron.core import parallel_state as ps
@@ -397,10 +399,19 @@ class ModelConfig:
             attention_softmax_in_fp32=True,
         )
         if ps.model_parallel_is_initialized():
+            pp = ps.get_pipeline_model_parallel_world_size()
+            vpp = ps.get_virtual_pipeline_model_parallel_world_size()
             kwargs.update(
                 tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
-                pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+                pipeline_model_parallel_size=pp,
+                virtual_pipeline_model_parallel_size=vpp,
                 context_parallel_size=ps.get_context_parallel_world_size(),
+                # Interleaved chunks on two stages: the previous and the next stage are the
+                # same rank, and a batched exchange sends an activation and a gradient to it
+                # in one call, which the receiver matches in the wrong order (silently: same
+                # shape). megatron-core's unbatched exchange sends the two directions over
+                # two process groups instead.
+                batch_p2p_comm=not (vpp is not None and vpp > 1 and pp == 2),
             )
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)

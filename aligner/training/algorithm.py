@@ -11,7 +11,18 @@ count over all micro-batches and data-parallel ranks, so the optimised quantity 
 mean over the global batch whatever the TP / PP / DP layout or packing.
 
 Metrics are ``name -> tensor([sum, count])``; the loop sums both over micro-batches and
-data-parallel ranks and reports ``sum / count``.
+data-parallel ranks and reports ``sum / count``. Names may depend on the data (e.g. one
+per subset present): the loop reduces over the union of all ranks' names, a rank without
+a name counting ``[0, 0]``.
+
+Micro-batches are dicts in the format of :mod:`aligner.training.batching`; what an
+algorithm attaches (labels, strengths, indices) is per item or per sample, never per row.
+The loop gives megatron-core micro-batches of one shape: it appends zero-weight rows
+(``item_of_token`` -1, ``loss_mask`` 0) to a short one and, under interleaved
+pipelining, adds zero-weight micro-batches (``filler=True``) whose loss it supplies
+itself. So :meth:`Algorithm.loss` must compute from items and target tokens only (never
+from the row count), and :meth:`Algorithm.forward` must use only the format's keys
+(``tokens``, ``position_ids``, ``attention_mask``).
 """
 from __future__ import annotations
 
@@ -46,7 +57,8 @@ class Algorithm:
         raise NotImplementedError
 
     def microbatches(self, samples: Sequence[dict], micro_batch_size: int, seq_length: int) -> List[dict]:
-        """Collate this rank's share of a global batch into micro-batches of ``seq_length`` tokens."""
+        """Collate this rank's share of a global batch into micro-batches of ``seq_length`` tokens
+        (one sequence length for all; the last may hold fewer rows, the loop fills it)."""
         raise NotImplementedError
 
     def forward(self, model, batch: dict) -> torch.Tensor:

@@ -14,9 +14,16 @@ A micro-batch holds ``n`` sequences ("items", each a ``(tokens, loss_mask)`` pai
 Padded: one item per row, right-padded to S. Packed: items are placed into bins of S
 tokens by first-fit-decreasing over *groups* (a group — e.g. the chosen and rejected
 response of one pair — always shares a bin, so they share a micro-batch); R bins per
-micro-batch, a last short micro-batch filled with empty bins so every micro-batch of a
-step has the same shape (pipeline stages exchange fixed-shape activations). Padding
-positions get their own segment id in the mask so no row is fully blocked.
+micro-batch, a last short micro-batch filled with empty bins. Padding positions get their
+own segment id in the mask so no row is fully blocked.
+
+One shape per schedule call: pipeline stages exchange fixed-shape activations, so the
+loop gives megatron-core micro-batches of one row count (:func:`fill_rows` appends
+zero-weight rows to a short last micro-batch, e.g. a validation set that is not a
+multiple of the micro-batch size) and, where the interleaved schedule needs it, whole
+zero-weight micro-batches (:func:`filler_microbatch`). Zero-weight rows belong to no item
+(``item_of_token`` -1, ``loss_mask`` 0), so an algorithm that computes per item or per
+target token never sees them.
 """
 from __future__ import annotations
 
@@ -120,6 +127,56 @@ def packed_microbatches(
         )
         members.append(held)
     return out, members
+
+
+def fill_rows(batch: dict, rows: int) -> dict:
+    """``batch`` with zero-weight rows appended up to ``rows`` rows.
+
+    A filler row repeats the last row's tokens (and its positions and mask, so attention
+    stays well formed) with ``loss_mask`` 0 and ``item_of_token`` -1: it belongs to no
+    item, so nothing computed per item or per target token (losses, counts, metrics)
+    sees it. Pipeline stages exchange activations of one shape, so every micro-batch of
+    a schedule call must have the same number of rows.
+    """
+    have = batch["tokens"].shape[0]
+    if have > rows:
+        raise ValueError(f"fill_rows: the micro-batch has {have} rows, more than {rows}")
+    if have == rows:
+        return batch
+    extra = rows - have
+    out = dict(batch)
+
+    def repeat_last(t):
+        return torch.cat([t, t[-1:].expand(extra, *t.shape[1:])])
+
+    out["tokens"] = repeat_last(batch["tokens"])
+    out["loss_mask"] = torch.cat([batch["loss_mask"], batch["loss_mask"].new_zeros(extra, *batch["loss_mask"].shape[1:])])
+    out["item_of_token"] = torch.cat(
+        [batch["item_of_token"], batch["item_of_token"].new_full((extra, *batch["item_of_token"].shape[1:]), -1)]
+    )
+    for key in ("position_ids", "attention_mask"):
+        if batch.get(key) is not None:
+            out[key] = repeat_last(batch[key])
+    return out
+
+
+def filler_microbatch(like: dict) -> dict:
+    """A micro-batch of ``like``'s shape holding no item (``filler=True``): every row has zero
+    weight. Only the format's keys are kept; the loop runs its forward and gives it a zero
+    loss with count 0, without calling the algorithm's loss. Used where megatron-core's
+    interleaved schedule needs a multiple of the pipeline size of micro-batches."""
+    return {
+        "tokens": like["tokens"],
+        "loss_mask": torch.zeros_like(like["loss_mask"]),
+        "item_of_token": torch.full_like(like["item_of_token"], -1),
+        "last_row": like["last_row"][:0],
+        "last_col": like["last_col"][:0],
+        "position_ids": like.get("position_ids"),
+        "attention_mask": like.get("attention_mask"),
+        "num_items": 0,
+        "num_tokens": 0,
+        "filler": True,
+    }
 
 
 def to_device(batch: dict, device) -> dict:

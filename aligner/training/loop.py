@@ -14,11 +14,17 @@ runs ``fit()``:
 - each step runs megatron-core's pipeline schedule for the layout (no pipelining,
   1F1B, interleaved) with ``calculate_per_token_loss`` — see
   :mod:`aligner.training.algorithm` for the loss convention — then the optimizer step
-  (gradient clipping inside) and the scheduler step.
-- metrics: summed over micro-batches and data-parallel ranks, sent from the last
-  pipeline stage, logged by rank 0 to ``metrics.jsonl`` / TensorBoard / W&B and the
-  progress line.
-- validation every ``val_interval`` steps and at the end; checkpoints every
+  (gradient clipping inside). Micro-batches of one schedule call have one shape
+  (zero-weight filler rows and micro-batches, :mod:`aligner.training.batching`).
+- learning rate: step ``k`` (1-based) updates with the schedule's value for ``k``
+  (megatron-core's ``OptimizerParamScheduler`` at ``num_steps = k``): ``lr * k / W``
+  during ``W`` warmup steps, then constant or a decay that reaches ``min_lr`` at the last
+  step; the logged ``lr`` is the one that step used.
+- metrics: summed over micro-batches and data-parallel ranks (over the union of the
+  ranks' metric names), sent from the last pipeline stage, logged by rank 0 to
+  ``metrics.jsonl`` / TensorBoard / W&B and the progress line.
+- validation every ``val_interval`` steps and at the end, without effect on training
+  (eval mode, every RNG stream restored afterwards); checkpoints every
   ``save_interval`` steps and at the end (aligner.models.checkpoint: written under a
   temporary name, marked latest only when complete, keep-last-k); resume from the latest
   complete checkpoint when ``trainer.resume``; HF export of the final model when
@@ -26,6 +32,7 @@ runs ``fit()``:
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from functools import partial
@@ -38,9 +45,38 @@ from megatron.core import parallel_state as ps
 
 from aligner.parallel import get_device
 from aligner.training.algorithm import Algorithm
-from aligner.training.batching import to_device
+from aligner.training.batching import filler_microbatch, fill_rows, to_device
 from aligner.training.config import OptimSection, TrainerSection
 from aligner.training.logging import MetricsLogger, Progress
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Restore, on exit, every random stream training draws from: Python's, NumPy's,
+    torch's CPU and CUDA generators and megatron-core's model-parallel RNG tracker
+    (dropout inside tensor-parallel regions)."""
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    saved = (
+        random.getstate(),
+        np.random.get_state(),
+        torch.get_rng_state(),
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        {name: state.clone() if torch.is_tensor(state) else state for name, state in tracker.get_states().items()},
+    )
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        if saved[3] is not None:
+            torch.cuda.set_rng_state_all(saved[3])
+        tracker.set_states(saved[4])
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -173,14 +209,38 @@ class TrainingLoop:
         return output, partial(self._loss, batch)
 
     def _loss(self, batch, output):
+        if batch.get("filler"):
+            # a zero-weight micro-batch: no loss, no count, no metrics (a gradient path of zeros)
+            return output.reshape(-1)[:1].sum() * 0.0, torch.zeros((), dtype=torch.int), {}
         loss, count, metrics = self.algorithm.loss(batch, output)
         return loss, torch.as_tensor(count, dtype=torch.int).reshape(()), metrics
+
+    def microbatches(self, samples: Sequence[dict], seq_length: int) -> List[dict]:
+        """This rank's micro-batches of ``samples``, all of one shape (see
+        :mod:`aligner.training.batching`): a short one gets zero-weight rows, and under
+        interleaved pipelining zero-weight micro-batches make the count a multiple of
+        the pipeline size, as megatron-core's interleaved schedule requires."""
+        micro = self.algorithm.microbatches(samples, self.cfg.micro_batch_size, seq_length)
+        if not micro:
+            return []
+        rows = max(b["tokens"].shape[0] for b in micro)
+        seqs = {b["tokens"].shape[1] for b in micro}
+        if len(seqs) > 1:
+            raise ValueError(
+                f"{type(self.algorithm).__name__}.microbatches returned micro-batches of sequence lengths"
+                f" {sorted(seqs)}; one schedule call needs one length"
+            )
+        micro = [fill_rows(b, rows) for b in micro]
+        if len(self.models) > 1:
+            pp = ps.get_pipeline_model_parallel_world_size()
+            micro += [filler_microbatch(micro[-1]) for _ in range(-len(micro) % pp)]
+        return micro
 
     def run_schedule(self, samples: Sequence[dict], *, forward_only: bool, seq_length: int) -> List[dict]:
         """Forward (and backward) over this rank's micro-batches of ``samples``; the metric dicts."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = self.algorithm.microbatches(samples, self.cfg.micro_batch_size, seq_length)
+        micro = self.microbatches(samples, seq_length)
         if not micro:
             return []
         rows, seq = micro[0]["tokens"].shape[:2]
@@ -196,11 +256,19 @@ class TrainingLoop:
         )
 
     def reduce_metrics(self, store: List[dict]) -> Dict[str, float]:
-        """Sum metric [sum, count] pairs over micro-batches and DP ranks; every rank gets sum/count."""
+        """Sum metric [sum, count] pairs over micro-batches and DP ranks; every rank gets sum/count.
+
+        Metric names may depend on the data (e.g. ``accuracy/<subset>`` for the subsets a
+        rank's samples hold): the reduction runs over the union of the names of all
+        data-parallel ranks, a rank without a name contributing ``[0, 0]``.
+        """
         payload = [None]
         if ps.is_pipeline_last_stage(ignore_virtual=True):
-            # every algorithm emits the same metric names on every micro-batch and rank
             keys = sorted({k for d in store for k in d})
+            if self.dp_size > 1:
+                per_rank = [None] * self.dp_size
+                dist.all_gather_object(per_rank, keys, group=ps.get_data_parallel_group())
+                keys = sorted({k for rank_keys in per_rank for k in rank_keys})
             totals = torch.zeros(len(keys), 2, dtype=torch.float64)
             for d in store:
                 for i, k in enumerate(keys):
@@ -228,14 +296,16 @@ class TrainingLoop:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         store = self.run_schedule(local, forward_only=False, seq_length=seq_length)
-        ok, grad_norm, _ = self.optimizer.step()
+        # the schedule's value for this step (1-based) is set before the update that uses it
         self.scheduler.step(increment=1)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        ok, grad_norm, _ = self.optimizer.step()
         self.step += 1
         metrics = self.reduce_metrics(store)
         elapsed = time.perf_counter() - t0
         tokens = sum(self.algorithm.sample_tokens(s) for s in samples)
         metrics.update(
-            lr=float(self.optimizer.param_groups[0]["lr"]),
+            lr=lr,
             grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
             step_time=elapsed,
             tokens_per_s=tokens / elapsed,
@@ -245,10 +315,21 @@ class TrainingLoop:
 
     @torch.no_grad()
     def evaluate(self, data: Optional[Sequence[dict]] = None, max_batches: Optional[int] = None) -> Dict[str, float]:
-        """Forward-only pass over ``data`` (default: the validation set) in global batches."""
+        """Forward-only pass over ``data`` (default: the validation set) in global batches.
+
+        Training does not depend on it: it runs in eval mode (no dropout), leaves every
+        model in the mode it found it, and restores every random stream it could draw
+        from (:func:`preserved_rng`), so a run with validation follows the trajectory of
+        the same run without.
+        """
         data = self.val_data if data is None else data
         if not data:
             return {}
+        with preserved_rng():
+            return self._evaluate(data, max_batches)
+
+    def _evaluate(self, data, max_batches):
+        modes = [m.training for m in self.models]
         for m in self.models:
             m.eval()
         gbs = self.cfg.global_batch_size
@@ -260,8 +341,8 @@ class TrainingLoop:
         for start in starts:
             samples = [dict(data[i], index=offset + i) for i in range(start, min(start + gbs, len(data)))]
             store += self.run_schedule(self._local(samples), forward_only=True, seq_length=self._seq_length(samples))
-        for m in self.models:
-            m.train()
+        for m, mode in zip(self.models, modes):
+            m.train(mode)
         return self.reduce_metrics(store)
 
     def save(self) -> Path:

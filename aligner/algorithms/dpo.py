@@ -50,6 +50,7 @@ from megatron.core import parallel_state as ps
 
 from aligner.algorithms.losses import preference_loss
 from aligner.algorithms.sft import TokenAlgorithm, pair_margin
+from aligner.parallel import get_device
 from aligner.training.algorithm import metric
 from aligner.training.batching import per_item_sum, shifted_logprobs
 
@@ -215,11 +216,17 @@ class DPOAlgorithm(TokenAlgorithm):
     def _reduce_table(self):
         """Each pair's row was filled by one data-parallel rank on the last pipeline stage: sum
         over DP ranks, then send the table to every pipeline stage (each rank holds it all)."""
-        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(self._ref, group=ps.get_data_parallel_group())
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            dist.broadcast(self._ref, src=ps.get_pipeline_model_parallel_last_rank(),
+        reduce = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1
+        send = ps.get_pipeline_model_parallel_world_size() > 1
+        if not (reduce or send):
+            return
+        table = self._ref.to(get_device())  # the collectives' device (NCCL takes no host tensors)
+        if reduce:
+            dist.all_reduce(table, group=ps.get_data_parallel_group())
+        if send:
+            dist.broadcast(table, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
+        self._ref = table.cpu()
 
     @torch.no_grad()
     def before_step(self, trainer, local_samples, seq_length):

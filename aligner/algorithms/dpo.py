@@ -119,6 +119,10 @@ class DPOAlgorithm(TokenAlgorithm):
             zero = logits.sum() * 0.0
             return zero, torch.tensor(n), {}
         ref = self._ref[batch["index"].cpu()].to(lc.device)
+        unseen = (ref[:, 2] == 0) & (cc > 0)  # a pair no reference pass saw (its row is still zero)
+        if bool(unseen.any()):
+            missing = batch["index"].cpu()[unseen.cpu()].tolist()
+            raise RuntimeError(f"DPO: no reference log-probs for the pairs of index {missing}")
         rc, rr = ref[:, 0].to(lc.dtype), ref[:, 1].to(lc.dtype)
         pc, pr = lc, lr
         if self.average_log_probs:

@@ -11,9 +11,10 @@ sequence's last token (aligner.models). Formulas: ../REFERENCE section 2 as impl
   reward is output ``reward_index`` of the head (the helpfulness output when the head
   comes from a multi-attribute regression model), or ``w · ŷ`` when ``attribute_weights``
   are given; loss ``bt_kind`` (regular ``-logσ(Δ)``, margin ``-logσ(Δ - m)``, scaled
-  ``-m logσ(Δ)``) averaged over pairs, ``m`` the pair's ``margin`` for the margin loss
-  (:func:`pair_margin`: else its strength) and its ``strength`` for the scaled loss. Validation reports accuracy overall and per
-  ``subset`` (RewardBench rows carry one).
+  ``-m logσ(Δ)``) averaged over pairs; ``m`` is the pair's ``margin`` for the margin loss
+  (:func:`aligner.algorithms.sft.pair_margin`: else its strength) and its ``strength`` for
+  the scaled loss. Validation reports accuracy overall and per ``subset`` (RewardBench
+  rows carry one).
 """
 from __future__ import annotations
 

@@ -81,8 +81,8 @@ def transformers_dpo(hf_dir):
         opt.zero_grad()
         loss.backward()
         norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
-        steps.append({"loss": float(loss), "logps/chosen": float(pc.mean()), "logps/rejected": float(pr.mean()),
-                      "grad_norm": float(norm)})
+        steps.append({"loss": loss.item(), "logps/chosen": pc.mean().item(), "logps/rejected": pr.mean().item(),
+                      "grad_norm": norm.item()})
         opt.step()
     return steps
 
@@ -94,6 +94,10 @@ def test_dpo_matches_transformers_with_a_hand_written_loss(tiny_hf, tmp_path):
     ref = transformers_dpo(str(tiny_hf["dir"]))
     assert len(ours) == STEPS
     first, want = ours[0], ref[0]
+    for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
+        print(f"step 1 {key}: aligner {first[key]:.9g} transformers {want[key]:.9g} diff {abs(first[key] - want[key]):.2e}")
+    print(f"step 4 loss: aligner {ours[3]['loss']:.9g} transformers {ref[3]['loss']:.9g}"
+          f" diff {abs(ours[3]['loss'] - ref[3]['loss']):.2e}")
     assert abs(want["loss"] - 0.6931471805599453) < 1e-12  # policy = reference at step 0
     for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
         assert abs(first[key] - want[key]) <= 1e-5, (key, first[key], want[key])

@@ -7,6 +7,8 @@ after a resume too: a run stopped at step 4 and resumed logs what the whole run 
 import json
 from pathlib import Path
 
+import pytest
+
 from aligner.parallel import ParallelConfig, initialize
 from aligner.parallel.spawn import spawn_local
 
@@ -38,7 +40,7 @@ def run_all(out_dir):
         loop.fit()
         metrics = [json.loads(line) for line in (Path(out_dir) / out / "metrics.jsonl").read_text().splitlines()]
         return {"metrics": metrics, "table": algo._ref.clone(), "unused": loop.unused_per_epoch,
-                "steps_per_epoch": loop.steps_per_epoch}
+                "steps_per_epoch": loop.steps_per_epoch, "state": json.loads(json.dumps(algo.state_dict()))}
 
     out = {"precompute": fit("precompute", "precompute"), "resident": fit("resident", "resident")}
     fit("resident", "resumed", max_steps=4)  # stops at step 4 with a checkpoint
@@ -54,8 +56,12 @@ def _assert_same(a, b):
             assert abs(ra[key] - rb[key]) <= 1e-6, (ra["step"], key, ra[key], rb[key])
 
 
-def test_precompute_equals_resident_over_epochs(tmp_path):
-    out = spawn_local(run_all, 1, str(tmp_path), timeout=900)[0]
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    return spawn_local(run_all, 1, str(tmp_path_factory.mktemp("dpo_ref")), timeout=900)[0]
+
+
+def test_precompute_equals_resident_over_epochs(out):
     pre, res = out["precompute"], out["resident"]
     assert (pre["steps_per_epoch"], pre["unused"]) == (3, 2)
     assert [r["step"] for r in pre["metrics"]] == list(range(1, EPOCHS * 3 + 1))
@@ -64,3 +70,26 @@ def test_precompute_equals_resident_over_epochs(tmp_path):
     assert bool((pre["table"][:PAIRS, 2:] > 0).all())
     assert pre["metrics"][0]["rewards/margins"] == 0.0 and pre["metrics"][-1]["rewards/margins"] > 0.1
     _assert_same(out["resumed"]["metrics"], res["metrics"])
+
+
+def test_resume_refuses_a_reference_of_other_weights_or_data(out):
+    """The checkpoint's algorithm state records what the reference covered; a resume whose
+    recomputed reference differs (other initial weights, other data) is refused by name."""
+    from aligner.algorithms.dpo import DPOAlgorithm
+
+    state = out["precompute"]["state"]
+    table = state["reference_table"]["training"]
+    assert state["reference"] == "precompute" and table["pairs"] == PAIRS and table["tokens"] > 0
+    assert abs(table["abs_logps"] - float(out["precompute"]["table"][:PAIRS, :2].abs().sum())) < 1e-9
+
+    def resumed_with(**changes):
+        algo = DPOAlgorithm(0)
+        algo._summary = {"training": dict(table, **changes)}  # what setup() computed in the new process
+        algo.load_state_dict(json.loads(json.dumps(state)))
+
+    resumed_with()  # the same reference: accepted
+    resumed_with(abs_logps=table["abs_logps"] * (1 + 1e-5))  # layout round-off: accepted
+    with pytest.raises(ValueError, match="initial weights .* changed since the run began"):
+        resumed_with(abs_logps=table["abs_logps"] * 1.01)
+    with pytest.raises(ValueError, match="training data differ from the checkpoint's run"):
+        resumed_with(tokens=table["tokens"] + 1)

@@ -1,36 +1,56 @@
 """The DPO family on the shared loop: DPO, IPO, RPO variants, margin / scaled DPO, SFT mixing.
 
 Samples are pairs ``{"chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask",
-"strength", "index", ...}`` (``index``: the sample's position in the training set).
+"strength", "index", ...}`` (``index``: the sample's position in the training set), with the
+optional ``margin`` (margin DPO; else the strength, :func:`aligner.algorithms.sft.pair_margin`)
+and ``reward_gap`` = r*_chosen − r*_rejected (RPO: every pair must have one; the data layer
+takes it from ``chosen_reward`` / ``rejected_reward``).
 The chosen and rejected response of a pair always share a micro-batch (padded: adjacent
-rows; packed: the same bin). Per response, ``logp = Σ_t mask · log π(y_t)`` over response
+rows; packed: the same bin, so a pair must fit one bin of ``data.max_length`` tokens:
+checked before training). Per response, ``logp = Σ_t mask · log π(y_t)`` over response
 tokens (or the per-token mean with ``average_log_probs``); the loss is
-:func:`aligner.algorithms.losses.preference_loss` of kind ``loss_type`` (../REFERENCE
-section 3), averaged over pairs of the global batch.
+:func:`aligner.algorithms.losses.preference_loss` of kind ``loss_type`` (docs/dpo.md),
+averaged over pairs of the global batch.
 
-Reference model, two ways (``reference``):
+The reference model is the initial policy, always: :meth:`DPOAlgorithm.setup` runs before
+the loop resumes a checkpoint (:meth:`aligner.training.loop.TrainingLoop.fit`), so it sees
+the initial weights (``init.hf``, or the seeded random initialisation), both in a fresh run
+and in a resumed one. Two ways to use it (``reference``):
 
-- ``precompute``: before training, one forward-only pass over the training set with the
-  initial weights stores each pair's reference log-probs (summed and token counts) in a
-  table indexed by ``index``; training then needs no second model.
-- ``resident``: the reference weights are kept in host memory; before each step they are
+- ``precompute``: before training, forward-only passes with the initial weights store each
+  pair's reference log-probs (summed, and token counts) in a table indexed by ``index``:
+  first epoch 0's global batches exactly as step 0.. will see them (same batches, shapes and
+  ranks, so the policy's log-probs at step 0 equal the reference bit for bit), then the
+  pairs beyond epoch 0's last full global batch in extra batches, so every training pair
+  has its reference in every epoch (later epochs reshuffle). A resumed run recomputes the
+  table from the initial weights (one forward pass over the data, as at the start): the
+  same numbers bit for bit at the same layout.
+- ``resident``: the initial weights are kept in host memory; before each step they are
   swapped into the model for a forward-only pass over the step's pairs, then the policy
-  weights are swapped back. Same numbers, no precompute pass; costs two weight copies
-  per step.
+  weights are swapped back. No precompute pass; costs two weight copies per step.
 
-Either way the reference log-probs come from the very same forward path as the policy's,
-so at step 0 they are identical under every TP / PP layout (implicit rewards exactly 0).
+Validation pairs get their reference log-probs in ``setup`` either way (indices after the
+training set's, batched as ``evaluate()`` batches them).
+
+Checkpoint state (:meth:`DPOAlgorithm.state_dict`): a resume needs no stored table (it is
+recomputed), so the state records what the reference was computed over — the reference
+kind, and per split the number of pairs, their token count and the sum of |reference
+log-prob| — and :meth:`load_state_dict` refuses a resume whose recomputed reference
+disagrees (other data: counts differ; other initial weights: the sum differs by more than
+a relative 1e-3, far above layout round-off).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from aligner.algorithms.losses import preference_loss
-from aligner.algorithms.sft import TokenAlgorithm
+from aligner.algorithms.sft import TokenAlgorithm, pair_margin
+from aligner.parallel import get_device
 from aligner.training.algorithm import metric
 from aligner.training.batching import per_item_sum, shifted_logprobs
 
@@ -63,9 +83,10 @@ class DPOAlgorithm(TokenAlgorithm):
         self.eta = eta
         self.reference = reference
         self.rows_per_sample = 2
-        self._ref: Optional[torch.Tensor] = None  # [n_train, 4]: logp_c, logp_r, count_c, count_r
+        self._ref: Optional[torch.Tensor] = None  # [n_train + n_val, 4]: logp_c, logp_r, count_c, count_r
         self._collect = False
         self._host_ref = None
+        self._summary: Optional[Dict[str, dict]] = None
 
     def groups(self, sample):
         return [
@@ -76,7 +97,10 @@ class DPOAlgorithm(TokenAlgorithm):
     def attach(self, batch, samples):
         batch["index"] = torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)
         batch["strength"] = torch.tensor([abs(float(s.get("strength", 0.0))) for s in samples])
-        batch["reward_gap"] = torch.tensor([float(s.get("reward_gap", s.get("margin", 0.0))) for s in samples])
+        batch["margin"] = torch.tensor([pair_margin(s) for s in samples])
+        # NaN where a pair has no rewards: only the RPO kinds read it, and setup() refuses such data for them
+        gaps = [s.get("reward_gap") for s in samples]
+        batch["reward_gap"] = torch.tensor([float("nan") if g is None else float(g) for g in gaps])
         return batch
 
     # ------------------------------------------------------------------ log-probs
@@ -95,6 +119,10 @@ class DPOAlgorithm(TokenAlgorithm):
             zero = logits.sum() * 0.0
             return zero, torch.tensor(n), {}
         ref = self._ref[batch["index"].cpu()].to(lc.device)
+        unseen = (ref[:, 2] == 0) & (cc > 0)  # a pair no reference pass saw (its row is still zero)
+        if bool(unseen.any()):
+            missing = batch["index"].cpu()[unseen.cpu()].tolist()
+            raise RuntimeError(f"DPO: no reference log-probs for the pairs of index {missing}")
         rc, rr = ref[:, 0].to(lc.dtype), ref[:, 1].to(lc.dtype)
         pc, pr = lc, lr
         if self.average_log_probs:
@@ -109,6 +137,7 @@ class DPOAlgorithm(TokenAlgorithm):
             rr,
             beta=self.beta,
             strength=batch["strength"],
+            margin=batch["margin"],
             reward_gap=batch["reward_gap"],
             eta=self.eta,
             chosen_nll=chosen_nll,
@@ -131,40 +160,77 @@ class DPOAlgorithm(TokenAlgorithm):
             self._collect = False
 
     def setup(self, trainer):
+        """Check the data, then compute the reference from the models' current (= initial) weights."""
+        super().setup(trainer)  # packing: every pair fits one bin
+        self._check_reward_gaps(trainer)
+        n_train = len(trainer.train_data)
         val = trainer.val_data or []
-        self._ref = torch.zeros(len(trainer.train_data) + len(val), 4, dtype=torch.float64)
-        for m in trainer.models:
-            m.eval()
-        with torch.no_grad():
-            # validation pairs: indices after the training set's, batched as evaluate() batches them
-            gbs = trainer.cfg.global_batch_size
-            for start in range(0, len(val), gbs):
-                samples = [dict(val[i], index=len(trainer.train_data) + i) for i in range(start, min(start + gbs, len(val)))]
-                self._reference_pass(trainer, trainer._local(samples), trainer._seq_length(samples))
-        for m in trainer.models:
-            m.train()
-        if self.reference == "resident":
+        self._ref = torch.zeros(n_train + len(val), 4, dtype=torch.float64)
+        gbs = trainer.cfg.global_batch_size
+        batches: List[List[dict]] = []
+        # validation pairs: indices after the training set's, batched as evaluate() batches them
+        for start in range(0, len(val), gbs):
+            batches.append([dict(val[i], index=n_train + i) for i in range(start, min(start + gbs, len(val)))])
+        if self.reference == "precompute":
+            # epoch 0 batch for batch as training will see it (step 0 reproduces these numbers
+            # bit for bit), then the pairs of epoch 0's unused tail: later epochs train them
+            covered = set()
+            for step in range(trainer.steps_per_epoch):
+                samples = trainer.global_batch(step)
+                covered.update(int(s["index"]) for s in samples)
+                batches.append(samples)
+            tail = [s for s in trainer.train_data if int(s["index"]) not in covered]
+            batches += [tail[i : i + gbs] for i in range(0, len(tail), gbs)]
+        else:
             self._host_ref = [
                 {n: p.detach().to("cpu", copy=True) for n, p in m.module.named_parameters()} for m in trainer.models
             ]
-            self._reduce_table()
-            return
-        # precompute over the training steps of the first epoch, batch for batch as training
-        # will see them (same shapes, so step 0 reproduces these numbers bit for bit); samples
-        # beyond the last full global batch are never trained on and need no reference.
         for m in trainer.models:
             m.eval()
         with torch.no_grad():
-            for step in range(trainer.steps_per_epoch):
-                samples = trainer.global_batch(step)
+            for samples in batches:
                 self._reference_pass(trainer, trainer._local(samples), trainer._seq_length(samples))
         for m in trainer.models:
             m.train()
         self._reduce_table()
+        self._summary = self._table_summary(n_train)
+
+    def _check_reward_gaps(self, trainer):
+        if not self.loss_type.startswith("rpo"):
+            return
+        for split, data in (("training", trainer.train_data), ("validation", trainer.val_data or [])):
+            missing = [s for s in data if s.get("reward_gap") is None]
+            if missing:
+                where = f"line {missing[0]['line']}" if "line" in missing[0] else f"index {missing[0].get('index')}"
+                raise ValueError(
+                    f"dpo.loss_type = {self.loss_type} needs the ground-truth rewards of every pair (fields"
+                    f" 'chosen_reward' and 'rejected_reward'); {len(missing)} {split} pairs have none (first: {where})"
+                )
+
+    def _table_summary(self, n_train: int) -> Dict[str, dict]:
+        """Per split: pairs with a reference, their token count, Σ|reference log-prob| (all ranks alike)."""
+        parts = {"validation": self._ref[n_train:]}
+        if self.reference == "precompute":
+            parts["training"] = self._ref[:n_train]
+        return {
+            split: {"pairs": int(t.shape[0]), "tokens": int(t[:, 2:].sum()), "abs_logps": float(t[:, :2].abs().sum())}
+            for split, t in parts.items()
+        }
 
     def _reduce_table(self):
-        if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1:
-            dist.all_reduce(self._ref, group=ps.get_data_parallel_group())
+        """Each pair's row was filled by one data-parallel rank on the last pipeline stage: sum
+        over DP ranks, then send the table to every pipeline stage (each rank holds it all)."""
+        reduce = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1
+        send = ps.get_pipeline_model_parallel_world_size() > 1
+        if not (reduce or send):
+            return
+        table = self._ref.to(get_device())  # the collectives' device (NCCL takes no host tensors)
+        if reduce:
+            dist.all_reduce(table, group=ps.get_data_parallel_group())
+        if send:
+            dist.broadcast(table, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        self._ref = table.cpu()
 
     @torch.no_grad()
     def before_step(self, trainer, local_samples, seq_length):
@@ -188,4 +254,25 @@ class DPOAlgorithm(TokenAlgorithm):
                 m.train()
 
     def state_dict(self):
-        return {}
+        """What the reference was computed over (see the module docstring): checked on resume."""
+        return {"reference": self.reference, "reference_table": self._summary or {}}
+
+    def load_state_dict(self, state):
+        """Refuse a resume whose recomputed reference is not the run's (other data or initial weights)."""
+        saved = state.get("reference_table") or {}
+        for split, mine in (self._summary or {}).items():
+            theirs = saved.get(split)
+            if theirs is None:
+                continue  # e.g. the run began with reference=resident: no training table to compare
+            if (theirs["pairs"], theirs["tokens"]) != (mine["pairs"], mine["tokens"]):
+                raise ValueError(
+                    f"resume: the {split} data differ from the checkpoint's run ({theirs['pairs']} pairs of"
+                    f" {theirs['tokens']} response tokens then, {mine['pairs']} of {mine['tokens']} now)"
+                )
+            if not math.isclose(theirs["abs_logps"], mine["abs_logps"], rel_tol=1e-3):
+                raise ValueError(
+                    f"resume: the reference log-probs recomputed from the initial weights differ from the"
+                    f" checkpoint's run on the {split} pairs (Σ|log p| {mine['abs_logps']:.6g} now,"
+                    f" {theirs['abs_logps']:.6g} then): the initial weights (init.hf, or model and"
+                    f" trainer.seed) changed since the run began"
+                )

@@ -11,8 +11,10 @@ sequence's last token (aligner.models). Formulas: ../REFERENCE section 2 as impl
   reward is output ``reward_index`` of the head (the helpfulness output when the head
   comes from a multi-attribute regression model), or ``w · ŷ`` when ``attribute_weights``
   are given; loss ``bt_kind`` (regular ``-logσ(Δ)``, margin ``-logσ(Δ - m)``, scaled
-  ``-m logσ(Δ)``) averaged over pairs. Validation reports accuracy overall and per
-  ``subset`` (RewardBench rows carry one).
+  ``-m logσ(Δ)``) averaged over pairs; ``m`` is the pair's ``margin`` for the margin loss
+  (:func:`aligner.algorithms.sft.pair_margin`: else its strength) and its ``strength`` for
+  the scaled loss. Validation reports accuracy overall and per ``subset`` (RewardBench
+  rows carry one).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from aligner.algorithms.losses import bradley_terry_loss, masked_mse_loss
-from aligner.algorithms.sft import TokenAlgorithm
+from aligner.algorithms.sft import TokenAlgorithm, pair_margin
 from aligner.training.algorithm import metric
 
 HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
@@ -77,6 +79,7 @@ class RewardAlgorithm(TokenAlgorithm):
             batch["label_mask"] = torch.stack([torch.as_tensor(s["label_mask"], dtype=torch.float32) for s in samples])
         else:
             batch["strength"] = torch.tensor([abs(float(s.get("strength", 0.0))) for s in samples])
+            batch["margin"] = torch.tensor([pair_margin(s) for s in samples])
             batch["subset"] = [s.get("subset", "") or "" for s in samples]
         return batch
 
@@ -109,7 +112,7 @@ class RewardAlgorithm(TokenAlgorithm):
         r = self.scalar(scores)
         r_c, r_r = r[0::2], r[1::2]  # items alternate chosen, rejected per pair
         n = r_c.numel()
-        loss, _ = bradley_terry_loss(r_c, r_r, kind=self.bt_kind, strength=batch["strength"])
+        loss, _ = bradley_terry_loss(r_c, r_r, kind=self.bt_kind, strength=batch["strength"], margin=batch["margin"])
         total = loss * n
         correct = (r_c > r_r).double()
         metrics = {

@@ -171,6 +171,7 @@ class _BaseTrainer:
             max_length=d.max_length,
             overlong=d.overlong,
             skip_invalid=d.skip_invalid,
+            packing=d.packing,
             **self.data_options(),
         )
         return [dict(s, index=i) for i, s in enumerate(samples)]

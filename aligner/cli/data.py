@@ -3,9 +3,12 @@
 - ``synth --out DIR [--seed S]``: write the embedded instruction world (aligner.data.world).
 - ``validate FILE [--format F] [--kind K] [--tokenizer T]``: check every row (file:line
   errors); with a tokenizer also render and count over-length samples.
-- ``stats FILE --tokenizer T [--kind K]``: sample count and token-length percentiles.
-- ``pack FILE --tokenizer T --capacity C [--kind K]``: pack the file's samples (pairs keep
-  chosen and rejected together) and report bins and the share of capacity filled.
+- ``stats FILE --tokenizer T [--kind K] [--template T]``: sample count and token-length
+  percentiles. Pair files count pairs (``pairs``) and report the lengths of ``chosen``,
+  ``rejected`` and the whole ``pair`` (both responses: what a step processes).
+- ``pack FILE --tokenizer T --capacity C [--kind K]``: pack the file's samples (a pair's
+  chosen and rejected share one bin, so a pair's length is both responses') and report bins
+  and the share of capacity filled; unpacked, a pair is two padded rows.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--kind", default=None, help="sft | regression | pairs | prompts (default: from the format)")
         p.add_argument("--tokenizer", required=name != "validate")
         p.add_argument("--max-length", type=int, default=4096)
+        p.add_argument("--template", default="auto", choices=("auto", "extra_id", "chat", "raw"))
         p.add_argument("--skip-invalid", action="store_true")
         if name == "pack":
             p.add_argument("--capacity", type=int, required=True)
@@ -67,23 +71,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         from aligner.data.datasets import last_report
 
         samples = load_dataset(args.file, kind=kind, tokenizer=load_tokenizer(args.tokenizer), fmt=args.format,
-                               max_length=args.max_length, skip_invalid=args.skip_invalid)
+                               template=args.template, max_length=args.max_length, skip_invalid=args.skip_invalid)
         report.update({k: v for k, v in last_report.items() if k not in report})
-        key = next(k for k in ("tokens", "chosen", "prompt_tokens") if k in samples[0])
-        report["token_length"] = _percentiles([int(s[key].numel()) for s in samples])
+        pairs = "chosen" in samples[0]
+        if pairs:
+            report["pairs"] = report.pop("samples", len(samples))
+            report["token_length"] = {
+                "chosen": _percentiles([int(s["chosen"].numel()) for s in samples]),
+                "rejected": _percentiles([int(s["rejected"].numel()) for s in samples]),
+                "pair": _percentiles([int(s["chosen"].numel() + s["rejected"].numel()) for s in samples]),
+            }
+        else:
+            key = next(k for k in ("tokens", "prompt_tokens") if k in samples[0])
+            report["token_length"] = _percentiles([int(s[key].numel()) for s in samples])
         if args.cmd == "pack":
             from aligner.data.packing import efficiency, pack_lengths
 
             lengths = [sum(int(s[k].numel()) for k in ("tokens", "chosen", "rejected", "prompt_tokens") if k in s)
                        for s in samples]
+            unit = "pairs" if pairs else "samples"
             too_long = sum(n > args.capacity for n in lengths)
             if too_long:
-                print(f"aligner data pack: {too_long} samples exceed --capacity {args.capacity}", file=sys.stderr)
+                print(f"aligner data pack: {too_long} {unit} exceed --capacity {args.capacity}"
+                      f" (the longest needs --capacity >= {max(lengths)}"
+                      + ("; a pair's chosen and rejected share one bin)" if pairs else ")"), file=sys.stderr)
                 return 1
             bins = pack_lengths(lengths, args.capacity)
-            report["pack"] = {"capacity": args.capacity, "bins": len(bins), "samples": len(lengths),
+            report["pack"] = {"capacity": args.capacity, "bins": len(bins), unit: len(lengths),
                               "efficiency": round(efficiency(lengths, bins, args.capacity), 4),
-                              "padded_rows_without_packing": len(lengths)}
+                              "padded_rows_without_packing": len(lengths) * (2 if pairs else 1)}
     print(json.dumps(report, indent=2))
     return 0
 

@@ -7,15 +7,19 @@ list of samples (dicts of 1-D tensors, the trainers' contract):
 - ``sft``: ``{"tokens", "loss_mask"}`` (loss on assistant-turn tokens and the turn end).
 - ``regression``: ``{"tokens", "labels" [N], "label_mask" [N]}`` for attribute names N.
 - ``pairs``: ``{"chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask", "strength",
-  "margin", "subset"}``; HelpSteer2-Preference ties (strength 0) are dropped and counted.
+  "margin", "reward_gap", "subset", "line"}`` (``margin``: the row's margin or None;
+  ``reward_gap``: ``chosen_reward − rejected_reward`` or None); HelpSteer2-Preference ties
+  (strength 0) are dropped and counted. With ``packing`` a pair must fit one bin of
+  ``max_length`` tokens, so the over-length policy applies to chosen + rejected together.
 - ``prompts``: ``{"prompt_tokens", "prompt", "meta"}`` (``meta``: the row's extra fields).
 - ``any_scored``: rows with a response to score: regression rows give ``tokens``, pairs
   give ``chosen`` / ``rejected`` (``subset`` kept).
 
 Templates: ``extra_id`` (REFERENCE section 1: ``<extra_id_0>System\\n{system}\\n<extra_id_1>User\\n
 {prompt}\\n<extra_id_1>Assistant\\n{response}\\n<extra_id_2>``; a response's target tokens end
-with the end-of-sequence token for generation models) and ``chat`` (the tokenizer's own
-chat template). Errors name ``file:line``, the field and what was expected; with
+with the end-of-sequence token for generation models), ``chat`` (the tokenizer's own
+chat template) and ``raw`` (prompt tokens + response tokens + EOS, no wrapping: plain
+prompt/completion data, :func:`render_raw`). Errors name ``file:line``, the field and what was expected; with
 ``skip_invalid`` bad rows are skipped and counted by reason (printed and kept in
 ``last_report``). Over-length samples: ``truncate_left`` drops prompt tokens from the left,
 ``drop`` drops the sample; both counted.
@@ -88,6 +92,19 @@ def _int_range(row, field, lo, hi, where, required=True):
     return int(v)
 
 
+# optional numeric fields of plain pairs (formats.py says which loss uses which)
+PAIR_NUMBERS = ("margin", "strength", "chosen_reward", "rejected_reward")
+
+
+def _optional_number(row, field, where):
+    v = row.get(field)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        raise DataFormatError(f"{where}: field {field!r} must be a finite number, got {v!r}")
+    return float(v)
+
+
 def validate_row(row, fmt: str, where: str) -> None:
     if not isinstance(row, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -132,6 +149,12 @@ def validate_row(row, fmt: str, where: str) -> None:
             _text(row, f, where)
         if fmt == "rewardbench":
             _text(row, "subset", where)
+        for f in PAIR_NUMBERS:
+            _optional_number(row, f, where)
+        given = [f for f in ("chosen_reward", "rejected_reward") if row.get(f) is not None]
+        if len(given) == 1:
+            other = "rejected_reward" if given[0] == "chosen_reward" else "chosen_reward"
+            raise DataFormatError(f"{where}: field {given[0]!r} is given without {other!r}; the RPO losses use both")
     elif fmt == "prompt":
         _text(row, "prompt", where)
     elif fmt == "steerlm2":
@@ -250,10 +273,71 @@ def render_chat(tok, conv: Conversation, response: Optional[str] = None) -> Tupl
     return tokens, mask
 
 
+def render_raw(tok, conv: Conversation, response: Optional[str] = None) -> Tuple[List[int], List[float]]:
+    """``data.template = raw``: prompt tokens + response tokens + EOS, no wrapping.
+
+    The plain prompt/completion rendering (TRL's "standard" format): the prompt text
+    (turns joined the HelpSteer2 way when a row has several, see
+    :meth:`Conversation.to_prompt_string`) and the response text are encoded separately
+    (no BOS, no template markers) and concatenated; the targets are the response's tokens
+    and the EOS token. The response is ``response``, else the conversation's last turn
+    when it is an assistant turn; without one the tokens are the prompt's alone (a
+    generation prompt). Rows with a system prompt or SteerLM labels are refused by
+    :func:`check_raw` (raw has no place for them).
+    """
+    turns = list(conv.turns)
+    if response is None and turns and turns[-1].role == ASSISTANT:
+        response = turns.pop().content
+    prompt = _enc(tok, Conversation(turns).to_prompt_string()) if turns else []
+    if response is None:
+        return prompt, [0.0] * len(prompt)
+    target = _enc(tok, response) + [tok.eos_id]
+    return prompt + target, [0.0] * len(prompt) + [1.0] * len(target)
+
+
+def check_raw(record, where: str) -> None:
+    """Refuse what ``data.template = raw`` cannot render (a system prompt, SteerLM labels)."""
+    conv = record if isinstance(record, Conversation) else getattr(record, "prompt", None)
+    if isinstance(conv, Conversation):
+        if conv.system is not None:
+            raise DataFormatError(f"{where}: field 'system' is set, but data.template = raw renders no system"
+                                  " prompt (use extra_id or chat)")
+        if any(t.label for t in conv.turns) or getattr(record, "label", None):
+            raise DataFormatError(f"{where}: the row has a SteerLM 'label', but data.template = raw renders no"
+                                  " labels (use extra_id)")
+
+
 def _render(tok, template, conv, response=None, end="eos"):
+    if template == "raw":
+        return render_raw(tok, conv, response)
     if template == "chat" or (template == "auto" and getattr(tok, "chat_template", None) and end == "eos"):
         return render_chat(tok, conv, response)
     return render_extra_id(tok, conv, response, end=end)
+
+
+def _fit_pair(chosen, rejected, max_length, overlong, counts):
+    """Packing: the over-length policy on a pair as a whole (chosen + rejected share one bin).
+
+    ``truncate_left`` drops prompt tokens from the left of both responses' sequences
+    (half the excess from each, more from one when the other's prompt is too short);
+    ``drop`` (or a pair whose prompts cannot give enough) drops the pair; both counted
+    (``truncated_left_pair`` / ``dropped_overlong_pair``). None when dropped.
+    """
+    (ct, cm), (rt, rm) = chosen, rejected
+    excess = len(ct) + len(rt) - max_length
+    if excess <= 0:
+        return chosen, rejected
+    room_c = next((i for i, m in enumerate(cm) if m > 0), len(cm))
+    room_r = next((i for i, m in enumerate(rm) if m > 0), len(rm))
+    if overlong == "truncate_left" and room_c + room_r >= excess:
+        cut_c = min(room_c, (excess + 1) // 2)
+        cut_r = excess - cut_c
+        if cut_r > room_r:
+            cut_r, cut_c = room_r, excess - room_r
+        counts["truncated_left_pair"] += 1
+        return (ct[cut_c:], cm[cut_c:]), (rt[cut_r:], rm[cut_r:])
+    counts["dropped_overlong_pair"] += 1
+    return None
 
 
 def _fit(tokens, mask, max_length, overlong, counts):
@@ -323,7 +407,7 @@ def read_jsonl(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invali
 
 def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = "auto", max_length: int = 4096,
                  overlong: str = "truncate_left", skip_invalid: bool = False,
-                 attributes: Sequence[str] = HELPSTEER2_ATTRIBUTES) -> List[dict]:
+                 attributes: Sequence[str] = HELPSTEER2_ATTRIBUTES, packing: bool = False) -> List[dict]:
     kind = {"prompt": "prompts", "pair": "pairs", "sft_conversations": "sft"}.get(kind, kind)
     if kind not in KIND_FORMATS:
         raise ValueError(f"unknown dataset kind {kind!r}; one of {sorted(KIND_FORMATS)}")
@@ -334,6 +418,8 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
     rb_end = "extra_id"
     for lineno, row, rfmt in read_jsonl(path, fmt, KIND_FORMATS[kind], skip_invalid, counts):
         rec = parse_row(row, rfmt)
+        if template == "raw":
+            check_raw(rec, f"{path}:{lineno}")
         if kind == "sft":
             fitted = _fit(*_render(tokenizer, template, rec), max_length, overlong, counts)
             if fitted:
@@ -360,9 +446,14 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
             r = _fit(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong, counts)
             if not c or not r:
                 continue
+            if packing and kind == "pairs":  # a pair is packed into one bin of max_length tokens
+                fitted = _fit_pair(c, r, max_length, overlong, counts)
+                if not fitted:
+                    continue
+                c, r = fitted
             out.append({"chosen": T(c[0]), "chosen_loss_mask": F(c[1]), "rejected": T(r[0]),
-                        "rejected_loss_mask": F(r[1]), "strength": float(rec.strength), "margin": float(rec.margin),
-                        "subset": rec.subset or "", "line": lineno})
+                        "rejected_loss_mask": F(r[1]), "strength": float(rec.strength), "margin": rec.margin,
+                        "reward_gap": rec.reward_gap, "subset": rec.subset or "", "line": lineno})
         elif kind == "prompts":
             from aligner.data.formats import prompt_of
 

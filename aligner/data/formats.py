@@ -12,8 +12,13 @@ Formats (the names used by ``--format`` and :func:`detect_format`):
                          rows 2k and 2k+1 share a prompt
 ``helpsteer2_preference`` ``split``, ``prompt``, ``response_1``, ``response_2``,
                          ``preference_strength`` (-3..3; < 0 means response_1 is better)
-``pairwise``             ``prompt``, ``chosen``, ``rejected`` (+ optional ``margin``,
-                         ``strength``, ``chosen_reward``, ``rejected_reward``)
+``pairwise``             ``prompt``, ``chosen``, ``rejected`` (+ optional numbers ``margin``,
+                         ``strength``, ``chosen_reward``, ``rejected_reward``; the two
+                         rewards come together). Where they are used: ``strength`` by
+                         scaled BT / scaled DPO (and margin losses without a ``margin``),
+                         ``margin`` by margin BT (``rm.bt_kind=margin``) and
+                         ``dpo.loss_type=margin_dpo``, the reward difference by the RPO
+                         losses (``dpo.loss_type=rpo_*``), see docs/data_formats.md
 ``rewardbench``          ``prompt``, ``chosen``, ``rejected``, ``subset``, ``id``
 ``prompt``               ``{"prompt"}`` (any other row with a ``prompt`` also reads as one)
 ``steerlm2``             ``system``, ``prompt_turns``, ``label``, ``responses[]`` with ``value``,
@@ -110,7 +115,9 @@ class PairRecord:
 
     ``strength`` is the preference magnitude m (|preference_strength| for HelpSteer2-Preference,
     the row's ``strength`` for plain pairs, else 1.0); ``margin`` the margin used by margin
-    losses (HelpSteer2-Preference: m; plain pairs: the row's ``margin``, else 0.0).
+    losses (HelpSteer2-Preference: m; plain pairs: the row's ``margin``, else None, and
+    margin losses then use ``strength``). ``chosen_reward`` / ``rejected_reward``: the
+    ground-truth rewards r* of the RPO losses (both or neither).
     ``preference_strength`` keeps the signed HelpSteer2-Preference value (0 = tie).
     """
 
@@ -118,7 +125,7 @@ class PairRecord:
     chosen: str
     rejected: str
     strength: float = 1.0
-    margin: float = 0.0
+    margin: float | None = None
     chosen_reward: float | None = None
     rejected_reward: float | None = None
     preference_strength: int | None = None
@@ -128,6 +135,13 @@ class PairRecord:
     @property
     def is_tie(self) -> bool:
         return self.preference_strength == 0
+
+    @property
+    def reward_gap(self) -> float | None:
+        """``r*_chosen − r*_rejected`` (RPO), or None when the row gives no rewards."""
+        if self.chosen_reward is None or self.rejected_reward is None:
+            return None
+        return self.chosen_reward - self.rejected_reward
 
 
 @dataclass
@@ -275,7 +289,7 @@ def parse_row(row: dict, fmt: str):
             chosen=row["chosen"],
             rejected=row["rejected"],
             strength=1.0 if strength is None else abs(strength),
-            margin=0.0 if margin is None else margin,
+            margin=margin,
             chosen_reward=_number(row, "chosen_reward"),
             rejected_reward=_number(row, "rejected_reward"),
             subset=row.get("subset"),

@@ -53,8 +53,12 @@ class Algorithm:
     rows_per_sample: int = 1
 
     def sample_tokens(self, sample: dict) -> int:
-        """Tokens a sample holds (for throughput figures and pad lengths)."""
+        """Tokens a sample puts through the model, every sequence counted (throughput figures)."""
         raise NotImplementedError
+
+    def sample_length(self, sample: dict) -> int:
+        """The sample's longest sequence (pad lengths); default: :meth:`sample_tokens`."""
+        return self.sample_tokens(sample)
 
     def microbatches(self, samples: Sequence[dict], micro_batch_size: int, seq_length: int) -> List[dict]:
         """Collate this rank's share of a global batch into micro-batches of ``seq_length`` tokens
@@ -72,7 +76,10 @@ class Algorithm:
         return means
 
     def setup(self, trainer) -> None:
-        """Called once by the loop after the model, optimizer and data exist (e.g. reference log-probs)."""
+        """Called once by the loop after the model, optimizer and data exist (e.g. reference log-probs).
+
+        Runs before a resume loads trained weights: the models hold the initial weights.
+        """
 
     def before_step(self, trainer, local_samples: Sequence[dict], seq_length: int) -> None:
         """Called before each training step with this rank's samples (e.g. reference log-probs)."""

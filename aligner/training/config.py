@@ -35,9 +35,11 @@ class DataSection:
     """``data``: files, tokenizer, template and length policy.
 
     format: ``auto`` or a data-layer format name; template: ``auto`` (extra_id for reward
-    rows, the tokenizer's chat template if it has one, else extra_id), ``extra_id`` or
-    ``chat``. overlong: ``truncate_left`` (drop prompt tokens from the left) or ``drop``.
-    packing: pack samples into ``max_length`` bins (block-diagonal attention).
+    rows, the tokenizer's chat template if it has one, else extra_id), ``extra_id``,
+    ``chat`` or ``raw`` (prompt tokens + response tokens + EOS, no wrapping).
+    overlong: ``truncate_left`` (drop prompt tokens from the left) or ``drop``.
+    packing: pack samples into ``max_length`` bins (block-diagonal attention); a pair
+    (chosen + rejected) shares one bin, so the overlong policy applies to the pair.
     """
 
     train: Optional[str] = None
@@ -139,7 +141,7 @@ class ConfigError(ValueError):
 _CHOICES = {
     "init.dtype": ("fp32", "bf16"),
     "data.overlong": ("truncate_left", "drop"),
-    "data.template": ("auto", "extra_id", "chat"),
+    "data.template": ("auto", "extra_id", "chat", "raw"),
     "optim.name": ("adam", "sgd"),
     "optim.schedule": ("constant", "cosine", "linear"),
 }

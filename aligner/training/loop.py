@@ -198,7 +198,7 @@ class TrainingLoop:
         return list(samples[self.dp_rank * share : (self.dp_rank + 1) * share])
 
     def _seq_length(self, samples: Sequence[dict]) -> int:
-        longest = max(self.algorithm.sample_tokens(s) for s in samples)
+        longest = max(self.algorithm.sample_length(s) for s in samples)
         multiple = 8 * ps.get_tensor_model_parallel_world_size()
         return int(math.ceil(longest / multiple) * multiple)
 
@@ -394,6 +394,8 @@ class TrainingLoop:
 
     def fit(self) -> Dict[str, Any]:
         """Train to ``max_steps``; returns the last train and validation metrics."""
+        # before the resume: setup sees the initial weights (e.g. DPO's reference model)
+        self.algorithm.setup(self)
         resumed = self.maybe_resume()
         progress = Progress(self.algorithm.name, self.max_steps, start_step=self.step, enabled=self.cfg.progress)
         logger = MetricsLogger(
@@ -412,7 +414,6 @@ class TrainingLoop:
                 f" ({self.unused_per_epoch} samples per epoch beyond the last full global batch are not used),"
                 f" {self.max_steps} steps"
             )
-        self.algorithm.setup(self)
         train_metrics: Dict[str, float] = {}
         val_metrics: Dict[str, float] = {}
         if resumed is None and self.val_data and self.cfg.val_interval > 0:

@@ -96,6 +96,20 @@ def run_cli(policy_dir, checkpoint_root, *argvs):
     return [main(argv) for argv in argvs]
 
 
+def run_cli_capturing(policy_dir, checkpoint_root, *argvs):
+    """run_cli, returning each run's (exit code, stderr)."""
+    import contextlib
+    import io
+
+    results = []
+    for code_and_argv in argvs:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = run_cli(policy_dir, checkpoint_root, code_and_argv)[0] if not results else main(code_and_argv)
+        results.append((code, err.getvalue()))
+    return results
+
+
 def _read(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
@@ -305,15 +319,18 @@ def templated_outputs(setup, prompt_files):
                "--reward-model", str(root / "rm")]
     argvs.append(refused + ["--output", str(root / "refused_a.jsonl")])
     argvs.append(refused + ["--output", str(root / "refused_b.jsonl"), "--reward-attribute", "helpfulness"])
-    codes = spawn_local(run_cli, 1, str(root / "policy"), str(root / "ckpt_templated"), *argvs, timeout=400)[0]
-    return codes, {name: (root / f"{name}.jsonl").read_text() for name, _, _ in TEMPLATED_RUNS}
+    results = spawn_local(run_cli_capturing, 1, str(root / "policy"), str(root / "ckpt_templated"), *argvs,
+                          timeout=400)[0]
+    codes = [code for code, _ in results]
+    texts = {name: (root / f"{name}.jsonl").read_text() for (name, _, _), code in zip(TEMPLATED_RUNS, codes) if code == 0}
+    return codes, texts, [err for _, err in results[-2:]]
 
 
-def test_templated_prompt_files_generate_plain_json_rows(setup, templated_outputs, capfd):
+def test_templated_prompt_files_generate_plain_json_rows(setup, templated_outputs):
     from transformers import AutoTokenizer
 
     root = setup["root"]
-    codes, texts = templated_outputs
+    codes, texts, refusals = templated_outputs
     assert codes == [0] * len(TEMPLATED_RUNS) + [2, 2]
     assert not (root / "refused_a.jsonl").exists() and not (root / "refused_b.jsonl").exists()
     chat_tok = AutoTokenizer.from_pretrained(root / "policy")
@@ -348,6 +365,6 @@ def test_templated_prompt_files_generate_plain_json_rows(setup, templated_output
             else:
                 w = [float(x) for x in options[options.index("--attribute-weights") + 1:][:2]]
                 assert r["reward"] == pytest.approx(w[0] * ref[0] + w[1] * ref[1], abs=1e-5)
-    err = capfd.readouterr().err
-    assert "has 2 outputs ['LABEL_0', 'LABEL_1'] and records no reward weights" in err
-    assert "--reward-attribute 'helpfulness' is not an output of the head" in err
+    assert "has 2 outputs ['LABEL_0', 'LABEL_1'] and records no reward weights" in refusals[0]
+    assert "--reward-attribute 'helpfulness' is not an output of the head" in refusals[1]
+    assert all(err.count("aligner generate: error:") == 1 for err in refusals)

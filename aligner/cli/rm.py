@@ -53,9 +53,11 @@ class RewardReadout:
 
     def rewards(self, outputs):
         """[n, N] head outputs -> [n] scalar rewards."""
+        import torch
+
         from aligner.algorithms.losses.reward import combine_attributes
 
-        return combine_attributes(outputs.double(), [float(w) for w in self.weights])
+        return combine_attributes(outputs.double(), torch.tensor(self.weights, dtype=torch.float64))
 
 
 def reward_readout(model_dir: str, num_outputs: int, *, attributes: Optional[Sequence[str]] = None,

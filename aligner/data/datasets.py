@@ -350,8 +350,9 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
             if rec.is_tie and kind == "pairs":
                 counts["dropped_tie"] += 1
                 continue
-            # a reward model reads a pair as it scores it; a policy (DPO) learns to end with EOS
-            end = "extra_id" if (reward_model or kind == "any_scored") else "eos"
+            # a reward model reads a pair as it scores it; a policy (DPO) ends with EOS except
+            # under an explicit extra_id template, which keeps the template's own end
+            end = "extra_id" if (reward_model or kind == "any_scored" or template == "extra_id") else "eos"
             c = _fit(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts)
             r = _fit(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong, counts)
             if not c or not r:

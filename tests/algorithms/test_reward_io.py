@@ -83,12 +83,17 @@ def train_and_score(root, world):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def world(tmp_path_factory):
     from aligner.data.world import synthesize
 
     root = tmp_path_factory.mktemp("reward_io")
-    world = {k: str(v) for k, v in synthesize(root / "world", seed=2, **SMALL).items()}
-    return root, world, spawn_local(train_and_score, 1, str(root), world, timeout=900)[0]
+    return root, {k: str(v) for k, v in synthesize(root / "world", seed=2, **SMALL).items()}
+
+
+@pytest.fixture(scope="module")
+def runs(world):
+    root, files = world
+    return root, files, spawn_local(train_and_score, 1, str(root), files, timeout=900)[0]
 
 
 @pytest.mark.parametrize("template", ["auto", "extra_id"])
@@ -187,12 +192,12 @@ def test_scoring_refuses_names_and_weights_that_do_not_match_the_head(runs):
     assert not any((root / f"x{i}.jsonl").exists() for i in range(1, 5))
 
 
-def test_reward_rendering_is_shared_and_auto_means_extra_id_for_reward_rows(runs):
+def test_reward_rendering_is_shared_and_auto_means_extra_id_for_reward_rows(world):
     from aligner.data import load_dataset, load_tokenizer
     from aligner.data.datasets import render_extra_id, resolve_template
     from aligner.data.formats import parse_row
 
-    _, world, _ = runs
+    _, world = world
     tok = load_tokenizer(world["tokenizer"])
     assert resolve_template(tok, "auto", reward_model=True) == "extra_id"
     row = json.loads(open(world["rewardbench"]).readline())
@@ -204,6 +209,6 @@ def test_reward_rendering_is_shared_and_auto_means_extra_id_for_reward_rows(runs
         for kind, options in (("pairs", {"reward_model": True}), ("any_scored", {})):
             sample = load_dataset(world["rewardbench"], kind=kind, tokenizer=tok, template=template, **options)[0]
             assert sample["chosen"].tolist() == reward_chosen, (template, kind)
-        # a policy (DPO) learns to end its responses with EOS, whatever the template's name
-        sample = load_dataset(world["rewardbench"], kind="pairs", tokenizer=tok, template=template)[0]
-        assert sample["chosen"].tolist() == policy_chosen, template
+    # a policy's (DPO's) pairs under auto end with EOS, as its SFT data and generation do
+    sample = load_dataset(world["rewardbench"], kind="pairs", tokenizer=tok, template="auto")[0]
+    assert sample["chosen"].tolist() == policy_chosen

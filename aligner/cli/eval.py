@@ -72,6 +72,7 @@ def regression(model: str, path: str, *, attributes: Optional[List[str]] = None,
 def main(argv: Optional[List[str]] = None) -> int:
     from aligner.cli.rm import ScoringError, _add_readout_options, readout_options
     from aligner.data import DataFormatError
+    from aligner.models import CheckpointError
 
     parser = argparse.ArgumentParser(prog="aligner eval", description="Evaluate reward models.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -96,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer,
                                 template=args.template)
             text = "\n".join(f"{k}: {v:.4f}" for k, v in sorted(report.items()))
-    except (ScoringError, DataFormatError, FileNotFoundError) as exc:
+    except (ScoringError, DataFormatError, CheckpointError, FileNotFoundError) as exc:
         print(f"aligner eval {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
     import torch.distributed as dist

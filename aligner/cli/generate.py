@@ -259,7 +259,7 @@ def main(argv: Optional[list] = None) -> int:
             readout = reward_readout(args.reward_model, head_outputs(args.reward_model),
                                      reward_attribute=args.reward_attribute,
                                      attribute_weights=args.attribute_weights, template=args.reward_template)
-        except ScoringError as exc:
+        except (ScoringError, ValueError) as exc:  # also a folder without readable weights
             return _fail(str(exc))
     elif args.reward_attribute is not None or args.attribute_weights is not None or args.reward_template:
         return _fail("--reward-attribute / --attribute-weights / --reward-template need --reward-model")

@@ -277,10 +277,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"wrote {expo(args.weak, args.strong, args.output, args.alpha)}")
         return 0
     from aligner.data import DataFormatError
+    from aligner.models import CheckpointError
 
     try:
         rows = score_file(args.model, args.input, **readout_options(args))
-    except (ScoringError, DataFormatError, FileNotFoundError) as exc:
+    except (ScoringError, DataFormatError, CheckpointError, FileNotFoundError) as exc:
         print(f"aligner rm score: error: {exc}", file=sys.stderr)
         return 2
     import torch.distributed as dist

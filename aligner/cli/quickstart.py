@@ -113,6 +113,7 @@ def _generate(model_dir: Path, prompts: List[dict], tokenizer, max_new_tokens: i
 
 
 def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> dict:
+    claim_folder(out, seed, scale, fresh)  # before anything heavy: a refusal comes at once
     import torch
 
     from aligner.cli.eval import regression as eval_regression
@@ -123,7 +124,6 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
     from aligner.reporting import markdown_table, plot_curves, plot_distributions, write_report
 
     t_start = time.perf_counter()
-    claim_folder(out, seed, scale, fresh)
     timings: Dict[str, float] = {}
 
     def steps(n: int) -> int:

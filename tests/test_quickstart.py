@@ -1,19 +1,35 @@
-"""The quickstart composes every stage end to end (at a small step scale here): run folder,
-report, plots, and HF checkpoints that transformers loads."""
+"""The quickstart composes every stage end to end (at a small step scale here) and its
+outcomes hold: the reward models beat chance on the world's RewardBench-format pairs, the
+folder belongs to one seed (another seed is refused, the same seed continues without
+training again), and HF checkpoints load in transformers. The full-scale run (marked
+``slow``, deselected by default: ``pytest -m slow tests/test_quickstart.py``) checks that
+DPO's paired ground-truth helpfulness gain over SFT exceeds two standard errors."""
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
+TEST_SCALE = "0.03"
+
+
+def _quickstart(out, seed, scale, *extra, timeout=1500):
+    return subprocess.run([sys.executable, "-W", "ignore", "-m", "aligner.cli.main", "quickstart", "--out", str(out),
+                           "--scale", scale, "--seed", str(seed), *extra],
+                          timeout=timeout, capture_output=True, text=True)
+
+
+def _accuracy(report):
+    subsets = report["subsets"].values()
+    return sum(s["correct"] for s in subsets) / sum(s["n"] for s in subsets)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    import subprocess
-    import sys
-
     out = tmp_path_factory.mktemp("qs") / "run"
-    subprocess.run([sys.executable, "-W", "ignore", "-m", "aligner.cli.main", "quickstart", "--out", str(out),
-                    "--scale", "0.03", "--seed", "1"], check=True, timeout=900, capture_output=True)
+    proc = _quickstart(out, 1, TEST_SCALE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
@@ -29,6 +45,61 @@ def test_report_and_plots(run):
         assert (run / stage / "config.yaml").is_file() and (run / stage / "metrics.jsonl").is_file()
     rb = results["rm_bt"]["rewardbench"]["subsets"]
     assert set(rb) == {"world-easy", "world-hard"} and all(v["n"] == 200 for v in rb.values())
+    assert json.loads((run / "quickstart.json").read_text()) == {"seed": 1, "scale": float(TEST_SCALE)}
+
+
+def test_reward_model_beats_chance_on_rewardbench_format_pairs(run):
+    # the quickstart's reward model (Scaled BT from the regression RM) on the world's 400
+    # RewardBench-format pairs; at this scale (2 BT steps) measured 0.555 (seed 1), while the
+    # regression RM it starts from (4 steps) is still at chance (0.478)
+    results = json.loads((run / "results.json").read_text())
+    report = results["rm_bt"]["rewardbench"]
+    assert _accuracy(report) > 0.5, {k: v["accuracy"] for k, v in report["subsets"].items()}
+    # the BT model is read as its training recorded: the helpfulness output, extra_id rows
+    assert results["rm_bt"]["rewardbench"]["reward"]["weights"] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert results["rm_bt"]["rewardbench"]["reward"]["template"] == "extra_id"
+    assert results["sft"]["val_loss"] is not None
+
+
+def test_another_seed_in_the_same_folder_is_refused(run):
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    proc = _quickstart(run, 2, TEST_SCALE, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert str(run) in lines[0] and "seed 1" in lines[0] and "seed 2" in lines[0] and "--fresh" in lines[0]
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before  # nothing touched
+
+
+def test_the_same_seed_continues_without_training_again(run):
+    first = json.loads((run / "results.json").read_text())
+    checkpoints = {p: p.stat().st_mtime_ns for p in run.glob("*/hf/*.safetensors")}
+    proc = _quickstart(run, 1, TEST_SCALE)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("sft", "rm_regression", "rm_bt", "dpo"):
+        assert f"{stage}: complete" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in run.glob("*/hf/*.safetensors")} == checkpoints
+    again = json.loads((run / "results.json").read_text())
+    for key in ("sft", "rm_regression", "rm_bt", "dpo", "judge", "dpo_minus_sft_helpfulness"):
+        assert again[key] == first[key], key
+
+
+def test_fresh_deletes_only_the_quickstart_outputs(tmp_path):
+    from aligner.cli.quickstart import RunFolderError, claim_folder
+
+    out = tmp_path / "q"
+    for stage in ("world", "sft", "dpo"):
+        (out / stage).mkdir(parents=True)
+        (out / stage / "x").write_text("old")
+    (out / "notes.txt").write_text("mine")
+    # a folder from before the run record existed: its seed is unknown, refused as well
+    with pytest.raises(RunFolderError, match=r"seed unknown.*this one is seed 3, scale 0.5.*--fresh"):
+        claim_folder(out, 3, 0.5)
+    claim_folder(out, 3, 0.5, fresh=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "quickstart.json"]
+    claim_folder(out, 3, 0.5)  # the same run again: kept
+    with pytest.raises(RunFolderError, match="scale 0.5"):
+        claim_folder(out, 3, 1.0)
 
 
 def test_every_stage_loads_in_transformers(run):
@@ -41,5 +112,19 @@ def test_every_stage_loads_in_transformers(run):
     for stage in ("rm_regression", "rm_bt"):
         m = AutoModelForSequenceClassification.from_pretrained(run / stage / "hf")
         assert m.config.num_labels == 5 and torch.isfinite(m(ids).logits).all()
+        assert list(m.config.id2label.values()) == ["helpfulness", "correctness", "coherence", "complexity",
+                                                    "verbosity"]
     tok = AutoTokenizer.from_pretrained(run / "sft" / "hf")
     assert tok.decode(tok.encode("The answer is 42.", add_special_tokens=False)).strip() == "The answer is 42."
+
+
+@pytest.mark.slow
+def test_full_scale_dpo_gains_ground_truth_helpfulness_over_sft(tmp_path):
+    proc = _quickstart(tmp_path / "full", 0, "1.0", timeout=4 * 3600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "full" / "results.json").read_text())
+    gain = results["dpo_minus_sft_helpfulness"]
+    assert gain["prompts"] >= 100
+    assert gain["mean"] > 2 * gain["standard_error"], gain
+    for stage in ("rm_regression", "rm_bt"):
+        assert _accuracy(results[stage]["rewardbench"]) > 0.5

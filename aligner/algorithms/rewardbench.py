@@ -1,4 +1,5 @@
-"""RewardBench scoring: per-subset accuracy, section scores, overall (../REFERENCE section 1).
+"""RewardBench scoring: per-subset accuracy, section scores, overall (docs/reward_models.md;
+Lambert et al. 2024, "RewardBench: Evaluating Reward Models for Language Modeling").
 
 - A pair is correct iff ``score(chosen) > score(rejected)``; a tie counts as wrong.
 - Subset accuracy: correct / rows of that subset.

@@ -179,6 +179,13 @@ class _BaseTrainer:
     def data_options(self) -> dict:
         return {}
 
+    def export_metadata(self, algo) -> dict:
+        """What the HF export records about this run (aligner.models.hf.export_hf): the
+        template its data was rendered with, resolved, so that scoring renders alike."""
+        from aligner.data.datasets import resolve_template
+
+        return {"template": resolve_template(self.tokenizer(), self.cfg.data.template, algo.head == "reward")}
+
     def algorithm(self):
         raise NotImplementedError
 
@@ -190,6 +197,7 @@ class _BaseTrainer:
         if not self.cfg.data.train:
             raise ValueError("data.train is not set")
         algo = self.algorithm()
+        algo.export_metadata = self.export_metadata(algo)  # recorded beside the HF export
         train = self.load_data(self.cfg.data.train)
         val = self.load_data(self.cfg.data.validation)
         models = self.build_models(head=algo.head, num_outputs=algo.num_outputs)
@@ -250,7 +258,20 @@ class RewardModelTrainer(_BaseTrainer):
         return "regression" if self.cfg.rm.mode == "regression" else "pairs"
 
     def data_options(self):
-        return {"attributes": list(self.cfg.rm.attributes)} if self.cfg.rm.mode == "regression" else {}
+        return {"attributes": list(self.cfg.rm.attributes)} if self.cfg.rm.mode == "regression" else {"reward_model": True}
+
+    def export_metadata(self, algo) -> dict:
+        """Also the head's output names and, where training defined one, the scalar reward's
+        weights: ``rm.attribute_weights``, or for BT the ``rm.reward_attribute`` output it trained."""
+        meta = super().export_metadata(algo)
+        rm = self.cfg.rm
+        attributes = list(rm.attributes)
+        meta["labels"] = attributes
+        if rm.attribute_weights is not None:
+            meta["attribute_weights"] = dict(zip(attributes, (float(w) for w in rm.attribute_weights)))
+        elif rm.mode == "bt":
+            meta["attribute_weights"] = {a: float(a == rm.reward_attribute) for a in attributes}
+        return meta
 
     def algorithm(self):
         from aligner.algorithms.reward import RewardAlgorithm

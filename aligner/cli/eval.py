@@ -1,9 +1,12 @@
 """``aligner eval``: evaluate reward models.
 
 - ``aligner eval rewardbench MODEL FILE``: RewardBench-format rows (prompt, chosen,
-  rejected, subset) scored by an HF-format reward model; per-subset accuracy, section
-  scores and the overall score as RewardBench computes them (REFERENCE section 1), printed
-  as a table and written with ``--out`` as JSON.
+  rejected, subset; also plain pairs and HelpSteer2-Preference rows, whose ties are
+  counted and left out) scored by an HF-format reward model; per-subset accuracy, section
+  scores and the overall score as RewardBench computes them (docs/reward_models.md),
+  printed as a table and written with ``--out`` as JSON. Rows are rendered and the
+  scalar reward read exactly as ``aligner rm score`` does (same options and defaults:
+  the template and weights the model's training recorded).
 - ``aligner eval regression MODEL FILE``: HelpSteer2-format rows; MSE and Pearson per
   attribute.
 """
@@ -15,72 +18,88 @@ import sys
 from typing import List, Optional
 
 
-def rewardbench(model: str, path: str, *, tp=1, pp=1, micro_batch_size=8, tokenizer=None,
+def rewardbench(model: str, path: str, *, tp=1, pp=1, micro_batch_size=8, tokenizer=None, template=None,
                 attributes=None, reward_attribute=None, attribute_weights=None) -> dict:
     from aligner.algorithms.rewardbench import rewardbench_report
-    from aligner.cli.rm import score_file
+    from aligner.cli.rm import ScoringError, score_samples
 
-    rows = score_file(model, path, tp=tp, pp=pp, micro_batch_size=micro_batch_size, tokenizer=tokenizer,
-                      attributes=attributes, reward_attribute=reward_attribute)
-    judged = []
-    for row in rows:
-        if attribute_weights:
-            rc = sum(w * v for w, v in zip(attribute_weights, row["chosen"]["scores"].values()))
-            rr = sum(w * v for w, v in zip(attribute_weights, row["rejected"]["scores"].values()))
-        else:
-            rc, rr = row["chosen"]["reward"], row["rejected"]["reward"]
-        judged.append({"subset": row.get("subset", ""), "chosen_score": rc, "rejected_score": rr})
-    return rewardbench_report(judged)
+    readout, scored = score_samples(model, path, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
+                                    tokenizer=tokenizer, template=template, attributes=attributes,
+                                    reward_attribute=reward_attribute, attribute_weights=attribute_weights)
+    judged, ties = [], 0
+    for entry in scored:
+        if "chosen" not in entry["reward"]:
+            raise ScoringError(f"{path}:{entry['line']}: a {entry['format']} row has one response;"
+                               " RewardBench needs chosen / rejected pairs")
+        if entry["format"] == "helpsteer2_preference" and int(entry["row"]["preference_strength"]) == 0:
+            ties += 1  # no preferred response to get right
+            continue
+        judged.append({"subset": entry.get("subset") or "", "chosen_score": entry["reward"]["chosen"],
+                       "rejected_score": entry["reward"]["rejected"]})
+    for row in judged:
+        row["subset"] = row["subset"] or "pairs"
+    report = rewardbench_report(judged, source=path)
+    report["reward"] = {"names": readout.names, "weights": readout.weights, "weights_from": readout.source,
+                        "template": readout.template}
+    if ties:
+        report["ties_left_out"] = ties
+    return report
 
 
-def regression(model: str, path: str, *, attributes: List[str], tp=1, pp=1, micro_batch_size=8, tokenizer=None) -> dict:
+def regression(model: str, path: str, *, attributes: Optional[List[str]] = None, tp=1, pp=1, micro_batch_size=8,
+               tokenizer=None, template=None) -> dict:
     import torch
 
     from aligner.algorithms.regression_metrics import regression_metrics
     from aligner.algorithms.scoring import score_sequences
-    from aligner.cli.rm import _load_rm
+    from aligner.cli.rm import ScoringError, _load_rm, reward_readout
     from aligner.data import load_dataset, load_tokenizer
 
     models, cfg, n = _load_rm(model, tp, pp)
-    if n != len(attributes):
-        raise ValueError(f"{model}: the head has {n} outputs but {len(attributes)} attributes were named")
+    # the names must match the head (recorded, or given); the weights play no part here
+    readout = reward_readout(model, n, attributes=attributes, attribute_weights=[0.0] * n, template=template)
+    if readout.names == [f"LABEL_{i}" for i in range(n)]:
+        raise ScoringError(f"{model} does not name its {n} outputs: pass --attributes (the rows' attribute fields)")
     tok = load_tokenizer(tokenizer or model)
-    samples = load_dataset(path, kind="regression", tokenizer=tok, attributes=attributes)
+    samples = load_dataset(path, kind="regression", tokenizer=tok, attributes=readout.names,
+                           template=readout.template, max_length=cfg.max_position_embeddings)
     pred = score_sequences(models, [s["tokens"] for s in samples], cfg.pad_token_id or 0, micro_batch_size)
     labels = torch.stack([torch.as_tensor(s["labels"], dtype=torch.float32) for s in samples])
     mask = torch.stack([torch.as_tensor(s["label_mask"], dtype=torch.float32) for s in samples])
-    return regression_metrics(pred, labels, mask, attributes)
+    return regression_metrics(pred, labels, mask, readout.names)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from aligner.cli.rm import ScoringError, _add_readout_options, readout_options
+    from aligner.data import DataFormatError
+    from aligner.models import CheckpointError
+
     parser = argparse.ArgumentParser(prog="aligner eval", description="Evaluate reward models.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     for name in ("rewardbench", "regression"):
         p = sub.add_parser(name)
         p.add_argument("model", help="HF-format reward model folder")
         p.add_argument("file")
-        p.add_argument("--tokenizer")
-        p.add_argument("--attributes", nargs="*", default=None)
-        p.add_argument("--tp", type=int, default=1)
-        p.add_argument("--pp", type=int, default=1)
-        p.add_argument("--micro-batch-size", type=int, default=8)
         p.add_argument("--out", help="write the report as JSON here")
-        if name == "rewardbench":
-            p.add_argument("--reward-attribute", default=None)
-            p.add_argument("--attribute-weights", type=float, nargs="*", default=None)
+        _add_readout_options(p)
     args = parser.parse_args(argv)
-    if args.cmd == "rewardbench":
-        from aligner.algorithms.rewardbench import format_report
+    try:
+        if args.cmd == "rewardbench":
+            from aligner.algorithms.rewardbench import format_report
 
-        report = rewardbench(args.model, args.file, tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch_size,
-                             tokenizer=args.tokenizer, attributes=args.attributes,
-                             reward_attribute=args.reward_attribute, attribute_weights=args.attribute_weights)
-        text = format_report(report)
-    else:
-        attrs = args.attributes or ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
-        report = regression(args.model, args.file, attributes=attrs, tp=args.tp, pp=args.pp,
-                            micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer)
-        text = "\n".join(f"{k}: {v:.4f}" for k, v in sorted(report.items()))
+            report = rewardbench(args.model, args.file, **readout_options(args))
+            text = format_report(report) + f"\n\nreward: {report['reward']['weights_from']}" \
+                f" ({report['reward']['template']} template)"
+        else:
+            if args.reward_attribute is not None or args.attribute_weights is not None:
+                raise ScoringError("--reward-attribute / --attribute-weights play no part in regression metrics")
+            report = regression(args.model, args.file, attributes=args.attributes, tp=args.tp, pp=args.pp,
+                                micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer,
+                                template=args.template)
+            text = "\n".join(f"{k}: {v:.4f}" for k, v in sorted(report.items()))
+    except (ScoringError, DataFormatError, CheckpointError, FileNotFoundError) as exc:
+        print(f"aligner eval {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

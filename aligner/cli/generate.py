@@ -13,11 +13,19 @@ data-parallel replica generates its share of the prompts; rank 0 writes the file
   checkpoint records it; ``--tokenizer`` is needed for text).
 - ``--prompts``: any prompt-bearing format of the data layer (``aligner.data``); without
   it, jsonl rows with ``prompt`` (text, encoded as is) or ``prompt_tokens`` (ids).
-- ``--output``: jsonl, one row per (prompt, sample) in prompt order: ``index``, ``sample``,
-  ``seed``, ``prompt``, ``response``, ``prompt_tokens``, ``response_tokens``, ``logprobs``
-  (per response token, the policy's unmodified distribution), ``stop_reason``, ``meta``
-  and, with ``--reward-model``, ``reward`` (head output 0) and ``scores`` (all outputs)
-  of prompt + response.
+- ``--template``: ``raw`` (default) encodes each prompt as it is; ``extra_id`` / ``chat`` /
+  ``auto`` read any prompt-bearing format of the data layer (prompt rows, conversations,
+  HelpSteer2, pairs, RewardBench rows: their prompt) and render it as a generation prompt.
+- ``--output``: jsonl of plain JSON values, one row per (prompt, sample) in prompt order:
+  ``index``, ``sample``, ``seed``, ``prompt``, ``response``, ``prompt_tokens``,
+  ``response_tokens``, ``logprobs`` (per response token, the policy's unmodified
+  distribution), ``stop_reason``, ``meta`` (the input row's other fields) and, with
+  ``--reward-model``, ``scores`` (head output name -> value) and ``reward`` (the scalar,
+  read as ``aligner rm score`` reads it: the weights the RM's training recorded, or
+  ``--reward-attribute`` / ``--attribute-weights``). The reward model reads a templated
+  prompt's conversation and the response text in its own template (as ``aligner rm score``
+  would render the pair; ``--reward-template`` overrides it); a raw prompt is scored as
+  prompt tokens + response tokens.
 
 Sample ``k`` of prompt ``i`` draws from ``seed_for(seed, i * num_samples + k)``, so a
 file regenerates identically for the same seed in any layout.
@@ -44,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="raw: encode each prompt as it is (or take prompt_tokens); else render it as a chat prompt")
     p.add_argument("--output", required=True, help="responses jsonl to write")
     p.add_argument("--reward-model", default=None, help="HF reward model folder to score the responses")
+    p.add_argument("--reward-attribute", default=None, help="reward-model output used as the reward")
+    p.add_argument("--attribute-weights", type=float, nargs="*", default=None,
+                   help="one weight per reward-model output: reward = w · outputs")
+    p.add_argument("--reward-template", choices=("auto", "extra_id", "chat"), default=None,
+                   help="how the reward model reads templated prompts (default: as its training recorded)")
     p.add_argument("--num-samples", type=int, default=1, help="responses per prompt")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--greedy", action="store_true")
@@ -123,7 +136,11 @@ def read_prompts(path: str, tokenizer, template: str = "raw") -> list:
 
         if tokenizer is None:
             raise ValueError(f"--template {template} needs a tokenizer")
-        return [dict(s) for s in load_dataset(path, kind="prompts", tokenizer=tokenizer, template=template)]
+        rows = []
+        for s in load_dataset(path, kind="prompts", tokenizer=tokenizer, template=template):
+            rows.append({"prompt_tokens": s["prompt_tokens"].tolist(), "prompt": s["prompt"], "meta": s["meta"],
+                         "conversation": s["conversation"]})
+        return rows
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file")
@@ -194,17 +211,36 @@ def load_policy(args, params_dtype):
     return models, cfg
 
 
-def score(args, sequences, pad_id) -> Optional[list]:
-    """Reward-model outputs for each token sequence (every rank gets them)."""
+def score(args, readout, rows, prompts, tokenizer, pad_id) -> None:
+    """Add ``scores`` and ``reward`` of the reward model to every row (every rank gets them).
+
+    A prompt read through a template is scored as the reward model reads a (prompt,
+    response) row (:func:`aligner.data.datasets.render_reward` with ``readout.template``, its
+    own tokenizer where its folder has one); a raw prompt as prompt + response tokens.
+    """
     import torch
 
     from aligner.algorithms.scoring import score_sequences
-    from aligner.models import from_pretrained
+    from aligner.cli.rm import _load_rm
+    from aligner.data.datasets import render_reward
 
-    models, _ = from_pretrained(args.reward_model, head="reward")
-    scores = score_sequences(models, [torch.tensor(s, dtype=torch.int64) for s in sequences], pad_id,
-                             args.reward_batch_size)
-    return scores.tolist()
+    rm_dir = Path(args.reward_model)
+    has_tokenizer = any((rm_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
+    rm_tokenizer = load_tokenizer(str(rm_dir)) if has_tokenizer else tokenizer
+    sequences = []
+    for r in rows:
+        conv = prompts[r["index"]].get("conversation")
+        if conv is not None and r["response"] is not None:
+            sequences.append(render_reward(rm_tokenizer, readout.template, conv, r["response"])[0])
+        else:
+            sequences.append(r["prompt_tokens"] + r["response_tokens"])
+    models, cfg, _ = _load_rm(args.reward_model, args.tp, args.pp)
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else pad_id
+    outputs = score_sequences(models, [torch.tensor(s, dtype=torch.int64) for s in sequences], pad_id,
+                              args.reward_batch_size)
+    for r, values, reward in zip(rows, outputs.tolist(), readout.rewards(outputs).tolist()):
+        r["scores"] = dict(zip(readout.names, values))
+        r["reward"] = reward
 
 
 # ---------------------------------------------------------------------------- main
@@ -212,8 +248,21 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_samples < 1:
         return _fail(f"--num-samples = {args.num_samples}: expected a positive integer")
-    if args.reward_model and not _is_hf_dir(args.reward_model):
-        return _fail(f"--reward-model {args.reward_model}: not a HF folder (no config.json)")
+    readout = None
+    if args.reward_model:
+        if not _is_hf_dir(args.reward_model):
+            return _fail(f"--reward-model {args.reward_model}: not a HF folder (no config.json)")
+        from aligner.cli.rm import ScoringError, reward_readout
+        from aligner.models.hf import head_outputs
+
+        try:  # names and weights that do not fit the head fail before any generation
+            readout = reward_readout(args.reward_model, head_outputs(args.reward_model),
+                                     reward_attribute=args.reward_attribute,
+                                     attribute_weights=args.attribute_weights, template=args.reward_template)
+        except (ScoringError, ValueError) as exc:  # also a folder without readable weights
+            return _fail(str(exc))
+    elif args.reward_attribute is not None or args.attribute_weights is not None or args.reward_template:
+        return _fail("--reward-attribute / --attribute-weights / --reward-template need --reward-model")
     try:
         stop_ids = _stop_ids(args.stop_token_ids)
         from aligner.rollout import GenerationConfig, seed_for
@@ -283,11 +332,7 @@ def main(argv: Optional[list] = None) -> int:
 
     if args.reward_model:
         del engine, models
-        pad_id = result.pad_id
-        scores = score(args, [r["prompt_tokens"] + r["response_tokens"] for r in rows], pad_id)
-        for r, s in zip(rows, scores):
-            r["scores"] = s
-            r["reward"] = s[0]
+        score(args, readout, rows, prompts, tokenizer, result.pad_id)
 
     if torch.distributed.get_rank() == 0:
         out = Path(args.output)

@@ -18,12 +18,20 @@ composes the top-level configs in ``conf/`` with overrides):
    the world's ground-truth scorer rates every response.
 
 Writes ``<out>/report.md`` (results table, plots), ``<out>/results.json``, per-stage run
-folders (composed ``config.yaml``, ``metrics.jsonl``, HF-format ``hf/`` checkpoints).
+folders (composed ``config.yaml``, ``metrics.jsonl``, HF-format ``hf/`` checkpoints) and
+``<out>/quickstart.json`` (the seed and scale the folder belongs to).
+
+Running again into the same ``--out`` continues that run: a stage that completed (its
+``result.json`` at the stage's last step and its ``hf/`` export) is not trained again, an
+interrupted one resumes from its last checkpoint. A folder that holds a run of another
+seed or scale is refused (its checkpoints would be resumed as if they were this run's);
+``--fresh`` deletes the quickstart's outputs there first.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -34,10 +42,58 @@ def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
 
 
+STAGES = ("sft", "rm_regression", "rm_bt", "dpo")
+RUN_FILE = "quickstart.json"
+# what a quickstart writes into its folder (all that --fresh deletes)
+OUTPUTS = STAGES + ("world", "results.json", "report.md", "loss_curves.png", "helpfulness_sft_vs_dpo.png",
+                    "generations_sft.jsonl", "generations_dpo.jsonl", RUN_FILE)
+
+
+class RunFolderError(ValueError):
+    """The --out folder holds another run."""
+
+
+def claim_folder(out: Path, seed: int, scale: float, fresh: bool = False) -> None:
+    """Make ``out`` this run's folder: refuse one that holds a quickstart of another seed
+    or scale (or of unknown seed) unless ``fresh``, which deletes the quickstart's outputs."""
+    record = out / RUN_FILE
+    previous = None
+    if record.is_file():
+        previous = json.loads(record.read_text())
+    elif (out / "results.json").is_file():  # written before the record existed
+        previous = {"seed": json.loads((out / "results.json").read_text()).get("seed"), "scale": None}
+    elif any((out / name).exists() for name in STAGES + ("world",)):
+        previous = {"seed": None, "scale": None}
+    if previous is not None and (previous.get("seed"), previous.get("scale")) != (seed, scale):
+        if not fresh:
+            def show(key, value):
+                return f"{key} unknown" if value is None else f"{key} {value}"
+            raise RunFolderError(
+                f"{out} holds a quickstart run of {show('seed', previous.get('seed'))},"
+                f" {show('scale', previous.get('scale'))}; this one is seed {seed}, scale {scale}."
+                " Its stages would resume the old checkpoints: pass another --out, or --fresh to delete"
+                f" the old run's outputs in {out} first")
+        for name in OUTPUTS:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"seed": seed, "scale": scale}, indent=2))
+
+
 def _train(config: str, overrides: List[str]) -> dict:
     from aligner.cli.train import compose
 
     trainer_cls, cfg = compose(config, overrides)
+    out_dir = Path(cfg.trainer.out_dir)
+    done = out_dir / "result.json"
+    if done.is_file() and (out_dir / "hf" / "config.json").is_file():
+        result = json.loads(done.read_text())
+        if result.get("step") == cfg.trainer.max_steps:
+            _log(f"{out_dir.name}: complete (step {result['step']}), not trained again")
+            return result
     return trainer_cls(cfg).fit()
 
 
@@ -56,7 +112,8 @@ def _generate(model_dir: Path, prompts: List[dict], tokenizer, max_new_tokens: i
     return [tokenizer.decode(result.response_tokens(i)) for i in range(len(prompts))]
 
 
-def run(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
+def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> dict:
+    claim_folder(out, seed, scale, fresh)  # before anything heavy: a refusal comes at once
     import torch
 
     from aligner.cli.eval import regression as eval_regression
@@ -67,7 +124,6 @@ def run(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
     from aligner.reporting import markdown_table, plot_curves, plot_distributions, write_report
 
     t_start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}
 
     def steps(n: int) -> int:
@@ -103,13 +159,12 @@ def run(out: Path, seed: int = 0, scale: float = 1.0) -> dict:
         f"trainer.max_steps={steps(80)}", "rm.bt_kind=scaled",
     ])
     stage("eval")
-    rb = {name: eval_rewardbench(str(out / name / "hf"), str(world["rewardbench"]), tokenizer=str(world["tokenizer"]),
-                                 attributes=["helpfulness", "correctness", "coherence", "complexity", "verbosity"],
-                                 reward_attribute="helpfulness")
-          for name in ("rm_regression", "rm_bt")}
-    regm = eval_regression(str(out / "rm_regression" / "hf"), str(world["regression_val"]),
-                           attributes=["helpfulness", "correctness", "coherence", "complexity", "verbosity"],
-                           tokenizer=str(world["tokenizer"]))
+    # the regression RM's helpfulness output (the reward the BT stage goes on to train); the
+    # BT model's reward as its training recorded it (also helpfulness); the template both recorded
+    rb = {"rm_regression": eval_rewardbench(str(out / "rm_regression" / "hf"), str(world["rewardbench"]),
+                                            reward_attribute="helpfulness"),
+          "rm_bt": eval_rewardbench(str(out / "rm_bt" / "hf"), str(world["rewardbench"]))}
+    regm = eval_regression(str(out / "rm_regression" / "hf"), str(world["regression_val"]))
     stage("dpo")
     dpo = _train("dpo", common + [
         f"init.hf={out / 'sft' / 'hf'}", f"data.train={world['pairs_train']}",
@@ -201,8 +256,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="runs/quickstart", help="run folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete the outputs of a quickstart of another seed or scale in --out first")
     args = parser.parse_args(argv)
-    run(Path(args.out), seed=args.seed, scale=args.scale)
+    try:
+        run(Path(args.out), seed=args.seed, scale=args.scale, fresh=args.fresh)
+    except RunFolderError as exc:
+        print(f"aligner quickstart: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,13 +1,26 @@
 """``aligner rm``: reward-model utilities.
 
 - ``aligner rm score MODEL INPUT OUTPUT``: score every response of a jsonl file (any
-  reward-bearing format of the data layer: regression rows, pairs, RewardBench rows) with
-  an HF-format reward model; writes one jsonl row per input row with the head outputs
-  (``scores``: attribute name -> value, ``reward``: the scalar), batched, any TP / PP
-  (run under torchrun for more than one process).
+  reward-bearing format of the data layer: HelpSteer2 regression rows, pairs,
+  HelpSteer2-Preference, RewardBench rows) with an HF-format reward model, batched, any
+  TP / PP (run under torchrun for more than one process). Each output row is the input
+  row with ``scores`` (attribute name -> head output) and ``reward`` (the scalar
+  ``r = w · ŷ``) added; a row with two responses gets both keyed by its response fields
+  (``{"chosen": {...}, "rejected": {...}}``, or ``response_1`` / ``response_2``).
 - ``aligner rm expo WEAK STRONG OUTPUT --alpha A``: ExPO extrapolation
   ``θ = θ_w + α (θ_s − θ_w)`` between two HF-format checkpoints of the same architecture
   (weak: e.g. the regression model; strong: the BT model trained from it).
+
+How a model's outputs are read (:func:`reward_readout`, shared with ``aligner eval`` and
+``aligner generate``; docs/reward_models.md): the output names are those the export
+recorded (config.json ``id2label``), the weights those its training used
+(``aligner_config.json``: ``rm.attribute_weights``, or BT's one-hot on
+``rm.reward_attribute``), HelpSteer2's RewardBench weights for a head of the HelpSteer2
+attributes that records none, the single output of a one-output head; the rows are
+rendered with the template training recorded (``auto`` for a model that records none,
+which is ``extra_id`` for reward rows). ``--attributes``, ``--reward-attribute``,
+``--attribute-weights`` and ``--template`` override them; names or weights that do not
+match the head are refused.
 """
 from __future__ import annotations
 
@@ -15,14 +28,100 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
+
+
+class ScoringError(ValueError):
+    """An option or input that does not fit the reward model: one line, naming it."""
+
+
+@dataclass
+class RewardReadout:
+    """How a reward head's outputs become named scores and one scalar reward.
+
+    names: the N head outputs in order. weights: N numbers, ``reward = weights · outputs``.
+    template: the data-layer template the (prompt, response) rows are rendered with.
+    source: where the weights came from (for reports).
+    """
+
+    names: List[str]
+    weights: List[float]
+    template: str
+    source: str
+
+    def rewards(self, outputs):
+        """[n, N] head outputs -> [n] scalar rewards."""
+        import torch
+
+        from aligner.algorithms.losses.reward import combine_attributes
+
+        return combine_attributes(outputs.double(), torch.tensor(self.weights, dtype=torch.float64))
+
+
+def reward_readout(model_dir: str, num_outputs: int, *, attributes: Optional[Sequence[str]] = None,
+                   reward_attribute: Optional[str] = None, attribute_weights: Optional[Sequence[float]] = None,
+                   template: Optional[str] = None) -> RewardReadout:
+    """The names, weights and template to score with ``model_dir``'s head of ``num_outputs``
+    outputs (see the module docstring); a :class:`ScoringError` naming the option when one
+    does not match the head."""
+    from aligner.algorithms.losses.reward import REWARDBENCH_WEIGHTS_70B
+    from aligner.data.formats import HELPSTEER2_ATTRIBUTES
+    from aligner.models.hf import read_export_metadata
+
+    meta = read_export_metadata(model_dir)
+    recorded = meta.get("labels")
+    if recorded is not None and len(recorded) != num_outputs:
+        raise ScoringError(f"{model_dir}: records {len(recorded)} output names {recorded} for a head of"
+                           f" {num_outputs} outputs")
+    if attributes:
+        attributes = list(attributes)
+        if len(attributes) != num_outputs:
+            raise ScoringError(f"--attributes names {len(attributes)} outputs {attributes}; the head of {model_dir}"
+                               f" has {num_outputs}" + (f": {recorded}" if recorded else ""))
+        if recorded is not None and attributes != list(recorded):
+            raise ScoringError(f"--attributes {attributes} differ from the head's outputs {recorded}"
+                               f" recorded in {model_dir}/config.json")
+        names = attributes
+    else:
+        names = list(recorded) if recorded is not None else [f"LABEL_{i}" for i in range(num_outputs)]
+    if attribute_weights is not None and reward_attribute is not None:
+        raise ScoringError("--reward-attribute and --attribute-weights both given; the reward is one or the other")
+    if attribute_weights is not None:
+        if len(attribute_weights) != num_outputs:
+            raise ScoringError(f"--attribute-weights has {len(attribute_weights)} numbers; the head of {model_dir}"
+                               f" has {num_outputs} outputs {names}")
+        weights, source = [float(w) for w in attribute_weights], "--attribute-weights"
+    elif reward_attribute is not None:
+        if reward_attribute not in names:
+            raise ScoringError(f"--reward-attribute {reward_attribute!r} is not an output of the head of {model_dir}:"
+                               f" {names}" + ("" if recorded or attributes else " (name them with --attributes)"))
+        weights, source = [float(n == reward_attribute) for n in names], f"--reward-attribute {reward_attribute}"
+    elif meta.get("attribute_weights") is not None:
+        recorded_weights = meta["attribute_weights"]
+        unknown = sorted(set(recorded_weights) - set(names))
+        if unknown:
+            raise ScoringError(f"{model_dir}: attribute_weights name {unknown}, not outputs of the head {names}")
+        weights, source = [float(recorded_weights.get(n, 0.0)) for n in names], "recorded by training"
+    elif set(HELPSTEER2_ATTRIBUTES) <= set(names):
+        weights = [REWARDBENCH_WEIGHTS_70B.get(n, 0.0) for n in names]
+        source = "HelpSteer2 RewardBench weights (70B)"
+    elif num_outputs == 1:
+        weights, source = [1.0], "the single output"
+    else:
+        raise ScoringError(f"the head of {model_dir} has {num_outputs} outputs {names} and records no reward"
+                           " weights: pass --reward-attribute NAME or --attribute-weights W1 ... WN")
+    return RewardReadout(names, weights, template or meta.get("template") or "auto", source)
 
 
 def _load_rm(path: str, tp: int, pp: int):
     from aligner.models import ModelConfig, from_pretrained
+    from aligner.models.hf import head_outputs
     from aligner.parallel import ParallelConfig, initialize, is_initialized
 
+    if not (Path(path) / "config.json").is_file():
+        raise ScoringError(f"{path}: not an HF model folder (no config.json)")
     cfg = ModelConfig.from_hf(path)
     if not is_initialized():
         initialize(
@@ -31,35 +130,84 @@ def _load_rm(path: str, tp: int, pp: int):
             num_attention_heads=cfg.num_attention_heads,
             num_query_groups=cfg.num_query_groups,
         )
-    num_labels = json.loads((Path(path) / "config.json").read_text()).get("num_labels", 1)
-    models, cfg = from_pretrained(path, head="reward", num_outputs=num_labels)
-    return models, cfg, num_labels
+    num_outputs = head_outputs(path)
+    models, cfg = from_pretrained(path, head="reward", num_outputs=num_outputs)
+    return models, cfg, num_outputs
 
 
-def score_file(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, micro_batch_size: int = 8,
-               tokenizer: Optional[str] = None, attributes: Optional[List[str]] = None, reward_attribute=None):
-    """Scores of every response in ``input_path``: list of dicts (row index, kind, scores)."""
+def _response_fields(row: dict, fmt: str):
+    """The input row's field names of (chosen, rejected) for a two-response row."""
+    if fmt == "helpsteer2_preference":  # strength <= 0: response_1 is (at least as) good
+        return ("response_1", "response_2") if int(row["preference_strength"]) <= 0 else ("response_2", "response_1")
+    return "chosen", "rejected"
+
+
+def score_samples(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, micro_batch_size: int = 8,
+                  tokenizer: Optional[str] = None, template: Optional[str] = None,
+                  attributes: Optional[Sequence[str]] = None, reward_attribute: Optional[str] = None,
+                  attribute_weights: Optional[Sequence[float]] = None):
+    """Score every response of ``input_path``: ``(readout, scored)`` with one entry per
+    input row, in file order: ``{"line", "row", "format", "outputs": {key: [N]},
+    "reward": {key: r}}`` where key is ``tokens`` (one response) or ``chosen`` /
+    ``rejected``; ``subset`` kept for pairs."""
     from aligner.algorithms.scoring import score_sequences
     from aligner.data import load_dataset, load_tokenizer
+    from aligner.data.datasets import KIND_FORMATS, read_jsonl
 
     models, cfg, n = _load_rm(model_dir, tp, pp)
+    readout = reward_readout(model_dir, n, attributes=attributes, reward_attribute=reward_attribute,
+                             attribute_weights=attribute_weights, template=template)
     tok = load_tokenizer(tokenizer or model_dir)
-    samples = load_dataset(input_path, kind="any_scored", tokenizer=tok)
+    rows = {line: (row, fmt) for line, row, fmt in read_jsonl(input_path, "auto", KIND_FORMATS["any_scored"])}
+    # truncate_left as training does; a row that cannot fit even so is an error, not a gap
+    samples = load_dataset(input_path, kind="any_scored", tokenizer=tok, template=readout.template,
+                           max_length=cfg.max_position_embeddings, overlong="truncate_left")
+    missing = sorted(set(rows) - {s["line"] for s in samples})
+    if missing:
+        raise ScoringError(f"{input_path}:{missing[0]}: the response does not fit the model's"
+                           f" {cfg.max_position_embeddings} positions" + (f" ({len(missing)} rows)" if len(missing) > 1 else ""))
     seqs, where = [], []
     for i, s in enumerate(samples):
         for key in ("tokens", "chosen", "rejected"):
             if key in s:
                 where.append((i, key))
                 seqs.append(s[key])
-    scores = score_sequences(models, seqs, cfg.pad_token_id or 0, micro_batch_size)
-    names = attributes or [f"output_{j}" for j in range(n)]
-    ridx = names.index(reward_attribute) if reward_attribute in names else 0
-    rows = [dict(index=i) for i in range(len(samples))]
-    for (i, key), sc in zip(where, scores.tolist()):
-        rows[i][key] = {"scores": dict(zip(names, sc)), "reward": sc[ridx]}
-        if "subset" in samples[i]:
-            rows[i]["subset"] = samples[i]["subset"]
-    return rows
+    outputs = score_sequences(models, seqs, cfg.pad_token_id if cfg.pad_token_id is not None else 0,
+                              micro_batch_size)
+    rewards = readout.rewards(outputs).tolist()
+    scored = []
+    for s in samples:
+        row, fmt = rows[s["line"]]
+        entry = {"line": s["line"], "row": row, "format": fmt, "outputs": {}, "reward": {}}
+        if "subset" in s:
+            entry["subset"] = s["subset"]
+        scored.append(entry)
+    for (i, key), out, r in zip(where, outputs.tolist(), rewards):
+        scored[i]["outputs"][key] = out
+        scored[i]["reward"][key] = r
+    return readout, scored
+
+
+def scored_rows(readout: RewardReadout, scored: List[dict]) -> List[dict]:
+    """The output rows of ``aligner rm score``: each input row plus ``scores`` and ``reward``."""
+    out = []
+    for entry in scored:
+        row = dict(entry["row"])
+        named = {key: dict(zip(readout.names, values)) for key, values in entry["outputs"].items()}
+        if "tokens" in named:
+            row["scores"], row["reward"] = named["tokens"], entry["reward"]["tokens"]
+        else:
+            fields = _response_fields(entry["row"], entry["format"])
+            row["scores"] = {f: named[k] for f, k in zip(fields, ("chosen", "rejected"))}
+            row["reward"] = {f: entry["reward"][k] for f, k in zip(fields, ("chosen", "rejected"))}
+        out.append(row)
+    return out
+
+
+def score_file(model_dir: str, input_path: str, **options) -> List[dict]:
+    """``aligner rm score`` as a function: the output rows (see :func:`scored_rows`)."""
+    readout, scored = score_samples(model_dir, input_path, **options)
+    return scored_rows(readout, scored)
 
 
 def expo(weak: str, strong: str, out: str, alpha: float) -> Path:
@@ -93,6 +241,26 @@ def expo(weak: str, strong: str, out: str, alpha: float) -> Path:
     return out_dir
 
 
+def _add_readout_options(p) -> None:
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    p.add_argument("--template", choices=("auto", "extra_id", "chat"), default=None,
+                   help="rendering of (prompt, response); default: what training recorded, else auto")
+    p.add_argument("--attributes", nargs="*", default=None,
+                   help="names of the head outputs, in order (default: those the model records)")
+    p.add_argument("--reward-attribute", default=None, help="use this output as the scalar reward")
+    p.add_argument("--attribute-weights", type=float, nargs="*", default=None,
+                   help="one weight per head output: reward = w · outputs")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--micro-batch-size", type=int, default=8)
+
+
+def readout_options(args) -> dict:
+    return dict(tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer,
+                template=args.template, attributes=args.attributes, reward_attribute=args.reward_attribute,
+                attribute_weights=args.attribute_weights)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="aligner rm", description="Reward-model utilities.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -100,12 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("model")
     p.add_argument("input")
     p.add_argument("output")
-    p.add_argument("--tokenizer")
-    p.add_argument("--attributes", nargs="*", help="names of the head outputs, in order")
-    p.add_argument("--reward-attribute", default=None, help="output used as the scalar reward")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
-    p.add_argument("--micro-batch-size", type=int, default=8)
+    _add_readout_options(p)
     e = sub.add_parser("expo", help="ExPO: weak + alpha (strong - weak)")
     e.add_argument("weak")
     e.add_argument("strong")
@@ -115,14 +278,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cmd == "expo":
         print(f"wrote {expo(args.weak, args.strong, args.output, args.alpha)}")
         return 0
-    rows = score_file(args.model, args.input, tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch_size,
-                      tokenizer=args.tokenizer, attributes=args.attributes, reward_attribute=args.reward_attribute)
+    from aligner.data import DataFormatError
+    from aligner.models import CheckpointError
+
+    try:
+        rows = score_file(args.model, args.input, **readout_options(args))
+    except (ScoringError, DataFormatError, CheckpointError, FileNotFoundError) as exc:
+        print(f"aligner rm score: error: {exc}", file=sys.stderr)
+        return 2
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        with open(args.output, "w", encoding="utf-8") as f:
+        out = Path(args.output)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
+        tmp.replace(out)
         print(f"scored {len(rows)} rows -> {args.output}")
     return 0
 

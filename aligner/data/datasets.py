@@ -11,15 +11,21 @@ list of samples (dicts of 1-D tensors, the trainers' contract):
   ``reward_gap``: ``chosen_reward − rejected_reward`` or None); HelpSteer2-Preference ties
   (strength 0) are dropped and counted. With ``packing`` a pair must fit one bin of
   ``max_length`` tokens, so the over-length policy applies to chosen + rejected together.
-- ``prompts``: ``{"prompt_tokens", "prompt", "meta"}`` (``meta``: the row's extra fields).
+- ``prompts``: ``{"prompt_tokens", "prompt", "meta", "conversation"}`` (``meta``: the row's
+  extra fields; ``conversation``: the prompt as a :class:`Conversation`, to render again).
 - ``any_scored``: rows with a response to score: regression rows give ``tokens``, pairs
   give ``chosen`` / ``rejected`` (``subset`` kept).
 
-Templates: ``extra_id`` (REFERENCE section 1: ``<extra_id_0>System\\n{system}\\n<extra_id_1>User\\n
-{prompt}\\n<extra_id_1>Assistant\\n{response}\\n<extra_id_2>``; a response's target tokens end
-with the end-of-sequence token for generation models), ``chat`` (the tokenizer's own
-chat template) and ``raw`` (prompt tokens + response tokens + EOS, no wrapping: plain
-prompt/completion data, :func:`render_raw`). Errors name ``file:line``, the field and what was expected; with
+Templates: ``extra_id`` (``<extra_id_0>System\\n{system}\\n<extra_id_1>User\\n
+{prompt}\\n<extra_id_1>Assistant\\n{response}\\n<extra_id_2>`` for reward models, which read the
+reward at the final ``<extra_id_2>``; for generation models a response's target tokens end
+with the end-of-sequence token instead), ``chat`` (the tokenizer's own chat template),
+``raw`` (prompt tokens + response tokens + EOS, no wrapping: plain prompt/completion data,
+:func:`render_raw`) and ``auto`` (:func:`resolve_template`: ``extra_id`` for reward rows,
+otherwise the chat template when the tokenizer has one, else ``extra_id``). Reward rows
+(regression, pairs for a reward model, anything scored) go through :func:`render_reward`,
+the rendering training, validation and the scoring commands share (docs/data_formats.md).
+Errors name ``file:line``, the field and what was expected; with
 ``skip_invalid`` bad rows are skipped and counted by reason (printed and kept in
 ``last_report``). Over-length samples: ``truncate_left`` drops prompt tokens from the left,
 ``drop`` drops the sample; both counted.
@@ -307,6 +313,26 @@ def check_raw(record, where: str) -> None:
                                   " labels (use extra_id)")
 
 
+def resolve_template(tok, template: str, reward_model: bool = False) -> str:
+    """The template that ``template`` stands for with this tokenizer: ``auto`` is
+    ``extra_id`` for reward models (the HelpSteer2 reward models' format, read at the final
+    ``<extra_id_2>``), else the tokenizer's chat template if it has one, else ``extra_id``;
+    any other name stands for itself. Training records the resolved name in its HF export
+    so that scoring renders rows as training did (docs/reward_models.md)."""
+    if template != "auto":
+        return template
+    if not reward_model and getattr(tok, "chat_template", None):
+        return "chat"
+    return "extra_id"
+
+
+def render_reward(tok, template: str, conv: Conversation, response: str) -> Tuple[List[int], List[float]]:
+    """A (prompt, response) as a reward model reads it: the one rendering of reward rows
+    shared by training, validation, ``aligner rm score`` and ``aligner eval rewardbench``
+    (the extra_id template ends with ``\n<extra_id_2>``, where the reward is read)."""
+    return _render(tok, template, conv, response, end="extra_id")
+
+
 def _render(tok, template, conv, response=None, end="eos"):
     if template == "raw":
         return render_raw(tok, conv, response)
@@ -407,7 +433,13 @@ def read_jsonl(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invali
 
 def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = "auto", max_length: int = 4096,
                  overlong: str = "truncate_left", skip_invalid: bool = False,
-                 attributes: Sequence[str] = HELPSTEER2_ATTRIBUTES, packing: bool = False) -> List[dict]:
+                 attributes: Sequence[str] = HELPSTEER2_ATTRIBUTES, reward_model: bool = False,
+                 packing: bool = False) -> List[dict]:
+    """Samples of ``kind`` from the jsonl file ``path`` (see the module docstring).
+
+    ``reward_model``: pairs are rendered for a reward model (:func:`render_reward`) rather
+    than for a policy; ``regression`` and ``any_scored`` rows always are.
+    """
     kind = {"prompt": "prompts", "pair": "pairs", "sft_conversations": "sft"}.get(kind, kind)
     if kind not in KIND_FORMATS:
         raise ValueError(f"unknown dataset kind {kind!r}; one of {sorted(KIND_FORMATS)}")
@@ -415,7 +447,6 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
     out: List[dict] = []
     T = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     F = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-    rb_end = "extra_id"
     for lineno, row, rfmt in read_jsonl(path, fmt, KIND_FORMATS[kind], skip_invalid, counts):
         rec = parse_row(row, rfmt)
         if template == "raw":
@@ -425,8 +456,7 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
             if fitted:
                 out.append({"tokens": T(fitted[0]), "loss_mask": F(fitted[1])})
         elif kind == "regression" or (kind == "any_scored" and rfmt == "helpsteer2"):
-            end = "extra_id" if kind != "sft" else "eos"
-            fitted = _fit(*render_extra_id(tokenizer, rec.prompt, rec.response, end=end), max_length, overlong, counts)
+            fitted = _fit(*render_reward(tokenizer, template, rec.prompt, rec.response), max_length, overlong, counts)
             if not fitted:
                 continue
             labels = [rec.attributes.get(a) for a in attributes]
@@ -441,7 +471,9 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
             if rec.is_tie and kind == "pairs":
                 counts["dropped_tie"] += 1
                 continue
-            end = rb_end if (kind == "any_scored" or template == "extra_id") else "eos"
+            # a reward model reads a pair as it scores it; a policy (DPO) ends with EOS except
+            # under an explicit extra_id template, which keeps the template's own end
+            end = "extra_id" if (reward_model or kind == "any_scored" or template == "extra_id") else "eos"
             c = _fit(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts)
             r = _fit(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong, counts)
             if not c or not r:
@@ -460,7 +492,8 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
             p = prompt_of(rec)
             tokens, _ = _render(tokenizer, template, p.prompt)
             meta = {k: v for k, v in row.items() if k not in ("prompt",)}
-            out.append({"prompt_tokens": T(tokens), "prompt": p.prompt.to_prompt_string(), "meta": meta})
+            out.append({"prompt_tokens": T(tokens), "prompt": p.prompt.to_prompt_string(), "meta": meta,
+                        "conversation": p.prompt})
     report = {"file": str(path), "kind": kind, "samples": len(out), **dict(counts)}
     last_report.clear()
     last_report.update(report)

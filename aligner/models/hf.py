@@ -284,6 +284,44 @@ def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, 
                 reader.release()
 
 
+def head_outputs(path) -> int:
+    """Number of outputs of the score head of the HF folder ``path``: the rows of its
+    ``score.weight`` (transformers leaves ``num_labels`` out of config.json, id2label carries
+    it), else the size of config.json's ``id2label``, else 1."""
+    reader = HFReader(path)
+    if reader.has("score.weight"):
+        return reader.shape("score.weight")[0]
+    hf_config = json.loads((Path(path) / "config.json").read_text())
+    return len(hf_config.get("id2label") or {}) or 1
+
+
+def read_export_metadata(path) -> dict:
+    """What an HF folder records about how its model was trained (:data:`METADATA_FILE`,
+    written by :func:`export_hf`): e.g. ``template``, ``attribute_weights``; plus ``labels``,
+    the score head's output names from config.json's ``id2label`` when they are not
+    transformers' placeholders ``LABEL_i``. Empty for a folder with neither."""
+    path = Path(path)
+    meta = {}
+    side = path / METADATA_FILE
+    if side.is_file():
+        try:
+            meta = json.loads(side.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{side}: not valid JSON ({exc.msg})") from None
+        if not isinstance(meta, dict):
+            raise CheckpointError(f"{side}: expected a JSON object")
+    config = path / "config.json"
+    if "labels" not in meta and config.is_file():
+        id2label = json.loads(config.read_text()).get("id2label") or {}
+        try:
+            labels = [id2label[k] for k in sorted(id2label, key=int)]
+        except (ValueError, TypeError):
+            raise CheckpointError(f"{config}: id2label keys must be integers, got {sorted(id2label)}") from None
+        if labels and labels != [f"LABEL_{i}" for i in range(len(labels))]:
+            meta["labels"] = labels
+    return meta
+
+
 def from_pretrained(path, head: Optional[str] = None, num_outputs: Optional[int] = None,
                     params_dtype: torch.dtype = torch.float32, **build_kwargs):
     """(model chunks, ModelConfig) for the current parallel layout with weights from ``path``."""
@@ -291,12 +329,7 @@ def from_pretrained(path, head: Optional[str] = None, num_outputs: Optional[int]
 
     cfg = ModelConfig.from_hf(path)
     if head is not None and num_outputs is None:
-        # transformers leaves num_labels out of config.json (id2label carries it): read the head
-        reader = HFReader(path)
-        if reader.has("score.weight"):
-            num_outputs = reader.shape("score.weight")[0]
-        else:
-            num_outputs = len((cfg.hf_config or {}).get("id2label") or {}) or 1
+        num_outputs = head_outputs(path)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     stages = [None] if not vpp else list(range(vpp))
     models = [
@@ -390,9 +423,11 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
     os.chmod(path, 0o666 & ~process_umask())
 
+METADATA_FILE = "aligner_config.json"
+"""Beside config.json: how the model was trained (see :func:`export_hf`'s ``metadata``)."""
 
 # Files of a model folder that are weights or model config, never copied as "tokenizer files".
-_NOT_TOKENIZER = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+_NOT_TOKENIZER = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", METADATA_FILE)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
@@ -408,7 +443,8 @@ def _tokenizer_files(tokenizer_dir) -> List[Path]:
 
 
 def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optional[str] = None,
-              dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 4 * 2**30) -> Path:
+              dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 4 * 2**30,
+              metadata: Optional[dict] = None) -> Path:
     """Write an HF folder loadable by ``transformers`` (collective: every rank calls it).
 
     ``head``: None exports what the model is (causal LM, or a score head as
@@ -422,7 +458,11 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
     rank writes that stage's tensors in files of at most ``max_shard_bytes`` (one file:
     ``model.safetensors``; more: ``model-0000k-of-0000n.safetensors`` and the index), so no
     rank holds more than one file's worth, and the folder must be on a filesystem every
-    stage sees.
+    stage sees. ``metadata``: how the model was trained, written (JSON) to
+    :data:`METADATA_FILE` and read back by :func:`read_export_metadata`: the training loop
+    records ``template`` (the data template, resolved) and for reward models ``labels`` (the
+    head's output names, which also become config.json's ``id2label``) and
+    ``attribute_weights`` (name -> weight of the scalar reward ``r = w · ŷ``).
     """
     models = models if isinstance(models, (list, tuple)) else [models]
     model_head = unwrap_model(models[0]).head_type
@@ -435,6 +475,10 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
     if head is not None and cfg.pad_token_id is None:
         raise ValueError("export_hf: a reward / value model needs model.pad_token_id (HF's"
                          " sequence classification finds the last token through it)")
+    labels = (metadata or {}).get("labels")
+    if labels is not None and (head is None or len(labels) != unwrap_model(models[-1]).num_outputs):
+        raise ValueError(f"export_hf: metadata labels {list(labels)} do not name the outputs of the model's head"
+                         f" ({'none' if head is None else unwrap_model(models[-1]).num_outputs})")
     tok_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -497,7 +541,13 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
                 {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
         hf_cfg = cfg.to_hf_dict(head=head, num_labels=head_labels[0])
         hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+        labels = (metadata or {}).get("labels")
+        if head is not None and labels:
+            hf_cfg["id2label"] = {str(i): name for i, name in enumerate(labels)}
+            hf_cfg["label2id"] = {name: i for i, name in enumerate(labels)}
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True))
+        if metadata:
+            (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
         for f in tok_files:
             shutil.copyfile(f, tmp / f.name)  # content only: the new file's mode follows the umask
         if out_dir.exists():

@@ -389,6 +389,7 @@ class TrainingLoop:
             out,
             tokenizer_dir=self.tokenizer_dir,
             head=self.algorithm.head,
+            metadata=getattr(self.algorithm, "export_metadata", None),
         )
         return out
 

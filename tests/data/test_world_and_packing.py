@@ -1,10 +1,12 @@
 """The embedded world is deterministic and its scorer ranks styles as documented; the
-packer places every sample once, never overfills a bin, and C++ equals Python."""
+packer places every sample once, never overfills a bin, and C++ equals Python (the C++
+extension must be built: without it the comparison would be Python against itself)."""
 import random
 
 import pytest
 import torch
 
+from aligner.data import packing
 from aligner.data.packing import efficiency, ffd_python, pack_lengths
 from aligner.data.world import ATTRS, STYLES, attribute_table, score_response, synthesize
 
@@ -46,8 +48,18 @@ def test_attribute_table_orders_styles():
     assert table["shown"]["complexity"] > table["clean"]["complexity"]
 
 
+def test_cpp_packing_extension_is_built():
+    # pack_lengths falls back to ffd_python when aligner._C is missing; the comparison
+    # below would then hold trivially, so the extension's presence is a test of its own
+    assert packing._C is not None, (
+        "aligner._C is not built (python setup.py build_ext --inplace, or pip install the package)")
+    assert hasattr(packing._C, "ffd_pack")
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_packing_properties(seed):
+    if packing._C is None:
+        pytest.fail("aligner._C is not built: C++ cannot be compared with Python")
     rng = random.Random(seed)
     cap = rng.choice([1, 7, 64, 512])
     lengths = [rng.randint(1, cap) for _ in range(rng.randint(0, 400))]

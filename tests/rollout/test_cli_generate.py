@@ -1,7 +1,9 @@
 """``aligner generate`` end to end on a tiny HF Llama with a word-level tokenizer.
 
 References from transformers in this process: greedy ``generate`` per prompt and the
-sequence-classification scores of prompt + response from a tiny HF reward model.
+sequence-classification scores of prompt + response from a tiny HF reward model; for
+templated prompt files the prompts written out by hand (extra_id) or by transformers'
+``apply_chat_template`` (chat), for every prompt-bearing format of the data layer.
 """
 import json
 
@@ -17,16 +19,27 @@ TOKEN_PROMPT = [1, 40, 41, 42]
 NEW = 8
 
 
-def _tokenizer():
+# A chat template for the word-level vocabulary: role words, then the content.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ 'w240 ' if m['role'] == 'system' else ('w241 ' if m['role'] == 'user'"
+                 " else 'w242 ') }}{{ m['content'] }} w243 {% endfor %}{% if add_generation_prompt %}w242 {% endif %}")
+MARKERS = ("<extra_id_0>System", "<extra_id_1>User", "<extra_id_1>Assistant", "<extra_id_2>")
+
+
+def _tokenizer(chat=False):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({f"w{i}": i for i in range(4, VOCAB)})
+    vocab.update({f"w{i}": i for i in range(4, VOCAB - len(MARKERS))})
+    # the extra_id markers (each with the word glued to it) are words of their own
+    vocab.update({m: VOCAB - len(MARKERS) + i for i, m in enumerate(MARKERS)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>", unk_token="<unk>")
+    if chat:
+        out.chat_template = CHAT_TEMPLATE
+    return out
 
 
 def _config(**extra):
@@ -48,7 +61,8 @@ def setup(tmp_path_factory):
     torch.manual_seed(1)
     policy = LlamaForCausalLM(_config()).eval()
     policy.save_pretrained(root / "policy")
-    tok.save_pretrained(root / "policy")
+    _tokenizer(chat=True).save_pretrained(root / "policy")  # its chat template: for --template chat / auto
+    tok.save_pretrained(root / "plain_tokenizer")  # no chat template: auto means extra_id
     torch.manual_seed(2)
     rm = LlamaForSequenceClassification(_config(num_labels=2)).eval()
     rm.save_pretrained(root / "rm")
@@ -82,6 +96,20 @@ def run_cli(policy_dir, checkpoint_root, *argvs):
     return [main(argv) for argv in argvs]
 
 
+def run_cli_capturing(policy_dir, checkpoint_root, *argvs):
+    """run_cli, returning each run's (exit code, stderr)."""
+    import contextlib
+    import io
+
+    results = []
+    for code_and_argv in argvs:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = run_cli(policy_dir, checkpoint_root, code_and_argv)[0] if not results else main(code_and_argv)
+        results.append((code, err.getvalue()))
+    return results
+
+
 def _read(path):
     return [json.loads(line) for line in open(path, encoding="utf-8")]
 
@@ -91,7 +119,8 @@ def outputs(setup):
     root = setup["root"]
     base = ["--model", str(root / "policy"), "--prompts", str(setup["prompts"])]
     greedy = base + ["--output", str(root / "greedy.jsonl"), "--greedy", "--max-new-tokens", str(NEW),
-                     "--stop-token-ids", "none", "--num-samples", "2", "--reward-model", str(root / "rm")]
+                     "--stop-token-ids", "none", "--num-samples", "2", "--reward-model", str(root / "rm"),
+              "--reward-attribute", "LABEL_0"]
     sampled = base + ["--max-new-tokens", str(NEW), "--temperature", "0.8", "--top-p", "0.9", "--seed", "4",
                       "--num-samples", "3", "--batch-size", "5"]
     from_checkpoint = ["--model", str(root / "ckpt"), "--tokenizer", str(root / "policy"),
@@ -116,8 +145,8 @@ def test_greedy_rows_match_transformers_and_reward_model(setup, outputs):
         assert r["response"] == setup["tok"].decode(setup["greedy"][i], skip_special_tokens=True)
         assert r["stop_reason"] == "max_new_tokens"
         assert len(r["logprobs"]) == NEW and all(lp <= 0 for lp in r["logprobs"])
-        assert r["scores"] == pytest.approx(setup["scores"][i], abs=1e-4)
-        assert r["reward"] == r["scores"][0]
+        assert list(r["scores"].values()) == pytest.approx(setup["scores"][i], abs=1e-4)
+        assert list(r["scores"]) == ["LABEL_0", "LABEL_1"] and r["reward"] == r["scores"]["LABEL_0"]
         assert r["meta"]["id"] == (f"p{i}" if i < 3 else "tokens")
     assert rows[0]["prompt"] == TEXT_PROMPTS[0] and rows[-1]["prompt"] is None
 
@@ -155,3 +184,187 @@ def test_training_checkpoint_generates_like_the_hf_folder(setup, outputs):
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
     for r in rows:
         assert r["response_tokens"] == setup["greedy"][r["index"]]
+
+
+# ------------------------------------------------------------------ templated prompt files
+SYSTEM_DEFAULT = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                  "helpful, detailed, and polite answers to the user's questions.")
+HS2 = dict(helpfulness=3, correctness=2, coherence=4, complexity=1, verbosity=2)
+# per format: rows, and each row's prompt as (system or None, [(role, content), ...])
+FORMAT_ROWS = {
+    "prompt": ([{"prompt": "w10 w11", "id": "a"}, {"prompt": "w12", "system": "w50 w51"}],
+               [(None, [("user", "w10 w11")]), ("w50 w51", [("user", "w12")])]),
+    "sft": ([{"system": "w60", "conversations": [{"from": "User", "value": "w13 w14"}, {"from": "Assistant", "value": "w15"},
+                                                 {"from": "User", "value": "w16"}, {"from": "Assistant", "value": "w17"}]}],
+            [("w60", [("user", "w13 w14"), ("assistant", "w15"), ("user", "w16")])]),
+    "openai": ([{"messages": [{"role": "system", "content": "w61"}, {"role": "user", "content": "w18"},
+                              {"role": "assistant", "content": "w19"}]},
+                {"messages": [{"role": "user", "content": "w62 w63"}, {"role": "assistant", "content": "w64"}]}],
+               [("w61", [("user", "w18")]), (None, [("user", "w62 w63")])]),
+    "helpsteer2": ([dict(prompt="w20 w21", response="w22", **HS2), dict(prompt="w20 w21", response="w23", **HS2)],
+                   [(None, [("user", "w20 w21")])] * 2),
+    "helpsteer2_preference": ([{"split": "train", "prompt": "w23", "response_1": "w24", "response_2": "w25",
+                                "preference_strength": 2}], [(None, [("user", "w23")])]),
+    "pairwise": ([{"prompt": "w26 w27", "chosen": "w28", "rejected": "w29", "margin": 1.5}],
+                 [(None, [("user", "w26 w27")])]),
+    "rewardbench": ([{"prompt": "w30", "chosen": "w31", "rejected": "w32", "subset": "s1", "id": 7}],
+                    [(None, [("user", "w30")])]),
+}
+
+
+def extra_id_text(system, turns, response=None):
+    """The extra_id template written out (generation prompt, or a reward row with ``response``)."""
+    text = f"<extra_id_0>System\n{SYSTEM_DEFAULT if system is None else system}\n"
+    for role, content in turns:
+        text += f"<extra_id_1>{'User' if role == 'user' else 'Assistant'}\n{content}\n"
+    text += "<extra_id_1>Assistant\n"
+    return text if response is None else text + f"{response}\n<extra_id_2>"
+
+
+def chat_tokens(hf_tok, system, turns, response=None):
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": r, "content": c} for r, c in turns]
+    if response is not None:
+        messages.append({"role": "assistant", "content": response})
+    out = hf_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=response is None)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def expected_prompt(hf_tok, template, system, turns):
+    if template == "chat" or (template == "auto" and hf_tok.chat_template):
+        return chat_tokens(hf_tok, system, turns)
+    return hf_tok.encode(extra_id_text(system, turns), add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def prompt_files(setup):
+    files = {}
+    for fmt, (rows, _) in FORMAT_ROWS.items():
+        files[fmt] = setup["root"] / f"prompts_{fmt}.jsonl"
+        files[fmt].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return files
+
+
+@pytest.mark.parametrize("tokenizer", ["policy", "plain_tokenizer"])
+@pytest.mark.parametrize("template", ["extra_id", "chat", "auto"])
+@pytest.mark.parametrize("fmt", list(FORMAT_ROWS))
+def test_every_prompt_format_and_template_renders_as_written_out(setup, prompt_files, fmt, template, tokenizer):
+    from transformers import AutoTokenizer
+
+    from aligner.cli.generate import read_prompts
+    from aligner.data import DataFormatError, load_tokenizer
+
+    folder = setup["root"] / tokenizer
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    if template == "chat" and not hf_tok.chat_template:
+        with pytest.raises(DataFormatError, match="no chat_template"):
+            read_prompts(str(prompt_files[fmt]), load_tokenizer(str(folder)), template)
+        return
+    prompts = read_prompts(str(prompt_files[fmt]), load_tokenizer(str(folder)), template)
+    rows, convs = FORMAT_ROWS[fmt]
+    assert len(prompts) == len(rows)
+    for p, row, (system, turns) in zip(prompts, rows, convs):
+        assert p["prompt_tokens"] == expected_prompt(hf_tok, template, system, turns)
+        assert all(type(t) is int for t in p["prompt_tokens"])
+        assert p["meta"] == {k: v for k, v in row.items() if k != "prompt"}
+        json.dumps({k: v for k, v in p.items() if k != "conversation"})  # plain JSON
+
+
+def _greedy_reference(root, prompt_tokens):
+    from transformers import LlamaForCausalLM
+
+    policy = LlamaForCausalLM.from_pretrained(root / "policy").eval()
+    with torch.no_grad():
+        x = torch.tensor([prompt_tokens])
+        out = policy.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt_tokens):].tolist()
+
+
+def _rm_reference(root, tokens):
+    from transformers import LlamaForSequenceClassification
+
+    rm = LlamaForSequenceClassification.from_pretrained(root / "rm").eval()
+    with torch.no_grad():
+        return rm(torch.tensor([tokens])).logits[0].tolist()
+
+
+# (name, format, options): every format once, every template, with and without a reward model
+TEMPLATED_RUNS = [
+    ("prompt_extra_id", "prompt", ["--template", "extra_id", "--num-samples", "2", "--reward-model", "RM",
+                                   "--reward-attribute", "LABEL_1"]),
+    ("sft_chat", "sft", ["--template", "chat", "--reward-model", "RM", "--attribute-weights", "0.5", "-1.0",
+                         "--reward-template", "chat"]),
+    ("openai_auto", "openai", ["--template", "auto"]),
+    ("helpsteer2_auto_plain", "helpsteer2", ["--template", "auto", "--tokenizer", "PLAIN", "--num-samples", "2"]),
+    ("preference_extra_id", "helpsteer2_preference", ["--template", "extra_id", "--reward-model", "RM",
+                                                      "--attribute-weights", "1", "2"]),
+    ("pairwise_chat", "pairwise", ["--template", "chat", "--num-samples", "3"]),
+    ("rewardbench_auto", "rewardbench", ["--template", "auto", "--reward-model", "RM", "--reward-attribute",
+                                         "LABEL_0", "--num-samples", "2"]),
+]
+
+
+@pytest.fixture(scope="module")
+def templated_outputs(setup, prompt_files):
+    root = setup["root"]
+    argvs = []
+    for name, fmt, options in TEMPLATED_RUNS:
+        options = [{"RM": str(root / "rm"), "PLAIN": str(root / "plain_tokenizer")}.get(o, o) for o in options]
+        argvs.append(["--model", str(root / "policy"), "--prompts", str(prompt_files[fmt]),
+                      "--output", str(root / f"{name}.jsonl"), "--greedy", "--max-new-tokens", str(NEW),
+                      "--stop-token-ids", "none"] + options)
+    # refused before generating: a two-output head with no weights recorded, a name it lacks
+    refused = ["--model", str(root / "policy"), "--prompts", str(prompt_files["prompt"]), "--template", "auto",
+               "--reward-model", str(root / "rm")]
+    argvs.append(refused + ["--output", str(root / "refused_a.jsonl")])
+    argvs.append(refused + ["--output", str(root / "refused_b.jsonl"), "--reward-attribute", "helpfulness"])
+    results = spawn_local(run_cli_capturing, 1, str(root / "policy"), str(root / "ckpt_templated"), *argvs,
+                          timeout=400)[0]
+    codes = [code for code, _ in results]
+    texts = {name: (root / f"{name}.jsonl").read_text() for (name, _, _), code in zip(TEMPLATED_RUNS, codes) if code == 0}
+    return codes, texts, [err for _, err in results[-2:]]
+
+
+def test_templated_prompt_files_generate_plain_json_rows(setup, templated_outputs):
+    from transformers import AutoTokenizer
+
+    root = setup["root"]
+    codes, texts, refusals = templated_outputs
+    assert codes == [0] * len(TEMPLATED_RUNS) + [2, 2]
+    assert not (root / "refused_a.jsonl").exists() and not (root / "refused_b.jsonl").exists()
+    chat_tok = AutoTokenizer.from_pretrained(root / "policy")
+    plain_tok = AutoTokenizer.from_pretrained(root / "plain_tokenizer")
+    for name, fmt, options in TEMPLATED_RUNS:
+        rows = [json.loads(line) for line in texts[name].splitlines()]  # plain JSON, nothing else
+        template = options[options.index("--template") + 1]
+        hf_tok = plain_tok if "PLAIN" in options else chat_tok
+        samples = int(options[options.index("--num-samples") + 1]) if "--num-samples" in options else 1
+        inputs, convs = FORMAT_ROWS[fmt]
+        assert [(r["index"], r["sample"]) for r in rows] == [(i, k) for i in range(len(inputs)) for k in range(samples)]
+        for r in rows:
+            system, turns = convs[r["index"]]
+            prompt = expected_prompt(hf_tok, template, system, turns)
+            assert r["prompt_tokens"] == prompt, name
+            assert r["response_tokens"] == _greedy_reference(root, prompt), name
+            assert r["response"] == hf_tok.decode(r["response_tokens"], skip_special_tokens=True)
+            assert r["meta"] == {k: v for k, v in inputs[r["index"]].items() if k != "prompt"}
+            if "--reward-model" not in options:
+                assert "reward" not in r and "scores" not in r
+                continue
+            # the reward model reads the conversation and the response text in its own template
+            if "--reward-template" in options:
+                rm_tokens = chat_tokens(chat_tok, system, turns, r["response"])
+            else:  # nothing recorded by this transformers-made RM: auto, i.e. extra_id for reward rows
+                rm_tokens = chat_tok.encode(extra_id_text(system, turns, r["response"]), add_special_tokens=False)
+            ref = _rm_reference(root, rm_tokens)
+            assert list(r["scores"]) == ["LABEL_0", "LABEL_1"]
+            assert list(r["scores"].values()) == pytest.approx(ref, abs=1e-5), name
+            if "--reward-attribute" in options:
+                assert r["reward"] == r["scores"][options[options.index("--reward-attribute") + 1]]
+            else:
+                w = [float(x) for x in options[options.index("--attribute-weights") + 1:][:2]]
+                assert r["reward"] == pytest.approx(w[0] * ref[0] + w[1] * ref[1], abs=1e-5)
+    assert "has 2 outputs ['LABEL_0', 'LABEL_1'] and records no reward weights" in refusals[0]
+    assert "--reward-attribute 'helpfulness' is not an output of the head" in refusals[1]
+    assert all(err.count("aligner generate: error:") == 1 for err in refusals)

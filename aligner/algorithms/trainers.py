@@ -354,10 +354,11 @@ class _BaseTrainer:
 
     # ---------------------------------------------------------------- run
     def fit(self) -> dict:
+        resuming = self.preflight()  # before the heavy imports: a mistake is reported in seconds
+
         from aligner.training.loop import TrainingLoop
         from aligner.training.run_folder import start_fresh, write_config
 
-        resuming = self.preflight()
         self.init_parallel()
         algo = self.algorithm()
         train = self.load_data(self.cfg.data.train)

@@ -60,6 +60,12 @@ def _composition_error(exc: BaseException, name: str) -> ConfigError:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if isinstance(exc, MissingConfigException) and lines and lines[0].startswith("Cannot find primary config"):
         return ConfigError(f"no top-level config {name!r}; available: {', '.join(top_configs())}")
+    if isinstance(exc, MissingConfigException) and len(lines) > 1 and lines[1].startswith("Available options in"):
+        # "In 'dpo': Could not find 'model/llama9'" + the group's options, one a line
+        missing = lines[0].split("Could not find ", 1)[-1].strip("'")
+        group, _, option = missing.rpartition("/")
+        return ConfigError(f"{group}={option}: no such option of config group {group!r}; available:"
+                           f" {', '.join(lines[2:])}")
     if lines and lines[0].startswith("Ambiguous value for argument"):
         return ConfigError(lines[0], hint="to sweep over the values, add -m (--multirun); for a list use key=[a,b]")
     return ConfigError("; ".join(lines[:3]) or type(exc).__name__)

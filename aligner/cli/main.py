@@ -15,10 +15,13 @@ import importlib
 import logging
 import os
 import sys
+import time
 import warnings
 from typing import List, Optional
 
 from aligner.runtime import UserError, is_rank0, setup_logging
+
+RANK0_REPORT_S = 3.0  # how long other ranks wait before exiting after a user error
 
 # Errors that describe what the user gave (module, class): reported in one line. Looked up
 # only in modules already imported, so the check imports nothing.
@@ -149,6 +152,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if debug or not is_user_error(exc):
             raise
         report_user_error(name, exc)
+        if not is_rank0():
+            # every rank meets the same mistake; the launcher stops the job when the first rank
+            # exits, so the others give rank 0 a moment to print the message
+            time.sleep(RANK0_REPORT_S)
         return 2
 
 

@@ -204,3 +204,29 @@ def test_debug_shows_the_traceback_and_internal_errors_keep_theirs(user_error_fi
     monkeypatch.setattr(cli, "_load", lambda name: Internal)
     with pytest.raises(RuntimeError, match="an internal fault"):
         cli.main(["env"])
+
+
+def test_hydra_flags_info_and_cfg_hydra(capsys):
+    assert cli.main(["train", "dpo", "--info", "defaults"]) == 0
+    out = capsys.readouterr().out
+    for entry in ("dpo_schema", "aligner_run_dirs", "model/tiny", "parallel/single", "optim/adamw"):
+        assert f"| {entry} " in out, entry
+    assert cli.main(["train", "dpo", "--cfg", "hydra", "--resolve", "trainer.out_dir=runs/x"]) == 0
+    out = capsys.readouterr().out
+    assert "  run:\n    dir: runs/x\n" in out and "  sweep:\n    dir: runs/x\n" in out
+    assert cli.main(["train", "dpo", "--info", "searchpath", "dpo.loss_type=dpoo"]) == 2  # checked like a run
+    assert "dpo.loss_type: 'dpoo' is not accepted" in capsys.readouterr().err
+
+
+def test_data_validate_checks_the_kind_asked_for(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' * 3)
+    assert cli.main(["data", "validate", str(pairs), "--kind", "regression"]) == 1
+    captured = capsys.readouterr()
+    assert "valid_rows" not in captured.out
+    assert captured.err == (f"invalid: {pairs}:1: format 'pairwise' cannot be used here; expected one of"
+                            " ['helpsteer2']\n")
+    assert cli.main(["data", "validate", str(pairs), "--kind", "pairs"]) == 0
+    assert json.loads(capsys.readouterr().out)["valid_rows"] == 3
+    assert cli.main(["data", "validate", str(pairs), "--kind", "pears"]) == 2
+    assert "--kind 'pears'; expected one of sft, regression, pairs" in capsys.readouterr().err

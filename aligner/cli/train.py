@@ -180,8 +180,11 @@ def _print_config(args) -> int:
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     trainer_cls = _trainer_for(job, args.config)
     trainer_cls(job)  # the checks a type cannot express (ranges, combinations)
+    if args.resolve:  # the whole config, so that hydra's node can refer to the job's keys
+        OmegaConf.resolve(cfg)
+        job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     shown = {"job": job, "hydra": OmegaConf.masked_copy(cfg, ["hydra"]), "all": cfg}[args.cfg]
-    print(OmegaConf.to_yaml(shown, resolve=args.resolve), end="")
+    print(OmegaConf.to_yaml(shown), end="")
     return 0
 
 

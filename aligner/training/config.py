@@ -329,6 +329,7 @@ def validate_config(cfg: Any, schema: type, *, require_all: bool = False) -> Dic
         merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(describe_omegaconf_error(exc)) from None
+    _check_no_unknown_keys(merged)
     if require_all:
         check_required(merged)
     try:
@@ -336,6 +337,20 @@ def validate_config(cfg: Any, schema: type, *, require_all: bool = False) -> Dic
     except OmegaConfBaseException as exc:  # a value the checks need is itself unset (???)
         raise ConfigError(describe_omegaconf_error(exc)) from None
     return merged
+
+
+def _check_no_unknown_keys(node: DictConfig, prefix: str = "") -> None:
+    """Keys a schema does not have (Hydra's ``+key=value`` can add them to a structured config)."""
+    kind = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(kind):
+        names = [f.name for f in dataclasses.fields(kind)]
+        for key in node:
+            if key not in names:
+                raise ConfigError(f"{prefix}{key}: no such key (the keys of this section: {', '.join(names)})")
+    for key in node:
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not OmegaConf.is_missing(node, key) and child._is_none() is False:
+            _check_no_unknown_keys(child, f"{prefix}{key}.")
 
 
 def _check_values(merged: DictConfig) -> None:

@@ -11,8 +11,9 @@ Only global rank 0 writes or prints (:func:`aligner.runtime.is_rank0`).
 - Weights & Biases: the run id is kept in the run folder (``wandb.json``,
   :func:`aligner.training.run_folder.wandb_run_id`), so a resumed run continues the same
   W&B run (``resume="allow"``) instead of starting a new one.
-- :class:`Progress`: a ``tqdm`` bar per stage (step / total, loss, tokens/s, ETA); messages
-  go through the ``aligner`` logger (:func:`aligner.runtime.setup_logging`).
+- :class:`Progress`: a ``tqdm`` bar per stage (step / total, loss, tokens/s, ETA), or the
+  same meter as a logged line per step where stderr is not a terminal; messages go through
+  the ``aligner`` logger (:func:`aligner.runtime.setup_logging`).
 """
 from __future__ import annotations
 
@@ -110,33 +111,49 @@ class MetricsLogger:
 
 
 class Progress:
-    """A ``tqdm`` progress bar for one stage: step / total, loss, tokens/s, elapsed, ETA.
+    """Progress of one stage: step / total, loss, tokens/s, elapsed, ETA (tqdm's meter).
 
-    Silent on ranks other than 0 and when ``enabled`` is false (messages are still logged).
+    On a terminal a ``tqdm`` bar; otherwise (a Slurm or CI log) the same meter as one logged
+    line per update, so log files stay readable. Silent on ranks other than 0 and when
+    ``enabled`` is false (messages are still logged).
     """
 
     def __init__(self, stage: str, total_steps: int, start_step: int = 0, enabled: bool = True):
+        import sys
+        import time
+
         self.stage = stage
         self.total = total_steps
+        self.start_step = start_step
+        self.t0 = time.perf_counter()
+        self.enabled = enabled and is_rank0()
         self.bar = None
-        if enabled and is_rank0():
+        if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True,
-                            leave=True)
+                            file=sys.stderr)
 
     def update(self, step: int, metrics: dict) -> None:
-        if self.bar is None:
+        if not self.enabled:
             return
         postfix = {}
         if "loss" in metrics:
             postfix["loss"] = f"{metrics['loss']:.4f}"
         if "tokens_per_s" in metrics:
             postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
-        self.bar.set_postfix(postfix, refresh=False)
-        self.bar.update(step - self.bar.n)
-        if step >= self.total:
-            self.close()
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+            if step >= self.total:
+                self.close()
+            return
+        import time
+
+        from tqdm import tqdm
+
+        log.info(tqdm.format_meter(step, self.total, time.perf_counter() - self.t0, prefix=self.stage, unit="step",
+                                   initial=self.start_step, postfix=", ".join(f"{k}={v}" for k, v in postfix.items())))
 
     def message(self, text: str) -> None:
         log.info(f"[{self.stage}] {text}")

@@ -31,7 +31,7 @@ from aligner.runtime import UserError, get_logger
 CONFIG_FILE = "config.yaml"
 WANDB_FILE = "wandb.json"
 # what a run writes into its folder (removed before a fresh start in the same folder)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "hf", "tokenizer", "result.json", WANDB_FILE,
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "wandb", "hf", "tokenizer", "result.json", WANDB_FILE,
                CONFIG_FILE)
 
 # Keys (glob patterns over dotted paths) whose change does not change what is trained.

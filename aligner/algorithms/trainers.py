@@ -478,7 +478,7 @@ class DPOTrainer(_BaseTrainer):
         if p.eta != DPOSection.eta and p.loss_type not in _ETA_LOSSES:
             raise ConfigError(f"dpo.eta = {p.eta} has no effect with dpo.loss_type = {str(p.loss_type)!r}"
                               f" (only the {', '.join(str(x) for x in _ETA_LOSSES)} losses scale the reward gap)",
-                              hint=f"remove the override, or set dpo.loss_type to one of those")
+                              hint="remove the override, or set dpo.loss_type to one of those")
         if not p.eta > 0:
             raise ConfigError(f"dpo.eta = {p.eta!r}: expected > 0")
 

@@ -5,7 +5,6 @@ id is kept in the run folder. Tiny models through the real command line."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

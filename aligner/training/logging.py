@@ -10,7 +10,8 @@ Only global rank 0 writes or prints (:func:`aligner.runtime.is_rank0`).
   a fresh start removes the previous events.
 - Weights & Biases: the run id is kept in the run folder (``wandb.json``,
   :func:`aligner.training.run_folder.wandb_run_id`), so a resumed run continues the same
-  W&B run (``resume="allow"``) instead of starting a new one.
+  W&B run (``resume="allow"``) instead of starting a new one. (``wandb`` is an optional
+  extra: the tests check the id kept in the run folder, not a W&B session.)
 - :class:`Progress`: a ``tqdm`` bar per stage (step / total, loss, tokens/s, ETA), or the
   same meter as a logged line per step where stderr is not a terminal; messages go through
   the ``aligner`` logger (:func:`aligner.runtime.setup_logging`).

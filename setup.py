@@ -34,8 +34,11 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["aligner", "aligner.*"]),
-    package_data={"aligner": ["conf/**/*.yaml", "conf/*.yaml"]},
+    # conf/ stays at the top of the repository (where a source checkout reads it) and ships
+    # inside the package as the package-data module aligner.conf (Hydra: pkg://aligner.conf)
+    packages=find_packages(include=["aligner", "aligner.*"]) + ["aligner.conf"],
+    package_dir={"aligner.conf": "conf"},
+    package_data={"aligner.conf": ["*.yaml", "*/*.yaml"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

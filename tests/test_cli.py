@@ -104,7 +104,7 @@ def test_train_rejects_bad_configs_before_launch(capsys):
         assert cli.main(["train", "sft", "--cfg", "job", *args]) == 2
         assert expected in capsys.readouterr().err
     assert cli.main(["train", "nosuch"]) == 2
-    assert "no top-level config 'nosuch'" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("aligner train: error: no top-level config 'nosuch'; available: dpo,")
     assert cli.main(["train", "dpo", "--cfg", "job", "init.hf=/m", "data.train=p.jsonl", "parallel.tp=2",
                      "dpo.beta=0.05"]) == 0
     printed = capsys.readouterr().out
@@ -115,3 +115,118 @@ def test_train_rejects_bad_configs_before_launch(capsys):
 def test_every_command_module_is_present_and_has_main(command):
     module = cli._load(command)
     assert module is not None and callable(module.main)
+
+
+# ------------------------------------------------------------------------------ user errors
+def _timed(args, cwd, env=None):
+    """Run ``aligner ARGS`` in ``cwd``: (completed process, CPU seconds it used)."""
+    import os
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = subprocess.run([sys.executable, "-m", "aligner.cli.main", *args], capture_output=True, text=True,
+                         timeout=300, cwd=cwd, env={**os.environ, **(env or {})})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+@pytest.fixture(scope="module")
+def user_error_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("user_errors")
+    (root / "hf").mkdir()
+    (root / "hf" / "config.json").write_text("{}")
+    (root / "bad.jsonl").write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n{"prompt": "p", "chosen": 3,'
+                                    ' "rejected": "b"}\n')
+    (root / "sft.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                             {"role": "assistant", "content": "hello"}]}) + "\n")
+    (root / "tok.model").write_text("")
+    return root
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["dpo", "dpo.loss_type=dpoo"],
+     ["aligner train: error: dpo.loss_type: 'dpoo' is not accepted; expected one of dpo, ipo, rpo_sq, rpo_fwd_kl,"
+      " rpo_bwd_kl, margin_dpo, scaled_dpo"]),
+    (["dpo"], ["aligner train: error: required values not set: init.hf, data.train",
+               "hint: set on the command line, e.g. aligner train dpo init.hf=... data.train=..."]),
+    (["dpo", "init.hf=/nope", "data.train=x.jsonl"],
+     ["aligner train: error: init.hf = '/nope': no such folder",
+      "hint: init.hf names a Hugging Face model folder (config.json + *.safetensors)"]),
+    (["dpo", "init.hf=hf", "data.train=bad.jsonl"],
+     ["aligner train: error: bad.jsonl:2: field 'chosen' must be a string, got int"]),
+    (["dpo", "init.hf=hf", "data.train=x.jsonl"], ["aligner train: error: data.train = 'x.jsonl': no such file"]),
+    (["sft", "trainer.keep_last=0"], ["aligner train: error: trainer.keep_last = 0: expected >= 1"]),
+])
+def test_user_errors_are_one_line_exit_2_fast_and_write_nothing(user_error_files, args, expected):
+    out, cpu_s = _timed(["train", *args, "trainer.out_dir=run"], cwd=user_error_files)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.splitlines() == expected and out.stdout == ""
+    assert cpu_s < 15, cpu_s
+    assert not (user_error_files / "run").exists()
+
+
+def test_a_layout_that_does_not_fit_the_world_is_refused_by_rank_0_on_every_rank(user_error_files):
+    """``parallel.tp=3`` under torchrun with 2 ranks: rank 0 prints one line, both ranks exit 2."""
+    args = ["train", "sft", "data.train=sft.jsonl", "data.tokenizer=tok.model", "parallel.tp=3", "trainer.out_dir=run"]
+    expected = ("aligner train: error: world size 2 is not divisible by parallel.tp * parallel.pp * parallel.cp ="
+                " 3 * 1 * 1 = 3 (world size 2)")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          "0", "-m", "aligner.cli.main", *args], capture_output=True, text=True, timeout=300,
+                         cwd=user_error_files)
+    assert out.returncode != 0
+    ours = [line for line in out.stderr.splitlines() if line.startswith("aligner ")]
+    assert ours == [expected]  # printed once: by rank 0
+    # torchrun's own report: the first rank to end did so with exit status 2 (the other one
+    # ended with 2 too, or was stopped by torchrun right after)
+    root_cause = out.stderr.split("Root Cause (first observed failure):")[1]
+    assert "exitcode  : 2 " in root_cause
+    assert not (user_error_files / "run").exists()
+    # the same refusal in one process that sees the launcher's variables, before any process group
+    single, cpu_s = _timed(args, cwd=user_error_files, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert single.returncode == 2 and single.stderr.splitlines() == [expected] and cpu_s < 15
+    quiet, _ = _timed(args, cwd=user_error_files, env={"RANK": "1", "WORLD_SIZE": "2"})
+    assert quiet.returncode == 2 and quiet.stderr == ""  # other ranks exit quietly
+
+
+def test_debug_shows_the_traceback_and_internal_errors_keep_theirs(user_error_files, monkeypatch, capsys):
+    args = ["train", "dpo", "init.hf=hf", "data.train=bad.jsonl", "trainer.out_dir=run"]
+    for extra, env in ((["--debug"], {}), ([], {"ALIGNER_DEBUG": "1"})):
+        out, _ = _timed(args + extra, cwd=user_error_files, env=env)
+        assert out.returncode == 1
+        assert "Traceback (most recent call last)" in out.stderr
+        assert out.stderr.rstrip().endswith("DataFormatError: bad.jsonl:2: field 'chosen' must be a string, got int")
+
+    class Internal:
+        @staticmethod
+        def main(argv):
+            raise RuntimeError("an internal fault")
+
+    monkeypatch.setattr(cli, "_load", lambda name: Internal)
+    with pytest.raises(RuntimeError, match="an internal fault"):
+        cli.main(["env"])
+
+
+def test_hydra_flags_info_and_cfg_hydra(capsys):
+    assert cli.main(["train", "dpo", "--info", "defaults"]) == 0
+    out = capsys.readouterr().out
+    for entry in ("dpo_schema", "aligner_run_dirs", "model/tiny", "parallel/single", "optim/adamw"):
+        assert f"| {entry} " in out, entry
+    assert cli.main(["train", "dpo", "--cfg", "hydra", "--resolve", "trainer.out_dir=runs/x"]) == 0
+    out = capsys.readouterr().out
+    assert "  run:\n    dir: runs/x\n" in out and "  sweep:\n    dir: runs/x\n" in out
+    assert cli.main(["train", "dpo", "--info", "searchpath", "dpo.loss_type=dpoo"]) == 2  # checked like a run
+    assert "dpo.loss_type: 'dpoo' is not accepted" in capsys.readouterr().err
+
+
+def test_data_validate_checks_the_kind_asked_for(tmp_path, capsys):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' * 3)
+    assert cli.main(["data", "validate", str(pairs), "--kind", "regression"]) == 1
+    captured = capsys.readouterr()
+    assert "valid_rows" not in captured.out
+    assert captured.err == (f"invalid: {pairs}:1: format 'pairwise' cannot be used here; expected one of"
+                            " ['helpsteer2']\n")
+    assert cli.main(["data", "validate", str(pairs), "--kind", "pairs"]) == 0
+    assert json.loads(capsys.readouterr().out)["valid_rows"] == 3
+    assert cli.main(["data", "validate", str(pairs), "--kind", "pears"]) == 2
+    assert "--kind 'pears'; expected one of sft, regression, pairs" in capsys.readouterr().err

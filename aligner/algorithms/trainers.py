@@ -3,87 +3,252 @@
 ``SFTTrainer(cfg).fit()``, ``RewardModelTrainer(cfg).fit()``, ``DPOTrainer(cfg).fit()``
 where ``cfg`` is the composed config (a dict, DictConfig or the dataclass schemas below):
 the sections of :class:`aligner.training.config.RunConfig` plus the algorithm's own
-(``sft``, ``rm``, ``dpo``). Each trainer initialises the parallel layout (unless already
-initialised), loads the tokenizer and data, builds the model (random init or ``init.hf``)
-and runs :class:`aligner.training.loop.TrainingLoop`.
+(``rm``, ``dpo``). Constructing a trainer checks the config (types, choices, ranges,
+combinations); ``fit()`` first checks what needs no process group (required values,
+paths, the layout against the world size, the run folder), then initialises the
+parallel layout (unless already initialised), loads the tokenizer and data, builds the
+model (random init or ``init.hf``) and runs :class:`aligner.training.loop.TrainingLoop`.
+
+A new algorithm registers its trainer with :func:`register_trainer`: its schema becomes
+``<name>_schema`` in Hydra's ConfigStore, which its top-level configs in ``conf/`` list
+first in their defaults. Config keys: docs/configuration.md.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Type
 
-import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-from aligner.training.config import RunConfig, validate_config
+from aligner.runtime import get_logger, is_rank0
+from aligner.training.config import (
+    Choice,
+    ConfigError,
+    InitSection,
+    RunConfig,
+    Template,
+    check_required,
+    model_fields,
+    plain,
+    validate_config,
+)
+
+log = get_logger(__name__)
 
 
-@dataclass
-class SFTSection:
-    """``sft``: nothing to tune beyond the shared groups (kept for symmetry and future knobs)."""
+# ------------------------------------------------------------------------------ schemas
+class RMMode(Choice):
+    regression = "regression"
+    bt = "bt"
 
-    enabled: bool = True
+
+class BTKind(Choice):
+    """The kinds :func:`aligner.algorithms.losses.reward.bradley_terry_loss` accepts."""
+
+    regular = "regular"
+    margin = "margin"
+    scaled = "scaled"
+
+
+class LossType(Choice):
+    """The keys of :data:`aligner.algorithms.losses.preference.PREFERENCE_LOSSES`."""
+
+    dpo = "dpo"
+    ipo = "ipo"
+    rpo_sq = "rpo_sq"
+    rpo_fwd_kl = "rpo_fwd_kl"
+    rpo_bwd_kl = "rpo_bwd_kl"
+    margin_dpo = "margin_dpo"
+    scaled_dpo = "scaled_dpo"
+
+
+class Reference(Choice):
+    precompute = "precompute"
+    resident = "resident"
+
+
+def _init_from_hf() -> InitSection:
+    return InitSection(hf=MISSING)
 
 
 @dataclass
 class RMSection:
-    """``rm``: reward-model objective (REFERENCE section 2).
+    """``rm``: reward-model objective (docs/reward_models.md).
 
-    mode: ``regression`` (HelpSteer2 multi-attribute, masked MSE) or ``bt`` (pairs).
+    mode: ``regression`` (HelpSteer2 multi-attribute rows, masked MSE; rows rendered with
+    the extra_id template) or ``bt`` (Bradley-Terry on preference pairs).
     attributes: the head's outputs in order (regression labels by these names).
-    bt_kind: ``regular`` | ``margin`` | ``scaled``. reward_attribute: the head output used
-    as the scalar reward for BT (helpfulness in the HelpSteer2-Preference recipes).
-    attribute_weights: optional weights ``w`` giving ``r = w · ŷ`` instead.
+    bt_kind (bt only): ``regular`` | ``margin`` | ``scaled``.
+    reward_attribute: the head output used as the scalar reward for BT (helpfulness in the
+    HelpSteer2-Preference recipes). attribute_weights: one weight per attribute, ``r = w · ŷ``:
+    in bt mode the reward the loss compares (instead of ``reward_attribute``); in both modes
+    recorded with the HF export as the model's reward for scoring.
     """
 
-    mode: str = "regression"
+    mode: RMMode = RMMode.regression
     attributes: List[str] = field(
         default_factory=lambda: ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
     )
-    bt_kind: str = "regular"
+    bt_kind: BTKind = BTKind.regular
     reward_attribute: str = "helpfulness"
     attribute_weights: Optional[List[float]] = None
 
 
 @dataclass
 class DPOSection:
-    """``dpo``: preference optimisation (REFERENCE section 3)."""
+    """``dpo``: the DPO family (docs/dpo.md).
 
-    loss_type: str = "dpo"
+    loss_type: ``dpo`` | ``ipo`` | ``rpo_sq`` | ``rpo_fwd_kl`` | ``rpo_bwd_kl`` |
+    ``margin_dpo`` | ``scaled_dpo``. beta: the KL strength (> 0). average_log_probs: per-token
+    mean log-probs instead of sums. sft_weight / preference_weight: weights of the NLL on the
+    chosen response and of the preference loss. eta: the RPO losses' reward-gap scale (rpo_*
+    only). reference: ``precompute`` (reference log-probs computed once) or ``resident``
+    (reference weights kept in host memory).
+    """
+
+    loss_type: LossType = LossType.dpo
     beta: float = 0.1
     average_log_probs: bool = False
     sft_weight: float = 0.0
     preference_weight: float = 1.0
     eta: float = 1.0
-    reference: str = "precompute"
+    reference: Reference = Reference.precompute
 
 
 @dataclass
 class SFTConfig(RunConfig):
-    sft: SFTSection = field(default_factory=SFTSection)
+    """Supervised fine-tuning: the shared sections only (docs/sft.md)."""
+
+    algorithm: str = "sft"
 
 
 @dataclass
 class RMConfig(RunConfig):
+    """Reward model, from an HF model (``init.hf`` required)."""
+
+    algorithm: str = "rm"
+    init: InitSection = field(default_factory=_init_from_hf)
     rm: RMSection = field(default_factory=RMSection)
 
 
 @dataclass
 class DPOConfig(RunConfig):
+    """DPO family, from an SFT model (``init.hf`` required)."""
+
+    algorithm: str = "dpo"
+    init: InitSection = field(default_factory=_init_from_hf)
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
+# ------------------------------------------------------------------------------ registry
+TRAINERS: Dict[str, Type["_BaseTrainer"]] = {}
+
+
+def register_trainer(name: str) -> Callable[[type], type]:
+    """Class decorator: ``TRAINERS[name] = cls`` and ``cls.schema`` stored in Hydra's
+    ConfigStore as ``<name>_schema`` (the first default of ``conf/<config>.yaml``)."""
+
+    def add(cls):
+        from hydra.core.config_store import ConfigStore
+
+        if name in TRAINERS:
+            raise ValueError(f"a trainer named {name!r} is already registered")
+        cls.name = name
+        TRAINERS[name] = cls
+        ConfigStore.instance().store(name=f"{name}_schema", node=cls.schema)
+        return cls
+
+    return add
+
+
+# ------------------------------------------------------------------------------ trainers
 class _BaseTrainer:
-    schema = RunConfig
-    head: Optional[str] = None
+    name = ""
+    schema: type = RunConfig
     data_kind = "sft"
 
     def __init__(self, cfg: Any):
-        if not isinstance(cfg, DictConfig):
-            cfg = OmegaConf.structured(cfg) if not isinstance(cfg, dict) else OmegaConf.create(cfg)
-        self.cfg = validate_config(cfg, self.schema)
+        if not isinstance(cfg, (DictConfig, dict)):
+            cfg = OmegaConf.structured(cfg)
+        self.typed_cfg = validate_config(cfg, self.schema)
+        self.check(self.typed_cfg)
+        self.cfg = OmegaConf.create(plain(self.typed_cfg))  # resolved; choices as strings
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        """Algorithm-specific checks of a composed config (raise ConfigError naming the key)."""
+
+    # ---------------------------------------------------------------- before any process group
+    def preflight(self) -> bool:
+        """Everything that can be checked without a process group or a model; raises
+        ConfigError naming the key. Returns whether the run folder's run will be resumed."""
+        from aligner.parallel.state import LayoutError, ParallelConfig, read_dist_env, validate_layout
+        from aligner.training.run_folder import check_resume
+
+        check_required(self.typed_cfg, f"aligner train {self.name}")
+        c = self.cfg
+        if c.init.hf is not None:
+            hf = Path(c.init.hf)
+            if not hf.is_dir():
+                raise ConfigError(f"init.hf = {c.init.hf!r}: no such folder",
+                                  hint="init.hf names a Hugging Face model folder (config.json + *.safetensors)")
+            if not (hf / "config.json").is_file():
+                raise ConfigError(f"init.hf = {c.init.hf!r}: no config.json in that folder",
+                                  hint="init.hf names a Hugging Face model folder (config.json + *.safetensors)")
+        for key in ("train", "validation"):
+            path = c.data[key]
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"data.{key} = {path!r}: no such file")
+        self.check_data_rows()
+        if c.data.tokenizer is None and c.init.hf is None:
+            raise ConfigError("data.tokenizer is not set and there is no init.hf to take the tokenizer from",
+                              hint="set data.tokenizer to an HF tokenizer folder or a SentencePiece .model file")
+        if c.data.tokenizer is not None and not Path(c.data.tokenizer).exists():
+            raise ConfigError(f"data.tokenizer = {c.data.tokenizer!r}: no such file or folder")
+        import torch
+
+        if c.optim.distributed and not torch.cuda.is_available():
+            raise ConfigError("optim.distributed = true needs GPUs: megatron-core's distributed optimizer has no"
+                              " CPU path", hint="set optim.distributed=false")
+        try:
+            mc = self.model_config()
+        except ConfigError:
+            raise
+        except (ValueError, FileNotFoundError) as exc:  # an HF config aligner cannot represent
+            raise ConfigError(f"init.hf = {c.init.hf!r}: {exc}") from None
+        if c.data.max_length > mc.max_position_embeddings:
+            raise ConfigError(f"data.max_length = {c.data.max_length} exceeds the model's max_position_embeddings"
+                              f" = {mc.max_position_embeddings}")
+        p = c.parallel
+        try:
+            world = read_dist_env().world_size
+            validate_layout(
+                ParallelConfig(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, backend=p.backend),
+                world, num_layers=mc.num_layers, num_attention_heads=mc.num_attention_heads,
+                num_query_groups=mc.num_query_groups, vocab_size=mc.vocab_size,
+            )
+        except LayoutError as exc:
+            raise ConfigError(f"{exc} (world size {world})") from None
+        except ValueError as exc:  # launcher variables that are not a job
+            raise ConfigError(str(exc)) from None
+        return check_resume(c.trainer.out_dir, self.recorded(), c.trainer.resume)
+
+    def check_data_rows(self) -> None:
+        """Read every row of the data files once (no tokenizer): a malformed row is reported
+        with its file and line before any process group or model exists."""
+        from aligner.data.datasets import KIND_FORMATS, read_jsonl
+
+        d = self.cfg.data
+        for path in (d.train, d.validation):
+            if path is not None:
+                for _ in read_jsonl(path, d.format, KIND_FORMATS[self.data_kind], d.skip_invalid):
+                    pass
+
+    def recorded(self) -> dict:
+        """The config as recorded in the run folder (``config.yaml``)."""
+        return OmegaConf.to_container(self.cfg)
 
     # ---------------------------------------------------------------- pieces
     def init_parallel(self):
@@ -93,16 +258,17 @@ class _BaseTrainer:
             from aligner.models.layer_spec import check_parallel_support, resolve_layer_spec
 
             p = self.cfg.parallel
-            spec = resolve_layer_spec(self.model_config().layer_spec)
+            mc = self.model_config()
+            spec = resolve_layer_spec(mc.layer_spec)
             check_parallel_support(spec, sequence_parallel=p.sequence_parallel and p.tp > 1)
             initialize(
                 ParallelConfig(
-                    tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, backend=p.backend or "auto",
+                    tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, backend=p.backend,
                     seed=self.cfg.trainer.seed, timeout_minutes=p.timeout_minutes,
                 ),
-                num_layers=self.model_config().num_layers,
-                num_attention_heads=self.model_config().num_attention_heads,
-                num_query_groups=self.model_config().num_query_groups,
+                num_layers=mc.num_layers,
+                num_attention_heads=mc.num_attention_heads,
+                num_query_groups=mc.num_query_groups,
                 layer_spec=spec,
             )
         set_seed(self.cfg.trainer.seed)
@@ -113,9 +279,12 @@ class _BaseTrainer:
         if getattr(self, "_model_cfg", None) is None:
             if self.cfg.init.hf:
                 mc = ModelConfig.from_hf(self.cfg.init.hf)
-                mc.layer_spec = OmegaConf.select(self.cfg, "model.layer_spec") or "auto"  # kernels, not architecture
+                mc.layer_spec = str(OmegaConf.select(self.cfg, "model.layer_spec") or "auto")  # kernels, not architecture
             else:
-                mc = ModelConfig.from_dict(OmegaConf.to_container(self.cfg.model, resolve=True), "config group 'model'")
+                try:
+                    mc = ModelConfig.from_dict(model_fields(self.cfg.model), "config group 'model'")
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(str(exc)) from None
             self._model_cfg = mc
         return self._model_cfg
 
@@ -124,19 +293,25 @@ class _BaseTrainer:
 
         path = self.cfg.data.tokenizer or self.cfg.init.hf
         if not path:
-            raise ValueError("data.tokenizer is not set (a tokenizer folder or SentencePiece .model file)")
+            raise ConfigError("data.tokenizer is not set (a tokenizer folder or SentencePiece .model file)")
         if getattr(self, "_tok", None) is None:
-            self._tok = load_tokenizer(path)
+            try:
+                self._tok = load_tokenizer(path)
+            except FileNotFoundError as exc:
+                key = "data.tokenizer" if self.cfg.data.tokenizer else "init.hf"
+                raise ConfigError(f"{key} = {path!r}: {exc}") from None
         return self._tok
 
     def build_models(self, head=None, num_outputs=1):
+        import torch
+
         from aligner.models import build_model, load_hf_weights
 
         mc = self.model_config()
         tok = self.tokenizer()
         if self.cfg.init.hf is None:
             if mc.vocab_size < tok.vocab_size:
-                raise ValueError(
+                raise ConfigError(
                     f"model.vocab_size = {mc.vocab_size} is smaller than the tokenizer's {tok.vocab_size}"
                 )
             mc.pad_token_id = tok.pad_id if mc.pad_token_id is None else mc.pad_token_id
@@ -191,23 +366,23 @@ class _BaseTrainer:
 
     # ---------------------------------------------------------------- run
     def fit(self) -> dict:
+        resuming = self.preflight()  # before the heavy imports: a mistake is reported in seconds
+
         from aligner.training.loop import TrainingLoop
+        from aligner.training.run_folder import start_fresh, write_config
 
         self.init_parallel()
-        if not self.cfg.data.train:
-            raise ValueError("data.train is not set")
         algo = self.algorithm()
         algo.export_metadata = self.export_metadata(algo)  # recorded beside the HF export
         train = self.load_data(self.cfg.data.train)
         val = self.load_data(self.cfg.data.validation)
         models = self.build_models(head=algo.head, num_outputs=algo.num_outputs)
         out_dir = Path(self.cfg.trainer.out_dir)
-        container = OmegaConf.to_container(self.cfg, resolve=True)
-        if _rank0():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
         tok_dir = None
-        if _rank0():
+        if is_rank0():  # every check passed: the run folder is this run's from here on
+            if not resuming:
+                start_fresh(out_dir)
+            write_config(out_dir, OmegaConf.to_yaml(self.cfg))
             tok_dir = out_dir / "tokenizer"
             self.tokenizer().save(tok_dir)
         self.trainer = TrainingLoop(
@@ -219,10 +394,10 @@ class _BaseTrainer:
             val_data=val,
             model_cfg=self.model_config(),
             tokenizer_dir=str(tok_dir) if tok_dir else None,
-            run_config=container,
+            run_config=self.recorded(),
         )
         result = self.trainer.fit()
-        if _rank0():
+        if is_rank0():
             (out_dir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
         return result
 
@@ -233,12 +408,7 @@ def _device():
     return get_device()
 
 
-def _rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
+@register_trainer("sft")
 class SFTTrainer(_BaseTrainer):
     schema = SFTConfig
     data_kind = "sft"
@@ -250,8 +420,30 @@ class SFTTrainer(_BaseTrainer):
         return SFTAlgorithm(self.tokenizer().pad_id, packing=d.packing, capacity=d.max_length)
 
 
+@register_trainer("rm")
 class RewardModelTrainer(_BaseTrainer):
     schema = RMConfig
+
+    @classmethod
+    def check(cls, cfg):
+        rm, d = cfg.rm, cfg.data
+        attributes = list(rm.attributes)
+        if not attributes or len(set(attributes)) != len(attributes):
+            raise ConfigError(f"rm.attributes = {attributes}: expected one or more distinct names")
+        if rm.reward_attribute not in attributes:
+            raise ConfigError(f"rm.reward_attribute = {rm.reward_attribute!r} is not one of rm.attributes {attributes}")
+        if rm.attribute_weights is not None and len(rm.attribute_weights) != len(attributes):
+            raise ConfigError(f"rm.attribute_weights has {len(rm.attribute_weights)} entries; rm.attributes has"
+                              f" {len(attributes)} ({', '.join(attributes)})")
+        if rm.mode == RMMode.regression:
+            if d.template not in (Template.auto, Template.extra_id):
+                raise ConfigError(f"data.template = {str(d.template)!r} does not apply to rm.mode = regression:"
+                                  " HelpSteer2 rows are rendered with the extra_id template",
+                                  hint="set data.template=extra_id (or auto)")
+            if rm.bt_kind != BTKind.regular:
+                raise ConfigError(f"rm.bt_kind = {str(rm.bt_kind)!r} has no effect in rm.mode = regression"
+                                  " (it selects the Bradley-Terry loss of rm.mode = bt)",
+                                  hint="remove the override, or set rm.mode=bt")
 
     @property
     def data_kind(self):
@@ -278,8 +470,6 @@ class RewardModelTrainer(_BaseTrainer):
 
         rm, d = self.cfg.rm, self.cfg.data
         attributes = list(rm.attributes)
-        if rm.reward_attribute not in attributes:
-            raise ValueError(f"rm.reward_attribute = {rm.reward_attribute!r} is not one of rm.attributes {attributes}")
         return RewardAlgorithm(
             self.tokenizer().pad_id,
             mode=rm.mode,
@@ -292,9 +482,31 @@ class RewardModelTrainer(_BaseTrainer):
         )
 
 
+# the losses that read dpo.eta (the RPO family's reward-gap scale)
+_ETA_LOSSES = (LossType.rpo_sq, LossType.rpo_fwd_kl, LossType.rpo_bwd_kl)
+
+
+@register_trainer("dpo")
 class DPOTrainer(_BaseTrainer):
     schema = DPOConfig
     data_kind = "pairs"
+
+    @classmethod
+    def check(cls, cfg):
+        p = cfg.dpo
+        if not p.beta > 0:
+            raise ConfigError(f"dpo.beta = {p.beta!r}: expected > 0")
+        for key in ("sft_weight", "preference_weight"):
+            if p[key] < 0:
+                raise ConfigError(f"dpo.{key} = {p[key]!r}: expected >= 0")
+        if p.sft_weight == 0 and p.preference_weight == 0:
+            raise ConfigError("dpo.sft_weight and dpo.preference_weight are both 0: nothing would be trained")
+        if p.eta != DPOSection.eta and p.loss_type not in _ETA_LOSSES:
+            raise ConfigError(f"dpo.eta = {p.eta} has no effect with dpo.loss_type = {str(p.loss_type)!r}"
+                              f" (only the {', '.join(str(x) for x in _ETA_LOSSES)} losses scale the reward gap)",
+                              hint="remove the override, or set dpo.loss_type to one of those")
+        if not p.eta > 0:
+            raise ConfigError(f"dpo.eta = {p.eta!r}: expected > 0")
 
     def algorithm(self):
         from aligner.algorithms.dpo import DPOAlgorithm
@@ -314,4 +526,19 @@ class DPOTrainer(_BaseTrainer):
         )
 
 
-TRAINERS = {"sft": SFTTrainer, "rm": RewardModelTrainer, "dpo": DPOTrainer}
+__all__ = [
+    "BTKind",
+    "DPOConfig",
+    "DPOSection",
+    "DPOTrainer",
+    "LossType",
+    "RMConfig",
+    "RMMode",
+    "RMSection",
+    "Reference",
+    "RewardModelTrainer",
+    "SFTConfig",
+    "SFTTrainer",
+    "TRAINERS",
+    "register_trainer",
+]

@@ -58,8 +58,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from aligner.data.datasets import KIND_FORMATS, DataFormatError, load_dataset, read_jsonl
 
     counts: Counter = Counter()
+    if args.kind is not None and args.kind not in KIND_FORMATS:
+        print(f"aligner data {args.cmd}: error: --kind {args.kind!r}; expected one of {', '.join(KIND_FORMATS)}",
+              file=sys.stderr)
+        return 2
+    allowed = KIND_FORMATS[args.kind] if args.kind else ()  # a file of another kind is invalid here
     try:
-        rows = list(read_jsonl(args.file, args.format, skip_invalid=args.skip_invalid, counts=counts))
+        rows = list(read_jsonl(args.file, args.format, allowed, skip_invalid=args.skip_invalid, counts=counts))
     except DataFormatError as exc:
         print(f"invalid: {exc}", file=sys.stderr)
         return 1

@@ -2,15 +2,35 @@
 
 ``aligner <command> [args...]`` imports ``aligner.cli.<module>`` only when that command is
 used (so ``aligner --help`` stays instant) and returns its ``main(args) -> int``. Exit
-status 2: a usage error, an unknown command, or a command whose module (or a package it
-needs) is not installed; the message says which.
+status 2: a usage error, an unknown command, a command whose module (or a package it
+needs) is not installed, or a user error (config, path, data, checkpoint, layout): one
+``aligner <command>: error: ...`` line (and a ``hint:`` line where one helps), printed by
+global rank 0 only, no traceback. ``--debug`` (anywhere before ``--``) or
+``ALIGNER_DEBUG=1`` shows the traceback instead. Any other exception is an internal error
+and keeps its traceback.
 """
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
+import time
 import warnings
 from typing import List, Optional
+
+from aligner.runtime import UserError, is_rank0, setup_logging
+
+RANK0_REPORT_S = 3.0  # how long other ranks wait before exiting after a user error
+
+# Errors that describe what the user gave (module, class): reported in one line. Looked up
+# only in modules already imported, so the check imports nothing.
+USER_ERROR_TYPES = (
+    ("aligner.data.datasets", "DataFormatError"),
+    ("aligner.parallel.state", "LayoutError"),
+    ("aligner.models.config", "UnsupportedModelError"),
+    ("aligner.models.hf", "CheckpointError"),
+)
 
 # command -> (module under aligner.cli, one-line description)
 SUBCOMMANDS = {
@@ -56,8 +76,44 @@ def _load(name: str):
         return None
 
 
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` reports a mistake in the user's input (config, path, data, layout)."""
+    if isinstance(exc, (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return True
+    for module, name in USER_ERROR_TYPES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(exc, cls):
+            return True
+    return False
+
+
+def report_user_error(command: str, exc: BaseException) -> None:
+    """``aligner <command>: error: <message>`` (+ ``hint: ...``) on stderr, on global rank 0."""
+    if not is_rank0():
+        return
+    message = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+    if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) and exc.filename:
+        message = f"{exc.filename}: {exc.strerror or message}"
+    print(f"aligner {command}: error: {message}", file=sys.stderr)
+    hint = getattr(exc, "hint", None)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _debug_requested(argv: List[str]) -> bool:
+    """``--debug`` before any ``--`` (removed from ``argv``), or ``ALIGNER_DEBUG`` set to 1/true/yes."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    found = "--debug" in argv[:cut]
+    while "--debug" in argv[: argv.index("--") if "--" in argv else len(argv)]:
+        argv.remove("--debug")
+    return found or os.environ.get("ALIGNER_DEBUG", "").lower() in ("1", "true", "yes")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_requested(argv)
+    setup_logging(logging.DEBUG if debug else logging.INFO)
     if not argv:
         print(usage(), file=sys.stderr)
         return 2
@@ -92,6 +148,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             return int(code or 0)
         print(code, file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - user errors become one line; the rest re-raise
+        if debug or not is_user_error(exc):
+            raise
+        report_user_error(name, exc)
+        if not is_rank0():
+            # every rank meets the same mistake; the launcher stops the job when the first rank
+            # exits, so the others give rank 0 a moment to print the message
+            time.sleep(RANK0_REPORT_S)
+        return 2
 
 
 if __name__ == "__main__":

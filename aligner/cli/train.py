@@ -1,88 +1,214 @@
-"""``aligner train CONFIG [key=value ...]``: run a trainer from a Hydra config in ``conf/``.
+"""``aligner train CONFIG [key=value ...]``: run a trainer from a Hydra config.
 
 CONFIG is a top-level config (``sft``, ``rm_regression``, ``rm_bt``, ``dpo`` or a recipe
-such as ``helpsteer2_rm_regression``); ``key=value`` are Hydra overrides
-(``parallel.tp=2``, ``model=llama3_8b``, ``trainer.max_steps=500``, ``+rm.foo=1`` is an
-error: the schemas reject unknown keys). ``--cfg job`` prints the composed, validated
-config and exits. Multi-process: ``torchrun --nproc-per-node N -m aligner.cli.main train ...``.
+such as ``helpsteer2_rm_regression``; ``--list`` names them); ``key=value`` are Hydra
+overrides (``parallel=tp2``, ``model=llama3_8b``, ``trainer.max_steps=500``). Every key
+exists in the algorithm's schema, so none needs ``+``; an unknown key, a wrong type or
+choice, or a value out of range is an error naming the key before anything starts.
+
+Hydra's conventions: ``--cfg job|hydra|all`` prints the composed config and exits
+(``--resolve`` resolves interpolations), ``--info [all|config|defaults|defaults-tree|
+searchpath|plugins]`` prints Hydra's view, ``hydra.run.dir=DIR`` names the run folder
+(default: ``trainer.out_dir``), ``-m`` / ``--multirun`` runs a sweep
+(``dpo.beta=0.05,0.1``) job after job, each in its own run folder
+``<hydra.sweep.dir>/<job number>`` (sweep folder default: ``trainer.out_dir``).
+
+Multi-process: ``torchrun --nproc-per-node N -m aligner.cli.main train ...``.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
+from aligner.runtime import config_dir, config_search_path, get_logger
+from aligner.training.config import ConfigError
 
-def conf_dir() -> Path:
-    """``$ALIGNER_CONF_DIR`` or the repository's ``conf/``."""
-    env = os.environ.get("ALIGNER_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
-    if not path.is_dir():
-        raise FileNotFoundError(f"config directory {path} not found (set ALIGNER_CONF_DIR)")
-    return path
+INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
 
 def top_configs() -> List[str]:
-    return sorted(p.stem for p in conf_dir().glob("*.yaml"))
+    """The top-level configs: the YAML files at the top of the config folder."""
+    return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def _hydra():
+    """A Hydra instance over aligner's config search path (schemas registered first)."""
+    import aligner.algorithms.trainers  # noqa: F401 - registers the <algorithm>_schema configs
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    return Hydra.create_main_hydra2(task_name="aligner", config_search_path=create_config_search_path(
+        config_search_path()))
+
+
+def _composition_error(exc: BaseException, name: str) -> ConfigError:
+    """A Hydra / OmegaConf composition error as one ConfigError line (plus a hint)."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from aligner.training.config import describe_omegaconf_error
+
+    cause = exc
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None:
+        return ConfigError(describe_omegaconf_error(cause))
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if isinstance(exc, MissingConfigException) and lines and lines[0].startswith("Cannot find primary config"):
+        return ConfigError(f"no top-level config {name!r}; available: {', '.join(top_configs())}")
+    if isinstance(exc, MissingConfigException) and len(lines) > 1 and lines[1].startswith("Available options in"):
+        # "In 'dpo': Could not find 'model/llama9'" + the group's options, one a line
+        missing = lines[0].split("Could not find ", 1)[-1].strip("'")
+        group, _, option = missing.rpartition("/")
+        return ConfigError(f"{group}={option}: no such option of config group {group!r}; available:"
+                           f" {', '.join(lines[2:])}")
+    if lines and lines[0].startswith("Ambiguous value for argument"):
+        return ConfigError(lines[0], hint="to sweep over the values, add -m (--multirun); for a list use key=[a,b]")
+    return ConfigError("; ".join(lines[:3]) or type(exc).__name__)
+
+
+def compose_with_hydra(name: str, overrides: List[str], *, multirun: bool = False, job_num: Optional[int] = None):
+    """Compose ``<config dir>/<name>.yaml`` with ``overrides``: the config with its ``hydra`` node."""
+    from hydra.errors import HydraException
+    from hydra.types import RunMode
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides) + ([f"hydra.job.num={job_num}"] if job_num is not None else [])
+    try:
+        return _hydra().compose_config(name, overrides, run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN,
+                                       with_log_configuration=False)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _composition_error(exc, name) from None
+
+
+def _job(cfg, run_dir: str):
+    """The job's config (the ``hydra`` node dropped) with its run folder as ``trainer.out_dir``."""
+    from omegaconf import OmegaConf, open_dict
+
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    with open_dict(job):
+        job.trainer.out_dir = run_dir
+    return job
+
+
+def _trainer_for(job, name: str):
+    from aligner.algorithms.trainers import TRAINERS
+
+    algorithm = job.get("algorithm")
+    if algorithm not in TRAINERS:
+        raise ConfigError(f"{name}: algorithm = {algorithm!r}; expected one of {', '.join(sorted(TRAINERS))}")
+    return TRAINERS[algorithm]
 
 
 def compose(name: str, overrides: List[str]):
-    """Compose ``conf/<name>.yaml`` with overrides and validate it against its trainer's schema."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """Compose and validate a single run: ``(trainer class, typed config)``; the run folder
+    (``hydra.run.dir``, by default ``trainer.out_dir``) is the config's ``trainer.out_dir``."""
     from omegaconf import OmegaConf
 
-    from aligner.algorithms.trainers import TRAINERS
-    from aligner.training.config import ConfigError, validate_config
+    from aligner.training.config import validate_config
 
-    if name not in top_configs():
-        raise ConfigError(f"no top-level config {name!r} in {conf_dir()}; available: {top_configs()}")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
-        cfg = hydra_compose(config_name=name, overrides=list(overrides))
-    algorithm = OmegaConf.select(cfg, "algorithm")
-    if algorithm not in TRAINERS:
-        raise ConfigError(f"conf/{name}.yaml: key 'algorithm' = {algorithm!r}; expected one of {sorted(TRAINERS)}")
-    return TRAINERS[algorithm], validate_config(cfg, TRAINERS[algorithm].schema)
+    cfg = compose_with_hydra(name, overrides)
+    job = _job(cfg, str(OmegaConf.select(cfg, "hydra.run.dir")))
+    trainer_cls = _trainer_for(job, name)
+    return trainer_cls, validate_config(job, trainer_cls.schema)
+
+
+def sweep_jobs(name: str, overrides: List[str]) -> List[Tuple[List[str], str, object]]:
+    """The jobs of a ``-m`` sweep: ``(overrides, run folder, job config)`` each, in Hydra's
+    basic sweeper's order (the cartesian product of the swept values)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as exc:
+        raise _composition_error(exc, name) from None
+    batches = BasicSweeper.split_arguments(parsed, None)
+    jobs = []
+    for num, job_overrides in enumerate(o for batch in batches for o in batch):
+        cfg = compose_with_hydra(name, job_overrides, multirun=True, job_num=num)
+        sweep = OmegaConf.select(cfg, "hydra.sweep")
+        run_dir = str(Path(str(sweep.dir)) / str(sweep.subdir))
+        jobs.append((list(job_overrides), run_dir, _job(cfg, run_dir)))
+    return jobs
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="aligner train",
-        description="Train with a Hydra config from conf/ (key=value overrides).",
+        description="Train with a Hydra config (key=value overrides; see --list, --cfg job, -m).",
     )
     parser.add_argument("config", nargs="?", help="top-level config name (see --list)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. parallel.tp=2 trainer.max_steps=50")
-    parser.add_argument("--cfg", choices=["job"], help="print the composed config and exit")
+    parser.add_argument("--cfg", "-c", choices=["job", "hydra", "all"], help="print the composed config and exit")
+    parser.add_argument("--resolve", action="store_true", help="with --cfg: resolve interpolations")
+    parser.add_argument("--info", "-i", nargs="?", const="all", choices=INFO_CHOICES,
+                        help="print Hydra's information (search path, defaults tree, config) and exit")
+    parser.add_argument("--multirun", "-m", action="store_true", help="run a sweep: one job per value combination")
     parser.add_argument("--list", action="store_true", help="list the top-level configs")
     args = parser.parse_intermixed_args(argv)
-    if args.list or not args.config:
+    if args.list:
         print("configs:", " ".join(top_configs()))
-        return 0 if args.list else 2
+        return 0
+    if not args.config:
+        raise ConfigError("no config given", hint=f"aligner train CONFIG [key=value ...]; CONFIG one of:"
+                                                   f" {', '.join(top_configs())}")
+    if args.info:
+        compose_with_hydra(args.config, args.overrides, multirun=args.multirun)  # report errors our way
+        _hydra().show_info(args.info, args.config, list(args.overrides))
+        return 0
+    if args.cfg:
+        return _print_config(args)
+    if args.multirun:
+        return _sweep(args.config, args.overrides)
+    trainer_cls, cfg = compose(args.config, args.overrides)
+    trainer_cls(cfg).fit()
+    return 0
 
-    from hydra.errors import HydraException
+
+def _print_config(args) -> int:
     from omegaconf import OmegaConf
 
-    from aligner.training.config import ConfigError
+    cfg = compose_with_hydra(args.config, args.overrides, multirun=args.multirun,
+                             job_num=0 if args.multirun else None)
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    trainer_cls = _trainer_for(job, args.config)
+    trainer_cls(job)  # the checks a type cannot express (ranges, combinations)
+    if args.resolve:  # the whole config, so that hydra's node can refer to the job's keys
+        OmegaConf.resolve(cfg)
+        job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    shown = {"job": job, "hydra": OmegaConf.masked_copy(cfg, ["hydra"]), "all": cfg}[args.cfg]
+    print(OmegaConf.to_yaml(shown), end="")
+    return 0
 
-    try:
-        trainer_cls, cfg = compose(args.config, args.overrides)
-    except (ConfigError, HydraException) as exc:
-        print(f"aligner train: {exc}", file=sys.stderr)
-        return 2
-    if args.cfg == "job":
-        print(OmegaConf.to_yaml(cfg), end="")
-        return 0
-    from aligner.parallel import LayoutError
 
-    try:
-        trainer_cls(cfg).fit()
-    except LayoutError as exc:  # a layout this install cannot run: refused before any process group
-        print(f"aligner train: {exc}", file=sys.stderr)
-        return 2
+def _sweep(name: str, overrides: List[str]) -> int:
+    """Every job composed and checked first; then run one after another (Hydra's basic launcher's order)."""
+    from omegaconf import OmegaConf
+
+    log = get_logger(__name__)
+    jobs = []
+    for job_overrides, run_dir, job in sweep_jobs(name, overrides):
+        trainer_cls = _trainer_for(job, name)
+        trainer = trainer_cls(job)
+        trainer.preflight()
+        jobs.append((job_overrides, run_dir, trainer))
+    previous_layout = None
+    for num, (job_overrides, run_dir, trainer) in enumerate(jobs):
+        layout = OmegaConf.to_container(trainer.cfg.parallel)
+        if previous_layout is not None and layout != previous_layout:
+            from aligner.parallel import destroy
+
+            destroy()  # the next job asks for another layout
+        previous_layout = layout
+        log.info(f"sweep job {num} of {len(jobs)}: {' '.join(job_overrides)} -> {run_dir}")
+        trainer.fit()
     return 0
 
 

@@ -1,24 +1,33 @@
-"""Metrics sinks (JSONL, TensorBoard, optionally Weights & Biases) and the console progress line.
+"""Metrics sinks (JSONL, TensorBoard, optionally Weights & Biases) and the console progress bar.
 
-Only global rank 0 writes. ``metrics.jsonl`` holds one JSON object per logged step and
-split; on resume, lines of steps after the resumed checkpoint are dropped first, so a run
-killed and resumed ends with the same file as an uninterrupted one.
+Only global rank 0 writes or prints (:func:`aligner.runtime.is_rank0`).
+
+- ``metrics.jsonl`` holds one JSON object per logged step and split; on resume, lines of
+  steps after the resumed checkpoint are dropped first, so a run killed and resumed ends
+  with the same file as an uninterrupted one.
+- TensorBoard (``tensorboard/``): on resume the writer purges the events of steps after
+  the resumed checkpoint (TensorBoard's ``purge_step``), so the curves show each step once;
+  a fresh start removes the previous events.
+- Weights & Biases: the run id is kept in the run folder (``wandb.json``,
+  :func:`aligner.training.run_folder.wandb_run_id`), so a resumed run continues the same
+  W&B run (``resume="allow"``) instead of starting a new one. (``wandb`` is an optional
+  extra: the tests check the id kept in the run folder, not a W&B session.)
+- :class:`Progress`: a ``tqdm`` bar per stage (step / total, loss, tokens/s, ETA), or the
+  same meter as a logged line per step where stderr is not a terminal; messages go through
+  the ``aligner`` logger (:func:`aligner.runtime.setup_logging`).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import sys
-import time
+import shutil
 from pathlib import Path
 from typing import Optional
 
+from aligner.runtime import get_logger, is_rank0
 
-def _is_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
+log = get_logger(__name__)
 
 
 class MetricsLogger:
@@ -32,8 +41,9 @@ class MetricsLogger:
         config: Optional[dict] = None,
         resume_step: Optional[int] = None,
     ):
-        self.enabled = _is_rank0()
-        self.path = Path(out_dir) / "metrics.jsonl"
+        self.enabled = is_rank0()
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "metrics.jsonl"
         self._tb = None
         self._wandb = None
         if not self.enabled:
@@ -41,16 +51,28 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.truncate(resume_step)
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(Path(out_dir) / "tensorboard"))
-            except ImportError:
-                print("aligner: tensorboard is not installed; TensorBoard logging is off", file=sys.stderr)
+            self._tb = self._tensorboard(resume_step)
         if wandb_project:
             import wandb  # an explicit request: a missing package is an error
 
-            self._wandb = wandb.init(project=wandb_project, name=wandb_name, config=config, resume="allow")
+            from aligner.training.run_folder import wandb_run_id
+
+            run_id = wandb_run_id(self.out_dir, resume=resume_step is not None)
+            self._wandb = wandb.init(project=wandb_project, name=wandb_name, config=config, id=run_id,
+                                     resume="allow", dir=str(self.out_dir))
+
+    def _tensorboard(self, resume_step: Optional[int]):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.warning("tensorboard is not installed; TensorBoard logging is off")
+            return None
+        folder = self.out_dir / "tensorboard"
+        if resume_step is None:
+            shutil.rmtree(folder, ignore_errors=True)  # a fresh start: no events of an earlier run
+            return SummaryWriter(str(folder))
+        # events of steps > resume_step were written after the checkpoint: TensorBoard drops them
+        return SummaryWriter(str(folder), purge_step=resume_step + 1)
 
     def truncate(self, resume_step: Optional[int]) -> None:
         """Keep only lines of steps <= resume_step (None: start a new file)."""
@@ -89,47 +111,55 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def _clock(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
 class Progress:
-    """One console line per logged step: stage, step / total, loss, tokens/s, ETA."""
+    """Progress of one stage: step / total, loss, tokens/s, elapsed, ETA (tqdm's meter).
+
+    On a terminal a ``tqdm`` bar; otherwise (a Slurm or CI log) the same meter as one logged
+    line per update, so log files stay readable. Silent on ranks other than 0 and when
+    ``enabled`` is false (messages are still logged).
+    """
 
     def __init__(self, stage: str, total_steps: int, start_step: int = 0, enabled: bool = True):
+        import sys
+        import time
+
         self.stage = stage
         self.total = total_steps
         self.start_step = start_step
         self.t0 = time.perf_counter()
-        self.enabled = enabled and _is_rank0()
-        self.tty = sys.stderr.isatty()
+        self.enabled = enabled and is_rank0()
+        self.bar = None
+        if self.enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=stage, unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
 
     def update(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.t0
-        done = step - self.start_step
-        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
-        width = 20
-        filled = int(width * step / max(1, self.total))
-        bar = "#" * filled + "." * (width - filled)
-        parts = [f"[{self.stage}] {bar} {step}/{self.total}"]
+        postfix = {}
         if "loss" in metrics:
-            parts.append(f"loss {metrics['loss']:.4f}")
+            postfix["loss"] = f"{metrics['loss']:.4f}"
         if "tokens_per_s" in metrics:
-            parts.append(f"{metrics['tokens_per_s']:.0f} tok/s")
-        parts.append(f"elapsed {_clock(elapsed)}")
-        parts.append(f"ETA {_clock(eta) if math.isfinite(eta) else '?'}")
-        line = " | ".join(parts)
-        if self.tty:
-            end = "\n" if step >= self.total else ""
-            print("\r" + line, end=end, file=sys.stderr, flush=True)
-        else:
-            print(line, file=sys.stderr, flush=True)
+            postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
+        if self.bar is not None:
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(step - self.bar.n)
+            if step >= self.total:
+                self.close()
+            return
+        import time
+
+        from tqdm import tqdm
+
+        log.info(tqdm.format_meter(step, self.total, time.perf_counter() - self.t0, prefix=self.stage, unit="step",
+                                   initial=self.start_step, postfix=", ".join(f"{k}={v}" for k, v in postfix.items())))
 
     def message(self, text: str) -> None:
-        if self.enabled:
-            print(("\n" if self.tty else "") + f"[{self.stage}] {text}", file=sys.stderr, flush=True)
+        log.info(f"[{self.stage}] {text}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,137 @@
+"""Process-level facts every layer may ask for: the rank, the config folder, logging, user errors.
+
+- :func:`is_rank0`: whether this process is global rank 0 (before the process group exists
+  too: torchrun's ``RANK`` or Slurm's ``SLURM_PROCID``). The one place that answers it.
+- :func:`config_dir` / :func:`config_search_path`: where the Hydra configs live
+  (``$ALIGNER_CONF_DIR``, else the repository's ``conf/`` in a source checkout, else the
+  installed package data ``aligner.conf``). The one place that answers it.
+- :func:`setup_logging`: the ``aligner`` logger with a rank-aware format; ranks other than 0
+  only report errors. Messages go through ``tqdm.write`` so progress bars stay intact.
+- :class:`UserError`: a mistake in what the user gave (config, path, data, layout); the
+  command line prints it as one ``aligner <cmd>: error: ...`` line and exits 2.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+CONFIG_PACKAGE = "aligner.conf"  # the package-data module setup.py maps the repository's conf/ to
+
+
+class UserError(ValueError):
+    """An error in what the user asked for; ``hint`` says how to fix it (printed on its own line)."""
+
+    def __init__(self, message: str, hint: Optional[str] = None):
+        super().__init__(message)
+        self.hint = hint
+
+
+# ------------------------------------------------------------------------------ ranks
+def global_rank() -> int:
+    """This process's global rank: the process group's, else the launcher's variables, else 0."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # the rank is asked before torch is importable only in tooling
+        pass
+    for key in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(key, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def is_rank0() -> bool:
+    """True on global rank 0 (and in a single process); the process that prints and writes."""
+    return global_rank() == 0
+
+
+# ------------------------------------------------------------------------------ configs
+def config_dir() -> Path:
+    """The folder holding the Hydra configs (``sft.yaml``, ``model/``, ...).
+
+    ``$ALIGNER_CONF_DIR`` if set; else the repository's top-level ``conf/`` when aligner runs
+    from a source checkout (an editable install reads the files you edit); else the installed
+    package data ``aligner/conf`` (a wheel or a non-editable install).
+    """
+    env = os.environ.get("ALIGNER_CONF_DIR")
+    if env:
+        path = Path(env)
+        if not path.is_dir():
+            raise UserError(f"ALIGNER_CONF_DIR = {env!r} is not a folder")
+        return path
+    package = Path(__file__).resolve().parent
+    checkout = package.parent / "conf"
+    if (package.parent / "setup.py").is_file() and checkout.is_dir():
+        return checkout
+    installed = package / "conf"
+    if installed.is_dir():
+        return installed
+    raise UserError(
+        f"no config folder: neither {checkout} (a source checkout) nor {installed} (installed package data)"
+        " exists", hint="reinstall aligner, or set ALIGNER_CONF_DIR to a folder of configs")
+
+
+def config_search_path() -> str:
+    """Hydra's search-path entry for :func:`config_dir`: ``pkg://aligner.conf`` for installed
+    package data, ``file://<dir>`` for a checkout or ``$ALIGNER_CONF_DIR``."""
+    path = config_dir()
+    if path == Path(__file__).resolve().parent / "conf":
+        return f"pkg://{CONFIG_PACKAGE}"
+    return f"file://{path.resolve()}"
+
+
+# ------------------------------------------------------------------------------ logging
+class _TqdmHandler(logging.StreamHandler):
+    """Writes records with ``tqdm.write`` so an active progress bar is redrawn below them."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - logging must never raise into the program
+            self.handleError(record)
+
+
+class _RankFilter(logging.Filter):
+    """Adds ``record.rank``; drops records below ERROR on ranks other than 0 (asked per
+    record: the process group may start after logging is set up)."""
+
+    def filter(self, record):
+        record.rank = global_rank()
+        return record.rank == 0 or record.levelno >= logging.ERROR
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """Configure the ``aligner`` logger once: ``[aligner rank R] message`` on stderr.
+
+    Rank 0 logs at ``level``; other ranks log errors only, so a multi-process job prints
+    each message once. Idempotent (a later call only changes the level).
+    """
+    import sys
+
+    logger = logging.getLogger("aligner")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler(sys.stderr)
+        handler.addFilter(_RankFilter())
+        handler.setFormatter(logging.Formatter("[aligner rank %(rank)s] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(level)
+    return logger
+
+
+def get_logger(name: str) -> logging.Logger:
+    """A child of the ``aligner`` logger (configured by :func:`setup_logging` on first use)."""
+    if not logging.getLogger("aligner").handlers:
+        setup_logging()
+    return logging.getLogger(name if name.startswith("aligner") else f"aligner.{name}")
+
+
+__all__ = ["UserError", "config_dir", "config_search_path", "get_logger", "global_rank", "is_rank0",
+           "setup_logging"]

@@ -287,3 +287,4 @@ class DPOTrainer(_BaseTrainer):
 
 
 TRAINERS = {"sft": SFTTrainer, "rm": RewardModelTrainer, "dpo": DPOTrainer}
+import aligner.algorithms.ppo  # noqa: E402,F401  registers TRAINERS["ppo"] (the online trainers build on the classes above)

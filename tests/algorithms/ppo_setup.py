@@ -59,6 +59,10 @@ def make_assets(base) -> dict:
     with torch.no_grad():  # a policy with a preference: tokens "good" and "</s>" likelier
         policy.lm_head.weight.mul_(40.0)
     policy.save_pretrained(base / "policy")
+    with torch.no_grad():  # a nearby policy: trained weights to compare with the initial ones
+        for p in policy.parameters():
+            p.add_(0.01 * torch.sin(torch.arange(p.numel(), dtype=p.dtype)).reshape(p.shape))
+    policy.save_pretrained(base / "policy_moved")
     for f in tok_dir.iterdir():
         (base / "policy" / f.name).write_bytes(f.read_bytes())
     rm = LlamaForSequenceClassification(_llama_config(vocab, num_labels=3))
@@ -72,7 +76,8 @@ def make_assets(base) -> dict:
             words = " ".join(rng.choice(content) for _ in range(rng.randint(1, 6)))
             f.write(json.dumps({"system": "be nice", "prompt": f"say {words}", "target": rng.choice(["good", "ok"])})
                     + "\n")
-    return {"tokenizer": str(tok_dir), "policy": str(base / "policy"), "rm": str(base / "rm"),
+    return {"tokenizer": str(tok_dir), "policy": str(base / "policy"), "policy_moved": str(base / "policy_moved"),
+            "rm": str(base / "rm"),
             "prompts": str(base / "prompts.jsonl"), "vocab": vocab}
 
 

@@ -57,7 +57,7 @@ def make_assets(base) -> dict:
     torch.manual_seed(0)
     policy = LlamaForCausalLM(_llama_config(vocab))
     with torch.no_grad():  # a policy with a preference: tokens "good" and "</s>" likelier
-        policy.lm_head.weight.mul_(40.0)
+        policy.lm_head.weight.mul_(8.0)
     policy.save_pretrained(base / "policy")
     with torch.no_grad():  # a nearby policy: trained weights to compare with the initial ones
         for p in policy.parameters():

@@ -1,5 +1,6 @@
 """PPO under every layout (fp32): one PPO step on fixed experience gives the same policy and
-critic losses and gradient norms at TP=1, TP=2, PP=2 and DP=2; a whole 3-step run
+critic losses and gradient norms at TP=1, TP=2, PP=2 and DP=2 (1e-5, relative to values
+above 1); a whole 3-step run
 (generation, scoring, experience passes, updates; fixed seeds) gives the same metrics at
 TP=1, TP=2 and DP=2."""
 import pytest
@@ -49,7 +50,7 @@ def run_layout(workdir, assets, tp, pp, with_run):
     initialize(ParallelConfig(tp=tp, pp=pp, seed=5))
     out = {}
     # one PPO step (2 epochs x 2 mini-batches) on fixed experience
-    cfg = ppo_config(assets, f"{workdir}/fixed", parallel={"tp": tp, "pp": pp},
+    cfg = ppo_config(assets, f"{workdir}/fixed", parallel={"tp": tp, "pp": pp}, optim={"lr": 1e-4},
                      ppo={"ppo_epochs": 2, "mini_batch_size": 4, "kl_coef": 0.05, "entropy_coef": 0.01,
                           "reference": "model"})
     trainer = PPOTrainer(cfg)
@@ -103,7 +104,8 @@ def test_one_step_on_fixed_experience_agrees(runs, layout):
     assert ref["kl_ref"] > 1e-4 and ref["grad_norm/policy_first"] > 0 and ref["grad_norm/critic_first"] > 0
     for rank_out in runs[layout]:
         for key in FIXED_KEYS:
-            assert abs(rank_out["fixed"][key] - ref[key]) <= TOL, (layout, key, rank_out["fixed"][key], ref[key])
+            got = rank_out["fixed"][key]
+            assert abs(got - ref[key]) <= TOL * max(1.0, abs(ref[key])), (layout, key, got, ref[key])
 
 
 @pytest.mark.parametrize("layout", ["tp2", "dp2"])

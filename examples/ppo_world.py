@@ -72,6 +72,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sft-steps", type=int, default=250)
     parser.add_argument("--rm-steps", type=int, default=100)
     parser.add_argument("--rewards", default="model,world")
+    parser.add_argument("--attribute-weights", help="comma-separated weights of the reward model's five outputs"
+                        " (default: its helpfulness output), e.g. the published 0.65,0.8,0.45,0.55,-0.4")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,6 +93,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         reward_args = ([f"ppo.reward.path={base / 'rm_regression' / 'hf'}"] if reward == "model"
                        else ["ppo.reward.kind=world", "ppo.critic_init=policy"])
+        if reward == "model" and args.attribute_weights:
+            reward_args.append(f"ppo.reward.attribute_weights=[{args.attribute_weights}]")
         train("ppo", [f"init.hf={base / 'sft' / 'hf'}", f"data.train={world / 'prompts_train.jsonl'}",
                       f"data.tokenizer={world / 'tokenizer.model'}", f"trainer.out_dir={run}",
                       f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.prompts_per_step}",

@@ -14,9 +14,10 @@ A step (:meth:`PPOAlgorithm.train_step`, on the loop's :class:`StepContext`):
    responses (global): one policy update (clipped surrogate, optional dual-clip and
    clip-higher, entropy bonus) and one critic update (clipped value loss) per mini-batch,
    each through megatron-core's schedule with token-level normalisation over the global
-   mini-batch. Epoch 0 visits the rollouts in their order (its first mini-batch reproduces
-   the experience pass, so the first ratio is 1); later epochs in a permutation that is a
-   function of (seed, step, epoch). With ``target_kl`` the updates stop once a
+   mini-batch. Mini-batches are sets of global rows (:meth:`PPOAlgorithm.minibatch_rows`),
+   the same at any data-parallel size: in epoch 0 row g joins mini-batch g mod M, later
+   epochs permute the rows first (a function of seed, step and epoch). Before the first
+   update the policy is the rollout policy, so the first ratio is 1. With ``target_kl`` the updates stop once a
    mini-batch's approximate KL to the rollout policy exceeds it.
 4. metrics, reduced over ranks (docs/ppo.md lists them).
 
@@ -181,18 +182,17 @@ class PPOAlgorithm(Algorithm):
     # ---------------------------------------------------------------- micro-batches
     @staticmethod
     def _microbatches(exp: Experience, extra: Dict[str, torch.Tensor], rows: List[int], mbs: int) -> List[dict]:
-        """Micro-batches of ``mbs`` rows (the last filled with rows that count for nothing)."""
+        """Micro-batches of ``mbs`` rows; the last is filled with rows that count for nothing
+        (and no rows at all give one such micro-batch)."""
         out = []
-        for start in range(0, len(rows), mbs):
+        for start in range(0, max(len(rows), 1), mbs):
             chunk = rows[start:start + mbs]
-            pad = mbs - len(chunk)
-            idx = torch.tensor(chunk + [chunk[0]] * pad)
+            idx = torch.tensor(chunk + [chunk[0] if chunk else 0] * (mbs - len(chunk)))
             batch = {"tokens": exp.tokens[idx], "position_ids": None, "attention_mask": None,
                      "old_logps": exp.old_logps[idx], "old_values": exp.values[idx]}
             for k in ("advantages", "returns", "loss_mask"):
                 batch[k] = extra[k][idx].float()
-            if pad:
-                batch["loss_mask"][len(chunk):] = 0.0
+            batch["loss_mask"][len(chunk):] = 0.0
             out.append(batch)
         return out
 
@@ -224,24 +224,39 @@ class PPOAlgorithm(Algorithm):
                    "value/clipfrac": metric(stats["clipfrac"] * count, count)}
         return loss * count, count.round().long(), metrics
 
+    def minibatch_rows(self, context: StepContext, n_local: int, epoch: int) -> List[List[int]]:
+        """This rank's rows of each mini-batch of ``epoch``, a function of the global rows
+        only (the same global mini-batches at any data-parallel size).
+
+        Global row ``g`` (rank r holds rows ``r·n_local ..``) has position ``π(g)`` in the
+        epoch's order (identity in epoch 0, a permutation of (seed, step, epoch) later) and
+        belongs to mini-batch ``π(g) mod M`` (M mini-batches). A rank may hold no row of a
+        mini-batch; it then runs one micro-batch that counts for nothing.
+        """
+        n_global = n_local * context.dp_size
+        minibatches = n_global // self.mini_batch_size
+        if epoch == 0:
+            position = torch.arange(n_global)
+        else:
+            g = torch.Generator().manual_seed(context.seed * 1_000_003 + context.step * 1009 + epoch)
+            order = torch.randperm(n_global, generator=g)
+            position = torch.empty_like(order)
+            position[order] = torch.arange(n_global)
+        mine = position[context.dp_rank * n_local:(context.dp_rank + 1) * n_local]
+        out = []
+        for k in range(minibatches):
+            rows = [i for i in range(n_local) if int(mine[i]) % minibatches == k]
+            out.append(sorted(rows, key=lambda i: int(mine[i])))
+        return out
+
     def update(self, context: StepContext, exp: Experience, extra: Dict[str, torch.Tensor]) -> Dict[str, float]:
         """``ppo_epochs`` x mini-batches of policy and critic updates; their metrics."""
         policy, critic = context.roles["policy"], context.roles["critic"]
-        local_mb = self.mini_batch_size // context.dp_size
-        if self.mini_batch_size % context.dp_size:
-            raise ValueError(f"ppo.mini_batch_size = {self.mini_batch_size} is not a multiple of the data-parallel"
-                             f" size {context.dp_size}")
-        n = len(exp)
         store_p, store_v, norms_p, norms_v = [], [], [], []
         stopped_early = 0.0
         updates = 0
         for epoch in range(self.s.ppo_epochs):
-            order = list(range(n))
-            if epoch > 0:
-                g = torch.Generator().manual_seed(context.seed * 1_000_003 + context.step * 1009 + epoch)
-                order = torch.randperm(n, generator=g).tolist()
-            for start in range(0, n, local_mb):
-                rows = order[start:start + local_mb]
+            for rows in self.minibatch_rows(context, len(exp), epoch):
                 micro = self._microbatches(exp, extra, rows, context.micro_batch_size)
                 policy.train()
                 policy.zero_grad()
@@ -453,7 +468,6 @@ class PPOTrainer(_BaseTrainer):
         from aligner.models import ModelConfig, build_model, load_hf_weights
         from aligner.models.gpt import ScoreHead
         from aligner.parallel import get_device
-        from megatron.core import parallel_state as ps
 
         init = self.cfg.ppo.critic_init
         if init == "auto":
@@ -494,7 +508,6 @@ class PPOTrainer(_BaseTrainer):
                     with torch.no_grad():
                         head.weight.copy_(combined.to(head.weight.dtype))
                     m.head, m.num_outputs = head, 1
-        del ps
         return models, cfg
 
 

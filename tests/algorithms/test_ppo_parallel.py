@@ -101,7 +101,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_one_step_on_fixed_experience_agrees(runs, layout):
     ref = runs["tp1"][0]["fixed"]
-    assert ref["kl_ref"] > 1e-4 and ref["grad_norm/policy_first"] > 0 and ref["grad_norm/critic_first"] > 0
+    assert abs(ref["kl_ref"]) > 1e-4 and ref["grad_norm/policy_first"] > 0 and ref["grad_norm/critic_first"] > 0
     for rank_out in runs[layout]:
         for key in FIXED_KEYS:
             got = rank_out["fixed"][key]

@@ -263,3 +263,44 @@ def test_offloading_run_equals_a_resident_run(assets, tmp_path):
 
 
 del random
+
+
+def _tiny_experience():
+    from aligner.algorithms.experience import Experience
+
+    tokens = torch.arange(1, 13).reshape(2, 6)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float32)
+    zeros = torch.zeros(2, 6)
+    return Experience(tokens=tokens, response_mask=mask, prompt_lengths=torch.tensor([2, 1]),
+                      response_lengths=torch.tensor([3, 5]), rollout_logps=zeros, rewards=torch.tensor([2.0, 3.0]),
+                      truncated=torch.tensor([False, True]), group=torch.arange(2), sample_index=torch.arange(2),
+                      old_logps=zeros, ref_logps=zeros, values=zeros)
+
+
+@pytest.mark.parametrize("mode", ["keep", "mask", "penalize"])
+def test_truncated_responses(mode):
+    from aligner.algorithms.ppo import PPOAlgorithm, PPOSection
+    from aligner.parallel import ParallelConfig, initialize
+    from aligner.training.algorithm import StepContext
+
+    initialize(ParallelConfig(seed=1))
+    algo = PPOAlgorithm(PPOSection(truncated=mode, truncated_reward=-1.0, whiten_advantages=False, gamma=1.0,
+                                   lam=1.0), maker=None, rollout_buffer=2)
+    context = StepContext(roles=None, step=0, samples=[], local_samples=[], micro_batch_size=2, seed=0)
+    extra = algo.advantages(context, _tiny_experience())
+    # γ = λ = 1, V = 0, no KL: every response token's advantage is the sequence's score
+    expected_score = {"keep": 3.0, "mask": 3.0, "penalize": -1.0}[mode]
+    assert extra["advantages"][0].tolist() == [0, 0, 2.0, 2.0, 2.0, 0]
+    row = extra["advantages"][1].tolist()
+    if mode == "mask":
+        assert row == [0.0] * 6 and extra["loss_mask"][1].sum() == 0
+    else:
+        assert row == [0.0] + [expected_score] * 5 and extra["loss_mask"][1].sum() == 5
+
+
+def test_target_kl_stops_the_epochs(assets, tmp_path):
+    _, result = _fit(ppo_config(assets, str(tmp_path / "run"), trainer={"max_steps": 1},
+                                ppo={"ppo_epochs": 3, "mini_batch_size": 4, "target_kl": 1e-9}))
+    m = result["train"]
+    # the first update moves the policy; the second mini-batch's approximate KL exceeds 1e-9
+    assert m["early_stop"] == 1.0 and m["updates"] == 2.0

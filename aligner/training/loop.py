@@ -11,6 +11,11 @@ runs ``fit()``:
   rank ``r`` takes the ``r``-th contiguous share of the block and splits it into
   micro-batches (gradient accumulation), so the data position is a function of the
   step alone and resuming needs nothing else.
+- an algorithm that owns its step (online RL, ``Algorithm.owns_step``) is handed a
+  :class:`~aligner.training.algorithm.StepContext` (roles, the step's prompts, schedule
+  runner, collectives) instead; its other roles come in ``roles`` (a
+  :class:`~aligner.training.roles.RoleSet`) and are checkpointed and exported with the
+  policy (docs/online_core.md).
 - each step runs megatron-core's pipeline schedule for the layout (no pipelining,
   1F1B, interleaved) with ``calculate_per_token_loss`` — see
   :mod:`aligner.training.algorithm` for the loss convention — then the optimizer step

@@ -542,3 +542,5 @@ __all__ = [
     "TRAINERS",
     "register_trainer",
 ]
+
+import aligner.algorithms.ppo  # noqa: E402,F401  registers the "ppo" trainer (it builds on the classes above)

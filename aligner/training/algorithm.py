@@ -23,12 +23,21 @@ pipelining, adds zero-weight micro-batches (``filler=True``) whose loss it suppl
 itself. So :meth:`Algorithm.loss` must compute from items and target tokens only (never
 from the row count), and :meth:`Algorithm.forward` must use only the format's keys
 (``tokens``, ``position_ids``, ``attention_mask``).
+
+An algorithm that owns its step (online RL: experience, global reductions, several
+updates of several roles) sets ``owns_step = True`` and implements
+:meth:`Algorithm.train_step`; the loop then hands it a :class:`StepContext` (the roles, the
+step's prompts, the schedule runner and collectives) instead of running its own
+forward-backward, and keeps the step count, logging, checkpoints and resume
+(docs/online_core.md).
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -40,6 +49,66 @@ def metric(total, count) -> torch.Tensor:
     return torch.stack([total.cpu(), count.cpu()])
 
 
+@dataclass
+class StepContext:
+    """What an algorithm that owns its step sees of the loop (docs/online_core.md).
+
+    roles: :class:`aligner.training.roles.RoleSet` (``roles["policy"]`` and the trainer's
+    other roles). step: the 0-based step being taken. samples: the step's global batch
+    (identical on every rank; prompts for online algorithms, in an order that is a
+    function of the step); local_samples: this data-parallel rank's contiguous share.
+    micro_batch_size: rows per forward. seed: the run's seed.
+    """
+
+    roles: Any
+    step: int
+    samples: Sequence[dict]
+    local_samples: Sequence[dict]
+    micro_batch_size: int
+    seed: int
+
+    @staticmethod
+    def run_schedule(chunks, microbatches, forward, loss, *, forward_only: bool) -> List[dict]:
+        """megatron-core's schedule over a role's chunks (:func:`aligner.training.roles.run_schedule`)."""
+        from aligner.training.roles import run_schedule
+
+        return run_schedule(chunks, microbatches, forward, loss, forward_only=forward_only)
+
+    # ---- collectives (no-ops on one rank)
+    @property
+    def dp_size(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_world_size()
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank()
+
+    def all_reduce_dp(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or ``"max"`` / ``"min"``) ``tensor`` over the data-parallel group, in place."""
+        from megatron.core import parallel_state as ps
+
+        if self.dp_size > 1:
+            reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op]
+            dist.all_reduce(tensor, op=reduce_op, group=ps.get_data_parallel_group())
+        return tensor
+
+    @staticmethod
+    def from_last_stage(obj):
+        """``obj`` of the last pipeline stage on every stage of the pipeline group."""
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return obj
+        payload = [obj]
+        dist.broadcast_object_list(payload, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+        return payload[0]
+
+
 class Algorithm:
     """Base class of the per-algorithm plug-in.
 
@@ -48,6 +117,7 @@ class Algorithm:
     """
 
     name: str = "algorithm"
+    owns_step: bool = False
     head: Optional[str] = None
     num_outputs: int = 1
     rows_per_sample: int = 1
@@ -83,6 +153,11 @@ class Algorithm:
 
     def before_step(self, trainer, local_samples: Sequence[dict], seq_length: int) -> None:
         """Called before each training step with this rank's samples (e.g. reference log-probs)."""
+
+    def train_step(self, context: StepContext) -> Dict[str, float]:
+        """One whole training step (only when ``owns_step``): returns the step's metrics,
+        reduced over ranks, identical on every rank."""
+        raise NotImplementedError
 
     def state_dict(self) -> dict:
         """Algorithm state saved in checkpoints (json-able)."""

@@ -11,6 +11,11 @@ runs ``fit()``:
   rank ``r`` takes the ``r``-th contiguous share of the block and splits it into
   micro-batches (gradient accumulation), so the data position is a function of the
   step alone and resuming needs nothing else.
+- an algorithm that owns its step (online RL, ``Algorithm.owns_step``) is handed a
+  :class:`~aligner.training.algorithm.StepContext` (roles, the step's prompts, schedule
+  runner, collectives) instead; its other roles come in ``roles`` (a
+  :class:`~aligner.training.roles.RoleSet`) and are checkpointed and exported with the
+  policy (docs/online_core.md).
 - each step runs megatron-core's pipeline schedule for the layout (no pipelining,
   1F1B, interleaved) with ``calculate_per_token_loss`` — see
   :mod:`aligner.training.algorithm` for the loss convention — then the optimizer step
@@ -99,14 +104,9 @@ class TrainingLoop:
         model_cfg=None,
         tokenizer_dir: Optional[str] = None,
         run_config: Optional[dict] = None,
+        roles=None,
     ):
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from aligner.training.roles import RoleSet, build_trainable_role
 
         self.algorithm = algorithm
         self.optim_cfg = optim
@@ -137,51 +137,13 @@ class TrainingLoop:
             steps = by_epochs if steps < 0 else min(steps, by_epochs)
         self.max_steps = steps
 
-        bf16 = any(p.dtype == torch.bfloat16 for m in models for p in m.parameters())
-        for m in models:
-            m.config.calculate_per_token_loss = True
-        ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
-            use_distributed_optimizer=optim.distributed,
-            average_in_collective=False,
-        )
-        self.models = [
-            DistributedDataParallel(m.config, ddp_cfg, m, disable_bucketing=i > 0) for i, m in enumerate(models)
-        ]
-        ocfg = OptimizerConfig(
-            optimizer=optim.name,
-            lr=optim.lr,
-            min_lr=optim.min_lr,
-            weight_decay=optim.weight_decay,
-            adam_beta1=optim.beta1,
-            adam_beta2=optim.beta2,
-            adam_eps=optim.eps,
-            clip_grad=optim.clip_grad,
-            bf16=bf16,
-            params_dtype=torch.bfloat16 if bf16 else torch.float32,
-            use_distributed_optimizer=optim.distributed,
-        )
-        self.optimizer = get_megatron_optimizer(ocfg, self.models)
-        decay_steps = max(1, self.max_steps)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer,
-            init_lr=0.0 if optim.warmup_steps > 0 else optim.lr,
-            max_lr=optim.lr,
-            min_lr=optim.min_lr,
-            lr_warmup_steps=optim.warmup_steps,
-            lr_decay_steps=max(decay_steps, optim.warmup_steps + 1),
-            lr_decay_style=optim.schedule,
-            start_wd=optim.weight_decay,
-            end_wd=optim.weight_decay,
-            wd_incr_steps=decay_steps,
-            wd_incr_style="constant",
-        )
-        config = self.models[0].config
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = self.optimizer.scale_loss
-        nosync = [m.no_sync for m in self.models]
-        config.no_sync_func = nosync[0] if len(nosync) == 1 else nosync
+        # the policy is a trainable role like any other (aligner.training.roles); an online
+        # algorithm's trainer passes its other roles in ``roles``
+        updates = self.max_steps * getattr(algorithm, "optimizer_steps_per_step", 1)
+        self.policy = build_trainable_role("policy", models, optim, updates, export_head=algorithm.head)
+        self.models, self.optimizer, self.scheduler = self.policy.chunks, self.policy.optimizer, self.policy.scheduler
+        self.roles = roles if roles is not None else RoleSet()
+        self.roles.add(self.policy)
         self.step = 0
         self.history: List[dict] = []
 
@@ -288,6 +250,8 @@ class TrainingLoop:
     # ---------------------------------------------------------------- phases
     def train_step(self) -> Dict[str, float]:
         samples = self.global_batch(self.step)
+        if getattr(self.algorithm, "owns_step", False):
+            return self._owned_step(samples)
         seq_length = self._seq_length(samples)
         local = self._local(samples)
         t0 = time.perf_counter()
@@ -311,6 +275,20 @@ class TrainingLoop:
             tokens_per_s=tokens / elapsed,
             skipped=0.0 if ok else 1.0,
         )
+        return metrics
+
+    def _owned_step(self, samples: Sequence[dict]) -> Dict[str, float]:
+        """An algorithm that owns its step (online RL) gets a narrow context
+        (:class:`aligner.training.algorithm.StepContext`); the loop keeps the step count,
+        logging, checkpoints and resume."""
+        from aligner.training.algorithm import StepContext
+
+        t0 = time.perf_counter()
+        context = StepContext(roles=self.roles, step=self.step, samples=samples, local_samples=self._local(samples),
+                              micro_batch_size=self.cfg.micro_batch_size, seed=self.cfg.seed)
+        metrics = dict(self.algorithm.train_step(context))
+        self.step += 1
+        metrics.setdefault("step_time", time.perf_counter() - t0)
         return metrics
 
     @torch.no_grad()
@@ -353,12 +331,13 @@ class TrainingLoop:
             "consumed_samples": self.step * self.cfg.global_batch_size,
             "algorithm": self.algorithm.state_dict(),
         }
+        models, optimizer, scheduler = self.roles.checkpoint_parts()
         return save_checkpoint(
             self.out_dir / "checkpoints",
             self.step,
-            self.models,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
+            models,
+            optimizer=optimizer,
+            scheduler=scheduler,
             extra=extra,
             keep_last=self.cfg.keep_last,
             model_config=self.model_cfg.to_dict() if self.model_cfg is not None else None,
@@ -372,7 +351,8 @@ class TrainingLoop:
         latest = find_latest(self.out_dir / "checkpoints")
         if latest is None:
             return None
-        extra = load_checkpoint(latest, self.models, optimizer=self.optimizer, scheduler=self.scheduler)
+        models, optimizer, scheduler = self.roles.checkpoint_parts()
+        extra = load_checkpoint(latest, models, optimizer=optimizer, scheduler=scheduler)
         self.step = int(extra["step"])
         self.algorithm.load_state_dict(extra.get("algorithm", {}))
         return self.step
@@ -391,6 +371,10 @@ class TrainingLoop:
             head=self.algorithm.head,
             metadata=getattr(self.algorithm, "export_metadata", None),
         )
+        for name, role in self.roles.trainable.items():  # other trainable roles: hf_<role>/
+            if role is not self.policy:
+                export_hf(role.modules, role.model_cfg or self.model_cfg, self.out_dir / f"hf_{name}",
+                          tokenizer_dir=self.tokenizer_dir, head=role.export_head)
         return out
 
     def fit(self) -> Dict[str, Any]:

@@ -1,5 +1,6 @@
 """Policy-gradient losses and advantage estimators: KL penalties, PPO token rewards, GAE,
-clipped surrogate and value losses, RLOO and REINFORCE (docs/ppo.md).
+clipped surrogate (with clip-higher and dual-clip) and value losses, RLOO and REINFORCE
+(docs/ppo.md, docs/reinforce.md).
 """
 from __future__ import annotations
 
@@ -14,25 +15,30 @@ from aligner.algorithms.losses.common import Group, LossAndStats, Stats, _as_mas
 KL_KINDS = ("abs", "k1", "k3")
 
 
-def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "abs") -> torch.Tensor:
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "abs",
+               clamp_log_ratio: float = 20.0, clamp_estimate: float = 10.0) -> torch.Tensor:
     """Per-token KL estimate between the sampling policy and the initial one
-    (REFERENCE section 4): with ``d = log π_old(y_t) − log π_init(y_t)``,
+    (docs/ppo.md, "KL penalty"): with ``d = log π_old(y_t) − log π_init(y_t)`` clamped to
+    ``±clamp_log_ratio``,
 
     - ``abs``: ``|d|`` (the default of the tool that came before)
     - ``k1``:  ``d``
     - ``k3``:  ``exp(−d) − 1 + d`` (non-negative, unbiased for KL(π_old ‖ π_init))
 
-    logps, ref_logps: [b, s] -> [b, s].
+    and the estimate clamped to ``±clamp_estimate`` (one wild token cannot dominate a
+    sequence's reward). logps, ref_logps: [b, s] -> [b, s].
     """
     _check_same_shape("logps", logps, ref_logps=ref_logps)
-    d = logps - ref_logps
+    d = (logps - ref_logps).clamp(-clamp_log_ratio, clamp_log_ratio)
     if kind == "abs":
-        return d.abs()
-    if kind == "k1":
-        return d
-    if kind == "k3":
-        return torch.expm1(-d) + d
-    raise ValueError(f"KL estimator must be one of {KL_KINDS}, got {kind!r}")
+        est = d.abs()
+    elif kind == "k1":
+        est = d
+    elif kind == "k3":
+        est = torch.expm1(-d) + d
+    else:
+        raise ValueError(f"KL estimator must be one of {KL_KINDS}, got {kind!r}")
+    return est.clamp(-clamp_estimate, clamp_estimate)
 
 
 def _last_index(mask: torch.Tensor) -> torch.Tensor:
@@ -109,27 +115,41 @@ def ppo_policy_loss(
     clip_eps: float = 0.2,
     entropy: Optional[torch.Tensor] = None,
     entropy_coef: float = 0.0,
+    clip_eps_low: Optional[float] = None,
+    clip_eps_high: Optional[float] = None,
+    dual_clip: Optional[float] = None,
 ) -> LossAndStats:
-    """PPO clipped policy loss (REFERENCE section 4).
+    """PPO clipped policy loss (Schulman et al. 2017, eq. 7; docs/ppo.md).
 
     ``ratio = exp(log π − log π_old)``;
-    ``L = masked_mean(max(−A·ratio, −A·clip(ratio, 1−ε, 1+ε))) − c_H · masked_mean(entropy)``,
-    the mean over all response tokens of the batch. logps (with grad), old_logps,
-    advantages, mask, entropy: [b, s]. Sanity value: ratios 0.5/1.0/1.5, advantages
-    1/−1/2, ε 0.2 -> −0.6333.
+    ``l_t = max(−A·ratio, −A·clip(ratio, 1−ε_low, 1+ε_high))`` (ε_low = ε_high = ``clip_eps``
+    unless given: "clip-higher" uses a larger ε_high); with ``dual_clip = c`` (> 1) tokens
+    with A < 0 take ``min(l_t, −c·A)`` (Ye et al. 2020), bounding the loss of a very large
+    ratio. ``L = masked_mean(l_t) − c_H · masked_mean(entropy)``, the mean over all response
+    tokens of the batch. logps (with grad), old_logps, advantages, mask, entropy: [b, s].
+    Sanity value: ratios 0.5/1.0/1.5, advantages 1/−1/2, ε 0.2 -> −0.6333.
 
     Stats: ``loss``, ``loss/policy``, ``clipfrac`` (share of tokens where the clipped term
     is the larger), ``ratio`` (mean), ``approx_kl`` (mean ``(ratio−1) − log ratio``),
-    ``entropy`` (when given).
+    ``dual_clipfrac`` (with dual_clip), ``entropy`` (when given).
     """
     _check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages, entropy=entropy)
     m = _as_mask(mask, logps, "mask")
+    low = clip_eps if clip_eps_low is None else clip_eps_low
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip = {dual_clip}: expected a constant > 1 (e.g. 3)")
     adv = advantages.detach()
     log_ratio = logps - old_logps.detach()
     ratio = log_ratio.exp()
     unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps)
-    policy = masked_mean(torch.maximum(unclipped, clipped), m)
+    clipped = -adv * ratio.clamp(1.0 - low, 1.0 + high)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        bound = -dual_clip * adv
+        dual = (adv < 0) & (per_token > bound)
+        per_token = torch.where(dual, bound, per_token)
+    policy = masked_mean(per_token, m)
     loss = policy
     with torch.no_grad():
         stats: Stats = {
@@ -138,6 +158,8 @@ def ppo_policy_loss(
             "ratio": masked_mean(ratio.detach(), m),
             "approx_kl": masked_mean((ratio - 1.0 - log_ratio).detach(), m),
         }
+        if dual_clip is not None:
+            stats["dual_clipfrac"] = masked_mean(dual.to(logps.dtype), m).detach()
     if entropy_coef and entropy is None:
         raise ValueError("entropy_coef > 0 needs the per-token entropy [b, s]")
     if entropy is not None:

@@ -1,0 +1,32 @@
+"""Reward sources for online algorithms (docs/online_core.md, "rewards").
+
+Every source scores a :class:`RewardBatch` (prompts, decoded responses, per-sample
+metadata) and returns one scalar per response, plus the per-attribute scores when it
+has attributes:
+
+- :class:`RewardModel`: an HF reward-model folder (``*ForSequenceClassification``, e.g. an
+  ``aligner`` export; one or several attribute outputs combined with attribute weights),
+  run at the job's TP / PP layout. It reads the decoded text rendered with its own template
+  and tokenizer, so a reward model with another tokenizer than the policy's scores the
+  same text the policy wrote.
+- :class:`WorldScorer`: the embedded world's ground-truth scorer (aligner.data.world).
+- :class:`FunctionReward`: any Python callable named ``package.module:function`` taking
+  ``(prompts, responses, metadata)`` and returning one score per response, or one list
+  of attribute scores per response.
+
+A source that raises, returns the wrong number of scores or a non-finite score is a
+:class:`RewardError` naming the source, the training step and the sample.
+"""
+from aligner.rewards.sources import (  # noqa: F401
+    FunctionReward,
+    RewardBatch,
+    RewardError,
+    RewardModel,
+    RewardSource,
+    WorldScorer,
+    build_reward,
+    check_scores,
+)
+
+__all__ = ["FunctionReward", "RewardBatch", "RewardError", "RewardModel", "RewardSource", "WorldScorer",
+           "build_reward", "check_scores"]

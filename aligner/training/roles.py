@@ -1,0 +1,433 @@
+"""Models by role: trainable roles with their own optimizer, frozen roles, the reference
+policy, offload to host memory, one checkpoint for every trainable role (docs/online_core.md).
+
+Roles (all built for the job's one TP / PP / DP layout):
+
+- ``policy``: trainable, the causal LM being optimised (the only role of SFT / RM / DPO).
+- ``critic``: trainable, a value-head model (PPO).
+- ``reference``: frozen, the initial policy (:class:`ReferencePolicy`): either a host-memory
+  copy of the initial weights swapped into the policy's own modules for a forward
+  (``mode="host"``: no second model in device memory), or a second model
+  (``mode="model"``: no swapping, one more model's memory).
+- ``reward``: frozen, a reward model (or no model at all: see :mod:`aligner.rewards`).
+
+A :class:`TrainableRole` owns its megatron-core ``DistributedDataParallel`` chunks, its
+megatron-core optimizer and its LR / weight-decay schedule (:func:`build_trainable_role`;
+the training loop builds the ``policy`` role with it). :func:`run_schedule` runs
+megatron-core's pipeline schedule (no pipelining, 1F1B, interleaved) over any role's
+chunks with an algorithm's forward and loss. :class:`RoleSet` holds the roles of a job and
+gives the checkpoint its parts: with one trainable role exactly what the loop always
+saved (model chunks, optimizer, scheduler); with several, one model state with every
+role's tensors under its own key prefix (``policy.``, ``critic.``), every role's optimizer
+state and every role's schedule — one atomic checkpoint, resumable at another layout.
+
+Offload (``role.offload()`` / ``role.onload()``): parameters (and, for trainable roles,
+optimizer states) move to host memory between phases; the module
+objects stay, so anything holding a parameter (the rollout engine) sees the values again
+after ``onload``. On a CPU the same code path runs (host and device are one; the storage
+is released from the parameters and given back), which is how it is tested.
+
+Shape notation: b rows, s positions, v/p vocabulary slice of this TP rank.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from aligner.parallel import get_device
+from aligner.training.batching import to_device
+
+
+# ------------------------------------------------------------------------------ schedule
+def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], forward: Callable,
+                 loss: Callable, *, forward_only: bool) -> List[dict]:
+    """megatron-core's forward(-backward) schedule for this layout over ``microbatches``.
+
+    chunks: this rank's model chunks of one role (DDP-wrapped for a trainable role; plain
+    modules for forward-only roles). forward(model, batch) -> the model output;
+    loss(batch, output) -> ``(loss_sum, count, metrics)`` (the convention of
+    :mod:`aligner.training.algorithm`; with ``calculate_per_token_loss`` megatron-core
+    divides gradients by the count summed over micro-batches and data-parallel ranks).
+    Every micro-batch must have the same ``tokens`` shape [b, s] (pipeline stages exchange
+    fixed-shape activations). Returns the metric dicts of the last pipeline stage.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    if not microbatches:
+        return []
+    rows, seq = microbatches[0]["tokens"].shape[:2]
+    for i, mb in enumerate(microbatches):
+        if tuple(mb["tokens"].shape[:2]) != (rows, seq):
+            raise ValueError(f"micro-batch {i} has tokens {tuple(mb['tokens'].shape)}; every micro-batch of a"
+                             f" schedule needs [{rows}, {seq}]")
+
+    def forward_step(data_iterator, model):
+        batch = to_device(next(data_iterator), get_device())
+        output = forward(model, batch)
+
+        def loss_func(out):
+            value, count, metrics = loss(batch, out)
+            return value, torch.as_tensor(count, dtype=torch.int).reshape(()), metrics
+
+        return output, loss_func
+
+    chunks = list(chunks)
+    iters = [iter(microbatches) for _ in chunks] if len(chunks) > 1 else iter(microbatches)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iters,
+        model=chunks if len(chunks) > 1 else chunks[0],
+        num_microbatches=len(microbatches),
+        seq_length=seq,
+        micro_batch_size=rows,
+        forward_only=forward_only,
+    )
+
+
+# ------------------------------------------------------------------------------ offload
+class _Offload:
+    """Moves tensors to host memory and back, keeping the tensor / parameter objects."""
+
+    def __init__(self):
+        self.host: Dict[int, torch.Tensor] = {}
+        self.device: Dict[int, torch.device] = {}
+
+    def out(self, tensors: Sequence[torch.Tensor]) -> None:
+        for t in tensors:
+            if id(t) in self.host or t.numel() == 0:
+                continue
+            self.device[id(t)] = t.device
+            # on a GPU this copies to host memory; on a CPU it keeps the storage itself
+            self.host[id(t)] = t.data.to("cpu")
+            t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+
+    def back(self, tensors: Sequence[torch.Tensor]) -> None:
+        for t in tensors:
+            host = self.host.pop(id(t), None)
+            if host is not None:
+                t.data = host.to(self.device.pop(id(t)))
+
+
+def _optimizer_states(optimizer) -> List[torch.Tensor]:
+    out = []
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is None:
+        return out
+    for state in inner.state.values():
+        out += [v for v in state.values() if torch.is_tensor(v) and v.dim() > 0]
+    return out
+
+
+# ------------------------------------------------------------------------------ roles
+@dataclass
+class FrozenRole:
+    """A forward-only role (reward model, reference as a second model): model chunks, eval mode."""
+
+    name: str
+    chunks: List[torch.nn.Module]
+    _offload: _Offload = field(default_factory=_Offload, repr=False)
+
+    def __post_init__(self):
+        for c in self.chunks:
+            c.eval()
+            for p in c.parameters():
+                p.requires_grad_(False)
+
+    def parameters(self) -> List[torch.Tensor]:
+        return [p for c in self.chunks for p in c.parameters()]
+
+    def offload(self) -> None:
+        self._offload.out(self.parameters())
+
+    def onload(self) -> None:
+        self._offload.back(self.parameters())
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self._offload.host)
+
+
+@dataclass
+class TrainableRole:
+    """A trainable role: DDP-wrapped chunks, megatron-core optimizer and LR schedule.
+
+    export_head: the head the role's HF export has (None: causal LM; ``"value"``: a
+    sequence-classification model).
+    """
+
+    name: str
+    chunks: List[torch.nn.Module]  # megatron-core DistributedDataParallel
+    optimizer: object
+    scheduler: object
+    export_head: Optional[str] = None
+    model_cfg: object = None  # the role's architecture when it differs from the policy's
+    _offload: _Offload = field(default_factory=_Offload, repr=False)
+
+    @property
+    def modules(self) -> List[torch.nn.Module]:
+        """The unwrapped model chunks (AlignerGPTModel)."""
+        from aligner.models.gpt import unwrap_model
+
+        return unwrap_model(self.chunks)
+
+    def zero_grad(self) -> None:
+        for c in self.chunks:
+            c.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self):
+        """Optimizer step (gradient clipping inside) and one scheduler step; ``(ok, grad_norm)``."""
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return ok, grad_norm
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self, mode: bool = True) -> None:
+        for c in self.chunks:
+            c.train(mode)
+
+    def _tensors(self) -> List[torch.Tensor]:
+        # Parameters that are views into DDP's contiguous buffer (the distributed optimizer)
+        # and the gradient buffers (parameters' main_grad views into them) stay put: moving
+        # a buffer would leave its views on the old storage.
+        params = [p for c in self.chunks for p in c.module.parameters() if p._base is None]
+        return params + _optimizer_states(self.optimizer)
+
+    def offload(self) -> None:
+        self._offload.out(self._tensors())
+
+    def onload(self) -> None:
+        self._offload.back(self._tensors())
+
+    @property
+    def offloaded(self) -> bool:
+        return bool(self._offload.host)
+
+
+def build_trainable_role(name: str, models: List[torch.nn.Module], optim, max_steps: int,
+                         export_head: Optional[str] = None, model_cfg=None) -> TrainableRole:
+    """Wrap ``models`` (this rank's chunks) in megatron-core DDP and build the role's
+    optimizer and LR / weight-decay schedule from ``optim`` (an OptimSection); the LR
+    decays over ``max_steps`` optimizer steps of this role."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    bf16 = any(p.dtype == torch.bfloat16 for m in models for p in m.parameters())
+    for m in models:
+        m.config.calculate_per_token_loss = True
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim.distributed,
+        average_in_collective=False,
+    )
+    chunks = [DistributedDataParallel(m.config, ddp_cfg, m, disable_bucketing=i > 0) for i, m in enumerate(models)]
+    ocfg = OptimizerConfig(
+        optimizer=optim.name,
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.beta1,
+        adam_beta2=optim.beta2,
+        adam_eps=optim.eps,
+        clip_grad=optim.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=optim.distributed,
+    )
+    optimizer = get_megatron_optimizer(ocfg, chunks)
+    decay_steps = max(1, max_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.warmup_steps > 0 else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(decay_steps, optim.warmup_steps + 1),
+        lr_decay_style=optim.schedule,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+    )
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    nosync = [c.no_sync for c in chunks]
+    config.no_sync_func = nosync[0] if len(nosync) == 1 else nosync
+    return TrainableRole(name, chunks, optimizer, scheduler, export_head=export_head, model_cfg=model_cfg)
+
+
+# ------------------------------------------------------------------------------ reference
+class ReferencePolicy:
+    """The frozen initial policy (docs/online_core.md, "reference").
+
+    ``ReferencePolicy(policy_chunks, mode="host")`` snapshots the policy's current
+    parameters into host memory; take it before any training or resume, so that it is
+    the initial policy whatever checkpoint the run continues from.
+    ``ReferencePolicy(policy_chunks, mode="model", reference_chunks=...)`` uses a second,
+    frozen model (same architecture and layout) instead.
+
+    Use: ``with ref.active() as chunks: <forward-only passes over chunks>``. In host mode
+    ``chunks`` are the policy's own modules holding the reference weights for the
+    duration of the block (the policy's weights are kept on the host meanwhile and put
+    back on exit, also on an exception); in model mode they are the second model. Either
+    way the reference runs the very forward path the policy runs, so at step 0 policy
+    and reference log-probs are identical under every TP / PP layout.
+    """
+
+    MODES = ("host", "model")
+
+    def __init__(self, policy_chunks: Sequence[torch.nn.Module], mode: str = "host",
+                 reference_chunks: Optional[Sequence[torch.nn.Module]] = None):
+        from aligner.models.gpt import unwrap_model
+
+        if mode not in self.MODES:
+            raise ValueError(f"reference mode {mode!r}: expected one of {self.MODES}")
+        self.mode = mode
+        self.policy = list(policy_chunks)
+        if mode == "host":
+            self._weights = [
+                {n: p.detach().to("cpu", copy=True) for n, p in unwrap_model(c).named_parameters()}
+                for c in self.policy
+            ]
+            self.role = None
+        else:
+            if reference_chunks is None:
+                raise ValueError("reference mode 'model' needs the reference model's chunks")
+            self.role = FrozenRole("reference", list(reference_chunks))
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[List[torch.nn.Module]]:
+        from aligner.models.gpt import unwrap_model
+
+        if self.mode == "model":
+            yield self.role.chunks
+            return
+        saved = []
+        modes = [c.training for c in self.policy]
+        with torch.no_grad():
+            for chunk, ref in zip(self.policy, self._weights):
+                keep = {}
+                for n, p in unwrap_model(chunk).named_parameters():
+                    keep[n] = p.detach().to("cpu", copy=True)
+                    p.data.copy_(ref[n].to(p.device))
+                saved.append(keep)
+        try:
+            for c in self.policy:
+                c.eval()
+            yield self.policy
+        finally:
+            with torch.no_grad():
+                for chunk, keep in zip(self.policy, saved):
+                    for n, p in unwrap_model(chunk).named_parameters():
+                        p.data.copy_(keep[n].to(p.device))
+            for c, mode in zip(self.policy, modes):
+                c.train(mode)
+
+
+# ------------------------------------------------------------------------------ role set
+class RoleSet:
+    """The roles of one job by name; the parts of its checkpoint (module docstring)."""
+
+    def __init__(self):
+        self.trainable: Dict[str, TrainableRole] = {}
+        self.frozen: Dict[str, FrozenRole] = {}
+        self.reference: Optional[ReferencePolicy] = None
+
+    def add(self, role) -> None:
+        if role.name in self.trainable or role.name in self.frozen:
+            raise ValueError(f"role {role.name!r} is already set")
+        (self.trainable if isinstance(role, TrainableRole) else self.frozen)[role.name] = role
+
+    def __getitem__(self, name: str):
+        if name in self.trainable:
+            return self.trainable[name]
+        if name in self.frozen:
+            return self.frozen[name]
+        raise KeyError(f"no role {name!r}; roles: {sorted(self.trainable) + sorted(self.frozen)}")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.trainable or name in self.frozen
+
+    def checkpoint_parts(self):
+        """``(models, optimizer, scheduler)`` for :func:`aligner.models.checkpoint.save_checkpoint`."""
+        if len(self.trainable) == 1:
+            role = next(iter(self.trainable.values()))
+            return role.chunks, role.optimizer, role.scheduler
+        roles = list(self.trainable.values())
+        return [_RoleModels(roles)], _RoleOptimizers(roles), _RoleSchedulers(roles)
+
+
+class _RoleModels:
+    """Every trainable role's chunks as one checkpointable model: role ``r``'s tensors
+    are stored under keys prefixed ``r.`` (so a policy and a critic of one architecture
+    never collide) and its state under ``state[r]["chunk<i>"]``."""
+
+    def __init__(self, roles: Sequence[TrainableRole]):
+        self.roles = list(roles)
+
+    def sharded_state_dict(self) -> dict:
+        from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
+
+        out = {}
+        for role in self.roles:
+            out[role.name] = {}
+            for i, module in enumerate(role.modules):
+                sd = module.sharded_state_dict()
+                add_prefix_for_sharding(sd, f"{role.name}.")
+                out[role.name][f"chunk{i}"] = sd
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for role in self.roles:
+            if role.name not in state:
+                raise KeyError(f"checkpoint has no weights for role {role.name!r}")
+            for i, module in enumerate(role.modules):
+                module.load_state_dict(state[role.name][f"chunk{i}"])
+
+
+class _RoleOptimizers:
+    def __init__(self, roles: Sequence[TrainableRole]):
+        self.roles = list(roles)
+
+    def sharded_state_dict(self, model_state: dict, is_loading: bool = False) -> dict:
+        models = model_state["model"]
+        return {r.name: r.optimizer.sharded_state_dict(models[r.name], is_loading=is_loading) for r in self.roles}
+
+    def load_state_dict(self, state: dict) -> None:
+        for r in self.roles:
+            r.optimizer.load_state_dict(state[r.name])
+
+
+class _RoleSchedulers:
+    def __init__(self, roles: Sequence[TrainableRole]):
+        self.roles = list(roles)
+
+    def state_dict(self) -> dict:
+        return {r.name: r.scheduler.state_dict() for r in self.roles}
+
+    def load_state_dict(self, state: dict) -> None:
+        for r in self.roles:
+            r.scheduler.load_state_dict(state[r.name])
+
+
+__all__ = [
+    "FrozenRole",
+    "ReferencePolicy",
+    "RoleSet",
+    "TrainableRole",
+    "build_trainable_role",
+    "run_schedule",
+]

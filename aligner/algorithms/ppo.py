@@ -45,13 +45,38 @@ from aligner.algorithms.losses import (
     ppo_token_rewards,
     ppo_value_loss,
 )
-from aligner.algorithms.trainers import TRAINERS, _BaseTrainer, _rank0
+from aligner.algorithms.trainers import _BaseTrainer, register_trainer
 from aligner.models.logprobs import token_entropy
 from aligner.training.algorithm import Algorithm, StepContext, metric
 from aligner.training.batching import shifted_logprobs
-from aligner.training.config import OptimSection, RunConfig
+from omegaconf import MISSING
+
+from aligner.training.config import Choice, InitSection, OptimSection, RunConfig
 
 TRUNCATED = ("keep", "mask", "penalize")
+
+
+class KLEstimator(Choice):
+    abs = "abs"
+    k1 = "k1"
+    k3 = "k3"
+
+
+class Truncated(Choice):
+    keep = "keep"
+    mask = "mask"
+    penalize = "penalize"
+
+
+class ReferenceMode(Choice):
+    host = "host"
+    model = "model"
+
+
+class RewardKind(Choice):
+    model = "model"
+    world = "world"
+    function = "function"
 
 
 # ------------------------------------------------------------------------------ config
@@ -78,7 +103,7 @@ class RewardSection:
     scalar reward.
     """
 
-    kind: str = "model"
+    kind: RewardKind = RewardKind.model
     path: Optional[str] = None
     function: Optional[str] = None
     attributes: List[str] = field(
@@ -101,7 +126,7 @@ class PPOSection:
     """
 
     kl_coef: float = 0.01
-    kl_estimator: str = "abs"
+    kl_estimator: KLEstimator = KLEstimator.abs
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
@@ -114,10 +139,10 @@ class PPOSection:
     mini_batch_size: Optional[int] = None
     whiten_advantages: bool = True
     target_kl: Optional[float] = None
-    truncated: str = "keep"
+    truncated: Truncated = Truncated.keep
     truncated_reward: float = -1.0
     samples_per_prompt: int = 1
-    reference: str = "host"
+    reference: ReferenceMode = ReferenceMode.host
     critic_init: str = "auto"
     offload: bool = False
     generation: GenerationSection = field(default_factory=GenerationSection)
@@ -127,6 +152,10 @@ class PPOSection:
 
 @dataclass
 class PPOConfig(RunConfig):
+    """PPO-RLHF, from an SFT model (``init.hf`` required) and a reward source."""
+
+    algorithm: str = "ppo"
+    init: InitSection = field(default_factory=lambda: InitSection(hf=MISSING))
     ppo: PPOSection = field(default_factory=PPOSection)
 
 
@@ -373,42 +402,47 @@ class PPOAlgorithm(Algorithm):
 
 
 # ------------------------------------------------------------------------------ trainer
+@register_trainer("ppo")
 class PPOTrainer(_BaseTrainer):
     """``aligner train ppo``: roles built from the config, then the shared loop."""
 
     schema = PPOConfig
     data_kind = "prompts"
 
-    def fit(self) -> dict:
-        import json
-        from pathlib import Path
+    @classmethod
+    def check(cls, cfg):
+        from aligner.training.config import ConfigError
 
-        from omegaconf import OmegaConf
+        s = cfg.ppo
+        r = s.reward
+        if r.kind == RewardKind.model and not r.path:
+            raise ConfigError("ppo.reward.path is not set: ppo.reward.kind = model needs an HF reward-model folder",
+                              hint="set ppo.reward.path=DIR, or ppo.reward.kind=world / function")
+        if r.kind == RewardKind.function and not r.function:
+            raise ConfigError("ppo.reward.function is not set: ppo.reward.kind = function needs package.module:function")
+        if r.reward_attribute not in list(r.attributes):
+            raise ConfigError(f"ppo.reward.reward_attribute = {r.reward_attribute!r} is not one of"
+                              f" ppo.reward.attributes {list(r.attributes)}")
+        if r.attribute_weights is not None and len(r.attribute_weights) != len(r.attributes):
+            raise ConfigError(f"ppo.reward.attribute_weights has {len(r.attribute_weights)} entries;"
+                              f" ppo.reward.attributes has {len(r.attributes)}")
+        for key in ("samples_per_prompt", "ppo_epochs"):
+            if s[key] < 1:
+                raise ConfigError(f"ppo.{key} = {s[key]}: expected >= 1")
+        if not 0 < s.clip_eps < 1:
+            raise ConfigError(f"ppo.clip_eps = {s.clip_eps}: expected in (0, 1)")
+        if s.dual_clip is not None and s.dual_clip <= 1:
+            raise ConfigError(f"ppo.dual_clip = {s.dual_clip}: expected > 1 (or null)")
+        rollout = cfg.trainer.global_batch_size * s.samples_per_prompt
+        if s.mini_batch_size is not None and (s.mini_batch_size < 1 or rollout % s.mini_batch_size):
+            raise ConfigError(f"ppo.mini_batch_size = {s.mini_batch_size}: must divide the rollout buffer"
+                              f" (trainer.global_batch_size x ppo.samples_per_prompt = {rollout})")
 
-        from aligner.training.loop import TrainingLoop
-
-        self.init_parallel()
-        if not self.cfg.data.train:
-            raise ValueError("data.train is not set (a prompt-bearing jsonl file)")
+    def prepare(self):
         train = self.load_data(self.cfg.data.train)
         policy_models = self.build_models()
         roles, algo = self.build_roles(policy_models, len(train))
-        out_dir = Path(self.cfg.trainer.out_dir)
-        tok_dir = None
-        if _rank0():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
-            tok_dir = out_dir / "tokenizer"
-            self.tokenizer().save(tok_dir)
-        self.trainer = TrainingLoop(
-            algo, policy_models, train, optim=self.cfg.optim, trainer=self.cfg.trainer,
-            model_cfg=self.model_config(), tokenizer_dir=str(tok_dir) if tok_dir else None,
-            run_config=OmegaConf.to_container(self.cfg, resolve=True), roles=roles,
-        )
-        result = self.trainer.fit()
-        if _rank0():
-            (out_dir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
-        return result
+        return algo, policy_models, train, None, {"roles": roles}
 
     def build_roles(self, policy_models, n_prompts: int):
         """Reference, reward, critic (before any training or resume: the reference is the
@@ -510,5 +544,3 @@ class PPOTrainer(_BaseTrainer):
                     m.head, m.num_outputs = head, 1
         return models, cfg
 
-
-TRAINERS["ppo"] = PPOTrainer

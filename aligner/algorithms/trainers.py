@@ -365,6 +365,16 @@ class _BaseTrainer:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- run
+    def prepare(self):
+        """The algorithm, this rank's policy model chunks, the training and validation samples,
+        and extra keyword arguments of :class:`~aligner.training.loop.TrainingLoop` (e.g. the
+        roles of an online algorithm). Runs after the parallel layout exists."""
+        algo = self.algorithm()
+        train = self.load_data(self.cfg.data.train)
+        val = self.load_data(self.cfg.data.validation)
+        models = self.build_models(head=algo.head, num_outputs=algo.num_outputs)
+        return algo, models, train, val, {}
+
     def fit(self) -> dict:
         resuming = self.preflight()  # before the heavy imports: a mistake is reported in seconds
 
@@ -372,11 +382,8 @@ class _BaseTrainer:
         from aligner.training.run_folder import start_fresh, write_config
 
         self.init_parallel()
-        algo = self.algorithm()
+        algo, models, train, val, loop_options = self.prepare()
         algo.export_metadata = self.export_metadata(algo)  # recorded beside the HF export
-        train = self.load_data(self.cfg.data.train)
-        val = self.load_data(self.cfg.data.validation)
-        models = self.build_models(head=algo.head, num_outputs=algo.num_outputs)
         out_dir = Path(self.cfg.trainer.out_dir)
         tok_dir = None
         if is_rank0():  # every check passed: the run folder is this run's from here on
@@ -395,6 +402,7 @@ class _BaseTrainer:
             model_cfg=self.model_config(),
             tokenizer_dir=str(tok_dir) if tok_dir else None,
             run_config=self.recorded(),
+            **loop_options,
         )
         result = self.trainer.fit()
         if is_rank0():

@@ -1,6 +1,6 @@
 """PPO step time and its split, and PPO epochs 1 vs 4 per wall-clock second (docs/ppo.md).
 
-    python benchmarks/bench_ppo.py --base runs/quickstart [--steps 4] [--prompts 16] [--judge 100]
+    python benchmarks/bench_ppo.py --base runs/quickstart [--split-steps 4] [--steps 20] [--prompts 32] [--judge 200]
 
 ``--base``: a folder with ``world/`` and ``sft/hf`` (a finished quickstart, or
 ``examples/ppo_world.py --mini``); without it a world is synthesised and the policy is the
@@ -89,10 +89,11 @@ def judge(model_dir, prompts, tok, seed=0) -> list:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", help="folder with world/ and sft/hf")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--split-steps", type=int, default=4, help="steps of the TP=1 / TP=2 timing runs")
+    parser.add_argument("--steps", type=int, default=20, help="steps of the epochs 1 vs 4 runs")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per step")
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--judge", type=int, default=100, help="held-out prompts to judge")
+    parser.add_argument("--judge", type=int, default=200, help="held-out prompts to judge")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
             "policy": policy, "vocab": tok.vocab_size}
     report = {"settings": vars(args)}
     for tp in (1, 2):
-        result = spawn_local(timed_run, tp, base, str(work / f"tp{tp}"), args.steps, args.prompts, 1, tp,
+        result = spawn_local(timed_run, tp, base, str(work / f"tp{tp}"), args.split_steps, args.prompts, 1, tp,
                              args.max_new_tokens, timeout=3600)[0]
         report[f"tp{tp}"] = split(result)
     initialize(ParallelConfig(seed=0))
@@ -127,8 +128,10 @@ def main(argv=None) -> int:
         if start is not None:
             after = judge(work / f"epochs{epochs}" / "hf", prompts, tok)
             gain = (sum(after) - sum(start)) / len(start)
+            diffs = [b - a for a, b in zip(start, after)]
+            se = statistics.stdev(diffs) / len(diffs) ** 0.5
             entry.update(helpfulness_before=sum(start) / len(start), helpfulness_after=sum(after) / len(after),
-                         gain=gain, gain_per_s=gain / result["wall_s"])
+                         gain=gain, gain_standard_error=se, gain_per_s=gain / result["wall_s"])
         report[f"epochs{epochs}"] = entry
     print(json.dumps(report, indent=2, sort_keys=True))
     if args.out:

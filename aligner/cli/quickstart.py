@@ -114,8 +114,6 @@ def _generate(model_dir: Path, prompts: List[dict], tokenizer, max_new_tokens: i
 
 def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> dict:
     claim_folder(out, seed, scale, fresh)  # before anything heavy: a refusal comes at once
-    import torch
-
     from aligner.cli.eval import regression as eval_regression
     from aligner.cli.eval import rewardbench as eval_rewardbench
     from aligner.data import load_tokenizer

@@ -7,7 +7,8 @@ modes and examples/launch/torchrun_single_node.sh, as a user would submit them, 
 Every run trains the tiny model on a tiny generated SFT set for a few steps. Each case
 checks the job's final state, the training steps in ``metrics.jsonl``, the world size the
 checkpoint was written by, the HF export (loaded by transformers), and the mode of every
-file and folder of the run under the submitter's umask. The launchers are compared with
+file and folder of the run under the submitter's umask; torchrun jobs also count their
+torchrun agents (one per node) from the agents' INFO log. The launchers are compared with
 each other: at the same layout, srun and torchrun runs log the same losses and export the
 same tensors. Shapes that do not match the allocation fail before any rank starts.
 
@@ -166,10 +167,11 @@ def test_srun_mode_runs_one_rank_per_gpu(srun_run):
 def test_torchrun_mode_runs_one_agent_per_node(slurm, submit_dir, job_env, srun_run, shape):
     sbatch_args = ONE_TASK_PER_NODE if shape == "one task per node" else ONE_TASK_PER_GPU
     run = "torchrun-" + shape.split(":")[0].replace(" ", "-")
-    job = _sbatch(slurm, submit_dir, job_env, sbatch_args, "torchrun", run=run)
+    job = _sbatch(slurm, submit_dir, dict(job_env, LOGLEVEL="INFO"), sbatch_args, "torchrun", run=run)
     run_dir = submit_dir / "runs" / run
     _check_run(job, run_dir)
     assert "aligner: 1 node(s) x 2 GPUs per node = 2 ranks, torchrun" in job.output
+    assert job.output.count("Starting elastic_operator") == 1  # torchrun agents (each logs this at INFO)
     for symptom in ("can't honor", "RendezvousConnectionError", "RendezvousClosedError"):
         assert symptom not in job.output
     _check_same_training(srun_run[1], run_dir)
@@ -206,11 +208,12 @@ def test_resume_a_slurm_run_at_another_tp(slurm, submit_dir, job_env, srun_run):
 def test_torchrun_single_node_script_under_slurm(slurm, submit_dir, job_env, srun_run):
     """examples/launch/torchrun_single_node.sh as the batch script of a one-task job."""
     run_dir = submit_dir / "runs" / "single"
-    env = dict(job_env, NPROC="2", TP="2", CONFIG="sft")
+    env = dict(job_env, NPROC="2", TP="2", CONFIG="sft", LOGLEVEL="INFO")
     job = slurm.submit(SINGLE_NODE, ["--nodes=1", "--ntasks=1", "--cpus-per-task=2", "--gpus-per-node=0",
                                      "--output=single-%j.out"], env, cwd=submit_dir,
                        script_args=_overrides() + ["trainer.out_dir=runs/single"], umask=UMASK)
     _check_run(job, run_dir)
+    assert job.output.count("Starting elastic_operator") == 1
     _check_same_training(srun_run[1], run_dir)
 
 

@@ -13,12 +13,12 @@ from aligner.parallel.spawn import spawn_local
 
 
 def _modes(root: Path) -> dict:
-    """{relative path: permission bits} of ``root`` and everything below it."""
-    return {str(p.relative_to(root)): stat.S_IMODE(p.lstat().st_mode) for p in [root, *root.rglob("*")]}
+    """{relative path: permission bits, in octal} of ``root`` and everything below it."""
+    return {str(p.relative_to(root)): oct(stat.S_IMODE(p.lstat().st_mode)) for p in [root, *root.rglob("*")]}
 
 
 def _expected(root: Path, umask: int) -> dict:
-    return {str(p.relative_to(root)): (0o777 if p.is_dir() else 0o666) & ~umask for p in [root, *root.rglob("*")]}
+    return {str(p.relative_to(root)): oct((0o777 if p.is_dir() else 0o666) & ~umask) for p in [root, *root.rglob("*")]}
 
 
 @pytest.fixture

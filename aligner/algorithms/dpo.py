@@ -25,9 +25,11 @@ and in a resumed one. Two ways to use it (``reference``):
   has its reference in every epoch (later epochs reshuffle). A resumed run recomputes the
   table from the initial weights (one forward pass over the data, as at the start): the
   same numbers bit for bit at the same layout.
-- ``resident``: the initial weights are kept in host memory; before each step they are
-  swapped into the model for a forward-only pass over the step's pairs, then the policy
-  weights are swapped back. No precompute pass; costs two weight copies per step.
+- ``resident``: the initial weights are kept in host memory (the ``reference`` role of the
+  online algorithms, :class:`aligner.training.roles.ReferencePolicy` in host mode); before
+  each step they are swapped into the model for a forward-only pass over the step's pairs,
+  then the policy weights are swapped back. No precompute pass; costs two weight copies per
+  step.
 
 Validation pairs get their reference log-probs in ``setup`` either way (indices after the
 training set's, batched as ``evaluate()`` batches them).
@@ -182,9 +184,10 @@ class DPOAlgorithm(TokenAlgorithm):
             tail = [s for s in trainer.train_data if int(s["index"]) not in covered]
             batches += [tail[i : i + gbs] for i in range(0, len(tail), gbs)]
         else:
-            self._host_ref = [
-                {n: p.detach().to("cpu", copy=True) for n, p in m.module.named_parameters()} for m in trainer.models
-            ]
+            from aligner.training.roles import ReferencePolicy
+
+            # the online algorithms' reference role: initial weights on the host, swapped in
+            self._host_ref = ReferencePolicy(trainer.models, mode="host")
         for m in trainer.models:
             m.eval()
         with torch.no_grad():
@@ -236,22 +239,8 @@ class DPOAlgorithm(TokenAlgorithm):
     def before_step(self, trainer, local_samples, seq_length):
         if self.reference != "resident":
             return
-        policy = []
-        for m, ref in zip(trainer.models, self._host_ref):
-            saved = {}
-            for n, p in m.module.named_parameters():
-                saved[n] = p.detach().to("cpu", copy=True)
-                p.data.copy_(ref[n].to(p.device))
-            policy.append(saved)
-        for m in trainer.models:
-            m.eval()
-        try:
+        with self._host_ref.active():
             self._reference_pass(trainer, local_samples, seq_length)
-        finally:
-            for m, saved in zip(trainer.models, policy):
-                for n, p in m.module.named_parameters():
-                    p.data.copy_(saved[n].to(p.device))
-                m.train()
 
     def state_dict(self):
         """What the reference was computed over (see the module docstring): checked on resume."""

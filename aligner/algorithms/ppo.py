@@ -420,7 +420,7 @@ class PPOTrainer(_BaseTrainer):
                               hint="set ppo.reward.path=DIR, or ppo.reward.kind=world / function")
         if r.kind == RewardKind.function and not r.function:
             raise ConfigError("ppo.reward.function is not set: ppo.reward.kind = function needs package.module:function")
-        if r.reward_attribute not in list(r.attributes):
+        if r.kind == RewardKind.model and r.attribute_weights is None and r.reward_attribute not in list(r.attributes):
             raise ConfigError(f"ppo.reward.reward_attribute = {r.reward_attribute!r} is not one of"
                               f" ppo.reward.attributes {list(r.attributes)}")
         if r.attribute_weights is not None and len(r.attribute_weights) != len(r.attributes):

@@ -95,7 +95,7 @@ def ppo_config(assets: dict, out_dir: str, **sections) -> dict:
     cfg = {
         "algorithm": "ppo",
         "init": {"hf": assets["policy"]},
-        "data": {"train": assets["prompts"], "tokenizer": assets["tokenizer"], "template": "extra_id"},
+        "data": {"train": assets["prompts"], "tokenizer": assets["tokenizer"], "template": "extra_id", "max_length": 64},
         "optim": {"lr": 1e-3},
         "trainer": {"max_steps": 2, "global_batch_size": 8, "micro_batch_size": 4, "out_dir": out_dir,
                     "progress": False, "tensorboard": False, "save_interval": 0, "export_hf": False,

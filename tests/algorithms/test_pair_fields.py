@@ -28,7 +28,7 @@ def _pairs(**fields):
 def _cfg(kind, hf_dir, train, out, **sections):
     cfg = {
         "algorithm": kind,
-        "init": {"hf": hf_dir} if kind == "dpo" else {},
+        "init": {"hf": hf_dir if kind == "dpo" else None},  # reward models: random initialisation
         "model": {} if kind == "dpo" else {"arch": "llama", "vocab_size": 64, "hidden_size": 32, "ffn_hidden_size": 64,
                                            "num_layers": 2, "num_attention_heads": 4, "num_query_groups": 2,
                                            "max_position_embeddings": 64, "make_vocab_size_divisible_by": 64},

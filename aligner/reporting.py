@@ -11,16 +11,10 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 
 def read_metrics(path) -> List[dict]:
-    path = Path(path)
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: not JSON ({exc.msg})") from None
-    return rows
+    """The rows of a ``metrics.jsonl`` (errors name file and line)."""
+    from aligner.data.datasets import iter_json_objects
+
+    return [row for _, row in iter_json_objects(path)]
 
 
 def _pyplot():

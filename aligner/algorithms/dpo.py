@@ -44,7 +44,7 @@ a relative 1e-3, far above layout round-off).
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist

@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
+from aligner.data.formats import HELPSTEER2_ATTRIBUTES
 from aligner.algorithms.experience import Experience, ExperienceMaker, reduce_metric_store
 from aligner.algorithms.losses import (
     gae_advantages,
@@ -107,7 +108,7 @@ class RewardSection:
     path: Optional[str] = None
     function: Optional[str] = None
     attributes: List[str] = field(
-        default_factory=lambda: ["helpfulness", "correctness", "coherence", "complexity", "verbosity"])
+        default_factory=lambda: list(HELPSTEER2_ATTRIBUTES))
     attribute_weights: Optional[List[float]] = None
     reward_attribute: str = "helpfulness"
     micro_batch_size: int = 8

@@ -9,8 +9,8 @@ For attribute j over its present labels:
   constant (reported as NaN, not left out)
 - ``count/j``   = ``n_j``
 
-plus ``mse`` over all present labels (the masked MSE training loss of REFERENCE
-section 2).
+plus ``mse`` over all present labels (the masked MSE training loss of
+docs/reward_models.md).
 
 :class:`RegressionAccumulator` streams this over batches: its state is, per attribute,
 the sums ``[n, Σŷ, Σy, Σŷ², Σy², Σŷy]`` in float64 (shifted by a fixed centre for
@@ -82,12 +82,21 @@ class RegressionAccumulator:
             total_n += n
             total_sq += sq
             out[f"mse/{name}"] = sq / n if n > 0 else float("nan")
-            vx, vy = sxx - sx * sx / n if n else 0.0, syy - sy * sy / n if n else 0.0
-            cov = sxy - sx * sy / n if n else 0.0
-            ok = n >= 2 and vx > 0 and vy > 0
-            out[f"pearson/{name}"] = max(-1.0, min(1.0, cov / math.sqrt(vx * vy))) if ok else float("nan")
+            out[f"pearson/{name}"] = pearson_from_sums(n, sx, sy, sxx, syy, sxy)
         out["mse"] = total_sq / total_n if total_n > 0 else float("nan")
         return out
+
+
+def pearson_from_sums(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float:
+    """Pearson correlation from the summable moments ``n, Σx, Σy, Σx², Σy², Σxy`` (which add
+    up over micro-batches and ranks); NaN when n < 2 or either side is constant. The one
+    Pearson of the toolkit (training validation and ``aligner eval regression``)."""
+    if n < 2:
+        return float("nan")
+    vx, vy = sxx - sx * sx / n, syy - sy * sy / n
+    if not (vx > 0 and vy > 0):
+        return float("nan")
+    return max(-1.0, min(1.0, (sxy - sx * sy / n) / math.sqrt(vx * vy)))
 
 
 def regression_metrics(

@@ -1,7 +1,7 @@
 """Reward models: multi-attribute regression and Bradley-Terry (regular / margin / scaled).
 
 The model is the policy backbone with a ``reward`` head of ``N`` outputs read at each
-sequence's last token (aligner.models). Formulas: ../REFERENCE section 2 as implemented in
+sequence's last token (aligner.models). Formulas: docs/reward_models.md as implemented in
 :mod:`aligner.algorithms.losses`.
 
 - ``mode="regression"``: samples ``{"tokens", "labels" [N], "label_mask" [N]}``; loss
@@ -18,8 +18,7 @@ sequence's last token (aligner.models). Formulas: ../REFERENCE section 2 as impl
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -27,7 +26,7 @@ from aligner.algorithms.losses import bradley_terry_loss, masked_mse_loss
 from aligner.algorithms.sft import TokenAlgorithm, pair_margin
 from aligner.training.algorithm import metric
 
-HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+from aligner.data.formats import HELPSTEER2_ATTRIBUTES  # noqa: E402  the one attribute list
 
 
 class RewardAlgorithm(TokenAlgorithm):
@@ -138,8 +137,8 @@ class RewardAlgorithm(TokenAlgorithm):
 
 
 def pearson_from_moments(sums: Dict[str, tuple], prefix: str) -> float:
+    """Pearson of one attribute from the loop's reduced ``[sum, count]`` moment metrics."""
+    from aligner.algorithms.regression_metrics import pearson_from_sums
+
     n = sums[prefix + "x"][1]
-    sx, sy, sxx, syy, sxy = (sums[prefix + k][0] for k in ("x", "y", "xx", "yy", "xy"))
-    cov = sxy - sx * sy / n
-    vx, vy = sxx - sx * sx / n, syy - sy * sy / n
-    return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else float("nan")
+    return pearson_from_sums(n, *(sums[prefix + k][0] for k in ("x", "y", "xx", "yy", "xy")))

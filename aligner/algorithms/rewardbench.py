@@ -20,7 +20,6 @@ All scores are fractions in [0, 1]; :func:`format_report` prints percentages.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -163,20 +162,9 @@ def _report(located_rows: Iterable, source: str) -> dict:
 def read_judged_rows(path: Union[str, Path]) -> List[Tuple[int, dict]]:
     """``(line number, row)`` of a jsonl file of judged rows (blank lines skipped).
     Errors name the file and line."""
-    path = Path(path)
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
-    return rows
+    from aligner.data.datasets import iter_json_objects
+
+    return list(iter_json_objects(path))
 
 
 def rewardbench_report_from_file(path: Union[str, Path]) -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-import torch
 
 from aligner.training.algorithm import Algorithm, metric
 from aligner.training.batching import packed_microbatches, padded_microbatch, shifted_logprobs

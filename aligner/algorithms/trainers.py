@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Type
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from aligner.data.formats import HELPSTEER2_ATTRIBUTES
 from aligner.runtime import get_logger, is_rank0
 from aligner.training.config import (
     Choice,
@@ -89,7 +90,7 @@ class RMSection:
 
     mode: RMMode = RMMode.regression
     attributes: List[str] = field(
-        default_factory=lambda: ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
+        default_factory=lambda: list(HELPSTEER2_ATTRIBUTES)
     )
     bt_kind: BTKind = BTKind.regular
     reward_attribute: str = "helpfulness"

@@ -17,6 +17,8 @@ import json
 import sys
 from typing import List, Optional
 
+from aligner.runtime import is_rank0
+
 
 def rewardbench(model: str, path: str, *, tp=1, pp=1, micro_batch_size=8, tokenizer=None, template=None,
                 attributes=None, reward_attribute=None, attribute_weights=None) -> dict:
@@ -100,9 +102,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ScoringError, DataFormatError, CheckpointError, FileNotFoundError) as exc:
         print(f"aligner eval {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         print(text)
         if args.out:
             with open(args.out, "w") as f:

@@ -39,6 +39,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from aligner.runtime import is_rank0
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="aligner generate", description=__doc__,
@@ -94,34 +96,12 @@ def _stop_ids(text: Optional[str]):
 
 
 def load_tokenizer(path: Optional[str]):
-    """The data layer's tokenizer when available, else transformers' AutoTokenizer behind
-    the same interface (``encode``, ``decode``, ``eos_id``, ``pad_id``)."""
+    """The data layer's tokenizer (:func:`aligner.data.load_tokenizer`), or None without a path."""
     if path is None:
         return None
-    try:
-        from aligner.data import load_tokenizer as data_load_tokenizer
-    except ImportError:
-        data_load_tokenizer = None
-    if data_load_tokenizer is not None:
-        return data_load_tokenizer(path)
-    return _HFTokenizer(path)
+    from aligner.data import load_tokenizer as data_load_tokenizer
 
-
-class _HFTokenizer:
-    """transformers' AutoTokenizer with the data layer's tokenizer interface."""
-
-    def __init__(self, path: str):
-        from transformers import AutoTokenizer
-
-        self.tok = AutoTokenizer.from_pretrained(path)
-        self.eos_id = self.tok.eos_token_id
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eos_id
-
-    def encode(self, text: str):
-        return self.tok.encode(text)
-
-    def decode(self, ids):
-        return self.tok.decode(list(ids), skip_special_tokens=True)
+    return data_load_tokenizer(path)
 
 
 def read_prompts(path: str, tokenizer, template: str = "raw") -> list:
@@ -141,36 +121,29 @@ def read_prompts(path: str, tokenizer, template: str = "raw") -> list:
             rows.append({"prompt_tokens": s["prompt_tokens"].tolist(), "prompt": s["prompt"], "meta": s["meta"],
                          "conversation": s["conversation"]})
         return rows
+    from aligner.data.datasets import iter_json_objects
+
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"--prompts {path}: no such file")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            meta = {k: v for k, v in row.items() if k not in ("prompt", "prompt_tokens")}
-            if "prompt_tokens" in row:
-                ids = row["prompt_tokens"]
-                if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise ValueError(f"{path}:{line_no}: field 'prompt_tokens' must be a list of integers")
-                text = row.get("prompt") if isinstance(row.get("prompt"), str) else None
-                rows.append({"prompt_tokens": ids, "prompt": text, "meta": meta})
-            elif isinstance(row.get("prompt"), str):
-                if tokenizer is None:
-                    raise ValueError(f"{path}:{line_no}: text prompts need a tokenizer (--tokenizer)")
-                rows.append({"prompt_tokens": tokenizer.encode(row["prompt"]), "prompt": row["prompt"], "meta": meta})
-            else:
-                raise ValueError(
-                    f"{path}:{line_no}: expected a string field 'prompt' or a list field 'prompt_tokens';"
-                    f" found fields {sorted(row)}"
-                )
+    for line_no, row in iter_json_objects(p):
+        meta = {k: v for k, v in row.items() if k not in ("prompt", "prompt_tokens")}
+        if "prompt_tokens" in row:
+            ids = row["prompt_tokens"]
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError(f"{path}:{line_no}: field 'prompt_tokens' must be a list of integers")
+            text = row.get("prompt") if isinstance(row.get("prompt"), str) else None
+            rows.append({"prompt_tokens": ids, "prompt": text, "meta": meta})
+        elif isinstance(row.get("prompt"), str):
+            if tokenizer is None:
+                raise ValueError(f"{path}:{line_no}: text prompts need a tokenizer (--tokenizer)")
+            rows.append({"prompt_tokens": tokenizer.encode(row["prompt"]), "prompt": row["prompt"], "meta": meta})
+        else:
+            raise ValueError(
+                f"{path}:{line_no}: expected a string field 'prompt' or a list field 'prompt_tokens';"
+                f" found fields {sorted(row)}"
+            )
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
@@ -334,7 +307,7 @@ def main(argv: Optional[list] = None) -> int:
         del engine, models
         score(args, readout, rows, prompts, tokenizer, result.pad_id)
 
-    if torch.distributed.get_rank() == 0:
+    if is_rank0():
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from aligner.runtime import is_rank0
+
 
 class ScoringError(ValueError):
     """An option or input that does not fit the reward model: one line, naming it."""
@@ -286,9 +288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ScoringError, DataFormatError, CheckpointError, FileNotFoundError) as exc:
         print(f"aligner rm score: error: {exc}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         out = Path(args.output)
         tmp = out.with_name(out.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:

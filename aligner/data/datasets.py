@@ -380,6 +380,37 @@ def _fit(tokens, mask, max_length, overlong, counts):
 
 
 # ------------------------------------------------------------------------------ loading
+def parse_json_line(raw: bytes, where: str) -> Optional[dict]:
+    """One line of a jsonl file -> its JSON object (None for a blank line); errors name
+    ``where`` (``file:line``) and what is wrong. The one jsonl line reader of the toolkit."""
+    try:
+        line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def iter_json_objects(path):
+    """``(line number, object)`` for every non-blank line of a jsonl file (strict: the first
+    bad line raises :class:`DataFormatError` naming ``file:line``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            row = parse_json_line(raw, f"{path}:{lineno}")
+            if row is not None:
+                yield lineno, row
+
+
 def read_jsonl(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invalid: bool = False,
                counts: Optional[Counter] = None):
     """(line number, row, format) for every valid row of a jsonl file."""
@@ -393,18 +424,9 @@ def read_jsonl(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invali
         for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise DataFormatError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-                if not line.strip():
+                row = parse_json_line(raw, where)
+                if row is None:
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
                 if file_fmt is None:
                     file_fmt = detect_format(row)
                     if file_fmt is None:

@@ -1,4 +1,4 @@
-"""Public data formats (REFERENCE.md section 1 and 5), read natively as typed records.
+"""Public data formats (docs/data_formats.md, docs/steerlm.md), read natively as typed records.
 
 Formats (the names used by ``--format`` and :func:`detect_format`):
 
@@ -40,7 +40,7 @@ NINE_ATTRIBUTES = ("quality", "toxicity", "humor", "creativity") + HELPSTEER2_AT
 """The 9-output head layout HelpSteer2 used; the first four are never labelled there."""
 
 STEERLM_DEFAULT_LABEL = "helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:2"
-"""The SteerLM inference default attributes (REFERENCE.md section 1)."""
+"""The SteerLM inference default attributes (docs/data_formats.md)."""
 
 FORMATS = (
     "sft",

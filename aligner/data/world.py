@@ -45,7 +45,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 FAMILIES = ("add", "sort", "reverse", "count")
 CORRUPTIONS = ("wrong", "missing", "extra", "filler", "repetition", "truncation", "off_topic")
@@ -189,7 +189,7 @@ def score_response(meta: dict, response: str) -> Dict[str, int]:
             "complexity": complexity, "verbosity": verbosity, "exact": correctness == 4}
 
 
-ATTRS = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+from aligner.data.formats import HELPSTEER2_ATTRIBUTES as ATTRS  # noqa: E402  the one attribute list
 
 
 # ------------------------------------------------------------------------------ writing

@@ -54,14 +54,12 @@ SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 LAYER_SPECS = ("auto", "te", "fused", "local")  # model.layer_spec (aligner.models.layer_spec)
 
 def preset_dirs() -> list[Path]:
-    """Where ``ModelConfig.preset`` looks: ``$ALIGNER_MODEL_CONF``, ``<repo>/conf/model``,
-    ``aligner/conf/model`` (installed package data)."""
-    here = Path(__file__).resolve().parent
-    dirs = []
-    if os.environ.get("ALIGNER_MODEL_CONF"):
-        dirs.append(Path(os.environ["ALIGNER_MODEL_CONF"]))
-    dirs += [here.parent.parent / "conf" / "model", here.parent / "conf" / "model"]
-    return dirs
+    """Where ``ModelConfig.preset`` looks: the ``model`` folder of the one config folder
+    (:func:`aligner.runtime.config_dir`: ``$ALIGNER_CONF_DIR``, the checkout's ``conf/``,
+    or the installed package data)."""
+    from aligner.runtime import config_dir
+
+    return [config_dir() / "model"]
 
 
 @dataclass

@@ -55,8 +55,14 @@ def token_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
-    """Mean of ``x`` where ``mask`` is 1 (over ``dim`` or everything); 0 where nothing is masked in."""
-    mask = mask.to(x.dtype)
-    if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+    """``Σ mask · x / Σ mask`` over ``dim`` (everything when None); float masks act as weights.
+
+    The one masked mean of the toolkit (the losses use it too). Masked-out entries may hold
+    anything, NaN included: they are selected away, not multiplied. Where nothing is
+    masked in the result is 0 (not NaN) and so is its gradient.
+    """
+    m = mask.to(x.dtype)
+    picked = torch.where(m != 0, x, torch.zeros_like(x)) * m
+    total = picked.sum() if dim is None else picked.sum(dim)
+    count = m.sum() if dim is None else m.sum(dim)
+    return total / torch.where(count != 0, count, torch.ones_like(count))

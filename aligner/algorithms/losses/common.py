@@ -68,17 +68,16 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = N
 
     An all-masked reduction is 0 (not NaN), and its gradient is 0.
     """
-    m = _as_mask(mask, values, "mask")
-    total = masked_sum(values, m, dim)
-    count = m.sum() if dim is None else m.sum(dim)
-    return total / _safe_count(count)
+    from aligner.models.logprobs import masked_mean as _masked_mean
+
+    return _masked_mean(values, _as_mask(mask, values, "mask"), dim)
 
 
 def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Per-sequence log-prob of the response: ``Σ_t mask·logp`` (or the per-token mean).
 
     token_logps, mask: [b, s] (mask 1 on response tokens). Returns [b]. Used for the DPO
-    family's ``ρ`` (REFERENCE section 3): either the sum or, with ``average``, the mean
+    family's ``ρ`` (docs/dpo.md): either the sum or, with ``average``, the mean
     over the response's tokens.
     """
     if token_logps.dim() != 2:
@@ -118,7 +117,7 @@ def masked_whiten(
     values, mask: [b, s]. ``moments`` (from :func:`masked_moments`, summed across the
     data-parallel batch) gives the statistics; when None they come from this tensor alone.
     Variance is the population variance (ddof 0). ``shift_mean=False`` keeps the mean
-    (scales only). REFERENCE section 4: advantages are whitened across the whole batch.
+    (scales only). docs/ppo.md: advantages are whitened across the whole batch.
     """
     m = _as_mask(mask, values, "mask")
     mean, var = moments_mean_var(masked_moments(values, m) if moments is None else moments)

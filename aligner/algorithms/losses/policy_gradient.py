@@ -5,7 +5,7 @@ clipped surrogate (with clip-higher and dual-clip) and value losses, RLOO and RE
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -57,7 +57,7 @@ def ppo_token_rewards(
     kl_coef: float,
     kl_kind: str = "abs",
 ) -> LossAndStats:
-    """Per-token rewards for PPO (REFERENCE section 4).
+    """Per-token rewards for PPO (docs/ppo.md).
 
     ``r_t = −kl_coef · KL_t`` on every response token, plus the reward model's score on
     the last response token; 0 outside the mask. scores: [b]; logps (of the sampling
@@ -82,7 +82,7 @@ def gae_advantages(
     gamma: float = 1.0,
     lam: float = 0.95,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (REFERENCE section 4).
+    """Generalised advantage estimation (docs/ppo.md).
 
     ``δ_t = r_t + γ·V_{t+1} − V_t``, ``A_t = δ_t + γλ·A_{t+1}``, ``R_t = A_t + V_t``,
     over the masked (response) positions of each row: "t+1" is the next masked position,
@@ -105,6 +105,52 @@ def gae_advantages(
         next_adv = torch.where(here, a_t, next_adv)
     returns = torch.where(m, adv + values, torch.zeros_like(adv))
     return adv, returns
+
+
+def clipped_surrogate(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Token-level clipped surrogate with separate low / high clips and optional dual-clip
+    (DAPO arXiv 2503.14476; dual-clip arXiv 1912.09729):
+
+    ``l_t = max(−A·ρ_t, −A·clip(ρ_t, 1 − ε_low, 1 + ε_high))``, and for ``A < 0``
+    ``l_t = min(l_t, −c·A)`` with ``c = dual_clip`` (> 1).
+
+    logps (with grad), old_logps, advantages, mask: [b, s]. Returns the per-token loss
+    [b, s] (0 outside the mask; reduce with :func:`aggregate`) and detached statistics
+    over the masked tokens: ``clipfrac`` (clipped term larger), ``dual_clipfrac``,
+    ``ratio``, ``approx_kl`` (``(ρ − 1) − log ρ``).
+    """
+    _check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages)
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    m = _as_mask(mask, logps, "mask")
+    adv = advantages.detach()
+    log_ratio = logps - old_logps.detach()
+    ratio = log_ratio.exp()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        dual = (adv < 0) & (loss > cap)
+        loss = torch.where(dual, cap, loss)
+    loss = torch.where(m != 0, loss, torch.zeros_like(loss))
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(logps.dtype), m),
+            "dual_clipfrac": masked_mean(dual.to(logps.dtype), m),
+            "ratio": masked_mean(ratio.detach(), m),
+            "approx_kl": masked_mean((ratio - 1.0 - log_ratio).detach(), m),
+        }
+    return loss, stats
 
 
 def ppo_policy_loss(
@@ -137,29 +183,13 @@ def ppo_policy_loss(
     m = _as_mask(mask, logps, "mask")
     low = clip_eps if clip_eps_low is None else clip_eps_low
     high = clip_eps if clip_eps_high is None else clip_eps_high
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip = {dual_clip}: expected a constant > 1 (e.g. 3)")
-    adv = advantages.detach()
-    log_ratio = logps - old_logps.detach()
-    ratio = log_ratio.exp()
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - low, 1.0 + high)
-    per_token = torch.maximum(unclipped, clipped)
-    if dual_clip is not None:
-        bound = -dual_clip * adv
-        dual = (adv < 0) & (per_token > bound)
-        per_token = torch.where(dual, bound, per_token)
+    per_token, token_stats = clipped_surrogate(logps, old_logps, advantages, m, low, high, dual_clip)
     policy = masked_mean(per_token, m)
     loss = policy
-    with torch.no_grad():
-        stats: Stats = {
-            "loss/policy": policy.detach(),
-            "clipfrac": masked_mean((clipped > unclipped).to(logps.dtype), m).detach(),
-            "ratio": masked_mean(ratio.detach(), m),
-            "approx_kl": masked_mean((ratio - 1.0 - log_ratio).detach(), m),
-        }
-        if dual_clip is not None:
-            stats["dual_clipfrac"] = masked_mean(dual.to(logps.dtype), m).detach()
+    stats: Stats = {"loss/policy": policy.detach(), "clipfrac": token_stats["clipfrac"],
+                    "ratio": token_stats["ratio"], "approx_kl": token_stats["approx_kl"]}
+    if dual_clip is not None:
+        stats["dual_clipfrac"] = token_stats["dual_clipfrac"]
     if entropy_coef and entropy is None:
         raise ValueError("entropy_coef > 0 needs the per-token entropy [b, s]")
     if entropy is not None:
@@ -178,7 +208,7 @@ def ppo_value_loss(
     mask: torch.Tensor,
     clip: float = 0.2,
 ) -> LossAndStats:
-    """PPO clipped value loss (REFERENCE section 4).
+    """PPO clipped value loss (docs/ppo.md).
 
     ``V_c = V_old + clip(V − V_old, −c, c)``; ``L = 0.5 · masked_mean(max((V_c − R)², (V − R)²))``.
     values (with grad), old_values, returns, mask: [b, s].
@@ -232,7 +262,7 @@ def rloo_advantages(
     seq_kl: Optional[torch.Tensor] = None,
     kl_coef: float = 0.0,
 ) -> torch.Tensor:
-    """REINFORCE leave-one-out advantages (REFERENCE section 4).
+    """REINFORCE leave-one-out advantages (docs/ppo.md).
 
     ``r'_i = r_i − β·mean_t KL_t`` and ``A_i = r'_i − mean_{j≠i} r'_j`` within the prompt's
     group of k samples. rewards, seq_kl (per-sequence mean KL over response tokens, e.g.
@@ -258,7 +288,7 @@ def rloo_advantages(
 
 
 def reinforce_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> LossAndStats:
-    """REINFORCE / RLOO policy loss (REFERENCE section 4):
+    """REINFORCE / RLOO policy loss (docs/ppo.md):
     ``L = masked_mean(−log π(y_t) · A)`` over all response tokens of the batch.
 
     logps (with grad), mask: [b, s]; advantages: [b] per sequence (broadcast over the

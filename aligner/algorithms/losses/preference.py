@@ -46,7 +46,7 @@ def _reward_gap(reward_gap, like: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **_) -> torch.Tensor:
-    """DPO (REFERENCE section 3): ``−logσ(βΔ)`` per pair, [b] -> [b].
+    """DPO (docs/dpo.md): ``−logσ(βΔ)`` per pair, [b] -> [b].
 
     Identical chosen and rejected (Δ = 0) give ``ln 2 = 0.693147``.
     """
@@ -55,14 +55,14 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 
 def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **_) -> torch.Tensor:
-    """IPO (REFERENCE section 3): ``(Δ − 1/(2β))²`` per pair, [b] -> [b]."""
+    """IPO (docs/dpo.md): ``(Δ − 1/(2β))²`` per pair, [b] -> [b]."""
     delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (delta - 1.0 / (2.0 * beta)) ** 2
 
 
 def rpo_sq_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                 reward_gap=None, eta=1.0, **_) -> torch.Tensor:
-    """Reward-aware PO, squared (REFERENCE section 3): ``(βΔ − η(r*_c − r*_r))²`` per pair.
+    """Reward-aware PO, squared (docs/dpo.md): ``(βΔ − η(r*_c − r*_r))²`` per pair.
 
     reward_gap: [b] ground-truth ``r*_c − r*_r``; eta: its scale ``η``.
     """
@@ -80,7 +80,7 @@ def _bernoulli_kl(logit_p: torch.Tensor, logit_q: torch.Tensor) -> torch.Tensor:
 
 def rpo_bwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                     reward_gap=None, eta=1.0, **_) -> torch.Tensor:
-    """Reward-aware PO, backward KL (REFERENCE section 3):
+    """Reward-aware PO, backward KL (docs/dpo.md):
     ``KL(Bern(σ(η(r*_c − r*_r))) ‖ Bern(σ(βΔ)))`` per pair — the target distribution first."""
     delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     gap = _reward_gap(reward_gap, delta, "rpo_bwd_kl")
@@ -89,7 +89,7 @@ def rpo_bwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 def rpo_fwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                     reward_gap=None, eta=1.0, **_) -> torch.Tensor:
-    """Reward-aware PO, forward KL (REFERENCE section 3): the reverse direction of
+    """Reward-aware PO, forward KL (docs/dpo.md): the reverse direction of
     :func:`rpo_bwd_kl_loss`, ``KL(Bern(σ(βΔ)) ‖ Bern(σ(η(r*_c − r*_r))))`` per pair."""
     delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     gap = _reward_gap(reward_gap, delta, "rpo_fwd_kl")
@@ -98,7 +98,7 @@ def rpo_fwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 def margin_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                     strength=None, margin=None, **_) -> torch.Tensor:
-    """Margin DPO from preference strength (REFERENCE section 3, HelpSteer2-Preference):
+    """Margin DPO from preference strength (docs/dpo.md, HelpSteer2-Preference):
     the margin Bradley-Terry loss on the implicit reward difference, ``−logσ(βΔ − m)``
     per pair, ``m`` = ``margin`` when given, else ``|strength|``."""
     delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -112,7 +112,7 @@ def margin_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 def scaled_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                     strength=None, **_) -> torch.Tensor:
-    """Scaled DPO from preference strength (REFERENCE section 3, HelpSteer2-Preference):
+    """Scaled DPO from preference strength (docs/dpo.md, HelpSteer2-Preference):
     the scaled Bradley-Terry loss on the implicit reward difference, ``−m·logσ(βΔ)`` per
     pair with ``m = |strength|``."""
     delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -159,7 +159,7 @@ def preference_loss(
     sft_weight: float = 0.0,
     preference_weight: float = 1.0,
 ) -> LossAndStats:
-    """The DPO family's entry point (REFERENCE section 3).
+    """The DPO family's entry point (docs/dpo.md).
 
     ``total = preference_weight · mean_pairs(L_kind) + sft_weight · mean_pairs(chosen_nll)``
 

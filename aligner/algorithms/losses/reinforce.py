@@ -32,7 +32,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from aligner.algorithms.losses.common import LossAndStats, _as_mask, _check_same_shape, masked_mean, masked_sum
-from aligner.algorithms.losses.policy_gradient import _group_ids, _group_sum
+from aligner.algorithms.losses.policy_gradient import _group_ids, _group_sum, clipped_surrogate  # noqa: F401
 
 GRPO_EPS = 1e-6
 
@@ -228,52 +228,6 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k3") 
 
 
 # ---------------------------------------------------------------------- policy losses
-
-
-def clipped_surrogate(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    dual_clip: Optional[float] = None,
-) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Token-level clipped surrogate with separate low / high clips and optional dual-clip
-    (DAPO arXiv 2503.14476; dual-clip arXiv 1912.09729):
-
-    ``l_t = max(−A·ρ_t, −A·clip(ρ_t, 1 − ε_low, 1 + ε_high))``, and for ``A < 0``
-    ``l_t = min(l_t, −c·A)`` with ``c = dual_clip`` (> 1).
-
-    logps (with grad), old_logps, advantages, mask: [b, s]. Returns the per-token loss
-    [b, s] (0 outside the mask; reduce with :func:`aggregate`) and detached statistics
-    over the masked tokens: ``clipfrac`` (clipped term larger), ``dual_clipfrac``,
-    ``ratio``, ``approx_kl`` (``(ρ − 1) − log ρ``).
-    """
-    _check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages)
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
-    m = _as_mask(mask, logps, "mask")
-    adv = advantages.detach()
-    log_ratio = logps - old_logps.detach()
-    ratio = log_ratio.exp()
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(unclipped, clipped)
-    dual = torch.zeros_like(loss, dtype=torch.bool)
-    if dual_clip is not None:
-        cap = -dual_clip * adv
-        dual = (adv < 0) & (loss > cap)
-        loss = torch.where(dual, cap, loss)
-    loss = torch.where(m != 0, loss, torch.zeros_like(loss))
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((clipped > unclipped).to(logps.dtype), m),
-            "dual_clipfrac": masked_mean(dual.to(logps.dtype), m),
-            "ratio": masked_mean(ratio.detach(), m),
-            "approx_kl": masked_mean((ratio - 1.0 - log_ratio).detach(), m),
-        }
-    return loss, stats
 
 
 def reinforce_token_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

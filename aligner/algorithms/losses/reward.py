@@ -13,7 +13,7 @@ from aligner.algorithms.losses.common import LossAndStats, _as_mask, _check_pair
 
 
 def masked_mse_loss(pred: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> LossAndStats:
-    """Multi-attribute regression loss (REFERENCE section 2): ``Σ mask·(ŷ − y)² / Σ mask``.
+    """Multi-attribute regression loss (docs/reward_models.md): ``Σ mask·(ŷ − y)² / Σ mask``.
 
     pred, labels, label_mask: [b, N]. Unlabelled attributes (mask 0) are excluded, their
     label values ignored (NaN or -1 placeholders are fine). The mean is over present
@@ -49,7 +49,7 @@ def bradley_terry_loss(
     strength: Optional[torch.Tensor] = None,
     margin: Optional[torch.Tensor] = None,
 ) -> LossAndStats:
-    """Bradley-Terry reward-model loss (REFERENCE section 2, HelpSteer2-Preference).
+    """Bradley-Terry reward-model loss (docs/reward_models.md, HelpSteer2-Preference).
 
     With ``Δ = r_c − r_r`` and ``m = |preference_strength|``, per pair:
 
@@ -88,8 +88,8 @@ def bradley_terry_loss(
     return loss, stats
 
 
-HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
-# r = w · ŷ (REFERENCE section 2). RewardBench weights of the HelpSteer2 regression RMs:
+from aligner.data.formats import HELPSTEER2_ATTRIBUTES  # noqa: E402,F401  the one attribute list
+# r = w · ŷ (docs/reward_models.md). RewardBench weights of the HelpSteer2 regression RMs:
 REWARDBENCH_WEIGHTS_70B = {
     "helpfulness": 0.65, "correctness": 0.8, "coherence": 0.45, "complexity": 0.55, "verbosity": -0.4,
 }
@@ -105,7 +105,7 @@ def combine_attributes(
     weights: Union[Sequence[float], torch.Tensor, Mapping[str, float]],
     attributes: Optional[Sequence[str]] = None,
 ) -> torch.Tensor:
-    """Scalar reward from attribute predictions: ``r = w · ŷ`` (REFERENCE section 2).
+    """Scalar reward from attribute predictions: ``r = w · ŷ`` (docs/reward_models.md).
 
     values: [b, N]. weights: N numbers, or a name -> weight mapping together with
     ``attributes`` (the head's N output names in order); attributes missing from the
@@ -132,8 +132,8 @@ def combine_attributes(
 
 
 class RunningMoments:
-    """Mean and standard deviation of rewards over many batches and ranks (REFERENCE
-    section 2: the "goodness" reward is standardised by its mean and std over the
+    """Mean and standard deviation of rewards over many batches and ranks
+    (docs/reward_models.md: the "goodness" reward is standardised by its mean and std over the
     training responses).
 
     The state is ``[n, Σx, Σx²]`` in float64, so states of several ranks (or shards)
@@ -180,7 +180,7 @@ class RunningMoments:
 def expo_extrapolate(
     sd_weak: Mapping[str, torch.Tensor], sd_strong: Mapping[str, torch.Tensor], alpha: float
 ) -> Dict[str, torch.Tensor]:
-    """ExPO model extrapolation (REFERENCE section 2): ``θ = θ_w + α·(θ_s − θ_w)``.
+    """ExPO model extrapolation (docs/reward_models.md): ``θ = θ_w + α·(θ_s − θ_w)``.
 
     ``θ_w`` is the weak model (HelpSteer2-Preference: the helpfulness regression model),
     ``θ_s`` the strong one (the Scaled-BT model trained from it). ``α = 1`` returns the

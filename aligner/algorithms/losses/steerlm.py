@@ -19,7 +19,7 @@ def steerlm2_weights(
     log_q_theta: torch.Tensor,
     group: Group,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SteerLM 2.0 importance weights (REFERENCE section 5), within each prompt's group:
+    """SteerLM 2.0 importance weights (docs/steerlm.md), within each prompt's group:
 
     ``w'_i = softmax_i(log P(a|x,y_i) + log P(y_i|x) − log Q'(y_i|a,x))`` and
     ``b'_i = softmax_i(log Q_θ(y_i|a,x) − log Q'(y_i|a,x))`` (no gradient).
@@ -42,7 +42,7 @@ def steerlm2_loss(
     group: Group,
     avg_tokens: Optional[float] = None,
 ) -> LossAndStats:
-    """SteerLM 2.0 loss (REFERENCE section 5).
+    """SteerLM 2.0 loss (docs/steerlm.md).
 
     The gradient ``−Σ_i (w'_i − b'_i) ∇log Q_θ(y_i|a,x)`` per prompt, implemented as each
     sequence's NLL times ``(w' − b')`` divided by the average number of valid tokens:
@@ -120,7 +120,7 @@ def attribute_log_likelihood(
     max_value: float = 4.0,
     eps: float = 1e-4,
 ) -> torch.Tensor:
-    """``log P(a | x, y)`` from a regression reward model (REFERENCE section 5).
+    """``log P(a | x, y)`` from a regression reward model (docs/steerlm.md).
 
     Each predicted attribute ``ŷ`` (on the 0..max_value scale) is scaled to
     ``r = ŷ / max_value`` (clamped to [eps, 1−eps]) and modelled as

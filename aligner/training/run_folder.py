@@ -54,6 +54,11 @@ FREE_KEYS = (
     "trainer.wandb_name",
 )
 
+# Keys that may change on a resume: the run length (a run can be extended or shortened).
+# The LR schedule keeps the checkpoint's (megatron-core's scheduler restores its decay
+# length), so past the recorded length a decaying LR stays at optim.min_lr. Logged, not refused.
+EXTENDABLE_KEYS = ("trainer.max_steps", "trainer.max_epochs")
+
 
 def _flatten(node: Any, prefix: str = "") -> dict:
     if isinstance(node, dict):
@@ -71,7 +76,7 @@ def config_diff(recorded: dict, current: dict) -> List[Tuple[str, Any, Any]]:
     missing = object()
     out = []
     for key in sorted(set(a) | set(b)):
-        if any(fnmatch.fnmatchcase(key, pat) for pat in FREE_KEYS):
+        if any(fnmatch.fnmatchcase(key, pat) for pat in FREE_KEYS + EXTENDABLE_KEYS):
             continue
         va, vb = a.get(key, missing), b.get(key, missing)
         if va != vb:
@@ -112,6 +117,15 @@ def check_resume(out_dir, config: dict, resume: bool) -> bool:
     if recorded is None:  # a run started without a recorded config (a research script)
         return True
     diff = config_diff(recorded, config)
+    flat_recorded, flat_config = _flatten(recorded), _flatten(config)
+    for key in EXTENDABLE_KEYS:
+        if flat_recorded.get(key) != flat_config.get(key):
+            from aligner.runtime import get_logger
+
+            get_logger(__name__).warning(
+                f"{key} changes from {flat_recorded.get(key)!r} to {flat_config.get(key)!r} on resume: the run"
+                f" continues to the new length with the recorded LR schedule (a decaying LR stays at optim.min_lr"
+                f" past the recorded length)")
     if diff:
         shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:8])
         more = f" (and {len(diff) - 8} more)" if len(diff) > 8 else ""

@@ -126,6 +126,9 @@ def test_config_diff_names_training_keys_and_ignores_how_a_run_is_watched():
     assert config_diff(a, b) == [("dpo.beta", 0.1, 0.2), ("dpo.eta", "(absent)", 1.0)]
     assert config_diff(a, a) == []
     assert "parallel.*" in FREE_KEYS and "trainer.max_steps" not in FREE_KEYS
+    # a run may be extended on resume (logged): the length is no reason to refuse
+    longer = {**a, "trainer": {**a["trainer"], "max_steps": 10}}
+    assert config_diff({**a, "trainer": {**a["trainer"], "max_steps": 5}}, longer) == []
 
 
 def test_wandb_run_id_is_kept_in_the_run_folder(tmp_path):

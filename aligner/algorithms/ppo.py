@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from aligner.data.formats import HELPSTEER2_ATTRIBUTES
 from aligner.algorithms.experience import Experience, ExperienceMaker, reduce_metric_store
 from aligner.algorithms.losses import (
+    KL_KINDS,
     gae_advantages,
     kl_penalty,
     masked_moments,
@@ -173,6 +174,10 @@ class PPOAlgorithm(Algorithm):
             raise ValueError(f"ppo.truncated = {s.truncated!r}: expected one of {TRUNCATED}")
         if s.ppo_epochs < 1:
             raise ValueError(f"ppo.ppo_epochs = {s.ppo_epochs}: expected >= 1")
+        if s.kl_estimator not in KL_KINDS:
+            raise ValueError(f"ppo.kl_estimator = {s.kl_estimator!r}: expected one of {KL_KINDS}")
+        if s.reference not in ("host", "model"):
+            raise ValueError(f"ppo.reference = {s.reference!r}: expected 'host' or 'model'")
         self.s = s
         self.maker = maker
         self.rollout_buffer = rollout_buffer

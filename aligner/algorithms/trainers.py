@@ -190,6 +190,7 @@ class _BaseTrainer:
 
         check_required(self.typed_cfg, f"aligner train {self.name}")
         c = self.cfg
+        self.check_layer_spec()
         if c.init.hf is not None:
             hf = Path(c.init.hf)
             if not hf.is_dir():
@@ -235,6 +236,20 @@ class _BaseTrainer:
         except ValueError as exc:  # launcher variables that are not a job
             raise ConfigError(str(exc)) from None
         return check_resume(c.trainer.out_dir, self.recorded(), c.trainer.resume)
+
+    def check_layer_spec(self) -> None:
+        """The layer spec this install builds can run the layout (context / sequence
+        parallelism need kernels some specs lack): a one-line ConfigError otherwise."""
+        from aligner.models.layer_spec import check_parallel_support, resolve_layer_spec
+        from aligner.parallel.state import LayoutError
+
+        p = self.cfg.parallel
+        try:
+            spec = resolve_layer_spec(str(OmegaConf.select(self.cfg, "model.layer_spec") or "auto"))
+            check_parallel_support(spec, sequence_parallel=bool(p.sequence_parallel and p.tp > 1),
+                                   context_parallel=int(p.cp))
+        except (LayoutError, ValueError) as exc:
+            raise ConfigError(str(exc)) from None
 
     def check_data_rows(self) -> None:
         """Read every row of the data files once (no tokenizer): a malformed row is reported

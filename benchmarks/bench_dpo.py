@@ -77,7 +77,12 @@ def run_trl(model_dir, tok_dir, pairs, args):
     from trl import DPOConfig, DPOTrainer
 
     words = lambda t: " ".join(f"t{int(i)}" for i in t)  # noqa: E731
-    ds = Dataset.from_list([{"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)} for p, c, r in pairs])
+    import pyarrow as pa
+
+    rows = [{"prompt": words(p), "chosen": " " + words(c), "rejected": " " + words(r)} for p, c, r in pairs]
+    # an explicit fingerprint: datasets' own hashing of the table pickles pyarrow types,
+    # which fails with some dill / pyarrow combinations (and costs time we do not measure)
+    ds = Dataset(pa.Table.from_pylist(rows), fingerprint=f"bench-dpo-{len(rows)}")
     tok = AutoTokenizer.from_pretrained(tok_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
     if args.device != "cpu":

@@ -206,7 +206,8 @@ def report(args) -> int:
              if (out / f"{name}.json").is_file()}
     rows = []
     train_part = parts.get("train", {})
-    for kind, r in train_part.get("runs", {}).items():
+    runs = train_part.get("runs", {})
+    for kind, r in sorted(runs.items(), key=lambda kv: kv[0] != "sft"):  # SFT first
         mfu = r.get("mfu_datasheet")
         rows.append([f"{kind.upper()} training, {train_part['dtype']}, seq {train_part['seq']} packed",
                      f"{r['tokens_per_s']:.0f} tokens/s",

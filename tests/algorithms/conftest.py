@@ -36,3 +36,16 @@ def tiny_hf(tmp_path_factory):
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group_left_behind():
+    """Tests that build models in the pytest process itself (world size 1) leave no process
+    group to the tests after them (those check that nothing initialises one)."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        from aligner.parallel import destroy
+
+        destroy()

@@ -49,7 +49,7 @@ def load_steerlm2(path, tokenizer, max_length: int = 4096, overlong: str = "trun
     A response that does not fit ``max_length`` after the over-length policy drops its whole
     group (the group's softmaxes need every member); drops are counted and printed.
     """
-    from aligner.data.datasets import DataFormatError, _fit, read_jsonl, render_extra_id
+    from aligner.data.datasets import _fit, finish_loading, read_jsonl, render_extra_id
     from aligner.data.formats import parse_row
 
     counts: Counter = Counter()
@@ -73,14 +73,7 @@ def load_steerlm2(path, tokenizer, max_length: int = 4096, overlong: str = "trun
             "log_q_prime": torch.tensor([r.log_q for r in rec.responses], dtype=torch.float64),
             "line": lineno,
         })
-    if counts:
-        import sys
-
-        print(f"aligner data: {path}: {len(out)} groups; " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
-              file=sys.stderr)
-    if not out:
-        raise DataFormatError(f"{path}: no usable SteerLM 2.0 groups ({dict(counts) or 'empty file'})")
-    return out
+    return finish_loading(path, "steerlm2", out, counts, unit="SteerLM 2.0 groups")
 
 
 class SteerLM2Algorithm(TokenAlgorithm):

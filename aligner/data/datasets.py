@@ -516,12 +516,18 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
             meta = {k: v for k, v in row.items() if k not in ("prompt",)}
             out.append({"prompt_tokens": T(tokens), "prompt": p.prompt.to_prompt_string(), "meta": meta,
                         "conversation": p.prompt})
-    report = {"file": str(path), "kind": kind, "samples": len(out), **dict(counts)}
+    return finish_loading(path, kind, out, counts)
+
+
+def finish_loading(path, kind: str, samples: list, counts: Counter, unit: str = "samples") -> list:
+    """Record and print what loading ``path`` skipped, dropped or cut (``counts``), in
+    :data:`last_report` too; refuse a file that gave no ``samples``."""
+    report = {"file": str(path), "kind": kind, "samples": len(samples), **dict(counts)}
     last_report.clear()
     last_report.update(report)
     if counts:
-        print(f"aligner data: {path}: {len(out)} samples; " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+        print(f"aligner data: {path}: {len(samples)} {unit}; " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
               file=sys.stderr)
-    if not out:
-        raise DataFormatError(f"{path}: no usable samples ({dict(counts) or 'empty file'})")
-    return out
+    if not samples:
+        raise DataFormatError(f"{path}: no usable {unit} ({dict(counts) or 'empty file'})")
+    return samples

@@ -234,7 +234,7 @@ def build_trainable_role(name: str, models: List[torch.nn.Module], optim, max_st
     )
     chunks = [DistributedDataParallel(m.config, ddp_cfg, m, disable_bucketing=i > 0) for i, m in enumerate(models)]
     ocfg = OptimizerConfig(
-        optimizer=optim.name,
+        optimizer=str(optim.name),  # plain strings: checkpoints load with weights_only
         lr=optim.lr,
         min_lr=optim.min_lr,
         weight_decay=optim.weight_decay,
@@ -255,7 +255,7 @@ def build_trainable_role(name: str, models: List[torch.nn.Module], optim, max_st
         min_lr=optim.min_lr,
         lr_warmup_steps=optim.warmup_steps,
         lr_decay_steps=max(decay_steps, optim.warmup_steps + 1),
-        lr_decay_style=optim.schedule,
+        lr_decay_style=str(optim.schedule),
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
         wd_incr_steps=decay_steps,

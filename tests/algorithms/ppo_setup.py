@@ -11,6 +11,8 @@ import json
 import random
 from pathlib import Path
 
+from tests.word_tokenizer import save_word_tokenizer
+
 SPECIAL = ["<extra_id_0>", "<extra_id_1>", "<extra_id_2>"]
 WORDS = ["System", "User", "Assistant", "be", "nice", "hi", "there", "hello", "friend", "bye", "fine", "ok",
          "good", "bad", "what", "is", "2", "4", "say", "a", "word", "please", "now", "yes", "no", "the", "answer"]
@@ -19,24 +21,7 @@ HIDDEN, LAYERS, HEADS, GROUPS, CONTEXT = 32, 2, 4, 2, 64
 
 def make_tokenizer(out: Path, words=WORDS, seed: int = 0) -> Path:
     """A word-level HF tokenizer; ``seed`` shuffles the word ids (another tokenizer, same words)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    order = list(words)
-    if seed:
-        random.Random(seed).shuffle(order)
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + SPECIAL)}
-    for w in order:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=SPECIAL)
-    out.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out)
-    return out
+    return save_word_tokenizer(out, words, SPECIAL, seed)
 
 
 def _llama_config(vocab: int, **kw):

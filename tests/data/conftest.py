@@ -15,23 +15,9 @@ def word_tokenizer(tmp_path_factory):
 
     ids: <pad> 0, <unk> 1, <s> 2, </s> 3, then the special markers, then WORDS in order.
     """
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
+    from tests.word_tokenizer import word_vocab, save_word_tokenizer
 
-    vocab = {t: i for i, t in enumerate(["<pad>", "<unk>", "<s>", "</s>"] + SPECIAL)}
-    for w in WORDS:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", additional_special_tokens=SPECIAL)
     out = tmp_path_factory.mktemp("wordtok")
-    fast.save_pretrained(out)
-    plain = out / "plain"
-    fast.save_pretrained(plain)
-    fast.chat_template = CHAT_TEMPLATE
-    chat = out / "chat"
-    fast.save_pretrained(chat)
-    return {"plain": plain, "chat": chat, "vocab": vocab}
+    plain = save_word_tokenizer(out / "plain", WORDS, SPECIAL)
+    chat = save_word_tokenizer(out / "chat", WORDS, SPECIAL, chat_template=CHAT_TEMPLATE)
+    return {"plain": plain, "chat": chat, "vocab": word_vocab(WORDS, SPECIAL)}

@@ -21,8 +21,8 @@ TIMING = ("step_time", "tokens_per_s")
 def _start(out, ranks, reference, sleep):
     from aligner.parallel.state import free_port
 
-    cmd = [sys.executable, "-W", "ignore", "-m", "tests.training.dpo_fit_driver", str(out), str(STEPS), str(SAVE),
-           str(sleep), reference]
+    cmd = [sys.executable, "-W", "ignore", "-m", "tests.training.fit_driver", str(out), str(STEPS), str(SAVE),
+           str(sleep), f"dpo:{reference}"]
     port = str(free_port())
     procs = []
     for rank in range(ranks):

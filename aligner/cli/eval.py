@@ -53,7 +53,7 @@ def regression(model: str, path: str, *, attributes: Optional[List[str]] = None,
     import torch
 
     from aligner.algorithms.regression_metrics import regression_metrics
-    from aligner.algorithms.scoring import score_sequences
+    from aligner.training.scoring import score_sequences
     from aligner.cli.rm import ScoringError, _load_rm, reward_readout
     from aligner.data import load_dataset, load_tokenizer
 

@@ -193,7 +193,7 @@ def score(args, readout, rows, prompts, tokenizer, pad_id) -> None:
     """
     import torch
 
-    from aligner.algorithms.scoring import score_sequences
+    from aligner.training.scoring import score_sequences
     from aligner.cli.rm import _load_rm
     from aligner.data.datasets import render_reward
 

@@ -152,7 +152,7 @@ def score_samples(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, 
     input row, in file order: ``{"line", "row", "format", "outputs": {key: [N]},
     "reward": {key: r}}`` where key is ``tokens`` (one response) or ``chosen`` /
     ``rejected``; ``subset`` kept for pairs."""
-    from aligner.algorithms.scoring import score_sequences
+    from aligner.training.scoring import score_sequences
     from aligner.data import load_dataset, load_tokenizer
     from aligner.data.datasets import KIND_FORMATS, read_jsonl
 

@@ -227,7 +227,7 @@ class RewardModel(RewardSource):
         return torch.tensor(tokens, dtype=torch.long)
 
     def score(self, batch):
-        from aligner.algorithms.scoring import score_sequences
+        from aligner.training.scoring import score_sequences
 
         sequences = [self.render(batch, i) for i in range(len(batch))]
         values = score_sequences(self.role.chunks, sequences, self.tokenizer.pad_id, self.micro_batch_size)

@@ -94,7 +94,7 @@ def _generate(root):
 
 def _independent_references(root, workdir):
     """TP=1 only: SFT validation NLL by plain forward passes, BT accuracies from scoring."""
-    from aligner.algorithms.scoring import score_sequences
+    from aligner.training.scoring import score_sequences
 
     _, _, _, sft_val = _algos()["sft"]
     (model,) = L.build_chunks()

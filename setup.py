@@ -57,7 +57,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=7.4"],
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5"],
         # benchmarks/ compare against peers: TRL's DPOTrainer
         "bench": ["trl>=1.0"],
         # Apex is not on PyPI: it ships inside the NGC PyTorch image the Dockerfile builds on.

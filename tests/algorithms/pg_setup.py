@@ -34,3 +34,14 @@ def pg_config(assets: dict, out_dir: str, **sections) -> dict:
 def length_reward(prompts, responses, metadata):
     """The number of words of the response, capped at 3: a pure function of the text."""
     return [float(min(3, len(r.split()))) for r in responses]
+
+
+def target_reward(prompts, responses, metadata):
+    """0 for every response to a prompt whose row's ``target`` is ``ok`` (such groups are
+    all equal: no signal), the response's length in characters otherwise."""
+    return [0.0 if m["target"] == "ok" else float(len(r)) for r, m in zip(responses, metadata)]
+
+
+def zero_reward(prompts, responses, metadata):
+    """0 for everything: only shaping (the overlong penalty) can give a group signal."""
+    return [0.0] * len(responses)

@@ -12,7 +12,8 @@ Then the SFT model and each policy answer the world's held-out prompts, greedily
 sampled (temperature 1, fixed seeds), and the world's scorer rates every response:
 the exact-answer rate (with its standard error and the paired gain over SFT) and the
 paired ground-truth helpfulness gain over SFT (as examples/ppo_world.py reports for PPO)
-go to ``results.json``, with steps and wall times.
+go to ``results.json``, with steps and wall times. Runs already trained in ``--out`` are
+evaluated again, not retrained; each run keeps the settings it was trained with.
 """
 from __future__ import annotations
 
@@ -103,6 +104,7 @@ def main(argv=None) -> int:
                        f"pg.kl_coef={args.kl}", f"pg.samples_per_prompt={args.samples_per_prompt}",
                        f"pg.generation.max_new_tokens={args.max_new_tokens}"] + extra)
         timings[name] = time.perf_counter() - t0
+        results.setdefault("settings", {})[name] = dict(vars(args), runs=name)
     prompts = load_prompts(str(world / "prompts_heldout.jsonl"), tok)
     scores = {}
     for name, folder in [("sft", base / "sft" / "hf")] + [(r, out / r / "hf") for r in runs]:
@@ -121,9 +123,7 @@ def main(argv=None) -> int:
         steps[name] = {"steps": last["step"], "final_reward_mean": last.get("reward/mean"),
                        "final_kl_ref": last.get("kl_ref"),
                        "step_time_mean": sum(json.loads(x).get("step_time", 0.0) for x in lines) / len(lines)}
-    results.update({
-        "base": str(base),
-        "settings": vars(args),
+    new = {
         "train_seconds": timings,
         "runs": steps,
         "exact_answer_rate": {f"{n}/{m}": rate(v) for (n, m), v in exact.items()},
@@ -131,7 +131,10 @@ def main(argv=None) -> int:
         "helpfulness": {f"{n}/{m}": sum(v) / len(v) for (n, m), v in helpful.items()},
         "helpfulness_gain_over_sft": {f"{n}/{m}": paired(helpful[("sft", m)], v) for (n, m), v in helpful.items()
                                       if n != "sft"},
-    })
+    }
+    results["base"] = str(base)
+    for key, values in new.items():  # runs of earlier invocations stay (each with its own settings)
+        results[key] = dict(results.get(key, {}), **values)
     results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
     print(json.dumps(results, indent=2, sort_keys=True))
     return 0

@@ -11,7 +11,9 @@ model (random init or ``init.hf``) and runs :class:`aligner.training.loop.Traini
 
 A new algorithm registers its trainer with :func:`register_trainer`: its schema becomes
 ``<name>_schema`` in Hydra's ConfigStore, which its top-level configs in ``conf/`` list
-first in their defaults. Config keys: docs/configuration.md.
+first in their defaults. Config keys: docs/configuration.md. Online algorithms subclass
+:class:`OnlineTrainer` (reference, reward source and experience maker built from their
+section): ``PPOTrainer`` (aligner.algorithms.ppo) and ``PGTrainer`` (aligner.algorithms.pg).
 """
 from __future__ import annotations
 

@@ -153,8 +153,6 @@ def test_all_equal_groups_are_dropped_up_to_the_cap_and_train_nothing(assets, tm
     """Greedy generation: the G samples of a prompt are identical, every group is without
     signal. All rounds are used, the batch is topped up with groups that count for nothing,
     and the update leaves the policy as it was."""
-    from aligner.algorithms.experience import Experience
-
     _, loop, algo, context = _setup(assets, str(tmp_path / "run"), advantage="grpo", loss="clipped",
                                     dynamic_sampling=True, max_generation_rounds=3, generation={"temperature": 0.0})
     before = [p.detach().clone() for p in context.roles["policy"].modules[0].parameters()]
@@ -165,7 +163,6 @@ def test_all_equal_groups_are_dropped_up_to_the_cap_and_train_nothing(assets, tm
     assert metrics["grad_norm/policy"] == 0.0
     for a, b in zip(before, context.roles["policy"].modules[0].parameters()):
         assert torch.equal(a, b)
-    del Experience
 
 
 def test_overlong_penalty_and_overlong_filtering(assets, tmp_path):

@@ -94,13 +94,33 @@ def _writer_queue() -> None:
     """dist_checkpointing's writer collects results through a multiprocessing Manager that
     it starts with the *spawn* method, which re-imports the ``__main__`` module: a research
     script without a ``__main__`` guard would run again inside it. Its write workers are
-    forked; give it a Manager started the same way, which imports nothing."""
+    forked; give it a Manager started the same way, which imports nothing. The Manager is a
+    process of its own: it is made to die with the training process, so a rank killed with
+    SIGKILL leaves no Manager behind (Linux)."""
     import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", None) is None:
-        filesystem_async._results_queue = mp.get_context("fork").Manager().Queue()
+        manager = SyncManager(ctx=mp.get_context("fork"))
+        manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+        filesystem_async._results_queue = manager.Queue()
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a child process: be killed when ``parent`` ends, however it ends (Linux's
+    PR_SET_PDEATHSIG; elsewhere nothing)."""
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the request was made
+        os._exit(0)
 
 
 def _step_dir(root: Path, step: int) -> Path:

@@ -46,12 +46,37 @@ def runs(tmp_path_factory):
     proc.wait(timeout=30)
     killed_at = json.loads(latest.read_text())["step"]
     assert not (killed / "result.json").exists(), "the run finished before it was killed"
+    left = _processes_of(killed)
     _run(killed, 0.0)
-    return whole, killed, killed_at
+    return whole, killed, killed_at, left
+
+
+def _processes_of(out, wait=10.0):
+    """Processes (other than this one) whose command line names ``out``, once those that
+    are ending have had ``wait`` seconds to do so."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if str(out) in cmd and proc.name != str(os.getpid()) and state != "Z":
+                found.append(f"{proc.name}: {cmd}")
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def test_a_killed_run_leaves_no_process_behind(runs):
+    """The checkpoint writer's helper process dies with the run it serves."""
+    assert runs[3] == []
 
 
 def test_resumed_run_ends_with_the_same_metrics(runs):
-    whole, killed, killed_at = runs
+    whole, killed, killed_at, _ = runs
     assert SAVE <= killed_at < STEPS
     a, b = _metrics(whole), _metrics(killed)
     assert [(r["step"], r["split"]) for r in a] == [(r["step"], r["split"]) for r in b]
@@ -64,7 +89,7 @@ def test_resumed_run_ends_with_the_same_metrics(runs):
 
 
 def test_no_partial_checkpoint_is_latest(runs):
-    _, killed, _ = runs
+    _, killed, _, _ = runs
     root = killed / "checkpoints"
     latest = json.loads((root / "latest").read_text())
     assert latest["step"] == STEPS and (root / latest["dir"] / "extra.json").is_file()
@@ -76,7 +101,7 @@ def test_validation_loss_falls_and_hf_export_loads(runs):
     import torch
     from transformers import AutoModelForCausalLM
 
-    whole, _, _ = runs
+    whole, _, _, _ = runs
     val = [r["loss"] for r in _metrics(whole) if r["split"] == "val"]
     assert val[-1] < val[0] - 0.5, val
     model = AutoModelForCausalLM.from_pretrained(str(whole / "hf"))

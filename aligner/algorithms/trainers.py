@@ -568,3 +568,4 @@ __all__ = [
 ]
 
 import aligner.algorithms.ppo  # noqa: E402,F401  registers the "ppo" trainer (it builds on the classes above)
+import aligner.algorithms.steerlm  # noqa: E402,F401  registers the "steerlm2" trainer

@@ -399,6 +399,18 @@ class SteerLM2Sampler:
 
 
 # ------------------------------------------------------------------------------ config
+def _register_epochs_resolver() -> None:
+    """``${steerlm2_epochs:${steerlm2.iterations},${steerlm2.epochs}}`` in conf/steerlm2.yaml:
+    the run's epochs follow the iterations and epochs per iteration a user overrides."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("steerlm2_epochs", lambda iterations, epochs: int(iterations) * int(epochs),
+                                    replace=True)
+
+
+_register_epochs_resolver()
+
+
 class SFTMode(Choice):
     host = "host"
     model = "model"

@@ -17,6 +17,8 @@ from tests.algorithms.ppo_setup import WORDS, _llama_config, make_tokenizer
 ATTRS = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
 TARGETS = ["helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:1",
            "helpfulness:3,correctness:4,coherence:4,complexity:1,verbosity:3"]
+# attribute strings that are words of the test tokenizer (others read as <unk>)
+LABEL_WORDS = TARGETS + ["helpfulness:2,correctness:4,coherence:4,complexity:1,verbosity:3"]
 
 
 def make_assets(base) -> dict:
@@ -24,7 +26,7 @@ def make_assets(base) -> dict:
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     base = Path(base)
-    tok_dir = make_tokenizer(base / "tokenizer")
+    tok_dir = make_tokenizer(base / "tokenizer", words=WORDS + LABEL_WORDS)
     vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"])
     torch.manual_seed(3)
     policy = LlamaForCausalLM(_llama_config(vocab))

@@ -144,8 +144,9 @@ def evaluate(name, path, tok, prompts, seed, max_new_tokens, with_plain=False):
     return res
 
 
-def figures(gen: dict) -> dict:
-    """Steerability, quality and adherence figures of one model's generations."""
+def figures(gen: dict, seen: dict) -> dict:
+    """Steerability, quality and adherence figures of one model's generations. ``seen``:
+    per attribute, the levels the labelled training data holds (Spearman over those too)."""
     out = {}
     for attr in ("verbosity", "complexity"):
         req, meas = [], []
@@ -154,8 +155,11 @@ def figures(gen: dict) -> dict:
             scores = [r[attr] for r in gen[f"{attr}={level}"]]
             req += [level] * len(scores)
             meas += scores
-            by_level[level] = sum(scores) / len(scores)
+            by_level[level] = mean_se(scores)
         out[f"spearman/{attr}"] = spearman(req, meas)
+        keep = [i for i, level in enumerate(req) if level in seen[attr]]
+        out[f"spearman_seen_levels/{attr}"] = {"levels": sorted(seen[attr]),
+                                               "spearman": spearman([req[i] for i in keep], [meas[i] for i in keep])}
         out[f"measured_by_requested/{attr}"] = by_level
     out["quality/helpfulness"] = mean_se([r["helpfulness"] for r in gen["quality"]])
     out["quality/correctness"] = mean_se([r["correctness"] for r in gen["quality"]])
@@ -256,20 +260,36 @@ def main(argv=None) -> int:
     models = {"steerlm": steerlm / "hf",
               "steerlm2_iteration1": ckpts / f"step_{steps_per_iteration:07d}",
               "steerlm2_iteration2": ckpts / f"step_{2 * steps_per_iteration:07d}"}
-    gen = {"sft": {"plain": generate(*load_models(qs / "sft" / "hf"), tok, heldout, None, args.seed,
-                                     args.max_new_tokens)}}
-    for name, path in models.items():
-        gen[name] = evaluate(name, path, tok, heldout, args.seed, args.max_new_tokens)
+    generations = out / "generations.json"
+    if generations.is_file():
+        gen = json.loads(generations.read_text())
+    else:
+        gen = {"sft": {"plain": generate(*load_models(qs / "sft" / "hf"), tok, heldout, None, args.seed,
+                                         args.max_new_tokens)}}
+        for name, path in models.items():
+            gen[name] = evaluate(name, path, tok, heldout, args.seed, args.max_new_tokens)
+        generations.write_text(json.dumps(gen))
     timings["evaluation"] = time.perf_counter() - t0
+    # the levels of each attribute in the labelled SteerLM training data (what SteerLM saw)
+    from aligner.data.formats import parse_attribute_label
+
+    label_counts = {a: {} for a in ATTRS}
+    for line in labelled["sft_train"].read_text().splitlines():
+        levels = parse_attribute_label(json.loads(line)["conversations"][-1]["label"])
+        for a in ATTRS:
+            label_counts[a][levels[a]] = label_counts[a].get(levels[a], 0) + 1
+    total = sum(label_counts["verbosity"].values())
+    seen = {a: {lv for lv, c in label_counts[a].items() if c >= 0.01 * total} for a in ATTRS}
 
     results = {"settings": vars(args), "heldout_prompts": len(heldout), "targets": targets,
-               "timings_s": timings, "models": {}}
+               "timings_s": timings, "models": {},
+               "labelled_sft_data_levels": {a: dict(sorted(c.items())) for a, c in label_counts.items()}}
     sft_help = [r["helpfulness"] for r in gen["sft"]["plain"]]
     results["sft"] = {"helpfulness": mean_se(sft_help),
                       "verbosity": mean_se([r["verbosity"] for r in gen["sft"]["plain"]]),
                       "complexity": mean_se([r["complexity"] for r in gen["sft"]["plain"]])}
     for name in models:
-        fig = figures(gen[name])
+        fig = figures(gen[name], seen)
         fig["quality/helpfulness_minus_sft"] = paired(sft_help, [r["helpfulness"] for r in gen[name]["quality"]])
         if name != "steerlm":
             fig["adherence/minus_steerlm"] = paired(adherence_errors(gen["steerlm"]), adherence_errors(gen[name]))
@@ -285,8 +305,8 @@ def main(argv=None) -> int:
             v = score_response(row, row["conversations"][-1]["value"])[a]
             counts[v] = counts.get(v, 0) + 1
         results["world_sft_data_levels"][a] = dict(sorted(counts.items()))
+    results["world_sft_data_levels_by_scorer"] = results.pop("world_sft_data_levels")
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    (out / "generations.json").write_text(json.dumps(gen))
     log(f"wrote {out / 'results.json'}")
     for name, fig in results["models"].items():
         log(f"{name}: spearman verbosity {fig['spearman/verbosity']:.3f}, complexity {fig['spearman/complexity']:.3f};"

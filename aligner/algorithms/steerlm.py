@@ -498,7 +498,7 @@ class SteerLM2Trainer(_BaseTrainer):
 
     @classmethod
     def check(cls, cfg):
-        s, t = cfg.steerlm2, cfg.trainer
+        s = cfg.steerlm2
         for key in ("iterations", "epochs", "samples_per_prompt"):
             if s[key] < 1:
                 raise ConfigError(f"steerlm2.{key} = {s[key]}: expected >= 1")

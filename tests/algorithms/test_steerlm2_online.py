@@ -45,7 +45,7 @@ def test_group_of_four_weights_baseline_distance_by_hand():
     # w' − b' = [1/3, −1/12, −5/24, −1/24]; T̄ = 5; L = Σ (w' − b')(−log Q_θ) / 5
     nll = [6.0, 8.0 - ln2, 4.0 - ln2, 10.0]
     want = (nll[0] / 3 - nll[1] / 12 - 5 * nll[2] / 24 - nll[3] / 24) / 5
-    assert abs(float(loss) - want) < 1e-12
+    assert abs(float(loss.detach()) - want) < 1e-12
     loss.backward()
     torch.testing.assert_close(policy.grad, t([-1 / 15, 1 / 60, 1 / 24, 1 / 120]), atol=1e-15, rtol=0)
     # distance Σ w' log(w'/b') = ½ ln 3 + ¼ ln ¾ + ⅛ ln ⅜ + ⅛ ln ¾

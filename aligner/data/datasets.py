@@ -191,7 +191,8 @@ def _validate_steerlm2(row, where: str) -> None:
     for i, r in enumerate(responses):
         if not isinstance(r, dict):
             raise DataFormatError(f"{where}: responses[{i}] must be an object")
-        _text(r, "value", f"{where}: responses[{i}]")
+        # an empty response (the model stopped at once) is a sample like any other
+        _text(r, "value", f"{where}: responses[{i}]", allow_empty=True)
         for key in STEERLM2_LOG_FIELDS:
             v = r.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):

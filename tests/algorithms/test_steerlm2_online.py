@@ -190,3 +190,26 @@ def test_scored_samples_match_transformers(runs):
         kls.append(float((wp * (wp * len(wp)).log()).sum()))
     ref = one[0]["tp1"][0]
     assert abs(ref["kl_w_b"] - sum(kls) / len(kls)) < 1e-5, (ref["kl_w_b"], sum(kls) / len(kls))
+
+
+def test_a_samples_file_trains_as_a_prescored_file(runs, tmp_path):
+    """The samples file a run writes is a pre-scored steerlm2 file: `aligner train steerlm2`
+    trains on it with no sampling (one iteration; two are refused, naming the key)."""
+    from aligner.algorithms.steerlm import SteerLM2Trainer
+    from aligner.training.config import ConfigError
+    from tests.algorithms.steerlm2_setup import steerlm2_config
+
+    w, assets, _, _ = runs
+    scored = str(Path(w, "tp1", "steerlm2_samples", "iteration_0.jsonl"))
+    no_sampling = {"epochs": 1, "sft_model": None, "reward_model": None}
+    with pytest.raises(ConfigError, match="steerlm2.iterations = 2: data.train is a pre-scored steerlm2 file"):
+        SteerLM2Trainer(steerlm2_config(assets, str(tmp_path / "two"), data={"train": scored},
+                                        steerlm2=no_sampling)).preflight()
+    out = tmp_path / "prescored"
+    result = SteerLM2Trainer(steerlm2_config(assets, str(out), data={"train": scored},
+                                             steerlm2=dict(no_sampling, iterations=1))).fit()
+    assert result["step"] == 2  # 32 groups, 16 per step, one epoch
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["kl_w_b"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert not (out / "steerlm2_samples").exists()

@@ -484,11 +484,14 @@ class SteerLM2Trainer(_BaseTrainer):
         cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg.copy()
         section = OmegaConf.select(cfg, "steerlm2") or {}
         try:
-            total = int(section.get("iterations", SteerLM2Section.iterations)) * int(
-                section.get("epochs", SteerLM2Section.epochs))
+            counts = {key: int(section.get(key, getattr(SteerLM2Section, key))) for key in ("iterations", "epochs")}
         except (TypeError, ValueError):
-            total = None  # a wrong type: validation names the key
-        if total is not None:
+            counts = None  # a wrong type: validation names the key
+        for key, value in (counts or {}).items():
+            if value < 1:
+                raise ConfigError(f"steerlm2.{key} = {value}: expected >= 1")
+        if counts is not None:
+            total = counts["iterations"] * counts["epochs"]
             given = OmegaConf.select(cfg, "trainer.max_epochs")
             if given is not None and given != total:
                 raise ConfigError(f"trainer.max_epochs = {given}: SteerLM 2.0 runs steerlm2.iterations x"
@@ -514,10 +517,12 @@ class SteerLM2Trainer(_BaseTrainer):
 
         for i, label in enumerate(s.targets):
             try:
-                parse_attribute_label(label)
+                levels = parse_attribute_label(label)
             except ValueError:
-                raise ConfigError(f"steerlm2.targets[{i}] = {label!r}: expected name:value pairs such as"
-                                  f" {STEERLM_DEFAULT_LABEL!r}") from None
+                levels = None
+            if not levels or any(not name or not 0 <= v <= 4 for name, v in levels.items()):
+                raise ConfigError(f"steerlm2.targets[{i}] = {label!r}: expected name:value pairs with values 0..4,"
+                                  f" such as {STEERLM_DEFAULT_LABEL!r}")
 
     def train_format(self) -> str:
         from aligner.data.datasets import read_jsonl

@@ -161,3 +161,20 @@ def test_steerlm_label_requests():
     for bad in ("helpfulness", "helpfulness=high", "=3", ""):
         with pytest.raises(ValueError, match="attribute request"):
             steerlm_label(bad)
+
+
+def test_steerlm2_config_errors_name_the_key():
+    from aligner.algorithms.steerlm import SteerLM2Trainer
+    from aligner.training.config import ConfigError
+    from tests.algorithms.steerlm2_setup import steerlm2_config
+
+    assets = {k: f"/nowhere/{k}" for k in ("steerlm", "prompts", "tokenizer", "sft", "rm")}
+    for section, match in (({"targets": ["helpfulness:4,verbosity:9"]}, r"steerlm2.targets\[0\] = .*values 0..4"),
+                           ({"samples_per_prompt": 1}, "steerlm2.samples_per_prompt = 1: the weights are a softmax"),
+                           ({"iterations": 0}, "steerlm2.iterations = 0: expected >= 1")):
+        with pytest.raises(ConfigError, match=match):
+            SteerLM2Trainer(steerlm2_config(assets, "/nowhere/out", steerlm2=section))
+    with pytest.raises(ConfigError, match="trainer.max_epochs = 3: SteerLM 2.0 runs"):
+        SteerLM2Trainer(steerlm2_config(assets, "/nowhere/out", trainer={"max_epochs": 3}))
+    trainer = SteerLM2Trainer(steerlm2_config(assets, "/nowhere/out", steerlm2={"iterations": 3, "epochs": 2}))
+    assert trainer.cfg.trainer.max_epochs == 6

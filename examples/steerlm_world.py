@@ -194,7 +194,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steerlm-steps", type=int, default=200)
     parser.add_argument("--steerlm2-prompts", type=int, default=32, help="training prompts sampled per iteration")
     parser.add_argument("--samples", type=int, default=4, help="SteerLM 2.0 responses per (prompt, attributes)")
-    parser.add_argument("--steerlm2-lr", type=float, default=1e-4)
+    parser.add_argument("--steerlm2-lr", type=float, default=3e-5)
     parser.add_argument("--steerlm2-batch", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args(argv)

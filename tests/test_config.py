@@ -34,7 +34,7 @@ from aligner.training.config import (
 
 CONFIGS = ["sft", "dpo", "rm_regression", "rm_bt", "helpsteer2_dpo", "helpsteer2_rm_regression",
            "helpsteer2_rm_helpfulness", "helpsteer2pref_scaled_bt", "ppo", "helpsteer2_ppo", "pg", "rloo", "grpo",
-           "helpsteer2pref_reinforce"]
+           "helpsteer2pref_reinforce", "steerlm_sft", "steerlm2", "helpsteer2_steerlm2"]
 ONLINE = {"ppo": "ppo", "helpsteer2_ppo": "ppo", "pg": "pg", "rloo": "pg", "grpo": "pg", "helpsteer2pref_reinforce": "pg"}
 
 
@@ -51,7 +51,7 @@ def test_every_top_level_config_composes_onto_its_schema():
         assert trainer_cls is TRAINERS[cfg.algorithm]
         assert OmegaConf.get_type(cfg) is trainer_cls.schema
         # what a run still needs: the data, and for everything but SFT the initial model
-        assert missing_keys(cfg) == (["data.train"] if name == "sft" else ["init.hf", "data.train"])
+        assert missing_keys(cfg) == (["data.train"] if name in ("sft", "steerlm_sft") else ["init.hf", "data.train"])
 
 
 def test_choices_are_the_registries_of_the_code_that_uses_them():
@@ -127,8 +127,10 @@ def test_every_key_of_every_config_is_overridable_without_plus():
                 if isinstance(value, dict):
                     walk(value, f"{prefix}{key}.")
                 elif value != "???":
+                    # list items with a comma (SteerLM attribute strings) are quoted, as on a command line
                     text = "null" if value is None else (
-                        "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value))
+                        "[" + ",".join(f"'{v}'" if isinstance(v, str) and "," in v else str(v) for v in value) + "]"
+                        if isinstance(value, list) else str(value))
                     if isinstance(value, str) and "$" in value:
                         text = f"'{value}'"
                     overrides.append(f"{prefix}{key}={text}")

@@ -669,3 +669,4 @@ class OnlineTrainer(_BaseTrainer):
 
 import aligner.algorithms.ppo  # noqa: E402,F401  registers the "ppo" trainer (it builds on the classes above)
 import aligner.algorithms.pg  # noqa: E402,F401  registers the "pg" trainer
+import aligner.algorithms.steerlm  # noqa: E402,F401  registers the "steerlm2" trainer

@@ -16,6 +16,13 @@ data-parallel replica generates its share of the prompts; rank 0 writes the file
 - ``--template``: ``raw`` (default) encodes each prompt as it is; ``extra_id`` / ``chat`` /
   ``auto`` read any prompt-bearing format of the data layer (prompt rows, conversations,
   HelpSteer2, pairs, RewardBench rows: their prompt) and render it as a generation prompt.
+- ``--attributes helpfulness=4,verbosity=1``: SteerLM steering (docs/steerlm.md). Every
+  prompt is rendered with the attribute turn after the assistant header
+  (``<extra_id_1>Assistant\n<extra_id_2>helpfulness:4,correctness:4,...\n``), exactly as a
+  labelled row is rendered in SteerLM training; attributes not named take SteerLM's
+  inference defaults (4/4/4/2/2). A prompt row's own ``label`` field (or a labelled
+  conversation's) wins over ``--attributes``. Needs the extra_id template (``--template
+  extra_id``, or ``auto`` with a tokenizer without a chat template).
 - ``--output``: jsonl of plain JSON values, one row per (prompt, sample) in prompt order:
   ``index``, ``sample``, ``seed``, ``prompt``, ``response``, ``prompt_tokens``,
   ``response_tokens``, ``logprobs`` (per response token, the policy's unmodified
@@ -52,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", required=True, help="prompt file (jsonl, or any data-layer prompt format)")
     p.add_argument("--template", choices=("raw", "extra_id", "chat", "auto"), default="raw",
                    help="raw: encode each prompt as it is (or take prompt_tokens); else render it as a chat prompt")
+    p.add_argument("--attributes", default=None,
+                   help="SteerLM attributes to condition on, e.g. helpfulness=4,verbosity=1 (others: 4,4,4,2,2)")
     p.add_argument("--output", required=True, help="responses jsonl to write")
     p.add_argument("--reward-model", default=None, help="HF reward model folder to score the responses")
     p.add_argument("--reward-attribute", default=None, help="reward-model output used as the reward")
@@ -104,22 +113,41 @@ def load_tokenizer(path: Optional[str]):
     return data_load_tokenizer(path)
 
 
-def read_prompts(path: str, tokenizer, template: str = "raw") -> list:
+def read_prompts(path: str, tokenizer, template: str = "raw", attributes: Optional[str] = None) -> list:
     """``[{"prompt_tokens", "prompt", "meta"}]`` from ``path`` (see the module docstring).
 
     ``template="raw"``: jsonl rows with ``prompt`` (encoded as it is) or ``prompt_tokens``;
     ``extra_id`` / ``chat`` / ``auto``: any prompt-bearing format of the data layer,
-    rendered as a generation prompt with that template.
+    rendered as a generation prompt with that template. ``attributes``: a SteerLM request
+    (``helpfulness=4,verbosity=1``) rendered after the assistant header of every prompt
+    without a ``label`` of its own (:func:`aligner.data.formats.steerlm_label`).
     """
+    label = None
+    if attributes is not None:
+        from aligner.data.formats import steerlm_label
+
+        label = steerlm_label(attributes)
+        if template == "raw":
+            raise ValueError("--attributes needs a rendered prompt: pass --template extra_id (raw renders no"
+                             " attribute turn)")
     if template != "raw":
         from aligner.data import load_dataset
+        from aligner.data.datasets import render_extra_id, resolve_template
 
         if tokenizer is None:
             raise ValueError(f"--template {template} needs a tokenizer")
+        if label is not None and resolve_template(tokenizer, template) != "extra_id":
+            raise ValueError(f"--attributes needs the extra_id template; --template {template} renders"
+                             f" {resolve_template(tokenizer, template)}, which has no attribute turn")
         rows = []
         for s in load_dataset(path, kind="prompts", tokenizer=tokenizer, template=template):
-            rows.append({"prompt_tokens": s["prompt_tokens"].tolist(), "prompt": s["prompt"], "meta": s["meta"],
-                         "conversation": s["conversation"]})
+            tokens = s["prompt_tokens"].tolist()
+            row_label = s.get("label")
+            if label is not None and not row_label:
+                row_label = label
+                tokens, _ = render_extra_id(tokenizer, s["conversation"], label=label)
+            rows.append({"prompt_tokens": tokens, "prompt": s["prompt"], "meta": s["meta"],
+                         "conversation": s["conversation"], "label": row_label})
         return rows
     from aligner.data.datasets import iter_json_objects
 
@@ -258,7 +286,7 @@ def main(argv: Optional[list] = None) -> int:
     tokenizer_dir = args.tokenizer or (args.model if _is_hf_dir(args.model) else None)
     tokenizer = load_tokenizer(tokenizer_dir)
     try:
-        prompts = read_prompts(args.prompts, tokenizer, args.template)
+        prompts = read_prompts(args.prompts, tokenizer, args.template, args.attributes)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
 
@@ -297,6 +325,7 @@ def main(argv: Optional[list] = None) -> int:
             "logprobs": result.response_logprobs(j).tolist(),
             "stop_reason": result.stop_reasons[j],
             "meta": prompts[i].get("meta") or {},
+            **({"label": prompts[i]["label"]} if prompts[i].get("label") else {}),
         })
     if dp_size > 1:
         gathered = [None] * dp_size

@@ -10,6 +10,9 @@
 - ``aligner rm expo WEAK STRONG OUTPUT --alpha A``: ExPO extrapolation
   ``θ = θ_w + α (θ_s − θ_w)`` between two HF-format checkpoints of the same architecture
   (weak: e.g. the regression model; strong: the BT model trained from it).
+- ``aligner rm label MODEL INPUT OUTPUT``: SteerLM attribute labels on every Assistant
+  turn of a conversation file, predicted by a regression reward model
+  (:mod:`aligner.cli.rm_label`).
 
 How a model's outputs are read (:func:`reward_readout`, shared with ``aligner eval`` and
 ``aligner generate``; docs/reward_models.md): the output names are those the export
@@ -276,7 +279,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("strong")
     e.add_argument("output")
     e.add_argument("--alpha", type=float, required=True)
+    from aligner.cli import rm_label
+
+    rm_label.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.cmd == "label":
+        return rm_label.run(args)
     if args.cmd == "expo":
         print(f"wrote {expo(args.weak, args.strong, args.output, args.alpha)}")
         return 0

@@ -61,7 +61,7 @@ KIND_FORMATS = {
     "sft": ("sft", "openai", "steerlm"),
     "regression": ("helpsteer2",),
     "pairs": ("helpsteer2_preference", "pairwise", "rewardbench"),
-    "prompts": ("prompt", "sft", "openai", "helpsteer2", "helpsteer2_preference", "pairwise", "rewardbench"),
+    "prompts": ("prompt", "sft", "openai", "steerlm", "helpsteer2", "helpsteer2_preference", "pairwise", "rewardbench"),
     "any_scored": ("helpsteer2", "helpsteer2_preference", "pairwise", "rewardbench"),
 }
 
@@ -191,7 +191,8 @@ def _validate_steerlm2(row, where: str) -> None:
     for i, r in enumerate(responses):
         if not isinstance(r, dict):
             raise DataFormatError(f"{where}: responses[{i}] must be an object")
-        _text(r, "value", f"{where}: responses[{i}]")
+        # an empty response (the model stopped at once) is a sample like any other
+        _text(r, "value", f"{where}: responses[{i}]", allow_empty=True)
         for key in STEERLM2_LOG_FIELDS:
             v = r.get(key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -210,7 +211,9 @@ def render_extra_id(tok, conv: Conversation, response: Optional[str] = None, *, 
     Assistant turns are targets: their text, ``\\n`` and the turn end (the next header, or
     for the last turn ``<extra_id_2>`` when ``end='extra_id'`` (reward models) or the EOS
     token when ``end='eos'`` (generation)). A conversation ending with a user turn ends
-    with the assistant header (a generation prompt).
+    with the assistant header (a generation prompt); ``label`` (a SteerLM attribute
+    string) goes after that header, as in training (``<extra_id_2>{label}\\n``), so the
+    generation prompt is exactly the prompt part of a labelled training row.
     """
     turns = list(conv.turns) + ([] if response is None else [type(conv.turns[0])(ASSISTANT, response, label)])
     tokens: List[int] = []
@@ -238,7 +241,7 @@ def render_extra_id(tok, conv: Conversation, response: Optional[str] = None, *, 
         else:
             add(f"<extra_id_1>User\n{t.content}\n", False)
     if turns[-1].role != ASSISTANT:
-        add("<extra_id_1>Assistant\n", False)
+        add("<extra_id_1>Assistant\n" + (f"<extra_id_2>{label}\n" if label else ""), False)
     return tokens, mask
 
 
@@ -311,6 +314,14 @@ def check_raw(record, where: str) -> None:
         if any(t.label for t in conv.turns) or getattr(record, "label", None):
             raise DataFormatError(f"{where}: the row has a SteerLM 'label', but data.template = raw renders no"
                                   " labels (use extra_id)")
+
+
+def _check_labels_render(tok, template: str, where: str) -> None:
+    """SteerLM labels render only with the extra_id template: refuse the others, naming the row."""
+    resolved = resolve_template(tok, template)
+    if resolved != "extra_id":
+        raise DataFormatError(f"{where}: the row has a SteerLM 'label', but data.template = {template} ({resolved})"
+                              " renders no labels (use extra_id)")
 
 
 def resolve_template(tok, template: str, reward_model: bool = False) -> str:
@@ -474,6 +485,8 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
         if template == "raw":
             check_raw(rec, f"{path}:{lineno}")
         if kind == "sft":
+            if any(t.label for t in rec.turns):
+                _check_labels_render(tokenizer, template, f"{path}:{lineno}")
             fitted = _fit(*_render(tokenizer, template, rec), max_length, overlong, counts)
             if fitted:
                 out.append({"tokens": T(fitted[0]), "loss_mask": F(fitted[1])})
@@ -512,10 +525,14 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
             from aligner.data.formats import prompt_of
 
             p = prompt_of(rec)
-            tokens, _ = _render(tokenizer, template, p.prompt)
+            if p.label:  # SteerLM: the attribute turn after the assistant header, as in training
+                _check_labels_render(tokenizer, template, f"{path}:{lineno}")
+                tokens, _ = render_extra_id(tokenizer, p.prompt, label=p.label)
+            else:
+                tokens, _ = _render(tokenizer, template, p.prompt)
             meta = {k: v for k, v in row.items() if k not in ("prompt",)}
             out.append({"prompt_tokens": T(tokens), "prompt": p.prompt.to_prompt_string(), "meta": meta,
-                        "conversation": p.prompt})
+                        "conversation": p.prompt, "label": p.label})
     return finish_loading(path, kind, out, counts)
 
 

@@ -217,6 +217,35 @@ def format_attribute_label(attributes: dict[str, int], order: tuple[str, ...] = 
     return ",".join(f"{name}:{int(attributes[name])}" for name in names)
 
 
+def steerlm_label(request: str, defaults: str = STEERLM_DEFAULT_LABEL) -> str:
+    """The attribute string SteerLM is conditioned on, from a request such as
+    ``"helpfulness=4,verbosity=1"`` (``name=value`` or ``name:value`` pairs, values 0..4).
+
+    Attributes the request does not name take their value from ``defaults`` (SteerLM's
+    inference default, 4/4/4/2/2 for the five HelpSteer2 attributes), so the string has
+    the attributes, in the order, a model trained on labelled HelpSteer2-style rows saw.
+    Pass ``defaults=""`` to render only what is named. A ValueError names the bad item.
+    """
+    values = parse_attribute_label(defaults) if defaults else {}
+    named = {}
+    for item in request.split(","):
+        if not item.strip():
+            continue
+        sep = "=" if "=" in item else ":"
+        name, _, value = item.partition(sep)
+        name = name.strip()
+        if not name or not value.strip().lstrip("-").isdigit():
+            raise ValueError(f"attribute request {item.strip()!r}: expected name=value with an integer value 0..4")
+        level = int(value)
+        if not 0 <= level <= 4:
+            raise ValueError(f"attribute request {item.strip()!r}: the value must be in 0..4")
+        named[name] = level
+    if not named:
+        raise ValueError(f"attribute request {request!r}: expected name=value pairs, e.g. helpfulness=4,verbosity=1")
+    values.update(named)
+    return format_attribute_label(values)
+
+
 def _role(value: str) -> str:
     return value.strip().lower()
 

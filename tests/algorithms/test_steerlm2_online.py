@@ -1,0 +1,215 @@
+"""SteerLM 2.0 with sampling inside the run (docs/steerlm.md).
+
+- the weights, baseline, distance and gradient for a group of 4 against values worked out
+  by hand; Beta bin probabilities against a numeric integration of the Beta density;
+- the scored samples against transformers: ``log Q'(y|a,x)`` (the SteerLM model on the
+  labelled prompt), ``log P(y|x)`` (the SFT model on the unlabelled prompt) and
+  ``log P(a|x,y)`` (the reward model's outputs through the Beta model) for every sampled
+  response; at an iteration's first step the baseline is uniform (Q_θ = Q');
+- two steps (sampling, scoring, updates) agree at TP=1, TP=2, PP=2 and DP=2 (1e-5), the
+  world-size-2 layouts run one after another in one spawned job.
+"""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from aligner.parallel.spawn import spawn_local
+
+TOL = 1e-5
+KEYS = ("loss", "grad_norm", "kl_w_b", "weight_max", "sampling/log_p_attr", "sampling/response_tokens",
+        "sampling/attribute_error")
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+# ====================================================================== losses by hand
+def test_group_of_four_weights_baseline_distance_by_hand():
+    from aligner.algorithms.losses.steerlm import steerlm2_loss, steerlm2_weights
+
+    ln2, ln4 = math.log(2), math.log(4)
+    q_prime = t([-6.0, -8.0, -4.0, -10.0])
+    q_theta = t([-6.0, -8.0 + ln2, -4.0 + ln2, -10.0])  # b' logits = q_θ − q' = [0, ln2, ln2, 0]
+    attr = t([-1.0, -2.0, -3.0, -0.5])
+    p_y = q_prime + t([ln4 + 1.0, ln2 + 2.0, 3.0, 0.5])  # w' logits = attr + p_y − q' = [ln4, ln2, 0, 0]
+    w, b = steerlm2_weights(attr, p_y, q_prime, q_theta, 4)
+    # w' = [4, 2, 1, 1] / 8, b' = [1, 2, 2, 1] / 6
+    torch.testing.assert_close(w, t([1 / 2, 1 / 4, 1 / 8, 1 / 8]), atol=1e-15, rtol=0)
+    torch.testing.assert_close(b, t([1 / 6, 1 / 3, 1 / 3, 1 / 6]), atol=1e-15, rtol=0)
+    policy = q_theta.clone().requires_grad_()
+    loss, stats = steerlm2_loss(policy, t([4.0, 6.0, 3.0, 7.0]), attr, p_y, q_prime, 4)
+    # w' − b' = [1/3, −1/12, −5/24, −1/24]; T̄ = 5; L = Σ (w' − b')(−log Q_θ) / 5
+    nll = [6.0, 8.0 - ln2, 4.0 - ln2, 10.0]
+    want = (nll[0] / 3 - nll[1] / 12 - 5 * nll[2] / 24 - nll[3] / 24) / 5
+    assert abs(float(loss.detach()) - want) < 1e-12
+    loss.backward()
+    torch.testing.assert_close(policy.grad, t([-1 / 15, 1 / 60, 1 / 24, 1 / 120]), atol=1e-15, rtol=0)
+    # distance Σ w' log(w'/b') = ½ ln 3 + ¼ ln ¾ + ⅛ ln ⅜ + ⅛ ln ¾
+    kl = 0.5 * math.log(3) + 0.25 * math.log(0.75) + 0.125 * math.log(0.375) + 0.125 * math.log(0.75)
+    assert abs(float(stats["kl_w_b"]) - kl) < 1e-6
+    assert abs(float(stats["weight_max"]) - 0.5) < 1e-7
+
+
+def _beta_mass_numeric(lo, hi, a, b, steps=20000):
+    """∫_lo^hi Beta(x; a, b) dx by composite Simpson on the log-density (a, b > 1: a smooth integrand)."""
+    log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    h = (hi - lo) / steps
+
+    def pdf(x):
+        if x <= 0.0 or x >= 1.0:
+            return 0.0
+        return math.exp(log_norm + (a - 1) * math.log(x) + (b - 1) * math.log1p(-x))
+
+    total = pdf(lo) + pdf(hi)
+    for k in range(1, steps):
+        total += (4 if k % 2 else 2) * pdf(lo + k * h)
+    return total * h / 3
+
+
+def test_beta_bin_probabilities_against_numeric_integration():
+    from aligner.algorithms.losses.steerlm import attribute_log_likelihood
+
+    for pred in (0.55, 1.3, 2.0, 2.71, 3.46):
+        r = pred / 4
+        a = 24 * r
+        for level in range(5):
+            want = _beta_mass_numeric(level / 5, (level + 1) / 5, a, 24 - a)
+            got = math.exp(float(attribute_log_likelihood(t([[pred]]), torch.tensor([[level]]))[0]))
+            assert abs(got - want) < 1e-9, (pred, level, got, want)
+
+
+# ====================================================================== the run, layouts
+def _layout_steps(workdir, assets, tp, pp):
+    from aligner.algorithms.steerlm import SteerLM2Trainer
+    from aligner.training.loop import TrainingLoop
+    from tests.algorithms.steerlm2_setup import steerlm2_config
+
+    cfg = steerlm2_config(assets, workdir, parallel={"tp": tp, "pp": pp})
+    trainer = SteerLM2Trainer(cfg)
+    trainer.init_parallel()
+    prompts = trainer.prompt_groups()
+    policy = trainer.build_models()
+    roles, algo = trainer.build_sampling(policy, prompts)
+    loop = TrainingLoop(algo, policy, prompts, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
+    steps = [loop.train_step() for _ in range(2)]
+    return [{k: m[k] for k in KEYS} for m in steps]
+
+
+def run_world(workdir, assets, layouts):
+    """The layouts (tp, pp) one after another in this job (the parallel state rebuilt in between)."""
+    from megatron.core import parallel_state as ps
+
+    from aligner.parallel import ParallelConfig, initialize
+
+    out = {}
+    for name, tp, pp in layouts:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        initialize(ParallelConfig(tp=tp, pp=pp, seed=5))
+        out[name] = _layout_steps(f"{workdir}/{name}", assets, tp, pp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tests.algorithms.steerlm2_setup import make_assets
+
+    w = tmp_path_factory.mktemp("steerlm2_online")
+    assets = make_assets(w / "assets")
+    one = spawn_local(run_world, 1, str(w), assets, [("tp1", 1, 1)], timeout=600)
+    two = spawn_local(run_world, 2, str(w), assets, [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)], timeout=900)
+    return w, assets, one, two
+
+
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
+def test_two_steps_agree_across_layouts(runs, layout):
+    _, _, one, two = runs
+    ref = one[0]["tp1"]
+    assert ref[0]["loss"] != ref[1]["loss"] and ref[0]["grad_norm"] > 0
+    for rank_out in two:
+        for step, (a, b) in enumerate(zip(ref, rank_out[layout])):
+            for key in KEYS:
+                assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(a[key])), (layout, step, key, a[key], b[key])
+
+
+def _hf_logps(model, prompt, response):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].double()
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+    return float(lp[len(prompt) - 1:].sum())
+
+
+def test_scored_samples_match_transformers(runs):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from aligner.algorithms.losses.steerlm import attribute_log_likelihood
+    from aligner.data import load_tokenizer
+    from aligner.data.datasets import render_extra_id
+    from aligner.data.formats import Conversation, Turn, parse_attribute_label
+    from tests.algorithms.steerlm2_setup import ATTRS
+
+    w, assets, one, _ = runs
+    rows = [json.loads(line) for line in Path(w, "tp1", "steerlm2_samples", "iteration_0.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and all(len(r["responses"]) == 4 for r in rows)
+    tok = load_tokenizer(assets["tokenizer"])
+    steerlm = AutoModelForCausalLM.from_pretrained(assets["steerlm"]).eval()
+    sft = AutoModelForCausalLM.from_pretrained(assets["sft"]).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(assets["rm"]).eval()
+    distinct, kls = 0, []
+    for row in rows[:8]:
+        conv = Conversation([Turn("user", row["prompt_turns"][0]["value"])], row.get("system"))
+        labelled, _ = render_extra_id(tok, conv, label=row["label"])
+        plain, _ = render_extra_id(tok, conv)
+        assert row["label"] in tok.decode(labelled)
+        levels = parse_attribute_label(row["label"])
+        for r in row["responses"]:
+            assert abs(_hf_logps(steerlm, labelled, r["tokens"]) - r["log(Q(y|a,x))"]) < 1e-4
+            assert abs(_hf_logps(sft, plain, r["tokens"]) - r["log(P(y|x))"]) < 1e-4
+            rm_ids, _ = render_extra_id(tok, conv, r["value"], end="extra_id")
+            with torch.no_grad():
+                pred = rm(torch.tensor([rm_ids])).logits[0].double()
+            torch.testing.assert_close(pred, t([r["attributes"][a] for a in ATTRS]), atol=1e-4, rtol=0)
+            stored = t([[r["attributes"][a] for a in ATTRS]])
+            want = attribute_log_likelihood(stored, torch.tensor([[levels[a] for a in ATTRS]]))[0]
+            assert abs(float(want) - r["log(P(a|x,y))"]) < 1e-9
+        distinct += len({tuple(r["tokens"]) for r in row["responses"]}) > 1
+    assert distinct >= 6, "the groups need distinct responses to weigh"
+    # step 1 of an iteration: Q_θ = Q', so b' is uniform and the distance is Σ w' log(n w')
+    from aligner.training.loop import epoch_order
+
+    by_index = {r["index"]: r for r in rows}
+    for i in epoch_order(len(rows), 7, 0)[:16].tolist():
+        row = by_index[i]
+        logits = t([r["log(P(a|x,y))"] + r["log(P(y|x))"] - r["log(Q(y|a,x))"] for r in row["responses"]])
+        wp = torch.softmax(logits, 0)
+        kls.append(float((wp * (wp * len(wp)).log()).sum()))
+    ref = one[0]["tp1"][0]
+    assert abs(ref["kl_w_b"] - sum(kls) / len(kls)) < 1e-5, (ref["kl_w_b"], sum(kls) / len(kls))
+
+
+def test_a_samples_file_trains_as_a_prescored_file(runs, tmp_path):
+    """The samples file a run writes is a pre-scored steerlm2 file: `aligner train steerlm2`
+    trains on it with no sampling (one iteration; two are refused, naming the key)."""
+    from aligner.algorithms.steerlm import SteerLM2Trainer
+    from aligner.training.config import ConfigError
+    from tests.algorithms.steerlm2_setup import steerlm2_config
+
+    w, assets, _, _ = runs
+    scored = str(Path(w, "tp1", "steerlm2_samples", "iteration_0.jsonl"))
+    no_sampling = {"epochs": 1, "sft_model": None, "reward_model": None}
+    with pytest.raises(ConfigError, match="steerlm2.iterations = 2: data.train is a pre-scored steerlm2 file"):
+        SteerLM2Trainer(steerlm2_config(assets, str(tmp_path / "two"), data={"train": scored},
+                                        steerlm2=no_sampling)).preflight()
+    out = tmp_path / "prescored"
+    result = SteerLM2Trainer(steerlm2_config(assets, str(out), data={"train": scored},
+                                             steerlm2=dict(no_sampling, iterations=1))).fit()
+    assert result["step"] == 2  # 32 groups, 16 per step, one epoch
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["kl_w_b"] > 0 and r["grad_norm"] > 0 for r in rows)
+    assert not (out / "steerlm2_samples").exists()

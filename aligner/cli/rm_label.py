@@ -39,7 +39,7 @@ def label_rows(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, mic
     """The rows of ``input_path`` with a ``label`` on every Assistant turn (module docstring)."""
     import torch
 
-    from aligner.algorithms.scoring import score_sequences
+    from aligner.training.scoring import score_sequences
     from aligner.cli.rm import ScoringError, _load_rm, reward_readout
     from aligner.data import load_tokenizer
     from aligner.data.datasets import DataFormatError, read_jsonl, render_reward

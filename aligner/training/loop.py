@@ -105,6 +105,7 @@ class TrainingLoop:
         tokenizer_dir: Optional[str] = None,
         run_config: Optional[dict] = None,
         roles=None,
+        hooks: Sequence = (),
     ):
         from aligner.training.roles import RoleSet, build_trainable_role
 
@@ -146,6 +147,13 @@ class TrainingLoop:
         self.roles.add(self.policy)
         self.step = 0
         self.history: List[dict] = []
+        self.hooks = list(hooks)  # aligner.training.algorithm.StepHook
+        self.stop_reason: Optional[str] = None
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step (a hook's early stop); checkpoint and export
+        follow as at the last step."""
+        self.stop_reason = reason
 
     # ---------------------------------------------------------------- data
     def global_batch(self, step: int) -> List[dict]:
@@ -330,6 +338,7 @@ class TrainingLoop:
             "step": self.step,
             "consumed_samples": self.step * self.cfg.global_batch_size,
             "algorithm": self.algorithm.state_dict(),
+            "hooks": {h.name: h.state_dict() for h in self.hooks},
         }
         models, optimizer, scheduler = self.roles.checkpoint_parts()
         return save_checkpoint(
@@ -355,14 +364,18 @@ class TrainingLoop:
         extra = load_checkpoint(latest, models, optimizer=optimizer, scheduler=scheduler)
         self.step = int(extra["step"])
         self.algorithm.load_state_dict(extra.get("algorithm", {}))
+        for h in self.hooks:
+            h.load_state_dict(extra.get("hooks", {}).get(h.name, {}))
         return self.step
 
-    def export(self) -> Optional[Path]:
+    def export(self, out: Optional[Path] = None, policy_only: bool = False) -> Optional[Path]:
+        """The HF export of the policy to ``out`` (default ``<out_dir>/hf``) and, unless
+        ``policy_only``, of every other trainable role to ``<out_dir>/hf_<role>``."""
         from aligner.models import export_hf
 
         if self.model_cfg is None:
             return None
-        out = self.out_dir / "hf"
+        out = self.out_dir / "hf" if out is None else Path(out)
         export_hf(
             [m.module for m in self.models],
             self.model_cfg,
@@ -372,7 +385,7 @@ class TrainingLoop:
             metadata=getattr(self.algorithm, "export_metadata", None),
         )
         for name, role in self.roles.trainable.items():  # other trainable roles: hf_<role>/
-            if role is not self.policy:
+            if role is not self.policy and not policy_only:
                 export_hf(role.modules, role.model_cfg or self.model_cfg, self.out_dir / f"hf_{name}",
                           tokenizer_dir=self.tokenizer_dir, head=role.export_head)
         return out
@@ -381,6 +394,8 @@ class TrainingLoop:
         """Train to ``max_steps``; returns the last train and validation metrics."""
         # before the resume: setup sees the initial weights (e.g. DPO's reference model)
         self.algorithm.setup(self)
+        for h in self.hooks:
+            h.setup(self)
         resumed = self.maybe_resume()
         progress = Progress(self.algorithm.name, self.max_steps, start_step=self.step, enabled=self.cfg.progress)
         logger = MetricsLogger(
@@ -405,12 +420,17 @@ class TrainingLoop:
             val_metrics = self.evaluate(max_batches=self.cfg.val_batches)
             logger.log(self.step, "val", val_metrics)
         try:
-            while self.step < self.max_steps:
+            if resumed is None:
+                self._run_hooks(logger, progress)
+            while self.step < self.max_steps and self.stop_reason is None:
                 train_metrics = self.train_step()
                 if self.step % self.cfg.log_interval == 0 or self.step == self.max_steps:
                     logger.log(self.step, "train", train_metrics)
                     progress.update(self.step, train_metrics)
-                last = self.step == self.max_steps
+                self._run_hooks(logger, progress)
+                if self.stop_reason is not None:
+                    progress.message(f"stopping at step {self.step}: {self.stop_reason}")
+                last = self.step == self.max_steps or self.stop_reason is not None
                 if self.val_data and (last or (self.cfg.val_interval > 0 and self.step % self.cfg.val_interval == 0)):
                     val_metrics = self.evaluate(max_batches=None if last else self.cfg.val_batches)
                     logger.log(self.step, "val", val_metrics)
@@ -423,4 +443,17 @@ class TrainingLoop:
                     progress.message(f"exported HF model to {path}")
         finally:
             logger.close()
-        return {"step": self.step, "train": train_metrics, "val": val_metrics}
+        result = {"step": self.step, "train": train_metrics, "val": val_metrics}
+        if self.stop_reason is not None:
+            result["stopped"] = self.stop_reason
+        return result
+
+    def _run_hooks(self, logger, progress) -> None:
+        for h in self.hooks:
+            modes = [m.training for m in self.models]
+            with preserved_rng():
+                metrics = h.after_step(self)
+            for m, mode in zip(self.models, modes):
+                m.train(mode)
+            if metrics:
+                logger.log(self.step, h.name, metrics)

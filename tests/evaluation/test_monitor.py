@@ -25,6 +25,11 @@ def length_reward(prompts, responses, metadata):
     return [float(len(r.split())) for r in responses]
 
 
+def short_answer_gold(prompts, responses, metadata):
+    """The gold of the demonstration: 1 when the row's target word appears, minus 0.25 per word."""
+    return [float(m["target"] in r.split()) - 0.25 * len(r.split()) for r, m in zip(responses, metadata)]
+
+
 def _rows(out_dir, split="monitor"):
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == split]
@@ -186,16 +191,17 @@ def test_monitor_on_a_dpo_run_with_an_ensemble_proxy_leaves_training_unchanged(a
 # ---------------------------------------------------------------------------- hacking
 def test_a_length_rewarding_proxy_is_caught(assets, tmp_path, capfd):
     """RL against a proxy that pays for length: the proxy rises, the gold (which charges
-    0.25 per word that is not the target) falls; the monitor warns, and the best-gold policy
-    is an early one, not the last."""
+    0.25 per word) falls; the monitor warns, and the best-gold policy is an early one, not
+    the last."""
     from aligner.algorithms.ppo import PPOTrainer
 
     out = tmp_path / "hack"
-    cfg = ppo_config(assets, str(out), trainer={"max_steps": 8, "export_hf": False},
+    cfg = ppo_config(assets, str(out), trainer={"max_steps": 6, "export_hf": False},
                      ppo={"reward": {"kind": "function", "function": "tests.evaluation.test_monitor:length_reward"},
                           "generation": {"max_new_tokens": 16}, "kl_coef": 0.0},
                      monitor=_monitor(assets, num_prompts=16, samples_per_prompt=4, max_new_tokens=16,
-                                      warn_drop=0.2))
+                                      warn_drop=0.2, gold={"kind": "function", "function":
+                                                           "tests.evaluation.test_monitor:short_answer_gold"}))
     PPOTrainer(cfg).fit()
     rows = _rows(out)
     assert rows[-1]["proxy"] > rows[0]["proxy"] and rows[-1]["gold"] < rows[0]["gold"], rows

@@ -7,7 +7,8 @@ reward (an HF reward-model folder, ``world`` or ``package.module:function``) sco
 Per prompt the best response becomes ``chosen`` and the worst ``rejected`` (the recipe of
 the Nemotron-4 340B report's iterative alignment), or with ``--all-pairs`` every pair whose
 score gap is at least ``--min-gap``. A prompt whose best and worst are less than
-``--min-gap`` apart (default: any positive gap) gives no pair. Rows are in the
+``--min-gap`` apart (default: any positive gap) gives no pair; empty responses (a stop
+token at once) take no part (counted). Rows are in the
 ``pairwise`` format DPO, RPO and margin-DPO read (docs/data_formats.md): ``prompt``,
 ``chosen``, ``rejected``, ``margin`` (the score gap), ``chosen_reward``,
 ``rejected_reward``, plus the prompt row's other fields (``system``, a world task's
@@ -67,10 +68,14 @@ def make_pairs(args) -> dict:
         max_new_tokens=args.max_new_tokens, seed=args.seed, template=args.template, tokenizer=args.tokenizer,
         reward_attribute=args.reward_attribute, micro_batch_size=args.micro_batch_size)
     N = args.n
-    rows, gaps, without = [], [], 0
+    rows, gaps, without, empty = [], [], 0, 0
     for j, p in enumerate(samples.prompts):
         s = scores[j].tolist()
-        chosen = select_pairs(s, args.all_pairs, args.min_gap)
+        # an empty response (a stop token at once) is no response the pair formats accept
+        usable = [k for k in range(N) if samples.texts[j * N + k].strip()]
+        empty += N - len(usable)
+        chosen = [(usable[a], usable[b]) for a, b in select_pairs([s[k] for k in usable], args.all_pairs,
+                                                                  args.min_gap)]
         without += not chosen
         extra = {k: v for k, v in p.get("meta", {}).items() if k not in RESPONSE_FIELDS and k != "prompt"}
         prompt = p["prompt"]  # the prompt string (HelpSteer2 turn format for a multi-turn prompt)
@@ -87,7 +92,7 @@ def make_pairs(args) -> dict:
             f.write(json.dumps(r) + "\n")
     tmp.replace(out)
     summary = {"prompts": len(samples.prompts), "samples_per_prompt": N, "pairs": len(rows),
-               "prompts_without_pair": without, "mean_margin": sum(gaps) / len(gaps) if gaps else None,
+               "prompts_without_pair": without, "empty_responses_left_out": empty, "mean_margin": sum(gaps) / len(gaps) if gaps else None,
                "mean_reward": float(scores.mean()), "out": str(out)}
     return summary
 

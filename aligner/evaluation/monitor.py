@@ -38,6 +38,7 @@ import json
 import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -156,6 +157,7 @@ class GoldProxyMonitor(StepHook):
         step = loop.step
         if not (step == 0 or step % s.interval == 0 or step == loop.max_steps or loop.stop_reason is not None):
             return None
+        t0 = time.perf_counter()
         v = self.measure(loop)
         t = {k: torch.tensor(x, dtype=torch.float64) for k, x in v.items()}
         proxy, proxy_se = mean_and_se(t["proxy"])
@@ -198,6 +200,7 @@ class GoldProxyMonitor(StepHook):
                         f" {self.out}")
             if s.early_stop and loop.stop_reason is None:
                 loop.request_stop(f"monitor: gold fell {drop:.4f} below its best while the proxy rose")
+        m["seconds"] = time.perf_counter() - t0
         return m
 
     # ---------------------------------------------------------------- best gold

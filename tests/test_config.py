@@ -33,7 +33,9 @@ from aligner.training.config import (
 )
 
 CONFIGS = ["sft", "dpo", "rm_regression", "rm_bt", "helpsteer2_dpo", "helpsteer2_rm_regression",
-           "helpsteer2_rm_helpfulness", "helpsteer2pref_scaled_bt", "ppo", "helpsteer2_ppo"]
+           "helpsteer2_rm_helpfulness", "helpsteer2pref_scaled_bt", "ppo", "helpsteer2_ppo", "pg", "rloo", "grpo",
+           "helpsteer2pref_reinforce"]
+ONLINE = {"ppo": "ppo", "helpsteer2_ppo": "ppo", "pg": "pg", "rloo": "pg", "grpo": "pg", "helpsteer2pref_reinforce": "pg"}
 
 
 def _build(config, overrides):
@@ -45,7 +47,7 @@ def test_every_top_level_config_composes_onto_its_schema():
     assert top_configs() == sorted(CONFIGS)
     for name in CONFIGS:
         # PPO also needs its reward source (a reward-model folder by default): the world's scorer here
-        trainer_cls, cfg = compose(name, ["ppo.reward.kind=world"] if name.endswith("ppo") else [])
+        trainer_cls, cfg = compose(name, [f"{ONLINE[name]}.reward.kind=world"] if name in ONLINE else [])
         assert trainer_cls is TRAINERS[cfg.algorithm]
         assert OmegaConf.get_type(cfg) is trainer_cls.schema
         # what a run still needs: the data, and for everything but SFT the initial model

@@ -56,6 +56,7 @@ class Experience:
     ref_logps: Optional[torch.Tensor] = None  # [n, S]
     values: Optional[torch.Tensor] = None  # [n, S]
     attribute_scores: Optional[torch.Tensor] = None  # [n, A]
+    filler: Optional[torch.Tensor] = None  # [n] bool: rows that count for nothing (a batch topped up)
     texts: List[str] = field(default_factory=list)
     metadata: List[dict] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
@@ -76,6 +77,35 @@ class Experience:
             else:
                 out[f.name] = v
         return replace(self, **out)
+
+    @staticmethod
+    def concat(parts: Sequence["Experience"], pad_id: int = 0) -> "Experience":
+        """The rows of ``parts`` in order, per-token tensors right-padded to the longest S
+        (tokens with ``pad_id``, everything else with 0); timings summed."""
+        parts = list(parts)
+        if len(parts) == 1:
+            return parts[0]
+        S = max(p.tokens.shape[1] for p in parts)
+        out = {}
+        for f in fields(Experience):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name == "timings":
+                total: Dict[str, float] = {}
+                for v in values:
+                    for k, t in v.items():
+                        total[k] = total.get(k, 0.0) + t
+                out[f.name] = total
+            elif all(v is None for v in values):
+                out[f.name] = None
+            elif isinstance(values[0], list):
+                out[f.name] = [x for v in values for x in v]
+            else:
+                if any(v is None for v in values):
+                    raise ValueError(f"Experience.concat: field {f.name} is set in some parts only")
+                if values[0].dim() == 2 and f.name != "attribute_scores":
+                    values = [F.pad(v, (0, S - v.shape[1]), value=pad_id if f.name == "tokens" else 0) for v in values]
+                out[f.name] = torch.cat(values)
+        return Experience(**out)
 
 
 def collect_token_outputs(run_schedule, chunks, tokens: torch.Tensor, micro_batch_size: int, per_token,
@@ -162,23 +192,33 @@ class ExperienceMaker:
                                         max_batch=self.max_batch, max_seq_len=self.max_seq_len)
         return self.engine
 
-    def generate(self, context) -> Experience:
-        """Steps 1 and 2 of the module docstring: responses and their rewards."""
+    # sample indices of extra rounds (dynamic sampling) start at round x ROUND_STRIDE
+    ROUND_STRIDE = 2 ** 40
+
+    def generate(self, context, prompts: Optional[Sequence[dict]] = None, round: int = 0) -> Experience:
+        """Steps 1 and 2 of the module docstring: responses and their rewards.
+
+        prompts / round: another round of prompts for the same step (dynamic sampling):
+        this rank's share of the round's global block of ``len(context.samples)`` prompts.
+        Round r's sample k of the prompt at position j has the global sample index
+        ``r·ROUND_STRIDE + (t·P + j)·G + k`` and the group id ``r·P + j`` (round 0: as above).
+        """
         policy = context.roles["policy"]
         G = self.samples_per_prompt
-        share = math.ceil(len(context.samples) / context.dp_size)
+        P = len(context.samples)
+        share = math.ceil(P / context.dp_size)
         first = context.dp_rank * share
-        prompts = list(context.local_samples)
-        base = context.step * len(context.samples)
+        prompts = list(context.local_samples if prompts is None else prompts)
+        base = context.step * P
         rows, seeds, group, index, meta = [], [], [], [], []
         for j, p in enumerate(prompts):
             for k in range(G):
-                g = (base + first + j) * G + k
+                g = round * self.ROUND_STRIDE + (base + first + j) * G + k
                 rows.append(p["prompt_tokens"].tolist())
                 seeds.append(seed_for(self.generation.seed, g))
-                group.append(first + j)
+                group.append(round * P + first + j)
                 index.append(g)
-                meta.append(dict(p.get("meta", {}), group=first + j, sample_index=g,
+                meta.append(dict(p.get("meta", {}), group=round * P + first + j, sample_index=g,
                                  prompt_index=int(p.get("index", -1))))
         for i, r in enumerate(rows):
             limit = self.max_seq_len or policy.modules[0].model_cfg.max_position_embeddings

@@ -30,6 +30,7 @@ from aligner.training.config import (
     InitSection,
     RunConfig,
     Template,
+    check_attribute_weights,
     check_required,
     model_fields,
     plain,
@@ -467,14 +468,7 @@ class RewardModelTrainer(_BaseTrainer):
     @classmethod
     def check(cls, cfg):
         rm, d = cfg.rm, cfg.data
-        attributes = list(rm.attributes)
-        if not attributes or len(set(attributes)) != len(attributes):
-            raise ConfigError(f"rm.attributes = {attributes}: expected one or more distinct names")
-        if rm.reward_attribute not in attributes:
-            raise ConfigError(f"rm.reward_attribute = {rm.reward_attribute!r} is not one of rm.attributes {attributes}")
-        if rm.attribute_weights is not None and len(rm.attribute_weights) != len(attributes):
-            raise ConfigError(f"rm.attribute_weights has {len(rm.attribute_weights)} entries; rm.attributes has"
-                              f" {len(attributes)} ({', '.join(attributes)})")
+        check_attribute_weights("rm", list(rm.attributes), rm.attribute_weights, rm.reward_attribute, distinct=True)
         if rm.mode == RMMode.regression:
             if d.template not in (Template.auto, Template.extra_id):
                 raise ConfigError(f"data.template = {str(d.template)!r} does not apply to rm.mode = regression:"
@@ -572,6 +566,7 @@ __all__ = [
     "DPOSection",
     "DPOTrainer",
     "LossType",
+    "OnlineTrainer",
     "RMConfig",
     "RMMode",
     "RMSection",
@@ -583,4 +578,108 @@ __all__ = [
     "register_trainer",
 ]
 
+# ------------------------------------------------------------------------------ online trainers
+# the online algorithms' shared pieces (aligner.algorithms.online) import nothing from here;
+# PPO and the REINFORCE family subclass OnlineTrainer below and register themselves
+from aligner.algorithms.online import RewardKind as _RewardKind, check_online_section  # noqa: E402
+
+
+class OnlineTrainer(_BaseTrainer):
+    """The roles of an online algorithm built from its section (``cfg[key]``): reference
+    (unless :meth:`needs_reference` says no), reward source, the experience maker, then
+    :meth:`build_algorithm` (the algorithm's own roles and options)."""
+
+    data_kind = "prompts"
+    key = "online"
+    epochs_key = "epochs"
+
+    @classmethod
+    def check(cls, cfg):
+        check_online_section(cls.key, cfg[cls.key], cfg.trainer.global_batch_size, cls.epochs_key)
+
+    def section(self):
+        return self.cfg[self.key]
+
+    def needs_reference(self) -> bool:
+        return True
+
+    def prepare(self):
+        train = self.load_data(self.cfg.data.train)
+        policy_models = self.build_models()
+        roles, algo = self.build_roles(policy_models, len(train))
+        algo.prompt_pool = train
+        return algo, policy_models, train, None, {"roles": roles}
+
+    def max_steps(self, n_prompts: int) -> int:
+        t = self.cfg.trainer
+        if t.max_epochs is None:
+            return t.max_steps
+        return min(t.max_steps if t.max_steps >= 0 else 10**9, t.max_epochs * (n_prompts // t.global_batch_size))
+
+    def build_roles(self, policy_models, n_prompts: int):
+        """Reference, reward and the algorithm's own roles (before any training or resume:
+        the reference is the initial policy), then the algorithm."""
+        from aligner.rewards import build_reward
+        from aligner.rollout import GenerationConfig
+        from aligner.training.roles import ReferencePolicy, RoleSet
+
+        s, t = self.section(), self.cfg.trainer
+        roles = RoleSet()
+        reference = None
+        if self.needs_reference():
+            if s.reference == "host":
+                reference = ReferencePolicy(policy_models, "host")
+            else:
+                reference = ReferencePolicy(policy_models, "model", reference_chunks=self.build_models())
+                roles.add(reference.role)
+        roles.reference = reference
+        r = s.reward
+        reward = build_reward(r.kind, path=r.path, function=r.function, tokenizer=self.tokenizer(),
+                              attributes=list(r.attributes) if r.attributes else None,
+                              attribute_weights=list(r.attribute_weights) if r.attribute_weights is not None
+                              else None, reward_attribute=r.reward_attribute, micro_batch_size=r.micro_batch_size,
+                              answer_field=r.answer_field, format_reward=r.format_reward)
+        if getattr(reward, "role", None) is not None:
+            roles.add(reward.role)
+        g = s.generation
+        gen = GenerationConfig(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
+                               top_p=g.top_p, seed=t.seed if g.seed is None else g.seed,
+                               stop_token_ids=[self.tokenizer().eos_id])
+        rollout_buffer = t.global_batch_size * s.samples_per_prompt
+        algo = self.build_algorithm(roles, gen, reward, reference, rollout_buffer, self.max_steps(n_prompts))
+        return roles, algo
+
+    def build_algorithm(self, roles, generation, reward, reference, rollout_buffer: int, max_steps: int):
+        raise NotImplementedError
+
+    def load_data(self, path):
+        data = super().load_data(path)
+        if data is not None:
+            limit = self.model_config().max_position_embeddings
+            for s in data:
+                n = int(s["prompt_tokens"].numel())
+                if n >= limit:
+                    raise ValueError(f"{path}: row {s['index'] + 1} has a prompt of {n} tokens; prompt + response"
+                                     f" must fit model.max_position_embeddings = {limit} tokens")
+        return data
+
+    def check_data_rows(self) -> None:
+        """Also: with the exact-answer reward every prompt row carries its answer (the
+        error names the file, the line and the field)."""
+        super().check_data_rows()
+        r = self.section().reward
+        if r.kind != _RewardKind.exact_answer:
+            return
+        from aligner.data.datasets import iter_json_objects
+
+        path = self.cfg.data.train
+        for lineno, row in iter_json_objects(path):
+            value = row.get(r.answer_field)
+            if value is None or isinstance(value, (dict, list)) or str(value).strip() == "":
+                raise ConfigError(f"{path}:{lineno}: field {r.answer_field!r} is missing or not a single answer"
+                                  f" ({self.key}.reward.kind = exact_answer reads each prompt row's answer from"
+                                  f" {self.key}.reward.answer_field = {r.answer_field!r})")
+
+
 import aligner.algorithms.ppo  # noqa: E402,F401  registers the "ppo" trainer (it builds on the classes above)
+import aligner.algorithms.pg  # noqa: E402,F401  registers the "pg" trainer

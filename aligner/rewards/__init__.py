@@ -10,6 +10,8 @@ has attributes:
   and tokenizer, so a reward model with another tokenizer than the policy's scores the
   same text the policy wrote.
 - :class:`WorldScorer`: the embedded world's ground-truth scorer (aligner.data.world).
+- :class:`ExactAnswerReward`: a verifiable reward, 1 for the exact answer the prompt row
+  states in its metadata, 0 otherwise (plus an optional format reward).
 - :class:`FunctionReward`: any Python callable named ``package.module:function`` taking
   ``(prompts, responses, metadata)`` and returning one score per response, or one list
   of attribute scores per response.
@@ -27,6 +29,7 @@ from aligner.rewards.sources import (  # noqa: F401
     build_reward,
     check_scores,
 )
+from aligner.rewards.verifiable import ExactAnswerReward, exact_answer_scores, stated_answer  # noqa: F401
 
-__all__ = ["FunctionReward", "RewardBatch", "RewardError", "RewardModel", "RewardSource", "WorldScorer",
-           "build_reward", "check_scores"]
+__all__ = ["ExactAnswerReward", "FunctionReward", "RewardBatch", "RewardError", "RewardModel", "RewardSource", "WorldScorer",
+           "build_reward", "check_scores", "exact_answer_scores", "stated_answer"]

@@ -258,9 +258,11 @@ def _head_outputs(chunks) -> int:
 def build_reward(kind: str, *, path: Optional[str] = None, function: Optional[str] = None, tokenizer=None,
                  attributes: Optional[Sequence[str]] = None, attribute_weights: Optional[Sequence[float]] = None,
                  reward_attribute: Optional[str] = "helpfulness", micro_batch_size: int = 8,
-                 max_length: Optional[int] = None) -> RewardSource:
+                 max_length: Optional[int] = None, answer_field: str = "answer",
+                 format_reward: float = 0.0) -> RewardSource:
     """A reward source by kind: ``model`` (``path``: HF folder), ``world``, ``function``
-    (``function``: ``package.module:function``)."""
+    (``function``: ``package.module:function``), ``exact_answer`` (the prompt row's
+    ``answer_field`` against the response's stated answer, plus ``format_reward``)."""
     if kind == "model":
         if not path:
             raise ValueError("reward kind 'model' needs a path (an HF reward-model folder)")
@@ -272,5 +274,9 @@ def build_reward(kind: str, *, path: Optional[str] = None, function: Optional[st
         if not function:
             raise ValueError("reward kind 'function' needs function: 'package.module:function'")
         return FunctionReward(function, attributes, attribute_weights, reward_attribute)
-    raise ValueError(f"reward kind {kind!r}: expected 'model', 'world' or 'function'")
+    if kind == "exact_answer":
+        from aligner.rewards.verifiable import ExactAnswerReward
+
+        return ExactAnswerReward(answer_field, format_reward)
+    raise ValueError(f"reward kind {kind!r}: expected 'model', 'world', 'function' or 'exact_answer'")
 

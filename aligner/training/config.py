@@ -478,6 +478,23 @@ def _check_values(merged: DictConfig) -> None:
                           f" {merged.model.max_position_embeddings}")
 
 
+def check_attribute_weights(prefix: str, attributes: List[str], attribute_weights: Optional[List[float]],
+                            reward_attribute: Optional[str], *, need_reward_attribute: bool = True,
+                            distinct: bool = False) -> None:
+    """The checks of a section that makes a scalar reward from named attribute outputs
+    (``rm``, ``ppo.reward``, ``pg.reward``): ``attributes`` distinct and non-empty (when
+    ``distinct``), ``reward_attribute`` one of them (when it is what picks the reward),
+    one weight per attribute. ConfigError naming ``<prefix>.<key>``."""
+    if distinct and (not attributes or len(set(attributes)) != len(attributes)):
+        raise ConfigError(f"{prefix}.attributes = {attributes}: expected one or more distinct names")
+    if need_reward_attribute and reward_attribute not in attributes:
+        raise ConfigError(f"{prefix}.reward_attribute = {reward_attribute!r} is not one of {prefix}.attributes"
+                          f" {attributes}")
+    if attribute_weights is not None and len(attribute_weights) != len(attributes):
+        raise ConfigError(f"{prefix}.attribute_weights has {len(attribute_weights)} entries; {prefix}.attributes has"
+                          f" {len(attributes)} ({', '.join(attributes)})")
+
+
 def model_fields(model: Any) -> dict:
     """The ``model`` section as keyword arguments for :class:`aligner.models.ModelConfig`
     (choices as strings; keys ModelConfig does not have, such as ``layer_spec`` where it
@@ -523,6 +540,7 @@ __all__ = [
     "Schedule",
     "Template",
     "TrainerSection",
+    "check_attribute_weights",
     "check_required",
     "describe_omegaconf_error",
     "missing_keys",

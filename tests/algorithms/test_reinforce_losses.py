@@ -137,3 +137,26 @@ def test_bad_inputs_are_named():
         R.advantages("ppo2", REWARDS, MASK, GROUP)
     with pytest.raises(ValueError, match="groups of 3"):
         R.advantages("grpo", torch.ones(4), torch.ones(4, 1), 3)
+
+
+def test_reinforce_pp_on_the_ragged_batch_and_global_whitening():
+    from aligner.algorithms.losses.common import masked_moments, masked_whiten
+
+    # γ = 1, no KL: every response token of a valid row carries its reward; the invalid row 0
+    ret = R.advantages("reinforce_pp", REWARDS, MASK, GROUP, valid=VALID)
+    assert per_row(ret) == pytest.approx([1, 2, 3, 2, 2, 2, 0, 4, 0], abs=1e-12)
+    base = R.advantages("reinforce_pp_baseline", REWARDS, MASK, GROUP, valid=VALID)
+    assert per_row(base) == pytest.approx([-1, 0, 1, 0, 0, 0, -2, 2, 0], abs=1e-12)
+    # whitened over every valid token of the batch: token-weighted mean 31/18 over 18 tokens
+    m = MASK * VALID[:, None]
+    values = [1, 2, 3, 2, 2, 2, 0, 4]
+    n = sum(LENGTHS[:8])
+    mean = sum(v * k for v, k in zip(values, LENGTHS)) / n
+    var = sum(k * (v - mean) ** 2 for v, k in zip(values, LENGTHS)) / n
+    assert n == 18 and mean == pytest.approx(31 / 18)
+    whole = masked_whiten(ret, m)
+    assert per_row(whole[:8], m[:8]) == pytest.approx([(v - mean) / math.sqrt(var + 1e-8) for v in values], abs=1e-9)
+    # two data-parallel ranks holding whole groups: summed moments give the same whitening
+    moments = masked_moments(ret[:6], m[:6]) + masked_moments(ret[6:], m[6:])
+    split = torch.cat([masked_whiten(ret[:6], m[:6], moments), masked_whiten(ret[6:], m[6:], moments)])
+    assert torch.allclose(split, whole, atol=1e-12)

@@ -1,0 +1,335 @@
+"""The REINFORCE family on the online core (docs/reinforce.md): RLOO, GRPO, Dr. GRPO,
+REINFORCE++ (and its group-baseline variant) as advantage estimators of one algorithm,
+with DAPO's options — ``aligner train pg pg.advantage=rloo|grpo|...``.
+
+The step is the online core's (:class:`aligner.algorithms.online.OnlineAlgorithm`): the
+same roles (policy, reference, reward; no critic), the same experience maker with group
+sampling (``samples_per_prompt`` = G responses per prompt, all on the data-parallel rank
+that holds the prompt), the same mini-batch / epoch machinery and the same policy loss
+with global-batch normalisation. What is REINFORCE-specific:
+
+1. experience: with ``dynamic_sampling`` (DAPO), groups whose rewards are all equal are
+   dropped and more prompts are sampled (rounds of ``trainer.global_batch_size`` prompts,
+   drawn as a function of (seed, step, round)) until every rank holds its share of the
+   batch, at most ``max_generation_rounds`` rounds; a batch still short then is topped up
+   with dropped groups that count for nothing (``Experience.filler``).
+2. sequence rewards: the source's score, the truncated-response option, plus DAPO's soft
+   overlong penalty (``overlong_buffer`` = L_cache, ``overlong_max_length`` = L_max).
+3. advantages by name (:data:`aligner.algorithms.losses.reinforce.ADVANTAGE_ESTIMATORS`),
+   group statistics over the valid rows of each group; KL to the reference either in the
+   reward (``kl_mode: reward``: ``r − β·mean_t KL_t``, per token for REINFORCE++) or as a
+   loss term (``kl_mode: loss``); REINFORCE++'s returns whitened over all valid tokens of
+   the global batch.
+4. policy loss: ``reinforce`` (``−A·log π``, on-policy) or ``clipped`` (clip-low /
+   clip-high, dual clip), aggregated by ``aggregation`` with normalisers over the global
+   mini-batch.
+
+Responses without EOS: ``truncated: mask`` leaves them out of the group baselines and of
+the loss (DAPO's overlong filtering); ``penalize`` gives them ``truncated_reward``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from omegaconf import MISSING
+
+from aligner.algorithms.experience import Experience, ExperienceMaker
+from aligner.algorithms.losses.common import masked_moments, masked_whiten
+from aligner.algorithms.losses.reinforce import (
+    ADVANTAGE_ESTIMATORS,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    NEEDS_GLOBAL_WHITENING,
+    advantages,
+    groups_with_signal,
+    kl_estimate,
+    overlong_penalty,
+    sequence_mean_kl,
+)
+from aligner.algorithms.online import OnlineAlgorithm, OnlineSection
+from aligner.algorithms.trainers import OnlineTrainer, register_trainer
+from aligner.training.algorithm import StepContext
+from aligner.training.config import Choice, ConfigError, InitSection, RunConfig
+
+Advantage = Choice("Advantage", [(name, name) for name in ADVANTAGE_ESTIMATORS], module=__name__)
+Aggregation = Choice("Aggregation", [(name, name) for name in AGGREGATIONS], module=__name__)
+PGKLEstimator = Choice("PGKLEstimator", [(name, name) for name in KL_ESTIMATORS], module=__name__)
+
+
+class PGLoss(Choice):
+    reinforce = "reinforce"
+    clipped = "clipped"
+
+
+class KLMode(Choice):
+    reward = "reward"
+    loss = "loss"
+
+
+# estimators that compare the samples of a group: a group of one gives no signal
+GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
+KL_IN_REWARD = ("k1", "abs")
+
+
+# ------------------------------------------------------------------------------ config
+@dataclass
+class PGSection(OnlineSection):
+    """``pg``: the REINFORCE family (docs/reinforce.md); the shared options (clip, KL
+    coefficient, samples per prompt, mini-batches, truncated responses, generation,
+    reward) in :class:`aligner.algorithms.online.OnlineSection`.
+
+    advantage: the estimator's name. loss: ``reinforce`` (on-policy, no ratio) or
+    ``clipped``. epochs: passes over each rollout buffer. aggregation (+
+    aggregation_constant, null: generation.max_new_tokens): how token losses become the
+    objective. kl_mode: the KL to the reference in the ``reward`` (kl_estimator k1 / abs)
+    or as a ``loss`` term (k1 / k2 / k3 / k3+); kl_coef 0: no reference pass at all.
+    gamma: REINFORCE++'s discount. dynamic_sampling / max_generation_rounds: DAPO's
+    resampling of groups with signal. overlong_buffer (L_cache; null: off) /
+    overlong_max_length (L_max; null: generation.max_new_tokens): DAPO's soft penalty.
+    """
+
+    advantage: Advantage = Advantage.rloo
+    loss: PGLoss = PGLoss.reinforce
+    epochs: int = 1
+    aggregation: Aggregation = Aggregation.token_mean
+    aggregation_constant: Optional[float] = None
+    kl_mode: KLMode = KLMode.reward
+    kl_estimator: PGKLEstimator = PGKLEstimator.k1
+    gamma: float = 1.0
+    dynamic_sampling: bool = False
+    max_generation_rounds: int = 4
+    overlong_buffer: Optional[int] = None
+    overlong_max_length: Optional[int] = None
+    samples_per_prompt: int = 4
+
+
+@dataclass
+class PGConfig(RunConfig):
+    """The REINFORCE family, from an SFT model (``init.hf`` required) and a reward source."""
+
+    algorithm: str = "pg"
+    init: InitSection = field(default_factory=lambda: InitSection(hf=MISSING))
+    pg: PGSection = field(default_factory=PGSection)
+
+
+def check_pg_section(s, global_batch_size: int) -> None:
+    """The pg-specific checks (ConfigError naming ``pg.<key>``)."""
+    if s.kl_mode == KLMode.reward and s.kl_estimator not in KL_IN_REWARD:
+        raise ConfigError(f"pg.kl_estimator = {str(s.kl_estimator)!r} does not belong in the reward: with"
+                          f" pg.kl_mode = reward use one of {', '.join(KL_IN_REWARD)}",
+                          hint="or set pg.kl_mode=loss (k1, k2, k3, k3+)")
+    if s.kl_mode == KLMode.loss and s.kl_estimator == "abs":
+        raise ConfigError("pg.kl_estimator = 'abs' has no useful gradient as a loss term: with pg.kl_mode = loss"
+                          " use one of k1, k2, k3, k3+")
+    if s.advantage in GROUP_ESTIMATORS and s.samples_per_prompt < 2:
+        raise ConfigError(f"pg.samples_per_prompt = {s.samples_per_prompt}: pg.advantage = {str(s.advantage)!r}"
+                          " compares the samples of a prompt's group and needs >= 2")
+    rollout = global_batch_size * s.samples_per_prompt
+    if s.loss == PGLoss.reinforce and (s.epochs > 1 or (s.mini_batch_size or rollout) != rollout):
+        raise ConfigError("pg.loss = reinforce is on-policy (no ratio to the rollout policy): one update per rollout"
+                          f" buffer (pg.epochs = 1, pg.mini_batch_size = null or {rollout})",
+                          hint="for several updates per rollout set pg.loss=clipped")
+    if s.aggregation_constant is not None and not s.aggregation_constant > 0:
+        raise ConfigError(f"pg.aggregation_constant = {s.aggregation_constant}: expected > 0 (or null)")
+    if s.max_generation_rounds < 1:
+        raise ConfigError(f"pg.max_generation_rounds = {s.max_generation_rounds}: expected >= 1")
+    l_max = s.overlong_max_length or s.generation.max_new_tokens
+    if s.overlong_max_length is not None and s.overlong_max_length < 1:
+        raise ConfigError(f"pg.overlong_max_length = {s.overlong_max_length}: expected >= 1 (or null)")
+    if s.overlong_buffer is not None and not 1 <= s.overlong_buffer <= l_max:
+        raise ConfigError(f"pg.overlong_buffer = {s.overlong_buffer}: expected in 1..{l_max}"
+                          " (pg.overlong_max_length, default pg.generation.max_new_tokens)")
+
+
+# ------------------------------------------------------------------------------ algorithm
+class PGAlgorithm(OnlineAlgorithm):
+    """REINFORCE-family step on the online core (module docstring)."""
+
+    name = "pg"
+    key = "pg"
+
+    def __init__(self, section: PGSection, maker: ExperienceMaker, rollout_buffer: int):
+        super().__init__(section, maker, rollout_buffer, section.epochs)
+        s = section
+        if s.advantage not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"pg.advantage = {s.advantage!r}: expected one of {sorted(ADVANTAGE_ESTIMATORS)}")
+        o = self.loss_options
+        o.kind = str(s.loss)
+        o.aggregation = str(s.aggregation)
+        o.constant = s.aggregation_constant or float(s.generation.max_new_tokens)
+        self.kl_in_loss = s.kl_mode == "loss" and s.kl_coef > 0
+        self.kl_in_reward = s.kl_mode == "reward" and s.kl_coef > 0
+        o.kl_coef = s.kl_coef if self.kl_in_loss else 0.0
+        o.kl_estimator = str(s.kl_estimator)
+        self.overlong_max_length = s.overlong_max_length or s.generation.max_new_tokens
+        self.prompt_pool: Optional[List[dict]] = None  # the training prompts (the trainer sets them)
+        self.counters: Dict[str, float] = {}
+
+    # ---------------------------------------------------------------- rewards
+    def sequence_rewards(self, exp: Experience):
+        """``(r [n] float64, overlong penalty [n])``: the source's score (``truncated_reward``
+        for responses without EOS under ``truncated: penalize``) plus the penalty."""
+        s = self.s
+        r = exp.rewards.double().clone()
+        if s.truncated == "penalize":
+            r = torch.where(exp.truncated, torch.full_like(r, s.truncated_reward), r)
+        if s.overlong_buffer:
+            penalty = overlong_penalty(exp.response_lengths, self.overlong_max_length, s.overlong_buffer)
+        else:
+            penalty = torch.zeros_like(r)
+        return r + penalty, penalty
+
+    def valid_rows(self, exp: Experience) -> torch.Tensor:
+        """Rows that count: not a filler, and with ``truncated: mask`` ended by EOS. [n] bool."""
+        valid = torch.ones(len(exp), dtype=torch.bool)
+        if exp.filler is not None:
+            valid &= ~exp.filler
+        if self.s.truncated == "mask":
+            valid &= ~exp.truncated
+        return valid
+
+    # ---------------------------------------------------------------- experience
+    def round_prompts(self, context: StepContext, round: int) -> List[dict]:
+        """This rank's share of round ``round``'s prompts (round >= 1): a block of
+        ``len(context.samples)`` prompts drawn from the training prompts as a function of
+        (seed, step, round), split over data-parallel ranks as the loop splits a step."""
+        if not self.prompt_pool:
+            raise ValueError("pg.dynamic_sampling needs the training prompts (PGAlgorithm.prompt_pool)")
+        P = len(context.samples)
+        g = torch.Generator().manual_seed(context.seed * 1_000_003 + context.step * 7919 + round * 104_729 + 17)
+        order = torch.randperm(len(self.prompt_pool), generator=g)[:P]
+        block = [self.prompt_pool[int(i)] for i in order]
+        while len(block) < P:  # fewer prompts than a step: repeat the draw
+            block += block[:P - len(block)]
+        share = -(-P // context.dp_size)
+        return block[context.dp_rank * share:(context.dp_rank + 1) * share]
+
+    def _split_groups(self, exp: Experience):
+        """(groups with signal, groups without) as lists of row lists, in row order."""
+        G = self.maker.samples_per_prompt
+        shaped, _ = self.sequence_rewards(exp)
+        signal = groups_with_signal(shaped, exp.group, self.valid_rows(exp))
+        keep, drop = [], []
+        for start in range(0, len(exp), G):
+            rows = list(range(start, start + G))
+            (keep if bool(signal[start]) else drop).append(rows)
+        return keep, drop
+
+    def make_experience(self, context: StepContext) -> Experience:
+        """One round of generation; with dynamic sampling, more rounds until every rank holds
+        its share of groups with signal (module docstring)."""
+        exp = self.maker.generate(context)
+        self.counters = {"pg/generation_rounds": 1.0, "pg/groups_dropped": 0.0, "pg/groups_short": 0.0}
+        if not self.s.dynamic_sampling:
+            return exp
+        quota = len(context.local_samples)
+        parts = [exp]
+        keep, drop = self._split_groups(exp)
+        kept = [(0, rows) for rows in keep[:quota]]
+        dropped = [(0, rows) for rows in drop]
+        rounds = 1
+        while True:
+            short = torch.tensor([float(quota - len(kept))])
+            if float(context.all_reduce_dp(short.clone(), op="max")[0]) <= 0 or rounds >= self.s.max_generation_rounds:
+                break
+            prompts = self.round_prompts(context, rounds)
+            if len(kept) < quota and prompts:
+                extra = self.maker.generate(context, prompts=prompts, round=rounds)
+                parts.append(extra)
+                keep, drop = self._split_groups(extra)
+                kept += [(len(parts) - 1, rows) for rows in keep[:quota - len(kept)]]
+                dropped += [(len(parts) - 1, rows) for rows in drop]
+            rounds += 1
+        fillers = dropped[:quota - len(kept)]
+        counts = context.all_reduce_dp(torch.tensor([float(len(dropped)), float(len(fillers))], dtype=torch.float64))
+        self.counters = {"pg/generation_rounds": float(rounds), "pg/groups_dropped": float(counts[0]),
+                         "pg/groups_short": float(counts[1])}
+        chosen = []
+        for is_filler, items in ((False, kept), (True, fillers)):
+            for part, rows in items:
+                sub = parts[part].select(rows)
+                sub.filler = torch.full((len(rows),), is_filler)
+                chosen.append(sub)
+        out = Experience.concat(chosen, pad_id=self.maker.tokenizer.pad_id)
+        out.timings = {}
+        for part in parts:  # every round's generation and scoring
+            for k, v in part.timings.items():
+                out.timings[k] = out.timings.get(k, 0.0) + v
+        return out
+
+    # ---------------------------------------------------------------- advantages
+    def advantages(self, context: StepContext, exp: Experience) -> Dict[str, torch.Tensor]:
+        """Per-token advantages of the configured estimator over the valid rows; REINFORCE++'s
+        returns whitened with the moments of every valid token of the data-parallel batch."""
+        s = self.s
+        mask = exp.response_mask
+        shaped, penalty = self.sequence_rewards(exp)
+        valid = self.valid_rows(exp)
+        loss_mask = mask * valid[:, None].to(mask.dtype)
+        token_kl = None
+        if self.kl_in_reward:
+            token_kl = kl_estimate(exp.old_logps, exp.ref_logps, str(s.kl_estimator)).double() * mask
+        name = str(s.advantage)
+        if name in NEEDS_GLOBAL_WHITENING:
+            adv = advantages(name, shaped, mask, exp.group, valid=valid, token_kl=token_kl,
+                             kl_coef=s.kl_coef if self.kl_in_reward else 0.0, gamma=s.gamma)
+            moments = context.all_reduce_dp(masked_moments(adv, loss_mask))
+            if float(moments[0]) > 0:
+                adv = masked_whiten(adv, loss_mask, moments)
+        else:
+            r = shaped - s.kl_coef * sequence_mean_kl(token_kl, mask) if self.kl_in_reward else shaped
+            adv = advantages(name, r, mask, exp.group, valid=valid)
+        return {"advantages": adv * loss_mask, "loss_mask": loss_mask, "scores": shaped, "penalty": penalty,
+                "valid": valid, "token_kl": token_kl}
+
+    # ---------------------------------------------------------------- metrics
+    def extra_metrics(self, context: StepContext, exp: Experience, extra) -> Dict[str, float]:
+        """Counters of dynamic sampling, overlong shaping and masking; the shaped score; the
+        KL estimate in the reward; groups of the batch without signal."""
+        G = self.maker.samples_per_prompt
+        out = dict(self.counters)
+        valid = extra["valid"]
+        real = torch.ones(len(exp), dtype=torch.bool) if exp.filler is None else ~exp.filler
+        signal = groups_with_signal(extra["scores"], exp.group, valid)
+        counts = torch.tensor([float((~signal & real).sum()) / G, float((extra["penalty"] < 0).sum()),
+                               float((exp.truncated & real & ~valid).sum()) if self.s.truncated == "mask" else 0.0],
+                              dtype=torch.float64)
+        counts = context.all_reduce_dp(counts)
+        out["pg/groups_without_signal"] = float(counts[0])
+        out["pg/overlong_penalized"] = float(counts[1])
+        out["pg/truncated_masked"] = float(counts[2])
+        out["pg/overlong_penalty"] = self.global_mean(context, extra["penalty"])
+        out["pg/score"] = self.global_mean(context, extra["scores"])
+        adv = extra["advantages"].double()
+        mom = self.global_moments(context, adv, extra["loss_mask"])
+        out["pg/advantage_mean"] = float(mom[1]) / max(float(mom[0]), 1.0)
+        if extra["token_kl"] is not None:
+            k = self.global_moments(context, extra["token_kl"], exp.response_mask)
+            out["kl_penalty"] = float(k[1]) / max(float(k[0]), 1.0)
+        return out
+
+
+# ------------------------------------------------------------------------------ trainer
+@register_trainer("pg")
+class PGTrainer(OnlineTrainer):
+    """``aligner train pg``: reference (only with a KL term), reward, the shared loop."""
+
+    schema = PGConfig
+    key = "pg"
+    epochs_key = "epochs"
+
+    @classmethod
+    def check(cls, cfg):
+        super().check(cfg)
+        check_pg_section(cfg.pg, cfg.trainer.global_batch_size)
+
+    def needs_reference(self) -> bool:
+        return self.cfg.pg.kl_coef > 0
+
+    def build_algorithm(self, roles, generation, reward, reference, rollout_buffer: int, max_steps: int):
+        s = self.cfg.pg
+        maker = ExperienceMaker(generation, reward, self.tokenizer(), samples_per_prompt=s.samples_per_prompt,
+                                reference=reference, max_batch=s.generation.max_batch)
+        return PGAlgorithm(s, maker, rollout_buffer)

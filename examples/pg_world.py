@@ -1,0 +1,141 @@
+"""The REINFORCE family on the embedded world, judged by its ground truth (docs/reinforce.md).
+
+    python examples/pg_world.py --quickstart runs/quickstart --out runs/pg_world
+
+From the quickstart's SFT model, three runs of ``aligner train pg``:
+
+- ``grpo_exact`` and ``rloo_exact``: GRPO and RLOO with the verifiable exact-answer reward
+  (``pg.reward.kind=exact_answer``: 1 for the exact stated answer of the prompt row);
+- ``rloo_rm``: RLOO against the quickstart's regression reward model (helpfulness output).
+
+Then the SFT model and each policy answer the world's held-out prompts, greedily and
+sampled (temperature 1, fixed seeds), and the world's scorer rates every response:
+the exact-answer rate (with its standard error and the paired gain over SFT) and the
+paired ground-truth helpfulness gain over SFT (as examples/ppo_world.py reports for PPO)
+go to ``results.json``, with steps and wall times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+RUNS = {
+    "grpo_exact": ("grpo", ["pg.reward.kind=exact_answer"]),
+    "rloo_exact": ("rloo", ["pg.reward.kind=exact_answer"]),
+    "rloo_rm": ("rloo", ["pg.reward.kind=model"]),
+}
+
+
+def paired(base, new):
+    diffs = [b - a for a, b in zip(base, new)]
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return {"mean": mean, "standard_error": se, "prompts": len(diffs), "z": mean / se if se > 0 else float("inf")}
+
+
+def rate(values):
+    n = len(values)
+    p = sum(values) / n
+    return {"rate": p, "standard_error": math.sqrt(p * (1 - p) / n), "prompts": n}
+
+
+def train(config, overrides):
+    from aligner.cli.train import compose
+
+    trainer_cls, cfg = compose(config, overrides)
+    return trainer_cls(cfg).fit()
+
+
+def generate(model_dir: Path, prompts, tokenizer, max_new_tokens: int, seed: int, greedy: bool):
+    from aligner.models import from_pretrained
+    from aligner.rollout.engine import GenerationConfig, RolloutEngine
+
+    models, cfg = from_pretrained(str(model_dir))
+    engine = RolloutEngine(models, cfg, tokenizer=tokenizer, max_batch=64)
+    result = engine.generate([p["prompt_tokens"].tolist() for p in prompts],
+                             GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, greedy=greedy,
+                                              seed=seed, stop_token_ids=[tokenizer.eos_id]))
+    return [tokenizer.decode(result.response_tokens(i)) for i in range(len(prompts))]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quickstart", required=True, help="a finished `aligner quickstart --out DIR` folder (read only)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--runs", default=",".join(RUNS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--prompts-per-step", type=int, default=16)
+    parser.add_argument("--samples-per-prompt", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--kl", type=float, default=0.01)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = Path(args.quickstart)
+    world = base / "world"
+    from aligner.data import load_tokenizer
+    from aligner.data.world import load_prompts, score_response
+
+    tok = load_tokenizer(str(world / "tokenizer.model"))
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    runs = [r for r in args.runs.split(",") if r]
+    timings = results.get("train_seconds", {})
+    for name in runs:
+        config, extra = RUNS[name]
+        run = out / name
+        if (run / "hf").is_dir():
+            continue
+        if name.endswith("_rm"):
+            extra = extra + [f"pg.reward.path={base / 'rm_regression' / 'hf'}"]
+        t0 = time.perf_counter()
+        train(config, [f"init.hf={base / 'sft' / 'hf'}", f"data.train={world / 'prompts_train.jsonl'}",
+                       f"data.tokenizer={world / 'tokenizer.model'}", f"trainer.out_dir={run}",
+                       f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.prompts_per_step}",
+                       "trainer.micro_batch_size=16", "trainer.save_interval=0", "trainer.progress=true",
+                       "trainer.tensorboard=false", f"trainer.seed={args.seed}", f"optim.lr={args.lr}",
+                       f"pg.kl_coef={args.kl}", f"pg.samples_per_prompt={args.samples_per_prompt}",
+                       f"pg.generation.max_new_tokens={args.max_new_tokens}"] + extra)
+        timings[name] = time.perf_counter() - t0
+    prompts = load_prompts(str(world / "prompts_heldout.jsonl"), tok)
+    scores = {}
+    for name, folder in [("sft", base / "sft" / "hf")] + [(r, out / r / "hf") for r in runs]:
+        for mode in ("greedy", "sampled"):
+            responses = generate(folder, prompts, tok, 48, args.seed, greedy=mode == "greedy")
+            scores[(name, mode)] = [score_response(p["meta"], r) for p, r in zip(prompts, responses)]
+            with open(out / f"generations_{name}_{mode}.jsonl", "w") as f:
+                for p, r, s in zip(prompts, responses, scores[(name, mode)]):
+                    f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
+    exact = {k: [float(s["exact"]) for s in v] for k, v in scores.items()}
+    helpful = {k: [float(s["helpfulness"]) for s in v] for k, v in scores.items()}
+    steps = {}
+    for name in runs:
+        lines = (out / name / "metrics.jsonl").read_text().splitlines()
+        last = json.loads(lines[-1])
+        steps[name] = {"steps": last["step"], "final_reward_mean": last.get("reward/mean"),
+                       "final_kl_ref": last.get("kl_ref"),
+                       "step_time_mean": sum(json.loads(x).get("step_time", 0.0) for x in lines) / len(lines)}
+    results.update({
+        "base": str(base),
+        "settings": vars(args),
+        "train_seconds": timings,
+        "runs": steps,
+        "exact_answer_rate": {f"{n}/{m}": rate(v) for (n, m), v in exact.items()},
+        "exact_gain_over_sft": {f"{n}/{m}": paired(exact[("sft", m)], v) for (n, m), v in exact.items() if n != "sft"},
+        "helpfulness": {f"{n}/{m}": sum(v) / len(v) for (n, m), v in helpful.items()},
+        "helpfulness_gain_over_sft": {f"{n}/{m}": paired(helpful[("sft", m)], v) for (n, m), v in helpful.items()
+                                      if n != "sft"},
+    })
+    results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(json.dumps(results, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

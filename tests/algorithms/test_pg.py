@@ -1,0 +1,206 @@
+"""The REINFORCE family on the online core, one process: the exact-answer reward and its
+errors, config checks, no reference pass without a KL term, and DAPO's dynamic sampling and
+overlong shaping on crafted groups (counters checked against an independent count)."""
+import json
+import math
+
+import pytest
+import torch
+
+from tests.algorithms.pg_setup import pg_config
+from tests.algorithms.ppo_setup import make_assets
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("pg_assets"))
+
+
+def _setup(assets, out_dir, **pg):
+    """Trainer, loop, algorithm and the step-0 context of a pg config (world size 1)."""
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.parallel import ParallelConfig, initialize
+    from aligner.training.algorithm import StepContext
+    from aligner.training.loop import TrainingLoop
+
+    initialize(ParallelConfig(seed=1))
+    trainer = PGTrainer(pg_config(assets, out_dir, pg=pg))
+    trainer.init_parallel()
+    train = trainer.load_data(trainer.cfg.data.train)
+    policy = trainer.build_models()
+    roles, algo = trainer.build_roles(policy, len(train))
+    algo.prompt_pool = train
+    loop = TrainingLoop(algo, policy, train, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
+    samples = loop.global_batch(0)
+    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop._local(samples),
+                          micro_batch_size=4, seed=7)
+    return trainer, loop, algo, context
+
+
+def _record_rounds(algo):
+    """Keep every round the experience maker generates (the real generation, recorded)."""
+    calls = []
+    generate = algo.maker.generate
+
+    def recording(context, prompts=None, round=0):
+        exp = generate(context, prompts=prompts, round=round)
+        calls.append((round, exp))
+        return exp
+
+    algo.maker.generate = recording
+    return calls
+
+
+# ---------------------------------------------------------------------------- verifiable reward
+def test_exact_answer_reward_by_hand():
+    from aligner.rewards import RewardBatch, RewardError, build_reward
+
+    meta = [{"answer": "12"}, {"answer": "12"}, {"answer": "2, 7, 9"}, {"answer": "12"}, {"answer": "12"}]
+    texts = ["The answer is 12.", "The answer is 13.", "In order they are 2, 7, 9. The answer is 2, 7, 9.",
+             "The answer is 12. The answer is 11.", "twelve"]
+    batch = RewardBatch(["q"] * 5, texts, meta, step=3, sample_indices=list(range(5)))
+    rewards, attrs = build_reward("exact_answer", format_reward=0.25).score(batch)
+    # exact: the LAST stated answer counts; formatted: any stated answer
+    assert attrs.tolist() == [[1, 1], [0, 1], [1, 1], [0, 1], [0, 0]]
+    assert rewards.tolist() == [1.25, 0.25, 1.25, 0.25, 0.0]
+    bad = RewardBatch(["q"], ["The answer is 1."], [{"family": "add", "prompt_index": 4}], step=3, sample_indices=[9])
+    with pytest.raises(RewardError, match=r"step 3, sample 9: the prompt row \(dataset row 5\) has no field 'answer'"):
+        build_reward("exact_answer").score(bad)
+
+
+def test_prompt_rows_without_the_answer_are_refused_naming_file_line_and_field(assets, tmp_path):
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.training.config import ConfigError
+
+    rows = [{"prompt": "What is 2 plus 2?", "answer": "4"}, {"prompt": "What is 1 plus 2?"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = pg_config(assets, str(tmp_path / "run"), data={"train": str(path)}, pg={"reward": {"kind": "exact_answer"}})
+    with pytest.raises(ConfigError, match=rf"^{path}:2: field 'answer' is missing"):
+        PGTrainer(cfg).check_data_rows()
+
+
+@pytest.mark.parametrize("pg,message", [
+    ({"kl_estimator": "k3"}, "pg.kl_estimator = 'k3' does not belong in the reward"),
+    ({"kl_mode": "loss", "kl_estimator": "abs"}, "pg.kl_estimator = 'abs' has no useful gradient"),
+    ({"samples_per_prompt": 1}, "pg.samples_per_prompt = 1: pg.advantage = 'rloo' compares the samples"),
+    ({"epochs": 2}, "pg.loss = reinforce is on-policy"),
+    ({"overlong_buffer": 9}, "pg.overlong_buffer = 9: expected in 1..8"),
+    ({"advantage": "gae"}, "pg.advantage: 'gae' is not accepted; expected one of rloo, grpo, dr_grpo, reinforce_pp,"),
+    ({"reward": {"kind": "model"}}, "pg.reward.path is not set"),
+])
+def test_options_that_cannot_work_are_refused(assets, tmp_path, pg, message):
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.training.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        PGTrainer(pg_config(assets, str(tmp_path), pg=pg))
+    assert str(err.value).startswith(message)
+
+
+def test_without_a_kl_term_there_is_no_reference_pass(assets, tmp_path):
+    from aligner.algorithms.pg import PGTrainer
+
+    trainer = PGTrainer(pg_config(assets, str(tmp_path / "run"), trainer={"max_steps": 1}, pg={"kl_coef": 0.0}))
+    result = trainer.fit()
+    roles = trainer.trainer.roles
+    assert roles.reference is None and trainer.trainer.algorithm.maker.reference is None
+    m = result["train"]
+    assert m["kl_ref"] == 0.0 and "kl_penalty" not in m and "loss/kl" not in m
+    # step 0: rollout engine and training path agree, the first (and only) ratio is 1
+    assert m["logprob_mismatch"] < 1e-5 and abs(m["policy/ratio"] - 1.0) < 1e-6 and m["policy/approx_kl"] < 1e-10
+
+
+# ---------------------------------------------------------------------------- DAPO
+def test_dynamic_sampling_keeps_groups_with_signal_and_counts_the_rest(assets, tmp_path):
+    _, loop, algo, context = _setup(assets, str(tmp_path / "run"), advantage="grpo", loss="clipped",
+                                    dynamic_sampling=True, max_generation_rounds=5,
+                                    reward={"kind": "function", "function": "tests.algorithms.pg_setup:target_reward"})
+    calls = _record_rounds(algo)
+    exp = algo.make_experience(context)
+    G, quota = 4, len(context.local_samples)
+    # the same selection, counted independently over the recorded rounds
+    kept, dropped, before_last = [], 0, None
+    for i, (round_, e) in enumerate(calls):
+        assert round_ == i
+        if i == len(calls) - 1:
+            before_last = len(kept)
+        rewards = e.rewards.tolist()
+        for g in range(len(e) // G):
+            values = rewards[g * G:(g + 1) * G]
+            if len(set(values)) == 1:
+                dropped += 1
+            elif len(kept) < quota:
+                kept.append(e.tokens[g * G:(g + 1) * G])
+    assert dropped > 0 and len(calls) > 1, "the crafted rewards must drop groups and need more rounds"
+    assert before_last < quota and (len(kept) == quota or len(calls) == 5)
+    c = algo.counters
+    assert c["pg/generation_rounds"] == len(calls)
+    assert c["pg/groups_dropped"] == dropped
+    assert c["pg/groups_short"] == quota - len(kept)
+    assert len(exp) == quota * G
+    for g, tokens in enumerate(kept):  # the kept groups, in the order they were generated
+        got = exp.tokens[g * G:(g + 1) * G]
+        assert torch.equal(got[:, :tokens.shape[1]], tokens) and not got[:, tokens.shape[1]:].any()
+        assert len(set(exp.rewards[g * G:(g + 1) * G].tolist())) > 1
+    assert exp.filler.tolist() == [False] * (len(kept) * G) + [True] * ((quota - len(kept)) * G)
+    # groups of every round have their own ids (rows of one group consecutive)
+    assert all(len(set(exp.group[g * G:(g + 1) * G].tolist())) == 1 for g in range(quota))
+    assert len(set(exp.group.tolist())) == quota
+
+
+def test_all_equal_groups_are_dropped_up_to_the_cap_and_train_nothing(assets, tmp_path):
+    """Greedy generation: the G samples of a prompt are identical, every group is without
+    signal. All rounds are used, the batch is topped up with groups that count for nothing,
+    and the update leaves the policy as it was."""
+    from aligner.algorithms.experience import Experience
+
+    _, loop, algo, context = _setup(assets, str(tmp_path / "run"), advantage="grpo", loss="clipped",
+                                    dynamic_sampling=True, max_generation_rounds=3, generation={"temperature": 0.0})
+    before = [p.detach().clone() for p in context.roles["policy"].modules[0].parameters()]
+    metrics = algo.train_step(context)
+    P = len(context.samples)
+    assert metrics["pg/generation_rounds"] == 3 and metrics["pg/groups_dropped"] == 3 * P
+    assert metrics["pg/groups_short"] == P and metrics["pg/groups_without_signal"] == 0
+    assert metrics["grad_norm/policy"] == 0.0
+    for a, b in zip(before, context.roles["policy"].modules[0].parameters()):
+        assert torch.equal(a, b)
+    del Experience
+
+
+def test_overlong_penalty_and_overlong_filtering(assets, tmp_path):
+    """A reward that is 0 everywhere: only DAPO's soft overlong penalty (L_max 8, L_cache 4)
+    tells the samples apart; responses without EOS are left out (truncated: mask)."""
+    _, loop, algo, context = _setup(assets, str(tmp_path / "run"), advantage="grpo", loss="clipped",
+                                    overlong_buffer=4, truncated="mask",
+                                    reward={"kind": "function", "function": "tests.algorithms.pg_setup:zero_reward"})
+    exp = algo.maker.score_passes(context, algo.make_experience(context))
+    extra = algo.advantages(context, exp)
+    metrics = algo.experience_metrics(context, exp, extra)
+    lengths = exp.response_lengths.tolist()
+    truncated = exp.truncated.tolist()
+    penalty = [0.0 if n <= 4 else (4 - n) / 4 for n in lengths]
+    assert sum(p < 0 for p in penalty) > 0 and any(truncated) and not all(truncated)
+    assert metrics["pg/overlong_penalized"] == sum(p < 0 for p in penalty)
+    assert metrics["pg/overlong_penalty"] == pytest.approx(sum(penalty) / len(penalty), abs=1e-12)
+    assert metrics["pg/truncated_masked"] == sum(truncated)
+    G = 4
+    without_signal = 0
+    for g in range(len(exp) // G):
+        rows = range(g * G, (g + 1) * G)
+        values = [penalty[i] for i in rows if not truncated[i]]
+        if len(set(values)) <= 1:
+            without_signal += 1
+        n = len(values)
+        mean = sum(values) / n if n else 0.0
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+        for i in rows:
+            on = exp.response_mask[i] != 0
+            adv = extra["advantages"][i]
+            if truncated[i]:  # filtered: no advantage, no loss
+                assert not adv.any() and not extra["loss_mask"][i].any()
+                continue
+            want = 0.0 if n < 2 else (penalty[i] - mean) / (std + 1e-6)
+            assert torch.allclose(adv[on].double(), torch.full((int(on.sum()),), want, dtype=torch.float64),
+                                  atol=1e-6)
+    assert metrics["pg/groups_without_signal"] == without_signal

@@ -1,0 +1,165 @@
+"""The REINFORCE family under every layout (fp32): one update on fixed experience gives the
+same loss and gradient norm at TP=1 with micro-batches of 4 and of 1, TP=2, PP=2 and DP=2
+(1e-5, relative to values above 1), for three configurations whose normalisers are
+global-batch quantities: GRPO (clipped, KL as a k3 loss term, seq-mean-token-mean, 2 epochs
+x 2 mini-batches, seq-mean-token-sum), RLOO (REINFORCE, KL in the reward, truncated
+responses masked, seq-sum-constant) and REINFORCE++ with a group baseline (global
+whitening, seq-mean-token-mean; token-mean is PPO's, tests/algorithms/test_ppo_parallel.py). Every group's
+samples stay on the data-parallel rank of their prompt: at DP=2 each rank generates and
+holds whole groups, and its advantages are those of the same rows at DP=1.
+
+One spawned job per world size runs every layout of that size (megatron-core's parallel
+state re-initialised between layouts), so the module stays fast."""
+import pytest
+import torch
+
+from aligner.parallel import ParallelConfig, initialize
+from aligner.parallel.spawn import spawn_local
+
+TOL = 1e-5
+G = 4
+CONFIGS = {
+    "grpo": {"advantage": "grpo", "loss": "clipped", "kl_mode": "loss", "kl_estimator": "k3", "kl_coef": 0.05,
+             "aggregation": "seq_mean_token_sum", "epochs": 2, "mini_batch_size": 4, "entropy_coef": 0.01,
+             "clip_eps_high": 0.28},
+    "rloo": {"advantage": "rloo", "loss": "reinforce", "kl_mode": "reward", "kl_estimator": "k1", "kl_coef": 0.05,
+             "truncated": "mask", "aggregation": "seq_sum_constant", "aggregation_constant": 6.0},
+    "rpp": {"advantage": "reinforce_pp_baseline", "loss": "clipped", "kl_mode": "reward", "kl_coef": 0.05,
+            "aggregation": "seq_mean_token_mean", "dual_clip": 3.0},
+}
+KEYS = ("loss/policy", "grad_norm/policy_first", "grad_norm/policy", "policy/entropy", "kl_ref")
+
+
+def _fixed_experience(context, vocab):
+    """8 fixed prompt + response rows in 2 groups of 4 (the same on every layout); row 5 ends
+    without EOS; this DP rank's share (whole groups)."""
+    from aligner.algorithms.experience import Experience
+
+    g = torch.Generator().manual_seed(11)
+    rows = []
+    for i in range(8):
+        prompt = torch.randint(7, vocab, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g)
+        response = torch.randint(7, vocab, (int(torch.randint(1, 10, (1,), generator=g)),), generator=g)
+        rows.append((prompt, response))
+    S = 24
+    tokens = torch.zeros(8, S, dtype=torch.long)
+    mask = torch.zeros(8, S)
+    for i, (p, r) in enumerate(rows):
+        tokens[i, :len(p)] = p
+        tokens[i, len(p):len(p) + len(r)] = r
+        mask[i, len(p):len(p) + len(r)] = 1.0
+    exp = Experience(tokens=tokens, response_mask=mask, prompt_lengths=torch.tensor([len(p) for p, _ in rows]),
+                     response_lengths=torch.tensor([len(r) for _, r in rows]), rollout_logps=torch.zeros(8, S),
+                     rewards=torch.tensor([1.0, 0.0, 2.5, 1.0, -1.0, 3.0, 0.5, 0.25], dtype=torch.float64),
+                     truncated=torch.tensor([False] * 5 + [True] + [False] * 2),
+                     group=torch.arange(8) // G, sample_index=torch.arange(8))
+    share = 8 // context.dp_size
+    return exp.select(range(context.dp_rank * share, (context.dp_rank + 1) * share))
+
+
+def _one_update(workdir, assets, tag, tp, pp, micro_batch_size, pg):
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.models import load_hf_weights
+    from aligner.training.algorithm import StepContext
+    from aligner.training.loop import TrainingLoop
+    from tests.algorithms.pg_setup import pg_config
+
+    cfg = pg_config(assets, f"{workdir}/{tag}", parallel={"tp": tp, "pp": pp}, optim={"lr": 1e-4},
+                    trainer={"global_batch_size": 2, "micro_batch_size": 1}, pg=dict(pg, reference="model"))
+    trainer = PGTrainer(cfg)
+    trainer.init_parallel()
+    train = trainer.load_data(cfg["data"]["train"])
+    policy = trainer.build_models()
+    roles, algo = trainer.build_roles(policy, len(train))
+    loop = TrainingLoop(algo, policy, train, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
+    # the policy moved away from the reference (the initial weights), so the KL terms are not 0
+    load_hf_weights(roles["policy"].modules, assets["policy_moved"], trainer.model_config())
+    samples = loop.global_batch(0)
+    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop._local(samples),
+                          micro_batch_size=micro_batch_size, seed=7)
+    exp = algo.maker.score_passes(context, _fixed_experience(context, assets["vocab"]))
+    extra = algo.advantages(context, exp)
+    metrics = algo.experience_metrics(context, exp, extra)
+    metrics.update(algo.update(context, exp, extra))
+    out = {k: metrics[k] for k in KEYS}
+    out["advantages"] = extra["advantages"].double()
+    if "loss/kl" in metrics:
+        out["loss/kl"] = metrics["loss/kl"]
+    return out
+
+
+def _groups_of_a_step(workdir, assets):
+    """Generate one step (2 prompts x G samples) and report which groups this rank holds."""
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.training.algorithm import StepContext
+    from aligner.training.loop import TrainingLoop
+    from tests.algorithms.pg_setup import pg_config
+
+    cfg = pg_config(assets, f"{workdir}/groups", trainer={"global_batch_size": 2, "micro_batch_size": 1})
+    trainer = PGTrainer(cfg)
+    trainer.init_parallel()
+    train = trainer.load_data(cfg["data"]["train"])
+    policy = trainer.build_models()
+    roles, algo = trainer.build_roles(policy, len(train))
+    loop = TrainingLoop(algo, policy, train, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
+    samples = loop.global_batch(0)
+    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop._local(samples),
+                          micro_batch_size=1, seed=7)
+    exp = algo.maker.generate(context)
+    return {"group": exp.group.tolist(), "sample_index": exp.sample_index.tolist(), "texts": exp.texts}
+
+
+def run_world(workdir, assets, layouts):
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for tag, tp, pp, mbs in layouts:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        initialize(ParallelConfig(tp=tp, pp=pp, seed=5))
+        for name, pg in CONFIGS.items():
+            out[f"{tag}/{name}"] = _one_update(workdir, assets, f"{tag}_{name}", tp, pp, mbs, pg)
+        if tag in ("tp1_mbs4", "dp2"):
+            out[f"{tag}/groups"] = _groups_of_a_step(workdir, assets)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tests.algorithms.ppo_setup import make_assets
+
+    w = tmp_path_factory.mktemp("pg_layouts")
+    assets = make_assets(w / "assets")
+    one = spawn_local(run_world, 1, str(w / "w1"), assets, [("tp1_mbs4", 1, 1, 4), ("tp1_mbs1", 1, 1, 1)],
+                      timeout=600)
+    two = spawn_local(run_world, 2, str(w / "w2"), assets, [("tp2", 2, 1, 4), ("pp2", 1, 2, 4), ("dp2", 1, 1, 4)],
+                      timeout=600)
+    return one, two
+
+
+@pytest.mark.parametrize("layout", ["tp1_mbs1", "tp2", "pp2", "dp2"])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_one_update_on_fixed_experience_agrees(runs, layout, config):
+    one, two = runs
+    ref = one[0][f"tp1_mbs4/{config}"]
+    assert abs(ref["kl_ref"]) > 1e-4 and ref["grad_norm/policy_first"] > 0 and abs(ref["loss/policy"]) > 1e-6
+    ranks = one if layout == "tp1_mbs1" else two
+    keys = [k for k in ref if k != "advantages"]
+    for rank, rank_out in enumerate(ranks):
+        got = rank_out[f"{layout}/{config}"]
+        for key in keys:
+            assert abs(got[key] - ref[key]) <= TOL * max(1.0, abs(ref[key])), (layout, config, key, got[key], ref[key])
+        # advantages of this rank's rows: those of the same rows at DP=1 (groups whole on a rank)
+        rows = slice(4 * rank, 4 * rank + 4) if layout == "dp2" else slice(0, 8)
+        assert torch.allclose(got["advantages"], ref["advantages"][rows], atol=1e-6, rtol=0), (layout, config)
+
+
+def test_each_group_is_generated_and_held_by_one_data_parallel_rank(runs):
+    one, two = runs
+    whole = one[0]["tp1_mbs4/groups"]
+    assert whole["group"] == [0] * G + [1] * G and whole["sample_index"] == list(range(2 * G))
+    for rank in (0, 1):
+        part = two[rank]["dp2/groups"]
+        assert part["group"] == [rank] * G
+        assert part["sample_index"] == whole["sample_index"][rank * G:(rank + 1) * G]
+        assert part["texts"] == whole["texts"][rank * G:(rank + 1) * G]  # the same responses at any DP size

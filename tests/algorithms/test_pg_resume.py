@@ -1,0 +1,72 @@
+"""SIGKILL during an RLOO run, the same command again: it resumes from the last complete
+checkpoint (policy weights and optimizer state, schedule, RNG, step; the reference rebuilt
+from the initial policy; the step's prompts and sampling seeds functions of the step) and
+ends with exactly the metrics and weights of an uninterrupted run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+STEPS, SAVE = 6, 2
+ROOT = Path(__file__).parents[2]
+
+
+def _cmd(assets, out, sleep=0.0):
+    return [sys.executable, "-W", "ignore", "-m", "tests.algorithms.pg_driver", str(assets), str(out), str(STEPS),
+            str(SAVE), str(sleep)]
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from tests.algorithms.ppo_setup import make_assets
+
+    base = tmp_path_factory.mktemp("pg_resume")
+    assets = base / "assets.json"
+    assets.write_text(json.dumps(make_assets(base / "assets")))
+    whole, killed = base / "whole", base / "killed"
+    subprocess.run(_cmd(assets, whole), check=True, cwd=ROOT, timeout=600, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_cmd(assets, killed, 1.0), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 500
+    while time.monotonic() < deadline:
+        if latest.exists() and json.loads(latest.read_text())["step"] >= SAVE:
+            break
+        time.sleep(0.05)
+    time.sleep(1.5)  # into the step after that checkpoint
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed_at = json.loads(latest.read_text())["step"]
+    assert not (killed / "result.json").exists(), "the run finished before it was killed"
+    subprocess.run(_cmd(assets, killed), check=True, cwd=ROOT, timeout=600, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+    return whole, killed, killed_at
+
+
+def test_resumed_rloo_run_ends_with_the_same_metrics_and_weights(runs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    whole, killed, killed_at = runs
+    assert SAVE <= killed_at < STEPS
+    a, b = _metrics(whole), _metrics(killed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    assert a[-1]["kl_ref"] != 0.0 and "kl_penalty" in a[-1]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if not key.startswith("time/") and key not in ("step_time", "timestamp", "wall_time"):
+                assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    resumed = AutoModelForCausalLM.from_pretrained(str(killed / "hf"))
+    reference = AutoModelForCausalLM.from_pretrained(str(whole / "hf"))
+    for (n, p), (_, q) in zip(resumed.named_parameters(), reference.named_parameters()):
+        assert torch.equal(p, q), n

@@ -15,8 +15,8 @@ composes the top-level configs in ``conf/`` with overrides):
    (``aligner eval rewardbench``), and regression metrics on held-out HelpSteer2 rows.
 6. ``dpo``: DPO from the SFT model on the world's preference pairs (``aligner train dpo``),
    with the gold-vs-proxy monitor on (proxy: the BT reward model; gold: the world's scorer).
-7. ``rl``: PPO from the DPO model against the BT reward model (``aligner train ppo``), the
-   monitor on (docs/monitor.md).
+7. ``rl``: RLOO (``aligner train rloo``; ``--rl grpo`` or ``--rl ppo`` for the others) from
+   the DPO model against the BT reward model, the monitor on (docs/monitor.md).
 8. ``bon``: best-of-n from the SFT model by the BT reward model, judged by the world's
    scorer (``aligner rm bon``).
 9. ``judge``: SFT, DPO and RL sample (temperature 1, fixed seeds) for held-out prompts (the
@@ -118,7 +118,25 @@ def _generate(model_dir: Path, prompts: List[dict], tokenizer, max_new_tokens: i
     return [tokenizer.decode(result.response_tokens(i)) for i in range(len(prompts))]
 
 
-RL_STEPS = 20  # PPO steps of the rl stage at scale 1 (32 prompts each)
+RL_STEPS = 12  # steps of the rl stage at scale 1
+RL_ALGORITHMS = ("rloo", "grpo", "ppo")
+
+
+def rl_overrides(algorithm: str, reward_model: Path) -> List[str]:
+    """The rl stage's settings for ``algorithm``: RLOO / GRPO (``aligner train pg``: 16 prompts
+    x 4 responses per step) or PPO (32 prompts x 1 response, critic from the reward model)."""
+    if algorithm == "ppo":
+        return ["trainer.global_batch_size=32", f"ppo.reward.path={reward_model}", "optim.lr=1e-4",
+                "ppo.critic_optim.lr=1e-4", "ppo.ppo_epochs=2", "ppo.mini_batch_size=16"]
+    return ["trainer.global_batch_size=16", f"pg.reward.path={reward_model}", "optim.lr=3e-5",
+            "pg.samples_per_prompt=4"]
+
+
+def default_rl_algorithm() -> str:
+    """RLOO where this installation has ``aligner train pg``, else PPO."""
+    from aligner.algorithms.trainers import TRAINERS
+
+    return "rloo" if "pg" in TRAINERS else "ppo"
 
 
 def _best_of_n(out: Path, world: dict, seed: int, n: int, num_prompts: int) -> dict:
@@ -141,7 +159,7 @@ def _best_of_n(out: Path, world: dict, seed: int, n: int, num_prompts: int) -> d
     return bon.run(args)
 
 
-def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> dict:
+def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_algorithm: Optional[str] = None) -> dict:
     claim_folder(out, seed, scale, fresh)  # before anything heavy: a refusal comes at once
     from aligner.cli.eval import regression as eval_regression
     from aligner.cli.eval import rewardbench as eval_rewardbench
@@ -205,7 +223,7 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
 
     def monitor(n_steps: int, proxy: bool) -> List[str]:
         return (["monitor.enabled=true", f"monitor.prompts={world['prompts_heldout']}",
-                 f"monitor.num_prompts={monitor_prompts}", f"monitor.interval={max(1, n_steps // 5)}",
+                 f"monitor.num_prompts={monitor_prompts}", f"monitor.interval={max(1, n_steps // 4)}",
                  f"monitor.seed={seed}", "monitor.gold.kind=world", "monitor.gold.reward_attribute=helpfulness"]
                 + ([f"monitor.proxy=[{{kind: model, path: '{out / 'rm_bt' / 'hf'}'}}]"] if proxy else []))
 
@@ -217,12 +235,11 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
     ] + monitor(steps(100), proxy=True))
     stage("rl")
     rl_steps = steps(RL_STEPS)
-    rl = _train("ppo", common + [
+    rl_algorithm = rl_algorithm or default_rl_algorithm()
+    rl = _train(rl_algorithm, common + [
         f"init.hf={out / 'dpo' / 'hf'}", f"data.train={world['prompts_train']}", f"trainer.out_dir={out / 'rl'}",
         f"trainer.max_steps={rl_steps}", "trainer.micro_batch_size=16", "trainer.save_interval=0",
-        f"ppo.reward.path={out / 'rm_bt' / 'hf'}", "optim.lr=1e-4", "ppo.critic_optim.lr=1e-4", "ppo.ppo_epochs=2",
-        "ppo.mini_batch_size=16",
-    ] + monitor(rl_steps, proxy=False))
+    ] + rl_overrides(rl_algorithm, out / "rm_bt" / "hf") + monitor(rl_steps, proxy=False))
     stage("bon")
     bon = _best_of_n(out, world, seed, n=8 if scale >= 0.5 else 4, num_prompts=monitor_prompts)
     stage("judge")
@@ -269,8 +286,8 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
         "rm_regression": {"rewardbench": rb["rm_regression"], "val": reg["val"], "heldout_regression": regm},
         "rm_bt": {"rewardbench": rb["rm_bt"], "val": bt["val"]},
         "dpo": {"val": dpo["val"], "monitor": curves["DPO"]},
-        "rl": {"train": {k: v for k, v in rl["train"].items() if not k.startswith("time/")}, "monitor": curves["RL"],
-               "best_gold": _best_gold(out / "rl")},
+        "rl": {"algorithm": rl_algorithm, "monitor": curves["RL"], "best_gold": _best_gold(out / "rl"),
+               "train": {k: v for k, v in rl["train"].items() if not k.startswith("time/")}},
         "bon": {"table": bon["table"], "fit_bon": bon["fit_bon"]},
         "judge": {name: {a: mean(name, a) for a in attrs} | {"exact_answer_rate": exact(name)} for name in judged},
         **gains,
@@ -305,7 +322,7 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
             f"{mean_diff:+.3f} ± {se:.3f}"]],
     )
     ground_truth = markdown_table(
-        ["", "SFT", "DPO", "RL (PPO)"],
+        ["", "SFT", "DPO", f"RL ({rl_algorithm.upper()})"],
         [[f"ground-truth {a} of generations"] + [results["judge"][n][a] for n in JUDGED] for a in attrs]
         + [["exact-answer rate"] + [results["judge"][n]["exact_answer_rate"] for n in JUDGED]]
         + [[f"paired helpfulness gain over the previous stage (± SE, {len(diffs)} prompts)", "",
@@ -353,11 +370,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--out", default="runs/quickstart", help="run folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--rl", choices=RL_ALGORITHMS, default=None,
+                        help="the rl stage's algorithm (default: rloo where `aligner train pg` exists, else ppo)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete the outputs of a quickstart of another seed or scale in --out first")
     args = parser.parse_args(argv)
     try:
-        run(Path(args.out), seed=args.seed, scale=args.scale, fresh=args.fresh)
+        run(Path(args.out), seed=args.seed, scale=args.scale, fresh=args.fresh, rl_algorithm=args.rl)
     except RunFolderError as exc:
         print(f"aligner quickstart: error: {exc}", file=sys.stderr)
         return 2

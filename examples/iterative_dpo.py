@@ -51,7 +51,10 @@ def main(argv=None) -> int:
     from aligner.cli.train import compose
     from aligner.data import load_tokenizer
     from aligner.data.world import load_prompts, score_response
+    from aligner.parallel import ParallelConfig, initialize, is_initialized
 
+    if not is_initialized():
+        initialize(ParallelConfig(seed=args.seed))
     qs, out = Path(args.quickstart), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     world = qs / "world"

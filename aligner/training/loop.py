@@ -28,6 +28,11 @@ runs ``fit()``:
 - metrics: summed over micro-batches and data-parallel ranks (over the union of the
   ranks' metric names), sent from the last pipeline stage, logged by rank 0 to
   ``metrics.jsonl`` / TensorBoard / W&B and the progress line.
+- hooks (:class:`~aligner.training.algorithm.StepHook`, e.g. the gold-vs-proxy monitor the
+  trainers attach, docs/monitor.md): set up before a resume, run before the first step of a
+  fresh run and after every step with every random stream restored, their metrics logged
+  under the hook's name, their state in every checkpoint; a hook may end training early
+  (``request_stop``), which saves and exports as at the last step.
 - validation every ``val_interval`` steps and at the end, without effect on training
   (eval mode, every RNG stream restored afterwards); checkpoints every
   ``save_interval`` steps and at the end (aligner.models.checkpoint: written under a
@@ -421,13 +426,13 @@ class TrainingLoop:
             logger.log(self.step, "val", val_metrics)
         try:
             if resumed is None:
-                self._run_hooks(logger, progress)
+                self._run_hooks(logger)
             while self.step < self.max_steps and self.stop_reason is None:
                 train_metrics = self.train_step()
                 if self.step % self.cfg.log_interval == 0 or self.step == self.max_steps:
                     logger.log(self.step, "train", train_metrics)
                     progress.update(self.step, train_metrics)
-                self._run_hooks(logger, progress)
+                self._run_hooks(logger)
                 if self.stop_reason is not None:
                     progress.message(f"stopping at step {self.step}: {self.stop_reason}")
                 last = self.step == self.max_steps or self.stop_reason is not None
@@ -448,7 +453,9 @@ class TrainingLoop:
             result["stopped"] = self.stop_reason
         return result
 
-    def _run_hooks(self, logger, progress) -> None:
+    def _run_hooks(self, logger) -> None:
+        """Every hook's :meth:`~aligner.training.algorithm.StepHook.after_step`, with the random
+        streams and the models' modes restored afterwards (a hook never changes training)."""
         for h in self.hooks:
             modes = [m.training for m in self.models]
             with preserved_rng():

@@ -191,22 +191,45 @@ def test_monitor_on_a_dpo_run_with_an_ensemble_proxy_leaves_training_unchanged(a
 # ---------------------------------------------------------------------------- hacking
 def test_a_length_rewarding_proxy_is_caught(assets, tmp_path, capfd):
     """RL against a proxy that pays for length: the proxy rises, the gold (which charges
-    0.25 per word) falls; the monitor warns, and the best-gold policy is an early one, not
-    the last."""
+    0.25 per word) falls; the monitor warns, the best-gold policy is an early one, not the
+    last, and with ``monitor.early_stop`` training ends at the warning with a checkpoint."""
     from aligner.algorithms.ppo import PPOTrainer
+    from aligner.models.checkpoint import find_latest
 
     out = tmp_path / "hack"
-    cfg = ppo_config(assets, str(out), trainer={"max_steps": 6, "export_hf": False},
+    cfg = ppo_config(assets, str(out), trainer={"max_steps": 8, "export_hf": False},
                      ppo={"reward": {"kind": "function", "function": "tests.evaluation.test_monitor:length_reward"},
                           "generation": {"max_new_tokens": 16}, "kl_coef": 0.0},
                      monitor=_monitor(assets, num_prompts=16, samples_per_prompt=4, max_new_tokens=16,
-                                      warn_drop=0.2, gold={"kind": "function", "function":
-                                                           "tests.evaluation.test_monitor:short_answer_gold"}))
-    PPOTrainer(cfg).fit()
+                                      warn_drop=0.2, early_stop=True,
+                                      gold={"kind": "function",
+                                            "function": "tests.evaluation.test_monitor:short_answer_gold"}))
+    result = PPOTrainer(cfg).fit()
     rows = _rows(out)
-    assert rows[-1]["proxy"] > rows[0]["proxy"] and rows[-1]["gold"] < rows[0]["gold"], rows
-    assert any(r["overoptimized"] == 1.0 for r in rows)
+    assert rows[-1]["proxy"] > rows[0]["proxy"] and rows[-1]["gold"] < rows[0]["gold"] - 0.2, rows
+    assert rows[-1]["overoptimized"] == 1.0 and all(r["overoptimized"] == 0.0 for r in rows[:-1])
     assert "monitor: reward over-optimisation at step" in capfd.readouterr().err
     best = json.loads((out / "best_gold" / "monitor.json").read_text())
-    assert best["step"] < rows[-1]["step"]
-    assert rows[-1]["proxy_length_corr"] > 0.9 or math.isnan(rows[-1]["proxy_length_corr"])
+    assert best["step"] < rows[-1]["step"] and best["gold"] == max(r["gold"] for r in rows)
+    # early stop: training ended at the warning, with a checkpoint of that step
+    assert result["step"] == rows[-1]["step"] < 8 and result["stopped"].startswith("monitor:")
+    assert find_latest(out / "checkpoints").name == f"step_{result['step']:07d}"
+
+
+def test_best_gold_is_swapped_in_by_renames_and_recovered_after_a_crash(tmp_path):
+    from aligner.evaluation.monitor import recover_best_gold, swap_in
+
+    final = tmp_path / "best_gold"
+    for step in (1, 2):
+        new = tmp_path / f"best_gold.tmp-{step}"
+        new.mkdir()
+        (new / "monitor.json").write_text(json.dumps({"step": step}))
+        swap_in(new, final)
+        assert json.loads((final / "monitor.json").read_text())["step"] == step
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["best_gold"]
+    # a crash after the old folder moved aside and before the new one took its name
+    (final).rename(tmp_path / "best_gold.old")
+    (tmp_path / "best_gold.tmp-3").mkdir()  # a half-written export
+    recover_best_gold(final)
+    assert json.loads((final / "monitor.json").read_text())["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_gold"]

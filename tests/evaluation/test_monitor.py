@@ -4,6 +4,7 @@ transformers, a DPO run with an ensemble proxy (training unchanged by the monito
 over-optimisation demonstration (a proxy that rewards length: the warning fires and the
 best-gold policy is not the last)."""
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -189,7 +190,18 @@ def test_monitor_on_a_dpo_run_with_an_ensemble_proxy_leaves_training_unchanged(a
 
 
 # ---------------------------------------------------------------------------- hacking
-def test_a_length_rewarding_proxy_is_caught(assets, tmp_path, capfd):
+class _Messages(logging.Handler):
+    """Keeps the messages of the ``aligner`` logger (whatever stream its own handler writes to)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_a_length_rewarding_proxy_is_caught(assets, tmp_path):
     """RL against a proxy that pays for length: the proxy rises, the gold (which charges
     0.25 per word) falls; the monitor warns, the best-gold policy is an early one, not the
     last, and with ``monitor.early_stop`` training ends at the warning with a checkpoint."""
@@ -204,11 +216,18 @@ def test_a_length_rewarding_proxy_is_caught(assets, tmp_path, capfd):
                                       warn_drop=0.2, early_stop=True,
                                       gold={"kind": "function",
                                             "function": "tests.evaluation.test_monitor:short_answer_gold"}))
-    result = PPOTrainer(cfg).fit()
+    from aligner.runtime import get_logger
+
+    kept = _Messages()
+    get_logger("aligner.evaluation.monitor").parent.addHandler(kept)
+    try:
+        result = PPOTrainer(cfg).fit()
+    finally:
+        logging.getLogger("aligner").removeHandler(kept)
     rows = _rows(out)
     assert rows[-1]["proxy"] > rows[0]["proxy"] and rows[-1]["gold"] < rows[0]["gold"] - 0.2, rows
     assert rows[-1]["overoptimized"] == 1.0 and all(r["overoptimized"] == 0.0 for r in rows[:-1])
-    assert "monitor: reward over-optimisation at step" in capfd.readouterr().err
+    assert any(m.startswith(f"monitor: reward over-optimisation at step {rows[-1]['step']}:") for m in kept.messages)
     best = json.loads((out / "best_gold" / "monitor.json").read_text())
     assert best["step"] < rows[-1]["step"] and best["gold"] == max(r["gold"] for r in rows)
     # early stop: training ended at the warning, with a checkpoint of that step

@@ -89,3 +89,48 @@ def write_report(path, title: str, sections: Sequence[tuple]) -> Path:
 
 def load_json(path) -> Dict:
     return json.loads(Path(path).read_text())
+
+
+def monitor_curve(metrics_path) -> List[dict]:
+    """The gold-vs-proxy monitor's points of a run (``metrics.jsonl`` rows of split
+    ``monitor``, docs/monitor.md): step, d, proxy, gold, gold_se, kl, in step order."""
+    path = Path(metrics_path)
+    if not path.is_file():
+        return []
+    keys = ("step", "d", "proxy", "gold", "gold_se", "kl")
+    return [{k: r[k] for k in keys if k in r} for r in read_metrics(path) if r.get("split") == "monitor"]
+
+
+def plot_gold_proxy(curves: Mapping[str, Sequence[dict]], out_png, fits: Optional[Mapping[str, dict]] = None) -> Path:
+    """Two panels against d = sqrt(KL to the initial policy): gold reward (left, with its
+    standard error) and proxy reward (right), one line per run (``{"d", "gold", "proxy",
+    ["gold_se"]}`` points). ``fits``: optional per-run fitted forms (aligner.evaluation
+    .overoptimization.Fit.to_dict()) drawn dotted on the gold panel."""
+    from aligner.evaluation.overoptimization import Fit
+
+    plt = _pyplot()
+    fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, (name, points) in enumerate(curves.items()):
+        if not points:
+            continue
+        color = f"C{i}"
+        d = [p["d"] for p in points]
+        ax_gold.errorbar(d, [p["gold"] for p in points], yerr=[p.get("gold_se") or 0.0 for p in points], fmt="o-",
+                         color=color, label=name, markersize=3, capsize=2)
+        ax_proxy.plot(d, [p["proxy"] for p in points], "s--", color=color, label=name, markersize=3)
+        if fits and fits.get(name):
+            f = Fit(**{k: fits[name][k] for k in ("form", "alpha", "beta", "rmse", "points", "d_peak", "gold_peak")})
+            xs = [max(d) * j / 60 for j in range(1, 61)]
+            base = points[0]["gold"]
+            ax_gold.plot(xs, [base + float(f.predict(x)) for x in xs], ":", color=color)
+    ax_gold.set_title("gold reward")
+    ax_proxy.set_title("proxy reward")
+    for ax in (ax_gold, ax_proxy):
+        ax.set_xlabel("d = sqrt(KL(policy || initial))")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png

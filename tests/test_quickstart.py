@@ -35,14 +35,23 @@ def run(tmp_path_factory):
 
 def test_report_and_plots(run):
     results = json.loads((run / "results.json").read_text())
-    for key in ("sft", "rm_regression", "rm_bt", "dpo", "judge", "stage_seconds"):
+    for key in ("sft", "rm_regression", "rm_bt", "dpo", "rl", "bon", "judge", "stage_seconds",
+                "rl_minus_dpo_helpfulness", "rl_minus_sft_helpfulness"):
         assert key in results
     report = (run / "report.md").read_text()
     assert "| SFT | validation loss" in report and "ground-truth helpfulness" in report
-    for png in ("loss_curves.png", "helpfulness_sft_vs_dpo.png"):
+    assert "## Ground truth: SFT -> DPO -> RL" in report and "![gold and proxy vs d](gold_proxy_vs_d.png)" in report
+    for png in ("loss_curves.png", "helpfulness_sft_vs_dpo.png", "gold_proxy_vs_d.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for stage in ("sft", "rm_regression", "rm_bt", "dpo"):
+    for stage in ("sft", "rm_regression", "rm_bt", "dpo", "rl"):
         assert (run / stage / "config.yaml").is_file() and (run / stage / "metrics.jsonl").is_file()
+    # the monitor watched DPO and RL: a point before the first step and after the last
+    for stage, steps in (("dpo", 3), ("rl", 2)):
+        points = results[stage]["monitor"]
+        assert points[0]["step"] == 0 and points[0]["d"] == 0.0 and points[-1]["step"] == steps
+        assert all(0.0 <= p["gold"] <= 4.0 for p in points)
+    assert (run / "rl" / "best_gold" / "monitor.json").is_file()
+    assert [r["n"] for r in results["bon"]["table"]] == [1, 2, 4]
     rb = results["rm_bt"]["rewardbench"]["subsets"]
     assert set(rb) == {"world-easy", "world-hard"} and all(v["n"] == 200 for v in rb.values())
     assert json.loads((run / "quickstart.json").read_text()) == {"seed": 1, "scale": float(TEST_SCALE)}
@@ -76,11 +85,13 @@ def test_the_same_seed_continues_without_training_again(run):
     checkpoints = {p: p.stat().st_mtime_ns for p in run.glob("*/hf/*.safetensors")}
     proc = _quickstart(run, 1, TEST_SCALE)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for stage in ("sft", "rm_regression", "rm_bt", "dpo"):
+    for stage in ("sft", "rm_regression", "rm_bt", "dpo", "rl"):
         assert f"{stage}: complete" in proc.stderr
+    assert "bon: complete" in proc.stderr
     assert {p: p.stat().st_mtime_ns for p in run.glob("*/hf/*.safetensors")} == checkpoints
     again = json.loads((run / "results.json").read_text())
-    for key in ("sft", "rm_regression", "rm_bt", "dpo", "judge", "dpo_minus_sft_helpfulness"):
+    for key in ("sft", "rm_regression", "rm_bt", "dpo", "bon", "judge", "dpo_minus_sft_helpfulness",
+                "rl_minus_dpo_helpfulness"):
         assert again[key] == first[key], key
 
 
@@ -106,7 +117,7 @@ def test_every_stage_loads_in_transformers(run):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     ids = torch.tensor([[5, 6, 7, 8]])
-    for stage in ("sft", "dpo"):
+    for stage in ("sft", "dpo", "rl"):
         m = AutoModelForCausalLM.from_pretrained(run / stage / "hf")
         assert torch.isfinite(m(ids).logits).all()
     for stage in ("rm_regression", "rm_bt"):

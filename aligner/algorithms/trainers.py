@@ -206,6 +206,13 @@ class _BaseTrainer:
             path = c.data[key]
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"data.{key} = {path!r}: no such file")
+        if c.monitor.enabled:
+            if not Path(c.monitor.prompts).is_file():
+                raise ConfigError(f"monitor.prompts = {c.monitor.prompts!r}: no such file")
+            for i, spec in enumerate(list(c.monitor.proxy) + [c.monitor.gold]):
+                name = f"monitor.proxy[{i}]" if i < len(c.monitor.proxy) else "monitor.gold"
+                if spec.kind == "model" and not (Path(spec.path) / "config.json").is_file():
+                    raise ConfigError(f"{name}.path = {spec.path!r}: not an HF reward-model folder")
         self.check_data_rows()
         if c.data.tokenizer is None and c.init.hf is None:
             raise ConfigError("data.tokenizer is not set and there is no init.hf to take the tokenizer from",
@@ -383,6 +390,14 @@ class _BaseTrainer:
     def algorithm(self):
         raise NotImplementedError
 
+    def hooks(self, algo) -> list:
+        """What runs beside training (aligner.training.algorithm.StepHook): the gold-vs-proxy
+        monitor when ``monitor.enabled`` (docs/monitor.md)."""
+        from aligner.evaluation.monitor import build_monitor
+
+        monitor = build_monitor(self.cfg, self.tokenizer(), self.model_config())
+        return [monitor] if monitor is not None else []
+
     # ---------------------------------------------------------------- run
     def prepare(self):
         """The algorithm, this rank's policy model chunks, the training and validation samples,
@@ -421,6 +436,7 @@ class _BaseTrainer:
             model_cfg=self.model_config(),
             tokenizer_dir=str(tok_dir) if tok_dir else None,
             run_config=self.recorded(),
+            hooks=self.hooks(algo),
             **loop_options,
         )
         result = self.trainer.fit()

@@ -6,6 +6,8 @@
 - ``stats FILE --tokenizer T [--kind K] [--template T]``: sample count and token-length
   percentiles. Pair files count pairs (``pairs``) and report the lengths of ``chosen``,
   ``rejected`` and the whole ``pair`` (both responses: what a step processes).
+- ``pairs POLICY PROMPTS OUT --reward R --n N``: on-policy preference pairs (best vs worst
+  of N samples by a reward; :mod:`aligner.cli.pairs`).
 - ``pack FILE --tokenizer T --capacity C [--kind K]``: pack the file's samples (a pair's
   chosen and rejected share one bin, so a pair's length is both responses') and report bins
   and the share of capacity filled; unpacked, a pair is two padded rows.
@@ -42,7 +44,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--skip-invalid", action="store_true")
         if name == "pack":
             p.add_argument("--capacity", type=int, required=True)
+    from aligner.cli import pairs as pairs_cli
+
+    pairs_cli.add_arguments(sub.add_parser("pairs", help="on-policy preference pairs: sample, score, best vs worst"))
     args = parser.parse_args(argv)
+    if args.cmd == "pairs":
+        print(json.dumps(pairs_cli.make_pairs(args), indent=2))
+        return 0
 
     if args.cmd == "synth":
         from aligner.data.world import attribute_table, synthesize

@@ -13,9 +13,14 @@ composes the top-level configs in ``conf/`` with overrides):
    (``aligner train rm_bt``).
 5. ``eval``: both reward models on the world's RewardBench-format file
    (``aligner eval rewardbench``), and regression metrics on held-out HelpSteer2 rows.
-6. ``dpo``: DPO from the SFT model on the world's preference pairs (``aligner train dpo``).
-7. ``judge``: SFT and DPO sample (temperature 1, fixed seeds) for held-out prompts (the rollout engine);
-   the world's ground-truth scorer rates every response.
+6. ``dpo``: DPO from the SFT model on the world's preference pairs (``aligner train dpo``),
+   with the gold-vs-proxy monitor on (proxy: the BT reward model; gold: the world's scorer).
+7. ``rl``: RLOO (``aligner train rloo``; ``--rl grpo`` or ``--rl ppo`` for the others) from
+   the DPO model against the BT reward model, the monitor on (docs/monitor.md).
+8. ``bon``: best-of-n from the SFT model by the BT reward model, judged by the world's
+   scorer (``aligner rm bon``).
+9. ``judge``: SFT, DPO and RL sample (temperature 1, fixed seeds) for held-out prompts (the
+   rollout engine); the world's ground-truth scorer rates every response.
 
 Writes ``<out>/report.md`` (results table, plots), ``<out>/results.json``, per-stage run
 folders (composed ``config.yaml``, ``metrics.jsonl``, HF-format ``hf/`` checkpoints) and
@@ -42,11 +47,12 @@ def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
 
 
-STAGES = ("sft", "rm_regression", "rm_bt", "dpo")
+STAGES = ("sft", "rm_regression", "rm_bt", "dpo", "rl")
+JUDGED = ("sft", "dpo", "rl")
 RUN_FILE = "quickstart.json"
 # what a quickstart writes into its folder (all that --fresh deletes)
-OUTPUTS = STAGES + ("world", "results.json", "report.md", "loss_curves.png", "helpfulness_sft_vs_dpo.png",
-                    "generations_sft.jsonl", "generations_dpo.jsonl", RUN_FILE)
+OUTPUTS = STAGES + ("world", "bon", "results.json", "report.md", "loss_curves.png", "helpfulness_sft_vs_dpo.png",
+                    "gold_proxy_vs_d.png", RUN_FILE) + tuple(f"generations_{n}.jsonl" for n in JUDGED)
 
 
 class RunFolderError(ValueError):
@@ -112,14 +118,62 @@ def _generate(model_dir: Path, prompts: List[dict], tokenizer, max_new_tokens: i
     return [tokenizer.decode(result.response_tokens(i)) for i in range(len(prompts))]
 
 
-def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> dict:
+RL_STEPS = 8  # steps of the rl stage at scale 1 (sized for README command 1 within 15 minutes)
+RL_ALGORITHMS = ("rloo", "grpo", "ppo")
+
+
+def rl_overrides(algorithm: str, reward_model: Path) -> List[str]:
+    """The rl stage's settings for ``algorithm``: RLOO / GRPO (``aligner train pg``: 16 prompts
+    x 4 responses per step) or PPO (32 prompts x 1 response, critic from the reward model)."""
+    if algorithm == "ppo":
+        return ["trainer.global_batch_size=32", f"ppo.reward.path={reward_model}", "optim.lr=1e-4",
+                "ppo.critic_optim.lr=1e-4", "ppo.ppo_epochs=2", "ppo.mini_batch_size=16"]
+    return ["trainer.global_batch_size=16", f"pg.reward.path={reward_model}", "optim.lr=3e-5",
+            "pg.samples_per_prompt=4"]
+
+
+def default_rl_algorithm() -> str:
+    """RLOO where this installation has ``aligner train pg``, else PPO."""
+    from aligner.algorithms.trainers import TRAINERS
+
+    return "rloo" if "pg" in TRAINERS else "ppo"
+
+
+def _best_of_n(out: Path, world: dict, seed: int, n: int, num_prompts: int) -> dict:
+    """``aligner rm bon`` from the SFT model by the BT reward model, gold = the world's helpfulness."""
+    import argparse
+
+    from aligner.cli import bon
+
+    done = out / "bon" / "bon.json"
+    if done.is_file():
+        previous = json.loads(done.read_text())
+        if previous["settings"].get("n") == n and previous["settings"].get("num_prompts") == num_prompts:
+            _log("bon: complete, not sampled again")
+            return previous
+    args = argparse.Namespace(policy=str(out / "sft" / "hf"), prompts=str(world["prompts_heldout"]),
+                              proxy=[str(out / "rm_bt" / "hf")], ensemble="mean", ensemble_lambda=1.0,
+                              reward_attribute=None, gold="world:helpfulness", n=n, num_prompts=num_prompts,
+                              max_new_tokens=48, seed=seed, template="extra_id", tokenizer=None, micro_batch_size=16,
+                              out=str(out / "bon"))
+    return bon.run(args)
+
+
+def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_algorithm: Optional[str] = None) -> dict:
     claim_folder(out, seed, scale, fresh)  # before anything heavy: a refusal comes at once
     from aligner.cli.eval import regression as eval_regression
     from aligner.cli.eval import rewardbench as eval_rewardbench
     from aligner.data import load_tokenizer
     from aligner.data.world import load_prompts, score_response, synthesize
     from aligner.parallel import ParallelConfig, initialize, is_initialized
-    from aligner.reporting import markdown_table, plot_curves, plot_distributions, write_report
+    from aligner.reporting import (
+        markdown_table,
+        monitor_curve,
+        plot_curves,
+        plot_distributions,
+        plot_gold_proxy,
+        write_report,
+    )
 
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
@@ -163,16 +217,35 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
                                             reward_attribute="helpfulness"),
           "rm_bt": eval_rewardbench(str(out / "rm_bt" / "hf"), str(world["rewardbench"]))}
     regm = eval_regression(str(out / "rm_regression" / "hf"), str(world["regression_val"]))
+    # the gold-vs-proxy monitor (docs/monitor.md): held-out prompts, the BT model as proxy,
+    # the world's helpfulness as gold; sized so that it costs a few seconds per evaluation
+    monitor_prompts = 64 if scale >= 0.5 else 8
+
+    def monitor(n_steps: int, proxy: bool) -> List[str]:
+        return (["monitor.enabled=true", f"monitor.prompts={world['prompts_heldout']}",
+                 f"monitor.num_prompts={monitor_prompts}", f"monitor.interval={max(1, n_steps // 4)}",
+                 f"monitor.seed={seed}", "monitor.gold.kind=world", "monitor.gold.reward_attribute=helpfulness"]
+                + ([f"monitor.proxy=[{{kind: model, path: '{out / 'rm_bt' / 'hf'}'}}]"] if proxy else []))
+
     stage("dpo")
     dpo = _train("dpo", common + [
         f"init.hf={out / 'sft' / 'hf'}", f"data.train={world['pairs_train']}",
         f"data.validation={world['pairs_val']}", f"trainer.out_dir={out / 'dpo'}",
         f"trainer.max_steps={steps(100)}",
-    ])
+    ] + monitor(steps(100), proxy=True))
+    stage("rl")
+    rl_steps = steps(RL_STEPS)
+    rl_algorithm = rl_algorithm or default_rl_algorithm()
+    rl = _train(rl_algorithm, common + [
+        f"init.hf={out / 'dpo' / 'hf'}", f"data.train={world['prompts_train']}", f"trainer.out_dir={out / 'rl'}",
+        f"trainer.max_steps={rl_steps}", "trainer.micro_batch_size=16", "trainer.save_interval=0",
+    ] + rl_overrides(rl_algorithm, out / "rm_bt" / "hf") + monitor(rl_steps, proxy=False))
+    stage("bon")
+    bon = _best_of_n(out, world, seed, n=8 if scale >= 0.5 else 4, num_prompts=monitor_prompts)
     stage("judge")
     prompts = load_prompts(str(world["prompts_heldout"]), tok)
     judged = {}
-    for name in ("sft", "dpo"):
+    for name in JUDGED:
         responses = _generate(out / name / "hf", prompts, tok, max_new_tokens=48, seed=seed)
         scores = [score_response(p["meta"], r) for p, r in zip(prompts, responses)]
         judged[name] = {"responses": responses, "scores": scores}
@@ -193,17 +266,31 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
 
     import math
 
-    diffs = [d["helpfulness"] - s["helpfulness"] for s, d in zip(judged["sft"]["scores"], judged["dpo"]["scores"])]
-    mean_diff = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((x - mean_diff) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs)) if len(diffs) > 1 else float("nan")
+    def paired(base, new):
+        diffs = [d["helpfulness"] - s["helpfulness"] for s, d in zip(judged[base]["scores"], judged[new]["scores"])]
+        mean_diff = sum(diffs) / len(diffs)
+        se = math.sqrt(sum((x - mean_diff) ** 2 for x in diffs) / (len(diffs) - 1) / len(diffs)) \
+            if len(diffs) > 1 else float("nan")
+        return {"mean": mean_diff, "standard_error": se, "prompts": len(diffs)}
+
+    gains = {"dpo_minus_sft_helpfulness": paired("sft", "dpo"), "rl_minus_dpo_helpfulness": paired("dpo", "rl"),
+             "rl_minus_sft_helpfulness": paired("sft", "rl")}
+    mean_diff, se = gains["dpo_minus_sft_helpfulness"]["mean"], gains["dpo_minus_sft_helpfulness"]["standard_error"]
+    diffs = [None] * gains["dpo_minus_sft_helpfulness"]["prompts"]
+    curves = {name.upper(): monitor_curve(out / name / "metrics.jsonl") for name in ("dpo", "rl")}
+    curves["best-of-n (SFT)"] = [{"d": r["d_bon"], "proxy": r["proxy"], "gold": r["gold"], "step": r["n"]}
+                                 for r in bon["table"]]
     results = {
         "seed": seed,
         "sft": {"val_loss": sft["val"].get("loss")},
         "rm_regression": {"rewardbench": rb["rm_regression"], "val": reg["val"], "heldout_regression": regm},
         "rm_bt": {"rewardbench": rb["rm_bt"], "val": bt["val"]},
-        "dpo": {"val": dpo["val"]},
+        "dpo": {"val": dpo["val"], "monitor": curves["DPO"]},
+        "rl": {"algorithm": rl_algorithm, "monitor": curves["RL"], "best_gold": _best_gold(out / "rl"),
+               "train": {k: v for k, v in rl["train"].items() if not k.startswith("time/")}},
+        "bon": {"table": bon["table"], "fit_bon": bon["fit_bon"]},
         "judge": {name: {a: mean(name, a) for a in attrs} | {"exact_answer_rate": exact(name)} for name in judged},
-        "dpo_minus_sft_helpfulness": {"mean": mean_diff, "standard_error": se, "prompts": len(diffs)},
+        **gains,
         "stage_seconds": {k: round(timings[n] - timings[k], 1) for k, n in zip(list(timings)[:-1], list(timings)[1:])},
         "total_seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -211,9 +298,10 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
 
     plot_curves({s: str(out / s / "metrics.jsonl") for s in ("sft", "rm_regression", "rm_bt", "dpo")},
                 out / "loss_curves.png")
-    plot_distributions({n.upper(): [s["helpfulness"] for s in judged[n]["scores"]] for n in ("sft", "dpo")},
+    plot_distributions({n.upper(): [s["helpfulness"] for s in judged[n]["scores"]] for n in JUDGED},
                        out / "helpfulness_sft_vs_dpo.png", "ground-truth helpfulness (0..4)",
                        bins=[x - 0.5 for x in range(6)])
+    plot_gold_proxy(curves, out / "gold_proxy_vs_d.png")
     def overall(report):  # accuracy over all rows of the world's subsets
         subsets = report["subsets"].values()
         return sum(v["correct"] for v in subsets) / max(1, sum(v["n"] for v in subsets))
@@ -230,16 +318,35 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
         + [[name, f"embedded RewardBench {sub} accuracy", rb[key]["subsets"][sub]["accuracy"]]
            for name, key in (("RM regression", "rm_regression"), ("Scaled BT from regression", "rm_bt"))
            for sub in sorted(rb[key]["subsets"])]
-        + [[n.upper(), f"ground-truth {a} of generations", results["judge"][n][a]] for n in ("sft", "dpo") for a in attrs]
-        + [[n.upper(), "exact-answer rate of generations", results["judge"][n]["exact_answer_rate"]] for n in ("sft", "dpo")]
         + [["DPO - SFT", f"paired ground-truth helpfulness gain (± standard error, {len(diffs)} prompts)",
             f"{mean_diff:+.3f} ± {se:.3f}"]],
     )
+    ground_truth = markdown_table(
+        ["", "SFT", "DPO", f"RL ({rl_algorithm.upper()})"],
+        [[f"ground-truth {a} of generations"] + [results["judge"][n][a] for n in JUDGED] for a in attrs]
+        + [["exact-answer rate"] + [results["judge"][n]["exact_answer_rate"] for n in JUDGED]]
+        + [[f"paired helpfulness gain over the previous stage (± SE, {len(diffs)} prompts)", "",
+            _pm(gains["dpo_minus_sft_helpfulness"]), _pm(gains["rl_minus_dpo_helpfulness"])],
+           [f"paired helpfulness gain over SFT (± SE, {len(diffs)} prompts)", "",
+            _pm(gains["dpo_minus_sft_helpfulness"]), _pm(gains["rl_minus_sft_helpfulness"])]],
+    )
+    bon_table = markdown_table(
+        ["n", "KL_bon", "d", "proxy (BT RM)", "gold (helpfulness)", "± SE"],
+        [[r["n"], r["kl_bon"], r["d_bon"], r["proxy"], r["gold"], r["gold_se"]] for r in bon["table"]])
+    monitor_table = markdown_table(
+        ["run", "step", "d = sqrt(KL)", "proxy", "gold (helpfulness)", "± SE"],
+        [[name, p["step"], p["d"], p["proxy"], p["gold"], p["gold_se"]] for name in ("DPO", "RL")
+         for p in curves[name]])
     from aligner.algorithms.rewardbench import format_report
 
     write_report(out / "report.md", "aligner quickstart: the embedded world", [
+        ("Ground truth: SFT -> DPO -> RL", ground_truth),
         ("Results", table),
-        ("Ground truth: SFT vs DPO", "![helpfulness](helpfulness_sft_vs_dpo.png)"),
+        ("Gold and proxy reward against d = sqrt(KL to the initial model)",
+         "![gold and proxy vs d](gold_proxy_vs_d.png)\n\nDPO's d is its distance from the SFT model, RL's from"
+         " the DPO model it starts from, best-of-n's is sqrt(KL_bon) from the SFT model (docs/monitor.md).\n\n"
+         + monitor_table + "\n\nBest-of-n from the SFT model, picked by the BT reward model:\n\n" + bon_table),
+        ("Ground truth: SFT vs DPO vs RL", "![helpfulness](helpfulness_sft_vs_dpo.png)"),
         ("Loss curves", "![loss curves](loss_curves.png)"),
         ("RewardBench-format evaluation: regression RM", format_report(rb["rm_regression"])),
         ("RewardBench-format evaluation: Scaled BT from regression", format_report(rb["rm_bt"])),
@@ -249,16 +356,27 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False) -> di
     return results
 
 
+def _pm(gain: dict) -> str:
+    return f"{gain['mean']:+.3f} ± {gain['standard_error']:.3f}"
+
+
+def _best_gold(run: Path) -> Optional[dict]:
+    path = run / "best_gold" / "monitor.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="aligner quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/quickstart", help="run folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--rl", choices=RL_ALGORITHMS, default=None,
+                        help="the rl stage's algorithm (default: rloo where `aligner train pg` exists, else ppo)")
     parser.add_argument("--fresh", action="store_true",
                         help="delete the outputs of a quickstart of another seed or scale in --out first")
     args = parser.parse_args(argv)
     try:
-        run(Path(args.out), seed=args.seed, scale=args.scale, fresh=args.fresh)
+        run(Path(args.out), seed=args.seed, scale=args.scale, fresh=args.fresh, rl_algorithm=args.rl)
     except RunFolderError as exc:
         print(f"aligner quickstart: error: {exc}", file=sys.stderr)
         return 2

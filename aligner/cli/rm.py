@@ -7,6 +7,8 @@
   row with ``scores`` (attribute name -> head output) and ``reward`` (the scalar
   ``r = w · ŷ``) added; a row with two responses gets both keyed by its response fields
   (``{"chosen": {...}, "rejected": {...}}``, or ``response_1`` / ``response_2``).
+- ``aligner rm bon POLICY PROMPTS --proxy RM --gold world --n 16 --out DIR``: best-of-n
+  by the proxy, judged by the gold reward, against KL_bon (:mod:`aligner.cli.bon`).
 - ``aligner rm expo WEAK STRONG OUTPUT --alpha A``: ExPO extrapolation
   ``θ = θ_w + α (θ_s − θ_w)`` between two HF-format checkpoints of the same architecture
   (weak: e.g. the regression model; strong: the BT model trained from it).
@@ -279,12 +281,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     e.add_argument("strong")
     e.add_argument("output")
     e.add_argument("--alpha", type=float, required=True)
-    from aligner.cli import rm_label
+    from aligner.cli import bon, rm_label
 
     rm_label.add_parser(sub)
+    bon.add_arguments(sub.add_parser("bon", help="best-of-n by a proxy reward, judged by a gold reward"))
     args = parser.parse_args(argv)
     if args.cmd == "label":
         return rm_label.run(args)
+    if args.cmd == "bon":
+        bon.run(args)
+        return 0
     if args.cmd == "expo":
         print(f"wrote {expo(args.weak, args.strong, args.output, args.alpha)}")
         return 0

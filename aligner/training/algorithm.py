@@ -165,3 +165,35 @@ class Algorithm:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class StepHook:
+    """Something the loop runs beside training, with no say in the objective (e.g. the
+    gold-vs-proxy monitor, docs/monitor.md). Trainers pass hooks to
+    :class:`aligner.training.loop.TrainingLoop`; the loop calls, on every rank:
+
+    - :meth:`setup` once, after the algorithm's setup and before a resume (the models hold
+      the initial weights);
+    - :meth:`after_step` before the first step of a fresh run (``loop.step == 0``) and after
+      every step; it returns metrics to log (split ``name``) or None, and may call
+      ``loop.request_stop(reason)`` to end training after this step (checkpoint and export
+      as at a normal end);
+    - :meth:`state_dict` / :meth:`load_state_dict` with every checkpoint (json-able).
+
+    The loop runs :meth:`after_step` with every random stream restored afterwards and the
+    models in the mode it found them, so a hook never changes the training trajectory.
+    """
+
+    name: str = "hook"
+
+    def setup(self, loop) -> None:
+        pass
+
+    def after_step(self, loop) -> Optional[Dict[str, float]]:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -229,6 +229,71 @@ class TrainerSection:
     wandb_name: Optional[str] = None
 
 
+class RewardKind(Choice):
+    """Where a reward comes from (aligner.rewards): an HF reward-model folder, the embedded
+    world's ground-truth scorer, or a ``package.module:function``."""
+
+    model = "model"
+    world = "world"
+    function = "function"
+
+
+class EnsembleMode(Choice):
+    """How several proxy reward models combine (docs/monitor.md)."""
+
+    mean = "mean"
+    min = "min"
+    mean_minus_var = "mean_minus_var"
+
+
+@dataclass
+class RewardSpec:
+    """One reward source (aligner.rewards.build_reward): ``kind`` ``model`` (``path``: an HF
+    reward-model folder), ``world`` or ``function`` (``function``: ``package.module:function``).
+    attribute_weights (one per output) or reward_attribute make the scalar; for a model
+    without either, the weights its training recorded."""
+
+    kind: RewardKind = RewardKind.world
+    path: Optional[str] = None
+    function: Optional[str] = None
+    attribute_weights: Optional[List[float]] = None
+    reward_attribute: Optional[str] = None
+
+
+@dataclass
+class MonitorSection:
+    """``monitor``: gold-vs-proxy over-optimisation monitor (docs/monitor.md).
+
+    Every ``interval`` steps (and before the first and after the last) the live policy
+    samples ``samples_per_prompt`` responses (temperature 1, fixed seeds from ``seed``) for
+    the first ``num_prompts`` prompts of ``prompts``; logged: the proxy reward (``proxy``:
+    reward sources; empty = the algorithm's own training reward), the gold reward
+    (``gold``), the sampled KL of the policy to the initial model and d = sqrt(KL), the
+    response length and the proxy-length correlation. Several proxies combine by
+    ``ensemble`` (``mean``, ``min``, ``mean_minus_var`` with ``ensemble_lambda``).
+    ``warn_drop``: warn once gold is this far below its best while the proxy still rises;
+    ``keep_best_gold``: the policy with the best gold in ``<out_dir>/best_gold/``;
+    ``early_stop``: stop training when the warning fires.
+    """
+
+    enabled: bool = False
+    interval: int = 10
+    prompts: Optional[str] = None
+    num_prompts: int = 64
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 48
+    seed: int = 0
+    proxy: List[RewardSpec] = field(default_factory=list)
+    ensemble: EnsembleMode = EnsembleMode.mean
+    ensemble_lambda: float = 1.0
+    gold: RewardSpec = field(default_factory=lambda: RewardSpec(kind=RewardKind.world,
+                                                                reward_attribute="helpfulness"))
+    warn_drop: float = 0.1
+    keep_best_gold: bool = True
+    early_stop: bool = False
+    micro_batch_size: int = 8
+
+
 @dataclass
 class RunConfig:
     """The sections every trainer shares; algorithms add their own (``rm``, ``dpo``, ...).
@@ -244,6 +309,7 @@ class RunConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
 
 
 def _register_run_dirs() -> None:
@@ -392,6 +458,20 @@ def _check_values(merged: DictConfig) -> None:
             _fail(f"parallel.{key}", p[key], "expected >= 1")
     if p.vpp is not None and p.vpp < 1:
         _fail("parallel.vpp", p.vpp, "expected >= 1 or null")
+    m = merged.monitor
+    for key in ("interval", "num_prompts", "samples_per_prompt", "max_new_tokens", "micro_batch_size"):
+        if m[key] < 1:
+            _fail(f"monitor.{key}", m[key], "expected >= 1")
+    if m.warn_drop < 0:
+        _fail("monitor.warn_drop", m.warn_drop, "expected >= 0")
+    if m.enabled and not m.prompts:
+        raise ConfigError("monitor.enabled = true needs monitor.prompts (a held-out prompt file)",
+                          hint="set monitor.prompts=FILE, e.g. the world's prompts_heldout.jsonl")
+    for name, spec in [(f"monitor.proxy[{i}]", p) for i, p in enumerate(m.proxy)] + [("monitor.gold", m.gold)]:
+        if spec.kind == RewardKind.model and not spec.path:
+            raise ConfigError(f"{name}.path is not set: kind = model needs an HF reward-model folder")
+        if spec.kind == RewardKind.function and not spec.function:
+            raise ConfigError(f"{name}.function is not set: kind = function needs package.module:function")
     from_model_group = not OmegaConf.is_missing(merged.init, "hf") and merged.init.hf is None
     if from_model_group and d.max_length > merged.model.max_position_embeddings:
         raise ConfigError(f"data.max_length = {d.max_length} exceeds model.max_position_embeddings ="
@@ -444,6 +524,10 @@ __all__ = [
     "Choice",
     "ConfigError",
     "DataSection",
+    "EnsembleMode",
+    "MonitorSection",
+    "RewardKind",
+    "RewardSpec",
     "DType",
     "InitSection",
     "LayerSpec",

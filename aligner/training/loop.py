@@ -28,6 +28,11 @@ runs ``fit()``:
 - metrics: summed over micro-batches and data-parallel ranks (over the union of the
   ranks' metric names), sent from the last pipeline stage, logged by rank 0 to
   ``metrics.jsonl`` / TensorBoard / W&B and the progress line.
+- hooks (:class:`~aligner.training.algorithm.StepHook`, e.g. the gold-vs-proxy monitor the
+  trainers attach, docs/monitor.md): set up before a resume, run before the first step of a
+  fresh run and after every step with every random stream restored, their metrics logged
+  under the hook's name, their state in every checkpoint; a hook may end training early
+  (``request_stop``), which saves and exports as at the last step.
 - validation every ``val_interval`` steps and at the end, without effect on training
   (eval mode, every RNG stream restored afterwards); checkpoints every
   ``save_interval`` steps and at the end (aligner.models.checkpoint: written under a
@@ -105,6 +110,7 @@ class TrainingLoop:
         tokenizer_dir: Optional[str] = None,
         run_config: Optional[dict] = None,
         roles=None,
+        hooks: Sequence = (),
     ):
         from aligner.training.roles import RoleSet, build_trainable_role
 
@@ -146,6 +152,13 @@ class TrainingLoop:
         self.roles.add(self.policy)
         self.step = 0
         self.history: List[dict] = []
+        self.hooks = list(hooks)  # aligner.training.algorithm.StepHook
+        self.stop_reason: Optional[str] = None
+
+    def request_stop(self, reason: str) -> None:
+        """End training after the current step (a hook's early stop); checkpoint and export
+        follow as at the last step."""
+        self.stop_reason = reason
 
     # ---------------------------------------------------------------- data
     def global_batch(self, step: int) -> List[dict]:
@@ -330,6 +343,7 @@ class TrainingLoop:
             "step": self.step,
             "consumed_samples": self.step * self.cfg.global_batch_size,
             "algorithm": self.algorithm.state_dict(),
+            "hooks": {h.name: h.state_dict() for h in self.hooks},
         }
         models, optimizer, scheduler = self.roles.checkpoint_parts()
         return save_checkpoint(
@@ -355,14 +369,18 @@ class TrainingLoop:
         extra = load_checkpoint(latest, models, optimizer=optimizer, scheduler=scheduler)
         self.step = int(extra["step"])
         self.algorithm.load_state_dict(extra.get("algorithm", {}))
+        for h in self.hooks:
+            h.load_state_dict(extra.get("hooks", {}).get(h.name, {}))
         return self.step
 
-    def export(self) -> Optional[Path]:
+    def export(self, out: Optional[Path] = None, policy_only: bool = False) -> Optional[Path]:
+        """The HF export of the policy to ``out`` (default ``<out_dir>/hf``) and, unless
+        ``policy_only``, of every other trainable role to ``<out_dir>/hf_<role>``."""
         from aligner.models import export_hf
 
         if self.model_cfg is None:
             return None
-        out = self.out_dir / "hf"
+        out = self.out_dir / "hf" if out is None else Path(out)
         export_hf(
             [m.module for m in self.models],
             self.model_cfg,
@@ -372,7 +390,7 @@ class TrainingLoop:
             metadata=getattr(self.algorithm, "export_metadata", None),
         )
         for name, role in self.roles.trainable.items():  # other trainable roles: hf_<role>/
-            if role is not self.policy:
+            if role is not self.policy and not policy_only:
                 export_hf(role.modules, role.model_cfg or self.model_cfg, self.out_dir / f"hf_{name}",
                           tokenizer_dir=self.tokenizer_dir, head=role.export_head)
         return out
@@ -381,6 +399,8 @@ class TrainingLoop:
         """Train to ``max_steps``; returns the last train and validation metrics."""
         # before the resume: setup sees the initial weights (e.g. DPO's reference model)
         self.algorithm.setup(self)
+        for h in self.hooks:
+            h.setup(self)
         resumed = self.maybe_resume()
         progress = Progress(self.algorithm.name, self.max_steps, start_step=self.step, enabled=self.cfg.progress)
         logger = MetricsLogger(
@@ -405,12 +425,17 @@ class TrainingLoop:
             val_metrics = self.evaluate(max_batches=self.cfg.val_batches)
             logger.log(self.step, "val", val_metrics)
         try:
-            while self.step < self.max_steps:
+            if resumed is None:
+                self._run_hooks(logger)
+            while self.step < self.max_steps and self.stop_reason is None:
                 train_metrics = self.train_step()
                 if self.step % self.cfg.log_interval == 0 or self.step == self.max_steps:
                     logger.log(self.step, "train", train_metrics)
                     progress.update(self.step, train_metrics)
-                last = self.step == self.max_steps
+                self._run_hooks(logger)
+                if self.stop_reason is not None:
+                    progress.message(f"stopping at step {self.step}: {self.stop_reason}")
+                last = self.step == self.max_steps or self.stop_reason is not None
                 if self.val_data and (last or (self.cfg.val_interval > 0 and self.step % self.cfg.val_interval == 0)):
                     val_metrics = self.evaluate(max_batches=None if last else self.cfg.val_batches)
                     logger.log(self.step, "val", val_metrics)
@@ -423,4 +448,19 @@ class TrainingLoop:
                     progress.message(f"exported HF model to {path}")
         finally:
             logger.close()
-        return {"step": self.step, "train": train_metrics, "val": val_metrics}
+        result = {"step": self.step, "train": train_metrics, "val": val_metrics}
+        if self.stop_reason is not None:
+            result["stopped"] = self.stop_reason
+        return result
+
+    def _run_hooks(self, logger) -> None:
+        """Every hook's :meth:`~aligner.training.algorithm.StepHook.after_step`, with the random
+        streams and the models' modes restored afterwards (a hook never changes training)."""
+        for h in self.hooks:
+            modes = [m.training for m in self.models]
+            with preserved_rng():
+                metrics = h.after_step(self)
+            for m, mode in zip(self.models, modes):
+                m.train(mode)
+            if metrics:
+                logger.log(self.step, h.name, metrics)

@@ -115,7 +115,7 @@ def parse_reward_spec(text: str, option: str = "--reward"):
 def build_reward_source(spec, tokenizer=None, micro_batch_size: int = 8) -> RewardSource:
     """The reward source of a :class:`aligner.training.config.RewardSpec` (or a dict of its
     fields). A reward model without ``attribute_weights`` / ``reward_attribute`` is read as
-    ``aligner rm score`` reads it: the weights its training recorded (aligner.cli.rm.reward_readout)."""
+    ``aligner rm score`` reads it: the weights its training recorded (aligner.rewards.readout.reward_readout)."""
     from aligner.rewards import build_reward
 
     get = spec.get if isinstance(spec, dict) else (lambda k, d=None: getattr(spec, k, d))
@@ -124,7 +124,7 @@ def build_reward_source(spec, tokenizer=None, micro_batch_size: int = 8) -> Rewa
     weights = list(weights) if weights is not None else None
     attribute = get("reward_attribute")
     if kind == "model":
-        from aligner.cli.rm import reward_readout
+        from aligner.rewards.readout import reward_readout
         from aligner.rewards import RewardModel
 
         source = RewardModel(str(get("path")), tokenizer, None, weights, attribute, micro_batch_size)

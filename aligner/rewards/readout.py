@@ -1,0 +1,94 @@
+"""How a reward model's outputs are read: the names of its head's outputs, the weights that
+make the scalar reward, and the template its rows are rendered with — from what the export
+recorded (config.json ``id2label``, ``aligner_config.json``), or from options that override
+it (docs/reward_models.md). Shared by ``aligner rm``, ``aligner eval``, ``aligner generate``
+and the monitor's reward specs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from aligner.runtime import UserError
+
+
+class ScoringError(UserError):
+    """An option or input that does not fit the reward model: one line, naming it (a
+    :class:`aligner.runtime.UserError`, so the command line reports it without a traceback)."""
+
+
+@dataclass
+class RewardReadout:
+    """How a reward head's outputs become named scores and one scalar reward.
+
+    names: the N head outputs in order. weights: N numbers, ``reward = weights · outputs``.
+    template: the data-layer template the (prompt, response) rows are rendered with.
+    source: where the weights came from (for reports).
+    """
+
+    names: List[str]
+    weights: List[float]
+    template: str
+    source: str
+
+    def rewards(self, outputs):
+        """[n, N] head outputs -> [n] scalar rewards."""
+        import torch
+
+        from aligner.algorithms.losses.reward import combine_attributes
+
+        return combine_attributes(outputs.double(), torch.tensor(self.weights, dtype=torch.float64))
+
+
+def reward_readout(model_dir: str, num_outputs: int, *, attributes: Optional[Sequence[str]] = None,
+                   reward_attribute: Optional[str] = None, attribute_weights: Optional[Sequence[float]] = None,
+                   template: Optional[str] = None) -> RewardReadout:
+    """The names, weights and template to score with ``model_dir``'s head of ``num_outputs``
+    outputs (see the module docstring); a :class:`ScoringError` naming the option when one
+    does not match the head."""
+    from aligner.algorithms.losses.reward import REWARDBENCH_WEIGHTS_70B
+    from aligner.data.formats import HELPSTEER2_ATTRIBUTES
+    from aligner.models.hf import read_export_metadata
+
+    meta = read_export_metadata(model_dir)
+    recorded = meta.get("labels")
+    if recorded is not None and len(recorded) != num_outputs:
+        raise ScoringError(f"{model_dir}: records {len(recorded)} output names {recorded} for a head of"
+                           f" {num_outputs} outputs")
+    if attributes:
+        attributes = list(attributes)
+        if len(attributes) != num_outputs:
+            raise ScoringError(f"--attributes names {len(attributes)} outputs {attributes}; the head of {model_dir}"
+                               f" has {num_outputs}" + (f": {recorded}" if recorded else ""))
+        if recorded is not None and attributes != list(recorded):
+            raise ScoringError(f"--attributes {attributes} differ from the head's outputs {recorded}"
+                               f" recorded in {model_dir}/config.json")
+        names = attributes
+    else:
+        names = list(recorded) if recorded is not None else [f"LABEL_{i}" for i in range(num_outputs)]
+    if attribute_weights is not None and reward_attribute is not None:
+        raise ScoringError("--reward-attribute and --attribute-weights both given; the reward is one or the other")
+    if attribute_weights is not None:
+        if len(attribute_weights) != num_outputs:
+            raise ScoringError(f"--attribute-weights has {len(attribute_weights)} numbers; the head of {model_dir}"
+                               f" has {num_outputs} outputs {names}")
+        weights, source = [float(w) for w in attribute_weights], "--attribute-weights"
+    elif reward_attribute is not None:
+        if reward_attribute not in names:
+            raise ScoringError(f"--reward-attribute {reward_attribute!r} is not an output of the head of {model_dir}:"
+                               f" {names}" + ("" if recorded or attributes else " (name them with --attributes)"))
+        weights, source = [float(n == reward_attribute) for n in names], f"--reward-attribute {reward_attribute}"
+    elif meta.get("attribute_weights") is not None:
+        recorded_weights = meta["attribute_weights"]
+        unknown = sorted(set(recorded_weights) - set(names))
+        if unknown:
+            raise ScoringError(f"{model_dir}: attribute_weights name {unknown}, not outputs of the head {names}")
+        weights, source = [float(recorded_weights.get(n, 0.0)) for n in names], "recorded by training"
+    elif set(HELPSTEER2_ATTRIBUTES) <= set(names):
+        weights = [REWARDBENCH_WEIGHTS_70B.get(n, 0.0) for n in names]
+        source = "HelpSteer2 RewardBench weights (70B)"
+    elif num_outputs == 1:
+        weights, source = [1.0], "the single output"
+    else:
+        raise ScoringError(f"the head of {model_dir} has {num_outputs} outputs {names} and records no reward"
+                           " weights: pass --reward-attribute NAME or --attribute-weights W1 ... WN")
+    return RewardReadout(names, weights, template or meta.get("template") or "auto", source)

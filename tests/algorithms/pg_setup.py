@@ -8,6 +8,8 @@ lengths: groups without signal can be crafted and counted by hand.
 """
 from __future__ import annotations
 
+from tests.algorithms.ppo_setup import merge_sections
+
 
 def pg_config(assets: dict, out_dir: str, **sections) -> dict:
     cfg = {
@@ -21,14 +23,7 @@ def pg_config(assets: dict, out_dir: str, **sections) -> dict:
         "pg": {"reward": {"kind": "function", "function": "tests.algorithms.ppo_setup:word_reward"},
                "generation": {"max_new_tokens": 8}, "samples_per_prompt": 4},
     }
-    for section, values in sections.items():
-        cfg.setdefault(section, {})
-        for k, v in values.items():
-            if isinstance(v, dict) and isinstance(cfg[section].get(k), dict):
-                cfg[section][k].update(v)
-            else:
-                cfg[section][k] = v
-    return cfg
+    return merge_sections(cfg, sections)
 
 
 def length_reward(prompts, responses, metadata):

@@ -76,6 +76,19 @@ def word_reward(prompts, responses, metadata):
     return out
 
 
+def merge_sections(cfg: dict, sections: dict) -> dict:
+    """``cfg`` with each of ``sections``' values set, merged one level deep below a section
+    (``{"ppo": {"generation": {"max_new_tokens": 4}}}`` changes only that key)."""
+    for section, values in sections.items():
+        cfg.setdefault(section, {})
+        for k, v in values.items():
+            if isinstance(v, dict) and isinstance(cfg[section].get(k), dict):
+                cfg[section][k].update(v)
+            else:
+                cfg[section][k] = v
+    return cfg
+
+
 def ppo_config(assets: dict, out_dir: str, **sections) -> dict:
     cfg = {
         "algorithm": "ppo",
@@ -89,11 +102,4 @@ def ppo_config(assets: dict, out_dir: str, **sections) -> dict:
                 "generation": {"max_new_tokens": 8}, "critic_init": "policy",
                 "critic_optim": {"lr": 1e-3}},
     }
-    for section, values in sections.items():
-        cfg.setdefault(section, {})
-        for k, v in values.items():
-            if isinstance(v, dict) and isinstance(cfg[section].get(k), dict):
-                cfg[section][k].update(v)
-            else:
-                cfg[section][k] = v
-    return cfg
+    return merge_sections(cfg, sections)

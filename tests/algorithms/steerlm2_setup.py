@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from tests.algorithms.ppo_setup import WORDS, _llama_config, make_tokenizer
+from tests.algorithms.ppo_setup import WORDS, _llama_config, make_tokenizer, merge_sections
 
 ATTRS = ["helpfulness", "correctness", "coherence", "complexity", "verbosity"]
 TARGETS = ["helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:1",
@@ -71,11 +71,4 @@ def steerlm2_config(assets: dict, out_dir: str, **sections) -> dict:
                      "sft_model": assets["sft"], "reward_model": assets["rm"],
                      "generation": {"max_new_tokens": 8, "temperature": 1.0, "top_p": 1.0}},
     }
-    for section, values in sections.items():
-        cfg.setdefault(section, {})
-        for k, v in values.items():
-            if isinstance(v, dict) and isinstance(cfg[section].get(k), dict):
-                cfg[section][k].update(v)
-            else:
-                cfg[section][k] = v
-    return cfg
+    return merge_sections(cfg, sections)

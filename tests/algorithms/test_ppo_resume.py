@@ -3,26 +3,18 @@ checkpoint (policy and critic weights and optimizer states, schedules, RNG, step
 reference rebuilt from the initial policy) and ends with exactly the metrics of an
 uninterrupted run. The final policy and critic export as HF models."""
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
+from tests.kill_resume import metrics as _metrics, whole_killed_resumed
+
 STEPS, SAVE = 6, 2
-ROOT = Path(__file__).parents[2]
 
 
 def _cmd(assets, out, sleep=0.0):
-    return [sys.executable, "-W", "ignore", "-m", "tests.algorithms.ppo_driver", str(assets), str(out), str(STEPS),
-            str(SAVE), str(sleep)]
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [sys.executable, "-W", "ignore", "-m", "tests.algorithms.online_driver", "ppo", str(assets), str(out),
+            str(STEPS), str(SAVE), str(sleep)]
 
 
 @pytest.fixture(scope="module")
@@ -32,24 +24,8 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("ppo_resume")
     assets = base / "assets.json"
     assets.write_text(json.dumps(make_assets(base / "assets")))
-    whole, killed = base / "whole", base / "killed"
-    subprocess.run(_cmd(assets, whole), check=True, cwd=ROOT, timeout=600, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
-    proc = subprocess.Popen(_cmd(assets, killed, 1.0), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.monotonic() + 500
-    while time.monotonic() < deadline:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= SAVE:
-            break
-        time.sleep(0.05)
-    time.sleep(1.5)  # into the step after that checkpoint
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed_at = json.loads(latest.read_text())["step"]
-    assert not (killed / "result.json").exists(), "the run finished before it was killed"
-    subprocess.run(_cmd(assets, killed), check=True, cwd=ROOT, timeout=600, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
+    whole, killed, killed_at, _ = whole_killed_resumed(lambda out, sleep: _cmd(assets, out, sleep), base, SAVE,
+                                                       slow=1.0, settle=1.5, timeout=600)
     return whole, killed, killed_at
 
 

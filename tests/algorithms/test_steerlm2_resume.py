@@ -3,26 +3,18 @@ command again resumes from the last complete checkpoint, reads that iteration's 
 back from the run folder (the file is not written again) and ends with exactly the
 metrics of an uninterrupted run."""
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
+from tests.kill_resume import metrics as _metrics, whole_killed_resumed
+
 STEPS, STEPS_PER_ITERATION = 8, 4
-ROOT = Path(__file__).parents[2]
 
 
 def _cmd(assets, out, sleep=0.0):
-    return [sys.executable, "-W", "ignore", "-m", "tests.algorithms.steerlm2_driver", str(assets), str(out), "1",
-            str(sleep)]
-
-
-def _metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [sys.executable, "-W", "ignore", "-m", "tests.algorithms.online_driver", "steerlm2", str(assets), str(out),
+            str(STEPS), "1", str(sleep)]
 
 
 @pytest.fixture(scope="module")
@@ -32,28 +24,15 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("steerlm2_resume")
     assets = base / "assets.json"
     assets.write_text(json.dumps(make_assets(base / "assets")))
-    whole, killed = base / "whole", base / "killed"
-    subprocess.run(_cmd(assets, whole), check=True, cwd=ROOT, timeout=900, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
-    proc = subprocess.Popen(_cmd(assets, killed, 1.0), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.monotonic() + 800
-    target = STEPS_PER_ITERATION + 1  # one step into the second iteration
-    while time.monotonic() < deadline and proc.poll() is None:
-        if latest.exists() and json.loads(latest.read_text())["step"] >= target:
-            break
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    killed_at = json.loads(latest.read_text())["step"]
-    assert not (killed / "result.json").exists(), "the run finished before it was killed"
-    samples = killed / "steerlm2_samples" / "iteration_1.jsonl"
-    before = (samples.stat().st_mtime_ns, samples.read_bytes())
-    subprocess.run(_cmd(assets, killed), check=True, cwd=ROOT, timeout=900, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
-    after = (samples.stat().st_mtime_ns, samples.read_bytes())
-    return whole, killed, killed_at, before, after
+
+    def _samples(killed):
+        path = killed / "steerlm2_samples" / "iteration_1.jsonl"
+        return path.stat().st_mtime_ns, path.read_bytes()
+
+    whole, killed, killed_at, before = whole_killed_resumed(lambda out, sleep: _cmd(assets, out, sleep), base,
+                                                            STEPS_PER_ITERATION + 1, slow=1.0, settle=0.0,
+                                                            timeout=900, between=_samples)
+    return whole, killed, killed_at, before, _samples(killed)
 
 
 def test_resumed_mid_iteration_ends_with_the_same_metrics(runs):

@@ -1,0 +1,62 @@
+"""A complete online run on the tiny test assets, as a program one can kill and run again.
+
+``python -m tests.algorithms.online_driver ALGORITHM ASSETS_JSON OUT_DIR STEPS SAVE_INTERVAL [SLEEP]``
+
+- ``ppo``: PPO (2 epochs, mini-batches of 4) on tests.algorithms.ppo_setup's assets;
+- ``pg``: RLOO (reinforce loss, KL 0.05) on the same assets;
+- ``steerlm2``: SteerLM 2.0 sampling, 2 iterations x 2 epochs (STEPS is ignored: the run
+  length follows from them) on tests.algorithms.steerlm2_setup's assets.
+
+Checkpoints every SAVE_INTERVAL steps and resume from the latest (the same command again),
+then ``OUT_DIR/result.json``. SLEEP seconds per step make a kill during training easy to time.
+"""
+import json
+import sys
+import time
+
+
+def _trainer(algorithm, assets, out_dir, steps, save_interval):
+    trainer = {"max_steps": steps, "save_interval": save_interval, "resume": True, "export_hf": True}
+    if algorithm == "ppo":
+        from aligner.algorithms.ppo import PPOAlgorithm, PPOTrainer
+        from tests.algorithms.ppo_setup import ppo_config
+
+        cfg = ppo_config(assets, out_dir, trainer=trainer, ppo={"ppo_epochs": 2, "mini_batch_size": 4})
+        return PPOTrainer(cfg), PPOAlgorithm
+    if algorithm == "pg":
+        from aligner.algorithms.pg import PGAlgorithm, PGTrainer
+        from tests.algorithms.pg_setup import pg_config
+
+        cfg = pg_config(assets, out_dir, trainer=trainer, pg={"advantage": "rloo", "loss": "reinforce", "kl_coef": 0.05})
+        return PGTrainer(cfg), PGAlgorithm
+    if algorithm == "steerlm2":
+        from aligner.algorithms.steerlm import SteerLM2Algorithm, SteerLM2Trainer
+        from tests.algorithms.steerlm2_setup import steerlm2_config
+
+        cfg = steerlm2_config(assets, out_dir, trainer={"save_interval": save_interval, "resume": True})
+        return SteerLM2Trainer(cfg), SteerLM2Algorithm
+    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, pg or steerlm2")
+
+
+def main(algorithm, assets_json, out_dir, steps, save_interval, sleep=0.0):
+    import torch
+
+    torch.set_num_threads(1)
+    assets = json.loads(open(assets_json).read())
+    trainer, algorithm_cls = _trainer(algorithm, assets, out_dir, steps, save_interval)
+    if sleep:
+        step = algorithm_cls.train_step
+
+        def slow(self, context):
+            time.sleep(sleep)
+            return step(self, context)
+
+        algorithm_cls.train_step = slow
+    result = trainer.fit()
+    with open(f"{out_dir}/result.json", "w") as f:
+        json.dump(result, f, sort_keys=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]),
+         float(sys.argv[6]) if len(sys.argv) > 6 else 0.0)

@@ -61,13 +61,14 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from omegaconf import MISSING
 
+from aligner.algorithms.online import GenerationSection, ReferenceMode
 from aligner.algorithms.losses.steerlm import attribute_log_likelihood, steerlm2_weights
 from aligner.algorithms.sft import TokenAlgorithm
 from aligner.algorithms.trainers import _BaseTrainer, register_trainer
 from aligner.data.formats import STEERLM_DEFAULT_LABEL
 from aligner.training.algorithm import StepContext, metric
 from aligner.training.batching import fill_rows, filler_microbatch, per_item_sum, shifted_logprobs
-from aligner.training.config import Choice, ConfigError, InitSection, RunConfig, Template
+from aligner.training.config import ConfigError, InitSection, RunConfig, Template
 
 
 def load_steerlm2(path, tokenizer, max_length: int = 4096, overlong: str = "truncate_left",
@@ -411,24 +412,6 @@ def _register_epochs_resolver() -> None:
 _register_epochs_resolver()
 
 
-class SFTMode(Choice):
-    host = "host"
-    model = "model"
-
-
-@dataclass
-class SteerLM2GenerationSection:
-    """``steerlm2.generation``: how responses are sampled from Q' (paper: T 0.7, top-p 0.9).
-    seed: base of the per-sample seeds (null: ``trainer.seed``)."""
-
-    max_new_tokens: int = 64
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 0.9
-    seed: Optional[int] = None
-    max_batch: int = 64
-
-
 @dataclass
 class SteerLM2Section:
     """``steerlm2``: SteerLM 2.0 (docs/steerlm.md).
@@ -448,11 +431,12 @@ class SteerLM2Section:
     samples_per_prompt: int = 10
     targets: List[str] = field(default_factory=lambda: [STEERLM_DEFAULT_LABEL])
     sft_model: Optional[str] = None
-    sft_mode: SFTMode = SFTMode.host
+    sft_mode: ReferenceMode = ReferenceMode.host
     reward_model: Optional[str] = None
     reward_micro_batch_size: int = 8
     concentration: float = 24.0
-    generation: SteerLM2GenerationSection = field(default_factory=SteerLM2GenerationSection)
+    # the paper samples Q' at temperature 0.7, top-p 0.9
+    generation: GenerationSection = field(default_factory=lambda: GenerationSection(temperature=0.7, top_p=0.9))
 
 
 @dataclass

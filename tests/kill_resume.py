@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable, List, Optional
+
+from tests import pyproc
 
 ROOT = Path(__file__).parents[1]
 
@@ -20,15 +21,15 @@ def metrics(out) -> List[dict]:
 
 def run(cmd: List[str], timeout: float = 600) -> None:
     """Run ``cmd`` in the repository root; a failure shows the end of its stderr."""
-    proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
+    proc = pyproc.run(cmd, cwd=ROOT, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def kill_after_checkpoint(cmd: List[str], out, step: int, settle: float = 0.0, timeout: float = 500) -> int:
     """Start ``cmd`` (a run writing to ``out``), SIGKILL it ``settle`` seconds after its
     checkpoint of step >= ``step`` is marked latest, and return the step of the latest
     checkpoint. Fails if the run ends on its own first."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = pyproc.start(cmd, cwd=ROOT)
     latest = Path(out) / "checkpoints" / "latest"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -38,6 +39,7 @@ def kill_after_checkpoint(cmd: List[str], out, step: int, settle: float = 0.0, t
     time.sleep(settle)  # into the steps after that checkpoint
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
+    proc.kill()  # anything the run started that outlived it
     assert not (Path(out) / "result.json").exists(), "the run finished before it was killed"
     return json.loads(latest.read_text())["step"]
 

@@ -10,6 +10,7 @@ import pytest
 
 import aligner
 from aligner.cli import main as cli
+from tests import pyproc
 
 
 def _run(*args):
@@ -119,7 +120,8 @@ def test_every_command_module_is_present_and_has_main(command):
 
 # ------------------------------------------------------------------------------ user errors
 def _timed(args, cwd, env=None):
-    """Run ``aligner ARGS`` in ``cwd``: (completed process, CPU seconds it used)."""
+    """Run ``aligner ARGS`` in ``cwd`` in a fresh interpreter: (completed process, CPU
+    seconds it used)."""
     import os
     import resource
 
@@ -128,6 +130,14 @@ def _timed(args, cwd, env=None):
                          timeout=300, cwd=cwd, env={**os.environ, **(env or {})})
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return out, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def _aligner(args, cwd, env=None):
+    """Run ``aligner ARGS`` in ``cwd`` (its own process, from the fork server)."""
+    import os
+
+    return pyproc.run([sys.executable, "-m", "aligner.cli.main", *args], timeout=300, cwd=cwd,
+                      env={**os.environ, **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +167,19 @@ def user_error_files(tmp_path_factory):
     (["dpo", "init.hf=hf", "data.train=x.jsonl"], ["aligner train: error: data.train = 'x.jsonl': no such file"]),
     (["sft", "trainer.keep_last=0"], ["aligner train: error: trainer.keep_last = 0: expected >= 1"]),
 ])
-def test_user_errors_are_one_line_exit_2_fast_and_write_nothing(user_error_files, args, expected):
-    out, cpu_s = _timed(["train", *args, "trainer.out_dir=run"], cwd=user_error_files)
+def test_user_errors_are_one_line_exit_2_and_write_nothing(user_error_files, args, expected):
+    out = _aligner(["train", *args, "trainer.out_dir=run"], cwd=user_error_files)
     assert out.returncode == 2, out.stderr
     assert out.stderr.splitlines() == expected and out.stdout == ""
-    assert cpu_s < 15, cpu_s
     assert not (user_error_files / "run").exists()
+
+
+def test_a_user_error_from_a_fresh_interpreter_is_one_line_and_fast(user_error_files):
+    out, cpu_s = _timed(["train", "dpo", "dpo.loss_type=dpoo", "trainer.out_dir=run"], cwd=user_error_files)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.splitlines() == ["aligner train: error: dpo.loss_type: 'dpoo' is not accepted; expected one"
+                                       " of dpo, ipo, rpo_sq, rpo_fwd_kl, rpo_bwd_kl, margin_dpo, scaled_dpo"]
+    assert cpu_s < 15, cpu_s
 
 
 def test_a_layout_that_does_not_fit_the_world_is_refused_by_rank_0_on_every_rank(user_error_files):
@@ -182,16 +199,16 @@ def test_a_layout_that_does_not_fit_the_world_is_refused_by_rank_0_on_every_rank
     assert "exitcode  : 2 " in root_cause
     assert not (user_error_files / "run").exists()
     # the same refusal in one process that sees the launcher's variables, before any process group
-    single, cpu_s = _timed(args, cwd=user_error_files, env={"RANK": "0", "WORLD_SIZE": "2"})
-    assert single.returncode == 2 and single.stderr.splitlines() == [expected] and cpu_s < 15
-    quiet, _ = _timed(args, cwd=user_error_files, env={"RANK": "1", "WORLD_SIZE": "2"})
+    single = _aligner(args, cwd=user_error_files, env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert single.returncode == 2 and single.stderr.splitlines() == [expected]
+    quiet = _aligner(args, cwd=user_error_files, env={"RANK": "1", "WORLD_SIZE": "2"})
     assert quiet.returncode == 2 and quiet.stderr == ""  # other ranks exit quietly
 
 
 def test_debug_shows_the_traceback_and_internal_errors_keep_theirs(user_error_files, monkeypatch, capsys):
     args = ["train", "dpo", "init.hf=hf", "data.train=bad.jsonl", "trainer.out_dir=run"]
     for extra, env in ((["--debug"], {}), ([], {"ALIGNER_DEBUG": "1"})):
-        out, _ = _timed(args + extra, cwd=user_error_files, env=env)
+        out = _aligner(args + extra, cwd=user_error_files, env=env)
         assert out.returncode == 1
         assert "Traceback (most recent call last)" in out.stderr
         assert out.stderr.rstrip().endswith("DataFormatError: bad.jsonl:2: field 'chosen' must be a string, got int")

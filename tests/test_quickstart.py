@@ -5,19 +5,19 @@ training again), and HF checkpoints load in transformers. The full-scale run (ma
 ``slow``, deselected by default: ``pytest -m slow tests/test_quickstart.py``) checks that
 DPO's paired ground-truth helpfulness gain over SFT exceeds two standard errors."""
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
+from tests import pyproc
+
 TEST_SCALE = "0.03"
 
 
 def _quickstart(out, seed, scale, *extra, timeout=1500):
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "aligner.cli.main", "quickstart", "--out", str(out),
-                           "--scale", scale, "--seed", str(seed), *extra],
-                          timeout=timeout, capture_output=True, text=True)
+    return pyproc.run([sys.executable, "-W", "ignore", "-m", "aligner.cli.main", "quickstart", "--out", str(out),
+                       "--scale", scale, "--seed", str(seed), *extra], timeout=timeout)
 
 
 def _accuracy(report):

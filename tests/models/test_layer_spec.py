@@ -296,16 +296,17 @@ def test_context_parallel_and_sequence_parallel_refusals():
 
 
 def test_train_cli_refuses_context_parallelism_in_one_line(tmp_path):
-    import subprocess
     import sys
+
+    from tests import pyproc
 
     if torch.cuda.is_available():
         pytest.skip("on a GPU the refusal depends on Transformer Engine")
     env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    proc = subprocess.run(
+    proc = pyproc.run(
         [sys.executable, "-W", "ignore", "-m", "aligner.cli.main", "train", "sft", "parallel.cp=2",
          "data.train=unused.jsonl", "data.tokenizer=unused.model", f"trainer.out_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300, env=env,
+        timeout=300, env=env,
     )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("aligner train:")]

@@ -131,3 +131,66 @@ def test_a_hanging_rank_fails_at_the_timeout_and_everything_is_killed(tmp_path):
     while _alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(grandchild), "a process started by a rank outlived the job"
+
+
+# --- python command lines from the fork server ---
+
+SCRIPT = """\
+import atexit, os, sys, warnings
+atexit.register(lambda: print("atexit ran", flush=True))
+warnings.warn("a warning")
+print(sys.argv, os.getcwd() == os.environ["EXPECT_CWD"], os.environ.get("ALIGNER_TEST_VALUE"), __name__)
+print("to stderr", file=sys.stderr)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def test_python_commands_run_as_under_a_fresh_interpreter(tmp_path):
+    """``run_python``: a script, ``-m`` and ``-c``, each with its arguments, folder,
+    environment, ``__main__``, exit status, atexit handlers and ``-W`` option; the same
+    output as ``python`` itself gives."""
+    from aligner.parallel.spawn import run_python
+
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    (tmp_path / "scriptmod.py").write_text(SCRIPT)
+    env = dict(os.environ, ALIGNER_TEST_VALUE="v1", EXPECT_CWD=str(tmp_path))
+    for argv, argv0 in (([str(script), "3", "x"], str(script)),
+                        (["-m", "scriptmod", "3", "x"], str(tmp_path / "scriptmod.py")),
+                        (["-c", SCRIPT, "3", "x"], "-c")):
+        out = run_python(["-W", "ignore", *argv], cwd=tmp_path, env=env, timeout=60)
+        fresh = subprocess.run([sys.executable, "-W", "ignore", *argv], cwd=tmp_path, env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert out.returncode == fresh.returncode == 3
+        assert out.stdout == fresh.stdout == f"[{argv0!r}, '3', 'x'] True v1 __main__\natexit ran\n"
+        assert out.stderr == fresh.stderr == "to stderr\n"
+    warned = run_python([str(script), "0"], cwd=tmp_path, env=env, timeout=60)
+    assert warned.returncode == 0 and "UserWarning: a warning" in warned.stderr
+    failed = run_python(["-c", "raise KeyError('k')"], timeout=60)
+    assert failed.returncode == 1 and failed.stderr.rstrip().endswith("KeyError: 'k'")
+    with pytest.raises(ValueError, match="expected"):
+        run_python(["-x", "y"])
+
+
+def test_a_killed_python_command_takes_its_process_group_along(tmp_path):
+    """``start_python(...).kill()`` ends the command and whatever it started; ``wait``
+    reports the signal as ``Popen`` does."""
+    from aligner.parallel.spawn import start_python
+
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+            f"open({str(tmp_path / 'child')!r}, 'w').write(str(child.pid))\n"
+            "time.sleep(300)\n")
+    proc = start_python(["-c", code], stdout=tmp_path / "out", stderr=tmp_path / "err")
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "child").exists() or not (tmp_path / "child").read_text():
+        assert time.monotonic() < deadline and proc.poll() is None, (tmp_path / "err").read_text()
+        time.sleep(0.05)
+    child = int((tmp_path / "child").read_text())
+    assert proc.poll() is None and _alive(child)
+    proc.kill()
+    assert proc.wait(timeout=30) == -9
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)

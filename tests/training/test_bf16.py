@@ -14,11 +14,12 @@ parameters and gradients in megatron-core's mixed-precision optimizer.
   rows equals the run's own validation loss within 1.5% (bf16 compute on both sides).
 """
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import pyproc
 
 STEPS, HALF = 10, 5
 STEP_TOL, MEAN_TOL, VAL_TOL, EXPORT_TOL = 0.03, 0.005, 0.01, 0.015
@@ -33,7 +34,7 @@ def _train(out, world, dtype, steps, progress=False):
         f"trainer.save_interval={HALF}", "trainer.val_interval=0", f"trainer.progress={str(progress).lower()}",
         "trainer.tensorboard=false", "optim.schedule=constant", "optim.warmup_steps=2", "trainer.seed=2",
     ]
-    proc = subprocess.run(cmd, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=600)
+    proc = pyproc.run(cmd, cwd=Path(__file__).parents[2], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
 

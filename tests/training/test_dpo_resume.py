@@ -6,19 +6,20 @@ tests/training/test_dpo_reference.py.)"""
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests import pyproc
+
 STEPS, SAVE = 8, 3
 ROOT = Path(__file__).parents[2]
 TIMING = ("step_time", "tokens_per_s")
 
 
-def _start(out, ranks, reference, sleep):
+def _start(out, ranks, reference, sleep, stderr=None):
     from aligner.parallel.state import free_port
 
     cmd = [sys.executable, "-W", "ignore", "-m", "tests.training.fit_driver", str(out), str(STEPS), str(SAVE),
@@ -28,14 +29,14 @@ def _start(out, ranks, reference, sleep):
     for rank in range(ranks):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_RANK=str(rank),
                    LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        procs.append(pyproc.start(cmd, cwd=ROOT, env=env, stderr=stderr and f"{stderr}.{rank}"))
     return procs
 
 
-def _wait(procs, timeout=400):
-    for p in procs:
-        _, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, err.decode()[-3000:]
+def _wait(procs, stderr, timeout=400):
+    for rank, p in enumerate(procs):
+        p.wait(timeout=timeout)
+        assert p.returncode == 0, Path(f"{stderr}.{rank}").read_text(errors="replace")[-3000:]
 
 
 def _metrics(out):
@@ -44,7 +45,7 @@ def _metrics(out):
 
 def _whole_and_killed(base, ranks, reference):
     whole, killed = base / "whole", base / "killed"
-    _wait(_start(whole, ranks, reference, 0.0))
+    _wait(_start(whole, ranks, reference, 0.0, base / "whole.err"), base / "whole.err")
     procs = _start(killed, ranks, reference, 0.1)
     latest = killed / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
@@ -56,9 +57,10 @@ def _whole_and_killed(base, ranks, reference):
         os.kill(p.pid, signal.SIGKILL)
     for p in procs:
         p.wait(timeout=30)
+        p.kill()  # anything a rank started that outlived it
     killed_at = json.loads(latest.read_text())["step"]
     assert not (killed / "result.json").exists(), "the run finished before it was killed"
-    _wait(_start(killed, ranks, reference, 0.0))
+    _wait(_start(killed, ranks, reference, 0.0, base / "resumed.err"), base / "resumed.err")
     return whole, killed, killed_at
 
 

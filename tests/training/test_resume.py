@@ -4,12 +4,13 @@ validation loss falls, and the final model is exported in HF format."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests import pyproc
 
 STEPS, SAVE = 40, 10
 
@@ -19,8 +20,8 @@ def _cmd(out, sleep=0.0):
 
 
 def _run(out, sleep=0.0):
-    subprocess.run(_cmd(out, sleep), check=True, cwd=Path(__file__).parents[2], timeout=300,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = pyproc.run(_cmd(out, sleep), cwd=Path(__file__).parents[2], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _metrics(out):
@@ -33,8 +34,7 @@ def runs(tmp_path_factory):
     whole, killed = base / "whole", base / "killed"
     _run(whole)
     # the same command, killed with SIGKILL once a checkpoint beyond the first exists
-    proc = subprocess.Popen(_cmd(killed, 0.15), cwd=Path(__file__).parents[2],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = pyproc.start(_cmd(killed, 0.15), cwd=Path(__file__).parents[2])
     deadline = time.monotonic() + 240
     latest = killed / "checkpoints" / "latest"
     while time.monotonic() < deadline:
@@ -42,28 +42,30 @@ def runs(tmp_path_factory):
             break
         time.sleep(0.05)
     time.sleep(0.4)  # into the steps after that checkpoint
-    os.kill(proc.pid, signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)  # the run's process only, not what it started
     proc.wait(timeout=30)
     killed_at = json.loads(latest.read_text())["step"]
     assert not (killed / "result.json").exists(), "the run finished before it was killed"
-    left = _processes_of(killed)
+    left = _processes_in_group(proc.pid)
+    proc.kill()  # whatever is left, so that it does not outlive the test
     _run(killed, 0.0)
     return whole, killed, killed_at, left
 
 
-def _processes_of(out, wait=10.0):
-    """Processes (other than this one) whose command line names ``out``, once those that
-    are ending have had ``wait`` seconds to do so."""
+def _processes_in_group(pgid, wait=10.0):
+    """Live processes of the process group the run led (the run started as a group leader,
+    so what it started is in its group), once those that are ending have had ``wait``
+    seconds to do so."""
     deadline = time.monotonic() + wait
     while True:
         found = []
         for proc in Path("/proc").iterdir():
             try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
                 cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
             except (OSError, IndexError):
                 continue
-            if str(out) in cmd and proc.name != str(os.getpid()) and state != "Z":
+            if int(fields[2]) == pgid and fields[0] != "Z":
                 found.append(f"{proc.name}: {cmd}")
         if not found or time.monotonic() > deadline:
             return found

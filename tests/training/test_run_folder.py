@@ -3,10 +3,11 @@ keys, the same config resumes, ``trainer.resume=false`` starts afresh; a ``-m`` 
 one run folder per job; TensorBoard drops the events after the resumed step; the W&B run
 id is kept in the run folder. Tiny models through the real command line."""
 import json
-import subprocess
 import sys
 
 import pytest
+
+from tests import pyproc
 
 from aligner.training.run_folder import FREE_KEYS, config_diff, wandb_run_id
 
@@ -22,8 +23,7 @@ def _tiny(vocab_size):
 
 
 def _aligner(*args, cwd):
-    return subprocess.run([sys.executable, "-W", "ignore", "-m", "aligner.cli.main", *args], capture_output=True,
-                          text=True, timeout=600, cwd=cwd)
+    return pyproc.run([sys.executable, "-W", "ignore", "-m", "aligner.cli.main", *args], timeout=600, cwd=cwd)
 
 
 @pytest.fixture(scope="module")

@@ -102,6 +102,15 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+def _threads_per_rank(world_size: int) -> int:
+    """The machine's cores shared out over the ranks, and no more than ``OMP_NUM_THREADS``
+    where that is set: oversubscribed cores cost far more than idle ones (OpenMP threads
+    spin while they wait for each other)."""
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(threads, int(limit))) if limit.isdigit() else threads
+
+
 def spawn_local(
     fn: Callable[..., Any],
     world_size: int,
@@ -114,7 +123,7 @@ def spawn_local(
     ctx = _context()
     results = ctx.Queue()
     port = free_port()
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    threads = threads_per_rank or _threads_per_rank(world_size)
     procs = [
         ctx.Process(
             target=_worker,

@@ -44,9 +44,9 @@ Scorer (:func:`score_response`, any (prompt meta, response) pair):
 - coherence: 4, minus 1 for filler words, minus 2 for a repeated sentence; 1 if the
   response stops without a stated answer; 0 if it is off topic;
 - complexity: 1 + the number of sentences of work before the (last) stated answer, at
-  most 4 (a sentence of work: not an answer sentence, no filler words, and a number or
-  word of the task in it, e.g. ``23 plus 58 is 81.``: shown work gives 2); 1 without a
-  stated answer, 0 off topic;
+  most 4 (a sentence of work: any sentence there but an answer sentence, a filler one
+  (``Well,``, ``Hmm,``, ``Okay,``) and a courteous one (a word of ``COURTEOUS`` in it):
+  shown work gives 2); 1 without a stated answer, 0 off topic;
 - verbosity: words <= 6: 1, <= 12: 2, <= 20: 3, else 4;
 - helpfulness = floor((2 correctness + coherence + 4 - 2 max(0, verbosity - 2)) / 4),
   clipped to 0..4: clean, bare and shown-work answers 4 (3 when long, verbosity 3 or 4),
@@ -84,11 +84,14 @@ WORDS = ("apple", "banana", "river", "garden", "pepper", "rabbit", "yellow", "su
 OFF_TOPIC = ("I enjoy long walks in the park.", "The weather is nice today.", "My favourite colour is green.",
              "Cats like to sleep in the sun.")
 FILLERS = ("Well, let me see, okay.", "Hmm, so, basically, right.", "Okay, um, well, so.")
-# courteous sentences: no task word, no filler word, no single letter (the count family's letters)
+# courteous sentences: no task word, no filler word, no single letter (the count family's
+# letters); a sentence with a COURTEOUS word is never work
+COURTEOUS = ("happy", "help", "helps", "thanks", "thank", "question", "hope", "free", "reply")
 OPENERS = ("Sure, I am happy to help with that.", "Thanks for the question, here is my reply.",
            "Good question, let me work it out.")
 CLOSERS = ("I hope this helps you.", "Feel free to ask me another question.", "Thank you for asking, have fun.")
 FILLER_WORDS = ("Well,", "Hmm,", "Okay,", " um,", "basically")
+HESITATIONS = FILLER_WORDS[:3]  # a sentence with one is filler, not work
 ANSWER = re.compile(r"The answer is ([^.]*)\.")
 BARE = re.compile(r"([0-9a-z]+(?:, [0-9a-z]+)*)\.")  # the whole response is the answer alone
 
@@ -261,11 +264,9 @@ def score_response(meta: dict, response: str) -> Dict[str, int]:
             coherence -= 1
     complexity = 1
     if stated:  # 1 + the sentences of work before the last stated answer
-        sentences = _sentences(text)
-        last = max(i for i, s in enumerate(sentences) if ANSWER.search(s))
-        task_tokens = _tokens(" ".join([meta["answer"]] + [str(a) for a in meta.get("args", [])]))
-        work = [s for s in sentences[:last] if not ANSWER.search(s) and not any(f in s for f in FILLER_WORDS)
-                and _tokens(s) & task_tokens]
+        before = text[:list(ANSWER.finditer(text))[-1].start()]
+        work = [s for s in _sentences(before) if not ANSWER.search(s) and not any(f in s for f in HESITATIONS)
+                and not {t.lower() for t in _tokens(s)} & set(COURTEOUS)]
         complexity = 1 + min(3, len(work))
     helpfulness = (2 * correctness + coherence + 4 - 2 * max(0, verbosity - 2)) // 4
     return {"helpfulness": max(0, min(4, helpfulness)), "correctness": correctness, "coherence": max(0, coherence),

@@ -140,10 +140,11 @@ def test_scorer_on_steerable_styles():
     assert five(add, "Take 23. Start at 23. Add 58. That is 81. The answer is 81.")[3] == 4
     srt = {"family": "sort", "answer": "2, 7, 9", "args": [7, 2, 9]}
     assert five(srt, "2, 7, 9.") == (4, 4, 4, 0, 0) and five(srt, "2, 9.")[1] == 1
-    # a courteous sentence is not work even when the count task's letter is in its words
+    # courteous and filler sentences are not work; text before the answer in its sentence is
     cnt = {"family": "count", "answer": "1", "args": ["h", "hammer"]}
-    assert five(cnt, "Thanks for the question, here is my reply. The answer is 1.")[3] == 1
-    assert five(cnt, "Find each h. That is 1. The answer is 1.")[3] == 3
+    assert five(cnt, "Thanks for the question, here is my reply. I hope this helps you. The answer is 1.")[3] == 1
+    assert five(cnt, "Hmm, so, basically, right. Find each h. That is 1. The answer is 1.")[3] == 3
+    assert five(cnt, "Find each h The answer is 1.")[3] == 2
 
 
 def test_scorer_on_hand_made_responses():

@@ -27,6 +27,7 @@ scale and vary independently (in the SFT and reward-model data only with
 style         response                                                        cx   vb
 ============  ==============================================================  ===  ======
 bare          the answer alone: ``81.``                                       0    0
+polite_bare   1 to 3 courteous sentences around the bare answer               0    2..4
 polite        1 to 3 courteous sentences around ``The answer is X.``          1    2..4
 polite_shown  courteous sentences around one sentence of work and the answer  2    2..4
 detailed      two sentences of work, then the answer                          3    2..3
@@ -35,9 +36,10 @@ stepwise      three sentences of work, then the answer                        4 
 
 Scorer (:func:`score_response`, any (prompt meta, response) pair):
 
-- a bare answer (the whole response is ``X.``, X lowercase words or numbers separated by
-  ``, ``) states the answer X: correctness as below, coherence 4, complexity 0,
-  verbosity 0;
+- a bare answer (a sentence ``X.``, X lowercase words or numbers separated by ``, ``,
+  alone or among courteous sentences, i.e. with a word of ``COURTEOUS``) states the
+  answer X: correctness as below, coherence 4, complexity 0, verbosity 0 alone, else by
+  the word count below;
 - correctness: 4 if the stated answer (the last ``The answer is X.``) equals the true one,
   1 if it is one edit away (an item / digit / letter missing, extra or changed in a list
   or word, or a count off by one), else 0 (including no stated answer);
@@ -74,7 +76,7 @@ from typing import Dict, List
 FAMILIES = ("add", "sort", "reverse", "count")
 CORRUPTIONS = ("wrong", "missing", "extra", "filler", "repetition", "truncation", "off_topic")
 STYLES = ("clean", "shown") + CORRUPTIONS
-STEERABLE = ("bare", "polite", "polite_shown", "detailed", "stepwise")
+STEERABLE = ("bare", "polite_bare", "polite", "polite_shown", "detailed", "stepwise")
 # per style set: the good styles of SFT conversations, and the styles of regression / pair rows
 STYLE_SETS = {"standard": (("clean", "shown"), STYLES),
               "steerable": (("clean", "shown") + STEERABLE, STYLES + STEERABLE)}
@@ -197,6 +199,8 @@ def make_response(rng: random.Random, task: dict, style: str) -> str:
         return rng.choice(OFF_TOPIC)
     if style == "bare":
         return f"{ans}."
+    if style == "polite_bare":
+        return _courteous(rng, f"{ans}.")
     if style == "polite":
         return _courteous(rng, f"The answer is {ans}.")
     if style == "polite_shown":
@@ -234,17 +238,24 @@ def _sentences(text: str) -> List[str]:
     return [s.strip() for s in re.split(r"(?<=\.)\s+", text) if s.strip()]
 
 
+def _courteous_sentence(sentence: str) -> bool:
+    return bool({t.lower() for t in _tokens(sentence)} & set(COURTEOUS)) and not ANSWER.search(sentence)
+
+
 def score_response(meta: dict, response: str) -> Dict[str, int]:
     """The five HelpSteer2 attributes (0..4) of ``response`` to the task ``meta``
     (``family``, ``answer``, ``args``), by the rules in the module docstring."""
     text = response.strip()
-    bare = BARE.fullmatch(text)
-    if bare:
-        correctness = _correctness(bare.group(1), meta)
-        return {"helpfulness": min(4, (2 * correctness + 8) // 4), "correctness": correctness, "coherence": 4,
-                "complexity": 0, "verbosity": 0, "exact": correctness == 4}
     words = len(text.split())
     verbosity = 1 if words <= 6 else 2 if words <= 12 else 3 if words <= 20 else 4
+    sentences = _sentences(text)
+    bare = [m for m in map(BARE.fullmatch, sentences) if m]
+    if len(bare) == 1 and len(sentences) - 1 == sum(_courteous_sentence(s) for s in sentences):
+        correctness = _correctness(bare[0].group(1), meta)
+        verbosity = 0 if len(sentences) == 1 else verbosity
+        helpfulness = (2 * correctness + 4 + 4 - 2 * max(0, verbosity - 2)) // 4
+        return {"helpfulness": max(0, min(4, helpfulness)), "correctness": correctness, "coherence": 4,
+                "complexity": 0, "verbosity": verbosity, "exact": correctness == 4}
     stated = ANSWER.findall(text)
     task_words = {str(a) for a in meta.get("args", [])} | {meta["answer"]}
     on_topic = bool(stated) or "answer" in text.lower() or any(w in text for w in task_words)
@@ -266,7 +277,7 @@ def score_response(meta: dict, response: str) -> Dict[str, int]:
     if stated:  # 1 + the sentences of work before the last stated answer
         before = text[:list(ANSWER.finditer(text))[-1].start()]
         work = [s for s in _sentences(before) if not ANSWER.search(s) and not any(f in s for f in HESITATIONS)
-                and not {t.lower() for t in _tokens(s)} & set(COURTEOUS)]
+                and not _courteous_sentence(s)]
         complexity = 1 + min(3, len(work))
     helpfulness = (2 * correctness + coherence + 4 - 2 * max(0, verbosity - 2)) // 4
     return {"helpfulness": max(0, min(4, helpfulness)), "correctness": correctness, "coherence": max(0, coherence),

@@ -129,6 +129,10 @@ def test_scorer_on_steerable_styles():
     assert make_response(rng, add, "stepwise") == "Start at 23. Add 58. That is 81. The answer is 81."
     assert five(add, "81.") == (4, 4, 4, 0, 0)                          # bare: verbosity 0, complexity 0
     assert five(add, "82.") == (2, 1, 4, 0, 0)                          # a bare one-edit answer: (2 + 8) // 4
+    # polite_bare: among courteous sentences, 8 + 1 + 5 = 14 words (verbosity 3); (8 + 4 + 4 - 2) // 4 = 3
+    assert five(add, "Sure, I am happy to help with that. 81. I hope this helps you.") == (3, 4, 4, 0, 3)
+    assert five(add, "Good question, let me work it out. 81.") == (4, 4, 4, 0, 2)
+    assert five(add, "Add 58. 81.")[1] == 0                             # after work it is no stated answer
     # polite: 8 + 4 + 5 = 17 words (verbosity 3), no work; (8 + 4 + 4 - 2) // 4 = 3
     assert five(add, "Sure, I am happy to help with that. The answer is 81. I hope this helps you.") == (3, 4, 4, 1, 3)
     # polite_shown: one sentence of work among 8 + 5 + 4 = 17 words
@@ -174,6 +178,7 @@ def test_attribute_table_orders_styles():
     assert all(table[s]["correctness"] == 4.0 for s in STEERABLE)
     assert [table[s]["complexity"] for s in ("bare", "clean", "shown", "detailed", "stepwise")] == [0, 1, 2, 3, 4]
     assert table["bare"]["verbosity"] == 0 and table["polite"]["complexity"] == 1
+    assert table["polite_bare"]["complexity"] == 0 and table["polite_bare"]["verbosity"] >= 2
     assert table["polite"]["verbosity"] > table["clean"]["verbosity"] + 1.5
 
 

@@ -1,7 +1,7 @@
 """SteerLM and SteerLM 2.0 on the embedded world, judged by its ground truth (docs/steerlm.md).
 
     python examples/steerlm_world.py --quickstart runs/quickstart --out runs/steerlm_world
-    python examples/steerlm_world.py --world steerable --out runs/steerlm_steerable
+    python examples/steerlm_world.py --world steerable --steerlm-steps 400 --out runs/steerlm_steerable
 
 From a finished quickstart (read only: its world, SFT model and regression reward model),
 or, with ``--world``, from a base of its own in ``OUT/base``: the world of that style set
@@ -11,7 +11,7 @@ settings (``aligner.cli.quickstart.train_sft`` / ``train_rm_regression``):
 
 1. ``aligner rm label``: the world's SFT conversations get the attribute strings the
    regression reward model predicts (rounded, clipped to 0..4);
-2. SteerLM: ``aligner train steerlm_sft`` from the quickstart's SFT model on them;
+2. SteerLM: ``aligner train steerlm_sft`` from the SFT model on them;
 3. SteerLM 2.0: ``aligner train steerlm2`` from the SteerLM model, sampling on training
    prompts for a set of target attribute strings (the verbosity and complexity sweeps
    below), 2 iterations x 2 epochs, a checkpoint at the end of each iteration;
@@ -26,7 +26,8 @@ settings (``aligner.cli.quickstart.train_sft`` / ``train_rm_regression``):
      over every request of both sweeps, for SteerLM and SteerLM 2.0 after 1 and 2
      iterations, with standard errors, and the paired differences to SteerLM.
 
-Everything lands in ``OUT/results.json``; a stage whose output exists is not run again.
+Everything lands in ``OUT/results.json``; a stage whose output exists is not run again
+(the evaluation's ``generations.json`` holds the scores: delete it to score anew).
 """
 from __future__ import annotations
 

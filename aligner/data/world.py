@@ -29,7 +29,7 @@ style         response                                                        cx
 bare          the answer alone: ``81.``                                       0    0
 polite_bare   1 to 3 courteous sentences around the bare answer               0    2..4
 polite        1 to 3 courteous sentences around ``The answer is X.``          1    2..4
-polite_shown  courteous sentences around one sentence of work and the answer  2    2..4
+polite_shown  courteous sentences around one sentence of work and the answer  2    3..4
 detailed      two sentences of work, then the answer                          3    2..3
 stepwise      three sentences of work, then the answer                        4    2..4
 ============  ==============================================================  ===  ======

@@ -151,6 +151,19 @@ def test_scorer_on_steerable_styles():
     assert five(cnt, "Find each h The answer is 1.")[3] == 2
 
 
+@pytest.mark.parametrize("style,complexity,verbosity", [
+    ("bare", {0}, {0}), ("polite_bare", {0}, {2, 3, 4}), ("polite", {1}, {2, 3, 4}), ("polite_shown", {2}, {3, 4}),
+    ("detailed", {3}, {2, 3}), ("stepwise", {4}, {2, 3, 4})])
+def test_steerable_style_levels_as_documented(style, complexity, verbosity):
+    rng = random.Random(0)
+    scores = []
+    for _ in range(500):
+        task = make_task(rng, rng.choice(FAMILIES))
+        scores.append(score_response(task, make_response(rng, task, style)))
+    assert all(s["correctness"] == 4 for s in scores)
+    assert {s["complexity"] for s in scores} == complexity and {s["verbosity"] for s in scores} == verbosity
+
+
 def test_scorer_on_hand_made_responses():
     add = {"family": "add", "answer": "81", "args": [23, 58]}
     s = score_response(add, "The answer is 81.")

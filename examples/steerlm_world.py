@@ -365,7 +365,8 @@ def main(argv=None) -> int:
             log(f"  {attr} measured by requested 0..4: "
                 + ", ".join(f"{levels[lv]['mean']:.2f} ± {levels[lv]['standard_error']:.2f}" for lv in range(5)))
         gain = fig["quality/helpfulness_minus_sft"]
-        log(f"  helpfulness at helpfulness 4, correctness 4 minus SFT: {gain['mean']:+.3f} ± {gain['standard_error']:.3f}")
+        log(f"  helpfulness at helpfulness 4, correctness 4 minus SFT:"
+            f" {gain['mean']:+.3f} ± {gain['standard_error']:.3f}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """The embedded world is deterministic (the standard world byte for byte what every
 published figure was measured on) and its scorer ranks styles as documented, the
-steerable styles spanning verbosity and complexity 0..4; the packer places every sample once, never overfills a bin, and C++ equals Python (the C++
-extension must be built: without it the comparison would be Python against itself)."""
+steerable styles spanning verbosity and complexity 0..4; the packer places every sample
+once, never overfills a bin, and C++ equals Python (the C++ extension must be built:
+without it the comparison would be Python against itself)."""
 import hashlib
 import json
 import random
@@ -136,7 +137,8 @@ def test_scorer_on_steerable_styles():
     # polite: 8 + 4 + 5 = 17 words (verbosity 3), no work; (8 + 4 + 4 - 2) // 4 = 3
     assert five(add, "Sure, I am happy to help with that. The answer is 81. I hope this helps you.") == (3, 4, 4, 1, 3)
     # polite_shown: one sentence of work among 8 + 5 + 4 = 17 words
-    assert five(add, "Thanks for the question, here is my reply. 23 plus 58 is 81. The answer is 81.") == (3, 4, 4, 2, 3)
+    polite_shown = "Thanks for the question, here is my reply. 23 plus 58 is 81. The answer is 81."
+    assert five(add, polite_shown) == (3, 4, 4, 2, 3)
     assert five(add, "Add 58. That is 81. The answer is 81.") == (4, 4, 4, 3, 2)               # detailed: 9 words
     assert five(add, "Start at 23. Add 58. That is 81. The answer is 81.") == (4, 4, 4, 4, 2)  # stepwise: 12 words
     # work after the answer does not count; four sentences of work count as three

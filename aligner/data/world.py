@@ -95,7 +95,7 @@ CLOSERS = ("I hope this helps you.", "Feel free to ask me another question.", "T
 FILLER_WORDS = ("Well,", "Hmm,", "Okay,", " um,", "basically")
 HESITATIONS = FILLER_WORDS[:3]  # a sentence with one is filler, not work
 ANSWER = re.compile(r"The answer is ([^.]*)\.")
-BARE = re.compile(r"([0-9a-z]+(?:, [0-9a-z]+)*)\.")  # the whole response is the answer alone
+BARE = re.compile(r"([0-9a-z]+(?:, [0-9a-z]+)*)\.")  # a sentence that is the answer alone
 
 
 # ------------------------------------------------------------------------------ tasks

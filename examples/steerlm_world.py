@@ -1,12 +1,17 @@
 """SteerLM and SteerLM 2.0 on the embedded world, judged by its ground truth (docs/steerlm.md).
 
     python examples/steerlm_world.py --quickstart runs/quickstart --out runs/steerlm_world
+    python examples/steerlm_world.py --world steerable --steerlm-steps 400 --out runs/steerlm_steerable
 
-From a finished quickstart (read only: its world, SFT model and regression reward model):
+From a finished quickstart (read only: its world, SFT model and regression reward model),
+or, with ``--world``, from a base of its own in ``OUT/base``: the world of that style set
+(``steerable``: responses whose verbosity and complexity span 0..4, aligner.data.world),
+the SFT model and the regression reward model trained from it with the quickstart's
+settings (``aligner.cli.quickstart.train_sft`` / ``train_rm_regression``):
 
 1. ``aligner rm label``: the world's SFT conversations get the attribute strings the
    regression reward model predicts (rounded, clipped to 0..4);
-2. SteerLM: ``aligner train steerlm_sft`` from the quickstart's SFT model on them;
+2. SteerLM: ``aligner train steerlm_sft`` from the SFT model on them;
 3. SteerLM 2.0: ``aligner train steerlm2`` from the SteerLM model, sampling on training
    prompts for a set of target attribute strings (the verbosity and complexity sweeps
    below), 2 iterations x 2 epochs, a checkpoint at the end of each iteration;
@@ -21,7 +26,8 @@ From a finished quickstart (read only: its world, SFT model and regression rewar
      over every request of both sweeps, for SteerLM and SteerLM 2.0 after 1 and 2
      iterations, with standard errors, and the paired differences to SteerLM.
 
-Everything lands in ``OUT/results.json``; a stage whose output exists is not run again.
+Everything lands in ``OUT/results.json``; a stage whose output exists is not run again
+(the evaluation's ``generations.json`` holds the scores: delete it to score anew).
 """
 from __future__ import annotations
 
@@ -184,10 +190,34 @@ def paired(base, new):
     return mean_se([b - a for a, b in zip(base, new)])
 
 
+def build_base(base: Path, styles: str, seed: int) -> Path:
+    """A quickstart-shaped folder (``world/``, ``sft/hf``, ``rm_regression/hf``) on the world
+    of style set ``styles``: SFT and the regression reward model as the quickstart trains them
+    (a stage that completed is not trained again)."""
+    from aligner.cli.quickstart import common_overrides, train_rm_regression, train_sft
+    from aligner.data import load_tokenizer
+    from aligner.data.world import synthesize
+    from aligner.parallel import ParallelConfig, initialize, is_initialized
+
+    world = synthesize(base / "world", seed=seed, styles=styles)
+    tok = load_tokenizer(str(world["tokenizer"]))
+    if not is_initialized():
+        initialize(ParallelConfig(seed=seed))
+    common = common_overrides(world, tok, seed)
+    log("base: sft")
+    train_sft(base, world, common)
+    log("base: rm_regression")
+    train_rm_regression(base, world, common)
+    return base
+
+
 # ------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quickstart", required=True, help="a finished `aligner quickstart --out DIR` (read only)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--quickstart", help="a finished `aligner quickstart --out DIR` (read only)")
+    source.add_argument("--world", choices=("standard", "steerable"),
+                        help="build a base in OUT/base: this world's style set, SFT and regression RM")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--heldout", type=int, default=100, help="held-out prompts evaluated")
@@ -198,10 +228,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steerlm2-batch", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     args = parser.parse_args(argv)
-    qs, out = Path(args.quickstart), Path(args.out)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    world = qs / "world"
     timings = {}
+    t0 = time.perf_counter()
+    qs = build_base(out / "base", args.world, args.seed) if args.world else Path(args.quickstart)
+    timings["base"] = time.perf_counter() - t0
+    world = qs / "world"
 
     # 1. labels from the regression reward model
     t0 = time.perf_counter()
@@ -306,6 +339,20 @@ def main(argv=None) -> int:
             counts[v] = counts.get(v, 0) + 1
         results["world_sft_data_levels"][a] = dict(sorted(counts.items()))
     results["world_sft_data_levels_by_scorer"] = results.pop("world_sft_data_levels")
+    # the reward model's label against the scorer's level, per attribute (SFT conversations):
+    # {scorer level: {label: rows}}, and the share of rows whose label equals the scorer's level
+    confusion = {a: {} for a in ATTRS}
+    for line in labelled["sft_train"].read_text().splitlines():
+        row = json.loads(line)
+        truth = score_response(row, row["conversations"][-1]["value"])
+        levels = parse_attribute_label(row["conversations"][-1]["label"])
+        for a in ATTRS:
+            cell = confusion[a].setdefault(truth[a], {})
+            cell[levels[a]] = cell.get(levels[a], 0) + 1
+    results["label_by_scorer_level"] = {a: {lv: dict(sorted(c.items())) for lv, c in sorted(m.items())}
+                                        for a, m in confusion.items()}
+    results["label_accuracy"] = {a: sum(c.get(lv, 0) for lv, c in m.items()) / sum(sum(c.values()) for c in m.values())
+                                 for a, m in confusion.items()}
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     log(f"wrote {out / 'results.json'}")
     for name, fig in results["models"].items():
@@ -313,6 +360,13 @@ def main(argv=None) -> int:
             f" helpfulness at max quality {fig['quality/helpfulness']['mean']:.3f}"
             f" (SFT {results['sft']['helpfulness']['mean']:.3f});"
             f" adherence {fig['adherence/mean_abs_error']['mean']:.3f} ± {fig['adherence/mean_abs_error']['standard_error']:.3f}")
+        for attr in ("verbosity", "complexity"):
+            levels = fig[f"measured_by_requested/{attr}"]
+            log(f"  {attr} measured by requested 0..4: "
+                + ", ".join(f"{levels[lv]['mean']:.2f} ± {levels[lv]['standard_error']:.2f}" for lv in range(5)))
+        gain = fig["quality/helpfulness_minus_sft"]
+        log(f"  helpfulness at helpfulness 4, correctness 4 minus SFT:"
+            f" {gain['mean']:+.3f} ± {gain['standard_error']:.3f}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """``aligner data``: the embedded world and data-file tools.
 
-- ``synth --out DIR [--seed S]``: write the embedded instruction world (aligner.data.world).
+- ``synth --out DIR [--seed S] [--styles standard|steerable]``: write the embedded
+  instruction world (aligner.data.world).
 - ``validate FILE [--format F] [--kind K] [--tokenizer T]``: check every row (file:line
   errors); with a tokenizer also render and count over-length samples.
 - ``stats FILE --tokenizer T [--kind K] [--template T]``: sample count and token-length
@@ -33,6 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--out", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--table", action="store_true", help="print the scorer's mean attributes per response style")
+    s.add_argument("--styles", default="standard", choices=("standard", "steerable"),
+                   help="steerable: add responses whose verbosity and complexity span 0..4 (docs/steerlm.md)")
     for name in ("validate", "stats", "pack"):
         p = sub.add_parser(name)
         p.add_argument("file")
@@ -55,12 +58,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cmd == "synth":
         from aligner.data.world import attribute_table, synthesize
 
-        paths = synthesize(args.out, seed=args.seed)
+        paths = synthesize(args.out, seed=args.seed, styles=args.styles)
         for k, v in paths.items():
             print(f"{k:<17} {v}")
         if args.table:
             for style, row in attribute_table(args.seed).items():
-                print(f"{style:<11} " + "  ".join(f"{a} {v:.2f}" for a, v in row.items()))
+                print(f"{style:<12} " + "  ".join(f"{a} {v:.2f}" for a, v in row.items()))
         return 0
 
     from aligner.data.datasets import KIND_FORMATS, DataFormatError, load_dataset, read_jsonl

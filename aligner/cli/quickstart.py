@@ -118,6 +118,29 @@ def _generate(model_dir: Path, prompts: List[dict], tokenizer, max_new_tokens: i
     return [tokenizer.decode(result.response_tokens(i)) for i in range(len(prompts))]
 
 
+def common_overrides(world: dict, tokenizer, seed: int) -> List[str]:
+    """The overrides every training stage of a run on the world ``world`` shares."""
+    return [f"trainer.seed={seed}", f"data.tokenizer={world['tokenizer']}", f"model.vocab_size={tokenizer.vocab_size}",
+            "trainer.progress=true", "trainer.tensorboard=false"]
+
+
+def train_sft(out: Path, world: dict, common: List[str], steps: int = 300) -> dict:
+    """Stage ``sft``: the tiny model from scratch on the world's conversations, into ``out/sft``."""
+    return _train("sft", common + [
+        f"data.train={world['sft_train']}", f"data.validation={world['sft_val']}",
+        f"trainer.out_dir={out / 'sft'}", f"trainer.max_steps={steps}", "trainer.val_interval=100",
+    ])
+
+
+def train_rm_regression(out: Path, world: dict, common: List[str], steps: int = 150) -> dict:
+    """Stage ``rm_regression``: the 5-attribute regression reward model from ``out/sft``."""
+    return _train("rm_regression", common + [
+        f"init.hf={out / 'sft' / 'hf'}", f"data.train={world['regression_train']}",
+        f"data.validation={world['regression_val']}", f"trainer.out_dir={out / 'rm_regression'}",
+        f"trainer.max_steps={steps}",
+    ])
+
+
 RL_STEPS = 8  # steps of the rl stage at scale 1 (sized for README command 1 within 15 minutes)
 RL_ALGORITHMS = ("rloo", "grpo", "ppo")
 
@@ -190,20 +213,12 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
     tok = load_tokenizer(str(world["tokenizer"]))
     if not is_initialized():
         initialize(ParallelConfig(seed=seed))
-    common = [f"trainer.seed={seed}", f"data.tokenizer={world['tokenizer']}", f"model.vocab_size={tok.vocab_size}",
-              "trainer.progress=true", "trainer.tensorboard=false"]
+    common = common_overrides(world, tok, seed)
 
     stage("sft")
-    sft = _train("sft", common + [
-        f"data.train={world['sft_train']}", f"data.validation={world['sft_val']}",
-        f"trainer.out_dir={out / 'sft'}", f"trainer.max_steps={steps(300)}", "trainer.val_interval=100",
-    ])
+    sft = train_sft(out, world, common, steps(300))
     stage("rm_regression")
-    reg = _train("rm_regression", common + [
-        f"init.hf={out / 'sft' / 'hf'}", f"data.train={world['regression_train']}",
-        f"data.validation={world['regression_val']}", f"trainer.out_dir={out / 'rm_regression'}",
-        f"trainer.max_steps={steps(150)}",
-    ])
+    reg = train_rm_regression(out, world, common, steps(150))
     stage("rm_bt")
     bt = _train("rm_bt", common + [
         f"init.hf={out / 'rm_regression' / 'hf'}", f"data.train={world['pairs_train']}",

@@ -18,18 +18,42 @@ letter), ``missing`` (an item, digit or letter left out), ``extra`` (one added),
 ``filler`` (filler words before the answer), ``repetition`` (the answer sentence three
 times), ``truncation`` (cut before the answer), ``off_topic`` (an unrelated sentence).
 
+Steerable styles: correct answers whose verbosity and complexity span the whole 0..4
+scale and vary independently (in the SFT and reward-model data only with
+``synthesize(..., styles="steerable")``; docs/steerlm.md). Complexity (cx) and verbosity
+(vb) by the scorer below:
+
+============  ==============================================================  ===  ======
+style         response                                                        cx   vb
+============  ==============================================================  ===  ======
+bare          the answer alone: ``81.``                                       0    0
+polite_bare   1 to 3 courteous sentences around the bare answer               0    2..4
+polite        1 to 3 courteous sentences around ``The answer is X.``          1    2..4
+polite_shown  courteous sentences around one sentence of work and the answer  2    3..4
+detailed      two sentences of work, then the answer                          3    2..3
+stepwise      three sentences of work, then the answer                        4    2..4
+============  ==============================================================  ===  ======
+
 Scorer (:func:`score_response`, any (prompt meta, response) pair):
 
+- a bare answer (a sentence ``X.``, X lowercase words or numbers separated by ``, ``,
+  alone or among courteous sentences, i.e. with a word of ``COURTEOUS``) states the
+  answer X: correctness as below, coherence 4, complexity 0, verbosity 0 alone, else by
+  the word count below;
 - correctness: 4 if the stated answer (the last ``The answer is X.``) equals the true one,
   1 if it is one edit away (an item / digit / letter missing, extra or changed in a list
   or word, or a count off by one), else 0 (including no stated answer);
 - coherence: 4, minus 1 for filler words, minus 2 for a repeated sentence; 1 if the
   response stops without a stated answer; 0 if it is off topic;
-- complexity: 2 with shown work, 1 without, 0 off topic;
+- complexity: 1 + the number of sentences of work before the (last) stated answer, at
+  most 4 (a sentence of work: any sentence there but an answer sentence, a filler one
+  (``Well,``, ``Hmm,``, ``Okay,``) and a courteous one (a word of ``COURTEOUS`` in it):
+  shown work gives 2); 1 without a stated answer, 0 off topic;
 - verbosity: words <= 6: 1, <= 12: 2, <= 20: 3, else 4;
 - helpfulness = floor((2 correctness + coherence + 4 - 2 max(0, verbosity - 2)) / 4),
-  clipped to 0..4: clean and shown-work answers 4, filler and repetition 3, one-edit
-  and wrong answers 2, truncated and off-topic responses 1.
+  clipped to 0..4: clean, bare and shown-work answers 4 (3 when long, verbosity 3 or 4),
+  filler and repetition 3, one-edit and wrong answers 2, truncated and off-topic
+  responses 1.
 
 :func:`synthesize` writes (deterministic by seed: same seed, same bytes) SFT conversations
 (``flawed_share`` of them with a corrupted response, so SFT learns mistakes alignment
@@ -37,7 +61,9 @@ can remove), HelpSteer2 regression rows (two responses per prompt), HelpSteer2-P
 pairs (strength = helpfulness difference, clipped to -3..3), prompt files (train and
 held out), a RewardBench-format file with subsets ``world-easy`` (clean vs truncated /
 off-topic) and ``world-hard`` (clean vs filler / repetition / one-edit), and a SentencePiece
-tokenizer trained on all of it.
+tokenizer trained on all of it. ``styles="steerable"`` adds the steerable styles to the SFT
+conversations' good responses and to the regression and pair rows' styles; the default,
+``"standard"``, writes the world every published figure was measured on, byte for byte.
 """
 from __future__ import annotations
 
@@ -50,13 +76,26 @@ from typing import Dict, List
 FAMILIES = ("add", "sort", "reverse", "count")
 CORRUPTIONS = ("wrong", "missing", "extra", "filler", "repetition", "truncation", "off_topic")
 STYLES = ("clean", "shown") + CORRUPTIONS
+STEERABLE = ("bare", "polite_bare", "polite", "polite_shown", "detailed", "stepwise")
+# per style set: the good styles of SFT conversations, and the styles of regression / pair rows
+STYLE_SETS = {"standard": (("clean", "shown"), STYLES),
+              "steerable": (("clean", "shown") + STEERABLE, STYLES + STEERABLE)}
 SYSTEM = "Answer the question."
 WORDS = ("apple", "banana", "river", "garden", "pepper", "rabbit", "yellow", "summer", "letter", "kitten",
          "button", "coffee", "mirror", "puzzle", "window", "butter", "cotton", "ladder", "hammer", "carrot")
 OFF_TOPIC = ("I enjoy long walks in the park.", "The weather is nice today.", "My favourite colour is green.",
              "Cats like to sleep in the sun.")
 FILLERS = ("Well, let me see, okay.", "Hmm, so, basically, right.", "Okay, um, well, so.")
+# courteous sentences: no task word, no filler word, no single letter (the count family's
+# letters); a sentence with a COURTEOUS word is never work
+COURTEOUS = ("happy", "help", "helps", "thanks", "thank", "question", "hope", "free", "reply")
+OPENERS = ("Sure, I am happy to help with that.", "Thanks for the question, here is my reply.",
+           "Good question, let me work it out.")
+CLOSERS = ("I hope this helps you.", "Feel free to ask me another question.", "Thank you for asking, have fun.")
+FILLER_WORDS = ("Well,", "Hmm,", "Okay,", " um,", "basically")
+HESITATIONS = FILLER_WORDS[:3]  # a sentence with one is filler, not work
 ANSWER = re.compile(r"The answer is ([^.]*)\.")
+BARE = re.compile(r"([0-9a-z]+(?:, [0-9a-z]+)*)\.")  # a sentence that is the answer alone
 
 
 # ------------------------------------------------------------------------------ tasks
@@ -124,6 +163,24 @@ def _work(task: dict) -> str:
     return f"The letter {args[0]} is in {args[1]} {ans} times."
 
 
+def _steps(task: dict) -> List[str]:
+    """Three short sentences of work, each naming a number or word of the task (``detailed``
+    shows the last two, ``stepwise`` all three)."""
+    fam, args, ans = task["family"], task["args"], task["answer"]
+    if fam == "add":
+        return [f"Start at {args[0]}.", f"Add {args[1]}.", f"That is {ans}."]
+    if fam == "sort":
+        return [f"Smallest is {min(args)}.", f"Largest is {max(args)}.", f"In order: {ans}."]
+    if fam == "reverse":
+        return [f"Take {args[0]}.", f"Flip {args[0]}.", f"That gives {ans}."]
+    return [f"Take {args[1]}.", f"Find each {args[0]}.", f"That is {ans}."]
+
+
+def _courteous(rng: random.Random, body: str) -> str:
+    """``body`` with an opener and 0 to 2 closers: more words, no more work."""
+    return " ".join([rng.choice(OPENERS), body] + rng.sample(CLOSERS, rng.randint(0, 2)))
+
+
 def make_response(rng: random.Random, task: dict, style: str) -> str:
     ans = task["answer"]
     if style == "clean":
@@ -140,7 +197,18 @@ def make_response(rng: random.Random, task: dict, style: str) -> str:
         return "The answer is"
     if style == "off_topic":
         return rng.choice(OFF_TOPIC)
-    raise ValueError(f"unknown response style {style!r}; one of {STYLES}")
+    if style == "bare":
+        return f"{ans}."
+    if style == "polite_bare":
+        return _courteous(rng, f"{ans}.")
+    if style == "polite":
+        return _courteous(rng, f"The answer is {ans}.")
+    if style == "polite_shown":
+        return _courteous(rng, f"{_work(task)} The answer is {ans}.")
+    if style in ("detailed", "stepwise"):
+        steps = _steps(task)[1 if style == "detailed" else 0:]
+        return " ".join(steps + [f"The answer is {ans}."])
+    raise ValueError(f"unknown response style {style!r}; one of {STYLES + STEERABLE}")
 
 
 # ------------------------------------------------------------------------------ scorer
@@ -158,12 +226,36 @@ def _one_edit(a: str, b: str, family: str) -> bool:
     return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
 
+def _correctness(answer: str, meta: dict) -> int:
+    return 4 if answer == meta["answer"] else 1 if _one_edit(answer, meta["answer"], meta["family"]) else 0
+
+
+def _tokens(text: str) -> set:
+    return set(re.findall(r"[0-9A-Za-z]+", text))
+
+
+def _sentences(text: str) -> List[str]:
+    return [s.strip() for s in re.split(r"(?<=\.)\s+", text) if s.strip()]
+
+
+def _courteous_sentence(sentence: str) -> bool:
+    return bool({t.lower() for t in _tokens(sentence)} & set(COURTEOUS)) and not ANSWER.search(sentence)
+
+
 def score_response(meta: dict, response: str) -> Dict[str, int]:
     """The five HelpSteer2 attributes (0..4) of ``response`` to the task ``meta``
     (``family``, ``answer``, ``args``), by the rules in the module docstring."""
     text = response.strip()
     words = len(text.split())
     verbosity = 1 if words <= 6 else 2 if words <= 12 else 3 if words <= 20 else 4
+    sentences = _sentences(text)
+    bare = [m for m in map(BARE.fullmatch, sentences) if m]
+    if len(bare) == 1 and len(sentences) - 1 == sum(_courteous_sentence(s) for s in sentences):
+        correctness = _correctness(bare[0].group(1), meta)
+        verbosity = 0 if len(sentences) == 1 else verbosity
+        helpfulness = (2 * correctness + 4 + 4 - 2 * max(0, verbosity - 2)) // 4
+        return {"helpfulness": max(0, min(4, helpfulness)), "correctness": correctness, "coherence": 4,
+                "complexity": 0, "verbosity": verbosity, "exact": correctness == 4}
     stated = ANSWER.findall(text)
     task_words = {str(a) for a in meta.get("args", [])} | {meta["answer"]}
     on_topic = bool(stated) or "answer" in text.lower() or any(w in text for w in task_words)
@@ -174,16 +266,19 @@ def score_response(meta: dict, response: str) -> Dict[str, int]:
     if answer is None:
         correctness, coherence = 0, 1
     else:
-        correctness = 4 if answer == meta["answer"] else 1 if _one_edit(answer, meta["answer"], meta["family"]) else 0
+        correctness = _correctness(answer, meta)
         coherence = 4
-        sentences = [s.strip() for s in re.split(r"(?<=\.)\s+", text) if s.strip()]
+        sentences = _sentences(text)
         if len(sentences) != len(set(sentences)):
             coherence -= 2
-        if any(f in text for f in ("Well,", "Hmm,", "Okay,", " um,", "basically")):
+        if any(f in text for f in FILLER_WORDS):
             coherence -= 1
-    first = re.split(r"(?<=\.)\s+", text)[0]
-    complexity = 2 if stated and not first.startswith("The answer is") and not any(
-        f in text for f in ("Well,", "Hmm,", "Okay,")) else 1
+    complexity = 1
+    if stated:  # 1 + the sentences of work before the last stated answer
+        before = text[:list(ANSWER.finditer(text))[-1].start()]
+        work = [s for s in _sentences(before) if not ANSWER.search(s) and not any(f in s for f in HESITATIONS)
+                and not _courteous_sentence(s)]
+        complexity = 1 + min(3, len(work))
     helpfulness = (2 * correctness + coherence + 4 - 2 * max(0, verbosity - 2)) // 4
     return {"helpfulness": max(0, min(4, helpfulness)), "correctness": correctness, "coherence": max(0, coherence),
             "complexity": complexity, "verbosity": verbosity, "exact": correctness == 4}
@@ -206,10 +301,14 @@ def _task_meta(task: dict) -> dict:
 
 def synthesize(out_dir, seed: int = 0, n_sft: int = 3000, n_sft_val: int = 200, n_regression: int = 1200,
                n_pairs: int = 1500, n_pairs_val: int = 150, n_heldout: int = 200, n_rewardbench: int = 200,
-               flawed_share: float = 0.3, vocab_size: int = 512) -> Dict[str, Path]:
-    """Write the world into ``out_dir``; returns the paths by name."""
+               flawed_share: float = 0.3, vocab_size: int = 512, styles: str = "standard") -> Dict[str, Path]:
+    """Write the world into ``out_dir``; returns the paths by name. ``styles``: ``"standard"``
+    (the nine styles) or ``"steerable"`` (with the steerable styles, module docstring)."""
     from aligner.data.tokenizer import train_sentencepiece
 
+    if styles not in STYLE_SETS:
+        raise ValueError(f"synthesize: styles={styles!r}, expected one of {sorted(STYLE_SETS)}")
+    good_styles, row_styles = STYLE_SETS[styles]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -221,7 +320,7 @@ def synthesize(out_dir, seed: int = 0, n_sft: int = 3000, n_sft_val: int = 200, 
         rows = []
         for _ in range(n):
             t = task()
-            style = rng.choice(CORRUPTIONS) if rng.random() < flawed_share else rng.choice(("clean", "shown"))
+            style = rng.choice(CORRUPTIONS) if rng.random() < flawed_share else rng.choice(good_styles)
             rows.append({"system": SYSTEM, "conversations": [{"from": "User", "value": t["prompt"]},
                                                              {"from": "Assistant", "value": make_response(rng, t, style)}],
                          "style": style, **_task_meta(t)})
@@ -231,7 +330,7 @@ def synthesize(out_dir, seed: int = 0, n_sft: int = 3000, n_sft_val: int = 200, 
         rows = []
         for _ in range(n_prompts):
             t = task()
-            for style in rng.sample(STYLES, 2):  # rows 2k and 2k+1 share the prompt
+            for style in rng.sample(row_styles, 2):  # rows 2k and 2k+1 share the prompt
                 resp = make_response(rng, t, style)
                 s = score_response(t, resp)
                 rows.append({"system": SYSTEM, "prompt": t["prompt"], "response": resp,
@@ -242,7 +341,7 @@ def synthesize(out_dir, seed: int = 0, n_sft: int = 3000, n_sft_val: int = 200, 
         rows = []
         while len(rows) < n:
             t = task()
-            s1, s2 = rng.sample(STYLES, 2)
+            s1, s2 = rng.sample(row_styles, 2)
             r1, r2 = make_response(rng, t, s1), make_response(rng, t, s2)
             h1, h2 = score_response(t, r1)["helpfulness"], score_response(t, r2)["helpfulness"]
             rows.append({"split": split, "system": SYSTEM, "prompt": t["prompt"], "response_1": r1, "response_2": r2,
@@ -287,8 +386,10 @@ def synthesize(out_dir, seed: int = 0, n_sft: int = 3000, n_sft_val: int = 200, 
             texts += [c["value"] for c in row.get("conversations", [])]
     texts += ["<extra_id_0>System\n" + SYSTEM, "<extra_id_1>User\n", "<extra_id_1>Assistant\n", "\n<extra_id_2>"]
     paths["tokenizer"] = train_sentencepiece(texts, out / "tokenizer.model", vocab_size=vocab_size, seed=seed)
-    manifest = {"seed": seed, "flawed_share": flawed_share, "families": FAMILIES, "styles": STYLES,
+    manifest = {"seed": seed, "flawed_share": flawed_share, "families": FAMILIES, "styles": row_styles,
                 "files": {k: p.name for k, p in paths.items()}}
+    if styles != "standard":  # absent: standard (the manifest of the standard world stays as it was)
+        manifest["style_set"] = styles
     (out / "world.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return paths
 
@@ -301,10 +402,11 @@ def load_prompts(path, tokenizer) -> List[dict]:
 
 
 def attribute_table(seed: int = 0, per_style: int = 200) -> Dict[str, Dict[str, float]]:
-    """Mean scorer attributes per response style (clean, shown work, each corruption)."""
+    """Mean scorer attributes per response style (clean, shown work, each corruption, then
+    the steerable styles)."""
     rng = random.Random(seed)
     table = {}
-    for style in STYLES:
+    for style in STYLES + STEERABLE:
         sums = dict.fromkeys(ATTRS, 0.0)
         for _ in range(per_style):
             t = make_task(rng, rng.choice(FAMILIES))

@@ -3,14 +3,16 @@
 Every test process (a pytest worker, a rank of a local job, a command a test starts)
 would otherwise start as many torch threads as the machine has cores; with several
 workers the cores are oversubscribed and OpenMP threads spin waiting for each other
-(a generation test took 20-80 s instead of 5 s on 2 cores). ``OMP_NUM_THREADS`` set by
-the caller is kept."""
+(the quickstart test used 1.6 times the CPU it needs with two threads beside another
+worker). ``OMP_NUM_THREADS`` set by the caller is kept; the value set here is recomputed
+in each worker (xdist's controller loads this file before it starts the workers, which
+inherit its environment)."""
 import os
 
-if "OMP_NUM_THREADS" not in os.environ:
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
-os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+if "OMP_NUM_THREADS" not in os.environ or os.environ.get("ALIGNER_TEST_THREADS") == "set":
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+    os.environ["ALIGNER_TEST_THREADS"] = "set"
 
 import torch  # noqa: E402  after the variables: torch reads them when its thread pools start
 

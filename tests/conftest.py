@@ -17,3 +17,10 @@ if "OMP_NUM_THREADS" not in os.environ or os.environ.get("ALIGNER_TEST_THREADS")
 import torch  # noqa: E402  after the variables: torch reads them when its thread pools start
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core and one more, which takes up the cores while a
+    worker waits on the jobs it launched (the Slurm tests wait on ``sbatch``ed jobs for
+    minutes, using a fraction of a core)."""
+    return (os.cpu_count() or 1) + 1

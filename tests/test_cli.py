@@ -2,6 +2,7 @@
 configs before launch, unknown or missing commands fail with a message (exit 2)."""
 import importlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,9 @@ def test_help_lists_every_command_with_its_description():
     for name, (module, description) in cli.SUBCOMMANDS.items():
         assert f"  {name:<11} {description}" in lines
         assert module == name
-    installed = shutil.which("aligner")  # the console script setup.py declares, when on PATH
+    # the console script setup.py declares, installed beside this interpreter (PATH may name
+    # another installation's)
+    installed = shutil.which("aligner", path=os.path.dirname(sys.executable))
     if installed:
         assert subprocess.run([installed, "--help"], capture_output=True, text=True, timeout=60).stdout == out.stdout
 
@@ -122,7 +125,6 @@ def test_every_command_module_is_present_and_has_main(command):
 def _timed(args, cwd, env=None):
     """Run ``aligner ARGS`` in ``cwd`` in a fresh interpreter: (completed process, CPU
     seconds it used)."""
-    import os
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -134,7 +136,6 @@ def _timed(args, cwd, env=None):
 
 def _aligner(args, cwd, env=None):
     """Run ``aligner ARGS`` in ``cwd`` (its own process, from the fork server)."""
-    import os
 
     return pyproc.run([sys.executable, "-m", "aligner.cli.main", *args], timeout=300, cwd=cwd,
                       env={**os.environ, **(env or {})})

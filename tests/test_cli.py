@@ -136,7 +136,6 @@ def _timed(args, cwd, env=None):
 
 def _aligner(args, cwd, env=None):
     """Run ``aligner ARGS`` in ``cwd`` (its own process, from the fork server)."""
-
     return pyproc.run([sys.executable, "-m", "aligner.cli.main", *args], timeout=300, cwd=cwd,
                       env={**os.environ, **(env or {})})
 

@@ -59,14 +59,19 @@ class SpawnError(RuntimeError):
     """A rank of a local job failed, died or hung."""
 
 
-def _worker(rank, world_size, port, fn, args, kwargs, results, threads, environ, cwd):
-    # Each rank leads its own process group, so that whatever it starts (a checkpoint
-    # writer's manager, a subprocess) is killed with it instead of outliving the job.
+def _enter(environ, cwd):
+    """First steps of a process forked from the server: it leads its own process group, so
+    that whatever it starts (a checkpoint writer's manager, a subprocess) is killed with it
+    instead of outliving it, and takes the caller's environment and folder at the call (not
+    the fork server's)."""
     os.setpgid(0, 0)
-    # the caller's environment and folder at the call, not the fork server's
     os.environ.clear()
     os.environ.update(environ)
     os.chdir(cwd)
+
+
+def _worker(rank, world_size, port, fn, args, kwargs, results, threads, environ, cwd):
+    _enter(environ, cwd)
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),
@@ -198,10 +203,7 @@ def _run_python(argv, environ, cwd, stdout_path, stderr_path):
     import sys
     import warnings
 
-    os.setpgid(0, 0)  # like spawn_local's ranks: what the command starts dies with its group
-    os.environ.clear()
-    os.environ.update(environ)
-    os.chdir(cwd)
+    _enter(environ, cwd)
     warn, unbuffered, argv = _split_options(argv)
     unbuffered = unbuffered or bool(environ.get("PYTHONUNBUFFERED"))
     for fd, path in ((1, stdout_path), (2, stderr_path)):

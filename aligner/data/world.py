@@ -242,6 +242,13 @@ def _courteous_sentence(sentence: str) -> bool:
     return bool({t.lower() for t in _tokens(sentence)} & set(COURTEOUS)) and not ANSWER.search(sentence)
 
 
+def _scores(correctness: int, coherence: int, complexity: int, verbosity: int) -> Dict[str, int]:
+    """The attribute dict, helpfulness by the rule in the module docstring."""
+    helpfulness = (2 * correctness + coherence + 4 - 2 * max(0, verbosity - 2)) // 4
+    return {"helpfulness": max(0, min(4, helpfulness)), "correctness": correctness, "coherence": max(0, coherence),
+            "complexity": complexity, "verbosity": verbosity, "exact": correctness == 4}
+
+
 def score_response(meta: dict, response: str) -> Dict[str, int]:
     """The five HelpSteer2 attributes (0..4) of ``response`` to the task ``meta``
     (``family``, ``answer``, ``args``), by the rules in the module docstring."""
@@ -251,11 +258,8 @@ def score_response(meta: dict, response: str) -> Dict[str, int]:
     sentences = _sentences(text)
     bare = [m for m in map(BARE.fullmatch, sentences) if m]
     if len(bare) == 1 and len(sentences) - 1 == sum(_courteous_sentence(s) for s in sentences):
-        correctness = _correctness(bare[0].group(1), meta)
-        verbosity = 0 if len(sentences) == 1 else verbosity
-        helpfulness = (2 * correctness + 4 + 4 - 2 * max(0, verbosity - 2)) // 4
-        return {"helpfulness": max(0, min(4, helpfulness)), "correctness": correctness, "coherence": 4,
-                "complexity": 0, "verbosity": verbosity, "exact": correctness == 4}
+        return _scores(_correctness(bare[0].group(1), meta), coherence=4, complexity=0,
+                       verbosity=0 if len(sentences) == 1 else verbosity)
     stated = ANSWER.findall(text)
     task_words = {str(a) for a in meta.get("args", [])} | {meta["answer"]}
     on_topic = bool(stated) or "answer" in text.lower() or any(w in text for w in task_words)
@@ -268,7 +272,6 @@ def score_response(meta: dict, response: str) -> Dict[str, int]:
     else:
         correctness = _correctness(answer, meta)
         coherence = 4
-        sentences = _sentences(text)
         if len(sentences) != len(set(sentences)):
             coherence -= 2
         if any(f in text for f in FILLER_WORDS):
@@ -279,9 +282,7 @@ def score_response(meta: dict, response: str) -> Dict[str, int]:
         work = [s for s in _sentences(before) if not ANSWER.search(s) and not any(f in s for f in HESITATIONS)
                 and not _courteous_sentence(s)]
         complexity = 1 + min(3, len(work))
-    helpfulness = (2 * correctness + coherence + 4 - 2 * max(0, verbosity - 2)) // 4
-    return {"helpfulness": max(0, min(4, helpfulness)), "correctness": correctness, "coherence": max(0, coherence),
-            "complexity": complexity, "verbosity": verbosity, "exact": correctness == 4}
+    return _scores(correctness, coherence, complexity, verbosity)
 
 
 from aligner.data.formats import HELPSTEER2_ATTRIBUTES as ATTRS  # noqa: E402  the one attribute list

@@ -20,7 +20,8 @@ data-parallel replica generates its share of the prompts; rank 0 writes the file
   prompt is rendered with the attribute turn after the assistant header
   (``<extra_id_1>Assistant\n<extra_id_2>helpfulness:4,correctness:4,...\n``), exactly as a
   labelled row is rendered in SteerLM training; attributes not named take SteerLM's
-  inference defaults (4/4/4/2/2). A prompt row's own ``label`` field (or a labelled
+  inference defaults (4/4/4/2/2; ``--attribute-defaults`` sets others, ``''`` renders only
+  the named attributes, for a model conditioned on other ones). A prompt row's own ``label`` field (or a labelled
   conversation's) wins over ``--attributes``. Needs the extra_id template (``--template
   extra_id``, or ``auto`` with a tokenizer without a chat template).
 - ``--output``: jsonl of plain JSON values, one row per (prompt, sample) in prompt order:
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SteerLM attributes to condition on, e.g. helpfulness=4,verbosity=1 (others: 4,4,4,2,2)")
     p.add_argument("--output", required=True, help="responses jsonl to write")
     p.add_argument("--reward-model", default=None, help="HF reward model folder to score the responses")
+    p.add_argument("--attribute-defaults", default=None,
+                   help="values of the attributes --attributes does not name (default: SteerLM's"
+                        " helpfulness:4,correctness:4,coherence:4,complexity:2,verbosity:2; '' = none)")
     p.add_argument("--reward-attribute", default=None, help="reward-model output used as the reward")
     p.add_argument("--attribute-weights", type=float, nargs="*", default=None,
                    help="one weight per reward-model output: reward = w · outputs")
@@ -113,20 +117,22 @@ def load_tokenizer(path: Optional[str]):
     return data_load_tokenizer(path)
 
 
-def read_prompts(path: str, tokenizer, template: str = "raw", attributes: Optional[str] = None) -> list:
+def read_prompts(path: str, tokenizer, template: str = "raw", attributes: Optional[str] = None,
+                 attribute_defaults: Optional[str] = None) -> list:
     """``[{"prompt_tokens", "prompt", "meta"}]`` from ``path`` (see the module docstring).
 
     ``template="raw"``: jsonl rows with ``prompt`` (encoded as it is) or ``prompt_tokens``;
     ``extra_id`` / ``chat`` / ``auto``: any prompt-bearing format of the data layer,
     rendered as a generation prompt with that template. ``attributes``: a SteerLM request
     (``helpfulness=4,verbosity=1``) rendered after the assistant header of every prompt
-    without a ``label`` of its own (:func:`aligner.data.formats.steerlm_label`).
+    without a ``label`` of its own, the others at ``attribute_defaults`` (default SteerLM's;
+    :func:`aligner.data.formats.steerlm_label`).
     """
     label = None
     if attributes is not None:
         from aligner.data.formats import steerlm_label
 
-        label = steerlm_label(attributes)
+        label = steerlm_label(attributes, **({} if attribute_defaults is None else {"defaults": attribute_defaults}))
         if template == "raw":
             raise ValueError("--attributes needs a rendered prompt: pass --template extra_id (raw renders no"
                              " attribute turn)")
@@ -286,7 +292,7 @@ def main(argv: Optional[list] = None) -> int:
     tokenizer_dir = args.tokenizer or (args.model if _is_hf_dir(args.model) else None)
     tokenizer = load_tokenizer(tokenizer_dir)
     try:
-        prompts = read_prompts(args.prompts, tokenizer, args.template, args.attributes)
+        prompts = read_prompts(args.prompts, tokenizer, args.template, args.attributes, args.attribute_defaults)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
 

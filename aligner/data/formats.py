@@ -224,7 +224,9 @@ def steerlm_label(request: str, defaults: str = STEERLM_DEFAULT_LABEL) -> str:
     Attributes the request does not name take their value from ``defaults`` (SteerLM's
     inference default, 4/4/4/2/2 for the five HelpSteer2 attributes), so the string has
     the attributes, in the order, a model trained on labelled HelpSteer2-style rows saw.
-    Pass ``defaults=""`` to render only what is named. A ValueError names the bad item.
+    Pass ``defaults=""`` to render only what is named. A ValueError names the bad item; with
+    defaults, a name that is not one of theirs is refused (a misspelt attribute would
+    otherwise be rendered beside the default it meant to change).
     """
     values = parse_attribute_label(defaults) if defaults else {}
     named = {}
@@ -242,6 +244,11 @@ def steerlm_label(request: str, defaults: str = STEERLM_DEFAULT_LABEL) -> str:
         named[name] = level
     if not named:
         raise ValueError(f"attribute request {request!r}: expected name=value pairs, e.g. helpfulness=4,verbosity=1")
+    unknown = [name for name in named if values and name not in values]
+    if unknown:
+        raise ValueError(f"attribute request {request!r}: {', '.join(map(repr, unknown))} is not one of the"
+                         f" attributes {', '.join(values)} (to condition on other attributes, give no defaults"
+                         f" and name every attribute)")
     values.update(named)
     return format_attribute_label(values)
 

@@ -71,6 +71,9 @@ def setup(tmp_path_factory):
                           gen[:5] + ["--template", "raw", "--attributes", "verbosity=1", "--output",
                                      str(root / "never.jsonl")],
                           gen + ["--attributes", "verbosity=7", "--output", str(root / "never.jsonl")],
+                          gen + ["--attributes", "verbosty=0", "--output", str(root / "never.jsonl")],
+                          gen + ["--attributes", "humor=3", "--attribute-defaults", "", "--output",
+                                 str(root / "humor.jsonl")],
                           timeout=600)[0]
     return root, assets, results
 
@@ -150,6 +153,16 @@ def test_generate_attributes_render_the_training_prompt_part(setup):
     assert code == 2 and "--attributes needs a rendered prompt" in err, err
     code, err = results[5]
     assert code == 2 and "'verbosity=7': the value must be in 0..4" in err, err
+    # a misspelt attribute: one line, nothing written; other attributes with no defaults
+    code, err = results[6]
+    assert code == 2 and "Traceback" not in err, err
+    assert ("aligner generate: error: attribute request 'verbosty=0': 'verbosty' is not one of the attributes"
+            " helpfulness, correctness, coherence, complexity, verbosity (to condition on other attributes, give no"
+            " defaults and name every attribute)") in err.splitlines(), err
+    assert not (root / "never.jsonl").exists()
+    assert results[7][0] == 0, results[7][1]
+    rows = [json.loads(line) for line in (root / "humor.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == ["humor:3", own]
 
 
 def test_steerlm_label_requests():
@@ -158,9 +171,14 @@ def test_steerlm_label_requests():
     assert steerlm_label("verbosity:0, complexity=4") == \
         "helpfulness:4,correctness:4,coherence:4,complexity:4,verbosity:0"
     assert steerlm_label("humor=3,helpfulness=1", defaults="") == "helpfulness:1,humor:3"
+    assert steerlm_label("humor=3", defaults="helpfulness:2,humor:1") == "helpfulness:2,humor:3"
     for bad in ("helpfulness", "helpfulness=high", "=3", ""):
         with pytest.raises(ValueError, match="attribute request"):
             steerlm_label(bad)
+    # a misspelt attribute is refused, not rendered beside the default it meant to change
+    with pytest.raises(ValueError, match="'verbosty' is not one of the attributes helpfulness, correctness,"
+                                         " coherence, complexity, verbosity"):
+        steerlm_label("verbosty=0")
 
 
 def test_steerlm2_config_errors_name_the_key():

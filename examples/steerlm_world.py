@@ -230,23 +230,30 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    timings = {}
+    # a stage's time is recorded when it runs; a rerun keeps those of the stages it skips
+    earlier = out / "results.json"
+    timings = json.loads(earlier.read_text()).get("timings_s", {}) if earlier.is_file() else {}
     t0 = time.perf_counter()
-    qs = build_base(out / "base", args.world, args.seed) if args.world else Path(args.quickstart)
-    timings["base"] = time.perf_counter() - t0
+    if args.world:
+        built = (out / "base" / "rm_regression" / "hf" / "config.json").is_file()
+        qs = build_base(out / "base", args.world, args.seed)
+        if not built:
+            timings["base"] = time.perf_counter() - t0
+    else:
+        qs = Path(args.quickstart)
     world = qs / "world"
 
     # 1. labels from the regression reward model
     t0 = time.perf_counter()
     from aligner.cli.rm_label import label_file
 
-    labelled = {}
-    for split in ("sft_train", "sft_val"):
-        labelled[split] = out / f"{split}_labelled.jsonl"
-        if not labelled[split].is_file():
-            label_file(str(qs / "rm_regression" / "hf"), str(world / f"{split}.jsonl"), str(labelled[split]),
-                       micro_batch_size=32)
-    timings["label"] = time.perf_counter() - t0
+    labelled = {split: out / f"{split}_labelled.jsonl" for split in ("sft_train", "sft_val")}
+    if not all(path.is_file() for path in labelled.values()):
+        for split, path in labelled.items():
+            if not path.is_file():
+                label_file(str(qs / "rm_regression" / "hf"), str(world / f"{split}.jsonl"), str(path),
+                           micro_batch_size=32)
+        timings["label"] = time.perf_counter() - t0
 
     # 2. SteerLM: attribute-conditioned SFT from the SFT model
     t0 = time.perf_counter()
@@ -256,7 +263,7 @@ def main(argv=None) -> int:
                               f"data.validation={labelled['sft_val']}", f"trainer.out_dir={steerlm}",
                               f"trainer.max_steps={args.steerlm_steps}", f"trainer.seed={args.seed}",
                               "trainer.progress=false", "trainer.save_interval=0"])
-    timings["steerlm"] = time.perf_counter() - t0
+        timings["steerlm"] = time.perf_counter() - t0
 
     # 3. SteerLM 2.0: 2 iterations x 2 epochs, sampling for the sweeps' attribute strings
     t0 = time.perf_counter()
@@ -277,7 +284,7 @@ def main(argv=None) -> int:
                            f"optim.lr={args.steerlm2_lr}", f"trainer.global_batch_size={args.steerlm2_batch}",
                            "trainer.micro_batch_size=8", f"trainer.save_interval={steps_per_iteration}",
                            f"trainer.out_dir={steerlm2}", f"trainer.seed={args.seed}", "trainer.progress=false"])
-    timings["steerlm2"] = time.perf_counter() - t0
+        timings["steerlm2"] = time.perf_counter() - t0
 
     # 4. evaluation on held-out prompts, the world's scorer as ground truth
     t0 = time.perf_counter()
@@ -302,7 +309,7 @@ def main(argv=None) -> int:
         for name, path in models.items():
             gen[name] = evaluate(name, path, tok, heldout, args.seed, args.max_new_tokens)
         generations.write_text(json.dumps(gen))
-    timings["evaluation"] = time.perf_counter() - t0
+        timings["evaluation"] = time.perf_counter() - t0
     # the levels of each attribute in the labelled SteerLM training data (what SteerLM saw)
     from aligner.data.formats import parse_attribute_label
 

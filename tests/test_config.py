@@ -57,11 +57,12 @@ def test_every_top_level_config_composes_onto_its_schema():
 def test_choices_are_the_registries_of_the_code_that_uses_them():
     from aligner.algorithms.losses.preference import PREFERENCE_LOSSES
     from aligner.algorithms.losses.reward import BT_KINDS
-    from aligner.models.config import _FAMILIES, ModelConfig
+    from aligner.models.architectures import model_types
+    from aligner.models.config import ModelConfig
 
     assert [m.value for m in LossType] == list(PREFERENCE_LOSSES)
     assert [m.value for m in BTKind] == list(BT_KINDS)
-    assert sorted(m.value for m in Arch) == sorted(_FAMILIES)
+    assert [m.value for m in Arch] == model_types()
     # the model section is ModelConfig's fields with ModelConfig's defaults (+ layer_spec)
     model_fields = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != "hf_config"}
     section = {f.name: f.default for f in dataclasses.fields(ModelSection)}

@@ -1,8 +1,9 @@
 """Model architecture config: one dataclass, read from HF ``config.json`` or a named preset.
 
-:class:`ModelConfig` describes a decoder-only Llama-family transformer (Llama 2/3,
-Mistral, Qwen2): RMSNorm, SwiGLU MLP, rotary position embeddings, grouped-query
-attention, optional q/k/v bias (Qwen2), tied or untied input/output embeddings.
+:class:`ModelConfig` describes a decoder-only transformer of one of the registered HF
+families (:mod:`aligner.models.architectures`: the Llama layout — RMSNorm, SwiGLU MLP,
+rotary position embeddings, grouped-query attention, tied or untied embeddings — and what
+each family adds to it); ``arch`` names the family and its adapter does the rest.
 
 - ``ModelConfig.from_hf(path_or_dict)`` reads a HF folder, a ``config.json`` path or a
   dict (both the ``rope_theta``/``rope_scaling`` keys of transformers 4 and the
@@ -30,28 +31,14 @@ from typing import Any, Optional, Union
 
 import torch
 
+from aligner.models import architectures
+from aligner.models.architectures.base import SUPPORTED_ROPE_TYPES, UnsupportedModelError
 
-class UnsupportedModelError(ValueError):
-    """A HF config whose architecture or option aligner cannot represent."""
+__all__ = ["LAYER_SPECS", "ModelConfig", "SUPPORTED_ROPE_TYPES", "UnsupportedModelError", "preset_dirs"]
 
 
-# HF model_type -> family defaults that differ between families.
-_FAMILIES = {
-    "llama": {"qkv_bias": False},
-    "mistral": {"qkv_bias": False},
-    "qwen2": {"qkv_bias": True},
-}
-_CAUSAL_LM = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_SEQ_CLS = {
-    "llama": "LlamaForSequenceClassification",
-    "mistral": "MistralForSequenceClassification",
-    "qwen2": "Qwen2ForSequenceClassification",
-}
-_ARCH_TO_FAMILY = {v: k for k, v in {**_CAUSAL_LM}.items()}
-_ARCH_TO_FAMILY.update({v: k for k, v in _SEQ_CLS.items()})
-
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 LAYER_SPECS = ("auto", "te", "fused", "local")  # model.layer_spec (aligner.models.layer_spec)
+
 
 def preset_dirs() -> list[Path]:
     """Where ``ModelConfig.preset`` looks: the ``model`` folder of the one config folder
@@ -66,7 +53,8 @@ def preset_dirs() -> list[Path]:
 class ModelConfig:
     """Architecture of a Llama-family decoder (config group ``model``).
 
-    arch: family, one of ``llama``, ``mistral``, ``qwen2`` (HF ``model_type``).
+    arch: the family, a HF ``model_type`` with an adapter in :mod:`aligner.models.architectures`
+    (``llama``, ``mistral``, ``qwen2``, ...), which maps it to megatron-core and HF weights.
     num_query_groups: key/value heads (GQA); None means multi-head attention.
     head_dim: per-head size; None means ``hidden_size // num_attention_heads``.
     rope_scaling: None or the HF dict (``rope_type`` ``llama3`` with ``factor``,
@@ -111,18 +99,10 @@ class ModelConfig:
     def __post_init__(self):
         if self.layer_spec not in LAYER_SPECS:
             raise ValueError(f"model.layer_spec = {self.layer_spec!r}; expected one of {LAYER_SPECS}")
-        if self.arch not in _FAMILIES:
-            raise UnsupportedModelError(
-                f"model.arch = {self.arch!r} is not supported; supported: {sorted(_FAMILIES)}"
-            )
-        family_bias = _FAMILIES[self.arch]["qkv_bias"]
+        adapter = architectures.get(self.arch)
         if self.qkv_bias is None:
-            self.qkv_bias = family_bias
-        if self.qkv_bias != family_bias:
-            raise UnsupportedModelError(
-                f"model.qkv_bias = {self.qkv_bias} does not exist in HF {_CAUSAL_LM[self.arch]}"
-                f" (q/k/v biases: arch qwen2 only)"
-            )
+            self.qkv_bias = adapter.qkv_bias
+        adapter.check_config(self)
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads
         if self.num_attention_heads % self.num_query_groups != 0:
@@ -155,13 +135,12 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Parameter count of the causal LM (unpadded vocab), as HF counts it."""
-        h, d = self.hidden_size, self.head_dim
-        q, kv = self.num_attention_heads * d, self.num_query_groups * d
-        attn = h * (q + 2 * kv) + q * h + ((q + 2 * kv) if self.qkv_bias else 0)
-        mlp = 3 * h * self.ffn_hidden_size
-        layer = attn + mlp + 2 * h
-        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + emb + h
+        return sum(math.prod(shape) for shape in self.architecture.hf_shapes(self).values())
+
+    @property
+    def architecture(self):
+        """The family's adapter (:mod:`aligner.models.architectures`)."""
+        return architectures.get(self.arch)
 
     @property
     def rope_type(self) -> str:
@@ -209,8 +188,9 @@ class ModelConfig:
     def from_hf(cls, path_or_dict: Union[str, os.PathLike, dict]) -> "ModelConfig":
         """Read a HF config (folder, ``config.json`` path, or dict).
 
-        Raises :class:`UnsupportedModelError` naming the file and the architecture for
-        anything outside the Llama family (Llama, Mistral, Qwen2).
+        The family's adapter (found by ``model_type``) reads it; raises
+        :class:`UnsupportedModelError` naming the file and the architecture or option for
+        anything aligner does not compute exactly.
         """
         if isinstance(path_or_dict, dict):
             hf, source = dict(path_or_dict), "<dict>"
@@ -224,86 +204,12 @@ class ModelConfig:
                 hf = json.load(f)
             source = str(p)
 
-        model_type = hf.get("model_type")
-        archs = hf.get("architectures") or []
-        family = model_type if model_type in _FAMILIES else None
-        if family is None:
-            for a in archs:
-                if a in _ARCH_TO_FAMILY:
-                    family = _ARCH_TO_FAMILY[a]
-        if family is None:
-            raise UnsupportedModelError(
-                f"{source}: model_type {model_type!r} / architectures {archs} is not supported;"
-                f" supported model types: {sorted(_FAMILIES)}"
-            )
-        for a in archs:
-            if a not in _ARCH_TO_FAMILY:
-                raise UnsupportedModelError(
-                    f"{source}: architecture {a!r} is not supported; supported: {sorted(_ARCH_TO_FAMILY)}"
-                )
-        act = hf.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (SwiGLU/silu only)")
-        if hf.get("mlp_bias"):
-            raise UnsupportedModelError(f"{source}: mlp_bias = true is not supported")
-        if family == "qwen2" and hf.get("use_sliding_window"):
-            raise UnsupportedModelError(f"{source}: Qwen2 use_sliding_window = true is not supported")
-
-        rope_params = dict(hf.get("rope_parameters") or {})
-        rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-        rope_scaling = hf.get("rope_scaling")
-        if rope_scaling is None and rope_params:
-            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-        if rope_scaling is not None:
-            rope_scaling = dict(rope_scaling)
-            rope_scaling.pop("rope_theta", None)
-            rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rope_type not in SUPPORTED_ROPE_TYPES:
-                raise UnsupportedModelError(
-                    f"{source}: rope scaling type {rope_type!r} is not supported;"
-                    f" supported: {SUPPORTED_ROPE_TYPES}"
-                )
-            if rope_type == "default":
-                rope_scaling = None
-
-        qkv_bias = _FAMILIES[family]["qkv_bias"]
-        if family in ("llama", "mistral") and hf.get("attention_bias"):
-            raise UnsupportedModelError(
-                f"{source}: attention_bias = true (biases on q/k/v and o_proj) is not supported"
-            )
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
-            if key not in hf:
-                raise ValueError(f"{source}: missing key {key!r}")
-        num_heads = hf["num_attention_heads"]
+        adapter = architectures.for_hf_config(hf, source)
+        fields = adapter.config_from_hf(hf, source)
         try:
-            return cls._from_hf_fields(hf, family, num_heads, rope_theta, rope_scaling, qkv_bias)
+            return cls(**fields, hf_config=hf)
         except ValueError as exc:  # a field check in __post_init__
             raise type(exc)(f"{source}: {exc}") from None
-
-    @classmethod
-    def _from_hf_fields(cls, hf, family, num_heads, rope_theta, rope_scaling, qkv_bias) -> "ModelConfig":
-        return cls(
-            arch=family,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            ffn_hidden_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_attention_heads=num_heads,
-            num_query_groups=hf.get("num_key_value_heads") or num_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rope_theta=float(rope_theta),
-            rope_scaling=rope_scaling,
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            init_std=hf.get("initializer_range", 0.02),
-            sliding_window=hf.get("sliding_window") if family == "mistral" else None,
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
-            hf_config=hf,
-        )
 
     def to_hf_dict(self, head: Optional[str] = None, num_labels: int = 1) -> dict:
         """The HF ``config.json`` dict: a causal LM, or with ``head`` ("reward"/"value") a
@@ -314,10 +220,10 @@ class ModelConfig:
                   "rope_scaling", "rope_theta", "transformers_version", "_name_or_path",
                   "torch_dtype", "dtype", "problem_type"):
             base.pop(k, None)
-        arch = (_SEQ_CLS if head else _CAUSAL_LM)[self.arch]
+        adapter = self.architecture
         out = dict(base)
         out.update(
-            architectures=[arch],
+            architectures=[adapter.sequence_classification if head else adapter.causal_lm],
             model_type=self.arch,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -326,9 +232,7 @@ class ModelConfig:
             num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_query_groups,
             head_dim=self.head_dim,
-            hidden_act="silu",
             max_position_embeddings=self.max_position_embeddings,
-            rms_norm_eps=self.norm_eps,
             rope_theta=self.rope_theta,
             rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
             tie_word_embeddings=self.tie_word_embeddings,
@@ -337,11 +241,7 @@ class ModelConfig:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
-        if self.arch == "llama":
-            out["attention_bias"] = False
-            out["mlp_bias"] = False
-        if self.arch == "mistral":
-            out["sliding_window"] = self.sliding_window
+        out.update(adapter.hf_config(self))
         if head:
             out["num_labels"] = num_labels
             out["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_labels)}
@@ -366,7 +266,6 @@ class ModelConfig:
         included: megatron-core splits a rank's layers into its interleaved chunks from it
         (without it every chunk would build all of the rank's layers).
         """
-        import torch.nn.functional as F
         from megatron.core import parallel_state as ps
         from megatron.core.transformer import TransformerConfig
 
@@ -377,13 +276,9 @@ class ModelConfig:
             num_attention_heads=self.num_attention_heads,
             num_query_groups=self.num_query_groups,
             kv_channels=self.head_dim,
-            normalization="RMSNorm",
             layernorm_epsilon=self.norm_eps,
-            gated_linear_unit=True,
-            activation_func=F.silu,
             bias_activation_fusion=False,
             add_bias_linear=False,
-            add_qkv_bias=self.qkv_bias,
             hidden_dropout=0.0,
             attention_dropout=0.0,
             init_method_std=self.init_std,
@@ -396,6 +291,7 @@ class ModelConfig:
             fp16=params_dtype == torch.float16,
             attention_softmax_in_fp32=True,
         )
+        kwargs.update(self.architecture.transformer_config(self))
         if ps.model_parallel_is_initialized():
             pp = ps.get_pipeline_model_parallel_world_size()
             vpp = ps.get_virtual_pipeline_model_parallel_world_size()

@@ -42,12 +42,7 @@ from megatron.core import tensor_parallel
 from megatron.core.models.gpt import GPTModel
 
 from aligner.models.config import ModelConfig
-from aligner.models.layer_spec import (
-    announce_layer_spec,
-    check_parallel_support,
-    layer_spec_and_final_norm,
-    resolve_layer_spec,
-)
+from aligner.models.layer_spec import announce_layer_spec, check_parallel_support, resolve_layer_spec
 from aligner.parallel import get_device
 
 HEADS = ("reward", "value")
@@ -208,7 +203,7 @@ def build_model(
     spec = resolve_layer_spec(requested)
     check_parallel_support(spec, sequence_parallel=tc.sequence_parallel, context_parallel=tc.context_parallel_size)
     announce_layer_spec(spec, requested)
-    module_spec, final_norm = layer_spec_and_final_norm(spec)
+    module_spec, final_norm = cfg.architecture.layer_spec(cfg, spec)
     block_spec = TransformerBlockSubmodules(
         layer_specs=[module_spec] * get_num_layers_to_build(tc, vp_stage=vp_stage),
         layer_norm=final_norm,

@@ -5,7 +5,10 @@ safetensors files (single file or sharded with ``model.safetensors.index.json``)
 ``safe_open`` and reads only the slices its parameters hold — its pipeline stage's layers,
 its tensor-parallel rows / columns — so no rank ever materialises the whole model.
 
-Name and layout mapping (HF Llama family -> megatron-core, local or TE layer spec):
+Name and layout mapping: the family's adapter (:mod:`aligner.models.architectures`) gives
+every megatron-core parameter a rule (replicated, split over TP by rows or columns,
+vocabulary rows, megatron-core's fused QKV and gated-MLP layouts); this module applies it
+both ways. For the Llama layout:
 
 - ``q_proj`` / ``k_proj`` / ``v_proj`` -> ``linear_qkv``: per query group, that group's
   query heads, then its key head, then its value head (megatron-core's GQA layout); a TP
@@ -35,6 +38,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from aligner.models.architectures.base import GLU, QKV, Replicated, ScoreHead, Split, VocabRows
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import build_model, unwrap_model
 
@@ -139,74 +143,76 @@ def _layer_index(module) -> int:
     return module.layer_number - 1  # megatron-core numbers layers from 1, globally
 
 
-def _qkv_groups(cfg: ModelConfig) -> Tuple[int, int, int]:
-    tp, rank = _tp()
-    per = cfg.num_query_groups // tp
-    return per, rank * per, cfg.num_attention_heads // cfg.num_query_groups
+# The Transformer Engine spec fuses the layer's norms into the next linear layer.
+_TE_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
+}
 
 
-def _local_tensor(reader: HFReader, cfg: ModelConfig, name: str, layer: int, head: Optional[str]) -> torch.Tensor:
-    """This rank's shard of megatron parameter ``name`` (local name inside the layer for layer params)."""
+def _rule(cfg: ModelConfig, name: str, layer: int, head: Optional[str]):
+    """The weight rule (:mod:`aligner.models.architectures.base`) of megatron parameter
+    ``name`` (a full name; ``layer`` its global layer index, -1 outside the layers)."""
+    adapter = cfg.architecture
+    if layer < 0:
+        rules = adapter.global_weights(cfg, head)
+    else:
+        name = name.split(".", 3)[3]  # decoder.layers.<i>.<name inside the layer>
+        name = _TE_NORM_NAMES.get(name, name)
+        rules = adapter.layer_weights(cfg, layer)
+    if name not in rules:
+        raise CheckpointError(f"no HF counterpart known for parameter {name!r} of a {cfg.arch} model")
+    return rules[name]
+
+
+def _local_tensor(reader: HFReader, cfg: ModelConfig, rule) -> torch.Tensor:
+    """This rank's shard of a megatron parameter, read by its rule from the checkpoint."""
     tp, rank = _tp()
-    h, d = cfg.hidden_size, cfg.head_dim
-    vpad = cfg.padded_vocab_size()
-    if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-        key = "model.embed_tokens.weight"
-        if name == "output_layer.weight" and not cfg.tie_word_embeddings:
-            key = "lm_head.weight"
-        _expect(reader, key, [cfg.vocab_size, h])
-        per = vpad // tp
-        start, stop = rank * per, (rank + 1) * per
+    for key, shape in rule.hf_shapes().items():
+        _expect(reader, key, list(shape))
+    if isinstance(rule, Replicated):
+        return reader.full(rule.name)
+    if isinstance(rule, ScoreHead):
+        if not reader.has(rule.name):
+            raise CheckpointError(f"{reader.path}: no {rule.name!r}: not a sequence-classification checkpoint")
+        return reader.full(rule.name)
+    if isinstance(rule, Split):
+        per = rule.shape[rule.dim] // tp
+        read = reader.rows if rule.dim == 0 else reader.cols
+        return read(rule.name, rank * per, (rank + 1) * per)
+    if isinstance(rule, VocabRows):
+        vocab, h = rule.shape
+        per = cfg.padded_vocab_size() // tp
+        start = rank * per
         out = torch.zeros(per, h)
-        real = max(0, min(stop, cfg.vocab_size) - start)
+        real = max(0, min(start + per, vocab) - start)
         if real:
-            out[:real] = reader.rows(key, start, start + real).float()
+            out[:real] = reader.rows(rule.name, start, start + real).float()
         return out
-    if name == "decoder.final_layernorm.weight":
-        _expect(reader, "model.norm.weight", [h])
-        return reader.full("model.norm.weight")
-    if name == "head.weight":
-        if not reader.has("score.weight"):
-            raise CheckpointError(f"{reader.path}: no 'score.weight': not a sequence-classification checkpoint")
-        return reader.full("score.weight")
-    p = f"model.layers.{layer}."
-    per, g0, r = _qkv_groups(cfg)
-    if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
-        kind = "weight" if name.endswith("weight") else "bias"
-        q_key, k_key, v_key = (p + f"self_attn.{x}_proj.{kind}" for x in "qkv")
-        tail = [h] if kind == "weight" else []
-        _expect(reader, q_key, [cfg.num_attention_heads * d] + tail)
-        _expect(reader, k_key, [cfg.num_query_groups * d] + tail)
-        _expect(reader, v_key, [cfg.num_query_groups * d] + tail)
+    if isinstance(rule, QKV):
+        d, r, tail = rule.head_dim, rule.heads // rule.groups, rule.tail
+        per = rule.groups // tp
+        g0 = rank * per
+        if rule.fused:  # [q; k; v] rows of one tensor
+            q_key = k_key = v_key = rule.fused
+            k_at, v_at = rule.heads * d, (rule.heads + rule.groups) * d
+        else:
+            q_key, k_key, v_key, k_at, v_at = rule.q, rule.k, rule.v, 0, 0
         q = reader.rows(q_key, g0 * r * d, (g0 + per) * r * d).reshape(per, r * d, *tail)
-        k = reader.rows(k_key, g0 * d, (g0 + per) * d).reshape(per, d, *tail)
-        v = reader.rows(v_key, g0 * d, (g0 + per) * d).reshape(per, d, *tail)
+        k = reader.rows(k_key, k_at + g0 * d, k_at + (g0 + per) * d).reshape(per, d, *tail)
+        v = reader.rows(v_key, v_at + g0 * d, v_at + (g0 + per) * d).reshape(per, d, *tail)
         return torch.cat((q, k, v), dim=1).reshape(per * (r + 2) * d, *tail)
-    if name.endswith("linear_proj.weight"):
-        key = p + "self_attn.o_proj.weight"
-        _expect(reader, key, [h, cfg.num_attention_heads * d])
-        per_cols = cfg.num_attention_heads * d // tp
-        return reader.cols(key, rank * per_cols, (rank + 1) * per_cols)
-    if name.endswith("linear_fc1.weight"):
-        f = cfg.ffn_hidden_size
-        gk, uk = p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"
-        _expect(reader, gk, [f, h])
-        _expect(reader, uk, [f, h])
-        per_rows = f // tp
-        return torch.cat((reader.rows(gk, rank * per_rows, (rank + 1) * per_rows),
-                          reader.rows(uk, rank * per_rows, (rank + 1) * per_rows)), 0)
-    if name.endswith("linear_fc2.weight"):
-        key = p + "mlp.down_proj.weight"
-        _expect(reader, key, [h, cfg.ffn_hidden_size])
-        per_cols = cfg.ffn_hidden_size // tp
-        return reader.cols(key, rank * per_cols, (rank + 1) * per_cols)
-    if name.endswith("input_layernorm.weight") or name.endswith("linear_qkv.layer_norm_weight"):
-        _expect(reader, p + "input_layernorm.weight", [h])
-        return reader.full(p + "input_layernorm.weight")
-    if name.endswith("pre_mlp_layernorm.weight") or name.endswith("linear_fc1.layer_norm_weight"):
-        _expect(reader, p + "post_attention_layernorm.weight", [h])
-        return reader.full(p + "post_attention_layernorm.weight")
-    raise CheckpointError(f"no HF counterpart known for parameter {name!r}")
+    if isinstance(rule, GLU):
+        per = rule.ffn // tp
+        if rule.fused:  # [gate; up] rows of one tensor
+            gate_key, up_key, up_at = rule.fused, rule.fused, rule.ffn
+        else:
+            gate_key, up_key, up_at = rule.gate, rule.up, 0
+        return torch.cat((reader.rows(gate_key, rank * per, (rank + 1) * per),
+                          reader.rows(up_key, up_at + rank * per, up_at + (rank + 1) * per)), 0)
+    raise CheckpointError(f"unknown weight rule {rule!r}")
 
 
 def _param_sources(model):
@@ -228,18 +234,8 @@ def _param_sources(model):
 def hf_tensor_names(cfg: ModelConfig, head: Optional[str] = None) -> List[str]:
     """Names of the HF tensors of the whole model ``cfg`` describes (causal LM, or with a
     head the sequence-classification model)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
-    names.append("score.weight" if head else "lm_head.weight")
-    if not head and cfg.tie_word_embeddings:
-        names.remove("lm_head.weight")
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        names += [p + f"self_attn.{x}_proj.weight" for x in "qkvo"]
-        if cfg.qkv_bias:
-            names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
-        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-        names += [p + "input_layernorm.weight", p + "post_attention_layernorm.weight"]
-    return names
+    names = list(cfg.architecture.hf_shapes(cfg, head))
+    return names + (["score.weight"] if head else [])
 
 
 def _check_no_unused_tensors(reader: "HFReader", cfg: ModelConfig, head: Optional[str]) -> None:
@@ -273,7 +269,7 @@ def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, 
             for name, param, layer in _param_sources(model):
                 if name == "head.weight" and not reader.has("score.weight") and not strict_head:
                     continue
-                value = _local_tensor(reader, cfg, name, layer, head)
+                value = _local_tensor(reader, cfg, _rule(cfg, name, layer, head))
                 if tuple(value.shape) != tuple(param.shape):
                     raise CheckpointError(
                         f"{reader.path}: parameter {name!r} (layer {layer}) needs shape {tuple(param.shape)},"
@@ -342,61 +338,62 @@ def from_pretrained(path, head: Optional[str] = None, num_outputs: Optional[int]
 
 
 # ------------------------------------------------------------------------------ export
-def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
+def _gather_parts(t: torch.Tensor) -> List[torch.Tensor]:
+    """Every TP rank's shard of ``t``, in rank order."""
     tp, _ = _tp()
     if tp == 1:
-        return t
+        return [t]
     parts = [torch.empty_like(t) for _ in range(tp)]
     dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-    return torch.cat(parts, dim)
+    return parts
+
+
+def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.cat(_gather_parts(t), dim)
+
+
+def _hf_tensors(rule, t: torch.Tensor):
+    """(HF name, full tensor) pairs of one megatron parameter's shard ``t`` (collective
+    over TP for split rules)."""
+    if isinstance(rule, (Replicated, ScoreHead)):
+        yield rule.name, t
+    elif isinstance(rule, Split):
+        yield rule.name, _gather_tp(t, rule.dim)
+    elif isinstance(rule, VocabRows):
+        yield rule.name, _gather_tp(t, 0)[: rule.shape[0]]
+    elif isinstance(rule, QKV):
+        d, r, tail = rule.head_dim, rule.heads // rule.groups, rule.tail
+        grouped = _gather_tp(t, 0).reshape(rule.groups, (r + 2) * d, *tail)
+        q = grouped[:, : r * d].reshape(-1, *tail)
+        k = grouped[:, r * d: (r + 1) * d].reshape(-1, *tail)
+        v = grouped[:, (r + 1) * d:].reshape(-1, *tail)
+        if rule.fused:
+            yield rule.fused, torch.cat((q, k, v), 0)
+        else:
+            yield from ((rule.q, q), (rule.k, k), (rule.v, v))
+    elif isinstance(rule, GLU):
+        parts = _gather_parts(t)  # each TP rank holds [its gate rows; its up rows]
+        gate = torch.cat([x[: x.shape[0] // 2] for x in parts], 0)
+        up = torch.cat([x[x.shape[0] // 2:] for x in parts], 0)
+        if rule.fused:
+            yield rule.fused, torch.cat((gate, up), 0)
+        else:
+            yield from ((rule.gate, gate), (rule.up, up))
+    else:
+        raise CheckpointError(f"unknown weight rule {rule!r}")
 
 
 def _iter_hf_tensors(model, cfg: ModelConfig):
     """(HF name, full tensor) for this pipeline stage's part of ``model``, one parameter at
-    a time (collective over TP: every TP rank iterates in the same order)."""
-    tp, _ = _tp()
-    h, d = cfg.hidden_size, cfg.head_dim
-    r = cfg.num_attention_heads // cfg.num_query_groups
+    a time (collective over TP: every TP rank iterates in the same order). A tied output
+    layer writes nothing (HF ties ``lm_head`` to the embedding)."""
+    head = unwrap_model(model).head_type
     for name, param, layer in _param_sources(model):
         t = param.detach().float().cpu() if param.device.type != "cpu" else param.detach().float()
-        if name in ("embedding.word_embeddings.weight", "output_layer.weight"):
-            full = _gather_tp(t, 0)[: cfg.vocab_size]
-            if name == "embedding.word_embeddings.weight":
-                yield "model.embed_tokens.weight", full
-            elif not cfg.tie_word_embeddings:
-                yield "lm_head.weight", full
+        rule = _rule(cfg, name, layer, head)
+        if name == "output_layer.weight" and cfg.tie_word_embeddings:
             continue
-        if name == "decoder.final_layernorm.weight":
-            yield "model.norm.weight", t
-            continue
-        if name == "head.weight":
-            yield "score.weight", t
-            continue
-        p = f"model.layers.{layer}."
-        if name.endswith("linear_qkv.weight") or name.endswith("linear_qkv.bias"):
-            kind = "weight" if name.endswith("weight") else "bias"
-            tail = [h] if kind == "weight" else []
-            grouped = _gather_tp(t, 0).reshape(cfg.num_query_groups, (r + 2) * d, *tail)
-            yield p + f"self_attn.q_proj.{kind}", grouped[:, : r * d].reshape(-1, *tail)
-            yield p + f"self_attn.k_proj.{kind}", grouped[:, r * d : (r + 1) * d].reshape(-1, *tail)
-            yield p + f"self_attn.v_proj.{kind}", grouped[:, (r + 1) * d :].reshape(-1, *tail)
-        elif name.endswith("linear_proj.weight"):
-            yield p + "self_attn.o_proj.weight", _gather_tp(t, 1)
-        elif name.endswith("linear_fc1.weight"):
-            # each TP rank holds [its gate rows; its up rows]
-            parts = [torch.empty_like(t) for _ in range(tp)] if tp > 1 else [t]
-            if tp > 1:
-                dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
-            yield p + "mlp.gate_proj.weight", torch.cat([x[: x.shape[0] // 2] for x in parts], 0)
-            yield p + "mlp.up_proj.weight", torch.cat([x[x.shape[0] // 2 :] for x in parts], 0)
-        elif name.endswith("linear_fc2.weight"):
-            yield p + "mlp.down_proj.weight", _gather_tp(t, 1)
-        elif name.endswith("input_layernorm.weight") or name.endswith("linear_qkv.layer_norm_weight"):
-            yield p + "input_layernorm.weight", t
-        elif name.endswith("pre_mlp_layernorm.weight") or name.endswith("linear_fc1.layer_norm_weight"):
-            yield p + "post_attention_layernorm.weight", t
-        else:
-            raise CheckpointError(f"no HF counterpart known for parameter {name!r}")
+        yield from _hf_tensors(rule, t)
 
 
 def process_umask() -> int:

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from aligner.models.architectures import model_types
 from aligner.runtime import UserError
 
 
@@ -71,10 +72,8 @@ class Backend(Choice):
     gloo = "gloo"
 
 
-class Arch(Choice):
-    llama = "llama"
-    mistral = "mistral"
-    qwen2 = "qwen2"
+# ``model.arch``: the registered architecture families (HF ``model_type``), one member each.
+Arch = Choice("Arch", {name: name for name in model_types()})
 
 
 class LayerSpec(Choice):

@@ -60,8 +60,9 @@ class ModelConfig:
     rope_scaling: None or the HF dict (``rope_type`` ``llama3`` with ``factor``,
     ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``;
     or ``linear`` with ``factor``).
-    sliding_window: from Mistral configs; attention is full (no window), which equals the
-    window for sequences up to ``sliding_window`` tokens; the model refuses longer ones.
+    sliding_window: keys a query attends to, itself included (HF's ``sliding_window``, Mistral):
+    sliding-window attention on every path (training, both decode paths, any layout);
+    None: full causal attention.
     qkv_bias: biases on q/k/v (None: the family's, i.e. only for ``qwen2``; HF Llama's
     ``attention_bias`` also biases ``o_proj``, which aligner does not model).
     pad_token_id: the id the data layer right-pads with; a sequence-classification export
@@ -117,6 +118,8 @@ class ModelConfig:
                     f" model.num_attention_heads = {self.num_attention_heads}; set model.head_dim"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"model.sliding_window = {self.sliding_window}: expected a positive number of tokens")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:

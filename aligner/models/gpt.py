@@ -131,15 +131,6 @@ class AlignerGPTModel(GPTModel):
     # -- position ids ---------------------------------------------------------------
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
                     packed_seq_params=None, padding_mask=None):
-        window = self.model_cfg.sliding_window
-        if window and input_ids is not None:
-            # attention here is full: equal to Mistral's sliding window only up to the window
-            total = input_ids.shape[1] + int(getattr(inference_context, "sequence_len_offset", 0) or 0)
-            if total > window:
-                raise ValueError(
-                    f"sequence of {total} tokens exceeds model.sliding_window = {window}; sliding-window"
-                    " attention is not implemented, so longer sequences would differ from the HF model"
-                )
         out = super()._preprocess(
             input_ids=input_ids, position_ids=position_ids, decoder_input=decoder_input,
             inference_context=inference_context, packed_seq_params=packed_seq_params,

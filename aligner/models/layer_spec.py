@@ -13,7 +13,9 @@ their checkpoints are interchangeable (see docs/configuration.md, ``model.layer_
   ``torch.nn.RMSNorm`` (:class:`SequenceParallelNorm`, i.e. ``F.rms_norm``), which also
   serve sequence parallelism. Needs torch >= 2.5 (``rms_norm`` and grouped-query SDPA).
 - ``local``: megatron-core's plain local spec (attention as explicit ``baddbmm`` + masked
-  softmax + ``bmm``; no sequence parallelism). The reference the fused spec is tested
+  softmax + ``bmm``; no sequence parallelism), its attention extended by
+  :class:`LocalAttention` with what megatron-core lacks (sliding windows combined with
+  padding and packing masks, logit soft-capping). The reference the fused spec is tested
   against.
 
 ``auto`` (the default) picks ``te`` when it can run, else ``fused``, else ``local``
@@ -158,6 +160,72 @@ class SequenceParallelNorm:
         return norm
 
 
+# ------------------------------------------------------------------ attention
+def layer_window(config, layer_number: int) -> Optional[int]:
+    """How many keys a query of layer ``layer_number`` (1-based) sees under sliding-window
+    attention, itself included (HF's ``sliding_window``), or None for full attention.
+    Windows are megatron-core's ``window_size = (window - 1, 0)``, on the layers
+    ``window_attn_skip_freq`` selects (None: all)."""
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        left, right = config.window_size
+        if right != 0 or left < 0:
+            raise ValueError(f"window_size {config.window_size}: only causal windows (w - 1, 0) are supported")
+        return left + 1
+    return None
+
+
+def window_blocked(sq: int, sk: int, window: int, device) -> torch.Tensor:
+    """Causal sliding-window mask [sq, sk], True = blocked: query i sits at key position
+    ``i + sk - sq`` (queries after a KV cache are the last ones) and sees the ``window`` keys
+    ending there, as HF's ``kv_idx > q_idx - sliding_window`` on cache positions."""
+    q_pos = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    k_pos = torch.arange(sk, device=device)[None, :]
+    return (k_pos > q_pos) | (k_pos <= q_pos - window)
+
+
+def soft_cap(scores: torch.Tensor, cap: Optional[float]) -> torch.Tensor:
+    """Gemma 2's logit soft-capping ``cap * tanh(scores / cap)`` (identity for None)."""
+    return scores if not cap else torch.tanh(scores / cap) * cap
+
+
+class _WindowedSoftmax(torch.nn.Module):
+    """megatron-core's ``FusedScaleMaskSoftmax`` (scores [b, np, sq, sk] -> probabilities)
+    with the attention-logit soft-cap applied to the scaled scores first and the sliding
+    window added to whatever mask the layer gets (megatron-core's own window replaces the
+    mask instead, which would drop padding and packing masks)."""
+
+    def __init__(self, softmax, window: Optional[int], softcap: Optional[float]):
+        super().__init__()
+        softmax.window_size = None  # the window is part of the mask given to it
+        self.softmax, self.window, self.softcap = softmax, window, softcap
+
+    def forward(self, scores, mask, softmax_offset=None):
+        if self.softcap:
+            scores = soft_cap(scores.float(), self.softcap)
+        if self.window is not None:
+            blocked = window_blocked(scores.shape[2], scores.shape[3], self.window, scores.device)
+            mask = blocked[None, None] if mask is None else (mask | blocked)
+        return self.softmax(scores, mask, softmax_offset)
+
+
+class LocalAttention(DotProductAttention):
+    """megatron-core's unfused ``DotProductAttention`` (the local spec's) plus what it
+    lacks: a sliding window combined with the layer's mask (:func:`layer_window`) and
+    attention-logit soft-capping (``softcap``, Gemma 2). Same shapes and checkpoint keys::
+
+        query [sq, b, np, hn], key / value [sk, b, ng, hn]  ->  context [sq, b, np·hn]
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softcap: Optional[float] = None,
+                 **kwargs):
+        super().__init__(config, layer_number, attn_mask_type, attention_type, **kwargs)
+        self.window = layer_window(config, self.layer_number)
+        self.softcap = softcap
+        self.scale_mask_softmax = _WindowedSoftmax(self.scale_mask_softmax, self.window, softcap)
+
+
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -180,23 +248,25 @@ class SDPAttention(DotProductAttention):
     - no mask, causal layer, sq > 1: causal attention (``is_causal``, the flash path); with
       sq < sk (queries after a KV cache) the causal mask is aligned to the last key.
     - no mask otherwise (a decode step): every key is visible.
+    - a sliding window (:func:`layer_window`) blocks, in addition, the keys before it
+      (:func:`window_blocked`).
 
     Grouped-query attention is SDPA's ``enable_gqa`` (no copies of keys and values) where
     the kernel that runs supports it: on a CPU, and on a GPU for the flash kernel (causal
     without a mask, bf16 / fp16); elsewhere keys and values are repeated per query head, so
     CUDA's memory-efficient kernel serves masks and fp32 instead of the unfused fallback.
-    Softmax runs in fp32 inside the kernel for bf16 inputs. Not supported (refused at
-    construction): context parallelism, sliding windows, softmax offsets; packed THD
-    sequences are refused in forward (pack with a block-diagonal mask instead).
+    Softmax runs in fp32 inside the kernel for bf16 inputs. Attention-logit soft-capping
+    (``softcap``, Gemma 2) has no fused kernel: those layers compute the scores explicitly
+    (:meth:`_capped`). Not supported (refused at construction): context parallelism,
+    softmax offsets; packed THD sequences are refused in forward (pack with a
+    block-diagonal mask instead).
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+                 cp_comm_type: Optional[str] = None, pg_collection=None, softcap: Optional[float] = None):
         if config.context_parallel_size != 1:
             raise ValueError("context parallelism needs Transformer Engine's attention (model.layer_spec = te)")
-        if config.window_size is not None:
-            raise ValueError("the fused layer spec has no sliding-window attention")
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise ValueError(f"the fused layer spec has no {config.softmax_type!r} softmax")
         super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout=attention_dropout,
@@ -205,6 +275,8 @@ class SDPAttention(DotProductAttention):
         # scaling and multiplies it back inside its softmax: SDPA takes the product.
         self.sdpa_scale = self.softmax_scale * (self.layer_number if config.apply_query_key_layer_scaling else 1)
         self.grouped = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+        self.window = layer_window(config, self.layer_number)
+        self.softcap = softcap
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -219,6 +291,9 @@ class SDPAttention(DotProductAttention):
         sk = key.shape[0]
         # [s, b, n, hn] -> [b, n, s, hn]: views, the kernels take strided inputs
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if self.window is not None:
+            blocked = window_blocked(sq, sk, self.window, q.device)[None, None]
+            attention_mask = blocked if attention_mask is None else attention_mask | blocked
         mask, is_causal = None, False
         if attention_mask is not None:
             allowed = ~attention_mask
@@ -233,7 +308,8 @@ class SDPAttention(DotProductAttention):
                 is_causal = True
             else:
                 mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril(diagonal=sk - sq)
-        native_gqa = self.grouped and (q.device.type == "cpu" or (mask is None and q.dtype in _FLASH_DTYPES))
+        native_gqa = self.grouped and not self.softcap and (
+            q.device.type == "cpu" or (mask is None and q.dtype in _FLASH_DTYPES))
         if self.grouped and not native_gqa:
             # CUDA's memory-efficient and cuDNN kernels (masks, fp32) take equal head
             # counts; with enable_gqa they would fall back to the unfused math kernel
@@ -242,12 +318,27 @@ class SDPAttention(DotProductAttention):
         dropout_p = self.attention_dropout.p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p and not self.config.sequence_parallel \
                 else contextlib.nullcontext():
-            context = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.sdpa_scale,
-                enable_gqa=native_gqa,
-            )
+            if self.softcap:
+                context = self._capped(q, k, v, mask, is_causal, dropout_p)
+            else:
+                context = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.sdpa_scale,
+                    enable_gqa=native_gqa,
+                )
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    def _capped(self, q, k, v, allowed, is_causal, dropout_p):
+        """Soft-capped attention written out (q [b, np, sq, hn], k / v [b, np, sk, hn],
+        ``allowed`` as SDPA takes it): ``softmax(mask(cap·tanh(q·kᵀ·scale / cap))) · v``,
+        softmax in fp32."""
+        scores = soft_cap(torch.matmul(q, k.transpose(-1, -2)).float() * self.sdpa_scale, self.softcap)
+        if is_causal:
+            allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout_p).to(v.dtype)
+        return torch.matmul(probs, v)
 
 
 # ------------------------------------------------------------------ specs
@@ -259,18 +350,23 @@ def fused_layer_spec():
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    local = get_gpt_layer_local_spec(normalization="RMSNorm")
-    attention = local.submodules.self_attention
-    attention = dataclasses.replace(
-        attention, submodules=dataclasses.replace(attention.submodules, core_attention=SDPAttention)
-    )
+    local = _with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), SDPAttention)
     submodules = dataclasses.replace(
-        local.submodules,
-        input_layernorm=SequenceParallelNorm,
-        self_attention=attention,
-        pre_mlp_layernorm=SequenceParallelNorm,
+        local.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm,
     )
     return dataclasses.replace(local, submodules=submodules)
+
+
+def _with_core_attention(layer_spec, core_attention):
+    """``layer_spec`` with its self-attention's core attention replaced."""
+    import dataclasses
+
+    attention = layer_spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, submodules=dataclasses.replace(attention.submodules, core_attention=core_attention)
+    )
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules,
+                                                                          self_attention=attention))
 
 
 def layer_spec_and_final_norm(spec: str):
@@ -285,6 +381,6 @@ def layer_spec_and_final_norm(spec: str):
     if spec == "local":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        local = get_gpt_layer_local_spec(normalization="RMSNorm")
+        local = _with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), LocalAttention)
         return local, local.submodules.input_layernorm
     raise ValueError(f"unknown layer spec {spec!r}; expected one of {LAYER_SPECS[1:]}")

@@ -18,9 +18,11 @@ output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, fill
 from megatron-core's :class:`StaticInferenceContext` after the prefill.
 
 It supports exactly the layer structure it reproduces (checked by :func:`unsupported_reason`):
-megatron-core ``TransformerLayer`` with ``SelfAttention`` + ``DotProductAttention`` and
-``ColumnParallelLinear`` / ``RowParallelLinear`` projections (the local spec), no QK norm,
-non-interleaved full rotary embedding, dense MLP. Anything else (Transformer Engine spec,
+megatron-core ``TransformerLayer`` with ``SelfAttention`` + ``DotProductAttention`` (or the
+layer-spec module's subclasses, whose ``window`` it reads: a sliding-window layer attends
+to the last ``window`` cached keys) and ``ColumnParallelLinear`` / ``RowParallelLinear``
+projections (the local and fused specs), no QK norm, non-interleaved full rotary
+embedding, dense MLP. Anything else (Transformer Engine spec,
 MoE, ...) decodes through megatron-core's own forward instead.
 """
 from __future__ import annotations
@@ -60,8 +62,8 @@ def unsupported_reason(models) -> Optional[str]:
             return "fp32 residual connection / query-key layer scaling"
         if getattr(config, "num_moe_experts", None):
             return "mixture-of-experts layers"
-        if config.window_size is not None or getattr(config, "softmax_type", "vanilla") != "vanilla":
-            return "windowed or non-standard softmax attention"
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            return "non-standard softmax attention"
         if getattr(config, "attention_output_gate", False):
             return "gated attention output"
         if config.num_query_groups is not None and config.num_query_groups < config.tensor_model_parallel_size:
@@ -77,6 +79,8 @@ def unsupported_reason(models) -> Optional[str]:
                 return f"layer type {type(layer).__name__} is not the local TransformerLayer"
             if not isinstance(attn.core_attention, DotProductAttention):
                 return f"attention {type(attn.core_attention).__name__} is not DotProductAttention"
+            if config.window_size is not None and not hasattr(attn.core_attention, "window"):
+                return f"attention {type(attn.core_attention).__name__} does not say its sliding window"
             for name, module, cls in (("linear_qkv", attn.linear_qkv, ColumnParallelLinear),
                                       ("linear_proj", attn.linear_proj, RowParallelLinear),
                                       ("linear_fc1", mlp.linear_fc1, ColumnParallelLinear),
@@ -136,6 +140,7 @@ class _Layer:
         self.heads = attn.num_attention_heads_per_partition
         self.head_dim = attn.hidden_size_per_attention_head
         self.scale = attn.core_attention.softmax_scale
+        self.window = getattr(attn.core_attention, "window", None)  # keys seen, None: all
 
 
 class FusedDecoder:
@@ -232,14 +237,15 @@ class FusedDecoder:
         keys[:, :, t] = qk[:, :, r]
         values[:, :, t] = qkv[:, :, r + 1]
         seq = keys.shape[2]
+        first = 0 if layer.window is None else max(0, t + 1 - layer.window)  # a sliding window's first key
         q = qk[:, :, :r].reshape(b * g, r, d)
-        k = keys.view(b * g, seq, d)[:, :t + 1]
+        k = keys.view(b * g, seq, d)[:, first:t + 1]
         scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)  # [b*g, r, t+1]
         if scores.dtype != torch.float32:
             probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         else:
             probs = torch.softmax(scores, dim=-1)
-        context = torch.bmm(probs, values.view(b * g, seq, d)[:, :t + 1]).view(b, layer.heads * d)
+        context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:t + 1]).view(b, layer.heads * d)
         out = self._all_reduce(_linear(context, layer.w_proj))
         if layer.b_proj is not None:
             out = out + layer.b_proj

@@ -172,13 +172,6 @@ def run_world1(root):
     kept = x.clone()
     token_logprobs(x, torch.zeros(1, 6, dtype=torch.long))
     out["b1_input_unchanged"] = torch.equal(x, kept)
-    # a Mistral model refuses sequences beyond its sliding window (attention here is full)
-    models, cfg = from_pretrained(f"{root}/mistral")
-    cfg.sliding_window = 8
-    try:
-        models[0](_batch()[0], None, None)
-    except ValueError as exc:
-        out["window_error"] = str(exc)
     errors = {}
     for case in ("missing_shard", "corrupt", "shape", "missing_tensor", "arch", "pickle_only", "extra_tensor"):
         try:
@@ -414,4 +407,3 @@ def test_bad_checkpoints_give_clear_errors(runs):
     assert "pytorch_model.bin" in msgs["pickle_only"] and "not read" in msgs["pickle_only"]
     assert "'model.layers.2.self_attn.o_proj.bias'" in msgs["extra_tensor"]
     assert "extra_tensor/model.safetensors" in msgs["extra_tensor"]
-    assert "12 tokens exceeds model.sliding_window = 8" in out["tp1pp1"]["window_error"]

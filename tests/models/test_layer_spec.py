@@ -1,5 +1,8 @@
 """The fused layer spec (torch SDPA + RMSNorm) against megatron-core's local spec.
 
+The model is a Mistral with a sliding window of 6 tokens, shorter than the 16-token rows,
+so the window meets every mask below (a padding mask, a packed block-diagonal mask).
+
 One set of weights is made at world size 1 and saved with dist_checkpointing; every run
 loads it. Each run does one forward/backward over three micro-batches through
 megatron-core's schedule (DDP grad buffers, ``finalize_model_grads``): right-padded rows
@@ -28,10 +31,10 @@ from aligner.parallel.spawn import spawn_local
 VOCAB, SEQ, ROWS, TOL = 96, 16, 2, 1e-5
 
 
-def _model_cfg(spec):
+def _model_cfg(spec, window=6):
     from aligner.models import ModelConfig
 
-    return ModelConfig(vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_layers=2, num_attention_heads=4,
+    return ModelConfig(arch="mistral", sliding_window=window, vocab_size=VOCAB, hidden_size=64, ffn_hidden_size=96, num_layers=2, num_attention_heads=4,
                        num_query_groups=2, max_position_embeddings=64, make_vocab_size_divisible_by=32,
                        pad_token_id=0, layer_spec=spec)
 
@@ -113,12 +116,13 @@ def _fresh(path):
 
 def _attention_semantics():
     """SDPAttention directly: a row with no visible key attends uniformly (as megatron-core's
-    masked softmax makes it); queries after a cache see keys up to their own position."""
+    masked softmax makes it); queries after a cache see keys up to their own position. Both
+    specs' attention with a window of 2 keys, with and without a mask, after a cache."""
     from megatron.core.transformer.enums import AttnMaskType
 
-    from aligner.models.layer_spec import SDPAttention
+    from aligner.models.layer_spec import LocalAttention, SDPAttention
 
-    tc = _model_cfg("fused").to_transformer_config()
+    tc = _model_cfg("fused", window=None).to_transformer_config()
     attn = SDPAttention(tc, 1, AttnMaskType.causal, "self")
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(5, 1, n, 16, generator=g) for n in (4, 2, 2))  # [s, b, heads, d], GQA 4/2
@@ -129,15 +133,25 @@ def _attention_semantics():
     uniform = v_full.mean(0)  # every key, equal weight
     full = attn(q, k, v, None).view(5, 4, 16)
     tail = attn(q[2:], k, v, None).view(3, 4, 16)  # 3 queries after 2 cached keys, no mask
+    windowed = {}
+    wtc = _model_cfg("fused", window=2).to_transformer_config()
+    for cls in (SDPAttention, LocalAttention):
+        w = cls(wtc, 1, AttnMaskType.causal, "self")
+        causal = torch.ones(5, 5, dtype=torch.bool).triu(1)[None, None]
+        windowed[cls.__name__] = {"none": w(q, k, v, None).view(5, 4, 16), "causal": w(q, k, v, causal).view(5, 4, 16),
+                                  "tail": w(q[3:], k, v, None).view(2, 4, 16)}
+    band = torch.ones(5, 5, dtype=torch.bool).tril() & ~torch.ones(5, 5, dtype=torch.bool).tril(-2)
     return {"row0": out[0], "uniform": uniform, "rows_after": out[1:], "unmasked_after": _softmax_ref(q, k, v)[1:],
-            "full": full, "tail": tail}
+            "full": full, "tail": tail, "windowed": windowed, "band_ref": _softmax_ref(q, k, v, band)}
 
 
-def _softmax_ref(q, k, v):
-    """Unmasked attention in plain torch: [s, heads, d]."""
+def _softmax_ref(q, k, v, allowed=None):
+    """Attention in plain torch (``allowed`` [sq, sk] or every key): [s, heads, d]."""
     k = k.repeat_interleave(2, dim=2)[:, 0]
     v = v.repeat_interleave(2, dim=2)[:, 0]
     scores = torch.einsum("qhd,khd->hqk", q[:, 0], k) / 4.0
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
@@ -210,8 +224,8 @@ def _assert_outputs_equal(run, ref, mask_logits=True):
         torch.testing.assert_close(got[keep], want[keep], atol=TOL, rtol=0)
 
 
-def test_fused_builds_sdpa_and_local_builds_megatron_attention(runs):
-    assert runs["one"]["kinds"] == ("SDPAttention", "DotProductAttention")
+def test_fused_builds_sdpa_and_local_builds_megatron_attention_with_windows(runs):
+    assert runs["one"]["kinds"] == ("SDPAttention", "LocalAttention")
 
 
 def test_fused_equals_local_at_tp1(runs):
@@ -248,6 +262,12 @@ def test_attention_mask_semantics(runs):
     assert (a["full"][1:4] - a["unmasked_after"][:3]).abs().max() > 1e-2
     # queries 2..4 after two cached keys see exactly what they see in the full causal pass
     torch.testing.assert_close(a["tail"], a["full"][2:], atol=1e-6, rtol=0)
+    # a window of 2 keys: each query sees itself and the key before it, whether the causal
+    # part comes from the layer or from a mask, and after a cache (both specs)
+    for spec, w in a["windowed"].items():
+        for case in ("none", "causal"):
+            torch.testing.assert_close(w[case], a["band_ref"], atol=1e-6, rtol=0, msg=f"{spec} {case}")
+        torch.testing.assert_close(w["tail"], a["band_ref"][3:], atol=1e-6, rtol=0, msg=spec)
 
 
 # -- selection and refusals (no process group) ----------------------------------------------

@@ -227,8 +227,12 @@ class Architecture:
         ``ModelConfig.to_transformer_config``)."""
         import torch.nn.functional as F  # here, not at import: listing the families stays light
 
-        return dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
-                    add_qkv_bias=cfg.qkv_bias)
+        fields = dict(normalization="RMSNorm", gated_linear_unit=True, activation_func=F.silu,
+                      add_qkv_bias=cfg.qkv_bias)
+        if cfg.sliding_window:
+            # HF's window counts the query's own key: megatron-core's (left, right) = (w - 1, 0)
+            fields["window_size"] = (cfg.sliding_window - 1, 0)
+        return fields
 
     def layer_spec(self, cfg, spec: str):
         """(layer ``ModuleSpec``, final-norm class) for a resolved layer spec name."""

@@ -63,6 +63,15 @@ class ModelConfig:
     sliding_window: keys a query attends to, itself included (HF's ``sliding_window``, Mistral):
     sliding-window attention on every path (training, both decode paths, any layout);
     None: full causal attention.
+    layer_types: HF's per-layer ``"sliding_attention"`` / ``"full_attention"`` (Gemma's
+    alternating layers); None: every layer is windowed when ``sliding_window`` is set.
+    partial_rotary_factor: the share of each head's dimensions that rotary embedding rotates
+    (Phi-3, Nemotron: the first ``head_dim · factor``).
+    query_pre_attn_scalar: attention scores are scaled by ``query_pre_attn_scalar^-1/2``
+    (Gemma); None: ``head_dim^-1/2``.
+    attn_logit_softcapping / final_logit_softcapping: ``cap · tanh(x / cap)`` on attention
+    scores / output logits (Gemma 2; Gemma 3's final logits); None: none.
+    rope_local_theta: the rope base of the sliding-window layers (Gemma 3), None: one rope.
     qkv_bias: biases on q/k/v (None: the family's, i.e. only for ``qwen2``; HF Llama's
     ``attention_bias`` also biases ``o_proj``, which aligner does not model).
     pad_token_id: the id the data layer right-pads with; a sequence-classification export
@@ -90,6 +99,12 @@ class ModelConfig:
     init_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     sliding_window: Optional[int] = None
+    layer_types: Optional[list] = None
+    partial_rotary_factor: float = 1.0
+    query_pre_attn_scalar: Optional[float] = None
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    rope_local_theta: Optional[float] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Union[int, list]] = None
     pad_token_id: Optional[int] = None
@@ -120,6 +135,16 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window = {self.sliding_window}: expected a positive number of tokens")
+        if self.layer_types is not None:
+            kinds = ("sliding_attention", "full_attention")
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(kinds):
+                raise ValueError(f"model.layer_types = {self.layer_types}: expected {self.num_layers} of {kinds}")
+            if "sliding_attention" in self.layer_types and not self.sliding_window:
+                raise ValueError("model.layer_types has sliding_attention layers but model.sliding_window is not set")
+        rotary = self.head_dim * self.partial_rotary_factor
+        if not 0 < self.partial_rotary_factor <= 1 or rotary != int(rotary) or int(rotary) % 2:
+            raise ValueError(f"model.partial_rotary_factor = {self.partial_rotary_factor}: expected a share of"
+                             f" head_dim = {self.head_dim} that is an even number of dimensions")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -144,6 +169,14 @@ class ModelConfig:
     def architecture(self):
         """The family's adapter (:mod:`aligner.models.architectures`)."""
         return architectures.get(self.arch)
+
+    def windowed_layers(self) -> list:
+        """Per layer (from 0): whether it attends through the sliding window."""
+        if not self.sliding_window:
+            return [False] * self.num_layers
+        if self.layer_types is None:
+            return [True] * self.num_layers
+        return [kind == "sliding_attention" for kind in self.layer_types]
 
     @property
     def rope_type(self) -> str:
@@ -244,6 +277,8 @@ class ModelConfig:
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
+        if self.partial_rotary_factor != 1.0:
+            out["partial_rotary_factor"] = self.partial_rotary_factor
         out.update(adapter.hf_config(self))
         if head:
             out["num_labels"] = num_labels

@@ -48,10 +48,15 @@ from aligner.parallel import get_device
 HEADS = ("reward", "value")
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies [head_dim/2] as HF computes them (default, llama3, linear)."""
-    dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+def rope_inv_freq(cfg: ModelConfig, theta: Optional[float] = None, scaled: bool = True) -> torch.Tensor:
+    """Rotary inverse frequencies [rotary_dim/2] as HF computes them (default, llama3, linear;
+    ``rotary_dim = head_dim · partial_rotary_factor``). ``theta`` replaces ``cfg.rope_theta``
+    and ``scaled=False`` leaves the scaling out (Gemma 3's local rope)."""
+    dim = int(cfg.head_dim * cfg.partial_rotary_factor)
+    base = cfg.rope_theta if theta is None else theta
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if not scaled:
+        return inv_freq
     rs = cfg.rope_scaling or {}
     if cfg.rope_type == "linear":
         inv_freq = inv_freq / rs["factor"]
@@ -97,13 +102,21 @@ class AlignerGPTModel(GPTModel):
         self.num_outputs = num_outputs if head else None
         if hasattr(self, "rotary_pos_emb"):
             self.rotary_pos_emb.inv_freq = rope_inv_freq(model_cfg).to(get_device())
+        # Gemma 3: the sliding-window layers' rope (layer_spec.rotary_for_layer picks it)
+        self.local_inv_freq = None
+        if model_cfg.rope_local_theta is not None:
+            self.local_inv_freq = rope_inv_freq(model_cfg, model_cfg.rope_local_theta, scaled=False).to(get_device())
+        self.embedding_multiplier = model_cfg.architecture.embedding_multiplier(model_cfg)
+        if self.pre_process and self.embedding_multiplier is not None:
+            self.embedding.register_forward_hook(self._scale_embedding)
         self.head = None
         if self.post_process and head is not None:
             del self.output_layer  # the head replaces the vocabulary projection
             self.head = ScoreHead(self.config.hidden_size, num_outputs, model_cfg.init_std,
                                   self.config.params_dtype, seed=head_seed)
-        elif self.post_process and model_cfg.padded_vocab_size() > model_cfg.vocab_size:
-            self.output_layer.register_forward_hook(self._mask_vocab_padding)
+        elif self.post_process and (model_cfg.padded_vocab_size() > model_cfg.vocab_size
+                                    or model_cfg.final_logit_softcapping):
+            self.output_layer.register_forward_hook(self._final_logits)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """megatron-core's, except that a head model has no output layer to tie or pad:
@@ -117,9 +130,19 @@ class AlignerGPTModel(GPTModel):
         finally:
             self.post_process = True
 
-    # -- vocab padding --------------------------------------------------------------
-    def _mask_vocab_padding(self, module, inputs, output):
+    # -- embeddings and logits --------------------------------------------------------
+    def _scale_embedding(self, module, inputs, output):
+        """The family's embedding multiplier (Gemma: sqrt(h), in the embedding's dtype as HF
+        rounds it)."""
+        return output * torch.tensor(self.embedding_multiplier, dtype=output.dtype, device=output.device)
+
+    def _final_logits(self, module, inputs, output):
+        """Final-logit soft-capping (``cap · tanh(logits / cap)``, Gemma), then the padded
+        vocabulary rows masked to ``finfo.min``."""
         logits, bias = output
+        cap = self.model_cfg.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
         local = logits.shape[-1]
         start = 0 if local == self.vocab_size else ps.get_tensor_model_parallel_rank() * local
         valid = max(0, min(local, self.model_cfg.vocab_size - start))
@@ -137,13 +160,22 @@ class AlignerGPTModel(GPTModel):
             padding_mask=padding_mask,
         )
         # megatron-core's rotary embedding uses positions 0..s-1; honour explicit ones.
-        if (position_ids is not None and out[1] is not None and inference_context is None
-                and packed_seq_params is None and self.config.context_parallel_size == 1):
-            inv_freq = self.rotary_pos_emb.inv_freq.to(position_ids.device)
-            freqs = position_ids.t().float()[..., None] * inv_freq  # [s, b, d/2]
-            emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # [s, b, 1, d]
-            out = (out[0], emb) + tuple(out[2:])
+        explicit = (position_ids is not None and out[1] is not None and inference_context is None
+                    and packed_seq_params is None and self.config.context_parallel_size == 1)
+        if explicit:
+            out = (out[0], self._rotary(position_ids.t(), self.rotary_pos_emb.inv_freq)) + tuple(out[2:])
+        if self.local_inv_freq is not None and out[1] is not None:
+            # both ropes, [s, b, 2, d]: the global one, then the local one
+            positions = position_ids.t() if explicit else torch.arange(out[1].shape[0], device=out[1].device)[:, None]
+            local = self._rotary(positions, self.local_inv_freq)
+            out = (out[0], torch.cat(torch.broadcast_tensors(out[1], local), dim=2)) + tuple(out[2:])
         return out
+
+    @staticmethod
+    def _rotary(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+        """positions [s, b] -> rotary frequencies [s, b, 1, d] (megatron-core's layout)."""
+        freqs = positions.float()[..., None] * inv_freq.to(positions.device)  # [s, b, d/2]
+        return torch.cat((freqs, freqs), dim=-1)[:, :, None, :]
 
     # -- heads ----------------------------------------------------------------------
     def _postprocess(self, hidden_states, *args, **kwargs):
@@ -192,6 +224,8 @@ def build_model(
     tc = cfg.to_transformer_config(params_dtype, **config_overrides)
     requested = cfg.layer_spec if layer_spec is None else layer_spec
     spec = resolve_layer_spec(requested)
+    if spec == "te" and requested == "auto" and not cfg.architecture.te_spec_builds(cfg):
+        spec = "fused"  # Transformer Engine's spec does not build this family's layer
     check_parallel_support(spec, sequence_parallel=tc.sequence_parallel, context_parallel=tc.context_parallel_size)
     announce_layer_spec(spec, requested)
     module_spec, final_norm = cfg.architecture.layer_spec(cfg, spec)
@@ -213,6 +247,7 @@ def build_model(
         parallel_output=True,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings and head is None,
         position_embedding_type="rope",
+        rotary_percent=cfg.partial_rotary_factor,
         rotary_base=cfg.rope_theta,
         vp_stage=vp_stage,
         model_cfg=cfg,

@@ -27,12 +27,15 @@ on this TP rank, d head size, h hidden size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -143,21 +146,115 @@ class SequenceParallelNorm:
     so its weight gradient is a partial sum over tokens: the weight is tagged
     ``sequence_parallel`` and megatron-core's ``finalize_model_grads`` all-reduces it over
     the TP group, as it does for its own sequence-parallel norms. The weight is created in
-    ``config.params_dtype`` (bf16 models get bf16 norms, as TE and HF have them).
+    ``config.params_dtype`` (bf16 models get bf16 norms, as TE and HF have them). With
+    ``layernorm_zero_centered_gamma`` it is an :class:`OnePlusNorm` (the scale is 1 + w).
     """
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
-        if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
-            raise ValueError("the fused layer spec's norm has no zero-centred gamma / memory-efficient variant")
-        if config.normalization == "RMSNorm":
+        if config.memory_efficient_layer_norm:
+            raise ValueError("the fused layer spec's norm has no memory-efficient variant")
+        if config.normalization not in ("RMSNorm", "LayerNorm"):
+            raise ValueError(f"the fused layer spec supports RMSNorm and LayerNorm, not {config.normalization!r}")
+        if config.layernorm_zero_centered_gamma:
+            norm = OnePlusNorm(hidden_size, eps, rms=config.normalization == "RMSNorm", dtype=config.params_dtype)
+        elif config.normalization == "RMSNorm":
             norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
         elif config.normalization == "LayerNorm":
             norm = torch.nn.LayerNorm(hidden_size, eps=eps, bias=True, dtype=config.params_dtype)
-        else:
-            raise ValueError(f"the fused layer spec supports RMSNorm and LayerNorm, not {config.normalization!r}")
         for param in norm.parameters():
             setattr(param, "sequence_parallel", bool(config.sequence_parallel))
         return norm
+
+
+class OnePlusNorm(torch.nn.Module):
+    """A norm whose scale is ``1 + w`` (megatron-core's ``layernorm_zero_centered_gamma``):
+    Gemma's RMSNorm ``x / sqrt(mean(x^2) + eps) · (1 + w)``, computed in fp32 and cast back
+    as transformers does, and Nemotron's LayerNorm1p ``layer_norm(x; 1 + w, b)``. The
+    weight is stored as w (HF's tensor; zeros are the identity scale). x [..., h] -> same.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, rms: bool, dtype=torch.float32):
+        super().__init__()
+        self.eps, self.rms = eps, rms
+        self.weight = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+        self.bias = None if rms else torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.rms:
+            return F.layer_norm(x, self.weight.shape, self.weight + 1.0, self.bias, self.eps)
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class ProjectionRMSNorm(torch.nn.Module):
+    """RMSNorm over a whole query or key projection, every head together (OLMo 2's
+    ``q_norm`` / ``k_norm``), on the heads this TP rank holds: x [sq, b, n/p, d] -> same,
+    ``x / sqrt(mean(x^2) + eps) · w`` with the mean over all n·d features of every rank (the
+    partial sums all-reduced over TP, forward and backward) and w [n/p · d] this rank's
+    slice of HF's [n · d] (split over TP like the heads; checkpointed as split).
+
+    Built as a ``q_layernorm`` / ``k_layernorm`` submodule with ``params={"which": "q"}`` or
+    ``"k"`` (megatron-core's own qk norms normalise each head on its own).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, which: str = "q"):
+        super().__init__()
+        heads = config.num_attention_heads if which == "q" else config.num_query_groups
+        self.tp_size = config.tensor_model_parallel_size
+        self.width = heads * config.kv_channels
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(self.width // self.tp_size, dtype=config.params_dtype))
+        tensor_parallel.set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.float().flatten(-2)  # [sq, b, n/p · d]
+        sum_sq = flat.pow(2).sum(-1, keepdim=True)
+        if self.tp_size > 1:
+            # every rank's output depends on every rank's sum: all-reduce both ways
+            sum_sq = tensor_parallel.copy_to_tensor_model_parallel_region(
+                tensor_parallel.reduce_from_tensor_model_parallel_region(sum_sq))
+        y = flat * torch.rsqrt(sum_sq / self.width + self.eps)
+        return (self.weight * y).to(x.dtype).view_as(x)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        return make_sharded_tensors_for_checkpoint(self.state_dict(prefix="", keep_vars=True), prefix,
+                                                   {"weight": 0}, sharded_offsets)
+
+
+class PostNormRowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core's ``RowParallelLinear`` with a norm on its output: the norm a family
+    puts after attention or the MLP, before the residual add (Gemma's
+    ``post_attention_layernorm`` / ``post_feedforward_layernorm``, OLMo 2's post norms).
+    x [s, b, in/p] -> (norm(x · Wᵀ) [s, b, h], None); the norm's weight is replicated
+    (tagged for sequence parallelism like the layer's other norms). Built with
+    ``params={"post_norm": <norm class>}``; the layers of these families have no biases.
+    """
+
+    def __init__(self, input_size, output_size, *, config, post_norm, **kwargs):
+        from megatron.core.transformer.spec_utils import build_module
+
+        if kwargs.get("bias"):
+            raise ValueError("a post-normed projection takes no bias")
+        super().__init__(input_size, output_size, config=config, **kwargs)
+        self.post_norm = build_module(post_norm, config=config, hidden_size=output_size,
+                                      eps=config.layernorm_epsilon)
+
+    def forward(self, x, *args, **kwargs):
+        out, _ = super().forward(x, *args, **kwargs)
+        return self.post_norm(out), None
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (transformers' ``gelu_pytorch_tanh``, Gemma's GeGLU)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """``relu(x)^2`` (transformers' ``relu2``, Nemotron); megatron-core's own is compiled."""
+    return torch.square(F.relu(x))
 
 
 # ------------------------------------------------------------------ attention
@@ -224,6 +321,26 @@ class LocalAttention(DotProductAttention):
         self.window = layer_window(config, self.layer_number)
         self.softcap = softcap
         self.scale_mask_softmax = _WindowedSoftmax(self.scale_mask_softmax, self.window, softcap)
+
+
+def rotary_for_layer(rotary_pos_emb, config, layer_number: int):
+    """The rotary frequencies of one layer. A model with a local rope (Gemma 3) passes
+    [s, b, 2, d]: the global rope's, then the local one's, which the sliding-window layers
+    take; any other model passes [s, b, 1, d], used as it is."""
+    if rotary_pos_emb is None or isinstance(rotary_pos_emb, tuple) or rotary_pos_emb.shape[2] == 1:
+        return rotary_pos_emb
+    local = layer_window(config, layer_number) is not None
+    return rotary_pos_emb[:, :, 1:2] if local else rotary_pos_emb[:, :, 0:1]
+
+
+class LocalRopeSelfAttention(SelfAttention):
+    """megatron-core's ``SelfAttention`` for a model with two ropes (Gemma 3): a
+    sliding-window layer rotates queries and keys with the local rope, the others with the
+    global one (:func:`rotary_for_layer`). Everything else is megatron-core's."""
+
+    def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
+        rotary_pos_emb = rotary_for_layer(rotary_pos_emb, self.config, self.layer_number)
+        return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -342,45 +459,89 @@ class SDPAttention(DotProductAttention):
 
 
 # ------------------------------------------------------------------ specs
-def fused_layer_spec():
-    """The fused spec: megatron-core's local GPT layer with :class:`SDPAttention` as core
-    attention and :class:`SequenceParallelNorm` as its norms (same submodule names, so the
-    same state-dict keys and checkpoint mapping as the local spec)."""
+@dataclass(frozen=True)
+class LayerDesign:
+    """What a family's decoder layer adds to the Llama layer, for the spec builders (the
+    family's adapter says; the norms' kind is the ``TransformerConfig``'s ``normalization``
+    and ``layernorm_zero_centered_gamma``, windows its ``window_size``).
+
+    qk_norm: ``""`` none, ``"head"`` each head's query and key (Qwen3, Gemma 3:
+    megatron-core's ``qk_layernorm``), ``"projection"`` the whole query / key projection
+    (OLMo 2: :class:`ProjectionRMSNorm`).
+    norms: ``"pre"`` before attention and MLP (Llama), ``"sandwich"`` before and after each
+    (Gemma 2 / 3), ``"post"`` after each only (OLMo 2); "after" is
+    :class:`PostNormRowParallelLinear`.
+    softcap: attention-logit soft-capping (Gemma 2), None for none.
+    local_rope: the sliding-window layers rotate with a second rope (Gemma 3:
+    :class:`LocalRopeSelfAttention`).
+    """
+
+    qk_norm: str = ""
+    norms: str = "pre"
+    softcap: Optional[float] = None
+    local_rope: bool = False
+
+    def __post_init__(self):
+        if self.qk_norm not in ("", "head", "projection") or self.norms not in ("pre", "sandwich", "post"):
+            raise ValueError(f"unknown layer design {self}")
+
+
+LLAMA_LAYER = LayerDesign()
+
+
+def build_layer_spec(spec: str, design: LayerDesign = LLAMA_LAYER, *, normalization: str = "RMSNorm",
+                     zero_centered_gamma: bool = False):
+    """(layer ``ModuleSpec``, final-norm class) of a resolved spec for ``design``.
+
+    ``te``: megatron-core's Transformer Engine spec, for the designs it builds (per-head qk
+    norms at most; anything more is refused here and ``auto`` does not pick ``te`` for
+    it: :func:`te_builds`). ``fused`` / ``local``: megatron-core's local layer with the
+    core attention, norms and projections the design needs (same parameter names in both).
+    """
     import dataclasses
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.spec_utils import ModuleSpec
 
-    local = _with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), SDPAttention)
-    submodules = dataclasses.replace(
-        local.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm,
-    )
-    return dataclasses.replace(local, submodules=submodules)
-
-
-def _with_core_attention(layer_spec, core_attention):
-    """``layer_spec`` with its self-attention's core attention replaced."""
-    import dataclasses
-
-    attention = layer_spec.submodules.self_attention
-    attention = dataclasses.replace(
-        attention, submodules=dataclasses.replace(attention.submodules, core_attention=core_attention)
-    )
-    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules,
-                                                                          self_attention=attention))
-
-
-def layer_spec_and_final_norm(spec: str):
-    """(layer ModuleSpec, final-norm module class) for a resolved spec name."""
     if spec == "te":
+        if not te_builds(design):
+            raise ValueError(f"model.layer_spec = te: Transformer Engine's layer spec does not build {design};"
+                             " use fused or local")
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(), TENorm
-    if spec == "fused":
-        return fused_layer_spec(), SequenceParallelNorm
-    if spec == "local":
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=design.qk_norm == "head"), TENorm
+    if spec not in ("fused", "local"):
+        raise ValueError(f"unknown layer spec {spec!r}; expected one of {LAYER_SPECS[1:]}")
+    layer = get_gpt_layer_local_spec(qk_layernorm=design.qk_norm == "head", normalization=normalization)
+    core = SDPAttention if spec == "fused" else LocalAttention
+    if design.softcap:
+        core = functools.partial(core, softcap=design.softcap)  # SelfAttention calls it as a class
+    # megatron-core's local norm (torch's) has no 1 + w scale and refuses sequence parallelism
+    norm = SequenceParallelNorm if spec == "fused" or zero_centered_gamma else layer.submodules.input_layernorm
+    attention = layer.submodules.self_attention
+    mlp = layer.submodules.mlp
+    attn_parts = dict(core_attention=core)
+    if design.qk_norm == "head":
+        attn_parts.update(q_layernorm=norm, k_layernorm=norm)
+    elif design.qk_norm == "projection":
+        attn_parts.update(q_layernorm=ModuleSpec(module=ProjectionRMSNorm, params={"which": "q"}),
+                          k_layernorm=ModuleSpec(module=ProjectionRMSNorm, params={"which": "k"}))
+    mlp_parts = {}
+    if design.norms in ("sandwich", "post"):
+        attn_parts["linear_proj"] = ModuleSpec(module=PostNormRowParallelLinear, params={"post_norm": norm})
+        mlp_parts["linear_fc2"] = ModuleSpec(module=PostNormRowParallelLinear, params={"post_norm": norm})
+    attention = dataclasses.replace(
+        attention, module=LocalRopeSelfAttention if design.local_rope else attention.module,
+        submodules=dataclasses.replace(attention.submodules, **attn_parts))
+    mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, **mlp_parts))
+    pre_norm = IdentityOp if design.norms == "post" else norm
+    layer = dataclasses.replace(layer, submodules=dataclasses.replace(
+        layer.submodules, input_layernorm=pre_norm, self_attention=attention, pre_mlp_layernorm=pre_norm, mlp=mlp))
+    return layer, norm
 
-        local = _with_core_attention(get_gpt_layer_local_spec(normalization="RMSNorm"), LocalAttention)
-        return local, local.submodules.input_layernorm
-    raise ValueError(f"unknown layer spec {spec!r}; expected one of {LAYER_SPECS[1:]}")
+
+def te_builds(design: LayerDesign) -> bool:
+    """Whether megatron-core's Transformer Engine spec builds a layer of ``design``."""
+    return design.norms == "pre" and design.qk_norm in ("", "head") and not design.softcap and not design.local_rope

@@ -17,13 +17,17 @@ query heads, then one key head, then one value head), its rotary frequencies
 output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, filled once
 from megatron-core's :class:`StaticInferenceContext` after the prefill.
 
-It supports exactly the layer structure it reproduces (checked by :func:`unsupported_reason`):
+It supports exactly the layer structures it reproduces (checked by :func:`unsupported_reason`):
 megatron-core ``TransformerLayer`` with ``SelfAttention`` + ``DotProductAttention`` (or the
-layer-spec module's subclasses, whose ``window`` it reads: a sliding-window layer attends
-to the last ``window`` cached keys) and ``ColumnParallelLinear`` / ``RowParallelLinear``
-projections (the local and fused specs), no QK norm, non-interleaved full rotary
-embedding, dense MLP. Anything else (Transformer Engine spec,
-MoE, ...) decodes through megatron-core's own forward instead.
+layer-spec module's subclasses, whose ``window`` and ``softcap`` it reads) and
+``ColumnParallelLinear`` / ``RowParallelLinear`` projections (the local and fused specs),
+non-interleaved rotary embedding, dense MLP; with what the architecture families add
+(:mod:`aligner.models.layer_spec`): per-head or whole-projection q/k norms (applied before
+the rotation, as in the layer), post norms on the projections' outputs, a sliding window
+(a layer attends to its last ``window`` cached keys), attention-logit soft-capping,
+partial rotary embedding (the first dimensions only), the sliding-window layers' local
+rope, the embedding multiplier and final-logit soft-capping of the model. Anything else
+(Transformer Engine spec, MoE, ...) decodes through megatron-core's own forward instead.
 """
 from __future__ import annotations
 
@@ -33,12 +37,29 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 
+from aligner.models.layer_spec import soft_cap
+
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """Non-interleaved rotary embedding, megatron-core's ``x * cos + rotate_half(x) * sin``
-    with ``rotate_half(x) = [-x2, x1]`` written as ``roll(x, d/2) * [-sin1, sin2]``
-    (the same products and sum)."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+    with ``rotate_half(x) = [-x2, x1]`` written as ``roll(x, r/2) * [-sin1, sin2]`` (the same
+    products and sum) on the first r = ``cos.shape[-1]`` dimensions; the rest pass
+    (partial rotary embedding)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(r // 2, dims=-1), sin_signed)
+    rot = x[..., :r]
+    return torch.cat((torch.addcmul(rot * cos, rot.roll(r // 2, dims=-1), sin_signed), x[..., r:]), dim=-1)
+
+
+def _cos_sin(inv_freq: torch.Tensor, length: int, dtype):
+    """(cos, signed sin) [length, r] of positions 0..length-1, as megatron-core's rotary
+    embedding computes them (fp32 outer product, then cast)."""
+    freqs = torch.outer(torch.arange(length, device=inv_freq.device, dtype=inv_freq.dtype), inv_freq)
+    freqs = torch.cat((freqs, freqs), dim=-1)
+    sin = freqs.sin().to(dtype)
+    half = sin.shape[-1] // 2
+    return freqs.cos().to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
 def unsupported_reason(models) -> Optional[str]:
@@ -49,6 +70,8 @@ def unsupported_reason(models) -> Optional[str]:
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP
     from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from aligner.models.layer_spec import PostNormRowParallelLinear
 
     for model in models:
         config = model.config
@@ -68,9 +91,8 @@ def unsupported_reason(models) -> Optional[str]:
             return "gated attention output"
         if config.num_query_groups is not None and config.num_query_groups < config.tensor_model_parallel_size:
             return "fewer key/value heads than TP ranks"
-        rotary = getattr(model, "rotary_pos_emb", None)
-        if rotary is None or 2 * rotary.inv_freq.numel() != config.kv_channels:
-            return "partial rotary embedding"
+        if getattr(model, "rotary_pos_emb", None) is None:
+            return "no rotary embedding"
         for layer in model.decoder.layers:
             attn = getattr(layer, "self_attention", None)
             mlp = getattr(layer, "mlp", None)
@@ -81,15 +103,13 @@ def unsupported_reason(models) -> Optional[str]:
                 return f"attention {type(attn.core_attention).__name__} is not DotProductAttention"
             if config.window_size is not None and not hasattr(attn.core_attention, "window"):
                 return f"attention {type(attn.core_attention).__name__} does not say its sliding window"
-            for name, module, cls in (("linear_qkv", attn.linear_qkv, ColumnParallelLinear),
-                                      ("linear_proj", attn.linear_proj, RowParallelLinear),
-                                      ("linear_fc1", mlp.linear_fc1, ColumnParallelLinear),
-                                      ("linear_fc2", mlp.linear_fc2, RowParallelLinear)):
-                if type(module) is not cls:
-                    return f"{name} is {type(module).__name__}, not {cls.__name__}"
-            for norm in (attn.q_layernorm, attn.k_layernorm):
-                if norm is not None and not isinstance(norm, IdentityOp):
-                    return "query/key layer norm"
+            row = (RowParallelLinear, PostNormRowParallelLinear)
+            for name, module, cls in (("linear_qkv", attn.linear_qkv, (ColumnParallelLinear,)),
+                                      ("linear_proj", attn.linear_proj, row),
+                                      ("linear_fc1", mlp.linear_fc1, (ColumnParallelLinear,)),
+                                      ("linear_fc2", mlp.linear_fc2, row)):
+                if type(module) not in cls:
+                    return f"{name} is {type(module).__name__}, not {cls[0].__name__}"
             if not isinstance(layer.pre_cross_attn_layernorm, IdentityOp) or \
                     not isinstance(layer.cross_attention, IdentityOp):
                 return "cross attention"
@@ -124,23 +144,35 @@ def _norm_fn(norm):
     return rms_norm
 
 
+def _optional(module):
+    """A layer's optional module (a norm) as a function, or None where the spec put none."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    return None if module is None or isinstance(module, IdentityOp) else _norm_fn(module)
+
+
 class _Layer:
     """The parameters and modules of one layer that a decode step needs."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, local_rope: bool):
         attn, mlp = layer.self_attention, layer.mlp
         self.number = attn.layer_number
-        self.input_norm = _norm_fn(layer.input_layernorm)
-        self.mlp_norm = _norm_fn(layer.pre_mlp_layernorm)
+        self.input_norm = _optional(layer.input_layernorm)
+        self.mlp_norm = _optional(layer.pre_mlp_layernorm)
+        self.q_norm, self.k_norm = _optional(attn.q_layernorm), _optional(attn.k_layernorm)
         self.w_qkv, self.b_qkv = attn.linear_qkv.weight, attn.linear_qkv.bias
         self.w_proj, self.b_proj = attn.linear_proj.weight, attn.linear_proj.bias
+        self.proj_norm = _optional(getattr(attn.linear_proj, "post_norm", None))
         self.w_fc1, self.b_fc1 = mlp.linear_fc1.weight, mlp.linear_fc1.bias
         self.w_fc2, self.b_fc2 = mlp.linear_fc2.weight, mlp.linear_fc2.bias
+        self.fc2_norm = _optional(getattr(mlp.linear_fc2, "post_norm", None))
         self.groups = attn.num_query_groups_per_partition
         self.heads = attn.num_attention_heads_per_partition
         self.head_dim = attn.hidden_size_per_attention_head
         self.scale = attn.core_attention.softmax_scale
         self.window = getattr(attn.core_attention, "window", None)  # keys seen, None: all
+        self.softcap = getattr(attn.core_attention, "softcap", None)
+        self.local_rope = local_rope and self.window is not None  # Gemma 3's sliding layers
 
 
 class FusedDecoder:
@@ -164,26 +196,24 @@ class FusedDecoder:
         self.tp_group = ps.get_tensor_model_parallel_group() if self.tp_size > 1 else None
         self.activation = config.activation_func
         self.gated = config.gated_linear_unit
-        self.layers = [[_Layer(layer) for layer in m.decoder.layers] for m in models]
+        self.local_inv_freq = getattr(models[0], "local_inv_freq", None)
+        self.layers = [[_Layer(layer, self.local_inv_freq is not None) for layer in m.decoder.layers]
+                       for m in models]
         self.final_norms = {id(m): _norm_fn(m.decoder.final_layernorm) for m in models if m.post_process}
         self.cache = {}  # layer number -> (keys [b, ng, S, d] rotated, values [b, ng, S, d])
-        self.cos = self.sin_signed = None
+        self.rope = {}  # local rope? -> (cos, signed sin) [S, r]
 
     # ------------------------------------------------------------------ cache
     def start(self, contexts, prefill_len: int, total_len: int) -> None:
         """Copy megatron-core's prefill cache (``[s, b, ng, d]``, keys not yet rotated) into
         this decoder's layout, rotating the keys once."""
-        model = self.models[0]
-        freqs = model.rotary_pos_emb(total_len)  # [S, 1, 1, d] fp32, megatron-core's own
-        freqs = freqs.view(total_len, -1)
-        self.cos = freqs.cos().to(self.dtype)
-        sin = freqs.sin().to(self.dtype)
-        half = sin.shape[-1] // 2
-        self.sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        self.rope = {False: _cos_sin(self.models[0].rotary_pos_emb.inv_freq, total_len, self.dtype)}
+        if self.local_inv_freq is not None:
+            self.rope[True] = _cos_sin(self.local_inv_freq, total_len, self.dtype)
         self.cache = {}
-        cos, sin = self.cos[:prefill_len], self.sin_signed[:prefill_len]
         for ctx, layers in zip(contexts, self.layers):
             for layer in layers:
+                cos, sin = (x[:prefill_len] for x in self.rope[layer.local_rope])
                 k, v = ctx.key_value_memory_dict[layer.number]
                 b = k.shape[1]
                 keys = torch.empty((b, layer.groups, total_len, layer.head_dim), dtype=k.dtype,
@@ -209,11 +239,13 @@ class FusedDecoder:
     def _embed(self, model, token_ids: torch.Tensor) -> torch.Tensor:
         emb = model.embedding.word_embeddings
         if self.tp_size == 1:
-            return F.embedding(token_ids, emb.weight)
-        outside = (token_ids < emb.vocab_start_index) | (token_ids >= emb.vocab_end_index)
-        local = (token_ids - emb.vocab_start_index).masked_fill(outside, 0)
-        out = F.embedding(local, emb.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return self._all_reduce(out)
+            out = F.embedding(token_ids, emb.weight)
+        else:
+            outside = (token_ids < emb.vocab_start_index) | (token_ids >= emb.vocab_end_index)
+            local = (token_ids - emb.vocab_start_index).masked_fill(outside, 0)
+            out = self._all_reduce(F.embedding(local, emb.weight).masked_fill(outside.unsqueeze(-1), 0.0))
+        multiplier = getattr(model, "embedding_multiplier", None)
+        return out if multiplier is None else out * torch.tensor(multiplier, dtype=out.dtype, device=out.device)
 
     def _logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
         hidden = self.final_norms[id(model)](hidden)
@@ -226,31 +258,45 @@ class FusedDecoder:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             torch.distributed.all_gather(parts, logits.contiguous(), group=self.tp_group)
             logits = torch.cat(parts, dim=-1)
-        return logits[:, :self.vocab_size].float()
+        logits = logits[:, :self.vocab_size].float()
+        cap = model.model_cfg.final_logit_softcapping
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     def _layer(self, layer: _Layer, h: torch.Tensor, t: int) -> torch.Tensor:
         b = h.shape[0]
         g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
-        qkv = _linear(layer.input_norm(h), layer.w_qkv, layer.b_qkv).reshape(b, g, r + 2, d)
-        qk = _rotate(qkv[:, :, :r + 1], self.cos[t], self.sin_signed[t])  # queries and key
+        x = h if layer.input_norm is None else layer.input_norm(h)
+        qkv = _linear(x, layer.w_qkv, layer.b_qkv).reshape(b, g, r + 2, d)
+        cos, sin = (table[t] for table in self.rope[layer.local_rope])
+        if layer.q_norm is None:
+            qk = _rotate(qkv[:, :, :r + 1], cos, sin)  # queries and key
+            q, key = qk[:, :, :r], qk[:, :, r]
+        else:  # q/k norms come before the rotation; [b, heads, d] in the layer's head order
+            q = _rotate(layer.q_norm(qkv[:, :, :r].reshape(b, g * r, d)), cos, sin).view(b, g, r, d)
+            key = _rotate(layer.k_norm(qkv[:, :, r]), cos, sin)
         keys, values = self.cache[layer.number]
-        keys[:, :, t] = qk[:, :, r]
+        keys[:, :, t] = key
         values[:, :, t] = qkv[:, :, r + 1]
         seq = keys.shape[2]
         first = 0 if layer.window is None else max(0, t + 1 - layer.window)  # a sliding window's first key
-        q = qk[:, :, :r].reshape(b * g, r, d)
+        q = q.reshape(b * g, r, d)
         k = keys.view(b * g, seq, d)[:, first:t + 1]
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)  # [b*g, r, t+1]
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)  # [b*g, r, t+1-first]
+        if layer.softcap:
+            scores = soft_cap(scores.float(), layer.softcap)
         if scores.dtype != torch.float32:
             probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         else:
-            probs = torch.softmax(scores, dim=-1)
+            probs = torch.softmax(scores, dim=-1).to(values.dtype)
         context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:t + 1]).view(b, layer.heads * d)
         out = self._all_reduce(_linear(context, layer.w_proj))
         if layer.b_proj is not None:
             out = out + layer.b_proj
+        if layer.proj_norm is not None:
+            out = layer.proj_norm(out)
         h = h + out
-        x = _linear(layer.mlp_norm(h), layer.w_fc1, layer.b_fc1)
+        x = h if layer.mlp_norm is None else layer.mlp_norm(h)
+        x = _linear(x, layer.w_fc1, layer.b_fc1)
         if self.gated:
             gate, up = x.chunk(2, dim=-1)
             x = self.activation(gate) * up
@@ -259,6 +305,8 @@ class FusedDecoder:
         out = self._all_reduce(_linear(x, layer.w_fc2))
         if layer.b_fc2 is not None:
             out = out + layer.b_fc2
+        if layer.fc2_norm is not None:
+            out = layer.fc2_norm(out)
         return h + out
 
     def step(self, token_ids: torch.Tensor, t: int) -> Optional[torch.Tensor]:

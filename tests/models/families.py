@@ -77,10 +77,12 @@ def _hf_model(name):
         return tf.MistralForCausalLM(tf.MistralConfig(**COMMON, sliding_window=16))
     if name == "qwen2":
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON, tie_word_embeddings=True))
+    if name == "qwen3":  # head_dim 24: q / k / v widths differ from hidden
+        return tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=24))
     raise ValueError(name)
 
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def make_checkpoint(root, name):

@@ -127,18 +127,24 @@ class ScoreHead:
 
 
 # ------------------------------------------------------------------ config helpers
-def rope_from_hf(hf: dict, source: str, key: str = "rope_parameters") -> Tuple[float, Optional[dict]]:
-    """(rope_theta, rope_scaling or None) from a HF config: transformers 4's ``rope_theta`` /
-    ``rope_scaling`` keys or transformers 5's ``rope_parameters`` dict. A rope type aligner
-    does not compute is refused, naming it."""
-    rope_params = dict(hf.get(key) or {})
-    rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
-    rope_scaling = hf.get("rope_scaling")
+def rope_from_hf(hf: dict, source: str, rope_params: Optional[dict] = None) -> Tuple[float, Optional[dict], float]:
+    """(rope_theta, rope_scaling or None, partial_rotary_factor) from a HF config:
+    transformers 4's ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor`` keys or
+    transformers 5's ``rope_parameters`` dict (or ``rope_params``, a family's own entry of
+    it). A rope type aligner does not compute is refused, naming it."""
+    if rope_params is None:
+        rope_params = dict(hf.get("rope_parameters") or {})
+        rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        rope_scaling = hf.get("rope_scaling")
+    else:
+        rope_params, rope_theta, rope_scaling = dict(rope_params), rope_params.get("rope_theta", 10000.0), None
+    partial = float(hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0)))
     if rope_scaling is None and rope_params:
         rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
     if rope_scaling is not None:
         rope_scaling = dict(rope_scaling)
-        rope_scaling.pop("rope_theta", None)
+        for key in ("rope_theta", "partial_rotary_factor"):
+            rope_scaling.pop(key, None)
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise UnsupportedModelError(
@@ -146,7 +152,7 @@ def rope_from_hf(hf: dict, source: str, key: str = "rope_parameters") -> Tuple[f
             )
         if rope_type == "default":
             rope_scaling = None
-    return float(rope_theta), rope_scaling
+    return float(rope_theta), rope_scaling, partial
 
 
 def refuse(source: str, key: str, value: Any, why: str) -> UnsupportedModelError:
@@ -186,7 +192,7 @@ class Architecture:
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
             if key not in hf:
                 raise ValueError(f"{source}: missing key {key!r}")
-        rope_theta, rope_scaling = rope_from_hf(hf, source)
+        rope_theta, rope_scaling, partial_rotary_factor = rope_from_hf(hf, source)
         num_heads = hf["num_attention_heads"]
         return dict(
             arch=self.model_type,
@@ -200,6 +206,7 @@ class Architecture:
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
+            partial_rotary_factor=partial_rotary_factor,
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=self.qkv_bias,
@@ -232,13 +239,36 @@ class Architecture:
         if cfg.sliding_window:
             # HF's window counts the query's own key: megatron-core's (left, right) = (w - 1, 0)
             fields["window_size"] = (cfg.sliding_window - 1, 0)
+            if cfg.layer_types is not None:  # megatron-core's per-layer pattern: 1 = windowed
+                fields["window_attn_skip_freq"] = [int(w) for w in cfg.windowed_layers()]
+        if cfg.query_pre_attn_scalar is not None:
+            fields["softmax_scale"] = cfg.query_pre_attn_scalar ** -0.5
         return fields
+
+    def embedding_multiplier(self, cfg) -> Optional[float]:
+        """A factor on the token embeddings (Gemma: sqrt(h)), or None."""
+        return None
+
+    def layer_design(self, cfg) -> dict:
+        """What the family's layer adds to the Llama layer: the fields of
+        :class:`aligner.models.layer_spec.LayerDesign` (per-head or whole-projection q/k
+        norms, sandwich or post norms, attention-logit soft-capping, a local rope)."""
+        return {}
 
     def layer_spec(self, cfg, spec: str):
         """(layer ``ModuleSpec``, final-norm class) for a resolved layer spec name."""
-        from aligner.models.layer_spec import layer_spec_and_final_norm  # megatron-core: loaded when a model is built
+        from aligner.models.layer_spec import LayerDesign, build_layer_spec  # megatron-core: loaded when a model is built
 
-        return layer_spec_and_final_norm(spec)
+        fields = self.transformer_config(cfg)
+        return build_layer_spec(spec, LayerDesign(**self.layer_design(cfg)), normalization=fields["normalization"],
+                                zero_centered_gamma=fields.get("layernorm_zero_centered_gamma", False))
+
+    def te_spec_builds(self, cfg) -> bool:
+        """Whether megatron-core's Transformer Engine spec builds this family's layer (else
+        ``model.layer_spec = auto`` takes the fused spec on GPUs too)."""
+        from aligner.models.layer_spec import LayerDesign, te_builds  # megatron-core: loaded when a model is built
+
+        return te_builds(LayerDesign(**self.layer_design(cfg)))
 
     # -------------------------------------------------------------- weights
     def global_weights(self, cfg, head: Optional[str] = None) -> Dict[str, Any]:

@@ -79,10 +79,14 @@ def _hf_model(name):
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON, tie_word_embeddings=True))
     if name == "qwen3":  # head_dim 24: q / k / v widths differ from hidden
         return tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=24))
+    if name == "gemma2":  # 4 layers: windowed, global, windowed, global
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(**COMMON_4, head_dim=32, sliding_window=16, query_pre_attn_scalar=20,
+                                                    attn_logit_softcapping=8.0, final_logit_softcapping=12.0))
     raise ValueError(name)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+COMMON_4 = dict(COMMON, num_hidden_layers=4)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 
 
 def make_checkpoint(root, name):

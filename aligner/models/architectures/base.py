@@ -166,7 +166,10 @@ class Architecture:
 
     Class attributes a family sets: ``model_type`` (HF), ``causal_lm`` and
     ``sequence_classification`` (HF class names), ``qkv_bias`` (biases on q/k/v),
-    ``features`` (what it adds to the Llama layout, for ``aligner env`` and docs/models.md).
+    ``features`` (what it adds to the Llama layout, for ``aligner env`` and docs/models.md),
+    ``activation_keys`` / ``activations`` (the config keys naming the MLP activation and
+    the values computed), ``norm_eps_key``, ``tied_by_default`` (HF's default of
+    ``tie_word_embeddings``).
     """
 
     model_type: str = ""
@@ -175,14 +178,20 @@ class Architecture:
     qkv_bias: bool = False
     features: Tuple[str, ...] = ()
     layer_prefix: str = "model.layers.{}."
+    activation_keys: Tuple[str, ...] = ("hidden_act",)
+    activations: Tuple[str, ...] = ("silu", "swish")
+    norm_eps_key: str = "rms_norm_eps"
+    tied_by_default: bool = False
 
     # -------------------------------------------------------------- config
     def config_from_hf(self, hf: dict, source: str) -> dict:
         """:class:`ModelConfig` fields from the family's HF ``config.json`` dict (``hf_config``
         is added by the caller)."""
-        act = hf.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported (SwiGLU/silu only)")
+        key = next((k for k in self.activation_keys if k in hf), self.activation_keys[0])
+        act = hf.get(key, self.activations[0])
+        if act not in self.activations:
+            raise UnsupportedModelError(
+                f"{source}: {key} {act!r} is not supported ({self.model_type}: {' / '.join(self.activations)} only)")
         if hf.get("mlp_bias"):
             raise UnsupportedModelError(f"{source}: mlp_bias = true is not supported")
         if not self.qkv_bias and hf.get("attention_bias"):
@@ -207,8 +216,8 @@ class Architecture:
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             partial_rotary_factor=partial_rotary_factor,
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            norm_eps=hf.get(self.norm_eps_key, 1e-6),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", self.tied_by_default)),
             qkv_bias=self.qkv_bias,
             init_std=hf.get("initializer_range", 0.02),
             bos_token_id=hf.get("bos_token_id"),

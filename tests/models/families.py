@@ -82,11 +82,17 @@ def _hf_model(name):
     if name == "gemma2":  # 4 layers: windowed, global, windowed, global
         return tf.Gemma2ForCausalLM(tf.Gemma2Config(**COMMON_4, head_dim=32, sliding_window=16, query_pre_attn_scalar=20,
                                                     attn_logit_softcapping=8.0, final_logit_softcapping=12.0))
+    if name == "gemma3":  # 4 layers, windowed but the last; the global layers' rope scaled
+        return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            **COMMON_4, head_dim=32, sliding_window=16, query_pre_attn_scalar=20, final_logit_softcapping=12.0,
+            layer_types=["sliding_attention"] * 3 + ["full_attention"], rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}}))
     raise ValueError(name)
 
 
 COMMON_4 = dict(COMMON, num_hidden_layers=4)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 
 
 def make_checkpoint(root, name):

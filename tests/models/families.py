@@ -88,11 +88,14 @@ def _hf_model(name):
             layer_types=["sliding_attention"] * 3 + ["full_attention"], rope_parameters={
                 "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}}))
+    if name == "phi3":  # three quarters of each head rotated, a window shorter than the prompts
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**COMMON, sliding_window=24, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}))
     raise ValueError(name)
 
 
 COMMON_4 = dict(COMMON, num_hidden_layers=4)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 
 def make_checkpoint(root, name):

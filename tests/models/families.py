@@ -91,11 +91,13 @@ def _hf_model(name):
     if name == "phi3":  # three quarters of each head rotated, a window shorter than the prompts
         return tf.Phi3ForCausalLM(tf.Phi3Config(**COMMON, sliding_window=24, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}))
+    if name == "olmo2":
+        return tf.Olmo2ForCausalLM(tf.Olmo2Config(**COMMON))
     raise ValueError(name)
 
 
 COMMON_4 = dict(COMMON, num_hidden_layers=4)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2")
 
 
 def make_checkpoint(root, name):

@@ -93,11 +93,13 @@ def _hf_model(name):
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}))
     if name == "olmo2":
         return tf.Olmo2ForCausalLM(tf.Olmo2Config(**COMMON))
+    if name == "nemotron":  # half of each head rotated (transformers' default)
+        return tf.NemotronForCausalLM(tf.NemotronConfig(**COMMON))
     raise ValueError(name)
 
 
 COMMON_4 = dict(COMMON, num_hidden_layers=4)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "nemotron")
 
 
 def make_checkpoint(root, name):

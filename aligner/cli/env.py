@@ -1,7 +1,9 @@
 """``aligner env``: the software and hardware stack, for bug reports (``--json`` for machines).
 
 It includes the layer spec a model is built with here (``model.layer_spec = auto``: TE,
-fused or local, and why).
+fused or local, and why) and the table of architecture families (HF ``model_type``, its
+causal-LM class, the layer specs that build it and what it adds to the Llama layout;
+docs/models.md).
 
 Every entry is collected on its own: a package that is missing reads "not installed", one
 that fails to import reads "error: <type>: <message>", and the report is still printed.
@@ -112,6 +114,20 @@ def _layer_spec() -> str:
     return describe_layer_spec("auto")
 
 
+def architectures() -> dict:
+    """HF ``model_type`` -> {class, layer_specs, features} of every registered family."""
+    from aligner.models import architectures as registry
+    from aligner.models.config import ModelConfig
+
+    table = {}
+    for name in registry.model_types():
+        adapter = registry.get(name)
+        te = _safe(lambda: adapter.te_spec_builds(ModelConfig(arch=name)))
+        table[name] = {"class": adapter.causal_lm, "layer_specs": "te, fused, local" if te is True else "fused, local",
+                       "features": list(adapter.features)}
+    return table
+
+
 def collect() -> dict:
     """The report as a flat dict (JSON-serialisable)."""
     info: dict = {
@@ -125,6 +141,7 @@ def collect() -> dict:
             info.update(_torch_info())
     info["packing_extension"] = _packing_extension()
     info["layer_spec"] = _layer_spec()
+    info["architectures"] = _safe(architectures)
     launch = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS",
                                          "CUDA_VISIBLE_DEVICES") if k in os.environ}
     info["launch_env"] = launch or None
@@ -153,8 +170,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
     else:
-        width = max(map(len, info))
-        for key, value in info.items():
+        rows = dict(info)
+        table = rows.pop("architectures")
+        if isinstance(table, dict):  # one row per family: class, layer specs, what it adds
+            cls = max(len(v["class"]) for v in table.values())
+            for name, v in table.items():
+                rows[f"arch.{name}"] = f"{v['class']:<{cls}}  [{v['layer_specs']}]  {'; '.join(v['features']) or '-'}"
+        else:
+            rows["architectures"] = table
+        width = max(map(len, rows))
+        for key, value in rows.items():
             print(f"{key:<{width}}  {_text(value)}")
     return 0
 

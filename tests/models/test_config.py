@@ -9,6 +9,7 @@ import torch
 from aligner.models import (ModelConfig, UnsupportedModelError, attention_mask_from_padding, masked_mean,
                             packed_attention_mask, packed_position_ids, position_ids_from_padding,
                             reward_at_last_token)
+from aligner.models import architectures
 from aligner.models.gpt import rope_inv_freq
 
 PRESETS = ("tiny", "llama_1b", "llama3_8b", "llama3_70b")
@@ -156,3 +157,102 @@ def test_masked_mean_and_reward_at_last_token():
     assert reward_at_last_token(values, torch.tensor([3, 4])).tolist() == [[4.0, 5.0], [14.0, 15.0]]
     with pytest.raises(ValueError, match="lengths"):
         reward_at_last_token(values, torch.tensor([0, 5]))
+
+
+# -- the architecture families -------------------------------------------------------------
+def _family_config(family, **changes):
+    """A small transformers config of ``family`` as its config.json dict, with ``changes``."""
+    import transformers as tf
+
+    classes = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
+               "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig, "phi3": tf.Phi3Config,
+               "olmo2": tf.Olmo2Config, "nemotron": tf.NemotronConfig}
+    hf = classes[family](vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2).to_dict()
+    return {**hf, "architectures": [architectures.get(family).causal_lm], "pad_token_id": 0, **changes}
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
+                                    "nemotron"])
+def test_every_family_is_registered_and_counts_the_parameters_transformers_builds(family):
+    """The weight rules name every HF tensor with its shape: their sizes add up to the
+    parameter count of transformers' model; and config.json goes out and back unchanged."""
+    from transformers import AutoConfig
+
+    assert family in architectures.model_types()
+    cfg = ModelConfig.from_hf(_family_config(family))
+    assert cfg.arch == family
+    assert cfg.num_parameters() == _hf_param_count(cfg)
+    again = ModelConfig.from_hf(AutoConfig.for_model(**cfg.to_hf_dict()).to_dict())
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("family,changes,needle", [
+    ("qwen3", dict(use_sliding_window=True), "use_sliding_window = true"),
+    ("qwen3", dict(attention_bias=True), "attention_bias = true"),
+    ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention = true"),
+    ("gemma2", dict(hidden_activation="gelu"), "hidden_activation 'gelu'"),
+    ("gemma3_text", dict(attn_logit_softcapping=50.0), "attn_logit_softcapping = 50.0"),
+    ("gemma3_text", {"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4},
+                                         "full_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+     "rope_parameters.sliding_attention"),
+    ("phi3", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                  "long_factor": [1.0] * 8}}, "rope_parameters.rope_type = 'longrope'"),
+    ("olmo2", dict(attention_bias=True), "attention_bias = true"),
+    ("nemotron", dict(mlp_bias=True), "mlp_bias = true"),
+    ("nemotron", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    ("gemma3_text", dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"]), "'gemma3'"),
+])
+def test_family_options_not_computed_exactly_are_refused_naming_key_and_value(tmp_path, family, changes, needle):
+    (tmp_path / "config.json").write_text(json.dumps(_family_config(family, **changes)))
+    with pytest.raises(UnsupportedModelError) as info:
+        ModelConfig.from_hf(tmp_path)
+    message = str(info.value)
+    assert needle in message and str(tmp_path / "config.json") in message and "\n" not in message, message
+
+
+def test_an_unsupported_model_is_one_error_line_and_exit_2(tmp_path, capsys):
+    """Before any process group or model: ``aligner generate`` on a multimodal Gemma 3."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from aligner.cli.main import main
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(_family_config(
+        "gemma3_text", model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])))
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")),
+                            eos_token="b").save_pretrained(model)
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "a b"}) + "\n")
+    code = main(["generate", "--model", str(model), "--prompts", str(tmp_path / "prompts.jsonl"),
+                 "--output", str(tmp_path / "out.jsonl")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"aligner generate: error: {model / 'config.json'}: model_type 'gemma3'")
+    assert "supported model types: ['gemma2', 'gemma3_text', 'llama'" in err[0]
+
+
+def test_te_spec_is_not_built_for_layers_it_lacks():
+    from aligner.models.layer_spec import LayerDesign, build_layer_spec, te_builds
+
+    assert te_builds(LayerDesign()) and te_builds(LayerDesign(qk_norm="head"))
+    for design in (LayerDesign(norms="sandwich"), LayerDesign(qk_norm="projection"), LayerDesign(softcap=30.0),
+                   LayerDesign(local_rope=True)):
+        assert not te_builds(design)
+        with pytest.raises(ValueError, match="model.layer_spec = te: Transformer Engine's layer spec does not build"):
+            build_layer_spec("te", design)
+
+
+def test_env_lists_the_families_with_their_layer_specs(capsys):
+    from aligner.cli import main as cli
+
+    assert cli.main(["env", "--json"]) == 0
+    table = json.loads(capsys.readouterr().out)["architectures"]
+    assert list(table) == architectures.model_types()
+    assert table["gemma2"]["class"] == "Gemma2ForCausalLM" and table["gemma2"]["layer_specs"] == "fused, local"
+    assert table["qwen3"]["layer_specs"] == "te, fused, local"
+    assert "q/k RMSNorm over the whole projection" in table["olmo2"]["features"]
+    assert cli.main(["env"]) == 0
+    rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert rows["arch.nemotron"].startswith("NemotronForCausalLM") and "squared-ReLU" in rows["arch.nemotron"]

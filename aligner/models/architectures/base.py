@@ -132,10 +132,13 @@ def rope_from_hf(hf: dict, source: str, rope_params: Optional[dict] = None) -> T
     transformers 4's ``rope_theta`` / ``rope_scaling`` / ``partial_rotary_factor`` keys or
     transformers 5's ``rope_parameters`` dict (or ``rope_params``, a family's own entry of
     it). A rope type aligner does not compute is refused, naming it."""
+    where = "rope_parameters"
     if rope_params is None:
         rope_params = dict(hf.get("rope_parameters") or {})
         rope_theta = hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))
         rope_scaling = hf.get("rope_scaling")
+        if rope_scaling is not None:
+            where = "rope_scaling"
     else:
         rope_params, rope_theta, rope_scaling = dict(rope_params), rope_params.get("rope_theta", 10000.0), None
     partial = float(hf.get("partial_rotary_factor", rope_params.get("partial_rotary_factor", 1.0)))
@@ -147,9 +150,8 @@ def rope_from_hf(hf: dict, source: str, rope_params: Optional[dict] = None) -> T
             rope_scaling.pop(key, None)
         rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
         if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise UnsupportedModelError(
-                f"{source}: rope scaling type {rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
-            )
+            raise UnsupportedModelError(f"{source}: {where}.rope_type = {rope_type!r} is not supported;"
+                                        f" supported: {SUPPORTED_ROPE_TYPES}")
         if rope_type == "default":
             rope_scaling = None
     return float(rope_theta), rope_scaling, partial

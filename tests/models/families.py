@@ -46,7 +46,7 @@ def _ids(n, seed):
 
 
 # lengths close to each other: the engine feeds a longer prompt's tail one column per step
-PROMPTS = [_ids(100, 1), _ids(114, 2), _ids(128, 3)]
+PROMPTS = [_ids(116, 1), _ids(122, 2), _ids(128, 3)]
 
 
 def _words(n, seed):

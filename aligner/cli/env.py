@@ -123,8 +123,8 @@ def architectures() -> dict:
     for name in registry.model_types():
         adapter = registry.get(name)
         te = _safe(lambda: adapter.te_spec_builds(ModelConfig(arch=name)))
-        table[name] = {"class": adapter.causal_lm, "layer_specs": "te, fused, local" if te is True else "fused, local",
-                       "features": list(adapter.features)}
+        specs = {True: "te, fused, local", False: "fused, local"}.get(te, te)  # else: the probe's error
+        table[name] = {"class": adapter.causal_lm, "layer_specs": specs, "features": list(adapter.features)}
     return table
 
 

@@ -51,7 +51,7 @@ def preset_dirs() -> list[Path]:
 
 @dataclass
 class ModelConfig:
-    """Architecture of a Llama-family decoder (config group ``model``).
+    """Architecture of a decoder of one of the registered families (config group ``model``).
 
     arch: the family, a HF ``model_type`` with an adapter in :mod:`aligner.models.architectures`
     (``llama``, ``mistral``, ``qwen2``, ...), which maps it to megatron-core and HF weights.
@@ -71,7 +71,8 @@ class ModelConfig:
     (Gemma); None: ``head_dim^-1/2``.
     attn_logit_softcapping / final_logit_softcapping: ``cap · tanh(x / cap)`` on attention
     scores / output logits (Gemma 2; Gemma 3's final logits); None: none.
-    rope_local_theta: the rope base of the sliding-window layers (Gemma 3), None: one rope.
+    rope_local_theta: the rope base of the sliding-window layers (Gemma 3; None there is
+    transformers' default, 10000); other families have one rope.
     qkv_bias: biases on q/k/v (None: the family's, i.e. only for ``qwen2``; HF Llama's
     ``attention_bias`` also biases ``o_proj``, which aligner does not model).
     pad_token_id: the id the data layer right-pads with; a sequence-classification export
@@ -118,6 +119,9 @@ class ModelConfig:
         adapter = architectures.get(self.arch)
         if self.qkv_bias is None:
             self.qkv_bias = adapter.qkv_bias
+        for name, value in adapter.defaults.items():  # the family's transformers defaults
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         adapter.check_config(self)
         if self.num_query_groups is None:
             self.num_query_groups = self.num_attention_heads

@@ -25,6 +25,11 @@ Conventions every caller follows:
   sequences with positions restarting per sample).
 - Padded vocabulary rows (``cfg.padded_vocab_size() > cfg.vocab_size``) get logit
   ``finfo.min``, so softmax, log-probs and sampling see exactly the real vocabulary.
+- What the family adds at the model's ends (its adapter, :mod:`aligner.models.architectures`):
+  an embedding multiplier (Gemma: sqrt(h)), final-logit soft-capping ``cap · tanh(x / cap)``
+  (before the padded rows are masked), partial rotary embedding, and a second rope for the
+  sliding-window layers (Gemma 3: the rotary frequencies passed to the layers are then
+  [s, b, 2, d], global then local; ``layer_spec.rotary_for_layer`` picks a layer's).
 - Heads (``head="reward"`` / ``"value"``): the output layer is replaced by a replicated
   ``Linear(h, N, bias=False)`` on the final-norm hidden state (the HF
   ``*ForSequenceClassification`` ``score`` layer). Identical inputs and loss on every TP
@@ -151,7 +156,7 @@ class AlignerGPTModel(GPTModel):
             logits = logits.masked_fill(pad, torch.finfo(logits.dtype).min)
         return logits, bias
 
-    # -- position ids ---------------------------------------------------------------
+    # -- positions --------------------------------------------------------------------
     def _preprocess(self, input_ids, position_ids, decoder_input=None, inference_context=None,
                     packed_seq_params=None, padding_mask=None):
         out = super()._preprocess(

@@ -21,6 +21,17 @@ their checkpoints are interchangeable (see docs/configuration.md, ``model.layer_
 ``auto`` (the default) picks ``te`` when it can run, else ``fused``, else ``local``
 (:func:`resolve_layer_spec`). Context parallelism needs TE's attention (``te`` only).
 
+The architecture families (:mod:`aligner.models.architectures`) describe what their layer
+adds to the Llama layer as a :class:`LayerDesign`; :func:`build_layer_spec` builds it from
+megatron-core's pieces where it has them (per-head q/k norms: ``qk_layernorm``; windows:
+``window_size`` / ``window_attn_skip_freq``; ``1 + w`` norms: ``layernorm_zero_centered_gamma``;
+partial rotary, activations) and from this module's where it does not, in both the fused
+and the local spec: :class:`OnePlusNorm` (Gemma's RMSNorm, Nemotron's LayerNorm1p),
+:class:`ProjectionRMSNorm` (OLMo 2's q/k norm over all heads), :class:`PostNormRowParallelLinear`
+(norms after attention / MLP), :class:`LocalRopeSelfAttention` (Gemma 3's second rope),
+windows joined to the layer's mask and attention-logit soft-capping (:class:`LocalAttention`,
+:class:`SDPAttention`), :func:`gelu_tanh`, :func:`squared_relu`.
+
 Notation: b batch, s (sq / sk) query / key sequence, np / ng attention heads / query groups
 on this TP rank, d head size, h hidden size.
 """

@@ -172,18 +172,53 @@ def _family_config(family, **changes):
     return {**hf, "architectures": [architectures.get(family).causal_lm], "pad_token_id": 0, **changes}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2",
-                                    "nemotron"])
-def test_every_family_is_registered_and_counts_the_parameters_transformers_builds(family):
+def _holds(got, want) -> bool:
+    """``got`` equals ``want``; for dicts, holds each of ``want``'s keys with a value that does."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and all(k in got and _holds(got[k], v) for k, v in want.items())
+    return got == want
+
+
+FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "nemotron"]
+# each family as transformers defaults it, then with the options that change shapes or the config
+FAMILY_VARIANTS = [(family, {}) for family in FAMILY_NAMES] + [
+    ("llama", dict(tie_word_embeddings=True, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    ("mistral", dict(sliding_window=16, head_dim=24)),
+    ("qwen2", dict(tie_word_embeddings=False)),
+    ("qwen3", dict(head_dim=24, tie_word_embeddings=True)),
+    ("gemma2", dict(head_dim=32, sliding_window=16, query_pre_attn_scalar=20, attn_logit_softcapping=8.0,
+                    final_logit_softcapping=12.0, tie_word_embeddings=False,
+                    layer_types=["full_attention", "sliding_attention", "full_attention"])),
+    ("gemma3_text", {"head_dim": 32, "sliding_window": 16, "final_logit_softcapping": 12.0,
+                     "layer_types": ["sliding_attention"] * 2 + ["full_attention"], "rope_parameters": {
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e4}}}),
+    ("phi3", {"sliding_window": 24, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                        "partial_rotary_factor": 0.75}}),
+    ("olmo2", dict(num_key_value_heads=4)),
+    ("nemotron", {"tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                                   "partial_rotary_factor": 0.25}}),
+]
+
+
+@pytest.mark.parametrize("family,changes", FAMILY_VARIANTS)
+def test_every_family_is_registered_and_counts_the_parameters_transformers_builds(family, changes):
     """The weight rules name every HF tensor with its shape: their sizes add up to the
-    parameter count of transformers' model; and config.json goes out and back unchanged."""
+    parameter count of transformers' model; and config.json goes out and back unchanged,
+    as transformers reads it (the options given included)."""
     from transformers import AutoConfig
 
     assert family in architectures.model_types()
-    cfg = ModelConfig.from_hf(_family_config(family))
+    cfg = ModelConfig.from_hf(_family_config(family, **changes))
     assert cfg.arch == family
     assert cfg.num_parameters() == _hf_param_count(cfg)
-    again = ModelConfig.from_hf(AutoConfig.for_model(**cfg.to_hf_dict()).to_dict())
+    # written from the fields alone (as for a model trained from scratch), not the source's keys
+    exported = AutoConfig.for_model(**ModelConfig.from_dict(cfg.to_dict()).to_hf_dict())
+    for key, value in changes.items():
+        assert _holds(getattr(exported, key), value), (key, getattr(exported, key), value)
+    again = ModelConfig.from_hf(exported.to_dict())
     assert again.to_dict() == cfg.to_dict()
 
 
@@ -202,6 +237,10 @@ def test_every_family_is_registered_and_counts_the_parameters_transformers_build
     ("nemotron", dict(mlp_bias=True), "mlp_bias = true"),
     ("nemotron", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
     ("gemma3_text", dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"]), "'gemma3'"),
+    ("gemma3_text", {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                         "full_attention": {"rope_type": "default", "rope_theta": 1e6,
+                                                            "partial_rotary_factor": 0.5}}},
+     "model.partial_rotary_factor = 0.5 does not exist in HF Gemma3ForCausalLM"),
 ])
 def test_family_options_not_computed_exactly_are_refused_naming_key_and_value(tmp_path, family, changes, needle):
     (tmp_path / "config.json").write_text(json.dumps(_family_config(family, **changes)))
@@ -211,19 +250,24 @@ def test_family_options_not_computed_exactly_are_refused_naming_key_and_value(tm
     assert needle in message and str(tmp_path / "config.json") in message and "\n" not in message, message
 
 
-def test_an_unsupported_model_is_one_error_line_and_exit_2(tmp_path, capsys):
-    """Before any process group or model: ``aligner generate`` on a multimodal Gemma 3."""
+def _tokenizer_folder(path):
+    """``path`` created with a two-word tokenizer in it (what a model folder needs beside its config)."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
+    path.mkdir()
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")),
+                            eos_token="b").save_pretrained(path)
+    return path
+
+
+def test_an_unsupported_model_is_one_error_line_and_exit_2(tmp_path, capsys):
+    """Before any process group or model: ``aligner generate`` on a multimodal Gemma 3."""
     from aligner.cli.main import main
 
-    model = tmp_path / "model"
-    model.mkdir()
+    model = _tokenizer_folder(tmp_path / "model")
     (model / "config.json").write_text(json.dumps(_family_config(
         "gemma3_text", model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])))
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")),
-                            eos_token="b").save_pretrained(model)
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": "a b"}) + "\n")
     code = main(["generate", "--model", str(model), "--prompts", str(tmp_path / "prompts.jsonl"),
                  "--output", str(tmp_path / "out.jsonl")])
@@ -231,6 +275,64 @@ def test_an_unsupported_model_is_one_error_line_and_exit_2(tmp_path, capsys):
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith(f"aligner generate: error: {model / 'config.json'}: model_type 'gemma3'")
     assert "supported model types: ['gemma2', 'gemma3_text', 'llama'" in err[0]
+
+
+# one value per family-only ModelConfig field (architectures.base.OPTIONS), valid together
+OPTION_VALUES = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
+                     partial_rotary_factor=0.5, query_pre_attn_scalar=20.0, attn_logit_softcapping=8.0,
+                     final_logit_softcapping=12.0, rope_local_theta=1000.0)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_fields_of_other_families_are_refused(family):
+    """A field the family's transformers class ignores is an error, not a silent difference:
+    each family takes its own options together and refuses every other one, naming it."""
+    from aligner.models.architectures.base import OPTIONS
+
+    adapter = architectures.get(family)
+    assert set(OPTION_VALUES) == set(OPTIONS)
+    own = {name: OPTION_VALUES[name] for name in adapter.options}
+    cfg = ModelConfig(arch=family, **own)
+    assert all(getattr(cfg, name) == value for name, value in own.items())
+    for name in sorted(set(OPTIONS) - set(adapter.options)):
+        with pytest.raises(UnsupportedModelError) as info:
+            ModelConfig(arch=family, **own, **{name: OPTION_VALUES[name]})
+        assert str(info.value) == (f"model.{name} = {OPTION_VALUES[name]!r} does not exist in HF {adapter.causal_lm}"
+                                   f" (model.arch = {family})")
+
+
+def test_family_fields_left_unset_take_the_transformers_defaults():
+    from transformers import Gemma3TextConfig
+
+    local = Gemma3TextConfig().rope_parameters["sliding_attention"]["rope_theta"]
+    assert ModelConfig(arch="gemma3_text").rope_local_theta == local == 10000.0
+    assert ModelConfig(arch="gemma3_text", rope_local_theta=1000.0).rope_local_theta == 1000.0
+    assert ModelConfig(arch="mistral", sliding_window=16).windowed_layers() == [True] * 4
+    gemma = ModelConfig(arch="gemma2", num_layers=2, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    assert gemma.windowed_layers() == [True, False]
+    with pytest.raises(ValueError, match=r"model.layer_types has sliding_attention layers but model.sliding_window"):
+        ModelConfig(arch="gemma2", num_layers=2, layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ValueError, match=r"model.partial_rotary_factor = 0.3: expected a share of head_dim = 32"):
+        ModelConfig(arch="phi3", partial_rotary_factor=0.3)
+
+
+def test_train_refuses_a_model_it_cannot_compute_in_one_line_before_any_work(tmp_path, capsys):
+    """``aligner train sft init.hf=<Qwen3 with use_sliding_window>``: one line naming the key
+    and value, exit 2, no run folder written."""
+    from aligner.cli.main import main
+
+    model = _tokenizer_folder(tmp_path / "model")
+    (model / "config.json").write_text(json.dumps(_family_config("qwen3", use_sliding_window=True, sliding_window=16)))
+    data = tmp_path / "sft.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+                    + "\n")
+    out = tmp_path / "run"
+    code = main(["train", "sft", f"init.hf={model}", f"data.train={data}", "data.template=raw",
+                 f"trainer.out_dir={out}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("aligner train: error: ") and "use_sliding_window = true is not supported" in err[0]
+    assert str(model / "config.json") in err[0] and not out.exists()
 
 
 def test_te_spec_is_not_built_for_layers_it_lacks():
@@ -252,6 +354,10 @@ def test_env_lists_the_families_with_their_layer_specs(capsys):
     assert list(table) == architectures.model_types()
     assert table["gemma2"]["class"] == "Gemma2ForCausalLM" and table["gemma2"]["layer_specs"] == "fused, local"
     assert table["qwen3"]["layer_specs"] == "te, fused, local"
+    # Transformer Engine's spec builds the families made of megatron-core's own layer options
+    te = {name for name, row in table.items() if row["layer_specs"] == "te, fused, local"}
+    assert te == {"llama", "mistral", "nemotron", "phi3", "qwen2", "qwen3"}
+    assert all(row["layer_specs"] == "fused, local" for name, row in table.items() if name not in te)
     assert "q/k RMSNorm over the whole projection" in table["olmo2"]["features"]
     assert cli.main(["env"]) == 0
     rows = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())

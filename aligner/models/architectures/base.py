@@ -163,12 +163,19 @@ def refuse(source: str, key: str, value: Any, why: str) -> UnsupportedModelError
 
 
 # ------------------------------------------------------------------ the adapter
+# ModelConfig fields only some families have, and their "not used" value.
+OPTIONS = {"sliding_window": None, "layer_types": None, "partial_rotary_factor": 1.0, "query_pre_attn_scalar": None,
+           "attn_logit_softcapping": None, "final_logit_softcapping": None, "rope_local_theta": None}
+
+
 class Architecture:
     """One HF model family; this base class is the Llama layout (see the module docstring).
 
     Class attributes a family sets: ``model_type`` (HF), ``causal_lm`` and
     ``sequence_classification`` (HF class names), ``qkv_bias`` (biases on q/k/v),
     ``features`` (what it adds to the Llama layout, for ``aligner env`` and docs/models.md),
+    ``options`` (the :data:`OPTIONS` fields it reads), ``defaults`` (what ``ModelConfig``
+    fields left at None take: transformers' defaults for the family),
     ``activation_keys`` / ``activations`` (the config keys naming the MLP activation and
     the values computed), ``norm_eps_key``, ``tied_by_default`` (HF's default of
     ``tie_word_embeddings``).
@@ -179,6 +186,8 @@ class Architecture:
     sequence_classification: str = ""
     qkv_bias: bool = False
     features: Tuple[str, ...] = ()
+    options: Tuple[str, ...] = ()
+    defaults: Dict[str, Any] = {}
     layer_prefix: str = "model.layers.{}."
     activation_keys: Tuple[str, ...] = ("hidden_act",)
     activations: Tuple[str, ...] = ("silu", "swish")
@@ -228,12 +237,19 @@ class Architecture:
         )
 
     def check_config(self, cfg) -> None:
-        """Refuse field values this family does not have (called by ``ModelConfig``)."""
+        """Refuse field values this family does not have (called by ``ModelConfig``): q/k/v
+        biases other than the family's, and any of :data:`OPTIONS` set but not in
+        ``options`` (transformers' class would ignore it, so the model would differ)."""
         if cfg.qkv_bias != self.qkv_bias:
             raise UnsupportedModelError(
                 f"model.qkv_bias = {cfg.qkv_bias} does not exist in HF {self.causal_lm}"
                 f" (q/k/v biases: arch qwen2 only)"
             )
+        for name, unset in OPTIONS.items():
+            value = getattr(cfg, name)
+            if value != unset and name not in self.options:
+                raise UnsupportedModelError(f"model.{name} = {value!r} does not exist in HF {self.causal_lm}"
+                                            f" (model.arch = {self.model_type})")
 
     def hf_config(self, cfg) -> dict:
         """The family's keys of the exported ``config.json`` (beyond the common ones)."""

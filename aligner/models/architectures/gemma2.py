@@ -25,6 +25,8 @@ class Gemma(Architecture):
     features = ("embedding scale sqrt(hidden)", "(1 + w) RMSNorm", "pre and post norms", "GeGLU (tanh GELU)",
                 "independent head_dim", "query_pre_attn_scalar", "attention-logit soft-capping",
                 "final-logit soft-capping", "alternating sliding-window / global layers", "tied embeddings")
+    options = ("sliding_window", "layer_types", "query_pre_attn_scalar", "attn_logit_softcapping",
+               "final_logit_softcapping")
     activation_keys = ("hidden_activation", "hidden_act")
     activations = ("gelu_pytorch_tanh",)
     tied_by_default = True

@@ -4,7 +4,7 @@ unscaled; the global layers may scale theirs), five windowed layers to one globa
 attention-logit soft-capping (transformers' Gemma 3 does not apply it, so a config that
 sets it is refused)."""
 from aligner.models.architectures import register
-from aligner.models.architectures.base import Replicated, UnsupportedModelError, refuse, rope_from_hf
+from aligner.models.architectures.base import Replicated, refuse, rope_from_hf
 from aligner.models.architectures.gemma2 import Gemma
 
 
@@ -16,6 +16,9 @@ class Gemma3Text(Gemma):
                 "independent head_dim", "query_pre_attn_scalar", "per-head (1 + w) q/k RMSNorm",
                 "final-logit soft-capping", "sliding-window / global layers (5:1)",
                 "local rope base on sliding-window layers", "tied embeddings")
+    options = ("sliding_window", "layer_types", "query_pre_attn_scalar", "final_logit_softcapping",
+               "rope_local_theta")
+    defaults = {"rope_local_theta": 10000.0}  # transformers' rope_local_base_freq
     window_pattern = 6
 
     def config_from_hf(self, hf: dict, source: str) -> dict:
@@ -32,9 +35,7 @@ class Gemma3Text(Gemma):
                              "the local rope is unscaled")
             fields.update(rope_theta=theta, rope_scaling=scaling, partial_rotary_factor=partial)
         else:
-            local_theta = hf.get("rope_local_base_freq", 10000.0)
-        if fields["partial_rotary_factor"] != 1.0:
-            raise UnsupportedModelError(f"{source}: partial rotary embedding is not supported for Gemma 3")
+            local_theta = hf.get("rope_local_base_freq", self.defaults["rope_local_theta"])
         return dict(fields, rope_local_theta=float(local_theta))
 
     def hf_config(self, cfg) -> dict:

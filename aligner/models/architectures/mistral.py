@@ -8,6 +8,7 @@ class Mistral(Architecture):
     causal_lm = "MistralForCausalLM"
     sequence_classification = "MistralForSequenceClassification"
     features = ("sliding-window attention",)
+    options = ("sliding_window",)
 
     def config_from_hf(self, hf: dict, source: str) -> dict:
         return dict(super().config_from_hf(hf, source), sliding_window=hf.get("sliding_window"))

@@ -11,6 +11,7 @@ class Nemotron(Architecture):
     causal_lm = "NemotronForCausalLM"
     sequence_classification = "NemotronForSequenceClassification"
     features = ("LayerNorm1p with bias", "squared-ReLU MLP without gate", "partial rotary embedding")
+    options = ("partial_rotary_factor",)
     activations = ("relu2",)
     norm_eps_key = "norm_eps"
 

@@ -11,6 +11,7 @@ class Phi3(Architecture):
     causal_lm = "Phi3ForCausalLM"
     sequence_classification = "Phi3ForSequenceClassification"
     features = ("fused qkv_proj and gate_up_proj weights", "partial rotary embedding", "sliding-window attention")
+    options = ("sliding_window", "partial_rotary_factor")
 
     def config_from_hf(self, hf: dict, source: str) -> dict:
         return dict(super().config_from_hf(hf, source), sliding_window=hf.get("sliding_window"))

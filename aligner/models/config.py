@@ -33,11 +33,10 @@ import torch
 
 from aligner.models import architectures
 from aligner.models.architectures.base import SUPPORTED_ROPE_TYPES, UnsupportedModelError
+from aligner.models.kernels import LAYER_SPECS
 
 __all__ = ["LAYER_SPECS", "ModelConfig", "SUPPORTED_ROPE_TYPES", "UnsupportedModelError", "preset_dirs"]
 
-
-LAYER_SPECS = ("auto", "te", "fused", "local")  # model.layer_spec (aligner.models.layer_spec)
 
 
 def preset_dirs() -> list[Path]:

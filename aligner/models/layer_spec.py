@@ -50,7 +50,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from aligner.models.config import LAYER_SPECS
+from aligner.models.kernels import LAYER_SPECS
 from aligner.parallel import LayoutError
 
 _DESCRIPTIONS = {

@@ -38,7 +38,6 @@ from aligner.models.kernels import LAYER_SPECS
 __all__ = ["LAYER_SPECS", "ModelConfig", "SUPPORTED_ROPE_TYPES", "UnsupportedModelError", "preset_dirs"]
 
 
-
 def preset_dirs() -> list[Path]:
     """Where ``ModelConfig.preset`` looks: the ``model`` folder of the one config folder
     (:func:`aligner.runtime.config_dir`: ``$ALIGNER_CONF_DIR``, the checkout's ``conf/``,

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 
-from aligner.models.layer_spec import soft_cap
+from aligner.models.layer_spec import PostNormRowParallelLinear, soft_cap
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -70,8 +70,6 @@ def unsupported_reason(models) -> Optional[str]:
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP
     from megatron.core.transformer.transformer_layer import TransformerLayer
-
-    from aligner.models.layer_spec import PostNormRowParallelLinear
 
     for model in models:
         config = model.config

@@ -20,7 +20,8 @@ Checkpoints: 2 layers (4 where a family alternates layer kinds), hidden 64, 4 he
 key/value groups, vocabulary 100 (padded to 128: at TP=2 rank 1 holds 28 padding rows),
 weights drawn with ``initializer_range`` 0.2 so greedy choices are far from ties; norm
 weights are 1 plus small noise (so a norm mapped to the wrong place shows), as are the
-"1 + w" norms' effective scales; biases are small random values.
+"1 + w" norms' effective scales; biases are small random values. Llama and Qwen2 tie their
+embeddings; the Gemmas do not (:func:`_hf_model` says why).
 
 Jobs: one world-2 job (TP=2, then PP=2 in the same processes) and one world-1 job (TP=1),
 each going over every family.
@@ -81,12 +82,16 @@ def _hf_model(name):
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**COMMON, tie_word_embeddings=True))
     if name == "qwen3":  # head_dim 24: q / k / v widths differ from hidden
         return tf.Qwen3ForCausalLM(tf.Qwen3Config(**COMMON, head_dim=24))
+    # Gemma untied: tied, the token's own embedding (x sqrt(h)) dominates the last hidden state
+    # of these tiny models and greedy decoding repeats one token, which would compare nothing
     if name == "gemma2":  # 4 layers: windowed, global, windowed, global
         return tf.Gemma2ForCausalLM(tf.Gemma2Config(**COMMON_4, head_dim=32, sliding_window=16, query_pre_attn_scalar=20,
-                                                    attn_logit_softcapping=8.0, final_logit_softcapping=12.0))
+                                                    attn_logit_softcapping=8.0, final_logit_softcapping=12.0,
+                                                    tie_word_embeddings=False))
     if name == "gemma3":  # 4 layers, windowed but the last; the global layers' rope scaled
         return tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
             **COMMON_4, head_dim=32, sliding_window=16, query_pre_attn_scalar=20, final_logit_softcapping=12.0,
+            tie_word_embeddings=False,
             layer_types=["sliding_attention"] * 3 + ["full_attention"], rope_parameters={
                 "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0},
                 "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0}}))

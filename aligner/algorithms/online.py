@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from aligner.algorithms.experience import Experience, ExperienceMaker, reduce_metric_store
 from aligner.algorithms.losses.common import masked_moments
-from aligner.algorithms.losses.reinforce import aggregate, clipped_surrogate, kl_estimate, reinforce_token_loss
+from aligner.algorithms.losses.policy import PolicyLossOptions, policy_objective
 from aligner.data.formats import HELPSTEER2_ATTRIBUTES
 from aligner.models.logprobs import token_entropy
 from aligner.training.algorithm import Algorithm, StepContext, metric
@@ -169,74 +169,14 @@ def check_online_section(key: str, s, global_batch_size: int, epochs_key: str) -
 
 
 # ------------------------------------------------------------------------------ the policy loss
-@dataclass
-class PolicyLossOptions:
-    """How :func:`policy_loss` turns per-token log-probs into this micro-batch's share of
-    the global-batch objective (docs/reinforce.md):
-
-    kind: ``clipped`` (``l_t = max(−A·ρ_t, −A·clip(ρ_t, 1 − ε_low, 1 + ε_high))``, optional
-    dual clip) or ``reinforce`` (``l_t = −A_t·log π_θ(y_t)``, on-policy, no ratio).
-    aggregation / constant: :func:`aggregate`'s mode. kl_coef / kl_estimator: a KL term
-    ``kl_coef · aggregate(KL_t)`` in the loss (0: none). entropy_coef: minus the
-    aggregated entropy.
-    """
-
-    kind: str = "clipped"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    aggregation: str = "token_mean"
-    constant: Optional[float] = None
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
-
-
 def policy_loss(options: PolicyLossOptions, batch: dict, logits: torch.Tensor):
-    """One micro-batch's policy loss in the loop's convention: ``(numerator, denominator,
-    metrics)``; megatron-core sums both over micro-batches and data-parallel ranks before
-    dividing, so the objective is that of the global mini-batch.
-
-    batch: ``tokens`` [b, S], ``old_logps``, ``advantages``, ``loss_mask`` [b, S] (and
-    ``ref_logps`` with a KL loss term); logits: [b, S, v/p] vocab-parallel.
-    Metrics: ``loss/policy`` (the aggregated policy term), ``loss/kl`` (with a KL term),
-    ``policy/entropy``, ``policy/ratio``, ``policy/clipfrac``, ``policy/approx_kl``
-    (``(ρ − 1) − log ρ``), ``policy/dual_clipfrac`` (with dual clip), per token.
-    """
-    o = options
+    """One micro-batch's policy loss in the loop's convention, ``(numerator, denominator,
+    metrics)`` (:func:`aligner.algorithms.losses.policy.policy_objective` on the per-token
+    log-probs and entropy of the vocab-parallel ``logits`` [b, S, v/p])."""
     lp = shifted_logprobs(logits, batch["tokens"])
-    mask = batch["loss_mask"]
-    adv = batch["advantages"]
-    if o.kind == "clipped":
-        token_loss, stats = clipped_surrogate(lp, batch["old_logps"], adv, mask, o.clip_low, o.clip_high, o.dual_clip)
-    elif o.kind == "reinforce":
-        token_loss = reinforce_token_loss(lp, adv, mask)
-        # the ratio to the rollout policy is still worth watching (1 on the first update)
-        _, stats = clipped_surrogate(lp.detach(), batch["old_logps"], adv, mask, o.clip_low, o.clip_high)
-        stats["clipfrac"] = torch.zeros_like(stats["clipfrac"])
-    else:
-        raise ValueError(f"policy loss must be 'clipped' or 'reinforce', got {o.kind!r}")
-    num, den = aggregate(token_loss, mask, o.aggregation, o.constant)
-    tokens = mask.sum()
-    metrics = {"loss/policy": metric(num.detach(), den)}
-    total = num
-    if o.kl_coef:
-        kl = kl_estimate(lp, batch["ref_logps"], o.kl_estimator)
-        kl_num, _ = aggregate(kl, mask, o.aggregation, o.constant)
-        total = total + o.kl_coef * kl_num
-        metrics["loss/kl"] = metric(kl_num.detach(), den)
     entropy = F.pad(token_entropy(logits[:, :-1]), (1, 0))
-    if o.entropy_coef:
-        ent_num, _ = aggregate(entropy, mask, o.aggregation, o.constant)
-        total = total - o.entropy_coef * ent_num
-    with torch.no_grad():
-        ent = (entropy.detach() * mask).sum()
-    metrics["policy/entropy"] = metric(ent, tokens)
-    for k in ("ratio", "clipfrac", "approx_kl"):
-        metrics[f"policy/{k}"] = metric(stats[k] * tokens, tokens)
-    if o.dual_clip is not None and o.kind == "clipped":
-        metrics["policy/dual_clipfrac"] = metric(stats["dual_clipfrac"] * tokens, tokens)
-    return total, den.round().long(), metrics
+    total, den, sums = policy_objective(options, lp, entropy, batch)
+    return total, den.round().long(), {k: metric(v, c) for k, (v, c) in sums.items()}
 
 
 # ------------------------------------------------------------------------------ the algorithm

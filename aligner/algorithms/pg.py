@@ -15,7 +15,7 @@ with global-batch normalisation. What is REINFORCE-specific:
    with dropped groups that count for nothing (``Experience.filler``).
 2. sequence rewards: the source's score, the truncated-response option, plus DAPO's soft
    overlong penalty (``overlong_buffer`` = L_cache, ``overlong_max_length`` = L_max).
-3. advantages by name (:data:`aligner.algorithms.losses.reinforce.ADVANTAGE_ESTIMATORS`),
+3. advantages by name (:data:`aligner.algorithms.losses.advantages.ADVANTAGE_ESTIMATORS`),
    group statistics over the valid rows of each group; KL to the reference either in the
    reward (``kl_mode: reward``: ``r − β·mean_t KL_t``, per token for REINFORCE++) or as a
    loss term (``kl_mode: loss``); REINFORCE++'s returns whitened over all valid tokens of
@@ -37,23 +37,22 @@ from omegaconf import MISSING
 
 from aligner.algorithms.experience import Experience, ExperienceMaker
 from aligner.algorithms.losses.common import masked_moments, masked_whiten
-from aligner.algorithms.losses.reinforce import (
+from aligner.algorithms.losses.advantages import (
     ADVANTAGE_ESTIMATORS,
-    AGGREGATIONS,
-    KL_ESTIMATORS,
-    NEEDS_GLOBAL_WHITENING,
-    advantages,
+    compute_advantages,
+    estimator,
     groups_with_signal,
-    kl_estimate,
     overlong_penalty,
-    sequence_mean_kl,
 )
+from aligner.algorithms.losses.kl import KL_ESTIMATORS, kl_estimate
+from aligner.algorithms.losses.policy import AGGREGATIONS
 from aligner.algorithms.online import OnlineAlgorithm, OnlineSection
 from aligner.algorithms.trainers import OnlineTrainer, register_trainer
 from aligner.training.algorithm import StepContext
 from aligner.training.config import Choice, ConfigError, InitSection, RunConfig
 
-Advantage = Choice("Advantage", [(name, name) for name in ADVANTAGE_ESTIMATORS], module=__name__)
+Advantage = Choice("Advantage", [(name, name) for name, e in ADVANTAGE_ESTIMATORS.items() if "values" not in e.inputs],
+                   module=__name__)
 Aggregation = Choice("Aggregation", [(name, name) for name in AGGREGATIONS], module=__name__)
 PGKLEstimator = Choice("PGKLEstimator", [(name, name) for name in KL_ESTIMATORS], module=__name__)
 
@@ -69,7 +68,7 @@ class KLMode(Choice):
 
 
 # estimators that compare the samples of a group: a group of one gives no signal
-GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
+GROUP_ESTIMATORS = tuple(name for name, e in ADVANTAGE_ESTIMATORS.items() if e.needs_group)
 KL_IN_REWARD = ("k1", "abs")
 
 
@@ -272,15 +271,12 @@ class PGAlgorithm(OnlineAlgorithm):
         if self.kl_in_reward:
             token_kl = kl_estimate(exp.old_logps, exp.ref_logps, str(s.kl_estimator)).double() * mask
         name = str(s.advantage)
-        if name in NEEDS_GLOBAL_WHITENING:
-            adv = advantages(name, shaped, mask, exp.group, valid=valid, token_kl=token_kl,
-                             kl_coef=s.kl_coef if self.kl_in_reward else 0.0, gamma=s.gamma)
+        adv = compute_advantages(name, shaped, mask, exp.group, valid=valid, token_kl=token_kl,
+                                 kl_coef=s.kl_coef if self.kl_in_reward else 0.0, gamma=s.gamma)
+        if estimator(name).whiten:
             moments = context.all_reduce_dp(masked_moments(adv, loss_mask))
             if float(moments[0]) > 0:
                 adv = masked_whiten(adv, loss_mask, moments)
-        else:
-            r = shaped - s.kl_coef * sequence_mean_kl(token_kl, mask) if self.kl_in_reward else shaped
-            adv = advantages(name, r, mask, exp.group, valid=valid)
         return {"advantages": adv * loss_mask, "loss_mask": loss_mask, "scores": shaped, "penalty": penalty,
                 "valid": valid, "token_kl": token_kl}
 

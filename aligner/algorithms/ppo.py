@@ -34,14 +34,8 @@ import torch
 from omegaconf import MISSING
 
 from aligner.algorithms.experience import Experience, ExperienceMaker
-from aligner.algorithms.losses import (
-    gae_advantages,
-    kl_penalty,
-    masked_moments,
-    masked_whiten,
-    ppo_token_rewards,
-    ppo_value_loss,
-)
+from aligner.algorithms.losses import compute_advantages, kl_estimate, masked_moments, masked_whiten, ppo_value_loss
+from aligner.algorithms.losses.advantages import gae_returns
 from aligner.algorithms.online import (  # noqa: F401  (the shared sections and choices, importable from here)
     GenerationSection,
     OnlineAlgorithm,
@@ -127,15 +121,17 @@ class PPOAlgorithm(OnlineAlgorithm):
             keep = (~exp.truncated).float()
         loss_mask = mask * keep[:, None]
         ref = exp.ref_logps if exp.ref_logps is not None else exp.old_logps
-        token_rewards, _ = ppo_token_rewards(scores.float(), exp.old_logps, ref, mask, s.kl_coef, s.kl_estimator)
+        token_kl = kl_estimate(exp.old_logps, ref, str(s.kl_estimator))
         values = exp.values * mask
-        adv, returns = gae_advantages(token_rewards, values, mask, s.gamma, s.lam)
+        adv = compute_advantages("gae", scores.float(), mask, exp.group, token_kl=token_kl, kl_coef=s.kl_coef,
+                                 values=values, gamma=s.gamma, lam=s.lam)
+        returns = gae_returns(adv, values, mask)
         if s.whiten_advantages:
             moments = context.all_reduce_dp(masked_moments(adv, loss_mask))
             if float(moments[0]) > 0:
                 adv = masked_whiten(adv, loss_mask, moments)
         return {"advantages": adv * loss_mask, "returns": returns, "loss_mask": loss_mask,
-                "token_rewards": token_rewards, "scores": scores}
+                "scores": scores}
 
     # ---------------------------------------------------------------- critic
     def _value_loss(self, batch, values):
@@ -155,7 +151,7 @@ class PPOAlgorithm(OnlineAlgorithm):
         out: Dict[str, float] = {}
         mask = exp.response_mask
         ref = exp.ref_logps if exp.ref_logps is not None else exp.old_logps
-        est = kl_penalty(exp.old_logps, ref, self.s.kl_estimator).double()
+        est = kl_estimate(exp.old_logps, ref, str(self.s.kl_estimator)).double()
         mom = self.global_moments(context, est, mask)
         out["kl_penalty"] = float(mom[1]) / max(float(mom[0]), 1.0)
         lm = extra["loss_mask"]

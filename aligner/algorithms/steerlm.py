@@ -62,7 +62,7 @@ import torch
 from omegaconf import MISSING
 
 from aligner.algorithms.online import GenerationSection, ReferenceMode
-from aligner.algorithms.losses.steerlm import attribute_log_likelihood, steerlm2_weights
+from aligner.algorithms.losses.steerlm import attribute_log_likelihood, steerlm2_loss
 from aligner.algorithms.sft import TokenAlgorithm
 from aligner.algorithms.trainers import _BaseTrainer, register_trainer
 from aligner.data.formats import STEERLM_DEFAULT_LABEL
@@ -138,10 +138,8 @@ class SteerLM2Algorithm(TokenAlgorithm):
     def attach(self, batch, samples):
         sizes = torch.tensor([len(s["responses"]) for s in samples])
         batch["group_ids"] = torch.repeat_interleave(torch.arange(len(samples)), sizes)
-        batch["group_sizes"] = torch.repeat_interleave(sizes, sizes).double()
         for key in ("log_p_attr", "log_p_sft", "log_q_prime"):
             batch[key] = torch.cat([s[key] for s in samples])
-        batch["num_groups"] = len(samples)
         return batch
 
     def loss(self, batch, logits):
@@ -152,25 +150,16 @@ class SteerLM2Algorithm(TokenAlgorithm):
         policy_logps = per_item_sum(lp * mask, batch)
         num_tokens = per_item_sum(mask, batch)
         dev = policy_logps.device
-        ids = batch["group_ids"].to(dev)
-        g = int(batch["num_groups"])
-        w, b = steerlm2_weights(batch["log_p_attr"].to(dev), batch["log_p_sft"].to(dev),
-                                batch["log_q_prime"].to(dev), policy_logps, ids)
-        # n_g (w' − b') NLL summed; the count is the response tokens, so megatron-core's division
-        # by the step's global token count makes it (1/G) Σ (w' − b') NLL / T̄ (module docstring)
-        sizes = batch["group_sizes"].to(dev).to(policy_logps.dtype)
-        total = ((w - b).to(policy_logps.dtype) * sizes * -policy_logps).sum()
-        count = num_tokens.sum()
-        with torch.no_grad():
-            wd, bd = w.double(), b.double()
-            terms = torch.where(wd > 0, wd * (wd.log() - bd.log()), torch.zeros_like(wd))
-            kl = torch.zeros(g, dtype=torch.float64, device=wd.device).index_add(0, ids, terms)
-            w_max = torch.zeros(g, dtype=torch.float64, device=wd.device).scatter_reduce(
-                0, ids, wd, reduce="amax", include_self=False)
+        # Σ n_g (w' − b') NLL over the response tokens: megatron-core divides by the step's global
+        # token count, which makes it (1/G) Σ (w' − b') NLL / T̄ (module docstring)
+        total, count, sums = steerlm2_loss(policy_logps, num_tokens, batch["log_p_attr"].to(dev),
+                                           batch["log_p_sft"].to(dev), batch["log_q_prime"].to(dev),
+                                           batch["group_ids"].to(dev))
+        g = sums["groups"]
         metrics = {
             "loss": metric(total, count),
-            "kl_w_b": metric(kl.sum(), g),
-            "weight_max": metric(w_max.sum(), g),
+            "kl_w_b": metric(sums["kl_w_b"], g),
+            "weight_max": metric(sums["weight_max"], g),
             "response_tokens": metric(count, num_tokens.numel()),
         }
         return total, count.round().long(), metrics

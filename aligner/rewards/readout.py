@@ -34,7 +34,7 @@ class RewardReadout:
         """[n, N] head outputs -> [n] scalar rewards."""
         import torch
 
-        from aligner.algorithms.losses.reward import combine_attributes
+        from aligner.rewards.weights import combine_attributes
 
         return combine_attributes(outputs.double(), torch.tensor(self.weights, dtype=torch.float64))
 
@@ -45,7 +45,7 @@ def reward_readout(model_dir: str, num_outputs: int, *, attributes: Optional[Seq
     """The names, weights and template to score with ``model_dir``'s head of ``num_outputs``
     outputs (see the module docstring); a :class:`ScoringError` naming the option when one
     does not match the head."""
-    from aligner.algorithms.losses.reward import REWARDBENCH_WEIGHTS_70B
+    from aligner.rewards.weights import REWARDBENCH_WEIGHTS_70B
     from aligner.data.formats import HELPSTEER2_ATTRIBUTES
     from aligner.models.hf import read_export_metadata
 

@@ -9,13 +9,17 @@
   only report errors. Messages go through ``tqdm.write`` so progress bars stay intact.
 - :class:`UserError`: a mistake in what the user gave (config, path, data, layout); the
   command line prints it as one ``aligner <cmd>: error: ...`` line and exits 2.
+- :func:`lazy_exports`: a package's public names loaded on first use (PEP 562), so that
+  importing a light submodule (a config schema) does not import the heavy ones.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 CONFIG_PACKAGE = "aligner.conf"  # the package-data module setup.py maps the repository's conf/ to
 
@@ -133,5 +137,21 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("aligner") else f"aligner.{name}")
 
 
-__all__ = ["UserError", "config_dir", "config_search_path", "get_logger", "global_rank", "is_rank0",
+# ------------------------------------------------------------------------------ packages
+def lazy_exports(package: str, exports: Dict[str, str]) -> Callable[[str], object]:
+    """The module ``__getattr__`` (PEP 562) of ``package``: ``exports`` maps a public name to
+    the submodule defining it, imported when the name is first asked for."""
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
+
+
+__all__ = ["UserError", "lazy_exports", "config_dir", "config_search_path", "get_logger", "global_rank", "is_rank0",
            "setup_logging"]

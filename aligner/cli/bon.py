@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from aligner.files import write_jsonl
 from aligner.runtime import is_rank0
 
 
@@ -115,11 +116,10 @@ def run(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bon.json").write_text(json.dumps(result, indent=2))
         N = args.n
-        with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-            for j, p in enumerate(samples.prompts):
-                f.write(json.dumps({"prompt": p["prompt"], "responses": samples.texts[j * N:(j + 1) * N],
-                                    "proxy": proxy[j].tolist(), "gold": gold[j].tolist(),
-                                    "proxy_members": members[:, j].tolist()}) + "\n")
+        write_jsonl(out / "samples.jsonl", ({"prompt": p["prompt"], "responses": samples.texts[j * N:(j + 1) * N],
+                                             "proxy": proxy[j].tolist(), "gold": gold[j].tolist(),
+                                             "proxy_members": members[:, j].tolist()}
+                                            for j, p in enumerate(samples.prompts)))
         print(format_table(table))
         if fit is not None:
             print(f"best-of-n fit d(alpha - beta d): alpha {fit.alpha:.4f}, beta {fit.beta:.4f}"
@@ -138,7 +138,7 @@ def peak_n(d_peak: float) -> str:
 
 
 def format_table(table: List[dict]) -> str:
-    from aligner.reporting import markdown_table
+    from aligner.evaluation.reporting import markdown_table
 
     return markdown_table(["n", "KL_bon", "d", "proxy", "± SE", "gold", "± SE"],
                           [[r["n"], r["kl_bon"], r["d_bon"], r["proxy"], r["proxy_se"], r["gold"], r["gold_se"]]

@@ -42,11 +42,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+from aligner.files import write_jsonl
 from aligner.runtime import is_rank0
 
 
@@ -228,7 +228,7 @@ def score(args, readout, rows, prompts, tokenizer, pad_id) -> None:
     import torch
 
     from aligner.training.scoring import score_sequences
-    from aligner.cli.rm import _load_rm
+    from aligner.rewards.readout import load_reward_model
     from aligner.data.datasets import render_reward
 
     rm_dir = Path(args.reward_model)
@@ -241,7 +241,7 @@ def score(args, readout, rows, prompts, tokenizer, pad_id) -> None:
             sequences.append(render_reward(rm_tokenizer, readout.template, conv, r["response"])[0])
         else:
             sequences.append(r["prompt_tokens"] + r["response_tokens"])
-    models, cfg, _ = _load_rm(args.reward_model, args.tp, args.pp)
+    models, cfg, _ = load_reward_model(args.reward_model, args.tp, args.pp)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else pad_id
     outputs = score_sequences(models, [torch.tensor(s, dtype=torch.int64) for s in sequences], pad_id,
                               args.reward_batch_size)
@@ -343,13 +343,7 @@ def main(argv: Optional[list] = None) -> int:
         score(args, readout, rows, prompts, tokenizer, result.pad_id)
 
     if is_rank0():
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, out)
+        out = write_jsonl(args.output, rows)
         print(f"aligner generate: wrote {len(rows)} responses for {len(prompts)} prompts to {out}")
     return 0
 

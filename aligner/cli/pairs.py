@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional
+
+from aligner.files import write_jsonl
 
 # fields of a prompt row that describe responses (not the prompt): never copied into a pair
 RESPONSE_FIELDS = {"response", "response_1", "response_2", "preference_strength", "chosen", "rejected", "margin",
@@ -84,13 +85,7 @@ def make_pairs(args) -> dict:
             gaps.append(gap)
             rows.append(dict(extra, prompt=prompt, chosen=samples.texts[j * N + a], rejected=samples.texts[j * N + b],
                              margin=gap, chosen_reward=s[a], rejected_reward=s[b]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(out)
+    out = write_jsonl(args.out, rows)
     summary = {"prompts": len(samples.prompts), "samples_per_prompt": N, "pairs": len(rows),
                "prompts_without_pair": without, "empty_responses_left_out": empty, "mean_margin": sum(gaps) / len(gaps) if gaps else None,
                "mean_reward": float(scores.mean()), "out": str(out)}

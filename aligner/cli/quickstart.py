@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from aligner.files import write_jsonl
+
 
 def _log(msg: str) -> None:
     print(f"[quickstart] {msg}", file=sys.stderr, flush=True)
@@ -150,14 +152,14 @@ def rl_overrides(algorithm: str, reward_model: Path) -> List[str]:
     x 4 responses per step) or PPO (32 prompts x 1 response, critic from the reward model)."""
     if algorithm == "ppo":
         return ["trainer.global_batch_size=32", f"ppo.reward.path={reward_model}", "optim.lr=1e-4",
-                "ppo.critic_optim.lr=1e-4", "ppo.ppo_epochs=2", "ppo.mini_batch_size=16"]
+                "ppo.critic_optim.lr=1e-4", "ppo.epochs=2", "ppo.mini_batch_size=16"]
     return ["trainer.global_batch_size=16", f"pg.reward.path={reward_model}", "optim.lr=3e-5",
             "pg.samples_per_prompt=4"]
 
 
 def default_rl_algorithm() -> str:
     """RLOO where this installation has ``aligner train pg``, else PPO."""
-    from aligner.algorithms.trainers import TRAINERS
+    from aligner.algorithms.catalog import TRAINERS
 
     return "rloo" if "pg" in TRAINERS else "ppo"
 
@@ -189,7 +191,7 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
     from aligner.data import load_tokenizer
     from aligner.data.world import load_prompts, score_response, synthesize
     from aligner.parallel import ParallelConfig, initialize, is_initialized
-    from aligner.reporting import (
+    from aligner.evaluation.reporting import (
         markdown_table,
         monitor_curve,
         plot_curves,
@@ -264,9 +266,8 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
         responses = _generate(out / name / "hf", prompts, tok, max_new_tokens=48, seed=seed)
         scores = [score_response(p["meta"], r) for p, r in zip(prompts, responses)]
         judged[name] = {"responses": responses, "scores": scores}
-        with open(out / f"generations_{name}.jsonl", "w", encoding="utf-8") as f:
-            for p, r, s in zip(prompts, responses, scores):
-                f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
+        write_jsonl(out / f"generations_{name}.jsonl",
+                    ({"prompt": p["prompt"], "response": r, "scores": s} for p, r, s in zip(prompts, responses, scores)))
     timings["end"] = time.perf_counter()
 
     attrs = ["helpfulness", "correctness", "coherence", "verbosity"]
@@ -352,7 +353,7 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
         ["run", "step", "d = sqrt(KL)", "proxy", "gold (helpfulness)", "± SE"],
         [[name, p["step"], p["d"], p["proxy"], p["gold"], p["gold_se"]] for name in ("DPO", "RL")
          for p in curves[name]])
-    from aligner.algorithms.rewardbench import format_report
+    from aligner.evaluation.rewardbench import format_report
 
     write_report(out / "report.md", "aligner quickstart: the embedded world", [
         ("Ground truth: SFT -> DPO -> RL", ground_truth),

@@ -36,28 +36,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from aligner.rewards.readout import RewardReadout, ScoringError, reward_readout  # noqa: F401  (used by the rm / eval / generate commands)
+from aligner.rewards.readout import (  # noqa: F401  (used by the rm / eval / generate commands)
+    RewardReadout,
+    ScoringError,
+    load_reward_model,
+    reward_readout,
+)
+from aligner.files import write_jsonl
 from aligner.runtime import is_rank0
-
-
-def _load_rm(path: str, tp: int, pp: int):
-    from aligner.models import ModelConfig, from_pretrained
-    from aligner.models.hf import head_outputs
-    from aligner.parallel import ParallelConfig, initialize, is_initialized
-
-    if not (Path(path) / "config.json").is_file():
-        raise ScoringError(f"{path}: not an HF model folder (no config.json)")
-    cfg = ModelConfig.from_hf(path)
-    if not is_initialized():
-        initialize(
-            ParallelConfig(tp=tp, pp=pp),
-            num_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_query_groups=cfg.num_query_groups,
-        )
-    num_outputs = head_outputs(path)
-    models, cfg = from_pretrained(path, head="reward", num_outputs=num_outputs)
-    return models, cfg, num_outputs
 
 
 def _response_fields(row: dict, fmt: str):
@@ -79,7 +65,7 @@ def score_samples(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, 
     from aligner.data import load_dataset, load_tokenizer
     from aligner.data.datasets import KIND_FORMATS, read_jsonl
 
-    models, cfg, n = _load_rm(model_dir, tp, pp)
+    models, cfg, n = load_reward_model(model_dir, tp, pp)
     readout = reward_readout(model_dir, n, attributes=attributes, reward_attribute=reward_attribute,
                              attribute_weights=attribute_weights, template=template)
     tok = load_tokenizer(tokenizer or model_dir)
@@ -222,12 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     if is_rank0():
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        tmp.replace(out)
+        write_jsonl(args.output, rows)
         print(f"scored {len(rows)} rows -> {args.output}")
     return 0
 

@@ -50,6 +50,7 @@ from aligner.data.formats import (
     PairRecord,
     detect_format,
     parse_row,
+    prompt_of,
 )
 
 DEFAULT_SYSTEM = (
@@ -377,8 +378,10 @@ def _fit_pair(chosen, rejected, max_length, overlong, counts):
     return None
 
 
-def _fit(tokens, mask, max_length, overlong, counts):
-    """Apply the over-length policy; None when the sample is dropped."""
+def fit_to_length(tokens, mask, max_length, overlong, counts):
+    """Apply the over-length policy ``overlong`` (``truncate_left`` drops prompt tokens from
+    the left, never a target token; else the sample is dropped) to a rendered sample of
+    ``tokens`` and ``mask``; counts what it did in ``counts``. None when dropped."""
     if len(tokens) <= max_length:
         return tokens, mask
     first_target = next((i for i, m in enumerate(mask) if m > 0), len(mask))
@@ -487,11 +490,11 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
         if kind == "sft":
             if any(t.label for t in rec.turns):
                 _check_labels_render(tokenizer, template, f"{path}:{lineno}")
-            fitted = _fit(*_render(tokenizer, template, rec), max_length, overlong, counts)
+            fitted = fit_to_length(*_render(tokenizer, template, rec), max_length, overlong, counts)
             if fitted:
                 out.append({"tokens": T(fitted[0]), "loss_mask": F(fitted[1])})
         elif kind == "regression" or (kind == "any_scored" and rfmt == "helpsteer2"):
-            fitted = _fit(*render_reward(tokenizer, template, rec.prompt, rec.response), max_length, overlong, counts)
+            fitted = fit_to_length(*render_reward(tokenizer, template, rec.prompt, rec.response), max_length, overlong, counts)
             if not fitted:
                 continue
             labels = [rec.attributes.get(a) for a in attributes]
@@ -509,8 +512,8 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
             # a reward model reads a pair as it scores it; a policy (DPO) ends with EOS except
             # under an explicit extra_id template, which keeps the template's own end
             end = "extra_id" if (reward_model or kind == "any_scored" or template == "extra_id") else "eos"
-            c = _fit(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts)
-            r = _fit(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong, counts)
+            c = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts)
+            r = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong, counts)
             if not c or not r:
                 continue
             if packing and kind == "pairs":  # a pair is packed into one bin of max_length tokens
@@ -522,8 +525,6 @@ def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = 
                         "rejected_loss_mask": F(r[1]), "strength": float(rec.strength), "margin": rec.margin,
                         "reward_gap": rec.reward_gap, "subset": rec.subset or "", "line": lineno})
         elif kind == "prompts":
-            from aligner.data.formats import prompt_of
-
             p = prompt_of(rec)
             if p.label:  # SteerLM: the attribute turn after the assistant header, as in training
                 _check_labels_render(tokenizer, template, f"{path}:{lineno}")

@@ -46,16 +46,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from aligner.data.datasets import load_dataset, resolve_template
 from aligner.evaluation.overoptimization import combine_ensemble, fit_form, mean_and_se, pearson
+from aligner.evaluation.sampling import build_reward_source, response_logps, sample_responses, score
+from aligner.rollout import RolloutEngine
 from aligner.runtime import get_logger, is_rank0
 from aligner.training.algorithm import StepContext, StepHook
+from aligner.training.roles import ReferencePolicy
 
 log = get_logger(__name__)
 
 
 class GoldProxyMonitor(StepHook):
     """The monitor (module docstring). section: a ``monitor`` config section (dict-like:
-    aligner.training.config.MonitorSection); tokenizer: the policy's; template: the
+    aligner.evaluation.config.MonitorSection); tokenizer: the policy's; template: the
     data-layer template the policy's prompts are rendered with; model_cfg: the policy's
     architecture."""
 
@@ -75,10 +79,6 @@ class GoldProxyMonitor(StepHook):
     def setup(self, loop) -> None:
         """Prompts, reward sources and the initial model (the loop's models hold the initial
         weights now: before any resume)."""
-        from aligner.data import load_dataset
-        from aligner.evaluation.sampling import build_reward_source
-        from aligner.training.roles import ReferencePolicy
-
         s = self.s
         prompts = load_dataset(s.prompts, kind="prompts", tokenizer=self.tokenizer, template=self.template,
                                max_length=self.model_cfg.max_position_embeddings)
@@ -92,15 +92,13 @@ class GoldProxyMonitor(StepHook):
         if len(s.proxy):
             self.proxies = [build_reward_source(spec, self.tokenizer, mbs) for spec in s.proxy]
         else:
-            own = getattr(loop.algorithm, "reward_source", None)
-            if own is None:
-                own = getattr(getattr(loop.algorithm, "maker", None), "reward", None)
+            own = loop.algorithm.reward_source
             if own is None:
                 raise ValueError(f"monitor.proxy is empty and the {loop.algorithm.name} algorithm has no training"
                                  " reward to use as proxy: set monitor.proxy (e.g. [{kind: model, path: RM}])")
             self.proxies = [own]
         self.gold = build_reward_source(s.gold, self.tokenizer, mbs)
-        reference = getattr(loop.roles, "reference", None)
+        reference = loop.roles.reference
         self.reference = reference if reference is not None else ReferencePolicy(loop.policy.chunks, "host")
         self.out = Path(loop.out_dir) / "best_gold"
         if is_rank0():
@@ -124,9 +122,6 @@ class GoldProxyMonitor(StepHook):
     def measure(self, loop) -> Dict[str, List[float]]:
         """Per-sample values of the policy now (gathered over data-parallel ranks): proxy
         (combined), each proxy member, gold, log-ratio to the initial model, length."""
-        from aligner.evaluation.sampling import response_logps, sample_responses, score
-        from aligner.rollout import RolloutEngine
-
         s = self.s
         policy = loop.policy
         if self.engine is None:
@@ -137,7 +132,6 @@ class GoldProxyMonitor(StepHook):
             # seeds by global prompt position: the same draws at any data-parallel size
             samples = sample_responses(self.engine, local, s.samples_per_prompt, max_new_tokens=s.max_new_tokens,
                                        seed=s.seed, stop_token_ids=[self.tokenizer.eos_id],
-                                       pad_multiple=8 * ps.get_tensor_model_parallel_world_size(),
                                        first_index=first)
             members = torch.stack([score(p, samples, loop.step) for p in self.proxies])
             proxy, var = combine_ensemble(members, str(s.ensemble), s.ensemble_lambda)
@@ -257,8 +251,6 @@ def _gather_dp(values: Dict[str, List[float]]) -> Dict[str, List[float]]:
 
 def build_monitor(cfg, tokenizer, model_cfg) -> Optional[GoldProxyMonitor]:
     """The monitor of a composed run config (``cfg.monitor``), or None when it is off."""
-    from aligner.data.datasets import resolve_template
-
     section = cfg.monitor
     if not section.enabled:
         return None

@@ -23,6 +23,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from aligner.evaluation.regression_metrics import pearson_from_sums
+
 FORMS = ("rl", "bon")
 
 
@@ -182,8 +184,6 @@ def best_of_n(proxy: torch.Tensor, gold: torch.Tensor, n: int) -> Dict[str, floa
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     """Pearson correlation of two [n] tensors (NaN for n < 2 or a constant side)."""
-    from aligner.algorithms.regression_metrics import pearson_from_sums
-
     x, y = x.double().flatten(), y.double().flatten()
     return pearson_from_sums(float(x.numel()), float(x.sum()), float(y.sum()), float((x * x).sum()),
                              float((y * y).sum()), float((x * y).sum()))

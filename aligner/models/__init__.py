@@ -1,38 +1,34 @@
 """aligner.models: the GPT policy / reward / value model on megatron-core, HF in and out,
-log-probs, training checkpoints."""
-from aligner.models.checkpoint import find_latest, load_checkpoint, save_checkpoint
-from aligner.models.config import ModelConfig, UnsupportedModelError
-from aligner.models.gpt import (
-    attention_mask_from_padding,
-    build_model,
-    packed_attention_mask,
-    packed_position_ids,
-    position_ids_from_padding,
-    reward_at_last_token,
-    unwrap_model,
-)
-from aligner.models.hf import CheckpointError, export_hf, from_pretrained, load_hf_weights
-from aligner.models.logprobs import masked_mean, token_entropy, token_logprobs
+log-probs, training checkpoints.
+
+The names below load their module on first use (:func:`aligner.runtime.lazy_exports`):
+``aligner.models.config`` imports without torch or megatron-core, so the config checks
+stay fast.
+"""
+from aligner.runtime import lazy_exports
+
+_EXPORTS = {
+    "find_latest": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "ModelConfig": "config",
+    "UnsupportedModelError": "config",
+    "attention_mask_from_padding": "gpt",
+    "build_model": "gpt",
+    "packed_attention_mask": "gpt",
+    "packed_position_ids": "gpt",
+    "position_ids_from_padding": "gpt",
+    "reward_at_last_token": "gpt",
+    "unwrap_model": "gpt",
+    "CheckpointError": "hf",
+    "export_hf": "hf",
+    "from_pretrained": "hf",
+    "load_hf_weights": "hf",
+    "masked_mean": "logprobs",
+    "token_entropy": "logprobs",
+    "token_logprobs": "logprobs",
+}
 
 
-__all__ = [
-    "CheckpointError",
-    "ModelConfig",
-    "UnsupportedModelError",
-    "attention_mask_from_padding",
-    "build_model",
-    "export_hf",
-    "find_latest",
-    "from_pretrained",
-    "load_checkpoint",
-    "load_hf_weights",
-    "masked_mean",
-    "packed_attention_mask",
-    "packed_position_ids",
-    "position_ids_from_padding",
-    "reward_at_last_token",
-    "save_checkpoint",
-    "token_entropy",
-    "token_logprobs",
-    "unwrap_model",
-]
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aligner.models.gpt import unwrap_model
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -45,8 +47,6 @@ def _barrier() -> None:
 
 
 def _unwrap(m):
-    from aligner.models.gpt import unwrap_model
-
     return unwrap_model(m)
 
 

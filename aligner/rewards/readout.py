@@ -2,12 +2,18 @@
 make the scalar reward, and the template its rows are rendered with — from what the export
 recorded (config.json ``id2label``, ``aligner_config.json``), or from options that override
 it (docs/reward_models.md). Shared by ``aligner rm``, ``aligner eval``, ``aligner generate``
-and the monitor's reward specs."""
+and the monitor's reward specs; :func:`load_reward_model` loads one for scoring."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Sequence
 
+import torch
+
+from aligner.data.formats import HELPSTEER2_ATTRIBUTES
+from aligner.parallel import ParallelConfig, initialize, is_initialized
+from aligner.rewards.weights import REWARDBENCH_WEIGHTS_70B, combine_attributes
 from aligner.runtime import UserError
 
 
@@ -32,10 +38,6 @@ class RewardReadout:
 
     def rewards(self, outputs):
         """[n, N] head outputs -> [n] scalar rewards."""
-        import torch
-
-        from aligner.rewards.weights import combine_attributes
-
         return combine_attributes(outputs.double(), torch.tensor(self.weights, dtype=torch.float64))
 
 
@@ -45,8 +47,7 @@ def reward_readout(model_dir: str, num_outputs: int, *, attributes: Optional[Seq
     """The names, weights and template to score with ``model_dir``'s head of ``num_outputs``
     outputs (see the module docstring); a :class:`ScoringError` naming the option when one
     does not match the head."""
-    from aligner.rewards.weights import REWARDBENCH_WEIGHTS_70B
-    from aligner.data.formats import HELPSTEER2_ATTRIBUTES
+    # the export's records are read by the models layer (megatron-core): loaded on first use
     from aligner.models.hf import read_export_metadata
 
     meta = read_export_metadata(model_dir)
@@ -92,3 +93,25 @@ def reward_readout(model_dir: str, num_outputs: int, *, attributes: Optional[Seq
         raise ScoringError(f"the head of {model_dir} has {num_outputs} outputs {names} and records no reward"
                            " weights: pass --reward-attribute NAME or --attribute-weights W1 ... WN")
     return RewardReadout(names, weights, template or meta.get("template") or "auto", source)
+
+
+def load_reward_model(path: str, tp: int = 1, pp: int = 1):
+    """An HF reward-model folder at the layout ``tp`` x ``pp`` (initialised here unless it
+    exists): ``(chunks, model config, head outputs)``."""
+    # the model code is megatron-core: loaded when a reward model is, not with this module
+    from aligner.models import ModelConfig, from_pretrained
+    from aligner.models.hf import head_outputs
+
+    if not (Path(path) / "config.json").is_file():
+        raise ScoringError(f"{path}: not an HF model folder (no config.json)")
+    cfg = ModelConfig.from_hf(path)
+    if not is_initialized():
+        initialize(
+            ParallelConfig(tp=tp, pp=pp),
+            num_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_query_groups=cfg.num_query_groups,
+        )
+    num_outputs = head_outputs(path)
+    models, cfg = from_pretrained(path, head="reward", num_outputs=num_outputs)
+    return models, cfg, num_outputs

@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from aligner.data.datasets import render_extra_id
 from aligner.data.formats import Conversation, split_prompt_turns
+from aligner.data.tokenizer import load_tokenizer
+from aligner.data.world import ATTRS, score_response
+from aligner.training.roles import FrozenRole
 
 
 class RewardError(RuntimeError):
@@ -89,6 +94,7 @@ class RewardSource:
 
     name = "reward"
     attributes: Optional[List[str]] = None
+    role = None  # the frozen role of a source that holds a model (aligner.training.roles.FrozenRole)
 
     def score(self, batch: RewardBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise NotImplementedError
@@ -154,15 +160,11 @@ class WorldScorer(RewardSource):
     name = "world"
 
     def __init__(self, attribute_weights: Optional[Sequence[float]] = None, reward_attribute: str = "helpfulness"):
-        from aligner.data.world import ATTRS
-
         self.attributes = list(ATTRS)
         self.weights = list(attribute_weights) if attribute_weights is not None else None
         self.reward_attribute = reward_attribute
 
     def score(self, batch):
-        from aligner.data.world import score_response
-
         rows = []
         for i, (meta, text) in enumerate(zip(batch.metadata, batch.responses)):
             if "answer" not in meta or "family" not in meta:
@@ -187,11 +189,9 @@ class RewardModel(RewardSource):
     def __init__(self, path: str, tokenizer=None, attributes: Optional[Sequence[str]] = None,
                  attribute_weights: Optional[Sequence[float]] = None, reward_attribute: Optional[str] = None,
                  micro_batch_size: int = 8, max_length: Optional[int] = None, params_dtype=torch.float32):
-        from pathlib import Path
-
-        from aligner.data import load_tokenizer
-        from aligner.models import from_pretrained
-        from aligner.training.roles import FrozenRole
+        # the model code is megatron-core: loaded with the first reward model, not with the
+        # reward kinds (which config checks read)
+        from aligner.models.hf import from_pretrained
 
         self.name = f"model {path}"
         self.path = path
@@ -218,8 +218,6 @@ class RewardModel(RewardSource):
         self.max_length = max_length or self.model_cfg.max_position_embeddings
 
     def render(self, batch: RewardBatch, i: int) -> torch.Tensor:
-        from aligner.data.datasets import render_extra_id
-
         tokens, _ = render_extra_id(self.tokenizer, batch.conversation(i), batch.responses[i], end="extra_id")
         if len(tokens) > self.max_length:
             # keep the response and the end of the prompt: the score is read at the last token
@@ -227,7 +225,7 @@ class RewardModel(RewardSource):
         return torch.tensor(tokens, dtype=torch.long)
 
     def score(self, batch):
-        from aligner.training.scoring import score_sequences
+        from aligner.training.scoring import score_sequences  # megatron-core's schedule: see __init__
 
         sequences = [self.render(batch, i) for i in range(len(batch))]
         values = score_sequences(self.role.chunks, sequences, self.tokenizer.pad_id, self.micro_batch_size)
@@ -253,30 +251,3 @@ def _head_outputs(chunks) -> int:
         dist.broadcast_object_list(n, src=ps.get_pipeline_model_parallel_last_rank(),
                                    group=ps.get_pipeline_model_parallel_group())
     return int(n[0])
-
-
-def build_reward(kind: str, *, path: Optional[str] = None, function: Optional[str] = None, tokenizer=None,
-                 attributes: Optional[Sequence[str]] = None, attribute_weights: Optional[Sequence[float]] = None,
-                 reward_attribute: Optional[str] = "helpfulness", micro_batch_size: int = 8,
-                 max_length: Optional[int] = None, answer_field: str = "answer",
-                 format_reward: float = 0.0) -> RewardSource:
-    """A reward source by kind: ``model`` (``path``: HF folder), ``world``, ``function``
-    (``function``: ``package.module:function``), ``exact_answer`` (the prompt row's
-    ``answer_field`` against the response's stated answer, plus ``format_reward``)."""
-    if kind == "model":
-        if not path:
-            raise ValueError("reward kind 'model' needs a path (an HF reward-model folder)")
-        return RewardModel(path, tokenizer, attributes, attribute_weights, reward_attribute, micro_batch_size,
-                           max_length)
-    if kind == "world":
-        return WorldScorer(attribute_weights, reward_attribute or "helpfulness")
-    if kind == "function":
-        if not function:
-            raise ValueError("reward kind 'function' needs function: 'package.module:function'")
-        return FunctionReward(function, attributes, attribute_weights, reward_attribute)
-    if kind == "exact_answer":
-        from aligner.rewards.verifiable import ExactAnswerReward
-
-        return ExactAnswerReward(answer_field, format_reward)
-    raise ValueError(f"reward kind {kind!r}: expected 'model', 'world', 'function' or 'exact_answer'")
-

@@ -20,13 +20,14 @@ from typing import List, Optional, Pattern, Sequence
 
 import torch
 
+from aligner.data.world import ANSWER
 from aligner.rewards.sources import RewardBatch, RewardError, RewardSource, check_scores
 
 
 def stated_answer(response: str, pattern: Optional[Pattern] = None) -> Optional[str]:
     """The last answer ``response`` states (``The answer is X.``), stripped; None if none."""
     if pattern is None:
-        from aligner.data.world import ANSWER as pattern
+        pattern = ANSWER
     found = pattern.findall(response)
     return found[-1].strip() if found else None
 

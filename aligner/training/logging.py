@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
+from aligner.files import atomic_write_text
 from aligner.runtime import get_logger, is_rank0
+from aligner.training.run_folder import wandb_run_id
 
 log = get_logger(__name__)
 
@@ -55,8 +56,6 @@ class MetricsLogger:
         if wandb_project:
             import wandb  # an explicit request: a missing package is an error
 
-            from aligner.training.run_folder import wandb_run_id
-
             run_id = wandb_run_id(self.out_dir, resume=resume_step is not None)
             self._wandb = wandb.init(project=wandb_project, name=wandb_name, config=config, id=run_id,
                                      resume="allow", dir=str(self.out_dir))
@@ -85,9 +84,7 @@ class MetricsLogger:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= resume_step
         ]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:

@@ -26,6 +26,7 @@ from typing import Any, List, Optional, Tuple
 
 import yaml
 
+from aligner.files import atomic_write_text
 from aligner.runtime import UserError, get_logger
 
 CONFIG_FILE = "config.yaml"
@@ -98,7 +99,7 @@ def recorded_config(out_dir) -> Optional[dict]:
 
 def holds_run(out_dir) -> bool:
     """Whether ``out_dir`` holds a run that can be resumed (a complete checkpoint)."""
-    from aligner.models.checkpoint import find_latest
+    from aligner.models.checkpoint import find_latest  # megatron-core: loaded when a run folder is checked
 
     root = Path(out_dir) / "checkpoints"
     return root.is_dir() and find_latest(root) is not None
@@ -120,8 +121,6 @@ def check_resume(out_dir, config: dict, resume: bool) -> bool:
     flat_recorded, flat_config = _flatten(recorded), _flatten(config)
     for key in EXTENDABLE_KEYS:
         if flat_recorded.get(key) != flat_config.get(key):
-            from aligner.runtime import get_logger
-
             get_logger(__name__).warning(
                 f"{key} changes from {flat_recorded.get(key)!r} to {flat_config.get(key)!r} on resume: the run"
                 f" continues to the new length with the recorded LR schedule (a decaying LR stays at optim.min_lr"
@@ -158,11 +157,7 @@ def start_fresh(out_dir) -> List[str]:
 
 def write_config(out_dir, config_yaml: str) -> None:
     """Record the run's composed config (``config.yaml``), atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(config_yaml)
-    tmp.replace(out / CONFIG_FILE)
+    atomic_write_text(Path(out_dir) / CONFIG_FILE, config_yaml)
 
 
 def wandb_run_id(out_dir, resume: bool) -> str:

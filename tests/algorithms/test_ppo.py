@@ -203,7 +203,7 @@ del random
 
 
 def _tiny_experience():
-    from aligner.algorithms.experience import Experience
+    from aligner.algorithms.online import Experience
 
     tokens = torch.arange(1, 13).reshape(2, 6)
     mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.float32)
@@ -216,13 +216,14 @@ def _tiny_experience():
 
 @pytest.mark.parametrize("mode", ["keep", "mask", "penalize"])
 def test_truncated_responses(mode):
+    from aligner.algorithms.online import RolloutShape
     from aligner.algorithms.ppo import PPOAlgorithm, PPOSection
     from aligner.parallel import ParallelConfig, initialize
     from aligner.training.algorithm import StepContext
 
     initialize(ParallelConfig(seed=1))
     algo = PPOAlgorithm(PPOSection(truncated=mode, truncated_reward=-1.0, whiten_advantages=False, gamma=1.0,
-                                   lam=1.0), maker=None, rollout_buffer=2)
+                                   lam=1.0), maker=None, shape=RolloutShape(2, 1, 2, 1))
     context = StepContext(roles=None, step=0, samples=[], local_samples=[], micro_batch_size=2, seed=0)
     extra = algo.advantages(context, _tiny_experience())
     # γ = λ = 1, V = 0, no KL: every response token's advantage is the sequence's score
@@ -237,7 +238,7 @@ def test_truncated_responses(mode):
 
 def test_target_kl_stops_the_epochs(assets, tmp_path):
     _, result = _fit(ppo_config(assets, str(tmp_path / "run"), trainer={"max_steps": 1},
-                                ppo={"ppo_epochs": 3, "mini_batch_size": 4, "target_kl": 1e-9}))
+                                ppo={"epochs": 3, "mini_batch_size": 4, "target_kl": 1e-9}))
     m = result["train"]
     # the first update moves the policy; the second mini-batch's approximate KL exceeds 1e-9
     assert m["early_stop"] == 1.0 and m["updates"] == 2.0

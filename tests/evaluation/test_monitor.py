@@ -167,7 +167,7 @@ def _dpo_config(assets, tmp_path, out, monitor):
 
 
 def test_monitor_on_a_dpo_run_with_an_ensemble_proxy_leaves_training_unchanged(assets, tmp_path):
-    from aligner.algorithms.trainers import DPOTrainer
+    from aligner.algorithms.dpo import DPOTrainer
     from aligner.parallel import destroy
 
     proxies = [{"kind": "model", "path": assets["rm"], "reward_attribute": "LABEL_0"}, GOLD]

@@ -209,10 +209,13 @@ class _BaseTrainer:
         if c.monitor.enabled:
             if not Path(c.monitor.prompts).is_file():
                 raise ConfigError(f"monitor.prompts = {c.monitor.prompts!r}: no such file")
+            from aligner.rewards import check_reward_source
+
             for i, spec in enumerate(list(c.monitor.proxy) + [c.monitor.gold]):
                 name = f"monitor.proxy[{i}]" if i < len(c.monitor.proxy) else "monitor.gold"
-                if spec.kind == "model" and not (Path(spec.path) / "config.json").is_file():
-                    raise ConfigError(f"{name}.path = {spec.path!r}: not an HF reward-model folder")
+                check_reward_source(name, spec.kind, path=spec.path, function=spec.function,
+                                    attribute_weights=spec.attribute_weights, reward_attribute=spec.reward_attribute,
+                                    prompts=c.monitor.prompts)
         self.check_data_rows()
         if c.data.tokenizer is None and c.init.hf is None:
             raise ConfigError("data.tokenizer is not set and there is no init.hf to take the tokenizer from",
@@ -640,7 +643,7 @@ class OnlineTrainer(_BaseTrainer):
                               attributes=list(r.attributes) if r.attributes else None,
                               attribute_weights=list(r.attribute_weights) if r.attribute_weights is not None
                               else None, reward_attribute=r.reward_attribute, micro_batch_size=r.micro_batch_size,
-                              answer_field=r.answer_field, format_reward=r.format_reward)
+                              answer_field=r.answer_field, format_reward=r.format_reward, where=f"{self.key}.reward")
         if getattr(reward, "role", None) is not None:
             roles.add(reward.role)
         g = s.generation
@@ -670,6 +673,12 @@ class OnlineTrainer(_BaseTrainer):
         error names the file, the line and the field)."""
         super().check_data_rows()
         r = self.section().reward
+        from aligner.rewards import check_reward_source
+
+        check_reward_source(f"{self.key}.reward", str(r.kind), path=r.path, function=r.function,
+                            attributes=list(r.attributes) if r.attributes else None,
+                            attribute_weights=r.attribute_weights, reward_attribute=r.reward_attribute,
+                            prompts=self.cfg.data.train)
         if r.kind != _RewardKind.exact_answer:
             return
         from aligner.data.datasets import iter_json_objects

@@ -259,10 +259,11 @@ def main(argv: Optional[list] = None) -> int:
     if args.reward_model:
         if not _is_hf_dir(args.reward_model):
             return _fail(f"--reward-model {args.reward_model}: not a HF folder (no config.json)")
-        from aligner.cli.rm import ScoringError, reward_readout
+        from aligner.cli.rm import ScoringError, require_reward_head, reward_readout
         from aligner.models.hf import head_outputs
 
-        try:  # names and weights that do not fit the head fail before any generation
+        try:  # a folder without a reward head, names and weights that do not fit it: before any generation
+            require_reward_head(args.reward_model, f"--reward-model {args.reward_model}")
             readout = reward_readout(args.reward_model, head_outputs(args.reward_model),
                                      reward_attribute=args.reward_attribute,
                                      attribute_weights=args.attribute_weights, template=args.reward_template)

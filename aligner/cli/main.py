@@ -6,8 +6,10 @@ status 2: a usage error, an unknown command, a command whose module (or a packag
 needs) is not installed, or a user error (config, path, data, checkpoint, layout): one
 ``aligner <command>: error: ...`` line (and a ``hint:`` line where one helps), printed by
 global rank 0 only, no traceback. ``--debug`` (anywhere before ``--``) or
-``ALIGNER_DEBUG=1`` shows the traceback instead. Any other exception is an internal error
-and keeps its traceback.
+``ALIGNER_DEBUG=1`` shows the traceback instead. A failing reward source (a reward function
+that raises or returns something else than one finite score per response) is reported the
+same way, by the rank that met it. Any other exception is an internal error and keeps its
+traceback.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import time
 import warnings
 from typing import List, Optional
 
-from aligner.runtime import UserError, is_rank0, setup_logging
+from aligner.runtime import UserError, global_rank, is_rank0, setup_logging
 
 RANK0_REPORT_S = 3.0  # how long other ranks wait before exiting after a user error
 
@@ -30,6 +32,7 @@ USER_ERROR_TYPES = (
     ("aligner.parallel.state", "LayoutError"),
     ("aligner.models.config", "UnsupportedModelError"),
     ("aligner.models.hf", "CheckpointError"),
+    ("aligner.rewards.sources", "RewardError"),
 )
 
 # command -> (module under aligner.cli, one-line description)
@@ -88,10 +91,15 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def report_user_error(command: str, exc: BaseException) -> None:
-    """``aligner <command>: error: <message>`` (+ ``hint: ...``) on stderr, on global rank 0."""
-    if not is_rank0():
+    """``aligner <command>: error: <message>`` (+ ``hint: ...``) on stderr, on global rank 0
+    (every rank meets the same mistake in what was given); an error that one rank may meet
+    alone (``report_on_any_rank``: a reward source failing on that rank's samples) on the
+    rank that met it, named there."""
+    if not is_rank0() and not getattr(exc, "report_on_any_rank", False):
         return
     message = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+    if not is_rank0():
+        message = f"(rank {global_rank()}) {message}"
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) and exc.filename:
         message = f"{exc.filename}: {exc.strerror or message}"
     print(f"aligner {command}: error: {message}", file=sys.stderr)

@@ -36,8 +36,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from aligner.rewards.readout import RewardReadout, ScoringError, reward_readout  # noqa: F401  (used by the rm / eval / generate commands)
-from aligner.runtime import is_rank0
+from aligner.rewards.readout import (  # noqa: F401  (used by the rm / eval / generate commands)
+    RewardReadout,
+    ScoringError,
+    require_reward_head,
+    reward_readout,
+)
+from aligner.runtime import UserError, is_rank0
 
 
 def _load_rm(path: str, tp: int, pp: int):
@@ -45,8 +50,7 @@ def _load_rm(path: str, tp: int, pp: int):
     from aligner.models.hf import head_outputs
     from aligner.parallel import ParallelConfig, initialize, is_initialized
 
-    if not (Path(path) / "config.json").is_file():
-        raise ScoringError(f"{path}: not an HF model folder (no config.json)")
+    require_reward_head(path)  # a causal LM's folder would be scored by an untrained head
     cfg = ModelConfig.from_hf(path)
     if not is_initialized():
         initialize(
@@ -151,7 +155,16 @@ def expo(weak: str, strong: str, out: str, alpha: float) -> Path:
             sd.update(load_file(str(f)))
         return sd
 
-    merged = expo_extrapolate(state(weak), state(strong), alpha)
+    from aligner.cli.options import finite
+
+    finite("--alpha", alpha)
+    try:
+        merged = expo_extrapolate(state(weak), state(strong), alpha)
+    except (KeyError, ValueError) as exc:  # checkpoints of other architectures or heads
+        message = exc.args[0] if exc.args else str(exc)
+        raise UserError(f"{weak} and {strong}: {message}",
+                        hint="ExPO extrapolates between two checkpoints of one architecture and head (the"
+                             " regression reward model and the BT model trained from it)") from None
     out_dir = Path(out)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -181,6 +194,11 @@ def _add_readout_options(p) -> None:
 
 
 def readout_options(args) -> dict:
+    """The reward-model options of ``args`` as keyword arguments (a batch of no rows is
+    refused here, before any model is loaded; names and weights by :func:`reward_readout`)."""
+    from aligner.cli.options import at_least
+
+    at_least("--micro-batch-size", args.micro_batch_size, 1)
     return dict(tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer,
                 template=args.template, attributes=args.attributes, reward_attribute=args.reward_attribute,
                 attribute_weights=args.attribute_weights)

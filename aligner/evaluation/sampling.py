@@ -99,11 +99,17 @@ def response_logps(run_schedule, chunks, samples: Samples, micro_batch_size: int
 def parse_reward_spec(text: str, option: str = "--reward"):
     """A reward given on a command line as a :class:`aligner.training.config.RewardSpec`:
     ``world`` (or ``world:ATTRIBUTE``: the world's scorer, helpfulness by default), an HF
-    reward-model folder, or ``package.module:function``."""
+    reward-model folder, or ``package.module:function``. A ConfigError naming ``option``
+    for text that is none of these, or an attribute the world's scorer does not have."""
+    from aligner.data.world import ATTRS
     from aligner.training.config import ConfigError, RewardKind, RewardSpec
 
     if text == "world" or text.startswith("world:"):
-        return RewardSpec(kind=RewardKind.world, reward_attribute=text.partition(":")[2] or "helpfulness")
+        attribute = text.partition(":")[2] or "helpfulness"
+        if attribute not in ATTRS:
+            raise ConfigError(f"{option} {text!r}: {attribute!r} is not an attribute of the world's scorer;"
+                              f" expected world or world:ATTRIBUTE with ATTRIBUTE one of {', '.join(ATTRS)}")
+        return RewardSpec(kind=RewardKind.world, reward_attribute=attribute)
     if Path(text).is_dir():
         return RewardSpec(kind=RewardKind.model, path=text)
     if ":" in text and not text.startswith(("/", ".")):
@@ -112,10 +118,11 @@ def parse_reward_spec(text: str, option: str = "--reward"):
                       + (" (no such folder)" if "/" in text else ""))
 
 
-def build_reward_source(spec, tokenizer=None, micro_batch_size: int = 8) -> RewardSource:
+def build_reward_source(spec, tokenizer=None, micro_batch_size: int = 8, where: str = "reward") -> RewardSource:
     """The reward source of a :class:`aligner.training.config.RewardSpec` (or a dict of its
     fields). A reward model without ``attribute_weights`` / ``reward_attribute`` is read as
-    ``aligner rm score`` reads it: the weights its training recorded (aligner.rewards.readout.reward_readout)."""
+    ``aligner rm score`` reads it: the weights its training recorded (aligner.rewards.readout.reward_readout).
+    where: the option or config key that gave the spec, named by its errors."""
     from aligner.rewards import build_reward
 
     get = spec.get if isinstance(spec, dict) else (lambda k, d=None: getattr(spec, k, d))
@@ -127,7 +134,7 @@ def build_reward_source(spec, tokenizer=None, micro_batch_size: int = 8) -> Rewa
         from aligner.rewards.readout import reward_readout
         from aligner.rewards import RewardModel
 
-        source = RewardModel(str(get("path")), tokenizer, None, weights, attribute, micro_batch_size)
+        source = RewardModel(str(get("path")), tokenizer, None, weights, attribute, micro_batch_size, where=where)
         if weights is None and attribute is None and source.num_outputs > 1:
             readout = reward_readout(str(get("path")), source.num_outputs)
             source.attributes, source.weights = list(readout.names), list(readout.weights)
@@ -136,7 +143,7 @@ def build_reward_source(spec, tokenizer=None, micro_batch_size: int = 8) -> Rewa
             source.attributes, source.weights = list(readout.names), list(readout.weights)
         return source
     return build_reward(kind, function=get("function"), tokenizer=tokenizer, attribute_weights=weights,
-                        reward_attribute=attribute or "helpfulness", micro_batch_size=micro_batch_size)
+                        reward_attribute=attribute or "helpfulness", micro_batch_size=micro_batch_size, where=where)
 
 
 def score(source: RewardSource, samples: Samples, step: int = 0) -> torch.Tensor:

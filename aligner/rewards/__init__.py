@@ -17,7 +17,10 @@ has attributes:
   of attribute scores per response.
 
 A source that raises, returns the wrong number of scores or a non-finite score is a
-:class:`RewardError` naming the source, the training step and the sample.
+:class:`RewardError` naming the source, the training step and the sample. What can be
+checked before a run starts — a folder without a trained reward head, output names that
+differ from those its export records, a function that does not import, prompts the
+world's scorer cannot judge — is a :class:`ScoringError` (:func:`check_reward_source`).
 """
 from aligner.rewards.sources import (  # noqa: F401
     FunctionReward,
@@ -27,9 +30,14 @@ from aligner.rewards.sources import (  # noqa: F401
     RewardSource,
     WorldScorer,
     build_reward,
+    check_reward_source,
     check_scores,
+    check_world_prompts,
+    reward_model_outputs,
 )
+from aligner.rewards.readout import ScoringError, require_reward_head  # noqa: F401
 from aligner.rewards.verifiable import ExactAnswerReward, exact_answer_scores, stated_answer  # noqa: F401
 
-__all__ = ["ExactAnswerReward", "FunctionReward", "RewardBatch", "RewardError", "RewardModel", "RewardSource", "WorldScorer",
-           "build_reward", "check_scores", "exact_answer_scores", "stated_answer"]
+__all__ = ["ExactAnswerReward", "FunctionReward", "RewardBatch", "RewardError", "RewardModel", "RewardSource",
+           "ScoringError", "WorldScorer", "build_reward", "check_reward_source", "check_scores", "check_world_prompts",
+           "exact_answer_scores", "require_reward_head", "reward_model_outputs", "stated_answer"]

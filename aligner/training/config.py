@@ -271,7 +271,8 @@ class MonitorSection:
     (``gold``), the sampled KL of the policy to the initial model and d = sqrt(KL), the
     response length and the proxy-length correlation. Several proxies combine by
     ``ensemble`` (``mean``, ``min``, ``mean_minus_var`` with ``ensemble_lambda``).
-    ``warn_drop``: warn once gold is this far below its best while the proxy still rises;
+    ``warn_drop``: warn once gold is this far below its best (and beyond two standard errors
+    of the paired drop) while the proxy still rises;
     ``keep_best_gold``: the policy with the best gold in ``<out_dir>/best_gold/``;
     ``early_stop``: stop training when the warning fires.
     """

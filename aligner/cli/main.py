@@ -9,19 +9,22 @@ global rank 0 only, no traceback. ``--debug`` (anywhere before ``--``) or
 ``ALIGNER_DEBUG=1`` shows the traceback instead. A failing reward source (a reward function
 that raises or returns something else than one finite score per response) is reported the
 same way, by the rank that met it. Any other exception is an internal error and keeps its
-traceback.
+traceback. Ctrl-C and SIGTERM stop a command with one line (for training: the checkpoint
+it can resume from, see :mod:`aligner.training.loop`) and exit status 130 / 143.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import List, Optional
 
-from aligner.runtime import UserError, global_rank, is_rank0, setup_logging
+from aligner.runtime import RunStopped, UserError, global_rank, is_rank0, raise_on_sigterm, setup_logging
 
 RANK0_REPORT_S = 3.0  # how long other ranks wait before exiting after a user error
 
@@ -148,8 +151,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = _load(name)
     if module is None:
         return 2
+    previous = _stop_on_sigterm()
     try:
         return int(module.main(rest) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which says where to resume)
+        return _report_stop(name, RunStopped("interrupted (Ctrl-C)", signal.SIGINT), debug)
+    except RunStopped as exc:
+        return _report_stop(name, exc, debug)
     except SystemExit as exc:  # argparse's --help / usage errors inside the command
         code = exc.code
         if code is None or isinstance(code, int):
@@ -165,6 +173,29 @@ def main(argv: Optional[List[str]] = None) -> int:
             # exits, so the others give rank 0 a moment to print the message
             time.sleep(RANK0_REPORT_S)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM stops the command as Ctrl-C does (:func:`aligner.runtime.raise_on_sigterm`)
+    instead of ending the process silently; returns the previous handler (None where
+    handlers cannot be set: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, raise_on_sigterm)
+
+
+def _report_stop(command: str, exc: RunStopped, debug: bool) -> int:
+    """``aligner <command>: <what stopped and where to resume>`` on rank 0; 128 + the signal."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    if is_rank0():
+        print(f"aligner {command}: {exc}", file=sys.stderr, flush=True)
+    return 128 + int(exc.signum)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,9 @@ class TrainerSection:
     val_interval / save_interval: every N steps (0: only at the end). keep_last: complete
     checkpoints kept (>= 1). out_dir: the run folder (``config.yaml``, ``checkpoints/``,
     ``metrics.jsonl``, ``hf/``); resume: continue the run found there (its config must
-    match, see docs/configuration.md), false: start afresh in it.
+    match, see docs/configuration.md), false: start afresh in it. save_on_signal: on
+    SIGTERM (what Slurm sends before a time limit) finish the current step and save a
+    checkpoint before stopping.
     """
 
     max_steps: int = 100
@@ -227,6 +229,7 @@ class TrainerSection:
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     wandb_name: Optional[str] = None
+    save_on_signal: bool = True
 
 
 class RewardKind(Choice):
@@ -438,8 +441,8 @@ def _check_values(merged: DictConfig) -> None:
     if t.max_steps == 0 or (t.max_steps < 0 and t.max_epochs is None):
         _fail("trainer.max_steps", t.max_steps, "expected >= 1, or < 0 with trainer.max_epochs set")
     o = merged.optim
-    if not o.lr > 0:
-        _fail("optim.lr", o.lr, "expected > 0")
+    if not o.lr >= 0:  # 0 is a legitimate setting: a parity check, an evaluation-only pass
+        _fail("optim.lr", o.lr, "expected >= 0")
     if not 0 <= o.min_lr <= o.lr:
         _fail("optim.min_lr", o.min_lr, f"expected 0 <= optim.min_lr <= optim.lr = {o.lr}")
     for key, lo, hi in (("beta1", 0.0, 1.0), ("beta2", 0.0, 1.0)):

@@ -18,12 +18,13 @@ data-parallel replica generates its share of the prompts; rank 0 writes the file
   HelpSteer2, pairs, RewardBench rows: their prompt) and render it as a generation prompt.
 - ``--attributes helpfulness=4,verbosity=1``: SteerLM steering (docs/steerlm.md). Every
   prompt is rendered with the attribute turn after the assistant header
-  (``<extra_id_1>Assistant\n<extra_id_2>helpfulness:4,correctness:4,...\n``), exactly as a
-  labelled row is rendered in SteerLM training; attributes not named take SteerLM's
-  inference defaults (4/4/4/2/2; ``--attribute-defaults`` sets others, ``''`` renders only
-  the named attributes, for a model conditioned on other ones). A prompt row's own ``label`` field (or a labelled
-  conversation's) wins over ``--attributes``. Needs the extra_id template (``--template
-  extra_id``, or ``auto`` with a tokenizer without a chat template).
+  (``<extra_id_1>Assistant\\n<extra_id_2>helpfulness:4,correctness:4,...\\n``),
+  exactly as a labelled row is rendered in SteerLM training; attributes not named take
+  SteerLM's inference defaults (4/4/4/2/2; ``--attribute-defaults`` sets others, ``''``
+  renders only the named attributes, for a model conditioned on other ones). A prompt
+  row's own ``label`` field (or a labelled conversation's) wins over ``--attributes``.
+  Needs the extra_id template (``--template extra_id``, or ``auto`` with a tokenizer
+  without a chat template).
 - ``--output``: jsonl of plain JSON values, one row per (prompt, sample) in prompt order:
   ``index``, ``sample``, ``seed``, ``prompt``, ``response``, ``prompt_tokens``,
   ``response_tokens``, ``logprobs`` (per response token, the policy's unmodified
@@ -255,6 +256,13 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_samples < 1:
         return _fail(f"--num-samples = {args.num_samples}: expected a positive integer")
+    from aligner.cli.options import at_least
+
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--reward-batch-size", args.reward_batch_size, 1)
+    at_least("--max-seq-len", args.max_seq_len, 2)
+    if not _is_hf_dir(args.model) and not Path(args.model).is_dir():
+        return _fail(f"--model {args.model}: neither a HF folder (config.json) nor a checkpoint directory")
     readout = None
     if args.reward_model:
         if not _is_hf_dir(args.reward_model):

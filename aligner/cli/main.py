@@ -40,11 +40,14 @@ USER_ERROR_TYPES = (
 
 # command -> (module under aligner.cli, one-line description)
 SUBCOMMANDS = {
-    "quickstart": ("quickstart", "the embedded end-to-end recipe: world -> SFT -> reward models -> DPO -> report"),
-    "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, recipes)"),
-    "data": ("data", "synthesise the embedded world; validate, inspect and pack data files"),
+    "quickstart": ("quickstart", "the embedded end-to-end recipe: world -> SFT -> reward models -> DPO -> RL"
+                                 " -> best-of-n -> report"),
+    "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, ppo,"
+                       " pg / rloo / grpo, steerlm2, recipes: --list)"),
+    "data": ("data", "synth the embedded world; validate, stats, pack data files; pairs: on-policy preference"
+                     " pairs"),
     "generate": ("generate", "generate responses for a prompts file (optionally scored by a reward model)"),
-    "rm": ("rm", "reward-model utilities: score a file, ExPO extrapolation"),
+    "rm": ("rm", "reward-model utilities: score a file, bon (best-of-n), SteerLM label, ExPO extrapolation"),
     "eval": ("eval", "evaluate reward models: RewardBench-format files, HelpSteer2 regression metrics"),
     "export": ("export", "training checkpoint -> Hugging Face folder"),
     "env": ("env", "print the software / hardware stack (paste it into bug reports)"),

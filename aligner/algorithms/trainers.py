@@ -209,7 +209,7 @@ class _BaseTrainer:
         if c.monitor.enabled:
             if not Path(c.monitor.prompts).is_file():
                 raise ConfigError(f"monitor.prompts = {c.monitor.prompts!r}: no such file")
-            from aligner.rewards import check_reward_source
+            from aligner.rewards import check_reward_source  # torch: loaded when a run is checked
 
             for i, spec in enumerate(list(c.monitor.proxy) + [c.monitor.gold]):
                 name = f"monitor.proxy[{i}]" if i < len(c.monitor.proxy) else "monitor.gold"
@@ -673,7 +673,7 @@ class OnlineTrainer(_BaseTrainer):
         error names the file, the line and the field)."""
         super().check_data_rows()
         r = self.section().reward
-        from aligner.rewards import check_reward_source
+        from aligner.rewards import check_reward_source  # torch: loaded when a run is checked
 
         check_reward_source(f"{self.key}.reward", str(r.kind), path=r.path, function=r.function,
                             attributes=list(r.attributes) if r.attributes else None,

@@ -112,7 +112,7 @@ def sample_and_score(policy: str, prompts_path: str, *, n: int, proxies: List[st
     for i, r in enumerate(rows):
         if int(r["prompt_tokens"].numel()) + max_new_tokens > cfg.max_position_embeddings:
             raise UserError(f"{prompts_path}: prompt {i + 1} has {int(r['prompt_tokens'].numel())} tokens; with"
-                             f" --max-new-tokens {max_new_tokens} it does not fit {cfg.max_position_embeddings}")
+                            f" --max-new-tokens {max_new_tokens} it does not fit {cfg.max_position_embeddings}")
     samples = sample_responses(engine, rows, n, max_new_tokens=max_new_tokens, seed=seed,
                                stop_token_ids=[tok.eos_id])
     members_t = torch.stack([score(source, samples) for source in sources[:len(proxies)]])

@@ -209,8 +209,8 @@ class GoldProxyMonitor(StepHook):
         if overoptimized:
             if self.warned_step is None:
                 self.warned_step = step
-            log.warning(f"monitor: reward over-optimisation at step {step}: gold {gold:.4f} is {drop:.4f} ± {drop_se:.4f}"
-                        f" below its best {self.best['gold']:.4f} (step {self.best['step']}) while the proxy rose from"
+            log.warning(f"monitor: reward over-optimisation at step {step}: gold {gold:.4f} is {drop:.4f}"
+                        f" ± {drop_se:.4f} below its best {self.best['gold']:.4f} (step {self.best['step']}) while the proxy rose from"
                         f" {self.best['proxy']:.4f} to {proxy:.4f} (d = {d:.3f}); the best-gold policy is in"
                         f" {self.out}")
             if s.early_stop and loop.stop_reason is None:

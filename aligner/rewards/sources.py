@@ -9,7 +9,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from aligner.data.datasets import iter_json_objects
 from aligner.data.formats import Conversation, split_prompt_turns
+from aligner.data.world import FAMILIES
 from aligner.rewards.readout import ScoringError, require_reward_head
 
 
@@ -292,7 +294,7 @@ def reward_model_outputs(path: str, attributes: Optional[Sequence[str]] = None,
     records (config.json ``id2label``) — they would relabel its outputs. Without
     ``attributes`` the recorded names (None if it records none); a one-output head needs no
     names. ``where``: the option or config section that gave the folder, for messages."""
-    from aligner.models.hf import head_outputs, read_export_metadata
+    from aligner.models.hf import head_outputs, read_export_metadata  # megatron-core: for the sources that read a model
 
     require_reward_head(path, _named(where, "path", path) if where else None)
     n_out = head_outputs(path)
@@ -362,9 +364,6 @@ def check_world_prompts(path: str, named: str) -> None:
     ``args``, as ``aligner data synth`` writes them), which the world's scorer needs; a
     :class:`ScoringError` naming the file and line of the first that does not (``named``:
     how the message names the option that chose the world's scorer)."""
-    from aligner.data.datasets import iter_json_objects
-    from aligner.data.world import FAMILIES
-
     for lineno, row in iter_json_objects(path):
         if not (row.get("family") in FAMILIES and isinstance(row.get("answer"), str)
                 and isinstance(row.get("args"), list)):

@@ -62,12 +62,14 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from aligner.models.checkpoint import find_latest
 from aligner.parallel import get_device
 from aligner.runtime import RunStopped
 from aligner.training.algorithm import Algorithm
 from aligner.training.batching import filler_microbatch, fill_rows, to_device
 from aligner.training.config import OptimSection, TrainerSection
 from aligner.training.logging import MetricsLogger, Progress
+from aligner.training.run_folder import recorded_result
 
 
 @contextlib.contextmanager
@@ -369,7 +371,7 @@ class TrainingLoop:
         )
 
     def maybe_resume(self) -> Optional[int]:
-        from aligner.models.checkpoint import find_latest, load_checkpoint
+        from aligner.models.checkpoint import load_checkpoint
 
         if not self.cfg.resume:
             return None
@@ -415,8 +417,6 @@ class TrainingLoop:
             raise RunStopped(self.resume_note(f"interrupted (Ctrl-C) at step {self.step}"), signal.SIGINT) from None
 
     def _fit(self) -> Dict[str, Any]:
-        from aligner.training.run_folder import recorded_result
-
         # before the resume: setup sees the initial weights (e.g. DPO's reference model)
         self.algorithm.setup(self)
         for h in self.hooks:
@@ -539,8 +539,6 @@ class TrainingLoop:
 
     def resume_note(self, what: str) -> str:
         """``what`` and where the run can resume from: its last complete checkpoint."""
-        from aligner.models.checkpoint import find_latest
-
         latest = find_latest(self.out_dir / "checkpoints")
         if latest is None:
             return f"{what}; no checkpoint was written yet: the same command starts the run again"

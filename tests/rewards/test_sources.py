@@ -67,8 +67,8 @@ def test_a_causal_lm_is_refused_wherever_a_reward_model_is_read(assets, tmp_path
     rows.write_text(json.dumps({"prompt": "say hi", "response": "hi there", "helpfulness": 3}) + "\n")
     commands = {  # the prefix each prints its errors with -> the command line
         "rm score": ["rm", "score", policy, str(rows), str(tmp_path / "scored.jsonl")],
-        "rm": ["rm", "bon", policy, assets["prompts"], "--proxy", policy, "--gold", "tests.rewards.test_sources:raising",
-                "--out", str(tmp_path / "bon")],
+        "rm": ["rm", "bon", policy, assets["prompts"], "--proxy", policy, "--gold",
+               "tests.rewards.test_sources:raising", "--out", str(tmp_path / "bon")],
         "data": ["data", "pairs", policy, assets["prompts"], str(tmp_path / "pairs.jsonl"), "--reward", policy],
         "generate": ["generate", "--model", policy, "--prompts", assets["prompts"], "--output",
                      str(tmp_path / "out.jsonl"), "--reward-model", policy],

@@ -11,6 +11,7 @@
   command line prints it as one ``aligner <cmd>: error: ...`` line and exits 2.
 - :func:`lazy_exports`: a package's public names loaded on first use (PEP 562), so that
   importing a light submodule (a config schema) does not import the heavy ones.
+- :class:`RunStopped`: a command stopped by a signal, with where it can resume from.
 """
 from __future__ import annotations
 
@@ -30,6 +31,24 @@ class UserError(ValueError):
     def __init__(self, message: str, hint: Optional[str] = None):
         super().__init__(message)
         self.hint = hint
+
+
+class RunStopped(BaseException):
+    """A command stopped by a signal (Ctrl-C's SIGINT, SIGTERM: what Slurm sends before a
+    time limit); ``message`` says what was kept and where the run can resume from. The
+    command line prints it as one ``aligner <cmd>: <message>`` line and exits with
+    128 + ``signum``, as a shell reports a process ended by that signal. A BaseException,
+    like KeyboardInterrupt, so that handlers of errors let it through."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def raise_on_sigterm(signum, frame) -> None:
+    """A SIGTERM handler: stop the command where it is, as Ctrl-C does (:class:`RunStopped`);
+    the training loop replaces it while it trains, to save a checkpoint first."""
+    raise RunStopped("stopped by SIGTERM", signum)
 
 
 # ------------------------------------------------------------------------------ ranks
@@ -153,5 +172,5 @@ def lazy_exports(package: str, exports: Dict[str, str]) -> Callable[[str], objec
     return __getattr__
 
 
-__all__ = ["UserError", "lazy_exports", "config_dir", "config_search_path", "get_logger", "global_rank", "is_rank0",
-           "setup_logging"]
+__all__ = ["RunStopped", "UserError", "lazy_exports", "config_dir", "config_search_path", "get_logger", "global_rank", "is_rank0",
+           "raise_on_sigterm", "setup_logging"]

@@ -23,7 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from aligner.config import ConfigError, check_required, plain, validate_config
 from aligner.data.datasets import KIND_FORMATS, resolve_template
-from aligner.evaluation.config import MonitorSection
+from aligner.evaluation.config import MonitorSection, check_monitor_sources
 from aligner.models.config import ModelConfig
 from aligner.parallel import ParallelConfig, get_device, initialize, is_initialized, set_seed
 from aligner.runtime import is_rank0
@@ -115,6 +115,7 @@ class Trainer:
         checks.check_init(c)
         checks.check_data_files(c)
         checks.check_monitor(c)
+        check_monitor_sources(c.monitor)
         self.check_data_rows()
         checks.check_tokenizer(c)
         checks.check_devices(c)

@@ -31,7 +31,7 @@ from aligner.parallel import padded_length
 from aligner.parallel.seeds import minibatch_order_generator
 from aligner.rewards.config import RewardSection, check_reward_section
 from aligner.rewards.kinds import build_reward
-from aligner.rewards.sources import RewardBatch, RewardSource
+from aligner.rewards.sources import RewardBatch, RewardSource, check_reward_source
 from aligner.training.algorithm import Algorithm, StepContext
 from aligner.training.batching import shifted_logprobs
 from aligner.training.forward import collect_token_outputs, critic_values, forward, policy_logps
@@ -626,7 +626,7 @@ class OnlineTrainer(Trainer):
                               attributes=list(r.attributes) if r.attributes else None,
                               attribute_weights=list(r.attribute_weights) if r.attribute_weights is not None
                               else None, reward_attribute=r.reward_attribute, micro_batch_size=r.micro_batch_size,
-                              answer_field=r.answer_field, format_reward=r.format_reward)
+                              answer_field=r.answer_field, format_reward=r.format_reward, where=f"{self.key}.reward")
         if reward.role is not None:
             roles.add(reward.role)
         gen = generation_config(s.generation, t.seed, [self.tokenizer().eos_id])
@@ -652,6 +652,10 @@ class OnlineTrainer(Trainer):
         error names the file, the line and the field)."""
         super().check_data_rows()
         r = self.section().reward
+        check_reward_source(f"{self.key}.reward", str(r.kind), path=r.path, function=r.function,
+                            attributes=list(r.attributes) if r.attributes else None,
+                            attribute_weights=r.attribute_weights, reward_attribute=r.reward_attribute,
+                            prompts=self.cfg.data.train)
         if r.kind != "exact_answer":
             return
         path = self.cfg.data.train

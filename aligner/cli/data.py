@@ -66,7 +66,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{style:<12} " + "  ".join(f"{a} {v:.2f}" for a, v in row.items()))
         return 0
 
+    from aligner.cli.options import at_least
     from aligner.data.datasets import KIND_FORMATS, DataFormatError, load_dataset, read_jsonl
+
+    at_least("--max-length", args.max_length, 1)
+    at_least("--capacity", getattr(args, "capacity", None), 1)
 
     counts: Counter = Counter()
     if args.kind is not None and args.kind not in KIND_FORMATS:

@@ -85,11 +85,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--out", help="write the report as JSON here")
         _add_readout_options(p)
     args = parser.parse_args(argv)
+    options = readout_options(args)  # checked before any model is loaded
     try:
         if args.cmd == "rewardbench":
             from aligner.evaluation.rewardbench import format_report
 
-            report = rewardbench(args.model, args.file, **readout_options(args))
+            report = rewardbench(args.model, args.file, **options)
             text = format_report(report) + f"\n\nreward: {report['reward']['weights_from']}" \
                 f" ({report['reward']['template']} template)"
         else:

@@ -64,10 +64,14 @@ def select_pairs(scores: List[float], all_pairs: bool, min_gap: Optional[float])
 
 def make_pairs(args) -> dict:
     from aligner.cli.bon import sample_and_score
+    from aligner.cli.options import finite
+
+    finite("--min-gap", args.min_gap, 0.0)
     samples, scores, _, _ = sample_and_score(
         args.policy, args.prompts, n=args.n, proxies=[args.reward], gold=None, num_prompts=args.num_prompts,
         max_new_tokens=args.max_new_tokens, seed=args.seed, template=args.template, tokenizer=args.tokenizer,
-        reward_attribute=args.reward_attribute, micro_batch_size=args.micro_batch_size)
+        reward_attribute=args.reward_attribute, micro_batch_size=args.micro_batch_size, proxy_option="--reward",
+        min_n=2)
     N = args.n
     rows, gaps, without, empty = [], [], 0, 0
     for j, p in enumerate(samples.prompts):

@@ -43,7 +43,7 @@ from aligner.rewards.readout import (  # noqa: F401  (used by the rm / eval / ge
     reward_readout,
 )
 from aligner.files import write_jsonl
-from aligner.runtime import is_rank0
+from aligner.runtime import UserError, is_rank0
 
 
 def _response_fields(row: dict, fmt: str):
@@ -137,7 +137,16 @@ def expo(weak: str, strong: str, out: str, alpha: float) -> Path:
             sd.update(load_file(str(f)))
         return sd
 
-    merged = expo_extrapolate(state(weak), state(strong), alpha)
+    from aligner.cli.options import finite
+
+    finite("--alpha", alpha)
+    try:
+        merged = expo_extrapolate(state(weak), state(strong), alpha)
+    except (KeyError, ValueError) as exc:  # checkpoints of other architectures or heads
+        message = exc.args[0] if exc.args else str(exc)
+        raise UserError(f"{weak} and {strong}: {message}",
+                        hint="ExPO extrapolates between two checkpoints of one architecture and head (the"
+                             " regression reward model and the BT model trained from it)") from None
     out_dir = Path(out)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -167,6 +176,11 @@ def _add_readout_options(p) -> None:
 
 
 def readout_options(args) -> dict:
+    """The reward-model options of ``args`` as keyword arguments (a batch of no rows is
+    refused here, before any model is loaded; names and weights by :func:`reward_readout`)."""
+    from aligner.cli.options import at_least
+
+    at_least("--micro-batch-size", args.micro_batch_size, 1)
     return dict(tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer,
                 template=args.template, attributes=args.attributes, reward_attribute=args.reward_attribute,
                 attribute_weights=args.attribute_weights)

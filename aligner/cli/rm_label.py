@@ -117,6 +117,9 @@ def run(args) -> int:
     from aligner.models import CheckpointError
     from aligner.runtime import is_rank0
 
+    from aligner.cli.options import at_least
+
+    at_least("--micro-batch-size", args.micro_batch_size, 1)
     try:
         n = label_file(args.model, args.input, args.output, tp=args.tp, pp=args.pp,
                        micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer, template=args.template,

@@ -241,6 +241,8 @@ def steerlm_label(request: str, defaults: str = STEERLM_DEFAULT_LABEL) -> str:
         level = int(value)
         if not 0 <= level <= 4:
             raise ValueError(f"attribute request {item.strip()!r}: the value must be in 0..4")
+        if name in named:  # which one was meant is not for us to guess
+            raise ValueError(f"attribute request {request!r}: {name!r} is named twice")
         named[name] = level
     if not named:
         raise ValueError(f"attribute request {request!r}: expected name=value pairs, e.g. helpfulness=4,verbosity=1")

@@ -33,7 +33,8 @@ class MonitorSection:
     ensemble: EnsembleMode = EnsembleMode.mean  # how several proxies combine
     ensemble_lambda: float = 1.0  # mean_minus_var: mean − λ·var
     gold: RewardSpec = field(default_factory=lambda: RewardSpec(kind="world", reward_attribute="helpfulness"))
-    warn_drop: float = 0.1  # warn once gold is this far below its best while the proxy still rises
+    # warn once gold is this far below its best (beyond 2 SE of the paired drop) while the proxy rises
+    warn_drop: float = 0.1
     keep_best_gold: bool = True  # the policy with the best gold in <out_dir>/best_gold/
     early_stop: bool = False  # stop training when the warning fires
     micro_batch_size: int = 8
@@ -49,3 +50,20 @@ def _check_monitor(m, key: str, cfg) -> None:
     if m.enabled and not m.prompts:
         raise ConfigError(f"{key}.enabled = true needs {key}.prompts (a held-out prompt file)",
                           hint=f"set {key}.prompts=FILE, e.g. the world's prompts_heldout.jsonl")
+
+
+def check_monitor_sources(m) -> None:
+    """Before a run starts (its preflight): every proxy and the gold reward source of an
+    enabled monitor can be built (:func:`aligner.rewards.check_reward_source`: a model folder
+    with a trained reward head, a function that imports, prompts the world's scorer can
+    judge); a ScoringError naming ``monitor.proxy[i]`` / ``monitor.gold`` otherwise."""
+    # the reward checks read model folders with torch: loaded when a run is checked, not at config checks
+    from aligner.rewards.sources import check_reward_source
+
+    if not m.enabled:
+        return
+    for i, spec in enumerate(list(m.proxy) + [m.gold]):
+        name = f"monitor.proxy[{i}]" if i < len(m.proxy) else "monitor.gold"
+        check_reward_source(name, str(spec.kind), path=spec.path, function=spec.function,
+                            attribute_weights=spec.attribute_weights, reward_attribute=spec.reward_attribute,
+                            prompts=m.prompts)

@@ -21,8 +21,9 @@ every ``monitor.interval`` steps and after the last step it:
    both of Gao et al.'s forms to the gold gains so far
    (:mod:`aligner.evaluation.overoptimization`) and ``overoptimized`` as metrics.jsonl rows of
    split ``monitor`` (TensorBoard / W&B: ``monitor/<name>``);
-5. detects over-optimisation: gold ``warn_drop`` or more below its best while the proxy is
-   above its value at the gold's best — a warning in the log, and with
+5. detects over-optimisation: gold ``warn_drop`` or more below its best, by more than two
+   standard errors of the paired per-sample drop (noise does not explain it), while the
+   proxy is above its value at the gold's best — a warning in the log, and with
    ``monitor.early_stop`` the end of training;
 6. keeps the policy with the best gold so far as an HF folder in ``<out_dir>/best_gold/``
    (with ``monitor.json``: step, gold, proxy, d), apart from keep-last-k checkpoints. It
@@ -47,7 +48,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from aligner.data.datasets import load_dataset, resolve_template
-from aligner.evaluation.overoptimization import combine_ensemble, fit_form, mean_and_se, pearson
+from aligner.evaluation.overoptimization import combine_ensemble, fit_form, gold_drop, is_overoptimized, mean_and_se, pearson
 from aligner.evaluation.sampling import build_reward_source, response_logps, sample_responses, score
 from aligner.rollout import RolloutEngine
 from aligner.runtime import get_logger, is_rank0
@@ -72,6 +73,7 @@ class GoldProxyMonitor(StepHook):
         self.model_cfg = model_cfg
         self.history: List[Dict[str, float]] = []
         self.best: Optional[Dict[str, float]] = None
+        self.best_samples: Dict[str, List[float]] = {}  # per-sample gold and proxy of the best evaluation
         self.warned_step: Optional[int] = None
         self.engine = None
 
@@ -90,14 +92,15 @@ class GoldProxyMonitor(StepHook):
                                  f" the model's {self.model_cfg.max_position_embeddings} positions")
         mbs = s.micro_batch_size
         if len(s.proxy):
-            self.proxies = [build_reward_source(spec, self.tokenizer, mbs) for spec in s.proxy]
+            self.proxies = [build_reward_source(spec, self.tokenizer, mbs, where=f"monitor.proxy[{i}]")
+                            for i, spec in enumerate(s.proxy)]
         else:
             own = loop.algorithm.reward_source
             if own is None:
                 raise ValueError(f"monitor.proxy is empty and the {loop.algorithm.name} algorithm has no training"
                                  " reward to use as proxy: set monitor.proxy (e.g. [{kind: model, path: RM}])")
             self.proxies = [own]
-        self.gold = build_reward_source(s.gold, self.tokenizer, mbs)
+        self.gold = build_reward_source(s.gold, self.tokenizer, mbs, where="monitor.gold")
         reference = loop.roles.reference
         self.reference = reference if reference is not None else ReferencePolicy(loop.policy.chunks, "host")
         self.out = Path(loop.out_dir) / "best_gold"
@@ -106,11 +109,13 @@ class GoldProxyMonitor(StepHook):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"history": self.history, "best": self.best, "warned_step": self.warned_step}
+        return {"history": self.history, "best": self.best, "best_samples": self.best_samples,
+                "warned_step": self.warned_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
         self.best = state.get("best")
+        self.best_samples = dict(state.get("best_samples") or {})
         self.warned_step = state.get("warned_step")
 
     # ---------------------------------------------------------------- measurement
@@ -179,17 +184,20 @@ class GoldProxyMonitor(StepHook):
                     m[f"fit_{form}/d_peak"] = fit.d_peak
         if self.best is None or gold > self.best["gold"]:
             self.best = {"step": step, "gold": gold, "proxy": proxy, "d": d}
+            self.best_samples = {"gold": list(v["gold"]), "proxy": list(v["proxy"])}
             if s.keep_best_gold:
                 self.save_best(loop)
         m["best_gold"], m["best_gold_step"] = self.best["gold"], float(self.best["step"])
-        drop = self.best["gold"] - gold
-        overoptimized = drop >= s.warn_drop and drop > 0 and proxy > self.best["proxy"]
+        # the same prompts and seeds at every evaluation: the drop is a paired difference
+        drop, drop_se = gold_drop(self.best_samples.get("gold", [self.best["gold"]]), v["gold"])
+        m["gold_drop"], m["gold_drop_se"] = drop, drop_se
+        overoptimized = is_overoptimized(drop, drop_se, proxy - self.best["proxy"], s.warn_drop)
         m["overoptimized"] = float(overoptimized)
         if overoptimized:
             if self.warned_step is None:
                 self.warned_step = step
-            log.warning(f"monitor: reward over-optimisation at step {step}: gold {gold:.4f} is {drop:.4f} below its"
-                        f" best {self.best['gold']:.4f} (step {self.best['step']}) while the proxy rose from"
+            log.warning(f"monitor: reward over-optimisation at step {step}: gold {gold:.4f} is {drop:.4f}"
+                        f" ± {drop_se:.4f} below its best {self.best['gold']:.4f} (step {self.best['step']}) while the proxy rose from"
                         f" {self.best['proxy']:.4f} to {proxy:.4f} (d = {d:.3f}); the best-gold policy is in"
                         f" {self.out}")
             if s.early_stop and loop.stop_reason is None:

@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from aligner.config import ConfigError
+from aligner.data.world import ATTRS
 from aligner.models import ModelConfig, from_pretrained
 from aligner.parallel import ParallelConfig, initialize, is_initialized, padded_length
 from aligner.rewards.config import RewardSpec
@@ -101,9 +102,14 @@ def response_logps(run_schedule, chunks, samples: Samples, micro_batch_size: int
 def parse_reward_spec(text: str, option: str = "--reward"):
     """A reward given on a command line as a :class:`aligner.rewards.config.RewardSpec`:
     ``world`` (or ``world:ATTRIBUTE``: the world's scorer, helpfulness by default), an HF
-    reward-model folder, or ``package.module:function``."""
+    reward-model folder, or ``package.module:function``. A ConfigError naming ``option``
+    for text that is none of these, or an attribute the world's scorer does not have."""
     if text == "world" or text.startswith("world:"):
-        return RewardSpec(kind="world", reward_attribute=text.partition(":")[2] or "helpfulness")
+        attribute = text.partition(":")[2] or "helpfulness"
+        if attribute not in ATTRS:
+            raise ConfigError(f"{option} {text!r}: {attribute!r} is not an attribute of the world's scorer;"
+                              f" expected world or world:ATTRIBUTE with ATTRIBUTE one of {', '.join(ATTRS)}")
+        return RewardSpec(kind="world", reward_attribute=attribute)
     if Path(text).is_dir():
         return RewardSpec(kind="model", path=text)
     if ":" in text and not text.startswith(("/", ".")):
@@ -112,17 +118,18 @@ def parse_reward_spec(text: str, option: str = "--reward"):
                       + (" (no such folder)" if "/" in text else ""))
 
 
-def build_reward_source(spec, tokenizer=None, micro_batch_size: int = 8) -> RewardSource:
+def build_reward_source(spec, tokenizer=None, micro_batch_size: int = 8, where: str = "reward") -> RewardSource:
     """The reward source of a :class:`aligner.rewards.config.RewardSpec` (or a dict of its
     fields). A reward model without ``attribute_weights`` / ``reward_attribute`` is read as
-    ``aligner rm score`` reads it: the weights its training recorded (aligner.rewards.readout.reward_readout)."""
+    ``aligner rm score`` reads it: the weights its training recorded (aligner.rewards.readout.reward_readout).
+    where: the option or config key that gave the spec, named by its errors."""
     get = spec.get if isinstance(spec, dict) else (lambda k, d=None: getattr(spec, k, d))
     kind = str(get("kind"))
     weights = get("attribute_weights")
     weights = list(weights) if weights is not None else None
     attribute = get("reward_attribute")
     if kind == "model":
-        source = RewardModel(str(get("path")), tokenizer, None, weights, attribute, micro_batch_size)
+        source = RewardModel(str(get("path")), tokenizer, None, weights, attribute, micro_batch_size, where=where)
         if weights is None and attribute is None and source.num_outputs > 1:
             readout = reward_readout(str(get("path")), source.num_outputs)
             source.attributes, source.weights = list(readout.names), list(readout.weights)
@@ -132,7 +139,8 @@ def build_reward_source(spec, tokenizer=None, micro_batch_size: int = 8) -> Rewa
         return source
     return build_reward(kind, function=get("function"), tokenizer=tokenizer, attribute_weights=weights,
                         reward_attribute=attribute or "helpfulness", micro_batch_size=micro_batch_size,
-                        answer_field=get("answer_field", "answer"), format_reward=get("format_reward", 0.0))
+                        answer_field=get("answer_field", "answer"), format_reward=get("format_reward", 0.0),
+                        where=where)
 
 
 def score(source: RewardSource, samples: Samples, step: int = 0) -> torch.Tensor:

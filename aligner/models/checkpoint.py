@@ -104,8 +104,18 @@ def _writer_queue() -> None:
 
     if getattr(filesystem_async, "_results_queue", None) is None:
         manager = SyncManager(ctx=mp.get_context("fork"))
-        manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+        manager.start(initializer=_serve_the_parent, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
+
+
+def _serve_the_parent(parent: int) -> None:
+    """The writer's Manager lives and ends with the training process: it ignores SIGTERM
+    (a scheduler sends it to every process of a job, and the training process answers it
+    by saving a checkpoint through this Manager) and dies with ``parent``."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(parent)
 
 
 def _die_with_parent(parent: int) -> None:

@@ -49,15 +49,17 @@ def build_reward(kind: str, *, path: Optional[str] = None, function: Optional[st
                  attributes: Optional[Sequence[str]] = None, attribute_weights: Optional[Sequence[float]] = None,
                  reward_attribute: Optional[str] = "helpfulness", micro_batch_size: int = 8,
                  max_length: Optional[int] = None, answer_field: str = "answer",
-                 format_reward: float = 0.0) -> RewardSource:
-    """The reward source of kind ``kind`` (a key of :data:`REWARD_KINDS`)."""
+                 format_reward: float = 0.0, where: Optional[str] = None) -> RewardSource:
+    """The reward source of kind ``kind`` (a key of :data:`REWARD_KINDS`). where: the option or
+    config section that describes the source (``pg.reward``, ``--gold``), named by the errors of
+    what it gave (default: the folder, or ``reward``)."""
     entry = REWARD_KINDS.get(str(kind))
     if entry is None:
         raise ValueError(f"reward kind {kind!r}: expected one of {', '.join(REWARD_KINDS)}")
     options = dict(path=path, function=function, tokenizer=tokenizer, attributes=attributes,
                    attribute_weights=attribute_weights, reward_attribute=reward_attribute,
                    micro_batch_size=micro_batch_size, max_length=max_length, answer_field=answer_field,
-                   format_reward=format_reward)
+                   format_reward=format_reward, where=where)
     for key, what in entry.requires.items():
         if not options[key]:
             raise ValueError(f"reward kind {kind!r} needs {key}: {what}")
@@ -66,21 +68,22 @@ def build_reward(kind: str, *, path: Optional[str] = None, function: Optional[st
 
 @register_reward_kind("model", requires={"path": "an HF reward-model folder"})
 def model_reward(*, path, tokenizer, attributes, attribute_weights, reward_attribute, micro_batch_size, max_length,
-                 **_) -> RewardSource:
+                 where, **_) -> RewardSource:
     """An HF reward-model folder run at the job's layout (:class:`RewardModel`)."""
-    return RewardModel(path, tokenizer, attributes, attribute_weights, reward_attribute, micro_batch_size, max_length)
+    return RewardModel(path, tokenizer, attributes, attribute_weights, reward_attribute, micro_batch_size, max_length,
+                       where=where)
 
 
 @register_reward_kind("world")
-def world_reward(*, attribute_weights, reward_attribute, **_) -> RewardSource:
+def world_reward(*, attribute_weights, reward_attribute, where, **_) -> RewardSource:
     """The embedded world's ground-truth scorer (:class:`WorldScorer`)."""
-    return WorldScorer(attribute_weights, reward_attribute or "helpfulness")
+    return WorldScorer(attribute_weights, reward_attribute or "helpfulness", where or "reward")
 
 
 @register_reward_kind("function", requires={"function": "package.module:function"})
-def function_reward(*, function, attributes, attribute_weights, reward_attribute, **_) -> RewardSource:
+def function_reward(*, function, attributes, attribute_weights, reward_attribute, where, **_) -> RewardSource:
     """A ``package.module:function`` of (prompts, responses, metadata) (:class:`FunctionReward`)."""
-    return FunctionReward(function, attributes, attribute_weights, reward_attribute)
+    return FunctionReward(function, attributes, attribute_weights, reward_attribute, where or "reward")
 
 
 @register_reward_kind("exact_answer", requires={"answer_field": "the prompt row's field holding the answer"})

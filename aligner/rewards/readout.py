@@ -5,6 +5,8 @@ it (docs/reward_models.md). Shared by ``aligner rm``, ``aligner eval``, ``aligne
 and the monitor's reward specs; :func:`load_reward_model` loads one for scoring."""
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -18,8 +20,9 @@ from aligner.runtime import UserError
 
 
 class ScoringError(UserError):
-    """An option or input that does not fit the reward model: one line, naming it (a
-    :class:`aligner.runtime.UserError`, so the command line reports it without a traceback)."""
+    """An option or input that does not fit the reward model or reward source: one line,
+    naming it (a :class:`aligner.runtime.UserError`, so the command line reports it without
+    a traceback)."""
 
 
 @dataclass
@@ -39,6 +42,30 @@ class RewardReadout:
     def rewards(self, outputs):
         """[n, N] head outputs -> [n] scalar rewards."""
         return combine_attributes(outputs.double(), torch.tensor(self.weights, dtype=torch.float64))
+
+
+def require_reward_head(model_dir: str, where: Optional[str] = None) -> None:
+    """A :class:`ScoringError` unless ``model_dir`` is an HF folder whose checkpoint holds a
+    trained reward head (``score.weight``: a ``*ForSequenceClassification`` export, e.g. of
+    ``aligner train rm_regression``). A causal LM's folder would load with a randomly
+    initialised head and score noise. ``where`` names the option or key that gave the
+    folder (default: the folder itself)."""
+    from aligner.models.hf import HFReader  # torch and megatron-core: loaded on use, not when a command starts
+
+    where = where or str(model_dir)
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        raise ScoringError(f"{where}: not an HF model folder (no config.json)")
+    if HFReader(model_dir).has("score.weight"):
+        return
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except ValueError:
+        architectures = []
+    raise ScoringError(f"{where}: not a reward model: its checkpoint has no reward head ('score.weight')"
+                       + (f"; config.json describes a {', '.join(map(str, architectures))}" if architectures else ""),
+                       hint="a reward model is an HF *ForSequenceClassification folder, e.g. the hf/ export of"
+                            " aligner train rm_regression or rm_bt")
 
 
 def reward_readout(model_dir: str, num_outputs: int, *, attributes: Optional[Sequence[str]] = None,
@@ -69,6 +96,8 @@ def reward_readout(model_dir: str, num_outputs: int, *, attributes: Optional[Seq
     if attribute_weights is not None and reward_attribute is not None:
         raise ScoringError("--reward-attribute and --attribute-weights both given; the reward is one or the other")
     if attribute_weights is not None:
+        if not all(math.isfinite(float(w)) for w in attribute_weights):
+            raise ScoringError(f"--attribute-weights {list(attribute_weights)}: expected finite numbers")
         if len(attribute_weights) != num_outputs:
             raise ScoringError(f"--attribute-weights has {len(attribute_weights)} numbers; the head of {model_dir}"
                                f" has {num_outputs} outputs {names}")
@@ -102,8 +131,7 @@ def load_reward_model(path: str, tp: int = 1, pp: int = 1):
     from aligner.models import ModelConfig, from_pretrained
     from aligner.models.hf import head_outputs
 
-    if not (Path(path) / "config.json").is_file():
-        raise ScoringError(f"{path}: not an HF model folder (no config.json)")
+    require_reward_head(path)  # a causal LM's folder would be scored by an untrained head
     cfg = ModelConfig.from_hf(path)
     if not is_initialized():
         initialize(

@@ -185,7 +185,9 @@ class TrainerSection:
     val_interval / save_interval: every N steps (0: only at the end). keep_last: complete
     checkpoints kept (>= 1). out_dir: the run folder (``config.yaml``, ``checkpoints/``,
     ``metrics.jsonl``, ``hf/``); resume: continue the run found there (its config must
-    match, see docs/configuration.md), false: start afresh in it.
+    match, see docs/configuration.md), false: start afresh in it. save_on_signal: on
+    SIGTERM (what Slurm sends before a time limit) finish the current step and save a
+    checkpoint before stopping.
     """
 
     max_steps: int = 100
@@ -205,6 +207,7 @@ class TrainerSection:
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     wandb_name: Optional[str] = None
+    save_on_signal: bool = True
 
 
 @section_check(TrainerSection)
@@ -227,8 +230,8 @@ def _check_trainer(t, key: str, cfg) -> None:
 
 @section_check(OptimSection)
 def _check_optim(o, key: str, cfg) -> None:
-    if not o.lr > 0:
-        fail(f"{key}.lr", o.lr, "expected > 0")
+    if not o.lr >= 0:  # 0 is a legitimate setting: a parity check, an evaluation-only pass
+        fail(f"{key}.lr", o.lr, "expected >= 0")
     if not 0 <= o.min_lr <= o.lr:
         fail(f"{key}.min_lr", o.min_lr, f"expected 0 <= {key}.min_lr <= {key}.lr = {o.lr}")
     for name in ("beta1", "beta2"):

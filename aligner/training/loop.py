@@ -38,29 +38,41 @@ runs ``fit()``:
   ``save_interval`` steps and at the end (aligner.models.checkpoint: written under a
   temporary name, marked latest only when complete, keep-last-k); resume from the latest
   complete checkpoint when ``trainer.resume``; HF export of the final model when
-  ``trainer.export_hf``.
+  ``trainer.export_hf``. A run resumed at its last step trains nothing and returns the
+  figures it recorded (``result.json``), exporting only a missing HF folder.
+- signals: Ctrl-C stops at once; SIGTERM (what Slurm sends before a time limit) finishes
+  the current step, saves a checkpoint (``trainer.save_on_signal``; a second SIGTERM stops
+  at once) and stops. Either way :class:`aligner.runtime.RunStopped` says where the run can
+  resume from: the last complete checkpoint (checkpoints are written under a temporary
+  name, so one cut short is never it). Every rank agrees on a SIGTERM at the end of a step.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from aligner.models.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from aligner.models.hf import export_hf
-from aligner.parallel import padded_length
+from aligner.parallel import get_device, padded_length
 from aligner.parallel.seeds import data_order_generator
+from aligner.runtime import RunStopped
 from aligner.training.algorithm import Algorithm, StepContext
 from aligner.training.batching import schedule_microbatches
 from aligner.training.config import OptimSection, TrainerSection
 from aligner.training.logging import MetricsLogger, Progress
 from aligner.training.metrics import means, reduce_metrics
 from aligner.training.roles import RoleSet, build_trainable_role, run_schedule
+from aligner.training.run_folder import recorded_result
 
 
 @contextlib.contextmanager
@@ -156,6 +168,7 @@ class TrainingLoop:
         self.history: List[dict] = []
         self.hooks = list(hooks)  # aligner.training.algorithm.StepHook
         self.stop_reason: Optional[str] = None
+        self._signalled = 0  # the number of a signal that asks training to stop after this step
 
     def request_stop(self, reason: str) -> None:
         """End training after the current step (a hook's early stop); checkpoint and export
@@ -341,12 +354,26 @@ class TrainingLoop:
 
     def fit(self) -> Dict[str, Any]:
         """Train to ``max_steps``; returns the last train and validation metrics."""
+        try:
+            with self._sigterm_handled():
+                return self._fit()
+        except KeyboardInterrupt:
+            raise RunStopped(self.resume_note(f"interrupted (Ctrl-C) at step {self.step}"), signal.SIGINT) from None
+
+    def _fit(self) -> Dict[str, Any]:
         # before the resume: setup sees the initial weights (e.g. DPO's reference model)
         self.algorithm.setup(self)
         for h in self.hooks:
             h.setup(self)
         resumed = self.maybe_resume()
         progress = Progress(self.algorithm.name, self.max_steps, start_step=self.step, enabled=self.cfg.progress)
+        if resumed is not None and self.step >= self.max_steps:
+            # a finished run: nothing to train, its figures stay as recorded
+            progress.message(f"resumed from step {resumed}: the run is complete (trainer.max_steps ="
+                             f" {self.max_steps}), nothing to train")
+            progress.close()
+            self._export_unless_done(progress)
+            return recorded_result(self.out_dir, self.step) or self.logged_result()
         logger = MetricsLogger(
             self.out_dir,
             tensorboard=self.cfg.tensorboard,
@@ -384,8 +411,10 @@ class TrainingLoop:
                     val_metrics = self.evaluate(max_batches=None if last else self.cfg.val_batches)
                     logger.log(self.step, "val", val_metrics)
                     progress.message("validation " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(val_metrics.items())))
+                saved = None
                 if last or (self.cfg.save_interval > 0 and self.step % self.cfg.save_interval == 0):
-                    self.save()
+                    saved = self.save()
+                self._stop_if_signalled(saved)
             if self.cfg.export_hf:
                 path = self.export()
                 if path is not None:
@@ -396,6 +425,68 @@ class TrainingLoop:
         if self.stop_reason is not None:
             result["stopped"] = self.stop_reason
         return result
+
+    def _export_unless_done(self, progress) -> None:
+        """A finished run's HF export, written only where it is missing (e.g.
+        ``trainer.export_hf`` turned on after the run): an export of the same weights
+        changes nothing."""
+        if self.cfg.export_hf and not (self.out_dir / "hf" / "config.json").is_file():
+            path = self.export()
+            if path is not None:
+                progress.message(f"exported HF model to {path}")
+
+    def logged_result(self) -> Dict[str, Any]:
+        """The figures of this run at its step as ``metrics.jsonl`` logged them (the last
+        ``train`` and ``val`` rows up to it): for a finished run whose ``result.json`` is
+        missing (stopped between its last checkpoint and that file)."""
+        path = self.out_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        last = {row["split"]: row for row in rows if row["step"] <= self.step}
+        figures = {split: {k: v for k, v in last.get(split, {}).items() if k not in ("step", "split")}
+                   for split in ("train", "val")}
+        return {"step": self.step, **figures}
+
+    # ---------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def _sigterm_handled(self):
+        """While training, SIGTERM asks for a stop after the current step (with a checkpoint
+        when ``trainer.save_on_signal``); a second one, or one without saving, stops at once.
+        Handlers can only be set in the main thread: elsewhere the caller's stay."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigterm(signum, frame):
+            if self._signalled or not self.cfg.save_on_signal:
+                raise RunStopped(self.resume_note(f"stopped by SIGTERM at step {self.step}"), signum)
+            self._signalled = signum
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _stop_if_signalled(self, saved: Optional[Path]) -> None:
+        """At the end of a step: if any rank was sent SIGTERM, every rank saves a checkpoint
+        (unless this step's was just written: ``saved``) and stops (:class:`RunStopped`)."""
+        if not self.cfg.save_on_signal:  # a SIGTERM has stopped the run at once (the same on every rank)
+            return
+        flag = torch.tensor([self._signalled], dtype=torch.int64, device=get_device())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # ranks may receive the signal in different steps
+        if not int(flag):
+            return
+        path = saved or self.save()
+        raise RunStopped(f"stopped by SIGTERM after step {self.step}: saved the checkpoint {path}; the same"
+                         " command resumes from it", int(flag))
+
+    def resume_note(self, what: str) -> str:
+        """``what`` and where the run can resume from: its last complete checkpoint."""
+        latest = find_latest(self.out_dir / "checkpoints")
+        if latest is None:
+            return f"{what}; no checkpoint was written yet: the same command starts the run again"
+        return f"{what}; the last complete checkpoint is {latest}: the same command resumes from it"
 
     def _run_hooks(self, logger) -> None:
         """Every hook's :meth:`~aligner.training.algorithm.StepHook.after_step`, with the random

@@ -52,16 +52,13 @@ def check_data_files(cfg) -> None:
 
 
 def check_monitor(cfg) -> None:
-    """The monitor's prompt file and reward-model folders exist (when it is on)."""
+    """The monitor's prompt file exists (when it is on); its reward sources are checked by
+    :func:`aligner.evaluation.config.check_monitor_sources`."""
     m = cfg.monitor
     if not m.enabled:
         return
     if not Path(m.prompts).is_file():
         raise ConfigError(f"monitor.prompts = {m.prompts!r}: no such file")
-    for i, spec in enumerate(list(m.proxy) + [m.gold]):
-        name = f"monitor.proxy[{i}]" if i < len(m.proxy) else "monitor.gold"
-        if spec.kind == "model" and not (Path(spec.path) / "config.json").is_file():
-            raise ConfigError(f"{name}.path = {spec.path!r}: not an HF reward-model folder")
 
 
 def check_rows(paths: Sequence[Optional[str]], fmt: str, formats: Sequence[str], skip_invalid: bool) -> None:

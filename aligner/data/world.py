@@ -71,7 +71,7 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 FAMILIES = ("add", "sort", "reverse", "count")
 CORRUPTIONS = ("wrong", "missing", "extra", "filler", "repetition", "truncation", "off_topic")
@@ -395,9 +395,9 @@ def synthesize(out_dir, seed: int = 0, n_sft: int = 3000, n_sft_val: int = 200, 
     return paths
 
 
-def load_prompts(path, tokenizer) -> List[dict]:
+def load_prompts(path, tokenizer) -> Sequence[dict]:
     """Held-out prompt rows as generation inputs, with the task meta the scorer needs."""
-    from aligner.data.datasets import load_dataset
+    from aligner.data.loading import load_dataset
 
     return load_dataset(path, kind="prompts", tokenizer=tokenizer, template="extra_id")
 

@@ -215,9 +215,6 @@ def _response(row, field, where) -> None:
         if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
             raise DataFormatError(f"{where}: field {field!r} must be a string or a list of one assistant message")
         _text(value[0], "content", f"{where}: {field}[0]")
-    elif field in row and not isinstance(value, str):
-        raise DataFormatError(f"{where}: field {field!r} must be a string or a list of one assistant message, got"
-                              f" {type(value).__name__}")
     else:
         _text(row, field, where)
 

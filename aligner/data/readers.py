@@ -106,6 +106,9 @@ def iter_rows(path) -> Iterator[Tuple[int, Optional[dict]]]:
     path = Path(path)
     kind = source_type(path)
     if kind is None:
+        if (path / "manifest.json").is_file():
+            raise DataFormatError(f"{path}: a prepared dataset holds samples, not rows: read the source it was"
+                                  " prepared from, or load the prepared dataset")
         raise DataFormatError(f"{path}: a folder that is neither a prepared dataset (manifest.json) nor an Arrow"
                               " dataset written by datasets' save_to_disk (state.json)" + _splits_hint(path))
     if not path.exists():

@@ -36,7 +36,7 @@ USER_ERROR_TYPES = (
 SUBCOMMANDS = {
     "quickstart": ("quickstart", "the embedded end-to-end recipe: world -> SFT -> reward models -> DPO -> report"),
     "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, recipes)"),
-    "data": ("data", "synthesise the embedded world; validate, inspect and pack data files"),
+    "data": ("data", "prepare data files once (memory-mapped); synthesise the world; validate, inspect, pack"),
     "generate": ("generate", "generate responses for a prompts file (optionally scored by a reward model)"),
     "rm": ("rm", "reward-model utilities: score a file, ExPO extrapolation"),
     "eval": ("eval", "evaluate reward models: RewardBench-format files, HelpSteer2 regression metrics"),

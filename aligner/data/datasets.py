@@ -50,6 +50,7 @@ import torch
 
 from aligner.data.formats import (
     ASSISTANT,
+    USER,
     HELPSTEER2_ATTRIBUTES,
     NINE_ATTRIBUTES,
     SHAREGPT_ROLES,
@@ -127,26 +128,14 @@ def validate_row(row, fmt: str, where: str) -> None:
     if not isinstance(row, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if fmt in ("sft", "steerlm"):
-        convs = row.get("conversations")
-        if not isinstance(convs, list) or not convs:
-            raise DataFormatError(f"{where}: field 'conversations' must be a non-empty list")
-        if "system" in row and not isinstance(row["system"], str):
-            raise DataFormatError(f"{where}: field 'system' must be a string")
-        for i, t in enumerate(convs):
-            if not isinstance(t, dict):
-                raise DataFormatError(f"{where}: conversations[{i}] must be an object")
-            role = t.get("from")
-            if not isinstance(role, str) or role.strip().lower() not in ("user", "assistant"):
-                raise DataFormatError(f"{where}: conversations[{i}].from must be 'User' or 'Assistant', got {role!r}")
-            _text(t, "value", f"{where}: conversations[{i}]")
-        if not any(str(t["from"]).strip().lower() == ASSISTANT for t in convs):
-            raise DataFormatError(f"{where}: field 'conversations' has no Assistant turn to learn from")
+        _conversations(row, where, lambda speaker, i: speaker if speaker in (USER, ASSISTANT) else None,
+                       "'User' or 'Assistant'", "Assistant")
     elif fmt == "openai":
         msgs = _messages(row, "messages", where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataFormatError(f"{where}: field 'messages' has no assistant message")
     elif fmt == "sharegpt":
-        _validate_sharegpt(row, where)
+        _conversations(row, where, _sharegpt_role, "'human' or 'gpt' ('system' first only)", "'gpt'")
     elif fmt == "prompt_completion":
         _prompt(row, where)
         if isinstance(row.get("completion"), list):
@@ -219,23 +208,32 @@ def _response(row, field, where) -> None:
         _text(row, field, where)
 
 
-def _validate_sharegpt(row, where: str) -> None:
+def _conversations(row, where: str, role_of, expected: str, target: str) -> None:
+    """A non-empty ``conversations`` list of ``{"from", "value"}`` turns whose speakers (lower
+    case) ``role_of(speaker, position)`` maps to roles (None: refused, the error says
+    ``expected``), with an assistant turn (called ``target`` in the error) to learn from."""
     convs = row.get("conversations")
     if not isinstance(convs, list) or not convs:
         raise DataFormatError(f"{where}: field 'conversations' must be a non-empty list")
     if "system" in row and not isinstance(row["system"], str):
         raise DataFormatError(f"{where}: field 'system' must be a string")
+    roles = []
     for i, t in enumerate(convs):
         if not isinstance(t, dict):
             raise DataFormatError(f"{where}: conversations[{i}] must be an object")
         speaker = t.get("from")
-        role = SHAREGPT_ROLES.get(speaker.strip().lower()) if isinstance(speaker, str) else None
-        if role is None or (role == "system" and i > 0):
-            raise DataFormatError(f"{where}: conversations[{i}].from must be 'human' or 'gpt' ('system' first only),"
-                                  f" got {speaker!r}")
+        role = role_of(speaker.strip().lower(), i) if isinstance(speaker, str) else None
+        if role is None:
+            raise DataFormatError(f"{where}: conversations[{i}].from must be {expected}, got {speaker!r}")
         _text(t, "value", f"{where}: conversations[{i}]")
-    if not any(SHAREGPT_ROLES[t["from"].strip().lower()] == ASSISTANT for t in convs):
-        raise DataFormatError(f"{where}: field 'conversations' has no 'gpt' turn to learn from")
+        roles.append(role)
+    if ASSISTANT not in roles:
+        raise DataFormatError(f"{where}: field 'conversations' has no {target} turn to learn from")
+
+
+def _sharegpt_role(speaker: str, position: int):
+    role = SHAREGPT_ROLES.get(speaker)
+    return None if role == "system" and position > 0 else role
 
 
 def _validate_steerlm2(row, where: str) -> None:

@@ -138,12 +138,7 @@ def validate_row(row, fmt: str, where: str) -> None:
         _conversations(row, where, _sharegpt_role, "'human' or 'gpt' ('system' first only)", "'gpt'")
     elif fmt == "prompt_completion":
         _prompt(row, where)
-        if isinstance(row.get("completion"), list):
-            msgs = _messages(row, "completion", where)
-            if msgs[-1]["role"] != "assistant":
-                raise DataFormatError(f"{where}: the last of 'completion' must be an assistant message")
-        else:
-            _text(row, "completion", where)
+        _text_or_messages(row, "completion", where, last="assistant")
     elif fmt == "helpsteer2":
         _text(row, "prompt", where)
         _text(row, "response", where)
@@ -187,14 +182,19 @@ def _messages(row, field, where) -> list:
     return msgs
 
 
-def _prompt(row, where) -> None:
-    """``prompt``: a string, or (TRL's conversational rows) messages ending with a user message."""
-    if isinstance(row.get("prompt"), list):
-        msgs = _messages(row, "prompt", where)
-        if msgs[-1]["role"] != "user":
-            raise DataFormatError(f"{where}: the last of 'prompt' must be a user message")
+def _text_or_messages(row, field, where, last: str) -> None:
+    """A string, or (TRL's conversational rows) messages ending with a ``last`` message."""
+    if isinstance(row.get(field), list):
+        if _messages(row, field, where)[-1]["role"] != last:
+            raise DataFormatError(f"{where}: the last of {field!r} must be a{'n' if last[0] in 'aeiou' else ''}"
+                                  f" {last} message")
     else:
-        _text(row, "prompt", where)
+        _text(row, field, where)
+
+
+def _prompt(row, where) -> None:
+    """``prompt``: a string, or messages ending with a user message."""
+    _text_or_messages(row, "prompt", where, last="user")
 
 
 def _response(row, field, where) -> None:

@@ -311,9 +311,8 @@ def cached_prepare(source, kind: str, tokenizer, *, fmt: str = "auto", template:
     options = sample_options(kind, fmt=fmt, max_length=max_length, overlong=overlong, skip_invalid=skip_invalid,
                              attributes=attributes, reward_model=reward_model, packing=packing)
     identity = {"version": VERSION, "source": source_hash(path, cache), "kind": kind,
-                "tokenizer": tokenizer_hash(tokenizer), "template": [str(template),
-                                                                     rendering(tokenizer, kind, template, reward_model)],
-                "options": options}
+                "tokenizer": tokenizer_hash(tokenizer),
+                "template": [str(template), rendering(tokenizer, kind, template, reward_model)], "options": options}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     folder = cache / key
     if is_prepared(folder):

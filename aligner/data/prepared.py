@@ -48,7 +48,7 @@ import shutil
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from aligner.data import DataFormatError, load_dataset, load_tokenizer, read_samples
-from aligner.data.datasets import DEFAULT_SYSTEM
 from aligner.data.formats import detect_format
 from aligner.data.prepare import cache_dir, prepare_dataset
 from aligner.data.prepared import PreparedDataset

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import List, Sequence
 
-
+from aligner.data.datasets import token_counts
 from aligner.training.algorithm import Algorithm, metric
 from aligner.training.batching import packed_microbatches, padded_microbatch, shifted_logprobs
 
@@ -59,7 +59,7 @@ class TokenAlgorithm(Algorithm):
         as pairs (``load_dataset(..., packing=True)``), so this fires on data built by
         hand or loaded without that option.
         """
-        lengths = [self.sample_tokens(s) for s in samples]
+        lengths = token_counts(samples).tolist()  # prepared data: from the mapped index files
         over = [i for i, n in enumerate(lengths) if n > self.capacity]
         if not over:
             return

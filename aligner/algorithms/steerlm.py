@@ -53,7 +53,6 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -72,38 +71,18 @@ from aligner.training.config import ConfigError, InitSection, RunConfig, Templat
 
 
 def load_steerlm2(path, tokenizer, max_length: int = 4096, overlong: str = "truncate_left",
-                  skip_invalid: bool = False) -> List[dict]:
+                  skip_invalid: bool = False) -> Sequence[dict]:
     """Pre-scored SteerLM 2.0 rows -> samples ``{"responses": [(tokens, loss_mask)],
-    "log_p_attr", "log_p_sft", "log_q_prime": [n] float64, "line"}``.
+    "log_p_attr", "log_p_sft", "log_q_prime": [n] float64, "line", "index"}`` (the data
+    layer's ``steerlm2`` kind, mapped from prepared files).
 
     A response that does not fit ``max_length`` after the over-length policy drops its whole
     group (the group's softmaxes need every member); drops are counted and printed.
     """
-    from aligner.data.datasets import _fit, finish_loading, read_jsonl, render_extra_id
-    from aligner.data.formats import parse_row
+    from aligner.data import load_dataset
 
-    counts: Counter = Counter()
-    out: List[dict] = []
-    for lineno, row, fmt in read_jsonl(path, "steerlm2", ("steerlm2",), skip_invalid, counts):
-        rec = parse_row(row, fmt)
-        items = []
-        for resp in rec.responses:
-            tokens, mask = render_extra_id(tokenizer, rec.prompt, resp.value, end="eos", label=rec.label)
-            fitted = _fit(tokens, mask, max_length, overlong, counts)
-            if fitted is None:
-                break
-            items.append((torch.tensor(fitted[0], dtype=torch.long), torch.tensor(fitted[1], dtype=torch.float32)))
-        if len(items) < len(rec.responses):
-            counts["dropped_group_overlong"] += 1
-            continue
-        out.append({
-            "responses": items,
-            "log_p_attr": torch.tensor([r.log_p_attributes for r in rec.responses], dtype=torch.float64),
-            "log_p_sft": torch.tensor([r.log_p_sft for r in rec.responses], dtype=torch.float64),
-            "log_q_prime": torch.tensor([r.log_q for r in rec.responses], dtype=torch.float64),
-            "line": lineno,
-        })
-    return finish_loading(path, "steerlm2", out, counts, unit="SteerLM 2.0 groups")
+    return load_dataset(path, "steerlm2", tokenizer, template="extra_id", max_length=max_length, overlong=overlong,
+                        skip_invalid=skip_invalid)
 
 
 class SteerLM2Algorithm(TokenAlgorithm):
@@ -509,26 +488,25 @@ class SteerLM2Trainer(_BaseTrainer):
                                   f" such as {STEERLM_DEFAULT_LABEL!r}")
 
     def train_format(self) -> str:
-        from aligner.data.datasets import read_jsonl
+        from aligner.data.loading import source_format
 
         d = self.cfg.data
-        for _, _, fmt in read_jsonl(d.train, d.format, self.PROMPT_FORMATS):
-            return fmt
-        raise ConfigError(f"data.train = {d.train!r}: no rows")
+        fmt = source_format(d.train, d.format, self.PROMPT_FORMATS)
+        if fmt is None:
+            raise ConfigError(f"data.train = {d.train!r}: no rows")
+        return fmt
 
     @property
     def sampling(self) -> bool:
         return self.train_format() != "steerlm2"
 
     def check_data_rows(self) -> None:
-        from aligner.data.datasets import read_jsonl
+        from aligner.data.loading import check_dataset
 
         d, s = self.cfg.data, self.cfg.steerlm2
-        for _ in read_jsonl(d.train, d.format, self.PROMPT_FORMATS, d.skip_invalid):
-            pass
+        check_dataset(d.train, "prompts" if self.sampling else "steerlm2", d.format, d.skip_invalid)
         if d.validation is not None:
-            for _ in read_jsonl(d.validation, "auto", ("steerlm2",), d.skip_invalid):
-                pass
+            check_dataset(d.validation, "steerlm2", "auto", d.skip_invalid)
         if self.sampling:
             for key in ("sft_model", "reward_model"):
                 path = s[key]
@@ -546,14 +524,12 @@ class SteerLM2Trainer(_BaseTrainer):
         d = self.cfg.data
         if d.validation is None:
             return None
-        val = load_steerlm2(d.validation, self.tokenizer(), d.max_length, d.overlong, d.skip_invalid)
-        return [dict(v, index=i) for i, v in enumerate(val)]
+        return load_steerlm2(d.validation, self.tokenizer(), d.max_length, d.overlong, d.skip_invalid)
 
     def prepare(self):
         d = self.cfg.data
         if not self.sampling:
             train = load_steerlm2(d.train, self.tokenizer(), d.max_length, d.overlong, d.skip_invalid)
-            train = [dict(x, index=i) for i, x in enumerate(train)]
             algo = SteerLM2Algorithm(self.tokenizer().pad_id)
             return algo, self.build_models(), train, self.load_validation(), {}
         prompts = self.prompt_groups()

@@ -202,10 +202,12 @@ class _BaseTrainer:
             if not (hf / "config.json").is_file():
                 raise ConfigError(f"init.hf = {c.init.hf!r}: no config.json in that folder",
                                   hint="init.hf names a Hugging Face model folder (config.json + *.safetensors)")
+        from aligner.data.loading import dataset_paths
+
         for key in ("train", "validation"):
-            path = c.data[key]
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"data.{key} = {path!r}: no such file")
+            for path in dataset_paths(c.data[key]) if c.data[key] is not None else ():
+                if not Path(path).exists():
+                    raise ConfigError(f"data.{key} = {path!r}: no such file or folder")
         if c.monitor.enabled:
             if not Path(c.monitor.prompts).is_file():
                 raise ConfigError(f"monitor.prompts = {c.monitor.prompts!r}: no such file")
@@ -262,15 +264,15 @@ class _BaseTrainer:
             raise ConfigError(str(exc)) from None
 
     def check_data_rows(self) -> None:
-        """Read every row of the data files once (no tokenizer): a malformed row is reported
-        with its file and line before any process group or model exists."""
-        from aligner.data.datasets import KIND_FORMATS, read_jsonl
+        """Read every row of the data files once (no tokenizer; a prepared folder: its files and
+        sources): a malformed row is reported with its file and line before any process group
+        or model exists."""
+        from aligner.data.loading import check_dataset
 
         d = self.cfg.data
         for path in (d.train, d.validation):
             if path is not None:
-                for _ in read_jsonl(path, d.format, KIND_FORMATS[self.data_kind], d.skip_invalid):
-                    pass
+                check_dataset(path, self.data_kind, d.format, d.skip_invalid)
 
     def recorded(self) -> dict:
         """The config as recorded in the run folder (``config.yaml``)."""
@@ -373,9 +375,10 @@ class _BaseTrainer:
             overlong=d.overlong,
             skip_invalid=d.skip_invalid,
             packing=d.packing,
+            seed=self.cfg.trainer.seed,
             **self.data_options(),
         )
-        return [dict(s, index=i) for i, s in enumerate(samples)]
+        return samples  # mapped, not held: each sample is read when a step takes it
 
     def data_options(self) -> dict:
         return {}
@@ -655,14 +658,16 @@ class OnlineTrainer(_BaseTrainer):
         raise NotImplementedError
 
     def load_data(self, path):
+        from aligner.data.datasets import longest_sequences
+
         data = super().load_data(path)
         if data is not None:
             limit = self.model_config().max_position_embeddings
-            for s in data:
-                n = int(s["prompt_tokens"].numel())
-                if n >= limit:
-                    raise ValueError(f"{path}: row {s['index'] + 1} has a prompt of {n} tokens; prompt + response"
-                                     f" must fit model.max_position_embeddings = {limit} tokens")
+            over = (longest_sequences(data) >= limit).nonzero()[0]  # from the mapped index files
+            if over.size:
+                i = int(over[0])
+                raise ValueError(f"{data.where(i)}: the row has a prompt of {len(data[i]['prompt_tokens'])} tokens;"
+                                 f" prompt + response must fit model.max_position_embeddings = {limit} tokens")
         return data
 
     def check_data_rows(self) -> None:
@@ -672,10 +677,13 @@ class OnlineTrainer(_BaseTrainer):
         r = self.section().reward
         if r.kind != _RewardKind.exact_answer:
             return
-        from aligner.data.datasets import iter_json_objects
+        from aligner.data.datasets import read_rows
+        from aligner.data.loading import dataset_paths
+        from aligner.data.prepared import is_prepared
 
-        path = self.cfg.data.train
-        for lineno, row in iter_json_objects(path):
+        rows = ((path, lineno, row) for path in dataset_paths(self.cfg.data.train) if not is_prepared(path)
+                for lineno, row, _ in read_rows(path))
+        for path, lineno, row in rows:
             value = row.get(r.answer_field)
             if value is None or isinstance(value, (dict, list)) or str(value).strip() == "":
                 raise ConfigError(f"{path}:{lineno}: field {r.answer_field!r} is missing or not a single answer"

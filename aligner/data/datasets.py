@@ -500,9 +500,6 @@ def read_rows(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invalid
             counts[f"invalid: {reason.split(' (')[0]}"] += 1
 
 
-read_jsonl = read_rows  # the earlier name, from when rows came from jsonl files only
-
-
 # ------------------------------------------------------------------------------ samples
 def render_sample(tokenizer, kind: str, row: dict, fmt: str, number: int, where: str, *, template: str = "auto",
                   max_length: int = 4096, overlong: str = "truncate_left",

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from aligner.runtime import UserError
@@ -135,7 +135,10 @@ class InitSection:
 class DataSection:
     """``data``: files, tokenizer, template and length policy.
 
-    train: the training jsonl (required). validation: optional jsonl. tokenizer: a HF
+    train (required): a data file (.jsonl, .jsonl.gz, .parquet, an Arrow folder: prepared on
+    first use), a prepared folder (``aligner data prepare``), or a blend, a list of
+    ``{path, weight}`` entries drawn in those proportions (docs/data_formats.md).
+    validation: optional, a file or prepared folder. tokenizer: a HF
     tokenizer folder or a SentencePiece ``.model`` (None: the tokenizer of ``init.hf``).
     format: ``auto`` (detected from the first row) or a data-layer format name.
     template: ``auto`` (extra_id for reward rows, the tokenizer's chat template if it has
@@ -146,7 +149,7 @@ class DataSection:
     (chosen + rejected) shares one bin, so the over-length policy applies to the pair.
     """
 
-    train: str = MISSING
+    train: Any = MISSING  # a path, or a blend: [{path: str, weight: float}, ...]
     validation: Optional[str] = None
     tokenizer: Optional[str] = None
     format: str = "auto"
@@ -450,6 +453,15 @@ def _check_values(merged: DictConfig) -> None:
     if not o.eps > 0:
         _fail("optim.eps", o.eps, "expected > 0")
     d = merged.data
+    if not OmegaConf.is_missing(d, "train") and not isinstance(d.train, str):
+        if not isinstance(d.train, ListConfig):
+            _fail("data.train", d.train, "expected a path, or a blend [{path: ..., weight: ...}, ...]")
+        from aligner.data.loading import blend_entries  # the data layer loads torch: only blends pay for it here
+
+        try:
+            blend_entries(d.train)
+        except ValueError as exc:
+            raise ConfigError(f"data.train: {exc}") from None
     if d.max_length < 1:
         _fail("data.max_length", d.max_length, "expected >= 1")
     p = merged.parallel

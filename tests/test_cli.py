@@ -199,7 +199,7 @@ def user_error_files(tmp_path_factory):
       "hint: init.hf names a Hugging Face model folder (config.json + *.safetensors)"]),
     (["dpo", "init.hf=hf", "data.train=bad.jsonl"],
      ["aligner train: error: bad.jsonl:2: field 'chosen' must be a string, got int"]),
-    (["dpo", "init.hf=hf", "data.train=x.jsonl"], ["aligner train: error: data.train = 'x.jsonl': no such file"]),
+    (["dpo", "init.hf=hf", "data.train=x.jsonl"], ["aligner train: error: data.train = 'x.jsonl': no such file or folder"]),
     (["sft", "trainer.keep_last=0"], ["aligner train: error: trainer.keep_last = 0: expected >= 1"]),
 ])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(user_error_files, args, expected):

@@ -22,7 +22,7 @@ from typing import Any, List, Optional, Sequence
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from aligner.config import ConfigError, check_required, plain, validate_config
-from aligner.data.datasets import KIND_FORMATS, resolve_template
+from aligner.data.datasets import resolve_template, token_counts
 from aligner.evaluation.config import MonitorSection, check_monitor_sources
 from aligner.models.config import ModelConfig
 from aligner.parallel import ParallelConfig, get_device, initialize, is_initialized, set_seed
@@ -132,7 +132,7 @@ class Trainer:
         """Every row of the data files read once (no tokenizer): a malformed row is reported
         with its file and line before any process group or model exists."""
         d = self.cfg.data
-        checks.check_rows((d.train, d.validation), d.format, KIND_FORMATS[self.data_kind], d.skip_invalid)
+        checks.check_rows((d.train, d.validation), self.data_kind, d.format, d.skip_invalid)
 
     # ---------------------------------------------------------------- pieces
     def init_parallel(self) -> None:
@@ -216,7 +216,7 @@ class Trainer:
             load_hf_weights(models, self.cfg.init.hf, mc, head=head)
         return models
 
-    def load_data(self, path) -> Optional[List[dict]]:
+    def load_data(self, path) -> Optional[Sequence[dict]]:
         # the datasets are tokenized with transformers / sentencepiece: loaded when a run starts
         from aligner.data import load_dataset
 
@@ -233,9 +233,10 @@ class Trainer:
             overlong=str(d.overlong),
             skip_invalid=d.skip_invalid,
             packing=d.packing,
+            seed=self.cfg.trainer.seed,
             **self.data_options(),
         )
-        return [dict(s, index=i) for i, s in enumerate(samples)]
+        return samples  # mapped, not held: each sample is read when a step takes it
 
     def data_options(self) -> dict:
         return {}
@@ -352,7 +353,7 @@ class TokenAlgorithm(Algorithm):
         as pairs (``load_dataset(..., packing=True)``), so this fires on data built by
         hand or loaded without that option.
         """
-        lengths = [self.sample_tokens(s) for s in samples]
+        lengths = token_counts(samples).tolist()  # prepared data: from the mapped index files
         over = [i for i, n in enumerate(lengths) if n > self.capacity]
         if not over:
             return

@@ -207,7 +207,7 @@ class DPOAlgorithm(TokenAlgorithm):
                 samples = loop.global_batch(step)
                 covered.update(int(s["index"]) for s in samples)
                 batches.append(samples)
-            tail = [s for s in loop.train_data if int(s["index"]) not in covered]
+            tail = [loop.train_data[i] for i in range(n_train) if i not in covered]  # index i: position i
             batches += [tail[i : i + gbs] for i in range(0, len(tail), gbs)]
         else:
             # the online algorithms' reference role: initial weights on the host, swapped in

@@ -26,7 +26,9 @@ from aligner.algorithms.losses.common import masked_moments, masked_whiten
 from aligner.algorithms.losses.kl import KL_ESTIMATORS
 from aligner.algorithms.losses.policy import PolicyLossOptions, policy_objective
 from aligner.config import Choice, ConfigError, fail
-from aligner.data.datasets import iter_json_objects
+from aligner.data.datasets import longest_sequences, read_rows
+from aligner.data.loading import dataset_paths
+from aligner.data.prepared import is_prepared
 from aligner.parallel import padded_length
 from aligner.parallel.seeds import minibatch_order_generator
 from aligner.rewards.config import RewardSection, check_reward_section
@@ -640,11 +642,11 @@ class OnlineTrainer(Trainer):
         data = super().load_data(path)
         if data is not None:
             limit = self.model_config().max_position_embeddings
-            for s in data:
-                n = int(s["prompt_tokens"].numel())
-                if n >= limit:
-                    raise ValueError(f"{path}: row {s['index'] + 1} has a prompt of {n} tokens; prompt + response"
-                                     f" must fit model.max_position_embeddings = {limit} tokens")
+            over = (longest_sequences(data) >= limit).nonzero()[0]  # from the mapped index files
+            if over.size:
+                i = int(over[0])
+                raise ValueError(f"{data.where(i)}: the row has a prompt of {len(data[i]['prompt_tokens'])} tokens;"
+                                 f" prompt + response must fit model.max_position_embeddings = {limit} tokens")
         return data
 
     def check_data_rows(self) -> None:
@@ -658,8 +660,9 @@ class OnlineTrainer(Trainer):
                             prompts=self.cfg.data.train)
         if r.kind != "exact_answer":
             return
-        path = self.cfg.data.train
-        for lineno, row in iter_json_objects(path):
+        rows = ((path, lineno, row) for path in dataset_paths(self.cfg.data.train) if not is_prepared(path)
+                for lineno, row, _ in read_rows(path))
+        for path, lineno, row in rows:
             value = row.get(r.answer_field)
             if value is None or isinstance(value, (dict, list)) or str(value).strip() == "":
                 raise ConfigError(f"{path}:{lineno}: field {r.answer_field!r} is missing or not a single answer"

@@ -44,8 +44,8 @@ SUBCOMMANDS = {
                                  " -> best-of-n -> report"),
     "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, ppo,"
                        " pg / rloo / grpo, steerlm2, recipes: --list)"),
-    "data": ("data", "synth the embedded world; validate, stats, pack data files; pairs: on-policy preference"
-                     " pairs"),
+    "data": ("data", "prepare data files once (memory-mapped); synth the embedded world; validate, stats, pack;"
+                     " pairs: on-policy preference pairs"),
     "generate": ("generate", "generate responses for a prompts file (optionally scored by a reward model)"),
     "rm": ("rm", "reward-model utilities: score a file, bon (best-of-n), SteerLM label, ExPO extrapolation"),
     "eval": ("eval", "evaluate reward models: RewardBench-format files, HelpSteer2 regression metrics"),

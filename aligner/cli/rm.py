@@ -63,13 +63,13 @@ def score_samples(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, 
     ``rejected``; ``subset`` kept for pairs."""
     from aligner.training.scoring import score_sequences
     from aligner.data import load_dataset, load_tokenizer
-    from aligner.data.datasets import KIND_FORMATS, read_jsonl
+    from aligner.data.datasets import KIND_FORMATS, read_rows
 
     models, cfg, n = load_reward_model(model_dir, tp, pp)
     readout = reward_readout(model_dir, n, attributes=attributes, reward_attribute=reward_attribute,
                              attribute_weights=attribute_weights, template=template)
     tok = load_tokenizer(tokenizer or model_dir)
-    rows = {line: (row, fmt) for line, row, fmt in read_jsonl(input_path, "auto", KIND_FORMATS["any_scored"])}
+    rows = {line: (row, fmt) for line, row, fmt in read_rows(input_path, "auto", KIND_FORMATS["any_scored"])}
     # truncate_left as training does; a row that cannot fit even so is an error, not a gap
     samples = load_dataset(input_path, kind="any_scored", tokenizer=tok, template=readout.template,
                            max_length=cfg.max_position_embeddings, overlong="truncate_left")

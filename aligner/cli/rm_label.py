@@ -40,7 +40,7 @@ def label_rows(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, mic
     from aligner.training.scoring import score_sequences
     from aligner.rewards.readout import ScoringError, load_reward_model, reward_readout
     from aligner.data import load_tokenizer
-    from aligner.data.datasets import DataFormatError, read_jsonl, render_reward
+    from aligner.data.datasets import DataFormatError, read_rows, render_reward
     from aligner.data.formats import ASSISTANT, Conversation, Turn, format_attribute_label, parse_row
 
     models, cfg, n_out = load_reward_model(model_dir, tp, pp)
@@ -52,7 +52,7 @@ def label_rows(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, mic
     tok = load_tokenizer(tokenizer or model_dir)
     limit = cfg.max_position_embeddings
     rows, sequences, where = [], [], []
-    for lineno, row, _ in read_jsonl(input_path, "auto", LABEL_FORMATS):
+    for lineno, row, _ in read_rows(input_path, "auto", LABEL_FORMATS):
         conv = parse_row(row, "sft")
         plain = [Turn(t.role, t.content) for t in conv.turns]  # the reward model reads no labels
         rows.append(row)

@@ -71,9 +71,9 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
-from aligner.data.datasets import load_dataset
+from aligner.data.loading import load_dataset
 from aligner.data.tokenizer import train_sentencepiece
 from aligner.files import write_jsonl
 
@@ -394,7 +394,7 @@ def synthesize(out_dir, seed: int = 0, n_sft: int = 3000, n_sft_val: int = 200, 
     return paths
 
 
-def load_prompts(path, tokenizer) -> List[dict]:
+def load_prompts(path, tokenizer) -> Sequence[dict]:
     """Held-out prompt rows as generation inputs, with the task meta the scorer needs."""
     return load_dataset(path, kind="prompts", tokenizer=tokenizer, template="extra_id")
 

@@ -47,7 +47,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from aligner.data.datasets import load_dataset, resolve_template
+from aligner.data.datasets import resolve_template
+from aligner.data.loading import load_dataset
 from aligner.evaluation.overoptimization import combine_ensemble, fit_form, gold_drop, is_overoptimized, mean_and_se, pearson
 from aligner.evaluation.sampling import build_reward_source, response_logps, sample_responses, score
 from aligner.rollout import RolloutEngine

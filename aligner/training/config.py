@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from aligner.config import Choice, ConfigError, fail, plain, registered, section_check
 from aligner.models.config import LAYER_SPECS, ModelConfig, supported_archs
@@ -113,7 +113,10 @@ class InitSection:
 class DataSection:
     """``data``: files, tokenizer, template and length policy.
 
-    train: the training jsonl (required). validation: optional jsonl. tokenizer: a HF
+    train (required): a data file (.jsonl, .jsonl.gz, .parquet, an Arrow folder: prepared on
+    first use), a prepared folder (``aligner data prepare``), or a blend, a list of
+    ``{path, weight}`` entries drawn in those proportions (docs/data_formats.md).
+    validation: optional, a file or prepared folder. tokenizer: a HF
     tokenizer folder or a SentencePiece ``.model`` (None: the tokenizer of ``init.hf``).
     format: ``auto`` (detected from the first row) or a data-layer format name.
     template: ``auto`` (extra_id for reward rows, the tokenizer's chat template if it has
@@ -124,7 +127,7 @@ class DataSection:
     (chosen + rejected) shares one bin, so the over-length policy applies to the pair.
     """
 
-    train: str = MISSING
+    train: Any = MISSING  # a path, or a blend: [{path: str, weight: float}, ...]
     validation: Optional[str] = None
     tokenizer: Optional[str] = None
     format: str = "auto"
@@ -246,6 +249,15 @@ def _check_optim(o, key: str, cfg) -> None:
 
 @section_check(DataSection)
 def _check_data(d, key: str, cfg) -> None:
+    if not OmegaConf.is_missing(d, "train") and not isinstance(d.train, str):
+        if not isinstance(d.train, ListConfig):
+            fail(f"{key}.train", d.train, "expected a path, or a blend [{path: ..., weight: ...}, ...]")
+        from aligner.data.loading import blend_entries  # the data layer loads torch: only blends pay for it here
+
+        try:
+            blend_entries(d.train)
+        except ValueError as exc:
+            raise ConfigError(f"{key}.train: {exc}") from None
     if d.max_length < 1:
         fail(f"{key}.max_length", d.max_length, "expected >= 1")
     # a model built from the model group (no init.hf) has its positions in the config

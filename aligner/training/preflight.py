@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 from omegaconf import OmegaConf
 
 from aligner.config import ConfigError
-from aligner.data.datasets import read_jsonl
+from aligner.data.loading import check_dataset, dataset_paths
 from aligner.parallel.state import LayoutError, ParallelConfig, read_dist_env, validate_layout
 
 HF_FOLDER_HINT = "init.hf names a Hugging Face model folder (config.json + *.safetensors)"
@@ -45,10 +45,11 @@ def check_init(cfg) -> None:
 
 
 def check_data_files(cfg) -> None:
+    """Every data file or prepared folder the run names exists (a blend names several)."""
     for key in ("train", "validation"):
-        path = cfg.data[key]
-        if path is not None and not Path(path).is_file():
-            raise ConfigError(f"data.{key} = {path!r}: no such file")
+        for path in dataset_paths(cfg.data[key]) if cfg.data[key] is not None else ():
+            if not Path(path).exists():
+                raise ConfigError(f"data.{key} = {path!r}: no such file or folder")
 
 
 def check_monitor(cfg) -> None:
@@ -61,13 +62,12 @@ def check_monitor(cfg) -> None:
         raise ConfigError(f"monitor.prompts = {m.prompts!r}: no such file")
 
 
-def check_rows(paths: Sequence[Optional[str]], fmt: str, formats: Sequence[str], skip_invalid: bool) -> None:
-    """Read every row of the data files once (no tokenizer): a malformed row is reported
-    with its file and line."""
-    for path in paths:
-        if path is not None:
-            for _ in read_jsonl(path, fmt, formats, skip_invalid):
-                pass
+def check_rows(sources: Sequence[Optional[str]], kind: str, fmt: str, skip_invalid: bool) -> None:
+    """Read every row of the data files once (no tokenizer; a prepared folder: its files and
+    sources): a malformed row is reported with its file and line."""
+    for source in sources:
+        if source is not None:
+            check_dataset(source, kind, fmt, skip_invalid)
 
 
 def check_tokenizer(cfg) -> None:

@@ -6,10 +6,9 @@ and scored iteration after iteration in one run
 """
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -20,8 +19,9 @@ from aligner.algorithms.registry import register_trainer
 from aligner.algorithms.steerlm.algorithm import IterativeSteerLM2Algorithm, SteerLM2Algorithm
 from aligner.algorithms.steerlm.sampler import SteerLM2Sampler
 from aligner.config import ConfigError
-from aligner.data.datasets import finish_loading, fit_to_length, load_dataset, read_jsonl, render_extra_id
-from aligner.data.formats import STEERLM_DEFAULT_LABEL, parse_attribute_label, parse_row
+from aligner.data.datasets import render_extra_id
+from aligner.data.loading import check_dataset, load_dataset, source_format
+from aligner.data.formats import STEERLM_DEFAULT_LABEL, parse_attribute_label
 from aligner.models.config import ModelConfig
 from aligner.rewards.sources import RewardModel
 from aligner.training.config import InitSection, Template
@@ -29,36 +29,16 @@ from aligner.training.roles import ReferencePolicy, RoleSet
 
 
 def load_steerlm2(path, tokenizer, max_length: int = 4096, overlong: str = "truncate_left",
-                  skip_invalid: bool = False) -> List[dict]:
+                  skip_invalid: bool = False) -> Sequence[dict]:
     """Pre-scored SteerLM 2.0 rows -> samples ``{"responses": [(tokens, loss_mask)],
-    "log_p_attr", "log_p_sft", "log_q_prime": [n] float64, "line"}``.
+    "log_p_attr", "log_p_sft", "log_q_prime": [n] float64, "line", "index"}`` (the data
+    layer's ``steerlm2`` kind, mapped from prepared files).
 
     A response that does not fit ``max_length`` after the over-length policy drops its whole
     group (the group's softmaxes need every member); drops are counted and printed.
     """
-    counts: Counter = Counter()
-    out: List[dict] = []
-    for lineno, row, fmt in read_jsonl(path, "steerlm2", ("steerlm2",), skip_invalid, counts):
-        rec = parse_row(row, fmt)
-        items = []
-        for resp in rec.responses:
-            tokens, mask = render_extra_id(tokenizer, rec.prompt, resp.value, end="eos", label=rec.label)
-            fitted = fit_to_length(tokens, mask, max_length, overlong, counts)
-            if fitted is None:
-                break
-            items.append((torch.tensor(fitted[0], dtype=torch.long), torch.tensor(fitted[1], dtype=torch.float32)))
-        if len(items) < len(rec.responses):
-            counts["dropped_group_overlong"] += 1
-            continue
-        out.append({
-            "responses": items,
-            "log_p_attr": torch.tensor([r.log_p_attributes for r in rec.responses], dtype=torch.float64),
-            "log_p_sft": torch.tensor([r.log_p_sft for r in rec.responses], dtype=torch.float64),
-            "log_q_prime": torch.tensor([r.log_q for r in rec.responses], dtype=torch.float64),
-            "line": lineno,
-        })
-    return finish_loading(path, "steerlm2", out, counts, unit="SteerLM 2.0 groups")
-
+    return load_dataset(path, "steerlm2", tokenizer, template="extra_id", max_length=max_length, overlong=overlong,
+                        skip_invalid=skip_invalid)
 
 
 @dataclass
@@ -148,9 +128,10 @@ class SteerLM2Trainer(Trainer):
 
     def train_format(self) -> str:
         d = self.cfg.data
-        for _, _, fmt in read_jsonl(d.train, d.format, self.PROMPT_FORMATS):
-            return fmt
-        raise ConfigError(f"data.train = {d.train!r}: no rows")
+        fmt = source_format(d.train, d.format, self.PROMPT_FORMATS)
+        if fmt is None:
+            raise ConfigError(f"data.train = {d.train!r}: no rows")
+        return fmt
 
     @property
     def sampling(self) -> bool:
@@ -158,11 +139,9 @@ class SteerLM2Trainer(Trainer):
 
     def check_data_rows(self) -> None:
         d, s = self.cfg.data, self.cfg.steerlm2
-        for _ in read_jsonl(d.train, d.format, self.PROMPT_FORMATS, d.skip_invalid):
-            pass
+        check_dataset(d.train, "prompts" if self.sampling else "steerlm2", d.format, d.skip_invalid)
         if d.validation is not None:
-            for _ in read_jsonl(d.validation, "auto", ("steerlm2",), d.skip_invalid):
-                pass
+            check_dataset(d.validation, "steerlm2", "auto", d.skip_invalid)
         if self.sampling:
             for key in ("sft_model", "reward_model"):
                 path = s[key]
@@ -180,14 +159,12 @@ class SteerLM2Trainer(Trainer):
         d = self.cfg.data
         if d.validation is None:
             return None
-        val = load_steerlm2(d.validation, self.tokenizer(), d.max_length, d.overlong, d.skip_invalid)
-        return [dict(v, index=i) for i, v in enumerate(val)]
+        return load_steerlm2(d.validation, self.tokenizer(), d.max_length, d.overlong, d.skip_invalid)
 
     def prepare(self):
         d = self.cfg.data
         if not self.sampling:
             train = load_steerlm2(d.train, self.tokenizer(), d.max_length, d.overlong, d.skip_invalid)
-            train = [dict(x, index=i) for i, x in enumerate(train)]
             algo = SteerLM2Algorithm(self.tokenizer().pad_id)
             return algo, self.build_models(), train, self.load_validation(), {}
         prompts = self.prompt_groups()

@@ -9,13 +9,18 @@
   only report errors. Messages go through ``tqdm.write`` so progress bars stay intact.
 - :class:`UserError`: a mistake in what the user gave (config, path, data, layout); the
   command line prints it as one ``aligner <cmd>: error: ...`` line and exits 2.
+- :func:`lazy_exports`: a package's public names loaded on first use (PEP 562), so that
+  importing a light submodule (a config schema) does not import the heavy ones.
+- :class:`RunStopped`: a command stopped by a signal, with where it can resume from.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 CONFIG_PACKAGE = "aligner.conf"  # the package-data module setup.py maps the repository's conf/ to
 
@@ -26,6 +31,24 @@ class UserError(ValueError):
     def __init__(self, message: str, hint: Optional[str] = None):
         super().__init__(message)
         self.hint = hint
+
+
+class RunStopped(BaseException):
+    """A command stopped by a signal (Ctrl-C's SIGINT, SIGTERM: what Slurm sends before a
+    time limit); ``message`` says what was kept and where the run can resume from. The
+    command line prints it as one ``aligner <cmd>: <message>`` line and exits with
+    128 + ``signum``, as a shell reports a process ended by that signal. A BaseException,
+    like KeyboardInterrupt, so that handlers of errors let it through."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def raise_on_sigterm(signum, frame) -> None:
+    """A SIGTERM handler: stop the command where it is, as Ctrl-C does (:class:`RunStopped`);
+    the training loop replaces it while it trains, to save a checkpoint first."""
+    raise RunStopped("stopped by SIGTERM", signum)
 
 
 # ------------------------------------------------------------------------------ ranks
@@ -133,5 +156,21 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name.startswith("aligner") else f"aligner.{name}")
 
 
-__all__ = ["UserError", "config_dir", "config_search_path", "get_logger", "global_rank", "is_rank0",
-           "setup_logging"]
+# ------------------------------------------------------------------------------ packages
+def lazy_exports(package: str, exports: Dict[str, str]) -> Callable[[str], object]:
+    """The module ``__getattr__`` (PEP 562) of ``package``: ``exports`` maps a public name to
+    the submodule defining it, imported when the name is first asked for."""
+
+    def __getattr__(name: str):
+        module = exports.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{package}.{module}"), name)
+        setattr(sys.modules[package], name, value)
+        return value
+
+    return __getattr__
+
+
+__all__ = ["RunStopped", "UserError", "lazy_exports", "config_dir", "config_search_path", "get_logger", "global_rank", "is_rank0",
+           "raise_on_sigterm", "setup_logging"]

@@ -36,7 +36,7 @@ def _config(base: dict, out_dir: str, steps: int, prompts: int, epochs: int, tp:
         "trainer": {"max_steps": steps, "global_batch_size": prompts, "micro_batch_size": 8, "out_dir": out_dir,
                     "progress": False, "tensorboard": False, "save_interval": 0, "export_hf": True,
                     "resume": False, "seed": 0},
-        "ppo": {"reward": {"kind": "world"}, "critic_init": "policy", "ppo_epochs": epochs,
+        "ppo": {"reward": {"kind": "world"}, "critic_init": "policy", "epochs": epochs,
                 "mini_batch_size": prompts // 2, "critic_optim": {"lr": 1e-4},
                 "generation": {"max_new_tokens": max_new}},
     }

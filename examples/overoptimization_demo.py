@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # the proxy function's module
     from aligner.cli.train import compose
     from aligner.evaluation.overoptimization import fit_form
-    from aligner.reporting import monitor_curve, plot_gold_proxy
+    from aligner.evaluation.reporting import monitor_curve, plot_gold_proxy
 
     qs, out = Path(args.quickstart), Path(args.out)
     world = qs / "world"
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
         f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.prompts_per_step}",
         "trainer.micro_batch_size=16", "trainer.save_interval=0", "trainer.tensorboard=false",
         f"trainer.seed={args.seed}", f"optim.lr={args.lr}", "ppo.critic_optim.lr=1e-4", "ppo.kl_coef=0.0",
-        "ppo.ppo_epochs=2", f"ppo.mini_batch_size={args.prompts_per_step // 2}", "monitor.enabled=true",
+        "ppo.epochs=2", f"ppo.mini_batch_size={args.prompts_per_step // 2}", "monitor.enabled=true",
         f"monitor.prompts={world / 'prompts_heldout.jsonl'}", f"monitor.num_prompts={args.monitor_prompts}",
         f"monitor.interval={args.interval}", f"monitor.warn_drop={args.warn_drop}", f"monitor.seed={args.seed}",
     ] + reward)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
 
 def _plot_steps(points, out_png):
-    from aligner.reporting import _pyplot
+    from aligner.evaluation.reporting import _pyplot
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
                       "trainer.micro_batch_size=16", "trainer.save_interval=0", "trainer.progress=true",
                       "trainer.tensorboard=false", f"trainer.seed={args.seed}", f"optim.lr={args.lr}",
                       f"ppo.critic_optim.lr={args.critic_lr}", f"ppo.kl_coef={args.kl}",
-                      f"ppo.ppo_epochs={args.ppo_epochs}", f"ppo.mini_batch_size={args.prompts_per_step // 2}",
+                      f"ppo.epochs={args.ppo_epochs}", f"ppo.mini_batch_size={args.prompts_per_step // 2}",
                       f"ppo.generation.max_new_tokens={args.max_new_tokens}"] + reward_args)
         timings[reward] = time.perf_counter() - t0
     prompts = load_prompts(str(world / "prompts_heldout.jsonl"), tok)

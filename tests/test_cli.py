@@ -36,6 +36,41 @@ def test_help_lists_every_command_with_its_description():
         assert subprocess.run([installed, "--help"], capture_output=True, text=True, timeout=60).stdout == out.stdout
 
 
+def test_help_names_every_subcommand_and_stage(capsys):
+    """``aligner --help`` tells the truth: each command's description names every
+    subcommand its own help offers, and the quickstart's names its RL stage."""
+    for name in cli.SUBCOMMANDS:
+        assert cli.main([name, "--help"]) == 0
+        usage = capsys.readouterr().out
+        offered = usage.split("{", 1)[1].split("}", 1)[0].split(",") if name in ("rm", "data", "eval") else []
+        for sub in offered:
+            assert sub.lower() in cli.SUBCOMMANDS[name][1].lower(), (name, sub)
+    assert "RL" in cli.SUBCOMMANDS["quickstart"][1] and "best-of-n" in cli.SUBCOMMANDS["quickstart"][1]
+    from aligner.algorithms.catalog import TRAINERS
+
+    for algorithm in set(TRAINERS) - {"rm"}:  # rm: the rm_regression / rm_bt configs
+        assert algorithm in cli.SUBCOMMANDS["train"][1], algorithm
+
+
+def test_every_help_keeps_its_code_spans_on_one_line(capsys):
+    for name in cli.SUBCOMMANDS:
+        assert cli.main([name, "--help"]) == 0
+        for line in capsys.readouterr().out.splitlines():
+            assert line.count("``") % 2 == 0, (name, line)
+
+
+def test_the_online_configs_list_every_reward_kind():
+    """The ``kind:`` comment of ``ppo.reward`` / ``pg.reward`` lists the kinds the schema accepts."""
+    from aligner.rewards.kinds import REWARD_KINDS
+    from aligner.runtime import config_dir
+
+    for config in ("ppo", "pg"):
+        lines = (config_dir() / f"{config}.yaml").read_text().splitlines()
+        reward = lines.index("  reward:")
+        kind = next(line for line in lines[reward:] if line.strip().startswith("kind:"))
+        assert [k.strip() for k in kind.split("#", 1)[1].split("|")] == list(REWARD_KINDS), config
+
+
 def test_version_no_arguments_and_unknown_command(capsys):
     assert cli.main(["--version"]) == 0 and capsys.readouterr().out == f"aligner {aligner.__version__}\n"
     assert cli.main(["-V"]) == 0 and capsys.readouterr().out == f"aligner {aligner.__version__}\n"
@@ -164,7 +199,7 @@ def user_error_files(tmp_path_factory):
       "hint: init.hf names a Hugging Face model folder (config.json + *.safetensors)"]),
     (["dpo", "init.hf=hf", "data.train=bad.jsonl"],
      ["aligner train: error: bad.jsonl:2: field 'chosen' must be a string, got int"]),
-    (["dpo", "init.hf=hf", "data.train=x.jsonl"], ["aligner train: error: data.train = 'x.jsonl': no such file"]),
+    (["dpo", "init.hf=hf", "data.train=x.jsonl"], ["aligner train: error: data.train = 'x.jsonl': no such file or folder"]),
     (["sft", "trainer.keep_last=0"], ["aligner train: error: trainer.keep_last = 0: expected >= 1"]),
 ])
 def test_user_errors_are_one_line_exit_2_and_write_nothing(user_error_files, args, expected):

@@ -54,7 +54,7 @@ def test_report_and_plots(run):
     assert [r["n"] for r in results["bon"]["table"]] == [1, 2, 4]
     rb = results["rm_bt"]["rewardbench"]["subsets"]
     assert set(rb) == {"world-easy", "world-hard"} and all(v["n"] == 200 for v in rb.values())
-    assert json.loads((run / "quickstart.json").read_text()) == {"seed": 1, "scale": float(TEST_SCALE)}
+    assert json.loads((run / "quickstart.json").read_text()) == {"seed": 1, "scale": float(TEST_SCALE), "rl": "rloo"}
 
 
 def test_reward_model_beats_chance_on_rewardbench_format_pairs(run):
@@ -127,6 +127,28 @@ def test_every_stage_loads_in_transformers(run):
                                                     "verbosity"]
     tok = AutoTokenizer.from_pretrained(run / "sft" / "hf")
     assert tok.decode(tok.encode("The answer is 42.", add_special_tokens=False)).strip() == "The answer is 42."
+
+
+def test_another_rl_algorithm_trains_the_rl_stage_again(run):
+    """--rl grpo on a folder whose rl stage ran RLOO: only the rl stage is trained again, as
+    GRPO, and the report's column says so (runs last: it changes the folder's rl stage)."""
+    import yaml
+
+    kept = {p: p.stat().st_mtime_ns for stage in ("sft", "rm_regression", "rm_bt", "dpo")
+            for p in (run / stage / "hf").glob("*.safetensors")}
+    assert yaml.safe_load((run / "rl" / "config.yaml").read_text())["pg"]["advantage"] == "rloo"
+    proc = _quickstart(run, 1, TEST_SCALE, "--rl", "grpo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for stage in ("sft", "rm_regression", "rm_bt", "dpo"):
+        assert f"{stage}: complete" in proc.stderr
+    assert "rl: the folder's rl stage ran RLOO; this run asks for GRPO" in proc.stderr
+    assert "rl: its options changed (pg.advantage" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert yaml.safe_load((run / "rl" / "config.yaml").read_text())["pg"]["advantage"] == "grpo"
+    assert json.loads((run / "quickstart.json").read_text())["rl"] == "grpo"
+    assert json.loads((run / "results.json").read_text())["rl"]["algorithm"] == "grpo"
+    assert "| RL (GRPO) |" in (run / "report.md").read_text()
+    assert json.loads((run / "rl" / "result.json").read_text())["step"] == 2
 
 
 @pytest.mark.slow

@@ -1,60 +1,86 @@
-"""The DPO family on the shared loop: DPO, IPO, RPO variants, margin / scaled DPO, SFT mixing.
+"""The DPO family on the shared loop (docs/dpo.md): DPO, IPO, RPO variants, margin / scaled
+DPO, SFT mixing, and any preference loss registered later; ``aligner train dpo``.
 
-Samples are pairs ``{"chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask",
-"strength", "index", ...}`` (``index``: the sample's position in the training set), with the
-optional ``margin`` (margin DPO; else the strength, :func:`aligner.algorithms.sft.pair_margin`)
-and ``reward_gap`` = r*_chosen − r*_rejected (RPO: every pair must have one; the data layer
-takes it from ``chosen_reward`` / ``rejected_reward``).
-The chosen and rejected response of a pair always share a micro-batch (padded: adjacent
-rows; packed: the same bin, so a pair must fit one bin of ``data.max_length`` tokens:
-checked before training). Per response, ``logp = Σ_t mask · log π(y_t)`` over response
-tokens (or the per-token mean with ``average_log_probs``); the loss is
-:func:`aligner.algorithms.losses.preference_loss` of kind ``loss_type`` (docs/dpo.md),
-averaged over pairs of the global batch.
+Samples are pairs (chosen and rejected share a micro-batch: adjacent rows, or one packing
+bin). Per response, ``logp = Σ_t mask · log π(y_t)`` over response tokens (the per-token
+mean with ``average_log_probs``); the loss is
+:func:`aligner.algorithms.losses.preference.preference_loss` of kind ``loss_type``,
+averaged over the pairs of the global batch.
 
-The reference model is the initial policy, always: :meth:`DPOAlgorithm.setup` runs before
-the loop resumes a checkpoint (:meth:`aligner.training.loop.TrainingLoop.fit`), so it sees
-the initial weights (``init.hf``, or the seeded random initialisation), both in a fresh run
-and in a resumed one. Two ways to use it (``reference``):
-
-- ``precompute``: before training, forward-only passes with the initial weights store each
-  pair's reference log-probs (summed, and token counts) in a table indexed by ``index``:
-  first epoch 0's global batches exactly as step 0.. will see them (same batches, shapes and
-  ranks, so the policy's log-probs at step 0 equal the reference bit for bit), then the
-  pairs beyond epoch 0's last full global batch in extra batches, so every training pair
-  has its reference in every epoch (later epochs reshuffle). A resumed run recomputes the
-  table from the initial weights (one forward pass over the data, as at the start): the
-  same numbers bit for bit at the same layout.
-- ``resident``: the initial weights are kept in host memory (the ``reference`` role of the
-  online algorithms, :class:`aligner.training.roles.ReferencePolicy` in host mode); before
-  each step they are swapped into the model for a forward-only pass over the step's pairs,
-  then the policy weights are swapped back. No precompute pass; costs two weight copies per
-  step.
-
-Validation pairs get their reference log-probs in ``setup`` either way (indices after the
-training set's, batched as ``evaluate()`` batches them).
-
-Checkpoint state (:meth:`DPOAlgorithm.state_dict`): a resume needs no stored table (it is
-recomputed), so the state records what the reference was computed over — the reference
-kind, and per split the number of pairs, their token count and the sum of |reference
-log-prob| — and :meth:`load_state_dict` refuses a resume whose recomputed reference
-disagrees (other data: counts differ; other initial weights: the sum differs by more than
-a relative 1e-3, far above layout round-off).
+The reference is the initial policy: :meth:`DPOAlgorithm.setup` runs before the loop
+resumes a checkpoint, so it sees the initial weights. ``reference: precompute`` stores each
+pair's reference log-probs once, in batches exactly as training will see them (so the
+policy's log-probs at step 0 equal the reference bit for bit), recomputed on resume and
+checked against the checkpoint's summary; ``resident`` keeps the initial weights in host
+memory and swaps them in for a forward before each step.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state as ps
 
-from aligner.algorithms.losses import preference_loss
-from aligner.algorithms.sft import TokenAlgorithm, pair_margin
+from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf, pair_margin
+from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
+from aligner.algorithms.registry import register_trainer
+from aligner.config import Choice, ConfigError, registered
 from aligner.parallel import get_device
-from aligner.training.algorithm import metric
 from aligner.training.batching import per_item_sum, shifted_logprobs
+from aligner.training.config import InitSection
+from aligner.training.metrics import metric
+from aligner.training.roles import ReferencePolicy
+
+
+# ------------------------------------------------------------------------------ config
+class Reference(Choice):
+    precompute = "precompute"  # reference log-probs computed once
+    resident = "resident"  # reference weights kept in host memory, swapped in every step
+
+
+@dataclass
+class DPOSection:
+    """``dpo``: the DPO family (docs/dpo.md)."""
+
+    loss_type: str = registered(PREFERENCE_LOSSES, "dpo")  # a registered preference loss
+    beta: float = 0.1  # the KL strength (> 0)
+    average_log_probs: bool = False  # per-token mean log-probs instead of sums
+    sft_weight: float = 0.0  # weight of the NLL on the chosen response
+    preference_weight: float = 1.0  # weight of the preference loss
+    eta: float = 1.0  # the reward-gap scale of the losses that read it (RPO)
+    reference: Reference = Reference.precompute
+
+
+@dataclass
+class DPOConfig(RunConfig):
+    """DPO family, from an SFT model (``init.hf`` required)."""
+
+    algorithm: str = "dpo"
+    init: InitSection = field(default_factory=init_from_hf)
+    dpo: DPOSection = field(default_factory=DPOSection)
+
+
+def check_dpo_section(p, key: str = "dpo") -> None:
+    """The ``dpo`` section's values and combinations (ConfigError naming the key)."""
+    if not p.beta > 0:
+        raise ConfigError(f"{key}.beta = {p.beta!r}: expected > 0")
+    for name in ("sft_weight", "preference_weight"):
+        if p[name] < 0:
+            raise ConfigError(f"{key}.{name} = {p[name]!r}: expected >= 0")
+    if p.sft_weight == 0 and p.preference_weight == 0:
+        raise ConfigError(f"{key}.sft_weight and {key}.preference_weight are both 0: nothing would be trained")
+    eta_losses = [name for name, loss in PREFERENCE_LOSSES.items() if "eta" in loss.inputs]
+    if p.eta != DPOSection.eta and p.loss_type not in eta_losses:
+        raise ConfigError(f"{key}.eta = {p.eta} has no effect with {key}.loss_type = {p.loss_type!r}"
+                          f" (only the {', '.join(eta_losses)} losses scale the reward gap)",
+                          hint=f"remove the override, or set {key}.loss_type to one of those")
+    if not p.eta > 0:
+        raise ConfigError(f"{key}.eta = {p.eta!r}: expected > 0")
+
+
+# ------------------------------------------------------------------------------ algorithm
 
 
 class DPOAlgorithm(TokenAlgorithm):
@@ -75,7 +101,7 @@ class DPOAlgorithm(TokenAlgorithm):
         capacity: Optional[int] = None,
     ):
         super().__init__(pad_id, packing, capacity)
-        if reference not in ("precompute", "resident"):
+        if reference not in tuple(Reference):
             raise ValueError(f"dpo.reference must be 'precompute' or 'resident', got {reference!r}")
         self.loss_type = loss_type
         self.beta = beta
@@ -154,54 +180,53 @@ class DPOAlgorithm(TokenAlgorithm):
         return total, torch.tensor(n), metrics
 
     # ------------------------------------------------------------------ reference
-    def _reference_pass(self, trainer, samples, seq_length):
+    def _reference_pass(self, loop, samples, seq_length):
         self._collect = True
         try:
-            trainer.run_schedule(samples, forward_only=True, seq_length=seq_length)
+            loop.run_schedule(samples, forward_only=True, seq_length=seq_length)
         finally:
             self._collect = False
 
-    def setup(self, trainer):
+    def setup(self, loop):
         """Check the data, then compute the reference from the models' current (= initial) weights."""
-        super().setup(trainer)  # packing: every pair fits one bin
-        self._check_reward_gaps(trainer)
-        n_train = len(trainer.train_data)
-        val = trainer.val_data or []
+        super().setup(loop)  # packing: every pair fits one bin
+        self._check_reward_gaps(loop)
+        n_train = len(loop.train_data)
+        val = loop.val_data or []
         self._ref = torch.zeros(n_train + len(val), 4, dtype=torch.float64)
-        gbs = trainer.cfg.global_batch_size
+        gbs = loop.cfg.global_batch_size
         batches: List[List[dict]] = []
         # validation pairs: indices after the training set's, batched as evaluate() batches them
         for start in range(0, len(val), gbs):
             batches.append([dict(val[i], index=n_train + i) for i in range(start, min(start + gbs, len(val)))])
-        if self.reference == "precompute":
+        if self.reference == Reference.precompute:
             # epoch 0 batch for batch as training will see it (step 0 reproduces these numbers
             # bit for bit), then the pairs of epoch 0's unused tail: later epochs train them
             covered = set()
-            for step in range(trainer.steps_per_epoch):
-                samples = trainer.global_batch(step)
+            for step in range(loop.steps_per_epoch):
+                samples = loop.global_batch(step)
                 covered.update(int(s["index"]) for s in samples)
                 batches.append(samples)
-            tail = [s for s in trainer.train_data if int(s["index"]) not in covered]
+            tail = [loop.train_data[i] for i in range(n_train) if i not in covered]  # index i: position i
             batches += [tail[i : i + gbs] for i in range(0, len(tail), gbs)]
         else:
-            from aligner.training.roles import ReferencePolicy
-
             # the online algorithms' reference role: initial weights on the host, swapped in
-            self._host_ref = ReferencePolicy(trainer.models, mode="host")
-        for m in trainer.models:
+            self._host_ref = ReferencePolicy(loop.models, mode="host")
+        for m in loop.models:
             m.eval()
         with torch.no_grad():
             for samples in batches:
-                self._reference_pass(trainer, trainer._local(samples), trainer._seq_length(samples))
-        for m in trainer.models:
+                self._reference_pass(loop, loop.local_share(samples), loop.seq_length(samples))
+        for m in loop.models:
             m.train()
         self._reduce_table()
         self._summary = self._table_summary(n_train)
 
-    def _check_reward_gaps(self, trainer):
-        if not self.loss_type.startswith("rpo"):
+    def _check_reward_gaps(self, loop):
+        """Every pair carries ``reward_gap`` when the loss reads it (its declared inputs)."""
+        if "reward_gap" not in PREFERENCE_LOSSES[self.loss_type].inputs:
             return
-        for split, data in (("training", trainer.train_data), ("validation", trainer.val_data or [])):
+        for split, data in (("training", loop.train_data), ("validation", loop.val_data or [])):
             missing = [s for s in data if s.get("reward_gap") is None]
             if missing:
                 where = f"line {missing[0]['line']}" if "line" in missing[0] else f"index {missing[0].get('index')}"
@@ -213,7 +238,7 @@ class DPOAlgorithm(TokenAlgorithm):
     def _table_summary(self, n_train: int) -> Dict[str, dict]:
         """Per split: pairs with a reference, their token count, Σ|reference log-prob| (all ranks alike)."""
         parts = {"validation": self._ref[n_train:]}
-        if self.reference == "precompute":
+        if self.reference == Reference.precompute:
             parts["training"] = self._ref[:n_train]
         return {
             split: {"pairs": int(t.shape[0]), "tokens": int(t[:, 2:].sum()), "abs_logps": float(t[:, :2].abs().sum())}
@@ -223,6 +248,8 @@ class DPOAlgorithm(TokenAlgorithm):
     def _reduce_table(self):
         """Each pair's row was filled by one data-parallel rank on the last pipeline stage: sum
         over DP ranks, then send the table to every pipeline stage (each rank holds it all)."""
+        from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not at config checks
+
         reduce = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1
         send = ps.get_pipeline_model_parallel_world_size() > 1
         if not (reduce or send):
@@ -236,14 +263,15 @@ class DPOAlgorithm(TokenAlgorithm):
         self._ref = table.cpu()
 
     @torch.no_grad()
-    def before_step(self, trainer, local_samples, seq_length):
-        if self.reference != "resident":
+    def before_step(self, loop, local_samples, seq_length):
+        if self.reference != Reference.resident:
             return
         with self._host_ref.active():
-            self._reference_pass(trainer, local_samples, seq_length)
+            self._reference_pass(loop, local_samples, seq_length)
 
     def state_dict(self):
-        """What the reference was computed over (see the module docstring): checked on resume."""
+        """What the reference was computed over — the kind, and per split the pairs, their tokens and
+        Σ|reference log-prob| — checked on resume (:meth:`load_state_dict`)."""
         return {"reference": self.reference, "reference_table": self._summary or {}}
 
     def load_state_dict(self, state):
@@ -265,3 +293,31 @@ class DPOAlgorithm(TokenAlgorithm):
                     f" {theirs['abs_logps']:.6g} then): the initial weights (init.hf, or model and"
                     f" trainer.seed) changed since the run began"
                 )
+
+
+# ------------------------------------------------------------------------------ trainer
+@register_trainer("dpo")
+class DPOTrainer(Trainer):
+    """``aligner train dpo``."""
+
+    schema = DPOConfig
+    data_kind = "pairs"
+
+    @classmethod
+    def check(cls, cfg):
+        check_dpo_section(cfg.dpo)
+
+    def algorithm(self):
+        p, d = self.cfg.dpo, self.cfg.data
+        return DPOAlgorithm(
+            self.tokenizer().pad_id,
+            loss_type=p.loss_type,
+            beta=p.beta,
+            average_log_probs=p.average_log_probs,
+            sft_weight=p.sft_weight,
+            preference_weight=p.preference_weight,
+            eta=p.eta,
+            reference=str(p.reference),
+            packing=d.packing,
+            capacity=d.max_length,
+        )

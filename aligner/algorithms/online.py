@@ -1,158 +1,151 @@
-"""What every online algorithm shares (docs/online_core.md): the config sections of
-generation and reward, the step skeleton, the micro-batches and the policy loss (the
-trainer that builds the roles is :class:`aligner.algorithms.trainers.OnlineTrainer`). PPO (:mod:`aligner.algorithms.ppo`) and the REINFORCE
-family (:mod:`aligner.algorithms.pg`) differ only in their advantages, their extra roles
-(PPO's critic) and their options.
+"""The online core (docs/online_core.md): what PPO, the REINFORCE family and SteerLM 2.0's
+sampling share — the config sections, the rollout's shape, the experience, the step
+skeleton and the trainer that builds the roles.
 
-A step (:meth:`OnlineAlgorithm.train_step`, on the loop's :class:`StepContext`):
-
-1. experience (:meth:`OnlineAlgorithm.make_experience`, by default one round of
-   :class:`aligner.algorithms.experience.ExperienceMaker`): responses sampled on the live
-   policy, scored by the reward source; old / reference log-probs (and values) from
-   forward-only schedules.
-2. global reductions (:meth:`OnlineAlgorithm.advantages`, the algorithm's own): token
-   advantages, and whatever else the updates read, with statistics over the whole
-   data-parallel batch.
-3. ``epochs`` passes over the rollouts in mini-batches of ``mini_batch_size`` responses
-   (global): one update of every trainable role per mini-batch
-   (:attr:`OnlineAlgorithm.update_roles`), each through megatron-core's schedule with the
-   count of the global mini-batch as normaliser (:func:`policy_loss` for the policy).
-   Mini-batches are sets of global rows (:meth:`OnlineAlgorithm.minibatch_rows`), the
-   same at any data-parallel size.
-4. metrics, reduced over ranks: the experience's (reward, lengths, KL to the reference,
-   train / rollout log-prob mismatch), the updates', the time split.
-
-Shapes: n rows on this rank, S positions; per-token tensors [n, S] aligned with the token
-they score (docs/online_core.md).
+A step (:meth:`OnlineAlgorithm.train_step`): experience (:class:`ExperienceMaker`:
+generation on the live policy, rewards, old / reference log-probs, values), global
+reductions (:meth:`OnlineAlgorithm.advantages`), ``epochs`` x mini-batches of updates of
+every trainable role (:class:`RolloutShape`), metrics reduced over ranks. Sample ``k`` of
+the prompt at position ``j`` of step ``t`` has the global index ``(t·P + j)·G + k`` and the
+seed ``seed_for(seed, index)``: any layout and a resumed run generate the same responses.
+Shapes: n rows on this rank (a prompt's G rows consecutive), S positions; per-token
+tensors [n, S] aligned with the token they score (:mod:`aligner.training.forward`).
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from aligner.algorithms.experience import Experience, ExperienceMaker, reduce_metric_store
-from aligner.algorithms.losses.common import masked_moments
-from aligner.algorithms.losses.reinforce import aggregate, clipped_surrogate, kl_estimate, reinforce_token_loss
-from aligner.data.formats import HELPSTEER2_ATTRIBUTES
-from aligner.models.logprobs import token_entropy
-from aligner.training.algorithm import Algorithm, StepContext, metric
+from aligner.algorithms.base import Trainer
+from aligner.algorithms.losses.common import masked_moments, masked_whiten
+from aligner.algorithms.losses.kl import KL_ESTIMATORS
+from aligner.algorithms.losses.policy import PolicyLossOptions, policy_objective
+from aligner.config import Choice, ConfigError, fail
+from aligner.data.datasets import longest_sequences, read_rows
+from aligner.data.loading import dataset_paths
+from aligner.data.prepared import is_prepared
+from aligner.parallel import padded_length
+from aligner.parallel.seeds import minibatch_order_generator
+from aligner.rewards.config import RewardSection, check_reward_section
+from aligner.rewards.kinds import build_reward
+from aligner.rewards.sources import RewardBatch, RewardSource, check_reward_source
+from aligner.training.algorithm import Algorithm, StepContext
 from aligner.training.batching import shifted_logprobs
-from aligner.training.config import Choice, ConfigError, check_attribute_weights
+from aligner.training.forward import collect_token_outputs, critic_values, forward, policy_logps
+from aligner.training.metrics import metric
+from aligner.training.roles import ReferencePolicy, RoleSet
 
 
-# ------------------------------------------------------------------------------ choices
-class RewardKind(Choice):
-    """The kinds :func:`aligner.rewards.build_reward` builds."""
-
-    model = "model"
-    world = "world"
-    function = "function"
-    exact_answer = "exact_answer"
-
-
+# ------------------------------------------------------------------------------ config
 class ReferenceMode(Choice):
-    host = "host"
-    model = "model"
+    host = "host"  # the initial weights in host memory, swapped into the policy's modules
+    model = "model"  # a second model
 
 
 class Truncated(Choice):
     """Responses that end at the length limit without a stop token."""
 
     keep = "keep"
-    mask = "mask"
-    penalize = "penalize"
+    mask = "mask"  # out of the losses (and of baselines / whitening)
+    penalize = "penalize"  # scored truncated_reward
 
 
-# ------------------------------------------------------------------------------ sections
+KLEstimator = Choice("KLEstimator", [(name, name) for name in KL_ESTIMATORS], module=__name__)
+
+
 @dataclass
 class GenerationSection:
-    """``<algorithm>.generation``: sampling of the rollouts (aligner.rollout.GenerationConfig).
-    seed: base of the per-sample seeds (null: ``trainer.seed``)."""
+    """``<algorithm>.generation``: sampling of the rollouts (aligner.rollout.GenerationConfig)."""
 
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: Optional[int] = None
-    max_batch: int = 64
+    seed: Optional[int] = None  # base of the per-sample seeds (null: trainer.seed)
+    max_batch: int = 64  # rows the rollout engine decodes at once
 
 
-@dataclass
-class RewardSection:
-    """``<algorithm>.reward``: the reward source (aligner.rewards).
+def generation_config(section, default_seed: int, stop_token_ids: Sequence[int]):
+    """The rollout engine's GenerationConfig of a ``generation`` section."""
+    # the rollout engine is megatron-core: loaded when a run starts, not at config checks
+    from aligner.rollout import GenerationConfig
 
-    kind: ``model`` (``path``: an HF reward-model folder), ``world`` (the embedded world's
-    scorer), ``function`` (``function``: ``package.module:function``) or ``exact_answer``
-    (1 for the exact stated answer of the prompt row's ``answer_field``, plus
-    ``format_reward`` for any stated answer). attributes: the names of the outputs;
-    attribute_weights (one per output) or reward_attribute make the scalar reward.
-    """
-
-    kind: RewardKind = RewardKind.model
-    path: Optional[str] = None
-    function: Optional[str] = None
-    attributes: List[str] = field(
-        default_factory=lambda: list(HELPSTEER2_ATTRIBUTES))
-    attribute_weights: Optional[List[float]] = None
-    reward_attribute: str = "helpfulness"
-    micro_batch_size: int = 8
-    answer_field: str = "answer"
-    format_reward: float = 0.0
+    return GenerationConfig(max_new_tokens=section.max_new_tokens, temperature=section.temperature,
+                            top_k=section.top_k, top_p=section.top_p,
+                            seed=default_seed if section.seed is None else section.seed,
+                            stop_token_ids=list(stop_token_ids))
 
 
 @dataclass
 class OnlineSection:
-    """The options PPO and the REINFORCE family share (docs/ppo.md, docs/reinforce.md).
+    """The options PPO and the REINFORCE family share (docs/ppo.md, docs/reinforce.md)."""
 
-    samples_per_prompt: responses per prompt (G); a step has trainer.global_batch_size
-    prompts, so its rollout buffer is global_batch_size x G responses.
-    mini_batch_size: responses per optimizer update (global; null: the whole buffer).
-    clip_eps (clip_eps_low / clip_eps_high: clip-higher), dual_clip: the clipped surrogate.
-    truncated: responses without a stop token are kept, masked out of the losses (and of
-    baselines / whitening), or given the score ``truncated_reward``. reference: ``host``
-    (initial weights in host memory, swapped in) or ``model`` (a second model).
-    offload: idle roles to host memory between phases.
-    """
-
-    kl_coef: float = 0.01
-    clip_eps: float = 0.2
+    kl_coef: float = 0.01  # β of the KL to the reference
+    clip_eps: float = 0.2  # the clipped surrogate's ε (clip_eps_low / clip_eps_high: clip-higher)
     clip_eps_low: Optional[float] = None
     clip_eps_high: Optional[float] = None
-    dual_clip: Optional[float] = None
+    dual_clip: Optional[float] = None  # c > 1: l = min(l, −c·A) for A < 0
     entropy_coef: float = 0.0
-    mini_batch_size: Optional[int] = None
-    target_kl: Optional[float] = None
+    mini_batch_size: Optional[int] = None  # responses per optimizer update (global; null: the whole buffer)
+    epochs: int = 1  # passes over each rollout buffer
+    target_kl: Optional[float] = None  # stop the epochs once a mini-batch's approximate KL exceeds it
     truncated: Truncated = Truncated.keep
-    truncated_reward: float = -1.0
-    samples_per_prompt: int = 1
+    truncated_reward: float = -1.0  # the score of a truncated response under truncated: penalize
+    samples_per_prompt: int = 1  # G; a step has trainer.global_batch_size prompts
     reference: ReferenceMode = ReferenceMode.host
-    offload: bool = False
+    offload: bool = False  # idle roles to host memory between phases
     generation: GenerationSection = field(default_factory=GenerationSection)
     reward: RewardSection = field(default_factory=RewardSection)
 
 
-def check_online_section(key: str, s, global_batch_size: int, epochs_key: str) -> None:
-    """The checks every online section shares (ConfigError naming ``<key>.<field>``)."""
-    r = s.reward
-    if r.kind == RewardKind.model and not r.path:
-        raise ConfigError(f"{key}.reward.path is not set: {key}.reward.kind = model needs an HF reward-model folder",
-                          hint=f"set {key}.reward.path=DIR, or {key}.reward.kind=world / exact_answer / function")
-    if r.kind == RewardKind.function and not r.function:
-        raise ConfigError(f"{key}.reward.function is not set: {key}.reward.kind = function needs"
-                          " package.module:function")
-    check_attribute_weights(f"{key}.reward", list(r.attributes), r.attribute_weights, r.reward_attribute,
-                            need_reward_attribute=r.kind == RewardKind.model and r.attribute_weights is None)
-    if r.kind == RewardKind.exact_answer and not r.answer_field:
-        raise ConfigError(f"{key}.reward.answer_field is empty: the exact-answer reward reads the prompt row's answer"
-                          " from that field")
-    for name in ("samples_per_prompt", epochs_key):
-        if s[name] < 1:
-            raise ConfigError(f"{key}.{name} = {s[name]}: expected >= 1")
+@dataclass(frozen=True)
+class RolloutShape:
+    """One online step's rollout: ``prompts`` (P, ``trainer.global_batch_size``) sampled
+    ``samples_per_prompt`` (G) times each, ``rows`` = P·G responses, updated in
+    ``epochs`` passes of mini-batches of ``mini_batch_size`` responses (global)."""
+
+    prompts: int
+    samples_per_prompt: int
+    mini_batch_size: int
+    epochs: int
+
+    @property
+    def rows(self) -> int:
+        return self.prompts * self.samples_per_prompt
+
+    @property
+    def minibatches(self) -> int:
+        return self.rows // self.mini_batch_size
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Updates of each trainable role per step."""
+        return self.epochs * self.minibatches
+
+    @classmethod
+    def of(cls, key: str, section, global_batch_size: int) -> "RolloutShape":
+        """The shape of ``section`` (``cfg[key]``), checked: ConfigError naming the key."""
+        for name in ("samples_per_prompt", "epochs"):
+            if section[name] < 1:
+                fail(f"{key}.{name}", section[name], "expected >= 1")
+        rows = global_batch_size * section.samples_per_prompt
+        mbs = rows if section.mini_batch_size is None else section.mini_batch_size
+        if mbs < 1 or rows % mbs:
+            raise ConfigError(f"{key}.mini_batch_size = {section.mini_batch_size}: must divide the rollout buffer"
+                              f" (trainer.global_batch_size x {key}.samples_per_prompt = {rows})")
+        return cls(global_batch_size, section.samples_per_prompt, mbs, section.epochs)
+
+
+def check_online_section(s, key: str, global_batch_size: int) -> None:
+    """The options every online section shares, its reward and its rollout's shape
+    (ConfigError naming ``<key>.<field>``)."""
+    check_reward_section(s.reward, f"{key}.reward")
+    RolloutShape.of(key, s, global_batch_size)
     for name in ("clip_eps", "clip_eps_low", "clip_eps_high"):
         if s[name] is not None and not 0 < s[name] < 1:
             raise ConfigError(f"{key}.{name} = {s[name]}: expected in (0, 1)")
@@ -160,122 +153,242 @@ def check_online_section(key: str, s, global_batch_size: int, epochs_key: str) -
         raise ConfigError(f"{key}.dual_clip = {s.dual_clip}: expected > 1 (or null)")
     if s.kl_coef < 0:
         raise ConfigError(f"{key}.kl_coef = {s.kl_coef}: expected >= 0")
-    rollout = global_batch_size * s.samples_per_prompt
-    if s.mini_batch_size is not None and (s.mini_batch_size < 1 or rollout % s.mini_batch_size):
-        raise ConfigError(f"{key}.mini_batch_size = {s.mini_batch_size}: must divide the rollout buffer"
-                          f" (trainer.global_batch_size x {key}.samples_per_prompt = {rollout})")
     if s.generation.max_new_tokens < 1:
         raise ConfigError(f"{key}.generation.max_new_tokens = {s.generation.max_new_tokens}: expected >= 1")
 
 
-# ------------------------------------------------------------------------------ the policy loss
+# ------------------------------------------------------------------------------ experience
 @dataclass
-class PolicyLossOptions:
-    """How :func:`policy_loss` turns per-token log-probs into this micro-batch's share of
-    the global-batch objective (docs/reinforce.md):
+class Experience:
+    """One data-parallel rank's rollouts of a step (module docstring for shapes)."""
 
-    kind: ``clipped`` (``l_t = max(−A·ρ_t, −A·clip(ρ_t, 1 − ε_low, 1 + ε_high))``, optional
-    dual clip) or ``reinforce`` (``l_t = −A_t·log π_θ(y_t)``, on-policy, no ratio).
-    aggregation / constant: :func:`aggregate`'s mode. kl_coef / kl_estimator: a KL term
-    ``kl_coef · aggregate(KL_t)`` in the loss (0: none). entropy_coef: minus the
-    aggregated entropy.
+    tokens: torch.Tensor  # [n, S] long
+    response_mask: torch.Tensor  # [n, S] float
+    prompt_lengths: torch.Tensor  # [n]
+    response_lengths: torch.Tensor  # [n]
+    rollout_logps: torch.Tensor  # [n, S] from the rollout engine
+    rewards: torch.Tensor  # [n] float64, the reward source's scalar
+    truncated: torch.Tensor  # [n] bool: ended without a stop token (length limit)
+    group: torch.Tensor  # [n] long: the prompt's position in the step
+    sample_index: torch.Tensor  # [n] long: global sample index
+    old_logps: Optional[torch.Tensor] = None  # [n, S]
+    ref_logps: Optional[torch.Tensor] = None  # [n, S]
+    values: Optional[torch.Tensor] = None  # [n, S]
+    attribute_scores: Optional[torch.Tensor] = None  # [n, A]
+    filler: Optional[torch.Tensor] = None  # [n] bool: rows that count for nothing (a batch topped up)
+    texts: List[str] = field(default_factory=list)
+    metadata: List[dict] = field(default_factory=list)
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def select(self, rows: Sequence[int]) -> "Experience":
+        """The rows ``rows`` (tensors indexed, lists picked)."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if torch.is_tensor(v):
+                out[f.name] = v[idx]
+            elif isinstance(v, list):
+                out[f.name] = [v[i] for i in idx.tolist()] if v else []
+            else:
+                out[f.name] = v
+        return replace(self, **out)
+
+    @staticmethod
+    def concat(parts: Sequence["Experience"], pad_id: int = 0) -> "Experience":
+        """The rows of ``parts`` in order, per-token tensors right-padded to the longest S
+        (tokens with ``pad_id``, everything else with 0); timings summed."""
+        parts = list(parts)
+        if len(parts) == 1:
+            return parts[0]
+        S = max(p.tokens.shape[1] for p in parts)
+        out = {}
+        for f in fields(Experience):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name == "timings":
+                total: Dict[str, float] = {}
+                for v in values:
+                    for k, t in v.items():
+                        total[k] = total.get(k, 0.0) + t
+                out[f.name] = total
+            elif all(v is None for v in values):
+                out[f.name] = None
+            elif isinstance(values[0], list):
+                out[f.name] = [x for v in values for x in v]
+            else:
+                if any(v is None for v in values):
+                    raise ValueError(f"Experience.concat: field {f.name} is set in some parts only")
+                if values[0].dim() == 2 and f.name != "attribute_scores":
+                    values = [F.pad(v, (0, S - v.shape[1]), value=pad_id if f.name == "tokens" else 0) for v in values]
+                out[f.name] = torch.cat(values)
+        return Experience(**out)
+
+
+class ExperienceMaker:
+    """Makes a step's :class:`Experience` (module docstring).
+
+    generation: the sampling settings (:func:`generation_config`; its ``seed`` is the base
+    of the per-sample seeds); samples_per_prompt: G. reward: a reward source. reference: a
+    :class:`aligner.training.roles.ReferencePolicy` or None; critic: the critic's trainable
+    role or None. tokenizer: the policy's (decodes responses). max_seq_len: prompt +
+    response tokens at most (default: the model's context).
     """
 
-    kind: str = "clipped"
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: Optional[float] = None
-    aggregation: str = "token_mean"
-    constant: Optional[float] = None
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    entropy_coef: float = 0.0
+    # sample indices of extra rounds (dynamic sampling) start at round x ROUND_STRIDE
+    ROUND_STRIDE = 2 ** 40
 
+    def __init__(self, generation, reward: RewardSource, tokenizer, *, samples_per_prompt: int = 1,
+                 reference=None, critic=None, max_seq_len: Optional[int] = None, max_batch: int = 64):
+        if samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt = {samples_per_prompt}: expected >= 1")
+        self.generation = generation
+        self.reward = reward
+        self.tokenizer = tokenizer
+        self.samples_per_prompt = samples_per_prompt
+        self.reference = reference
+        self.critic = critic
+        self.max_seq_len = max_seq_len
+        self.max_batch = max_batch
+        self.engine = None
 
-def policy_loss(options: PolicyLossOptions, batch: dict, logits: torch.Tensor):
-    """One micro-batch's policy loss in the loop's convention: ``(numerator, denominator,
-    metrics)``; megatron-core sums both over micro-batches and data-parallel ranks before
-    dividing, so the objective is that of the global mini-batch.
+    def _engine(self, policy):
+        if self.engine is None:
+            # the rollout engine is megatron-core: loaded at the first generation, not at config checks
+            from aligner.rollout import RolloutEngine
 
-    batch: ``tokens`` [b, S], ``old_logps``, ``advantages``, ``loss_mask`` [b, S] (and
-    ``ref_logps`` with a KL loss term); logits: [b, S, v/p] vocab-parallel.
-    Metrics: ``loss/policy`` (the aggregated policy term), ``loss/kl`` (with a KL term),
-    ``policy/entropy``, ``policy/ratio``, ``policy/clipfrac``, ``policy/approx_kl``
-    (``(ρ − 1) − log ρ``), ``policy/dual_clipfrac`` (with dual clip), per token.
-    """
-    o = options
-    lp = shifted_logprobs(logits, batch["tokens"])
-    mask = batch["loss_mask"]
-    adv = batch["advantages"]
-    if o.kind == "clipped":
-        token_loss, stats = clipped_surrogate(lp, batch["old_logps"], adv, mask, o.clip_low, o.clip_high, o.dual_clip)
-    elif o.kind == "reinforce":
-        token_loss = reinforce_token_loss(lp, adv, mask)
-        # the ratio to the rollout policy is still worth watching (1 on the first update)
-        _, stats = clipped_surrogate(lp.detach(), batch["old_logps"], adv, mask, o.clip_low, o.clip_high)
-        stats["clipfrac"] = torch.zeros_like(stats["clipfrac"])
-    else:
-        raise ValueError(f"policy loss must be 'clipped' or 'reinforce', got {o.kind!r}")
-    num, den = aggregate(token_loss, mask, o.aggregation, o.constant)
-    tokens = mask.sum()
-    metrics = {"loss/policy": metric(num.detach(), den)}
-    total = num
-    if o.kl_coef:
-        kl = kl_estimate(lp, batch["ref_logps"], o.kl_estimator)
-        kl_num, _ = aggregate(kl, mask, o.aggregation, o.constant)
-        total = total + o.kl_coef * kl_num
-        metrics["loss/kl"] = metric(kl_num.detach(), den)
-    entropy = F.pad(token_entropy(logits[:, :-1]), (1, 0))
-    if o.entropy_coef:
-        ent_num, _ = aggregate(entropy, mask, o.aggregation, o.constant)
-        total = total - o.entropy_coef * ent_num
-    with torch.no_grad():
-        ent = (entropy.detach() * mask).sum()
-    metrics["policy/entropy"] = metric(ent, tokens)
-    for k in ("ratio", "clipfrac", "approx_kl"):
-        metrics[f"policy/{k}"] = metric(stats[k] * tokens, tokens)
-    if o.dual_clip is not None and o.kind == "clipped":
-        metrics["policy/dual_clipfrac"] = metric(stats["dual_clipfrac"] * tokens, tokens)
-    return total, den.round().long(), metrics
+            self.engine = RolloutEngine(policy.modules, policy.modules[0].model_cfg, tokenizer=self.tokenizer,
+                                        max_batch=self.max_batch, max_seq_len=self.max_seq_len)
+        return self.engine
+
+    def generate(self, context: StepContext, prompts: Optional[Sequence[dict]] = None, round: int = 0) -> Experience:
+        """Responses and their rewards (the step's experience before its log-prob passes, :meth:`score_passes`).
+
+        prompts / round: another round of prompts for the same step (dynamic sampling):
+        this rank's share of the round's global block of ``len(context.samples)`` prompts.
+        Round r's sample k of the prompt at position j has the global sample index
+        ``r·ROUND_STRIDE + (t·P + j)·G + k`` and the group id ``r·P + j`` (round 0: as above).
+        """
+        from aligner.rollout import seed_for  # the rollout package is megatron-core (see _engine)
+
+        policy = context.roles["policy"]
+        G = self.samples_per_prompt
+        P = len(context.samples)
+        share = math.ceil(P / context.dp_size)
+        first = context.dp_rank * share
+        prompts = list(context.local_samples if prompts is None else prompts)
+        base = context.step * P
+        rows, seeds, group, index, meta = [], [], [], [], []
+        for j, p in enumerate(prompts):
+            for k in range(G):
+                g = round * self.ROUND_STRIDE + (base + first + j) * G + k
+                rows.append(p["prompt_tokens"].tolist())
+                seeds.append(seed_for(self.generation.seed, g))
+                group.append(round * P + first + j)
+                index.append(g)
+                meta.append(dict(p.get("meta", {}), group=round * P + first + j, sample_index=g,
+                                 prompt_index=int(p.get("index", -1))))
+        for i, r in enumerate(rows):
+            limit = self.max_seq_len or policy.modules[0].model_cfg.max_position_embeddings
+            if len(r) >= limit:
+                raise ValueError(f"prompt of sample {index[i]} (dataset row {meta[i]['prompt_index']}) has {len(r)}"
+                                 f" tokens; prompt + response must fit {limit} tokens")
+        t0 = time.perf_counter()
+        engine = self._engine(policy)
+        result = engine.generate(rows, self.generation, seeds=seeds)
+        t1 = time.perf_counter()
+        n = len(rows)
+        S = padded_length(int(result.lengths.max()))
+        tokens = torch.full((n, S), result.pad_id, dtype=torch.long)
+        tokens[:, :result.tokens.shape[1]] = result.tokens
+        mask = torch.zeros(n, S)
+        rollout = torch.zeros(n, S)
+        for i in range(n):
+            p, r = int(result.prompt_lengths[i]), int(result.response_lengths[i])
+            mask[i, p:p + r] = 1.0
+            rollout[i, p:p + r] = result.logprobs[i, :r]
+        texts = [self.tokenizer.decode(self._response_ids(result, i)) for i in range(n)]
+        batch = RewardBatch(prompts=[prompts[j // G]["prompt"] for j in range(n)], responses=texts,
+                            metadata=meta, step=context.step, sample_indices=index)
+        rewards, attributes = self.reward.score(batch)
+        t2 = time.perf_counter()
+        return Experience(
+            tokens=tokens, response_mask=mask, prompt_lengths=result.prompt_lengths.clone(),
+            response_lengths=result.response_lengths.clone(), rollout_logps=rollout,
+            rewards=rewards.double(), truncated=torch.tensor([r != "stop_token" for r in result.stop_reasons]),
+            group=torch.tensor(group), sample_index=torch.tensor(index), attribute_scores=attributes,
+            texts=texts, metadata=meta, timings={"generation": t1 - t0, "scoring": t2 - t1},
+        )
+
+    @staticmethod
+    def _response_ids(result, i: int) -> List[int]:
+        ids = result.response_tokens(i)
+        return ids[:-1] if result.stop_reasons[i] == "stop_token" else ids
+
+    def score_passes(self, context: StepContext, exp: Experience) -> Experience:
+        """Step 1's log-prob passes: old and reference log-probs, values (forward-only schedules)."""
+        t0 = time.perf_counter()
+        policy = context.roles["policy"]
+        mbs = context.micro_batch_size
+        run, last = context.run_schedule, context.from_last_stage
+        exp.old_logps = collect_token_outputs(run, policy.chunks, exp.tokens, mbs, policy_logps, last)
+        policy.train()
+        if self.reference is not None:
+            with self.reference.active() as chunks:
+                exp.ref_logps = collect_token_outputs(run, chunks, exp.tokens, mbs, policy_logps, last)
+        if self.critic is not None:
+            exp.values = collect_token_outputs(run, self.critic.chunks, exp.tokens, mbs, critic_values, last)
+            self.critic.train()
+        exp.timings["logprob_passes"] = time.perf_counter() - t0
+        return exp
 
 
 # ------------------------------------------------------------------------------ the algorithm
-def forward(model, batch):
-    return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+def policy_loss(options: PolicyLossOptions, batch: dict, logits: torch.Tensor):
+    """One micro-batch's policy loss in the loop's convention, ``(numerator, denominator,
+    metrics)``: :func:`aligner.algorithms.losses.policy.policy_objective` on the per-token
+    log-probs and entropy of the vocab-parallel ``logits`` [b, S, v/p]."""
+    from aligner.models.logprobs import token_entropy  # vocab-parallel: megatron-core, loaded when training
+
+    lp = shifted_logprobs(logits, batch["tokens"])
+    entropy = F.pad(token_entropy(logits[:, :-1]), (1, 0))
+    total, den, sums = policy_objective(options, lp, entropy, batch)
+    return total, den.round().long(), {k: metric(v, c) for k, (v, c) in sums.items()}
 
 
 class OnlineAlgorithm(Algorithm):
     """The step skeleton of online RL (module docstring); subclasses give
     :meth:`advantages`, their roles' losses in :attr:`update_roles`, and may add metrics
-    (:meth:`extra_metrics`) or change how experience is made (:meth:`make_experience`)."""
+    (:meth:`extra_metrics`) or change how experience is made (:meth:`make_experience`).
+
+    section: the algorithm's config section (:class:`OnlineSection`); shape: the checked
+    :class:`RolloutShape` of a step."""
 
     owns_step = True
     key = "online"  # the config section, for messages
     # per-row tensors of ``advantages()``'s result that the micro-batches carry
     microbatch_keys: Tuple[str, ...] = ("advantages", "loss_mask")
 
-    def __init__(self, section, maker: ExperienceMaker, rollout_buffer: int, epochs: int):
+    def __init__(self, section, maker: ExperienceMaker, shape: RolloutShape):
         s = section
         if s.truncated not in tuple(Truncated):
             raise ValueError(f"{self.key}.truncated = {s.truncated!r}: expected one of {[t.value for t in Truncated]}")
-        if epochs < 1:
-            raise ValueError(f"{self.key} epochs = {epochs}: expected >= 1")
-        if s.reference not in ("host", "model"):
+        if s.reference not in tuple(ReferenceMode):
             raise ValueError(f"{self.key}.reference = {s.reference!r}: expected 'host' or 'model'")
         self.s = s
         self.maker = maker
-        self.rollout_buffer = rollout_buffer
-        self.epochs = epochs
-        mbs = s.mini_batch_size or rollout_buffer
-        if mbs < 1 or rollout_buffer % mbs:
-            raise ValueError(f"{self.key}.mini_batch_size = {mbs} must divide the rollout buffer of {rollout_buffer}"
-                             f" responses (trainer.global_batch_size x {self.key}.samples_per_prompt)")
-        self.mini_batch_size = mbs
-        self.optimizer_steps_per_step = epochs * (rollout_buffer // mbs)
+        self.shape = shape
+        self.optimizer_steps_per_step = shape.optimizer_steps
         low = s.clip_eps if s.clip_eps_low is None else s.clip_eps_low
         high = s.clip_eps if s.clip_eps_high is None else s.clip_eps_high
         self.loss_options = PolicyLossOptions(kind="clipped", clip_low=low, clip_high=high, dual_clip=s.dual_clip,
                                               entropy_coef=s.entropy_coef)
+
+    @property
+    def reward_source(self) -> RewardSource:
+        return self.maker.reward
 
     def sample_tokens(self, sample: dict) -> int:
         return int(sample["prompt_tokens"].numel())
@@ -298,6 +411,12 @@ class OnlineAlgorithm(Algorithm):
 
     def extra_metrics(self, context: StepContext, exp: Experience, extra) -> Dict[str, float]:
         return {}
+
+    def whitened(self, context: StepContext, adv: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """``adv`` whitened with the mean and variance of every counted token of the
+        data-parallel batch (float64 moments summed over ranks); as it is when none counts."""
+        moments = context.all_reduce_dp(masked_moments(adv, loss_mask))
+        return masked_whiten(adv, loss_mask, moments) if float(moments[0]) > 0 else adv
 
     # ---------------------------------------------------------------- micro-batches
     def _microbatches(self, exp: Experience, extra: Dict[str, torch.Tensor], rows: List[int], mbs: int) -> List[dict]:
@@ -329,12 +448,11 @@ class OnlineAlgorithm(Algorithm):
         mini-batch; it then runs one micro-batch that counts for nothing.
         """
         n_global = n_local * context.dp_size
-        minibatches = n_global // self.mini_batch_size
+        minibatches = n_global // self.shape.mini_batch_size
         if epoch == 0:
             position = torch.arange(n_global)
         else:
-            g = torch.Generator().manual_seed(context.seed * 1_000_003 + context.step * 1009 + epoch)
-            order = torch.randperm(n_global, generator=g)
+            order = torch.randperm(n_global, generator=minibatch_order_generator(context.seed, context.step, epoch))
             position = torch.empty_like(order)
             position[order] = torch.arange(n_global)
         mine = position[context.dp_rank * n_local:(context.dp_rank + 1) * n_local]
@@ -352,7 +470,7 @@ class OnlineAlgorithm(Algorithm):
         norms: Dict[str, List[float]] = {name: [] for name, _ in roles}
         stopped_early = 0.0
         updates = 0
-        for epoch in range(self.epochs):
+        for epoch in range(self.shape.epochs):
             for rows in self.minibatch_rows(context, len(exp), epoch):
                 micro = self._microbatches(exp, extra, rows, context.micro_batch_size)
                 outputs = {}
@@ -366,13 +484,13 @@ class OnlineAlgorithm(Algorithm):
                     norms[name].append(float(norm) if norm is not None else float("nan"))
                 updates += 1
                 if self.s.target_kl is not None:
-                    kl = reduce_metric_store(outputs["policy"], context).get("policy/approx_kl", 0.0)
+                    kl = context.reduce_metrics(outputs["policy"]).get("policy/approx_kl", 0.0)
                     if kl > self.s.target_kl:
                         stopped_early = 1.0
                         break
             if stopped_early:
                 break
-        metrics = reduce_metric_store([d for name, _ in roles for d in stores[name]], context)
+        metrics = context.reduce_metrics([d for name, _ in roles for d in stores[name]])
         for name, _ in roles:
             metrics[f"grad_norm/{name}"] = sum(norms[name]) / len(norms[name])
             metrics[f"grad_norm/{name}_first"] = norms[name][0]
@@ -453,5 +571,100 @@ class OnlineAlgorithm(Algorithm):
             metrics[f"time/{k}"] = v
             metrics[f"time/{k}_share"] = v / total
         metrics["step_time"] = total
-        metrics["samples"] = float(self.rollout_buffer)
+        metrics["samples"] = float(self.shape.rows)
         return metrics
+
+
+# ------------------------------------------------------------------------------ the trainer
+class OnlineTrainer(Trainer):
+    """The roles of an online algorithm built from its section (``cfg[key]``): reference
+    (unless :meth:`needs_reference` says no), reward source, the experience maker, then
+    :meth:`build_algorithm` (the algorithm's own roles and options)."""
+
+    data_kind = "prompts"
+    key = "online"
+
+    @classmethod
+    def check(cls, cfg):
+        check_online_section(cfg[cls.key], cls.key, cfg.trainer.global_batch_size)
+
+    def section(self):
+        return self.cfg[self.key]
+
+    def shape(self) -> RolloutShape:
+        return RolloutShape.of(self.key, self.section(), self.cfg.trainer.global_batch_size)
+
+    def needs_reference(self) -> bool:
+        return True
+
+    def prepare(self):
+        train = self.load_data(self.cfg.data.train)
+        policy_models = self.build_models()
+        roles, algo = self.build_roles(policy_models, len(train))
+        algo.prompt_pool = train
+        return algo, policy_models, train, None, {"roles": roles}
+
+    def max_steps(self, n_prompts: int) -> int:
+        t = self.cfg.trainer
+        if t.max_epochs is None:
+            return t.max_steps
+        return min(t.max_steps if t.max_steps >= 0 else 10**9, t.max_epochs * (n_prompts // t.global_batch_size))
+
+    def build_roles(self, policy_models, n_prompts: int):
+        """Reference, reward and the algorithm's own roles (before any training or resume:
+        the reference is the initial policy), then the algorithm."""
+        s, t = self.section(), self.cfg.trainer
+        roles = RoleSet()
+        reference = None
+        if self.needs_reference():
+            if s.reference == ReferenceMode.host:
+                reference = ReferencePolicy(policy_models, "host")
+            else:
+                reference = ReferencePolicy(policy_models, "model", reference_chunks=self.build_models())
+                roles.add(reference.role)
+        roles.reference = reference
+        r = s.reward
+        reward = build_reward(r.kind, path=r.path, function=r.function, tokenizer=self.tokenizer(),
+                              attributes=list(r.attributes) if r.attributes else None,
+                              attribute_weights=list(r.attribute_weights) if r.attribute_weights is not None
+                              else None, reward_attribute=r.reward_attribute, micro_batch_size=r.micro_batch_size,
+                              answer_field=r.answer_field, format_reward=r.format_reward, where=f"{self.key}.reward")
+        if reward.role is not None:
+            roles.add(reward.role)
+        gen = generation_config(s.generation, t.seed, [self.tokenizer().eos_id])
+        algo = self.build_algorithm(roles, gen, reward, reference, self.shape(), self.max_steps(n_prompts))
+        return roles, algo
+
+    def build_algorithm(self, roles, generation, reward, reference, shape: RolloutShape, max_steps: int):
+        raise NotImplementedError
+
+    def load_data(self, path):
+        data = super().load_data(path)
+        if data is not None:
+            limit = self.model_config().max_position_embeddings
+            over = (longest_sequences(data) >= limit).nonzero()[0]  # from the mapped index files
+            if over.size:
+                i = int(over[0])
+                raise ValueError(f"{data.where(i)}: the row has a prompt of {len(data[i]['prompt_tokens'])} tokens;"
+                                 f" prompt + response must fit model.max_position_embeddings = {limit} tokens")
+        return data
+
+    def check_data_rows(self) -> None:
+        """Also: with the exact-answer reward every prompt row carries its answer (the
+        error names the file, the line and the field)."""
+        super().check_data_rows()
+        r = self.section().reward
+        check_reward_source(f"{self.key}.reward", str(r.kind), path=r.path, function=r.function,
+                            attributes=list(r.attributes) if r.attributes else None,
+                            attribute_weights=r.attribute_weights, reward_attribute=r.reward_attribute,
+                            prompts=self.cfg.data.train)
+        if r.kind != "exact_answer":
+            return
+        rows = ((path, lineno, row) for path in dataset_paths(self.cfg.data.train) if not is_prepared(path)
+                for lineno, row, _ in read_rows(path))
+        for path, lineno, row in rows:
+            value = row.get(r.answer_field)
+            if value is None or isinstance(value, (dict, list)) or str(value).strip() == "":
+                raise ConfigError(f"{path}:{lineno}: field {r.answer_field!r} is missing or not a single answer"
+                                  f" ({self.key}.reward.kind = exact_answer reads each prompt row's answer from"
+                                  f" {self.key}.reward.answer_field = {r.answer_field!r})")

@@ -1,31 +1,11 @@
 """The REINFORCE family on the online core (docs/reinforce.md): RLOO, GRPO, Dr. GRPO,
-REINFORCE++ (and its group-baseline variant) as advantage estimators of one algorithm,
-with DAPO's options — ``aligner train pg pg.advantage=rloo|grpo|...``.
+REINFORCE++ and any registered estimator as ``pg.advantage``, DAPO's dynamic sampling and
+overlong shaping, KL in the reward or as a loss term; ``aligner train pg`` (``rloo``, ``grpo``).
 
-The step is the online core's (:class:`aligner.algorithms.online.OnlineAlgorithm`): the
-same roles (policy, reference, reward; no critic), the same experience maker with group
-sampling (``samples_per_prompt`` = G responses per prompt, all on the data-parallel rank
-that holds the prompt), the same mini-batch / epoch machinery and the same policy loss
-with global-batch normalisation. What is REINFORCE-specific:
-
-1. experience: with ``dynamic_sampling`` (DAPO), groups whose rewards are all equal are
-   dropped and more prompts are sampled (rounds of ``trainer.global_batch_size`` prompts,
-   drawn as a function of (seed, step, round)) until every rank holds its share of the
-   batch, at most ``max_generation_rounds`` rounds; a batch still short then is topped up
-   with dropped groups that count for nothing (``Experience.filler``).
-2. sequence rewards: the source's score, the truncated-response option, plus DAPO's soft
-   overlong penalty (``overlong_buffer`` = L_cache, ``overlong_max_length`` = L_max).
-3. advantages by name (:data:`aligner.algorithms.losses.reinforce.ADVANTAGE_ESTIMATORS`),
-   group statistics over the valid rows of each group; KL to the reference either in the
-   reward (``kl_mode: reward``: ``r − β·mean_t KL_t``, per token for REINFORCE++) or as a
-   loss term (``kl_mode: loss``); REINFORCE++'s returns whitened over all valid tokens of
-   the global batch.
-4. policy loss: ``reinforce`` (``−A·log π``, on-policy) or ``clipped`` (clip-low /
-   clip-high, dual clip), aggregated by ``aggregation`` with normalisers over the global
-   mini-batch.
-
-Responses without EOS: ``truncated: mask`` leaves them out of the group baselines and of
-the loss (DAPO's overlong filtering); ``penalize`` gives them ``truncated_reward``.
+What is REINFORCE-specific beside the online core (:mod:`aligner.algorithms.online`): the
+sequence rewards (truncated responses, the overlong penalty), extra generation rounds
+until every rank holds its share of groups with signal, the advantages by name over the
+valid rows of each group, and the policy loss's kind and aggregation.
 """
 from __future__ import annotations
 
@@ -33,29 +13,34 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
-from omegaconf import MISSING
 
-from aligner.algorithms.experience import Experience, ExperienceMaker
-from aligner.algorithms.losses.common import masked_moments, masked_whiten
-from aligner.algorithms.losses.reinforce import (
+from aligner.algorithms.base import RunConfig, init_from_hf
+from aligner.algorithms.losses.advantages import (
     ADVANTAGE_ESTIMATORS,
-    AGGREGATIONS,
-    KL_ESTIMATORS,
-    NEEDS_GLOBAL_WHITENING,
-    advantages,
+    compute_advantages,
+    estimator,
     groups_with_signal,
-    kl_estimate,
     overlong_penalty,
-    sequence_mean_kl,
 )
-from aligner.algorithms.online import OnlineAlgorithm, OnlineSection
-from aligner.algorithms.trainers import OnlineTrainer, register_trainer
+from aligner.algorithms.losses.kl import kl_estimate
+from aligner.algorithms.losses.policy import AGGREGATIONS
+from aligner.algorithms.online import (
+    Experience,
+    ExperienceMaker,
+    KLEstimator,
+    OnlineAlgorithm,
+    OnlineSection,
+    OnlineTrainer,
+    RolloutShape,
+    Truncated,
+)
+from aligner.algorithms.registry import register_trainer
+from aligner.config import Choice, ConfigError, registered
+from aligner.parallel.seeds import prompt_round_generator
 from aligner.training.algorithm import StepContext
-from aligner.training.config import Choice, ConfigError, InitSection, RunConfig
+from aligner.training.config import InitSection
 
-Advantage = Choice("Advantage", [(name, name) for name in ADVANTAGE_ESTIMATORS], module=__name__)
 Aggregation = Choice("Aggregation", [(name, name) for name in AGGREGATIONS], module=__name__)
-PGKLEstimator = Choice("PGKLEstimator", [(name, name) for name in KL_ESTIMATORS], module=__name__)
 
 
 class PGLoss(Choice):
@@ -68,40 +53,33 @@ class KLMode(Choice):
     loss = "loss"
 
 
-# estimators that compare the samples of a group: a group of one gives no signal
-GROUP_ESTIMATORS = ("rloo", "grpo", "dr_grpo", "reinforce_pp_baseline")
+PG_INPUTS = ("token_kl", "kl_coef", "gamma")  # what pg gives an advantage estimator beyond the rewards
 KL_IN_REWARD = ("k1", "abs")
+
+
+def pg_estimators():
+    """The registered advantage estimators pg can run: those that read no more than it gives."""
+    return [name for name, e in ADVANTAGE_ESTIMATORS.items() if set(e.inputs) <= set(PG_INPUTS)]
 
 
 # ------------------------------------------------------------------------------ config
 @dataclass
 class PGSection(OnlineSection):
     """``pg``: the REINFORCE family (docs/reinforce.md); the shared options (clip, KL
-    coefficient, samples per prompt, mini-batches, truncated responses, generation,
-    reward) in :class:`aligner.algorithms.online.OnlineSection`.
+    coefficient, samples per prompt, mini-batches, epochs, truncated responses, generation,
+    reward) in :class:`aligner.algorithms.online.OnlineSection`."""
 
-    advantage: the estimator's name. loss: ``reinforce`` (on-policy, no ratio) or
-    ``clipped``. epochs: passes over each rollout buffer. aggregation (+
-    aggregation_constant, null: generation.max_new_tokens): how token losses become the
-    objective. kl_mode: the KL to the reference in the ``reward`` (kl_estimator k1 / abs)
-    or as a ``loss`` term (k1 / k2 / k3 / k3+); kl_coef 0: no reference pass at all.
-    gamma: REINFORCE++'s discount. dynamic_sampling / max_generation_rounds: DAPO's
-    resampling of groups with signal. overlong_buffer (L_cache; null: off) /
-    overlong_max_length (L_max; null: generation.max_new_tokens): DAPO's soft penalty.
-    """
-
-    advantage: Advantage = Advantage.rloo
-    loss: PGLoss = PGLoss.reinforce
-    epochs: int = 1
-    aggregation: Aggregation = Aggregation.token_mean
-    aggregation_constant: Optional[float] = None
-    kl_mode: KLMode = KLMode.reward
-    kl_estimator: PGKLEstimator = PGKLEstimator.k1
-    gamma: float = 1.0
-    dynamic_sampling: bool = False
-    max_generation_rounds: int = 4
-    overlong_buffer: Optional[int] = None
-    overlong_max_length: Optional[int] = None
+    advantage: str = registered(pg_estimators, "rloo")  # a registered estimator's name
+    loss: PGLoss = PGLoss.reinforce  # reinforce (on-policy, no ratio) | clipped
+    aggregation: Aggregation = Aggregation.token_mean  # how token losses become the objective
+    aggregation_constant: Optional[float] = None  # seq_sum_constant's C (null: generation.max_new_tokens)
+    kl_mode: KLMode = KLMode.reward  # KL in the reward (k1 | abs) or as a loss term (k1 | k2 | k3 | k3+)
+    kl_estimator: KLEstimator = KLEstimator.k1  # kl_coef 0: no reference pass at all
+    gamma: float = 1.0  # REINFORCE++'s discount
+    dynamic_sampling: bool = False  # DAPO: resample groups whose rewards are all equal
+    max_generation_rounds: int = 4  # rounds of generation per step at most (dynamic sampling)
+    overlong_buffer: Optional[int] = None  # DAPO's soft overlong penalty: L_cache (null: off)
+    overlong_max_length: Optional[int] = None  # L_max (null: generation.max_new_tokens)
     samples_per_prompt: int = 4
 
 
@@ -110,37 +88,38 @@ class PGConfig(RunConfig):
     """The REINFORCE family, from an SFT model (``init.hf`` required) and a reward source."""
 
     algorithm: str = "pg"
-    init: InitSection = field(default_factory=lambda: InitSection(hf=MISSING))
+    init: InitSection = field(default_factory=init_from_hf)
     pg: PGSection = field(default_factory=PGSection)
 
 
-def check_pg_section(s, global_batch_size: int) -> None:
-    """The pg-specific checks (ConfigError naming ``pg.<key>``)."""
+def check_pg_section(s, global_batch_size: int, key: str = "pg") -> None:
+    """The pg-specific checks (ConfigError naming ``pg.<field>``)."""
+    entry = estimator(s.advantage)
     if s.kl_mode == KLMode.reward and s.kl_estimator not in KL_IN_REWARD:
-        raise ConfigError(f"pg.kl_estimator = {str(s.kl_estimator)!r} does not belong in the reward: with"
-                          f" pg.kl_mode = reward use one of {', '.join(KL_IN_REWARD)}",
-                          hint="or set pg.kl_mode=loss (k1, k2, k3, k3+)")
+        raise ConfigError(f"{key}.kl_estimator = {str(s.kl_estimator)!r} does not belong in the reward: with"
+                          f" {key}.kl_mode = reward use one of {', '.join(KL_IN_REWARD)}",
+                          hint=f"or set {key}.kl_mode=loss (k1, k2, k3, k3+)")
     if s.kl_mode == KLMode.loss and s.kl_estimator == "abs":
-        raise ConfigError("pg.kl_estimator = 'abs' has no useful gradient as a loss term: with pg.kl_mode = loss"
-                          " use one of k1, k2, k3, k3+")
-    if s.advantage in GROUP_ESTIMATORS and s.samples_per_prompt < 2:
-        raise ConfigError(f"pg.samples_per_prompt = {s.samples_per_prompt}: pg.advantage = {str(s.advantage)!r}"
+        raise ConfigError(f"{key}.kl_estimator = 'abs' has no useful gradient as a loss term: with {key}.kl_mode ="
+                          " loss use one of k1, k2, k3, k3+")
+    if entry.needs_group and s.samples_per_prompt < 2:
+        raise ConfigError(f"{key}.samples_per_prompt = {s.samples_per_prompt}: {key}.advantage = {s.advantage!r}"
                           " compares the samples of a prompt's group and needs >= 2")
-    rollout = global_batch_size * s.samples_per_prompt
-    if s.loss == PGLoss.reinforce and (s.epochs > 1 or (s.mini_batch_size or rollout) != rollout):
-        raise ConfigError("pg.loss = reinforce is on-policy (no ratio to the rollout policy): one update per rollout"
-                          f" buffer (pg.epochs = 1, pg.mini_batch_size = null or {rollout})",
-                          hint="for several updates per rollout set pg.loss=clipped")
+    shape = RolloutShape.of(key, s, global_batch_size)
+    if s.loss == PGLoss.reinforce and shape.optimizer_steps != 1:
+        raise ConfigError(f"{key}.loss = reinforce is on-policy (no ratio to the rollout policy): one update per"
+                          f" rollout buffer ({key}.epochs = 1, {key}.mini_batch_size = null or {shape.rows})",
+                          hint=f"for several updates per rollout set {key}.loss=clipped")
     if s.aggregation_constant is not None and not s.aggregation_constant > 0:
-        raise ConfigError(f"pg.aggregation_constant = {s.aggregation_constant}: expected > 0 (or null)")
+        raise ConfigError(f"{key}.aggregation_constant = {s.aggregation_constant}: expected > 0 (or null)")
     if s.max_generation_rounds < 1:
-        raise ConfigError(f"pg.max_generation_rounds = {s.max_generation_rounds}: expected >= 1")
+        raise ConfigError(f"{key}.max_generation_rounds = {s.max_generation_rounds}: expected >= 1")
     l_max = s.overlong_max_length or s.generation.max_new_tokens
     if s.overlong_max_length is not None and s.overlong_max_length < 1:
-        raise ConfigError(f"pg.overlong_max_length = {s.overlong_max_length}: expected >= 1 (or null)")
+        raise ConfigError(f"{key}.overlong_max_length = {s.overlong_max_length}: expected >= 1 (or null)")
     if s.overlong_buffer is not None and not 1 <= s.overlong_buffer <= l_max:
-        raise ConfigError(f"pg.overlong_buffer = {s.overlong_buffer}: expected in 1..{l_max}"
-                          " (pg.overlong_max_length, default pg.generation.max_new_tokens)")
+        raise ConfigError(f"{key}.overlong_buffer = {s.overlong_buffer}: expected in 1..{l_max}"
+                          f" ({key}.overlong_max_length, default {key}.generation.max_new_tokens)")
 
 
 # ------------------------------------------------------------------------------ algorithm
@@ -150,8 +129,8 @@ class PGAlgorithm(OnlineAlgorithm):
     name = "pg"
     key = "pg"
 
-    def __init__(self, section: PGSection, maker: ExperienceMaker, rollout_buffer: int):
-        super().__init__(section, maker, rollout_buffer, section.epochs)
+    def __init__(self, section: PGSection, maker: ExperienceMaker, shape: RolloutShape):
+        super().__init__(section, maker, shape)
         s = section
         if s.advantage not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"pg.advantage = {s.advantage!r}: expected one of {sorted(ADVANTAGE_ESTIMATORS)}")
@@ -159,8 +138,8 @@ class PGAlgorithm(OnlineAlgorithm):
         o.kind = str(s.loss)
         o.aggregation = str(s.aggregation)
         o.constant = s.aggregation_constant or float(s.generation.max_new_tokens)
-        self.kl_in_loss = s.kl_mode == "loss" and s.kl_coef > 0
-        self.kl_in_reward = s.kl_mode == "reward" and s.kl_coef > 0
+        self.kl_in_loss = s.kl_mode == KLMode.loss and s.kl_coef > 0
+        self.kl_in_reward = s.kl_mode == KLMode.reward and s.kl_coef > 0
         o.kl_coef = s.kl_coef if self.kl_in_loss else 0.0
         o.kl_estimator = str(s.kl_estimator)
         self.overlong_max_length = s.overlong_max_length or s.generation.max_new_tokens
@@ -173,7 +152,7 @@ class PGAlgorithm(OnlineAlgorithm):
         for responses without EOS under ``truncated: penalize``) plus the penalty."""
         s = self.s
         r = exp.rewards.double().clone()
-        if s.truncated == "penalize":
+        if s.truncated == Truncated.penalize:
             r = torch.where(exp.truncated, torch.full_like(r, s.truncated_reward), r)
         if s.overlong_buffer:
             penalty = overlong_penalty(exp.response_lengths, self.overlong_max_length, s.overlong_buffer)
@@ -186,7 +165,7 @@ class PGAlgorithm(OnlineAlgorithm):
         valid = torch.ones(len(exp), dtype=torch.bool)
         if exp.filler is not None:
             valid &= ~exp.filler
-        if self.s.truncated == "mask":
+        if self.s.truncated == Truncated.mask:
             valid &= ~exp.truncated
         return valid
 
@@ -198,8 +177,8 @@ class PGAlgorithm(OnlineAlgorithm):
         if not self.prompt_pool:
             raise ValueError("pg.dynamic_sampling needs the training prompts (PGAlgorithm.prompt_pool)")
         P = len(context.samples)
-        g = torch.Generator().manual_seed(context.seed * 1_000_003 + context.step * 7919 + round * 104_729 + 17)
-        order = torch.randperm(len(self.prompt_pool), generator=g)[:P]
+        order = torch.randperm(len(self.prompt_pool), generator=prompt_round_generator(context.seed, context.step,
+                                                                                        round))[:P]
         block = [self.prompt_pool[int(i)] for i in order]
         while len(block) < P:  # fewer prompts than a step: repeat the draw
             block += block[:P - len(block)]
@@ -271,16 +250,10 @@ class PGAlgorithm(OnlineAlgorithm):
         token_kl = None
         if self.kl_in_reward:
             token_kl = kl_estimate(exp.old_logps, exp.ref_logps, str(s.kl_estimator)).double() * mask
-        name = str(s.advantage)
-        if name in NEEDS_GLOBAL_WHITENING:
-            adv = advantages(name, shaped, mask, exp.group, valid=valid, token_kl=token_kl,
-                             kl_coef=s.kl_coef if self.kl_in_reward else 0.0, gamma=s.gamma)
-            moments = context.all_reduce_dp(masked_moments(adv, loss_mask))
-            if float(moments[0]) > 0:
-                adv = masked_whiten(adv, loss_mask, moments)
-        else:
-            r = shaped - s.kl_coef * sequence_mean_kl(token_kl, mask) if self.kl_in_reward else shaped
-            adv = advantages(name, r, mask, exp.group, valid=valid)
+        adv = compute_advantages(s.advantage, shaped, mask, exp.group, valid=valid, token_kl=token_kl,
+                                 kl_coef=s.kl_coef if self.kl_in_reward else 0.0, gamma=s.gamma)
+        if estimator(s.advantage).whiten:
+            adv = self.whitened(context, adv, loss_mask)
         return {"advantages": adv * loss_mask, "loss_mask": loss_mask, "scores": shaped, "penalty": penalty,
                 "valid": valid, "token_kl": token_kl}
 
@@ -294,7 +267,7 @@ class PGAlgorithm(OnlineAlgorithm):
         real = torch.ones(len(exp), dtype=torch.bool) if exp.filler is None else ~exp.filler
         signal = groups_with_signal(extra["scores"], exp.group, valid)
         counts = torch.tensor([float((~signal & real).sum()) / G, float((extra["penalty"] < 0).sum()),
-                               float((exp.truncated & real & ~valid).sum()) if self.s.truncated == "mask" else 0.0],
+                               float((exp.truncated & real & ~valid).sum()) if self.s.truncated == Truncated.mask else 0.0],
                               dtype=torch.float64)
         counts = context.all_reduce_dp(counts)
         out["pg/groups_without_signal"] = float(counts[0])
@@ -318,7 +291,6 @@ class PGTrainer(OnlineTrainer):
 
     schema = PGConfig
     key = "pg"
-    epochs_key = "epochs"
 
     @classmethod
     def check(cls, cfg):
@@ -328,8 +300,8 @@ class PGTrainer(OnlineTrainer):
     def needs_reference(self) -> bool:
         return self.cfg.pg.kl_coef > 0
 
-    def build_algorithm(self, roles, generation, reward, reference, rollout_buffer: int, max_steps: int):
+    def build_algorithm(self, roles, generation, reward, reference, shape: RolloutShape, max_steps: int):
         s = self.cfg.pg
         maker = ExperienceMaker(generation, reward, self.tokenizer(), samples_per_prompt=s.samples_per_prompt,
                                 reference=reference, max_batch=s.generation.max_batch)
-        return PGAlgorithm(s, maker, rollout_buffer)
+        return PGAlgorithm(s, maker, shape)

@@ -1,34 +1,76 @@
-"""Reward models: multi-attribute regression and Bradley-Terry (regular / margin / scaled).
+"""Reward models (docs/reward_models.md): multi-attribute regression and Bradley-Terry
+(regular / margin / scaled), ``aligner train rm_regression`` / ``rm_bt``.
 
 The model is the policy backbone with a ``reward`` head of ``N`` outputs read at each
-sequence's last token (aligner.models). Formulas: docs/reward_models.md as implemented in
-:mod:`aligner.algorithms.losses`.
-
-- ``mode="regression"``: samples ``{"tokens", "labels" [N], "label_mask" [N]}``; loss
-  masked MSE ``Σ mask (ŷ - y)² / Σ mask`` over the global batch. Validation also reports
-  per-attribute MSE and Pearson correlation.
-- ``mode="bt"``: samples are pairs ``{"chosen", "rejected", "strength", ...}``; the scalar
-  reward is output ``reward_index`` of the head (the helpfulness output when the head
-  comes from a multi-attribute regression model), or ``w · ŷ`` when ``attribute_weights``
-  are given; loss ``bt_kind`` (regular ``-logσ(Δ)``, margin ``-logσ(Δ - m)``, scaled
-  ``-m logσ(Δ)``) averaged over pairs; ``m`` is the pair's ``margin`` for the margin loss
-  (:func:`aligner.algorithms.sft.pair_margin`: else its strength) and its ``strength`` for
-  the scaled loss. Validation reports accuracy overall and per ``subset`` (RewardBench
-  rows carry one).
+sequence's last token. ``rm.mode=regression``: HelpSteer2 rows, masked MSE over the global
+batch, validation per-attribute MSE and Pearson. ``rm.mode=bt``: pairs, the scalar reward
+the head output ``reward_attribute`` (or ``w · ŷ`` with ``attribute_weights``), loss
+``bt_kind`` averaged over pairs; validation accuracy overall and per ``subset``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from aligner.algorithms.losses import bradley_terry_loss, masked_mse_loss
-from aligner.algorithms.sft import TokenAlgorithm, pair_margin
-from aligner.training.algorithm import metric
+from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf, pair_margin
+from aligner.algorithms.losses.reward import BT_KINDS, bradley_terry_loss, masked_mse_loss
+from aligner.algorithms.registry import register_trainer
+from aligner.config import Choice, ConfigError
+from aligner.data.formats import HELPSTEER2_ATTRIBUTES
+from aligner.evaluation.regression_metrics import pearson_from_sums
+from aligner.rewards.config import check_attribute_weights
+from aligner.training.config import InitSection, Template
+from aligner.training.metrics import metric
 
-from aligner.data.formats import HELPSTEER2_ATTRIBUTES  # noqa: E402  the one attribute list
+
+# ------------------------------------------------------------------------------ config
+class RMMode(Choice):
+    regression = "regression"  # HelpSteer2 multi-attribute rows, masked MSE (extra_id template)
+    bt = "bt"  # Bradley-Terry on preference pairs
 
 
+BTKind = Choice("BTKind", [(name, name) for name in BT_KINDS], module=__name__)
+
+
+@dataclass
+class RMSection:
+    """``rm``: the reward-model objective (docs/reward_models.md)."""
+
+    mode: RMMode = RMMode.regression
+    attributes: List[str] = field(default_factory=lambda: list(HELPSTEER2_ATTRIBUTES))  # the head's outputs
+    bt_kind: BTKind = BTKind.regular  # bt: regular | margin | scaled
+    reward_attribute: str = "helpfulness"  # bt: the head output the loss compares
+    # one weight per attribute, r = w · ŷ: in bt mode the reward the loss compares (instead of
+    # reward_attribute); in both modes recorded with the HF export as the model's reward
+    attribute_weights: Optional[List[float]] = None
+
+
+@dataclass
+class RMConfig(RunConfig):
+    """Reward model, from an HF model (``init.hf`` required)."""
+
+    algorithm: str = "rm"
+    init: InitSection = field(default_factory=init_from_hf)
+    rm: RMSection = field(default_factory=RMSection)
+
+
+def check_rm_section(rm, data, key: str = "rm") -> None:
+    """The ``rm`` section with the data template (ConfigError naming the key)."""
+    check_attribute_weights(key, list(rm.attributes), rm.attribute_weights, rm.reward_attribute, distinct=True)
+    if rm.mode == RMMode.regression:
+        if data.template not in (Template.auto, Template.extra_id):
+            raise ConfigError(f"data.template = {str(data.template)!r} does not apply to {key}.mode = regression:"
+                              " HelpSteer2 rows are rendered with the extra_id template",
+                              hint="set data.template=extra_id (or auto)")
+        if rm.bt_kind != BTKind.regular:
+            raise ConfigError(f"{key}.bt_kind = {str(rm.bt_kind)!r} has no effect in {key}.mode = regression"
+                              f" (it selects the Bradley-Terry loss of {key}.mode = bt)",
+                              hint=f"remove the override, or set {key}.mode=bt")
+
+
+# ------------------------------------------------------------------------------ algorithm
 class RewardAlgorithm(TokenAlgorithm):
     head = "reward"
 
@@ -138,7 +180,52 @@ class RewardAlgorithm(TokenAlgorithm):
 
 def pearson_from_moments(sums: Dict[str, tuple], prefix: str) -> float:
     """Pearson of one attribute from the loop's reduced ``[sum, count]`` moment metrics."""
-    from aligner.algorithms.regression_metrics import pearson_from_sums
-
     n = sums[prefix + "x"][1]
     return pearson_from_sums(n, *(sums[prefix + k][0] for k in ("x", "y", "xx", "yy", "xy")))
+
+
+# ------------------------------------------------------------------------------ trainer
+@register_trainer("rm")
+class RewardModelTrainer(Trainer):
+    """``aligner train rm_regression`` / ``rm_bt``."""
+
+    schema = RMConfig
+
+    @classmethod
+    def check(cls, cfg):
+        check_rm_section(cfg.rm, cfg.data)
+
+    @property
+    def data_kind(self):
+        return "regression" if self.cfg.rm.mode == RMMode.regression else "pairs"
+
+    def data_options(self):
+        rm = self.cfg.rm
+        return {"attributes": list(rm.attributes)} if rm.mode == RMMode.regression else {"reward_model": True}
+
+    def export_metadata(self, algo) -> dict:
+        """Also the head's output names and, where training defined one, the scalar reward's
+        weights: ``rm.attribute_weights``, or for BT the ``rm.reward_attribute`` output it trained."""
+        meta = super().export_metadata(algo)
+        rm = self.cfg.rm
+        attributes = list(rm.attributes)
+        meta["labels"] = attributes
+        if rm.attribute_weights is not None:
+            meta["attribute_weights"] = dict(zip(attributes, (float(w) for w in rm.attribute_weights)))
+        elif rm.mode == RMMode.bt:
+            meta["attribute_weights"] = {a: float(a == rm.reward_attribute) for a in attributes}
+        return meta
+
+    def algorithm(self):
+        rm, d = self.cfg.rm, self.cfg.data
+        attributes = list(rm.attributes)
+        return RewardAlgorithm(
+            self.tokenizer().pad_id,
+            mode=str(rm.mode),
+            attributes=attributes,
+            bt_kind=str(rm.bt_kind),
+            reward_index=attributes.index(rm.reward_attribute),
+            attribute_weights=list(rm.attribute_weights) if rm.attribute_weights is not None else None,
+            packing=d.packing,
+            capacity=d.max_length,
+        )

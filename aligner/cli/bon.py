@@ -20,9 +20,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-from aligner.runtime import is_rank0
+from aligner.files import write_jsonl
+from aligner.runtime import UserError, is_rank0
 
 
 def add_arguments(p) -> None:
@@ -55,50 +56,75 @@ def ns_up_to(n: int) -> List[int]:
     return out + [n]
 
 
+def check_rewards(prompts_path: str, options: List[Tuple[str, str]], reward_attribute: Optional[str] = None):
+    """The reward specs ``[(option, text)]`` of a command parsed and checked before any model
+    is loaded (:func:`aligner.rewards.check_reward_source`: a folder without a trained reward
+    head, a function that does not import, the world's scorer on prompts that are not the
+    world's): their :class:`aligner.rewards.config.RewardSpec`, in order."""
+    from aligner.evaluation.sampling import parse_reward_spec
+    from aligner.rewards import check_reward_source
+
+    specs = []
+    for option, text in options:
+        spec = parse_reward_spec(text, option)
+        if reward_attribute and str(spec.kind) == "model":
+            spec.reward_attribute = reward_attribute
+        check_reward_source(option, str(spec.kind), path=spec.path, function=spec.function,
+                            reward_attribute=spec.reward_attribute if str(spec.kind) == "world" else None,
+                            prompts=prompts_path)
+        specs.append(spec)
+    return specs
+
+
 def sample_and_score(policy: str, prompts_path: str, *, n: int, proxies: List[str], gold: Optional[str],
                      num_prompts: Optional[int], max_new_tokens: int, seed: int, template: str = "auto",
                      tokenizer: Optional[str] = None, reward_attribute: Optional[str] = None,
-                     ensemble: str = "mean", ensemble_lambda: float = 1.0, micro_batch_size: int = 16):
+                     ensemble: str = "mean", ensemble_lambda: float = 1.0, micro_batch_size: int = 16,
+                     proxy_option: str = "--proxy", min_n: int = 1):
     """Sample ``n`` responses per prompt from ``policy`` and score them: ``(samples, proxy
-    [P, n], proxy members [K, P, n], gold [P, n] or None)`` (float64)."""
+    [P, n], proxy members [K, P, n], gold [P, n] or None)`` (float64). Options and reward
+    sources are checked before the policy is loaded, the reward sources built before any
+    sampling (``proxy_option`` names the proxies in messages; ``min_n``: the fewest samples
+    per prompt the caller can use)."""
     import torch
 
+    from aligner.cli.options import at_least, finite
     from aligner.data import load_dataset, load_tokenizer
     from aligner.data.datasets import resolve_template
     from aligner.evaluation.overoptimization import combine_ensemble
-    from aligner.evaluation.sampling import build_reward_source, load_policy, parse_reward_spec, sample_responses, score
+    from aligner.evaluation.sampling import build_reward_source, load_policy, sample_responses, score
 
-    if n < 1:
-        raise ValueError(f"--n {n}: expected >= 1")
+    at_least("--n", n, min_n, "a pair needs two samples of a prompt" if min_n == 2 else "")
+    at_least("--num-prompts", num_prompts, 1)
+    at_least("--max-new-tokens", max_new_tokens, 1)
+    at_least("--micro-batch-size", micro_batch_size, 1)
+    finite("--ensemble-lambda", ensemble_lambda)
+    if not Path(prompts_path).is_file():
+        raise FileNotFoundError(2, "no such file", prompts_path)
+    options = [(proxy_option, text) for text in proxies] + ([("--gold", gold)] if gold else [])
+    specs = check_rewards(prompts_path, options, reward_attribute)
     tok = load_tokenizer(tokenizer or policy)
     _, cfg, engine = load_policy(policy, tok)
+    sources = [build_reward_source(spec, tok, micro_batch_size, where=option)
+               for (option, _), spec in zip(options, specs)]
     rows = load_dataset(prompts_path, kind="prompts", tokenizer=tok, template=resolve_template(tok, template),
                         max_length=cfg.max_position_embeddings)
     rows = rows[:num_prompts] if num_prompts else rows
     for i, r in enumerate(rows):
         if int(r["prompt_tokens"].numel()) + max_new_tokens > cfg.max_position_embeddings:
-            raise ValueError(f"{prompts_path}: prompt {i + 1} has {int(r['prompt_tokens'].numel())} tokens; with"
-                             f" --max-new-tokens {max_new_tokens} it does not fit {cfg.max_position_embeddings}")
+            raise UserError(f"{prompts_path}: prompt {i + 1} has {int(r['prompt_tokens'].numel())} tokens; with"
+                            f" --max-new-tokens {max_new_tokens} it does not fit {cfg.max_position_embeddings}")
     samples = sample_responses(engine, rows, n, max_new_tokens=max_new_tokens, seed=seed,
                                stop_token_ids=[tok.eos_id])
-    members = []
-    for text in proxies:
-        spec = parse_reward_spec(text, "--proxy")
-        if reward_attribute and str(spec.kind) == "model":
-            spec.reward_attribute = reward_attribute
-        members.append(score(build_reward_source(spec, tok, micro_batch_size), samples))
-    members_t = torch.stack(members)
+    members_t = torch.stack([score(source, samples) for source in sources[:len(proxies)]])
     combined, _ = combine_ensemble(members_t, ensemble, ensemble_lambda)
     P = len(rows)
-    gold_t = None
-    if gold:
-        gold_t = score(build_reward_source(parse_reward_spec(gold, "--gold"), tok, micro_batch_size),
-                       samples).reshape(P, n)
+    gold_t = score(sources[-1], samples).reshape(P, n) if gold else None
     return samples, combined.reshape(P, n), members_t.reshape(len(proxies), P, n), gold_t
 
 
 def run(args) -> dict:
-    from aligner.evaluation.overoptimization import best_of_n, fit_form
+    from aligner.evaluation.overoptimization import best_of_n, describe_peak, fit_form
 
     samples, proxy, members, gold = sample_and_score(
         args.policy, args.prompts, n=args.n, proxies=args.proxy, gold=args.gold, num_prompts=args.num_prompts,
@@ -115,15 +141,16 @@ def run(args) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         (out / "bon.json").write_text(json.dumps(result, indent=2))
         N = args.n
-        with open(out / "samples.jsonl", "w", encoding="utf-8") as f:
-            for j, p in enumerate(samples.prompts):
-                f.write(json.dumps({"prompt": p["prompt"], "responses": samples.texts[j * N:(j + 1) * N],
-                                    "proxy": proxy[j].tolist(), "gold": gold[j].tolist(),
-                                    "proxy_members": members[:, j].tolist()}) + "\n")
+        write_jsonl(out / "samples.jsonl", ({"prompt": p["prompt"], "responses": samples.texts[j * N:(j + 1) * N],
+                                             "proxy": proxy[j].tolist(), "gold": gold[j].tolist(),
+                                             "proxy_members": members[:, j].tolist()}
+                                            for j, p in enumerate(samples.prompts)))
         print(format_table(table))
         if fit is not None:
-            print(f"best-of-n fit d(alpha - beta d): alpha {fit.alpha:.4f}, beta {fit.beta:.4f}"
-                  + (f", peak at d = {fit.d_peak:.3f} (n ~ {peak_n(fit.d_peak)})" if fit.d_peak else ""))
+            peak = describe_peak(fit, max(r["d_bon"] for r in table))
+            if peak.startswith("peak at"):
+                peak += f" (n ~ {peak_n(fit.d_peak)})"
+            print(f"best-of-n fit d(alpha - beta d): alpha {fit.alpha:.4f}, beta {fit.beta:.4f}, {peak}")
         print(f"wrote {out / 'bon.json'}")
     return result
 
@@ -138,7 +165,7 @@ def peak_n(d_peak: float) -> str:
 
 
 def format_table(table: List[dict]) -> str:
-    from aligner.reporting import markdown_table
+    from aligner.evaluation.reporting import markdown_table
 
     return markdown_table(["n", "KL_bon", "d", "proxy", "± SE", "gold", "± SE"],
                           [[r["n"], r["kl_bon"], r["d_bon"], r["proxy"], r["proxy_se"], r["gold"], r["gold_se"]]

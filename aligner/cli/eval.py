@@ -22,7 +22,7 @@ from aligner.runtime import is_rank0
 
 def rewardbench(model: str, path: str, *, tp=1, pp=1, micro_batch_size=8, tokenizer=None, template=None,
                 attributes=None, reward_attribute=None, attribute_weights=None) -> dict:
-    from aligner.algorithms.rewardbench import rewardbench_report
+    from aligner.evaluation.rewardbench import rewardbench_report
     from aligner.cli.rm import ScoringError, score_samples
 
     readout, scored = score_samples(model, path, tp=tp, pp=pp, micro_batch_size=micro_batch_size,
@@ -52,12 +52,12 @@ def regression(model: str, path: str, *, attributes: Optional[List[str]] = None,
                tokenizer=None, template=None) -> dict:
     import torch
 
-    from aligner.algorithms.regression_metrics import regression_metrics
+    from aligner.evaluation.regression_metrics import regression_metrics
     from aligner.training.scoring import score_sequences
-    from aligner.cli.rm import ScoringError, _load_rm, reward_readout
+    from aligner.rewards.readout import ScoringError, load_reward_model, reward_readout
     from aligner.data import load_dataset, load_tokenizer
 
-    models, cfg, n = _load_rm(model, tp, pp)
+    models, cfg, n = load_reward_model(model, tp, pp)
     # the names must match the head (recorded, or given); the weights play no part here
     readout = reward_readout(model, n, attributes=attributes, attribute_weights=[0.0] * n, template=template)
     if readout.names == [f"LABEL_{i}" for i in range(n)]:
@@ -85,11 +85,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.add_argument("--out", help="write the report as JSON here")
         _add_readout_options(p)
     args = parser.parse_args(argv)
+    options = readout_options(args)  # checked before any model is loaded
     try:
         if args.cmd == "rewardbench":
-            from aligner.algorithms.rewardbench import format_report
+            from aligner.evaluation.rewardbench import format_report
 
-            report = rewardbench(args.model, args.file, **readout_options(args))
+            report = rewardbench(args.model, args.file, **options)
             text = format_report(report) + f"\n\nreward: {report['reward']['weights_from']}" \
                 f" ({report['reward']['template']} template)"
         else:

@@ -45,7 +45,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from aligner.parallel import ParallelConfig, initialize
 
     def fail(msg: str) -> int:
-        print(f"aligner export: {msg}", file=sys.stderr)
+        print(f"aligner export: error: {msg}", file=sys.stderr)
         return 2
 
     path = Path(args.checkpoint)
@@ -63,8 +63,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return fail(f"{cfg_file} not found; pass --model-config (HF config.json or preset name)")
 
     saved_outputs = _saved_head_outputs(path)
-    if saved_outputs is None and args.head:
-        return fail(f"{path}: --head {args.head} given, but the checkpoint has no score head ({HEAD_KEY})")
+    if saved_outputs is None and (args.head or args.num_outputs is not None):
+        given = f"--head {args.head}" if args.head else f"--num-outputs {args.num_outputs}"
+        return fail(f"{path}: {given} given, but the checkpoint has no score head ({HEAD_KEY})")
     if saved_outputs is not None and args.num_outputs not in (None, saved_outputs):
         return fail(f"{path}: --num-outputs {args.num_outputs}, but the saved head has {saved_outputs} outputs")
     head = None if saved_outputs is None else (args.head or "reward")

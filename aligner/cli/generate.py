@@ -18,12 +18,13 @@ data-parallel replica generates its share of the prompts; rank 0 writes the file
   HelpSteer2, pairs, RewardBench rows: their prompt) and render it as a generation prompt.
 - ``--attributes helpfulness=4,verbosity=1``: SteerLM steering (docs/steerlm.md). Every
   prompt is rendered with the attribute turn after the assistant header
-  (``<extra_id_1>Assistant\n<extra_id_2>helpfulness:4,correctness:4,...\n``), exactly as a
-  labelled row is rendered in SteerLM training; attributes not named take SteerLM's
-  inference defaults (4/4/4/2/2; ``--attribute-defaults`` sets others, ``''`` renders only
-  the named attributes, for a model conditioned on other ones). A prompt row's own ``label`` field (or a labelled
-  conversation's) wins over ``--attributes``. Needs the extra_id template (``--template
-  extra_id``, or ``auto`` with a tokenizer without a chat template).
+  (``<extra_id_1>Assistant\\n<extra_id_2>helpfulness:4,correctness:4,...\\n``),
+  exactly as a labelled row is rendered in SteerLM training; attributes not named take
+  SteerLM's inference defaults (4/4/4/2/2; ``--attribute-defaults`` sets others, ``''``
+  renders only the named attributes, for a model conditioned on other ones). A prompt
+  row's own ``label`` field (or a labelled conversation's) wins over ``--attributes``.
+  Needs the extra_id template (``--template extra_id``, or ``auto`` with a tokenizer
+  without a chat template).
 - ``--output``: jsonl of plain JSON values, one row per (prompt, sample) in prompt order:
   ``index``, ``sample``, ``seed``, ``prompt``, ``response``, ``prompt_tokens``,
   ``response_tokens``, ``logprobs`` (per response token, the policy's unmodified
@@ -42,11 +43,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+from aligner.files import write_jsonl
 from aligner.runtime import is_rank0
 
 
@@ -228,7 +229,7 @@ def score(args, readout, rows, prompts, tokenizer, pad_id) -> None:
     import torch
 
     from aligner.training.scoring import score_sequences
-    from aligner.cli.rm import _load_rm
+    from aligner.rewards.readout import load_reward_model
     from aligner.data.datasets import render_reward
 
     rm_dir = Path(args.reward_model)
@@ -241,7 +242,7 @@ def score(args, readout, rows, prompts, tokenizer, pad_id) -> None:
             sequences.append(render_reward(rm_tokenizer, readout.template, conv, r["response"])[0])
         else:
             sequences.append(r["prompt_tokens"] + r["response_tokens"])
-    models, cfg, _ = _load_rm(args.reward_model, args.tp, args.pp)
+    models, cfg, _ = load_reward_model(args.reward_model, args.tp, args.pp)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else pad_id
     outputs = score_sequences(models, [torch.tensor(s, dtype=torch.int64) for s in sequences], pad_id,
                               args.reward_batch_size)
@@ -255,14 +256,22 @@ def main(argv: Optional[list] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_samples < 1:
         return _fail(f"--num-samples = {args.num_samples}: expected a positive integer")
+    from aligner.cli.options import at_least
+
+    at_least("--batch-size", args.batch_size, 1)
+    at_least("--reward-batch-size", args.reward_batch_size, 1)
+    at_least("--max-seq-len", args.max_seq_len, 2)
+    if not _is_hf_dir(args.model) and not Path(args.model).is_dir():
+        return _fail(f"--model {args.model}: neither a HF folder (config.json) nor a checkpoint directory")
     readout = None
     if args.reward_model:
         if not _is_hf_dir(args.reward_model):
             return _fail(f"--reward-model {args.reward_model}: not a HF folder (no config.json)")
-        from aligner.cli.rm import ScoringError, reward_readout
+        from aligner.rewards.readout import ScoringError, require_reward_head, reward_readout
         from aligner.models.hf import head_outputs
 
-        try:  # names and weights that do not fit the head fail before any generation
+        try:  # a folder without a reward head, names and weights that do not fit it: before any generation
+            require_reward_head(args.reward_model, f"--reward-model {args.reward_model}")
             readout = reward_readout(args.reward_model, head_outputs(args.reward_model),
                                      reward_attribute=args.reward_attribute,
                                      attribute_weights=args.attribute_weights, template=args.reward_template)
@@ -343,13 +352,7 @@ def main(argv: Optional[list] = None) -> int:
         score(args, readout, rows, prompts, tokenizer, result.pad_id)
 
     if is_rank0():
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, out)
+        out = write_jsonl(args.output, rows)
         print(f"aligner generate: wrote {len(rows)} responses for {len(prompts)} prompts to {out}")
     return 0
 

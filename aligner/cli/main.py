@@ -6,20 +6,25 @@ status 2: a usage error, an unknown command, a command whose module (or a packag
 needs) is not installed, or a user error (config, path, data, checkpoint, layout): one
 ``aligner <command>: error: ...`` line (and a ``hint:`` line where one helps), printed by
 global rank 0 only, no traceback. ``--debug`` (anywhere before ``--``) or
-``ALIGNER_DEBUG=1`` shows the traceback instead. Any other exception is an internal error
-and keeps its traceback.
+``ALIGNER_DEBUG=1`` shows the traceback instead. A failing reward source (a reward function
+that raises or returns something else than one finite score per response) is reported the
+same way, by the rank that met it. Any other exception is an internal error and keeps its
+traceback. Ctrl-C and SIGTERM stop a command with one line (for training: the checkpoint
+it can resume from, see :mod:`aligner.training.loop`) and exit status 130 / 143.
 """
 from __future__ import annotations
 
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from typing import List, Optional
 
-from aligner.runtime import UserError, is_rank0, setup_logging
+from aligner.runtime import RunStopped, UserError, global_rank, is_rank0, raise_on_sigterm, setup_logging
 
 RANK0_REPORT_S = 3.0  # how long other ranks wait before exiting after a user error
 
@@ -30,15 +35,19 @@ USER_ERROR_TYPES = (
     ("aligner.parallel.state", "LayoutError"),
     ("aligner.models.config", "UnsupportedModelError"),
     ("aligner.models.hf", "CheckpointError"),
+    ("aligner.rewards.sources", "RewardError"),
 )
 
 # command -> (module under aligner.cli, one-line description)
 SUBCOMMANDS = {
-    "quickstart": ("quickstart", "the embedded end-to-end recipe: world -> SFT -> reward models -> DPO -> report"),
-    "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, recipes)"),
-    "data": ("data", "synthesise the embedded world; validate, inspect and pack data files"),
+    "quickstart": ("quickstart", "the embedded end-to-end recipe: world -> SFT -> reward models -> DPO -> RL"
+                                 " -> best-of-n -> report"),
+    "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, ppo,"
+                       " pg / rloo / grpo, steerlm2, recipes: --list)"),
+    "data": ("data", "prepare data files once (memory-mapped); synth the embedded world; validate, stats, pack;"
+                     " pairs: on-policy preference pairs"),
     "generate": ("generate", "generate responses for a prompts file (optionally scored by a reward model)"),
-    "rm": ("rm", "reward-model utilities: score a file, ExPO extrapolation"),
+    "rm": ("rm", "reward-model utilities: score a file, bon (best-of-n), SteerLM label, ExPO extrapolation"),
     "eval": ("eval", "evaluate reward models: RewardBench-format files, HelpSteer2 regression metrics"),
     "export": ("export", "training checkpoint -> Hugging Face folder"),
     "env": ("env", "print the software / hardware stack (paste it into bug reports)"),
@@ -88,10 +97,15 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def report_user_error(command: str, exc: BaseException) -> None:
-    """``aligner <command>: error: <message>`` (+ ``hint: ...``) on stderr, on global rank 0."""
-    if not is_rank0():
+    """``aligner <command>: error: <message>`` (+ ``hint: ...``) on stderr, on global rank 0
+    (every rank meets the same mistake in what was given); an error that one rank may meet
+    alone (``report_on_any_rank``: a reward source failing on that rank's samples) on the
+    rank that met it, named there."""
+    if not is_rank0() and not getattr(exc, "report_on_any_rank", False):
         return
     message = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+    if not is_rank0():
+        message = f"(rank {global_rank()}) {message}"
     if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) and exc.filename:
         message = f"{exc.filename}: {exc.strerror or message}"
     print(f"aligner {command}: error: {message}", file=sys.stderr)
@@ -140,8 +154,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     module = _load(name)
     if module is None:
         return 2
+    previous = _stop_on_sigterm()
     try:
         return int(module.main(rest) or 0)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which says where to resume)
+        return _report_stop(name, RunStopped("interrupted (Ctrl-C)", signal.SIGINT), debug)
+    except RunStopped as exc:
+        return _report_stop(name, exc, debug)
     except SystemExit as exc:  # argparse's --help / usage errors inside the command
         code = exc.code
         if code is None or isinstance(code, int):
@@ -157,6 +176,29 @@ def main(argv: Optional[List[str]] = None) -> int:
             # exits, so the others give rank 0 a moment to print the message
             time.sleep(RANK0_REPORT_S)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """SIGTERM stops the command as Ctrl-C does (:func:`aligner.runtime.raise_on_sigterm`)
+    instead of ending the process silently; returns the previous handler (None where
+    handlers cannot be set: not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, raise_on_sigterm)
+
+
+def _report_stop(command: str, exc: RunStopped, debug: bool) -> int:
+    """``aligner <command>: <what stopped and where to resume>`` on rank 0; 128 + the signal."""
+    if debug:
+        import traceback
+
+        traceback.print_exc()
+    if is_rank0():
+        print(f"aligner {command}: {exc}", file=sys.stderr, flush=True)
+    return 128 + int(exc.signum)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import List, Optional
+
+from aligner.files import write_jsonl
 
 # fields of a prompt row that describe responses (not the prompt): never copied into a pair
 RESPONSE_FIELDS = {"response", "response_1", "response_2", "preference_strength", "chosen", "rejected", "margin",
@@ -63,10 +64,14 @@ def select_pairs(scores: List[float], all_pairs: bool, min_gap: Optional[float])
 
 def make_pairs(args) -> dict:
     from aligner.cli.bon import sample_and_score
+    from aligner.cli.options import finite
+
+    finite("--min-gap", args.min_gap, 0.0)
     samples, scores, _, _ = sample_and_score(
         args.policy, args.prompts, n=args.n, proxies=[args.reward], gold=None, num_prompts=args.num_prompts,
         max_new_tokens=args.max_new_tokens, seed=args.seed, template=args.template, tokenizer=args.tokenizer,
-        reward_attribute=args.reward_attribute, micro_batch_size=args.micro_batch_size)
+        reward_attribute=args.reward_attribute, micro_batch_size=args.micro_batch_size, proxy_option="--reward",
+        min_n=2)
     N = args.n
     rows, gaps, without, empty = [], [], 0, 0
     for j, p in enumerate(samples.prompts):
@@ -84,13 +89,7 @@ def make_pairs(args) -> dict:
             gaps.append(gap)
             rows.append(dict(extra, prompt=prompt, chosen=samples.texts[j * N + a], rejected=samples.texts[j * N + b],
                              margin=gap, chosen_reward=s[a], rejected_reward=s[b]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    tmp.replace(out)
+    out = write_jsonl(args.out, rows)
     summary = {"prompts": len(samples.prompts), "samples_per_prompt": N, "pairs": len(rows),
                "prompts_without_pair": without, "empty_responses_left_out": empty, "mean_margin": sum(gaps) / len(gaps) if gaps else None,
                "mean_reward": float(scores.mean()), "out": str(out)}

@@ -24,23 +24,30 @@ composes the top-level configs in ``conf/`` with overrides):
 
 Writes ``<out>/report.md`` (results table, plots), ``<out>/results.json``, per-stage run
 folders (composed ``config.yaml``, ``metrics.jsonl``, HF-format ``hf/`` checkpoints) and
-``<out>/quickstart.json`` (the seed and scale the folder belongs to).
+``<out>/quickstart.json`` (the seed and scale the folder belongs to, the rl stage's algorithm).
 
-Running again into the same ``--out`` continues that run: a stage that completed (its
-``result.json`` at the stage's last step and its ``hf/`` export) is not trained again, an
-interrupted one resumes from its last checkpoint. A folder that holds a run of another
-seed or scale is refused (its checkpoints would be resumed as if they were this run's);
-``--fresh`` deletes the quickstart's outputs there first.
+Running again into the same ``--out`` continues that run: a stage that completed with the
+same training config (its ``result.json`` at the stage's last step, its ``hf/`` export, its
+recorded ``config.yaml``) is not trained again, an interrupted one resumes from its last
+checkpoint. A folder that holds a run of another seed or scale is refused (every stage
+depends on them; its checkpoints would be resumed as if they were this run's); ``--fresh``
+deletes the quickstart's outputs there first. Another ``--rl`` trains the rl stage again
+(nothing else depends on it); a stage whose recorded config differs otherwise is refused,
+naming the keys.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from aligner.files import write_jsonl
+from aligner.runtime import UserError
 
 
 def _log(msg: str) -> None:
@@ -61,7 +68,9 @@ class RunFolderError(ValueError):
 
 def claim_folder(out: Path, seed: int, scale: float, fresh: bool = False) -> None:
     """Make ``out`` this run's folder: refuse one that holds a quickstart of another seed
-    or scale (or of unknown seed) unless ``fresh``, which deletes the quickstart's outputs."""
+    or scale (or of unknown seed) unless ``fresh``, which deletes the quickstart's outputs.
+    (Every stage depends on the seed and the scale; the RL algorithm shapes only the rl
+    stage, which is trained again when it changes: :func:`record_rl`.)"""
     record = out / RUN_FILE
     previous = None
     if record.is_file():
@@ -86,20 +95,45 @@ def claim_folder(out: Path, seed: int, scale: float, fresh: bool = False) -> Non
             elif path.exists():
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"seed": seed, "scale": scale}, indent=2))
+    kept = {k: v for k, v in (previous or {}).items() if k not in ("seed", "scale")}
+    record.write_text(json.dumps({"seed": seed, "scale": scale, **kept}, indent=2))
 
 
-def _train(config: str, overrides: List[str]) -> dict:
+def record_rl(out: Path, algorithm: str) -> Optional[str]:
+    """Record the rl stage's algorithm in the run record; returns the one recorded before
+    (None if none). The rl stage itself sees the change in its recorded config."""
+    record = out / RUN_FILE
+    data = json.loads(record.read_text())
+    previous = data.get("rl")
+    data["rl"] = algorithm
+    record.write_text(json.dumps(data, indent=2))
+    return previous
+
+
+def _train(config: str, overrides: List[str], retrain_if_changed: bool = False) -> dict:
+    """Stage ``config`` with ``overrides``: not trained again when its folder holds it
+    complete with the same training config. A stage whose recorded config differs in
+    training-relevant keys (``aligner.training.run_folder.config_diff``) is trained again
+    from scratch when ``retrain_if_changed`` (a stage nothing later depends on), else
+    refused by the run folder's resume check, naming the keys."""
     from aligner.cli.train import compose
+    from aligner.training.config import plain
+    from aligner.training.run_folder import config_diff, recorded_config
 
     trainer_cls, cfg = compose(config, overrides)
     out_dir = Path(cfg.trainer.out_dir)
+    recorded = recorded_config(out_dir)
+    changed = config_diff(recorded, plain(cfg)) if recorded is not None else []
     done = out_dir / "result.json"
-    if done.is_file() and (out_dir / "hf" / "config.json").is_file():
+    if not changed and done.is_file() and (out_dir / "hf" / "config.json").is_file():
         result = json.loads(done.read_text())
         if result.get("step") == cfg.trainer.max_steps:
             _log(f"{out_dir.name}: complete (step {result['step']}), not trained again")
             return result
+    if changed and retrain_if_changed:
+        keys = ", ".join(key for key, _, _ in changed[:4]) + (", ..." if len(changed) > 4 else "")
+        _log(f"{out_dir.name}: its options changed ({keys}): trained again from the start")
+        trainer_cls, cfg = compose(config, overrides + ["trainer.resume=false"])
     return trainer_cls(cfg).fit()
 
 
@@ -150,14 +184,14 @@ def rl_overrides(algorithm: str, reward_model: Path) -> List[str]:
     x 4 responses per step) or PPO (32 prompts x 1 response, critic from the reward model)."""
     if algorithm == "ppo":
         return ["trainer.global_batch_size=32", f"ppo.reward.path={reward_model}", "optim.lr=1e-4",
-                "ppo.critic_optim.lr=1e-4", "ppo.ppo_epochs=2", "ppo.mini_batch_size=16"]
+                "ppo.critic_optim.lr=1e-4", "ppo.epochs=2", "ppo.mini_batch_size=16"]
     return ["trainer.global_batch_size=16", f"pg.reward.path={reward_model}", "optim.lr=3e-5",
             "pg.samples_per_prompt=4"]
 
 
 def default_rl_algorithm() -> str:
     """RLOO where this installation has ``aligner train pg``, else PPO."""
-    from aligner.algorithms.trainers import TRAINERS
+    from aligner.algorithms.catalog import TRAINERS
 
     return "rloo" if "pg" in TRAINERS else "ppo"
 
@@ -189,7 +223,7 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
     from aligner.data import load_tokenizer
     from aligner.data.world import load_prompts, score_response, synthesize
     from aligner.parallel import ParallelConfig, initialize, is_initialized
-    from aligner.reporting import (
+    from aligner.evaluation.reporting import (
         markdown_table,
         monitor_curve,
         plot_curves,
@@ -198,6 +232,7 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
         write_report,
     )
 
+    rl_algorithm = rl_algorithm or default_rl_algorithm()
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
 
@@ -250,11 +285,14 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
     ] + monitor(steps(100), proxy=True))
     stage("rl")
     rl_steps = steps(RL_STEPS)
-    rl_algorithm = rl_algorithm or default_rl_algorithm()
+    before = record_rl(out, rl_algorithm)
+    if before is not None and before != rl_algorithm:
+        _log(f"rl: the folder's rl stage ran {before.upper()}; this run asks for {rl_algorithm.upper()}")
+    # nothing later depends on the rl stage: another algorithm (or other options) trains it again
     rl = _train(rl_algorithm, common + [
         f"init.hf={out / 'dpo' / 'hf'}", f"data.train={world['prompts_train']}", f"trainer.out_dir={out / 'rl'}",
         f"trainer.max_steps={rl_steps}", "trainer.micro_batch_size=16", "trainer.save_interval=0",
-    ] + rl_overrides(rl_algorithm, out / "rm_bt" / "hf") + monitor(rl_steps, proxy=False))
+    ] + rl_overrides(rl_algorithm, out / "rm_bt" / "hf") + monitor(rl_steps, proxy=False), retrain_if_changed=True)
     stage("bon")
     bon = _best_of_n(out, world, seed, n=8 if scale >= 0.5 else 4, num_prompts=monitor_prompts)
     stage("judge")
@@ -264,9 +302,8 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
         responses = _generate(out / name / "hf", prompts, tok, max_new_tokens=48, seed=seed)
         scores = [score_response(p["meta"], r) for p, r in zip(prompts, responses)]
         judged[name] = {"responses": responses, "scores": scores}
-        with open(out / f"generations_{name}.jsonl", "w", encoding="utf-8") as f:
-            for p, r, s in zip(prompts, responses, scores):
-                f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
+        write_jsonl(out / f"generations_{name}.jsonl",
+                    ({"prompt": p["prompt"], "response": r, "scores": s} for p, r, s in zip(prompts, responses, scores)))
     timings["end"] = time.perf_counter()
 
     attrs = ["helpfulness", "correctness", "coherence", "verbosity"]
@@ -278,8 +315,6 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
     def exact(name):
         vals = [s.get("exact", s["correctness"] == 4) for s in judged[name]["scores"]]
         return sum(bool(v) for v in vals) / len(vals)
-
-    import math
 
     def paired(base, new):
         diffs = [d["helpfulness"] - s["helpfulness"] for s, d in zip(judged[base]["scores"], judged[new]["scores"])]
@@ -352,7 +387,7 @@ def run(out: Path, seed: int = 0, scale: float = 1.0, fresh: bool = False, rl_al
         ["run", "step", "d = sqrt(KL)", "proxy", "gold (helpfulness)", "± SE"],
         [[name, p["step"], p["d"], p["proxy"], p["gold"], p["gold_se"]] for name in ("DPO", "RL")
          for p in curves[name]])
-    from aligner.algorithms.rewardbench import format_report
+    from aligner.evaluation.rewardbench import format_report
 
     write_report(out / "report.md", "aligner quickstart: the embedded world", [
         ("Ground truth: SFT -> DPO -> RL", ground_truth),
@@ -390,6 +425,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--fresh", action="store_true",
                         help="delete the outputs of a quickstart of another seed or scale in --out first")
     args = parser.parse_args(argv)
+    if not (math.isfinite(args.scale) and args.scale > 0):
+        raise UserError(f"--scale {args.scale}: expected a number > 0 (it multiplies every stage's step count)")
     try:
         run(Path(args.out), seed=args.seed, scale=args.scale, fresh=args.fresh, rl_algorithm=args.rl)
     except RunFolderError as exc:

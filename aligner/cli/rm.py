@@ -36,28 +36,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from aligner.rewards.readout import RewardReadout, ScoringError, reward_readout  # noqa: F401  (used by the rm / eval / generate commands)
-from aligner.runtime import is_rank0
-
-
-def _load_rm(path: str, tp: int, pp: int):
-    from aligner.models import ModelConfig, from_pretrained
-    from aligner.models.hf import head_outputs
-    from aligner.parallel import ParallelConfig, initialize, is_initialized
-
-    if not (Path(path) / "config.json").is_file():
-        raise ScoringError(f"{path}: not an HF model folder (no config.json)")
-    cfg = ModelConfig.from_hf(path)
-    if not is_initialized():
-        initialize(
-            ParallelConfig(tp=tp, pp=pp),
-            num_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            num_query_groups=cfg.num_query_groups,
-        )
-    num_outputs = head_outputs(path)
-    models, cfg = from_pretrained(path, head="reward", num_outputs=num_outputs)
-    return models, cfg, num_outputs
+from aligner.rewards.readout import (  # noqa: F401  (used by the rm / eval / generate commands)
+    RewardReadout,
+    ScoringError,
+    load_reward_model,
+    reward_readout,
+)
+from aligner.files import write_jsonl
+from aligner.runtime import UserError, is_rank0
 
 
 def _response_fields(row: dict, fmt: str):
@@ -77,13 +63,13 @@ def score_samples(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, 
     ``rejected``; ``subset`` kept for pairs."""
     from aligner.training.scoring import score_sequences
     from aligner.data import load_dataset, load_tokenizer
-    from aligner.data.datasets import KIND_FORMATS, read_jsonl
+    from aligner.data.datasets import KIND_FORMATS, read_rows
 
-    models, cfg, n = _load_rm(model_dir, tp, pp)
+    models, cfg, n = load_reward_model(model_dir, tp, pp)
     readout = reward_readout(model_dir, n, attributes=attributes, reward_attribute=reward_attribute,
                              attribute_weights=attribute_weights, template=template)
     tok = load_tokenizer(tokenizer or model_dir)
-    rows = {line: (row, fmt) for line, row, fmt in read_jsonl(input_path, "auto", KIND_FORMATS["any_scored"])}
+    rows = {line: (row, fmt) for line, row, fmt in read_rows(input_path, "auto", KIND_FORMATS["any_scored"])}
     # truncate_left as training does; a row that cannot fit even so is an error, not a gap
     samples = load_dataset(input_path, kind="any_scored", tokenizer=tok, template=readout.template,
                            max_length=cfg.max_position_embeddings, overlong="truncate_left")
@@ -151,7 +137,16 @@ def expo(weak: str, strong: str, out: str, alpha: float) -> Path:
             sd.update(load_file(str(f)))
         return sd
 
-    merged = expo_extrapolate(state(weak), state(strong), alpha)
+    from aligner.cli.options import finite
+
+    finite("--alpha", alpha)
+    try:
+        merged = expo_extrapolate(state(weak), state(strong), alpha)
+    except (KeyError, ValueError) as exc:  # checkpoints of other architectures or heads
+        message = exc.args[0] if exc.args else str(exc)
+        raise UserError(f"{weak} and {strong}: {message}",
+                        hint="ExPO extrapolates between two checkpoints of one architecture and head (the"
+                             " regression reward model and the BT model trained from it)") from None
     out_dir = Path(out)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -181,6 +176,11 @@ def _add_readout_options(p) -> None:
 
 
 def readout_options(args) -> dict:
+    """The reward-model options of ``args`` as keyword arguments (a batch of no rows is
+    refused here, before any model is loaded; names and weights by :func:`reward_readout`)."""
+    from aligner.cli.options import at_least
+
+    at_least("--micro-batch-size", args.micro_batch_size, 1)
     return dict(tp=args.tp, pp=args.pp, micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer,
                 template=args.template, attributes=args.attributes, reward_attribute=args.reward_attribute,
                 attribute_weights=args.attribute_weights)
@@ -222,12 +222,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
 
     if is_rank0():
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        tmp.replace(out)
+        write_jsonl(args.output, rows)
         print(f"scored {len(rows)} rows -> {args.output}")
     return 0
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from pathlib import Path
 from typing import List, Optional, Sequence
 
 LABEL_FORMATS = ("sft", "steerlm")
@@ -40,12 +38,12 @@ def label_rows(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, mic
     import torch
 
     from aligner.training.scoring import score_sequences
-    from aligner.cli.rm import ScoringError, _load_rm, reward_readout
+    from aligner.rewards.readout import ScoringError, load_reward_model, reward_readout
     from aligner.data import load_tokenizer
-    from aligner.data.datasets import DataFormatError, read_jsonl, render_reward
+    from aligner.data.datasets import DataFormatError, read_rows, render_reward
     from aligner.data.formats import ASSISTANT, Conversation, Turn, format_attribute_label, parse_row
 
-    models, cfg, n_out = _load_rm(model_dir, tp, pp)
+    models, cfg, n_out = load_reward_model(model_dir, tp, pp)
     readout = reward_readout(model_dir, n_out, attributes=attributes, reward_attribute=None,
                              attribute_weights=[1.0] * n_out, template=template)
     if any(name == f"LABEL_{i}" for i, name in enumerate(readout.names)):
@@ -54,7 +52,7 @@ def label_rows(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, mic
     tok = load_tokenizer(tokenizer or model_dir)
     limit = cfg.max_position_embeddings
     rows, sequences, where = [], [], []
-    for lineno, row, _ in read_jsonl(input_path, "auto", LABEL_FORMATS):
+    for lineno, row, _ in read_rows(input_path, "auto", LABEL_FORMATS):
         conv = parse_row(row, "sft")
         plain = [Turn(t.role, t.content) for t in conv.turns]  # the reward model reads no labels
         rows.append(row)
@@ -86,17 +84,12 @@ def label_rows(model_dir: str, input_path: str, *, tp: int = 1, pp: int = 1, mic
 
 def label_file(model_dir: str, input_path: str, output_path: str, **options) -> int:
     """``aligner rm label`` as a function: writes ``output_path`` atomically (rank 0); the row count."""
+    from aligner.files import write_jsonl
     from aligner.runtime import is_rank0
 
     rows = label_rows(model_dir, input_path, **options)
     if is_rank0():
-        out = Path(output_path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out)
+        write_jsonl(output_path, rows, ensure_ascii=False)
     return len(rows)
 
 
@@ -119,11 +112,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import sys
 
-    from aligner.cli.rm import ScoringError
+    from aligner.rewards.readout import ScoringError
     from aligner.data import DataFormatError
     from aligner.models import CheckpointError
     from aligner.runtime import is_rank0
 
+    from aligner.cli.options import at_least
+
+    at_least("--micro-batch-size", args.micro_batch_size, 1)
     try:
         n = label_file(args.model, args.input, args.output, tp=args.tp, pp=args.pp,
                        micro_batch_size=args.micro_batch_size, tokenizer=args.tokenizer, template=args.template,

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from aligner.config import ConfigError, describe_omegaconf_error, validate_config
 from aligner.runtime import config_dir, config_search_path, get_logger
-from aligner.training.config import ConfigError
 
 INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
 
@@ -33,13 +33,38 @@ def top_configs() -> List[str]:
     return sorted(p.stem for p in config_dir().glob("*.yaml"))
 
 
+def trainers() -> dict:
+    """Every algorithm's trainer by name (:mod:`aligner.algorithms.catalog`)."""
+    # the catalog imports every algorithm module: loaded when a config is composed, so that
+    # `aligner train --list` and `--help` answer at once
+    from aligner.algorithms.catalog import TRAINERS
+
+    return TRAINERS
+
+
+def _register_configs() -> None:
+    """Hydra's ConfigStore: every trainer's schema as ``<algorithm>_schema`` (the first
+    default of ``conf/<config>.yaml``) and ``aligner_run_dirs`` (package ``hydra``, listed in
+    every top-level config): the run folder is ``trainer.out_dir``, a ``-m`` sweep puts job
+    N in ``<trainer.out_dir>/N``; ``hydra.run.dir`` / ``hydra.sweep.dir`` override them."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, trainer_cls in trainers().items():
+        store.store(name=f"{name}_schema", node=trainer_cls.schema)
+    store.store(name="aligner_run_dirs", package="hydra",
+                node={"run": {"dir": "${trainer.out_dir}"},
+                      "sweep": {"dir": "${trainer.out_dir}", "subdir": "${hydra.job.num}"},
+                      "job": {"chdir": False}})
+
+
 def _hydra():
     """A Hydra instance over aligner's config search path (schemas registered first)."""
-    import aligner.algorithms.trainers  # noqa: F401 - registers the <algorithm>_schema configs
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
     from hydra.core.global_hydra import GlobalHydra
 
+    _register_configs()
     GlobalHydra.instance().clear()
     return Hydra.create_main_hydra2(task_name="aligner", config_search_path=create_config_search_path(
         config_search_path()))
@@ -49,8 +74,6 @@ def _composition_error(exc: BaseException, name: str) -> ConfigError:
     """A Hydra / OmegaConf composition error as one ConfigError line (plus a hint)."""
     from hydra.errors import MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
-
-    from aligner.training.config import describe_omegaconf_error
 
     cause = exc
     while cause is not None and not isinstance(cause, OmegaConfBaseException):
@@ -96,12 +119,11 @@ def _job(cfg, run_dir: str):
 
 
 def _trainer_for(job, name: str):
-    from aligner.algorithms.trainers import TRAINERS
-
+    registered = trainers()
     algorithm = job.get("algorithm")
-    if algorithm not in TRAINERS:
-        raise ConfigError(f"{name}: algorithm = {algorithm!r}; expected one of {', '.join(sorted(TRAINERS))}")
-    return TRAINERS[algorithm]
+    if algorithm not in registered:
+        raise ConfigError(f"{name}: algorithm = {algorithm!r}; expected one of {', '.join(sorted(registered))}")
+    return registered[algorithm]
 
 
 def compose(name: str, overrides: List[str]):
@@ -109,12 +131,15 @@ def compose(name: str, overrides: List[str]):
     (``hydra.run.dir``, by default ``trainer.out_dir``) is the config's ``trainer.out_dir``."""
     from omegaconf import OmegaConf
 
-    from aligner.training.config import validate_config
-
     cfg = compose_with_hydra(name, overrides)
-    job = _job(cfg, str(OmegaConf.select(cfg, "hydra.run.dir")))
+    return _validated(cfg, name, str(OmegaConf.select(cfg, "hydra.run.dir")))
+
+
+def _validated(cfg, name: str, run_dir: str):
+    """``(trainer class, typed config)`` of a composed config whose run folder is ``run_dir``."""
+    job = _job(cfg, run_dir)
     trainer_cls = _trainer_for(job, name)
-    return trainer_cls, validate_config(job, trainer_cls.schema)
+    return trainer_cls, validate_config(trainer_cls.derive(job), trainer_cls.schema)
 
 
 def sweep_jobs(name: str, overrides: List[str]) -> List[Tuple[List[str], str, object]]:
@@ -160,7 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise ConfigError("no config given", hint=f"aligner train CONFIG [key=value ...]; CONFIG one of:"
                                                    f" {', '.join(top_configs())}")
     if args.info:
-        compose_with_hydra(args.config, args.overrides, multirun=args.multirun)  # report errors our way
+        cfg = compose_with_hydra(args.config, args.overrides, multirun=args.multirun)
+        _validated(cfg, args.config, ".")  # report errors our way
         _hydra().show_info(args.info, args.config, list(args.overrides))
         return 0
     if args.cfg:

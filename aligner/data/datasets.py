@@ -1,8 +1,11 @@
-"""Datasets: public-format jsonl files -> tokenised training samples, strictly validated.
+"""Rows -> tokenised training samples: validation, templates, the over-length policy.
 
-``load_dataset(path, kind, tokenizer, ...)`` reads a jsonl file (format detected per file
-from its first row, or given), checks every row, renders it with a template and returns a
-list of samples (dicts of 1-D tensors, the trainers' contract):
+A source (:mod:`aligner.data.readers`: jsonl, jsonl.gz, parquet, Arrow folders) is read by
+:func:`read_rows` (format detected per source from its first row, or given; every row
+checked) and each row becomes a sample of a *kind* by :func:`render_sample`, the one
+rendering that both :func:`read_samples` (into memory) and prepared datasets
+(aligner.data.prepare, what training reads: aligner.data.loading.load_dataset) use.
+Samples are dicts of 1-D tensors, the trainers' contract:
 
 - ``sft``: ``{"tokens", "loss_mask"}`` (loss on assistant-turn tokens and the turn end).
 - ``regression``: ``{"tokens", "labels" [N], "label_mask" [N]}`` for attribute names N.
@@ -11,10 +14,15 @@ list of samples (dicts of 1-D tensors, the trainers' contract):
   ``reward_gap``: ``chosen_reward − rejected_reward`` or None); HelpSteer2-Preference ties
   (strength 0) are dropped and counted. With ``packing`` a pair must fit one bin of
   ``max_length`` tokens, so the over-length policy applies to chosen + rejected together.
-- ``prompts``: ``{"prompt_tokens", "prompt", "meta", "conversation"}`` (``meta``: the row's
-  extra fields; ``conversation``: the prompt as a :class:`Conversation`, to render again).
-- ``any_scored``: rows with a response to score: regression rows give ``tokens``, pairs
-  give ``chosen`` / ``rejected`` (``subset`` kept).
+- ``prompts``: ``{"prompt_tokens", "prompt", "meta", "conversation", "label"}`` (``meta``: the
+  row's extra fields; ``conversation``: the prompt as a :class:`Conversation`, to render
+  again; ``label``: SteerLM attributes or None).
+- ``any_scored``: rows with a response to score: regression rows give ``tokens`` (and
+  ``line``), pairs give ``chosen`` / ``rejected`` (``subset`` kept).
+- ``steerlm2``: pre-scored SteerLM 2.0 groups: ``{"responses": [(tokens, loss_mask)],
+  "log_p_attr", "log_p_sft", "log_q_prime": [n] float64, "line"}`` (extra_id template, the
+  attribute string after the assistant header); a response that does not fit drops its
+  whole group.
 
 Templates: ``extra_id`` (``<extra_id_0>System\\n{system}\\n<extra_id_1>User\\n
 {prompt}\\n<extra_id_1>Assistant\\n{response}\\n<extra_id_2>`` for reward models, which read the
@@ -25,31 +33,40 @@ with the end-of-sequence token instead), ``chat`` (the tokenizer's own chat temp
 otherwise the chat template when the tokenizer has one, else ``extra_id``). Reward rows
 (regression, pairs for a reward model, anything scored) go through :func:`render_reward`,
 the rendering training, validation and the scoring commands share (docs/data_formats.md).
-Errors name ``file:line``, the field and what was expected; with
-``skip_invalid`` bad rows are skipped and counted by reason (printed and kept in
-``last_report``). Over-length samples: ``truncate_left`` drops prompt tokens from the left,
-``drop`` drops the sample; both counted.
+Errors name ``file:line``, the field and what was expected; with ``skip_invalid`` bad rows
+are skipped and counted by reason (printed, and kept in the returned samples' ``report``).
+Over-length samples: ``truncate_left`` drops prompt tokens from the left, ``drop`` drops the
+sample; both counted.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections import Counter
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from aligner.data.formats import (
     ASSISTANT,
+    USER,
     HELPSTEER2_ATTRIBUTES,
     NINE_ATTRIBUTES,
+    SHAREGPT_ROLES,
     Conversation,
     STEERLM2_LOG_FIELDS,
     PairRecord,
     detect_format,
     parse_row,
+    prompt_of,
+)
+from aligner.data.readers import (  # noqa: F401  DataFormatError and the jsonl readers: imported from here too
+    DataFormatError,
+    iter_json_objects,
+    iter_rows,
+    parse_json_line,
+    row_of,
 )
 
 DEFAULT_SYSTEM = (
@@ -58,19 +75,15 @@ DEFAULT_SYSTEM = (
 )
 
 KIND_FORMATS = {
-    "sft": ("sft", "openai", "steerlm"),
+    "sft": ("sft", "openai", "sharegpt", "steerlm", "prompt_completion"),
     "regression": ("helpsteer2",),
     "pairs": ("helpsteer2_preference", "pairwise", "rewardbench"),
-    "prompts": ("prompt", "sft", "openai", "steerlm", "helpsteer2", "helpsteer2_preference", "pairwise", "rewardbench"),
+    "prompts": ("prompt", "sft", "openai", "sharegpt", "steerlm", "prompt_completion", "helpsteer2",
+                "helpsteer2_preference", "pairwise", "rewardbench"),
     "any_scored": ("helpsteer2", "helpsteer2_preference", "pairwise", "rewardbench"),
+    "steerlm2": ("steerlm2",),
 }
-
-
-class DataFormatError(ValueError):
-    """A row does not follow its format: the message names file, line and field."""
-
-
-last_report: Dict[str, object] = {}
+KIND_ALIASES = {"prompt": "prompts", "pair": "pairs", "sft_conversations": "sft"}
 
 
 # ------------------------------------------------------------------------------ validation
@@ -115,30 +128,17 @@ def validate_row(row, fmt: str, where: str) -> None:
     if not isinstance(row, dict):
         raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if fmt in ("sft", "steerlm"):
-        convs = row.get("conversations")
-        if not isinstance(convs, list) or not convs:
-            raise DataFormatError(f"{where}: field 'conversations' must be a non-empty list")
-        if "system" in row and not isinstance(row["system"], str):
-            raise DataFormatError(f"{where}: field 'system' must be a string")
-        for i, t in enumerate(convs):
-            if not isinstance(t, dict):
-                raise DataFormatError(f"{where}: conversations[{i}] must be an object")
-            role = t.get("from")
-            if not isinstance(role, str) or role.strip().lower() not in ("user", "assistant"):
-                raise DataFormatError(f"{where}: conversations[{i}].from must be 'User' or 'Assistant', got {role!r}")
-            _text(t, "value", f"{where}: conversations[{i}]")
-        if not any(str(t["from"]).strip().lower() == ASSISTANT for t in convs):
-            raise DataFormatError(f"{where}: field 'conversations' has no Assistant turn to learn from")
+        _conversations(row, where, lambda speaker, i: speaker if speaker in (USER, ASSISTANT) else None,
+                       "'User' or 'Assistant'", "Assistant")
     elif fmt == "openai":
-        msgs = row.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise DataFormatError(f"{where}: field 'messages' must be a non-empty list")
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise DataFormatError(f"{where}: messages[{i}].role must be system, user or assistant")
-            _text(m, "content", f"{where}: messages[{i}]")
+        msgs = _messages(row, "messages", where)
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataFormatError(f"{where}: field 'messages' has no assistant message")
+    elif fmt == "sharegpt":
+        _conversations(row, where, _sharegpt_role, "'human' or 'gpt' ('system' first only)", "'gpt'")
+    elif fmt == "prompt_completion":
+        _prompt(row, where)
+        _text_or_messages(row, "completion", where, last="assistant")
     elif fmt == "helpsteer2":
         _text(row, "prompt", where)
         _text(row, "response", where)
@@ -151,8 +151,9 @@ def validate_row(row, fmt: str, where: str) -> None:
             _text(row, f, where)
         _int_range(row, "preference_strength", -3, 3, where)
     elif fmt in ("pairwise", "rewardbench"):
-        for f in ("prompt", "chosen", "rejected"):
-            _text(row, f, where)
+        _prompt(row, where)
+        for f in ("chosen", "rejected"):
+            _response(row, f, where)
         if fmt == "rewardbench":
             _text(row, "subset", where)
         for f in PAIR_NUMBERS:
@@ -162,11 +163,77 @@ def validate_row(row, fmt: str, where: str) -> None:
             other = "rejected_reward" if given[0] == "chosen_reward" else "chosen_reward"
             raise DataFormatError(f"{where}: field {given[0]!r} is given without {other!r}; the RPO losses use both")
     elif fmt == "prompt":
-        _text(row, "prompt", where)
+        _prompt(row, where)
     elif fmt == "steerlm2":
         _validate_steerlm2(row, where)
     else:
         raise DataFormatError(f"{where}: format {fmt!r} is not readable here")
+
+
+def _messages(row, field, where) -> list:
+    """A non-empty list of ``{"role": system|user|assistant, "content": str}`` messages."""
+    msgs = row.get(field)
+    if not isinstance(msgs, list) or not msgs:
+        raise DataFormatError(f"{where}: field {field!r} must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise DataFormatError(f"{where}: {field}[{i}].role must be system, user or assistant")
+        _text(m, "content", f"{where}: {field}[{i}]")
+    return msgs
+
+
+def _text_or_messages(row, field, where, last: str) -> None:
+    """A string, or (TRL's conversational rows) messages ending with a ``last`` message."""
+    if isinstance(row.get(field), list):
+        if _messages(row, field, where)[-1]["role"] != last:
+            raise DataFormatError(f"{where}: the last of {field!r} must be a{'n' if last[0] in 'aeiou' else ''}"
+                                  f" {last} message")
+    else:
+        _text(row, field, where)
+
+
+def _prompt(row, where) -> None:
+    """``prompt``: a string, or messages ending with a user message."""
+    _text_or_messages(row, "prompt", where, last="user")
+
+
+def _response(row, field, where) -> None:
+    """A response: a string, or (TRL's conversational rows) a list of one assistant message."""
+    value = row.get(field)
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise DataFormatError(f"{where}: field {field!r} must be a string or a list of one assistant message")
+        _text(value[0], "content", f"{where}: {field}[0]")
+    else:
+        _text(row, field, where)
+
+
+def _conversations(row, where: str, role_of, expected: str, target: str) -> None:
+    """A non-empty ``conversations`` list of ``{"from", "value"}`` turns whose speakers (lower
+    case) ``role_of(speaker, position)`` maps to roles (None: refused, the error says
+    ``expected``), with an assistant turn (called ``target`` in the error) to learn from."""
+    convs = row.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise DataFormatError(f"{where}: field 'conversations' must be a non-empty list")
+    if "system" in row and not isinstance(row["system"], str):
+        raise DataFormatError(f"{where}: field 'system' must be a string")
+    roles = []
+    for i, t in enumerate(convs):
+        if not isinstance(t, dict):
+            raise DataFormatError(f"{where}: conversations[{i}] must be an object")
+        speaker = t.get("from")
+        role = role_of(speaker.strip().lower(), i) if isinstance(speaker, str) else None
+        if role is None:
+            raise DataFormatError(f"{where}: conversations[{i}].from must be {expected}, got {speaker!r}")
+        _text(t, "value", f"{where}: conversations[{i}]")
+        roles.append(role)
+    if ASSISTANT not in roles:
+        raise DataFormatError(f"{where}: field 'conversations' has no {target} turn to learn from")
+
+
+def _sharegpt_role(speaker: str, position: int):
+    role = SHAREGPT_ROLES.get(speaker)
+    return None if role == "system" and position > 0 else role
 
 
 def _validate_steerlm2(row, where: str) -> None:
@@ -377,8 +444,10 @@ def _fit_pair(chosen, rejected, max_length, overlong, counts):
     return None
 
 
-def _fit(tokens, mask, max_length, overlong, counts):
-    """Apply the over-length policy; None when the sample is dropped."""
+def fit_to_length(tokens, mask, max_length, overlong, counts):
+    """Apply the over-length policy ``overlong`` (``truncate_left`` drops prompt tokens from
+    the left, never a target token; else the sample is dropped) to a rendered sample of
+    ``tokens`` and ``mask``; counts what it did in ``counts``. None when dropped."""
     if len(tokens) <= max_length:
         return tokens, mask
     first_target = next((i for i, m in enumerate(mask) if m > 0), len(mask))
@@ -390,161 +459,212 @@ def _fit(tokens, mask, max_length, overlong, counts):
     return None
 
 
-# ------------------------------------------------------------------------------ loading
-def parse_json_line(raw: bytes, where: str) -> Optional[dict]:
-    """One line of a jsonl file -> its JSON object (None for a blank line); errors name
-    ``where`` (``file:line``) and what is wrong. The one jsonl line reader of the toolkit."""
-    try:
-        line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
-    if not line.strip():
-        return None
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(row, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    return row
-
-
-def iter_json_objects(path):
-    """``(line number, object)`` for every non-blank line of a jsonl file (strict: the first
-    bad line raises :class:`DataFormatError` naming ``file:line``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: file not found")
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            row = parse_json_line(raw, f"{path}:{lineno}")
-            if row is not None:
-                yield lineno, row
-
-
-def read_jsonl(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invalid: bool = False,
-               counts: Optional[Counter] = None):
-    """(line number, row, format) for every valid row of a jsonl file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: data file not found")
+# ------------------------------------------------------------------------------ rows
+def read_rows(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invalid: bool = False,
+              counts: Optional[Counter] = None):
+    """(number, row, format) for every valid row of a source (:mod:`aligner.data.readers`:
+    jsonl, jsonl.gz, parquet, an Arrow folder). The format is ``fmt``, or detected from the
+    first row; a row of another format, or of a format not in ``allowed``, is an error.
+    With ``skip_invalid`` bad rows are counted by reason in ``counts`` instead."""
     counts = Counter() if counts is None else counts
     file_fmt = None if fmt == "auto" else fmt
     pending = None  # HelpSteer2: the prompt the next row must repeat
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                row = parse_json_line(raw, where)
-                if row is None:
-                    continue
+    for number, item in iter_rows(path):
+        where = f"{path}:{number}"
+        try:
+            row = row_of(item)
+            if row is None:
+                continue
+            if file_fmt is None:
+                file_fmt = detect_format(row)
                 if file_fmt is None:
-                    file_fmt = detect_format(row)
-                    if file_fmt is None:
-                        raise DataFormatError(f"{where}: cannot tell the format from fields {sorted(row)}")
-                if allowed and file_fmt not in allowed:
-                    raise DataFormatError(f"{where}: format {file_fmt!r} cannot be used here; expected one of {list(allowed)}")
-                validate_row(row, file_fmt, where)
-                if file_fmt == "helpsteer2":
-                    # rows 2k and 2k+1 rate two responses to one prompt
-                    if pending is None:
-                        pending = row["prompt"]
-                    else:
-                        if row["prompt"] != pending:
-                            pending = None
-                            raise DataFormatError(
-                                f"{where}: field 'prompt' differs from the previous row's; HelpSteer2 rows 2k and"
-                                " 2k+1 must share their prompt")
+                    raise DataFormatError(f"{where}: cannot tell the format from fields {sorted(row)} (the formats"
+                                          " and their fields: docs/data_formats.md; or name the format)")
+            if allowed and file_fmt not in allowed:
+                raise DataFormatError(f"{where}: format {file_fmt!r} cannot be used here; expected one of {list(allowed)}")
+            validate_row(row, file_fmt, where)
+            if file_fmt == "helpsteer2":
+                # rows 2k and 2k+1 rate two responses to one prompt
+                if pending is None:
+                    pending = row["prompt"]
+                else:
+                    if row["prompt"] != pending:
                         pending = None
-                yield lineno, row, file_fmt
-            except DataFormatError as exc:
-                if not skip_invalid or "cannot be used here" in str(exc):
-                    raise
-                reason = str(exc).split(": ", 1)[1]
-                counts[f"invalid: {reason.split(' (')[0]}"] += 1
+                        raise DataFormatError(
+                            f"{where}: field 'prompt' differs from the previous row's; HelpSteer2 rows 2k and"
+                            " 2k+1 must share their prompt")
+                    pending = None
+            yield number, row, file_fmt
+        except DataFormatError as exc:
+            if not skip_invalid or "cannot be used here" in str(exc):
+                raise
+            reason = str(exc).split(": ", 1)[1]
+            counts[f"invalid: {reason.split(' (')[0]}"] += 1
 
 
-def load_dataset(path, kind: str, tokenizer, fmt: str = "auto", template: str = "auto", max_length: int = 4096,
+# ------------------------------------------------------------------------------ samples
+def render_sample(tokenizer, kind: str, row: dict, fmt: str, number: int, where: str, *, template: str = "auto",
+                  max_length: int = 4096, overlong: str = "truncate_left",
+                  attributes: Sequence[str] = HELPSTEER2_ATTRIBUTES, reward_model: bool = False,
+                  packing: bool = False, counts: Counter) -> Optional[dict]:
+    """The sample of one valid row (see the module docstring for each ``kind``), or None when
+    the row gives none (a dropped tie, an over-length sample); what was dropped or cut is
+    counted in ``counts``. ``number`` is the row's line (kept as ``line`` where the kind has
+    one), ``where`` its ``file:line`` for errors. The one rendering of rows into samples:
+    read into memory (:func:`read_samples`) and prepared (aligner.data.prepare) alike."""
+    T = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    F = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
+    rec = parse_row(row, fmt)
+    if template == "raw" and kind != "steerlm2":
+        check_raw(rec, where)
+    if kind == "sft":
+        if any(t.label for t in rec.turns):
+            _check_labels_render(tokenizer, template, where)
+        fitted = fit_to_length(*_render(tokenizer, template, rec), max_length, overlong, counts)
+        return {"tokens": T(fitted[0]), "loss_mask": F(fitted[1])} if fitted else None
+    if kind == "regression" or (kind == "any_scored" and fmt == "helpsteer2"):
+        fitted = fit_to_length(*render_reward(tokenizer, template, rec.prompt, rec.response), max_length, overlong, counts)
+        if not fitted:
+            return None
+        labels = [rec.attributes.get(a) for a in attributes]
+        sample = {"tokens": T(fitted[0]),
+                  "labels": F([0.0 if v is None else float(v) for v in labels]),
+                  "label_mask": F([0.0 if v is None else 1.0 for v in labels])}
+        if kind == "any_scored":
+            sample["line"] = number
+        return sample
+    if kind in ("pairs", "any_scored"):
+        assert isinstance(rec, PairRecord)
+        if rec.is_tie and kind == "pairs":
+            counts["dropped_tie"] += 1
+            return None
+        # a reward model reads a pair as it scores it; a policy (DPO) ends with EOS except
+        # under an explicit extra_id template, which keeps the template's own end
+        end = "extra_id" if (reward_model or kind == "any_scored" or template == "extra_id") else "eos"
+        c = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts)
+        r = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong, counts)
+        if not c or not r:
+            return None
+        if packing and kind == "pairs":  # a pair is packed into one bin of max_length tokens
+            fitted = _fit_pair(c, r, max_length, overlong, counts)
+            if not fitted:
+                return None
+            c, r = fitted
+        return {"chosen": T(c[0]), "chosen_loss_mask": F(c[1]), "rejected": T(r[0]),
+                "rejected_loss_mask": F(r[1]), "strength": float(rec.strength), "margin": rec.margin,
+                "reward_gap": rec.reward_gap, "subset": rec.subset or "", "line": number}
+    if kind == "prompts":
+        p = prompt_of(rec)
+        if p.label:  # SteerLM: the attribute turn after the assistant header, as in training
+            _check_labels_render(tokenizer, template, where)
+            tokens, _ = render_extra_id(tokenizer, p.prompt, label=p.label)
+        else:
+            tokens, _ = _render(tokenizer, template, p.prompt)
+        meta = {k: v for k, v in row.items() if k not in ("prompt",)}
+        return {"prompt_tokens": T(tokens), "prompt": p.prompt.to_prompt_string(), "meta": meta,
+                "conversation": p.prompt, "label": p.label}
+    if kind == "steerlm2":
+        # every response of the group, labelled as the SteerLM model saw it; one that does not
+        # fit drops the whole group (the group's softmaxes need every member)
+        items = []
+        for resp in rec.responses:
+            tokens, mask = render_extra_id(tokenizer, rec.prompt, resp.value, end="eos", label=rec.label)
+            fitted = fit_to_length(tokens, mask, max_length, overlong, counts)
+            if fitted is None:
+                break
+            items.append((T(fitted[0]), F(fitted[1])))
+        if len(items) < len(rec.responses):
+            counts["dropped_group_overlong"] += 1
+            return None
+        return {"responses": items,
+                "log_p_attr": torch.tensor([r.log_p_attributes for r in rec.responses], dtype=torch.float64),
+                "log_p_sft": torch.tensor([r.log_p_sft for r in rec.responses], dtype=torch.float64),
+                "log_q_prime": torch.tensor([r.log_q for r in rec.responses], dtype=torch.float64),
+                "line": number}
+    raise ValueError(f"unknown dataset kind {kind!r}; one of {sorted(KIND_FORMATS)}")
+
+
+def dataset_kind(kind: str) -> str:
+    """``kind`` by its canonical name (``prompt`` -> ``prompts``, ...); a ValueError names the kinds."""
+    kind = KIND_ALIASES.get(kind, kind)
+    if kind not in KIND_FORMATS:
+        raise ValueError(f"unknown dataset kind {kind!r}; one of {sorted(KIND_FORMATS)}")
+    return kind
+
+
+UNITS = {"steerlm2": "SteerLM 2.0 groups"}  # what a kind's samples are called in reports
+
+
+def read_samples(path, kind: str, tokenizer, fmt: str = "auto", template: str = "auto", max_length: int = 4096,
                  overlong: str = "truncate_left", skip_invalid: bool = False,
                  attributes: Sequence[str] = HELPSTEER2_ATTRIBUTES, reward_model: bool = False,
-                 packing: bool = False) -> List[dict]:
-    """Samples of ``kind`` from the jsonl file ``path`` (see the module docstring).
+                 packing: bool = False) -> "SampleList":
+    """Samples of ``kind`` from the source ``path``, read and tokenised into memory (see the
+    module docstring). The reference for prepared datasets (aligner.data.prepared), which
+    give the same samples token for token without holding them; training reads those.
 
     ``reward_model``: pairs are rendered for a reward model (:func:`render_reward`) rather
     than for a policy; ``regression`` and ``any_scored`` rows always are.
     """
-    kind = {"prompt": "prompts", "pair": "pairs", "sft_conversations": "sft"}.get(kind, kind)
-    if kind not in KIND_FORMATS:
-        raise ValueError(f"unknown dataset kind {kind!r}; one of {sorted(KIND_FORMATS)}")
+    kind = dataset_kind(kind)
     counts: Counter = Counter()
     out: List[dict] = []
-    T = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
-    F = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
-    for lineno, row, rfmt in read_jsonl(path, fmt, KIND_FORMATS[kind], skip_invalid, counts):
-        rec = parse_row(row, rfmt)
-        if template == "raw":
-            check_raw(rec, f"{path}:{lineno}")
-        if kind == "sft":
-            if any(t.label for t in rec.turns):
-                _check_labels_render(tokenizer, template, f"{path}:{lineno}")
-            fitted = _fit(*_render(tokenizer, template, rec), max_length, overlong, counts)
-            if fitted:
-                out.append({"tokens": T(fitted[0]), "loss_mask": F(fitted[1])})
-        elif kind == "regression" or (kind == "any_scored" and rfmt == "helpsteer2"):
-            fitted = _fit(*render_reward(tokenizer, template, rec.prompt, rec.response), max_length, overlong, counts)
-            if not fitted:
-                continue
-            labels = [rec.attributes.get(a) for a in attributes]
-            sample = {"tokens": T(fitted[0]),
-                      "labels": F([0.0 if v is None else float(v) for v in labels]),
-                      "label_mask": F([0.0 if v is None else 1.0 for v in labels])}
-            if kind == "any_scored":
-                sample["line"] = lineno
+    for number, row, rfmt in read_rows(path, fmt, KIND_FORMATS[kind], skip_invalid, counts):
+        sample = render_sample(tokenizer, kind, row, rfmt, number, f"{path}:{number}", template=template,
+                               max_length=max_length, overlong=overlong, attributes=attributes,
+                               reward_model=reward_model, packing=packing, counts=counts)
+        if sample is not None:
             out.append(sample)
-        elif kind in ("pairs", "any_scored"):
-            assert isinstance(rec, PairRecord)
-            if rec.is_tie and kind == "pairs":
-                counts["dropped_tie"] += 1
-                continue
-            # a reward model reads a pair as it scores it; a policy (DPO) ends with EOS except
-            # under an explicit extra_id template, which keeps the template's own end
-            end = "extra_id" if (reward_model or kind == "any_scored" or template == "extra_id") else "eos"
-            c = _fit(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts)
-            r = _fit(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong, counts)
-            if not c or not r:
-                continue
-            if packing and kind == "pairs":  # a pair is packed into one bin of max_length tokens
-                fitted = _fit_pair(c, r, max_length, overlong, counts)
-                if not fitted:
-                    continue
-                c, r = fitted
-            out.append({"chosen": T(c[0]), "chosen_loss_mask": F(c[1]), "rejected": T(r[0]),
-                        "rejected_loss_mask": F(r[1]), "strength": float(rec.strength), "margin": rec.margin,
-                        "reward_gap": rec.reward_gap, "subset": rec.subset or "", "line": lineno})
-        elif kind == "prompts":
-            from aligner.data.formats import prompt_of
-
-            p = prompt_of(rec)
-            if p.label:  # SteerLM: the attribute turn after the assistant header, as in training
-                _check_labels_render(tokenizer, template, f"{path}:{lineno}")
-                tokens, _ = render_extra_id(tokenizer, p.prompt, label=p.label)
-            else:
-                tokens, _ = _render(tokenizer, template, p.prompt)
-            meta = {k: v for k, v in row.items() if k not in ("prompt",)}
-            out.append({"prompt_tokens": T(tokens), "prompt": p.prompt.to_prompt_string(), "meta": meta,
-                        "conversation": p.prompt, "label": p.label})
-    return finish_loading(path, kind, out, counts)
+    return finish_loading(path, kind, out, counts, unit=UNITS.get(kind, "samples"))
 
 
-def finish_loading(path, kind: str, samples: list, counts: Counter, unit: str = "samples") -> list:
-    """Record and print what loading ``path`` skipped, dropped or cut (``counts``), in
-    :data:`last_report` too; refuse a file that gave no ``samples``."""
-    report = {"file": str(path), "kind": kind, "samples": len(samples), **dict(counts)}
-    last_report.clear()
-    last_report.update(report)
+class SampleList(list):
+    """Samples held in memory, with ``report``: what loading them counted (``file``, ``kind``,
+    ``samples`` and a count per reason a row was skipped, dropped or cut)."""
+
+    report: Dict[str, object]
+
+
+def load_report(path, kind: str, samples: int, counts: Counter) -> Dict[str, object]:
+    """The report of loading ``path``: ``{"file", "kind", "samples", <reason>: count, ...}``."""
+    return {"file": str(path), "kind": kind, "samples": samples, **dict(counts)}
+
+
+def print_report(path, samples: int, counts, unit: str = "samples") -> None:
+    """One line on stderr with what loading ``path`` skipped, dropped or cut (nothing when nothing was)."""
     if counts:
-        print(f"aligner data: {path}: {len(samples)} {unit}; " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
+        print(f"aligner data: {path}: {samples} {unit}; " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())),
               file=sys.stderr)
+
+
+def finish_loading(path, kind: str, samples: list, counts: Counter, unit: str = "samples") -> SampleList:
+    """``samples`` with their report (:class:`SampleList`), printed when something was skipped,
+    dropped or cut; refuse a source that gave no ``samples``."""
+    print_report(path, len(samples), counts, unit)
     if not samples:
         raise DataFormatError(f"{path}: no usable {unit} ({dict(counts) or 'empty file'})")
-    return samples
+    out = SampleList(samples)
+    out.report = load_report(path, kind, len(samples), counts)
+    return out
+
+
+# ------------------------------------------------------------------------------ lengths
+def _sequences(sample: dict) -> List[torch.Tensor]:
+    """The token sequences of a sample of any kind."""
+    found = [sample[k] for k in ("tokens", "chosen", "rejected", "prompt_tokens") if k in sample]
+    return found + [tokens for tokens, _ in sample.get("responses", ())]
+
+
+def token_counts(samples) -> np.ndarray:
+    """[n] tokens each sample puts through the model (every sequence counted): from the mapped
+    index files for prepared data and blends, from the tensors for samples in memory."""
+    if hasattr(samples, "sample_tokens"):
+        return samples.sample_tokens()
+    return np.array([sum(int(t.numel()) for t in _sequences(s)) for s in samples], dtype=np.int64)
+
+
+def longest_sequences(samples) -> np.ndarray:
+    """[n] each sample's longest sequence (what a padded row must hold), as :func:`token_counts`."""
+    if hasattr(samples, "longest_sequences"):
+        return samples.longest_sequences()
+    return np.array([max(int(t.numel()) for t in _sequences(s)) for s in samples], dtype=np.int64)

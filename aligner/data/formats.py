@@ -6,6 +6,7 @@ Formats (the names used by ``--format`` and :func:`detect_format`):
 ``sft``                  NeMo-style conversation: ``{"system", "conversations": [{"from": "User"|
                          "Assistant", "value"}]}``
 ``openai``               ``{"messages": [{"role": "system"|"user"|"assistant", "content"}]}``
+``sharegpt``             ``{"conversations": [{"from": "system"|"human"|"gpt", "value"}]}``
 ``steerlm``              ``sft`` rows whose assistant turns carry an attribute ``label``
                          (``"helpfulness:4,correctness:4,..."``), or a top-level ``label``
 ``helpsteer2``           ``prompt``, ``response`` and the five attributes (integers 0..4);
@@ -18,14 +19,22 @@ Formats (the names used by ``--format`` and :func:`detect_format`):
                          scaled BT / scaled DPO (and margin losses without a ``margin``),
                          ``margin`` by margin BT (``rm.bt_kind=margin``) and
                          ``dpo.loss_type=margin_dpo``, the reward difference by the RPO
-                         losses (``dpo.loss_type=rpo_*``), see docs/data_formats.md
+                         losses (``dpo.loss_type=rpo_*``), see docs/data_formats.md.
+                         TRL's conversational preference rows read as these too: ``prompt``
+                         a list of messages, ``chosen`` / ``rejected`` one assistant message each
 ``rewardbench``          ``prompt``, ``chosen``, ``rejected``, ``subset``, ``id``
+``prompt_completion``    TRL's prompt-completion rows: ``{"prompt", "completion"}``, each a string
+                         or a list of messages (``{"role", "content"}``)
 ``prompt``               ``{"prompt"}`` (any other row with a ``prompt`` also reads as one)
 ``steerlm2``             ``system``, ``prompt_turns``, ``label``, ``responses[]`` with ``value``,
                          ``log(P(a|x,y))``, ``log(P(y|x))``, ``log(Q(y|a,x))``
 =======================  ====================================================================
 
-This module is pure (no I/O): :mod:`aligner.data.validate` checks rows, and
+Wherever a ``prompt`` is a string, a multi-turn prompt is one string with the turns joined
+the HelpSteer2 way; wherever it is a list of messages (TRL's conversational formats), a
+``system`` message becomes the system prompt and the rest are the turns.
+
+This module is pure (no I/O): :func:`aligner.data.datasets.validate_row` checks rows, and
 :func:`parse_row` turns a checked row into a record.
 """
 from __future__ import annotations
@@ -45,11 +54,13 @@ STEERLM_DEFAULT_LABEL = "helpfulness:4,correctness:4,coherence:4,complexity:2,ve
 FORMATS = (
     "sft",
     "openai",
+    "sharegpt",
     "steerlm",
     "helpsteer2",
     "helpsteer2_preference",
     "pairwise",
     "rewardbench",
+    "prompt_completion",
     "prompt",
     "steerlm2",
 )
@@ -57,6 +68,9 @@ FORMATS = (
 STEERLM2_LOG_FIELDS = ("log(P(a|x,y))", "log(P(y|x))", "log(Q(y|a,x))")
 
 USER, ASSISTANT = "user", "assistant"
+
+# ShareGPT's speaker names (case-insensitive) -> roles; a "system" turn may only come first
+SHAREGPT_ROLES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT, "system": "system"}
 
 # HelpSteer2 joins the turns of a multi-turn prompt into one string with these separators.
 HELPSTEER2_TURN_SEPARATOR = {USER: "\n<extra_id_1>User\n", ASSISTANT: "\n<extra_id_1>Assistant\n"}
@@ -175,6 +189,10 @@ def detect_format(row: dict) -> str | None:
         return "steerlm2"
     if "conversations" in keys:
         convs = row.get("conversations")
+        speakers = {str(t.get("from")).strip().lower() for t in convs if isinstance(t, dict)} if isinstance(
+            convs, list) else set()
+        if speakers & {"human", "gpt", "system"}:
+            return "sharegpt"
         labelled = isinstance(convs, list) and any(
             isinstance(t, dict) and t.get("label") not in (None, "") for t in convs
         )
@@ -187,6 +205,8 @@ def detect_format(row: dict) -> str | None:
         return "rewardbench" if "subset" in keys else "pairwise"
     if "response" in keys and "prompt" in keys and keys & set(NINE_ATTRIBUTES):
         return "helpsteer2"
+    if "prompt" in keys and "completion" in keys:
+        return "prompt_completion"
     if "prompt" in keys:
         return "prompt"
     return None
@@ -241,6 +261,8 @@ def steerlm_label(request: str, defaults: str = STEERLM_DEFAULT_LABEL) -> str:
         level = int(value)
         if not 0 <= level <= 4:
             raise ValueError(f"attribute request {item.strip()!r}: the value must be in 0..4")
+        if name in named:  # which one was meant is not for us to guess
+            raise ValueError(f"attribute request {request!r}: {name!r} is named twice")
         named[name] = level
     if not named:
         raise ValueError(f"attribute request {request!r}: expected name=value pairs, e.g. helpfulness=4,verbosity=1")
@@ -269,10 +291,18 @@ def _nemo_conversation(row: dict) -> Conversation:
     return Conversation(turns, row.get("system"))
 
 
-def _openai_conversation(row: dict) -> Conversation:
-    system = None
+def _sharegpt_conversation(row: dict) -> Conversation:
+    turns = [Turn(SHAREGPT_ROLES[_role(t["from"])], t["value"]) for t in row["conversations"]]
+    system = row.get("system")
+    if turns[0].role == "system":
+        system = turns.pop(0).content
+    return Conversation(turns, system)
+
+
+def _messages_conversation(messages: list, system: str | None = None) -> Conversation:
+    """Messages (``{"role", "content"}``) as a conversation; a system message is its system prompt."""
     turns = []
-    for message in row["messages"]:
+    for message in messages:
         if message["role"] == "system":
             system = message["content"]
         else:
@@ -280,8 +310,16 @@ def _openai_conversation(row: dict) -> Conversation:
     return Conversation(turns, system)
 
 
-def _prompt_conversation(prompt: str, system: str | None = None) -> Conversation:
+def _prompt_conversation(prompt, system: str | None = None) -> Conversation:
+    """A row's ``prompt``: a string (turns joined the HelpSteer2 way) or a list of messages."""
+    if isinstance(prompt, list):
+        return _messages_conversation(prompt, system)
     return Conversation(split_prompt_turns(prompt), system)
+
+
+def _response_text(value) -> str:
+    """A response: a string, or (TRL's conversational rows) a list of one assistant message."""
+    return value[0]["content"] if isinstance(value, list) else value
 
 
 def _number(row: dict, name: str) -> float | None:
@@ -292,7 +330,7 @@ def _number(row: dict, name: str) -> float | None:
 def parse_row(row: dict, fmt: str):
     """A validated row as its record type.
 
-    sft/openai/steerlm -> Conversation; helpsteer2 -> RegressionRecord;
+    sft/openai/sharegpt/steerlm/prompt_completion -> Conversation; helpsteer2 -> RegressionRecord;
     helpsteer2_preference/pairwise/rewardbench -> PairRecord; prompt -> PromptRecord;
     steerlm2 -> SteerLM2Record.
     """
@@ -300,7 +338,17 @@ def parse_row(row: dict, fmt: str):
     if fmt in ("sft", "steerlm"):
         return _nemo_conversation(row)
     if fmt == "openai":
-        return _openai_conversation(row)
+        return _messages_conversation(row["messages"])
+    if fmt == "sharegpt":
+        return _sharegpt_conversation(row)
+    if fmt == "prompt_completion":
+        conv = _prompt_conversation(row["prompt"], system)
+        completion = row["completion"]
+        if isinstance(completion, list):
+            conv.turns += _messages_conversation(completion).turns
+        else:
+            conv.turns.append(Turn(ASSISTANT, completion))
+        return conv
     if fmt == "helpsteer2":
         attributes = {a: row.get(a) for a in NINE_ATTRIBUTES if a in row}
         attributes = {a: (None if v is None else int(v)) for a, v in attributes.items()}
@@ -322,8 +370,8 @@ def parse_row(row: dict, fmt: str):
         margin = _number(row, "margin")
         return PairRecord(
             prompt=_prompt_conversation(row["prompt"], system),
-            chosen=row["chosen"],
-            rejected=row["rejected"],
+            chosen=_response_text(row["chosen"]),
+            rejected=_response_text(row["rejected"]),
             strength=1.0 if strength is None else abs(strength),
             margin=margin,
             chosen_reward=_number(row, "chosen_reward"),

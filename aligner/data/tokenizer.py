@@ -10,9 +10,13 @@ SentencePiece: ``tokenizer.model`` + a Llama tokenizer config).
 :func:`train_sentencepiece` trains a small tokenizer (byte fallback, so any text
 round-trips; digits split so numbers are written digit by digit) with the extra_id
 template markers as single tokens.
+
+:func:`tokenizer_hash` identifies a tokenizer by the bytes of the files that define it
+(prepared datasets record it: aligner.data.prepared).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -132,6 +136,28 @@ def load_tokenizer(path) -> Tokenizer:
         if (p / "tokenizer.model").is_file():
             return SentencePieceTokenizer(p / "tokenizer.model")
     raise FileNotFoundError(f"{p}: no tokenizer (expected a SentencePiece .model file or an HF tokenizer folder)")
+
+
+# the files of an HF tokenizer folder that define how it tokenises (weights beside them do not)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "chat_template.jinja",
+                   "chat_template.json")
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """sha256 over the files ``tokenizer`` (a :class:`Tokenizer`, or its path) was loaded from:
+    a SentencePiece ``.model`` file (its bytes), or those of :data:`TOKENIZER_FILES` an HF
+    folder holds (name and bytes). The same files give the same hash wherever they are."""
+    path = Path(getattr(tokenizer, "path", tokenizer))
+    if path.is_file():
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    files = [path / name for name in TOKENIZER_FILES if (path / name).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{path}: no tokenizer files to identify the tokenizer by")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()
 
 
 def train_sentencepiece(texts: Iterable[str], out_file, vocab_size: int = 512, seed: int = 0) -> Path:

@@ -71,7 +71,11 @@ import json
 import random
 import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
+
+from aligner.data.loading import load_dataset
+from aligner.data.tokenizer import train_sentencepiece
+from aligner.files import write_jsonl
 
 FAMILIES = ("add", "sort", "reverse", "count")
 CORRUPTIONS = ("wrong", "missing", "extra", "filler", "repetition", "truncation", "off_topic")
@@ -290,10 +294,7 @@ from aligner.data.formats import HELPSTEER2_ATTRIBUTES as ATTRS  # noqa: E402  t
 
 # ------------------------------------------------------------------------------ writing
 def _write(path: Path, rows: List[dict]) -> Path:
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for r in rows:
-            f.write(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n")
-    return path
+    return write_jsonl(path, rows, sort_keys=True, ensure_ascii=False)
 
 
 def _task_meta(task: dict) -> dict:
@@ -305,8 +306,6 @@ def synthesize(out_dir, seed: int = 0, n_sft: int = 3000, n_sft_val: int = 200, 
                flawed_share: float = 0.3, vocab_size: int = 512, styles: str = "standard") -> Dict[str, Path]:
     """Write the world into ``out_dir``; returns the paths by name. ``styles``: ``"standard"``
     (the nine styles) or ``"steerable"`` (with the steerable styles, module docstring)."""
-    from aligner.data.tokenizer import train_sentencepiece
-
     if styles not in STYLE_SETS:
         raise ValueError(f"synthesize: styles={styles!r}, expected one of {sorted(STYLE_SETS)}")
     good_styles, row_styles = STYLE_SETS[styles]
@@ -395,10 +394,8 @@ def synthesize(out_dir, seed: int = 0, n_sft: int = 3000, n_sft_val: int = 200, 
     return paths
 
 
-def load_prompts(path, tokenizer) -> List[dict]:
+def load_prompts(path, tokenizer) -> Sequence[dict]:
     """Held-out prompt rows as generation inputs, with the task meta the scorer needs."""
-    from aligner.data.datasets import load_dataset
-
     return load_dataset(path, kind="prompts", tokenizer=tokenizer, template="extra_id")
 
 

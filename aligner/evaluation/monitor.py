@@ -21,8 +21,9 @@ every ``monitor.interval`` steps and after the last step it:
    both of Gao et al.'s forms to the gold gains so far
    (:mod:`aligner.evaluation.overoptimization`) and ``overoptimized`` as metrics.jsonl rows of
    split ``monitor`` (TensorBoard / W&B: ``monitor/<name>``);
-5. detects over-optimisation: gold ``warn_drop`` or more below its best while the proxy is
-   above its value at the gold's best — a warning in the log, and with
+5. detects over-optimisation: gold ``warn_drop`` or more below its best, by more than two
+   standard errors of the paired per-sample drop (noise does not explain it), while the
+   proxy is above its value at the gold's best — a warning in the log, and with
    ``monitor.early_stop`` the end of training;
 6. keeps the policy with the best gold so far as an HF folder in ``<out_dir>/best_gold/``
    (with ``monitor.json``: step, gold, proxy, d), apart from keep-last-k checkpoints. It
@@ -46,16 +47,21 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from aligner.evaluation.overoptimization import combine_ensemble, fit_form, mean_and_se, pearson
+from aligner.data.datasets import resolve_template
+from aligner.data.loading import load_dataset
+from aligner.evaluation.overoptimization import combine_ensemble, fit_form, gold_drop, is_overoptimized, mean_and_se, pearson
+from aligner.evaluation.sampling import build_reward_source, response_logps, sample_responses, score
+from aligner.rollout import RolloutEngine
 from aligner.runtime import get_logger, is_rank0
 from aligner.training.algorithm import StepContext, StepHook
+from aligner.training.roles import ReferencePolicy
 
 log = get_logger(__name__)
 
 
 class GoldProxyMonitor(StepHook):
     """The monitor (module docstring). section: a ``monitor`` config section (dict-like:
-    aligner.training.config.MonitorSection); tokenizer: the policy's; template: the
+    aligner.evaluation.config.MonitorSection); tokenizer: the policy's; template: the
     data-layer template the policy's prompts are rendered with; model_cfg: the policy's
     architecture."""
 
@@ -68,6 +74,7 @@ class GoldProxyMonitor(StepHook):
         self.model_cfg = model_cfg
         self.history: List[Dict[str, float]] = []
         self.best: Optional[Dict[str, float]] = None
+        self.best_samples: Dict[str, List[float]] = {}  # per-sample gold and proxy of the best evaluation
         self.warned_step: Optional[int] = None
         self.engine = None
 
@@ -75,10 +82,6 @@ class GoldProxyMonitor(StepHook):
     def setup(self, loop) -> None:
         """Prompts, reward sources and the initial model (the loop's models hold the initial
         weights now: before any resume)."""
-        from aligner.data import load_dataset
-        from aligner.evaluation.sampling import build_reward_source
-        from aligner.training.roles import ReferencePolicy
-
         s = self.s
         prompts = load_dataset(s.prompts, kind="prompts", tokenizer=self.tokenizer, template=self.template,
                                max_length=self.model_cfg.max_position_embeddings)
@@ -90,17 +93,16 @@ class GoldProxyMonitor(StepHook):
                                  f" the model's {self.model_cfg.max_position_embeddings} positions")
         mbs = s.micro_batch_size
         if len(s.proxy):
-            self.proxies = [build_reward_source(spec, self.tokenizer, mbs) for spec in s.proxy]
+            self.proxies = [build_reward_source(spec, self.tokenizer, mbs, where=f"monitor.proxy[{i}]")
+                            for i, spec in enumerate(s.proxy)]
         else:
-            own = getattr(loop.algorithm, "reward_source", None)
-            if own is None:
-                own = getattr(getattr(loop.algorithm, "maker", None), "reward", None)
+            own = loop.algorithm.reward_source
             if own is None:
                 raise ValueError(f"monitor.proxy is empty and the {loop.algorithm.name} algorithm has no training"
                                  " reward to use as proxy: set monitor.proxy (e.g. [{kind: model, path: RM}])")
             self.proxies = [own]
-        self.gold = build_reward_source(s.gold, self.tokenizer, mbs)
-        reference = getattr(loop.roles, "reference", None)
+        self.gold = build_reward_source(s.gold, self.tokenizer, mbs, where="monitor.gold")
+        reference = loop.roles.reference
         self.reference = reference if reference is not None else ReferencePolicy(loop.policy.chunks, "host")
         self.out = Path(loop.out_dir) / "best_gold"
         if is_rank0():
@@ -108,11 +110,13 @@ class GoldProxyMonitor(StepHook):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        return {"history": self.history, "best": self.best, "warned_step": self.warned_step}
+        return {"history": self.history, "best": self.best, "best_samples": self.best_samples,
+                "warned_step": self.warned_step}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state.get("history", []))
         self.best = state.get("best")
+        self.best_samples = dict(state.get("best_samples") or {})
         self.warned_step = state.get("warned_step")
 
     # ---------------------------------------------------------------- measurement
@@ -124,9 +128,6 @@ class GoldProxyMonitor(StepHook):
     def measure(self, loop) -> Dict[str, List[float]]:
         """Per-sample values of the policy now (gathered over data-parallel ranks): proxy
         (combined), each proxy member, gold, log-ratio to the initial model, length."""
-        from aligner.evaluation.sampling import response_logps, sample_responses, score
-        from aligner.rollout import RolloutEngine
-
         s = self.s
         policy = loop.policy
         if self.engine is None:
@@ -137,7 +138,6 @@ class GoldProxyMonitor(StepHook):
             # seeds by global prompt position: the same draws at any data-parallel size
             samples = sample_responses(self.engine, local, s.samples_per_prompt, max_new_tokens=s.max_new_tokens,
                                        seed=s.seed, stop_token_ids=[self.tokenizer.eos_id],
-                                       pad_multiple=8 * ps.get_tensor_model_parallel_world_size(),
                                        first_index=first)
             members = torch.stack([score(p, samples, loop.step) for p in self.proxies])
             proxy, var = combine_ensemble(members, str(s.ensemble), s.ensemble_lambda)
@@ -185,17 +185,20 @@ class GoldProxyMonitor(StepHook):
                     m[f"fit_{form}/d_peak"] = fit.d_peak
         if self.best is None or gold > self.best["gold"]:
             self.best = {"step": step, "gold": gold, "proxy": proxy, "d": d}
+            self.best_samples = {"gold": list(v["gold"]), "proxy": list(v["proxy"])}
             if s.keep_best_gold:
                 self.save_best(loop)
         m["best_gold"], m["best_gold_step"] = self.best["gold"], float(self.best["step"])
-        drop = self.best["gold"] - gold
-        overoptimized = drop >= s.warn_drop and drop > 0 and proxy > self.best["proxy"]
+        # the same prompts and seeds at every evaluation: the drop is a paired difference
+        drop, drop_se = gold_drop(self.best_samples.get("gold", [self.best["gold"]]), v["gold"])
+        m["gold_drop"], m["gold_drop_se"] = drop, drop_se
+        overoptimized = is_overoptimized(drop, drop_se, proxy - self.best["proxy"], s.warn_drop)
         m["overoptimized"] = float(overoptimized)
         if overoptimized:
             if self.warned_step is None:
                 self.warned_step = step
-            log.warning(f"monitor: reward over-optimisation at step {step}: gold {gold:.4f} is {drop:.4f} below its"
-                        f" best {self.best['gold']:.4f} (step {self.best['step']}) while the proxy rose from"
+            log.warning(f"monitor: reward over-optimisation at step {step}: gold {gold:.4f} is {drop:.4f}"
+                        f" ± {drop_se:.4f} below its best {self.best['gold']:.4f} (step {self.best['step']}) while the proxy rose from"
                         f" {self.best['proxy']:.4f} to {proxy:.4f} (d = {d:.3f}); the best-gold policy is in"
                         f" {self.out}")
             if s.early_stop and loop.stop_reason is None:
@@ -257,8 +260,6 @@ def _gather_dp(values: Dict[str, List[float]]) -> Dict[str, List[float]]:
 
 def build_monitor(cfg, tokenizer, model_cfg) -> Optional[GoldProxyMonitor]:
     """The monitor of a composed run config (``cfg.monitor``), or None when it is off."""
-    from aligner.data.datasets import resolve_template
-
     section = cfg.monitor
     if not section.enabled:
         return None

@@ -23,6 +23,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from aligner.evaluation.regression_metrics import pearson_from_sums
+
 FORMS = ("rl", "bon")
 
 
@@ -41,7 +43,9 @@ def gold_bon(d, alpha: float, beta: float):
 @dataclass
 class Fit:
     """A least-squares fit of one form: α, β, the residual RMS, the number of points and the
-    peak ``d*`` with ``R(d*)`` (None when β <= 0: no peak, gold still rising)."""
+    peak ``d*`` with ``R(d*)`` (None when β <= 0: no peak, gold still rising; or when the
+    formula's d* would be <= 0: a curve that falls from d = 0, where d = sqrt(KL) >= 0
+    has no peak)."""
 
     form: str
     alpha: float
@@ -68,7 +72,7 @@ def fit_form(d: Sequence[float], gold: Sequence[float], form: str) -> Optional[F
     2-column least-squares problem on the points with d > 0 (d = 0 carries no information:
     both forms are 0 there). Returns None with fewer than 2 such points or a singular
     design. The peak follows Gao et al. (2022): RL ``d* = exp(α/β − 1)``, best-of-n
-    ``d* = α / (2β)``, for β > 0.
+    ``d* = α / (2β)``, for β > 0 and d* > 0.
     """
     if form not in FORMS:
         raise ValueError(f"form {form!r}: expected one of {FORMS}")
@@ -94,9 +98,23 @@ def fit_form(d: Sequence[float], gold: Sequence[float], form: str) -> Optional[F
             d_peak = math.exp(exponent) if exponent < 700 else float("inf")
         else:
             d_peak = alpha / (2.0 * beta)
+        if d_peak <= 0:  # α <= 0: the fitted curve falls from d = 0 on; d = sqrt(KL) has no peak below 0
+            d_peak = None
         gold_peak = float((gold_rl if form == "rl" else gold_bon)(d_peak, alpha, beta)) \
-            if math.isfinite(d_peak) else None
+            if d_peak is not None and math.isfinite(d_peak) else None
     return Fit(form, alpha, beta, rmse, int(x.numel()), d_peak, gold_peak)
+
+
+def describe_peak(fit: Fit, d_max: float) -> str:
+    """The fit's peak in words for a report: ``peak at d = X`` when it lies within the
+    measured distances (0, ``d_max``], else ``no peak within the measured range (d <= d_max)``
+    — a fitted peak beyond the last point is an extrapolation, and a curve that falls from
+    the start (α <= 0) or never turns (β <= 0) has none there."""
+    if fit.d_peak is not None and 0 < fit.d_peak <= d_max:
+        return f"peak at d = {fit.d_peak:.3f}"
+    beyond = f"; the fitted curve would peak at d = {fit.d_peak:.3f}" \
+        if fit.d_peak is not None and math.isfinite(fit.d_peak) else ""
+    return f"no peak within the measured range (d <= {d_max:.3f}){beyond}"
 
 
 def kl_bon(n: int) -> float:
@@ -126,6 +144,27 @@ def mean_and_se(values: torch.Tensor) -> Tuple[float, float]:
     mean = float(v.mean())
     se = float(v.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
     return mean, se
+
+
+def gold_drop(best_gold: Sequence[float], gold: Sequence[float]) -> Tuple[float, float]:
+    """How far the gold reward fell since its best evaluation, with its standard error:
+    ``(mean(best − now), SE)``. The monitor draws the same prompts and seeds at every
+    evaluation, so the two [n] lists are paired per sample and the SE is that of the
+    paired differences (NaN for n < 2); lists of different lengths (an evaluation of
+    other size) are compared unpaired, ``sqrt(SE_best² + SE_now²)``."""
+    best, now = torch.as_tensor(list(best_gold), dtype=torch.float64), torch.as_tensor(list(gold), dtype=torch.float64)
+    if best.numel() == now.numel():
+        return mean_and_se(best - now)
+    (mb, sb), (mn, sn) = mean_and_se(best), mean_and_se(now)
+    return mb - mn, math.sqrt(sb * sb + sn * sn)
+
+
+def is_overoptimized(drop: float, drop_se: float, proxy_rise: float, warn_drop: float, z: float = 2.0) -> bool:
+    """The monitor's warning condition: the gold fell by ``warn_drop`` or more, by more than
+    ``z`` standard errors of the drop (a fall the sampling noise does not explain), while the
+    proxy rose above its value at the gold's best (``proxy_rise > 0``). A drop whose SE is
+    unknown (NaN: one sample) is not significant."""
+    return drop >= warn_drop and drop > 0 and math.isfinite(drop_se) and drop > z * drop_se and proxy_rise > 0
 
 
 def combine_ensemble(scores: torch.Tensor, mode: str = "mean", lam: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -182,12 +221,10 @@ def best_of_n(proxy: torch.Tensor, gold: torch.Tensor, n: int) -> Dict[str, floa
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     """Pearson correlation of two [n] tensors (NaN for n < 2 or a constant side)."""
-    from aligner.algorithms.regression_metrics import pearson_from_sums
-
     x, y = x.double().flatten(), y.double().flatten()
     return pearson_from_sums(float(x.numel()), float(x.sum()), float(y.sum()), float((x * x).sum()),
                              float((y * y).sum()), float((x * y).sum()))
 
 
-__all__ = ["FORMS", "Fit", "best_of_n", "combine_ensemble", "fit_form", "gold_bon", "gold_rl", "kl_bon",
-           "mean_and_se", "pearson", "sequence_kl"]
+__all__ = ["FORMS", "Fit", "best_of_n", "combine_ensemble", "describe_peak", "fit_form", "gold_bon", "gold_drop",
+           "gold_rl", "is_overoptimized", "kl_bon", "mean_and_se", "pearson", "sequence_kl"]

@@ -2,10 +2,11 @@
 log-probs, training checkpoints, one adapter per HF architecture family
 (:mod:`aligner.models.architectures`).
 
-The names below are loaded on first use, so that the config layer can list the
-architecture families (``aligner.models.architectures``) without importing megatron-core.
+The names below load their module on first use (:func:`aligner.runtime.lazy_exports`):
+``aligner.models.config`` and the architecture registry import without torch or
+megatron-core, so the config checks stay fast.
 """
-import importlib
+from aligner.runtime import lazy_exports
 
 _EXPORTS = {
     "find_latest": "checkpoint",
@@ -29,16 +30,6 @@ _EXPORTS = {
     "token_logprobs": "logprobs",
 }
 
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))

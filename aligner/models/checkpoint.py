@@ -34,6 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from aligner.models.gpt import unwrap_model
+
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -45,8 +47,6 @@ def _barrier() -> None:
 
 
 def _unwrap(m):
-    from aligner.models.gpt import unwrap_model
-
     return unwrap_model(m)
 
 
@@ -104,8 +104,18 @@ def _writer_queue() -> None:
 
     if getattr(filesystem_async, "_results_queue", None) is None:
         manager = SyncManager(ctx=mp.get_context("fork"))
-        manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+        manager.start(initializer=_serve_the_parent, initargs=(os.getpid(),))
         filesystem_async._results_queue = manager.Queue()
+
+
+def _serve_the_parent(parent: int) -> None:
+    """The writer's Manager lives and ends with the training process: it ignores SIGTERM
+    (a scheduler sends it to every process of a job, and the training process answers it
+    by saving a checkpoint through this Manager) and dies with ``parent``."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(parent)
 
 
 def _die_with_parent(parent: int) -> None:

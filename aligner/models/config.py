@@ -10,7 +10,7 @@ each family adds to it); ``arch`` names the family and its adapter does the rest
   ``rope_parameters`` dict of transformers 5);
 - ``to_hf_dict(head=None, num_labels=1)`` writes it back (for export);
 - ``ModelConfig.preset("tiny")`` loads ``conf/model/tiny.yaml`` (keys are field names);
-- ``to_transformer_config(params_dtype=torch.float32, **overrides)`` gives the
+- ``to_transformer_config(params_dtype=None, **overrides)`` (None: float32) gives the
   megatron-core ``TransformerConfig``.
 
 Vocab padding: megatron-core splits the vocabulary evenly across TP ranks, so the
@@ -27,23 +27,30 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, List, Optional, Union
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from aligner.models import architectures
 from aligner.models.architectures.base import SUPPORTED_ROPE_TYPES, UnsupportedModelError
 from aligner.models.kernels import LAYER_SPECS
+from aligner.runtime import config_dir
 
-__all__ = ["LAYER_SPECS", "ModelConfig", "SUPPORTED_ROPE_TYPES", "UnsupportedModelError", "preset_dirs"]
+__all__ = ["LAYER_SPECS", "ModelConfig", "SUPPORTED_ROPE_TYPES", "UnsupportedModelError", "preset_dirs",
+           "supported_archs"]
+
+
+def supported_archs() -> List[str]:
+    """The HF ``model_type`` families :class:`ModelConfig` accepts (``model.arch``): the
+    architecture registry's."""
+    return architectures.model_types()
 
 
 def preset_dirs() -> list[Path]:
     """Where ``ModelConfig.preset`` looks: the ``model`` folder of the one config folder
     (:func:`aligner.runtime.config_dir`: ``$ALIGNER_CONF_DIR``, the checkout's ``conf/``,
     or the installed package data)."""
-    from aligner.runtime import config_dir
-
     return [config_dir() / "model"]
 
 
@@ -297,18 +304,23 @@ class ModelConfig:
         return d
 
     # ------------------------------------------------------------------ megatron-core
-    def to_transformer_config(self, params_dtype: torch.dtype = torch.float32, **overrides):
+    def to_transformer_config(self, params_dtype: Optional["torch.dtype"] = None, **overrides):
         """The megatron-core ``TransformerConfig`` for this architecture.
 
         ``overrides`` are TransformerConfig fields (e.g. ``sequence_parallel=True``,
         ``recompute_granularity="selective"``); the parallel sizes come from the current
         megatron-core parallel state when it is initialised, the virtual pipeline size
         included: megatron-core splits a rank's layers into its interleaved chunks from it
-        (without it every chunk would build all of the rank's layers).
+        (without it every chunk would build all of the rank's layers). params_dtype: None is
+        float32.
         """
+        # torch and megatron-core load here, not with the module: config checks read
+        # ModelConfig (and the supported families) without them
+        import torch
         from megatron.core import parallel_state as ps
         from megatron.core.transformer import TransformerConfig
 
+        params_dtype = torch.float32 if params_dtype is None else params_dtype
         kwargs: dict[str, Any] = dict(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,

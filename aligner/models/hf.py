@@ -41,6 +41,7 @@ from megatron.core import parallel_state as ps
 from aligner.models.architectures.base import GLU, QKV, Replicated, ScoreHead, Split, VocabRows
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import build_model, unwrap_model
+from aligner.parallel import get_device
 
 
 class CheckpointError(ValueError):
@@ -321,8 +322,6 @@ def read_export_metadata(path) -> dict:
 def from_pretrained(path, head: Optional[str] = None, num_outputs: Optional[int] = None,
                     params_dtype: torch.dtype = torch.float32, **build_kwargs):
     """(model chunks, ModelConfig) for the current parallel layout with weights from ``path``."""
-    from aligner.parallel import get_device
-
     cfg = ModelConfig.from_hf(path)
     if head is not None and num_outputs is None:
         num_outputs = head_outputs(path)

@@ -7,6 +7,7 @@ from aligner.parallel.state import (
     get_device,
     initialize,
     is_initialized,
+    padded_length,
     ranks,
     read_dist_env,
     set_seed,
@@ -15,5 +16,5 @@ from aligner.parallel.state import (
 
 __all__ = [
     "DistEnv", "LayoutError", "ParallelConfig", "destroy", "get_device", "initialize",
-    "is_initialized", "ranks", "read_dist_env", "set_seed", "validate_layout",
+    "is_initialized", "padded_length", "ranks", "read_dist_env", "set_seed", "validate_layout",
 ]

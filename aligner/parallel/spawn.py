@@ -31,7 +31,7 @@ import time
 import traceback
 from typing import Any, Callable
 
-from aligner.parallel.state import free_port
+from aligner.parallel.state import destroy, free_port
 
 # what the fork server imports before it forks any rank
 PRELOAD = ("torch", "megatron.core", "aligner.models")
@@ -92,8 +92,6 @@ def _worker(rank, world_size, port, fn, args, kwargs, results, threads, environ,
         raise SystemExit(1)
     finally:
         try:
-            from aligner.parallel.state import destroy
-
             destroy()
         except Exception:
             pass

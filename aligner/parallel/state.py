@@ -238,7 +238,7 @@ def initialize(parallel: Optional[ParallelConfig] = None, **model_dims) -> DistE
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
         _DEVICE = torch.device("cuda", torch.cuda.current_device())
     else:
-        from aligner.parallel import cpu_bridge
+        from aligner.parallel import cpu_bridge  # loaded only where CUDA is absent: the bridge is for CPUs alone
 
         cpu_bridge.engage()
         _DEVICE = torch.device("cpu")
@@ -272,7 +272,7 @@ def initialize(parallel: Optional[ParallelConfig] = None, **model_dims) -> DistE
             create_gloo_process_groups=True,
         )
     if not use_cuda:
-        from aligner.parallel import cpu_bridge
+        from aligner.parallel import cpu_bridge  # CPUs alone (see above)
 
         cpu_bridge.patch_loaded_modules()
     model_parallel_cuda_manual_seed(parallel.seed)
@@ -310,6 +310,20 @@ def is_initialized() -> bool:
     from megatron.core import parallel_state
 
     return torch.distributed.is_initialized() and parallel_state.model_parallel_is_initialized()
+
+
+# A batch's sequence length is padded to a multiple of 8 · TP: tensor (and sequence)
+# parallelism splits the sequence over the TP ranks, and a multiple of 8 keeps the matrix
+# shapes aligned for tensor cores.
+SEQUENCE_MULTIPLE = 8
+
+
+def padded_length(length: int) -> int:
+    """``length`` rounded up to a multiple of 8 · (the TP size) (at least one multiple)."""
+    from megatron.core import parallel_state as ps
+
+    multiple = SEQUENCE_MULTIPLE * ps.get_tensor_model_parallel_world_size()
+    return max(1, -(-int(length) // multiple)) * multiple
 
 
 def ranks() -> dict:

@@ -2,16 +2,36 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+import inspect
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from aligner.data.datasets import iter_json_objects, render_extra_id
 from aligner.data.formats import Conversation, split_prompt_turns
+from aligner.data.tokenizer import load_tokenizer
+from aligner.data.world import ATTRS, FAMILIES, score_response
+from aligner.rewards.readout import ScoringError, require_reward_head
+from aligner.training.roles import FrozenRole
 
 
 class RewardError(RuntimeError):
-    """A reward source failed or returned something that is not one finite score per response."""
+    """A reward source failed or returned something that is not one finite score per response.
+
+    The command line reports it in one line (the source, the step, the sample) on the rank
+    that met it: a sample lives on one data-parallel rank, which may not be rank 0."""
+
+    report_on_any_rank = True
+    hint = "aligner --debug (or ALIGNER_DEBUG=1) shows the traceback"
+
+
+def _named(where: str, field_name: str, value) -> str:
+    """How a message names the option or key that gave ``value``: ``--gold 'x'`` for a
+    command-line option, ``pg.reward.function = 'x'`` for a config section."""
+    return f"{where} {value!r}" if where.startswith("-") else f"{where}.{field_name} = {value!r}"
 
 
 @dataclass
@@ -89,6 +109,7 @@ class RewardSource:
 
     name = "reward"
     attributes: Optional[List[str]] = None
+    role = None  # the frozen role of a source that holds a model (aligner.training.roles.FrozenRole)
 
     def score(self, batch: RewardBatch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         raise NotImplementedError
@@ -105,10 +126,11 @@ class FunctionReward(RewardSource):
     """``package.module:function`` (or a callable) of ``(prompts, responses, metadata)``."""
 
     def __init__(self, function, attributes: Optional[Sequence[str]] = None,
-                 attribute_weights: Optional[Sequence[float]] = None, reward_attribute: Optional[str] = None):
+                 attribute_weights: Optional[Sequence[float]] = None, reward_attribute: Optional[str] = None,
+                 where: str = "reward"):
         if isinstance(function, str):
             self.name = function
-            self.fn = self.resolve(function)
+            self.fn = self.resolve(function, where)
         else:
             self.fn = function
             self.name = f"{getattr(function, '__module__', '?')}:{getattr(function, '__qualname__', repr(function))}"
@@ -117,21 +139,37 @@ class FunctionReward(RewardSource):
         self.reward_attribute = reward_attribute
 
     @staticmethod
-    def resolve(spec: str) -> Callable:
+    def resolve(spec: str, where: str = "reward") -> Callable:
+        """The callable ``spec`` names: imported, looked up, callable with ``(prompts,
+        responses, metadata)``; else a :class:`ScoringError` naming ``where`` (the option or
+        config section that gave it) and what is wrong."""
+        named = _named(where, "function", spec)
         module_name, sep, attr = spec.partition(":")
         if not sep or not module_name or not attr:
-            raise ValueError(f"reward function {spec!r}: expected 'package.module:function'")
+            raise ScoringError(f"{named}: expected 'package.module:function'")
         try:
             module = importlib.import_module(module_name)
         except ImportError as exc:
-            raise ValueError(f"reward function {spec!r}: cannot import module {module_name!r} ({exc})") from None
+            raise ScoringError(f"{named}: cannot import module {module_name!r} ({exc})") from None
+        except Exception as exc:  # noqa: BLE001 - the user's module failed while it was imported
+            raise ScoringError(f"{named}: importing module {module_name!r} raised {type(exc).__name__}: {exc}"
+                               f"{_origin(exc)}") from None
         fn = module
         for part in attr.split("."):
             fn = getattr(fn, part, None)
             if fn is None:
-                raise ValueError(f"reward function {spec!r}: module {module_name!r} has no {attr!r}")
+                raise ScoringError(f"{named}: module {module_name!r} has no {attr!r}")
         if not callable(fn):
-            raise ValueError(f"reward function {spec!r} is not callable")
+            raise ScoringError(f"{named}: {attr!r} is a {type(fn).__name__}, not a function")
+        try:
+            signature = inspect.signature(fn)
+        except (TypeError, ValueError):  # a builtin without a signature: the call will tell
+            return fn
+        try:
+            signature.bind(None, None, None)
+        except TypeError:
+            raise ScoringError(f"{named}: takes {signature}; a reward function is called with (prompts,"
+                               " responses, metadata)") from None
         return fn
 
     def score(self, batch):
@@ -140,10 +178,16 @@ class FunctionReward(RewardSource):
         except Exception as exc:
             raise RewardError(f"reward function {self.name} raised at step {batch.step} on the batch of samples"
                               f" {batch.sample_indices[:1]}..{batch.sample_indices[-1:]}:"
-                              f" {type(exc).__name__}: {exc}") from exc
+                              f" {type(exc).__name__}: {exc}{_origin(exc)}") from exc
         values = check_scores(f"function {self.name}", raw, batch, self.attributes)
         rewards = _combine(values, self.weights, self.attributes, self.reward_attribute, self.name)
         return rewards, (values if values.dim() == 2 else None)
+
+
+def _origin(exc: BaseException) -> str:
+    """`` (at FILE:LINE)``: where the innermost frame of ``exc``'s traceback is."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
 
 
 class WorldScorer(RewardSource):
@@ -153,16 +197,19 @@ class WorldScorer(RewardSource):
 
     name = "world"
 
-    def __init__(self, attribute_weights: Optional[Sequence[float]] = None, reward_attribute: str = "helpfulness"):
-        from aligner.data.world import ATTRS
-
+    def __init__(self, attribute_weights: Optional[Sequence[float]] = None, reward_attribute: str = "helpfulness",
+                 where: str = "reward"):
         self.attributes = list(ATTRS)
         self.weights = list(attribute_weights) if attribute_weights is not None else None
         self.reward_attribute = reward_attribute
+        if self.weights is not None and len(self.weights) != len(ATTRS):
+            raise ScoringError(f"{_named(where, 'attribute_weights', self.weights)}: the world's scorer has"
+                               f" {len(ATTRS)} attributes ({', '.join(ATTRS)}), one weight each")
+        if self.weights is None and reward_attribute not in ATTRS:
+            raise ScoringError(f"{_named(where, 'reward_attribute', reward_attribute)}: not an attribute of the"
+                               f" world's scorer; expected one of {', '.join(ATTRS)}")
 
     def score(self, batch):
-        from aligner.data.world import score_response
-
         rows = []
         for i, (meta, text) in enumerate(zip(batch.metadata, batch.responses)):
             if "answer" not in meta or "family" not in meta:
@@ -180,37 +227,31 @@ class RewardModel(RewardSource):
     Each response is rendered with the reward model's template (``extra_id``, as aligner's
     reward models are trained) and tokenizer: the folder's own tokenizer when it has one,
     else ``tokenizer`` (the policy's). The text is the interface, so policy and reward
-    model may use different tokenizers. attributes: names of the head's outputs;
-    attribute_weights or reward_attribute make the scalar reward.
+    model may use different tokenizers. attributes: names of the head's outputs (checked
+    against those its export records: :func:`reward_model_outputs`; default: those);
+    attribute_weights or reward_attribute make the scalar reward. where: the option or
+    config section that named the folder, for messages.
     """
 
     def __init__(self, path: str, tokenizer=None, attributes: Optional[Sequence[str]] = None,
                  attribute_weights: Optional[Sequence[float]] = None, reward_attribute: Optional[str] = None,
-                 micro_batch_size: int = 8, max_length: Optional[int] = None, params_dtype=torch.float32):
-        from pathlib import Path
-
-        from aligner.data import load_tokenizer
-        from aligner.models import from_pretrained
-        from aligner.training.roles import FrozenRole
+                 micro_batch_size: int = 8, max_length: Optional[int] = None, params_dtype=torch.float32,
+                 where: Optional[str] = None):
+        # the model code is megatron-core: loaded with the first reward model, not with the
+        # reward kinds (which config checks read)
+        from aligner.models.hf import from_pretrained
 
         self.name = f"model {path}"
         self.path = path
+        self.attributes, n_out = reward_model_outputs(path, attributes, where)  # before the model is loaded
         folder = Path(path)
         has_tokenizer = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model",
                                                              "tokenizer_config.json"))
         self.tokenizer = load_tokenizer(path) if has_tokenizer else tokenizer
         if self.tokenizer is None:
-            raise ValueError(f"{path}: the reward model folder has no tokenizer and none was given")
+            raise ScoringError(f"{path}: the reward model folder has no tokenizer and none was given")
         chunks, self.model_cfg = from_pretrained(path, head="reward", params_dtype=params_dtype)
         self.role = FrozenRole("reward", chunks)
-        n_out = _head_outputs(chunks)
-        self.attributes = list(attributes) if attributes else None
-        if self.attributes is not None and len(self.attributes) != n_out:
-            if n_out == 1:
-                self.attributes = None
-            else:
-                raise ValueError(f"{path}: the reward model has {n_out} outputs, but {len(self.attributes)}"
-                                 f" attributes are named ({self.attributes})")
         self.num_outputs = n_out
         self.weights = list(attribute_weights) if attribute_weights is not None else None
         self.reward_attribute = reward_attribute
@@ -218,8 +259,6 @@ class RewardModel(RewardSource):
         self.max_length = max_length or self.model_cfg.max_position_embeddings
 
     def render(self, batch: RewardBatch, i: int) -> torch.Tensor:
-        from aligner.data.datasets import render_extra_id
-
         tokens, _ = render_extra_id(self.tokenizer, batch.conversation(i), batch.responses[i], end="extra_id")
         if len(tokens) > self.max_length:
             # keep the response and the end of the prompt: the score is read at the last token
@@ -227,7 +266,7 @@ class RewardModel(RewardSource):
         return torch.tensor(tokens, dtype=torch.long)
 
     def score(self, batch):
-        from aligner.training.scoring import score_sequences
+        from aligner.training.scoring import score_sequences  # megatron-core's schedule: see __init__
 
         sequences = [self.render(batch, i) for i in range(len(batch))]
         values = score_sequences(self.role.chunks, sequences, self.tokenizer.pad_id, self.micro_batch_size)
@@ -243,40 +282,60 @@ class RewardModel(RewardSource):
         self.role.onload()
 
 
-def _head_outputs(chunks) -> int:
-    """Outputs of the score head, known on every pipeline stage (the head lives on the last)."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+def reward_model_outputs(path: str, attributes: Optional[Sequence[str]] = None,
+                         where: Optional[str] = None) -> Tuple[Optional[List[str]], int]:
+    """``(output names, number of outputs)`` of the reward model in ``path``, read from its
+    files (no model is built): a :class:`ScoringError` for a folder without a trained reward
+    head, or for ``attributes`` (names the user gave) that differ from the names its export
+    records (config.json ``id2label``) — they would relabel its outputs. Without
+    ``attributes`` the recorded names (None if it records none); a one-output head needs no
+    names. ``where``: the option or config section that gave the folder, for messages."""
+    from aligner.models.hf import head_outputs, read_export_metadata  # megatron-core: for the sources that read a model
 
-    n = [chunks[-1].num_outputs or 1]
-    if ps.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast_object_list(n, src=ps.get_pipeline_model_parallel_last_rank(),
-                                   group=ps.get_pipeline_model_parallel_group())
-    return int(n[0])
+    require_reward_head(path, _named(where, "path", path) if where else None)
+    n_out = head_outputs(path)
+    recorded = read_export_metadata(path).get("labels")
+    given = list(attributes) if attributes else None
+    if given is None or n_out == 1:
+        return (list(recorded) if recorded and n_out > 1 else None), n_out
+    named = _named(where, "attributes", given) if where else f"the attributes {given}"
+    if recorded is not None and given != list(recorded):
+        raise ScoringError(f"{named} differ from the outputs {list(recorded)} that {path}/config.json records"
+                           " (id2label)", hint="name the outputs as the reward model records them, in that order")
+    if len(given) != n_out:
+        raise ScoringError(f"{named} name {len(given)} outputs; the reward model {path} has {n_out}")
+    return given, n_out
 
 
-def build_reward(kind: str, *, path: Optional[str] = None, function: Optional[str] = None, tokenizer=None,
-                 attributes: Optional[Sequence[str]] = None, attribute_weights: Optional[Sequence[float]] = None,
-                 reward_attribute: Optional[str] = "helpfulness", micro_batch_size: int = 8,
-                 max_length: Optional[int] = None, answer_field: str = "answer",
-                 format_reward: float = 0.0) -> RewardSource:
-    """A reward source by kind: ``model`` (``path``: HF folder), ``world``, ``function``
-    (``function``: ``package.module:function``), ``exact_answer`` (the prompt row's
-    ``answer_field`` against the response's stated answer, plus ``format_reward``)."""
-    if kind == "model":
-        if not path:
-            raise ValueError("reward kind 'model' needs a path (an HF reward-model folder)")
-        return RewardModel(path, tokenizer, attributes, attribute_weights, reward_attribute, micro_batch_size,
-                           max_length)
-    if kind == "world":
-        return WorldScorer(attribute_weights, reward_attribute or "helpfulness")
-    if kind == "function":
-        if not function:
-            raise ValueError("reward kind 'function' needs function: 'package.module:function'")
-        return FunctionReward(function, attributes, attribute_weights, reward_attribute)
-    if kind == "exact_answer":
-        from aligner.rewards.verifiable import ExactAnswerReward
+def check_reward_source(where: str, kind: str, *, path: Optional[str] = None, function: Optional[str] = None,
+                        attributes: Optional[Sequence[str]] = None,
+                        attribute_weights: Optional[Sequence[float]] = None, reward_attribute: Optional[str] = None,
+                        prompts: Optional[str] = None) -> None:
+    """What can be checked of a reward source before any process group or model exists (a
+    run's preflight): a ``model`` folder holds a trained reward head whose recorded output
+    names match ``attributes``; a ``function`` imports and takes ``(prompts, responses,
+    metadata)``; the ``world`` scorer has ``reward_attribute`` and every row of the prompt
+    file ``prompts`` is a task of the embedded world. A :class:`ScoringError` naming
+    ``where`` (the config section or option) otherwise."""
+    if kind == "model" and path:
+        reward_model_outputs(path, attributes, where)
+    elif kind == "function" and function:
+        FunctionReward.resolve(function, where)
+    elif kind == "world":
+        WorldScorer(attribute_weights, reward_attribute or "helpfulness", where)
+        if prompts:
+            check_world_prompts(prompts, f"{where} world" if where.startswith("-") else f"{where}.kind = world")
 
-        return ExactAnswerReward(answer_field, format_reward)
-    raise ValueError(f"reward kind {kind!r}: expected 'model', 'world', 'function' or 'exact_answer'")
 
+def check_world_prompts(path: str, named: str) -> None:
+    """Every row of ``path`` carries a task of the embedded world (``family``, ``answer``,
+    ``args``, as ``aligner data synth`` writes them), which the world's scorer needs; a
+    :class:`ScoringError` naming the file and line of the first that does not (``named``:
+    how the message names the option that chose the world's scorer)."""
+    for lineno, row in iter_json_objects(path):
+        if not (row.get("family") in FAMILIES and isinstance(row.get("answer"), str)
+                and isinstance(row.get("args"), list)):
+            raise ScoringError(f"{path}:{lineno}: not a prompt of the embedded world (no task fields 'family',"
+                               f" 'answer', 'args'), which {named} needs to score its responses",
+                               hint="the world's scorer judges the prompts aligner data synth writes; use another"
+                                    " reward kind for other prompts")

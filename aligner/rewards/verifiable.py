@@ -3,15 +3,17 @@
 
 :class:`ExactAnswerReward` reads the answer the prompt row states in its metadata
 (``answer`` by default: the embedded world's tasks carry it, see
-:mod:`aligner.data.world`) and the answer the response states, as the world's scorer
-does: the last ``The answer is X.`` (:data:`aligner.data.world.ANSWER`). The reward is
+:mod:`aligner.data.world`) and the answer the response states: the text after its last
+``The answer is`` up to the end of that sentence (:data:`STATED_ANSWER`: a ``.``, ``!`` or
+``?`` followed by a space, a line end or the end of the response, or the line's end).
+So ``The answer is 3.5.`` states ``3.5``, ``The answer is -2`` states ``-2``. The reward is
 
 ``r = 1[stated answer == true answer] + format_reward · 1[an answer is stated]``
 
-(both compared after stripping surrounding whitespace). Its two attributes, ``exact`` and
-``formatted``, are logged as ``reward/exact`` and ``reward/formatted``. Any other rule
-works the same way as a ``package.module:function`` reward
-(:class:`aligner.rewards.FunctionReward`).
+compared after stripping surrounding whitespace; two numbers (``-2``, ``3.50``) compare by
+value. Its two attributes, ``exact`` and ``formatted``, are logged as ``reward/exact`` and
+``reward/formatted``. Any other rule works the same way as a ``package.module:function``
+reward (:class:`aligner.rewards.FunctionReward`).
 """
 from __future__ import annotations
 
@@ -20,23 +22,40 @@ from typing import List, Optional, Pattern, Sequence
 
 import torch
 
+from aligner.data.world import ANSWER
 from aligner.rewards.sources import RewardBatch, RewardError, RewardSource, check_scores
+
+# the answer runs to the end of its sentence: a period inside a number (3.5) does not end it
+STATED_ANSWER = re.compile(r"The answer is ([^\n]*?)(?:[.!?]+(?=\s|$)|(?=\n)|$)")
+NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 
 
 def stated_answer(response: str, pattern: Optional[Pattern] = None) -> Optional[str]:
-    """The last answer ``response`` states (``The answer is X.``), stripped; None if none."""
-    if pattern is None:
-        from aligner.data.world import ANSWER as pattern
-    found = pattern.findall(response)
-    return found[-1].strip() if found else None
+    """The last answer ``response`` states (:data:`STATED_ANSWER`, or ``pattern``'s first
+    group), stripped; None if it states none (or an empty one)."""
+    found = (pattern or STATED_ANSWER).findall(response)
+    answer = found[-1].strip() if found else ""
+    return answer or None
 
 
-def exact_answer_scores(responses: Sequence[str], answers: Sequence[str]) -> List[List[float]]:
+def same_answer(stated: Optional[str], answer) -> bool:
+    """Whether a stated answer is the true one: equal strings after stripping, or two
+    numbers of equal value (``3.50`` and ``3.5``, ``+2`` and ``2``)."""
+    if stated is None:
+        return False
+    truth = str(answer).strip()
+    if stated == truth:
+        return True
+    return bool(NUMBER.fullmatch(stated) and NUMBER.fullmatch(truth)) and float(stated) == float(truth)
+
+
+def exact_answer_scores(responses: Sequence[str], answers: Sequence[str],
+                        pattern: Optional[Pattern] = None) -> List[List[float]]:
     """``[exact, formatted]`` per response: 1.0 / 0.0 each. [n] -> [n, 2]."""
     out = []
     for text, answer in zip(responses, answers):
-        stated = stated_answer(text)
-        out.append([float(stated is not None and stated == str(answer).strip()), float(stated is not None)])
+        stated = stated_answer(text, pattern)
+        out.append([float(same_answer(stated, answer)), float(stated is not None)])
     return out
 
 
@@ -64,13 +83,7 @@ class ExactAnswerReward(RewardSource):
                     f" (dataset row {row + 1 if row >= 0 else '?'}) has no field {self.answer_field!r} with a single"
                     f" answer; its fields: {sorted(k for k in meta if k not in ('group', 'sample_index', 'prompt_index'))}")
             answers.append(value)
-        if self.pattern is None:
-            rows = exact_answer_scores(batch.responses, answers)
-        else:
-            rows = []
-            for text, answer in zip(batch.responses, answers):
-                stated = stated_answer(text, self.pattern)
-                rows.append([float(stated is not None and stated == str(answer).strip()), float(stated is not None)])
+        rows = exact_answer_scores(batch.responses, answers, self.pattern)
         values = check_scores("exact_answer", rows, batch, self.attributes)
         rewards = values @ torch.tensor([1.0, self.format_reward], dtype=values.dtype)
         return rewards, values

@@ -10,10 +10,9 @@ runs megatron-core with ``calculate_per_token_loss``: gradients are divided by t
 count over all micro-batches and data-parallel ranks, so the optimised quantity is the
 mean over the global batch whatever the TP / PP / DP layout or packing.
 
-Metrics are ``name -> tensor([sum, count])``; the loop sums both over micro-batches and
-data-parallel ranks and reports ``sum / count``. Names may depend on the data (e.g. one
-per subset present): the loop reduces over the union of all ranks' names, a rank without
-a name counting ``[0, 0]``.
+Metrics are ``name -> tensor([sum, count])`` (:func:`aligner.training.metrics.metric`); the
+loop sums both over micro-batches and data-parallel ranks, over the union of the ranks'
+names (:func:`aligner.training.metrics.reduce_metrics`), and reports ``sum / count``.
 
 Micro-batches are dicts in the format of :mod:`aligner.training.batching`; what an
 algorithm attaches (labels, strengths, indices) is per item or per sample, never per row.
@@ -29,7 +28,8 @@ updates of several roles) sets ``owns_step = True`` and implements
 :meth:`Algorithm.train_step`; the loop then hands it a :class:`StepContext` (the roles, the
 step's prompts, the schedule runner and collectives) instead of running its own
 forward-backward, and keeps the step count, logging, checkpoints and resume
-(docs/online_core.md).
+(docs/online_core.md). The whole contract is declared on :class:`Algorithm`; the loop
+reads nothing else of an algorithm.
 """
 from __future__ import annotations
 
@@ -39,14 +39,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from aligner.training.metrics import means, reduce_metrics
+from aligner.training.roles import run_schedule
+
 Metrics = Dict[str, torch.Tensor]
-
-
-def metric(total, count) -> torch.Tensor:
-    """A metric entry: ``tensor([sum, count])`` (float64, detached)."""
-    total = total.detach().double().sum() if torch.is_tensor(total) else torch.tensor(float(total), dtype=torch.float64)
-    count = count.detach().double().sum() if torch.is_tensor(count) else torch.tensor(float(count), dtype=torch.float64)
-    return torch.stack([total.cpu(), count.cpu()])
 
 
 @dataclass
@@ -70,8 +66,6 @@ class StepContext:
     @staticmethod
     def run_schedule(chunks, microbatches, forward, loss, *, forward_only: bool) -> List[dict]:
         """megatron-core's schedule over a role's chunks (:func:`aligner.training.roles.run_schedule`)."""
-        from aligner.training.roles import run_schedule
-
         return run_schedule(chunks, microbatches, forward, loss, forward_only=forward_only)
 
     # ---- collectives (no-ops on one rank)
@@ -97,6 +91,12 @@ class StepContext:
         return tensor
 
     @staticmethod
+    def reduce_metrics(store: Sequence[dict]) -> Dict[str, float]:
+        """``sum / count`` of metric dicts summed over micro-batches and data-parallel ranks
+        (:func:`aligner.training.metrics.reduce_metrics`), on every rank."""
+        return means(reduce_metrics(store))
+
+    @staticmethod
     def from_last_stage(obj):
         """``obj`` of the last pipeline stage on every stage of the pipeline group."""
         from megatron.core import parallel_state as ps
@@ -110,17 +110,31 @@ class StepContext:
 
 
 class Algorithm:
-    """Base class of the per-algorithm plug-in.
+    """Base class of the per-algorithm plug-in: everything the loop asks of an algorithm.
 
     head / num_outputs: the model head the algorithm needs (None: causal LM).
     rows_per_sample: rows a sample occupies in a padded micro-batch (2 for pairs).
+    owns_step: the algorithm runs whole steps (:meth:`train_step`) instead of the loop's
+    forward-backward. optimizer_steps_per_step: policy updates per training step (the LR
+    schedule runs over ``max_steps`` x this). reward_source: the reward the algorithm
+    trains on, if any (:class:`aligner.rewards.RewardSource`; a monitor's default proxy).
+
+    The hooks that get the loop (:meth:`setup`, :meth:`before_step`) use its public
+    interface only: ``train_data``, ``val_data``, ``cfg`` (the trainer section),
+    ``models``, ``steps_per_epoch``, ``global_batch(step)``, ``local_share(samples)``,
+    ``seq_length(samples)`` and ``run_schedule(samples, forward_only=, seq_length=)``.
     """
 
     name: str = "algorithm"
     owns_step: bool = False
+    optimizer_steps_per_step: int = 1
     head: Optional[str] = None
     num_outputs: int = 1
     rows_per_sample: int = 1
+
+    @property
+    def reward_source(self):
+        return None
 
     def sample_tokens(self, sample: dict) -> int:
         """Tokens a sample puts through the model, every sequence counted (throughput figures)."""
@@ -145,14 +159,14 @@ class Algorithm:
         """Derived metrics from the reduced ones (e.g. Pearson from moment sums); default: the means."""
         return means
 
-    def setup(self, trainer) -> None:
+    def setup(self, loop) -> None:
         """Called once by the loop after the model, optimizer and data exist (e.g. reference log-probs).
 
         Runs before a resume loads trained weights: the models hold the initial weights.
         """
 
-    def before_step(self, trainer, local_samples: Sequence[dict], seq_length: int) -> None:
-        """Called before each training step with this rank's samples (e.g. reference log-probs)."""
+    def before_step(self, loop, local_samples: Sequence[dict], seq_length: int) -> None:
+        """Called before each of the loop's steps with this rank's samples (e.g. reference log-probs)."""
 
     def train_step(self, context: StepContext) -> Dict[str, float]:
         """One whole training step (only when ``owns_step``): returns the step's metrics,

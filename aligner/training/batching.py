@@ -27,7 +27,7 @@ target token never sees them.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -64,6 +64,7 @@ def padded_microbatch(items: Sequence[Item], seq_length: int, pad_id: int) -> di
 
 def pack_groups(group_lengths: Sequence[int], capacity: int) -> List[List[int]]:
     """First-fit-decreasing bins of group indices (the data layer's packer)."""
+    # the packer loads its C++ extension (or reports the Python fallback) when packing is used
     from aligner.data.packing import pack_lengths
 
     return pack_lengths(list(group_lengths), capacity)
@@ -77,6 +78,8 @@ def packed_microbatches(
     Returns the micro-batches and, for each, the group indices it holds in item order
     (so the algorithm can attach per-group data, e.g. labels or reference log-probs).
     """
+    # aligner.models is megatron-core: loaded when packed batches are built (batching is
+    # imported by config checks, through the algorithms)
     from aligner.models.gpt import packed_attention_mask, packed_position_ids
 
     lengths = [sum(t.numel() for t, _ in g) for g in groups]
@@ -179,6 +182,22 @@ def filler_microbatch(like: dict) -> dict:
     }
 
 
+def schedule_microbatches(micro: List[dict], *, interleaved: bool, rows: Optional[int] = None) -> List[dict]:
+    """The micro-batches of one schedule call in one shape: each filled with zero-weight rows
+    up to ``rows`` (default: the largest row count, :func:`fill_rows`) and, under
+    interleaved pipelining, zero-weight micro-batches appended up to a multiple of the
+    pipeline size, as megatron-core's interleaved schedule requires (:func:`filler_microbatch`)."""
+    if not micro:
+        return []
+    rows = max(b["tokens"].shape[0] for b in micro) if rows is None else rows
+    micro = [fill_rows(b, rows) for b in micro]
+    if interleaved:
+        from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not with config checks
+
+        micro += [filler_microbatch(micro[-1]) for _ in range(-len(micro) % ps.get_pipeline_model_parallel_world_size())]
+    return micro
+
+
 def to_device(batch: dict, device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
@@ -193,7 +212,7 @@ def per_item_sum(values: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def shifted_logprobs(vocab_parallel_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log p(tokens[:, t] | tokens[:, :t]) at position t ([R, S]; 0 at t = 0), vocab-parallel."""
-    from aligner.models.logprobs import token_logprobs
+    from aligner.models.logprobs import token_logprobs  # megatron-core: see packed_microbatches
 
     lp = token_logprobs(vocab_parallel_logits[:, :-1].contiguous(), tokens[:, 1:].contiguous())
     return torch.nn.functional.pad(lp, (1, 0))

@@ -12,7 +12,7 @@ Only global rank 0 writes or prints (:func:`aligner.runtime.is_rank0`).
   :func:`aligner.training.run_folder.wandb_run_id`), so a resumed run continues the same
   W&B run (``resume="allow"``) instead of starting a new one. (``wandb`` is an optional
   extra: the tests check the id kept in the run folder, not a W&B session.)
-- :class:`Progress`: a ``tqdm`` bar per stage (step / total, loss, tokens/s, ETA), or the
+- :class:`Progress`: a ``tqdm`` bar per stage (step / total, loss, reward, tokens/s, ETA), or the
   same meter as a logged line per step where stderr is not a terminal; messages go through
   the ``aligner`` logger (:func:`aligner.runtime.setup_logging`).
 """
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
+from aligner.files import atomic_write_text
 from aligner.runtime import get_logger, is_rank0
+from aligner.training.run_folder import wandb_run_id
 
 log = get_logger(__name__)
 
@@ -55,8 +56,6 @@ class MetricsLogger:
         if wandb_project:
             import wandb  # an explicit request: a missing package is an error
 
-            from aligner.training.run_folder import wandb_run_id
-
             run_id = wandb_run_id(self.out_dir, resume=resume_step is not None)
             self._wandb = wandb.init(project=wandb_project, name=wandb_name, config=config, id=run_id,
                                      resume="allow", dir=str(self.out_dir))
@@ -85,9 +84,7 @@ class MetricsLogger:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= resume_step
         ]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, split: str, metrics: dict) -> None:
         if not self.enabled:
@@ -111,8 +108,14 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+# (shown name, metric): the loss (an online algorithm's policy loss), the mean reward of an
+# online algorithm's rollouts; the first metric a step has of each name is shown
+PROGRESS_METRICS = (("loss", "loss"), ("loss", "loss/policy"), ("reward", "reward/mean"))
+
+
 class Progress:
-    """Progress of one stage: step / total, loss, tokens/s, elapsed, ETA (tqdm's meter).
+    """Progress of one stage: step / total, loss, reward (online algorithms), tokens/s,
+    elapsed, ETA (tqdm's meter).
 
     On a terminal a ``tqdm`` bar; otherwise (a Slurm or CI log) the same meter as one logged
     line per update, so log files stay readable. Silent on ranks other than 0 and when
@@ -139,8 +142,9 @@ class Progress:
         if not self.enabled:
             return
         postfix = {}
-        if "loss" in metrics:
-            postfix["loss"] = f"{metrics['loss']:.4f}"
+        for name, key in PROGRESS_METRICS:
+            if key in metrics and name not in postfix:
+                postfix[name] = f"{metrics[key]:.4f}"
         if "tokens_per_s" in metrics:
             postfix["tok/s"] = f"{metrics['tokens_per_s']:.0f}"
         if self.bar is not None:

@@ -38,14 +38,22 @@ runs ``fit()``:
   ``save_interval`` steps and at the end (aligner.models.checkpoint: written under a
   temporary name, marked latest only when complete, keep-last-k); resume from the latest
   complete checkpoint when ``trainer.resume``; HF export of the final model when
-  ``trainer.export_hf``.
+  ``trainer.export_hf``. A run resumed at its last step trains nothing and returns the
+  figures it recorded (``result.json``), exporting only a missing HF folder.
+- signals: Ctrl-C stops at once; SIGTERM (what Slurm sends before a time limit) finishes
+  the current step, saves a checkpoint (``trainer.save_on_signal``; a second SIGTERM stops
+  at once) and stops. Either way :class:`aligner.runtime.RunStopped` says where the run can
+  resume from: the last complete checkpoint (checkpoints are written under a temporary
+  name, so one cut short is never it). Every rank agrees on a SIGTERM at the end of a step.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import signal
+import threading
 import time
-from functools import partial
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -53,11 +61,18 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from aligner.parallel import get_device
-from aligner.training.algorithm import Algorithm
-from aligner.training.batching import filler_microbatch, fill_rows, to_device
+from aligner.models.checkpoint import find_latest, load_checkpoint, save_checkpoint
+from aligner.models.hf import export_hf
+from aligner.parallel import get_device, padded_length
+from aligner.parallel.seeds import data_order_generator
+from aligner.runtime import RunStopped
+from aligner.training.algorithm import Algorithm, StepContext
+from aligner.training.batching import schedule_microbatches
 from aligner.training.config import OptimSection, TrainerSection
 from aligner.training.logging import MetricsLogger, Progress
+from aligner.training.metrics import means, reduce_metrics
+from aligner.training.roles import RoleSet, build_trainable_role, run_schedule
+from aligner.training.run_folder import recorded_result
 
 
 @contextlib.contextmanager
@@ -90,8 +105,7 @@ def preserved_rng():
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=data_order_generator(seed, epoch))
 
 
 class TrainingLoop:
@@ -111,9 +125,8 @@ class TrainingLoop:
         run_config: Optional[dict] = None,
         roles=None,
         hooks: Sequence = (),
+        export_metadata: Optional[dict] = None,
     ):
-        from aligner.training.roles import RoleSet, build_trainable_role
-
         self.algorithm = algorithm
         self.optim_cfg = optim
         self.cfg = trainer
@@ -122,6 +135,7 @@ class TrainingLoop:
         self.model_cfg = model_cfg
         self.tokenizer_dir = tokenizer_dir
         self.run_config = run_config or {}
+        self.export_metadata = export_metadata  # what the HF export records (aligner.models.hf.export_hf)
         self.out_dir = Path(trainer.out_dir)
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
@@ -145,7 +159,7 @@ class TrainingLoop:
 
         # the policy is a trainable role like any other (aligner.training.roles); an online
         # algorithm's trainer passes its other roles in ``roles``
-        updates = self.max_steps * getattr(algorithm, "optimizer_steps_per_step", 1)
+        updates = self.max_steps * algorithm.optimizer_steps_per_step
         self.policy = build_trainable_role("policy", models, optim, updates, export_head=algorithm.head)
         self.models, self.optimizer, self.scheduler = self.policy.chunks, self.policy.optimizer, self.policy.scheduler
         self.roles = roles if roles is not None else RoleSet()
@@ -154,6 +168,7 @@ class TrainingLoop:
         self.history: List[dict] = []
         self.hooks = list(hooks)  # aligner.training.algorithm.StepHook
         self.stop_reason: Optional[str] = None
+        self._signalled = 0  # the number of a signal that asks training to stop after this step
 
     def request_stop(self, reason: str) -> None:
         """End training after the current step (a hook's early stop); checkpoint and export
@@ -168,27 +183,21 @@ class TrainingLoop:
         order = epoch_order(len(self.train_data), self.cfg.seed, epoch)
         return [self.train_data[int(i)] for i in order[k * gbs : (k + 1) * gbs]]
 
-    def _local(self, samples: Sequence[dict]) -> List[dict]:
+    def local_share(self, samples: Sequence[dict]) -> List[dict]:
+        """This data-parallel rank's contiguous share of ``samples``."""
         share = math.ceil(len(samples) / self.dp_size)
         return list(samples[self.dp_rank * share : (self.dp_rank + 1) * share])
 
-    def _seq_length(self, samples: Sequence[dict]) -> int:
-        longest = max(self.algorithm.sample_length(s) for s in samples)
-        multiple = 8 * ps.get_tensor_model_parallel_world_size()
-        return int(math.ceil(longest / multiple) * multiple)
+    def seq_length(self, samples: Sequence[dict]) -> int:
+        """The micro-batches' sequence length for ``samples``: the longest, padded to 8 x TP."""
+        return padded_length(max(self.algorithm.sample_length(s) for s in samples))
 
     # ---------------------------------------------------------------- schedule
-    def _forward_step(self, data_iterator, model):
-        batch = to_device(next(data_iterator), get_device())
-        output = self.algorithm.forward(model, batch)
-        return output, partial(self._loss, batch)
-
     def _loss(self, batch, output):
         if batch.get("filler"):
             # a zero-weight micro-batch: no loss, no count, no metrics (a gradient path of zeros)
             return output.reshape(-1)[:1].sum() * 0.0, torch.zeros((), dtype=torch.int), {}
-        loss, count, metrics = self.algorithm.loss(batch, output)
-        return loss, torch.as_tensor(count, dtype=torch.int).reshape(()), metrics
+        return self.algorithm.loss(batch, output)
 
     def microbatches(self, samples: Sequence[dict], seq_length: int) -> List[dict]:
         """This rank's micro-batches of ``samples``, all of one shape (see
@@ -196,77 +205,33 @@ class TrainingLoop:
         interleaved pipelining zero-weight micro-batches make the count a multiple of
         the pipeline size, as megatron-core's interleaved schedule requires."""
         micro = self.algorithm.microbatches(samples, self.cfg.micro_batch_size, seq_length)
-        if not micro:
-            return []
-        rows = max(b["tokens"].shape[0] for b in micro)
         seqs = {b["tokens"].shape[1] for b in micro}
         if len(seqs) > 1:
             raise ValueError(
                 f"{type(self.algorithm).__name__}.microbatches returned micro-batches of sequence lengths"
                 f" {sorted(seqs)}; one schedule call needs one length"
             )
-        micro = [fill_rows(b, rows) for b in micro]
-        if len(self.models) > 1:
-            pp = ps.get_pipeline_model_parallel_world_size()
-            micro += [filler_microbatch(micro[-1]) for _ in range(-len(micro) % pp)]
-        return micro
+        return schedule_microbatches(micro, interleaved=len(self.models) > 1)
 
     def run_schedule(self, samples: Sequence[dict], *, forward_only: bool, seq_length: int) -> List[dict]:
         """Forward (and backward) over this rank's micro-batches of ``samples``; the metric dicts."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         micro = self.microbatches(samples, seq_length)
-        if not micro:
-            return []
-        rows, seq = micro[0]["tokens"].shape[:2]
-        iters = [iter(micro) for _ in self.models] if len(self.models) > 1 else iter(micro)
-        return get_forward_backward_func()(
-            forward_step_func=self._forward_step,
-            data_iterator=iters,
-            model=self.models,
-            num_microbatches=len(micro),
-            seq_length=seq,
-            micro_batch_size=rows,
-            forward_only=forward_only,
-        )
+        return run_schedule(self.models, micro, self.algorithm.forward, self._loss, forward_only=forward_only)
 
     def reduce_metrics(self, store: List[dict]) -> Dict[str, float]:
-        """Sum metric [sum, count] pairs over micro-batches and DP ranks; every rank gets sum/count.
-
-        Metric names may depend on the data (e.g. ``accuracy/<subset>`` for the subsets a
-        rank's samples hold): the reduction runs over the union of the names of all
-        data-parallel ranks, a rank without a name contributing ``[0, 0]``.
-        """
-        payload = [None]
-        if ps.is_pipeline_last_stage(ignore_virtual=True):
-            keys = sorted({k for d in store for k in d})
-            if self.dp_size > 1:
-                per_rank = [None] * self.dp_size
-                dist.all_gather_object(per_rank, keys, group=ps.get_data_parallel_group())
-                keys = sorted({k for rank_keys in per_rank for k in rank_keys})
-            totals = torch.zeros(len(keys), 2, dtype=torch.float64)
-            for d in store:
-                for i, k in enumerate(keys):
-                    if k in d:
-                        totals[i] += d[k].detach().double().cpu().reshape(2)
-            if self.dp_size > 1:
-                dist.all_reduce(totals, group=ps.get_data_parallel_group())
-            sums = {k: (float(totals[i, 0]), float(totals[i, 1])) for i, k in enumerate(keys)}
-            payload = [sums]
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            group = ps.get_pipeline_model_parallel_group()
-            dist.broadcast_object_list(payload, src=ps.get_pipeline_model_parallel_last_rank(), group=group)
-        sums = payload[0] or {}
-        out = {k: (s / c if c else float("nan")) for k, (s, c) in sums.items()}
-        return self.algorithm.finalize_metrics(out, sums)
+        """Metric [sum, count] pairs summed over micro-batches and DP ranks (the union of the
+        ranks' names, :func:`aligner.training.metrics.reduce_metrics`); every rank gets
+        ``sum / count`` and the algorithm's derived metrics."""
+        sums = reduce_metrics(store)
+        return self.algorithm.finalize_metrics(means(sums), sums)
 
     # ---------------------------------------------------------------- phases
     def train_step(self) -> Dict[str, float]:
         samples = self.global_batch(self.step)
-        if getattr(self.algorithm, "owns_step", False):
+        if self.algorithm.owns_step:
             return self._owned_step(samples)
-        seq_length = self._seq_length(samples)
-        local = self._local(samples)
+        seq_length = self.seq_length(samples)
+        local = self.local_share(samples)
         t0 = time.perf_counter()
         self.algorithm.before_step(self, local, seq_length)
         for m in self.models:
@@ -294,10 +259,8 @@ class TrainingLoop:
         """An algorithm that owns its step (online RL) gets a narrow context
         (:class:`aligner.training.algorithm.StepContext`); the loop keeps the step count,
         logging, checkpoints and resume."""
-        from aligner.training.algorithm import StepContext
-
         t0 = time.perf_counter()
-        context = StepContext(roles=self.roles, step=self.step, samples=samples, local_samples=self._local(samples),
+        context = StepContext(roles=self.roles, step=self.step, samples=samples, local_samples=self.local_share(samples),
                               micro_batch_size=self.cfg.micro_batch_size, seed=self.cfg.seed)
         metrics = dict(self.algorithm.train_step(context))
         self.step += 1
@@ -331,14 +294,12 @@ class TrainingLoop:
         offset = len(self.train_data) if data is self.val_data else 0
         for start in starts:
             samples = [dict(data[i], index=offset + i) for i in range(start, min(start + gbs, len(data)))]
-            store += self.run_schedule(self._local(samples), forward_only=True, seq_length=self._seq_length(samples))
+            store += self.run_schedule(self.local_share(samples), forward_only=True, seq_length=self.seq_length(samples))
         for m, mode in zip(self.models, modes):
             m.train(mode)
         return self.reduce_metrics(store)
 
     def save(self) -> Path:
-        from aligner.models.checkpoint import save_checkpoint
-
         extra = {
             "step": self.step,
             "consumed_samples": self.step * self.cfg.global_batch_size,
@@ -358,8 +319,6 @@ class TrainingLoop:
         )
 
     def maybe_resume(self) -> Optional[int]:
-        from aligner.models.checkpoint import find_latest, load_checkpoint
-
         if not self.cfg.resume:
             return None
         latest = find_latest(self.out_dir / "checkpoints")
@@ -376,8 +335,6 @@ class TrainingLoop:
     def export(self, out: Optional[Path] = None, policy_only: bool = False) -> Optional[Path]:
         """The HF export of the policy to ``out`` (default ``<out_dir>/hf``) and, unless
         ``policy_only``, of every other trainable role to ``<out_dir>/hf_<role>``."""
-        from aligner.models import export_hf
-
         if self.model_cfg is None:
             return None
         out = self.out_dir / "hf" if out is None else Path(out)
@@ -387,7 +344,7 @@ class TrainingLoop:
             out,
             tokenizer_dir=self.tokenizer_dir,
             head=self.algorithm.head,
-            metadata=getattr(self.algorithm, "export_metadata", None),
+            metadata=self.export_metadata,
         )
         for name, role in self.roles.trainable.items():  # other trainable roles: hf_<role>/
             if role is not self.policy and not policy_only:
@@ -397,12 +354,26 @@ class TrainingLoop:
 
     def fit(self) -> Dict[str, Any]:
         """Train to ``max_steps``; returns the last train and validation metrics."""
+        try:
+            with self._sigterm_handled():
+                return self._fit()
+        except KeyboardInterrupt:
+            raise RunStopped(self.resume_note(f"interrupted (Ctrl-C) at step {self.step}"), signal.SIGINT) from None
+
+    def _fit(self) -> Dict[str, Any]:
         # before the resume: setup sees the initial weights (e.g. DPO's reference model)
         self.algorithm.setup(self)
         for h in self.hooks:
             h.setup(self)
         resumed = self.maybe_resume()
         progress = Progress(self.algorithm.name, self.max_steps, start_step=self.step, enabled=self.cfg.progress)
+        if resumed is not None and self.step >= self.max_steps:
+            # a finished run: nothing to train, its figures stay as recorded
+            progress.message(f"resumed from step {resumed}: the run is complete (trainer.max_steps ="
+                             f" {self.max_steps}), nothing to train")
+            progress.close()
+            self._export_unless_done(progress)
+            return recorded_result(self.out_dir, self.step) or self.logged_result()
         logger = MetricsLogger(
             self.out_dir,
             tensorboard=self.cfg.tensorboard,
@@ -440,8 +411,10 @@ class TrainingLoop:
                     val_metrics = self.evaluate(max_batches=None if last else self.cfg.val_batches)
                     logger.log(self.step, "val", val_metrics)
                     progress.message("validation " + ", ".join(f"{k} {v:.4f}" for k, v in sorted(val_metrics.items())))
+                saved = None
                 if last or (self.cfg.save_interval > 0 and self.step % self.cfg.save_interval == 0):
-                    self.save()
+                    saved = self.save()
+                self._stop_if_signalled(saved)
             if self.cfg.export_hf:
                 path = self.export()
                 if path is not None:
@@ -452,6 +425,68 @@ class TrainingLoop:
         if self.stop_reason is not None:
             result["stopped"] = self.stop_reason
         return result
+
+    def _export_unless_done(self, progress) -> None:
+        """A finished run's HF export, written only where it is missing (e.g.
+        ``trainer.export_hf`` turned on after the run): an export of the same weights
+        changes nothing."""
+        if self.cfg.export_hf and not (self.out_dir / "hf" / "config.json").is_file():
+            path = self.export()
+            if path is not None:
+                progress.message(f"exported HF model to {path}")
+
+    def logged_result(self) -> Dict[str, Any]:
+        """The figures of this run at its step as ``metrics.jsonl`` logged them (the last
+        ``train`` and ``val`` rows up to it): for a finished run whose ``result.json`` is
+        missing (stopped between its last checkpoint and that file)."""
+        path = self.out_dir / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        last = {row["split"]: row for row in rows if row["step"] <= self.step}
+        figures = {split: {k: v for k, v in last.get(split, {}).items() if k not in ("step", "split")}
+                   for split in ("train", "val")}
+        return {"step": self.step, **figures}
+
+    # ---------------------------------------------------------------- signals
+    @contextlib.contextmanager
+    def _sigterm_handled(self):
+        """While training, SIGTERM asks for a stop after the current step (with a checkpoint
+        when ``trainer.save_on_signal``); a second one, or one without saving, stops at once.
+        Handlers can only be set in the main thread: elsewhere the caller's stay."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def on_sigterm(signum, frame):
+            if self._signalled or not self.cfg.save_on_signal:
+                raise RunStopped(self.resume_note(f"stopped by SIGTERM at step {self.step}"), signum)
+            self._signalled = signum
+
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _stop_if_signalled(self, saved: Optional[Path]) -> None:
+        """At the end of a step: if any rank was sent SIGTERM, every rank saves a checkpoint
+        (unless this step's was just written: ``saved``) and stops (:class:`RunStopped`)."""
+        if not self.cfg.save_on_signal:  # a SIGTERM has stopped the run at once (the same on every rank)
+            return
+        flag = torch.tensor([self._signalled], dtype=torch.int64, device=get_device())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # ranks may receive the signal in different steps
+        if not int(flag):
+            return
+        path = saved or self.save()
+        raise RunStopped(f"stopped by SIGTERM after step {self.step}: saved the checkpoint {path}; the same"
+                         " command resumes from it", int(flag))
+
+    def resume_note(self, what: str) -> str:
+        """``what`` and where the run can resume from: its last complete checkpoint."""
+        latest = find_latest(self.out_dir / "checkpoints")
+        if latest is None:
+            return f"{what}; no checkpoint was written yet: the same command starts the run again"
+        return f"{what}; the last complete checkpoint is {latest}: the same command resumes from it"
 
     def _run_hooks(self, logger) -> None:
         """Every hook's :meth:`~aligner.training.algorithm.StepHook.after_step`, with the random

@@ -169,6 +169,8 @@ class TrainableRole:
     @property
     def modules(self) -> List[torch.nn.Module]:
         """The unwrapped model chunks (AlignerGPTModel)."""
+        # aligner.models is megatron-core: loaded when roles hold models (roles is imported
+        # by config checks, through the algorithms)
         from aligner.models.gpt import unwrap_model
 
         return unwrap_model(self.chunks)
@@ -291,7 +293,7 @@ class ReferencePolicy:
 
     def __init__(self, policy_chunks: Sequence[torch.nn.Module], mode: str = "host",
                  reference_chunks: Optional[Sequence[torch.nn.Module]] = None):
-        from aligner.models.gpt import unwrap_model
+        from aligner.models.gpt import unwrap_model  # megatron-core: see TrainableRole.modules
 
         if mode not in self.MODES:
             raise ValueError(f"reference mode {mode!r}: expected one of {self.MODES}")
@@ -310,7 +312,7 @@ class ReferencePolicy:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[List[torch.nn.Module]]:
-        from aligner.models.gpt import unwrap_model
+        from aligner.models.gpt import unwrap_model  # megatron-core: see TrainableRole.modules
 
         if self.mode == "model":
             yield self.role.chunks

@@ -11,9 +11,12 @@ Starting a trainer in a folder that holds a complete checkpoint:
   the recorded one, and otherwise refuses, naming the keys that differ
   (:func:`check_resume`). Keys that do not change what is trained — how the run is laid
   out (``parallel``: checkpoints reshard), watched (logging, validation, progress),
-  checkpointed or exported — are free to change (:data:`FREE_KEYS`).
-- ``trainer.resume=false`` starts afresh there: the previous run's outputs are removed
-  first (:func:`start_fresh`), so files of two runs never mix.
+  checkpointed or exported, and how many rows are generated or scored together — are
+  free to change (:data:`FREE_KEYS`). A run that is complete resumes to nothing: its
+  files, ``result.json`` included, stay as they are.
+- ``trainer.resume=false`` starts afresh there: the previous run's outputs — whatever a
+  run of any algorithm writes (:data:`RUN_OUTPUTS`) — are removed first
+  (:func:`start_fresh`), so files of two runs never mix.
 """
 from __future__ import annotations
 
@@ -26,13 +29,21 @@ from typing import Any, List, Optional, Tuple
 
 import yaml
 
+from aligner.files import atomic_write_text
 from aligner.runtime import UserError, get_logger
 
 CONFIG_FILE = "config.yaml"
 WANDB_FILE = "wandb.json"
-# what a run writes into its folder (removed before a fresh start in the same folder)
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "tensorboard", "wandb", "hf", "tokenizer", "result.json", WANDB_FILE,
-               CONFIG_FILE)
+RESULT_FILE = "result.json"
+# What a run of any algorithm writes into its folder (glob patterns), all removed before a
+# fresh start there so that no file of an earlier run (of this or another algorithm) is
+# left to be mistaken for this one's: the loop's checkpoints, metrics, loggers, HF exports
+# (hf/ and hf_<role>/ of the other trainable roles, e.g. PPO's critic), the tokenizer copy,
+# result and config (with their temporary files), the monitor's best_gold/ (and the
+# folders of its swap), the online SteerLM 2.0 sampler's scored groups.
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard", "wandb", WANDB_FILE, "hf", "hf_*",
+               "tokenizer", RESULT_FILE, CONFIG_FILE, CONFIG_FILE + ".tmp", "best_gold", "best_gold.old",
+               "best_gold.tmp-*", "steerlm2_samples")
 
 # Keys (glob patterns over dotted paths) whose change does not change what is trained.
 FREE_KEYS = (
@@ -52,6 +63,14 @@ FREE_KEYS = (
     "trainer.tensorboard",
     "trainer.wandb_project",
     "trainer.wandb_name",
+    "trainer.save_on_signal",
+    # speed-only knobs: how many rows are generated or scored together. Sample k draws from
+    # its own seed whatever the batch (docs/online_core.md) and a reward is read per
+    # sequence, so they change the time a step takes, not what it computes
+    "*.generation.max_batch",  # pg, ppo, steerlm2: rollouts generated together
+    "*.reward.micro_batch_size",  # pg, ppo: responses per reward-model forward
+    "*.reward_micro_batch_size",  # steerlm2: responses per reward-model forward
+    "monitor.micro_batch_size",  # the monitor's reward-model forwards (watching, not training)
 )
 
 # Keys that may change on a resume: the run length (a run can be extended or shortened).
@@ -98,7 +117,7 @@ def recorded_config(out_dir) -> Optional[dict]:
 
 def holds_run(out_dir) -> bool:
     """Whether ``out_dir`` holds a run that can be resumed (a complete checkpoint)."""
-    from aligner.models.checkpoint import find_latest
+    from aligner.models.checkpoint import find_latest  # megatron-core: loaded when a run folder is checked
 
     root = Path(out_dir) / "checkpoints"
     return root.is_dir() and find_latest(root) is not None
@@ -120,8 +139,6 @@ def check_resume(out_dir, config: dict, resume: bool) -> bool:
     flat_recorded, flat_config = _flatten(recorded), _flatten(config)
     for key in EXTENDABLE_KEYS:
         if flat_recorded.get(key) != flat_config.get(key):
-            from aligner.runtime import get_logger
-
             get_logger(__name__).warning(
                 f"{key} changes from {flat_recorded.get(key)!r} to {flat_config.get(key)!r} on resume: the run"
                 f" continues to the new length with the recorded LR schedule (a decaying LR stays at optim.min_lr"
@@ -138,31 +155,37 @@ def check_resume(out_dir, config: dict, resume: bool) -> bool:
 
 
 def start_fresh(out_dir) -> List[str]:
-    """Remove a previous run's outputs from ``out_dir`` (call on global rank 0 only, after
-    every check passed); returns what was removed."""
+    """Remove a previous run's outputs (:data:`RUN_OUTPUTS`) from ``out_dir`` (call on
+    global rank 0 only, after every check passed); returns what was removed. Files of the
+    user's own there are kept."""
     out = Path(out_dir)
     removed = []
-    for name in RUN_OUTPUTS:
-        path = out / name
+    found = sorted({path for pattern in RUN_OUTPUTS for path in out.glob(pattern)}) if out.is_dir() else []
+    for path in found:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
         else:
-            continue
-        removed.append(name)
+            path.unlink()
+        removed.append(path.name)
     if removed:
         get_logger(__name__).warning(f"starting afresh in {out}: removed the previous run's {', '.join(removed)}")
     return removed
 
 
+def recorded_result(out_dir, step: int) -> Optional[dict]:
+    """The figures ``result.json`` records for a run that ended at ``step`` (None if it
+    records none, or another step's)."""
+    path = Path(out_dir) / RESULT_FILE
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if isinstance(result, dict) and result.get("step") == step else None
+
+
 def write_config(out_dir, config_yaml: str) -> None:
     """Record the run's composed config (``config.yaml``), atomically."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (CONFIG_FILE + ".tmp")
-    tmp.write_text(config_yaml)
-    tmp.replace(out / CONFIG_FILE)
+    atomic_write_text(Path(out_dir) / CONFIG_FILE, config_yaml)
 
 
 def wandb_run_id(out_dir, resume: bool) -> str:
@@ -183,5 +206,5 @@ def wandb_run_id(out_dir, resume: bool) -> str:
     return run_id
 
 
-__all__ = ["CONFIG_FILE", "FREE_KEYS", "check_resume", "config_diff", "holds_run", "recorded_config", "start_fresh",
-           "wandb_run_id", "write_config"]
+__all__ = ["CONFIG_FILE", "FREE_KEYS", "RESULT_FILE", "RUN_OUTPUTS", "check_resume", "config_diff", "holds_run",
+           "recorded_config", "recorded_result", "start_fresh", "wandb_run_id", "write_config"]

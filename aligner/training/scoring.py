@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from aligner.parallel import get_device
-from aligner.training.batching import filler_microbatch, fill_rows, padded_microbatch, to_device
+from aligner.parallel import get_device, padded_length
+from aligner.training.batching import padded_microbatch, schedule_microbatches, to_device
 
 
 @torch.no_grad()
@@ -25,17 +25,13 @@ def score_sequences(models, sequences: Sequence[torch.Tensor], pad_id: int, micr
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     for m in models:
         m.eval()
-    longest = max(int(s.numel()) for s in sequences)
-    multiple = 8 * ps.get_tensor_model_parallel_world_size()
-    seq_length = -(-longest // multiple) * multiple
+    seq_length = padded_length(max(int(s.numel()) for s in sequences))
     micro = []
     for start in range(0, len(sequences), micro_batch_size):
         chunk = list(sequences[start : start + micro_batch_size])
-        items = [(s, torch.zeros(s.numel())) for s in chunk]
-        # one micro-batch shape for the pipeline: a short last one gets zero-weight rows
-        micro.append(fill_rows(padded_microbatch(items, seq_length, pad_id), micro_batch_size))
-    if len(models) > 1:  # the interleaved schedule takes a multiple of the pipeline size
-        micro += [filler_microbatch(micro[-1]) for _ in range(-len(micro) % ps.get_pipeline_model_parallel_world_size())]
+        micro.append(padded_microbatch([(s, torch.zeros(s.numel())) for s in chunk], seq_length, pad_id))
+    # one micro-batch shape for the pipeline: a short last one gets zero-weight rows
+    micro = schedule_microbatches(micro, interleaved=len(models) > 1, rows=micro_batch_size)
     collected: List[torch.Tensor] = []
 
     def forward_step(data_iterator, model):

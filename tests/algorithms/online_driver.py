@@ -21,7 +21,7 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
         from aligner.algorithms.ppo import PPOAlgorithm, PPOTrainer
         from tests.algorithms.ppo_setup import ppo_config
 
-        cfg = ppo_config(assets, out_dir, trainer=trainer, ppo={"ppo_epochs": 2, "mini_batch_size": 4})
+        cfg = ppo_config(assets, out_dir, trainer=trainer, ppo={"epochs": 2, "mini_batch_size": 4})
         return PPOTrainer(cfg), PPOAlgorithm
     if algorithm == "pg":
         from aligner.algorithms.pg import PGAlgorithm, PGTrainer

@@ -27,7 +27,7 @@ BETA, LR, STEPS = 0.1, 5e-3, 4
 
 
 def run_aligner(hf_dir, train, out_dir):
-    from aligner.algorithms.trainers import DPOTrainer
+    from aligner.algorithms.dpo import DPOTrainer
 
     cfg = {
         "algorithm": "dpo",

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from aligner.data import load_dataset, load_tokenizer
-from aligner.data.datasets import DataFormatError, last_report
+from aligner.data.datasets import DataFormatError
 from tests.algorithms.conftest import write_jsonl
 
 
@@ -64,15 +64,15 @@ def test_packing_sizes_pairs_as_pairs(tiny_hf, tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", rows)
     whole = load_dataset(f, kind="pairs", tokenizer=tok, template="raw", max_length=16)[0]
     assert (len(whole["chosen"]), len(whole["rejected"])) == (10, 12)  # each fits 16: unchanged without packing
-    s = load_dataset(f, kind="pairs", tokenizer=tok, template="raw", max_length=16, packing=True)[0]
-    assert len(s["chosen"]) + len(s["rejected"]) == 16 and last_report["truncated_left_pair"] == 1
+    pairs = load_dataset(f, kind="pairs", tokenizer=tok, template="raw", max_length=16, packing=True)
+    s = pairs[0]
+    assert len(s["chosen"]) + len(s["rejected"]) == 16 and pairs.report["truncated_left_pair"] == 1
     # 6 tokens over: 3 prompt tokens from the left of each; the responses are whole
     assert s["chosen"].tolist() == whole["chosen"].tolist()[3:]
     assert s["rejected"].tolist() == whole["rejected"].tolist()[3:]
     assert s["rejected_loss_mask"].tolist() == [0.0] * 5 + [1.0] * 4
-    with pytest.raises(DataFormatError, match="no usable samples"):
+    with pytest.raises(DataFormatError, match=r"no usable samples \({'dropped_overlong_pair': 1}\)"):
         load_dataset(f, kind="pairs", tokenizer=tok, template="raw", max_length=16, packing=True, overlong="drop")
-    assert last_report["dropped_overlong_pair"] == 1
     # the responses alone need 4 + 2 tokens: 12 tokens of prompt room is not enough for max_length 5
     with pytest.raises(DataFormatError, match="no usable samples"):
         load_dataset(f, kind="pairs", tokenizer=tok, template="raw", max_length=5, packing=True)

@@ -44,7 +44,8 @@ def _cfg(kind, hf_dir, train, out, **sections):
 
 def run_all(hf_dir, files, root):
     """Step-1 metrics of each configured run (or the error it raised, as text)."""
-    from aligner.algorithms.trainers import DPOTrainer, RewardModelTrainer
+    from aligner.algorithms.dpo import DPOTrainer
+    from aligner.algorithms.reward import RewardModelTrainer
 
     runs = {
         "rpo_sq": ("dpo", "rewards", {"dpo": {"loss_type": "rpo_sq", "eta": 1.0, "beta": 0.1}}),

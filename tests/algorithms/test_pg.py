@@ -32,7 +32,7 @@ def _setup(assets, out_dir, **pg):
     algo.prompt_pool = train
     loop = TrainingLoop(algo, policy, train, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
     samples = loop.global_batch(0)
-    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop._local(samples),
+    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop.local_share(samples),
                           micro_batch_size=4, seed=7)
     return trainer, loop, algo, context
 

@@ -33,7 +33,7 @@ KEYS = ("loss/policy", "grad_norm/policy_first", "grad_norm/policy", "policy/ent
 def _fixed_experience(context, vocab):
     """8 fixed prompt + response rows in 2 groups of 4 (the same on every layout); row 5 ends
     without EOS; this DP rank's share (whole groups)."""
-    from aligner.algorithms.experience import Experience
+    from aligner.algorithms.online import Experience
 
     g = torch.Generator().manual_seed(11)
     rows = []
@@ -75,7 +75,7 @@ def _one_update(workdir, assets, tag, tp, pp, micro_batch_size, pg):
     # the policy moved away from the reference (the initial weights), so the KL terms are not 0
     load_hf_weights(roles["policy"].modules, assets["policy_moved"], trainer.model_config())
     samples = loop.global_batch(0)
-    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop._local(samples),
+    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop.local_share(samples),
                           micro_batch_size=micro_batch_size, seed=7)
     exp = algo.maker.score_passes(context, _fixed_experience(context, assets["vocab"]))
     extra = algo.advantages(context, exp)
@@ -103,7 +103,7 @@ def _groups_of_a_step(workdir, assets):
     roles, algo = trainer.build_roles(policy, len(train))
     loop = TrainingLoop(algo, policy, train, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
     samples = loop.global_batch(0)
-    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop._local(samples),
+    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop.local_share(samples),
                           micro_batch_size=1, seed=7)
     exp = algo.maker.generate(context)
     return {"group": exp.group.tolist(), "sample_index": exp.sample_index.tolist(), "texts": exp.texts}

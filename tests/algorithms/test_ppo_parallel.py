@@ -18,7 +18,7 @@ RUN_KEYS = ("reward/mean", "response_length/mean", "loss/policy", "loss/value", 
 
 def _fixed_experience(context, vocab):
     """8 fixed prompt + response rows (the same on every layout); this DP rank's share."""
-    from aligner.algorithms.experience import Experience
+    from aligner.algorithms.online import Experience
 
     g = torch.Generator().manual_seed(11)
     rows = []
@@ -51,7 +51,7 @@ def run_layout(workdir, assets, tp, pp, with_run):
     out = {}
     # one PPO step (2 epochs x 2 mini-batches) on fixed experience
     cfg = ppo_config(assets, f"{workdir}/fixed", parallel={"tp": tp, "pp": pp}, optim={"lr": 1e-4},
-                     ppo={"ppo_epochs": 2, "mini_batch_size": 4, "kl_coef": 0.05, "entropy_coef": 0.01,
+                     ppo={"epochs": 2, "mini_batch_size": 4, "kl_coef": 0.05, "entropy_coef": 0.01,
                           "reference": "model"})
     trainer = PPOTrainer(cfg)
     trainer.init_parallel()
@@ -64,7 +64,7 @@ def run_layout(workdir, assets, tp, pp, with_run):
 
     load_hf_weights(roles["policy"].modules, assets["policy_moved"], trainer.model_config())
     context = StepContext(roles=loop.roles, step=0, samples=loop.global_batch(0),
-                          local_samples=loop._local(loop.global_batch(0)), micro_batch_size=4, seed=7)
+                          local_samples=loop.local_share(loop.global_batch(0)), micro_batch_size=4, seed=7)
     exp = algo.maker.score_passes(context, _fixed_experience(context, assets["vocab"]))
     extra = algo.advantages(context, exp)
     metrics = algo.experience_metrics(context, exp, extra)
@@ -76,7 +76,7 @@ def run_layout(workdir, assets, tp, pp, with_run):
 
         run_dir = f"{workdir}/run"
         PPOTrainer(ppo_config(assets, run_dir, parallel={"tp": tp, "pp": pp}, trainer={"max_steps": 3},
-                              ppo={"ppo_epochs": 2, "mini_batch_size": 4})).fit()
+                              ppo={"epochs": 2, "mini_batch_size": 4})).fit()
         import torch.distributed as dist
 
         if dist.get_rank() == 0:

@@ -91,9 +91,10 @@ def _pure_step0(workdir):
                 counts.append(float(mask[1:].sum()))
     cat = lambda k: torch.cat([s[k] for s in batch])  # noqa: E731
     t = torch.tensor(logps, dtype=torch.float64)
-    want, _ = steerlm2_loss(t, torch.tensor(counts), cat("log_p_attr"), cat("log_p_sft"), cat("log_q_prime"), GROUP)
+    loss_sum, tokens, _ = steerlm2_loss(t, torch.tensor(counts), cat("log_p_attr"), cat("log_p_sft"),
+                                        cat("log_q_prime"), GROUP)
     got = loop.train_step()["loss"]
-    return float(want), got
+    return float(loss_sum / tokens), got
 
 
 def _identical_grad_norm(workdir):

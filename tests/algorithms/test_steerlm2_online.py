@@ -1,7 +1,7 @@
 """SteerLM 2.0 with sampling inside the run (docs/steerlm.md).
 
-- the weights, baseline, distance and gradient for a group of 4 against values worked out
-  by hand; Beta bin probabilities against a numeric integration of the Beta density;
+- Beta bin probabilities against a numeric integration of the Beta density (the group
+  weights and loss by hand: tests/algorithms/losses/test_steerlm.py);
 - the scored samples against transformers: ``log Q'(y|a,x)`` (the SteerLM model on the
   labelled prompt), ``log P(y|x)`` (the SFT model on the unlabelled prompt) and
   ``log P(a|x,y)`` (the reward model's outputs through the Beta model) for every sampled
@@ -28,32 +28,6 @@ def t(x):
 
 
 # ====================================================================== losses by hand
-def test_group_of_four_weights_baseline_distance_by_hand():
-    from aligner.algorithms.losses.steerlm import steerlm2_loss, steerlm2_weights
-
-    ln2, ln4 = math.log(2), math.log(4)
-    q_prime = t([-6.0, -8.0, -4.0, -10.0])
-    q_theta = t([-6.0, -8.0 + ln2, -4.0 + ln2, -10.0])  # b' logits = q_θ − q' = [0, ln2, ln2, 0]
-    attr = t([-1.0, -2.0, -3.0, -0.5])
-    p_y = q_prime + t([ln4 + 1.0, ln2 + 2.0, 3.0, 0.5])  # w' logits = attr + p_y − q' = [ln4, ln2, 0, 0]
-    w, b = steerlm2_weights(attr, p_y, q_prime, q_theta, 4)
-    # w' = [4, 2, 1, 1] / 8, b' = [1, 2, 2, 1] / 6
-    torch.testing.assert_close(w, t([1 / 2, 1 / 4, 1 / 8, 1 / 8]), atol=1e-15, rtol=0)
-    torch.testing.assert_close(b, t([1 / 6, 1 / 3, 1 / 3, 1 / 6]), atol=1e-15, rtol=0)
-    policy = q_theta.clone().requires_grad_()
-    loss, stats = steerlm2_loss(policy, t([4.0, 6.0, 3.0, 7.0]), attr, p_y, q_prime, 4)
-    # w' − b' = [1/3, −1/12, −5/24, −1/24]; T̄ = 5; L = Σ (w' − b')(−log Q_θ) / 5
-    nll = [6.0, 8.0 - ln2, 4.0 - ln2, 10.0]
-    want = (nll[0] / 3 - nll[1] / 12 - 5 * nll[2] / 24 - nll[3] / 24) / 5
-    assert abs(float(loss.detach()) - want) < 1e-12
-    loss.backward()
-    torch.testing.assert_close(policy.grad, t([-1 / 15, 1 / 60, 1 / 24, 1 / 120]), atol=1e-15, rtol=0)
-    # distance Σ w' log(w'/b') = ½ ln 3 + ¼ ln ¾ + ⅛ ln ⅜ + ⅛ ln ¾
-    kl = 0.5 * math.log(3) + 0.25 * math.log(0.75) + 0.125 * math.log(0.375) + 0.125 * math.log(0.75)
-    assert abs(float(stats["kl_w_b"]) - kl) < 1e-6
-    assert abs(float(stats["weight_max"]) - 0.5) < 1e-7
-
-
 def _beta_mass_numeric(lo, hi, a, b, steps=20000):
     """∫_lo^hi Beta(x; a, b) dx by composite Simpson on the log-density (a, b > 1: a smooth integrand)."""
     log_norm = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)

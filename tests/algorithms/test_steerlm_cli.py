@@ -179,6 +179,10 @@ def test_steerlm_label_requests():
     with pytest.raises(ValueError, match="'verbosty' is not one of the attributes helpfulness, correctness,"
                                          " coherence, complexity, verbosity"):
         steerlm_label("verbosty=0")
+    # an attribute named twice is refused, not silently the last value
+    with pytest.raises(ValueError, match="^attribute request 'helpfulness=4,helpfulness=0': 'helpfulness' is named"
+                                         " twice$"):
+        steerlm_label("helpfulness=4,helpfulness=0")
 
 
 def test_steerlm2_config_errors_name_the_key():

@@ -58,10 +58,8 @@ def test_helpsteer2_preference_pairs(tmp_path, word_tokenizer):
         {"split": "train", "prompt": "what is 2", "response_1": "bad", "response_2": "good", "preference_strength": 3},
         {"split": "train", "prompt": "what is 2", "response_1": "ok", "response_2": "fine", "preference_strength": 0},
     ]
-    from aligner.data.datasets import last_report
-
     s = load_dataset(_write(tmp_path / "pref.jsonl", rows), kind="pairs", tokenizer=tok, template="extra_id")
-    assert len(s) == 2 and last_report["dropped_tie"] == 1  # ties dropped, and counted
+    assert len(s) == 2 and s.report["dropped_tie"] == 1  # ties dropped, and counted
     head = ["<extra_id_0>", "System"] + DEFAULT_SYSTEM.split() + ["<extra_id_1>", "User", "what", "is", "2",
                                                                     "<extra_id_1>", "Assistant"]
     assert s[0]["chosen"].tolist() == _ids(v, head + ["good", "<extra_id_2>"])
@@ -91,17 +89,15 @@ def test_openai_messages_with_chat_template(tmp_path, word_tokenizer):
 
 
 def test_prompts_and_overlength_policies(tmp_path, word_tokenizer):
-    from aligner.data.datasets import last_report
-
     tok = load_tokenizer(word_tokenizer["plain"])
     f = _write(tmp_path / "sft.jsonl", [{"system": "be nice", "conversations": [
         {"from": "User", "value": "hi there hi there"}, {"from": "Assistant", "value": "hello"}]},
         {"system": "be", "conversations": [{"from": "User", "value": "hi"}, {"from": "Assistant", "value": "ok"}]}])
     t = load_dataset(f, kind="sft", tokenizer=tok, template="extra_id", max_length=10, overlong="truncate_left")
-    assert len(t) == 2 and t[0]["tokens"].numel() == 10 and last_report["truncated_left"] == 1
+    assert len(t) == 2 and t[0]["tokens"].numel() == 10 and t.report["truncated_left"] == 1
     assert t[0]["loss_mask"][-2:].tolist() == [1.0, 1.0]  # the response survives, the prompt lost its left end
     d = load_dataset(f, kind="sft", tokenizer=tok, template="extra_id", max_length=10, overlong="drop")
-    assert len(d) == 1 and last_report["dropped_overlong"] == 1
+    assert len(d) == 1 and d.report["dropped_overlong"] == 1
     p = load_dataset(f, kind="prompts", tokenizer=tok, template="extra_id")[0]
     assert p["prompt_tokens"].tolist()[-2:] == [word_tokenizer["vocab"]["<extra_id_1>"], word_tokenizer["vocab"]["Assistant"]]
 

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from aligner.data import DataFormatError, load_dataset, load_tokenizer
-from aligner.data.datasets import last_report, read_jsonl
+from aligner.data.datasets import read_rows
 
 HS2 = {"prompt": "hi", "response": "hello", "helpfulness": 3, "correctness": 3, "coherence": 4, "complexity": 1,
        "verbosity": 1}
@@ -87,7 +87,7 @@ def test_malformed_row_names_file_line_and_field(tmp_path, fmt, good, bad, expec
         path = _write(tmp_path / "bad.jsonl", good, bad)
         line = 3
     with pytest.raises(DataFormatError) as err:
-        list(read_jsonl(path, fmt))
+        list(read_rows(path, fmt))
     msg = str(err.value)
     assert f"{path}:{line}" in msg and expected in msg, msg
 
@@ -102,10 +102,11 @@ def test_skip_invalid_reports_counts(tmp_path, word_tokenizer):
         load_dataset(path, kind="pairs", tokenizer=tok)
     samples = load_dataset(path, kind="pairs", tokenizer=tok, skip_invalid=True)
     assert len(samples) == 3
-    assert last_report["invalid: field 'chosen' is empty"] == 1
-    assert last_report["invalid: field 'rejected' is empty"] == 1
-    assert last_report["invalid: not valid JSON"] == 1
-    assert last_report["samples"] == 3
+    report = samples.report
+    assert report["invalid: field 'chosen' is empty"] == 1
+    assert report["invalid: field 'rejected' is empty"] == 1
+    assert report["invalid: not valid JSON"] == 1
+    assert report["samples"] == 3
 
 
 def test_wrong_kind_of_file_is_an_error_even_with_skip_invalid(tmp_path, word_tokenizer):

@@ -106,3 +106,32 @@ def test_select_pairs():
     assert select_pairs([2.0, 2.0], False, None) == []
     assert select_pairs([1.0, 3.0, 2.0], True, 1.0) == [(1, 0), (1, 2), (2, 0)]
     assert select_pairs([1.0, 1.5], False, 1.0) == []
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["rm", "bon", "POLICY", "PROMPTS", "--proxy", REWARD, "--n", "0", "--out", "OUT"],
+     "aligner rm: error: --n 0: expected an integer >= 1"),
+    (["rm", "bon", "POLICY", "PROMPTS", "--proxy", REWARD, "--num-prompts", "0", "--out", "OUT"],
+     "aligner rm: error: --num-prompts 0: expected an integer >= 1"),
+    (["rm", "bon", "POLICY", "PROMPTS", "--proxy", REWARD, "--gold", "world:helpfulnes", "--out", "OUT"],
+     "aligner rm: error: --gold 'world:helpfulnes': 'helpfulnes' is not an attribute of the world's scorer; expected"
+     " world or world:ATTRIBUTE with ATTRIBUTE one of helpfulness, correctness, coherence, complexity, verbosity"),
+    (["rm", "bon", "POLICY", "PROMPTS", "--proxy", REWARD, "--out", "OUT"],  # --gold world on prompts of no world
+     "aligner rm: error: PROMPTS:1: not a prompt of the embedded world (no task fields 'family', 'answer', 'args'),"
+     " which --gold world needs to score its responses"),
+    (["data", "pairs", "POLICY", "PROMPTS", "OUT", "--reward", REWARD, "--n", "1"],
+     "aligner data: error: --n 1: expected an integer >= 2 (a pair needs two samples of a prompt)"),
+    (["data", "pairs", "POLICY", "PROMPTS", "OUT", "--reward", REWARD, "--min-gap", "nan"],
+     "aligner data: error: --min-gap nan: expected a finite number >= 0.0"),
+    (["data", "pairs", "POLICY", "PROMPTS", "OUT", "--reward", "tests.algorithms.ppo_setup:nosuch"],
+     "aligner data: error: --reward 'tests.algorithms.ppo_setup:nosuch': module 'tests.algorithms.ppo_setup' has no"
+     " 'nosuch'"),
+])
+def test_values_no_sampling_can_use_are_refused_before_any_model(assets, tmp_path, capsys, argv, line):
+    from aligner.cli.main import main
+
+    paths = {"POLICY": assets["policy"], "PROMPTS": assets["prompts"], "OUT": str(tmp_path / "out")}
+    assert main([paths.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0] == line.replace("PROMPTS", assets["prompts"]), err
+    assert not (tmp_path / "out").exists()

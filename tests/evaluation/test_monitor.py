@@ -4,7 +4,6 @@ transformers, a DPO run with an ensemble proxy (training unchanged by the monito
 over-optimisation demonstration (a proxy that rewards length: the warning fires and the
 best-gold policy is not the last)."""
 import json
-import logging
 import math
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 
 from tests.algorithms.ppo_setup import make_assets, ppo_config
+from tests.log_messages import kept_messages
 
 GOLD = {"kind": "function", "function": "tests.algorithms.ppo_setup:word_reward"}
 
@@ -167,7 +167,7 @@ def _dpo_config(assets, tmp_path, out, monitor):
 
 
 def test_monitor_on_a_dpo_run_with_an_ensemble_proxy_leaves_training_unchanged(assets, tmp_path):
-    from aligner.algorithms.trainers import DPOTrainer
+    from aligner.algorithms.dpo import DPOTrainer
     from aligner.parallel import destroy
 
     proxies = [{"kind": "model", "path": assets["rm"], "reward_attribute": "LABEL_0"}, GOLD]
@@ -190,17 +190,6 @@ def test_monitor_on_a_dpo_run_with_an_ensemble_proxy_leaves_training_unchanged(a
 
 
 # ---------------------------------------------------------------------------- hacking
-class _Messages(logging.Handler):
-    """Keeps the messages of the ``aligner`` logger (whatever stream its own handler writes to)."""
-
-    def __init__(self):
-        super().__init__()
-        self.messages = []
-
-    def emit(self, record):
-        self.messages.append(record.getMessage())
-
-
 def test_a_length_rewarding_proxy_is_caught(assets, tmp_path):
     """RL against a proxy that pays for length: the proxy rises, the gold (which charges
     0.25 per word) falls; the monitor warns, the best-gold policy is an early one, not the
@@ -209,25 +198,21 @@ def test_a_length_rewarding_proxy_is_caught(assets, tmp_path):
     from aligner.models.checkpoint import find_latest
 
     out = tmp_path / "hack"
-    cfg = ppo_config(assets, str(out), trainer={"max_steps": 8, "export_hf": False},
+    # a learning rate at which the hacking is clear: gold falls by 0.69 ± 0.19 (paired SE over 64
+    # samples) at step 2, beyond the two standard errors a warning needs (at 1e-3, 0.34 ± 0.20: noise)
+    cfg = ppo_config(assets, str(out), trainer={"max_steps": 8, "export_hf": False}, optim={"lr": 3e-3},
                      ppo={"reward": {"kind": "function", "function": "tests.evaluation.test_monitor:length_reward"},
                           "generation": {"max_new_tokens": 16}, "kl_coef": 0.0},
                      monitor=_monitor(assets, num_prompts=16, samples_per_prompt=4, max_new_tokens=16,
                                       warn_drop=0.2, early_stop=True,
                                       gold={"kind": "function",
                                             "function": "tests.evaluation.test_monitor:short_answer_gold"}))
-    from aligner.runtime import get_logger
-
-    kept = _Messages()
-    get_logger("aligner.evaluation.monitor").parent.addHandler(kept)
-    try:
+    with kept_messages() as messages:
         result = PPOTrainer(cfg).fit()
-    finally:
-        logging.getLogger("aligner").removeHandler(kept)
     rows = _rows(out)
     assert rows[-1]["proxy"] > rows[0]["proxy"] and rows[-1]["gold"] < rows[0]["gold"] - 0.2, rows
     assert rows[-1]["overoptimized"] == 1.0 and all(r["overoptimized"] == 0.0 for r in rows[:-1])
-    assert any(m.startswith(f"monitor: reward over-optimisation at step {rows[-1]['step']}:") for m in kept.messages)
+    assert any(m.startswith(f"monitor: reward over-optimisation at step {rows[-1]['step']}:") for m in messages)
     best = json.loads((out / "best_gold" / "monitor.json").read_text())
     assert best["step"] < rows[-1]["step"] and best["gold"] == max(r["gold"] for r in rows)
     # early stop: training ended at the warning, with a checkpoint of that step

@@ -98,3 +98,40 @@ def test_sequence_kl_sums_response_tokens_only():
     ref = torch.tensor([[-9.0, -2.5, -2.0], [-0.5, -1.5, -0.5]])
     mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
     assert sequence_kl(logp, ref, mask).tolist() == [0.5 - 1.0, 1.0]
+
+
+def test_a_peak_is_reported_only_within_the_measured_range():
+    from aligner.evaluation.overoptimization import describe_peak
+
+    d = [0.5, 1.0, 1.5]
+    # gold falls from the start (α < 0): the formula's α / (2β) = -0.75 is no distance
+    falling = fit_form(d, [float(gold_bon(x, -0.3, 0.2)) for x in d], "bon")
+    assert falling.alpha == pytest.approx(-0.3) and falling.beta == pytest.approx(0.2)
+    assert falling.d_peak is None and falling.gold_peak is None
+    assert describe_peak(falling, 1.5) == "no peak within the measured range (d <= 1.500)"
+    beyond = fit_form(d, [float(gold_bon(x, 1.0, 0.1)) for x in d], "bon")  # d* = 5
+    assert beyond.d_peak == pytest.approx(5.0)
+    assert describe_peak(beyond, 1.5) == ("no peak within the measured range (d <= 1.500); the fitted curve would"
+                                          " peak at d = 5.000")
+    inside = fit_form(d, [float(gold_bon(x, 1.0, 0.5)) for x in d], "bon")  # d* = 1
+    assert describe_peak(inside, 1.5) == "peak at d = 1.000"
+
+
+def test_the_warning_needs_a_drop_beyond_two_standard_errors():
+    from aligner.evaluation.overoptimization import gold_drop, is_overoptimized
+
+    # noise: one sample of 8 below its best; paired differences [0, 0, 0, 1, 0, 0, 0, 0]
+    best, now = [1, 1, 0, 1, 0, 0, 1, 0], [1, 1, 0, 0, 0, 0, 1, 0]
+    drop, se = gold_drop(best, now)
+    assert drop == 0.125 and se == pytest.approx(math.sqrt(1 / 8) / math.sqrt(8))  # sd 0.354 / sqrt(8)
+    assert not is_overoptimized(drop, se, proxy_rise=0.5, warn_drop=0.1)
+    # a real fall: differences six 1s and two 0s, mean 0.75, SE sqrt(3/14 / 8) = 0.164
+    drop, se = gold_drop([1] * 8, [0] * 6 + [1] * 2)
+    assert drop == 0.75 and se == pytest.approx(math.sqrt(3 / 14 / 8))
+    assert is_overoptimized(drop, se, proxy_rise=0.5, warn_drop=0.1)
+    assert not is_overoptimized(drop, se, proxy_rise=-0.5, warn_drop=0.1)  # the proxy fell too
+    assert not is_overoptimized(drop, se, proxy_rise=0.5, warn_drop=0.8)  # smaller than warn_drop
+    # evaluations of other sizes compare unpaired; one sample has no SE: never significant
+    drop, se = gold_drop([1, 0] * 4, [0] * 6)
+    assert drop == 0.5 and se == pytest.approx(math.sqrt(2 / 7) / math.sqrt(8))
+    assert not is_overoptimized(*gold_drop([1.0], [0.0]), proxy_rise=1.0, warn_drop=0.1)

@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from tests import pyproc
 
@@ -163,3 +164,142 @@ def test_tensorboard_drops_the_events_after_the_resumed_step(tmp_path):
     fresh.log(1, "train", {"loss": 5.0})
     fresh.close()
     assert scalars() == [(1, 5.0)]
+
+
+# ---------------------------------------------------------------------------- a finished run
+@pytest.fixture(scope="module")
+def done_run(world):
+    """A finished 2-step SFT run in its own folder (the tests above change sft_run's)."""
+    root, vocab = world
+    common = ["train", "sft", "data.train=sft.jsonl", "data.tokenizer=tok", "trainer.max_steps=2",
+              "trainer.out_dir=done_run", "data.validation=sft.jsonl", *_tiny(vocab)]
+    first = _aligner(*common, cwd=root)
+    assert first.returncode == 0, first.stderr
+    return root, common
+
+
+def test_rerunning_a_finished_run_changes_nothing(done_run):
+    root, common = done_run
+    run = root / "done_run"
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*")) if p.is_file()}
+    result = json.loads((run / "result.json").read_text())
+    assert result["step"] == 2 and result["train"]["loss"] > 0 and result["val"]["loss"] > 0
+    again = _aligner(*common, cwd=root)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from step 2: the run is complete (trainer.max_steps = 2), nothing to train" in again.stderr
+    assert json.loads((run / "result.json").read_text()) == result
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before}
+    changed = [str(p.relative_to(run)) for p in before if after[p][0] != before[p][0]]
+    assert changed == [], changed
+    # the HF export is not written again (only a missing one is)
+    assert all(after[p][1] == before[p][1] for p in before if "hf" in p.parts)
+
+
+def test_learning_rate_zero_trains_nothing(world, done_run):
+    """optim.lr=0 is accepted (a parity check, an evaluation-only pass): the exported weights
+    are the initial ones."""
+    from safetensors.torch import load_file
+
+    root, vocab = world
+    out = _aligner("train", "sft", "init.hf=done_run/hf", "data.train=sft.jsonl", "data.tokenizer=tok",
+                   "trainer.max_steps=1", "optim.lr=0", "optim.min_lr=0", "trainer.out_dir=lr0", *_tiny(vocab), cwd=root)
+    assert out.returncode == 0, out.stderr
+    initial, trained = load_file(root / "done_run" / "hf" / "model.safetensors"), \
+        load_file(root / "lr0" / "hf" / "model.safetensors")
+    assert initial.keys() == trained.keys()
+    assert all(torch.equal(initial[k], trained[k]) for k in initial)
+    assert json.loads((root / "lr0" / "result.json").read_text())["train"]["lr"] == 0.0
+
+
+def test_a_fresh_start_removes_every_output_a_run_of_any_algorithm_writes(tmp_path):
+    from aligner.training.run_folder import start_fresh
+
+    # what runs of other algorithms leave: PPO's critic export, the monitor's best-gold policy
+    # (and the folders of its swap), SteerLM 2.0's sampled groups; plus a file of the user's
+    left = ["checkpoints/step_0000002/extra.json", "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard/events",
+            "wandb.json", "hf/config.json", "hf_critic/config.json", "tokenizer/tokenizer.json", "result.json",
+            "config.yaml", "config.yaml.tmp", "best_gold/monitor.json", "best_gold.old/monitor.json",
+            "best_gold.tmp-7/config.json", "steerlm2_samples/iteration_0.jsonl", "notes.txt"]
+    for name in left:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    removed = start_fresh(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert len(removed) == len({name.split("/")[0] for name in left}) - 1
+
+
+def test_speed_only_knobs_may_change_on_resume():
+    """How many rollouts are generated or responses scored together changes the time a step
+    takes, not what it computes; sampling settings do change it."""
+    recorded = {"pg": {"generation": {"max_batch": 64, "temperature": 1.0}, "reward": {"micro_batch_size": 8}},
+                "ppo": {"generation": {"max_batch": 64}, "reward": {"micro_batch_size": 8}},
+                "steerlm2": {"generation": {"max_batch": 64}, "reward_micro_batch_size": 8},
+                "monitor": {"micro_batch_size": 8}, "trainer": {"micro_batch_size": 2, "save_on_signal": True}}
+    faster = {"pg": {"generation": {"max_batch": 8, "temperature": 1.0}, "reward": {"micro_batch_size": 2}},
+              "ppo": {"generation": {"max_batch": 8}, "reward": {"micro_batch_size": 2}},
+              "steerlm2": {"generation": {"max_batch": 8}, "reward_micro_batch_size": 2},
+              "monitor": {"micro_batch_size": 2}, "trainer": {"micro_batch_size": 1, "save_on_signal": False}}
+    assert config_diff(recorded, faster) == []
+    hotter = json.loads(json.dumps(faster))
+    hotter["pg"]["generation"]["temperature"] = 0.7
+    assert config_diff(recorded, hotter) == [("pg.generation.temperature", 1.0, 0.7)]
+
+
+# ---------------------------------------------------------------------------- signals
+def _wait_for_step(run, step, proc, timeout=240.0):
+    """Wait until the run in ``run`` has logged training step ``step`` (fails if it ends first)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the run ended before it was signalled"
+        path = run / "metrics.jsonl"
+        if path.is_file() and any(json.loads(x).get("step", 0) >= step for x in path.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout} s")
+
+
+def test_sigterm_saves_a_checkpoint_and_ctrl_c_names_the_last_one(world, tmp_path):
+    """A real training process: SIGTERM to its whole process group (as Slurm sends it)
+    finishes the step, saves a checkpoint and stops with one line naming it (exit 143);
+    the same command resumes from it, and Ctrl-C (SIGINT) stops at once with one line naming
+    the last complete checkpoint (exit 130). No traceback either way."""
+    import os
+    import signal
+
+    from aligner.models.checkpoint import find_latest
+
+    root, vocab = world
+    run = tmp_path / "signalled"
+    cmd = [sys.executable, "-W", "ignore", "-m", "aligner.cli.main", "train", "sft", f"data.train={root / 'sft.jsonl'}",
+           f"data.tokenizer={root / 'tok'}", "trainer.max_steps=100000", "trainer.save_interval=1000",
+           f"trainer.out_dir={run}", *_tiny(vocab)]
+
+    def signalled(sig, group, step):
+        err = tmp_path / f"stderr_{sig}"
+        proc = pyproc.start(cmd, cwd=root, stderr=err)
+        try:
+            _wait_for_step(run, step, proc)
+            (os.killpg if group else os.kill)(proc.pid, sig)
+            code = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+        return code, err.read_text().splitlines()
+
+    code, lines = signalled(signal.SIGTERM, True, 2)
+    latest = find_latest(run / "checkpoints")
+    assert code == 143 and latest is not None, lines
+    saved = int(latest.name.split("_")[1])
+    assert lines[-1] == (f"aligner train: stopped by SIGTERM after step {saved}: saved the checkpoint {latest};"
+                         " the same command resumes from it"), lines
+    assert not any("Traceback" in line or "error" in line for line in lines), lines
+    assert not (run / "result.json").exists()
+
+    code, lines = signalled(signal.SIGINT, False, saved + 2)
+    assert code == 130, lines
+    assert any(line == f"[aligner rank 0] [sft] resumed from step {saved}" for line in lines), lines
+    assert lines[-1].startswith("aligner train: interrupted (Ctrl-C) at step ")
+    assert lines[-1].endswith(f"; the last complete checkpoint is {latest}: the same command resumes from it")
+    assert find_latest(run / "checkpoints") == latest
+    assert not any("Traceback" in line for line in lines), lines

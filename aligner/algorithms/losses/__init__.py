@@ -1,68 +1,72 @@
-"""Pure loss functions of every algorithm, one module per family.
+"""Pure loss functions, one module per concept, each implemented once: the function the
+trainers call is the one the tests check (docs/architecture.md).
 
-Each loss is a plain torch function of already-reduced quantities (per-sequence
-log-probs, per-token log-probs with a mask, head outputs) and returns ``(loss, stats)``:
-a scalar tensor carrying the graph, and a dict of detached scalar tensors worth logging.
-Nothing here knows about parallelism: a trainer calls these from its megatron-core loss
-function on the last pipeline stage and sums summable statistics over data-parallel ranks.
+Each is a plain torch function of already-reduced quantities (per-sequence log-probs,
+per-token log-probs with a mask, head outputs); nothing here knows about parallelism.
 
-- :mod:`.common`: masked reductions and whitening
-- :mod:`.reward`: regression and Bradley-Terry reward models, attribute weights, ExPO
-- :mod:`.preference`: the DPO family
-- :mod:`.policy_gradient`: PPO and the REINFORCE family
-- :mod:`.steerlm`: SteerLM 2.0
+- :mod:`.common`: masked reductions, whitening, group reductions
+- :mod:`.kl`: the KL estimators (k1, abs, k2, k3, k3+)
+- :mod:`.advantages`: advantage estimators by name (RLOO, GRPO, Dr. GRPO, REINFORCE++, GAE), DAPO's shaping
+- :mod:`.policy`: clipped surrogate, REINFORCE token loss, aggregation, the policy objective
+- :mod:`.value`: the critic's clipped value loss
+- :mod:`.preference`: the DPO family by name
+- :mod:`.reward`: regression and Bradley-Terry reward models, running moments, ExPO
+- :mod:`.steerlm`: SteerLM 2.0 weights and loss, the Beta model of attribute likelihoods
 """
 from aligner.algorithms.losses.common import (  # noqa: F401
-    masked_sum,
-    masked_mean,
-    sequence_logps,
-    masked_moments,
-    moments_mean_var,
-    masked_whiten,
-    Stats,
-    LossAndStats,
     Group,
+    LossAndStats,
+    Stats,
+    group_softmax,
+    masked_mean,
+    masked_moments,
+    masked_sum,
+    masked_whiten,
+    moments_mean_var,
+    sequence_logps,
 )
-from aligner.algorithms.losses.reward import (  # noqa: F401
-    masked_mse_loss,
-    bt_accuracy,
-    BT_KINDS,
-    bradley_terry_loss,
-    HELPSTEER2_ATTRIBUTES,
-    REWARDBENCH_WEIGHTS_70B,
-    REWARDBENCH_WEIGHTS_340B,
-    GOODNESS_WEIGHTS,
-    combine_attributes,
-    RunningMoments,
-    expo_extrapolate,
+from aligner.algorithms.losses.kl import KL_ESTIMATORS, kl_estimate, sequence_mean_kl  # noqa: F401
+from aligner.algorithms.losses.advantages import (  # noqa: F401
+    ADVANTAGE_ESTIMATORS,
+    compute_advantages,
+    gae_advantages,
+    groups_with_signal,
+    overlong_penalty,
+    ppo_token_rewards,
+    register_advantage,
 )
+from aligner.algorithms.losses.policy import (  # noqa: F401
+    AGGREGATIONS,
+    PolicyLossOptions,
+    aggregate,
+    clipped_surrogate,
+    policy_objective,
+    reinforce_token_loss,
+)
+from aligner.algorithms.losses.value import ppo_value_loss  # noqa: F401
 from aligner.algorithms.losses.preference import (  # noqa: F401
+    PREFERENCE_LOSSES,
     dpo_loss,
     ipo_loss,
-    rpo_sq_loss,
+    margin_dpo_loss,
+    preference_loss,
+    register_preference_loss,
     rpo_bwd_kl_loss,
     rpo_fwd_kl_loss,
-    margin_dpo_loss,
+    rpo_sq_loss,
     scaled_dpo_loss,
-    PreferenceLossFn,
-    PREFERENCE_LOSSES,
-    register_preference_loss,
-    preference_loss,
 )
-from aligner.algorithms.losses.policy_gradient import (  # noqa: F401
-    KL_KINDS,
-    kl_penalty,
-    ppo_token_rewards,
-    gae_advantages,
-    ppo_policy_loss,
-    ppo_value_loss,
-    group_softmax,
-    rloo_advantages,
-    reinforce_loss,
+from aligner.algorithms.losses.reward import (  # noqa: F401
+    BT_KINDS,
+    RunningMoments,
+    bradley_terry_loss,
+    bt_accuracy,
+    expo_extrapolate,
+    masked_mse_loss,
 )
 from aligner.algorithms.losses.steerlm import (  # noqa: F401
-    steerlm2_weights,
-    steerlm2_loss,
-    beta_cdf,
     attribute_log_likelihood,
+    beta_cdf,
+    steerlm2_loss,
+    steerlm2_weights,
 )

@@ -1,10 +1,13 @@
-"""Shared checks and masked reductions of every loss family.
+"""Shared checks, masked reductions, whitening and group reductions of every loss family.
 
 Shape notation: ``b`` sequences (or pairs), ``s`` sequence positions, ``N`` head outputs.
-Masks are 1 (or True) where a position counts; float masks act as weights.
+Masks are 1 (or True) where a position counts; float masks act as weights. A ``group``
+is either an int k (rows come in consecutive blocks of k samples of one prompt) or [b]
+explicit group ids.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -68,6 +71,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = N
 
     An all-masked reduction is 0 (not NaN), and its gradient is 0.
     """
+    # the toolkit's one masked mean; aligner.models pulls megatron-core, so it is imported on
+    # first use (the loss registries are imported by config checks, which stay fast)
     from aligner.models.logprobs import masked_mean as _masked_mean
 
     return _masked_mean(values, _as_mask(mask, values, "mask"), dim)
@@ -126,3 +131,32 @@ def masked_whiten(
     if not shift_mean:
         out = out + mean
     return torch.where(m != 0, out, torch.zeros_like(out))
+
+
+# ------------------------------------------------------------------------------ groups
+def group_ids(group: Group, n: int, device=None) -> Tuple[torch.Tensor, int]:
+    """``(ids [n], number of groups)``: consecutive blocks of ``group`` rows, or explicit
+    ids [n] renumbered 0..g-1 in sorted order."""
+    if isinstance(group, int):
+        if group < 1 or n % group:
+            raise ValueError(f"{n} rows do not split into groups of {group} consecutive rows")
+        return torch.arange(n, device=device) // group, n // group
+    ids = torch.as_tensor(group, device=device).long()
+    if ids.shape != (n,):
+        raise ValueError(f"group ids must be [{n}], got shape {tuple(ids.shape)}")
+    uniq, ids = torch.unique(ids, return_inverse=True)
+    return ids, uniq.numel()
+
+
+def group_sum(x: torch.Tensor, ids: torch.Tensor, g: int) -> torch.Tensor:
+    """Per-group sums of the [b] values ``x``: [g]."""
+    return torch.zeros(g, dtype=x.dtype, device=x.device).index_add(0, ids, x)
+
+
+def group_softmax(logits: torch.Tensor, group: Group) -> torch.Tensor:
+    """Softmax of [b] logits within each group (max-shifted): [b]."""
+    ids, g = group_ids(group, logits.shape[0], logits.device)
+    peak = torch.full((g,), -math.inf, dtype=logits.dtype, device=logits.device).scatter_reduce(
+        0, ids, logits, reduce="amax")
+    e = (logits - peak[ids]).exp()
+    return e / group_sum(e, ids, g)[ids]

@@ -1,14 +1,52 @@
 """The DPO family: DPO, IPO, RPO (sq / fwd KL / bwd KL), margin and scaled DPO, and the
 entry point :func:`preference_loss` with the optional SFT term (docs/dpo.md).
+
+Every per-pair loss is registered by name with :func:`register_preference_loss`, which
+declares the pair fields it reads beyond the four log-probs and β (``strength``,
+``margin``, ``reward_gap``, ``eta``): :func:`preference_loss` passes exactly those, and
+the DPO trainer checks the data and the config against them (``dpo.eta`` only for
+losses that read it; every pair carries ``reward_gap`` for those that read that).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from aligner.algorithms.losses.common import LossAndStats, Stats, _check_pairs, _check_same_shape, _mean, _strength
+
+PreferenceLossFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A registered per-pair loss ``fn(pc, pr, rc, rr, beta, **inputs) -> [b]`` and the
+    pair fields it reads (``inputs``)."""
+
+    fn: PreferenceLossFn
+    inputs: Tuple[str, ...] = ()
+
+
+PREFERENCE_LOSSES: Dict[str, PreferenceLoss] = {}
+PAIR_INPUTS = ("strength", "margin", "reward_gap", "eta")  # what a loss may declare
+
+
+def register_preference_loss(name: str, *, inputs: Tuple[str, ...] = ()) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
+    """Register a per-pair loss ``fn(pc, pr, rc, rr, beta, **inputs) -> [b]`` as
+    ``dpo.loss_type = name``; ``inputs``: the pair fields of :data:`PAIR_INPUTS` it reads."""
+    unknown = sorted(set(inputs) - set(PAIR_INPUTS))
+    if unknown:
+        raise ValueError(f"preference loss {name!r}: inputs {unknown} are not among {list(PAIR_INPUTS)}")
+
+    def add(fn: PreferenceLossFn) -> PreferenceLossFn:
+        if name in PREFERENCE_LOSSES:
+            raise ValueError(f"preference loss {name!r} is already registered")
+        PREFERENCE_LOSSES[name] = PreferenceLoss(fn, tuple(inputs))
+        return fn
+
+    return add
 
 
 def _implicit_reward_stats(beta: float, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -45,7 +83,8 @@ def _reward_gap(reward_gap, like: torch.Tensor, kind: str) -> torch.Tensor:
     return gap
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **_) -> torch.Tensor:
+@register_preference_loss("dpo")
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta) -> torch.Tensor:
     """DPO (docs/dpo.md): ``−logσ(βΔ)`` per pair, [b] -> [b].
 
     Identical chosen and rejected (Δ = 0) give ``ln 2 = 0.693147``.
@@ -54,14 +93,16 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     return -F.logsigmoid(beta * delta)
 
 
-def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, **_) -> torch.Tensor:
+@register_preference_loss("ipo")
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta) -> torch.Tensor:
     """IPO (docs/dpo.md): ``(Δ − 1/(2β))²`` per pair, [b] -> [b]."""
     delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return (delta - 1.0 / (2.0 * beta)) ** 2
 
 
+@register_preference_loss("rpo_sq", inputs=("reward_gap", "eta"))
 def rpo_sq_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                reward_gap=None, eta=1.0, **_) -> torch.Tensor:
+                reward_gap=None, eta=1.0) -> torch.Tensor:
     """Reward-aware PO, squared (docs/dpo.md): ``(βΔ − η(r*_c − r*_r))²`` per pair.
 
     reward_gap: [b] ground-truth ``r*_c − r*_r``; eta: its scale ``η``.
@@ -78,17 +119,9 @@ def _bernoulli_kl(logit_p: torch.Tensor, logit_q: torch.Tensor) -> torch.Tensor:
     return log_p.exp() * (log_p - log_q) + log_1mp.exp() * (log_1mp - log_1mq)
 
 
-def rpo_bwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                    reward_gap=None, eta=1.0, **_) -> torch.Tensor:
-    """Reward-aware PO, backward KL (docs/dpo.md):
-    ``KL(Bern(σ(η(r*_c − r*_r))) ‖ Bern(σ(βΔ)))`` per pair — the target distribution first."""
-    delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    gap = _reward_gap(reward_gap, delta, "rpo_bwd_kl")
-    return _bernoulli_kl(eta * gap, beta * delta)
-
-
+@register_preference_loss("rpo_fwd_kl", inputs=("reward_gap", "eta"))
 def rpo_fwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                    reward_gap=None, eta=1.0, **_) -> torch.Tensor:
+                    reward_gap=None, eta=1.0) -> torch.Tensor:
     """Reward-aware PO, forward KL (docs/dpo.md): the reverse direction of
     :func:`rpo_bwd_kl_loss`, ``KL(Bern(σ(βΔ)) ‖ Bern(σ(η(r*_c − r*_r))))`` per pair."""
     delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
@@ -96,8 +129,19 @@ def rpo_fwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     return _bernoulli_kl(beta * delta, eta * gap)
 
 
+@register_preference_loss("rpo_bwd_kl", inputs=("reward_gap", "eta"))
+def rpo_bwd_kl_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                    reward_gap=None, eta=1.0) -> torch.Tensor:
+    """Reward-aware PO, backward KL (docs/dpo.md):
+    ``KL(Bern(σ(η(r*_c − r*_r))) ‖ Bern(σ(βΔ)))`` per pair — the target distribution first."""
+    delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    gap = _reward_gap(reward_gap, delta, "rpo_bwd_kl")
+    return _bernoulli_kl(eta * gap, beta * delta)
+
+
+@register_preference_loss("margin_dpo", inputs=("strength", "margin"))
 def margin_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                    strength=None, margin=None, **_) -> torch.Tensor:
+                    strength=None, margin=None) -> torch.Tensor:
     """Margin DPO from preference strength (docs/dpo.md, HelpSteer2-Preference):
     the margin Bradley-Terry loss on the implicit reward difference, ``−logσ(βΔ − m)``
     per pair, ``m`` = ``margin`` when given, else ``|strength|``."""
@@ -110,37 +154,14 @@ def margin_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     return -F.logsigmoid(beta * delta - m)
 
 
+@register_preference_loss("scaled_dpo", inputs=("strength",))
 def scaled_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-                    strength=None, **_) -> torch.Tensor:
+                    strength=None) -> torch.Tensor:
     """Scaled DPO from preference strength (docs/dpo.md, HelpSteer2-Preference):
     the scaled Bradley-Terry loss on the implicit reward difference, ``−m·logσ(βΔ)`` per
     pair with ``m = |strength|``."""
     delta = _delta(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     return -_strength(strength, delta, "scaled_dpo") * F.logsigmoid(beta * delta)
-
-
-PreferenceLossFn = Callable[..., torch.Tensor]
-PREFERENCE_LOSSES: Dict[str, PreferenceLossFn] = {
-    "dpo": dpo_loss,
-    "ipo": ipo_loss,
-    "rpo_sq": rpo_sq_loss,
-    "rpo_fwd_kl": rpo_fwd_kl_loss,
-    "rpo_bwd_kl": rpo_bwd_kl_loss,
-    "margin_dpo": margin_dpo_loss,
-    "scaled_dpo": scaled_dpo_loss,
-}
-
-
-def register_preference_loss(name: str) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
-    """Decorator adding a per-pair loss ``fn(pc, pr, rc, rr, beta, **kw) -> [b]`` to the registry."""
-
-    def add(fn: PreferenceLossFn) -> PreferenceLossFn:
-        if name in PREFERENCE_LOSSES:
-            raise ValueError(f"preference loss {name!r} is already registered")
-        PREFERENCE_LOSSES[name] = fn
-        return fn
-
-    return add
 
 
 def preference_loss(
@@ -167,10 +188,10 @@ def preference_loss(
     and rejected responses, each summed over response tokens or averaged per token (see
     :func:`sequence_logps`; both of a pair must use the same reduction). ``kind`` is a key
     of :data:`PREFERENCE_LOSSES`: ``dpo``, ``ipo``, ``rpo_sq``, ``rpo_fwd_kl``,
-    ``rpo_bwd_kl``, ``margin_dpo``, ``scaled_dpo``. Kind-specific inputs:
-    ``strength`` (|preference_strength|, margin/scaled), ``margin`` (margin_dpo, instead
-    of strength), ``reward_gap`` and ``eta`` (RPO). Inputs a kind does not use are
-    ignored, so a trainer may always pass its batch's fields.
+    ``rpo_bwd_kl``, ``margin_dpo``, ``scaled_dpo``, or one registered later. Kind-specific
+    inputs: ``strength`` (|preference_strength|, margin/scaled), ``margin`` (margin_dpo,
+    instead of strength), ``reward_gap`` and ``eta`` (RPO); the loss receives those it
+    declared, so a trainer may always pass its batch's fields.
 
     ``chosen_nll`` [b]: the SFT term's per-sequence NLL of the chosen response,
     ``−mean_t log π(y_t)``; required when ``sft_weight > 0``.
@@ -184,10 +205,10 @@ def preference_loss(
         raise ValueError(f"unknown preference loss {kind!r}; one of {sorted(PREFERENCE_LOSSES)}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
-    per_pair = PREFERENCE_LOSSES[kind](
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
-        strength=strength, margin=margin, reward_gap=reward_gap, eta=eta,
-    )
+    entry = PREFERENCE_LOSSES[kind]
+    given = {"strength": strength, "margin": margin, "reward_gap": reward_gap, "eta": eta}
+    per_pair = entry.fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+                        **{k: given[k] for k in entry.inputs})
     pref = per_pair.mean()
     total = preference_weight * pref
     stats: Stats = {"loss/preference": pref.detach()}

@@ -1,15 +1,26 @@
 """Reward-model losses: masked MSE regression, Bradley-Terry (regular / margin / scaled),
-attribute combination and ExPO (docs/reward_models.md).
+running reward moments and ExPO (docs/reward_models.md). How attribute outputs combine into
+one reward is the rewards layer's (:mod:`aligner.rewards.weights`).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 
-from aligner.algorithms.losses.common import LossAndStats, _as_mask, _check_pairs, _check_same_shape, _mean, _safe_count, _strength, masked_moments, moments_mean_var
+from aligner.algorithms.losses.common import (
+    LossAndStats,
+    _as_mask,
+    _check_pairs,
+    _check_same_shape,
+    _mean,
+    _safe_count,
+    _strength,
+    masked_moments,
+    moments_mean_var,
+)
 
 
 def masked_mse_loss(pred: torch.Tensor, labels: torch.Tensor, label_mask: torch.Tensor) -> LossAndStats:
@@ -86,49 +97,6 @@ def bradley_terry_loss(
         "margin": _mean(delta),
     }
     return loss, stats
-
-
-from aligner.data.formats import HELPSTEER2_ATTRIBUTES  # noqa: E402,F401  the one attribute list
-# r = w · ŷ (docs/reward_models.md). RewardBench weights of the HelpSteer2 regression RMs:
-REWARDBENCH_WEIGHTS_70B = {
-    "helpfulness": 0.65, "correctness": 0.8, "coherence": 0.45, "complexity": 0.55, "verbosity": -0.4,
-}
-REWARDBENCH_WEIGHTS_340B = {
-    "helpfulness": 0.3, "correctness": 0.74, "coherence": 0.46, "complexity": 0.47, "verbosity": -0.33,
-}
-# Reward for PPO / iterative DPO, standardised afterwards (see RunningMoments):
-GOODNESS_WEIGHTS = {"helpfulness": 0.65, "correctness": 0.8, "coherence": 0.45}
-
-
-def combine_attributes(
-    values: torch.Tensor,
-    weights: Union[Sequence[float], torch.Tensor, Mapping[str, float]],
-    attributes: Optional[Sequence[str]] = None,
-) -> torch.Tensor:
-    """Scalar reward from attribute predictions: ``r = w · ŷ`` (docs/reward_models.md).
-
-    values: [b, N]. weights: N numbers, or a name -> weight mapping together with
-    ``attributes`` (the head's N output names in order); attributes missing from the
-    mapping get weight 0, a mapping key that is not an attribute is an error.
-    Returns [b].
-    """
-    if values.dim() != 2:
-        raise ValueError(f"values must be [b, N], got shape {tuple(values.shape)}")
-    n = values.shape[1]
-    if isinstance(weights, Mapping):
-        if attributes is None:
-            raise ValueError("weights given by name need `attributes` (the head's output names in order)")
-        if len(attributes) != n:
-            raise ValueError(f"{len(attributes)} attribute names for a head of {n} outputs")
-        unknown = sorted(set(weights) - set(attributes))
-        if unknown:
-            raise ValueError(f"attribute weights name {unknown}, not among the head's attributes {list(attributes)}")
-        w = torch.tensor([float(weights.get(a, 0.0)) for a in attributes])
-    else:
-        w = torch.as_tensor(weights).flatten()
-        if w.numel() != n:
-            raise ValueError(f"{w.numel()} attribute weights for a head of {n} outputs")
-    return values @ w.to(device=values.device, dtype=values.dtype)
 
 
 class RunningMoments:

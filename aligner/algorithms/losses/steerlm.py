@@ -3,13 +3,11 @@ likelihoods (docs/steerlm.md).
 """
 from __future__ import annotations
 
-import math
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from aligner.algorithms.losses.common import Group, LossAndStats, _check_pairs
-from aligner.algorithms.losses.policy_gradient import _group_ids, _group_sum, group_softmax
+from aligner.algorithms.losses.common import Group, _check_pairs, group_ids, group_softmax, group_sum
 
 
 def steerlm2_weights(
@@ -23,7 +21,7 @@ def steerlm2_weights(
 
     ``w'_i = softmax_i(log P(a|x,y_i) + log P(y_i|x) − log Q'(y_i|a,x))`` and
     ``b'_i = softmax_i(log Q_θ(y_i|a,x) − log Q'(y_i|a,x))`` (no gradient).
-    All inputs [b] sequence log-probs; ``group`` as in :func:`rloo_advantages`.
+    All inputs [b] sequence log-probs; ``group``: k consecutive rows, or [b] group ids.
     Returns ``(w', b')`` [b], detached.
     """
     _check_pairs(log_p_attr=log_p_attr, log_p_y=log_p_y, log_q_prime=log_q_prime, log_q_theta=log_q_theta)
@@ -40,41 +38,42 @@ def steerlm2_loss(
     log_p_y: torch.Tensor,
     log_q_prime: torch.Tensor,
     group: Group,
-    avg_tokens: Optional[float] = None,
-) -> LossAndStats:
-    """SteerLM 2.0 loss (docs/steerlm.md).
+) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    """SteerLM 2.0 loss (docs/steerlm.md), as ``(loss_sum, token_count, sums)``.
 
     The gradient ``−Σ_i (w'_i − b'_i) ∇log Q_θ(y_i|a,x)`` per prompt, implemented as each
     sequence's NLL times ``(w' − b')`` divided by the average number of valid tokens:
 
-    ``L = (1/G) Σ_i (w'_i − b'_i) · (−log Q_θ(y_i|a,x)) / T̄``
+    ``L = (1/G) Σ_groups Σ_i (w'_i − b'_i) · (−log Q_θ(y_i|a,x)) / T̄``
 
-    summed over a group's responses and averaged over the G prompts of the batch.
+    over G groups of n responses with ``T̄`` their mean token count. It is returned as
+    ``loss_sum = Σ_groups n_g Σ_i (w'_i − b'_i)(−log Q_θ(y_i|a,x))`` and ``token_count =
+    Σ_i num_tokens_i`` (``L = loss_sum / token_count``): sums over the samples, so that the
+    training loop, which adds both over micro-batches and data-parallel ranks before
+    dividing, optimises the formula over the global batch (groups of unequal size weigh by
+    their size).
+
     policy_logps: [b] summed response log-probs under the model being trained (with
     grad; ``b'`` uses them detached); num_tokens: [b] valid response tokens; the other
-    inputs [b] precomputed. ``T̄`` = mean of num_tokens, unless ``avg_tokens`` (e.g. the
-    global-batch mean) is given.
+    inputs [b] precomputed; group: k consecutive rows, or [b] group ids.
 
-    Stats: ``loss``, ``kl_w_b`` (mean over groups of ``Σ_i w'_i log(w'_i / b'_i)``),
-    ``weight_max`` (mean of each group's largest w').
+    ``sums``: ``kl_w_b`` (Σ over groups of ``Σ_i w'_i log(w'_i / b'_i)``), ``weight_max``
+    (Σ over groups of the largest w'), ``groups`` (G): divide by ``groups`` for the means.
     """
     _check_pairs(policy_logps=policy_logps, num_tokens=num_tokens)
-    w, b = steerlm2_weights(log_p_attr, log_p_y, log_q_prime, policy_logps, group)
-    ids, g = _group_ids(group, policy_logps.shape[0], policy_logps.device)
-    t_bar = float(num_tokens.double().mean()) if avg_tokens is None else float(avg_tokens)
-    if not t_bar > 0:
-        raise ValueError(f"average number of valid tokens must be > 0, got {t_bar}")
-    loss = ((w - b) * -policy_logps).sum() / (g * t_bar)
+    ids, g = group_ids(group, policy_logps.shape[0], policy_logps.device)
+    w, b = steerlm2_weights(log_p_attr, log_p_y, log_q_prime, policy_logps, ids)
+    sizes = group_sum(torch.ones_like(policy_logps), ids, g)[ids]
+    loss_sum = ((w - b).to(policy_logps.dtype) * sizes * -policy_logps).sum()
+    token_count = num_tokens.sum()
     with torch.no_grad():
         wd, bd = w.double(), b.double()
         terms = torch.where(wd > 0, wd * (wd.log() - bd.log()), torch.zeros_like(wd))
-        w_max = torch.full((g,), -math.inf, dtype=wd.dtype, device=wd.device).scatter_reduce(0, ids, wd, reduce="amax")
-        stats = {
-            "loss": loss.detach(),
-            "kl_w_b": (_group_sum(terms, ids, g).mean()).float(),
-            "weight_max": w_max.mean().float(),
-        }
-    return loss, stats
+        w_max = torch.zeros(g, dtype=torch.float64, device=wd.device).scatter_reduce(
+            0, ids, wd, reduce="amax", include_self=False)
+        sums = {"kl_w_b": group_sum(terms, ids, g).sum(), "weight_max": w_max.sum(),
+                "groups": torch.tensor(float(g), dtype=torch.float64)}
+    return loss_sum, token_count, sums
 
 
 def beta_cdf(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, iterations: int = 300) -> torch.Tensor:

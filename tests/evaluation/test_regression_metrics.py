@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from aligner.algorithms.regression_metrics import RegressionAccumulator, regression_metrics
+from aligner.evaluation.regression_metrics import RegressionAccumulator, regression_metrics
 
 NAN = float("nan")
 PRED = torch.tensor([[1.0, 0.0], [2.0, 1.0], [3.0, 4.0]])

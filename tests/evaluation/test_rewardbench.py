@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from aligner.algorithms.rewardbench import (
+from aligner.evaluation.rewardbench import (
     SECTIONS,
     format_report,
     rewardbench_report,

@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from aligner.data.datasets import iter_json_objects
+from aligner.evaluation.overoptimization import Fit
+
 
 def read_metrics(path) -> List[dict]:
     """The rows of a ``metrics.jsonl`` (errors name file and line)."""
-    from aligner.data.datasets import iter_json_objects
-
     return [row for _, row in iter_json_objects(path)]
 
 
@@ -106,8 +107,6 @@ def plot_gold_proxy(curves: Mapping[str, Sequence[dict]], out_png, fits: Optiona
     standard error) and proxy reward (right), one line per run (``{"d", "gold", "proxy",
     ["gold_se"]}`` points). ``fits``: optional per-run fitted forms (aligner.evaluation
     .overoptimization.Fit.to_dict()) drawn dotted on the gold panel."""
-    from aligner.evaluation.overoptimization import Fit
-
     plt = _pyplot()
     fig, (ax_gold, ax_proxy) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, (name, points) in enumerate(curves.items()):

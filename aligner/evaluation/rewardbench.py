@@ -24,6 +24,8 @@ import math
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
+from aligner.data.datasets import iter_json_objects
+
 CORE_SECTIONS = ("Chat", "Chat Hard", "Safety", "Reasoning")
 SECTIONS: Dict[str, Dict[str, int]] = {
     "Chat": {
@@ -162,8 +164,6 @@ def _report(located_rows: Iterable, source: str) -> dict:
 def read_judged_rows(path: Union[str, Path]) -> List[Tuple[int, dict]]:
     """``(line number, row)`` of a jsonl file of judged rows (blank lines skipped).
     Errors name the file and line."""
-    from aligner.data.datasets import iter_json_objects
-
     return list(iter_json_objects(path))
 
 

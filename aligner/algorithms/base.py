@@ -1,0 +1,384 @@
+"""What every algorithm shares (docs/architecture.md): :class:`RunConfig`, the config
+sections of every run; :class:`Trainer`, one configured algorithm on the shared loop
+(checks, parallel layout, tokenizer, data, models, the monitor, the run folder);
+:class:`TokenAlgorithm`, micro-batches of sequences or groups of them; :func:`pair_margin`.
+
+``Trainer(cfg)`` takes a dict, DictConfig or schema dataclass and checks it (types,
+choices, ranges, combinations: :func:`aligner.config.validate_config`); ``fit()`` first
+checks what needs no process group (:mod:`aligner.training.preflight`), then initialises
+the layout, builds everything and runs :class:`aligner.training.loop.TrainingLoop`.
+
+Imports here are the config machinery and torch; what pulls megatron-core (the loop, the
+models, the parallel state) is imported where it is used, so that ``aligner train``
+reports a config mistake without loading it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from aligner.config import ConfigError, check_required, plain, validate_config
+from aligner.data.datasets import resolve_template, token_counts
+from aligner.evaluation.config import MonitorSection, check_monitor_sources
+from aligner.models.config import ModelConfig
+from aligner.parallel import ParallelConfig, get_device, initialize, is_initialized, set_seed
+from aligner.runtime import is_rank0
+from aligner.training import preflight as checks
+from aligner.training.algorithm import Algorithm
+from aligner.training.batching import packed_microbatches, padded_microbatch
+from aligner.training.config import (
+    DataSection,
+    DType,
+    InitSection,
+    ModelSection,
+    OptimSection,
+    ParallelSection,
+    TrainerSection,
+    model_fields,
+)
+from aligner.training.run_folder import check_resume, start_fresh, write_config
+
+
+# ------------------------------------------------------------------------------ config
+@dataclass
+class RunConfig:
+    """The sections every run has; an algorithm's schema adds its own (``rm``, ``dpo``, ...).
+
+    algorithm: which trainer a top-level config runs (a key of
+    :data:`aligner.algorithms.registry.TRAINERS`).
+    """
+
+    algorithm: str = MISSING
+    model: ModelSection = field(default_factory=ModelSection)
+    init: InitSection = field(default_factory=InitSection)
+    data: DataSection = field(default_factory=DataSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    monitor: MonitorSection = field(default_factory=MonitorSection)
+
+
+def init_from_hf() -> InitSection:
+    """``init`` of an algorithm that starts from a trained model: ``init.hf`` required."""
+    return InitSection(hf=MISSING)
+
+
+# ------------------------------------------------------------------------------ trainer
+class Trainer:
+    """One configured algorithm on the shared loop (module docstring). A subclass sets
+    ``schema`` and ``data_kind``, checks its section (:meth:`check`) and gives
+    :meth:`algorithm` (and, for more roles than the policy, :meth:`prepare`);
+    :func:`aligner.algorithms.registry.register_trainer` names it.
+
+    ``cfg`` is the checked config, typed (choices are :class:`aligner.config.Choice`
+    members) and resolved; :meth:`recorded` is its plain form, as the run folder records it.
+    """
+
+    name = ""
+    schema: type = RunConfig
+    data_kind = "sft"
+
+    def __init__(self, cfg: Any):
+        if not isinstance(cfg, (DictConfig, dict)):
+            cfg = OmegaConf.structured(cfg)
+        self.cfg = validate_config(self.derive(cfg), self.schema)
+        self.check(self.cfg)
+        OmegaConf.resolve(self.cfg)
+        self._model_cfg: Optional[ModelConfig] = None
+        self._tok = None
+
+    @classmethod
+    def derive(cls, cfg):
+        """Keys the algorithm derives from others before the config is checked (default: none)."""
+        return cfg
+
+    @classmethod
+    def check(cls, cfg: DictConfig) -> None:
+        """What the algorithm checks of a whole run beyond its sections' own checks (values
+        and combinations): a ConfigError naming the key."""
+
+    def recorded(self) -> dict:
+        """The config as recorded in the run folder (``config.yaml``): plain values."""
+        return plain(self.cfg)
+
+    # ---------------------------------------------------------------- before any process group
+    def preflight(self) -> bool:
+        """Everything that can be checked without a process group or a model; raises
+        ConfigError naming the key. Returns whether the run folder's run will be resumed."""
+        check_required(self.cfg, f"aligner train {self.name}")
+        c = self.cfg
+        checks.check_layer_spec(c)
+        checks.check_init(c)
+        checks.check_data_files(c)
+        checks.check_monitor(c)
+        check_monitor_sources(c.monitor)
+        self.check_data_rows()
+        checks.check_tokenizer(c)
+        checks.check_devices(c)
+        try:
+            mc = self.model_config()
+        except ConfigError:
+            raise
+        except (ValueError, FileNotFoundError) as exc:  # an HF config aligner cannot represent
+            raise ConfigError(f"init.hf = {c.init.hf!r}: {exc}") from None
+        checks.check_model(c, mc)
+        return check_resume(c.trainer.out_dir, self.recorded(), c.trainer.resume)
+
+    def check_data_rows(self) -> None:
+        """Every row of the data files read once (no tokenizer): a malformed row is reported
+        with its file and line before any process group or model exists."""
+        d = self.cfg.data
+        checks.check_rows((d.train, d.validation), self.data_kind, d.format, d.skip_invalid)
+
+    # ---------------------------------------------------------------- pieces
+    def init_parallel(self) -> None:
+        # the layer specs are megatron-core: loaded when a run starts, not at config checks
+        from aligner.models.layer_spec import check_parallel_support, resolve_layer_spec
+
+        if not is_initialized():
+            p = self.cfg.parallel
+            mc = self.model_config()
+            spec = resolve_layer_spec(mc.layer_spec)
+            check_parallel_support(spec, sequence_parallel=p.sequence_parallel and p.tp > 1)
+            initialize(
+                ParallelConfig(
+                    tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, backend=str(p.backend),
+                    seed=self.cfg.trainer.seed, timeout_minutes=p.timeout_minutes,
+                ),
+                num_layers=mc.num_layers,
+                num_attention_heads=mc.num_attention_heads,
+                num_query_groups=mc.num_query_groups,
+                layer_spec=spec,
+            )
+        set_seed(self.cfg.trainer.seed)
+
+    def model_config(self) -> ModelConfig:
+        """The policy's architecture: ``init.hf``'s config.json, else the ``model`` section."""
+        if self._model_cfg is None:
+            layer_spec = str(OmegaConf.select(self.cfg, "model.layer_spec") or "auto")
+            if self.cfg.init.hf:
+                mc = ModelConfig.from_hf(self.cfg.init.hf)
+                mc.layer_spec = layer_spec  # kernels, not architecture
+            else:
+                try:
+                    mc = ModelConfig.from_dict(model_fields(self.cfg.model), "config group 'model'")
+                except (TypeError, ValueError) as exc:
+                    raise ConfigError(str(exc)) from None
+            self._model_cfg = mc
+        return self._model_cfg
+
+    def tokenizer(self):
+        # transformers / sentencepiece load with the first tokenizer, not at config checks
+        from aligner.data.tokenizer import load_tokenizer
+
+        path = self.cfg.data.tokenizer or self.cfg.init.hf
+        if not path:
+            raise ConfigError("data.tokenizer is not set (a tokenizer folder or SentencePiece .model file)")
+        if self._tok is None:
+            try:
+                self._tok = load_tokenizer(path)
+            except FileNotFoundError as exc:
+                key = "data.tokenizer" if self.cfg.data.tokenizer else "init.hf"
+                raise ConfigError(f"{key} = {path!r}: {exc}") from None
+        return self._tok
+
+    def params_dtype(self):
+        import torch  # the dtype of a run's parameters (init.dtype)
+
+        return torch.bfloat16 if self.cfg.init.dtype == DType.bf16 else torch.float32
+
+    def build_models(self, head=None, num_outputs=1) -> list:
+        """This rank's model chunks of the policy's architecture with ``head``: the weights of
+        ``init.hf``, else a random initialisation from ``trainer.seed``."""
+        # the model code is megatron-core: loaded when models are built
+        from aligner.models import build_model, load_hf_weights
+
+        mc = self.model_config()
+        if self.cfg.init.hf is None:
+            tok = self.tokenizer()
+            if mc.vocab_size < tok.vocab_size:
+                raise ConfigError(
+                    f"model.vocab_size = {mc.vocab_size} is smaller than the tokenizer's {tok.vocab_size}"
+                )
+            mc.pad_token_id = tok.pad_id if mc.pad_token_id is None else mc.pad_token_id
+            mc.eos_token_id = tok.eos_id if mc.eos_token_id is None else mc.eos_token_id
+            mc.bos_token_id = tok.bos_id if mc.bos_token_id is None else mc.bos_token_id
+        p = self.cfg.parallel
+        stages = [None] if not p.vpp else list(range(p.vpp))
+        models = [build_model(mc, head=head, num_outputs=num_outputs, params_dtype=self.params_dtype(), vp_stage=s,
+                              sequence_parallel=p.sequence_parallel and p.tp > 1).to(get_device())
+                  for s in stages]
+        if self.cfg.init.hf:
+            load_hf_weights(models, self.cfg.init.hf, mc, head=head)
+        return models
+
+    def load_data(self, path) -> Optional[Sequence[dict]]:
+        # the datasets are tokenized with transformers / sentencepiece: loaded when a run starts
+        from aligner.data import load_dataset
+
+        if not path:
+            return None
+        d = self.cfg.data
+        samples = load_dataset(
+            path,
+            kind=self.data_kind,
+            tokenizer=self.tokenizer(),
+            fmt=d.format,
+            template=str(d.template),
+            max_length=d.max_length,
+            overlong=str(d.overlong),
+            skip_invalid=d.skip_invalid,
+            packing=d.packing,
+            seed=self.cfg.trainer.seed,
+            **self.data_options(),
+        )
+        return samples  # mapped, not held: each sample is read when a step takes it
+
+    def data_options(self) -> dict:
+        return {}
+
+    def export_metadata(self, algo: Algorithm) -> dict:
+        """What the HF export records about this run (aligner.models.hf.export_hf): the
+        template its data was rendered with, resolved, so that scoring renders alike."""
+        return {"template": resolve_template(self.tokenizer(), str(self.cfg.data.template), algo.head == "reward")}
+
+    def algorithm(self) -> Algorithm:
+        raise NotImplementedError
+
+    def hooks(self, algo: Algorithm) -> list:
+        """What runs beside training (aligner.training.algorithm.StepHook): the gold-vs-proxy
+        monitor when ``monitor.enabled`` (docs/monitor.md)."""
+        # the monitor samples with the rollout engine (megatron-core): loaded when a run starts
+        from aligner.evaluation.monitor import build_monitor
+
+        monitor = build_monitor(self.cfg, self.tokenizer(), self.model_config())
+        return [monitor] if monitor is not None else []
+
+    # ---------------------------------------------------------------- run
+    def prepare(self):
+        """The algorithm, this rank's policy model chunks, the training and validation samples,
+        and extra keyword arguments of :class:`~aligner.training.loop.TrainingLoop` (e.g. the
+        roles of an online algorithm). Runs after the parallel layout exists."""
+        algo = self.algorithm()
+        train = self.load_data(self.cfg.data.train)
+        val = self.load_data(self.cfg.data.validation)
+        models = self.build_models(head=algo.head, num_outputs=algo.num_outputs)
+        return algo, models, train, val, {}
+
+    def fit(self) -> dict:
+        resuming = self.preflight()  # before the heavy imports: a mistake is reported in seconds
+        # the loop is megatron-core: loaded once the config and the files are checked
+        from aligner.training.loop import TrainingLoop
+
+        self.init_parallel()
+        algo, models, train, val, loop_options = self.prepare()
+        out_dir = Path(self.cfg.trainer.out_dir)
+        tok_dir = None
+        if is_rank0():  # every check passed: the run folder is this run's from here on
+            if not resuming:
+                start_fresh(out_dir)
+            write_config(out_dir, OmegaConf.to_yaml(self.recorded()))
+            tok_dir = out_dir / "tokenizer"
+            self.tokenizer().save(tok_dir)
+        self.trainer = TrainingLoop(
+            algo,
+            models,
+            train,
+            optim=self.cfg.optim,
+            trainer=self.cfg.trainer,
+            val_data=val,
+            model_cfg=self.model_config(),
+            tokenizer_dir=str(tok_dir) if tok_dir else None,
+            run_config=self.recorded(),
+            hooks=self.hooks(algo),
+            export_metadata=self.export_metadata(algo),
+            **loop_options,
+        )
+        result = self.trainer.fit()
+        if is_rank0():
+            (out_dir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
+        return result
+
+
+# ------------------------------------------------------------------------------ sequences
+def pair_margin(sample: dict) -> float:
+    """The margin ``m`` of a pair for the margin losses (margin BT, margin DPO): the row's
+    ``margin`` when it has one, else ``|strength|`` (HelpSteer2-Preference: both are
+    |preference_strength|; docs/data_formats.md)."""
+    margin = sample.get("margin")
+    return float(margin) if margin is not None else abs(float(sample.get("strength", 0.0)))
+
+
+class TokenAlgorithm(Algorithm):
+    """Micro-batching for algorithms whose units are sequences or groups of them (a pair,
+    a SteerLM group), padded or packed (:mod:`aligner.training.batching`)."""
+
+    def __init__(self, pad_id: int, packing: bool = False, capacity: Optional[int] = None):
+        if packing and not capacity:
+            raise ValueError("packing needs a bin capacity (data.max_length)")
+        self.pad_id = pad_id
+        self.packing = packing
+        self.capacity = capacity
+
+    def groups(self, sample: dict) -> List[tuple]:
+        """The (tokens, loss_mask) items of one sample, kept together in one micro-batch."""
+        raise NotImplementedError
+
+    def attach(self, batch: dict, samples: Sequence[dict]) -> dict:
+        """Add per-sample tensors (labels, strengths, ...) for the samples of a micro-batch, in order."""
+        return batch
+
+    def sample_tokens(self, sample: dict) -> int:
+        """Every token the sample puts through the model (both responses of a pair)."""
+        return sum(t.numel() for t, _ in self.groups(sample))
+
+    def sample_length(self, sample: dict) -> int:
+        """The sample's longest sequence (a padded row holds one sequence)."""
+        return max(t.numel() for t, _ in self.groups(sample))
+
+    def setup(self, loop) -> None:
+        """Before training: with packing, every sample (a pair: chosen + rejected) must fit one bin."""
+        if self.packing:
+            self.check_fits_bin(loop.train_data, "training")
+            self.check_fits_bin(loop.val_data or [], "validation")
+
+    def check_fits_bin(self, samples: Sequence[dict], split: str) -> None:
+        """Refuse samples whose groups exceed ``capacity`` tokens, naming the max_length they need.
+
+        A group (e.g. a pair) always shares one packing bin; the data layer sizes pairs
+        as pairs (``load_dataset(..., packing=True)``), so this fires on data built by
+        hand or loaded without that option.
+        """
+        lengths = token_counts(samples).tolist()  # prepared data: from the mapped index files
+        over = [i for i, n in enumerate(lengths) if n > self.capacity]
+        if not over:
+            return
+        first = samples[over[0]]
+        where = f"line {first['line']}" if "line" in first else f"sample {over[0]}"
+        sizes = " + ".join(str(t.numel()) for t, _ in self.groups(first))
+        raise ValueError(
+            f"data.packing: {len(over)} {split} sample(s) do not fit a packing bin of data.max_length ="
+            f" {self.capacity} tokens; the first ({where}) has {lengths[over[0]]} tokens ({sizes}), and the"
+            f" longest needs data.max_length >= {max(lengths)} (a pair's chosen and rejected share one bin)"
+        )
+
+    def microbatches(self, samples, micro_batch_size, seq_length):
+        if not samples:
+            return []
+        if self.packing:
+            groups = [self.groups(s) for s in samples]
+            micro, members = packed_microbatches(groups, self.capacity, micro_batch_size, self.pad_id)
+            return [self.attach(b, [samples[i] for i in held]) for b, held in zip(micro, members)]
+        out = []
+        for start in range(0, len(samples), micro_batch_size):
+            chunk = samples[start : start + micro_batch_size]
+            items = [item for s in chunk for item in self.groups(s)]
+            out.append(self.attach(padded_microbatch(items, seq_length, self.pad_id), chunk))
+        return out
+
+    def forward(self, model, batch):
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])

@@ -1,0 +1,167 @@
+"""Policy-gradient losses: the clipped surrogate, the REINFORCE token loss, their
+aggregation over the global batch and :func:`policy_objective`, the policy loss the
+online algorithms train with (docs/ppo.md, docs/reinforce.md).
+
+The objective is returned as this micro-batch's share ``(numerator, denominator)``: the
+training loop sums both over micro-batches and data-parallel ranks before dividing
+(megatron-core's per-token loss normalisation), so it is a global-batch quantity whatever
+the micro-batch size, accumulation or layout. Shapes: ``b`` rows, ``s`` positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from aligner.algorithms.losses.common import _as_mask, _check_same_shape, masked_mean, masked_sum
+from aligner.algorithms.losses.kl import kl_estimate
+
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_sum_constant")
+
+
+def clipped_surrogate(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: Optional[float] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Token-level clipped surrogate (PPO, Schulman et al. 2017 eq. 7) with separate low /
+    high clips (DAPO arXiv 2503.14476) and optional dual-clip (arXiv 1912.09729):
+
+    ``ρ_t = exp(log π − log π_old)``, ``l_t = max(−A·ρ_t, −A·clip(ρ_t, 1 − ε_low, 1 + ε_high))``,
+    and for ``A < 0`` ``l_t = min(l_t, −c·A)`` with ``c = dual_clip`` (> 1).
+
+    logps (with grad), old_logps, advantages, mask: [b, s]. Returns the per-token loss
+    [b, s] (0 outside the mask; reduce with :func:`aggregate`) and detached statistics
+    over the masked tokens: ``clipfrac`` (clipped term larger), ``dual_clipfrac``,
+    ``ratio``, ``approx_kl`` (``(ρ − 1) − log ρ``).
+    """
+    _check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages)
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    m = _as_mask(mask, logps, "mask")
+    adv = advantages.detach()
+    log_ratio = logps - old_logps.detach()
+    ratio = log_ratio.exp()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    dual = torch.zeros_like(loss, dtype=torch.bool)
+    if dual_clip is not None:
+        cap = -dual_clip * adv
+        dual = (adv < 0) & (loss > cap)
+        loss = torch.where(dual, cap, loss)
+    loss = torch.where(m != 0, loss, torch.zeros_like(loss))
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(logps.dtype), m),
+            "dual_clipfrac": masked_mean(dual.to(logps.dtype), m),
+            "ratio": masked_mean(ratio.detach(), m),
+            "approx_kl": masked_mean((ratio - 1.0 - log_ratio).detach(), m),
+        }
+    return loss, stats
+
+
+def reinforce_token_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Plain on-policy REINFORCE: ``l_t = −A_t·log π_θ(y_t)`` on masked tokens, 0 elsewhere.
+    [b, s] -> [b, s]."""
+    _check_same_shape("logps", logps, advantages=advantages)
+    m = _as_mask(mask, logps, "mask")
+    return torch.where(m != 0, -advantages.detach() * logps, torch.zeros_like(logps))
+
+
+def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
+              constant: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This micro-batch's share of a global-batch loss, ``(numerator, denominator)``:
+
+    - ``token_mean``: ``Σ_{i,t} l / Σ_i |o_i|``
+    - ``seq_mean_token_mean``: ``(1/N) Σ_i (1/|o_i|) Σ_t l``
+    - ``seq_mean_token_sum``: ``(1/N) Σ_{i,t} l``
+    - ``seq_sum_constant``: ``(1/N) Σ_{i,t} l / C`` (Dr. GRPO; C e.g. the max response length)
+
+    token_loss, mask: [b, s]. Rows with an all-zero mask count as no sequence.
+    """
+    m = _as_mask(mask, token_loss, "mask")
+    lengths = (m != 0).sum(-1)
+    rows = (lengths > 0).to(token_loss.dtype)
+    if mode == "token_mean":
+        return masked_sum(token_loss, m), (m != 0).sum().to(token_loss.dtype)
+    if mode == "seq_mean_token_mean":
+        per_seq = masked_sum(token_loss, m, dim=-1) / lengths.clamp(min=1).to(token_loss.dtype)
+        return (per_seq * rows).sum(), rows.sum()
+    if mode == "seq_mean_token_sum":
+        return masked_sum(token_loss, m), rows.sum()
+    if mode == "seq_sum_constant":
+        if constant is None or constant <= 0:
+            raise ValueError("seq_sum_constant needs a positive constant (e.g. the max response length)")
+        return masked_sum(token_loss, m) / constant, rows.sum()
+    raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+@dataclass
+class PolicyLossOptions:
+    """How :func:`policy_objective` turns per-token log-probs into the objective:
+
+    kind: ``clipped`` (:func:`clipped_surrogate`) or ``reinforce`` (``−A·log π``,
+    on-policy, no ratio). aggregation / constant: :func:`aggregate`'s mode. kl_coef /
+    kl_estimator: a KL term ``kl_coef · aggregate(KL_t)`` in the loss (0: none).
+    entropy_coef: minus the aggregated entropy.
+    """
+
+    kind: str = "clipped"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: Optional[float] = None
+    aggregation: str = "token_mean"
+    constant: Optional[float] = None
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+
+
+def policy_objective(options: PolicyLossOptions, logps: torch.Tensor, entropy: torch.Tensor, batch: dict):
+    """One micro-batch's policy loss: ``(numerator, denominator, sums)``.
+
+    logps (with grad), entropy: [b, s] per token of ``batch["tokens"]``; batch:
+    ``old_logps``, ``advantages``, ``loss_mask`` [b, s] (and ``ref_logps`` with a KL term).
+    ``sums``: name -> ``(sum, count)`` of the quantities worth logging, per token:
+    ``loss/policy``, ``loss/kl`` (with a KL term), ``policy/entropy``, ``policy/ratio``,
+    ``policy/clipfrac``, ``policy/approx_kl``, ``policy/dual_clipfrac`` (with dual clip).
+    """
+    o = options
+    mask = batch["loss_mask"]
+    adv = batch["advantages"]
+    if o.kind == "clipped":
+        token_loss, stats = clipped_surrogate(logps, batch["old_logps"], adv, mask, o.clip_low, o.clip_high,
+                                              o.dual_clip)
+    elif o.kind == "reinforce":
+        token_loss = reinforce_token_loss(logps, adv, mask)
+        # the ratio to the rollout policy is still worth watching (1 on the first update)
+        _, stats = clipped_surrogate(logps.detach(), batch["old_logps"], adv, mask, o.clip_low, o.clip_high)
+        stats["clipfrac"] = torch.zeros_like(stats["clipfrac"])
+    else:
+        raise ValueError(f"policy loss must be 'clipped' or 'reinforce', got {o.kind!r}")
+    num, den = aggregate(token_loss, mask, o.aggregation, o.constant)
+    tokens = mask.sum()
+    sums = {"loss/policy": (num.detach(), den)}
+    total = num
+    if o.kl_coef:
+        kl = kl_estimate(logps, batch["ref_logps"], o.kl_estimator)
+        kl_num, _ = aggregate(kl, mask, o.aggregation, o.constant)
+        total = total + o.kl_coef * kl_num
+        sums["loss/kl"] = (kl_num.detach(), den)
+    if o.entropy_coef:
+        ent_num, _ = aggregate(entropy, mask, o.aggregation, o.constant)
+        total = total - o.entropy_coef * ent_num
+    with torch.no_grad():
+        ent = (entropy.detach() * mask).sum()
+    sums["policy/entropy"] = (ent, tokens)
+    for k in ("ratio", "clipfrac", "approx_kl"):
+        sums[f"policy/{k}"] = (stats[k] * tokens, tokens)
+    if o.dual_clip is not None and o.kind == "clipped":
+        sums["policy/dual_clipfrac"] = (stats["dual_clipfrac"] * tokens, tokens)
+    return total, den, sums

@@ -1,0 +1,39 @@
+"""Seeded random streams that training draws from, each a function of the run's seed and
+of where it is used (docs/online_core.md, "determinism"), so that a resumed run and any
+data-parallel size draw the same numbers.
+
+A stream's generator is seeded with ``seed · RUN_STRIDE + offset``, the offset a function
+of (step, epoch, round) with the strides below: RUN_STRIDE, a prime above a million, keeps
+the streams of different seeds apart for every offset a run reaches; the per-use strides
+are distinct primes, so that the (step, epoch) and (step, round) grids map to distinct
+offsets, and ROUND_OFFSET shifts the prompt-round streams off the others.
+"""
+from __future__ import annotations
+
+import torch
+
+RUN_STRIDE = 1_000_003
+MINIBATCH_STEP_STRIDE = 1009  # mini-batch order: offset step · 1009 + epoch
+ROUND_STEP_STRIDE = 7919  # extra prompt rounds: offset step · 7919 + round · 104729 + 17
+ROUND_STRIDE = 104_729
+ROUND_OFFSET = 17
+
+
+def seeded_generator(seed: int, offset: int = 0) -> torch.Generator:
+    """A CPU generator seeded with ``seed · RUN_STRIDE + offset``."""
+    return torch.Generator().manual_seed(seed * RUN_STRIDE + offset)
+
+
+def data_order_generator(seed: int, epoch: int) -> torch.Generator:
+    """The training loop's sample order of ``epoch``."""
+    return seeded_generator(seed, epoch)
+
+
+def minibatch_order_generator(seed: int, step: int, epoch: int) -> torch.Generator:
+    """The order of an online step's rollouts in ``epoch`` (>= 1) of its updates."""
+    return seeded_generator(seed, step * MINIBATCH_STEP_STRIDE + epoch)
+
+
+def prompt_round_generator(seed: int, step: int, round: int) -> torch.Generator:
+    """The prompts of extra generation ``round`` (>= 1) of ``step`` (dynamic sampling)."""
+    return seeded_generator(seed, step * ROUND_STEP_STRIDE + round * ROUND_STRIDE + ROUND_OFFSET)

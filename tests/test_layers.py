@@ -1,0 +1,66 @@
+"""The layering is a checked contract (docs/architecture.md): import-linter's contracts of
+``pyproject.toml`` hold (layers, independent algorithm modules, no cycles), the
+independence contract names every algorithm the catalog loads, and a function-local import
+of an aligner module outside the command line says why in a comment."""
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _contract(contract_id):
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    return next(c for c in config["contracts"] if c["id"] == contract_id)
+
+
+def test_import_contracts_hold(capsys):
+    from importlinter import configuration
+    from importlinter.application.use_cases import lint_imports
+
+    configuration.configure()
+    kept = lint_imports(config_filename=str(ROOT / "pyproject.toml"), cache_dir=None, no_logo=True)
+    report = capsys.readouterr().out
+    assert kept, report
+    assert "3 kept, 0 broken" in report
+
+
+def test_the_independence_contract_names_every_algorithm_of_the_catalog():
+    from aligner.algorithms.catalog import TRAINERS
+
+    modules = {".".join(cls.__module__.split(".")[:3]) for cls in TRAINERS.values()}
+    assert modules == set(_contract("algorithms")["modules"])
+
+
+def _function_local_imports(path: Path):
+    """``(line, has_comment)`` of each import of an aligner module inside a function body;
+    the comment stands on the line, or on the line above with the imports of its group."""
+    lines = path.read_text().splitlines()
+    out = []
+
+    def visit(node, in_function):
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            if in_function and isinstance(child, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in child.names] if isinstance(child, ast.Import) else [child.module or ""]
+                if any(n.startswith("aligner") for n in names):
+                    out.append(child.lineno)
+            visit(child, inner)
+
+    visit(ast.parse("\n".join(lines)), False)
+    result = []
+    for lineno in out:
+        row = lineno - 1
+        while row > 0 and lines[row - 1].strip().startswith(("from aligner", "import aligner")):
+            row -= 1  # a group of imports under one comment
+        commented = "#" in lines[lineno - 1] or lines[row - 1].strip().startswith("#")
+        result.append((lineno, commented))
+    return result
+
+
+def test_function_local_imports_outside_the_command_line_say_why():
+    package = ROOT / "aligner"
+    silent = [f"{path.relative_to(ROOT)}:{lineno}" for path in sorted(package.rglob("*.py"))
+              if path.relative_to(package).parts[0] != "cli"
+              for lineno, commented in _function_local_imports(path) if not commented]
+    assert not silent, f"function-local aligner imports without a comment saying why: {silent}"

@@ -277,7 +277,8 @@ def _generate(models, cfg):
 
 def _train(path, algorithm, out_dir):
     """Two SGD steps of the SFT or DPO trainer on the family's data; the train metrics."""
-    from aligner.algorithms.trainers import DPOTrainer, SFTTrainer
+    from aligner.algorithms.dpo import DPOTrainer
+    from aligner.algorithms.sft import SFTTrainer
 
     cfg = {"init": {"hf": str(path)}, "parallel": {"tp": 2},
            "data": {"train": str(path / ("sft.jsonl" if algorithm == "sft" else "pairs.jsonl")), "template": "raw",

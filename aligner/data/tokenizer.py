@@ -11,8 +11,9 @@ SentencePiece: ``tokenizer.model`` + a Llama tokenizer config).
 round-trips; digits split so numbers are written digit by digit) with the extra_id
 template markers as single tokens.
 
-:func:`tokenizer_hash` identifies a tokenizer by the bytes of the files that define it
-(prepared datasets record it: aligner.data.prepared).
+:func:`tokenizer_hash` identifies a tokenizer by the bytes of the files that define it and
+the ``config.json`` keys that choose its class (prepared datasets record it:
+aligner.data.prepared).
 """
 from __future__ import annotations
 
@@ -157,7 +158,20 @@ def tokenizer_hash(tokenizer) -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    # transformers picks the tokenizer class from config.json's model_type when the tokenizer
+    # files do not name one (e.g. Qwen2's class rebuilds a tokenizer.json as byte-level BPE):
+    # the same files tokenise differently beside another model's config
+    digest.update(b"config.json\0" + json.dumps(_tokenizer_class_keys(path), sort_keys=True).encode())
     return digest.hexdigest()
+
+
+def _tokenizer_class_keys(folder: Path) -> dict:
+    """The keys of ``folder/config.json`` that choose an HF tokenizer's class."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: config.get(k) for k in ("model_type", "tokenizer_class") if isinstance(config, dict)}
 
 
 def train_sentencepiece(texts: Iterable[str], out_file, vocab_size: int = 512, seed: int = 0) -> Path:

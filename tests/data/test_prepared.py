@@ -302,3 +302,21 @@ def test_blend_proportions_determinism_and_coverage(tmp_path, word_tokenizer):
     assert data.sample_tokens().tolist() == [len(s["tokens"]) for s in data]
     with pytest.raises(ValueError, match=r"blend entry 1 \(.*b.jsonl\): weight must be a positive number, got 0"):
         load_dataset([blend[0], dict(blend[1], weight=0)], "sft", tok)
+
+
+def test_the_same_tokenizer_files_beside_another_model_type_are_another_preparation(tmp_path, word_tokenizer,
+                                                                                    monkeypatch):
+    """transformers chooses an HF tokenizer's class from config.json's model_type: the same
+    tokenizer files beside a Qwen2 config tokenise as Qwen2's class rebuilds them (byte-level
+    BPE), beside a Llama config as written. The cache keeps the two preparations apart."""
+    monkeypatch.setenv("ALIGNER_DATA_CACHE", str(tmp_path / "cache"))
+    path = _write(tmp_path / "sft.jsonl", SFT)
+    tokens = {}
+    for model_type in ("llama", "qwen2"):
+        folder = shutil.copytree(word_tokenizer["plain"], tmp_path / model_type)
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+        tok = load_tokenizer(folder)
+        prepared = [s["tokens"].tolist() for s in load_dataset(path, "sft", tok, template="extra_id")]
+        assert prepared == [s["tokens"].tolist() for s in read_samples(path, "sft", tok, template="extra_id")]
+        tokens[model_type] = prepared
+    assert tokens["llama"] != tokens["qwen2"]  # the two classes do tokenise differently

@@ -153,7 +153,7 @@ def test_a_wrong_choice_fails_at_compose_naming_key_value_and_choices(config, ov
 @pytest.mark.parametrize("override,expected", [
     ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
     ("dpo.bogus=1", "dpo.bogus: no such key (the keys of this section: loss_type, beta, average_log_probs,"
-                    " sft_weight, preference_weight, eta, reference)"),
+                    " sft_weight, preference_weight, eta, gamma, reference)"),
     ("model.num_layrs=3", "model.num_layrs: no such key"),
     ("model=llama9", "model=llama9: no such option of config group 'model'; available: llama3_70b, llama3_8b,"
                      " llama_1b, tiny"),

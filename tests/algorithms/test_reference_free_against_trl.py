@@ -21,9 +21,8 @@ import torch
 
 from aligner.parallel.spawn import spawn_local
 from tests.algorithms.conftest import write_jsonl
-from tests.algorithms.test_dpo_against_transformers import PAIRS
+from tests.algorithms.test_dpo_against_transformers import LR, PAIRS, dpo_config
 
-LR = 5e-3
 RUNS = {"orpo": {"beta": 0.25}, "simpo": {"beta": 2.0, "gamma": 0.7}}
 
 
@@ -32,18 +31,8 @@ def run_aligner(hf_dir, train, out_dir):
 
     out = {}
     for kind, options in RUNS.items():
-        cfg = {
-            "algorithm": "dpo",
-            "init": {"hf": hf_dir},
-            "data": {"train": train, "template": "raw", "max_length": 64},
-            "optim": {"name": "adam", "lr": LR, "weight_decay": 0.0, "clip_grad": 0.0, "warmup_steps": 0,
-                      "schedule": "constant", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-            "trainer": {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 2, "out_dir": f"{out_dir}/{kind}",
-                        "export_hf": False, "progress": False, "tensorboard": False, "resume": False},
-            "dpo": {"loss_type": kind, "sft_weight": 0.0, **options},
-        }
-        trainer = DPOTrainer(cfg)
-        trainer.fit()
+        DPOTrainer(dpo_config(hf_dir, train, f"{out_dir}/{kind}", 1,
+                              {"loss_type": kind, "sft_weight": 0.0, **options})).fit()
         lines = (Path(out_dir) / kind / "metrics.jsonl").read_text().splitlines()
         out[kind] = [json.loads(line) for line in lines if json.loads(line)["split"] == "train"]
     return out

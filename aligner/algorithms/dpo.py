@@ -81,6 +81,11 @@ def check_dpo_section(p, key: str = "dpo") -> None:
                           hint=f"remove the override, or set {key}.loss_type to one of those")
     if not p.eta > 0:
         raise ConfigError(f"{key}.eta = {p.eta!r}: expected > 0")
+    if p.loss_type in PREFERENCE_LOSSES and not PREFERENCE_LOSSES[p.loss_type].reference \
+            and p.reference != DPOSection.reference:
+        raise ConfigError(f"{key}.reference = {p.reference} has no effect with {key}.loss_type = {p.loss_type!r}"
+                          " (a reference-free loss: no reference pass, no reference weights)",
+                          hint="remove the override")
     gamma_losses = [name for name, loss in PREFERENCE_LOSSES.items() if "gamma" in loss.inputs]
     if p.gamma != DPOSection.gamma and p.loss_type not in gamma_losses:
         raise ConfigError(f"{key}.gamma = {p.gamma} has no effect with {key}.loss_type = {p.loss_type!r}"

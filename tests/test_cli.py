@@ -191,7 +191,7 @@ def user_error_files(tmp_path_factory):
 @pytest.mark.parametrize("args,expected", [
     (["dpo", "dpo.loss_type=dpoo"],
      ["aligner train: error: dpo.loss_type: 'dpoo' is not accepted; expected one of dpo, ipo, rpo_sq, rpo_fwd_kl,"
-      " rpo_bwd_kl, margin_dpo, scaled_dpo"]),
+      " rpo_bwd_kl, margin_dpo, scaled_dpo, orpo, simpo"]),
     (["dpo"], ["aligner train: error: required values not set: init.hf, data.train",
                "hint: set on the command line, e.g. aligner train dpo init.hf=... data.train=..."]),
     (["dpo", "init.hf=/nope", "data.train=x.jsonl"],
@@ -213,7 +213,8 @@ def test_a_user_error_from_a_fresh_interpreter_is_one_line_and_fast(user_error_f
     out, cpu_s = _timed(["train", "dpo", "dpo.loss_type=dpoo", "trainer.out_dir=run"], cwd=user_error_files)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.splitlines() == ["aligner train: error: dpo.loss_type: 'dpoo' is not accepted; expected one"
-                                       " of dpo, ipo, rpo_sq, rpo_fwd_kl, rpo_bwd_kl, margin_dpo, scaled_dpo"]
+                                       " of dpo, ipo, rpo_sq, rpo_fwd_kl, rpo_bwd_kl, margin_dpo, scaled_dpo,"
+                                       " orpo, simpo"]
     assert cpu_s < 15, cpu_s
 
 

@@ -154,7 +154,7 @@ def test_a_wrong_choice_fails_at_compose_naming_key_value_and_choices(config, ov
 @pytest.mark.parametrize("override,expected", [
     ("trainer.max_steps=abc", "trainer.max_steps: Value 'abc' of type 'str' could not be converted to Integer"),
     ("dpo.bogus=1", "dpo.bogus: no such key (the keys of this section: loss_type, beta, average_log_probs,"
-                    " sft_weight, preference_weight, eta, reference)"),
+                    " sft_weight, preference_weight, eta, gamma, reference)"),
     ("model.num_layrs=3", "model.num_layrs: no such key"),
     ("model=llama9", "model=llama9: no such option of config group 'model'; available: llama3_70b, llama3_8b,"
                      " llama_1b, tiny"),
@@ -176,6 +176,9 @@ def test_a_wrong_key_or_type_fails_at_compose(override, expected):
     ("dpo", ["dpo.eta=2"], "dpo.eta = 2.0 has no effect with dpo.loss_type = 'dpo' (only the rpo_sq, rpo_fwd_kl,"
                            " rpo_bwd_kl losses scale the reward gap)"),
     ("dpo", ["dpo.sft_weight=0", "dpo.preference_weight=0"], "dpo.sft_weight and dpo.preference_weight are both 0"),
+    ("dpo", ["dpo.gamma=1"], "dpo.gamma = 1.0 has no effect with dpo.loss_type = 'dpo' (only the simpo losses"),
+    ("dpo", ["dpo.loss_type=orpo", "dpo.reference=resident"],
+     "dpo.reference = resident has no effect with dpo.loss_type = 'orpo' (a reference-free loss"),
     ("rm_regression", ["data.template=chat"], "data.template = 'chat' does not apply to rm.mode = regression"),
     ("rm_regression", ["rm.bt_kind=scaled"], "rm.bt_kind = 'scaled' has no effect in rm.mode = regression"),
     ("rm_regression", ["rm.attribute_weights=[1,2]"], "rm.attribute_weights has 2 entries; rm.attributes has 5"),
@@ -190,6 +193,7 @@ def test_values_and_combinations_that_cannot_work_are_refused_before_anything_st
 
 def test_options_that_do_apply_are_accepted():
     assert _build("dpo", ["dpo.loss_type=rpo_bwd_kl", "dpo.eta=2"]).cfg.dpo.eta == 2.0
+    assert _build("dpo", ["dpo.loss_type=simpo", "dpo.gamma=1.2"]).cfg.dpo.gamma == 1.2
     # regression: the weights are recorded with the HF export as the model's reward
     rm = _build("rm_regression", ["rm.attribute_weights=[1,0,0,0,-1]"])
     assert rm.cfg.rm.attribute_weights == [1.0, 0.0, 0.0, 0.0, -1.0] and rm.cfg.rm.mode == "regression"

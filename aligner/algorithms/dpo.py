@@ -1,5 +1,6 @@
 """The DPO family on the shared loop (docs/dpo.md): DPO, IPO, RPO variants, margin / scaled
-DPO, SFT mixing, and any preference loss registered later; ``aligner train dpo``.
+DPO, the reference-free ORPO and SimPO, SFT mixing, and any preference loss registered
+later; ``aligner train dpo``.
 
 Samples are pairs (chosen and rejected share a micro-batch: adjacent rows, or one packing
 bin). Per response, ``logp = Σ_t mask · log π(y_t)`` over response tokens (the per-token
@@ -12,7 +13,8 @@ resumes a checkpoint, so it sees the initial weights. ``reference: precompute`` 
 pair's reference log-probs once, in batches exactly as training will see them (so the
 policy's log-probs at step 0 equal the reference bit for bit), recomputed on resume and
 checked against the checkpoint's summary; ``resident`` keeps the initial weights in host
-memory and swaps them in for a forward before each step.
+memory and swaps them in for a forward before each step. A loss registered without a
+reference (ORPO, SimPO) gets neither: no reference pass, no table, no weight copy.
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ class DPOSection:
     sft_weight: float = 0.0  # weight of the NLL on the chosen response
     preference_weight: float = 1.0  # weight of the preference loss
     eta: float = 1.0  # the reward-gap scale of the losses that read it (RPO)
+    gamma: float = 0.5  # SimPO's target reward margin γ
     reference: Reference = Reference.precompute
 
 
@@ -78,6 +81,16 @@ def check_dpo_section(p, key: str = "dpo") -> None:
                           hint=f"remove the override, or set {key}.loss_type to one of those")
     if not p.eta > 0:
         raise ConfigError(f"{key}.eta = {p.eta!r}: expected > 0")
+    if p.loss_type in PREFERENCE_LOSSES and not PREFERENCE_LOSSES[p.loss_type].reference \
+            and p.reference != DPOSection.reference:
+        raise ConfigError(f"{key}.reference = {p.reference} has no effect with {key}.loss_type = {p.loss_type!r}"
+                          " (a reference-free loss: no reference pass, no reference weights)",
+                          hint="remove the override")
+    gamma_losses = [name for name, loss in PREFERENCE_LOSSES.items() if "gamma" in loss.inputs]
+    if p.gamma != DPOSection.gamma and p.loss_type not in gamma_losses:
+        raise ConfigError(f"{key}.gamma = {p.gamma} has no effect with {key}.loss_type = {p.loss_type!r}"
+                          f" (only the {', '.join(gamma_losses)} losses read a target margin)",
+                          hint=f"remove the override, or set {key}.loss_type to one of those")
 
 
 # ------------------------------------------------------------------------------ algorithm
@@ -96,6 +109,7 @@ class DPOAlgorithm(TokenAlgorithm):
         sft_weight: float = 0.0,
         preference_weight: float = 1.0,
         eta: float = 1.0,
+        gamma: float = 0.5,
         reference: str = "precompute",
         packing: bool = False,
         capacity: Optional[int] = None,
@@ -109,7 +123,11 @@ class DPOAlgorithm(TokenAlgorithm):
         self.sft_weight = sft_weight
         self.preference_weight = preference_weight
         self.eta = eta
+        self.gamma = gamma
         self.reference = reference
+        entry = PREFERENCE_LOSSES[loss_type]
+        self.needs_reference = entry.reference  # ORPO, SimPO: no reference pass, no reference weights
+        self.length_normalised = average_log_probs or entry.length_normalised
         self.rows_per_sample = 2
         self._ref: Optional[torch.Tensor] = None  # [n_train + n_val, 4]: logp_c, logp_r, count_c, count_r
         self._collect = False
@@ -146,14 +164,17 @@ class DPOAlgorithm(TokenAlgorithm):
             self._ref[batch["index"].to(self._ref.device)] = torch.stack([lc, lr, cc, cr], -1).detach().double().cpu()
             zero = logits.sum() * 0.0
             return zero, torch.tensor(n), {}
-        ref = self._ref[batch["index"].cpu()].to(lc.device)
-        unseen = (ref[:, 2] == 0) & (cc > 0)  # a pair no reference pass saw (its row is still zero)
-        if bool(unseen.any()):
-            missing = batch["index"].cpu()[unseen.cpu()].tolist()
-            raise RuntimeError(f"DPO: no reference log-probs for the pairs of index {missing}")
-        rc, rr = ref[:, 0].to(lc.dtype), ref[:, 1].to(lc.dtype)
+        if self.needs_reference:
+            ref = self._ref[batch["index"].cpu()].to(lc.device)
+            unseen = (ref[:, 2] == 0) & (cc > 0)  # a pair no reference pass saw (its row is still zero)
+            if bool(unseen.any()):
+                missing = batch["index"].cpu()[unseen.cpu()].tolist()
+                raise RuntimeError(f"DPO: no reference log-probs for the pairs of index {missing}")
+            rc, rr = ref[:, 0].to(lc.dtype), ref[:, 1].to(lc.dtype)
+        else:
+            rc, rr = torch.zeros_like(lc), torch.zeros_like(lr)
         pc, pr = lc, lr
-        if self.average_log_probs:
+        if self.length_normalised:
             pc, pr = lc / cc.clamp(min=1), lr / cr.clamp(min=1)
             rc, rr = rc / cc.clamp(min=1), rr / cr.clamp(min=1)
         chosen_nll = -lc / cc.clamp(min=1)
@@ -168,6 +189,7 @@ class DPOAlgorithm(TokenAlgorithm):
             margin=batch["margin"],
             reward_gap=batch["reward_gap"],
             eta=self.eta,
+            gamma=self.gamma,
             chosen_nll=chosen_nll,
             sft_weight=self.sft_weight,
             preference_weight=self.preference_weight,
@@ -191,6 +213,8 @@ class DPOAlgorithm(TokenAlgorithm):
         """Check the data, then compute the reference from the models' current (= initial) weights."""
         super().setup(loop)  # packing: every pair fits one bin
         self._check_reward_gaps(loop)
+        if not self.needs_reference:
+            return
         n_train = len(loop.train_data)
         val = loop.val_data or []
         self._ref = torch.zeros(n_train + len(val), 4, dtype=torch.float64)
@@ -264,7 +288,7 @@ class DPOAlgorithm(TokenAlgorithm):
 
     @torch.no_grad()
     def before_step(self, loop, local_samples, seq_length):
-        if self.reference != Reference.resident:
+        if self.reference != Reference.resident or not self.needs_reference:
             return
         with self._host_ref.active():
             self._reference_pass(loop, local_samples, seq_length)
@@ -317,6 +341,7 @@ class DPOTrainer(Trainer):
             sft_weight=p.sft_weight,
             preference_weight=p.preference_weight,
             eta=p.eta,
+            gamma=p.gamma,
             reference=str(p.reference),
             packing=d.packing,
             capacity=d.max_length,

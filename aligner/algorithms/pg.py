@@ -23,7 +23,7 @@ from aligner.algorithms.losses.advantages import (
     overlong_penalty,
 )
 from aligner.algorithms.losses.kl import kl_estimate
-from aligner.algorithms.losses.policy import AGGREGATIONS
+from aligner.algorithms.losses.policy import AGGREGATIONS, POLICY_LOSSES
 from aligner.algorithms.online import (
     Experience,
     ExperienceMaker,
@@ -41,11 +41,6 @@ from aligner.training.algorithm import StepContext
 from aligner.training.config import InitSection
 
 Aggregation = Choice("Aggregation", [(name, name) for name in AGGREGATIONS], module=__name__)
-
-
-class PGLoss(Choice):
-    reinforce = "reinforce"
-    clipped = "clipped"
 
 
 class KLMode(Choice):
@@ -70,7 +65,7 @@ class PGSection(OnlineSection):
     reward) in :class:`aligner.algorithms.online.OnlineSection`."""
 
     advantage: str = registered(pg_estimators, "rloo")  # a registered estimator's name
-    loss: PGLoss = PGLoss.reinforce  # reinforce (on-policy, no ratio) | clipped
+    loss: str = registered(POLICY_LOSSES, "reinforce")  # reinforce (on-policy) | clipped | gspo | cispo
     aggregation: Aggregation = Aggregation.token_mean  # how token losses become the objective
     aggregation_constant: Optional[float] = None  # seq_sum_constant's C (null: generation.max_new_tokens)
     kl_mode: KLMode = KLMode.reward  # KL in the reward (k1 | abs) or as a loss term (k1 | k2 | k3 | k3+)
@@ -106,7 +101,7 @@ def check_pg_section(s, global_batch_size: int, key: str = "pg") -> None:
         raise ConfigError(f"{key}.samples_per_prompt = {s.samples_per_prompt}: {key}.advantage = {s.advantage!r}"
                           " compares the samples of a prompt's group and needs >= 2")
     shape = RolloutShape.of(key, s, global_batch_size)
-    if s.loss == PGLoss.reinforce and shape.optimizer_steps != 1:
+    if s.loss == "reinforce" and shape.optimizer_steps != 1:
         raise ConfigError(f"{key}.loss = reinforce is on-policy (no ratio to the rollout policy): one update per"
                           f" rollout buffer ({key}.epochs = 1, {key}.mini_batch_size = null or {shape.rows})",
                           hint=f"for several updates per rollout set {key}.loss=clipped")
@@ -136,6 +131,11 @@ class PGAlgorithm(OnlineAlgorithm):
             raise ValueError(f"pg.advantage = {s.advantage!r}: expected one of {sorted(ADVANTAGE_ESTIMATORS)}")
         o = self.loss_options
         o.kind = str(s.loss)
+        entry = POLICY_LOSSES[o.kind]  # its own clip range where clip_eps_low / clip_eps_high are unset
+        if entry.clip_low is not None and s.clip_eps_low is None:
+            o.clip_low = entry.clip_low
+        if entry.clip_high is not None and s.clip_eps_high is None:
+            o.clip_high = entry.clip_high
         o.aggregation = str(s.aggregation)
         o.constant = s.aggregation_constant or float(s.generation.max_new_tokens)
         self.kl_in_loss = s.kl_mode == KLMode.loss and s.kl_coef > 0

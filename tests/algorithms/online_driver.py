@@ -3,7 +3,8 @@
 ``python -m tests.algorithms.online_driver ALGORITHM ASSETS_JSON OUT_DIR STEPS SAVE_INTERVAL [SLEEP]``
 
 - ``ppo``: PPO (2 epochs, mini-batches of 4) on tests.algorithms.ppo_setup's assets;
-- ``pg``: RLOO (reinforce loss, KL 0.05) on the same assets;
+- ``pg``: RLOO (reinforce loss, KL 0.05) on the same assets; ``pg:LOSS``: GRPO with that
+  ratio-based ``pg.loss`` (``gspo``, ``cispo``, ``clipped``), 2 epochs x mini-batches of 4;
 - ``steerlm2``: SteerLM 2.0 sampling, 2 iterations x 2 epochs (STEPS is ignored: the run
   length follows from them) on tests.algorithms.steerlm2_setup's assets.
 
@@ -23,11 +24,14 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
 
         cfg = ppo_config(assets, out_dir, trainer=trainer, ppo={"epochs": 2, "mini_batch_size": 4})
         return PPOTrainer(cfg), PPOAlgorithm
-    if algorithm == "pg":
+    if algorithm == "pg" or algorithm.startswith("pg:"):
         from aligner.algorithms.pg import PGAlgorithm, PGTrainer
         from tests.algorithms.pg_setup import pg_config
 
-        cfg = pg_config(assets, out_dir, trainer=trainer, pg={"advantage": "rloo", "loss": "reinforce", "kl_coef": 0.05})
+        pg = {"advantage": "rloo", "loss": "reinforce", "kl_coef": 0.05}
+        if algorithm.startswith("pg:"):
+            pg = {"advantage": "grpo", "loss": algorithm[3:], "kl_coef": 0.05, "epochs": 2, "mini_batch_size": 4}
+        cfg = pg_config(assets, out_dir, trainer=trainer, pg=pg)
         return PGTrainer(cfg), PGAlgorithm
     if algorithm == "steerlm2":
         from aligner.algorithms.steerlm import SteerLM2Algorithm, SteerLM2Trainer
@@ -35,7 +39,7 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
 
         cfg = steerlm2_config(assets, out_dir, trainer={"save_interval": save_interval, "resume": True})
         return SteerLM2Trainer(cfg), SteerLM2Algorithm
-    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, pg or steerlm2")
+    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, pg, pg:LOSS or steerlm2")
 
 
 def main(algorithm, assets_json, out_dir, steps, save_interval, sleep=0.0):

@@ -26,20 +26,25 @@ PAIRS = [
 BETA, LR, STEPS = 0.1, 5e-3, 4
 
 
-def run_aligner(hf_dir, train, out_dir):
-    from aligner.algorithms.dpo import DPOTrainer
-
-    cfg = {
+def dpo_config(hf_dir, train, out_dir, steps, dpo):
+    """The DPO trainer's config for the parity tests: plain Adam at constant ``LR``, global
+    batch 4 in micro-batches of 2, the ``dpo`` section given."""
+    return {
         "algorithm": "dpo",
         "init": {"hf": hf_dir},
         "data": {"train": train, "template": "raw", "max_length": 64},
         "optim": {"name": "adam", "lr": LR, "weight_decay": 0.0, "clip_grad": 0.0, "warmup_steps": 0,
                   "schedule": "constant", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-        "trainer": {"max_steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2, "out_dir": out_dir,
+        "trainer": {"max_steps": steps, "global_batch_size": 4, "micro_batch_size": 2, "out_dir": out_dir,
                     "export_hf": False, "progress": False, "tensorboard": False, "resume": False},
-        "dpo": {"beta": BETA, "loss_type": "dpo"},
+        "dpo": dpo,
     }
-    DPOTrainer(cfg).fit()
+
+
+def run_aligner(hf_dir, train, out_dir):
+    from aligner.algorithms.dpo import DPOTrainer
+
+    DPOTrainer(dpo_config(hf_dir, train, out_dir, STEPS, {"beta": BETA, "loss_type": "dpo"})).fit()
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 

@@ -98,6 +98,25 @@ def test_options_that_cannot_work_are_refused(assets, tmp_path, pg, message):
     assert str(err.value).startswith(message)
 
 
+def test_gspo_and_cispo_are_pg_losses_with_their_own_clip_ranges(assets, tmp_path):
+    from aligner.algorithms.online import RolloutShape
+    from aligner.algorithms.pg import PGAlgorithm, PGTrainer
+    from aligner.training.config import ConfigError
+
+    want = {"gspo": (3e-4, 4e-4), "cispo": (1.0, 4.0), "clipped": (0.2, 0.2)}
+    for loss, clip in want.items():
+        cfg = PGTrainer(pg_config(assets, str(tmp_path), pg={"loss": loss, "epochs": 2})).cfg
+        o = PGAlgorithm(cfg.pg, None, RolloutShape.of("pg", cfg.pg, cfg.trainer.global_batch_size)).loss_options
+        assert (o.kind, o.clip_low, o.clip_high) == (loss, *clip)
+    # a range set in the config wins over the loss's own
+    cfg = PGTrainer(pg_config(assets, str(tmp_path), pg={"loss": "gspo", "clip_eps_high": 1e-3})).cfg
+    o = PGAlgorithm(cfg.pg, None, RolloutShape.of("pg", cfg.pg, cfg.trainer.global_batch_size)).loss_options
+    assert (o.clip_low, o.clip_high) == (3e-4, 1e-3)
+    with pytest.raises(ConfigError, match="^pg.loss: 'ppo2' is not accepted; expected one of clipped, reinforce,"
+                                          " gspo, cispo"):
+        PGTrainer(pg_config(assets, str(tmp_path), pg={"loss": "ppo2"}))
+
+
 def test_without_a_kl_term_there_is_no_reference_pass(assets, tmp_path):
     from aligner.algorithms.pg import PGTrainer
 

@@ -4,7 +4,8 @@ same loss and gradient norm at TP=1 with micro-batches of 4 and of 1, TP=2, PP=2
 global-batch quantities: GRPO (clipped, KL as a k3 loss term, seq-mean-token-mean, 2 epochs
 x 2 mini-batches, seq-mean-token-sum), RLOO (REINFORCE, KL in the reward, truncated
 responses masked, seq-sum-constant) and REINFORCE++ with a group baseline (global
-whitening, seq-mean-token-mean; token-mean is PPO's, tests/algorithms/test_ppo_parallel.py). Every group's
+whitening, seq-mean-token-mean; token-mean is PPO's, tests/algorithms/test_ppo_parallel.py), GSPO and
+CISPO (2 epochs x 2 mini-batches). Every group's
 samples stay on the data-parallel rank of their prompt: at DP=2 each rank generates and
 holds whole groups, and its advantages are those of the same rows at DP=1.
 
@@ -26,6 +27,11 @@ CONFIGS = {
              "truncated": "mask", "aggregation": "seq_sum_constant", "aggregation_constant": 6.0},
     "rpp": {"advantage": "reinforce_pp_baseline", "loss": "clipped", "kl_mode": "reward", "kl_coef": 0.05,
             "aggregation": "seq_mean_token_mean", "dual_clip": 3.0},
+    # the sequence-level and clipped-weight objectives: their second mini-batch is off-policy
+    "gspo": {"advantage": "grpo", "loss": "gspo", "kl_mode": "reward", "kl_coef": 0.05,
+             "aggregation": "seq_mean_token_mean", "epochs": 2, "mini_batch_size": 4},
+    "cispo": {"advantage": "grpo", "loss": "cispo", "kl_mode": "reward", "kl_coef": 0.05, "clip_eps_high": 0.01,
+              "aggregation": "token_mean", "epochs": 2, "mini_batch_size": 4},
 }
 KEYS = ("loss/policy", "grad_norm/policy_first", "grad_norm/policy", "policy/entropy", "kl_ref")
 

@@ -1,7 +1,8 @@
 """SIGKILL during an RLOO run, the same command again: it resumes from the last complete
 checkpoint (policy weights and optimizer state, schedule, RNG, step; the reference rebuilt
 from the initial policy; the step's prompts and sampling seeds functions of the step) and
-ends with exactly the metrics and weights of an uninterrupted run."""
+ends with exactly the metrics and weights of an uninterrupted run. Likewise GRPO with
+GSPO's sequence-level ratio (2 epochs x 2 mini-batches: the second update is off-policy)."""
 import json
 import sys
 
@@ -12,24 +13,24 @@ from tests.kill_resume import metrics as _metrics, whole_killed_resumed
 STEPS, SAVE = 6, 2
 
 
-def _cmd(assets, out, sleep=0.0):
-    return [sys.executable, "-W", "ignore", "-m", "tests.algorithms.online_driver", "pg", str(assets), str(out),
+def _cmd(algorithm, assets, out, sleep=0.0):
+    return [sys.executable, "-W", "ignore", "-m", "tests.algorithms.online_driver", algorithm, str(assets), str(out),
             str(STEPS), str(SAVE), str(sleep)]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+@pytest.fixture(scope="module", params=["pg", "pg:gspo"], ids=["rloo", "gspo"])
+def runs(request, tmp_path_factory):
     from tests.algorithms.ppo_setup import make_assets
 
     base = tmp_path_factory.mktemp("pg_resume")
     assets = base / "assets.json"
     assets.write_text(json.dumps(make_assets(base / "assets")))
-    whole, killed, killed_at, _ = whole_killed_resumed(lambda out, sleep: _cmd(assets, out, sleep), base, SAVE,
-                                                       slow=1.0, settle=1.5, timeout=600)
+    whole, killed, killed_at, _ = whole_killed_resumed(lambda out, sleep: _cmd(request.param, assets, out, sleep),
+                                                       base, SAVE, slow=1.0, settle=1.5, timeout=600)
     return whole, killed, killed_at
 
 
-def test_resumed_rloo_run_ends_with_the_same_metrics_and_weights(runs):
+def test_resumed_run_ends_with_the_same_metrics_and_weights(runs):
     import torch
     from transformers import AutoModelForCausalLM
 

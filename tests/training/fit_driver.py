@@ -13,7 +13,8 @@ ALGORITHM:
 - ``dpo:precompute`` / ``dpo:resident``: DPO with that reference mode on 26 random pairs
   with global batch 8 (3 steps per epoch, 2 pairs of each epoch unused, so a run of more
   than 3 steps trains every pair against its reference in later epochs), validation every
-  2 steps, the last 2 checkpoints kept.
+  2 steps, the last 2 checkpoints kept. ``dpo:precompute:orpo`` (any registered loss type
+  after the second colon): the same with that loss, ORPO with its SFT term.
 """
 import json
 import sys
@@ -49,7 +50,10 @@ def _sft(out_dir, steps, save_interval):
                                export_hf=True))
 
 
-def _dpo(out_dir, steps, save_interval, reference):
+LOSS_OPTIONS = {"orpo": {"sft_weight": 1.0}}  # per loss type beyond beta
+
+
+def _dpo(out_dir, steps, save_interval, reference, loss_type="dpo"):
     from aligner.algorithms.dpo import DPOAlgorithm
     from aligner.models.gpt import build_model
     from aligner.parallel import get_device
@@ -57,7 +61,8 @@ def _dpo(out_dir, steps, save_interval, reference):
     from tests.training.test_parallel_equivalence import _model_cfg, _samples
 
     val = [dict(s, index=i) for i, s in enumerate(_samples("pairs", n=6, seed=11))]
-    return DPOAlgorithm(0, beta=0.5, reference=reference), build_model(_model_cfg()).to(get_device()), dict(
+    algo = DPOAlgorithm(0, beta=0.5, reference=reference, loss_type=loss_type, **LOSS_OPTIONS.get(loss_type, {}))
+    return algo, build_model(_model_cfg()).to(get_device()), dict(
         train_data=_samples("pairs", n=26), val_data=val,
         optim=OptimSection(lr=1e-2, clip_grad=1.0, warmup_steps=2, schedule="cosine", min_lr=1e-3),
         trainer=TrainerSection(max_steps=steps, global_batch_size=8, micro_batch_size=2, out_dir=out_dir,
@@ -75,9 +80,10 @@ def main(out_dir, steps, save_interval, sleep=0.0, algorithm="sft"):
     if algorithm == "sft":
         algo, model, options = _sft(out_dir, steps, save_interval)
     elif algorithm.startswith("dpo:"):
-        algo, model, options = _dpo(out_dir, steps, save_interval, algorithm.split(":", 1)[1])
+        algo, model, options = _dpo(out_dir, steps, save_interval, *algorithm.split(":")[1:])
     else:
-        raise SystemExit(f"ALGORITHM {algorithm!r}: expected sft, dpo:precompute or dpo:resident")
+        raise SystemExit(f"ALGORITHM {algorithm!r}: expected sft, dpo:precompute or dpo:resident"
+                         " (optionally :LOSS_TYPE)")
     if sleep:
         collate = algo.microbatches
 

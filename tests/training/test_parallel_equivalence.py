@@ -1,8 +1,9 @@
 """The shared loop gives the same training curve under every layout.
 
-Reward-model regression and BT, and DPO, 5 steps each on the same data and global batch at
-TP=1, TP=2, PP=2 and DP=2 (fp32): losses agree within 1e-5. DPO also with packing, and its
-implicit rewards are exactly 0 at step 0 (policy and reference log-probs identical).
+Reward-model regression and BT, DPO, and the reference-free ORPO (with its SFT term) and
+SimPO, 5 steps each on the same data and global batch at TP=1, TP=2, PP=2 and DP=2 (fp32):
+losses agree within 1e-5. DPO also with packing, and its implicit rewards are exactly 0 at
+step 0 (policy and reference log-probs identical); ORPO and SimPO make no reference pass.
 """
 import pytest
 import torch
@@ -93,6 +94,10 @@ def run_layout(workdir, weights, tp, pp):
     out["regression"] = _train(RewardAlgorithm(0, mode="regression", attributes=["a", "b", "c"]), f"{workdir}/r")
     out["bt"] = _train(RewardAlgorithm(0, mode="bt", bt_kind="scaled", attributes=["a"]), f"{workdir}/b")
     out["dpo"] = _train(DPOAlgorithm(0, beta=0.5), f"{workdir}/d")
+    for kind, options in (("orpo", {"beta": 0.5, "sft_weight": 1.0}), ("simpo", {"beta": 2.0, "gamma": 0.5})):
+        algo = DPOAlgorithm(0, loss_type=kind, **options)
+        out[kind] = _train(algo, f"{workdir}/{kind}")
+        out[kind]["reference_table"] = algo._ref is not None
     if tp == 1 and pp == 1:
         out["dpo_packed"] = _train(DPOAlgorithm(0, beta=0.5, packing=True, capacity=48), f"{workdir}/p")
         out["bt_packed"] = _train(
@@ -116,7 +121,7 @@ def runs(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("algo", ["regression", "bt", "dpo"])
+@pytest.mark.parametrize("algo", ["regression", "bt", "dpo", "orpo", "simpo"])
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_losses_agree_across_layouts(runs, algo, layout):
     ref = runs["tp1"][0][algo]["losses"]
@@ -141,3 +146,10 @@ def test_dpo_step0_policy_equals_reference(runs, layout):
         first = rank_out["dpo"]["first"]
         assert first["rewards/margins"] == 0.0 and first["rewards/chosen"] == 0.0
         assert abs(first["loss"] - math.log(2)) < 1e-6  # fp32: -logσ(0) = 0.69314718(2)
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2", "dp2"])
+def test_reference_free_losses_keep_no_reference(runs, layout):
+    for rank_out in runs[layout]:
+        for kind in ("orpo", "simpo"):
+            assert rank_out[kind]["reference_table"] is False, (layout, kind)

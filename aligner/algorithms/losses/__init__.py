@@ -7,9 +7,11 @@ per-token log-probs with a mask, head outputs); nothing here knows about paralle
 - :mod:`.common`: masked reductions, whitening, group reductions
 - :mod:`.kl`: the KL estimators (k1, abs, k2, k3, k3+)
 - :mod:`.advantages`: advantage estimators by name (RLOO, GRPO, Dr. GRPO, REINFORCE++, GAE), DAPO's shaping
-- :mod:`.policy`: clipped surrogate, REINFORCE token loss, aggregation, the policy objective
+- :mod:`.policy`: clipped surrogate, REINFORCE token loss, GSPO, CISPO (registered by name), aggregation,
+  the policy objective
 - :mod:`.value`: the critic's clipped value loss
-- :mod:`.preference`: the DPO family by name
+- :mod:`.preference`: the DPO family by name (ORPO and SimPO among them)
+- :mod:`.kto`: KTO's reference point and value on unpaired responses
 - :mod:`.reward`: regression and Bradley-Terry reward models, running moments, ExPO
 - :mod:`.steerlm`: SteerLM 2.0 weights and loss, the Beta model of attribute likelihoods
 """
@@ -37,10 +39,14 @@ from aligner.algorithms.losses.advantages import (  # noqa: F401
 )
 from aligner.algorithms.losses.policy import (  # noqa: F401
     AGGREGATIONS,
+    POLICY_LOSSES,
     PolicyLossOptions,
     aggregate,
+    cispo_token_loss,
     clipped_surrogate,
+    gspo_token_loss,
     policy_objective,
+    register_policy_loss,
     reinforce_token_loss,
 )
 from aligner.algorithms.losses.value import ppo_value_loss  # noqa: F401
@@ -49,13 +55,16 @@ from aligner.algorithms.losses.preference import (  # noqa: F401
     dpo_loss,
     ipo_loss,
     margin_dpo_loss,
+    orpo_loss,
     preference_loss,
     register_preference_loss,
     rpo_bwd_kl_loss,
     rpo_fwd_kl_loss,
     rpo_sq_loss,
     scaled_dpo_loss,
+    simpo_loss,
 )
+from aligner.algorithms.losses.kto import kto_loss, kto_reference_point, mismatched_rows  # noqa: F401
 from aligner.algorithms.losses.reward import (  # noqa: F401
     BT_KINDS,
     RunningMoments,

@@ -1,6 +1,11 @@
-"""Policy-gradient losses: the clipped surrogate, the REINFORCE token loss, their
-aggregation over the global batch and :func:`policy_objective`, the policy loss the
-online algorithms train with (docs/ppo.md, docs/reinforce.md).
+"""Policy-gradient losses: the clipped surrogate, the REINFORCE token loss, GSPO's
+sequence-level clipped ratio, CISPO's clipped importance weights, their aggregation over
+the global batch and :func:`policy_objective`, the policy loss the online algorithms
+train with (docs/ppo.md, docs/reinforce.md).
+
+Every policy loss is registered by name in :data:`POLICY_LOSSES`
+(:func:`register_policy_loss`, ``pg.loss``) with its default clip range, used where
+the config leaves ``clip_eps_low`` / ``clip_eps_high`` unset.
 
 The objective is returned as this micro-batch's share ``(numerator, denominator)``: the
 training loop sums both over micro-batches and data-parallel ranks before dividing
@@ -10,7 +15,7 @@ the micro-batch size, accumulation or layout. Shapes: ``b`` rows, ``s`` position
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -102,12 +107,124 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "token_m
     raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
 
 
+def _ratio_stats(logps, old_logps, mask, clipped: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Detached per-token ``ratio``, ``approx_kl`` and the share of ``clipped`` tokens."""
+    m = _as_mask(mask, logps, "mask")
+    with torch.no_grad():
+        log_ratio = logps.detach() - old_logps.detach()
+        ratio = log_ratio.exp()
+        return {"clipfrac": masked_mean(clipped.to(logps.dtype), m), "dual_clipfrac": torch.zeros((), dtype=logps.dtype),
+                "ratio": masked_mean(ratio, m), "approx_kl": masked_mean(ratio - 1.0 - log_ratio, m)}
+
+
+def gspo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    clip_low: float = 3e-4, clip_high: float = 4e-4) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """GSPO (Zheng et al. 2025, arXiv 2507.18071, eqs. 5-7): the sequence-level ratio
+    ``s_i = exp((1/|o_i|) Σ_t (log π(y_t) − log π_old(y_t)))`` (the geometric mean of the
+    token ratios) clipped per sequence,
+    ``l_i = max(−A_i·s_i, −A_i·clip(s_i, 1 − ε_low, 1 + ε_high))`` with ``A_i`` the
+    sequence's advantage (its tokens' mean advantage).
+
+    logps (with grad), old_logps, advantages, mask: [b, s]. Returns ``l_i`` on every
+    masked token of row ``i`` [b, s] (aggregated with ``seq_mean_token_mean`` it is the
+    paper's ``(1/G) Σ_i l_i``) and detached statistics; ``clipfrac`` counts tokens of
+    clipped sequences.
+    """
+    _check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages)
+    m = _as_mask(mask, logps, "mask")
+    lengths = (m != 0).sum(-1).clamp(min=1).to(logps.dtype)
+    seq_log_ratio = masked_sum(logps - old_logps.detach(), m, dim=-1) / lengths  # [b]
+    adv = masked_sum(advantages.detach(), m, dim=-1) / lengths
+    ratio = seq_log_ratio.exp()
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    per_seq = torch.maximum(unclipped, clipped)
+    loss = torch.where(m != 0, per_seq[:, None].expand_as(logps), torch.zeros_like(logps))
+    stats = _ratio_stats(logps, old_logps, m, (clipped > unclipped)[:, None].expand_as(logps))
+    with torch.no_grad():
+        stats["ratio"] = masked_mean(ratio.detach()[:, None].expand_as(logps), m)  # the sequence ratio s_i per token
+    return loss, stats
+
+
+def cispo_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     clip_low: float = 1.0, clip_high: float = 4.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585, eqs. 4-5): the REINFORCE token loss weighted
+    by the clipped, stop-gradient importance weight,
+    ``l_t = −sg(clip(ρ_t, 1 − ε_low, 1 + ε_high))·A_t·log π(y_t)``, ``ρ_t = π(y_t) / π_old(y_t)``:
+    every token keeps a gradient (none is dropped by the clip, unlike PPO's). The defaults
+    put no lower bound (``ε_low = 1``: ρ > 0 anyway, as the paper does) and cap the
+    weight at 5 (``ε_high = 4``; ScaleRL, arXiv 2510.13786, and TRL use ε_max = 5).
+
+    [b, s] -> the per-token loss [b, s] and detached statistics (``clipfrac``: weights clipped).
+    """
+    _check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages)
+    m = _as_mask(mask, logps, "mask")
+    ratio = (logps.detach() - old_logps.detach()).exp()
+    weight = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.where(m != 0, -weight * advantages.detach() * logps, torch.zeros_like(logps))
+    return loss, _ratio_stats(logps, old_logps, m, weight != ratio)
+
+
+PolicyLossFn = Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered ``fn(logps, old_logps, advantages, mask, options) -> (loss [b, s], stats)``
+    and its default clip range (None: the config's ``clip_eps``)."""
+
+    fn: PolicyLossFn
+    clip_low: Optional[float] = None
+    clip_high: Optional[float] = None
+
+
+POLICY_LOSSES: Dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(name: str, *, clip_low: Optional[float] = None,
+                         clip_high: Optional[float] = None) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Register ``fn(logps, old_logps, advantages, mask, options)`` as ``pg.loss = name``,
+    with its default clip range."""
+
+    def add(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"policy loss {name!r} is already registered")
+        POLICY_LOSSES[name] = PolicyLoss(fn, clip_low, clip_high)
+        return fn
+
+    return add
+
+
+@register_policy_loss("clipped")
+def _clipped(logps, old_logps, adv, mask, o):
+    return clipped_surrogate(logps, old_logps, adv, mask, o.clip_low, o.clip_high, o.dual_clip)
+
+
+@register_policy_loss("reinforce")
+def _reinforce(logps, old_logps, adv, mask, o):
+    # the ratio to the rollout policy is still worth watching (1 on the first update)
+    _, stats = clipped_surrogate(logps.detach(), old_logps, adv, mask, o.clip_low, o.clip_high)
+    stats["clipfrac"] = torch.zeros_like(stats["clipfrac"])
+    return reinforce_token_loss(logps, adv, mask), stats
+
+
+@register_policy_loss("gspo", clip_low=3e-4, clip_high=4e-4)  # the paper's ranges (section 5.1)
+def _gspo(logps, old_logps, adv, mask, o):
+    return gspo_token_loss(logps, old_logps, adv, mask, o.clip_low, o.clip_high)
+
+
+@register_policy_loss("cispo", clip_low=1.0, clip_high=4.0)
+def _cispo(logps, old_logps, adv, mask, o):
+    return cispo_token_loss(logps, old_logps, adv, mask, o.clip_low, o.clip_high)
+
+
 @dataclass
 class PolicyLossOptions:
     """How :func:`policy_objective` turns per-token log-probs into the objective:
 
-    kind: ``clipped`` (:func:`clipped_surrogate`) or ``reinforce`` (``−A·log π``,
-    on-policy, no ratio). aggregation / constant: :func:`aggregate`'s mode. kl_coef /
+    kind: a key of :data:`POLICY_LOSSES`: ``clipped`` (:func:`clipped_surrogate`),
+    ``reinforce`` (``−A·log π``, on-policy, no ratio), ``gspo`` (:func:`gspo_token_loss`),
+    ``cispo`` (:func:`cispo_token_loss`). aggregation / constant: :func:`aggregate`'s mode. kl_coef /
     kl_estimator: a KL term ``kl_coef · aggregate(KL_t)`` in the loss (0: none).
     entropy_coef: minus the aggregated entropy.
     """
@@ -135,16 +252,9 @@ def policy_objective(options: PolicyLossOptions, logps: torch.Tensor, entropy: t
     o = options
     mask = batch["loss_mask"]
     adv = batch["advantages"]
-    if o.kind == "clipped":
-        token_loss, stats = clipped_surrogate(logps, batch["old_logps"], adv, mask, o.clip_low, o.clip_high,
-                                              o.dual_clip)
-    elif o.kind == "reinforce":
-        token_loss = reinforce_token_loss(logps, adv, mask)
-        # the ratio to the rollout policy is still worth watching (1 on the first update)
-        _, stats = clipped_surrogate(logps.detach(), batch["old_logps"], adv, mask, o.clip_low, o.clip_high)
-        stats["clipfrac"] = torch.zeros_like(stats["clipfrac"])
-    else:
-        raise ValueError(f"policy loss must be 'clipped' or 'reinforce', got {o.kind!r}")
+    if o.kind not in POLICY_LOSSES:
+        raise ValueError(f"policy loss must be one of {sorted(POLICY_LOSSES)}, got {o.kind!r}")
+    token_loss, stats = POLICY_LOSSES[o.kind].fn(logps, batch["old_logps"], adv, mask, o)
     num, den = aggregate(token_loss, mask, o.aggregation, o.constant)
     tokens = mask.sum()
     sums = {"loss/policy": (num.detach(), den)}

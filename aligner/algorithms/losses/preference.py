@@ -1,14 +1,20 @@
-"""The DPO family: DPO, IPO, RPO (sq / fwd KL / bwd KL), margin and scaled DPO, and the
-entry point :func:`preference_loss` with the optional SFT term (docs/dpo.md).
+"""The DPO family: DPO, IPO, RPO (sq / fwd KL / bwd KL), margin and scaled DPO, the
+reference-free ORPO and SimPO, and the entry point :func:`preference_loss` with the
+optional SFT term (docs/dpo.md).
 
 Every per-pair loss is registered by name with :func:`register_preference_loss`, which
 declares the pair fields it reads beyond the four log-probs and β (``strength``,
-``margin``, ``reward_gap``, ``eta``): :func:`preference_loss` passes exactly those, and
-the DPO trainer checks the data and the config against them (``dpo.eta`` only for
-losses that read it; every pair carries ``reward_gap`` for those that read that).
+``margin``, ``reward_gap``, ``eta``, ``gamma``): :func:`preference_loss` passes exactly
+those, and the DPO trainer checks the data and the config against them (``dpo.eta`` and
+``dpo.gamma`` only for losses that read them; every pair carries ``reward_gap`` for those
+that read that). A loss registered with ``reference=False`` reads no reference log-probs
+(the trainer runs no reference pass and keeps no reference weights for it); one
+registered with ``length_normalised=True`` is defined on per-token mean log-probs, which
+the trainer then gives it whatever ``dpo.average_log_probs`` says.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
@@ -27,15 +33,20 @@ class PreferenceLoss:
 
     fn: PreferenceLossFn
     inputs: Tuple[str, ...] = ()
+    reference: bool = True  # reads the reference log-probs (False: rc, rr are zeros)
+    length_normalised: bool = False  # defined on per-token mean log-probs
 
 
 PREFERENCE_LOSSES: Dict[str, PreferenceLoss] = {}
-PAIR_INPUTS = ("strength", "margin", "reward_gap", "eta")  # what a loss may declare
+PAIR_INPUTS = ("strength", "margin", "reward_gap", "eta", "gamma")  # what a loss may declare
 
 
-def register_preference_loss(name: str, *, inputs: Tuple[str, ...] = ()) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
+def register_preference_loss(name: str, *, inputs: Tuple[str, ...] = (), reference: bool = True,
+                             length_normalised: bool = False) -> Callable[[PreferenceLossFn], PreferenceLossFn]:
     """Register a per-pair loss ``fn(pc, pr, rc, rr, beta, **inputs) -> [b]`` as
-    ``dpo.loss_type = name``; ``inputs``: the pair fields of :data:`PAIR_INPUTS` it reads."""
+    ``dpo.loss_type = name``; ``inputs``: the pair fields of :data:`PAIR_INPUTS` it reads;
+    ``reference=False``: it needs no reference model; ``length_normalised=True``: its
+    log-probs are per-token means."""
     unknown = sorted(set(inputs) - set(PAIR_INPUTS))
     if unknown:
         raise ValueError(f"preference loss {name!r}: inputs {unknown} are not among {list(PAIR_INPUTS)}")
@@ -43,7 +54,7 @@ def register_preference_loss(name: str, *, inputs: Tuple[str, ...] = ()) -> Call
     def add(fn: PreferenceLossFn) -> PreferenceLossFn:
         if name in PREFERENCE_LOSSES:
             raise ValueError(f"preference loss {name!r} is already registered")
-        PREFERENCE_LOSSES[name] = PreferenceLoss(fn, tuple(inputs))
+        PREFERENCE_LOSSES[name] = PreferenceLoss(fn, tuple(inputs), reference, length_normalised)
         return fn
 
     return add
@@ -164,6 +175,40 @@ def scaled_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
     return -_strength(strength, delta, "scaled_dpo") * F.logsigmoid(beta * delta)
 
 
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """``log(1 − eˣ)`` for ``x < 0``, accurate at both ends (Mächler 2012: log(−expm1 x)
+    near 0, log1p(−eˣ) below −ln 2)."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+@register_preference_loss("orpo", reference=False, length_normalised=True)
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta) -> torch.Tensor:
+    """ORPO's odds-ratio term (Hong et al. 2024, arXiv 2403.07691, eqs. 4-7), [b] -> [b]:
+    ``−β·logσ(log(odds(y_c) / odds(y_r)))`` with ``odds(y) = P(y) / (1 − P(y))`` and
+    ``log P(y) = (1/|y|) Σ_t log π(y_t)`` (per-token mean), so
+    ``log odds ratio = (ℓ_c − ℓ_r) − (log(1 − e^ℓ_c) − log(1 − e^ℓ_r))``.
+
+    β is the paper's λ; the paper's full objective adds the chosen response's NLL
+    (``dpo.sft_weight = 1``). No reference: ``ref_*`` are ignored.
+    """
+    _check_pairs(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    log_odds = (policy_chosen_logps - policy_rejected_logps) - (
+        _log1mexp(policy_chosen_logps) - _log1mexp(policy_rejected_logps))
+    return -beta * F.logsigmoid(log_odds)
+
+
+@register_preference_loss("simpo", inputs=("gamma",), reference=False, length_normalised=True)
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
+               gamma=0.5) -> torch.Tensor:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734, eq. 6), [b] -> [b]:
+    ``−logσ(β·ℓ_c − β·ℓ_r − γ)`` with ``ℓ = (1/|y|) Σ_t log π(y_t)`` the per-token mean
+    (the length-normalised reward is ``β·ℓ``) and ``γ`` the target reward margin
+    (``dpo.gamma``). No reference: ``ref_*`` are ignored.
+    """
+    _check_pairs(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    return -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps) - gamma)
+
+
 def preference_loss(
     kind: str,
     policy_chosen_logps: torch.Tensor,
@@ -176,6 +221,7 @@ def preference_loss(
     margin: Optional[torch.Tensor] = None,
     reward_gap: Optional[torch.Tensor] = None,
     eta: float = 1.0,
+    gamma: float = 0.5,
     chosen_nll: Optional[torch.Tensor] = None,
     sft_weight: float = 0.0,
     preference_weight: float = 1.0,
@@ -188,10 +234,12 @@ def preference_loss(
     and rejected responses, each summed over response tokens or averaged per token (see
     :func:`sequence_logps`; both of a pair must use the same reduction). ``kind`` is a key
     of :data:`PREFERENCE_LOSSES`: ``dpo``, ``ipo``, ``rpo_sq``, ``rpo_fwd_kl``,
-    ``rpo_bwd_kl``, ``margin_dpo``, ``scaled_dpo``, or one registered later. Kind-specific
-    inputs: ``strength`` (|preference_strength|, margin/scaled), ``margin`` (margin_dpo,
-    instead of strength), ``reward_gap`` and ``eta`` (RPO); the loss receives those it
-    declared, so a trainer may always pass its batch's fields.
+    ``rpo_bwd_kl``, ``margin_dpo``, ``scaled_dpo``, ``orpo``, ``simpo``, or one registered
+    later. Kind-specific inputs: ``strength`` (|preference_strength|, margin/scaled),
+    ``margin`` (margin_dpo, instead of strength), ``reward_gap`` and ``eta`` (RPO),
+    ``gamma`` (SimPO); the loss receives those it declared, so a trainer may always pass
+    its batch's fields. For the reference-free kinds the caller passes zeros as ``ref_*``
+    (the implicit rewards are then ``β·logπ``).
 
     ``chosen_nll`` [b]: the SFT term's per-sequence NLL of the chosen response,
     ``−mean_t log π(y_t)``; required when ``sft_weight > 0``.
@@ -206,7 +254,7 @@ def preference_loss(
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     entry = PREFERENCE_LOSSES[kind]
-    given = {"strength": strength, "margin": margin, "reward_gap": reward_gap, "eta": eta}
+    given = {"strength": strength, "margin": margin, "reward_gap": reward_gap, "eta": eta, "gamma": gamma}
     per_pair = entry.fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta,
                         **{k: given[k] for k in entry.inputs})
     pref = per_pair.mean()

@@ -113,3 +113,52 @@ def test_gradcheck_policy_objective():
     for kind in ("clipped", "reinforce"):
         assert torch.autograd.gradcheck(
             lambda lp, e: objective(lp, adv, mask, entropy=e, kind=kind, entropy_coef=0.01)[0], (logps, ent)), kind
+
+
+# a ragged batch: row 0 has 3 response tokens, row 1 has 1 (then padding)
+RAGGED_MASK = [[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]]
+
+
+def test_gspo_sequence_ratio_and_clip_on_a_ragged_batch():
+    old = t([[-1.0, -2.0, -0.5], [-1.0, -7.0, -7.0]])
+    # row 0: token log-ratios [0.3, −0.6, 0.9] -> mean 0.2, s_0 = e^0.2 = 1.221403; row 1: log-ratio −0.1
+    logps = (old + t([[0.3, -0.6, 0.9], [-0.1, 5.0, 5.0]])).requires_grad_()
+    adv = t([[1.0, 1.0, 1.0], [-2.0, 9.0, 9.0]])  # padding carries junk: it is masked away
+    loss, stats = objective(logps, adv, t(RAGGED_MASK), old=old, kind="gspo", clip_low=0.1, clip_high=0.15,
+                            aggregation="seq_mean_token_mean")
+    s0, s1 = math.exp(0.2), math.exp(-0.1)
+    # row 0, A = 1: max(−1.221403, −1.15) = −1.15 (clipped high); row 1, A = −2: max(2·0.904837, 2·0.9) = 1.809675
+    l0, l1 = max(-s0, -1.15), max(2 * s1, 2 * 0.9)
+    close(l0, -1.15)
+    close(loss, (l0 + l1) / 2)  # the paper's (1/G) Σ_i l_i
+    close(stats["policy/clipfrac"], 3 / 4)  # row 0's three tokens of the four
+    close(stats["policy/ratio"], (3 * s0 + s1) / 4)
+    loss.backward()
+    # row 0 clipped: no gradient; row 1: d/dlogp (−A·s_1) / 2 rows = 2·s_1 / 2 on its one token
+    torch.testing.assert_close(logps.grad, t([[0.0, 0.0, 0.0], [s1, 0.0, 0.0]]))
+    # the paper's default range (3e-4, 4e-4) comes from the registry
+    assert (P.POLICY_LOSSES["gspo"].clip_low, P.POLICY_LOSSES["gspo"].clip_high) == (3e-4, 4e-4)
+
+
+def test_cispo_clipped_stop_gradient_weights_on_a_ragged_batch():
+    old = t([[-1.0, -2.0, -0.5], [-1.0, -7.0, -7.0]])
+    ratios = t([[6.0, 0.5, 1.0], [0.01, 1.0, 1.0]])
+    logps = (old + torch.log(ratios)).requires_grad_()
+    adv = t([[1.0, -1.0, 2.0], [3.0, 9.0, 9.0]])
+    loss, stats = objective(logps, adv, t(RAGGED_MASK), old=old, kind="cispo", clip_low=1.0, clip_high=4.0)
+    # weights clip(ρ, 0, 5): [5, 0.5, 1], [0.01]; l_t = −w·A·log π
+    lp = (old + torch.log(ratios)).tolist()
+    want = [-5.0 * 1.0 * lp[0][0], -0.5 * -1.0 * lp[0][1], -1.0 * 2.0 * lp[0][2], -0.01 * 3.0 * lp[1][0]]
+    close(loss, sum(want) / 4)  # token_mean over the 4 response tokens
+    close(stats["policy/clipfrac"], 1 / 4)
+    loss.backward()
+    # the weight is a constant: d l_t / d log π = −w·A, even where it was clipped
+    torch.testing.assert_close(logps.grad, t([[-5.0, 0.5, -2.0], [-0.03, 0.0, 0.0]]) / 4)
+
+
+def test_policy_loss_registry():
+    assert list(P.POLICY_LOSSES) == ["clipped", "reinforce", "gspo", "cispo"]
+    with pytest.raises(ValueError, match="already registered"):
+        P.register_policy_loss("gspo")(P.gspo_token_loss)
+    with pytest.raises(ValueError, match="policy loss must be one of"):
+        objective(t([[0.0]]), t([[1.0]]), kind="ppo2")

@@ -110,12 +110,56 @@ def test_summed_vs_averaged_log_ratios():
         close(L.preference_loss("dpo", *lp, beta=1.0)[0], expected)
 
 
+# per-token mean log-probs of a ragged batch: chosen Σ [−1.5, −2.4] over [3, 8] tokens and
+# rejected Σ [−4.0, −1.2] over [2, 3] tokens -> ℓ_c = [−0.5, −0.3], ℓ_r = [−2.0, −0.4]
+MEAN_C, MEAN_R = [-1.5 / 3, -2.4 / 8], [-4.0 / 2, -1.2 / 3]
+
+
+def test_orpo_hand_computed():
+    # log odds(ℓ) = ℓ − log(1 − e^ℓ); pair 1: (−0.5 − log(1 − e^−0.5)) − (−2 − log(1 − e^−2))
+    want = []
+    for c, r in zip(MEAN_C, MEAN_R):
+        log_odds = (c - math.log(1 - math.exp(c))) - (r - math.log(1 - math.exp(r)))
+        want.append(0.25 * nll_sigmoid(log_odds))  # −λ·logσ(log odds ratio), λ = β = 0.25
+    # pair 1: log odds = (−0.5 + 0.932752) − (−2 + 0.145413) = 2.287339 -> 0.25·0.096706 = 0.024176
+    close(want[0], 0.0241765, 1e-6)
+    zeros = t([0.0, 0.0])
+    loss, stats = L.preference_loss("orpo", t(MEAN_C), t(MEAN_R), zeros, zeros, 0.25)
+    close(loss, sum(want) / 2)
+    close(stats["rewards/chosen"], 0.25 * (-0.5 - 0.3) / 2, 1e-7)  # β·ℓ_c without a reference
+    # the reference log-probs are not read
+    close(L.preference_loss("orpo", t(MEAN_C), t(MEAN_R), t([5.0, 1.0]), t([-3.0, 2.0]), 0.25)[0], sum(want) / 2)
+    # the paper's objective: + the chosen NLL (sft_weight 1): + mean(0.5, 0.3)
+    total, stats = L.preference_loss("orpo", t(MEAN_C), t(MEAN_R), zeros, zeros, 0.25, chosen_nll=-t(MEAN_C),
+                                     sft_weight=1.0)
+    close(total, sum(want) / 2 + 0.4)
+    # near P = 1 (ℓ → 0⁻) log(1 − e^ℓ) stays finite: ℓ = −1e−9 gives log odds ≈ −log(1e−9)
+    tiny = L.preference_loss("orpo", t([-1e-9]), t([-1e-9]), t([0.0]), t([0.0]), 1.0)[0]
+    close(tiny, LN2, 1e-12)
+
+
+def test_simpo_hand_computed():
+    # −logσ(β(ℓ_c − ℓ_r) − γ), β = 2, γ = 0.5: pair 1 2·1.5 − 0.5 = 2.5, pair 2 2·0.1 − 0.5 = −0.3
+    zeros = t([0.0, 0.0])
+    loss, stats = L.preference_loss("simpo", t(MEAN_C), t(MEAN_R), zeros, zeros, 2.0, gamma=0.5)
+    close(loss, (nll_sigmoid(2.5) + nll_sigmoid(-0.3)) / 2)
+    close(loss, (0.0788897 + 0.8543552) / 2, 1e-6)
+    close(stats["rewards/margins"], 2.0 * (1.5 + 0.1) / 2, 1e-7)
+    # γ = 0: the reference-free DPO on mean log-probs
+    close(L.preference_loss("simpo", t(MEAN_C), t(MEAN_R), zeros, zeros, 2.0, gamma=0.0)[0],
+          (nll_sigmoid(3.0) + nll_sigmoid(0.2)) / 2)
+
+
 def test_registry_and_errors():
-    assert list(L.PREFERENCE_LOSSES) == ["dpo", "ipo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "margin_dpo", "scaled_dpo"]
+    assert list(L.PREFERENCE_LOSSES) == ["dpo", "ipo", "rpo_sq", "rpo_fwd_kl", "rpo_bwd_kl", "margin_dpo", "scaled_dpo",
+                                         "orpo", "simpo"]
     # the pair fields each loss declares (what the DPO trainer checks the data and config against)
     assert {k: e.inputs for k, e in L.PREFERENCE_LOSSES.items() if e.inputs} == {
         "rpo_sq": ("reward_gap", "eta"), "rpo_fwd_kl": ("reward_gap", "eta"), "rpo_bwd_kl": ("reward_gap", "eta"),
-        "margin_dpo": ("strength", "margin"), "scaled_dpo": ("strength",)}
+        "margin_dpo": ("strength", "margin"), "scaled_dpo": ("strength",), "simpo": ("gamma",)}
+    # the reference-free, length-normalised ones
+    assert [k for k, e in L.PREFERENCE_LOSSES.items() if not e.reference] == ["orpo", "simpo"]
+    assert [k for k, e in L.PREFERENCE_LOSSES.items() if e.length_normalised] == ["orpo", "simpo"]
 
     @L.register_preference_loss("hinge_test")
     def hinge(pc, pr, rc, rr, beta):
@@ -141,6 +185,8 @@ def test_registry_and_errors():
 
 def test_gradcheck_preference_losses():
     pc, pr, rc, rr = (random_leaf(4, seed=s, scale=2.0) for s in (4, 5, 6, 7))
+    # per-token mean log-probs are < 0 (ORPO's odds need P < 1)
+    pc, pr = (x.detach().abs().add(0.05).neg().requires_grad_() for x in (pc, pr))
     nll = random_leaf(4, seed=8).detach().abs().requires_grad_()
     extra = {"strength": torch.tensor([1.0, 2.0, -3.0, 1.0], dtype=torch.float64),
              "reward_gap": torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64), "eta": 1.5}

@@ -1,0 +1,69 @@
+"""KTO, Kahneman-Tversky optimisation (Ethayarajh et al. 2024, arXiv 2402.01306): a loss on
+unpaired responses, each labelled desirable or undesirable (docs/kto.md).
+
+Per response ``y`` of prompt ``x``, ``ρ = log π(y|x) − log π_ref(y|x)`` (summed over the
+response tokens) and the reference point ``z_ref`` estimates ``KL(π ‖ π_ref)`` from
+*mismatched* pairs of the batch: the completion of row ``i − 1`` after the prompt of row
+``i`` (rows rotated by one, as TRL's ``KTOTrainer`` builds them), ``z_ref =
+max(0, mean_i (log π(y_{i−1}|x_i) − log π_ref(y_{i−1}|x_i)))``, detached (eq. 8 and
+section 4.1). The value of a response (eq. 7):
+
+- desirable: ``λ_D · (1 − σ(β(ρ − z_ref)))``
+- undesirable: ``λ_U · (1 − σ(β(z_ref − ρ)))``
+
+and the loss is the mean over the responses of the batch. Shapes: ``b`` responses.
+"""
+from __future__ import annotations
+
+import torch
+
+from aligner.algorithms.losses.common import LossAndStats, _check_pairs
+
+
+def mismatched_rows(n: int) -> torch.Tensor:
+    """For ``n`` rows, the row whose completion row ``i`` pairs with its own prompt for the
+    KL estimate: ``[n − 1, 0, 1, ..., n − 2]`` (a rotation by one). [n] long."""
+    if n < 2:
+        raise ValueError(f"KTO's KL estimate needs >= 2 rows to mismatch, got {n}")
+    return torch.roll(torch.arange(n), 1)
+
+
+def kto_reference_point(kl_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:
+    """``z_ref = max(0, mean(kl_logps − kl_ref_logps))``, detached: the policy's and the
+    reference's summed log-probs of the mismatched completions [b] -> scalar."""
+    _check_pairs(kl_logps=kl_logps, kl_ref_logps=kl_ref_logps)
+    return (kl_logps - kl_ref_logps).detach().mean().clamp(min=0)
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, z_ref: torch.Tensor,
+             beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> LossAndStats:
+    """Mean KTO value over the responses (module docstring), and statistics.
+
+    policy_logps, ref_logps: [b] summed response log-probs; desirable: [b] bool (the
+    row's ``label``); z_ref: the reference point (:func:`kto_reference_point`, a scalar,
+    over the global batch in a multi-process run). Stats: ``loss``, ``kl`` (z_ref),
+    ``rewards/chosen`` / ``rewards/rejected`` (mean ``βρ`` of the desirable / undesirable
+    responses; 0 when there are none), ``count/desirable``.
+    """
+    _check_pairs(policy_logps=policy_logps, ref_logps=ref_logps)
+    if desirable.shape != policy_logps.shape:
+        raise ValueError(f"desirable has shape {tuple(desirable.shape)}; expected {tuple(policy_logps.shape)}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    d = desirable.to(torch.bool)
+    rho = policy_logps - ref_logps
+    z = torch.as_tensor(z_ref, dtype=rho.dtype, device=rho.device).detach()
+    value = torch.where(d, desirable_weight * (1 - torch.sigmoid(beta * (rho - z))),
+                        undesirable_weight * (1 - torch.sigmoid(beta * (z - rho))))
+    loss = value.mean()
+    with torch.no_grad():
+        reward = beta * rho.detach().float()
+        n_d, n_u = d.sum(), (~d).sum()
+        stats = {
+            "loss": loss.detach(),
+            "kl": z.float(),
+            "rewards/chosen": torch.where(d, reward, 0).sum() / n_d.clamp(min=1),
+            "rewards/rejected": torch.where(~d, reward, 0).sum() / n_u.clamp(min=1),
+            "count/desirable": n_d.float(),
+        }
+    return loss, stats

@@ -1,0 +1,58 @@
+"""aligner.algorithms.losses.kto: KTO's reference point and value against hand-computed
+values (plain python math, worked in the comments), and a float64 gradcheck."""
+import math
+
+import pytest
+import torch
+
+from aligner.algorithms.losses import kto as K
+from tests.algorithms.losses.values import close, random_leaf, t
+
+
+def sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_mismatched_rows_rotate_by_one():
+    assert K.mismatched_rows(4).tolist() == [3, 0, 1, 2]  # (x_1, y_4), (x_2, y_1), ... as TRL pairs them
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        K.mismatched_rows(1)
+
+
+def test_reference_point_is_the_clamped_detached_mean():
+    # mean([0.5, −0.1, 0.2]) = 0.2
+    kl = t([0.5, -0.1, 0.2]).requires_grad_()
+    z = K.kto_reference_point(kl, t([0.0, 0.0, 0.0]))
+    close(z, 0.2)
+    assert not z.requires_grad
+    close(K.kto_reference_point(t([-1.0, 0.5]), t([0.0, 0.0])), 0.0)  # mean −0.25 clamps to 0
+
+
+def test_kto_value_hand_computed():
+    # ρ = [1.0, −0.5, 2.0, 0.3]; labels [desirable, undesirable, desirable, undesirable]; β = 0.5, z = 0.2
+    pol, ref = t([-3.0, -4.5, -1.0, -2.7]), t([-4.0, -4.0, -3.0, -3.0])
+    d = torch.tensor([True, False, True, False])
+    loss, stats = K.kto_loss(pol, ref, d, torch.tensor(0.2, dtype=torch.float64), 0.5, desirable_weight=1.5,
+                             undesirable_weight=0.8)
+    want = [1.5 * (1 - sig(0.5 * (1.0 - 0.2))), 0.8 * (1 - sig(0.5 * (0.2 + 0.5))),
+            1.5 * (1 - sig(0.5 * (2.0 - 0.2))), 0.8 * (1 - sig(0.5 * (0.2 - 0.3)))]
+    # e.g. row 1: 1.5·(1 − σ(0.4)) = 1.5·0.401312 = 0.601968
+    close(want[0], 0.601968, 1e-6)
+    close(loss, sum(want) / 4)
+    close(stats["rewards/chosen"], 0.5 * (1.0 + 2.0) / 2, 1e-7)
+    close(stats["rewards/rejected"], 0.5 * (-0.5 + 0.3) / 2, 1e-7)
+    close(stats["kl"], 0.2, 1e-7)
+    # policy = reference and z = 0: every response is worth λ/2
+    same, _ = K.kto_loss(ref, ref, d, torch.tensor(0.0), 0.5, desirable_weight=1.5, undesirable_weight=0.8)
+    close(same, (1.5 + 0.8 + 1.5 + 0.8) / 2 / 4)
+
+
+def test_kto_gradcheck_and_errors():
+    pol, ref = random_leaf(5, seed=1), random_leaf(5, seed=2)
+    d = torch.tensor([True, False, True, True, False])
+    fn = lambda p, r: K.kto_loss(p, r, d, torch.tensor(0.3, dtype=torch.float64), 0.7, 1.0, 1.33)[0]
+    assert torch.autograd.gradcheck(fn, (pol, ref))
+    with pytest.raises(ValueError, match="desirable has shape"):
+        K.kto_loss(t([1.0, 2.0]), t([1.0, 2.0]), torch.tensor([True]), 0.0, 0.1)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        K.kto_loss(t([1.0]), t([1.0]), torch.tensor([True]), 0.0, 0.0)

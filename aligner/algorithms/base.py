@@ -191,14 +191,17 @@ class Trainer:
 
         return torch.bfloat16 if self.cfg.init.dtype == DType.bf16 else torch.float32
 
-    def build_models(self, head=None, num_outputs=1) -> list:
+    def build_models(self, head=None, num_outputs=1, model_cfg: Optional[ModelConfig] = None,
+                     hf: Optional[str] = None) -> list:
         """This rank's model chunks of the policy's architecture with ``head``: the weights of
-        ``init.hf``, else a random initialisation from ``trainer.seed``."""
+        ``init.hf``, else a random initialisation from ``trainer.seed``. ``model_cfg`` and
+        ``hf``: another model of the run instead (a distillation teacher), at the same layout."""
         # the model code is megatron-core: loaded when models are built
         from aligner.models import build_model, load_hf_weights
 
-        mc = self.model_config()
-        if self.cfg.init.hf is None:
+        mc = model_cfg or self.model_config()
+        hf = hf or self.cfg.init.hf
+        if hf is None:
             tok = self.tokenizer()
             if mc.vocab_size < tok.vocab_size:
                 raise ConfigError(
@@ -212,8 +215,8 @@ class Trainer:
         models = [build_model(mc, head=head, num_outputs=num_outputs, params_dtype=self.params_dtype(), vp_stage=s,
                               sequence_parallel=p.sequence_parallel and p.tp > 1).to(get_device())
                   for s in stages]
-        if self.cfg.init.hf:
-            load_hf_weights(models, self.cfg.init.hf, mc, head=head)
+        if hf:
+            load_hf_weights(models, hf, mc, head=head)
         return models
 
     def load_data(self, path) -> Optional[Sequence[dict]]:

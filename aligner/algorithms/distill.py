@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf
+from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf, policy_update
 from aligner.algorithms.losses.distill import (
     DISTILL_DIVERGENCES,
     VocabShard,
@@ -44,7 +44,6 @@ from aligner.algorithms.online import ExperienceMaker, GenerationSection, genera
 from aligner.algorithms.registry import register_trainer
 from aligner.config import Choice, ConfigError
 from aligner.models.config import ModelConfig
-from aligner.parallel import padded_length
 from aligner.parallel.seeds import on_policy_generator
 from aligner.training.algorithm import StepContext
 from aligner.training.batching import schedule_microbatches, shifted_logprobs
@@ -242,20 +241,10 @@ class DistillAlgorithm(TokenAlgorithm):
 
     def train_step(self, context: StepContext) -> Dict[str, float]:
         t0 = time.perf_counter()
-        policy = context.roles["policy"]
         on_policy = self.on_policy(context)
         local = self.student_samples(context) if on_policy else list(context.local_samples)
-        seq_length = padded_length(max(self.sample_length(s) for s in local))
-        micro = self.microbatches(local, context.micro_batch_size, seq_length)
-        policy.train()
-        policy.zero_grad()
-        lr = policy.lr
-        store = context.run_schedule(policy.chunks, micro, self.forward, self.loss, forward_only=False)
-        ok, grad_norm = policy.step()
-        metrics = context.reduce_metrics(store)
-        metrics.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                       skipped=0.0 if ok else 1.0, on_policy=float(on_policy),
-                       step_time=time.perf_counter() - t0)
+        metrics = policy_update(context, self, local)
+        metrics.update(on_policy=float(on_policy), step_time=time.perf_counter() - t0)
         return metrics
 
 

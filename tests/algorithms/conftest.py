@@ -8,6 +8,13 @@ WORDS = ("what is the sum of two and three it five four six seven no yes maybe i
          " tell me a story once upon time there was cat dog").split()
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>"]  # ids 0..3
 VOCAB = 64
+# prompt/completion rows over WORDS (SPIN, distillation)
+COMPLETION_ROWS = [
+    {"prompt": "what is the sum of two and three", "completion": "five"},
+    {"prompt": "tell me a story", "completion": "once upon a time there was a cat"},
+    {"prompt": "is it a dog", "completion": "yes it is"},
+    {"prompt": "what is six and seven", "completion": "i think so"},
+]
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +38,24 @@ def tiny_hf(tmp_path_factory):
                       initializer_range=0.1)
     LlamaForCausalLM(cfg).save_pretrained(out)
     return {"dir": out, "vocab": vocab}
+
+
+@pytest.fixture(scope="session")
+def teacher_hf(tmp_path_factory, tiny_hf):
+    """A second tiny HF Llama with tiny_hf's vocabulary and another architecture (a
+    distillation teacher); its folder."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("teacher_hf")
+    AutoTokenizer.from_pretrained(tiny_hf["dir"]).save_pretrained(out)
+    torch.manual_seed(1)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
+                      pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
+                      initializer_range=0.2)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    return str(out)
 
 
 def write_jsonl(path, rows):

@@ -17,30 +17,9 @@ import pytest
 import torch
 
 from aligner.parallel.spawn import spawn_local
-from tests.algorithms.conftest import VOCAB, write_jsonl
+from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, VOCAB, write_jsonl
 
-ROWS = [
-    {"prompt": "what is the sum of two and three", "completion": "five"},
-    {"prompt": "tell me a story", "completion": "once upon a time there was a cat"},
-    {"prompt": "is it a dog", "completion": "yes it is"},
-    {"prompt": "what is six and seven", "completion": "i think so"},
-]
 BETA, LR, STEPS = 0.5, 5e-3, 3
-
-
-@pytest.fixture(scope="module")
-def teacher_hf(tmp_path_factory, tiny_hf):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("teacher_hf")
-    AutoTokenizer.from_pretrained(tiny_hf["dir"]).save_pretrained(out)
-    torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6,
-                      pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False,
-                      initializer_range=0.2)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    return str(out)
 
 
 def distill_config(student, teacher, train, out_dir, **distill):

@@ -14,18 +14,11 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import torch
 
 from aligner.parallel.spawn import spawn_local
-from tests.algorithms.conftest import write_jsonl
+from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, write_jsonl
 
-ROWS = [
-    {"prompt": "what is the sum of two and three", "completion": "five"},
-    {"prompt": "tell me a story", "completion": "once upon a time there was a cat"},
-    {"prompt": "is it a dog", "completion": "yes it is"},
-    {"prompt": "what is six and seven", "completion": "i think so"},
-]
 BETA, LR = 0.5, 5e-3
 
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf, policy_update
+from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, policy_update
 from aligner.algorithms.losses.distill import (
     DISTILL_DIVERGENCES,
     VocabShard,
@@ -47,7 +47,6 @@ from aligner.models.config import ModelConfig
 from aligner.parallel.seeds import on_policy_generator
 from aligner.training.algorithm import StepContext
 from aligner.training.batching import schedule_microbatches, shifted_logprobs
-from aligner.training.config import InitSection
 from aligner.training.forward import forward
 from aligner.training.metrics import metric
 
@@ -73,10 +72,10 @@ class DistillSection:
 
 @dataclass
 class DistillConfig(RunConfig):
-    """Knowledge distillation into a student (``init.hf`` required) from ``distill.teacher``."""
+    """Knowledge distillation from ``distill.teacher`` into a student: ``init.hf``, or the
+    ``model`` section's architecture from a random initialisation (a smaller student)."""
 
     algorithm: str = "distill"
-    init: InitSection = field(default_factory=init_from_hf)
     distill: DistillSection = field(default_factory=DistillSection)
 
 
@@ -106,7 +105,7 @@ def check_same_vocabulary(student: ModelConfig, teacher: ModelConfig, teacher_pa
     """Distillation compares distributions over one vocabulary: a one-line error otherwise."""
     if student.vocab_size != teacher.vocab_size:
         raise ConfigError(f"distill.teacher = {teacher_path!r}: its vocabulary has {teacher.vocab_size} tokens, the"
-                          f" student's (init.hf) {student.vocab_size}; distillation needs one vocabulary")
+                          f" student's {student.vocab_size}; distillation needs one vocabulary")
 
 
 # ------------------------------------------------------------------------------ vocab-parallel
@@ -286,7 +285,9 @@ class DistillTrainer(Trainer):
 
         algo, policy, train, val, _ = super().prepare()
         tc = self.teacher_config()
-        tc.layer_spec = self.model_config().layer_spec
+        mc = self.model_config()
+        # kernels, and the padded vocabulary: the student's, so that both give [b, s, v/p] logits alike
+        tc.layer_spec, tc.make_vocab_size_divisible_by = mc.layer_spec, mc.make_vocab_size_divisible_by
         roles = RoleSet()
         algo.teacher = FrozenRole("teacher", self.build_models(model_cfg=tc, hf=self.cfg.distill.teacher))
         roles.add(algo.teacher)

@@ -21,6 +21,7 @@ of (seed, step), so a resumed run and every layout take the same steps on-policy
 """
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from aligner.algorithms.losses.distill import (
 from aligner.algorithms.online import ExperienceMaker, GenerationSection, generation_config
 from aligner.algorithms.registry import register_trainer
 from aligner.config import Choice, ConfigError
+from aligner.files import atomic_write_bytes
 from aligner.models.config import ModelConfig
 from aligner.parallel.seeds import on_policy_generator
 from aligner.training.algorithm import StepContext
@@ -63,6 +65,8 @@ class DistillSection:
     beta: float = 0.5  # jsd's β in [0, 1] (0: forward KL, 1: reverse KL)
     temperature: float = 1.0  # both distributions are softmax(logits / temperature)
     top_k: Optional[int] = None  # the teacher's top-k tokens instead of the full vocabulary
+    # top-k: computed once before training into <out_dir>/teacher_topk.pt (read back on resume), the teacher offloaded
+    precompute: bool = False
     kd_weight: float = 1.0  # weight of the divergence
     sft_weight: float = 0.0  # weight of the NLL of the rows' responses
     lmbda: float = 0.0  # GKD: the share of steps on the student's own samples (on-policy)
@@ -90,6 +94,9 @@ def check_distill_section(s, key: str = "distill") -> None:
         raise ConfigError(f"{key}.temperature = {s.temperature}: expected > 0")
     if s.top_k is not None and s.top_k < 1:
         raise ConfigError(f"{key}.top_k = {s.top_k}: expected >= 1 (or null: the full vocabulary)")
+    if s.precompute and (s.top_k is None or s.lmbda > 0):
+        raise ConfigError(f"{key}.precompute = true: it stores the teacher's top-k of the rows' responses; it needs"
+                          f" {key}.top_k and {key}.lmbda = 0 (on-policy responses are new at every step)")
     for name in ("kd_weight", "sft_weight"):
         if s[name] < 0:
             raise ConfigError(f"{key}.{name} = {s[name]}: expected >= 0")
@@ -160,13 +167,73 @@ class DistillAlgorithm(TokenAlgorithm):
         self.teacher = teacher
         self.maker = maker
         self.interleaved = False  # set from the policy's chunks at setup
+        self.topk_file: Optional[Path] = None  # precomputed top-k: the run's table file
+        self._table: Optional[Dict[int, tuple]] = None  # sample index -> (values [L, k], ids [L, k])
 
     def groups(self, sample):
         return [(sample["tokens"], sample["loss_mask"])]
 
+    def attach(self, batch, samples):
+        batch["index"] = [int(s["index"]) for s in samples]
+        return batch
+
     def setup(self, loop) -> None:
         super().setup(loop)
         self.interleaved = len(loop.models) > 1
+        if self.topk_file is not None:
+            self._table = self.precomputed_topk(loop)
+            self.teacher.offload()  # training reads the table: the teacher's weights leave the device
+
+    # ---------------------------------------------------------------- precomputed top-k
+    def precomputed_topk(self, loop) -> Dict[int, tuple]:
+        """The teacher's top-k of every training and validation sample (index -> values, ids
+        ``[L, k]``): read from :attr:`topk_file`, else computed in global batches (each
+        rank its share, gathered over data-parallel ranks from the last pipeline stage) and
+        written by rank 0 atomically."""
+        from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not at config checks
+
+        if self.topk_file.is_file():
+            table = torch.load(self.topk_file, weights_only=True)
+            if table["k"] != self.top_k:
+                raise ValueError(f"{self.topk_file}: holds the teacher's top-{table['k']}, distill.top_k = {self.top_k}")
+            return {int(i): (v, t) for i, v, t in zip(table["index"], table["values"], table["ids"])}
+        n_train = len(loop.train_data)
+        val = loop.val_data or []
+        samples = [dict(loop.train_data[i], index=i) for i in range(n_train)] + \
+                  [dict(val[i], index=n_train + i) for i in range(len(val))]
+        gbs = loop.cfg.global_batch_size
+        mine: Dict[int, tuple] = {}
+        for start in range(0, len(samples), gbs):
+            chunk = samples[start:start + gbs]
+            for batch in self.microbatches(loop.local_share(chunk), loop.cfg.micro_batch_size, loop.seq_length(chunk)):
+                if "teacher_topk" not in batch:  # not the last pipeline stage, or a filler
+                    continue
+                values, ids = batch["teacher_topk"]
+                for row, index in enumerate(batch["index"]):
+                    length = int((batch["item_of_token"][row] >= 0).sum())
+                    mine[index] = (values[row, :length].float().cpu(), ids[row, :length].int().cpu())
+        parts = [mine]
+        if ps.get_data_parallel_world_size() > 1:
+            parts = [None] * ps.get_data_parallel_world_size()
+            dist.all_gather_object(parts, mine, group=ps.get_data_parallel_group())
+        table = StepContext.from_last_stage({i: v for part in parts for i, v in part.items()})
+        if dist.get_rank() == 0:
+            order = sorted(table)
+            buffer = io.BytesIO()
+            torch.save({"k": self.top_k, "index": order, "values": [table[i][0] for i in order],
+                        "ids": [table[i][1] for i in order]}, buffer)
+            atomic_write_bytes(self.topk_file, buffer.getvalue())
+        return table
+
+    def _from_table(self, batch) -> tuple:
+        """The micro-batch's ``[R, S, k]`` top-k from the table (zero where no item is)."""
+        rows, width = batch["tokens"].shape
+        values = torch.zeros(rows, width, self.top_k)
+        ids = torch.zeros(rows, width, self.top_k, dtype=torch.long)
+        for row, index in enumerate(batch.get("index", [])):
+            v, t = self._table[index]
+            values[row, :len(v)], ids[row, :len(t)] = v, t.long()
+        return values, ids
 
     # ---------------------------------------------------------------- the teacher's pass
     def microbatches(self, samples, micro_batch_size, seq_length):
@@ -174,6 +241,10 @@ class DistillAlgorithm(TokenAlgorithm):
         teacher's output for it (``teacher_logits``, or ``teacher_topk`` values and ids)."""
         micro = schedule_microbatches(super().microbatches(samples, micro_batch_size, seq_length),
                                       interleaved=self.interleaved)
+        if self._table is not None:
+            for batch in micro:
+                batch["teacher_topk"] = self._from_table(batch)
+            return micro
         for i, batch in enumerate(micro):
             batch["micro_id"] = i
         outputs: Dict[int, object] = {}
@@ -258,6 +329,8 @@ class DistillTrainer(Trainer):
     @classmethod
     def check(cls, cfg):
         check_distill_section(cfg.distill)
+        if cfg.distill.precompute and cfg.data.packing:
+            raise ConfigError("distill.precompute = true stores the top-k of padded rows", hint="set data.packing=false")
 
     def teacher_config(self) -> ModelConfig:
         path = self.cfg.distill.teacher
@@ -290,6 +363,8 @@ class DistillTrainer(Trainer):
         tc.layer_spec, tc.make_vocab_size_divisible_by = mc.layer_spec, mc.make_vocab_size_divisible_by
         roles = RoleSet()
         algo.teacher = FrozenRole("teacher", self.build_models(model_cfg=tc, hf=self.cfg.distill.teacher))
+        if self.cfg.distill.precompute:
+            algo.topk_file = Path(self.cfg.trainer.out_dir) / "teacher_topk.pt"
         roles.add(algo.teacher)
         if self.cfg.distill.lmbda > 0:
             s = self.cfg.distill

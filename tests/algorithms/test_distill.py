@@ -6,8 +6,9 @@
   (``GKDTrainer.generalized_jsd_loss``, β = 0.5, labels -100 on prompts and padding) and
   torch's Adam; step 1's loss and gradient norm agree within 1e-5, step 3's loss within 1e-4.
 - Under every layout: step 1's loss and gradient norm at TP=2, PP=2 and DP=2 equal one
-  process (1e-5), for the full-vocabulary JSD (vocab-parallel, never gathered) and the
-  on-the-fly top-k forward KL with an SFT term.
+  process (1e-5), for the full-vocabulary JSD (vocab-parallel, never gathered), the
+  on-the-fly top-k forward KL with an SFT term, and the same top-k precomputed to the run
+  folder first (which also equals the on-the-fly top-k).
 - A teacher with another vocabulary is refused in one line naming both sizes.
 """
 import json
@@ -112,8 +113,9 @@ def test_a_teacher_with_another_vocabulary_is_refused(tiny_hf, tmp_path):
 
 
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)]}  # (tp, pp); (1, 1) on 2 ranks is DP=2
-VARIANTS = {"jsd": {"divergence": "jsd", "beta": 0.3, "temperature": 1.5},
-            "topk": {"divergence": "forward_kl", "top_k": 5, "sft_weight": 0.5}}
+TOPK = {"divergence": "forward_kl", "top_k": 5, "sft_weight": 0.5}
+VARIANTS = {"jsd": {"divergence": "jsd", "beta": 0.3, "temperature": 1.5}, "topk": TOPK,
+            "precomputed": dict(TOPK, precompute=True)}
 
 
 def _layouts(student, teacher, train, workdir, world):
@@ -142,3 +144,9 @@ def test_every_layout_equals_one_process(tiny_hf, teacher_hf, tmp_path):
             for key in ("loss", "loss/kd", "grad_norm"):
                 print(f"{name} tp{tp} pp{pp} {key}: {got[key]:.9g} vs {want[key]:.9g}")
                 assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), (name, tp, pp, key)
+    # the top-k precomputed to the run folder trains as the top-k computed on the fly
+    for key in ("loss", "loss/kd", "grad_norm"):
+        assert abs(one[(1, 1, "precomputed")][key] - one[(1, 1, "topk")][key]) <= 1e-6, key
+    table = torch.load(tmp_path / "1_1_1_precomputed" / "teacher_topk.pt", weights_only=True)
+    assert table["k"] == 5 and table["index"] == list(range(len(ROWS)))
+    assert all(v.shape[1] == 5 and bool((v[:, :-1] >= v[:, 1:]).all()) for v in table["values"])  # sorted

@@ -21,17 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-
-def paired(base, new):
-    diffs = [b - a for a, b in zip(base, new)]
-    mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-    return {"mean": mean, "standard_error": se, "prompts": len(diffs), "z": mean / se if se > 0 else float("inf")}
+from iterative_dpo import paired  # the examples folder is the script's own: the same paired statistics
 
 
 def main(argv=None) -> int:

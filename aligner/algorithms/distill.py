@@ -174,7 +174,7 @@ class DistillAlgorithm(TokenAlgorithm):
         return [(sample["tokens"], sample["loss_mask"])]
 
     def attach(self, batch, samples):
-        batch["index"] = [int(s["index"]) for s in samples]
+        batch["index"] = [int(s.get("index", -1)) for s in samples]  # the rows' (a student sample has none)
         return batch
 
     def setup(self, loop) -> None:

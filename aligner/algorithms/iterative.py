@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -47,6 +47,24 @@ def derive_iteration_epochs(cfg, key: str, defaults, title: str):
                           " epochs", hint="remove the override")
     OmegaConf.update(cfg, "trainer.max_epochs", total, force_add=True)
     return cfg
+
+
+def gather_rows(context: StepContext, rows: List[dict]) -> List[dict]:
+    """Every data-parallel rank's rows of an iteration, in rank order (identical on every rank)."""
+    if context.dp_size == 1:
+        return rows
+    from megatron.core import parallel_state as ps  # megatron-core loads when a run samples, not at config checks
+
+    gathered = [None] * context.dp_size
+    dist.all_gather_object(gathered, rows, group=ps.get_data_parallel_group())
+    return [r for part in gathered for r in part]
+
+
+def check_row_indices(rows: List[dict], expected, path, what: str) -> None:
+    """A samples file read back holds a row for every ``expected`` index (``what``: its rows' name)."""
+    got = sorted(int(r["index"]) for r in rows)
+    if got != sorted(expected):
+        raise ValueError(f"{path}: holds {what} {got[:5]}... ({len(got)}); this run has {len(expected)}")
 
 
 class IterativeAlgorithm(TokenAlgorithm):

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
-import torch.distributed as dist
 
 from aligner.algorithms.base import RunConfig, Trainer, init_from_hf, pair_logps
-from aligner.algorithms.iterative import IterativeAlgorithm, derive_iteration_epochs
+from aligner.algorithms.iterative import IterativeAlgorithm, check_row_indices, derive_iteration_epochs, gather_rows
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
 from aligner.algorithms.online import ExperienceMaker, GenerationSection, generation_config
 from aligner.algorithms.registry import register_trainer
@@ -100,8 +99,6 @@ class SPINSampler:
 
     def sample(self, context: StepContext, iteration: int) -> List[dict]:
         """The iteration's rows (global order, identical on every rank)."""
-        from megatron.core import parallel_state as ps  # megatron-core loads when a run samples, not at config checks
-
         share = math.ceil(len(self.prompts) / context.dp_size)
         local = self.prompts[context.dp_rank * share:(context.dp_rank + 1) * share]
         ctx = StepContext(roles=context.roles, step=iteration, samples=self.prompts, local_samples=local,
@@ -127,18 +124,11 @@ class SPINSampler:
             rows.append({"index": p["index"], "iteration": iteration, "rejected_tokens": response.tolist(),
                          "rejected": exp.texts[i], "truncated": bool(exp.truncated[i]),
                          "ref_chosen": float(ref[i]), "ref_rejected": float(ref[n + i])})
-        if context.dp_size > 1:
-            gathered = [None] * context.dp_size
-            dist.all_gather_object(gathered, rows, group=ps.get_data_parallel_group())
-            rows = [r for part in gathered for r in part]
-        return rows
+        return gather_rows(context, rows)
 
     def check_rows(self, rows: List[dict], path) -> None:
         """A file read back must hold a pair for every prompt of this run."""
-        got = sorted(int(r["index"]) for r in rows)
-        if got != sorted(self.by_index):
-            raise ValueError(f"{path}: holds the pairs of rows {got[:5]}... ({len(got)}); this run has"
-                             f" {len(self.by_index)}")
+        check_row_indices(rows, self.by_index, path, "the pairs of rows")
 
     def to_sample(self, row: dict) -> dict:
         """A file row -> a pair ``{"chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask",

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from aligner.parallel.spawn import spawn_local
-from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, VOCAB, write_jsonl
+from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, VOCAB, adam_run, write_jsonl
 
 BETA, LR, STEPS = 0.5, 5e-3, 3
 
@@ -28,11 +28,8 @@ def distill_config(student, teacher, train, out_dir, **distill):
         "algorithm": "distill",
         "init": {"hf": student},
         "data": {"train": train, "template": "raw", "max_length": 64},
-        "optim": {"name": "adam", "lr": LR, "weight_decay": 0.0, "clip_grad": 0.0, "warmup_steps": 0,
-                  "schedule": "constant", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-        "trainer": {"max_steps": STEPS, "global_batch_size": 4, "micro_batch_size": 2, "out_dir": out_dir,
-                    "export_hf": False, "progress": False, "tensorboard": False, "resume": False},
         "distill": dict({"teacher": teacher}, **distill),
+        **adam_run(out_dir, LR, max_steps=STEPS),
     }
 
 
@@ -101,7 +98,7 @@ def test_a_teacher_with_another_vocabulary_is_refused(tiny_hf, tmp_path):
     from aligner.algorithms.distill import DistillTrainer
     from aligner.config import ConfigError
 
-    other = tmp_path / "other"
+    other = tmp_path / "other"  # another vocabulary
     LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB + 8, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, max_position_embeddings=64)).save_pretrained(other)
     train = write_jsonl(tmp_path / "rows.jsonl", ROWS)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from aligner.parallel.spawn import spawn_local
-from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, write_jsonl
+from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, adam_run, write_jsonl
 
 BETA, LR = 0.5, 5e-3
 
@@ -27,10 +27,7 @@ def spin_config(hf, train, out_dir, **trainer):
         "algorithm": "spin",
         "init": {"hf": hf},
         "data": {"train": train, "template": "raw", "max_length": 64},
-        "optim": {"name": "adam", "lr": LR, "weight_decay": 0.0, "clip_grad": 0.0, "warmup_steps": 0,
-                  "schedule": "constant", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
-        "trainer": dict({"global_batch_size": 4, "micro_batch_size": 2, "out_dir": out_dir, "export_hf": False,
-                         "progress": False, "tensorboard": False, "resume": False}, **trainer),
+        **adam_run(out_dir, LR, **trainer),
         "spin": {"iterations": 2, "epochs": 1, "beta": BETA, "generation": {"max_new_tokens": 6}},
     }
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.algorithms.conftest import COMPLETION_ROWS, write_jsonl
-from tests.kill_resume import metrics as _metrics, whole_killed_resumed
+from tests.kill_resume import assert_same_metrics, whole_killed_resumed
 
 STEPS = 4  # SPIN: 2 iterations x 2 steps; GKD: 4 steps of global batch 2
 
@@ -27,16 +27,6 @@ def assets(tmp_path_factory, tiny_hf, teacher_hf):
     return base, path
 
 
-def _same_metrics(whole, killed):
-    a, b = _metrics(whole), _metrics(killed)
-    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
-    for ra, rb in zip(a, b):
-        for key in ra:
-            if not key.startswith("time/") and key not in ("step_time", "timestamp", "wall_time"):
-                assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
-    return a
-
-
 def test_spin_resumed_mid_iteration_ends_with_the_same_metrics(assets):
     base, path = assets
 
@@ -48,7 +38,7 @@ def test_spin_resumed_mid_iteration_ends_with_the_same_metrics(assets):
                                                             base / "spin", 3, slow=1.0, timeout=600, between=samples)
     assert killed_at == 3, killed_at  # inside the second iteration (steps 3 and 4)
     assert before == samples(killed), "the resumed run must read the iteration's generations, not sample again"
-    a = _same_metrics(whole, killed)
+    a = assert_same_metrics(whole, killed, STEPS)
     assert [r["iteration"] for r in a] == [0.0, 0.0, 1.0, 1.0]
     for k in (0, 1):
         name = f"spin_samples/iteration_{k}.jsonl"
@@ -60,5 +50,5 @@ def test_gkd_resumed_ends_with_the_same_metrics(assets):
     whole, killed, killed_at, _ = whole_killed_resumed(lambda out, sleep: _cmd("gkd", path, out, sleep),
                                                        base / "gkd", 2, slow=1.0, timeout=600)
     assert 2 <= killed_at < STEPS, killed_at
-    a = _same_metrics(whole, killed)
+    a = assert_same_metrics(whole, killed, STEPS)
     assert {r["on_policy"] for r in a} == {0.0, 1.0}, "the run must mix on- and off-policy steps"

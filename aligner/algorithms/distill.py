@@ -209,7 +209,7 @@ class DistillAlgorithm(TokenAlgorithm):
                 if "teacher_topk" not in batch:  # not the last pipeline stage, or a filler
                     continue
                 values, ids = batch["teacher_topk"]
-                for row, index in enumerate(batch["index"]):
+                for row, index in enumerate(batch.get("index", [])):
                     length = int((batch["item_of_token"][row] >= 0).sum())
                     mine[index] = (values[row, :length].float().cpu(), ids[row, :length].int().cpu())
         parts = [mine]

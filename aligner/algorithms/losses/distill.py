@@ -9,9 +9,10 @@ With ``s = softmax(z_s / T)`` (student) and ``t = softmax(z_t / T)`` (teacher) a
 - ``jsd``: with ``m = β t + (1 − β) s``, ``β KL(t ‖ m) + (1 − β) KL(s ‖ m)``; β = 0 is
   ``forward_kl`` and β = 1 ``reverse_kl`` (TRL's ``generalized_jsd_loss`` convention)
 
-Top-k (``topk_token_divergence``): the sum runs over the teacher's k tokens; the teacher is
-renormalised over them (softmax of its k logits), the student keeps its full-vocabulary
-probabilities at those ids, as the predecessor's top-k loss did.
+Top-k (``topk_token_divergence``): the sum runs over the teacher's k tokens, both
+distributions renormalised over them (softmax of the teacher's k logits and of the
+student's logits at those ids), as the predecessor's top-k loss did: a divergence between
+two distributions on the same k outcomes, 0 exactly where they agree there.
 
 Vocab-parallel: every function takes this tensor-parallel rank's slice of the vocabulary
 ``[b, s, v/p]`` and a :class:`VocabShard` that sums / maxes / concatenates over the TP
@@ -122,7 +123,7 @@ def shard_topk(logits: torch.Tensor, k: int, shard: VocabShard = WHOLE_VOCAB) ->
 
 def _gather_shard(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard) -> torch.Tensor:
     """``values[..., ids]`` for global ``ids`` [b, s, k] from the rank's slice ``values`` [b, s, v/p]:
-    each rank contributes the ids it holds, summed over the TP group."""
+    each rank contributes the ids it holds, summed over the TP group (``[b, s, k]`` crosses ranks)."""
     local = ids - shard.start
     held = (local >= 0) & (local < values.shape[-1])
     picked = values.gather(-1, torch.where(held, local, torch.zeros_like(local)))
@@ -142,7 +143,8 @@ def topk_token_divergence(student_logits: torch.Tensor, topk_logits: torch.Tenso
                          f" student's positions {tuple(student_logits.shape[:2])}")
     if not temperature > 0:
         raise ValueError(f"temperature = {temperature}: expected > 0")
-    s = _gather_shard(shard_log_softmax(_fp(student_logits) / temperature, shard), topk_ids.long(), shard)
+    picked = _gather_shard(_fp(student_logits) / temperature, topk_ids.long(), shard)
+    s = torch.log_softmax(picked, dim=-1)
     t = torch.log_softmax(_fp(topk_logits.detach()) / temperature, dim=-1).to(s.dtype)
     return _divergence_terms(s, t, kind, beta).sum(-1)
 

@@ -69,14 +69,18 @@ def test_sft_term_is_weighted_in():
 
 
 def test_topk_divergences_by_hand():
-    # student over 4 tokens (½, ¼, ⅛, ⅛); teacher's top-2: ids [1, 0], logits [ln3, 0] -> t = (¾, ¼)
+    # student over 4 tokens (½, ¼, ⅛, ⅛); teacher's top-2: ids [1, 0], logits [ln3, 0] -> t = (¾, ¼);
+    # the student renormalised over ids [1, 0]: (¼, ½) / ¾ = (⅓, ⅔)
     student = torch.log(torch.tensor([[[0.5, 0.25, 0.125, 0.125]] * 2], dtype=torch.float64))
     topk_logits = torch.tensor([[[LN3, 0.0]] * 2], dtype=torch.float64)
     topk_ids = torch.tensor([[[1, 0]] * 2])
     fwd = D.topk_token_divergence(student, topk_logits, topk_ids, "forward_kl")
-    close(fwd[0, 0], 0.75 * math.log(0.75 / 0.25) + 0.25 * math.log(0.25 / 0.5), 1e-12)  # ¾ln3 − ¼ln2
+    close(fwd[0, 0], 0.75 * math.log(9 / 4) + 0.25 * math.log(3 / 8), 1e-12)  # ¾ln(¾/⅓) + ¼ln(¼/⅔)
     rev = D.topk_token_divergence(student, topk_logits, topk_ids, "reverse_kl")
-    close(rev[0, 1], 0.25 * math.log(0.25 / 0.75) + 0.5 * math.log(0.5 / 0.25), 1e-12)  # −¼ln3 + ½ln2
+    close(rev[0, 1], math.log(4 / 9) / 3 + 2 * math.log(8 / 3) / 3, 1e-12)  # ⅓ln(⅓/¾) + ⅔ln(⅔/¼)
+    # where the student agrees with the teacher on the k tokens (whatever it puts elsewhere): 0
+    agree = torch.log(torch.tensor([[[0.15, 0.45, 0.3, 0.1]]], dtype=torch.float64))
+    close(D.topk_token_divergence(agree, topk_logits[:, :1], topk_ids[:, :1], "jsd", beta=0.4)[0, 0], 0.0, 1e-12)
     # the teacher's own top-k, taken from full logits: ids by descending logit
     values, ids = D.shard_topk(torch.tensor([[[0.1, 2.0, -1.0, 3.0]]]), 2)
     assert ids.tolist() == [[[3, 1]]] and values.tolist() == [[[3.0, 2.0]]]

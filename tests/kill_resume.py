@@ -56,3 +56,15 @@ def whole_killed_resumed(cmd: Callable[[Path, float], List[str]], base, step: in
     seen = between(killed) if between else None
     run(cmd(killed, 0.0), timeout)
     return whole, killed, killed_at, seen
+
+
+def assert_same_metrics(whole, killed, steps: int) -> List[dict]:
+    """The killed-and-resumed run logged exactly the whole run's metrics at steps 1..``steps``
+    (timings aside); the whole run's metrics."""
+    a, b = metrics(whole), metrics(killed)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if not key.startswith("time/") and key not in ("step_time", "timestamp", "wall_time"):
+                assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    return a

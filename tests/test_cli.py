@@ -143,7 +143,7 @@ def test_train_rejects_bad_configs_before_launch(capsys):
         assert cli.main(["train", "sft", "--cfg", "job", *args]) == 2
         assert expected in capsys.readouterr().err
     assert cli.main(["train", "nosuch"]) == 2
-    assert capsys.readouterr().err.startswith("aligner train: error: no top-level config 'nosuch'; available: dpo,")
+    assert capsys.readouterr().err.startswith("aligner train: error: no top-level config 'nosuch'; available: distill, dpo,")
     assert cli.main(["train", "dpo", "--cfg", "job", "init.hf=/m", "data.train=p.jsonl", "parallel.tp=2",
                      "dpo.beta=0.05"]) == 0
     printed = capsys.readouterr().out

@@ -21,7 +21,7 @@ from aligner.training.config import DType, ModelSection, OptimSection, ParallelS
 
 CONFIGS = ["sft", "dpo", "rm_regression", "rm_bt", "helpsteer2_dpo", "helpsteer2_rm_regression",
            "helpsteer2_rm_helpfulness", "helpsteer2pref_scaled_bt", "ppo", "helpsteer2_ppo", "pg", "rloo", "grpo",
-           "helpsteer2pref_reinforce", "steerlm_sft", "steerlm2", "helpsteer2_steerlm2"]
+           "helpsteer2pref_reinforce", "steerlm_sft", "steerlm2", "helpsteer2_steerlm2", "spin", "distill", "gkd"]
 ONLINE = {"ppo": "ppo", "helpsteer2_ppo": "ppo", "pg": "pg", "rloo": "pg", "grpo": "pg", "helpsteer2pref_reinforce": "pg"}
 
 
@@ -38,7 +38,8 @@ def test_every_top_level_config_composes_onto_its_schema():
         assert trainer_cls is TRAINERS[cfg.algorithm]
         assert OmegaConf.get_type(cfg) is trainer_cls.schema
         # what a run still needs: the data, and for everything but SFT the initial model
-        assert missing_keys(cfg) == (["data.train"] if name in ("sft", "steerlm_sft") else ["init.hf", "data.train"])
+        needed = ["data.train"] if name in ("sft", "steerlm_sft", "distill", "gkd") else ["init.hf", "data.train"]
+        assert missing_keys(cfg) == needed + (["distill.teacher"] if name in ("distill", "gkd") else [])
 
 
 def test_choices_are_the_registries_of_the_code_that_uses_them():

@@ -1,7 +1,8 @@
 """What every algorithm shares (docs/architecture.md): :class:`RunConfig`, the config
 sections of every run; :class:`Trainer`, one configured algorithm on the shared loop
 (checks, parallel layout, tokenizer, data, models, the monitor, the run folder);
-:class:`TokenAlgorithm`, micro-batches of sequences or groups of them; :func:`pair_margin`.
+:class:`TokenAlgorithm`, micro-batches of sequences or groups of them; :func:`policy_update`,
+the step of an algorithm that owns it; :func:`pair_logps` and :func:`pair_margin`.
 
 ``Trainer(cfg)`` takes a dict, DictConfig or schema dataclass and checks it (types,
 choices, ranges, combinations: :func:`aligner.config.validate_config`); ``fit()`` first
@@ -25,11 +26,17 @@ from aligner.config import ConfigError, check_required, plain, validate_config
 from aligner.data.datasets import resolve_template, token_counts
 from aligner.evaluation.config import MonitorSection, check_monitor_sources
 from aligner.models.config import ModelConfig
-from aligner.parallel import ParallelConfig, get_device, initialize, is_initialized, set_seed
+from aligner.parallel import ParallelConfig, get_device, initialize, is_initialized, padded_length, set_seed
 from aligner.runtime import is_rank0
 from aligner.training import preflight as checks
 from aligner.training.algorithm import Algorithm
-from aligner.training.batching import packed_microbatches, padded_microbatch
+from aligner.training.batching import (
+    packed_microbatches,
+    padded_microbatch,
+    per_item_sum,
+    schedule_microbatches,
+    shifted_logprobs,
+)
 from aligner.training.config import (
     DataSection,
     DType,
@@ -191,14 +198,17 @@ class Trainer:
 
         return torch.bfloat16 if self.cfg.init.dtype == DType.bf16 else torch.float32
 
-    def build_models(self, head=None, num_outputs=1) -> list:
+    def build_models(self, head=None, num_outputs=1, model_cfg: Optional[ModelConfig] = None,
+                     hf: Optional[str] = None) -> list:
         """This rank's model chunks of the policy's architecture with ``head``: the weights of
-        ``init.hf``, else a random initialisation from ``trainer.seed``."""
+        ``init.hf``, else a random initialisation from ``trainer.seed``. ``model_cfg`` and
+        ``hf``: another model of the run instead (a distillation teacher), at the same layout."""
         # the model code is megatron-core: loaded when models are built
         from aligner.models import build_model, load_hf_weights
 
-        mc = self.model_config()
-        if self.cfg.init.hf is None:
+        mc = model_cfg or self.model_config()
+        hf = hf or self.cfg.init.hf
+        if hf is None:
             tok = self.tokenizer()
             if mc.vocab_size < tok.vocab_size:
                 raise ConfigError(
@@ -212,8 +222,8 @@ class Trainer:
         models = [build_model(mc, head=head, num_outputs=num_outputs, params_dtype=self.params_dtype(), vp_stage=s,
                               sequence_parallel=p.sequence_parallel and p.tp > 1).to(get_device())
                   for s in stages]
-        if self.cfg.init.hf:
-            load_hf_weights(models, self.cfg.init.hf, mc, head=head)
+        if hf:
+            load_hf_weights(models, hf, mc, head=head)
         return models
 
     def load_data(self, path) -> Optional[Sequence[dict]]:
@@ -304,7 +314,40 @@ class Trainer:
         return result
 
 
+# ------------------------------------------------------------------------------ owned steps
+def policy_update(context, algo: "TokenAlgorithm", local: Sequence[dict],
+                  samples: Optional[Sequence[dict]] = None) -> dict:
+    """One optimizer step of the policy on this rank's ``local`` samples, for an algorithm
+    that owns its step (:class:`aligner.training.algorithm.StepContext`): its micro-batches
+    (sequence length from the step's global ``samples``, default ``local``), the schedule,
+    the update; the metrics reduced over ranks with ``lr``, ``grad_norm`` and ``skipped``."""
+    seq_length = padded_length(max(algo.sample_length(s) for s in (samples or local)))
+    policy = context.roles["policy"]
+    micro = schedule_microbatches(algo.microbatches(local, context.micro_batch_size, seq_length),
+                                  interleaved=len(policy.chunks) > 1)
+    policy.train()
+    policy.zero_grad()
+    lr = policy.lr
+    store = context.run_schedule(policy.chunks, micro, algo.forward, algo.loss, forward_only=False)
+    ok, grad_norm = policy.step()
+    metrics = context.reduce_metrics(store)
+    metrics.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   skipped=0.0 if ok else 1.0)
+    return metrics
+
+
 # ------------------------------------------------------------------------------ sequences
+def pair_logps(batch: dict, logits):
+    """Per pair of a micro-batch whose items alternate chosen, rejected: the summed
+    log-probs of the response tokens and their counts, ``[n]`` each (vocab-parallel logits
+    ``[b, s, v/p]``): ``(chosen, rejected, chosen_count, rejected_count)``."""
+    lp = shifted_logprobs(logits, batch["tokens"]).float()
+    mask = batch["loss_mask"]
+    sums = per_item_sum(lp * mask, batch)
+    counts = per_item_sum(mask, batch)
+    return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
+
+
 def pair_margin(sample: dict) -> float:
     """The margin ``m`` of a pair for the margin losses (margin BT, margin DPO): the row's
     ``margin`` when it has one, else ``|strength|`` (HelpSteer2-Preference: both are

@@ -25,12 +25,11 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf, pair_margin
+from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf, pair_logps, pair_margin
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
 from aligner.algorithms.registry import register_trainer
 from aligner.config import Choice, ConfigError, registered
 from aligner.parallel import get_device
-from aligner.training.batching import per_item_sum, shifted_logprobs
 from aligner.training.config import InitSection
 from aligner.training.metrics import metric
 from aligner.training.roles import ReferencePolicy
@@ -150,15 +149,8 @@ class DPOAlgorithm(TokenAlgorithm):
         return batch
 
     # ------------------------------------------------------------------ log-probs
-    def response_logps(self, batch, logits):
-        lp = shifted_logprobs(logits, batch["tokens"]).float()
-        mask = batch["loss_mask"]
-        sums = per_item_sum(lp * mask, batch)
-        counts = per_item_sum(mask, batch)
-        return sums[0::2], sums[1::2], counts[0::2], counts[1::2]
-
     def loss(self, batch, logits):
-        lc, lr, cc, cr = self.response_logps(batch, logits)
+        lc, lr, cc, cr = pair_logps(batch, logits)
         n = lc.numel()
         if self._collect:  # reference pass: record, no loss
             self._ref[batch["index"].to(self._ref.device)] = torch.stack([lc, lr, cc, cr], -1).detach().double().cpu()

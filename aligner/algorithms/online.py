@@ -231,7 +231,7 @@ class ExperienceMaker:
     """Makes a step's :class:`Experience` (module docstring).
 
     generation: the sampling settings (:func:`generation_config`; its ``seed`` is the base
-    of the per-sample seeds); samples_per_prompt: G. reward: a reward source. reference: a
+    of the per-sample seeds); samples_per_prompt: G. reward: a reward source (None: rewards 0). reference: a
     :class:`aligner.training.roles.ReferencePolicy` or None; critic: the critic's trainable
     role or None. tokenizer: the policy's (decodes responses). max_seq_len: prompt +
     response tokens at most (default: the model's context).
@@ -240,7 +240,7 @@ class ExperienceMaker:
     # sample indices of extra rounds (dynamic sampling) start at round x ROUND_STRIDE
     ROUND_STRIDE = 2 ** 40
 
-    def __init__(self, generation, reward: RewardSource, tokenizer, *, samples_per_prompt: int = 1,
+    def __init__(self, generation, reward: Optional[RewardSource], tokenizer, *, samples_per_prompt: int = 1,
                  reference=None, critic=None, max_seq_len: Optional[int] = None, max_batch: int = 64):
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt = {samples_per_prompt}: expected >= 1")
@@ -310,9 +310,12 @@ class ExperienceMaker:
             mask[i, p:p + r] = 1.0
             rollout[i, p:p + r] = result.logprobs[i, :r]
         texts = [self.tokenizer.decode(self._response_ids(result, i)) for i in range(n)]
-        batch = RewardBatch(prompts=[prompts[j // G]["prompt"] for j in range(n)], responses=texts,
-                            metadata=meta, step=context.step, sample_indices=index)
-        rewards, attributes = self.reward.score(batch)
+        if self.reward is None:  # responses to train on, not to score (SPIN, on-policy distillation)
+            rewards, attributes = torch.zeros(n, dtype=torch.float64), None
+        else:
+            batch = RewardBatch(prompts=[prompts[j // G]["prompt"] for j in range(n)], responses=texts,
+                                metadata=meta, step=context.step, sample_indices=index)
+            rewards, attributes = self.reward.score(batch)
         t2 = time.perf_counter()
         return Experience(
             tokens=tokens, response_mask=mask, prompt_lengths=result.prompt_lengths.clone(),

@@ -43,7 +43,7 @@ SUBCOMMANDS = {
     "quickstart": ("quickstart", "the embedded end-to-end recipe: world -> SFT -> reward models -> DPO -> RL"
                                  " -> best-of-n -> report"),
     "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, ppo,"
-                       " pg / rloo / grpo, steerlm2, recipes: --list)"),
+                       " pg / rloo / grpo, steerlm2, spin, distill / gkd, recipes: --list)"),
     "data": ("data", "prepare data files once (memory-mapped); synth the embedded world; validate, stats, pack;"
                      " pairs: on-policy preference pairs"),
     "generate": ("generate", "generate responses for a prompts file (optionally scored by a reward model)"),

@@ -17,6 +17,8 @@ MINIBATCH_STEP_STRIDE = 1009  # mini-batch order: offset step · 1009 + epoch
 ROUND_STEP_STRIDE = 7919  # extra prompt rounds: offset step · 7919 + round · 104729 + 17
 ROUND_STRIDE = 104_729
 ROUND_OFFSET = 17
+ON_POLICY_STEP_STRIDE = 7927  # on-policy steps of distillation: offset step · 7927 + 29
+ON_POLICY_OFFSET = 29
 
 
 def seeded_generator(seed: int, offset: int = 0) -> torch.Generator:
@@ -37,3 +39,8 @@ def minibatch_order_generator(seed: int, step: int, epoch: int) -> torch.Generat
 def prompt_round_generator(seed: int, step: int, round: int) -> torch.Generator:
     """The prompts of extra generation ``round`` (>= 1) of ``step`` (dynamic sampling)."""
     return seeded_generator(seed, step * ROUND_STEP_STRIDE + round * ROUND_STRIDE + ROUND_OFFSET)
+
+
+def on_policy_generator(seed: int, step: int) -> torch.Generator:
+    """Whether ``step`` of on-policy distillation trains on the student's own samples."""
+    return seeded_generator(seed, step * ON_POLICY_STEP_STRIDE + ON_POLICY_OFFSET)

@@ -40,10 +40,12 @@ RESULT_FILE = "result.json"
 # left to be mistaken for this one's: the loop's checkpoints, metrics, loggers, HF exports
 # (hf/ and hf_<role>/ of the other trainable roles, e.g. PPO's critic), the tokenizer copy,
 # result and config (with their temporary files), the monitor's best_gold/ (and the
-# folders of its swap), the online SteerLM 2.0 sampler's scored groups.
+# folders of its swap), the online SteerLM 2.0 sampler's scored groups, SPIN's generations,
+# distillation's precomputed teacher top-k.
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "metrics.jsonl.tmp", "tensorboard", "wandb", WANDB_FILE, "hf", "hf_*",
                "tokenizer", RESULT_FILE, CONFIG_FILE, CONFIG_FILE + ".tmp", "best_gold", "best_gold.old",
-               "best_gold.tmp-*", "steerlm2_samples")
+               "best_gold.tmp-*", "steerlm2_samples", "spin_samples",
+               "teacher_topk.pt", "teacher_topk.pt.tmp")
 
 # Keys (glob patterns over dotted paths) whose change does not change what is trained.
 FREE_KEYS = (

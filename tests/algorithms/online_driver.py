@@ -7,6 +7,9 @@
   ratio-based ``pg.loss`` (``gspo``, ``cispo``, ``clipped``), 2 epochs x mini-batches of 4;
 - ``steerlm2``: SteerLM 2.0 sampling, 2 iterations x 2 epochs (STEPS is ignored: the run
   length follows from them) on tests.algorithms.steerlm2_setup's assets.
+- ``spin``: SPIN, 2 iterations of 2 steps (STEPS is ignored), and ``gkd``: on-policy
+  distillation (generalised JSD, lmbda 0.5), on ASSETS_JSON ``{"student", "teacher", "train"}``
+  (the tiny HF models of tests/algorithms/conftest.py and prompt/completion rows).
 
 Checkpoints every SAVE_INTERVAL steps and resume from the latest (the same command again),
 then ``OUT_DIR/result.json``. SLEEP seconds per step make a kill during training easy to time.
@@ -39,7 +42,23 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
 
         cfg = steerlm2_config(assets, out_dir, trainer={"save_interval": save_interval, "resume": True})
         return SteerLM2Trainer(cfg), SteerLM2Algorithm
-    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, pg, pg:LOSS or steerlm2")
+    if algorithm == "spin":
+        from aligner.algorithms.spin import SPINAlgorithm, SPINTrainer
+        from tests.algorithms.test_spin import spin_config
+
+        cfg = spin_config(assets["student"], assets["train"], out_dir, global_batch_size=2, micro_batch_size=1,
+                          save_interval=save_interval, resume=True)
+        return SPINTrainer(cfg), SPINAlgorithm
+    if algorithm == "gkd":
+        from aligner.algorithms.distill import DistillAlgorithm, DistillTrainer
+        from tests.algorithms.test_distill import distill_config
+
+        cfg = distill_config(assets["student"], assets["teacher"], assets["train"], out_dir, divergence="jsd",
+                             lmbda=0.5, generation={"max_new_tokens": 6})
+        cfg["trainer"].update(max_steps=steps, global_batch_size=2, micro_batch_size=1, save_interval=save_interval,
+                              resume=True)
+        return DistillTrainer(cfg), DistillAlgorithm
+    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, pg, pg:LOSS, steerlm2, spin or gkd")
 
 
 def main(algorithm, assets_json, out_dir, steps, save_interval, sleep=0.0):

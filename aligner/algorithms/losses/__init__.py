@@ -14,6 +14,8 @@ per-token log-probs with a mask, head outputs); nothing here knows about paralle
 - :mod:`.kto`: KTO's reference point and value on unpaired responses
 - :mod:`.reward`: regression and Bradley-Terry reward models, running moments, ExPO
 - :mod:`.steerlm`: SteerLM 2.0 weights and loss, the Beta model of attribute likelihoods
+- :mod:`.distill`: knowledge distillation's divergences (forward / reverse KL, generalised JSD), full
+  vocabulary or top-k, on vocab-parallel logits through the reductions the caller gives
 """
 from aligner.algorithms.losses.common import (  # noqa: F401
     Group,
@@ -78,4 +80,12 @@ from aligner.algorithms.losses.steerlm import (  # noqa: F401
     beta_cdf,
     steerlm2_loss,
     steerlm2_weights,
+)
+from aligner.algorithms.losses.distill import (  # noqa: F401
+    DISTILL_DIVERGENCES,
+    VocabShard,
+    distill_loss,
+    shard_topk,
+    token_divergence,
+    topk_token_divergence,
 )

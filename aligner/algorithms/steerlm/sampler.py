@@ -10,8 +10,8 @@ import math
 from typing import Dict, List, Sequence
 
 import torch
-import torch.distributed as dist
 
+from aligner.algorithms.iterative import check_row_indices, gather_rows
 from aligner.algorithms.losses.steerlm import attribute_log_likelihood
 from aligner.data.formats import parse_attribute_label
 from aligner.parallel import padded_length
@@ -57,8 +57,6 @@ class SteerLM2Sampler:
     def sample(self, context: StepContext, iteration: int) -> List[dict]:
         """Every group sampled ``n`` times on the current policy and scored; the rows of the
         iteration's file (global order, identical on every rank)."""
-        from megatron.core import parallel_state as ps  # megatron-core loads when a run samples, not at config checks
-
         share = math.ceil(len(self.prompts) / context.dp_size)
         local = self.prompts[context.dp_rank * share:(context.dp_rank + 1) * share]
         # the iteration stands in for the step: sample k of group j draws from the seed of the
@@ -109,17 +107,11 @@ class SteerLM2Sampler:
             if conv.system is not None:
                 row["system"] = conv.system
             rows.append(row)
-        if context.dp_size > 1:
-            gathered = [None] * context.dp_size
-            dist.all_gather_object(gathered, rows, group=ps.get_data_parallel_group())
-            rows = [r for part in gathered for r in part]
-        return rows
+        return gather_rows(context, rows)
 
     def check_rows(self, rows: List[dict], path) -> None:
         """A samples file read back must hold every group of this run, n responses each."""
-        got = sorted(int(r["index"]) for r in rows)
-        if got != sorted(self.by_index):
-            raise ValueError(f"{path}: holds groups {got[:5]}... ({len(got)}); this run has {len(self.by_index)}")
+        check_row_indices(rows, self.by_index, path, "groups")
         for r in rows:
             if len(r["responses"]) != self.n:
                 raise ValueError(f"{path}: group {r['index']} has {len(r['responses'])} responses; expected {self.n}")

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
-from omegaconf import OmegaConf
 
 from aligner.algorithms.base import RunConfig, Trainer, init_from_hf
+from aligner.algorithms.iterative import derive_iteration_epochs
 from aligner.algorithms.online import ExperienceMaker, GenerationSection, ReferenceMode, generation_config
 from aligner.algorithms.registry import register_trainer
 from aligner.algorithms.steerlm.algorithm import IterativeSteerLM2Algorithm, SteerLM2Algorithm
@@ -108,23 +108,7 @@ class SteerLM2Trainer(Trainer):
     def derive(cls, cfg):
         """The run's length is steerlm2.iterations x steerlm2.epochs epochs (trainer.max_steps,
         if set >= 0, can only cut it short): trainer.max_epochs is derived, before validation."""
-        cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg.copy()
-        section = OmegaConf.select(cfg, "steerlm2") or {}
-        try:
-            counts = {key: int(section.get(key, getattr(SteerLM2Section, key))) for key in ("iterations", "epochs")}
-        except (TypeError, ValueError):
-            counts = None  # a wrong type: validation names the key
-        for key, value in (counts or {}).items():
-            if value < 1:
-                raise ConfigError(f"steerlm2.{key} = {value}: expected >= 1")
-        if counts is not None:
-            total = counts["iterations"] * counts["epochs"]
-            given = OmegaConf.select(cfg, "trainer.max_epochs")
-            if given is not None and given != total:
-                raise ConfigError(f"trainer.max_epochs = {given}: SteerLM 2.0 runs steerlm2.iterations x"
-                                  f" steerlm2.epochs = {total} epochs", hint="remove the override")
-            OmegaConf.update(cfg, "trainer.max_epochs", total, force_add=True)
-        return cfg
+        return derive_iteration_epochs(cfg, "steerlm2", SteerLM2Section, "SteerLM 2.0")
 
     def train_format(self) -> str:
         d = self.cfg.data

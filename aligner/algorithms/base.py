@@ -34,6 +34,7 @@ from aligner.training.config import (
     DataSection,
     DType,
     InitSection,
+    LoraSection,
     ModelSection,
     OptimSection,
     ParallelSection,
@@ -59,6 +60,7 @@ class RunConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
 
 
@@ -214,7 +216,22 @@ class Trainer:
                   for s in stages]
         if self.cfg.init.hf:
             load_hf_weights(models, self.cfg.init.hf, mc, head=head)
+        if self.cfg.lora.enabled:
+            self.add_adapters(models)
         return models
+
+    def add_adapters(self, models: list) -> None:
+        """``lora``: adapters on ``models`` (this rank's chunks), the rest frozen (docs/lora.md)."""
+        # the adapters are megatron-core layers: loaded when models are built
+        from aligner.models.lora import LoraSettings, apply_lora
+
+        lo = self.cfg.lora
+        settings = LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora,
+                                targets=tuple(lo.targets), seed=self.cfg.trainer.seed)
+        try:
+            apply_lora(models, self.model_config(), settings)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def load_data(self, path) -> Optional[Sequence[dict]]:
         # the datasets are tokenized with transformers / sentencepiece: loaded when a run starts

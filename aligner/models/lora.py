@@ -129,6 +129,7 @@ class LoraLinear(torch.nn.Module):
         if layer.config.sequence_parallel:
             raise ValueError("lora: parallel.sequence_parallel is not supported with adapters")
         self.column = isinstance(layer, ColumnParallelLinear)
+        self.settings = settings
         self.scaling = settings.scaling
         self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout > 0 else torch.nn.Identity()
         self.enabled = True

@@ -5,8 +5,12 @@ gradient is non-trivial) are copied into aligner's adapters and into a PEFT mode
 step (token-mean NLL over a right-padded batch, through the loop's DDP role and pipeline
 schedule) gives the loss and every adapter gradient, compared by HF module name with
 PEFT's (1e-5), at TP1 (one process) and at TP2, PP2, DP2 (one 2-process job); the
-merged HF export written at TP2, loaded by transformers, gives PEFT's logits (1e-5).
+merged HF export and the PEFT folder written at TP2, loaded by transformers and by
+``peft.PeftModel.from_pretrained``, give PEFT's logits (1e-5); that folder imported at TP1
+(whose step then starts from it) and exported again is byte-identical.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -47,10 +51,11 @@ def _hf_modules(cfg):
             for i in range(cfg.num_layers) for n, s in shapes.items()}
 
 
-def _lora_step(hf_dir, tp, pp, export_to=None):
+def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None):
     """One SFT step's loss and adapter gradients at this layout: this rank's
-    ``{"loss": .., "grads": {(hf_module, "A"|"B"): (local grad, split, tp_rank)}}``;
-    ``export_to``: then a merged HF export of the adapted model there."""
+    ``{"loss": .., "grads": {(hf_module, "A"|"B"): (local grad, split, tp_rank)}}``.
+    ``peft_from``: the adapter values imported from that PEFT folder (else copied in);
+    ``export_to`` / ``peft_to``: then a merged HF export / a PEFT folder written there."""
     from megatron.core import parallel_state as ps
 
     from aligner.models import build_model, load_hf_weights
@@ -73,8 +78,12 @@ def _lora_step(hf_dir, tp, pp, export_to=None):
     assert trainable and all(".lora_" in n for n in trainable), trainable
     values = _adapter_values(_hf_modules(cfg))
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    if peft_from:
+        from aligner.models.lora_peft import load_peft
+
+        load_peft(models, peft_from)
     with torch.no_grad():
-        for layer in lora_layers(models):
+        for layer in ([] if peft_from else lora_layers(models)):
             for part in layer.parts.values():
                 a, b = values[part.hf_module]
                 if part.split == "out":
@@ -114,6 +123,10 @@ def _lora_step(hf_dir, tp, pp, export_to=None):
         from aligner.models import export_hf
 
         export_hf(models, cfg, export_to)
+    if peft_to:
+        from aligner.models.lora_peft import export_peft
+
+        export_peft(models, peft_to)
     return {"loss": loss_value, "grads": grads}
 
 
@@ -136,8 +149,8 @@ def _full_grads(results):
     return full
 
 
-def _world2(hf_dir, merged_dir):
-    return {"tp2": _lora_step(hf_dir, 2, 1, export_to=merged_dir), "pp2": _lora_step(hf_dir, 1, 2),
+def _world2(hf_dir, merged_dir, peft_dir):
+    return {"tp2": _lora_step(hf_dir, 2, 1, export_to=merged_dir, peft_to=peft_dir), "pp2": _lora_step(hf_dir, 1, 2),
             "dp2": _lora_step(hf_dir, 1, 1)}
 
 
@@ -183,9 +196,11 @@ def test_lora_sft_step_equals_peft_at_every_layout(tiny_llama):
     hf_modules = _hf_modules(ModelConfig.from_hf(tiny_llama))
     ref_loss, ref_grads, ref_logits = _peft_step(tiny_llama, hf_modules)
     assert len(ref_grads) == 2 * len(hf_modules) == 28
-    layouts = {"tp1": spawn_local(_lora_step, 1, tiny_llama, 1, 1, timeout=300)}
-    merged = f"{tiny_llama}_merged_tp2"
-    world2 = spawn_local(_world2, 2, tiny_llama, merged, timeout=400)
+    merged, peft_tp2, peft_tp1 = (f"{tiny_llama}_{name}" for name in ("merged_tp2", "peft_tp2", "peft_tp1"))
+    world2 = spawn_local(_world2, 2, tiny_llama, merged, peft_tp2, timeout=400)
+    # TP1 starts from the PEFT folder written at TP2 and writes it again
+    layouts = {"tp1": spawn_local(_lora_step, 1, tiny_llama, 1, 1, peft_from=peft_tp2, peft_to=peft_tp1,
+                                  timeout=300)}
     for name in ("tp2", "pp2", "dp2"):
         layouts[name] = [r[name] for r in world2]
     for name, results in layouts.items():
@@ -208,3 +223,14 @@ def test_lora_sft_step_equals_peft_at_every_layout(tiny_llama):
     real = attention.bool()
     err = (merged_logits[real] - ref_logits[real]).abs().max().item()
     assert err < TOL, err
+
+    # the PEFT folder written at TP2, loaded by peft on the HF base, gives PEFT's logits;
+    # imported at TP1 and exported again it is the same bytes
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tiny_llama), peft_tp2).eval()
+    peft_logits = peft_model(input_ids=tokens, attention_mask=attention).logits
+    err = (peft_logits[real] - ref_logits[real]).abs().max().item()
+    assert err < TOL, err
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (Path(peft_tp1) / name).read_bytes() == (Path(peft_tp2) / name).read_bytes(), name

@@ -224,14 +224,20 @@ class Trainer:
         """``lora``: adapters on ``models`` (this rank's chunks), the rest frozen (docs/lora.md)."""
         # the adapters are megatron-core layers: loaded when models are built
         from aligner.models.lora import LoraSettings, apply_lora
+        from aligner.models.lora_peft import load_peft
 
         lo = self.cfg.lora
         settings = LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora,
                                 targets=tuple(lo.targets), seed=self.cfg.trainer.seed)
         try:
-            apply_lora(models, self.model_config(), settings)
+            apply_lora(models, self.model_config(), settings)  # its errors name the lora key
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        if lo.init_peft:
+            try:
+                load_peft(models, lo.init_peft)
+            except (ValueError, FileNotFoundError) as exc:
+                raise ConfigError(f"lora.init_peft = {lo.init_peft!r}: {exc}") from None
 
     def load_data(self, path) -> Optional[Sequence[dict]]:
         # the datasets are tokenized with transformers / sentencepiece: loaded when a run starts

@@ -222,6 +222,8 @@ class LoraSection:
     the adapter's scaling is alpha / r (rslora: alpha / sqrt(r)). dropout: on the
     adapter's input. targets: among ``qkv``, ``proj``, ``fc1``, ``fc2`` (megatron-core's
     linear layers; HF ``q/k/v_proj``, ``o_proj``, ``gate/up_proj``, ``down_proj``).
+    init_peft: a PEFT adapter folder to continue training from (its rank and targets must be
+    these).
     """
 
     enabled: bool = False
@@ -230,6 +232,7 @@ class LoraSection:
     dropout: float = 0.0
     rslora: bool = False
     targets: List[str] = dataclasses.field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    init_peft: Optional[str] = None
 
 
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")

@@ -1,7 +1,8 @@
 """DPO with LoRA: the reference is the base with the adapters disabled, on the policy's
 own weights (no host copy, no second model). It logs, step for step (1e-6), what DPO logs
 with the reference log-probs precomputed once from the initial policy (adapters at
-B = 0, i.e. the base), and the run saves a checkpoint and resumes with the same metrics.
+B = 0, i.e. the base), and the run saves a checkpoint and resumes with the same metrics;
+at the end it exports the merged model (``hf/``) and the adapters (``hf_peft/``).
 Parameter bytes: the base once; the optimizer's parameters are the adapters only."""
 import json
 from pathlib import Path
@@ -35,8 +36,9 @@ def run_all(out_dir):
             algo, [model], _samples("pairs", n=16),
             optim=OptimSection(lr=2e-2, clip_grad=1.0),
             trainer=TrainerSection(max_steps=max_steps, global_batch_size=GBS, micro_batch_size=2,
-                                   out_dir=f"{out_dir}/{out}", export_hf=False, progress=False, tensorboard=False,
-                                   resume=True, log_interval=1),
+                                   out_dir=f"{out_dir}/{out}", export_hf=out == "precompute", progress=False,
+                                   tensorboard=False, resume=True, log_interval=1),
+            model_cfg=_model_cfg(),
         )
         loop.fit()
         metrics = [json.loads(line) for line in (Path(out_dir) / out / "metrics.jsonl").read_text().splitlines()]
@@ -53,6 +55,8 @@ def run_all(out_dir):
         }
 
     out = {"resident": fit("resident", "resident"), "precompute": fit("precompute", "precompute")}
+    out["exported"] = sorted(p.name for p in Path(out_dir, "precompute").iterdir() if p.name.startswith("hf"))
+    out["peft_config"] = json.loads(Path(out_dir, "precompute", "hf_peft", "adapter_config.json").read_text())
     fit("resident", "resumed", max_steps=2)  # stops at step 2 with a checkpoint
     out["resumed"] = fit("resident", "resumed")  # resumes at step 2
     return out
@@ -87,3 +91,10 @@ def test_lora_dpo_reference_is_the_base_with_adapters_disabled(out):
 
 def test_lora_dpo_resumes_with_the_same_metrics(out):
     _assert_same(out["resumed"]["metrics"], out["resident"]["metrics"])
+
+
+def test_lora_run_exports_merged_and_peft(out):
+    assert out["exported"] == ["hf", "hf_peft"]
+    assert out["peft_config"]["r"] == 4 and out["peft_config"]["lora_alpha"] == 8.0
+    assert out["peft_config"]["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj",
+                                                    "up_proj", "v_proj"]

@@ -11,9 +11,9 @@ import pytest
 
 from aligner.parallel import ParallelConfig, initialize
 from aligner.parallel.spawn import spawn_local
+from tests.training.test_dpo_reference import _assert_same
 
 STEPS, GBS = 4, 4
-TIMING = ("step_time", "tokens_per_s")
 
 
 def run_all(out_dir):
@@ -60,13 +60,6 @@ def run_all(out_dir):
     fit("resident", "resumed", max_steps=2)  # stops at step 2 with a checkpoint
     out["resumed"] = fit("resident", "resumed")  # resumes at step 2
     return out
-
-
-def _assert_same(a, b):
-    assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
-        for key in sorted(set(ra) - set(TIMING) - {"split"}):
-            assert abs(ra[key] - rb[key]) <= 1e-6, (ra["step"], key, ra[key], rb[key])
 
 
 @pytest.fixture(scope="module")

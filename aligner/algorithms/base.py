@@ -41,6 +41,7 @@ from aligner.training.config import (
     DataSection,
     DType,
     InitSection,
+    LoraSection,
     ModelSection,
     OptimSection,
     ParallelSection,
@@ -66,6 +67,7 @@ class RunConfig:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     optim: OptimSection = field(default_factory=OptimSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
+    lora: LoraSection = field(default_factory=LoraSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
 
 
@@ -206,6 +208,7 @@ class Trainer:
         # the model code is megatron-core: loaded when models are built
         from aligner.models import build_model, load_hf_weights
 
+        own = model_cfg is None and hf is None
         mc = model_cfg or self.model_config()
         hf = hf or self.cfg.init.hf
         if hf is None:
@@ -224,7 +227,28 @@ class Trainer:
                   for s in stages]
         if hf:
             load_hf_weights(models, hf, mc, head=head)
+        if self.cfg.lora.enabled and own:  # the policy's adapters, not another model's (a teacher)
+            self.add_adapters(models)
         return models
+
+    def add_adapters(self, models: list) -> None:
+        """``lora``: adapters on ``models`` (this rank's chunks), the rest frozen (docs/lora.md)."""
+        # the adapters are megatron-core layers: loaded when models are built
+        from aligner.models.lora import LoraSettings, apply_lora
+        from aligner.models.lora_peft import load_peft
+
+        lo = self.cfg.lora
+        settings = LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora,
+                                targets=tuple(lo.targets), seed=self.cfg.trainer.seed)
+        try:
+            apply_lora(models, self.model_config(), settings)  # its errors name the lora key
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if lo.init_peft:
+            try:
+                load_peft(models, lo.init_peft)
+            except (ValueError, FileNotFoundError) as exc:
+                raise ConfigError(f"lora.init_peft = {lo.init_peft!r}: {exc}") from None
 
     def load_data(self, path) -> Optional[Sequence[dict]]:
         # the datasets are tokenized with transformers / sentencepiece: loaded when a run starts

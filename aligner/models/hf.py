@@ -41,6 +41,7 @@ from megatron.core import parallel_state as ps
 from aligner.models.architectures.base import GLU, QKV, Replicated, ScoreHead, Split, VocabRows
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import build_model, unwrap_model
+from aligner.models.lora import adapters_merged
 from aligner.parallel import get_device
 
 
@@ -217,13 +218,15 @@ def _local_tensor(reader: HFReader, cfg: ModelConfig, rule) -> torch.Tensor:
 
 
 def _param_sources(model):
-    """(megatron parameter name, parameter, global layer index or -1)."""
+    """(megatron parameter name, parameter, global layer index or -1); LoRA adapters left out."""
     model = unwrap_model(model)
     layer_of = {}
     if getattr(model, "decoder", None) is not None:
         for i, layer in enumerate(model.decoder.layers):
             layer_of[f"decoder.layers.{i}."] = _layer_index(layer)
     for name, param in model.named_parameters():
+        if getattr(param, "lora", False):  # adapters have their own export (aligner.models.lora)
+            continue
         layer = -1
         for prefix, idx in layer_of.items():
             if name.startswith(prefix):
@@ -395,6 +398,11 @@ def _iter_hf_tensors(model, cfg: ModelConfig):
         yield from _hf_tensors(rule, t)
 
 
+def _iter_all_hf_tensors(models, cfg: ModelConfig):
+    for m in models:
+        yield from _iter_hf_tensors(m, cfg)
+
+
 def process_umask() -> int:
     """The process's file-mode creation mask (read from /proc where it can be, since
     ``os.umask`` can only be read by setting it)."""
@@ -500,8 +508,8 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
             written.append((part, sorted(buffer), sum(t.nbytes for t in buffer.values())))
             buffer.clear()
 
-    for m in models:
-        for name, tensor in _iter_hf_tensors(m, cfg):
+    with adapters_merged(models):  # a LoRA model exports merged (docs/lora.md)
+        for name, tensor in _iter_all_hf_tensors(models, cfg):
             if name == "score.weight":
                 num_labels = int(tensor.shape[0])
             if not writer:

@@ -1,5 +1,5 @@
 """The config sections the training layer owns: ``model``, ``init``, ``data``, ``parallel``,
-``optim``, ``trainer`` (docs/configuration.md), with their checks.
+``optim``, ``trainer``, ``lora`` (docs/configuration.md, docs/lora.md), with their checks.
 
 The defaults written here are the defaults everywhere: each algorithm's schema
 (:class:`aligner.algorithms.base.RunConfig` plus its own section) is registered in Hydra's
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
@@ -213,6 +213,46 @@ class TrainerSection:
     save_on_signal: bool = True
 
 
+@dataclass
+class LoraSection:
+    """``lora``: low-rank adapters on the policy (docs/lora.md; off by default).
+
+    enabled: train adapters on a frozen base; the reference of DPO / PPO / GRPO / SteerLM
+    2.0 is then the base itself (adapters disabled), not a second copy. rank r, alpha:
+    the adapter's scaling is alpha / r (rslora: alpha / sqrt(r)). dropout: on the
+    adapter's input. targets: among ``qkv``, ``proj``, ``fc1``, ``fc2`` (megatron-core's
+    linear layers; HF ``q/k/v_proj``, ``o_proj``, ``gate/up_proj``, ``down_proj``).
+    init_peft: a PEFT adapter folder to continue training from (its rank and targets must be
+    these).
+    """
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    rslora: bool = False
+    targets: List[str] = dataclasses.field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])
+    init_peft: Optional[str] = None
+
+
+LORA_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@section_check(LoraSection)
+def _check_lora(lo, key: str, cfg) -> None:
+    if lo.rank < 1:
+        fail(f"{key}.rank", lo.rank, "expected >= 1")
+    if not lo.alpha > 0:
+        fail(f"{key}.alpha", lo.alpha, "expected > 0")
+    if not 0.0 <= lo.dropout < 1.0:
+        fail(f"{key}.dropout", lo.dropout, "expected in [0.0, 1.0)")
+    if not lo.targets:
+        fail(f"{key}.targets", list(lo.targets), f"expected some of {list(LORA_TARGETS)}")
+    for t in lo.targets:
+        if t not in LORA_TARGETS:
+            fail(f"{key}.targets", list(lo.targets), f"expected some of {list(LORA_TARGETS)}, got {t!r}")
+
+
 @section_check(TrainerSection)
 def _check_trainer(t, key: str, cfg) -> None:
     for name in ("global_batch_size", "micro_batch_size", "log_interval", "keep_last"):
@@ -290,6 +330,7 @@ __all__ = [
     "DataSection",
     "InitSection",
     "LayerSpec",
+    "LoraSection",
     "ModelSection",
     "OptimSection",
     "OptimizerName",

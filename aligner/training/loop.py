@@ -63,6 +63,8 @@ from megatron.core import parallel_state as ps
 
 from aligner.models.checkpoint import find_latest, load_checkpoint, save_checkpoint
 from aligner.models.hf import export_hf
+from aligner.models.lora import has_adapters
+from aligner.models.lora_peft import export_peft
 from aligner.parallel import get_device, padded_length
 from aligner.parallel.seeds import data_order_generator
 from aligner.runtime import RunStopped
@@ -333,7 +335,8 @@ class TrainingLoop:
         return self.step
 
     def export(self, out: Optional[Path] = None, policy_only: bool = False) -> Optional[Path]:
-        """The HF export of the policy to ``out`` (default ``<out_dir>/hf``) and, unless
+        """The HF export of the policy to ``out`` (default ``<out_dir>/hf``; a policy with LoRA
+        adapters: merged, and its adapters as a PEFT folder ``<out>_peft``) and, unless
         ``policy_only``, of every other trainable role to ``<out_dir>/hf_<role>``."""
         if self.model_cfg is None:
             return None
@@ -346,6 +349,9 @@ class TrainingLoop:
             head=self.algorithm.head,
             metadata=self.export_metadata,
         )
+        policy = [m.module for m in self.models]
+        if has_adapters(policy):  # the adapters alone as well, in PEFT's format (docs/lora.md)
+            export_peft(policy, out.with_name(out.name + "_peft"))
         for name, role in self.roles.trainable.items():  # other trainable roles: hf_<role>/
             if role is not self.policy and not policy_only:
                 export_hf(role.modules, role.model_cfg or self.model_cfg, self.out_dir / f"hf_{name}",

@@ -287,9 +287,13 @@ class ReferencePolicy:
     back on exit, also on an exception); in model mode they are the second model. Either
     way the reference runs the very forward path the policy runs, so at step 0 policy
     and reference log-probs are identical under every TP / PP layout.
+
+    A policy with LoRA adapters (docs/lora.md) is its own reference in either requested
+    mode: ``active()`` yields the policy's chunks with the adapters disabled, the base
+    weights unchanged (mode ``"adapters"``: no copy, no second model).
     """
 
-    MODES = ("host", "model")
+    MODES = ("host", "model", "adapters")
 
     def __init__(self, policy_chunks: Sequence[torch.nn.Module], mode: str = "host",
                  reference_chunks: Optional[Sequence[torch.nn.Module]] = None):
@@ -297,8 +301,13 @@ class ReferencePolicy:
 
         if mode not in self.MODES:
             raise ValueError(f"reference mode {mode!r}: expected one of {self.MODES}")
-        self.mode = mode
+        from aligner.models.lora import has_adapters  # megatron-core: see TrainableRole.modules
+
         self.policy = list(policy_chunks)
+        self.mode = "adapters" if has_adapters(self.policy) else mode
+        self.role = None
+        if self.mode == "adapters":
+            return
         if mode == "host":
             self._weights = [
                 {n: p.detach().to("cpu", copy=True) for n, p in unwrap_model(c).named_parameters()}
@@ -314,8 +323,21 @@ class ReferencePolicy:
     def active(self) -> Iterator[List[torch.nn.Module]]:
         from aligner.models.gpt import unwrap_model  # megatron-core: see TrainableRole.modules
 
+        from aligner.models.lora import adapters_disabled  # megatron-core: see TrainableRole.modules
+
         if self.mode == "model":
             yield self.role.chunks
+            return
+        if self.mode == "adapters":
+            modes = [c.training for c in self.policy]
+            try:
+                for c in self.policy:
+                    c.eval()
+                with adapters_disabled(self.policy):
+                    yield self.policy
+            finally:
+                for c, mode in zip(self.policy, modes):
+                    c.train(mode)
             return
         saved = []
         modes = [c.training for c in self.policy]

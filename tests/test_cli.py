@@ -270,6 +270,13 @@ def test_hydra_flags_info_and_cfg_hydra(capsys):
     assert "dpo.loss_type: 'dpoo' is not accepted" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("config", ["pg", "rloo", "grpo", "ppo", "helpsteer2pref_reinforce", "dpo"])
+def test_cfg_job_prints_the_config_with_required_values_unset(config, capsys):
+    assert cli.main(["train", config, "--cfg", "job"]) == 0
+    out = capsys.readouterr().out
+    assert "  hf: ???\n" in out and "algorithm: " in out
+
+
 def test_data_validate_checks_the_kind_asked_for(tmp_path, capsys):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n' * 3)

@@ -105,3 +105,10 @@ def check_model(cfg, model_cfg) -> None:
         raise ConfigError(f"{exc} (world size {world})") from None
     except ValueError as exc:  # launcher variables that are not a job
         raise ConfigError(str(exc)) from None
+
+
+def data_parallel_size(cfg) -> int:
+    """The data-parallel size of the job: the world size over ``tp x pp x cp`` (the layout is
+    checked by :func:`check_model`)."""
+    p = cfg.parallel
+    return max(1, read_dist_env().world_size // (p.tp * p.pp * p.cp))

@@ -146,7 +146,7 @@ class Trainer:
     def preflight(self) -> bool:
         """Everything that can be checked without a process group or a model; raises
         ConfigError naming the key. Returns whether the run folder's run will be resumed."""
-        check_required(self.cfg, f"aligner train {self.name}")
+        check_required(self.cfg, f"aligner train {self.name}", also=self.unset_required())
         c = self.cfg
         checks.check_layer_spec(c)
         checks.check_init(c)
@@ -165,6 +165,11 @@ class Trainer:
         checks.check_model(c, mc)
         self.check_batch(c, checks.data_parallel_size(c))
         return check_resume(c.trainer.out_dir, self.recorded(), c.trainer.resume)
+
+    def unset_required(self) -> List[str]:
+        """Keys that the choices of this config require and that are not set (beyond the
+        ``???`` values), reported with them (default: none)."""
+        return []
 
     def check_data_rows(self) -> None:
         """Every row of the data files read once (no tokenizer): a malformed row is reported

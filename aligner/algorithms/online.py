@@ -31,7 +31,7 @@ from aligner.data.loading import dataset_paths
 from aligner.data.prepared import is_prepared
 from aligner.parallel import padded_length
 from aligner.parallel.seeds import minibatch_order_generator
-from aligner.rewards.config import RewardSection, check_reward_required, check_reward_section
+from aligner.rewards.config import RewardSection, check_reward_section, unset_reward_fields
 from aligner.rewards.kinds import build_reward
 from aligner.rewards.sources import RewardBatch, RewardSource, check_reward_source
 from aligner.training.algorithm import Algorithm, StepContext
@@ -696,12 +696,15 @@ class OnlineTrainer(Trainer):
                                   hint="shorten the prompt or leave the row out")
         return data
 
+    def unset_required(self) -> List[str]:
+        """The reward's fields its kind requires (``pg.reward.path`` for a reward model)."""
+        return unset_reward_fields(self.section().reward, f"{self.key}.reward")
+
     def check_data_rows(self) -> None:
         """Also: with the exact-answer reward every prompt row carries its answer (the
         error names the file, the line and the field)."""
         super().check_data_rows()
         r = self.section().reward
-        check_reward_required(r, f"{self.key}.reward")
         check_reward_source(f"{self.key}.reward", str(r.kind), path=r.path,
                             function=self.reward_function or r.function,
                             attributes=list(r.attributes) if r.attributes else None,

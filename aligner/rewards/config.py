@@ -55,7 +55,7 @@ def _check_required_fields(spec, key: str, cfg) -> None:
 def check_reward_section(section, key: str) -> None:
     """An online algorithm's reward section (``<key>``): the attribute names and weights,
     the sizes and scores (ConfigError naming the key). The fields its kind requires are
-    checked with the other required values (:func:`check_reward_required`), so that the
+    checked with the other required values (:func:`unset_reward_fields`), so that the
     config prints (``--cfg``) before they are set."""
     if section.attributes is not None:
         check_attribute_weights(key, list(section.attributes), section.attribute_weights, section.reward_attribute,
@@ -67,9 +67,9 @@ def check_reward_section(section, key: str) -> None:
         raise ConfigError(f"{key}.format_reward = {section.format_reward}: expected a finite number")
 
 
-def check_reward_required(section, key: str) -> None:
-    """The fields the section's kind requires are set (ConfigError naming ``<key>.<field>``)."""
-    _check_required_fields(section, key, None)
+def unset_reward_fields(section, key: str) -> List[str]:
+    """``<key>.<field>`` for each field the section's kind requires that is not set."""
+    return [f"{key}.{name}" for name in REWARD_KINDS[section.kind].requires if not section[name]]
 
 
 def check_attribute_weights(prefix: str, attributes: List[str], attribute_weights: Optional[List[float]],

@@ -145,8 +145,9 @@ def test_a_reward_path_is_required_before_a_run_not_to_print_the_config(assets, 
 
     trainer = PGTrainer(pg_config(assets, str(tmp_path), pg={"reward": {"kind": "model", "function": None}}))
     assert trainer.cfg.pg.reward.path is None  # the config composes (aligner train pg --cfg job prints it)
-    with pytest.raises(ConfigError, match=r"^pg.reward.path is not set: pg.reward.kind = model needs"):
+    with pytest.raises(ConfigError, match=r"^required value not set: pg.reward.path$") as err:
         trainer.preflight()
+    assert err.value.hint == "set on the command line, e.g. aligner train pg pg.reward.path=..."
 
 
 def test_without_a_kl_term_there_is_no_reference_pass(assets, tmp_path):

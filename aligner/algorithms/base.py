@@ -151,6 +151,7 @@ class Trainer:
         checks.check_layer_spec(c)
         checks.check_init(c)
         checks.check_data_files(c)
+        checks.check_out_dir(c)
         checks.check_monitor(c)
         check_monitor_sources(c.monitor)
         self.check_data_rows()

@@ -62,8 +62,13 @@ def composition_error(exc: BaseException, name: str) -> ConfigError:
         # "In 'dpo': Could not find 'model/llama9'" + the group's options, one a line
         missing = lines[0].split("Could not find ", 1)[-1].strip("'")
         group, _, option = missing.rpartition("/")
+        options = []
+        for line in lines[2:]:  # the options, one a line, then Hydra's search path
+            if line.startswith("Config search path"):
+                break
+            options.append(line)
         return ConfigError(f"{group}={option}: no such option of config group {group!r}; available:"
-                           f" {', '.join(lines[2:])}")
+                           f" {', '.join(options)}")
     if lines and lines[0].startswith("Ambiguous value for argument"):
         return ConfigError(lines[0], hint="to sweep over the values, add -m (--multirun); for a list use key=[a,b]")
     return ConfigError("; ".join(lines[:3]) or type(exc).__name__)

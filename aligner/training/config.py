@@ -225,6 +225,8 @@ def _check_trainer(t, key: str, cfg) -> None:
     for name in ("val_batches", "max_epochs"):
         if t[name] is not None and t[name] < 1:
             fail(f"{key}.{name}", t[name], "expected >= 1 or null")
+    if not 0 <= t.seed < 2 ** 32:  # numpy's and torch's seeds
+        fail(f"{key}.seed", t.seed, "expected an integer in [0, 2**32 - 1]")
     if t.max_steps == 0 or (t.max_steps < 0 and t.max_epochs is None):
         fail(f"{key}.max_steps", t.max_steps, f"expected >= 1, or < 0 with {key}.max_epochs set")
 

@@ -33,7 +33,7 @@ def register_schemas(schemas: Mapping[str, type]) -> None:
                       "job": {"chdir": False}})
 
 
-def _hydra(schemas: Mapping[str, type]):
+def hydra_instance(schemas: Mapping[str, type]):
     """A Hydra instance over aligner's config search path (``schemas`` registered first)."""
     from hydra._internal.hydra import Hydra
     from hydra._internal.utils import create_config_search_path
@@ -84,7 +84,7 @@ def compose_with_hydra(name: str, overrides: List[str], schemas: Mapping[str, ty
 
     overrides = list(overrides) + ([f"hydra.job.num={job_num}"] if job_num is not None else [])
     try:
-        return _hydra(schemas).compose_config(name, overrides, run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN,
+        return hydra_instance(schemas).compose_config(name, overrides, run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN,
                                               with_log_configuration=False)
     except (HydraException, OmegaConfBaseException) as exc:
         raise composition_error(exc, name) from None

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from aligner.algorithms import composition
 from aligner.algorithms.composition import composition_error, top_configs, without_hydra
 from aligner.config import ConfigError, validate_config
 from aligner.runtime import get_logger
@@ -40,17 +41,13 @@ def trainers() -> dict:
 
 def _hydra():
     """A Hydra instance over aligner's config search path, every trainer's schema registered."""
-    from aligner.algorithms.composition import _hydra as hydra
-
-    return hydra({name: cls.schema for name, cls in trainers().items()})
+    return composition.hydra_instance({name: cls.schema for name, cls in trainers().items()})
 
 
 def compose_with_hydra(name: str, overrides: List[str], *, multirun: bool = False, job_num: Optional[int] = None):
     """Compose ``<config dir>/<name>.yaml`` with ``overrides``: the config with its ``hydra`` node."""
-    from aligner.algorithms.composition import compose_with_hydra as compose_config
-
-    return compose_config(name, overrides, {n: cls.schema for n, cls in trainers().items()}, multirun=multirun,
-                          job_num=job_num)
+    schemas = {n: cls.schema for n, cls in trainers().items()}
+    return composition.compose_with_hydra(name, overrides, schemas, multirun=multirun, job_num=job_num)
 
 
 def _job(cfg, run_dir: str):

@@ -176,9 +176,10 @@ def missing_keys(cfg: DictConfig) -> List[str]:
     return out
 
 
-def check_required(cfg: DictConfig, command: str = "aligner train CONFIG") -> None:
-    """Raise ConfigError listing every unset required value (``???``) with how to set them."""
-    unset = missing_keys(cfg)
+def check_required(cfg: DictConfig, command: str = "aligner train CONFIG", also: Iterable[str] = ()) -> None:
+    """Raise ConfigError listing every unset required value (``???``, and the keys ``also``
+    names: values a choice made elsewhere requires) with how to set them."""
+    unset = missing_keys(cfg) + list(also)
     if unset:
         raise ConfigError(
             f"required value{'s' if len(unset) > 1 else ''} not set: {', '.join(unset)}",

@@ -83,10 +83,12 @@ def main(argv=None) -> int:
                                 seed=args.seed + it, template="extra_id", tokenizer=None, micro_batch_size=16)
         summary = pairs_cli.make_pairs(ns)
         t1 = time.perf_counter()
-        steps = max(1, args.epochs * summary["pairs"] // 32)
+        batch = min(32, summary["pairs"])  # pairs per step: conf/dpo.yaml's 32, or every pair when fewer
+        steps = max(1, args.epochs * summary["pairs"] // batch)
         trainer_cls, cfg = compose("dpo", [
             f"init.hf={policy}", f"data.train={folder / 'pairs.jsonl'}", f"data.tokenizer={world / 'tokenizer.model'}",
             f"trainer.out_dir={folder / 'dpo'}", f"trainer.max_steps={steps}", "trainer.progress=true",
+            f"trainer.global_batch_size={batch}", f"trainer.micro_batch_size={math.gcd(8, batch)}",
             "trainer.tensorboard=false", f"trainer.seed={args.seed}", "trainer.save_interval=0",
             f"dpo.loss_type={args.loss}", f"dpo.beta={args.beta}", f"optim.lr={args.lr}"])
         trainer_cls(cfg).fit()

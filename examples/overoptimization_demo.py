@@ -47,13 +47,17 @@ def main(argv=None) -> int:
     world = qs / "world"
     reward = (["ppo.reward.kind=function", "ppo.reward.function=overoptimization_demo:length_reward",
                "ppo.critic_init=policy"] if args.proxy == "length" else [f"ppo.reward.path={args.proxy}"])
+    # the global batch counts prompts, the mini- and micro-batches rows (docs/online_core.md):
+    # ppo.samples_per_prompt = 1 row per prompt; two updates of half the rows each when they halve
+    rows = args.prompts_per_step
+    mini = rows // 2 if rows % 2 == 0 else rows
     trainer_cls, cfg = compose("ppo", [
         f"init.hf={qs / 'sft' / 'hf'}", f"data.train={world / 'prompts_train.jsonl'}",
         f"data.tokenizer={world / 'tokenizer.model'}", f"trainer.out_dir={out / 'run'}",
         f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.prompts_per_step}",
-        "trainer.micro_batch_size=16", "trainer.save_interval=0", "trainer.tensorboard=false",
+        f"trainer.micro_batch_size={min(16, mini)}", "trainer.save_interval=0", "trainer.tensorboard=false",
         f"trainer.seed={args.seed}", f"optim.lr={args.lr}", "ppo.critic_optim.lr=1e-4", "ppo.kl_coef=0.0",
-        "ppo.epochs=2", f"ppo.mini_batch_size={args.prompts_per_step // 2}", "monitor.enabled=true",
+        "ppo.epochs=2", f"ppo.mini_batch_size={mini}", "monitor.enabled=true",
         f"monitor.prompts={world / 'prompts_heldout.jsonl'}", f"monitor.num_prompts={args.monitor_prompts}",
         f"monitor.interval={args.interval}", f"monitor.warn_drop={args.warn_drop}", f"monitor.seed={args.seed}",
     ] + reward)

@@ -99,7 +99,9 @@ def main(argv=None) -> int:
         train(config, [f"init.hf={base / 'sft' / 'hf'}", f"data.train={world / 'prompts_train.jsonl'}",
                        f"data.tokenizer={world / 'tokenizer.model'}", f"trainer.out_dir={run}",
                        f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.prompts_per_step}",
-                       "trainer.micro_batch_size=16", "trainer.save_interval=0", "trainer.progress=true",
+                       # global batch: prompts; micro-batch: rows (docs/online_core.md), no more than a step has
+                       f"trainer.micro_batch_size={min(16, args.prompts_per_step * args.samples_per_prompt)}",
+                       "trainer.save_interval=0", "trainer.progress=true",
                        "trainer.tensorboard=false", f"trainer.seed={args.seed}", f"optim.lr={args.lr}",
                        f"pg.kl_coef={args.kl}", f"pg.samples_per_prompt={args.samples_per_prompt}",
                        f"pg.generation.max_new_tokens={args.max_new_tokens}"] + extra)

@@ -273,7 +273,9 @@ def main(argv=None) -> int:
     prompts_file.write_text("".join(json.dumps(r) + "\n" for r in rows[:args.steerlm2_prompts]))
     targets = sorted({label for labels in sweeps().values() for label in labels})
     groups = args.steerlm2_prompts * len(targets)
-    steps_per_iteration = 2 * (groups // args.steerlm2_batch)
+    batch = min(args.steerlm2_batch, groups)  # (prompt, attribute string) groups per step
+    micro = math.gcd(8, batch)  # groups per forward, dividing the batch
+    steps_per_iteration = 2 * (groups // batch)
     if not (steerlm2 / "result.json").is_file():
         train("steerlm2", [f"init.hf={steerlm / 'hf'}", f"data.train={prompts_file}",
                            f"steerlm2.sft_model={qs / 'sft' / 'hf'}",
@@ -281,8 +283,8 @@ def main(argv=None) -> int:
                            "steerlm2.targets=[" + ",".join(f"'{t}'" for t in targets) + "]",
                            f"steerlm2.samples_per_prompt={args.samples}",
                            f"steerlm2.generation.max_new_tokens={args.max_new_tokens}",
-                           f"optim.lr={args.steerlm2_lr}", f"trainer.global_batch_size={args.steerlm2_batch}",
-                           "trainer.micro_batch_size=8", f"trainer.save_interval={steps_per_iteration}",
+                           f"optim.lr={args.steerlm2_lr}", f"trainer.global_batch_size={batch}",
+                           f"trainer.micro_batch_size={micro}", f"trainer.save_interval={steps_per_iteration}",
                            f"trainer.out_dir={steerlm2}", f"trainer.seed={args.seed}", "trainer.progress=false"])
         timings["steerlm2"] = time.perf_counter() - t0
 

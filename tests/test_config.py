@@ -165,10 +165,24 @@ def test_a_wrong_key_or_type_fails_at_compose(override, expected):
     with pytest.raises(ConfigError) as err:
         compose("dpo", [override])
     assert str(err.value).startswith(expected)
+    if override == "model=llama9":  # the options only, not Hydra's search path after them
+        assert str(err.value) == expected
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_before_anything_starts(tmp_path):
+    from aligner.algorithms.sft import SFTTrainer
+
+    train = tmp_path / "sft.jsonl"
+    train.write_text('{"prompt": "p", "completion": "c"}\n')
+    trainer = SFTTrainer({"data": {"train": str(train), "tokenizer": str(train)},
+                          "trainer": {"out_dir": str(train / "run")}})
+    with pytest.raises(ConfigError, match=rf"^trainer.out_dir = '{train}/run': {train} is a file, not a folder$"):
+        trainer.preflight()
 
 
 @pytest.mark.parametrize("config,overrides,expected", [
     ("sft", ["trainer.keep_last=0"], "trainer.keep_last = 0: expected >= 1"),
+    ("sft", ["trainer.seed=-5"], "trainer.seed = -5: expected an integer in [0, 2**32 - 1]"),
     ("sft", ["trainer.global_batch_size=6", "trainer.micro_batch_size=4"],
      "trainer.global_batch_size = 6 is not a multiple of trainer.micro_batch_size = 4"),
     ("sft", ["optim.min_lr=0.1"], "optim.min_lr = 0.1: expected 0 <= optim.min_lr <= optim.lr = 0.001"),

@@ -5,9 +5,12 @@ training again), and HF checkpoints load in transformers. The full-scale run (ma
 ``slow``, deselected by default: ``pytest -m slow tests/test_quickstart.py``) checks that
 DPO's paired ground-truth helpfulness gain over SFT exceeds two standard errors."""
 import json
+import re
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from tests import pyproc
@@ -160,3 +163,36 @@ def test_full_scale_dpo_gains_ground_truth_helpfulness_over_sft(tmp_path):
     assert gain["prompts"] >= 100
     assert gain["mean"] > 2 * gain["standard_error"], gain
     assert _accuracy(results["rm_bt"]["rewardbench"]) > 0.5
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_example(doc: Path, name: str) -> str:
+    """The python block after ``<!-- python example: name -->`` in ``doc``."""
+    found = re.search(rf"<!-- python example: {re.escape(name)} -->\n```python\n(.*?)```", doc.read_text(), re.S)
+    assert found, f"no python example {name!r} in {doc}"
+    return found.group(1)
+
+
+def test_the_python_examples_of_the_docs_run_as_written_on_the_quickstart(run, tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "quickstart").symlink_to(run)
+    script = tmp_path / "examples.py"
+    script.write_text("\n".join(python_example(doc, name) for doc, name in (
+        (ROOT / "README.md", "readme"), (ROOT / "docs" / "configuration.md", "dpo"),
+        (ROOT / "docs" / "configuration.md", "pg"))))
+    proc = pyproc.run([sys.executable, "-W", "ignore", str(script)], cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = tmp_path / "runs"
+    for name, steps in (("dpo_ipo", 3), ("dpo_python", 3), ("pg_python", 2)):
+        assert json.loads((runs / name / "result.json").read_text())["step"] == steps
+    # the dict is merged onto the YAML of conf/dpo.yaml and conf/pg.yaml, as aligner train composes them
+    dpo = yaml.safe_load((runs / "dpo_ipo" / "config.yaml").read_text())
+    assert dpo["data"]["max_length"] == 160 and dpo["optim"]["warmup_steps"] == 10 and dpo["dpo"]["sft_weight"] == 1.0
+    pg = yaml.safe_load((runs / "pg_python" / "config.yaml").read_text())
+    assert pg["data"]["max_length"] == 160 and pg["data"]["template"] == "extra_id"
+    assert pg["pg"]["reward"]["function"] == "__main__:brevity"
+    rows = [json.loads(line) for line in (runs / "pg_python" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward/mean"] for r in rows if r.get("split") == "train"]
+    assert len(rewards) == 2 and all(-1.6 <= r <= 0 for r in rewards)  # up to 16 words of -1/10 each

@@ -90,15 +90,33 @@ class Trainer:
     name = ""
     schema: type = RunConfig
     data_kind = "sft"
+    config_name: Optional[str] = None  # the top-level config of its defaults (None: conf/<name>.yaml if any)
 
     def __init__(self, cfg: Any):
-        if not isinstance(cfg, (DictConfig, dict)):
+        if isinstance(cfg, dict):
+            cfg = OmegaConf.merge(self.defaults(), cfg)
+        elif not isinstance(cfg, DictConfig):
             cfg = OmegaConf.structured(cfg)
         self.cfg = validate_config(self.derive(cfg), self.schema)
         self.check(self.cfg)
+        self.check_batch(self.cfg)
         OmegaConf.resolve(self.cfg)
         self._model_cfg: Optional[ModelConfig] = None
         self._tok = None
+
+    @classmethod
+    def defaults(cls) -> DictConfig:
+        """What a dict given from Python is merged onto: the YAML of the trainer's top-level
+        config (``conf/<name>.yaml``, as ``aligner train <name>`` composes it), else the
+        schema's defaults. A DictConfig or schema instance is taken as it is (``aligner
+        train`` passes the composition)."""
+        # Hydra composes the YAML: loaded only by trainers built from a dict
+        from aligner.algorithms.composition import compose_with_hydra, top_configs, without_hydra
+
+        name = cls.config_name or cls.name
+        if name not in top_configs():
+            return OmegaConf.structured(cls.schema)
+        return without_hydra(compose_with_hydra(name, [], {cls.name: cls.schema}))
 
     @classmethod
     def derive(cls, cfg):
@@ -110,6 +128,25 @@ class Trainer:
         """What the algorithm checks of a whole run beyond its sections' own checks (values
         and combinations): a ConfigError naming the key."""
 
+    @classmethod
+    def check_batch(cls, cfg: DictConfig, dp_size: int = 1) -> None:
+        """The batch rule (docs/configuration.md): a step's ``trainer.global_batch_size``
+        samples split evenly over the ``dp_size`` data-parallel ranks into micro-batches of
+        ``trainer.micro_batch_size`` samples (ConfigError naming both keys)."""
+        t = cfg.trainer
+        if t.global_batch_size % (t.micro_batch_size * dp_size):
+            layout = f" x {dp_size} data-parallel ranks" if dp_size > 1 else ""
+            raise ConfigError(f"trainer.global_batch_size = {t.global_batch_size} is not a multiple of"
+                              f" trainer.micro_batch_size = {t.micro_batch_size}{layout}")
+
+    def check_train_size(self, n: int, unit: str = "samples") -> None:
+        """A step takes ``trainer.global_batch_size`` of the ``n`` training samples: a
+        ConfigError naming both numbers when there are fewer (before any model is built)."""
+        gbs = self.cfg.trainer.global_batch_size
+        if n < gbs:
+            raise ConfigError(f"data.train gives {n} {unit}, fewer than trainer.global_batch_size = {gbs} (one"
+                              " step's worth)", hint="add data, or lower trainer.global_batch_size")
+
     def recorded(self) -> dict:
         """The config as recorded in the run folder (``config.yaml``): plain values."""
         return plain(self.cfg)
@@ -118,11 +155,12 @@ class Trainer:
     def preflight(self) -> bool:
         """Everything that can be checked without a process group or a model; raises
         ConfigError naming the key. Returns whether the run folder's run will be resumed."""
-        check_required(self.cfg, f"aligner train {self.name}")
+        check_required(self.cfg, f"aligner train {self.name}", also=self.unset_required())
         c = self.cfg
         checks.check_layer_spec(c)
         checks.check_init(c)
         checks.check_data_files(c)
+        checks.check_out_dir(c)
         checks.check_monitor(c)
         check_monitor_sources(c.monitor)
         self.check_data_rows()
@@ -135,7 +173,13 @@ class Trainer:
         except (ValueError, FileNotFoundError) as exc:  # an HF config aligner cannot represent
             raise ConfigError(f"init.hf = {c.init.hf!r}: {exc}") from None
         checks.check_model(c, mc)
+        self.check_batch(c, checks.data_parallel_size(c))
         return check_resume(c.trainer.out_dir, self.recorded(), c.trainer.resume)
+
+    def unset_required(self) -> List[str]:
+        """Keys that the choices of this config require and that are not set (beyond the
+        ``???`` values), reported with them (default: none)."""
+        return []
 
     def check_data_rows(self) -> None:
         """Every row of the data files read once (no tokenizer): a malformed row is reported
@@ -299,6 +343,7 @@ class Trainer:
         roles of an online algorithm). Runs after the parallel layout exists."""
         algo = self.algorithm()
         train = self.load_data(self.cfg.data.train)
+        self.check_train_size(len(train))
         val = self.load_data(self.cfg.data.validation)
         models = self.build_models(head=algo.head, num_outputs=algo.num_outputs)
         return algo, models, train, val, {}

@@ -25,13 +25,13 @@ from aligner.algorithms.base import Trainer
 from aligner.algorithms.losses.common import masked_moments, masked_whiten
 from aligner.algorithms.losses.kl import KL_ESTIMATORS
 from aligner.algorithms.losses.policy import PolicyLossOptions, policy_objective
-from aligner.config import Choice, ConfigError, fail
+from aligner.config import Choice, ConfigError, fail, section_check
 from aligner.data.datasets import longest_sequences, read_rows
 from aligner.data.loading import dataset_paths
 from aligner.data.prepared import is_prepared
 from aligner.parallel import padded_length
 from aligner.parallel.seeds import minibatch_order_generator
-from aligner.rewards.config import RewardSection, check_reward_section
+from aligner.rewards.config import RewardSection, check_reward_section, unset_reward_fields
 from aligner.rewards.kinds import build_reward
 from aligner.rewards.sources import RewardBatch, RewardSource, check_reward_source
 from aligner.training.algorithm import Algorithm, StepContext
@@ -151,10 +151,27 @@ def check_online_section(s, key: str, global_batch_size: int) -> None:
             raise ConfigError(f"{key}.{name} = {s[name]}: expected in (0, 1)")
     if s.dual_clip is not None and s.dual_clip <= 1:
         raise ConfigError(f"{key}.dual_clip = {s.dual_clip}: expected > 1 (or null)")
-    if s.kl_coef < 0:
-        raise ConfigError(f"{key}.kl_coef = {s.kl_coef}: expected >= 0")
-    if s.generation.max_new_tokens < 1:
-        raise ConfigError(f"{key}.generation.max_new_tokens = {s.generation.max_new_tokens}: expected >= 1")
+    for name in ("kl_coef", "entropy_coef"):
+        if not s[name] >= 0:
+            fail(f"{key}.{name}", s[name], "expected >= 0")
+    if s.target_kl is not None and not s.target_kl > 0:
+        fail(f"{key}.target_kl", s.target_kl, "expected > 0 (or null: no early stop)")
+    if not math.isfinite(s.truncated_reward):
+        fail(f"{key}.truncated_reward", s.truncated_reward, "expected a finite number")
+
+
+@section_check(GenerationSection)
+def check_generation_section(g, key: str, cfg=None) -> None:
+    """Sampling values the rollout engine can run (ConfigError naming ``<key>.<field>``)."""
+    for name in ("max_new_tokens", "max_batch"):
+        if g[name] < 1:
+            fail(f"{key}.{name}", g[name], "expected >= 1")
+    if not (math.isfinite(g.temperature) and g.temperature >= 0):
+        fail(f"{key}.temperature", g.temperature, "expected a finite number >= 0 (0: greedy)")
+    if g.top_k < 0:
+        fail(f"{key}.top_k", g.top_k, "expected >= 0 (0: no top-k)")
+    if not 0 < g.top_p <= 1:
+        fail(f"{key}.top_p", g.top_p, "expected in (0, 1] (1: no top-p)")
 
 
 # ------------------------------------------------------------------------------ experience
@@ -529,11 +546,11 @@ class OnlineAlgorithm(Algorithm):
         mean_std("response_length", exp.response_lengths.double())
         out["eos_rate"] = self.global_mean(context, (~exp.truncated).double())
         out["truncated_share"] = 1.0 - out["eos_rate"]
-        ref = exp.ref_logps if exp.ref_logps is not None else exp.old_logps
-        k1 = (exp.old_logps - ref).double()
-        kl_tok = self.global_moments(context, k1, mask)
-        out["kl_ref"] = float(kl_tok[1]) / max(float(kl_tok[0]), 1.0)  # mean per token, k1
-        out["kl_ref/sequence"] = self.global_mean(context, (k1 * mask).sum(-1))
+        if exp.ref_logps is not None:  # without a reference pass (kl_coef = 0) it is not measured
+            k1 = (exp.old_logps - exp.ref_logps).double()
+            kl_tok = self.global_moments(context, k1, mask)
+            out["kl_ref"] = float(kl_tok[1]) / max(float(kl_tok[0]), 1.0)  # mean per token, k1
+            out["kl_ref/sequence"] = self.global_mean(context, (k1 * mask).sum(-1))
         diff = (exp.old_logps - exp.rollout_logps).double()
         mismatch = self.global_moments(context, (diff.exp() - 1).abs(), mask)
         out["logprob_mismatch"] = float(mismatch[1]) / max(float(mismatch[0]), 1.0)
@@ -587,9 +604,36 @@ class OnlineTrainer(Trainer):
     data_kind = "prompts"
     key = "online"
 
+    def __init__(self, cfg):
+        # a Python callable as <key>.reward.function (from Python): kept here, its name recorded
+        self.reward_function, cfg = self._take_reward_function(cfg)
+        super().__init__(cfg)
+
+    @classmethod
+    def _take_reward_function(cls, cfg):
+        """``(callable or None, cfg)``: a dict config's ``<key>.reward.function`` that is a
+        Python callable, and the config with its ``module:qualname`` in its place."""
+        fn = cfg.get(cls.key, {}).get("reward", {}).get("function") if isinstance(cfg, dict) else None
+        if fn is None or isinstance(fn, str) or not callable(fn):
+            return None, cfg
+        name = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', type(fn).__name__)}"
+        section = dict(cfg[cls.key], reward=dict(cfg[cls.key]["reward"], function=name))
+        return fn, dict(cfg, **{cls.key: section})
+
     @classmethod
     def check(cls, cfg):
         check_online_section(cfg[cls.key], cls.key, cfg.trainer.global_batch_size)
+
+    @classmethod
+    def check_batch(cls, cfg, dp_size: int = 1) -> None:
+        """The online batch rule (docs/online_core.md): ``trainer.global_batch_size`` counts
+        prompts, split evenly over the data-parallel ranks (a prompt's G rows stay on its
+        rank); ``trainer.micro_batch_size`` counts rows, any number (a short last micro-batch
+        is filled with rows that count for nothing)."""
+        P = cfg.trainer.global_batch_size
+        if P % dp_size:
+            raise ConfigError(f"trainer.global_batch_size = {P} prompts do not split evenly over {dp_size}"
+                              " data-parallel ranks", hint=f"use a multiple of {dp_size}")
 
     def section(self):
         return self.cfg[self.key]
@@ -602,6 +646,7 @@ class OnlineTrainer(Trainer):
 
     def prepare(self):
         train = self.load_data(self.cfg.data.train)
+        self.check_train_size(len(train), "prompts")
         policy_models = self.build_models()
         roles, algo = self.build_roles(policy_models, len(train))
         algo.prompt_pool = train
@@ -627,7 +672,8 @@ class OnlineTrainer(Trainer):
                 roles.add(reference.role)
         roles.reference = reference
         r = s.reward
-        reward = build_reward(r.kind, path=r.path, function=r.function, tokenizer=self.tokenizer(),
+        reward = build_reward(r.kind, path=r.path, function=self.reward_function or r.function,
+                              tokenizer=self.tokenizer(),
                               attributes=list(r.attributes) if r.attributes else None,
                               attribute_weights=list(r.attribute_weights) if r.attribute_weights is not None
                               else None, reward_attribute=r.reward_attribute, micro_batch_size=r.micro_batch_size,
@@ -648,16 +694,22 @@ class OnlineTrainer(Trainer):
             over = (longest_sequences(data) >= limit).nonzero()[0]  # from the mapped index files
             if over.size:
                 i = int(over[0])
-                raise ValueError(f"{data.where(i)}: the row has a prompt of {len(data[i]['prompt_tokens'])} tokens;"
-                                 f" prompt + response must fit model.max_position_embeddings = {limit} tokens")
+                raise ConfigError(f"{data.where(i)}: the row has a prompt of {len(data[i]['prompt_tokens'])} tokens;"
+                                  f" prompt + response must fit the model's max_position_embeddings = {limit} tokens",
+                                  hint="shorten the prompt or leave the row out")
         return data
+
+    def unset_required(self) -> List[str]:
+        """The reward's fields its kind requires (``pg.reward.path`` for a reward model)."""
+        return unset_reward_fields(self.section().reward, f"{self.key}.reward")
 
     def check_data_rows(self) -> None:
         """Also: with the exact-answer reward every prompt row carries its answer (the
         error names the file, the line and the field)."""
         super().check_data_rows()
         r = self.section().reward
-        check_reward_source(f"{self.key}.reward", str(r.kind), path=r.path, function=r.function,
+        check_reward_source(f"{self.key}.reward", str(r.kind), path=r.path,
+                            function=self.reward_function or r.function,
                             attributes=list(r.attributes) if r.attributes else None,
                             attribute_weights=r.attribute_weights, reward_attribute=r.reward_attribute,
                             prompts=self.cfg.data.train)

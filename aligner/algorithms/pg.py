@@ -107,6 +107,8 @@ def check_pg_section(s, global_batch_size: int, key: str = "pg") -> None:
                           hint=f"for several updates per rollout set {key}.loss=clipped")
     if s.aggregation_constant is not None and not s.aggregation_constant > 0:
         raise ConfigError(f"{key}.aggregation_constant = {s.aggregation_constant}: expected > 0 (or null)")
+    if not 0 <= s.gamma <= 1:
+        raise ConfigError(f"{key}.gamma = {s.gamma}: expected in [0, 1] (a discount)")
     if s.max_generation_rounds < 1:
         raise ConfigError(f"{key}.max_generation_rounds = {s.max_generation_rounds}: expected >= 1")
     l_max = s.overlong_max_length or s.generation.max_new_tokens

@@ -70,6 +70,9 @@ class PPOConfig(RunConfig):
 
 
 def check_ppo_section(s, key: str = "ppo") -> None:
+    for name in ("gamma", "lam"):  # GAE's discount and λ
+        if not 0 <= s[name] <= 1:
+            raise ConfigError(f"{key}.{name} = {s[name]}: expected in [0, 1]")
     if s.kl_estimator not in PPO_KL_ESTIMATORS:
         raise ConfigError(f"{key}.kl_estimator: {str(s.kl_estimator)!r} is not accepted; expected one of"
                           f" {', '.join(PPO_KL_ESTIMATORS)}")
@@ -206,7 +209,7 @@ class PPOTrainer(OnlineTrainer):
                 w = torch.tensor(list(r.attribute_weights), dtype=torch.float32)
             else:
                 w = torch.zeros(n_out)
-                w[list(r.attributes).index(r.reward_attribute)] = 1.0
+                w[list(reward.attributes).index(r.reward_attribute)] = 1.0  # the names it records (preflight)
             for m in models:
                 if m.head is not None:
                     combined = (w.to(m.head.weight.dtype) @ m.head.weight.detach().float().to(w.dtype)).reshape(1, -1)

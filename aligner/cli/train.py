@@ -22,15 +22,12 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from aligner.config import ConfigError, describe_omegaconf_error, validate_config
-from aligner.runtime import config_dir, config_search_path, get_logger
+from aligner.algorithms import composition
+from aligner.algorithms.composition import composition_error, top_configs, without_hydra
+from aligner.config import ConfigError, validate_config
+from aligner.runtime import get_logger
 
 INFO_CHOICES = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")
-
-
-def top_configs() -> List[str]:
-    """The top-level configs: the YAML files at the top of the config folder."""
-    return sorted(p.stem for p in config_dir().glob("*.yaml"))
 
 
 def trainers() -> dict:
@@ -42,77 +39,22 @@ def trainers() -> dict:
     return TRAINERS
 
 
-def _register_configs() -> None:
-    """Hydra's ConfigStore: every trainer's schema as ``<algorithm>_schema`` (the first
-    default of ``conf/<config>.yaml``) and ``aligner_run_dirs`` (package ``hydra``, listed in
-    every top-level config): the run folder is ``trainer.out_dir``, a ``-m`` sweep puts job
-    N in ``<trainer.out_dir>/N``; ``hydra.run.dir`` / ``hydra.sweep.dir`` override them."""
-    from hydra.core.config_store import ConfigStore
-
-    store = ConfigStore.instance()
-    for name, trainer_cls in trainers().items():
-        store.store(name=f"{name}_schema", node=trainer_cls.schema)
-    store.store(name="aligner_run_dirs", package="hydra",
-                node={"run": {"dir": "${trainer.out_dir}"},
-                      "sweep": {"dir": "${trainer.out_dir}", "subdir": "${hydra.job.num}"},
-                      "job": {"chdir": False}})
-
-
 def _hydra():
-    """A Hydra instance over aligner's config search path (schemas registered first)."""
-    from hydra._internal.hydra import Hydra
-    from hydra._internal.utils import create_config_search_path
-    from hydra.core.global_hydra import GlobalHydra
-
-    _register_configs()
-    GlobalHydra.instance().clear()
-    return Hydra.create_main_hydra2(task_name="aligner", config_search_path=create_config_search_path(
-        config_search_path()))
-
-
-def _composition_error(exc: BaseException, name: str) -> ConfigError:
-    """A Hydra / OmegaConf composition error as one ConfigError line (plus a hint)."""
-    from hydra.errors import MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    cause = exc
-    while cause is not None and not isinstance(cause, OmegaConfBaseException):
-        cause = cause.__cause__ or cause.__context__
-    if cause is not None:
-        return ConfigError(describe_omegaconf_error(cause))
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    if isinstance(exc, MissingConfigException) and lines and lines[0].startswith("Cannot find primary config"):
-        return ConfigError(f"no top-level config {name!r}; available: {', '.join(top_configs())}")
-    if isinstance(exc, MissingConfigException) and len(lines) > 1 and lines[1].startswith("Available options in"):
-        # "In 'dpo': Could not find 'model/llama9'" + the group's options, one a line
-        missing = lines[0].split("Could not find ", 1)[-1].strip("'")
-        group, _, option = missing.rpartition("/")
-        return ConfigError(f"{group}={option}: no such option of config group {group!r}; available:"
-                           f" {', '.join(lines[2:])}")
-    if lines and lines[0].startswith("Ambiguous value for argument"):
-        return ConfigError(lines[0], hint="to sweep over the values, add -m (--multirun); for a list use key=[a,b]")
-    return ConfigError("; ".join(lines[:3]) or type(exc).__name__)
+    """A Hydra instance over aligner's config search path, every trainer's schema registered."""
+    return composition.hydra_instance({name: cls.schema for name, cls in trainers().items()})
 
 
 def compose_with_hydra(name: str, overrides: List[str], *, multirun: bool = False, job_num: Optional[int] = None):
     """Compose ``<config dir>/<name>.yaml`` with ``overrides``: the config with its ``hydra`` node."""
-    from hydra.errors import HydraException
-    from hydra.types import RunMode
-    from omegaconf.errors import OmegaConfBaseException
-
-    overrides = list(overrides) + ([f"hydra.job.num={job_num}"] if job_num is not None else [])
-    try:
-        return _hydra().compose_config(name, overrides, run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN,
-                                       with_log_configuration=False)
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise _composition_error(exc, name) from None
+    schemas = {n: cls.schema for n, cls in trainers().items()}
+    return composition.compose_with_hydra(name, overrides, schemas, multirun=multirun, job_num=job_num)
 
 
 def _job(cfg, run_dir: str):
     """The job's config (the ``hydra`` node dropped) with its run folder as ``trainer.out_dir``."""
-    from omegaconf import OmegaConf, open_dict
+    from omegaconf import open_dict
 
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    job = without_hydra(cfg)
     with open_dict(job):
         job.trainer.out_dir = run_dir
     return job
@@ -153,7 +95,7 @@ def sweep_jobs(name: str, overrides: List[str]) -> List[Tuple[List[str], str, ob
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as exc:
-        raise _composition_error(exc, name) from None
+        raise composition_error(exc, name) from None
     batches = BasicSweeper.split_arguments(parsed, None)
     jobs = []
     for num, job_overrides in enumerate(o for batch in batches for o in batch):
@@ -203,12 +145,12 @@ def _print_config(args) -> int:
 
     cfg = compose_with_hydra(args.config, args.overrides, multirun=args.multirun,
                              job_num=0 if args.multirun else None)
-    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    job = without_hydra(cfg)
     trainer_cls = _trainer_for(job, args.config)
     trainer_cls(job)  # the checks a type cannot express (ranges, combinations)
     if args.resolve:  # the whole config, so that hydra's node can refer to the job's keys
         OmegaConf.resolve(cfg)
-        job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+        job = without_hydra(cfg)
     shown = {"job": job, "hydra": OmegaConf.masked_copy(cfg, ["hydra"]), "all": cfg}[args.cfg]
     print(OmegaConf.to_yaml(shown), end="")
     return 0

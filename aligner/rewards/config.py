@@ -9,11 +9,11 @@ registry of reward kinds (:mod:`aligner.rewards.kinds`) and the fields its kind 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import List, Optional
 
 from aligner.config import ConfigError, registered, section_check
-from aligner.data.formats import HELPSTEER2_ATTRIBUTES
 from aligner.rewards.kinds import REWARD_KINDS
 
 
@@ -38,7 +38,8 @@ class RewardSection(RewardSpec):
 
     kind: str = registered(REWARD_KINDS, "model")
     reward_attribute: str = "helpfulness"
-    attributes: List[str] = field(default_factory=lambda: list(HELPSTEER2_ATTRIBUTES))  # the outputs' names
+    # the outputs' names, checked against those the reward model records (null: those)
+    attributes: Optional[List[str]] = None
     micro_batch_size: int = 8  # rows per reward-model forward
 
 
@@ -52,11 +53,23 @@ def _check_required_fields(spec, key: str, cfg) -> None:
 
 
 def check_reward_section(section, key: str) -> None:
-    """An online algorithm's reward section (``<key>``): the fields its kind requires, the
-    attribute names and weights (ConfigError naming the key)."""
-    _check_required_fields(section, key, None)
-    check_attribute_weights(key, list(section.attributes), section.attribute_weights, section.reward_attribute,
-                            need_reward_attribute=section.kind == "model" and section.attribute_weights is None)
+    """An online algorithm's reward section (``<key>``): the attribute names and weights,
+    the sizes and scores (ConfigError naming the key). The fields its kind requires are
+    checked with the other required values (:func:`unset_reward_fields`), so that the
+    config prints (``--cfg``) before they are set."""
+    if section.attributes is not None:
+        check_attribute_weights(key, list(section.attributes), section.attribute_weights, section.reward_attribute,
+                                need_reward_attribute=section.kind == "model" and section.attribute_weights is None,
+                                distinct=True)
+    if section.micro_batch_size < 1:
+        raise ConfigError(f"{key}.micro_batch_size = {section.micro_batch_size}: expected >= 1")
+    if not math.isfinite(section.format_reward):
+        raise ConfigError(f"{key}.format_reward = {section.format_reward}: expected a finite number")
+
+
+def unset_reward_fields(section, key: str) -> List[str]:
+    """``<key>.<field>`` for each field the section's kind requires that is not set."""
+    return [f"{key}.{name}" for name in REWARD_KINDS[section.kind].requires if not section[name]]
 
 
 def check_attribute_weights(prefix: str, attributes: List[str], attribute_weights: Optional[List[float]],

@@ -6,7 +6,7 @@ from pathlib import Path
 import inspect
 import traceback
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -161,6 +161,12 @@ class FunctionReward(RewardSource):
                 raise ScoringError(f"{named}: module {module_name!r} has no {attr!r}")
         if not callable(fn):
             raise ScoringError(f"{named}: {attr!r} is a {type(fn).__name__}, not a function")
+        return FunctionReward.check_signature(fn, named)
+
+    @staticmethod
+    def check_signature(fn: Callable, named: str) -> Callable:
+        """``fn`` if it can be called with ``(prompts, responses, metadata)``; else a
+        :class:`ScoringError` naming ``named`` (how the message names the option)."""
         try:
             signature = inspect.signature(fn)
         except (TypeError, ValueError):  # a builtin without a signature: the call will tell
@@ -307,18 +313,32 @@ def reward_model_outputs(path: str, attributes: Optional[Sequence[str]] = None,
     return given, n_out
 
 
-def check_reward_source(where: str, kind: str, *, path: Optional[str] = None, function: Optional[str] = None,
+def check_reward_source(where: str, kind: str, *, path: Optional[str] = None,
+                        function: Union[str, Callable, None] = None,
                         attributes: Optional[Sequence[str]] = None,
                         attribute_weights: Optional[Sequence[float]] = None, reward_attribute: Optional[str] = None,
                         prompts: Optional[str] = None) -> None:
     """What can be checked of a reward source before any process group or model exists (a
     run's preflight): a ``model`` folder holds a trained reward head whose recorded output
-    names match ``attributes``; a ``function`` imports and takes ``(prompts, responses,
-    metadata)``; the ``world`` scorer has ``reward_attribute`` and every row of the prompt
-    file ``prompts`` is a task of the embedded world. A :class:`ScoringError` naming
+    names match ``attributes`` and which ``reward_attribute`` or ``attribute_weights`` read;
+    a ``function`` (a name, or a Python callable) takes ``(prompts, responses, metadata)``;
+    the ``world`` scorer has ``reward_attribute`` and every row of the prompt file
+    ``prompts`` is a task of the embedded world. A :class:`ScoringError` naming
     ``where`` (the config section or option) otherwise."""
     if kind == "model" and path:
-        reward_model_outputs(path, attributes, where)
+        names, n_out = reward_model_outputs(path, attributes, where)
+        if attribute_weights is not None and len(attribute_weights) != n_out:
+            raise ScoringError(f"{where}.attribute_weights has {len(attribute_weights)} entries; the reward model"
+                               f" {path} has {n_out} outputs")
+        picks = attribute_weights is None and reward_attribute is not None and n_out > 1
+        if picks and reward_attribute not in (names or []):
+            raise ScoringError(f"{where}.reward_attribute = {reward_attribute!r} is not one of the outputs"
+                               f" {names} of the reward model {path}" if names else
+                               f"{where}: the reward model {path} has {n_out} outputs and records no names for"
+                               f" them (config.json id2label); name them in {where}.attributes",
+                               hint=f"or set {where}.attribute_weights (one weight per output)")
+    elif kind == "function" and callable(function):  # a Python callable, given from Python
+        FunctionReward.check_signature(function, _named(where, "function", function))
     elif kind == "function" and function:
         FunctionReward.resolve(function, where)
     elif kind == "world":

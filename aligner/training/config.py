@@ -182,9 +182,10 @@ class OptimSection:
 class TrainerSection:
     """``trainer``: the loop and the run folder.
 
-    global_batch_size counts samples (pairs for preference data) per optimizer step over
-    all data-parallel ranks; micro_batch_size per forward pass; their ratio / DP size is
-    the gradient-accumulation count. max_steps < 0 with max_epochs set means epochs decide.
+    global_batch_size counts samples (pairs for preference data; prompts for online
+    algorithms) per step over all data-parallel ranks; micro_batch_size per forward pass
+    (rows for online algorithms); each trainer checks how they fit the layout
+    (``Trainer.check_batch``, docs/configuration.md). max_steps < 0 with max_epochs set means epochs decide.
     val_interval / save_interval: every N steps (0: only at the end). keep_last: complete
     checkpoints kept (>= 1). out_dir: the run folder (``config.yaml``, ``checkpoints/``,
     ``metrics.jsonl``, ``hf/``); resume: continue the run found there (its config must
@@ -264,9 +265,8 @@ def _check_trainer(t, key: str, cfg) -> None:
     for name in ("val_batches", "max_epochs"):
         if t[name] is not None and t[name] < 1:
             fail(f"{key}.{name}", t[name], "expected >= 1 or null")
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"{key}.global_batch_size = {t.global_batch_size} is not a multiple of"
-                          f" {key}.micro_batch_size = {t.micro_batch_size}")
+    if not 0 <= t.seed < 2 ** 32:  # numpy's and torch's seeds
+        fail(f"{key}.seed", t.seed, "expected an integer in [0, 2**32 - 1]")
     if t.max_steps == 0 or (t.max_steps < 0 and t.max_epochs is None):
         fail(f"{key}.max_steps", t.max_steps, f"expected >= 1, or < 0 with {key}.max_epochs set")
 

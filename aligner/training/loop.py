@@ -141,7 +141,8 @@ class TrainingLoop:
         self.out_dir = Path(trainer.out_dir)
         self.dp_size = ps.get_data_parallel_world_size()
         self.dp_rank = ps.get_data_parallel_rank()
-        if trainer.global_batch_size % (trainer.micro_batch_size * self.dp_size):
+        # the loop splits a step's samples into micro-batches; an algorithm that owns its step batches its own rows
+        if not algorithm.owns_step and trainer.global_batch_size % (trainer.micro_batch_size * self.dp_size):
             raise ValueError(
                 f"trainer.global_batch_size = {trainer.global_batch_size} must be a multiple of"
                 f" trainer.micro_batch_size x data-parallel size = {trainer.micro_batch_size} x {self.dp_size}"

@@ -6,6 +6,7 @@ a :class:`~aligner.config.ConfigError` naming the key, so a mistake is reported 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -79,6 +80,17 @@ def check_tokenizer(cfg) -> None:
         raise ConfigError(f"data.tokenizer = {d.tokenizer!r}: no such file or folder")
 
 
+def check_out_dir(cfg) -> None:
+    """``trainer.out_dir`` can be written: the folder, or the nearest folder above it that
+    exists (nothing is created here)."""
+    out = Path(cfg.trainer.out_dir).absolute()
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"trainer.out_dir = {cfg.trainer.out_dir!r}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"trainer.out_dir = {cfg.trainer.out_dir!r}: {existing} cannot be written")
+
+
 def check_devices(cfg) -> None:
     import torch  # only to ask for GPUs
 
@@ -102,6 +114,13 @@ def check_model(cfg, model_cfg) -> None:
             num_query_groups=model_cfg.num_query_groups, vocab_size=model_cfg.vocab_size,
         )
     except LayoutError as exc:
-        raise ConfigError(f"{exc} (world size {world})") from None
+        raise ConfigError(str(exc) if "world size" in str(exc) else f"{exc} (world size {world})") from None
     except ValueError as exc:  # launcher variables that are not a job
         raise ConfigError(str(exc)) from None
+
+
+def data_parallel_size(cfg) -> int:
+    """The data-parallel size of the job: the world size over ``tp x pp x cp`` (the layout is
+    checked by :func:`check_model`)."""
+    p = cfg.parallel
+    return max(1, read_dist_env().world_size // (p.tp * p.pp * p.cp))

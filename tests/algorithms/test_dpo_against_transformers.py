@@ -37,7 +37,7 @@ def dpo_config(hf_dir, train, out_dir, steps, dpo):
                   "schedule": "constant", "beta1": 0.9, "beta2": 0.999, "eps": 1e-8},
         "trainer": {"max_steps": steps, "global_batch_size": 4, "micro_batch_size": 2, "out_dir": out_dir,
                     "export_hf": False, "progress": False, "tensorboard": False, "resume": False},
-        "dpo": dpo,
+        "dpo": {"sft_weight": 0.0, **dpo},  # conf/dpo.yaml adds an SFT term
     }
 
 
@@ -112,3 +112,19 @@ def test_dpo_matches_transformers_with_a_hand_written_loss(tiny_hf, tmp_path):
     assert ref[3]["loss"] < ref[0]["loss"] - 0.01, "the comparison must be made on a moving loss"
     for key in ("logps/chosen", "logps/rejected"):
         assert abs(ours[3][key] - ref[3][key]) <= 1e-4, key
+
+
+def test_fewer_pairs_than_a_step_is_one_line_before_the_models(tiny_hf, tmp_path):
+    import pytest
+
+    from aligner.algorithms.dpo import DPOTrainer
+    from aligner.config import ConfigError
+
+    train = write_jsonl(tmp_path / "pairs.jsonl", PAIRS[:3])
+    trainer = DPOTrainer({"init": {"hf": str(tiny_hf["dir"])},
+                          "data": {"train": train, "template": "raw", "max_length": 64},
+                          "trainer": {"global_batch_size": 4, "micro_batch_size": 2, "out_dir": str(tmp_path / "run"),
+                                      "progress": False, "tensorboard": False}})
+    with pytest.raises(ConfigError, match=r"^data.train gives 3 samples, fewer than trainer.global_batch_size = 4"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "config.yaml").exists()

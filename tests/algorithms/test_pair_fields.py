@@ -37,6 +37,8 @@ def _cfg(kind, hf_dir, train, out, **sections):
         "trainer": {"max_steps": 1, "global_batch_size": 4, "micro_batch_size": 2, "out_dir": out,
                     "export_hf": False, "progress": False, "tensorboard": False, "resume": False},
     }
+    if kind == "dpo":
+        cfg["dpo"] = {"sft_weight": 0.0}  # the losses alone (conf/dpo.yaml adds an SFT term)
     for name, section in sections.items():
         cfg.setdefault(name, {}).update(section)
     return cfg

@@ -3,6 +3,7 @@ errors, config checks, no reference pass without a KL term, and DAPO's dynamic s
 overlong shaping on crafted groups (counters checked against an independent count)."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,16 @@ def test_prompt_rows_without_the_answer_are_refused_naming_file_line_and_field(a
     ({"epochs": 2}, "pg.loss = reinforce is on-policy"),
     ({"overlong_buffer": 9}, "pg.overlong_buffer = 9: expected in 1..8"),
     ({"advantage": "gae"}, "pg.advantage: 'gae' is not accepted; expected one of rloo, grpo, dr_grpo, reinforce_pp,"),
-    ({"reward": {"kind": "model"}}, "pg.reward.path is not set"),
+    ({"generation": {"temperature": -1.0}}, "pg.generation.temperature = -1.0: expected a finite number >= 0"),
+    ({"generation": {"top_p": 0.0}}, "pg.generation.top_p = 0.0: expected in (0, 1]"),
+    ({"generation": {"top_k": -1}}, "pg.generation.top_k = -1: expected >= 0"),
+    ({"generation": {"max_batch": 0}}, "pg.generation.max_batch = 0: expected >= 1"),
+    ({"reward": {"micro_batch_size": 0}}, "pg.reward.micro_batch_size = 0: expected >= 1"),
+    ({"reward": {"format_reward": float("nan")}}, "pg.reward.format_reward = nan: expected a finite number"),
+    ({"truncated_reward": float("-inf")}, "pg.truncated_reward = -inf: expected a finite number"),
+    ({"gamma": -2.0}, "pg.gamma = -2.0: expected in [0, 1]"),
+    ({"entropy_coef": -1.0}, "pg.entropy_coef = -1.0: expected >= 0"),
+    ({"target_kl": -1.0}, "pg.target_kl = -1.0: expected > 0"),
 ])
 def test_options_that_cannot_work_are_refused(assets, tmp_path, pg, message):
     from aligner.algorithms.pg import PGTrainer
@@ -117,6 +127,48 @@ def test_gspo_and_cispo_are_pg_losses_with_their_own_clip_ranges(assets, tmp_pat
         PGTrainer(pg_config(assets, str(tmp_path), pg={"loss": "ppo2"}))
 
 
+def test_online_batches_count_prompts_and_micro_batches_count_rows(assets, tmp_path, monkeypatch):
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.training.config import ConfigError
+
+    # 4 prompts x G = 4 rows: 16 rows in micro-batches of 8 (once refused as "4 is not a multiple of 8")
+    trainer = PGTrainer(pg_config(assets, str(tmp_path), trainer={"global_batch_size": 4, "micro_batch_size": 8}))
+    assert trainer.shape().rows == 16
+    # at DP = 2 the prompts split over the ranks: checked once, before any process group
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    odd = PGTrainer(pg_config(assets, str(tmp_path), trainer={"global_batch_size": 3, "micro_batch_size": 8}))
+    with pytest.raises(ConfigError, match=r"^trainer.global_batch_size = 3 prompts do not split evenly over 2"
+                                          " data-parallel ranks$"):
+        odd.preflight()
+
+
+def test_a_training_set_smaller_than_a_step_is_one_line_before_the_models(assets, tmp_path):
+    import torch.distributed as dist
+
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.training.config import ConfigError
+
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(Path(assets["prompts"]).read_text().splitlines(keepends=True)[:3]))
+    trainer = PGTrainer(pg_config(assets, str(tmp_path / "run"), data={"train": str(few)}))
+    with pytest.raises(ConfigError, match=r"^data.train gives 3 prompts, fewer than trainer.global_batch_size = 4"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    assert dist.is_initialized()  # the layout exists; no model was built (the fixture destroys the group)
+
+
+def test_a_reward_path_is_required_before_a_run_not_to_print_the_config(assets, tmp_path):
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.training.config import ConfigError
+
+    trainer = PGTrainer(pg_config(assets, str(tmp_path), pg={"reward": {"kind": "model", "function": None}}))
+    assert trainer.cfg.pg.reward.path is None  # the config composes (aligner train pg --cfg job prints it)
+    with pytest.raises(ConfigError, match=r"^required value not set: pg.reward.path$") as err:
+        trainer.preflight()
+    assert err.value.hint == "set on the command line, e.g. aligner train pg pg.reward.path=..."
+
+
 def test_without_a_kl_term_there_is_no_reference_pass(assets, tmp_path):
     from aligner.algorithms.pg import PGTrainer
 
@@ -125,7 +177,8 @@ def test_without_a_kl_term_there_is_no_reference_pass(assets, tmp_path):
     roles = trainer.trainer.roles
     assert roles.reference is None and trainer.trainer.algorithm.maker.reference is None
     m = result["train"]
-    assert m["kl_ref"] == 0.0 and "kl_penalty" not in m and "loss/kl" not in m
+    # the KL to the reference is not measured: not logged (rather than a 0.0 that reads as measured)
+    assert "kl_ref" not in m and "kl_ref/sequence" not in m and "kl_penalty" not in m and "loss/kl" not in m
     # step 0: rollout engine and training path agree, the first (and only) ratio is 1
     assert m["logprob_mismatch"] < 1e-5 and abs(m["policy/ratio"] - 1.0) < 1e-6 and m["policy/approx_kl"] < 1e-10
 

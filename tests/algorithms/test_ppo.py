@@ -99,8 +99,11 @@ def test_over_long_prompt_is_an_error_naming_the_row(assets, tmp_path):
     rows[6]["prompt"] = "say " + " ".join(["hello"] * 80)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = ppo_config(assets, str(tmp_path / "run"), data={"train": str(path)})
-    with pytest.raises(ValueError, match=r"prompts.jsonl:7: the row has a prompt of \d+ tokens; prompt \+ response must"
-                                         r" fit model.max_position_embeddings = 64"):
+    from aligner.config import ConfigError
+
+    # one line (a ConfigError), before any model is built
+    with pytest.raises(ConfigError, match=r"prompts.jsonl:7: the row has a prompt of \d+ tokens; prompt \+ response must"
+                                          r" fit the model's max_position_embeddings = 64 tokens$"):
         _fit(cfg)
 
 

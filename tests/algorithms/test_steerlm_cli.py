@@ -200,3 +200,16 @@ def test_steerlm2_config_errors_name_the_key():
         SteerLM2Trainer(steerlm2_config(assets, "/nowhere/out", trainer={"max_epochs": 3}))
     trainer = SteerLM2Trainer(steerlm2_config(assets, "/nowhere/out", steerlm2={"iterations": 3, "epochs": 2}))
     assert trainer.cfg.trainer.max_epochs == 6
+
+
+def test_steerlm2_targets_name_outputs_of_the_reward_model(setup):
+    from aligner.algorithms.steerlm import SteerLM2Trainer
+    from aligner.training.config import ConfigError
+    from tests.algorithms.steerlm2_setup import steerlm2_config
+
+    root, assets, _ = setup
+    cfg = steerlm2_config(assets, str(root / "never"), steerlm2={"targets": ["humor:4"]})
+    with pytest.raises(ConfigError, match=r"^steerlm2.targets\[0\] = 'humor:4': humor is not an output of"
+                                          r" steerlm2.reward_model \(helpfulness, correctness, coherence,"):
+        SteerLM2Trainer(cfg).check_data_rows()
+    SteerLM2Trainer(steerlm2_config(assets, str(root / "never"))).check_data_rows()

@@ -288,7 +288,7 @@ def _train(path, algorithm, out_dir):
            "trainer": {"max_steps": 2, "global_batch_size": 2, "micro_batch_size": 1, "out_dir": str(out_dir),
                        "export_hf": False, "progress": False, "tensorboard": False, "resume": False}}
     if algorithm == "dpo":
-        cfg["dpo"] = {"beta": BETA, "loss_type": "dpo"}
+        cfg["dpo"] = {"beta": BETA, "loss_type": "dpo", "sft_weight": 0.0}  # conf/dpo.yaml adds an SFT term
     (DPOTrainer if algorithm == "dpo" else SFTTrainer)(cfg).fit()
     torch.distributed.barrier()
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -110,6 +110,28 @@ def test_output_names_are_checked_against_those_the_export_records(assets, one_p
             assert abs(float(rewards[i]) - float(logits[0])) < 1e-5
 
 
+def test_a_reward_section_reads_the_names_the_model_records_by_default(assets, tmp_path):
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.config import ConfigError
+    from aligner.rewards import ScoringError
+    from tests.algorithms.pg_setup import pg_config
+
+    def section(**reward):
+        return pg_config(assets, str(tmp_path), pg={"reward": dict({"kind": "model", "path": assets["rm_named"],
+                                                                    "function": None}, **reward)})
+
+    trainer = PGTrainer(section(reward_attribute="b"))  # attributes: null, the names a, b, c the model records
+    assert trainer.cfg.pg.reward.attributes is None
+    trainer.check_data_rows()
+    with pytest.raises(ScoringError, match=r"^pg.reward.reward_attribute = 'helpfulness' is not one of the outputs"
+                                           r" \['a', 'b', 'c'\] of the reward model"):
+        PGTrainer(section()).check_data_rows()
+    with pytest.raises(ScoringError, match=r"^pg.reward.attributes = \['c', 'b', 'a'\] differ from the outputs"):
+        PGTrainer(section(attributes=["c", "b", "a"], reward_attribute="b")).check_data_rows()
+    with pytest.raises(ConfigError, match=r"^pg.reward.attributes = \['a', 'a'\]: expected one or more distinct"):
+        PGTrainer(section(attributes=["a", "a"], reward_attribute="a"))
+
+
 # ---------------------------------------------------------------------------- 9: reward sources
 @pytest.mark.parametrize("spec,message", [
     ("nosuchmod_xyz:f", "pg.reward.function = 'nosuchmod_xyz:f': cannot import module 'nosuchmod_xyz'"

@@ -79,6 +79,8 @@ def check_steerlm2_section(s, data, key: str = "steerlm2") -> None:
     if data.template not in (Template.auto, Template.extra_id):
         raise ConfigError(f"data.template = {str(data.template)!r}: SteerLM attribute strings render only in"
                           " the extra_id template", hint="set data.template=extra_id")
+    if s.reward_micro_batch_size < 1:
+        raise ConfigError(f"{key}.reward_micro_batch_size = {s.reward_micro_batch_size}: expected >= 1")
     if not s.concentration > 0:
         raise ConfigError(f"{key}.concentration = {s.concentration}: expected > 0")
     for i, label in enumerate(s.targets):
@@ -134,10 +136,25 @@ class SteerLM2Trainer(Trainer):
                                       hint="an HF folder; or give data.train a pre-scored steerlm2 file")
                 if not (Path(path) / "config.json").is_file():
                     raise ConfigError(f"steerlm2.{key} = {path!r}: not an HF model folder (no config.json)")
+            self.check_targets()
         elif s.iterations != 1:
             raise ConfigError(f"steerlm2.iterations = {s.iterations}: data.train is a pre-scored steerlm2 file, which"
                               " is one iteration (the next would sample from the trained model)",
                               hint="set steerlm2.iterations=1, or give data.train a prompt file")
+
+    def check_targets(self) -> None:
+        """Every attribute a ``steerlm2.targets`` string names is an output of the reward
+        model (which measures it): a ConfigError naming the entry and the outputs."""
+        # the export's records are read by the models layer (megatron-core): loaded at preflight
+        from aligner.models.hf import read_export_metadata
+
+        s = self.cfg.steerlm2
+        names = read_export_metadata(s.reward_model).get("labels") or []
+        for i, label in enumerate(s.targets):
+            unknown = [name for name in parse_attribute_label(label) if name not in names]
+            if names and unknown:
+                raise ConfigError(f"steerlm2.targets[{i}] = {label!r}: {', '.join(unknown)} is not an output of"
+                                  f" steerlm2.reward_model ({', '.join(names)})")
 
     def load_validation(self):
         d = self.cfg.data
@@ -149,6 +166,7 @@ class SteerLM2Trainer(Trainer):
         d = self.cfg.data
         if not self.sampling:
             train = load_steerlm2(d.train, self.tokenizer(), d.max_length, d.overlong, d.skip_invalid)
+            self.check_train_size(len(train), "groups")
             algo = SteerLM2Algorithm(self.tokenizer().pad_id)
             return algo, self.build_models(), train, self.load_validation(), {}
         prompts = self.prompt_groups()
@@ -170,8 +188,9 @@ class SteerLM2Trainer(Trainer):
                 conv = row["conversation"]
                 tokens = torch.tensor(render_extra_id(tok, conv, label=label)[0], dtype=torch.long)
                 if len(tokens) >= limit:
-                    raise ValueError(f"{d.train}: row {line + 1} has a prompt of {len(tokens)} tokens; prompt +"
-                                     f" response must fit model.max_position_embeddings = {limit} tokens")
+                    raise ConfigError(f"{rows.where(line)}: the row has a prompt of {len(tokens)} tokens; prompt +"
+                                      f" response must fit the model's max_position_embeddings = {limit} tokens",
+                                      hint="shorten the prompt or leave the row out")
                 groups.append({"index": len(groups), "prompt_tokens": tokens, "label": label,
                                "sft_prompt_tokens": torch.tensor(render_extra_id(tok, conv)[0], dtype=torch.long),
                                "prompt": row["prompt"], "conversation": conv,
@@ -214,10 +233,8 @@ class SteerLM2Trainer(Trainer):
         maker = ExperienceMaker(gen, reward, self.tokenizer(), samples_per_prompt=s.samples_per_prompt,
                                 max_batch=s.generation.max_batch)
         sampler = SteerLM2Sampler(prompts, maker, sft, names, epochs=s.epochs, concentration=s.concentration)
+        self.check_train_size(len(prompts), "(prompt, attribute string) groups")
         steps_per_epoch = len(prompts) // t.global_batch_size
-        if steps_per_epoch < 1:
-            raise ConfigError(f"data.train gives {len(prompts)} (prompt, attribute string) groups, fewer than"
-                              f" trainer.global_batch_size = {t.global_batch_size}")
         algo = IterativeSteerLM2Algorithm(self.tokenizer().pad_id, sampler=sampler,
                                           steps_per_iteration=steps_per_epoch * s.epochs,
                                           samples_dir=Path(t.out_dir) / "steerlm2_samples")

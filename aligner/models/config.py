@@ -78,6 +78,9 @@ class ModelConfig:
     scores / output logits (Gemma 2; Gemma 3's final logits); None: none.
     rope_local_theta: the rope base of the sliding-window layers (Gemma 3; None there is
     transformers' default, 10000); other families have one rope.
+    num_experts / moe_router_topk: a mixture-of-experts MLP (Mixtral): experts per layer and
+    experts each token is routed to (megatron-core's ``MoELayer``, dropless; see
+    docs/moe.md); ``ffn_hidden_size`` is then one expert's width. None: a dense MLP.
     qkv_bias: biases on q/k/v (None: the family's, i.e. only for ``qwen2``; HF Llama's
     ``attention_bias`` also biases ``o_proj``, which aligner does not model).
     pad_token_id: the id the data layer right-pads with; a sequence-classification export
@@ -111,6 +114,8 @@ class ModelConfig:
     attn_logit_softcapping: Optional[float] = None
     final_logit_softcapping: Optional[float] = None
     rope_local_theta: Optional[float] = None
+    num_experts: Optional[int] = None
+    moe_router_topk: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Union[int, list]] = None
     pad_token_id: Optional[int] = None
@@ -142,6 +147,10 @@ class ModelConfig:
                     f" model.num_attention_heads = {self.num_attention_heads}; set model.head_dim"
                 )
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if (self.num_experts is None) != (self.moe_router_topk is None) or (
+                self.num_experts is not None and not 1 <= self.moe_router_topk <= self.num_experts):
+            raise ValueError(f"model.num_experts = {self.num_experts}, model.moe_router_topk = {self.moe_router_topk}:"
+                             " expected both unset (a dense MLP) or 1 <= moe_router_topk <= num_experts")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"model.sliding_window = {self.sliding_window}: expected a positive number of tokens")
         if self.layer_types is not None:

@@ -485,12 +485,15 @@ class LayerDesign:
     softcap: attention-logit soft-capping (Gemma 2), None for none.
     local_rope: the sliding-window layers rotate with a second rope (Gemma 3:
     :class:`LocalRopeSelfAttention`).
+    num_experts: the MLP is megatron-core's mixture-of-experts layer (``MoELayer``: router,
+    token dispatcher, one local MLP per expert) with this many experts; None: a dense MLP.
     """
 
     qk_norm: str = ""
     norms: str = "pre"
     softcap: Optional[float] = None
     local_rope: bool = False
+    num_experts: Optional[int] = None
 
     def __post_init__(self):
         if self.qk_norm not in ("", "head", "projection") or self.norms not in ("pre", "sandwich", "post"):
@@ -522,10 +525,12 @@ def build_layer_spec(spec: str, design: LayerDesign = LLAMA_LAYER, *, normalizat
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=design.qk_norm == "head"), TENorm
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=design.num_experts,
+                                                          qk_layernorm=design.qk_norm == "head"), TENorm
     if spec not in ("fused", "local"):
         raise ValueError(f"unknown layer spec {spec!r}; expected one of {LAYER_SPECS[1:]}")
-    layer = get_gpt_layer_local_spec(qk_layernorm=design.qk_norm == "head", normalization=normalization)
+    layer = get_gpt_layer_local_spec(num_experts=design.num_experts, qk_layernorm=design.qk_norm == "head",
+                                     normalization=normalization)
     core = SDPAttention if spec == "fused" else LocalAttention
     if design.softcap:
         core = functools.partial(core, softcap=design.softcap)  # SelfAttention calls it as a class

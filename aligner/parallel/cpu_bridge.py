@@ -31,6 +31,10 @@ torch 2.13 CPU, gloo, local layer spec):
    raises ``TypeError`` for anything else; while it runs, ``Tensor.type()`` without
    arguments spells a CPU tensor's type as its CUDA twin, so the same three groups
    (float16 params, their fp32 copies, fp32 params) are formed from CPU tensors.
+6. the mixture-of-experts router: its gating linear reads ``moe_utils.te_general_gemm``,
+   unbound without Transformer Engine (:func:`_bridge_moe_router`). The ``alltoall``
+   token dispatcher creates a CUDA stream when built, so MoE layers use the
+   ``allgather`` dispatcher (docs/moe.md).
 
 Nothing else in aligner knows it runs on a CPU. ``tests/parallel/test_bridge.py``
 checks each bridged place, so a megatron-core upgrade that moves one fails loudly.
@@ -326,8 +330,20 @@ def engage() -> bool:
         setup_embeddings_and_output_layer._aligner_cpu = True
         cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
     _bridge_float16_optimizer()
+    _bridge_moe_router()
     _ENGAGED = True
     return True
+
+
+def _bridge_moe_router() -> None:
+    """The MoE router's gating linear (``moe_utils.RouterGatingLinearFunction``) tests
+    ``te_general_gemm is not None``, a name ``moe_utils`` binds only when Transformer
+    Engine imports; without it the router raises ``NameError``. Bound to None here, the
+    router takes its torch matmul."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def engaged() -> bool:

@@ -67,12 +67,14 @@ def validate_layout(
     vocab_size: Optional[int] = None,
     num_experts: Optional[int] = None,
     layer_spec: Optional[str] = None,
+    sequence_parallel: Optional[bool] = None,
 ) -> int:
     """Check a layout before anything is initialised; returns the data-parallel size.
 
     ``layer_spec``: the layer spec the model will be built with (``te``, ``fused`` or
     ``local``, as resolved by ``aligner.models.layer_spec``), when known; context
-    parallelism needs TE's attention. Raises :class:`LayoutError` naming the config keys
+    parallelism needs TE's attention. ``sequence_parallel``: whether training splits the
+    sequence over TP, when known (megatron-core's MoE layer trains at TP > 1 only with it). Raises :class:`LayoutError` naming the config keys
     and their values.
     """
     for key in ("tp", "pp", "cp", "ep"):
@@ -130,6 +132,11 @@ def validate_layout(
     if num_experts is not None and num_experts % parallel.ep != 0:
         raise LayoutError(
             f"model.num_experts = {num_experts} is not divisible by parallel.ep = {parallel.ep}"
+        )
+    if num_experts is not None and parallel.tp > 1 and sequence_parallel is False:
+        raise LayoutError(
+            f"model.num_experts = {num_experts} at parallel.tp = {parallel.tp} needs"
+            " parallel.sequence_parallel = true (megatron-core's MoE layer trains at TP > 1 only with it)"
         )
     if vocab_size is not None and vocab_size < parallel.tp:
         raise LayoutError(f"model.vocab_size = {vocab_size} is smaller than parallel.tp = {parallel.tp}")

@@ -69,6 +69,7 @@ def unsupported_reason(models) -> Optional[str]:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.identity_op import IdentityOp
     from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     for model in models:
@@ -81,8 +82,6 @@ def unsupported_reason(models) -> Optional[str]:
             return "learned position embeddings"
         if config.fp32_residual_connection or config.apply_query_key_layer_scaling:
             return "fp32 residual connection / query-key layer scaling"
-        if getattr(config, "num_moe_experts", None):
-            return "mixture-of-experts layers"
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             return "non-standard softmax attention"
         if getattr(config, "attention_output_gate", False):
@@ -95,17 +94,18 @@ def unsupported_reason(models) -> Optional[str]:
             attn = getattr(layer, "self_attention", None)
             mlp = getattr(layer, "mlp", None)
             if type(layer) is not TransformerLayer or not isinstance(attn, SelfAttention) \
-                    or not isinstance(mlp, MLP):
+                    or not isinstance(mlp, (MLP, MoELayer)):
                 return f"layer type {type(layer).__name__} is not the local TransformerLayer"
             if not isinstance(attn.core_attention, DotProductAttention):
                 return f"attention {type(attn.core_attention).__name__} is not DotProductAttention"
             if config.window_size is not None and not hasattr(attn.core_attention, "window"):
                 return f"attention {type(attn.core_attention).__name__} does not say its sliding window"
             row = (RowParallelLinear, PostNormRowParallelLinear)
-            for name, module, cls in (("linear_qkv", attn.linear_qkv, (ColumnParallelLinear,)),
-                                      ("linear_proj", attn.linear_proj, row),
-                                      ("linear_fc1", mlp.linear_fc1, (ColumnParallelLinear,)),
-                                      ("linear_fc2", mlp.linear_fc2, row)):
+            linears = [("linear_qkv", attn.linear_qkv, (ColumnParallelLinear,)), ("linear_proj", attn.linear_proj, row)]
+            if isinstance(mlp, MLP):
+                linears += [("linear_fc1", mlp.linear_fc1, (ColumnParallelLinear,)),
+                            ("linear_fc2", mlp.linear_fc2, row)]
+            for name, module, cls in linears:
                 if type(module) not in cls:
                     return f"{name} is {type(module).__name__}, not {cls[0].__name__}"
             if not isinstance(layer.pre_cross_attn_layernorm, IdentityOp) or \
@@ -161,9 +161,13 @@ class _Layer:
         self.w_qkv, self.b_qkv = attn.linear_qkv.weight, attn.linear_qkv.bias
         self.w_proj, self.b_proj = attn.linear_proj.weight, attn.linear_proj.bias
         self.proj_norm = _optional(getattr(attn.linear_proj, "post_norm", None))
-        self.w_fc1, self.b_fc1 = mlp.linear_fc1.weight, mlp.linear_fc1.bias
-        self.w_fc2, self.b_fc2 = mlp.linear_fc2.weight, mlp.linear_fc2.bias
-        self.fc2_norm = _optional(getattr(mlp.linear_fc2, "post_norm", None))
+        # a mixture-of-experts MLP runs as megatron-core's module itself (its router, token
+        # dispatcher and experts), so decoding routes each token as the training pass does
+        self.moe = mlp if hasattr(mlp, "router") else None
+        if self.moe is None:
+            self.w_fc1, self.b_fc1 = mlp.linear_fc1.weight, mlp.linear_fc1.bias
+            self.w_fc2, self.b_fc2 = mlp.linear_fc2.weight, mlp.linear_fc2.bias
+        self.fc2_norm = None if self.moe is not None else _optional(getattr(mlp.linear_fc2, "post_norm", None))
         self.groups = attn.num_query_groups_per_partition
         self.heads = attn.num_attention_heads_per_partition
         self.head_dim = attn.hidden_size_per_attention_head
@@ -294,6 +298,8 @@ class FusedDecoder:
             out = layer.proj_norm(out)
         h = h + out
         x = h if layer.mlp_norm is None else layer.mlp_norm(h)
+        if layer.moe is not None:  # [b, h] as megatron-core's [s = 1, b, h]
+            return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)
         x = _linear(x, layer.w_fc1, layer.b_fc1)
         if self.gated:
             gate, up = x.chunk(2, dim=-1)

@@ -112,6 +112,7 @@ def check_model(cfg, model_cfg) -> None:
             ParallelConfig(tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp, ep=p.ep, backend=str(p.backend)),
             world, num_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_attention_heads,
             num_query_groups=model_cfg.num_query_groups, vocab_size=model_cfg.vocab_size,
+            num_experts=model_cfg.num_experts, sequence_parallel=bool(p.sequence_parallel),
         )
     except LayoutError as exc:
         raise ConfigError(str(exc) if "world size" in str(exc) else f"{exc} (world size {world})") from None

@@ -9,7 +9,7 @@ Every family in :data:`FAMILIES` gets the same checks (tests/models/test_familie
 - greedy decoding of :data:`NEW_TOKENS` tokens at TP=1, TP=2 and PP=2, with both decode
   paths of the rollout engine (the fused decoder and megatron-core's KV-cached forward),
   identical to ``transformers.generate``;
-- the SFT and the DPO trainer at TP=2 (``init.hf``, ``data.template=raw``, two SGD steps,
+- the SFT and the DPO trainer at TP=2, :data:`TRAINED` families (``init.hf``, ``data.template=raw``, two SGD steps,
   no clipping) against the same losses computed with transformers: step 1's loss,
   log-probs and gradient norm, and step 2's loss after one update (:data:`LOSS_TOL`);
 - export at TP=2 -> transformers loads the same class and computes the same logits
@@ -100,13 +100,20 @@ def _hf_model(name):
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}))
     if name == "olmo2":
         return tf.Olmo2ForCausalLM(tf.Olmo2Config(**COMMON))
+    if name == "mixtral":  # 4 experts, top-2, a window shorter than the prompts
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**MOE, sliding_window=24))
     if name == "nemotron":  # half of each head rotated (transformers' default)
         return tf.NemotronForCausalLM(tf.NemotronConfig(**COMMON))
     raise ValueError(name)
 
 
 COMMON_4 = dict(COMMON, num_hidden_layers=4)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "nemotron")
+# the mixture-of-experts families: 4 experts of width 32, each token routed to 2
+MOE = dict(COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "nemotron", "mixtral")
+# the families whose trainer steps are held to transformers; the mixture-of-experts ones'
+# training losses are not yet (docs/moe.md)
+TRAINED = tuple(name for name in FAMILIES if name != "mixtral")
 
 
 def make_checkpoint(root, name):
@@ -307,8 +314,9 @@ def run_world2(root, names):
         models, cfg = from_pretrained(root / name)
         out[name]["tp2"] = {"logits": _last_logits(models), **_generate(models, cfg)}
         export_hf(models, cfg, root / f"{name}_export", tokenizer_dir=root / name)
-        out[name]["sft"] = _train(root / name, "sft", root / f"{name}_sft")
-        out[name]["dpo"] = _train(root / name, "dpo", root / f"{name}_dpo")
+        if name in TRAINED:
+            out[name]["sft"] = _train(root / name, "sft", root / f"{name}_sft")
+            out[name]["dpo"] = _train(root / name, "dpo", root / f"{name}_dpo")
     _switch(1, 2)
     for name in names:
         models, cfg = from_pretrained(root / name)

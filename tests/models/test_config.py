@@ -106,7 +106,9 @@ def test_unsupported_configs_name_the_file_and_option(tmp_path):
         "attn_bias": (dict(base, attention_bias=True), "attention_bias = true"),
         "qwen_window": (dict(base, model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True),
                         "use_sliding_window"),
-        "moe": (dict(base, model_type="mixtral", architectures=["MixtralForCausalLM"]), "'mixtral'"),
+        "moe": (dict(base, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"]), "'qwen3_moe'"),
+        "jitter": (dict(base, model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=4,
+                        num_experts_per_tok=2, router_jitter_noise=0.1), "router_jitter_noise = 0.1"),
     }
     for name, (cfg, needle) in cases.items():
         (tmp_path / name).mkdir()
@@ -166,7 +168,7 @@ def _family_config(family, **changes):
 
     classes = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
                "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig, "phi3": tf.Phi3Config,
-               "olmo2": tf.Olmo2Config, "nemotron": tf.NemotronConfig}
+               "olmo2": tf.Olmo2Config, "nemotron": tf.NemotronConfig, "mixtral": tf.MixtralConfig}
     hf = classes[family](vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2).to_dict()
     return {**hf, "architectures": [architectures.get(family).causal_lm], "pad_token_id": 0, **changes}
@@ -179,7 +181,8 @@ def _holds(got, want) -> bool:
     return got == want
 
 
-FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "nemotron"]
+FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "nemotron",
+                "mixtral"]
 # each family as transformers defaults it, then with the options that change shapes or the config
 FAMILY_VARIANTS = [(family, {}) for family in FAMILY_NAMES] + [
     ("llama", dict(tie_word_embeddings=True, rope_parameters={
@@ -280,7 +283,7 @@ def test_an_unsupported_model_is_one_error_line_and_exit_2(tmp_path, capsys):
 # one value per family-only ModelConfig field (architectures.base.OPTIONS), valid together
 OPTION_VALUES = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
                      partial_rotary_factor=0.5, query_pre_attn_scalar=20.0, attn_logit_softcapping=8.0,
-                     final_logit_softcapping=12.0, rope_local_theta=1000.0)
+                     final_logit_softcapping=12.0, rope_local_theta=1000.0, num_experts=4, moe_router_topk=2)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -356,7 +359,7 @@ def test_env_lists_the_families_with_their_layer_specs(capsys):
     assert table["qwen3"]["layer_specs"] == "te, fused, local"
     # Transformer Engine's spec builds the families made of megatron-core's own layer options
     te = {name for name, row in table.items() if row["layer_specs"] == "te, fused, local"}
-    assert te == {"llama", "mistral", "nemotron", "phi3", "qwen2", "qwen3"}
+    assert te == {"llama", "mistral", "mixtral", "nemotron", "phi3", "qwen2", "qwen3"}
     assert all(row["layer_specs"] == "fused, local" for name, row in table.items() if name not in te)
     assert "q/k RMSNorm over the whole projection" in table["olmo2"]["features"]
     assert cli.main(["env"]) == 0

@@ -61,6 +61,8 @@ SITES = [
      r"""param\.type\(\) in \[['"]torch\.cuda\.HalfTensor['"], ['"]torch\.cuda\.BFloat16Tensor['"]\]"""),
     ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
      r"""param\.type\(\) == ['"]torch\.cuda\.FloatTensor['"]"""),
+    ("megatron.core.transformer.moe.moe_utils", "RouterGatingLinearFunction.forward",
+     r"te_general_gemm is not None"),
 ]
 
 
@@ -101,8 +103,10 @@ def test_module_level_names_the_bridge_rebinds():
 
 
 # modules whose bridged sites reach torch through their ``torch`` global (the tied-embedding
-# site in language_module is bridged through Tensor.cuda instead)
-GLOBAL_SITES = sorted({m for m, _, _ in SITES} - {"megatron.core.models.common.language_module.language_module"})
+# site in language_module is bridged through Tensor.cuda instead, the MoE router's by binding
+# a name)
+GLOBAL_SITES = sorted({m for m, _, _ in SITES} - {"megatron.core.models.common.language_module.language_module",
+                                                  "megatron.core.transformer.moe.moe_utils"})
 
 
 @pytest.mark.parametrize("module", GLOBAL_SITES)
@@ -251,6 +255,19 @@ def test_activation_checkpoint_replays_the_dropout_mask(engaged):
 
 
 @needs_cpu
+def test_moe_router_gating_is_a_torch_matmul(engaged):
+    """The router's gating linear, x W^T (+ b), without Transformer Engine: values and gradients."""
+    from megatron.core.transformer.moe import moe_utils
+
+    x = torch.randn(5, 4, requires_grad=True)
+    w = torch.randn(3, 4, requires_grad=True)
+    out = moe_utils.router_gating_linear(x, w, None, torch.float32)
+    torch.testing.assert_close(out, x.detach() @ w.detach().T)
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, w.detach().sum(0).expand(5, 4))
+    torch.testing.assert_close(w.grad, x.detach().sum(0).expand(3, 4))
+
+
 def test_clip_grad_by_total_norm_on_cpu(engaged):
     from megatron.core.optimizer import clip_grads, optimizer
 

@@ -34,6 +34,8 @@ from aligner.parallel import LayoutError, ParallelConfig, initialize, read_dist_
         (ParallelConfig(ep=3), 4, {}, "parallel.ep = 3 must divide data-parallel x context-parallel size 4 * 1 = 4"),
         (ParallelConfig(ep=2), 2, dict(num_experts=3), "model.num_experts = 3 is not divisible by parallel.ep = 2"),
         (ParallelConfig(tp=4), 4, dict(vocab_size=3), "model.vocab_size = 3 is smaller than parallel.tp = 4"),
+        (ParallelConfig(tp=2), 2, dict(num_experts=4, sequence_parallel=False),
+         "model.num_experts = 4 at parallel.tp = 2 needs parallel.sequence_parallel = true"),
     ],
 )
 def test_bad_layouts_name_the_key_and_numbers(parallel, world, dims, expected):
@@ -53,6 +55,7 @@ def test_bad_layouts_name_the_key_and_numbers(parallel, world, dims, expected):
         (ParallelConfig(pp=4, vpp=5), 12, dict(num_layers=80), 3),
         (ParallelConfig(tp=2, cp=2), 8, dict(num_attention_heads=4), 2),
         (ParallelConfig(ep=4), 4, dict(num_experts=8), 4),
+        (ParallelConfig(tp=2), 2, dict(num_experts=4, sequence_parallel=True), 1),
         (ParallelConfig(pp=4), 4, dict(num_layers=4), 1),  # one layer per stage is allowed
     ],
 )

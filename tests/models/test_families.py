@@ -8,7 +8,7 @@ import torch
 
 from aligner.parallel.spawn import spawn_local
 from tests.models import families as fam
-from tests.models.families import EXPORT_TOL, FAMILIES, LOGITS_TOL, LOSS_TOL, TRAINED
+from tests.models.families import EXPORT_TOL, FAMILIES, LOGITS_TOL, LOSS_TOL
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +28,8 @@ def reference(runs):
     out = {}
     for name in FAMILIES:
         model = fam.hf_model(root / name)
-        out[name] = {"logits": fam.hf_last_logits(model), "greedy": fam.hf_greedy(model)}
-        if name in TRAINED:
-            out[name].update(sft=fam.hf_sft(root / name), dpo=fam.hf_dpo(root / name))
+        out[name] = {"logits": fam.hf_last_logits(model), "greedy": fam.hf_greedy(model),
+                     "sft": fam.hf_sft(root / name), "dpo": fam.hf_dpo(root / name)}
     return out
 
 
@@ -65,7 +64,7 @@ def test_greedy_decoding_equals_transformers_generate(runs, reference, name):
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "dpo"])
-@pytest.mark.parametrize("name", TRAINED)
+@pytest.mark.parametrize("name", FAMILIES)
 def test_training_steps_match_transformers(runs, reference, name, algorithm):
     """Two SGD steps at TP=2: step 1's loss (and log-probs, gradient norm), step 2's loss."""
     want = reference[name][algorithm]

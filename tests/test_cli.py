@@ -24,7 +24,7 @@ def test_help_lists_every_command_with_its_description():
     assert out.returncode == 0 and out.stderr == ""
     lines = out.stdout.splitlines()
     assert lines[0] == "usage: aligner <command> [args...]"
-    expected = {"quickstart", "train", "data", "generate", "rm", "eval", "export", "env"}
+    expected = {"quickstart", "train", "data", "generate", "rm", "eval", "export", "rollouts", "env"}
     assert set(cli.SUBCOMMANDS) == expected
     for name, (module, description) in cli.SUBCOMMANDS.items():
         assert f"  {name:<11} {description}" in lines

@@ -37,7 +37,9 @@ from aligner.rewards.sources import RewardBatch, RewardSource, check_reward_sour
 from aligner.training.algorithm import Algorithm, StepContext
 from aligner.training.batching import shifted_logprobs
 from aligner.training.forward import collect_token_outputs, critic_values, forward, policy_logps
+from aligner.runtime import is_rank0
 from aligner.training.metrics import metric
+from aligner.training.rollout_log import RolloutLog
 from aligner.training.roles import ReferencePolicy, RoleSet
 
 
@@ -390,6 +392,7 @@ class OnlineAlgorithm(Algorithm):
     key = "online"  # the config section, for messages
     # per-row tensors of ``advantages()``'s result that the micro-batches carry
     microbatch_keys: Tuple[str, ...] = ("advantages", "loss_mask")
+    rollout_log: Optional[RolloutLog] = None  # trainer.log_rollouts > 0
 
     def __init__(self, section, maker: ExperienceMaker, shape: RolloutShape):
         s = section
@@ -409,6 +412,38 @@ class OnlineAlgorithm(Algorithm):
     @property
     def reward_source(self) -> RewardSource:
         return self.maker.reward
+
+    def setup(self, loop) -> None:
+        t = loop.cfg
+        if t.log_rollouts > 0:
+            self.rollout_log = RolloutLog(loop.out_dir, t.log_rollouts, t.log_rollouts_rows)
+
+    def log_rollouts(self, context: StepContext, exp: Experience, extra: Dict[str, torch.Tensor]) -> None:
+        """Global rank 0's first rows of the step to the rollout log (aligner/training/rollout_log.py)."""
+        step = context.step + 1  # as metrics.jsonl numbers it
+        if self.rollout_log is None or not self.rollout_log.due(step) or not is_rank0():
+            return
+        names = self.maker.reward.attributes or []
+        mask = exp.response_mask
+        policy = (exp.old_logps * mask).sum(-1)
+        ref = None if exp.ref_logps is None else (exp.ref_logps * mask).sum(-1)
+        adv = (extra["advantages"] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        rows = []
+        for i in range(len(exp)):
+            if exp.filler is not None and bool(exp.filler[i]):
+                continue
+            p = int(exp.prompt_lengths[i])
+            rows.append(dict(
+                sample_index=int(exp.sample_index[i]),
+                prompt=self.maker.tokenizer.decode(exp.tokens[i, :p].tolist()), response=exp.texts[i],
+                reward=float(exp.rewards[i]),
+                attributes={} if exp.attribute_scores is None else
+                {n: float(exp.attribute_scores[i, j]) for j, n in enumerate(names)},
+                advantage=float(adv[i]), length=int(exp.response_lengths[i]), eos=not bool(exp.truncated[i]),
+                logprob=float(policy[i]), ref_logprob=None if ref is None else float(ref[i])))
+            if len(rows) == self.rollout_log.max_rows:
+                break
+        self.rollout_log.write(step, rows)
 
     def sample_tokens(self, sample: dict) -> int:
         return int(sample["prompt_tokens"].numel())
@@ -580,6 +615,7 @@ class OnlineAlgorithm(Algorithm):
         t1 = time.perf_counter()
         extra = self.advantages(context, exp)
         metrics = self.experience_metrics(context, exp, extra)
+        self.log_rollouts(context, exp, extra)
         t2 = time.perf_counter()
         metrics.update(self.update(context, exp, extra))
         t3 = time.perf_counter()

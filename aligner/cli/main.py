@@ -50,6 +50,7 @@ SUBCOMMANDS = {
     "rm": ("rm", "reward-model utilities: score a file, bon (best-of-n), SteerLM label, ExPO extrapolation"),
     "eval": ("eval", "evaluate reward models: RewardBench-format files, HelpSteer2 regression metrics"),
     "export": ("export", "training checkpoint -> Hugging Face folder"),
+    "rollouts": ("rollouts", "show the rollouts an online run logged (trainer.log_rollouts): rollouts show RUN --step N"),
     "env": ("env", "print the software / hardware stack (paste it into bug reports)"),
 }
 

@@ -203,6 +203,8 @@ class TrainerSection:
     save_interval: int = 0
     keep_last: int = 2
     log_interval: int = 1
+    log_rollouts: int = 0  # online runs: every N steps, rows to <out_dir>/rollouts/ (0: off)
+    log_rollouts_rows: int = 8  # at most this many rows a logged step
     seed: int = 1234
     resume: bool = True
     out_dir: str = "runs/${algorithm}"
@@ -256,9 +258,11 @@ def _check_lora(lo, key: str, cfg) -> None:
 
 @section_check(TrainerSection)
 def _check_trainer(t, key: str, cfg) -> None:
-    for name in ("global_batch_size", "micro_batch_size", "log_interval", "keep_last"):
+    for name in ("global_batch_size", "micro_batch_size", "log_interval", "keep_last", "log_rollouts_rows"):
         if t[name] < 1:
             fail(f"{key}.{name}", t[name], "expected >= 1")
+    if t.log_rollouts < 0:
+        fail(f"{key}.log_rollouts", t.log_rollouts, "expected >= 0 (0: off)")
     for name in ("val_interval", "save_interval"):
         if t[name] < 0:
             fail(f"{key}.{name}", t[name], "expected >= 0 (0: only at the end)")

@@ -1,8 +1,9 @@
 """SIGKILL during an RLOO run, the same command again: it resumes from the last complete
 checkpoint (policy weights and optimizer state, schedule, RNG, step; the reference rebuilt
 from the initial policy; the step's prompts and sampling seeds functions of the step) and
-ends with exactly the metrics and weights of an uninterrupted run. Likewise GRPO with
-GSPO's sequence-level ratio (2 epochs x 2 mini-batches: the second update is off-policy)."""
+ends with exactly the metrics and weights of an uninterrupted run, and the same rollout
+logs (every second step, a step's rows once). Likewise GRPO with GSPO's sequence-level
+ratio (2 epochs x 2 mini-batches: the second update is off-policy)."""
 import json
 import sys
 
@@ -47,3 +48,32 @@ def test_resumed_run_ends_with_the_same_metrics_and_weights(runs):
     reference = AutoModelForCausalLM.from_pretrained(str(whole / "hf"))
     for (n, p), (_, q) in zip(resumed.named_parameters(), reference.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_rollout_logs_read_back_the_same_after_kill_and_resume(runs, capsys):
+    from aligner.cli.rollouts import main as rollouts_main
+    from aligner.training.rollout_log import logged_steps, read_rollouts
+
+    whole, killed, _ = runs
+    assert logged_steps(whole) == logged_steps(killed) == [2, 4, 6]
+    by_step = {r["step"]: r for r in _metrics(whole)}
+    for step in (2, 4, 6):
+        rows = read_rollouts(killed, step)
+        assert rows == read_rollouts(whole, step)
+        # all 16 rows of the step, each once: sample (step - 1)·P·G + i
+        assert [r["sample_index"] for r in rows] == [16 * (step - 1) + i for i in range(16)]
+        m = by_step[step]
+        assert abs(sum(r["reward"] for r in rows) / 16 - m["reward/mean"]) < 1e-9
+        assert abs(sum(r["length"] for r in rows) / 16 - m["response_length/mean"]) < 1e-9
+        assert abs(sum(r["eos"] for r in rows) / 16 - m["eos_rate"]) < 1e-9
+        for r in rows:
+            assert r["length"] <= 8 and isinstance(r["response"], str) and r["prompt"]
+            assert r["logprob"] < 0 and r["ref_logprob"] < 0
+        # RLOO: a group's advantages sum to 0
+        for g in range(4):
+            assert abs(sum(r["advantage"] for r in rows[4 * g:4 * g + 4])) < 1e-5
+    assert rollouts_main(["show", str(killed), "--step", "4"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("step 4: 16 rollouts") and shown.count("\n| ") == 18  # header, rule, 16 rows
+    assert rollouts_main(["show", str(killed), "--step", "3"]) == 2
+    assert "no rollout log for step 3; logged steps: 2, 4, 6" in capsys.readouterr().err

@@ -60,7 +60,9 @@ setup(
         # parquet files and Arrow folders (datasets' save_to_disk) as data sources
         "data": ["datasets>=2.14", "pyarrow>=12"],
         # import-linter: the layering contract of pyproject.toml (tests/test_layers.py; acyclic_siblings as in 2.17)
-        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "import-linter>=2.17,<3", "datasets>=2.14", "pyarrow>=12"],
+        # peft and trl: the references of the adapter and loss parity tests
+        "test": ["pytest>=7.4", "pytest-xdist>=3.5", "import-linter>=2.17,<3", "datasets>=2.14", "pyarrow>=12",
+                 "trl>=1.0", "peft>=0.13"],
         # benchmarks/ compare against peers: TRL's DPOTrainer
         "bench": ["trl>=1.0"],
         # Apex is not on PyPI: it ships inside the NGC PyTorch image the Dockerfile builds on.

@@ -170,7 +170,8 @@ def test_monitor_on_a_dpo_run_with_an_ensemble_proxy_leaves_training_unchanged(a
     from aligner.algorithms.dpo import DPOTrainer
     from aligner.parallel import destroy
 
-    proxies = [{"kind": "model", "path": assets["rm"], "reward_attribute": "LABEL_0"}, GOLD]
+    # the test reward model records no output names: its first output, by weight
+    proxies = [{"kind": "model", "path": assets["rm"], "attribute_weights": [1.0, 0.0, 0.0]}, GOLD]
     with_monitor = DPOTrainer(_dpo_config(assets, tmp_path, tmp_path / "a",
                                           _monitor(assets, proxy=proxies, ensemble="min"))).fit()
     destroy()

@@ -748,7 +748,7 @@ class OnlineTrainer(Trainer):
                             function=self.reward_function or r.function,
                             attributes=list(r.attributes) if r.attributes else None,
                             attribute_weights=r.attribute_weights, reward_attribute=r.reward_attribute,
-                            prompts=self.cfg.data.train)
+                            prompts=self.cfg.data.train, names_key=True)
         if r.kind != "exact_answer":
             return
         rows = ((path, lineno, row) for path in dataset_paths(self.cfg.data.train) if not is_prepared(path)

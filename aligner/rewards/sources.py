@@ -317,14 +317,15 @@ def check_reward_source(where: str, kind: str, *, path: Optional[str] = None,
                         function: Union[str, Callable, None] = None,
                         attributes: Optional[Sequence[str]] = None,
                         attribute_weights: Optional[Sequence[float]] = None, reward_attribute: Optional[str] = None,
-                        prompts: Optional[str] = None) -> None:
+                        prompts: Optional[str] = None, names_key: bool = False) -> None:
     """What can be checked of a reward source before any process group or model exists (a
     run's preflight): a ``model`` folder holds a trained reward head whose recorded output
     names match ``attributes`` and which ``reward_attribute`` or ``attribute_weights`` read;
     a ``function`` (a name, or a Python callable) takes ``(prompts, responses, metadata)``;
     the ``world`` scorer has ``reward_attribute`` and every row of the prompt file
     ``prompts`` is a task of the embedded world. A :class:`ScoringError` naming
-    ``where`` (the config section or option) otherwise."""
+    ``where`` (the config section or option) otherwise. ``names_key``: the section has an
+    ``attributes`` key naming the outputs (an online algorithm's reward section does)."""
     if kind == "model" and path:
         names, n_out = reward_model_outputs(path, attributes, where)
         if attribute_weights is not None and len(attribute_weights) != n_out:
@@ -335,8 +336,10 @@ def check_reward_source(where: str, kind: str, *, path: Optional[str] = None,
             raise ScoringError(f"{where}.reward_attribute = {reward_attribute!r} is not one of the outputs"
                                f" {names} of the reward model {path}" if names else
                                f"{where}: the reward model {path} has {n_out} outputs and records no names for"
-                               f" them (config.json id2label); name them in {where}.attributes",
-                               hint=f"or set {where}.attribute_weights (one weight per output)")
+                               f" them (config.json id2label); "
+                               + (f"name them in {where}.attributes" if names_key else
+                                  f"read them by {where}.attribute_weights (one weight per output)"),
+                               hint=f"or set {where}.attribute_weights (one weight per output)" if names_key else None)
     elif kind == "function" and callable(function):  # a Python callable, given from Python
         FunctionReward.check_signature(function, _named(where, "function", function))
     elif kind == "function" and function:

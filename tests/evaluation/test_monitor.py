@@ -238,3 +238,17 @@ def test_best_gold_is_swapped_in_by_renames_and_recovered_after_a_crash(tmp_path
     recover_best_gold(final)
     assert json.loads((final / "monitor.json").read_text())["step"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_gold"]
+
+
+def test_an_unnamed_reward_model_is_read_by_the_keys_the_section_has(assets):
+    """A reward model with several outputs and no recorded names: a monitor spec (no
+    ``attributes`` key) is told to weight its outputs, a reward section to name them."""
+    from aligner.rewards.readout import ScoringError
+    from aligner.rewards.sources import check_reward_source
+
+    with pytest.raises(ScoringError, match=r"records no names for them \(config.json id2label\); read them by"
+                                           r" monitor.proxy\[0\].attribute_weights \(one weight per output\)$"):
+        check_reward_source("monitor.proxy[0]", "model", path=assets["rm"], reward_attribute="LABEL_0")
+    with pytest.raises(ScoringError, match=r"; name them in pg.reward.attributes$") as err:
+        check_reward_source("pg.reward", "model", path=assets["rm"], reward_attribute="helpfulness", names_key=True)
+    assert err.value.hint == "or set pg.reward.attribute_weights (one weight per output)"

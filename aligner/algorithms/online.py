@@ -701,7 +701,9 @@ class OnlineTrainer(Trainer):
         roles = RoleSet()
         reference = None
         if self.needs_reference():
-            if s.reference == ReferenceMode.host:
+            if self.cfg.lora.enabled:  # the base under the adapters is the reference: no copy, no second model
+                reference = ReferencePolicy(policy_models, "adapters")
+            elif s.reference == ReferenceMode.host:
                 reference = ReferencePolicy(policy_models, "host")
             else:
                 reference = ReferencePolicy(policy_models, "model", reference_chunks=self.build_models())

@@ -273,3 +273,16 @@ def test_overlong_penalty_and_overlong_filtering(assets, tmp_path):
             assert torch.allclose(adv[on].double(), torch.full((int(on.sum()),), want, dtype=torch.float64),
                                   atol=1e-6)
     assert metrics["pg/groups_without_signal"] == without_signal
+
+
+def test_with_lora_the_base_is_the_reference_whatever_the_reference_mode(assets, tmp_path):
+    """``pg.reference=model`` with LoRA: no second model is built; at step 1 the policy
+    (adapters with B = 0) is its base, so the KL to the reference is 0."""
+    from aligner.algorithms.pg import PGTrainer
+
+    trainer = PGTrainer(pg_config(assets, str(tmp_path / "run"), trainer={"max_steps": 1, "export_hf": False},
+                                  pg={"reference": "model", "kl_coef": 0.05}, lora={"enabled": True, "rank": 4}))
+    m = trainer.fit()["train"]
+    roles = trainer.trainer.roles
+    assert roles.reference.mode == "adapters" and "reference" not in roles.frozen
+    assert abs(m["kl_ref"]) < 1e-6

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from aligner.models.architectures.base import GLU, QKV, Replicated, ScoreHead, Split, VocabRows
-from aligner.models.config import ModelConfig
+from aligner.models.config import ModelConfig, UnsupportedModelError
 from aligner.models.gpt import build_model, unwrap_model
 from aligner.models.lora import adapters_merged
 from aligner.parallel import get_device
@@ -258,6 +258,14 @@ def _check_no_unused_tensors(reader: "HFReader", cfg: ModelConfig, head: Optiona
         )
 
 
+def _check_expert_layout(cfg: ModelConfig) -> None:
+    """The HF weight rules map every expert of an MoE layer at expert-parallel size 1 only:
+    at EP > 1 a rank's local experts would take the first experts' weights."""
+    if cfg.num_experts and ps.model_parallel_is_initialized() and ps.get_expert_model_parallel_world_size() > 1:
+        raise UnsupportedModelError(f"parallel.ep = {ps.get_expert_model_parallel_world_size()}: the experts of an MoE"
+                                    " model are imported and exported at parallel.ep = 1 only so far (docs/moe.md)")
+
+
 def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, strict_head: bool = False) -> None:
     """Copy an HF checkpoint's weights into this rank's model chunks.
 
@@ -265,6 +273,7 @@ def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, 
     included) or from a causal LM (backbone only; the head keeps its initialisation,
     unless ``strict_head``). A causal LM ignores a ``score.weight``.
     """
+    _check_expert_layout(cfg)
     reader = HFReader(path)
     _check_no_unused_tensors(reader, cfg, head)
     models = models if isinstance(models, (list, tuple)) else [models]
@@ -468,6 +477,7 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
     head's output names, which also become config.json's ``id2label``) and
     ``attribute_weights`` (name -> weight of the scalar reward ``r = w · ŷ``).
     """
+    _check_expert_layout(cfg)
     models = models if isinstance(models, (list, tuple)) else [models]
     model_head = unwrap_model(models[0]).head_type
     if dtype is None:

@@ -14,8 +14,18 @@ cache stores keys without rotary embedding, so every step re-rotates every cache
 using the layers' own norm modules, megatron-core's fused QKV layout (per query group: r
 query heads, then one key head, then one value head), its rotary frequencies
 (``model.rotary_pos_emb``), softmax scale, activation and vocab-parallel embedding /
-output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, filled once
-from megatron-core's :class:`StaticInferenceContext` after the prefill.
+output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, filled
+from megatron-core's :class:`StaticInferenceContext` after a prefill (:meth:`FusedDecoder.start`
+for the whole batch, :meth:`FusedDecoder.load` for rows that take a freed slot).
+
+Positions: a step feeds every row at one position ``t`` (an int: all rows in step), or each
+row at its own position (a tensor ``[b]``: continuous batching, where a row that joined
+later is at an earlier position). Per row the rope tables are indexed at the row's
+position, its key and value are written into its own cache column, and the attention sees
+only the row's own extent: keys ``0..pos`` (``pos - window + 1..pos`` on a sliding-window
+layer), the rest of the slot (columns a previous occupant or nothing wrote) masked to
+``-inf`` after any soft-capping, so it gets probability 0. When every row is at the same
+position the uniform path runs (no mask), the arithmetic of a batch without refills.
 
 It supports exactly the layer structures it reproduces (checked by :func:`unsupported_reason`):
 megatron-core ``TransformerLayer`` with ``SelfAttention`` + ``DotProductAttention`` (or the
@@ -180,9 +190,10 @@ class _Layer:
 class FusedDecoder:
     """Decode steps for this rank's model chunks (see the module docstring).
 
-    ``start`` takes the caches megatron-core filled during the prefill, ``step`` runs one
-    token per row through every chunk on this rank (with pipeline send/recv between
-    stages), ``keep_rows`` drops finished rows from the cache.
+    ``start`` takes the caches megatron-core filled during the prefill, ``load`` writes the
+    prefill of rows that take freed slots, ``step`` runs one token per row through every
+    chunk on this rank (with pipeline send/recv between stages), at one position or at each
+    row's own, ``keep_rows`` drops finished rows from the cache.
     """
 
     def __init__(self, models, vocab_size: int, device, prev_rank=None, next_rank=None):
@@ -204,26 +215,38 @@ class FusedDecoder:
         self.final_norms = {id(m): _norm_fn(m.decoder.final_layernorm) for m in models if m.post_process}
         self.cache = {}  # layer number -> (keys [b, ng, S, d] rotated, values [b, ng, S, d])
         self.rope = {}  # local rope? -> (cos, signed sin) [S, r]
+        self._masks = {}  # one step's per-row attention masks: window -> (first, last, blocked)
+        self._span = (0, 0)  # that step's lowest and highest row position
 
     # ------------------------------------------------------------------ cache
     def start(self, contexts, prefill_len: int, total_len: int) -> None:
         """Copy megatron-core's prefill cache (``[s, b, ng, d]``, keys not yet rotated) into
-        this decoder's layout, rotating the keys once."""
+        this decoder's layout, rotating the keys once. The rest of the cache is zero, so
+        the masked columns of a row's slot never hold a non-finite value."""
         self.rope = {False: _cos_sin(self.models[0].rotary_pos_emb.inv_freq, total_len, self.dtype)}
         if self.local_inv_freq is not None:
             self.rope[True] = _cos_sin(self.local_inv_freq, total_len, self.dtype)
         self.cache = {}
         for ctx, layers in zip(contexts, self.layers):
             for layer in layers:
-                cos, sin = (x[:prefill_len] for x in self.rope[layer.local_rope])
                 k, v = ctx.key_value_memory_dict[layer.number]
-                b = k.shape[1]
-                keys = torch.empty((b, layer.groups, total_len, layer.head_dim), dtype=k.dtype,
+                keys = torch.zeros((k.shape[1], layer.groups, total_len, layer.head_dim), dtype=k.dtype,
                                    device=k.device)
-                values = torch.empty_like(keys)
-                keys[:, :, :prefill_len] = _rotate(k[:prefill_len].permute(1, 2, 0, 3), cos, sin)
-                values[:, :, :prefill_len] = v[:prefill_len].permute(1, 2, 0, 3)
-                self.cache[layer.number] = (keys, values)
+                self.cache[layer.number] = (keys, torch.zeros_like(keys))
+        self.load(contexts, None, prefill_len)
+
+    def load(self, contexts, slots: Optional[torch.Tensor], length: int) -> None:
+        """Write the first ``length`` columns of megatron-core's prefill cache (its rows in
+        order) into the cache rows ``slots`` [m] (None: all rows), rotating the keys; the
+        prefill cache is freed."""
+        for ctx, layers in zip(contexts, self.layers):
+            for layer in layers:
+                cos, sin = (x[:length] for x in self.rope[layer.local_rope])
+                k, v = ctx.key_value_memory_dict[layer.number]
+                keys, values = self.cache[layer.number]
+                rows = slice(None) if slots is None else slots
+                keys[rows, :, :length] = _rotate(k[:length].permute(1, 2, 0, 3), cos, sin)
+                values[rows, :, :length] = v[:length].permute(1, 2, 0, 3)
             ctx.key_value_memory_dict.clear()  # the prefill cache is no longer needed
 
     def keep_rows(self, keep: torch.Tensor) -> None:
@@ -269,28 +292,41 @@ class FusedDecoder:
         g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
         x = h if layer.input_norm is None else layer.input_norm(h)
         qkv = _linear(x, layer.w_qkv, layer.b_qkv).reshape(b, g, r + 2, d)
-        cos, sin = (table[t] for table in self.rope[layer.local_rope])
+        cos, sin = (table[t] for table in self.rope[layer.local_rope])  # [r], or [b, r] per row
+        per_row = cos.dim() == 2
+        # the tables broadcast over [b, g, r+1, d] / [b, heads, d] / [b, g, d]
+        cos4, sin4 = (cos[:, None, None], sin[:, None, None]) if per_row else (cos, sin)
+        cos3, sin3 = (cos[:, None], sin[:, None]) if per_row else (cos, sin)
         if layer.q_norm is None:
-            qk = _rotate(qkv[:, :, :r + 1], cos, sin)  # queries and key
+            qk = _rotate(qkv[:, :, :r + 1], cos4, sin4)  # queries and key
             q, key = qk[:, :, :r], qk[:, :, r]
         else:  # q/k norms come before the rotation; [b, heads, d] in the layer's head order
-            q = _rotate(layer.q_norm(qkv[:, :, :r].reshape(b, g * r, d)), cos, sin).view(b, g, r, d)
-            key = _rotate(layer.k_norm(qkv[:, :, r]), cos, sin)
+            q = _rotate(layer.q_norm(qkv[:, :, :r].reshape(b, g * r, d)), cos3, sin3).view(b, g, r, d)
+            key = _rotate(layer.k_norm(qkv[:, :, r]), cos3, sin3)
         keys, values = self.cache[layer.number]
-        keys[:, :, t] = key
-        values[:, :, t] = qkv[:, :, r + 1]
+        if per_row:
+            rows = torch.arange(b, device=t.device)
+            keys[rows, :, t] = key
+            values[rows, :, t] = qkv[:, :, r + 1]
+            first, last, blocked = self._row_mask(t, layer.window)
+        else:
+            keys[:, :, t] = key
+            values[:, :, t] = qkv[:, :, r + 1]
+            first = 0 if layer.window is None else max(0, t + 1 - layer.window)  # a sliding window's first key
+            last, blocked = t + 1, None
         seq = keys.shape[2]
-        first = 0 if layer.window is None else max(0, t + 1 - layer.window)  # a sliding window's first key
         q = q.reshape(b * g, r, d)
-        k = keys.view(b * g, seq, d)[:, first:t + 1]
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)  # [b*g, r, t+1-first]
+        k = keys.view(b * g, seq, d)[:, first:last]
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)  # [b*g, r, last-first]
         if layer.softcap:
             scores = soft_cap(scores.float(), layer.softcap)
+        if blocked is not None:  # after the soft cap: a capped -inf would be finite
+            scores = scores.view(b, g * r, last - first).masked_fill(blocked, float("-inf")).view(b * g, r, -1)
         if scores.dtype != torch.float32:
             probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         else:
             probs = torch.softmax(scores, dim=-1).to(values.dtype)
-        context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:t + 1]).view(b, layer.heads * d)
+        context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:last]).view(b, layer.heads * d)
         out = self._all_reduce(_linear(context, layer.w_proj))
         if layer.b_proj is not None:
             out = out + layer.b_proj
@@ -313,10 +349,33 @@ class FusedDecoder:
             out = layer.fc2_norm(out)
         return h + out
 
-    def step(self, token_ids: torch.Tensor, t: int) -> Optional[torch.Tensor]:
-        """Feed ``token_ids`` [b] at position ``t`` (the cache holds 0..t-1); returns the
-        next-token logits [b, v] fp32 where the output layer lives, else None."""
+    def _row_mask(self, positions: torch.Tensor, window: Optional[int]):
+        """For rows at their own ``positions`` [b]: the key columns ``first..last-1`` a step
+        reads and which of them each row must not see, ``blocked`` [b, 1, last-first]
+        (beyond the row's position, or before its sliding window). Once per step and window."""
+        if window not in self._masks:
+            lo, hi = self._span
+            first = 0 if window is None else max(0, lo + 1 - window)
+            cols = torch.arange(first, hi + 1, device=positions.device)
+            pos = positions[:, None]
+            blocked = cols[None] > pos
+            if window is not None:
+                blocked |= cols[None] <= pos - window
+            self._masks[window] = (first, hi + 1, blocked[:, None])
+        return self._masks[window]
+
+    def step(self, token_ids: torch.Tensor, t) -> Optional[torch.Tensor]:
+        """Feed ``token_ids`` [b] at position ``t``: an int for every row (the cache holds
+        0..t-1), or a tensor [b] of each row's own position (row j's cache holds 0..t[j]-1 of
+        its own sequence); returns the next-token logits [b, v] fp32 where the output layer
+        lives, else None."""
         b = token_ids.shape[0]
+        if isinstance(t, torch.Tensor):
+            lo, hi = int(t.min()), int(t.max())
+            if lo == hi:
+                t = lo  # every row at the same position: no mask needed
+            else:
+                self._span, self._masks = (lo, hi), {}
         logits = None
         for model, layers in zip(self.models, self.layers):
             if model.pre_process:

@@ -202,12 +202,22 @@ class RolloutEngine:
     through megatron-core, then :class:`~aligner.rollout.decode.FusedDecoder` on the same
     parameters (local layer spec only; much less Python overhead per step); ``"auto"``:
     fused where supported, else megatron.
+    continuous_batching: with the fused decoder, a row that finishes hands its slot to the
+    next waiting prompt of the call, so up to ``max_batch`` rows decode at every step until
+    the prompts run out (see the module docstring); False decodes the prompts in batches of
+    ``max_batch``, each until its last row ends. Outputs are the same either way. Decode
+    steps through megatron-core's forward always run batch by batch.
+    refill_prefill_tokens: a prompt entering a freed slot is prefilled (one megatron-core
+    forward for the prompts entering at one step) when at least this many of its tokens
+    precede its last one; shorter prompts are fed one token per decode step with the
+    running rows (docs/rollout.md has the measurements behind the default).
 
     Constructing the engine is a collective over the model-parallel group.
     """
 
     def __init__(self, model_chunks, model_cfg: ModelConfig, tokenizer=None, max_batch: int = 64,
-                 max_seq_len: Optional[int] = None, decode_impl: str = "auto"):
+                 max_seq_len: Optional[int] = None, decode_impl: str = "auto",
+                 continuous_batching: bool = True, refill_prefill_tokens: int = 16):
         chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         if not chunks:
             raise ValueError("RolloutEngine needs at least one model chunk")
@@ -257,6 +267,19 @@ class RolloutEngine:
                 torch.distributed.all_reduce(me, op=torch.distributed.ReduceOp.MAX, group=group)
                 self.mp_group, self.source_rank = group, int(me.item())
         self.decoder = self._make_decoder(decode_impl)
+        if not isinstance(continuous_batching, bool):
+            raise ValueError(
+                f"RolloutEngine continuous_batching = {continuous_batching!r}: expected true or false"
+            )
+        if not _is_int(refill_prefill_tokens) or refill_prefill_tokens < 1:
+            raise ValueError(
+                f"RolloutEngine refill_prefill_tokens = {refill_prefill_tokens!r}: expected a positive integer"
+            )
+        self.refill_prefill_tokens = int(refill_prefill_tokens)
+        # every rank took the same decoder choice, so every rank takes the same path
+        self.continuous = continuous_batching and self.decoder is not None
+        self.forwards = 0  # model forwards (prefills and decode steps) since construction
+        self.row_steps = 0  # rows x decode steps since construction (the decode work done)
 
     def _make_decoder(self, decode_impl: str) -> Optional[FusedDecoder]:
         """The fused decoder, or None for megatron-core decode steps; every rank of the
@@ -375,7 +398,9 @@ class RolloutEngine:
         for m in self.models:
             m.eval()
         try:
-            for start in range(0, n, self.max_batch):
+            if self.continuous and n:
+                responses = self._generate_continuous(token_prompts, order, seeds, config, stop_ids)
+            for start in range(0, n if not self.continuous else 0, self.max_batch):
                 rows = order[start:start + self.max_batch]
                 batch = self._generate_batch(
                     [token_prompts[i] for i in rows], [seeds[i] for i in rows], config, stop_ids
@@ -451,7 +476,8 @@ class RolloutEngine:
             # Column t of every slot: sampled, or the slot's own prompt token while t < its length.
             in_prompt = (t < plen) if t < max_plen else None
             if self.is_source:
-                decision = self._decide(logits, t, in_prompt, tokens, plen, end, rows, generators,
+                decision = self._decide(logits, t, in_prompt, tokens, plen, end,
+                                        [generators[r] for r in rows] if generators else None,
                                         config, stop_t)
             else:
                 decision = torch.empty((3, len(rows)), dtype=torch.float64, device=device)
@@ -477,18 +503,134 @@ class RolloutEngine:
                 kept = keep.tolist()
                 rows = [rows[j] for j in kept]
                 max_plen = int(plen.max())
+            self.row_steps += len(rows)
             if fused:
                 logits = self.decoder.step(tokens[:, t - 1], t - 1)
+                self.forwards += 1
             else:
                 logits = self._forward(tokens[:, t - 1:t], self._visible_mask(t), contexts)
         return out
 
+    @torch.inference_mode()
+    def _generate_continuous(self, prompts, order, seeds, config: GenerationConfig, stop_ids) -> list:
+        """Generate for every prompt with slot refill; returns per prompt ``(response ids,
+        log-probs, stop code)``.
+
+        ``order``: prompt indices, shortest prompt first; the first ``max_batch`` start
+        together (one prefill, as a batch without refills), the rest wait. Slot j holds
+        prompt ``rows[j]`` at its own column ``col[j]`` (the column being decided). A slot
+        whose row finished takes the next waiting prompt (:meth:`_admit`); when none waits
+        the slot is dropped. Every rank takes the same decisions: they follow from the
+        broadcast finished flags alone.
+        """
+        device = self.device
+        n = len(prompts)
+        max_new = config.max_new_tokens
+        total = max(min(len(p) + max_new, self.max_seq_len) for p in prompts)
+        b = min(self.max_batch, n)
+        rows, waiting = list(order[:b]), list(reversed(order[b:]))  # pop() gives the next prompt
+        tokens = torch.full((b, total), self._pad_id(), dtype=torch.int64, device=device)
+        for j, i in enumerate(rows):
+            tokens[j, :len(prompts[i])] = torch.tensor(prompts[i], dtype=torch.int64, device=device)
+        logprobs = torch.zeros((b, total), dtype=torch.float32, device=device)
+        plen = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.int64, device=device)
+        end = torch.clamp(plen + max_new, max=self.max_seq_len)
+        stop_t = torch.tensor(stop_ids, dtype=torch.int64, device=device)
+        # one generator per sample, made when it enters a slot: its stream is its own
+        generators = {} if config.sampling and self.is_source else None
+        if generators is not None:
+            for i in rows:
+                generators[i] = torch.Generator().manual_seed(int(seeds[i]))
+        out: list = [None] * n
+
+        t = int(plen.min())
+        contexts = [StaticInferenceContext(b, t) for _ in self.models]
+        logits = self._forward(tokens[:, :t], self._causal_mask(t), contexts)
+        self.decoder.start(contexts, t, total)
+        col = torch.full((b,), t, dtype=torch.int64, device=device)
+        while True:
+            in_prompt = col < plen
+            in_prompt = in_prompt if bool(in_prompt.any()) else None
+            if self.is_source:
+                decision = self._decide(logits, col, in_prompt, tokens, plen, end,
+                                        [generators[r] for r in rows] if generators is not None else None,
+                                        config, stop_t)
+            else:
+                decision = torch.empty((3, len(rows)), dtype=torch.float64, device=device)
+            if self.mp_group is not None:
+                torch.distributed.broadcast(decision, src=self.source_rank, group=self.mp_group)
+            chosen, logp, finished = decision[0].long(), decision[1].float(), decision[2] != 0
+            slot = torch.arange(len(rows), device=device)
+            tokens[slot, col] = chosen
+            logprobs[slot, col] = logp
+            col += 1
+            if bool(finished.any()):
+                done = finished.nonzero().squeeze(-1).tolist()
+                self._write_out(out, done, rows, tokens, logprobs, plen, col, stop_t, config)
+                if generators is not None:
+                    for j in done:
+                        del generators[rows[j]]
+                refill = done[:len(waiting)]
+                if refill:
+                    newcomers = [waiting.pop() for _ in refill]
+                    self._admit(refill, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen,
+                                end, col, generators)
+                gone = done[len(refill):]
+                if gone:
+                    if len(gone) == len(rows):
+                        break
+                    keep_mask = torch.ones(len(rows), dtype=torch.bool, device=device)
+                    keep_mask[gone] = False
+                    keep = keep_mask.nonzero().squeeze(-1)
+                    self.decoder.keep_rows(keep)
+                    tokens, logprobs = tokens[keep], logprobs[keep]
+                    plen, end, col = plen[keep], end[keep], col[keep]
+                    rows = [rows[j] for j in keep.tolist()]
+            self.row_steps += len(rows)
+            slot = torch.arange(len(rows), device=device)
+            logits = self.decoder.step(tokens[slot, col - 1], col - 1)
+            self.forwards += 1
+        return out
+
+    def _admit(self, slots, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
+               generators) -> None:
+        """Put the prompts ``newcomers`` into the freed ``slots`` (state updated in place).
+
+        A newcomer's prompt columns before its last ``c + 1`` = the shortest newcomer prompt
+        are prefilled together through megatron-core's forward when ``c`` reaches
+        ``refill_prefill_tokens``, their cache written into the slots; the remaining prompt
+        tokens (all of them below that) are fed one per decode step with the running rows,
+        as a longer prompt's tail is in a batch. The slot's next step feeds column ``c``.
+        """
+        device = self.device
+        for j, i in zip(slots, newcomers):
+            p = prompts[i]
+            rows[j] = i
+            tokens[j] = self._pad_id()
+            tokens[j, :len(p)] = torch.tensor(p, dtype=torch.int64, device=device)
+            logprobs[j] = 0.0
+            plen[j] = len(p)
+            end[j] = min(len(p) + max_new, self.max_seq_len)
+            if generators is not None:
+                generators[i] = torch.Generator().manual_seed(int(seeds[i]))
+        c = min(len(prompts[i]) for i in newcomers) - 1
+        index = torch.tensor(slots, dtype=torch.int64, device=device)
+        if c >= self.refill_prefill_tokens:
+            contexts = [StaticInferenceContext(len(slots), c) for _ in self.models]
+            self._forward(tokens[index, :c], self._causal_mask(c), contexts)
+            self.decoder.load(contexts, index, c)
+        else:
+            c = 0
+        col[index] = c + 1
+
     def _write_out(self, out, done, rows, tokens, logprobs, plen, t, stop_t, config) -> None:
-        """Record the finished slots ``done`` (their last column is ``t - 1``) with the reason."""
+        """Record the finished slots ``done`` (their last column is ``t - 1``; ``t`` an int
+        or per slot [b]) with the reason."""
         stop_set = set(stop_t.tolist())
         for j in done:
             p = int(plen[j])
-            resp = tokens[j, p:t].tolist()
+            t_j = int(t[j]) if isinstance(t, torch.Tensor) else t
+            resp = tokens[j, p:t_j].tolist()
             if resp[-1] in stop_set:
                 code = STOP_TOKEN
             elif config.stop_strings and self._has_stop_string(resp, config.stop_strings):
@@ -497,27 +639,30 @@ class RolloutEngine:
                 code = MAX_NEW_TOKENS
             else:
                 code = CONTEXT_LENGTH
-            out[rows[j]] = (resp, logprobs[j, p:t].tolist(), code)
+            out[rows[j]] = (resp, logprobs[j, p:t_j].tolist(), code)
 
     def _has_stop_string(self, response_ids, stop_strings) -> bool:
         text = self.tokenizer.decode(list(response_ids))
         return any(s in text for s in stop_strings)
 
-    def _decide(self, logits, t, in_prompt, tokens, plen, end, rows, generators,
+    def _decide(self, logits, t, in_prompt, tokens, plen, end, generators,
                 config: GenerationConfig, stop_t) -> torch.Tensor:
-        """On the source rank: token, log-prob and finished flag of column ``t`` for every
-        slot -> ``[3, b]`` float64. ``in_prompt`` [b] marks slots still reading their prompt
-        (None when no slot does)."""
+        """On the source rank: token, log-prob and finished flag of column ``t`` (an int, or
+        per slot [b]) for every slot -> ``[3, b]`` float64. ``in_prompt`` [b] marks slots
+        still reading their prompt (None when no slot does); ``generators``: the slots'
+        own (None when greedy)."""
         if in_prompt is None:
-            gens = None if generators is None else [generators[r] for r in rows]
             chosen = select_tokens(logits, greedy=config.greedy, temperature=config.temperature,
-                                   top_k=config.top_k, top_p=config.top_p, generators=gens)
+                                   top_k=config.top_k, top_p=config.top_p, generators=generators)
         else:
             # Only generating slots draw random numbers: a sample's stream is its own.
-            chosen = tokens[:, t].clone()
+            if isinstance(t, torch.Tensor):
+                chosen = tokens.gather(1, t[:, None]).squeeze(1)
+            else:
+                chosen = tokens[:, t].clone()
             gen_idx = (~in_prompt).nonzero().squeeze(-1)
             if gen_idx.numel():
-                gens = None if generators is None else [generators[rows[j]] for j in gen_idx.tolist()]
+                gens = None if generators is None else [generators[j] for j in gen_idx.tolist()]
                 chosen[gen_idx] = select_tokens(
                     logits[gen_idx], greedy=config.greedy, temperature=config.temperature,
                     top_k=config.top_k, top_p=config.top_p, generators=gens,
@@ -533,7 +678,8 @@ class RolloutEngine:
                 if in_prompt is not None and bool(in_prompt[j]):
                     continue
                 p = int(plen[j])
-                ids = tokens[j, p:t].tolist() + [int(chosen[j])]
+                t_j = int(t[j]) if isinstance(t, torch.Tensor) else t
+                ids = tokens[j, p:t_j].tolist() + [int(chosen[j])]
                 if self._has_stop_string(ids, config.stop_strings):
                     finished[j] = True
         return torch.stack([chosen.double(), logp.double(), finished.double()])
@@ -558,6 +704,7 @@ class RolloutEngine:
         else None."""
         b, s = input_ids.shape
         logits = None
+        self.forwards += 1
         for model, ctx in zip(self.models, contexts):
             if model.pre_process:
                 out = model(input_ids, None, mask, inference_context=ctx, runtime_gather_output=True)

@@ -8,7 +8,8 @@ Every family in :data:`FAMILIES` gets the same checks (tests/models/test_familie
   window) at TP=1, TP=2 and PP=2 against transformers' forward (fp32, :data:`LOGITS_TOL`);
 - greedy decoding of :data:`NEW_TOKENS` tokens at TP=1, TP=2 and PP=2, with both decode
   paths of the rollout engine (the fused decoder and megatron-core's KV-cached forward),
-  identical to ``transformers.generate``;
+  identical to ``transformers.generate``; and with continuous batching refilling a slot
+  mid-flight (a stop token ends one row early), each response HF's of its prompt alone;
 - the SFT and the DPO trainer at TP=2 (sequence parallel for :data:`MOE_FAMILIES`; ``init.hf``, ``data.template=raw``, two SGD steps,
   no clipping) against the same losses computed with transformers: step 1's loss,
   log-probs and gradient norm, and step 2's loss after one update (:data:`LOSS_TOL`);
@@ -277,7 +278,24 @@ def _generate(models, cfg):
         engine = RolloutEngine(models, cfg, decode_impl=impl)
         res = engine.generate(PROMPTS, greedy)
         out[impl] = [res.response_tokens(i) for i in range(len(res))]
+    # continuous batching: two slots for the three prompts; the stop token ends the first
+    # prompt early, so the third is prefilled into its slot and decodes beside the second
+    # at other positions (per-row rope, cache extent and sliding window)
+    stop = refill_stop_token(out["fused"])
+    engine = RolloutEngine(models, cfg, decode_impl="fused", max_batch=2)
+    res = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=NEW_TOKENS, greedy=True, stop_token_ids=[stop]))
+    out["refill"] = {"stop": stop, "responses": [res.response_tokens(i) for i in range(len(res))],
+                     "continuous": engine.continuous}
     return out
+
+
+def refill_stop_token(greedy):
+    """A token of the first prompt's greedy response (from its 5th on) that the second's
+    does not contain: the first row ends early while the second runs on."""
+    for k in range(4, len(greedy[0])):
+        if greedy[0][k] not in greedy[0][:k] and greedy[0][k] not in greedy[1]:
+            return greedy[0][k]
+    return greedy[0][4]
 
 
 def _train(path, algorithm, out_dir):

@@ -63,6 +63,20 @@ def test_greedy_decoding_equals_transformers_generate(runs, reference, name):
             assert out[impl] == want, f"{name} {layout} rank {rank} {impl}"
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_refilled_slots_decode_as_transformers_alone(runs, reference, name):
+    """A prompt decoded in a freed slot beside a row at other positions, and the rows around
+    it, give transformers' greedy response of each prompt alone, cut after the stop token."""
+    want = reference[name]["greedy"]
+    for layout, rank, out in _layouts(runs, name):
+        refill = out["refill"]
+        assert refill["continuous"]
+        stop = refill["stop"]
+        cuts = [w.index(stop) + 1 if stop in w else len(w) for w in want]
+        assert refill["responses"] == [w[:c] for w, c in zip(want, cuts)], f"{name} {layout} rank {rank}"
+        assert cuts[0] < cuts[1], f"{name}: the first row must end before the second for a refill mid-flight"
+
+
 @pytest.mark.parametrize("algorithm", ["sft", "dpo"])
 @pytest.mark.parametrize("name", FAMILIES)
 def test_training_steps_match_transformers(runs, reference, name, algorithm):

@@ -33,6 +33,10 @@ PROMPTS = [
     [99, 98, 97, 96],
     [11, 12, 13, 14, 15, 160, 170],
 ]
+# continuous batching: 10 prompts through 3 slots; the last two are long enough for a prefill
+REFILL_PROMPTS = PROMPTS + [[(7 * i + 3) % VOCAB for i in range(20)], [(11 * i + 5) % VOCAB for i in range(23)]]
+REFILL_BATCH, REFILL_STOP_AT = 3, 6
+REFILL_SAMPLED = dict(max_new_tokens=24, temperature=1.0, stop_token_ids=list(range(10, 25)), seed=13)
 DIST_PROMPT = [12, 40, 7, 99, 3]
 DIST_SAMPLES, DIST_T, DIST_TOP_K = 4000, 0.6, 5
 LOGPROB_TOL = 1e-5
@@ -113,6 +117,26 @@ def _layout_checks(models, cfg):
     engine = RolloutEngine(models, cfg)
     sampled = engine.generate(PROMPTS, GenerationConfig(**SAMPLED))
     out["sampled"] = [sampled.response_tokens(i) for i in range(len(sampled))]
+
+    # Continuous batching: REFILL_BATCH slots for more prompts, rows ending on a stop token
+    # at different steps, freed slots refilled (the two longest prompts through a prefill
+    # written into a freed slot, the others fed token by token); against refills off.
+    stop = out["greedy_fused"][0][REFILL_STOP_AT]
+    out["refill_stop"] = stop
+    for name, config in (("greedy", GenerationConfig(max_new_tokens=NEW_TOKENS, greedy=True, stop_token_ids=[stop])),
+                         ("sampled", GenerationConfig(**REFILL_SAMPLED))):
+        for on in (True, False):
+            engine = RolloutEngine(models, cfg, max_batch=REFILL_BATCH, continuous_batching=on)
+            res = engine.generate(REFILL_PROMPTS, config)
+            key = f"refill_{name}_{'on' if on else 'off'}"
+            out[key] = dict(responses=[res.response_tokens(i) for i in range(len(res))],
+                            logprobs=[res.response_logprobs(i) for i in range(len(res))],
+                            reasons=res.stop_reasons, forwards=engine.forwards, row_steps=engine.row_steps,
+                            continuous=engine.continuous)
+            if name == "greedy" and on:
+                out[key]["train_logprobs"] = _training_logprobs(models, res.tokens, res.lengths)
+                out[key]["result"] = (res.prompt_lengths, res.response_lengths)
+    out["refill_megatron"] = RolloutEngine(models, cfg, decode_impl="megatron", continuous_batching=True).continuous
     return out
 
 
@@ -223,14 +247,14 @@ def hf_reference(tmp_path_factory):
     model.save_pretrained(hf_dir)
     greedy = []
     with torch.no_grad():
-        for prompt in PROMPTS:
+        for prompt in REFILL_PROMPTS:
             ids = torch.tensor([prompt])
             seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                                  do_sample=False, use_cache=True, pad_token_id=0)
             greedy.append(seq[0, len(prompt):].tolist())
         dist_logits = model(torch.tensor([DIST_PROMPT])).logits[0, -1].float()
     assert all(len(g) == NEW_TOKENS for g in greedy)
-    return {"dir": hf_dir, "greedy": greedy, "dist_logits": dist_logits}
+    return {"dir": hf_dir, "greedy": greedy[:len(PROMPTS)], "refill_greedy": greedy, "dist_logits": dist_logits}
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +317,57 @@ def test_logprobs_equal_training_path(layout):
                 torch.testing.assert_close(gen, train[i, p - 1:p - 1 + n], atol=LOGPROB_TOL, rtol=0)
                 checked += 1
     assert checked >= 2 * len(PROMPTS)
+
+
+# ---------------------------------------------------------------------------- continuous batching
+def test_refill_greedy_equals_each_prompt_alone_in_hf(layout, hf_reference):
+    """Rows that end on the stop token hand their slot to a waiting prompt: every response
+    is still HF's greedy response of that prompt alone, cut after the stop token; the same
+    as with refills off, in fewer forwards."""
+    tp, pp, ranks = layout
+    for rank, out in enumerate(ranks):
+        stop = out["refill_stop"]
+        on, off = out["refill_greedy_on"], out["refill_greedy_off"]
+        assert on["continuous"] and not off["continuous"] and not out["refill_megatron"]
+        lengths = set()
+        for i, full in enumerate(hf_reference["refill_greedy"]):
+            cut = full.index(stop) + 1 if stop in full else len(full)
+            assert on["responses"][i] == full[:cut], f"tp={tp} pp={pp} rank {rank}: prompt {i}"
+            assert on["reasons"][i] == ("stop_token" if stop in full else "max_new_tokens")
+            lengths.add(cut)
+        assert on["responses"] == off["responses"] and on["reasons"] == off["reasons"]
+        assert len(lengths) >= 3  # rows end at different steps, so slots are refilled mid-flight
+        for a, b in zip(on["logprobs"], off["logprobs"]):
+            torch.testing.assert_close(a, b, atol=LOGPROB_TOL, rtol=0)
+        # the decode work: one batch of up to 3 rows at a time vs slots kept full
+        assert on["forwards"] < off["forwards"], (on["forwards"], off["forwards"])
+
+
+def test_refill_logprobs_equal_training_path(layout):
+    _, _, ranks = layout
+    checked = 0
+    for out in ranks:
+        on = out["refill_greedy_on"]
+        if on["train_logprobs"] is None:  # not the last pipeline stage
+            continue
+        prompt_lengths, response_lengths = on["result"]
+        for i, gen in enumerate(on["logprobs"]):
+            p, n = int(prompt_lengths[i]), int(response_lengths[i])
+            torch.testing.assert_close(gen, on["train_logprobs"][i, p - 1:p - 1 + n], atol=LOGPROB_TOL, rtol=0)
+            checked += 1
+    assert checked >= len(REFILL_PROMPTS)
+
+
+def test_refill_sampling_equals_no_refill(layout):
+    """Sample i draws from its own seed's generator whatever slot and step it decodes in:
+    the same samples with refills on and off, in every layout."""
+    tp, pp, ranks = layout
+    for out in ranks:
+        on, off = out["refill_sampled_on"], out["refill_sampled_off"]
+        assert on["responses"] == off["responses"] and on["reasons"] == off["reasons"]
+        assert len({len(r) for r in on["responses"]}) >= 3 and "stop_token" in on["reasons"]
+        assert on["forwards"] < off["forwards"]
+        assert out["refill_sampled_on"]["responses"] == ranks[0]["refill_sampled_on"]["responses"]
 
 
 # ---------------------------------------------------------------------------- sampling

@@ -13,11 +13,13 @@ per step, mean about 110 tokens, cap 256). No reward is involved: only generatio
 out) and on (a finished row's slot goes to the next waiting prompt). Sampled (temperature
 1, the same seeds) and greedy. Reported per mode: response lengths, model forwards
 (prefills and decode steps: the load-free cost on a dispatch-bound CPU), rows x decode
-steps (the arithmetic), the median of ``--reps`` interleaved timed runs (off, on, off, on,
-...: both see the same load) and the speed-up; outputs must be identical (tokens and stop
+steps (the arithmetic), the medians of ``--reps`` interleaved timed runs (off, on, off, on,
+...: both see the same load) in wall time and in this process's CPU time (with one thread,
+the work done, less sensitive than wall time to other processes on a shared machine) and
+the speed-ups; outputs must be identical (tokens and stop
 reasons; log-probs to float rounding). The load average is printed before and after.
 
-    python benchmarks/bench_refill.py                            # 64 samples, 16 slots
+    python benchmarks/bench_refill.py                            # 128 samples, 16 slots
     python benchmarks/bench_refill.py --prompt-len 128 --prefill-ab   # newcomers: prefill vs fed per step
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--samples", type=int, default=128)
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -115,15 +117,17 @@ def main(argv=None) -> int:
     for mode in args.modes.split(","):
         config = configs[mode]
         engines = {name: RolloutEngine(models, cfg, max_batch=args.max_batch, **kw) for name, kw in variants.items()}
-        results, counts, times = {}, {}, {name: [] for name in engines}
+        results, counts = {}, {}
+        times, cpu = {name: [] for name in engines}, {name: [] for name in engines}
         for name, engine in engines.items():  # warm-up; outputs and counts
             results[name] = engine.generate(prompts, config)
             counts[name] = (engine.forwards, engine.row_steps)
         for _ in range(args.reps):
             for name, engine in engines.items():
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 engine.generate(prompts, config)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
         names = list(engines)
         a, b = results[names[0]], results[names[1]]
         same = torch.equal(a.tokens, b.tokens) and a.stop_reasons == b.stop_reasons
@@ -131,13 +135,14 @@ def main(argv=None) -> int:
         ok &= same
         print(f"\n{mode}: response lengths {lengths_summary(a.response_lengths.tolist())}; outputs identical: "
               f"{'yes' if same else 'NO'} (log-probs max |diff| {logp_diff:.1e})")
-        print(f"  {'engine':<28} {'forwards':>8} {'rows x steps':>12} {'median s':>9}  runs")
+        print(f"  {'engine':<28} {'forwards':>8} {'rows x steps':>12} {'wall s':>7} {'CPU s':>7}  wall s of each run")
         for name in names:
-            print(f"  {name:<28} {counts[name][0]:>8} {counts[name][1]:>12} {statistics.median(times[name]):>9.3f}"
-                  f"  {' '.join(f'{x:.2f}' for x in times[name])}")
+            print(f"  {name:<28} {counts[name][0]:>8} {counts[name][1]:>12} {statistics.median(times[name]):>7.3f}"
+                  f" {statistics.median(cpu[name]):>7.3f}  {' '.join(f'{x:.2f}' for x in times[name])}")
         t0, t1 = (statistics.median(times[n]) for n in names)
+        c0, c1 = (statistics.median(cpu[n]) for n in names)
         f0, f1 = (counts[n][0] for n in names)
-        print(f"  {names[0]} / {names[1]}: time {t0 / t1:.2f}x, forwards {f0 / f1:.2f}x")
+        print(f"  {names[0]} / {names[1]}: wall time {t0 / t1:.2f}x, CPU time {c0 / c1:.2f}x, forwards {f0 / f1:.2f}x")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0 if ok else 1
 

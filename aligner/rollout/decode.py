@@ -215,8 +215,10 @@ class FusedDecoder:
         self.final_norms = {id(m): _norm_fn(m.decoder.final_layernorm) for m in models if m.post_process}
         self.cache = {}  # layer number -> (keys [b, ng, S, d] rotated, values [b, ng, S, d])
         self.rope = {}  # local rope? -> (cos, signed sin) [S, r]
-        self._masks = {}  # one step's per-row attention masks: window -> (first, last, blocked)
+        self._masks = {}  # one step's per-row attention biases and cache indices
         self._span = (0, 0)  # that step's lowest and highest row position
+        self._bases = {}  # (b, ng, S) -> each row's first cache row in the flat view
+        self._columns = torch.arange(0, device=device)  # 0..S-1, key column numbers
 
     # ------------------------------------------------------------------ cache
     def start(self, contexts, prefill_len: int, total_len: int) -> None:
@@ -292,11 +294,12 @@ class FusedDecoder:
         g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
         x = h if layer.input_norm is None else layer.input_norm(h)
         qkv = _linear(x, layer.w_qkv, layer.b_qkv).reshape(b, g, r + 2, d)
-        cos, sin = (table[t] for table in self.rope[layer.local_rope])  # [r], or [b, r] per row
-        per_row = cos.dim() == 2
-        # the tables broadcast over [b, g, r+1, d] / [b, heads, d] / [b, g, d]
-        cos4, sin4 = (cos[:, None, None], sin[:, None, None]) if per_row else (cos, sin)
-        cos3, sin3 = (cos[:, None], sin[:, None]) if per_row else (cos, sin)
+        per_row = isinstance(t, torch.Tensor)
+        if per_row:  # [b, 1, 1, r] and [b, 1, r]: broadcast over [b, g, r+1, d] / [b, heads, d] / [b, g, d]
+            cos4, sin4, cos3, sin3 = self._row_rope(t, layer.local_rope)
+        else:
+            cos4, sin4 = (table[t] for table in self.rope[layer.local_rope])  # [r]
+            cos3, sin3 = cos4, sin4
         if layer.q_norm is None:
             qk = _rotate(qkv[:, :, :r + 1], cos4, sin4)  # queries and key
             q, key = qk[:, :, :r], qk[:, :, r]
@@ -304,24 +307,27 @@ class FusedDecoder:
             q = _rotate(layer.q_norm(qkv[:, :, :r].reshape(b, g * r, d)), cos3, sin3).view(b, g, r, d)
             key = _rotate(layer.k_norm(qkv[:, :, r]), cos3, sin3)
         keys, values = self.cache[layer.number]
-        if per_row:
-            rows = torch.arange(b, device=t.device)
-            keys[rows, :, t] = key
-            values[rows, :, t] = qkv[:, :, r + 1]
-            first, last, blocked = self._row_mask(t, layer.window)
+        seq = keys.shape[2]
+        if per_row:  # row j's key and value into column t[j] of its slot: one index_copy each
+            index = self._cache_index(t, g, seq)
+            keys.view(b * g * seq, d).index_copy_(0, index, key.reshape(b * g, d))
+            values.view(b * g * seq, d).index_copy_(0, index, qkv[:, :, r + 1].reshape(b * g, d))
+            first, last, bias = self._row_bias(t, layer.window, g, layer.softcap is not None, keys.dtype)
         else:
             keys[:, :, t] = key
             values[:, :, t] = qkv[:, :, r + 1]
             first = 0 if layer.window is None else max(0, t + 1 - layer.window)  # a sliding window's first key
-            last, blocked = t + 1, None
-        seq = keys.shape[2]
+            last, bias = t + 1, None
         q = q.reshape(b * g, r, d)
         k = keys.view(b * g, seq, d)[:, first:last]
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)  # [b*g, r, last-first]
-        if layer.softcap:
-            scores = soft_cap(scores.float(), layer.softcap)
-        if blocked is not None:  # after the soft cap: a capped -inf would be finite
-            scores = scores.view(b, g * r, last - first).masked_fill(blocked, float("-inf")).view(b * g, r, -1)
+        if bias is not None and not layer.softcap:  # scale * q k^T + bias in one call
+            scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=layer.scale)  # [b*g, r, last-first]
+        else:
+            scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)
+            if layer.softcap:
+                scores = soft_cap(scores.float(), layer.softcap)
+            if bias is not None:  # after the soft cap: a capped -inf would be finite
+                scores.add_(bias)
         if scores.dtype != torch.float32:
             probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         else:
@@ -349,20 +355,48 @@ class FusedDecoder:
             out = layer.fc2_norm(out)
         return h + out
 
-    def _row_mask(self, positions: torch.Tensor, window: Optional[int]):
+    def _row_rope(self, positions: torch.Tensor, local: bool):
+        """The rope tables at each row's position, shaped to broadcast over the fused
+        [b, g, r+1, d] queries-and-key and over [b, heads, d] / [b, g, d]. Once per step."""
+        key = ("rope", local)
+        if key not in self._masks:
+            cos, sin = (table[positions] for table in self.rope[local])  # [b, r]
+            self._masks[key] = (cos[:, None, None], sin[:, None, None], cos[:, None], sin[:, None])
+        return self._masks[key]
+
+    def _cache_index(self, positions: torch.Tensor, groups: int, seq: int) -> torch.Tensor:
+        """Rows of a cache ``[b, ng, S, d]`` viewed as ``[b * ng * S, d]`` that hold each row's
+        column ``positions[j]`` -> [b * ng]. Once per step and shape."""
+        key = ("index", groups, seq)
+        if key not in self._masks:
+            b = positions.shape[0]
+            base = self._bases.get((b, groups, seq))
+            if base is None:  # the first column of every row's group: kept while b stays
+                base = (torch.arange(b * groups, device=positions.device) * seq).view(b, groups)
+                self._bases = {(b, groups, seq): base}
+            self._masks[key] = (base + positions[:, None]).view(-1)
+        return self._masks[key]
+
+    def _row_bias(self, positions: torch.Tensor, window: Optional[int], groups: int, fp32: bool, dtype):
         """For rows at their own ``positions`` [b]: the key columns ``first..last-1`` a step
-        reads and which of them each row must not see, ``blocked`` [b, 1, last-first]
-        (beyond the row's position, or before its sliding window). Once per step and window."""
-        if window not in self._masks:
+        reads and an additive bias [b * groups, 1, last-first] (row-major: row j's groups
+        together, as the attention's [b * ng, r, keys] scores), -inf where the row must not
+        see the key (beyond its position, or before its sliding window), else 0; in fp32
+        for soft-capped scores, else in the cache's ``dtype``. Once per step and window."""
+        key = (window, groups, torch.float32 if fp32 else dtype)
+        if key not in self._masks:
             lo, hi = self._span
             first = 0 if window is None else max(0, lo + 1 - window)
-            cols = torch.arange(first, hi + 1, device=positions.device)
+            if self._columns.shape[0] <= hi:
+                self._columns = torch.arange(self.rope[False][0].shape[0], device=positions.device)
+            cols = self._columns[first:hi + 1]
             pos = positions[:, None]
             blocked = cols[None] > pos
             if window is not None:
                 blocked |= cols[None] <= pos - window
-            self._masks[window] = (first, hi + 1, blocked[:, None])
-        return self._masks[window]
+            bias = torch.zeros(blocked.shape, dtype=key[2], device=positions.device).masked_fill_(blocked, float("-inf"))
+            self._masks[key] = (first, hi + 1, bias.repeat_interleave(groups, dim=0)[:, None])
+        return self._masks[key]
 
     def step(self, token_ids: torch.Tensor, t) -> Optional[torch.Tensor]:
         """Feed ``token_ids`` [b] at position ``t``: an int for every row (the cache holds
@@ -371,7 +405,7 @@ class FusedDecoder:
         lives, else None."""
         b = token_ids.shape[0]
         if isinstance(t, torch.Tensor):
-            lo, hi = int(t.min()), int(t.max())
+            lo, hi = (int(x) for x in torch.aminmax(t))
             if lo == hi:
                 t = lo  # every row at the same position: no mask needed
             else:

@@ -40,6 +40,27 @@ Design
   on a stop string appearing in its decoded response (the token that completes it is the
   last one kept), after ``max_new_tokens``, or when the context is full. Finished rows are
   removed from the batch and their cache slots dropped.
+- **Continuous batching** (fused decoder, ``continuous_batching=True``, the default): when
+  a call has more prompts than ``max_batch``, a finished row's slot goes to the next
+  waiting prompt (prompts enter shortest first) instead of the batch running on thinner
+  until its longest row ends; slots are dropped only when nothing waits. A call's decode
+  steps then follow the total of the response lengths over ``max_batch``, not the sum over
+  batches of each batch's longest response. Each slot has its own position: the fused
+  decoder indexes the rope tables per row, writes each row's key and value at the row's
+  own column and masks keys beyond the row's extent (and before its sliding window). A
+  newcomer's prompt, up to its last ``c + 1`` tokens with ``c + 1`` the shortest prompt
+  entering at that step, is prefilled through megatron-core's forward into a fresh
+  :class:`StaticInferenceContext` and written into the freed slot (when ``c`` reaches
+  ``refill_prefill_tokens``; shorter prompts are fed one token per step with the running
+  rows, cheaper on a CPU); the remaining prompt tokens are fed like a longer prompt's tail.
+  Which slots refill with which prompts follows from the broadcast finished flags alone,
+  so every rank of the model-parallel group takes the same decisions. Sample i draws from
+  its own generator (``seed_for(seed, i)`` or ``seeds[i]``) whatever slot and step it
+  decodes in, and the logits of a row do not depend on its neighbours (to float
+  rounding), so outputs are those of batch-by-batch decoding. Decode steps through
+  megatron-core's forward (``decode_impl="megatron"``, the Transformer Engine spec) keep
+  one position for the whole batch and run batch by batch. docs/rollout.md has the
+  measurements.
 
 All ranks of a model-parallel group call :meth:`RolloutEngine.generate` together with the
 same prompts and config (SPMD); data-parallel replicas generate independently.
@@ -398,9 +419,11 @@ class RolloutEngine:
         for m in self.models:
             m.eval()
         try:
-            if self.continuous and n:
+            # up to max_batch prompts are one batch either way: nothing would wait for a slot
+            continuous = self.continuous and n > self.max_batch
+            if continuous:
                 responses = self._generate_continuous(token_prompts, order, seeds, config, stop_ids)
-            for start in range(0, n if not self.continuous else 0, self.max_batch):
+            for start in range(0, 0 if continuous else n, self.max_batch):
                 rows = order[start:start + self.max_batch]
                 batch = self._generate_batch(
                     [token_prompts[i] for i in rows], [seeds[i] for i in rows], config, stop_ids
@@ -548,9 +571,13 @@ class RolloutEngine:
         logits = self._forward(tokens[:, :t], self._causal_mask(t), contexts)
         self.decoder.start(contexts, t, total)
         col = torch.full((b,), t, dtype=torch.int64, device=device)
+        # Per step only a few tensor ops of bookkeeping: tokens and log-probs are written
+        # through flat indices (slot * total + column), and ``prompt_steps`` (an upper bound
+        # of the steps until no slot reads its prompt) spares the in-prompt test after that.
+        base = torch.arange(b, device=device) * total
+        prompt_steps = int(plen.max()) - t
         while True:
-            in_prompt = col < plen
-            in_prompt = in_prompt if bool(in_prompt.any()) else None
+            in_prompt = (col < plen) if prompt_steps > 0 else None
             if self.is_source:
                 decision = self._decide(logits, col, in_prompt, tokens, plen, end,
                                         [generators[r] for r in rows] if generators is not None else None,
@@ -560,10 +587,12 @@ class RolloutEngine:
             if self.mp_group is not None:
                 torch.distributed.broadcast(decision, src=self.source_rank, group=self.mp_group)
             chosen, logp, finished = decision[0].long(), decision[1].float(), decision[2] != 0
-            slot = torch.arange(len(rows), device=device)
-            tokens[slot, col] = chosen
-            logprobs[slot, col] = logp
+            flat = base + col
+            tokens.view(-1).index_copy_(0, flat, chosen)
+            logprobs.view(-1).index_copy_(0, flat, logp)
             col += 1
+            prompt_steps -= 1
+            feed = chosen  # the token each slot feeds next: the one just decided ...
             if bool(finished.any()):
                 done = finished.nonzero().squeeze(-1).tolist()
                 self._write_out(out, done, rows, tokens, logprobs, plen, col, stop_t, config)
@@ -573,8 +602,9 @@ class RolloutEngine:
                 refill = done[:len(waiting)]
                 if refill:
                     newcomers = [waiting.pop() for _ in refill]
-                    self._admit(refill, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen,
-                                end, col, generators)
+                    prompt_steps = max(prompt_steps, self._admit(
+                        refill, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
+                        generators))
                 gone = done[len(refill):]
                 if gone:
                     if len(gone) == len(rows):
@@ -586,15 +616,18 @@ class RolloutEngine:
                     tokens, logprobs = tokens[keep], logprobs[keep]
                     plen, end, col = plen[keep], end[keep], col[keep]
                     rows = [rows[j] for j in keep.tolist()]
+                    base = torch.arange(len(rows), device=device) * total
+                # ... except for the newcomers: read every slot's from its column
+                feed = tokens.view(-1).index_select(0, base + col - 1)
             self.row_steps += len(rows)
-            slot = torch.arange(len(rows), device=device)
-            logits = self.decoder.step(tokens[slot, col - 1], col - 1)
+            logits = self.decoder.step(feed, col - 1)
             self.forwards += 1
         return out
 
     def _admit(self, slots, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
-               generators) -> None:
-        """Put the prompts ``newcomers`` into the freed ``slots`` (state updated in place).
+               generators) -> int:
+        """Put the prompts ``newcomers`` into the freed ``slots`` (state updated in place);
+        returns how many steps the newcomers still read their prompts.
 
         A newcomer's prompt columns before its last ``c + 1`` = the shortest newcomer prompt
         are prefilled together through megatron-core's forward when ``c`` reaches
@@ -622,6 +655,7 @@ class RolloutEngine:
         else:
             c = 0
         col[index] = c + 1
+        return max(len(prompts[i]) for i in newcomers) - (c + 1)
 
     def _write_out(self, out, done, rows, tokens, logprobs, plen, t, stop_t, config) -> None:
         """Record the finished slots ``done`` (their last column is ``t - 1``; ``t`` an int

@@ -204,6 +204,11 @@ def run_single(hf_dir):
     out["stop_string"] = stop_string
     out["stop_string_result"] = dict(responses=[res.response_tokens(i) for i in range(len(res))],
                                      reasons=res.stop_reasons, texts=res.texts)
+    res = RolloutEngine(models, cfg, tokenizer=tok, max_batch=REFILL_BATCH).generate(
+        PROMPTS, GenerationConfig(max_new_tokens=NEW_TOKENS, greedy=True, stop_token_ids=[],
+                                  stop_strings=[stop_string]))
+    out["stop_string_refill"] = dict(responses=[res.response_tokens(i) for i in range(len(res))],
+                                     reasons=res.stop_reasons, texts=res.texts)
     res = text_engine.generate(PROMPTS[:2], GenerationConfig(max_new_tokens=4, greedy=True))
     out["eos_default"] = dict(texts=res.texts, responses=[res.response_tokens(i) for i in range(2)],
                               reasons=res.stop_reasons)
@@ -211,6 +216,10 @@ def run_single(hf_dir):
     long_prompt = [(3 * i) % VOCAB for i in range(CONTEXT - 4)]
     res = engine.generate([long_prompt, PROMPTS[0]], greedy)
     out["context"] = dict(lengths=res.lengths, reasons=res.stop_reasons, response_lengths=res.response_lengths)
+    # with refills: the long prompt waits for a slot and ends on the context within it
+    res = RolloutEngine(models, cfg, max_batch=2).generate([PROMPTS[0], PROMPTS[3], long_prompt, PROMPTS[5]], greedy)
+    out["context_refill"] = dict(lengths=res.lengths, reasons=res.stop_reasons,
+                                 responses=[res.response_tokens(i) for i in range(len(res))])
 
     # errors
     config = GenerationConfig(max_new_tokens=4, greedy=True)
@@ -471,6 +480,10 @@ def test_stop_string_ends_each_sample_on_its_own(single):
     assert hits >= 1
 
 
+def test_stop_string_with_refills(single):
+    assert single["stop_string_refill"] == single["stop_string_result"]
+
+
 def test_default_stop_is_the_tokenizer_eos(single):
     res = single["eos_default"]
     for resp, reason, text in zip(res["responses"], res["reasons"], res["texts"]):
@@ -486,6 +499,11 @@ def test_context_limit(single):
     assert res["lengths"].tolist() == [CONTEXT, len(PROMPTS[0]) + NEW_TOKENS]
     assert res["response_lengths"].tolist() == [4, NEW_TOKENS]
     assert res["reasons"] == ["context_length", "max_new_tokens"]
+    res = single["context_refill"]
+    assert res["lengths"].tolist() == [len(PROMPTS[0]) + NEW_TOKENS, len(PROMPTS[3]) + NEW_TOKENS, CONTEXT,
+                                       len(PROMPTS[5]) + NEW_TOKENS]
+    assert res["reasons"] == ["max_new_tokens", "max_new_tokens", "context_length", "max_new_tokens"]
+    assert [res["responses"][i] for i in (0, 1, 3)] == [single["greedy"][i] for i in (0, 3, 5)]
 
 
 # ---------------------------------------------------------------------------- errors

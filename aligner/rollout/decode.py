@@ -14,9 +14,11 @@ cache stores keys without rotary embedding, so every step re-rotates every cache
 using the layers' own norm modules, megatron-core's fused QKV layout (per query group: r
 query heads, then one key head, then one value head), its rotary frequencies
 (``model.rotary_pos_emb``), softmax scale, activation and vocab-parallel embedding /
-output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, filled
-from megatron-core's :class:`StaticInferenceContext` after a prefill (:meth:`FusedDecoder.start`
-for the whole batch, :meth:`FusedDecoder.load` for rows that take a freed slot).
+output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, filled once
+from megatron-core's :class:`StaticInferenceContext` after the prefill
+(:meth:`FusedDecoder.start`), and for rows that take a freed slot by the decoder's own
+prefill of their prompts (:meth:`FusedDecoder.prefill`: the same layer arithmetic over the
+prompt tokens, causal and windowed attention within each prompt).
 
 Positions: a step feeds every row at one position ``t`` (an int: all rows in step), or each
 row at its own position (a tensor ``[b]``: continuous batching, where a row that joined
@@ -190,8 +192,8 @@ class _Layer:
 class FusedDecoder:
     """Decode steps for this rank's model chunks (see the module docstring).
 
-    ``start`` takes the caches megatron-core filled during the prefill, ``load`` writes the
-    prefill of rows that take freed slots, ``step`` runs one token per row through every
+    ``start`` takes the caches megatron-core filled during the prefill, ``prefill`` fills
+    the slots of rows that take freed slots, ``step`` runs one token per row through every
     chunk on this rank (with pipeline send/recv between stages), at one position or at each
     row's own, ``keep_rows`` drops finished rows from the cache.
     """
@@ -231,24 +233,14 @@ class FusedDecoder:
         self.cache = {}
         for ctx, layers in zip(contexts, self.layers):
             for layer in layers:
+                cos, sin = (x[:prefill_len] for x in self.rope[layer.local_rope])
                 k, v = ctx.key_value_memory_dict[layer.number]
                 keys = torch.zeros((k.shape[1], layer.groups, total_len, layer.head_dim), dtype=k.dtype,
                                    device=k.device)
-                self.cache[layer.number] = (keys, torch.zeros_like(keys))
-        self.load(contexts, None, prefill_len)
-
-    def load(self, contexts, slots: Optional[torch.Tensor], length: int) -> None:
-        """Write the first ``length`` columns of megatron-core's prefill cache (its rows in
-        order) into the cache rows ``slots`` [m] (None: all rows), rotating the keys; the
-        prefill cache is freed."""
-        for ctx, layers in zip(contexts, self.layers):
-            for layer in layers:
-                cos, sin = (x[:length] for x in self.rope[layer.local_rope])
-                k, v = ctx.key_value_memory_dict[layer.number]
-                keys, values = self.cache[layer.number]
-                rows = slice(None) if slots is None else slots
-                keys[rows, :, :length] = _rotate(k[:length].permute(1, 2, 0, 3), cos, sin)
-                values[rows, :, :length] = v[:length].permute(1, 2, 0, 3)
+                values = torch.zeros_like(keys)
+                keys[:, :, :prefill_len] = _rotate(k[:prefill_len].permute(1, 2, 0, 3), cos, sin)
+                values[:, :, :prefill_len] = v[:prefill_len].permute(1, 2, 0, 3)
+                self.cache[layer.number] = (keys, values)
             ctx.key_value_memory_dict.clear()  # the prefill cache is no longer needed
 
     def keep_rows(self, keep: torch.Tensor) -> None:
@@ -333,6 +325,12 @@ class FusedDecoder:
         else:
             probs = torch.softmax(scores, dim=-1).to(values.dtype)
         context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:last]).view(b, layer.heads * d)
+        return self._finish(layer, h, context)
+
+    def _finish(self, layer: _Layer, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The layer after its attention: output projection (and post norm) added to ``h``,
+        then the MLP (or megatron-core's MoE module) block; ``h``, ``context`` [n, ...] for n
+        tokens -> [n, h]."""
         out = self._all_reduce(_linear(context, layer.w_proj))
         if layer.b_proj is not None:
             out = out + layer.b_proj
@@ -340,7 +338,7 @@ class FusedDecoder:
             out = layer.proj_norm(out)
         h = h + out
         x = h if layer.mlp_norm is None else layer.mlp_norm(h)
-        if layer.moe is not None:  # [b, h] as megatron-core's [s = 1, b, h]
+        if layer.moe is not None:  # [n, h] as megatron-core's [s = 1, b = n, h]
             return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)
         x = _linear(x, layer.w_fc1, layer.b_fc1)
         if self.gated:
@@ -354,6 +352,60 @@ class FusedDecoder:
         if layer.fc2_norm is not None:
             out = layer.fc2_norm(out)
         return h + out
+
+    def _prefill_layer(self, layer: _Layer, h: torch.Tensor, slots: torch.Tensor, c: int) -> torch.Tensor:
+        """One layer over the first ``c`` prompt tokens of m rows (positions 0..c-1), ``h``
+        [m * c, h] -> [m * c, h]; writes their keys and values into cache rows ``slots``."""
+        m = h.shape[0] // c
+        g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
+        x = h if layer.input_norm is None else layer.input_norm(h)
+        qkv = _linear(x, layer.w_qkv, layer.b_qkv).reshape(m, c, g, r + 2, d)
+        cos, sin = (table[:c] for table in self.rope[layer.local_rope])  # [c, r]
+        if layer.q_norm is None:
+            qk = _rotate(qkv[:, :, :, :r + 1], cos[:, None, None], sin[:, None, None])
+            q, key = qk[:, :, :, :r], qk[:, :, :, r]  # [m, c, g, r, d], [m, c, g, d]
+        else:
+            q = _rotate(layer.q_norm(qkv[:, :, :, :r].reshape(m, c, g * r, d)), cos[:, None],
+                        sin[:, None]).view(m, c, g, r, d)
+            key = _rotate(layer.k_norm(qkv[:, :, :, r]), cos[:, None], sin[:, None])
+        value = qkv[:, :, :, r + 1]
+        keys, values = self.cache[layer.number]
+        keys[slots, :, :c] = key.permute(0, 2, 1, 3)
+        values[slots, :, :c] = value.permute(0, 2, 1, 3)
+        q = q.permute(0, 2, 1, 3, 4).reshape(m * g, c * r, d)
+        k = key.permute(0, 2, 1, 3).reshape(m * g, c, d)
+        v = value.permute(0, 2, 1, 3).reshape(m * g, c, d)
+        scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)  # [m*g, c*r, c]
+        if layer.softcap:
+            scores = soft_cap(scores.float(), layer.softcap)
+        cols = torch.arange(c, device=h.device)
+        blocked = cols[None] > cols[:, None]  # [query, key]: causal ...
+        if layer.window is not None:  # ... within the window
+            blocked |= cols[None] <= cols[:, None] - layer.window
+        scores = scores.view(m * g, c, r, c).masked_fill(blocked[:, None], float("-inf")).view(m * g, c * r, c)
+        if scores.dtype != torch.float32:
+            probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        else:
+            probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        context = torch.bmm(probs, v).view(m, g, c, r, d).permute(0, 2, 1, 3, 4).reshape(m * c, layer.heads * d)
+        return self._finish(layer, h, context)
+
+    def prefill(self, token_ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """Feed the prompt tokens ``token_ids`` [m, c] (positions 0..c-1) of m rows taking the
+        cache rows ``slots`` [m], through every chunk on this rank (pipeline send/recv of
+        [m * c, h] between stages): their keys and values fill columns 0..c-1 of those rows.
+        No logits: the next step feeds each row's token c."""
+        m, c = token_ids.shape
+        for model, layers in zip(self.models, self.layers):
+            if model.pre_process:
+                h = self._embed(model, token_ids.reshape(-1))
+            else:
+                h = torch.empty((m * c, self.hidden_size), dtype=self.dtype, device=self.device)
+                torch.distributed.recv(h, src=self.prev_rank)
+            for layer in layers:
+                h = self._prefill_layer(layer, h, slots, c)
+            if not model.post_process:
+                torch.distributed.send(h.contiguous(), dst=self.next_rank)
 
     def _row_rope(self, positions: torch.Tensor, local: bool):
         """The rope tables at each row's position, shaped to broadcast over the fused

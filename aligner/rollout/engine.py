@@ -47,12 +47,11 @@ Design
   steps then follow the total of the response lengths over ``max_batch``, not the sum over
   batches of each batch's longest response. Each slot has its own position: the fused
   decoder indexes the rope tables per row, writes each row's key and value at the row's
-  own column and masks keys beyond the row's extent (and before its sliding window). A
-  newcomer's prompt, up to its last ``c + 1`` tokens with ``c + 1`` the shortest prompt
-  entering at that step, is prefilled through megatron-core's forward into a fresh
-  :class:`StaticInferenceContext` and written into the freed slot (when ``c`` reaches
-  ``refill_prefill_tokens``; shorter prompts are fed one token per step with the running
-  rows, cheaper on a CPU); the remaining prompt tokens are fed like a longer prompt's tail.
+  own column and masks keys beyond the row's extent (and before its sliding window). The
+  prompts entering at one step are prefilled together by the fused decoder (causal
+  attention within each prompt, its first ``c`` tokens with ``c + 1`` the shortest of
+  them), their keys and values written into the freed slots; the remaining prompt tokens
+  are fed like a longer prompt's tail.
   Which slots refill with which prompts follows from the broadcast finished flags alone,
   so every rank of the model-parallel group takes the same decisions. Sample i draws from
   its own generator (``seed_for(seed, i)`` or ``seeds[i]``) whatever slot and step it
@@ -228,17 +227,13 @@ class RolloutEngine:
     the prompts run out (see the module docstring); False decodes the prompts in batches of
     ``max_batch``, each until its last row ends. Outputs are the same either way. Decode
     steps through megatron-core's forward always run batch by batch.
-    refill_prefill_tokens: a prompt entering a freed slot is prefilled (one megatron-core
-    forward for the prompts entering at one step) when at least this many of its tokens
-    precede its last one; shorter prompts are fed one token per decode step with the
-    running rows (docs/rollout.md has the measurements behind the default).
 
     Constructing the engine is a collective over the model-parallel group.
     """
 
     def __init__(self, model_chunks, model_cfg: ModelConfig, tokenizer=None, max_batch: int = 64,
                  max_seq_len: Optional[int] = None, decode_impl: str = "auto",
-                 continuous_batching: bool = True, refill_prefill_tokens: int = 16):
+                 continuous_batching: bool = True):
         chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
         if not chunks:
             raise ValueError("RolloutEngine needs at least one model chunk")
@@ -292,11 +287,6 @@ class RolloutEngine:
             raise ValueError(
                 f"RolloutEngine continuous_batching = {continuous_batching!r}: expected true or false"
             )
-        if not _is_int(refill_prefill_tokens) or refill_prefill_tokens < 1:
-            raise ValueError(
-                f"RolloutEngine refill_prefill_tokens = {refill_prefill_tokens!r}: expected a positive integer"
-            )
-        self.refill_prefill_tokens = int(refill_prefill_tokens)
         # every rank took the same decoder choice, so every rank takes the same path
         self.continuous = continuous_batching and self.decoder is not None
         self.forwards = 0  # model forwards (prefills and decode steps) since construction
@@ -629,11 +619,11 @@ class RolloutEngine:
         """Put the prompts ``newcomers`` into the freed ``slots`` (state updated in place);
         returns how many steps the newcomers still read their prompts.
 
-        A newcomer's prompt columns before its last ``c + 1`` = the shortest newcomer prompt
-        are prefilled together through megatron-core's forward when ``c`` reaches
-        ``refill_prefill_tokens``, their cache written into the slots; the remaining prompt
-        tokens (all of them below that) are fed one per decode step with the running rows,
-        as a longer prompt's tail is in a batch. The slot's next step feeds column ``c``.
+        The newcomers' first ``c`` columns (``c + 1`` = the shortest newcomer prompt) are
+        prefilled together by the fused decoder (:meth:`FusedDecoder.prefill`, one call for
+        all of them) into the slots; each one's remaining prompt tokens (at least its last)
+        are fed one per decode step with the running rows, as a longer prompt's tail is in
+        a batch. The slot's next step feeds column ``c``.
         """
         device = self.device
         for j, i in zip(slots, newcomers):
@@ -648,12 +638,9 @@ class RolloutEngine:
                 generators[i] = torch.Generator().manual_seed(int(seeds[i]))
         c = min(len(prompts[i]) for i in newcomers) - 1
         index = torch.tensor(slots, dtype=torch.int64, device=device)
-        if c >= self.refill_prefill_tokens:
-            contexts = [StaticInferenceContext(len(slots), c) for _ in self.models]
-            self._forward(tokens[index, :c], self._causal_mask(c), contexts)
-            self.decoder.load(contexts, index, c)
-        else:
-            c = 0
+        if c > 0:
+            self.decoder.prefill(tokens[index, :c], index)
+            self.forwards += 1
         col[index] = c + 1
         return max(len(prompts[i]) for i in newcomers) - (c + 1)
 

@@ -33,7 +33,7 @@ PROMPTS = [
     [99, 98, 97, 96],
     [11, 12, 13, 14, 15, 160, 170],
 ]
-# continuous batching: 10 prompts through 3 slots; the last two are long enough for a prefill
+# continuous batching: 10 prompts through 3 slots, the last two longer than any other
 REFILL_PROMPTS = PROMPTS + [[(7 * i + 3) % VOCAB for i in range(20)], [(11 * i + 5) % VOCAB for i in range(23)]]
 REFILL_BATCH, REFILL_STOP_AT = 3, 6
 REFILL_SAMPLED = dict(max_new_tokens=24, temperature=1.0, stop_token_ids=list(range(10, 25)), seed=13)
@@ -119,8 +119,8 @@ def _layout_checks(models, cfg):
     out["sampled"] = [sampled.response_tokens(i) for i in range(len(sampled))]
 
     # Continuous batching: REFILL_BATCH slots for more prompts, rows ending on a stop token
-    # at different steps, freed slots refilled (the two longest prompts through a prefill
-    # written into a freed slot, the others fed token by token); against refills off.
+    # at different steps, freed slots refilled (the newcomers' prompts prefilled into them,
+    # up to 23 tokens); against refills off.
     stop = out["greedy_fused"][0][REFILL_STOP_AT]
     out["refill_stop"] = stop
     for name, config in (("greedy", GenerationConfig(max_new_tokens=NEW_TOKENS, greedy=True, stop_token_ids=[stop])),

@@ -372,21 +372,26 @@ class FusedDecoder:
         keys, values = self.cache[layer.number]
         keys[slots, :, :c] = key.permute(0, 2, 1, 3)
         values[slots, :, :c] = value.permute(0, 2, 1, 3)
-        q = q.permute(0, 2, 1, 3, 4).reshape(m * g, c * r, d)
-        k = key.permute(0, 2, 1, 3).reshape(m * g, c, d)
-        v = value.permute(0, 2, 1, 3).reshape(m * g, c, d)
-        scores = torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale)  # [m*g, c*r, c]
-        if layer.softcap:
-            scores = soft_cap(scores.float(), layer.softcap)
         cols = torch.arange(c, device=h.device)
         blocked = cols[None] > cols[:, None]  # [query, key]: causal ...
         if layer.window is not None:  # ... within the window
             blocked |= cols[None] <= cols[:, None] - layer.window
+        if not layer.softcap:
+            # torch's fused attention (flash / memory-efficient kernels): no [c, c] score
+            # matrix per head for long prompts; query head g*r + i reads key/value group g
+            context = F.scaled_dot_product_attention(
+                q.permute(0, 2, 3, 1, 4).reshape(m, g * r, c, d), key.permute(0, 2, 1, 3),
+                value.permute(0, 2, 1, 3), attn_mask=~blocked, scale=layer.scale, enable_gqa=True,
+            )  # [m, heads, c, d]
+            context = context.permute(0, 2, 1, 3).reshape(m * c, layer.heads * d)
+            return self._finish(layer, h, context)
+        # soft-capped attention logits: the scores written out, capped, then masked
+        q = q.permute(0, 2, 1, 3, 4).reshape(m * g, c * r, d)
+        k = key.permute(0, 2, 1, 3).reshape(m * g, c, d)
+        v = value.permute(0, 2, 1, 3).reshape(m * g, c, d)
+        scores = soft_cap(torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale).float(), layer.softcap)  # [m*g, c*r, c]
         scores = scores.view(m * g, c, r, c).masked_fill(blocked[:, None], float("-inf")).view(m * g, c * r, c)
-        if scores.dtype != torch.float32:
-            probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-        else:
-            probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        probs = torch.softmax(scores, dim=-1).to(values.dtype)
         context = torch.bmm(probs, v).view(m, g, c, r, d).permute(0, 2, 1, 3, 4).reshape(m * c, layer.heads * d)
         return self._finish(layer, h, context)
 

@@ -1,8 +1,10 @@
 """The layering is a checked contract (docs/architecture.md): import-linter's contracts of
 ``pyproject.toml`` hold (layers, independent algorithm modules, no cycles), the
-independence contract names every algorithm the catalog loads, and a function-local import
-of an aligner module outside the command line says why in a comment."""
+independence contract names every algorithm the catalog loads, the "Reading one algorithm"
+table lists each algorithm's imports of the algorithm layer (five files at most), and a
+function-local import of an aligner module outside the command line says why in a comment."""
 import ast
+import re
 import tomllib
 from pathlib import Path
 
@@ -30,6 +32,29 @@ def test_the_independence_contract_names_every_algorithm_of_the_catalog():
 
     modules = {".".join(cls.__module__.split(".")[:3]) for cls in TRAINERS.values()}
     assert modules == set(_contract("algorithms")["modules"])
+
+
+def _algorithm_layer_imports(path: Path):
+    """The ``aligner.algorithms`` modules ``path`` imports, at the top or in a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        found |= {n for n in names if n.startswith("aligner.algorithms.")}
+    return found
+
+
+def test_reading_one_algorithm_takes_the_files_the_architecture_page_lists():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    table = page.split("### Reading one algorithm", 1)[1].split("\n| ", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert len(rows) == 6, table
+    for name, own, core, count in rows:
+        module = re.search(r"`(algorithms/\w+\.py)`", own).group(1)
+        listed = set(re.findall(r"`(algorithms/[\w/]+\.py)`", core))
+        imported = {"/".join(m.split(".")[1:]) + ".py" for m in _algorithm_layer_imports(ROOT / "aligner" / module)}
+        assert listed == imported, name
+        assert int(count.strip(" |")) == 1 + len(imported) <= 5, name
 
 
 def _function_local_imports(path: Path):

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from aligner.algorithms.base import Trainer
 from aligner.algorithms.losses.common import masked_moments, masked_whiten
-from aligner.algorithms.losses.kl import KL_ESTIMATORS
-from aligner.algorithms.losses.policy import PolicyLossOptions, policy_objective
+from aligner.algorithms.losses.policy import KL_ESTIMATORS, PolicyLossOptions, policy_objective
 from aligner.config import Choice, ConfigError, fail, section_check
 from aligner.data.datasets import longest_sequences, read_rows
 from aligner.data.loading import dataset_paths

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from aligner.algorithms.base import RunConfig, init_from_hf
+from aligner.algorithms.base import RunConfig, init_from_hf, register_trainer
 from aligner.algorithms.losses.advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
@@ -22,8 +22,7 @@ from aligner.algorithms.losses.advantages import (
     groups_with_signal,
     overlong_penalty,
 )
-from aligner.algorithms.losses.kl import kl_estimate
-from aligner.algorithms.losses.policy import AGGREGATIONS, POLICY_LOSSES
+from aligner.algorithms.losses.policy import AGGREGATIONS, POLICY_LOSSES, kl_estimate
 from aligner.algorithms.online import (
     Experience,
     ExperienceMaker,
@@ -34,7 +33,6 @@ from aligner.algorithms.online import (
     RolloutShape,
     Truncated,
 )
-from aligner.algorithms.registry import register_trainer
 from aligner.config import Choice, ConfigError, registered
 from aligner.parallel.seeds import prompt_round_generator
 from aligner.training.algorithm import StepContext

@@ -8,21 +8,20 @@ critic's values (:func:`~aligner.algorithms.losses.advantages.gae_token_advantag
 registered as ``gae``), advantages whitened over every response token of the
 data-parallel batch; per mini-batch one policy update (clipped surrogate, optional dual
 clip and clip-higher, entropy bonus) and one critic update (clipped value loss,
-:func:`~aligner.algorithms.losses.value.ppo_value_loss`). With ``target_kl`` the updates
+:func:`ppo_value_loss`, here: PPO is the one algorithm with a critic). With ``target_kl`` the updates
 stop once a mini-batch's approximate KL to the rollout policy exceeds it. Truncated
 responses are kept, masked out of both losses, or scored ``truncated_reward``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
-from aligner.algorithms.base import init_from_hf, RunConfig
+from aligner.algorithms.base import RunConfig, init_from_hf, register_trainer
 from aligner.algorithms.losses.advantages import compute_advantages, estimator, gae_returns
-from aligner.algorithms.losses.kl import kl_estimate
-from aligner.algorithms.losses.value import ppo_value_loss
+from aligner.algorithms.losses.policy import kl_estimate
 from aligner.algorithms.online import (
     Experience,
     ExperienceMaker,
@@ -33,7 +32,6 @@ from aligner.algorithms.online import (
     RolloutShape,
     Truncated,
 )
-from aligner.algorithms.registry import register_trainer
 from aligner.parallel import get_device
 from aligner.config import ConfigError
 from aligner.training.algorithm import StepContext
@@ -76,6 +74,41 @@ def check_ppo_section(s, key: str = "ppo") -> None:
     if s.kl_estimator not in PPO_KL_ESTIMATORS:
         raise ConfigError(f"{key}.kl_estimator: {str(s.kl_estimator)!r} is not accepted; expected one of"
                           f" {', '.join(PPO_KL_ESTIMATORS)}")
+
+
+# ------------------------------------------------------------------------------ the critic's loss
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """PPO clipped value loss (docs/ppo.md).
+
+    ``V_c = V_old + clip(V − V_old, −c, c)``; ``L = 0.5 · masked_mean(max((V_c − R)², (V − R)²))``.
+    values (with grad), old_values, returns, mask: [b, s].
+    Stats: ``loss``, ``clipfrac`` (share of tokens where the clipped error is the larger),
+    ``values`` (mean), ``returns`` (mean).
+    """
+    # the toolkit's one masked mean: aligner.models pulls megatron-core, loaded when training
+    from aligner.models.logprobs import masked_mean
+
+    for name, other in (("old_values", old_values), ("returns", returns), ("mask", mask)):
+        if tuple(other.shape) != tuple(values.shape):
+            raise ValueError(f"{name} has shape {tuple(other.shape)}; expected {tuple(values.shape)} like values")
+    m = mask.to(values.dtype)
+    old, ret = old_values.detach(), returns.detach()
+    v_clipped = old + (values - old).clamp(-clip, clip)
+    err_clipped, err = (v_clipped - ret) ** 2, (values - ret) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err_clipped, err), m)
+    stats = {
+        "loss": loss.detach(),
+        "clipfrac": masked_mean((err_clipped > err).to(values.dtype), m).detach(),
+        "values": masked_mean(values.detach(), m),
+        "returns": masked_mean(ret, m),
+    }
+    return loss, stats
 
 
 # ------------------------------------------------------------------------------ algorithm

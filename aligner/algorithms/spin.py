@@ -27,11 +27,10 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from aligner.algorithms.base import RunConfig, Trainer, init_from_hf, pair_logps
+from aligner.algorithms.base import RunConfig, Trainer, init_from_hf, pair_logps, register_trainer
 from aligner.algorithms.iterative import IterativeAlgorithm, check_row_indices, derive_iteration_epochs, gather_rows
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
 from aligner.algorithms.online import ExperienceMaker, GenerationSection, generation_config
-from aligner.algorithms.registry import register_trainer
 from aligner.config import ConfigError, registered
 from aligner.parallel import padded_length
 from aligner.training.algorithm import StepContext

@@ -56,7 +56,7 @@ def test_a_reward_kind_is_one_decorated_function():
 def test_an_algorithm_is_one_module(tiny_hf, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from aligner.algorithms.registry import TRAINERS
+    from aligner.algorithms.base import TRAINERS
     from aligner.data import load_dataset, load_tokenizer
 
     rows = [{"conversations": [{"from": "User", "value": "what is the sum of two and three"},

@@ -7,7 +7,8 @@ schedule) gives the loss and every adapter gradient, compared by HF module name 
 PEFT's (1e-5), at TP1 (one process) and at TP2, PP2, DP2 (one 2-process job); the
 merged HF export and the PEFT folder written at TP2, loaded by transformers and by
 ``peft.PeftModel.from_pretrained``, give PEFT's logits (1e-5); that folder imported at TP1
-(whose step then starts from it) and exported again is byte-identical.
+(whose step then starts from it) and exported again is byte-identical. The base fingerprint
+that adapter checkpoints record is the same at every layout.
 """
 from pathlib import Path
 
@@ -127,7 +128,9 @@ def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None):
         from aligner.models.lora_peft import export_peft
 
         export_peft(models, peft_to)
-    return {"loss": loss_value, "grads": grads}
+    from aligner.models.checkpoint import base_fingerprint
+
+    return {"loss": loss_value, "grads": grads, "fingerprint": base_fingerprint(models)}
 
 
 def _full_grads(results):
@@ -203,6 +206,9 @@ def test_lora_sft_step_equals_peft_at_every_layout(tiny_llama):
                                   timeout=300)}
     for name in ("tp2", "pp2", "dp2"):
         layouts[name] = [r[name] for r in world2]
+    # the base fingerprint of adapter checkpoints does not depend on the layout
+    fingerprints = {r["fingerprint"] for results in layouts.values() for r in results}
+    assert len(fingerprints) == 1 and len(next(iter(fingerprints))) == 16, fingerprints
     for name, results in layouts.items():
         losses = {r["loss"] for r in results if r["loss"] is not None}
         assert losses, name

@@ -238,6 +238,30 @@ def apply_lora(models: Sequence[torch.nn.Module], cfg, settings: LoraSettings) -
             model.head.weight.requires_grad_(True)
 
 
+def share_base(models: Sequence[torch.nn.Module], base_models: Sequence[torch.nn.Module]) -> List[torch.nn.Parameter]:
+    """Make ``models`` (this rank's chunks of a model of the same architecture, e.g. a value
+    model) use the frozen base parameters of ``base_models`` (a model with adapters): every
+    parameter of ``models`` but a score head is replaced by the one of the same name and
+    shape in ``base_models``, so both run on one copy of the weights (the memory of
+    ``models``' own base is released). Call it before :func:`apply_lora` on ``models``.
+    Returns the shared parameters."""
+    shared = []
+    for model, base in zip(models, base_models):
+        frozen = {n: p for n, p in base.named_parameters() if not p.requires_grad and not getattr(p, "lora", False)}
+        for name, param in list(model.named_parameters()):
+            if name.startswith("head."):
+                continue
+            source = frozen.get(name)
+            if source is None or source.shape != param.shape or source.dtype != param.dtype:
+                raise ValueError(f"lora: the base has no frozen parameter {name} of shape {tuple(param.shape)} to"
+                                 " share (a second adapter set needs the policy's architecture)")
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            owner._parameters[attr] = source
+            shared.append(source)
+    return shared
+
+
 def lora_layers(models) -> Iterator[LoraLinear]:
     models = models if isinstance(models, (list, tuple)) else [models]
     for model in models:
@@ -288,4 +312,4 @@ def adapters_merged(models):
 
 
 __all__ = ["LoraLinear", "LoraPart", "LoraSettings", "TARGETS", "adapters_disabled", "adapters_merged", "apply_lora", "has_adapters",
-           "lora_layers", "peft_init_a"]
+           "lora_layers", "peft_init_a", "share_base"]

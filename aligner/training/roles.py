@@ -164,6 +164,8 @@ class TrainableRole:
     scheduler: object
     export_head: Optional[str] = None
     model_cfg: object = None  # the role's architecture when it differs from the policy's
+    # ids of parameters another role owns (a base shared under a second adapter set): never offloaded by this role
+    borrowed: frozenset = field(default_factory=frozenset, repr=False)
     _offload: _Offload = field(default_factory=_Offload, repr=False)
 
     @property
@@ -198,7 +200,7 @@ class TrainableRole:
         # Parameters that are views into DDP's contiguous buffer (the distributed optimizer)
         # and the gradient buffers (parameters' main_grad views into them) stay put: moving
         # a buffer would leave its views on the old storage.
-        params = [p for c in self.chunks for p in c.module.parameters() if p._base is None]
+        params = [p for c in self.chunks for p in c.module.parameters() if p._base is None and id(p) not in self.borrowed]
         return params + _optimizer_states(self.optimizer)
 
     def offload(self) -> None:

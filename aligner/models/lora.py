@@ -131,9 +131,10 @@ class LoraLinear(torch.nn.Module):
         self.column = isinstance(layer, ColumnParallelLinear)
         self.settings = settings
         self.scaling = settings.scaling
-        self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout > 0 else torch.nn.Identity()
+        self.dropout = settings.dropout
         self.enabled = True
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.tp, self.tp_rank = tp, rank
         weight = layer.weight
         dtype, device = weight.dtype, weight.device
         self.layout = type(rule).__name__
@@ -158,8 +159,23 @@ class LoraLinear(torch.nn.Module):
         out, bias = output
         return out + self.delta(args[0]).to(out.dtype), bias
 
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout on the adapter's input (training only), with the mask of the whole input
+        width drawn from the default generator, which every TP rank seeds alike: a
+        column-parallel layer's input is replicated and every rank draws the same mask; a
+        row-parallel layer's input [s, b, in/p] is this rank's columns and takes its columns
+        of that mask. So the masks are those of TP = 1 (docs/lora.md, "Dropout")."""
+        if not self.training or self.dropout == 0:
+            return x
+        split = not self.column and self.tp > 1
+        width = x.shape[-1] * self.tp if split else x.shape[-1]
+        keep = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.dropout)
+        if split:
+            keep = keep[..., self.tp_rank * x.shape[-1]:(self.tp_rank + 1) * x.shape[-1]]
+        return x * keep / (1.0 - self.dropout)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x)
+        x = self.dropped(x)
         if not self.column:
             part = self.parts["w"]
             low = tensor_parallel.reduce_from_tensor_model_parallel_region(x @ part.lora_A.t())

@@ -7,7 +7,8 @@ schedule) gives the loss and every adapter gradient, compared by HF module name 
 PEFT's (1e-5), at TP1 (one process) and at TP2, PP2, DP2 (one 2-process job); the
 merged HF export and the PEFT folder written at TP2, loaded by transformers and by
 ``peft.PeftModel.from_pretrained``, give PEFT's logits (1e-5); that folder imported at TP1
-(whose step then starts from it) and exported again is byte-identical. The base fingerprint
+(whose step then starts from it) and exported again is byte-identical. With adapter dropout
+(0.25) one step at TP2 equals one at TP1 (the masks are drawn alike, docs/lora.md). The base fingerprint
 that adapter checkpoints record is the same at every layout.
 """
 from pathlib import Path
@@ -52,7 +53,7 @@ def _hf_modules(cfg):
             for i in range(cfg.num_layers) for n, s in shapes.items()}
 
 
-def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None):
+def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None, dropout=0.0):
     """One SFT step's loss and adapter gradients at this layout: this rank's
     ``{"loss": .., "grads": {(hf_module, "A"|"B"): (local grad, split, tp_rank)}}``.
     ``peft_from``: the adapter values imported from that PEFT folder (else copied in);
@@ -74,7 +75,7 @@ def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None):
     cfg.layer_spec = "local"
     models = [build_model(cfg)]
     load_hf_weights(models, hf_dir, cfg)
-    apply_lora(models, cfg, LoraSettings(rank=RANK, alpha=ALPHA))
+    apply_lora(models, cfg, LoraSettings(rank=RANK, alpha=ALPHA, dropout=dropout))
     trainable = [n for n, p in models[0].named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable), trainable
     values = _adapter_values(_hf_modules(cfg))
@@ -109,6 +110,7 @@ def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None):
         return nll, count.round().long(), {"loss": metric(nll, count)}
 
     role.zero_grad()
+    torch.manual_seed(123)  # the adapters' dropout masks: the same draws at every layout
     out = run_schedule(role.chunks, micro, lambda m, b: m(b["tokens"], None, None), loss, forward_only=False)
     loss_value = None
     if out:  # the last pipeline stage: (Σ nll, Σ tokens) over its micro-batches and DP
@@ -154,7 +156,12 @@ def _full_grads(results):
 
 def _world2(hf_dir, merged_dir, peft_dir):
     return {"tp2": _lora_step(hf_dir, 2, 1, export_to=merged_dir, peft_to=peft_dir), "pp2": _lora_step(hf_dir, 1, 2),
-            "dp2": _lora_step(hf_dir, 1, 1)}
+            "dp2": _lora_step(hf_dir, 1, 1), "tp2_dropout": _lora_step(hf_dir, 2, 1, dropout=0.25)}
+
+
+def _world1(hf_dir, peft_from, peft_to):
+    return {"tp1": _lora_step(hf_dir, 1, 1, peft_from=peft_from, peft_to=peft_to),
+            "tp1_dropout": _lora_step(hf_dir, 1, 1, dropout=0.25)}
 
 
 @pytest.fixture(scope="module")
@@ -202,10 +209,18 @@ def test_lora_sft_step_equals_peft_at_every_layout(tiny_llama):
     merged, peft_tp2, peft_tp1 = (f"{tiny_llama}_{name}" for name in ("merged_tp2", "peft_tp2", "peft_tp1"))
     world2 = spawn_local(_world2, 2, tiny_llama, merged, peft_tp2, timeout=400)
     # TP1 starts from the PEFT folder written at TP2 and writes it again
-    layouts = {"tp1": spawn_local(_lora_step, 1, tiny_llama, 1, 1, peft_from=peft_tp2, peft_to=peft_tp1,
-                                  timeout=300)}
+    world1 = spawn_local(_world1, 1, tiny_llama, peft_tp2, peft_tp1, timeout=300)
+    layouts = {"tp1": [world1[0]["tp1"]]}
     for name in ("tp2", "pp2", "dp2"):
         layouts[name] = [r[name] for r in world2]
+
+    # adapter dropout (0.25): TP2 draws TP1's masks (loss and every gradient equal), and they drop something
+    tp1, tp2 = _full_grads([world1[0]["tp1_dropout"]]), _full_grads([r["tp2_dropout"] for r in world2])
+    assert abs(world1[0]["tp1_dropout"]["loss"] - world2[0]["tp2_dropout"]["loss"]) < TOL
+    assert abs(world1[0]["tp1_dropout"]["loss"] - ref_loss) > 1e-3
+    assert set(tp1) == set(tp2) == set(ref_grads)
+    for key in tp1:
+        assert (tp1[key] - tp2[key]).abs().max() < TOL, key
     # the base fingerprint of adapter checkpoints does not depend on the layout
     fingerprints = {r["fingerprint"] for results in layouts.values() for r in results}
     assert len(fingerprints) == 1 and len(next(iter(fingerprints))) == 16, fingerprints

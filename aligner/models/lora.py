@@ -327,5 +327,5 @@ def adapters_merged(models):
                 m.enabled = enabled
 
 
-__all__ = ["LoraLinear", "LoraPart", "LoraSettings", "TARGETS", "adapters_disabled", "adapters_merged", "apply_lora", "has_adapters",
-           "lora_layers", "peft_init_a", "share_base"]
+__all__ = ["LoraLinear", "LoraPart", "LoraSettings", "TARGETS", "adapters_disabled", "adapters_merged", "apply_lora",
+           "has_adapters", "lora_layers", "peft_init_a", "share_base"]

@@ -200,7 +200,8 @@ class TrainableRole:
         # Parameters that are views into DDP's contiguous buffer (the distributed optimizer)
         # and the gradient buffers (parameters' main_grad views into them) stay put: moving
         # a buffer would leave its views on the old storage.
-        params = [p for c in self.chunks for p in c.module.parameters() if p._base is None and id(p) not in self.borrowed]
+        params = [p for c in self.chunks for p in c.module.parameters()
+                  if p._base is None and id(p) not in self.borrowed]
         return params + _optimizer_states(self.optimizer)
 
     def offload(self) -> None:

@@ -109,8 +109,8 @@ def run_all(out_dir):
     for name in ("resumed", "full"):
         step_dir = find_latest(Path(out_dir, name, "checkpoints"))
         meta = dist_checkpointing.load_tensors_metadata(str(step_dir))
-        out[f"{name}_ckpt"] = {"keys": sorted(meta),
-                               "tensor_bytes": {k: math.prod(t.global_shape) * t.dtype.itemsize for k, t in meta.items()},
+        sizes = {k: math.prod(t.global_shape) * t.dtype.itemsize for k, t in meta.items()}
+        out[f"{name}_ckpt"] = {"keys": sorted(meta), "tensor_bytes": sizes,
                                "bytes": sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file()),
                                "extra": json.loads((step_dir / "extra.json").read_text())}
     step_dir = find_latest(Path(out_dir, "resumed", "checkpoints"))
@@ -201,7 +201,7 @@ def test_lora_checkpoint_holds_the_adapters_and_their_optimizer_state_only(out):
     model_bytes = sum(b for k, b in lora["tensor_bytes"].items() if not k.startswith("optimizer."))
     optim_bytes = sum(b for k, b in lora["tensor_bytes"].items() if k.startswith("optimizer."))
     assert model_bytes == adapter_bytes and optim_bytes == 2 * adapter_bytes
-    full_bytes = sum(lora_b for lora_b in full["tensor_bytes"].values())
+    full_bytes = sum(full["tensor_bytes"].values())
     assert full_bytes > 3 * model_bytes and lora["bytes"] < full["bytes"]
     print(f"checkpoint bytes (files): whole model {full['bytes']}, LoRA rank 4 {lora['bytes']}")
 

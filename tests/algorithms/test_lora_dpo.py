@@ -132,6 +132,15 @@ def run_all(out_dir):
     out["other_unchanged"] = all(torch.equal(p, before[n]) for n, p in other.named_parameters())
     out["adapters_loaded"] = trained
     out["adapters_saved"] = out["resumed"]["adapters"]
+    import io
+    from contextlib import redirect_stderr
+
+    from aligner.cli.export import main as export_main
+
+    err = io.StringIO()
+    with redirect_stderr(err):
+        out["export_rc"] = export_main([str(step_dir), str(Path(out_dir, "exported"))])
+    out["export_error"] = err.getvalue()
     with torch.no_grad():  # one base value changed: another fingerprint
         next(p for p in same.parameters() if not p.requires_grad).view(-1)[0] += 1e-3
     out["nudged_fingerprint"] = base_fingerprint([same])
@@ -212,3 +221,6 @@ def test_lora_checkpoint_refuses_another_base_in_one_line(out):
     msg = out["refused"]
     assert "\n" not in msg and fp in msg and other in msg, msg
     assert out["other_unchanged"]
+    # `aligner export` of an adapter checkpoint: refused in one line (it holds no base)
+    assert out["export_rc"] == 2 and "LoRA adapters only" in out["export_error"]
+    assert out["export_error"].count("\n") == 1 and fp in out["export_error"]

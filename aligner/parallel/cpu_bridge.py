@@ -80,11 +80,67 @@ def _cpu_factory(fn):
     return factory
 
 
+class _CpuEvent:
+    """A CUDA event on the CPU: work is done when it is recorded, so waiting is a no-op."""
+
+    def synchronize(self):
+        return None
+
+    def wait(self, stream=None):
+        return None
+
+    def query(self):
+        return True
+
+
+class _CpuStream:
+    """A CUDA stream on the CPU. Work on a CPU runs in program order, so the side stream
+    megatron-core's ``alltoall`` token dispatcher creates for its device-to-host copies
+    (``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream``) is the one stream there is: waiting
+    on another stream and synchronising on a recorded event do nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        return None
+
+    def wait_event(self, event):
+        return None
+
+    def record_event(self, event=None):
+        return event if event is not None else _CpuEvent()
+
+    def synchronize(self):
+        return None
+
+    def __eq__(self, other):
+        return isinstance(other, _CpuStream)
+
+    def __hash__(self):
+        return 0
+
+
+_THE_STREAM = _CpuStream()
+
+
 class _CpuCuda(types.ModuleType):
-    """``torch.cuda`` as megatron.core sees it on a CPU: the current device is the CPU."""
+    """``torch.cuda`` as megatron.core sees it on a CPU: the current device is the CPU, and
+    there is one stream (:class:`_CpuStream`)."""
+
+    Stream = _CpuStream
+    Event = _CpuEvent
 
     def __init__(self):
         super().__init__("torch.cuda")
+
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _THE_STREAM
+
+    @staticmethod
+    def stream(stream):
+        return contextlib.nullcontext()
 
     @staticmethod
     def current_device():
@@ -240,6 +296,7 @@ _MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.inference.contexts.static_context",
     "megatron.core.utils",
+    "megatron.core.transformer.moe.token_dispatcher",
 )
 
 
@@ -331,8 +388,29 @@ def engage() -> bool:
         cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
     _bridge_float16_optimizer()
     _bridge_moe_router()
+    _bridge_moe_dispatcher()
     _ENGAGED = True
     return True
+
+
+def _maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``moe_utils.maybe_move_tensor_to_cpu`` for tensors already on the CPU: the same
+    result a CUDA tensor gets (a NumPy array when ``as_numpy``), which is what the
+    ``alltoall`` dispatcher's split sizes must be for ``all_to_all_single``."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.cpu().numpy()
+    return tensor
+
+
+def _bridge_moe_dispatcher() -> None:
+    """The ``alltoall`` token dispatcher on a CPU (item 6 of the module docstring): its
+    device-to-host copies of the split sizes go through ``maybe_move_tensor_to_cpu``,
+    which converts only CUDA tensors to the NumPy arrays ``all_to_all_single`` is given;
+    on a CPU they stayed tensors, which gloo's binding refuses. Its side stream is
+    :class:`_CpuStream` (``torch.cuda`` as megatron.core sees it)."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
 
 
 def _bridge_moe_router() -> None:

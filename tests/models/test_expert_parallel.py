@@ -1,0 +1,156 @@
+"""Expert parallelism (EP=2: two processes, each holding half the experts of every MoE layer,
+the two being the data-parallel group) against one process, on the families harness's tiny
+Mixtral (tests/models/families.py: 4 experts, top-2).
+
+- One step of the SFT, DPO and GRPO trainers (fp32, ``init.hf``): the loss and the gradient
+  norm equal one process's (1e-5). GRPO generates on both ranks with sampling, so the ranks'
+  responses end at different steps and their MoE layers keep in step through the rollout
+  engine's expert-parallel idling.
+- Resume at another EP layout: an SFT run (Adam, 2 steps, a checkpoint after step 1)
+  written at EP=2 resumes in one process, and one written in one process resumes at EP=2;
+  step 2's loss equals the uninterrupted run's (1e-6). Model, optimizer moments, schedule
+  and data position travel through megatron-core's dist_checkpointing, which maps each
+  rank's local experts to their global index.
+
+Jobs: one process (references, then the resume of the EP=2 checkpoint), two processes (EP=2,
+then the resume of the one-process checkpoint).
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from aligner.parallel.spawn import spawn_local
+from tests.models import families as fam
+
+TOL = 1e-5
+RESUME_TOL = 1e-6
+PROMPTS = [{"prompt": fam._words(6 + i, 60 + i)} for i in range(2)]
+
+
+def response_length_reward(prompts, responses, metadata):
+    """The response's length in characters: rewards that differ within a group."""
+    return [float(len(r)) for r in responses]
+
+
+def _config(root, algorithm, run, ep, steps=1, save_interval=0, resume=False):
+    path = Path(root) / "mixtral"
+    data = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "pg": "prompts.jsonl"}[algorithm]
+    cfg = {"init": {"hf": str(path)}, "parallel": {"ep": ep},
+           "data": {"train": str(path / data), "template": "raw", "max_length": 64},
+           "optim": {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "clip_grad": 0.0, "warmup_steps": 0,
+                     "schedule": "constant"},
+           "trainer": {"max_steps": steps, "global_batch_size": 2, "micro_batch_size": 1,
+                       "out_dir": str(Path(root) / run), "export_hf": False, "progress": False,
+                       "tensorboard": False, "resume": resume, "save_interval": save_interval, "seed": 3}}
+    if algorithm == "dpo":
+        cfg["dpo"] = {"beta": fam.BETA, "loss_type": "dpo", "sft_weight": 0.0}
+    if algorithm == "pg":
+        cfg["data"]["tokenizer"] = str(path)
+        cfg["pg"] = {"advantage": "grpo", "loss": "clipped", "samples_per_prompt": 2, "kl_coef": 0.0,
+                     "generation": {"max_new_tokens": 12},
+                     "reward": {"kind": "function",
+                                "function": "tests.models.test_expert_parallel:response_length_reward"}}
+    return cfg
+
+
+def _fit(root, algorithm, run, ep, **kw):
+    """The train metrics of a run of the ``algorithm`` trainer."""
+    import torch
+
+    from aligner.algorithms.dpo import DPOTrainer
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.algorithms.sft import SFTTrainer
+
+    trainer = {"sft": SFTTrainer, "dpo": DPOTrainer, "pg": PGTrainer}[algorithm]
+    trainer(_config(root, algorithm, run, ep, **kw)).fit()
+    torch.distributed.barrier()
+    rows = [json.loads(line) for line in (Path(root) / run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def _checkpoint_after_step1(root, whole, run):
+    """A copy of run ``whole`` as it stood when step 1's checkpoint was written."""
+    root = Path(root)
+    shutil.copytree(root / whole, root / run)
+    shutil.rmtree(root / run / "checkpoints" / "step_0000002")
+    (root / run / "checkpoints" / "latest").write_text(json.dumps({"step": 1, "dir": "step_0000001"}))
+
+
+def _switch(ep):
+    from megatron.core import parallel_state as ps
+
+    from aligner.parallel import ParallelConfig, initialize
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    initialize(ParallelConfig(ep=ep, seed=1))
+
+
+def run(root, ep, resume_from):
+    """At EP=ep: one step of SFT, DPO and GRPO, a 2-step SFT run checkpointed after step 1
+    (``whole_ep<ep>``), and the resume of run ``resume_from``'s step-1 checkpoint (None: none)."""
+    import torch
+
+    _switch(ep)
+    out = {alg: _fit(root, alg, f"{alg}_ep{ep}", ep) for alg in ("sft", "dpo", "pg")}
+    out["whole"] = _fit(root, "sft", f"whole_ep{ep}", ep, steps=2, save_interval=1)
+    if resume_from is not None:
+        if torch.distributed.get_rank() == 0:
+            _checkpoint_after_step1(root, resume_from, f"resume_{resume_from}_at_ep{ep}")
+        torch.distributed.barrier()
+        out["resumed"] = _fit(root, "sft", f"resume_{resume_from}_at_ep{ep}", ep, steps=2, save_interval=1,
+                              resume=True)
+    return out
+
+
+def resume_only(root, ep, resume_from):
+    import torch
+
+    _switch(ep)
+    if torch.distributed.get_rank() == 0:
+        _checkpoint_after_step1(root, resume_from, f"resume_{resume_from}_at_ep{ep}")
+    torch.distributed.barrier()
+    return _fit(root, "sft", f"resume_{resume_from}_at_ep{ep}", ep, steps=2, save_interval=1, resume=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("expert_parallel")
+    path = fam.make_checkpoint(root, "mixtral")
+    (path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    one = spawn_local(run, 1, str(root), 1, None, timeout=600)[0]
+    two = spawn_local(run, 2, str(root), 2, "whole_ep1", timeout=600)
+    one["resumed"] = spawn_local(resume_only, 1, str(root), 1, "whole_ep2", timeout=300)[0]
+    return one, two
+
+
+KEYS = {"sft": ("loss", "grad_norm"), "dpo": ("loss", "grad_norm", "logps/chosen", "logps/rejected"),
+        "pg": ("loss/policy", "grad_norm/policy", "reward/mean")}
+
+
+@pytest.mark.parametrize("algorithm", ["sft", "dpo", "pg"])
+def test_one_step_at_expert_parallel_size_two_equals_one_process(runs, algorithm):
+    one, two = runs
+    want = one[algorithm][0]
+    assert abs(want[KEYS[algorithm][1]]) > 1e-3  # a gradient flowed: the comparison means something
+    for rank, out in enumerate(two):
+        got = out[algorithm][0]
+        assert got["step"] == 1
+        for key in KEYS[algorithm]:
+            assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), (algorithm, rank, key, got, want)
+
+
+def test_a_checkpoint_resumes_at_another_expert_parallel_size(runs):
+    one, two = runs
+    whole = one["whole"]
+    assert [r["step"] for r in whole] == [1, 2]
+    assert abs(whole[1]["loss"] - whole[0]["loss"]) > 1e-3  # step 2 is a different point
+    for out in two:  # the uninterrupted run at EP=2 is the same run
+        assert abs(out["whole"][1]["loss"] - whole[1]["loss"]) <= TOL
+    ep2_from_ep1 = [out["resumed"] for out in two]
+    ep1_from_ep2 = one["resumed"]
+    for got, want in [(ep1_from_ep2, two[0]["whole"])] + [(r, whole) for r in ep2_from_ep1]:
+        assert [r["step"] for r in got] == [1, 2]
+        assert abs(got[1]["loss"] - want[1]["loss"]) <= RESUME_TOL, (got[1]["loss"], want[1]["loss"])

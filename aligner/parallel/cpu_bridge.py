@@ -31,10 +31,16 @@ torch 2.13 CPU, gloo, local layer spec):
    raises ``TypeError`` for anything else; while it runs, ``Tensor.type()`` without
    arguments spells a CPU tensor's type as its CUDA twin, so the same three groups
    (float16 params, their fp32 copies, fp32 params) are formed from CPU tensors.
-6. the mixture-of-experts router: its gating linear reads ``moe_utils.te_general_gemm``,
-   unbound without Transformer Engine (:func:`_bridge_moe_router`). The ``alltoall``
-   token dispatcher creates a CUDA stream when built, so MoE layers use the
-   ``allgather`` dispatcher (docs/moe.md).
+6. the mixture-of-experts layer: the router's gating linear reads
+   ``moe_utils.te_general_gemm``, unbound without Transformer Engine
+   (:func:`_bridge_moe_router`). The ``alltoall`` token dispatcher (expert parallelism,
+   docs/moe.md) creates a side stream for its device-to-host copies of the split sizes
+   (``torch.cuda.Stream``, ``torch.cuda.stream``, ``record_event``): ``torch.cuda`` as
+   megatron.core sees it has one stream that never waits (:class:`_CpuStream`), since CPU
+   work runs in program order; and its ``maybe_move_tensor_to_cpu`` turns only CUDA tensors
+   into the NumPy split sizes ``all_to_all_single`` takes, so on the CPU it is replaced by
+   the same conversion for CPU tensors (:func:`_bridge_moe_dispatcher`). gloo runs the
+   collectives both dispatchers call (all-gather, reduce-scatter, all-to-all with splits).
 
 Nothing else in aligner knows it runs on a CPU. ``tests/parallel/test_bridge.py``
 checks each bridged place, so a megatron-core upgrade that moves one fails loudly.

@@ -63,6 +63,13 @@ SITES = [
      r"""param\.type\(\) == ['"]torch\.cuda\.FloatTensor['"]"""),
     ("megatron.core.transformer.moe.moe_utils", "RouterGatingLinearFunction.forward",
      r"te_general_gemm is not None"),
+    # 6. the alltoall token dispatcher: its side stream, and the split sizes it turns into
+    # NumPy arrays only for CUDA tensors before all_to_all_single
+    ("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.__init__",
+     r"torch\.cuda\.Stream\(\)"),
+    ("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+     r"torch\.cuda\.stream\(self\.cuda_dtoh_stream\)[\s\S]*maybe_move_tensor_to_cpu\([\s\S]*as_numpy=True"),
+    ("megatron.core.transformer.moe.moe_utils", "maybe_move_tensor_to_cpu", r"tensor\.is_cuda"),
 ]
 
 
@@ -266,6 +273,24 @@ def test_moe_router_gating_is_a_torch_matmul(engaged):
     out.sum().backward()
     torch.testing.assert_close(x.grad, w.detach().sum(0).expand(5, 4))
     torch.testing.assert_close(w.grad, x.detach().sum(0).expand(3, 4))
+
+
+@needs_cpu
+def test_alltoall_dispatcher_stream_and_split_sizes_on_cpu(engaged):
+    """The alltoall dispatcher's side stream is the CPU's one stream, and its split sizes
+    become the NumPy arrays a CUDA tensor would give (all_to_all_single's argument type)."""
+    import numpy as np
+    from megatron.core.transformer.moe import token_dispatcher
+
+    stream = token_dispatcher.torch.cuda.Stream()
+    assert token_dispatcher.torch.cuda.current_stream() == stream
+    with token_dispatcher.torch.cuda.stream(stream):
+        stream.wait_stream(token_dispatcher.torch.cuda.current_stream())
+    stream.record_event().synchronize()
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 5]), as_numpy=True)
+    assert isinstance(splits, np.ndarray) and splits.tolist() == [3, 5]
+    counts = torch.tensor([1, 2])
+    assert token_dispatcher.maybe_move_tensor_to_cpu(counts) is counts
 
 
 def test_clip_grad_by_total_norm_on_cpu(engaged):

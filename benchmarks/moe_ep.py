@@ -19,7 +19,8 @@ permutations around them (``dispatch_preprocess`` / ``dispatch_postprocess`` /
 ``combine_preprocess`` / ``combine_postprocess``). The first ``--warmup`` steps are not
 timed; the median step is reported. The two layouts run one after the other, ``--rounds``
 times interleaved (EP=1, EP=2, EP=1, ...), so both see the same machine load.
-Prints a markdown table (the one in docs/moe.md).
+Also the parameters a rank holds (experts are most of them). Prints a markdown table (the
+one in docs/moe.md).
 """
 import argparse
 import statistics
@@ -96,6 +97,7 @@ def run(args, ep):
     def loss(batch, logits):
         return logits.float().mean(), 1, {}
 
+    params = sum(p.numel() for p in model.parameters())
     steps = []
     for step in range(args.warmup + args.steps):
         _TIMES.clear()
@@ -106,7 +108,7 @@ def run(args, ep):
         role.step()
         elapsed = time.perf_counter() - start
         if step >= args.warmup:
-            steps.append((elapsed, _TIMES["dispatch"], _TIMES["dispatch_pre_post"]))
+            steps.append((elapsed, _TIMES["dispatch"], _TIMES["dispatch_pre_post"], params))
     return steps
 
 
@@ -135,14 +137,16 @@ def main():
     ranks = spawn_local(job, 2, args, timeout=3600)
     print(f"model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts of width {args.expert_ffn}"
           f" (top-2); {args.micro_batches} micro-batches of {args.batch} x {args.seq} tokens per rank; 2 ranks")
-    print("| layout | step (s, median) | dispatch (s) | share | permutations (s) |")
-    print("|---|---|---|---|---|")
+    print("| layout | parameters per rank | step (s, median) | dispatch (s) | share | permutations (s) |")
+    print("|---|---|---|---|---|---|")
     for ep in (1, 2):
         rows = [r for rank in ranks for r in rank[ep]]
         step = statistics.median(r[0] for r in rows)
         dispatch = statistics.median(r[1] for r in rows)
         pre_post = statistics.median(r[2] for r in rows)
-        print(f"| EP={ep} x DP=2 | {step:.3f} | {dispatch:.3f} | {100 * dispatch / step:.1f} % | {pre_post:.3f} |")
+        params = rows[0][3] / 1e6
+        print(f"| EP={ep} x DP=2 | {params:.2f} M | {step:.3f} | {dispatch:.3f} | {100 * dispatch / step:.1f} % |"
+              f" {pre_post:.3f} |")
 
 
 if __name__ == "__main__":

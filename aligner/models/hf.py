@@ -40,7 +40,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from aligner.models.architectures.base import GLU, QKV, Replicated, ScoreHead, Split, VocabRows
-from aligner.models.config import ModelConfig, UnsupportedModelError
+from aligner.models.config import ModelConfig
 from aligner.models.gpt import build_model, unwrap_model
 from aligner.models.lora import adapters_merged
 from aligner.parallel import get_device
@@ -204,7 +204,8 @@ def _rule(cfg: ModelConfig, name: str, layer: int, head: Optional[str], ep_rank:
     return rules[name]
 
 
-def _local_tensor(reader: HFReader, cfg: ModelConfig, rule, tp_layout: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+def _local_tensor(reader: HFReader, cfg: ModelConfig, rule,
+                  tp_layout: Optional[Tuple[int, int]] = None) -> torch.Tensor:
     """This rank's shard of a megatron parameter, read by its rule from the checkpoint
     (``tp_layout``: the (size, rank) it is split over, the TP group's by default)."""
     tp, rank = tp_layout or _tp()

@@ -381,7 +381,8 @@ def test_expert_parallel_layouts_are_checked_before_any_work(monkeypatch):
     cfg = OmegaConf.create({"data": {"max_length": 64}, "parallel": {"tp": 1, "pp": 1, "vpp": None, "cp": 1, "ep": 2,
                                                                       "backend": "gloo", "sequence_parallel": False}})
     check_model(cfg, moe)  # each rank holds 2 of the 4 experts
-    with pytest.raises(ConfigError, match=r"^model.num_experts = 3 is not divisible by parallel.ep = 2 \(world size 2\)$"):
+    with pytest.raises(ConfigError,
+                       match=r"^model.num_experts = 3 is not divisible by parallel.ep = 2 \(world size 2\)$"):
         check_model(cfg, ModelConfig.from_hf(_family_config("mixtral", num_local_experts=3)))
     cfg.parallel.ep = 4
     with pytest.raises(ConfigError, match=r"^parallel.ep = 4 must divide data-parallel x context-parallel size"

@@ -17,7 +17,8 @@ backward of megatron-core's all-to-all (the same exchange reversed), summed over
 layers; timers around megatron-core's own methods. ``dispatch_pre_post``: the local
 permutations around them (``dispatch_preprocess`` / ``dispatch_postprocess`` /
 ``combine_preprocess`` / ``combine_postprocess``). The first ``--warmup`` steps are not
-timed; the median step is reported. The two layouts run one after the other, ``--rounds``
+timed; the median step is reported, in wall time and in the CPU time of one rank's process
+(``time.process_time``: less sensitive than wall time to other work on the machine). The two layouts run one after the other, ``--rounds``
 times interleaved (EP=1, EP=2, EP=1, ...), so both see the same machine load.
 Also the parameters a rank holds (experts are most of them). Prints a markdown table (the
 one in docs/moe.md).
@@ -102,13 +103,13 @@ def run(args, ep):
     for step in range(args.warmup + args.steps):
         _TIMES.clear()
         torch.distributed.barrier()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         role.zero_grad()
         run_schedule(role.chunks, batches, forward, loss, forward_only=False)
         role.step()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if step >= args.warmup:
-            steps.append((elapsed, _TIMES["dispatch"], _TIMES["dispatch_pre_post"], params))
+            steps.append((elapsed, _TIMES["dispatch"], _TIMES["dispatch_pre_post"], params, cpu))
     return steps
 
 
@@ -137,16 +138,17 @@ def main():
     ranks = spawn_local(job, 2, args, timeout=3600)
     print(f"model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts of width {args.expert_ffn}"
           f" (top-2); {args.micro_batches} micro-batches of {args.batch} x {args.seq} tokens per rank; 2 ranks")
-    print("| layout | parameters per rank | step (s, median) | dispatch (s) | share | permutations (s) |")
-    print("|---|---|---|---|---|---|")
+    print("| layout | parameters per rank | step (s, median) | CPU s per rank | dispatch (s) | share |"
+          " permutations (s) |")
+    print("|---|---|---|---|---|---|---|")
     for ep in (1, 2):
         rows = [r for rank in ranks for r in rank[ep]]
         step = statistics.median(r[0] for r in rows)
         dispatch = statistics.median(r[1] for r in rows)
         pre_post = statistics.median(r[2] for r in rows)
-        params = rows[0][3] / 1e6
-        print(f"| EP={ep} x DP=2 | {params:.2f} M | {step:.3f} | {dispatch:.3f} | {100 * dispatch / step:.1f} % |"
-              f" {pre_post:.3f} |")
+        params, cpu = rows[0][3] / 1e6, statistics.median(r[4] for r in rows)
+        print(f"| EP={ep} x DP=2 | {params:.2f} M | {step:.3f} | {cpu:.3f} | {dispatch:.3f} |"
+              f" {100 * dispatch / step:.1f} % | {pre_post:.3f} |")
 
 
 if __name__ == "__main__":

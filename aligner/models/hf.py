@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out, at any TP / PP layout.
+"""Hugging Face checkpoints in and out, at any TP / PP / EP layout.
 
 Import (:func:`load_hf_weights`, :func:`from_pretrained`): each rank opens the
 safetensors files (single file or sharded with ``model.safetensors.index.json``) with
@@ -19,8 +19,12 @@ both ways. For the Llama layout:
   split over TP. Norms are replicated (``input_layernorm`` is ``linear_qkv.layer_norm_weight``
   under the TE spec, ``post_attention_layernorm`` likewise ``linear_fc1.layer_norm_weight``).
 - ``score.weight`` (``*ForSequenceClassification``) -> the reward / value head.
+- mixture of experts: the adapter maps expert ``e`` of a layer (its index over all the
+  layer's experts); megatron-core's ``mlp.experts.local_experts.<i>`` on expert-parallel
+  rank r is expert ``r * E/ep + i``, split over the expert-TP group like a dense MLP.
 
-Export (:func:`export_hf`): tensors are gathered over the TP group; the first TP and DP
+Export (:func:`export_hf`): tensors are gathered over the TP group (an expert's over the
+expert-TP group, then over the expert-parallel group); the first TP and DP
 rank of each pipeline stage writes that stage's shard
 (``model-0000k-of-0000P.safetensors``), rank 0 writes the index, ``config.json`` (causal LM
 or sequence classification with ``num_labels`` = head outputs) and the tokenizer files.

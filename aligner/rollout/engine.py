@@ -310,6 +310,27 @@ class RolloutEngine:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._ep_group)
         return bool(flag.item())
 
+    def keep_in_step(self) -> None:
+        """For a rank that skips a :meth:`generate` call its expert-parallel peers make (e.g.
+        an extra round of generation only some data-parallel ranks need): pass its share of
+        their forwards' token exchange until none of them generates any more. A no-op
+        without expert parallelism; with it, collective over the expert-parallel x
+        tensor-parallel group."""
+        if self._ep_group is None:
+            return
+        was_training = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+        try:
+            self._keep_in_step()
+        finally:
+            for m, training in zip(self.models, was_training):
+                m.train(training)
+
+    def _keep_in_step(self) -> None:
+        while self._ep_running(False):  # another expert-parallel rank still generates
+            self._idle_moe_pass()
+
     @torch.inference_mode()
     def _idle_moe_pass(self) -> None:
         """Each MoE layer of this rank, in forward order, on one dummy token ``[1, 1, h]``
@@ -423,8 +444,7 @@ class RolloutEngine:
                 )
                 for i, resp in zip(rows, batch):
                     responses[i] = resp
-            while self._ep_running(False):  # another expert-parallel rank still generates
-                self._idle_moe_pass()
+            self._keep_in_step()
         finally:
             for m, training in zip(self.models, was_training):
                 m.train(training)

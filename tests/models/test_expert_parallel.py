@@ -5,7 +5,9 @@ Mixtral (tests/models/families.py: 4 experts, top-2).
 - One step of the SFT, DPO and GRPO trainers (fp32, ``init.hf``): the loss and the gradient
   norm equal one process's (1e-5). GRPO generates on both ranks with sampling, so the ranks'
   responses end at different steps and their MoE layers keep in step through the rollout
-  engine's expert-parallel idling.
+  engine's expert-parallel idling. GRPO with dynamic sampling, where one rank generates a
+  second round alone (the other keeps its experts in step), equals EP=1 at the same
+  data-parallel size (its extra rounds depend on how the prompts split over ranks).
 - Resume at another EP layout: an SFT run (Adam, 2 steps, a checkpoint after step 1)
   written at EP=2 resumes in one process, and one written in one process resumes at EP=2;
   step 2's loss equals the uninterrupted run's (1e-6). Model, optimizer moments, schedule
@@ -26,7 +28,9 @@ from tests.models import families as fam
 
 TOL = 1e-5
 RESUME_TOL = 1e-6
-PROMPTS = [{"prompt": fam._words(6 + i, 60 + i)} for i in range(2)]
+# tests.algorithms.pg_setup:target_reward scores every response to an "ok" prompt 0: its group
+# has no signal, so with dynamic sampling its rank generates a second round alone
+PROMPTS = [{"prompt": fam._words(6 + i, 60 + i), "target": target} for i, target in enumerate(("good", "ok"))]
 
 
 def response_length_reward(prompts, responses, metadata):
@@ -36,7 +40,7 @@ def response_length_reward(prompts, responses, metadata):
 
 def _config(root, algorithm, run, ep, steps=1, save_interval=0, resume=False):
     path = Path(root) / "mixtral"
-    data = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "pg": "prompts.jsonl"}[algorithm]
+    data = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "pg": "prompts.jsonl", "pg_dynamic": "prompts.jsonl"}[algorithm]
     cfg = {"init": {"hf": str(path)}, "parallel": {"ep": ep},
            "data": {"train": str(path / data), "template": "raw", "max_length": 64},
            "optim": {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "clip_grad": 0.0, "warmup_steps": 0,
@@ -46,12 +50,15 @@ def _config(root, algorithm, run, ep, steps=1, save_interval=0, resume=False):
                        "tensorboard": False, "resume": resume, "save_interval": save_interval, "seed": 3}}
     if algorithm == "dpo":
         cfg["dpo"] = {"beta": fam.BETA, "loss_type": "dpo", "sft_weight": 0.0}
-    if algorithm == "pg":
+    if algorithm.startswith("pg"):
         cfg["data"]["tokenizer"] = str(path)
         cfg["pg"] = {"advantage": "grpo", "loss": "clipped", "samples_per_prompt": 2, "kl_coef": 0.0,
                      "generation": {"max_new_tokens": 12},
                      "reward": {"kind": "function",
                                 "function": "tests.models.test_expert_parallel:response_length_reward"}}
+    if algorithm == "pg_dynamic":
+        cfg["pg"].update(dynamic_sampling=True, max_generation_rounds=2,
+                         reward={"kind": "function", "function": "tests.algorithms.pg_setup:target_reward"})
     return cfg
 
 
@@ -63,7 +70,7 @@ def _fit(root, algorithm, run, ep, **kw):
     from aligner.algorithms.pg import PGTrainer
     from aligner.algorithms.sft import SFTTrainer
 
-    trainer = {"sft": SFTTrainer, "dpo": DPOTrainer, "pg": PGTrainer}[algorithm]
+    trainer = {"sft": SFTTrainer, "dpo": DPOTrainer, "pg": PGTrainer, "pg_dynamic": PGTrainer}[algorithm]
     trainer(_config(root, algorithm, run, ep, **kw)).fit()
     torch.distributed.barrier()
     rows = [json.loads(line) for line in (Path(root) / run / "metrics.jsonl").read_text().splitlines()]
@@ -89,12 +96,18 @@ def _switch(ep):
 
 
 def run(root, ep, resume_from):
-    """At EP=ep: one step of SFT, DPO and GRPO, a 2-step SFT run checkpointed after step 1
+    """At EP=ep: one step of SFT, DPO and GRPO (at EP=2 also GRPO with dynamic sampling, at EP=1
+    and at EP=2 over the same two ranks), a 2-step SFT run checkpointed after step 1
     (``whole_ep<ep>``), and the resume of run ``resume_from``'s step-1 checkpoint (None: none)."""
     import torch
 
+    out = {}
+    if ep > 1:  # dynamic sampling's extra rounds depend on the data-parallel size: its reference is EP=1 at DP=2
+        _switch(1)
+        out["pg_dynamic_ep1"] = _fit(root, "pg_dynamic", "pg_dynamic_ep1_dp2", 1)
     _switch(ep)
-    out = {alg: _fit(root, alg, f"{alg}_ep{ep}", ep) for alg in ("sft", "dpo", "pg")}
+    algorithms = ("sft", "dpo", "pg") + (("pg_dynamic",) if ep > 1 else ())
+    out.update({alg: _fit(root, alg, f"{alg}_ep{ep}", ep) for alg in algorithms})
     out["whole"] = _fit(root, "sft", f"whole_ep{ep}", ep, steps=2, save_interval=1)
     if resume_from is not None:
         if torch.distributed.get_rank() == 0:
@@ -127,7 +140,8 @@ def runs(tmp_path_factory):
 
 
 KEYS = {"sft": ("loss", "grad_norm"), "dpo": ("loss", "grad_norm", "logps/chosen", "logps/rejected"),
-        "pg": ("loss/policy", "grad_norm/policy", "reward/mean")}
+        "pg": ("loss/policy", "grad_norm/policy", "reward/mean"),
+        "pg_dynamic": ("loss/policy", "grad_norm/policy", "reward/mean", "pg/generation_rounds", "pg/groups_short")}
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "dpo", "pg"])
@@ -140,6 +154,19 @@ def test_one_step_at_expert_parallel_size_two_equals_one_process(runs, algorithm
         assert got["step"] == 1
         for key in KEYS[algorithm]:
             assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), (algorithm, rank, key, got, want)
+
+
+def test_a_round_of_generation_one_rank_skips_keeps_the_experts_in_step(runs):
+    """GRPO with dynamic sampling: the "ok" prompt's group has no signal, so its rank alone
+    generates a second round; at EP=2 the other rank's MoE layers take part in that
+    round's forwards (without, the first rank would wait for ever)."""
+    _, two = runs
+    for rank, out in enumerate(two):
+        want, got = out["pg_dynamic_ep1"][0], out["pg_dynamic"][0]
+        assert got["pg/generation_rounds"] == 2 and got["pg/groups_short"] == want["pg/groups_short"] == 1, got
+        assert abs(want["grad_norm/policy"]) > 1e-3
+        for key in KEYS["pg_dynamic"]:
+            assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), (rank, key, got, want)
 
 
 def test_a_checkpoint_resumes_at_another_expert_parallel_size(runs):

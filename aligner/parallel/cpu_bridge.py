@@ -40,7 +40,15 @@ torch 2.13 CPU, gloo, local layer spec):
    work runs in program order; and its ``maybe_move_tensor_to_cpu`` turns only CUDA tensors
    into the NumPy split sizes ``all_to_all_single`` takes, so on the CPU it is replaced by
    the same conversion for CPU tensors (:func:`_bridge_moe_dispatcher`). gloo runs the
-   collectives both dispatchers call (all-gather, reduce-scatter, all-to-all with splits).
+   collectives both dispatchers call (all-gather, reduce-scatter, all-to-all with splits)
+   when every rank's part has the same size; for item 7 they do not.
+7. uneven parts over a group: with TP > 1 the ``alltoall`` dispatcher gathers and
+   reduce-scatters tokens over the TP group in parts of different sizes
+   (``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim``
+   with split sizes: ``all_gather`` into tensors of different sizes and ``reduce_scatter``,
+   which gloo refuses). They are rebound to the same results from collectives gloo has:
+   parts padded to the largest for the gather, an all-reduce and each rank's own part for
+   the reduce-scatter (:func:`_bridge_uneven_collectives`).
 
 Nothing else in aligner knows it runs on a CPU. ``tests/parallel/test_bridge.py``
 checks each bridged place, so a megatron-core upgrade that moves one fails loudly.
@@ -395,6 +403,7 @@ def engage() -> bool:
     _bridge_float16_optimizer()
     _bridge_moe_router()
     _bridge_moe_dispatcher()
+    _bridge_uneven_collectives()
     _ENGAGED = True
     return True
 
@@ -417,6 +426,58 @@ def _bridge_moe_dispatcher() -> None:
     from megatron.core.transformer.moe import token_dispatcher
 
     token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
+
+
+def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """megatron-core's ``mappings._gather_along_first_dim`` where the ranks' parts differ in
+    size (``output_split_sizes``, the alltoall dispatcher's gather of tokens over TP):
+    gloo's ``all_gather`` takes only equal sizes, so each part is padded to the largest,
+    gathered, and the padding cut off. Equal parts take megatron-core's own path."""
+    if output_split_sizes is None or group.size() == 1:
+        return _MEGATRON_GATHER(input_, group, output_split_sizes, use_global_buffer)
+    sizes = [int(n) for n in output_split_sizes]
+    longest = max(sizes)
+    padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+
+def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """megatron-core's ``mappings._reduce_scatter_along_first_dim`` where the ranks' parts
+    differ in size (``input_split_sizes``, the alltoall dispatcher's combine over TP): gloo
+    has no reduce-scatter of uneven parts, so the whole tensor is summed over the group
+    (``all_reduce``) and each rank keeps its part (the same sums). Equal parts take
+    megatron-core's own path."""
+    if input_split_sizes is None or group.size() == 1:
+        return _MEGATRON_REDUCE_SCATTER(input_, group, input_split_sizes, use_global_buffer)
+    sizes = [int(n) for n in input_split_sizes]
+    total = input_.clone().contiguous()
+    torch.distributed.all_reduce(total, group=group)
+    start = sum(sizes[: group.rank()])
+    return total[start: start + sizes[group.rank()]].clone()
+
+
+_MEGATRON_GATHER = None
+_MEGATRON_REDUCE_SCATTER = None
+
+
+def _bridge_uneven_collectives() -> None:
+    """Item 7 of the module docstring: rebind the two uneven-split helpers of
+    ``tensor_parallel.mappings`` (every autograd function of that module calls them by their
+    module-level names)."""
+    global _MEGATRON_GATHER, _MEGATRON_REDUCE_SCATTER
+    from megatron.core.tensor_parallel import mappings
+
+    if getattr(mappings._gather_along_first_dim, "_aligner_cpu", False):  # engage() is idempotent
+        return
+    _MEGATRON_GATHER = mappings._gather_along_first_dim
+    _MEGATRON_REDUCE_SCATTER = mappings._reduce_scatter_along_first_dim
+    _gather_along_first_dim._aligner_cpu = True
+    _reduce_scatter_along_first_dim._aligner_cpu = True
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
 
 
 def _bridge_moe_router() -> None:

@@ -106,9 +106,10 @@ def run(root, ep, resume_from):
         _switch(1)
         out["pg_dynamic_ep1"] = _fit(root, "pg_dynamic", "pg_dynamic_ep1_dp2", 1)
     _switch(ep)
-    algorithms = ("sft", "dpo", "pg") + (("pg_dynamic",) if ep > 1 else ())
+    algorithms = ("dpo", "pg") + (("pg_dynamic",) if ep > 1 else ())
     out.update({alg: _fit(root, alg, f"{alg}_ep{ep}", ep) for alg in algorithms})
     out["whole"] = _fit(root, "sft", f"whole_ep{ep}", ep, steps=2, save_interval=1)
+    out["sft"] = out["whole"][:1]  # its first step is SFT's one step (constant LR)
     if resume_from is not None:
         if torch.distributed.get_rank() == 0:
             _checkpoint_after_step1(root, resume_from, f"resume_{resume_from}_at_ep{ep}")

@@ -8,6 +8,9 @@ Mixtral (tests/models/families.py: 4 experts, top-2).
   engine's expert-parallel idling. GRPO with dynamic sampling, where one rank generates a
   second round alone (the other keeps its experts in step), equals EP=1 at the same
   data-parallel size (its extra rounds depend on how the prompts split over ranks).
+- Validation whose last global batch leaves one rank without a row: that rank runs a
+  zero-weight micro-batch so the other's MoE layers can exchange tokens; the validation
+  loss equals one process's.
 - Resume at another EP layout: an SFT run (Adam, 2 steps, a checkpoint after step 1)
   written at EP=2 resumes in one process, and one written in one process resumes at EP=2;
   step 2's loss equals the uninterrupted run's (1e-6). Model, optimizer moments, schedule
@@ -48,6 +51,8 @@ def _config(root, algorithm, run, ep, steps=1, save_interval=0, resume=False):
            "trainer": {"max_steps": steps, "global_batch_size": 2, "micro_batch_size": 1,
                        "out_dir": str(Path(root) / run), "export_hf": False, "progress": False,
                        "tensorboard": False, "resume": resume, "save_interval": save_interval, "seed": 3}}
+    if algorithm == "sft" and steps > 1:  # validated at the end: 3 rows, the last global batch split 1 / 0
+        cfg["data"]["validation"] = str(path / "val.jsonl")
     if algorithm == "dpo":
         cfg["dpo"] = {"beta": fam.BETA, "loss_type": "dpo", "sft_weight": 0.0}
     if algorithm.startswith("pg"):
@@ -75,6 +80,12 @@ def _fit(root, algorithm, run, ep, **kw):
     torch.distributed.barrier()
     rows = [json.loads(line) for line in (Path(root) / run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["split"] == "train"]
+
+
+def _validation(root, run):
+    """The last validation metrics of ``run``."""
+    rows = [json.loads(line) for line in (Path(root) / run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] not in ("train",)][-1]
 
 
 def _checkpoint_after_step1(root, whole, run):
@@ -109,6 +120,7 @@ def run(root, ep, resume_from):
     algorithms = ("dpo", "pg") + (("pg_dynamic",) if ep > 1 else ())
     out.update({alg: _fit(root, alg, f"{alg}_ep{ep}", ep) for alg in algorithms})
     out["whole"] = _fit(root, "sft", f"whole_ep{ep}", ep, steps=2, save_interval=1)
+    out["validation"] = _validation(root, f"whole_ep{ep}")
     out["sft"] = out["whole"][:1]  # its first step is SFT's one step (constant LR)
     if resume_from is not None:
         if torch.distributed.get_rank() == 0:
@@ -134,6 +146,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("expert_parallel")
     path = fam.make_checkpoint(root, "mixtral")
     (path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in PROMPTS))
+    (path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fam.SFT_ROWS + fam.SFT_ROWS[:1]))
     one = spawn_local(run, 1, str(root), 1, None, timeout=600)[0]
     two = spawn_local(run, 2, str(root), 2, "whole_ep1", timeout=600)
     one["resumed"] = spawn_local(resume_only, 1, str(root), 1, "whole_ep2", timeout=300)[0]
@@ -168,6 +181,19 @@ def test_a_round_of_generation_one_rank_skips_keeps_the_experts_in_step(runs):
         assert abs(want["grad_norm/policy"]) > 1e-3
         for key in KEYS["pg_dynamic"]:
             assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), (rank, key, got, want)
+
+
+def test_validation_with_an_uneven_last_batch_at_expert_parallel_size_two(runs):
+    """3 validation rows in global batches of 2: the last batch's row goes to rank 0 and
+    rank 1 has none, yet runs a zero-weight micro-batch so rank 0's forward can exchange
+    its tokens; the validation loss equals one process's."""
+    one, two = runs
+    want = one["validation"]
+    assert want["split"] != "train" and want["step"] == 2
+    for out in two:
+        got = out["validation"]
+        assert (got["split"], got["step"]) == (want["split"], want["step"])
+        assert abs(got["loss"] - want["loss"]) <= TOL, (got, want)
 
 
 def test_a_checkpoint_resumes_at_another_expert_parallel_size(runs):

@@ -423,7 +423,7 @@ def _bridge_moe_dispatcher() -> None:
     which converts only CUDA tensors to the NumPy arrays ``all_to_all_single`` is given;
     on a CPU they stayed tensors, which gloo's binding refuses. Its side stream is
     :class:`_CpuStream` (``torch.cuda`` as megatron.core sees it)."""
-    from megatron.core.transformer.moe import token_dispatcher
+    from megatron.core.transformer.moe import token_dispatcher  # loaded on engage only, as _MODULES
 
     token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
 
@@ -468,7 +468,7 @@ def _bridge_uneven_collectives() -> None:
     ``tensor_parallel.mappings`` (every autograd function of that module calls them by their
     module-level names)."""
     global _MEGATRON_GATHER, _MEGATRON_REDUCE_SCATTER
-    from megatron.core.tensor_parallel import mappings
+    from megatron.core.tensor_parallel import mappings  # loaded on engage only, as _MODULES
 
     if getattr(mappings._gather_along_first_dim, "_aligner_cpu", False):  # engage() is idempotent
         return

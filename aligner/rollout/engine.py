@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import unwrap_model
@@ -290,8 +291,6 @@ class RolloutEngine:
         tokens within the expert-parallel x tensor-parallel group, so every rank of it must
         run each MoE layer the same number of times, though its data-parallel replica may
         have fewer prompts or finish sooner (see :meth:`_ep_running`)."""
-        from megatron.core.transformer.moe.moe_layer import MoELayer
-
         layers = [layer.mlp for model in self.models for layer in model.decoder.layers
                   if isinstance(getattr(layer, "mlp", None), MoELayer)]
         if not layers or not torch.distributed.is_initialized() or ps.get_expert_model_parallel_world_size() == 1:

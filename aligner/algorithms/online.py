@@ -281,6 +281,12 @@ class ExperienceMaker:
                                         max_batch=self.max_batch, max_seq_len=self.max_seq_len)
         return self.engine
 
+    def keep_in_step(self, context: StepContext) -> None:
+        """On a rank that skips a round of generation other data-parallel ranks run: with the
+        policy's experts split over those ranks (EP > 1) its MoE layers take part in their
+        forwards (:meth:`aligner.rollout.RolloutEngine.keep_in_step`); otherwise nothing."""
+        self._engine(context.roles["policy"]).keep_in_step()
+
     def generate(self, context: StepContext, prompts: Optional[Sequence[dict]] = None, round: int = 0) -> Experience:
         """Responses and their rewards (the step's experience before its log-prob passes, :meth:`score_passes`).
 

@@ -220,6 +220,8 @@ class PGAlgorithm(OnlineAlgorithm):
                 keep, drop = self._split_groups(extra)
                 kept += [(len(parts) - 1, rows) for rows in keep[:quota - len(kept)]]
                 dropped += [(len(parts) - 1, rows) for rows in drop]
+            else:  # experts split over the data-parallel ranks: in step with those generating
+                self.maker.keep_in_step(context)
             rounds += 1
         fillers = dropped[:quota - len(kept)]
         counts = context.all_reduce_dp(torch.tensor([float(len(dropped)), float(len(fillers))], dtype=torch.float64))

@@ -272,11 +272,13 @@ def initialize(parallel: Optional[ParallelConfig] = None, **model_dims) -> DistE
         current = (
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
         )
-        if current != (parallel.tp, parallel.pp):
+        if current != (parallel.tp, parallel.pp, parallel.ep):
             raise LayoutError(
-                f"megatron-core is already initialised with tp={current[0]}, pp={current[1]};"
-                f" call aligner.parallel.destroy() before asking for tp={parallel.tp}, pp={parallel.pp}"
+                f"megatron-core is already initialised with tp={current[0]}, pp={current[1]}, ep={current[2]};"
+                f" call aligner.parallel.destroy() before asking for tp={parallel.tp}, pp={parallel.pp},"
+                f" ep={parallel.ep}"
             )
     else:
         parallel_state.initialize_model_parallel(

@@ -22,10 +22,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from iterative_dpo import paired  # the examples folder is the script's own: the same paired statistics
+from world_common import WorldJudge, mean, paired, train  # the examples folder is the script's own
+
+
+def spin_data_quality(out: Path, rows: Path, iterations: int) -> dict:
+    """The world's scores of SPIN's pairs: per iteration, the helpfulness of the chosen (the
+    SFT rows' responses) and of the rejected (the model's own samples, read from the run's
+    ``spin_samples/iteration_<t>.jsonl``), paired over the rows. SPIN pushes the model
+    towards the chosen and away from its samples: it can only help where the chosen are
+    the better ones."""
+    from aligner.data.world import score_response
+
+    train_rows = [json.loads(line) for line in rows.read_text().splitlines()]
+
+    def meta(row):
+        return {"family": row["family"], "answer": row["answer"], "args": row["args"]}
+
+    chosen = [float(score_response(meta(r), r["conversations"][1]["value"])["helpfulness"]) for r in train_rows]
+    report = {"chosen_helpfulness": mean(chosen), "iterations": []}
+    for t in range(iterations):
+        path = out / "spin" / "spin_samples" / f"iteration_{t}.jsonl"
+        if not path.is_file():
+            break
+        samples = {int(r["index"]): r for r in map(json.loads, path.read_text().splitlines())}
+        rejected = [float(score_response(meta(r), samples[i]["rejected"])["helpfulness"])
+                    for i, r in enumerate(train_rows)]
+        report["iterations"].append({"iteration": t, "rejected_helpfulness": mean(rejected),
+                                     "chosen_minus_rejected": paired(rejected, chosen),
+                                     "chosen_better": mean([float(c > r) for c, r in zip(chosen, rejected)]),
+                                     "rejected_better": mean([float(r > c) for c, r in zip(chosen, rejected)])})
+    return report
 
 
 def main(argv=None) -> int:
@@ -43,64 +71,47 @@ def main(argv=None) -> int:
     parser.add_argument("--divergence", default="forward_kl", help="distill: distill.divergence")
     parser.add_argument("--lr", type=float, default=None, help="default: the config's (spin 2e-5, distill 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="further overrides of the trained run(s), e.g. --set spin.loss_type=ipo")
     args = parser.parse_args(argv)
 
-    from aligner.cli.quickstart import _generate
-    from aligner.cli.train import compose
-    from aligner.data import load_tokenizer
-    from aligner.data.world import load_prompts, score_response
-    from aligner.parallel import ParallelConfig, initialize, is_initialized
-
-    if not is_initialized():
-        initialize(ParallelConfig(seed=args.seed))
     qs, out = Path(args.quickstart), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    world = qs / "world"
-    tok = load_tokenizer(str(world / "tokenizer.model"))
-    heldout = load_prompts(str(world / "prompts_heldout.jsonl"), tok)[:args.prompts]
+    judged = WorldJudge(qs, out, prompts=args.prompts, seed=args.seed)
+    world = judged.world
     rows = out / "sft_rows.jsonl"
     with open(world / "sft_train.jsonl") as f:
         rows.write_text("".join(line for _, line in zip(range(args.rows), f)))
-    common = [f"data.train={rows}", f"data.tokenizer={world / 'tokenizer.model'}", f"trainer.seed={args.seed}",
+    common = [f"data.train={rows}", f"data.tokenizer={judged.tokenizer_path}", f"trainer.seed={args.seed}",
               "trainer.progress=true", "trainer.tensorboard=false", "trainer.save_interval=0"]
     common += [f"optim.lr={args.lr}"] if args.lr is not None else []
+    common += args.set
 
     def judge(folder, name):
-        responses = _generate(folder, heldout, tok, max_new_tokens=48, seed=args.seed)
-        scores = [score_response(p["meta"], r) for p, r in zip(heldout, responses)]
-        with open(out / f"generations_{name}.jsonl", "w") as f:
-            for p, r, s in zip(heldout, responses, scores):
-                f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
-        return [s["helpfulness"] for s in scores]
-
-    def train(config, name, overrides):
-        t0 = time.perf_counter()
-        trainer_cls, cfg = compose(config, common + [f"trainer.out_dir={out / name}"] + overrides)
-        trainer_cls(cfg).fit()
-        return time.perf_counter() - t0
+        return [float(s["helpfulness"]) for s in judged.judge(folder, name)]
 
     results = {"settings": vars(args), "seconds": {}}
     if args.method == "spin":
         sft = qs / "sft" / "hf"
         start = judge(sft, "sft")
-        results["seconds"]["spin"] = train("spin", "spin", [
-            f"init.hf={sft}", f"spin.iterations={args.iterations}", f"spin.epochs={args.epochs}",
-            f"spin.beta={args.beta}"])
+        results["seconds"]["spin"] = train("spin", common + [
+            f"trainer.out_dir={out / 'spin'}", f"init.hf={sft}", f"spin.iterations={args.iterations}",
+            f"spin.epochs={args.epochs}", f"spin.beta={args.beta}"])
         final = judge(out / "spin" / "hf", "spin")
-        results.update(sft_helpfulness=sum(start) / len(start), spin_helpfulness=sum(final) / len(final),
-                       gain_over_sft=paired(start, final))
+        results.update(sft_helpfulness=mean(start), spin_helpfulness=mean(final),
+                       gain_over_sft=paired(start, final),
+                       pairs=spin_data_quality(out, rows, args.iterations))
     else:
-        student = [f"model.num_layers={args.layers}", f"model.vocab_size={tok.vocab_size}",
-                   f"trainer.max_steps={args.steps}"]
-        results["seconds"]["sft_student"] = train("sft", "sft_student", student)
-        results["seconds"]["distilled_student"] = train("distill", "distilled_student", student + [
+        student = common + [f"model.num_layers={args.layers}", f"model.vocab_size={judged.tokenizer.vocab_size}",
+                            f"trainer.max_steps={args.steps}"]
+        results["seconds"]["sft_student"] = train("sft", student + [f"trainer.out_dir={out / 'sft_student'}"])
+        results["seconds"]["distilled_student"] = train("distill", student + [
+            f"trainer.out_dir={out / 'distilled_student'}",
             f"distill.teacher={qs / 'dpo' / 'hf'}", f"distill.divergence={args.divergence}"])
         sft_student = judge(out / "sft_student" / "hf", "sft_student")
         distilled = judge(out / "distilled_student" / "hf", "distilled_student")
         teacher = judge(qs / "dpo" / "hf", "teacher")
-        results.update(sft_student_helpfulness=sum(sft_student) / len(sft_student),
-                       distilled_student_helpfulness=sum(distilled) / len(distilled),
-                       teacher_helpfulness=sum(teacher) / len(teacher),
+        results.update(sft_student_helpfulness=mean(sft_student), distilled_student_helpfulness=mean(distilled),
+                       teacher_helpfulness=mean(teacher),
                        gain_over_sft_student=paired(sft_student, distilled))
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

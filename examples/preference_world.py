@@ -15,7 +15,9 @@ changes:
 - ``simpo``: ``dpo.loss_type=simpo`` (β 2, γ 0.5, no SFT term, the paper's settings), no
   reference.
 
-``--set NAME:KEY=VALUE`` changes one run's option (e.g. ``--set simpo:optim.lr=5e-6``).
+``--runs`` names the runs; ``NAME=LOSS`` is a variant of ``orpo`` or ``simpo`` in its own folder,
+and ``--set NAME:KEY=VALUE`` changes one run's option (e.g. ``--runs simpo_lr5e-6=simpo
+--set simpo_lr5e-6:optim.lr=5e-6``).
 The SFT model and every run answer the world's held-out prompts (temperature 1, fixed
 seeds); the paired helpfulness gains over SFT and over DPO (and the exact-answer rates)
 go to ``results.json``. Runs already trained in ``--out`` are judged again, not retrained.
@@ -46,29 +48,33 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE")
     args = parser.parse_args(argv)
     qs, out = Path(args.quickstart), Path(args.out)
-    judged = WorldJudge(qs, out, prompts=args.prompts, seed=args.seed)
-    world = judged.world
+    loss_of = {}
+    for item in filter(None, args.runs.split(",")):
+        name, _, loss = item.partition("=")
+        if (loss or name) not in RUNS:
+            parser.error(f"--runs: {item!r}: expected NAME or NAME=LOSS with LOSS one of {', '.join(RUNS)}")
+        loss_of[name] = loss or name
+    runs = list(loss_of)
     extra = {}
     for item in args.set:
         name, sep, override = item.partition(":")
-        if not sep or name not in RUNS or "=" not in override:
-            parser.error(f"--set {item}: expected NAME:KEY=VALUE with NAME one of {', '.join(RUNS)}")
+        if not sep or name not in loss_of or "=" not in override:
+            parser.error(f"--set {item}: expected NAME:KEY=VALUE with NAME one of --runs ({', '.join(runs)})")
         extra.setdefault(name, []).append(override)
+    judged = WorldJudge(qs, out, prompts=args.prompts, seed=args.seed)
+    world = judged.world
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    runs = [r for r in args.runs.split(",") if r]
     for name in runs:
-        if name not in RUNS:
-            parser.error(f"--runs: {name!r} is not one of {', '.join(RUNS)}")
         if (out / name / "hf").is_dir():
             continue
         overrides = [f"init.hf={qs / 'sft' / 'hf'}", f"data.train={world / 'pairs_train.jsonl'}",
                      f"data.tokenizer={judged.tokenizer_path}", f"model.vocab_size={judged.tokenizer.vocab_size}",
                      f"trainer.out_dir={out / name}", f"trainer.max_steps={args.steps}", f"trainer.seed={args.seed}",
                      "trainer.progress=true", "trainer.tensorboard=false", "trainer.save_interval=0"]
-        overrides += RUNS[name] + extra.get(name, [])
+        overrides += RUNS[loss_of[name]] + extra.get(name, [])
         results.setdefault("train_seconds", {})[name] = train("dpo", overrides)
-        results.setdefault("settings", {})[name] = RUNS[name] + extra.get(name, []) + [f"steps={args.steps}"]
+        results.setdefault("settings", {})[name] = RUNS[loss_of[name]] + extra.get(name, []) + [f"steps={args.steps}"]
     scores = {name: judged.judge(folder, name) for name, folder in
               [("sft", qs / "sft" / "hf"), ("dpo", qs / "dpo" / "hf")] + [(r, out / r / "hf") for r in runs]}
     helpful = {k: [float(s["helpfulness"]) for s in v] for k, v in scores.items()}

@@ -10,8 +10,11 @@ helpfulness gain of the result over the SFT model.
 
 ``distill``: a ``--layers``-layer student (the tiny architecture, random initialisation)
 trained twice on the same SFT rows for the same steps: by SFT on their responses, and by
-distillation from the quickstart's DPO model (``--divergence``); the paired gain of the
-distilled student over the SFT student (and each one's over the SFT teacher's level).
+distillation from the quickstart's DPO model (``--divergence``, further ``distill.*`` keys
+with ``--set``), into ``--out/<--name>``; the paired gain of the distilled student over the
+SFT student, and the teacher's level. Students already trained in ``--out`` are judged
+again, not retrained, so variants of the distilled student (each its own ``--name``) share
+one SFT student and accumulate in ``results.json``.
 
 Judging (as examples/iterative_dpo.py): ``--prompts`` held-out prompts, one response each at
 temperature 1 with fixed seeds, rated by the world's scorer; paired differences with their
@@ -69,10 +72,14 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=2, help="distill: the student's layers")
     parser.add_argument("--steps", type=int, default=300, help="distill: steps of each student")
     parser.add_argument("--divergence", default="forward_kl", help="distill: distill.divergence")
+    parser.add_argument("--name", default="distilled_student", help="distill: the distilled student's run folder")
     parser.add_argument("--lr", type=float, default=None, help="default: the config's (spin 2e-5, distill 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="further overrides of the trained run(s), e.g. --set spin.loss_type=ipo")
+                        help="further overrides of the SPIN run or the distilled student (e.g. spin.loss_type=ipo)")
+    parser.add_argument("--sft-control", action="store_true",
+                        help="spin: also continue SFT from the SFT model on the same rows, for SPIN's steps at SPIN's"
+                        " learning rate, and report SPIN's paired gain over it")
     args = parser.parse_args(argv)
 
     qs, out = Path(args.quickstart), Path(args.out)
@@ -84,7 +91,6 @@ def main(argv=None) -> int:
     common = [f"data.train={rows}", f"data.tokenizer={judged.tokenizer_path}", f"trainer.seed={args.seed}",
               "trainer.progress=true", "trainer.tensorboard=false", "trainer.save_interval=0"]
     common += [f"optim.lr={args.lr}"] if args.lr is not None else []
-    common += args.set
 
     def judge(folder, name):
         return [float(s["helpfulness"]) for s in judged.judge(folder, name)]
@@ -95,24 +101,44 @@ def main(argv=None) -> int:
         start = judge(sft, "sft")
         results["seconds"]["spin"] = train("spin", common + [
             f"trainer.out_dir={out / 'spin'}", f"init.hf={sft}", f"spin.iterations={args.iterations}",
-            f"spin.epochs={args.epochs}", f"spin.beta={args.beta}"])
+            f"spin.epochs={args.epochs}", f"spin.beta={args.beta}"] + args.set)
         final = judge(out / "spin" / "hf", "spin")
         results.update(sft_helpfulness=mean(start), spin_helpfulness=mean(final),
                        gain_over_sft=paired(start, final),
                        pairs=spin_data_quality(out, rows, args.iterations))
+        if args.sft_control:
+            # the same chosen responses, as many steps of as many rows, SPIN's optimizer settings (conf/spin.yaml)
+            steps = args.iterations * args.epochs * (args.rows // 32)
+            results["seconds"]["sft_control"] = train("sft", common + [
+                f"trainer.out_dir={out / 'sft_control'}", f"init.hf={sft}", f"trainer.max_steps={steps}",
+                "trainer.global_batch_size=32", "trainer.micro_batch_size=16", "trainer.val_interval=0",
+                "optim.warmup_steps=0", "optim.schedule=constant", "optim.min_lr=0"]
+                + ([] if args.lr is not None else ["optim.lr=2e-5"]))
+            control = judge(out / "sft_control" / "hf", "sft_control")
+            results.update(sft_control_helpfulness=mean(control), sft_control_gain_over_sft=paired(start, control),
+                           spin_gain_over_sft_control=paired(control, final))
     else:
+        # runs already trained in --out are judged again, not retrained: variants of the
+        # distilled student (--name, --divergence, --set) are compared with the one SFT student
+        previous = out / "results.json"
+        results = dict(json.loads(previous.read_text()), settings=vars(args)) if previous.is_file() else results
+        results.setdefault("seconds", {})
         student = common + [f"model.num_layers={args.layers}", f"model.vocab_size={judged.tokenizer.vocab_size}",
                             f"trainer.max_steps={args.steps}"]
-        results["seconds"]["sft_student"] = train("sft", student + [f"trainer.out_dir={out / 'sft_student'}"])
-        results["seconds"]["distilled_student"] = train("distill", student + [
-            f"trainer.out_dir={out / 'distilled_student'}",
-            f"distill.teacher={qs / 'dpo' / 'hf'}", f"distill.divergence={args.divergence}"])
+        if not (out / "sft_student" / "hf").is_dir():
+            results["seconds"]["sft_student"] = train("sft", student + [f"trainer.out_dir={out / 'sft_student'}"])
+        if not (out / args.name / "hf").is_dir():
+            results["seconds"][args.name] = train("distill", student + [
+                f"trainer.out_dir={out / args.name}",
+                f"distill.teacher={qs / 'dpo' / 'hf'}", f"distill.divergence={args.divergence}"] + args.set)
+            results.setdefault("variants", {})[args.name] = {"divergence": args.divergence, "set": args.set,
+                                                             "lr": args.lr, "steps": args.steps}
         sft_student = judge(out / "sft_student" / "hf", "sft_student")
-        distilled = judge(out / "distilled_student" / "hf", "distilled_student")
+        distilled = judge(out / args.name / "hf", args.name)
         teacher = judge(qs / "dpo" / "hf", "teacher")
-        results.update(sft_student_helpfulness=mean(sft_student), distilled_student_helpfulness=mean(distilled),
-                       teacher_helpfulness=mean(teacher),
-                       gain_over_sft_student=paired(sft_student, distilled))
+        results.update(sft_student_helpfulness=mean(sft_student), teacher_helpfulness=mean(teacher))
+        results.setdefault("helpfulness", {})[args.name] = mean(distilled)
+        results.setdefault("gain_over_sft_student", {})[args.name] = paired(sft_student, distilled)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0

@@ -99,14 +99,18 @@ def main(argv=None) -> int:
     if args.method == "spin":
         sft = qs / "sft" / "hf"
         start = judge(sft, "sft")
-        results["seconds"]["spin"] = train("spin", common + [
-            f"trainer.out_dir={out / 'spin'}", f"init.hf={sft}", f"spin.iterations={args.iterations}",
-            f"spin.epochs={args.epochs}", f"spin.beta={args.beta}"] + args.set)
+        previous = out / "results.json"
+        if previous.is_file():  # a SPIN run already trained in --out is judged again, not retrained
+            results["seconds"] = json.loads(previous.read_text()).get("seconds", {})
+        if not (out / "spin" / "hf").is_dir():
+            results["seconds"]["spin"] = train("spin", common + [
+                f"trainer.out_dir={out / 'spin'}", f"init.hf={sft}", f"spin.iterations={args.iterations}",
+                f"spin.epochs={args.epochs}", f"spin.beta={args.beta}"] + args.set)
         final = judge(out / "spin" / "hf", "spin")
         results.update(sft_helpfulness=mean(start), spin_helpfulness=mean(final),
                        gain_over_sft=paired(start, final),
                        pairs=spin_data_quality(out, rows, args.iterations))
-        if args.sft_control:
+        if args.sft_control and not (out / "sft_control" / "hf").is_dir():
             # the same chosen responses, as many steps of as many rows, SPIN's optimizer settings (conf/spin.yaml)
             steps = args.iterations * args.epochs * (args.rows // 32)
             results["seconds"]["sft_control"] = train("sft", common + [
@@ -114,6 +118,7 @@ def main(argv=None) -> int:
                 "trainer.global_batch_size=32", "trainer.micro_batch_size=16", "trainer.val_interval=0",
                 "optim.warmup_steps=0", "optim.schedule=constant", "optim.min_lr=0"]
                 + ([] if args.lr is not None else ["optim.lr=2e-5"]))
+        if args.sft_control:
             control = judge(out / "sft_control" / "hf", "sft_control")
             results.update(sft_control_helpfulness=mean(control), sft_control_gain_over_sft=paired(start, control),
                            spin_gain_over_sft_control=paired(control, final))

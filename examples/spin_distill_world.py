@@ -27,6 +27,8 @@ import json
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from world_common import WorldJudge, mean, paired, train  # the examples folder is the script's own
 
 
@@ -73,7 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="distill: steps of each student")
     parser.add_argument("--divergence", default="forward_kl", help="distill: distill.divergence")
     parser.add_argument("--name", default="distilled_student", help="distill: the distilled student's run folder")
-    parser.add_argument("--lr", type=float, default=None, help="default: the config's (spin 2e-5, distill 1e-3)")
+    parser.add_argument("--lr", type=float, default=None, help="default: the config's (spin 5e-6, distill 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="further overrides of the SPIN run or the distilled student (e.g. spin.loss_type=ipo)")
@@ -111,13 +113,13 @@ def main(argv=None) -> int:
                        gain_over_sft=paired(start, final),
                        pairs=spin_data_quality(out, rows, args.iterations))
         if args.sft_control and not (out / "sft_control" / "hf").is_dir():
-            # the same chosen responses, as many steps of as many rows, SPIN's optimizer settings (conf/spin.yaml)
+            # the same chosen responses, as many steps of as many rows, the SPIN run's learning rate
             steps = args.iterations * args.epochs * (args.rows // 32)
             results["seconds"]["sft_control"] = train("sft", common + [
                 f"trainer.out_dir={out / 'sft_control'}", f"init.hf={sft}", f"trainer.max_steps={steps}",
                 "trainer.global_batch_size=32", "trainer.micro_batch_size=16", "trainer.val_interval=0",
-                "optim.warmup_steps=0", "optim.schedule=constant", "optim.min_lr=0"]
-                + ([] if args.lr is not None else ["optim.lr=2e-5"]))
+                "optim.warmup_steps=0", "optim.schedule=constant", "optim.min_lr=0",
+                f"optim.lr={OmegaConf.load(out / 'spin' / 'config.yaml').optim.lr}"])
         if args.sft_control:
             control = judge(out / "sft_control" / "hf", "sft_control")
             results.update(sft_control_helpfulness=mean(control), sft_control_gain_over_sft=paired(start, control),

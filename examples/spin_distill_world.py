@@ -5,8 +5,12 @@
     python examples/spin_distill_world.py distill --quickstart runs/quickstart --out runs/distill_world
 
 ``spin``: ``aligner train spin`` from the quickstart's SFT model on ``--rows`` of the world's
-SFT rows (no preference data), ``--iterations`` iterations; the paired ground-truth
-helpfulness gain of the result over the SFT model.
+SFT rows (no preference data), ``--iterations`` iterations (further ``spin.*`` keys with
+``--set``); the paired ground-truth helpfulness gain of the result over the SFT model, and
+the world's scores of every iteration's pairs (the SFT responses, SPIN's chosen, against the
+model's own samples, its rejected). ``--sft-control`` also continues SFT from the SFT model
+on the same rows for SPIN's steps at its learning rate and reports SPIN's gain over that. A
+SPIN run already trained in ``--out`` is judged again, not retrained.
 
 ``distill``: a ``--layers``-layer student (the tiny architecture, random initialisation)
 trained twice on the same SFT rows for the same steps: by SFT on their responses, and by
@@ -16,7 +20,7 @@ SFT student, and the teacher's level. Students already trained in ``--out`` are 
 again, not retrained, so variants of the distilled student (each its own ``--name``) share
 one SFT student and accumulate in ``results.json``.
 
-Judging (as examples/iterative_dpo.py): ``--prompts`` held-out prompts, one response each at
+Judging (examples/world_common.py): ``--prompts`` held-out prompts, one response each at
 temperature 1 with fixed seeds, rated by the world's scorer; paired differences with their
 standard errors go to ``results.json``.
 """

@@ -64,11 +64,13 @@ def _generated(models, cfg):
     for m in models:
         m.eval()
     out = {}
-    for impl in ("fused", "megatron"):
-        engine = RolloutEngine(models, cfg, decode_impl=impl)
+    # fused_refill: one slot, so the second prompt is prefilled into it by the fused decoder
+    for name, impl, max_batch in (("fused", "fused", 64), ("megatron", "megatron", 64), ("fused_refill", "fused", 1)):
+        engine = RolloutEngine(models, cfg, decode_impl=impl, max_batch=max_batch)
         res = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=NEW_TOKENS, greedy=True, stop_token_ids=[]))
-        out[impl] = ([res.response_tokens(i) for i in range(len(res))],
+        out[name] = ([res.response_tokens(i) for i in range(len(res))],
                      [res.response_logprobs(i) for i in range(len(res))], type(engine.decoder).__name__)
+    assert engine.continuous and engine.forwards > 0
     return out
 
 
@@ -245,7 +247,7 @@ def test_lora_sft_step_equals_peft_at_every_layout(tiny_llama):
     # rollout generates with the adapters: both decode paths at TP1 and TP2 give PEFT's greedy tokens and log-probs
     reference = _peft_greedy(tiny_llama, hf_modules)
     for name, result in (("tp1", world1[0]["tp1"]), ("tp2", world2[0]["tp2"])):
-        assert result["generated"]["fused"][2] == "FusedDecoder"
+        assert result["generated"]["fused"][2] == result["generated"]["fused_refill"][2] == "FusedDecoder"
         for impl, (tokens, logprobs, _) in result["generated"].items():
             for (ref_tokens, ref_lp), got, got_lp in zip(reference, tokens, logprobs):
                 assert got == ref_tokens, (name, impl, got, ref_tokens)

@@ -43,9 +43,11 @@ from aligner.training.config import (
     InitSection,
     LoraSection,
     ModelSection,
+    MoESection,
     OptimSection,
     ParallelSection,
     TrainerSection,
+    check_moe_model,
     model_fields,
 )
 from aligner.training.run_folder import check_resume, start_fresh, write_config
@@ -69,6 +71,7 @@ class RunConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     lora: LoraSection = field(default_factory=LoraSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
+    moe: MoESection = field(default_factory=MoESection)
 
 
 def init_from_hf() -> InitSection:
@@ -173,6 +176,7 @@ class Trainer:
         except (ValueError, FileNotFoundError) as exc:  # an HF config aligner cannot represent
             raise ConfigError(f"init.hf = {c.init.hf!r}: {exc}") from None
         checks.check_model(c, mc)
+        check_moe_model(c.moe, "moe", mc)
         self.check_batch(c, checks.data_parallel_size(c))
         return check_resume(c.trainer.out_dir, self.recorded(), c.trainer.resume)
 
@@ -266,8 +270,10 @@ class Trainer:
             mc.bos_token_id = tok.bos_id if mc.bos_token_id is None else mc.bos_token_id
         p = self.cfg.parallel
         stages = [None] if not p.vpp else list(range(p.vpp))
+        # the moe section's router options are the policy's (and its copies'), not another model's
+        router = self.cfg.moe.router_options() if mc.num_experts and own else {}
         models = [build_model(mc, head=head, num_outputs=num_outputs, params_dtype=self.params_dtype(), vp_stage=s,
-                              sequence_parallel=p.sequence_parallel and p.tp > 1).to(get_device())
+                              sequence_parallel=p.sequence_parallel and p.tp > 1, **router).to(get_device())
                   for s in stages]
         if hf:
             load_hf_weights(models, hf, mc, head=head)

@@ -46,6 +46,7 @@ same prompts and config (SPMD); data-parallel replicas generate independently.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -57,6 +58,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import unwrap_model
+from aligner.models.moe import RoutingCapture
 from aligner.parallel import get_device
 from aligner.rollout.decode import FusedDecoder, unsupported_reason
 from aligner.rollout.sampling import chosen_logprobs, select_tokens
@@ -161,6 +163,8 @@ class GenerationResult:
     stop_reasons: list
     prompt_lengths: torch.Tensor
     pad_id: int = 0
+    routing: Optional[torch.Tensor] = None  # [n, L, layers, k] with record_routing (see generate)
+    routing_layers: Optional[list] = None  # the layer numbers of routing's third axis
 
     def response_tokens(self, i: int) -> list:
         start = int(self.prompt_lengths[i])
@@ -257,6 +261,7 @@ class RolloutEngine:
                 torch.distributed.all_reduce(me, op=torch.distributed.ReduceOp.MAX, group=group)
                 self.mp_group, self.source_rank = group, int(me.item())
         self.decoder = self._make_decoder(decode_impl)
+        self.routing_capture = RoutingCapture(self.models)  # an MoE model's routers (else none)
 
     def _make_decoder(self, decode_impl: str) -> Optional[FusedDecoder]:
         """The fused decoder, or None for megatron-core decode steps; every rank of the
@@ -344,12 +349,15 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ public
     def generate(self, prompts, config: Optional[GenerationConfig] = None,
-                 seeds: Optional[Sequence[int]] = None) -> GenerationResult:
+                 seeds: Optional[Sequence[int]] = None, record_routing: bool = False) -> GenerationResult:
         """Generate a response for every prompt (strings or token-id lists).
 
         seeds: one per prompt (reproducible per request), or None for
         ``seed_for(config.seed, i)``. Returns a :class:`GenerationResult` (CPU tensors), the
-        same on every rank of the model-parallel group.
+        same on every rank of the model-parallel group. record_routing (an MoE model): the
+        result's ``routing`` holds the experts every token fed to the model was routed to
+        by this rank's MoE layers, aligned with ``tokens`` (the last token of a row, never
+        fed, and padding: -1), for routing replay (aligner.models.moe).
         """
         config = config or GenerationConfig()
         if not isinstance(config, GenerationConfig):
@@ -369,23 +377,33 @@ class RolloutEngine:
                 if not _is_int(s):
                     raise ValueError(f"seeds[{i}] = {s!r}: expected an integer")
 
+        if record_routing and not self.routing_capture.enabled:
+            raise ValueError("record_routing: the model has no mixture-of-experts layers")
         responses: list = [None] * n
         order = sorted(range(n), key=lambda i: len(token_prompts[i]))
         was_training = [m.training for m in self.models]
         for m in self.models:
             m.eval()
+        width = min(max((len(p) for p in token_prompts), default=0) + config.max_new_tokens, self.max_seq_len)
+        capture = self.routing_capture
         try:
-            for start in range(0, n, self.max_batch):
-                rows = order[start:start + self.max_batch]
-                batch = self._generate_batch(
-                    [token_prompts[i] for i in rows], [seeds[i] for i in rows], config, stop_ids
-                )
-                for i, resp in zip(rows, batch):
-                    responses[i] = resp
+            with capture.recording(n, width) if record_routing else contextlib.nullcontext():
+                for start in range(0, n, self.max_batch):
+                    rows = order[start:start + self.max_batch]
+                    batch = self._generate_batch(
+                        [token_prompts[i] for i in rows], [seeds[i] for i in rows], config, stop_ids,
+                        row_ids=rows if record_routing else None,
+                    )
+                    for i, resp in zip(rows, batch):
+                        responses[i] = resp
         finally:
             for m, training in zip(self.models, was_training):
                 m.train(training)
-        return self._result(token_prompts, responses, config.max_new_tokens)
+        result = self._result(token_prompts, responses, config.max_new_tokens)
+        if record_routing:
+            result.routing = capture.choices[:, :result.tokens.shape[1]]
+            result.routing_layers = list(capture.layers)
+        return result
 
     # ------------------------------------------------------------------ result
     def _result(self, prompts, responses, max_new_tokens) -> GenerationResult:
@@ -415,11 +433,12 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ one batch
     @torch.inference_mode()
-    def _generate_batch(self, prompts, seeds, config: GenerationConfig, stop_ids) -> list:
+    def _generate_batch(self, prompts, seeds, config: GenerationConfig, stop_ids, row_ids=None) -> list:
         """Generate for one batch; returns per row ``(response ids, log-probs, stop code)``.
 
         State is kept in cache-slot order (``rows[j]`` is the prompt index of slot j);
-        finished rows are written out and their slots removed.
+        finished rows are written out and their slots removed. row_ids: the prompts' rows
+        in the routing being recorded (None: not recording).
         """
         device = self.device
         b = len(prompts)
@@ -444,6 +463,8 @@ class RolloutEngine:
         fused = self.decoder is not None
         # With the fused decoder megatron-core's cache only has to hold the prefill.
         contexts = [StaticInferenceContext(b, t if fused else total) for _ in self.models]
+        if row_ids is not None:  # which rows and columns the model call routes
+            self.routing_capture.feed(row_ids, range(t))
         logits = self._forward(tokens[:, :t], self._causal_mask(t), contexts)
         if fused:
             self.decoder.start(contexts, t, total)
@@ -477,6 +498,8 @@ class RolloutEngine:
                 kept = keep.tolist()
                 rows = [rows[j] for j in kept]
                 max_plen = int(plen.max())
+            if row_ids is not None:
+                self.routing_capture.feed([row_ids[r] for r in rows], [t - 1])
             if fused:
                 logits = self.decoder.step(tokens[:, t - 1], t - 1)
             else:

@@ -255,6 +255,7 @@ class Trainer:
         ``hf``: another model of the run instead (a distillation teacher), at the same layout."""
         # the model code is megatron-core: loaded when models are built
         from aligner.models import build_model, load_hf_weights
+        from aligner.models.moe import router_options
 
         own = model_cfg is None and hf is None
         mc = model_cfg or self.model_config()
@@ -271,7 +272,10 @@ class Trainer:
         p = self.cfg.parallel
         stages = [None] if not p.vpp else list(range(p.vpp))
         # the moe section's router options are the policy's (and its copies'), not another model's
-        router = self.cfg.moe.router_options() if mc.num_experts and own else {}
+        m = self.cfg.moe
+        router = router_options(aux_loss_coeff=m.aux_loss_coeff, load_balancing=str(m.load_balancing),
+                                z_loss_coeff=m.z_loss_coeff, routing_replay=m.routing_replay) \
+            if mc.num_experts and own else {}
         models = [build_model(mc, head=head, num_outputs=num_outputs, params_dtype=self.params_dtype(), vp_stage=s,
                               sequence_parallel=p.sequence_parallel and p.tp > 1, **router).to(get_device())
                   for s in stages]
@@ -499,4 +503,10 @@ class TokenAlgorithm(Algorithm):
         return out
 
     def forward(self, model, batch):
-        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+        # megatron-core: loaded when a run starts, not with the config checks
+        from aligner.models.moe import padding_mask
+
+        # an MoE model's routers leave the padding (item -1) out of their losses and statistics
+        items = batch.get("item_of_token")
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                     padding_mask=padding_mask(model, None if items is None else items < 0))

@@ -500,8 +500,10 @@ class OnlineAlgorithm(Algorithm):
         for start in range(0, max(len(rows), 1), mbs):
             chunk = rows[start:start + mbs]
             idx = torch.tensor(chunk + [chunk[0] if chunk else 0] * (mbs - len(chunk)))
+            ends = (exp.prompt_lengths + exp.response_lengths)[idx]
             batch = {"tokens": exp.tokens[idx], "position_ids": None, "attention_mask": None,
-                     "old_logps": exp.old_logps[idx]}
+                     "old_logps": exp.old_logps[idx],
+                     "padding": torch.arange(exp.tokens.shape[1])[None, :] >= ends[:, None]}
             if exp.ref_logps is not None:
                 batch["ref_logps"] = exp.ref_logps[idx]
             if exp.values is not None:

@@ -60,12 +60,33 @@ def topk_indices(routing_map: torch.Tensor, k: int) -> torch.Tensor:
     return torch.topk(routing_map.to(torch.float32), k, dim=1, sorted=True).indices
 
 
+def padding_mask(model, padding: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """megatron-core ``GPTModel``'s ``padding_mask`` keyword for a micro-batch whose padding
+    positions are ``padding`` [b, s] (bool, True = padding), so the routers leave padding out
+    of the auxiliary losses and the load statistics; None for a dense model (or no
+    padding). megatron-core splits the mask over the sequence-parallel ranks on the first
+    pipeline stage only; a later stage gets its share here."""
+    from aligner.models.gpt import unwrap_model
+
+    inner = unwrap_model(model)
+    if padding is None or not inner.model_cfg.num_experts:
+        return None
+    padding = padding.bool()
+    tp = ps.get_tensor_model_parallel_world_size()
+    if not inner.pre_process and inner.config.sequence_parallel and tp > 1:
+        share = padding.shape[1] // tp
+        rank = ps.get_tensor_model_parallel_rank()
+        padding = padding[:, rank * share:(rank + 1) * share]
+    return padding.contiguous()
+
+
 # ------------------------------------------------------------------ statistics
 class RouterStats:
     """Step metrics of an MoE model's training passes (docs/moe.md, "Logged metrics").
 
     ``moe/tokens_per_expert_{mean,max,min}``: tokens routed to an expert in the step's
-    training passes, over layers and experts (all ranks' tokens); ``moe/load_max_over_mean``
+    training passes, over layers and experts (all ranks' tokens; padding left out where
+    the forward passes a :func:`padding_mask`); ``moe/load_max_over_mean``
     and ``moe/load_min_over_mean``: the most and least loaded expert of the worst layer
     relative to the layer's mean (1.0: balanced); ``moe/load_balancing_loss`` and
     ``moe/z_loss`` (when their coefficient is set): megatron-core's per-micro-batch values
@@ -88,7 +109,11 @@ class RouterStats:
     def _hook(self, router, inputs, output) -> None:
         if router.training and torch.is_grad_enabled():
             layer = router.layer_number - 1
-            self.counts[layer] += output[1].sum(dim=0).double().cpu()
+            routing_map = output[1]
+            padding = inputs[1] if len(inputs) > 1 else None  # [s, b], True = padding, as the router flattens it
+            if padding is not None:
+                routing_map = routing_map[~padding.reshape(-1)]
+            self.counts[layer] += routing_map.sum(dim=0).double().cpu()
             self.calls[layer] += 1
 
     def reset(self) -> None:

@@ -241,13 +241,6 @@ class MoESection:
     z_loss_coeff: float = 0.0
     routing_replay: bool = False
 
-    def router_options(self) -> dict:
-        """``TransformerConfig`` overrides of an MoE model (aligner.models.moe.router_options)."""
-        from aligner.models.moe import router_options  # megatron-core: loaded when models are built
-
-        return router_options(aux_loss_coeff=self.aux_loss_coeff, load_balancing=str(self.load_balancing),
-                              z_loss_coeff=self.z_loss_coeff, routing_replay=self.routing_replay)
-
 
 @section_check(MoESection)
 def _check_moe(m, key: str, cfg) -> None:

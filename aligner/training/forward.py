@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from aligner.models.moe import clear_replay, replay_routing
+from aligner.models.moe import clear_replay, padding_mask, replay_routing
 from aligner.training.batching import shifted_logprobs
 
 
@@ -56,11 +56,13 @@ def forward(model, batch):
     ``routing`` [b, s, L, k] (and its ``routing_layers``) an MoE model's routers send the
     tokens to those experts (routing replay, aligner.models.moe) in this forward only."""
     routing = batch.get("routing")
+    # an MoE model's routers leave padding (``padding`` [b, s], where given) out of their losses
+    kwargs = {"padding_mask": padding_mask(model, batch.get("padding"))}
     if routing is None:
-        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"], **kwargs)
     replay_routing(model, routing, batch["routing_layers"].tolist())
     try:
-        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"], **kwargs)
     finally:
         clear_replay(model)
 

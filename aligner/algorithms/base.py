@@ -94,6 +94,7 @@ class Trainer:
     schema: type = RunConfig
     data_kind = "sft"
     config_name: Optional[str] = None  # the top-level config of its defaults (None: conf/<name>.yaml if any)
+    replays_routing = False  # moe.routing_replay applies (an online trainer's ExperienceMaker)
 
     def __init__(self, cfg: Any):
         if isinstance(cfg, dict):
@@ -177,6 +178,9 @@ class Trainer:
             raise ConfigError(f"init.hf = {c.init.hf!r}: {exc}") from None
         checks.check_model(c, mc)
         check_moe_model(c.moe, "moe", mc)
+        if c.moe.routing_replay and not self.replays_routing:
+            raise ConfigError(f"moe.routing_replay = true: algorithm {c.algorithm} does not train on"
+                              " rollouts' log-probs (PPO and the pg family do)")
         self.check_batch(c, checks.data_parallel_size(c))
         return check_resume(c.trainer.out_dir, self.recorded(), c.trainer.resume)
 

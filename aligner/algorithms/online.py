@@ -662,6 +662,7 @@ class OnlineTrainer(Trainer):
 
     data_kind = "prompts"
     key = "online"
+    replays_routing = True
 
     def __init__(self, cfg):
         # a Python callable as <key>.reward.function (from Python): kept here, its name recorded

@@ -25,7 +25,12 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from aligner.models.gpt import unwrap_model
+
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+# the name megatron-core's tracker records each load-balancing loss under
+TRACKED = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+           "global_aux_loss": "global_load_balancing_loss"}
 
 
 def router_options(*, aux_loss_coeff: float = 0.0, load_balancing: str = "aux_loss", z_loss_coeff: float = 0.0,
@@ -66,8 +71,6 @@ def padding_mask(model, padding: Optional[torch.Tensor]) -> Optional[torch.Tenso
     of the auxiliary losses and the load statistics; None for a dense model (or no
     padding). megatron-core splits the mask over the sequence-parallel ranks on the first
     pipeline stage only; a later stage gets its share here."""
-    from aligner.models.gpt import unwrap_model
-
     inner = unwrap_model(model)
     if padding is None or not inner.model_cfg.num_experts:
         return None
@@ -132,16 +135,14 @@ class RouterStats:
         c = self.config
         names = []
         if c.moe_aux_loss_coeff and c.moe_router_load_balancing_type != "none":
-            names.append(("load_balancing_loss", {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
-                                                  "global_aux_loss": "global_load_balancing_loss"}
-                          [c.moe_router_load_balancing_type]))
+            names.append(("load_balancing_loss", TRACKED[c.moe_router_load_balancing_type]))
         if c.moe_z_loss_coeff:
             names.append(("z_loss", "z_loss"))
         out = {}
         for metric_name, tracked in names:
             entry = tracker.get(tracked)
-            values = entry["values"] if entry is not None else None
-            out[metric_name] = (torch.zeros(self.num_layers) if values is None else values[: self.num_layers]).double().cpu()
+            values = torch.zeros(self.num_layers) if entry is None else entry["values"][: self.num_layers]
+            out[metric_name] = values.double().cpu()
         return out
 
     def collect(self) -> Dict[str, float]:

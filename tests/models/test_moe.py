@@ -193,3 +193,29 @@ def test_routing_replay_removes_a_forced_routing_difference(job):
     without, with_replay = r["forced_without_replay"], r["forced_with_replay"]
     assert without["logprob_mismatch"] > 1e-2 and without["max_abs"] > 0.1, without
     assert with_replay["logprob_mismatch"] < 1e-6 and with_replay["max_abs"] < 4e-6, with_replay
+
+
+def test_moe_options_a_model_cannot_use_are_refused_before_any_work(tmp_path):
+    """A dense model takes no moe option; routing replay needs an online trainer; a
+    negative coefficient is refused: one line naming the key each time."""
+    from aligner.algorithms.dpo import DPOTrainer
+    from aligner.algorithms.sft import SFTTrainer
+    from aligner.config import ConfigError
+    from tests.models import families as fam
+
+    for name in ("llama", "qwen3_moe"):
+        fam.make_checkpoint(tmp_path, name)
+
+    def trainer(cls, name, data, moe):
+        path = tmp_path / name
+        return cls({"init": {"hf": str(path)}, "data": {"train": str(path / data), "template": "raw"}, "moe": moe,
+                    "trainer": {"out_dir": str(tmp_path / "run"), "global_batch_size": 2, "micro_batch_size": 1}})
+
+    with pytest.raises(ConfigError, match=r"^moe.aux_loss_coeff = 0.01: model.arch = llama has no experts"
+                                          r" \(model.num_experts is not set\)$"):
+        trainer(SFTTrainer, "llama", "sft.jsonl", {"aux_loss_coeff": 0.01}).preflight()
+    with pytest.raises(ConfigError, match=r"^moe.routing_replay = true: algorithm dpo does not train on rollouts'"):
+        trainer(DPOTrainer, "qwen3_moe", "pairs.jsonl", {"routing_replay": True}).preflight()
+    with pytest.raises(ConfigError, match=r"moe.z_loss_coeff"):
+        trainer(SFTTrainer, "qwen3_moe", "sft.jsonl", {"z_loss_coeff": -1.0}).preflight()
+    trainer(SFTTrainer, "qwen3_moe", "sft.jsonl", {"aux_loss_coeff": 0.01, "z_loss_coeff": 0.001}).preflight()

@@ -556,7 +556,10 @@ class OnlineAlgorithm(Algorithm):
                     role = context.roles[name]
                     role.train()
                     role.zero_grad()
-                    outputs[name] = context.run_schedule(role.chunks, micro, forward, loss, forward_only=False)
+                    # the rollout's routing is the policy's: another role (a critic) routes by itself
+                    own = micro if name == "policy" else [
+                        {k: v for k, v in b.items() if k not in ("routing", "routing_layers")} for b in micro]
+                    outputs[name] = context.run_schedule(role.chunks, own, forward, loss, forward_only=False)
                     stores[name] += outputs[name]
                     _, norm = role.step()
                     norms[name].append(float(norm) if norm is not None else float("nan"))

@@ -4,7 +4,9 @@ trained with the router's load-balancing loss: one SFT, DPO and GRPO step at TP=
 process. GRPO runs at PP=2 only: generation needs sequence parallelism off, which
 megatron-core's MoE layer needs on to train at TP > 1 (docs/moe.md). The z-loss is left
 out: under sequence parallelism megatron-core averages it per rank over that rank's
-non-padding tokens (docs/moe.md, "Layouts"); tests/models/test_moe.py checks it by hand."""
+non-padding tokens (docs/moe.md, "Layouts"); tests/models/test_moe.py checks it by hand.
+The one-process job also runs a PPO step with routing replay and a critic initialised from
+the MoE policy."""
 import json
 from pathlib import Path
 
@@ -22,15 +24,16 @@ def _run(path: Path, algorithm: str, out: Path, tp: int, pp: int) -> dict:
     """Step 1's metrics of one step of ``algorithm`` at TP x PP (world = tp x pp)."""
     from aligner.algorithms.dpo import DPOTrainer
     from aligner.algorithms.pg import PGTrainer
+    from aligner.algorithms.ppo import PPOTrainer
     from aligner.algorithms.sft import SFTTrainer
 
-    data = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "pg": "prompts.jsonl"}[algorithm]
+    data = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "pg": "prompts.jsonl", "ppo": "prompts.jsonl"}[algorithm]
     cfg = {"init": {"hf": str(path)}, "parallel": {"tp": tp, "pp": pp, "sequence_parallel": tp > 1},
            "data": {"train": str(path / data), "template": "raw", "max_length": 64},
            "optim": {"name": "sgd", "lr": 0.01, "weight_decay": 0.0, "clip_grad": 0.0, "warmup_steps": 0},
            "trainer": {"max_steps": 1, "global_batch_size": 2, "micro_batch_size": 1, "out_dir": str(out),
                        "export_hf": False, "progress": False, "tensorboard": False, "resume": False},
-           "moe": MOE}
+           "moe": dict(MOE, routing_replay=algorithm in ("pg", "ppo"))}
     if algorithm == "dpo":
         cfg["dpo"] = {"beta": 0.5, "loss_type": "dpo", "sft_weight": 0.0}
     if algorithm == "pg":
@@ -38,7 +41,11 @@ def _run(path: Path, algorithm: str, out: Path, tp: int, pp: int) -> dict:
         cfg["pg"] = {"advantage": "grpo", "samples_per_prompt": 2, "kl_coef": 0.0,
                      "reward": {"kind": "function", "function": "tests.algorithms.pg_setup:length_reward"},
                      "generation": {"max_new_tokens": 4, "temperature": 1.0}}
-    trainer = {"sft": SFTTrainer, "dpo": DPOTrainer, "pg": PGTrainer}[algorithm](cfg)
+    if algorithm == "ppo":  # the critic starts from the MoE policy and routes by itself
+        cfg["trainer"]["micro_batch_size"] = 2
+        cfg["ppo"] = {"reward": {"kind": "function", "function": "tests.algorithms.pg_setup:length_reward"},
+                      "critic_init": "policy", "kl_coef": 0.0, "generation": {"max_new_tokens": 4}}
+    trainer = {"sft": SFTTrainer, "dpo": DPOTrainer, "pg": PGTrainer, "ppo": PPOTrainer}[algorithm](cfg)
     trainer.fit()
     import torch
 
@@ -58,7 +65,7 @@ def runs(tmp_path_factory):
     path = fam.make_checkpoint(root, NAME)
     (path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": fam._words(6 + i, 70 + i)}) + "\n"
                                                 for i in range(2)))
-    one = spawn_local(_world, 1, str(root), 1, 1, ("sft", "dpo", "pg"), timeout=600)[0]
+    one = spawn_local(_world, 1, str(root), 1, 1, ("sft", "dpo", "pg", "ppo"), timeout=600)[0]
     tp2 = spawn_local(_world, 2, str(root), 2, 1, ("sft", "dpo"), timeout=600)
     pp2 = spawn_local(_world, 2, str(root), 1, 2, ("sft", "dpo", "pg"), timeout=600)
     return one, {"tp2": tp2, "pp2": pp2}
@@ -82,3 +89,13 @@ def test_one_step_at_tp2_and_pp2_equals_one_process(runs, algorithm):
                 assert got[key] == want[key], (layout, rank, key)
             checked += 1
     assert checked == (2 if algorithm == "pg" else 4)
+    if algorithm == "pg":  # replayed routing: the rollout's log-probs to rounding
+        assert all(m["logprob_mismatch"] < 1e-6 for m in [want] + [out["pg"] for out in layouts["pp2"]])
+
+
+def test_ppo_with_routing_replay_and_a_critic_from_the_moe_policy(runs):
+    """PPO's update micro-batches carry the rollout's routing for the policy only: the
+    critic (initialised from the MoE policy) routes its own tokens."""
+    got = runs[0]["ppo"]
+    assert got["logprob_mismatch"] < 1e-6 and got["moe/load_balancing_loss"] > 0.5
+    assert got["grad_norm/critic"] > 0 and got["grad_norm/policy"] > 0

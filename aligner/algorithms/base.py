@@ -44,9 +44,11 @@ from aligner.training.config import (
     InitSection,
     LoraSection,
     ModelSection,
+    MoESection,
     OptimSection,
     ParallelSection,
     TrainerSection,
+    check_moe_model,
     model_fields,
 )
 from aligner.training.run_folder import check_resume, start_fresh, write_config
@@ -70,6 +72,7 @@ class RunConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     lora: LoraSection = field(default_factory=LoraSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
+    moe: MoESection = field(default_factory=MoESection)
 
 
 def init_from_hf() -> InitSection:
@@ -92,6 +95,7 @@ class Trainer:
     schema: type = RunConfig
     data_kind = "sft"
     config_name: Optional[str] = None  # the top-level config of its defaults (None: conf/<name>.yaml if any)
+    replays_routing = False  # moe.routing_replay applies (an online trainer's ExperienceMaker)
 
     def __init__(self, cfg: Any):
         if isinstance(cfg, dict):
@@ -174,6 +178,10 @@ class Trainer:
         except (ValueError, FileNotFoundError) as exc:  # an HF config aligner cannot represent
             raise ConfigError(f"init.hf = {c.init.hf!r}: {exc}") from None
         checks.check_model(c, mc)
+        check_moe_model(c.moe, "moe", mc)
+        if c.moe.routing_replay and not self.replays_routing:
+            raise ConfigError(f"moe.routing_replay = true: algorithm {c.algorithm} does not train on"
+                              " rollouts' log-probs (PPO and the pg family do)")
         self.check_batch(c, checks.data_parallel_size(c))
         return check_resume(c.trainer.out_dir, self.recorded(), c.trainer.resume)
 
@@ -252,6 +260,7 @@ class Trainer:
         ``hf``: another model of the run instead (a distillation teacher), at the same layout."""
         # the model code is megatron-core: loaded when models are built
         from aligner.models import build_model, load_hf_weights
+        from aligner.models.moe import router_options
 
         own = model_cfg is None and hf is None
         mc = model_cfg or self.model_config()
@@ -267,8 +276,13 @@ class Trainer:
             mc.bos_token_id = tok.bos_id if mc.bos_token_id is None else mc.bos_token_id
         p = self.cfg.parallel
         stages = [None] if not p.vpp else list(range(p.vpp))
+        # the moe section's router options are the policy's (and its copies'), not another model's
+        m = self.cfg.moe
+        router = router_options(aux_loss_coeff=m.aux_loss_coeff, load_balancing=str(m.load_balancing),
+                                z_loss_coeff=m.z_loss_coeff, routing_replay=m.routing_replay) \
+            if mc.num_experts and own else {}
         models = [build_model(mc, head=head, num_outputs=num_outputs, params_dtype=self.params_dtype(), vp_stage=s,
-                              sequence_parallel=p.sequence_parallel and p.tp > 1).to(get_device())
+                              sequence_parallel=p.sequence_parallel and p.tp > 1, **router).to(get_device())
                   for s in stages]
         if hf:
             load_hf_weights(models, hf, mc, head=head)
@@ -516,4 +530,10 @@ class TokenAlgorithm(Algorithm):
         return out
 
     def forward(self, model, batch):
-        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+        # megatron-core: loaded when a run starts, not with the config checks
+        from aligner.models.moe import padding_mask
+
+        # an MoE model's routers leave the padding (item -1) out of their losses and statistics
+        items = batch.get("item_of_token")
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"],
+                     padding_mask=padding_mask(model, None if items is None else items < 0))

@@ -194,6 +194,8 @@ class Experience:
     values: Optional[torch.Tensor] = None  # [n, S]
     attribute_scores: Optional[torch.Tensor] = None  # [n, A]
     filler: Optional[torch.Tensor] = None  # [n] bool: rows that count for nothing (a batch topped up)
+    routing: Optional[torch.Tensor] = None  # [n, S, L, k] int16: the rollout's experts (moe.routing_replay)
+    routing_layers: Optional[torch.Tensor] = None  # [L] long: their layer numbers on this rank
     texts: List[str] = field(default_factory=list)
     metadata: List[dict] = field(default_factory=list)
     timings: Dict[str, float] = field(default_factory=dict)
@@ -207,7 +209,9 @@ class Experience:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if torch.is_tensor(v):
+            if f.name == "routing_layers":
+                out[f.name] = v
+            elif torch.is_tensor(v):
                 out[f.name] = v[idx]
             elif isinstance(v, list):
                 out[f.name] = [v[i] for i in idx.tolist()] if v else []
@@ -239,7 +243,12 @@ class Experience:
             else:
                 if any(v is None for v in values):
                     raise ValueError(f"Experience.concat: field {f.name} is set in some parts only")
-                if values[0].dim() == 2 and f.name != "attribute_scores":
+                if f.name == "routing_layers":  # one list of layers, not per row
+                    out[f.name] = values[0]
+                    continue
+                if f.name == "routing":  # [n, S, L, k]: unrecorded positions are -1
+                    values = [F.pad(v, (0, 0, 0, 0, 0, S - v.shape[1]), value=-1) for v in values]
+                elif values[0].dim() == 2 and f.name != "attribute_scores":
                     values = [F.pad(v, (0, S - v.shape[1]), value=pad_id if f.name == "tokens" else 0) for v in values]
                 out[f.name] = torch.cat(values)
         return Experience(**out)
@@ -252,7 +261,9 @@ class ExperienceMaker:
     of the per-sample seeds); samples_per_prompt: G. reward: a reward source (None: rewards 0). reference: a
     :class:`aligner.training.roles.ReferencePolicy` or None; critic: the critic's trainable
     role or None. tokenizer: the policy's (decodes responses). max_seq_len: prompt +
-    response tokens at most (default: the model's context).
+    response tokens at most (default: the model's context). routing_replay (an MoE
+    policy, ``moe.routing_replay``): the rollout records each token's experts and every
+    policy pass over the experience (old log-probs, updates) routes them the same way.
     """
 
     # sample indices of extra rounds (dynamic sampling) start at round x ROUND_STRIDE
@@ -270,6 +281,7 @@ class ExperienceMaker:
         self.critic = critic
         self.max_seq_len = max_seq_len
         self.max_batch = max_batch
+        self.routing_replay = False
         self.engine = None
 
     def _engine(self, policy):
@@ -321,10 +333,15 @@ class ExperienceMaker:
                                  f" tokens; prompt + response must fit {limit} tokens")
         t0 = time.perf_counter()
         engine = self._engine(policy)
-        result = engine.generate(rows, self.generation, seeds=seeds)
+        result = engine.generate(rows, self.generation, seeds=seeds, record_routing=self.routing_replay)
         t1 = time.perf_counter()
         n = len(rows)
         S = padded_length(int(result.lengths.max()))
+        routing = routing_layers = None
+        if self.routing_replay:
+            r = result.routing
+            routing = torch.nn.functional.pad(r, (0, 0, 0, 0, 0, S - r.shape[1]), value=-1)
+            routing_layers = torch.tensor(result.routing_layers, dtype=torch.long)
         tokens = torch.full((n, S), result.pad_id, dtype=torch.long)
         tokens[:, :result.tokens.shape[1]] = result.tokens
         mask = torch.zeros(n, S)
@@ -344,6 +361,7 @@ class ExperienceMaker:
         return Experience(
             tokens=tokens, response_mask=mask, prompt_lengths=result.prompt_lengths.clone(),
             response_lengths=result.response_lengths.clone(), rollout_logps=rollout,
+            routing=routing, routing_layers=routing_layers,
             rewards=rewards.double(), truncated=torch.tensor([r != "stop_token" for r in result.stop_reasons]),
             group=torch.tensor(group), sample_index=torch.tensor(index), attribute_scores=attributes,
             texts=texts, metadata=meta, timings={"generation": t1 - t0, "scoring": t2 - t1},
@@ -360,7 +378,8 @@ class ExperienceMaker:
         policy = context.roles["policy"]
         mbs = context.micro_batch_size
         run, last = context.run_schedule, context.from_last_stage
-        exp.old_logps = collect_token_outputs(run, policy.chunks, exp.tokens, mbs, policy_logps, last)
+        exp.old_logps = collect_token_outputs(run, policy.chunks, exp.tokens, mbs, policy_logps, last,
+                                              routing=exp.routing, routing_layers=exp.routing_layers)
         policy.train()
         if self.reference is not None:
             with self.reference.active() as chunks:
@@ -486,12 +505,16 @@ class OnlineAlgorithm(Algorithm):
         for start in range(0, max(len(rows), 1), mbs):
             chunk = rows[start:start + mbs]
             idx = torch.tensor(chunk + [chunk[0] if chunk else 0] * (mbs - len(chunk)))
+            ends = (exp.prompt_lengths + exp.response_lengths)[idx]
             batch = {"tokens": exp.tokens[idx], "position_ids": None, "attention_mask": None,
-                     "old_logps": exp.old_logps[idx]}
+                     "old_logps": exp.old_logps[idx],
+                     "padding": torch.arange(exp.tokens.shape[1])[None, :] >= ends[:, None]}
             if exp.ref_logps is not None:
                 batch["ref_logps"] = exp.ref_logps[idx]
             if exp.values is not None:
                 batch["old_values"] = exp.values[idx]
+            if exp.routing is not None:  # the policy's passes route as the rollout did
+                batch["routing"], batch["routing_layers"] = exp.routing[idx], exp.routing_layers
             for k in self.microbatch_keys:
                 batch[k] = extra[k][idx].float()
             batch["loss_mask"][len(chunk):] = 0.0
@@ -538,7 +561,10 @@ class OnlineAlgorithm(Algorithm):
                     role = context.roles[name]
                     role.train()
                     role.zero_grad()
-                    outputs[name] = context.run_schedule(role.chunks, micro, forward, loss, forward_only=False)
+                    # the rollout's routing is the policy's: another role (a critic) routes by itself
+                    own = micro if name == "policy" else [
+                        {k: v for k, v in b.items() if k not in ("routing", "routing_layers")} for b in micro]
+                    outputs[name] = context.run_schedule(role.chunks, own, forward, loss, forward_only=False)
                     stores[name] += outputs[name]
                     _, norm = role.step()
                     norms[name].append(float(norm) if norm is not None else float("nan"))
@@ -644,6 +670,7 @@ class OnlineTrainer(Trainer):
 
     data_kind = "prompts"
     key = "online"
+    replays_routing = True
 
     def __init__(self, cfg):
         # a Python callable as <key>.reward.function (from Python): kept here, its name recorded
@@ -725,6 +752,7 @@ class OnlineTrainer(Trainer):
             roles.add(reward.role)
         gen = generation_config(s.generation, t.seed, [self.tokenizer().eos_id])
         algo = self.build_algorithm(roles, gen, reward, reference, self.shape(), self.max_steps(n_prompts))
+        algo.maker.routing_replay = bool(self.cfg.moe.routing_replay)
         return roles, algo
 
     def build_algorithm(self, roles, generation, reward, reference, shape: RolloutShape, max_steps: int):

@@ -81,6 +81,10 @@ class ModelConfig:
     num_experts / moe_router_topk: a mixture-of-experts MLP (Mixtral): experts per layer and
     experts each token is routed to (megatron-core's ``MoELayer``, dropless; see
     docs/moe.md); ``ffn_hidden_size`` is then one expert's width. None: a dense MLP.
+    moe_norm_topk_prob: the k routing probabilities are renormalised to sum to 1 (HF's
+    ``norm_topk_prob``, Qwen2-MoE / Qwen3-MoE; Mixtral always renormalises and leaves it None).
+    moe_shared_expert_size: the width of the shared expert every token also goes through,
+    weighed by a sigmoid gate (Qwen2-MoE's ``shared_expert_intermediate_size``); None: none.
     qkv_bias: biases on q/k/v (None: the family's, i.e. only for ``qwen2``; HF Llama's
     ``attention_bias`` also biases ``o_proj``, which aligner does not model).
     pad_token_id: the id the data layer right-pads with; a sequence-classification export
@@ -116,6 +120,8 @@ class ModelConfig:
     rope_local_theta: Optional[float] = None
     num_experts: Optional[int] = None
     moe_router_topk: Optional[int] = None
+    moe_norm_topk_prob: Optional[bool] = None
+    moe_shared_expert_size: Optional[int] = None
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[Union[int, list]] = None
     pad_token_id: Optional[int] = None

@@ -69,6 +69,7 @@ MoE layers while another one still runs, since every forward exchanges tokens be
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -81,6 +82,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import unwrap_model
+from aligner.models.moe import RoutingCapture
 from aligner.parallel import get_device
 from aligner.rollout.decode import FusedDecoder, unsupported_reason
 from aligner.rollout.sampling import chosen_logprobs, select_tokens
@@ -185,6 +187,8 @@ class GenerationResult:
     stop_reasons: list
     prompt_lengths: torch.Tensor
     pad_id: int = 0
+    routing: Optional[torch.Tensor] = None  # [n, L, layers, k] with record_routing (see generate)
+    routing_layers: Optional[list] = None  # the layer numbers of routing's third axis
 
     def response_tokens(self, i: int) -> list:
         start = int(self.prompt_lengths[i])
@@ -295,6 +299,7 @@ class RolloutEngine:
         self.continuous = continuous_batching and self.decoder is not None
         self.forwards = 0  # model forwards (prefills and decode steps) since construction
         self.row_steps = 0  # rows x decode steps since construction (the decode work done)
+        self.routing_capture = RoutingCapture(self.models)  # an MoE model's routers (else none)
         self._ep_group, self._moe_layers = self._expert_parallel()
 
     def _make_decoder(self, decode_impl: str) -> Optional[FusedDecoder]:
@@ -439,12 +444,15 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ public
     def generate(self, prompts, config: Optional[GenerationConfig] = None,
-                 seeds: Optional[Sequence[int]] = None) -> GenerationResult:
+                 seeds: Optional[Sequence[int]] = None, record_routing: bool = False) -> GenerationResult:
         """Generate a response for every prompt (strings or token-id lists).
 
         seeds: one per prompt (reproducible per request), or None for
         ``seed_for(config.seed, i)``. Returns a :class:`GenerationResult` (CPU tensors), the
-        same on every rank of the model-parallel group.
+        same on every rank of the model-parallel group. record_routing (an MoE model): the
+        result's ``routing`` holds the experts every token fed to the model was routed to
+        by this rank's MoE layers, aligned with ``tokens`` (the last token of a row, never
+        fed, and padding: -1), for routing replay (aligner.models.moe).
         """
         config = config or GenerationConfig()
         if not isinstance(config, GenerationConfig):
@@ -464,28 +472,39 @@ class RolloutEngine:
                 if not _is_int(s):
                     raise ValueError(f"seeds[{i}] = {s!r}: expected an integer")
 
+        if record_routing and not self.routing_capture.enabled:
+            raise ValueError("record_routing: the model has no mixture-of-experts layers")
         responses: list = [None] * n
         order = sorted(range(n), key=lambda i: len(token_prompts[i]))
         was_training = [m.training for m in self.models]
         for m in self.models:
             m.eval()
+        width = min(max((len(p) for p in token_prompts), default=0) + config.max_new_tokens, self.max_seq_len)
+        capture = self.routing_capture
         try:
-            # up to max_batch prompts are one batch either way: nothing would wait for a slot
-            continuous = self.continuous and n > self.max_batch
-            if continuous:
-                responses = self._generate_continuous(token_prompts, order, seeds, config, stop_ids)
-            for start in range(0, 0 if continuous else n, self.max_batch):
-                rows = order[start:start + self.max_batch]
-                batch = self._generate_batch(
-                    [token_prompts[i] for i in rows], [seeds[i] for i in rows], config, stop_ids
-                )
-                for i, resp in zip(rows, batch):
-                    responses[i] = resp
-            self._keep_in_step()
+            # up to max_batch prompts are one batch either way: nothing would wait for a slot;
+            # routing is recorded on the batch path (its capture is fed one step for all rows)
+            continuous = self.continuous and n > self.max_batch and not record_routing
+            with capture.recording(n, width) if record_routing else contextlib.nullcontext():
+                if continuous:
+                    responses = self._generate_continuous(token_prompts, order, seeds, config, stop_ids)
+                for start in range(0, 0 if continuous else n, self.max_batch):
+                    rows = order[start:start + self.max_batch]
+                    batch = self._generate_batch(
+                        [token_prompts[i] for i in rows], [seeds[i] for i in rows], config, stop_ids,
+                        row_ids=rows if record_routing else None,
+                    )
+                    for i, resp in zip(rows, batch):
+                        responses[i] = resp
+            self._keep_in_step()  # after the recording: the idle passes' dummy tokens are no row's
         finally:
             for m, training in zip(self.models, was_training):
                 m.train(training)
-        return self._result(token_prompts, responses, config.max_new_tokens)
+        result = self._result(token_prompts, responses, config.max_new_tokens)
+        if record_routing:
+            result.routing = capture.choices[:, :result.tokens.shape[1]]
+            result.routing_layers = list(capture.layers)
+        return result
 
     # ------------------------------------------------------------------ result
     def _result(self, prompts, responses, max_new_tokens) -> GenerationResult:
@@ -515,11 +534,12 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ one batch
     @torch.inference_mode()
-    def _generate_batch(self, prompts, seeds, config: GenerationConfig, stop_ids) -> list:
+    def _generate_batch(self, prompts, seeds, config: GenerationConfig, stop_ids, row_ids=None) -> list:
         """Generate for one batch; returns per row ``(response ids, log-probs, stop code)``.
 
         State is kept in cache-slot order (``rows[j]`` is the prompt index of slot j);
-        finished rows are written out and their slots removed.
+        finished rows are written out and their slots removed. row_ids: the prompts' rows
+        in the routing being recorded (None: not recording).
         """
         device = self.device
         b = len(prompts)
@@ -544,6 +564,8 @@ class RolloutEngine:
         fused = self.decoder is not None
         # With the fused decoder megatron-core's cache only has to hold the prefill.
         contexts = [StaticInferenceContext(b, t if fused else total) for _ in self.models]
+        if row_ids is not None:  # which rows and columns the model call routes
+            self.routing_capture.feed(row_ids, range(t))
         self._ep_running(True)
         logits = self._forward(tokens[:, :t], self._causal_mask(t), contexts)
         if fused:
@@ -580,6 +602,8 @@ class RolloutEngine:
                 rows = [rows[j] for j in kept]
                 max_plen = int(plen.max())
             self.row_steps += len(rows)
+            if row_ids is not None:
+                self.routing_capture.feed([row_ids[r] for r in rows], [t - 1])
             self._ep_running(True)
             if fused:
                 logits = self.decoder.step(tokens[:, t - 1], t - 1)

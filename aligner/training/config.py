@@ -216,6 +216,49 @@ class TrainerSection:
     save_on_signal: bool = True
 
 
+class LoadBalancing(Choice):
+    aux_loss = "aux_loss"
+    seq_aux_loss = "seq_aux_loss"
+    global_aux_loss = "global_aux_loss"
+
+
+@dataclass
+class MoESection:
+    """``moe``: the router of a mixture-of-experts policy (docs/moe.md); a dense model
+    takes none of it.
+
+    aux_loss_coeff: weight of megatron-core's load-balancing loss ``load_balancing``
+    (``aux_loss``: per micro-batch, E · Σ_i f_i · P_i with f_i the share of the routed
+    tokens expert i received and P_i its mean router probability; ``seq_aux_loss``: per
+    sequence; ``global_aux_loss``: with the token counts of the whole step); 0: none.
+    z_loss_coeff: weight of the router z-loss, the mean of logsumexp(router logits)^2
+    (ST-MoE); 0: none. routing_replay: online algorithms route the training passes'
+    tokens to the experts the rollout chose for them (megatron-core's router replay).
+    """
+
+    aux_loss_coeff: float = 0.0
+    load_balancing: LoadBalancing = LoadBalancing.aux_loss
+    z_loss_coeff: float = 0.0
+    routing_replay: bool = False
+
+
+@section_check(MoESection)
+def _check_moe(m, key: str, cfg) -> None:
+    for name in ("aux_loss_coeff", "z_loss_coeff"):
+        if not m[name] >= 0:
+            fail(f"{key}.{name}", m[name], "expected >= 0 (0: none)")
+
+
+def check_moe_model(section, key: str, model_cfg) -> None:
+    """A set ``moe`` option on a model without experts is an error naming it."""
+    if model_cfg.num_experts:
+        return
+    for name, unset in (("aux_loss_coeff", 0.0), ("z_loss_coeff", 0.0), ("routing_replay", False)):
+        if section[name] != unset:
+            raise ConfigError(f"{key}.{name} = {section[name]!r}: model.arch = {model_cfg.arch} has no experts"
+                              " (model.num_experts is not set)")
+
+
 @dataclass
 class LoraSection:
     """``lora``: low-rank adapters on the policy (docs/lora.md; off by default).
@@ -334,8 +377,10 @@ __all__ = [
     "DataSection",
     "InitSection",
     "LayerSpec",
+    "LoadBalancing",
     "LoraSection",
     "ModelSection",
+    "MoESection",
     "OptimSection",
     "OptimizerName",
     "Overlong",
@@ -343,5 +388,6 @@ __all__ = [
     "Schedule",
     "Template",
     "TrainerSection",
+    "check_moe_model",
     "model_fields",
 ]

@@ -8,28 +8,34 @@ Per-token tensors are aligned with the token they score: position ``p`` holds
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from aligner.models.moe import clear_replay, padding_mask, replay_routing
 from aligner.training.batching import shifted_logprobs
 
 
 def collect_token_outputs(run_schedule, chunks, tokens: torch.Tensor, micro_batch_size: int, per_token,
-                          from_last_stage) -> torch.Tensor:
+                          from_last_stage, routing: Optional[torch.Tensor] = None,
+                          routing_layers: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``per_token(batch, output) -> [b, S]`` over every row of ``tokens`` [n, S] in a
     forward-only schedule over ``chunks``; [n, S] fp32 on every pipeline stage.
 
-    The last micro-batch is filled with copies of row 0 (fixed shapes for the pipeline)."""
+    The last micro-batch is filled with copies of row 0 (fixed shapes for the pipeline).
+    routing [n, S, L, k] (an MoE model, with the layer numbers ``routing_layers``): the
+    tokens go to these experts (:func:`forward`)."""
     n, s = tokens.shape
     micro = []
     for start in range(0, n, micro_batch_size):
-        rows = tokens[start:start + micro_batch_size]
-        real = rows.shape[0]
-        if real < micro_batch_size:
-            rows = torch.cat([rows, tokens[:1].expand(micro_batch_size - real, s)])
-        micro.append({"tokens": rows, "position_ids": None, "attention_mask": None, "real": real})
+        idx = torch.arange(start, min(start + micro_batch_size, n))
+        real = len(idx)
+        idx = torch.cat([idx, torch.zeros(micro_batch_size - real, dtype=torch.long)])
+        batch = {"tokens": tokens[idx], "position_ids": None, "attention_mask": None, "real": real}
+        if routing is not None:
+            batch["routing"], batch["routing_layers"] = routing[idx], routing_layers
+        micro.append(batch)
     collected: List[torch.Tensor] = []
 
     def loss(batch, output):
@@ -46,8 +52,19 @@ def collect_token_outputs(run_schedule, chunks, tokens: torch.Tensor, micro_batc
 
 
 def forward(model, batch):
-    """The model on a micro-batch of the batching format (tokens, positions, mask)."""
-    return model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+    """The model on a micro-batch of the batching format (tokens, positions, mask); with a
+    ``routing`` [b, s, L, k] (and its ``routing_layers``) an MoE model's routers send the
+    tokens to those experts (routing replay, aligner.models.moe) in this forward only."""
+    routing = batch.get("routing")
+    # an MoE model's routers leave padding (``padding`` [b, s], where given) out of their losses
+    kwargs = {"padding_mask": padding_mask(model, batch.get("padding"))}
+    if routing is None:
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"], **kwargs)
+    replay_routing(model, routing, batch["routing_layers"].tolist())
+    try:
+        return model(batch["tokens"], batch["position_ids"], batch["attention_mask"], **kwargs)
+    finally:
+        clear_replay(model)
 
 
 def policy_logps(batch, logits) -> torch.Tensor:

@@ -27,7 +27,9 @@ runs ``fit()``:
   step; the logged ``lr`` is the one that step used.
 - metrics: summed over micro-batches and data-parallel ranks (over the union of the
   ranks' metric names), sent from the last pipeline stage, logged by rank 0 to
-  ``metrics.jsonl`` / TensorBoard / W&B and the progress line.
+  ``metrics.jsonl`` / TensorBoard / W&B and the progress line; with an MoE policy the
+  router's ``moe/`` metrics of the step's training passes (tokens per expert, load
+  balance, auxiliary losses: :class:`aligner.models.moe.RouterStats`, docs/moe.md).
 - hooks (:class:`~aligner.training.algorithm.StepHook`, e.g. the gold-vs-proxy monitor the
   trainers attach, docs/monitor.md): set up before a resume, run before the first step of a
   fresh run and after every step with every random stream restored, their metrics logged
@@ -65,6 +67,7 @@ from aligner.models.checkpoint import find_latest, load_checkpoint, save_checkpo
 from aligner.models.hf import export_hf
 from aligner.models.lora import has_adapters
 from aligner.models.lora_peft import export_peft
+from aligner.models.moe import RouterStats
 from aligner.parallel import get_device, padded_length
 from aligner.parallel.seeds import data_order_generator
 from aligner.runtime import RunStopped
@@ -167,6 +170,12 @@ class TrainingLoop:
         self.models, self.optimizer, self.scheduler = self.policy.chunks, self.policy.optimizer, self.policy.scheduler
         self.roles = roles if roles is not None else RoleSet()
         self.roles.add(self.policy)
+        self.router_stats = RouterStats(self.models)  # nothing to do for a dense policy
+        for router in self.router_stats.routers:
+            # megatron-core's router copies the per-token-loss flag when it is built (before
+            # the role sets it): each micro-batch's auxiliary losses join its summed loss as
+            # they are, and the step divides both by its count (docs/moe.md)
+            router.calculate_per_token_loss = False
         self.step = 0
         self.history: List[dict] = []
         self.hooks = list(hooks)  # aligner.training.algorithm.StepHook
@@ -249,6 +258,13 @@ class TrainingLoop:
 
     # ---------------------------------------------------------------- phases
     def train_step(self) -> Dict[str, float]:
+        """One step; with an MoE policy its router metrics too (aligner.models.moe.RouterStats)."""
+        self.router_stats.reset()
+        metrics = self._train_step()
+        metrics.update(self.router_stats.collect())
+        return metrics
+
+    def _train_step(self) -> Dict[str, float]:
         samples = self.global_batch(self.step)
         if self.algorithm.owns_step:
             return self._owned_step(samples)

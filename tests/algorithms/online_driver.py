@@ -7,6 +7,8 @@
   the policy's base (``ppo.critic_lora``);
 - ``pg``: RLOO (reinforce loss, KL 0.05) on the same assets; ``pg:LOSS``: GRPO with that
   ratio-based ``pg.loss`` (``gspo``, ``cispo``, ``clipped``), 2 epochs x mini-batches of 4;
+- ``grpo_moe``: GRPO (2 epochs x mini-batches of 4) on the tiny Qwen3-MoE policy, with the
+  load-balancing loss, the router z-loss and routing replay on;
 - ``steerlm2``: SteerLM 2.0 sampling, 2 iterations x 2 epochs (STEPS is ignored: the run
   length follows from them) on tests.algorithms.steerlm2_setup's assets.
 - ``spin``: SPIN, 2 iterations of 2 steps (STEPS is ignored), and ``gkd``: on-policy
@@ -34,6 +36,15 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
             lora = {"enabled": True, "rank": 4, "alpha": 8.0}
         cfg = ppo_config(assets, out_dir, trainer=trainer, ppo=ppo, lora=lora)
         return PPOTrainer(cfg), PPOAlgorithm
+    if algorithm == "grpo_moe":
+        from aligner.algorithms.pg import PGAlgorithm, PGTrainer
+        from tests.algorithms.pg_setup import pg_config
+
+        trainer.update(log_rollouts=2, log_rollouts_rows=16)
+        cfg = pg_config(assets, out_dir, trainer=trainer, init={"hf": assets["policy_moe"]},
+                        pg={"advantage": "grpo", "loss": "clipped", "kl_coef": 0.05, "epochs": 2, "mini_batch_size": 4},
+                        moe={"aux_loss_coeff": 0.01, "z_loss_coeff": 0.001, "routing_replay": True})
+        return PGTrainer(cfg), PGAlgorithm
     if algorithm == "pg" or algorithm.startswith("pg:"):
         from aligner.algorithms.pg import PGAlgorithm, PGTrainer
         from tests.algorithms.pg_setup import pg_config
@@ -67,7 +78,8 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
         cfg["trainer"].update(max_steps=steps, global_batch_size=2, micro_batch_size=1, save_interval=save_interval,
                               resume=True)
         return DistillTrainer(cfg), DistillAlgorithm
-    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, ppo:lora, pg, pg:LOSS, steerlm2, spin or gkd")
+    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, ppo:lora, pg, pg:LOSS, grpo_moe, steerlm2, spin"
+                     " or gkd")
 
 
 def main(algorithm, assets_json, out_dir, steps, save_interval, sleep=0.0):

@@ -1,7 +1,8 @@
 """Tiny assets for the online-RL tests, made here with transformers and tokenizers (no run folder).
 
 ``make_assets(dir)`` writes a word-level HF tokenizer, a prompt file, a random tiny Llama
-policy and a random tiny 3-output Llama reward model (HF folders), and returns their paths.
+policy, a random tiny Qwen3-MoE policy (4 experts, top 2) and a random tiny 3-output Llama
+reward model (HF folders), and returns their paths.
 ``word_reward`` is a reward function (``tests.algorithms.ppo_setup:word_reward``);
 ``ppo_config(assets, out_dir, **overrides)`` a PPO config dict on them.
 """
@@ -50,6 +51,19 @@ def make_assets(base) -> dict:
     policy.save_pretrained(base / "policy_moved")
     for f in tok_dir.iterdir():
         (base / "policy" / f.name).write_bytes(f.read_bytes())
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    moe = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN, moe_intermediate_size=HIDDEN,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        num_key_value_heads=GROUPS, head_dim=HIDDEN // HEADS, max_position_embeddings=CONTEXT, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=2, eos_token_id=3))
+    with torch.no_grad():  # as the Llama policy: a preference for some tokens
+        moe.lm_head.weight.mul_(8.0)
+    moe.save_pretrained(base / "policy_moe")
+    for f in tok_dir.iterdir():
+        (base / "policy_moe" / f.name).write_bytes(f.read_bytes())
     rm = LlamaForSequenceClassification(_llama_config(vocab, num_labels=3))
     rm.save_pretrained(base / "rm")
     for f in tok_dir.iterdir():
@@ -62,6 +76,7 @@ def make_assets(base) -> dict:
             f.write(json.dumps({"system": "be nice", "prompt": f"say {words}", "target": rng.choice(["good", "ok"])})
                     + "\n")
     return {"tokenizer": str(tok_dir), "policy": str(base / "policy"), "policy_moved": str(base / "policy_moved"),
+            "policy_moe": str(base / "policy_moe"),
             "rm": str(base / "rm"),
             "prompts": str(base / "prompts.jsonl"), "vocab": vocab}
 

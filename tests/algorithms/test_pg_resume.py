@@ -3,7 +3,9 @@ checkpoint (policy weights and optimizer state, schedule, RNG, step; the referen
 from the initial policy; the step's prompts and sampling seeds functions of the step) and
 ends with exactly the metrics and weights of an uninterrupted run, and the same rollout
 logs (every second step, a step's rows once). Likewise GRPO with GSPO's sequence-level
-ratio (2 epochs x 2 mini-batches: the second update is off-policy)."""
+ratio (2 epochs x 2 mini-batches: the second update is off-policy), and GRPO on a tiny
+Qwen3-MoE policy with the router's auxiliary losses and routing replay (its ``moe/``
+metrics and log-prob mismatch included)."""
 import json
 import sys
 
@@ -19,7 +21,7 @@ def _cmd(algorithm, assets, out, sleep=0.0):
             str(STEPS), str(SAVE), str(sleep)]
 
 
-@pytest.fixture(scope="module", params=["pg", "pg:gspo"], ids=["rloo", "gspo"])
+@pytest.fixture(scope="module", params=["pg", "pg:gspo", "grpo_moe"], ids=["rloo", "gspo", "grpo_moe"])
 def runs(request, tmp_path_factory):
     from tests.algorithms.ppo_setup import make_assets
 
@@ -40,6 +42,8 @@ def test_resumed_run_ends_with_the_same_metrics_and_weights(runs):
     a, b = _metrics(whole), _metrics(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     assert a[-1]["kl_ref"] != 0.0 and "kl_penalty" in a[-1]
+    if "moe/load_balancing_loss" in a[-1]:  # the MoE policy: replayed routing, float rounding only
+        assert all(r["logprob_mismatch"] < 1e-6 and r["moe/z_loss"] > 0 for r in a + b)
     for ra, rb in zip(a, b):
         for key in ra:
             if not key.startswith("time/") and key not in ("step_time", "timestamp", "wall_time"):

@@ -108,6 +108,11 @@ def _hf_model(name):
         return tf.Olmo2ForCausalLM(tf.Olmo2Config(**COMMON))
     if name == "mixtral":  # 4 experts, top-2, a window shorter than the prompts
         return tf.MixtralForCausalLM(tf.MixtralConfig(**MOE, sliding_window=24))
+    if name == "qwen2_moe":  # top-k not renormalised, a shared expert behind its sigmoid gate
+        return tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(**QWEN_MOE, norm_topk_prob=False,
+                                                        shared_expert_intermediate_size=48))
+    if name == "qwen3_moe":  # top-k renormalised, q/k norms, head_dim 24
+        return tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(**QWEN_MOE, norm_topk_prob=True, head_dim=24))
     if name == "nemotron":  # half of each head rotated (transformers' default)
         return tf.NemotronForCausalLM(tf.NemotronConfig(**COMMON))
     raise ValueError(name)
@@ -116,8 +121,10 @@ def _hf_model(name):
 COMMON_4 = dict(COMMON, num_hidden_layers=4)
 # the mixture-of-experts families: 4 experts of width 32, each token routed to 2
 MOE = dict(COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2)
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "nemotron", "mixtral")
-MOE_FAMILIES = ("mixtral",)
+QWEN_MOE = dict(COMMON, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "nemotron", "mixtral",
+            "qwen2_moe", "qwen3_moe")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
 
 
 def make_checkpoint(root, name):

@@ -106,7 +106,7 @@ def test_unsupported_configs_name_the_file_and_option(tmp_path):
         "attn_bias": (dict(base, attention_bias=True), "attention_bias = true"),
         "qwen_window": (dict(base, model_type="qwen2", architectures=["Qwen2ForCausalLM"], use_sliding_window=True),
                         "use_sliding_window"),
-        "moe": (dict(base, model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"]), "'qwen3_moe'"),
+        "moe": (dict(base, model_type="dbrx", architectures=["DbrxForCausalLM"]), "'dbrx'"),
         "jitter": (dict(base, model_type="mixtral", architectures=["MixtralForCausalLM"], num_local_experts=4,
                         num_experts_per_tok=2, router_jitter_noise=0.1), "router_jitter_noise = 0.1"),
     }
@@ -168,7 +168,8 @@ def _family_config(family, **changes):
 
     classes = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config, "qwen3": tf.Qwen3Config,
                "gemma2": tf.Gemma2Config, "gemma3_text": tf.Gemma3TextConfig, "phi3": tf.Phi3Config,
-               "olmo2": tf.Olmo2Config, "nemotron": tf.NemotronConfig, "mixtral": tf.MixtralConfig}
+               "olmo2": tf.Olmo2Config, "nemotron": tf.NemotronConfig, "mixtral": tf.MixtralConfig,
+               "qwen2_moe": tf.Qwen2MoeConfig, "qwen3_moe": tf.Qwen3MoeConfig}
     hf = classes[family](vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2).to_dict()
     return {**hf, "architectures": [architectures.get(family).causal_lm], "pad_token_id": 0, **changes}
@@ -182,7 +183,7 @@ def _holds(got, want) -> bool:
 
 
 FAMILY_NAMES = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "olmo2", "nemotron",
-                "mixtral"]
+                "mixtral", "qwen2_moe", "qwen3_moe"]
 # each family as transformers defaults it, then with the options that change shapes or the config
 FAMILY_VARIANTS = [(family, {}) for family in FAMILY_NAMES] + [
     ("llama", dict(tie_word_embeddings=True, rope_parameters={
@@ -203,6 +204,10 @@ FAMILY_VARIANTS = [(family, {}) for family in FAMILY_NAMES] + [
     ("olmo2", dict(num_key_value_heads=4)),
     ("nemotron", {"tie_word_embeddings": True, "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                                    "partial_rotary_factor": 0.25}}),
+    ("qwen2_moe", dict(norm_topk_prob=True, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=24,
+                       shared_expert_intermediate_size=40)),
+    ("qwen3_moe", dict(norm_topk_prob=True, head_dim=24, num_experts=6, num_experts_per_tok=2,
+                       moe_intermediate_size=24)),
 ]
 
 
@@ -239,6 +244,9 @@ def test_every_family_is_registered_and_counts_the_parameters_transformers_build
     ("olmo2", dict(attention_bias=True), "attention_bias = true"),
     ("nemotron", dict(mlp_bias=True), "mlp_bias = true"),
     ("nemotron", dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+    ("qwen2_moe", dict(decoder_sparse_step=2), "decoder_sparse_step = 2"),
+    ("qwen2_moe", dict(qkv_bias=False), "qkv_bias = False"),
+    ("qwen3_moe", dict(mlp_only_layers=[1]), "mlp_only_layers = [1]"),
     ("gemma3_text", dict(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"]), "'gemma3'"),
     ("gemma3_text", {"rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
                                          "full_attention": {"rope_type": "default", "rope_theta": 1e6,
@@ -283,7 +291,8 @@ def test_an_unsupported_model_is_one_error_line_and_exit_2(tmp_path, capsys):
 # one value per family-only ModelConfig field (architectures.base.OPTIONS), valid together
 OPTION_VALUES = dict(sliding_window=16, layer_types=["sliding_attention", "full_attention"] * 2,
                      partial_rotary_factor=0.5, query_pre_attn_scalar=20.0, attn_logit_softcapping=8.0,
-                     final_logit_softcapping=12.0, rope_local_theta=1000.0, num_experts=4, moe_router_topk=2)
+                     final_logit_softcapping=12.0, rope_local_theta=1000.0, num_experts=4, moe_router_topk=2,
+                     moe_norm_topk_prob=True, moe_shared_expert_size=48)
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -359,7 +368,7 @@ def test_env_lists_the_families_with_their_layer_specs(capsys):
     assert table["qwen3"]["layer_specs"] == "te, fused, local"
     # Transformer Engine's spec builds the families made of megatron-core's own layer options
     te = {name for name, row in table.items() if row["layer_specs"] == "te, fused, local"}
-    assert te == {"llama", "mistral", "mixtral", "nemotron", "phi3", "qwen2", "qwen3"}
+    assert te == {"llama", "mistral", "mixtral", "nemotron", "phi3", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe"}
     assert all(row["layer_specs"] == "fused, local" for name, row in table.items() if name not in te)
     assert "q/k RMSNorm over the whole projection" in table["olmo2"]["features"]
     assert cli.main(["env"]) == 0

@@ -166,7 +166,7 @@ def refuse(source: str, key: str, value: Any, why: str) -> UnsupportedModelError
 # ModelConfig fields only some families have, and their "not used" value.
 OPTIONS = {"sliding_window": None, "layer_types": None, "partial_rotary_factor": 1.0, "query_pre_attn_scalar": None,
            "attn_logit_softcapping": None, "final_logit_softcapping": None, "rope_local_theta": None,
-           "num_experts": None, "moe_router_topk": None}
+           "num_experts": None, "moe_router_topk": None, "moe_norm_topk_prob": None, "moe_shared_expert_size": None}
 
 
 class Architecture:

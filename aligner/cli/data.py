@@ -48,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     prep.add_argument("--out", required=True, help="the prepared folder to write")
     prep.add_argument("--tokenizer", required=True)
     prep.add_argument("--kind", default=None,
-                      help="sft | regression | pairs | prompts | any_scored | steerlm2 (default: from the format)")
+                      help="sft | regression | pairs | unpaired | prompts | any_scored | steerlm2 (default: from the format)")
     prep.add_argument("--template", default="auto", choices=("auto", "extra_id", "chat", "raw"))
     prep.add_argument("--format", default="auto")
     prep.add_argument("--max-length", type=int, default=4096)

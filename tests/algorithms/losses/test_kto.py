@@ -19,6 +19,14 @@ def test_mismatched_rows_rotate_by_one():
         K.mismatched_rows(1)
 
 
+def test_mismatched_rows_pass_over_a_shared_prompt():
+    # rows of prompts [a, a, b, b, c]: the rotation gives [4, 0, 1, 2, 3]; row 1's partner (row 0)
+    # shares its prompt, so it takes row 4 (c); row 3's (row 2, b) likewise takes row 1 (a)
+    assert K.mismatched_rows(5, ["a", "a", "b", "b", "c"]).tolist() == [4, 4, 1, 1, 3]
+    assert K.mismatched_rows(3, ["a", "a", "a"]).tolist() == [2, 0, 1]  # one prompt only: the rotation
+    assert K.mismatched_rows(3, ["a", "b", "c"]).tolist() == [2, 0, 1]  # distinct prompts: TRL's rotation
+
+
 def test_reference_point_is_the_clamped_detached_mean():
     # mean([0.5, −0.1, 0.2]) = 0.2
     kl = t([0.5, -0.1, 0.2]).requires_grad_()

@@ -1,0 +1,102 @@
+"""KTO's rows through the data layer (kind ``unpaired``), token for token with the ``raw``
+template: labelled prompt/completion rows, the conversation forms (the last assistant turn
+is the rated response, earlier ones are prompt), pair files split in two; a missing or
+ill-typed ``label`` is a one-line error naming file:line; the mismatched sequences of a
+step built by hand; ``aligner train kto`` from the command line with Hydra overrides."""
+import pytest
+import torch
+
+from aligner.data import load_dataset, load_tokenizer
+from aligner.data.datasets import DataFormatError
+from tests.algorithms.conftest import write_jsonl
+
+
+def _ids(vocab, text):
+    return [vocab[w] for w in text.split()]
+
+
+def test_unpaired_rows_and_pairs_split(tiny_hf, tmp_path):
+    v, tok = tiny_hf["vocab"], load_tokenizer(tiny_hf["dir"])
+    eos = v["</s>"]
+    rows = [{"prompt": "tell me a story", "completion": "once upon a time", "label": True},
+            {"prompt": "is it a dog", "response": "no", "label": False},
+            {"conversations": [{"from": "User", "value": "is it a cat"}, {"from": "Assistant", "value": "yes"},
+                               {"from": "User", "value": "is it a dog"}, {"from": "Assistant", "value": "no"}],
+             "label": False},
+            {"messages": [{"role": "user", "content": "tell me"}, {"role": "assistant", "content": "a story"}],
+             "label": True}]
+    data = load_dataset(write_jsonl(tmp_path / "u.jsonl", rows), kind="unpaired", tokenizer=tok, template="raw")
+    assert len(data) == 4 and [s["labels"].tolist() for s in data] == [[True], [False], [False], [True]]
+    (tokens, mask), = data[0]["responses"]
+    assert tokens.tolist() == _ids(v, "tell me a story once upon a time") + [eos]
+    assert mask.tolist() == [0.0] * 4 + [1.0] * 5
+    (tokens, mask), = data[2]["responses"]
+    # raw joins earlier turns into the prompt the HelpSteer2 way; only the last answer is a target
+    assert tokens.tolist()[-2:] == [v["no"], eos] and mask.tolist().count(1.0) == 2 and mask[-2:].tolist() == [1, 1]
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "tell me a story", "chosen": "once upon a time",
+                                                "rejected": "no"}])
+    (s,) = load_dataset(pairs, kind="unpaired", tokenizer=tok, template="raw")
+    assert s["labels"].tolist() == [True, False]
+    assert [t.tolist() for t, _ in s["responses"]] == [_ids(v, "tell me a story once upon a time") + [eos],
+                                                       _ids(v, "tell me a story no") + [eos]]
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"prompt": "hi", "completion": "a"}, r"u.jsonl:2: missing field 'label' \(true: a desirable response"),
+    ({"prompt": "hi", "completion": "a", "label": "yes"},
+     r"u.jsonl:2: field 'label' must be true \(desirable\) or false \(undesirable\), got 'yes'"),
+    ({"prompt": "hi", "completion": "a", "label": 1}, r"u.jsonl:2: field 'label' must be true .* got 1"),
+    ({"messages": [{"role": "user", "content": "a"}], "label": True},
+     r"u.jsonl:2: the last of 'messages' must be the assistant message the label rates"),
+])
+def test_bad_labels_name_file_and_line(tiny_hf, tmp_path, row, message):
+    from aligner.data.loading import check_dataset
+
+    good = {"prompt": "hi", "completion": "a", "label": True}
+    f = write_jsonl(tmp_path / "u.jsonl", [good, row] if "label" in row else [row, good])
+    if "label" not in row:  # the first row names the format: a file without labels
+        message = message.replace(":2:", ":1:")
+    with pytest.raises(DataFormatError, match=message):
+        check_dataset(f, "unpaired")
+
+
+def test_mismatched_sequences_of_a_step(tiny_hf, tmp_path):
+    from aligner.algorithms.kto import KTOAlgorithm
+
+    v, tok = tiny_hf["vocab"], load_tokenizer(tiny_hf["dir"])
+    rows = [{"prompt": "tell me a story", "chosen": "once upon a time", "rejected": "no"},
+            {"prompt": "is it a dog", "chosen": "yes", "rejected": "maybe a cat"}]
+    data = load_dataset(write_jsonl(tmp_path / "p.jsonl", rows), kind="unpaired", tokenizer=tok, template="raw")
+    batch = [data[1], data[0]]  # the step's order; data order decides the rotation
+    kl = KTOAlgorithm(0).mismatched(batch)
+    # data order: c0 c1... rows (x0,c0) (x0,r0) (x1,c1) (x1,r1); each takes the completion of the
+    # nearest row before it with another prompt: c0 <- r1, r0 <- r1 (c0 shares x0), c1 <- r0, r1 <- r0
+    story, dog, eos = _ids(v, "tell me a story"), _ids(v, "is it a dog"), v["</s>"]
+    want0 = [story + _ids(v, "maybe a cat") + [eos], story + _ids(v, "maybe a cat") + [eos]]
+    want1 = [dog + [v["no"], eos], dog + [v["no"], eos]]
+    assert [t.tolist() for t, _ in kl[1]["responses"]] == want0 and kl[1]["kl_pos"].tolist() == [0, 1]
+    assert [t.tolist() for t, _ in kl[0]["responses"]] == want1 and kl[0]["kl_pos"].tolist() == [2, 3]
+    assert kl[0]["responses"][0][1].tolist() == [0.0] * 4 + [1.0, 1.0]
+
+
+def test_cli_trains_kto_with_overrides(tiny_hf, tmp_path):
+    import json
+    import sys
+
+    from tests import pyproc
+    from tests.algorithms.test_kto_against_trl import PAIRS
+
+    train = write_jsonl(tmp_path / "p.jsonl", PAIRS * 2)
+    out = tmp_path / "run"
+    proc = pyproc.run([sys.executable, "-m", "aligner.cli.main", "train", "kto", f"init.hf={tiny_hf['dir']}", f"data.train={train}",
+                       "data.template=raw", "data.max_length=64", "trainer.max_steps=2", "trainer.global_batch_size=2",
+                       "trainer.micro_batch_size=1", f"trainer.out_dir={out}", "trainer.export_hf=false",
+                       "kto.beta=0.2", "kto.desirable_weight=1.1", "kto.reference=resident", "trainer.progress=false"],
+                      timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2]
+    assert lines[0]["loss"] == pytest.approx((1.1 + 1.0) / 2 / 2, abs=1e-6)  # policy = reference: λ/2 each
+    bad = pyproc.run([sys.executable, "-m", "aligner.cli.main", "train", "kto", f"init.hf={tiny_hf['dir']}", f"data.train={train}",
+                      "kto.undesirable_weight=0", f"trainer.out_dir={tmp_path / 'bad'}"], timeout=120)
+    assert bad.returncode != 0 and "kto.undesirable_weight = 0" in bad.stderr

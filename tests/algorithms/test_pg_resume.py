@@ -3,7 +3,8 @@ checkpoint (policy weights and optimizer state, schedule, RNG, step; the referen
 from the initial policy; the step's prompts and sampling seeds functions of the step) and
 ends with exactly the metrics and weights of an uninterrupted run, and the same rollout
 logs (every second step, a step's rows once). Likewise GRPO with GSPO's sequence-level
-ratio (2 epochs x 2 mini-batches: the second update is off-policy)."""
+ratio and with CISPO's clipped importance-sampling weights (2 epochs x 2 mini-batches: the
+second update is off-policy, where the two differ from the reinforce loss)."""
 import json
 import sys
 
@@ -19,7 +20,7 @@ def _cmd(algorithm, assets, out, sleep=0.0):
             str(STEPS), str(SAVE), str(sleep)]
 
 
-@pytest.fixture(scope="module", params=["pg", "pg:gspo"], ids=["rloo", "gspo"])
+@pytest.fixture(scope="module", params=["pg", "pg:gspo", "pg:cispo"], ids=["rloo", "gspo", "cispo"])
 def runs(request, tmp_path_factory):
     from tests.algorithms.ppo_setup import make_assets
 

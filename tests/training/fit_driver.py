@@ -16,8 +16,7 @@ ALGORITHM:
   2 steps, the last 2 checkpoints kept. ``dpo:precompute:orpo`` (any registered loss type
   after the second colon): the same with that loss, ORPO with its SFT term.
 - ``kto:precompute`` / ``kto:resident``: KTO with that reference mode on the same 26 rows
-  as labelled responses (a pair split in two, or one of its responses), λ_D = 3, otherwise
-  as DPO.
+  as labelled responses (a pair split in two, or one desirable response), otherwise as DPO.
 """
 import json
 import sys
@@ -80,8 +79,12 @@ def _kto(out_dir, steps, save_interval, reference):
     from tests.training.test_parallel_equivalence import _samples
 
     val = [dict(s, index=i) for i, s in enumerate(_samples("unpaired", n=6, seed=11))]
-    options.update(train_data=_samples("unpaired", n=26), val_data=val)
-    return KTOAlgorithm(0, beta=0.5, desirable_weight=3.0, reference=reference), model, options
+    # the single responses desirable (26 desirable, 13 undesirable): desirable-led updates raise the
+    # mismatched sequences' log-probs too, so that the reference point is positive in later steps
+    train = [dict(s, labels=torch.ones_like(s["labels"])) if len(s["responses"]) == 1 else s
+             for s in _samples("unpaired", n=26)]
+    options.update(train_data=train, val_data=val)
+    return KTOAlgorithm(0, beta=0.5, desirable_weight=1.0, reference=reference), model, options
 
 
 def main(out_dir, steps, save_interval, sleep=0.0, algorithm="sft"):

@@ -44,6 +44,8 @@ def main(argv=None) -> int:
 
     from aligner.cli.quickstart import _generate, _train, common_overrides, train_sft
     from aligner.data import load_tokenizer
+    from aligner.data.datasets import KIND_FORMATS, read_rows
+    from aligner.data.formats import parse_row
     from aligner.data.world import load_prompts, score_response, synthesize
     from aligner.parallel import ParallelConfig, initialize, is_initialized
 
@@ -70,12 +72,12 @@ def main(argv=None) -> int:
 
     # the pairs as unpaired rows: chosen desirable, rejected undesirable, shuffled apart
     rows = []
-    for line in Path(world["pairs_train"]).read_text().splitlines():
-        pair = json.loads(line)
-        for key, label in (("chosen", True), ("rejected", False)):
-            rows.append({k: v for k, v in pair.items() if k not in ("chosen", "rejected", "chosen_reward",
-                                                                    "rejected_reward", "strength", "margin")}
-                        | {"completion": pair[key], "label": label})
+    for number, row, fmt in read_rows(world["pairs_train"], allowed=KIND_FORMATS["pairs"]):
+        pair = parse_row(row, fmt)
+        if pair.is_tie:
+            continue  # as training on pairs drops them
+        base = {"prompt": row["prompt"], **({"system": row["system"]} if "system" in row else {})}
+        rows += [base | {"completion": pair.chosen, "label": True}, base | {"completion": pair.rejected, "label": False}]
     random.Random(args.seed).shuffle(rows)
     unpaired = out / "unpaired_train.jsonl"
     unpaired.write_text("".join(json.dumps(r) + "\n" for r in rows))

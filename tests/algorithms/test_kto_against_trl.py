@@ -11,7 +11,8 @@ within 1e-5; steps 2 and 3, where the policy has moved and the reference point `
 is no longer 0, agree on the loss and on ``kl`` (z_ref) within 1e-5.
 
 The rows are pairs unpaired as TRL unpairs them (every chosen response, then every rejected
-one); the pair file itself, split by aligner, gives the same step 1.
+one); the pair file itself, split by aligner, gives the same step 1. The same job runs
+``aligner train kto`` with Hydra overrides (resident reference) for 2 steps.
 """
 import json
 from pathlib import Path
@@ -40,6 +41,7 @@ def kto_config(hf_dir, train, out_dir, steps, **kto):
 
 def run_aligner(hf_dir, files, out_dir):
     from aligner.algorithms.kto import KTOTrainer
+    from aligner.cli.main import main
 
     out = {}
     for name, (train, gbs, mbs) in files.items():
@@ -48,6 +50,14 @@ def run_aligner(hf_dir, files, out_dir):
         KTOTrainer(cfg).fit()
         lines = (Path(out_dir) / name / "metrics.jsonl").read_text().splitlines()
         out[name] = [json.loads(line) for line in lines if json.loads(line)["split"] == "train"]
+    # `aligner train kto` with Hydra overrides, in this job (its process group is this one's)
+    out["cli_status"] = main(["train", "kto", f"init.hf={hf_dir}", f"data.train={files['pairs'][0]}",
+                              "data.template=raw", "data.max_length=64", "trainer.max_steps=2",
+                              "trainer.global_batch_size=2", "trainer.micro_batch_size=1", f"trainer.out_dir={out_dir}/cli",
+                              "trainer.export_hf=false", "trainer.progress=false", "kto.beta=0.2",
+                              "kto.desirable_weight=1.1", "kto.reference=resident"])
+    lines = (Path(out_dir) / "cli" / "metrics.jsonl").read_text().splitlines()
+    out["cli"] = [json.loads(line) for line in lines if json.loads(line)["split"] == "train"]
     return out
 
 
@@ -107,3 +117,6 @@ def test_kto_matches_trl(tiny_hf, tmp_path):
     # mismatched pairs differ (the two halves of a pair sit side by side and are passed over)
     for key in ("loss", "logps/chosen", "logps/rejected", "grad_norm"):
         assert abs(ours["pairs"][0][key] - first[key]) <= 1e-6, key
+    # the command line: 2 steps of 2 pairs (4 responses); at step 1 each is worth λ/2
+    assert ours["cli_status"] == 0 and [r["step"] for r in ours["cli"]] == [1, 2]
+    assert abs(ours["cli"][0]["loss"] - (1.1 + 1.0) / 4) <= 1e-6

@@ -2,7 +2,8 @@
 template: labelled prompt/completion rows, the conversation forms (the last assistant turn
 is the rated response, earlier ones are prompt), pair files split in two; a missing or
 ill-typed ``label`` is a one-line error naming file:line; the mismatched sequences of a
-step built by hand; ``aligner train kto`` from the command line with Hydra overrides."""
+step built by hand; the ``kto`` section's values checked when the config is composed (the
+command line itself runs in tests/algorithms/test_kto_against_trl.py's job)."""
 import pytest
 import torch
 
@@ -79,24 +80,15 @@ def test_mismatched_sequences_of_a_step(tiny_hf, tmp_path):
     assert kl[0]["responses"][0][1].tolist() == [0.0] * 4 + [1.0, 1.0]
 
 
-def test_cli_trains_kto_with_overrides(tiny_hf, tmp_path):
-    import json
-    import sys
+def test_kto_config_values_are_checked_when_composed():
+    from aligner.cli.train import compose
+    from aligner.config import ConfigError
 
-    from tests import pyproc
-    from tests.algorithms.test_kto_against_trl import PAIRS
-
-    train = write_jsonl(tmp_path / "p.jsonl", PAIRS * 2)
-    out = tmp_path / "run"
-    proc = pyproc.run([sys.executable, "-m", "aligner.cli.main", "train", "kto", f"init.hf={tiny_hf['dir']}", f"data.train={train}",
-                       "data.template=raw", "data.max_length=64", "trainer.max_steps=2", "trainer.global_batch_size=2",
-                       "trainer.micro_batch_size=1", f"trainer.out_dir={out}", "trainer.export_hf=false",
-                       "kto.beta=0.2", "kto.desirable_weight=1.1", "kto.reference=resident", "trainer.progress=false"],
-                      timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2]
-    assert lines[0]["loss"] == pytest.approx((1.1 + 1.0) / 2 / 2, abs=1e-6)  # policy = reference: λ/2 each
-    bad = pyproc.run([sys.executable, "-m", "aligner.cli.main", "train", "kto", f"init.hf={tiny_hf['dir']}", f"data.train={train}",
-                      "kto.undesirable_weight=0", f"trainer.out_dir={tmp_path / 'bad'}"], timeout=120)
-    assert bad.returncode != 0 and "kto.undesirable_weight = 0" in bad.stderr
+    trainer_cls, cfg = compose("kto", ["init.hf=sft/hf", "data.train=u.jsonl", "kto.beta=0.2", "kto.reference=resident"])
+    assert trainer_cls.__name__ == "KTOTrainer" and (cfg.kto.beta, str(cfg.kto.reference)) == (0.2, "resident")
+    for override, message in (("kto.undesirable_weight=0", r"kto.undesirable_weight = 0(\.0)?: expected > 0"),
+                              ("kto.beta=-1", r"kto.beta = -1(\.0)?: expected > 0"),
+                              ("kto.reference=model", "kto.reference"),
+                              ("data.packing=true", "data.packing = true: KTO")):
+        with pytest.raises(ConfigError, match=message):
+            trainer_cls(compose("kto", ["init.hf=sft/hf", "data.train=u.jsonl", override])[1])

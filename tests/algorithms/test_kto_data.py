@@ -92,3 +92,19 @@ def test_kto_config_values_are_checked_when_composed():
                               ("data.packing=true", "data.packing = true: KTO")):
         with pytest.raises(ConfigError, match=message):
             trainer_cls(compose("kto", ["init.hf=sft/hf", "data.train=u.jsonl", override])[1])
+
+
+def test_data_stats_counts_responses_and_labels(tiny_hf, tmp_path, capsys):
+    import json
+
+    from aligner.cli.data import main
+
+    rows = [{"prompt": "tell me a story", "completion": "once upon a time", "label": True},
+            {"prompt": "is it a dog", "completion": "no", "label": False},
+            {"prompt": "is it a cat", "completion": "yes", "label": True}]
+    assert main(["stats", write_jsonl(tmp_path / "u.jsonl", rows), "--tokenizer", str(tiny_hf["dir"]),
+                 "--template", "raw"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    # 4 + 4 + 1, 4 + 1 + 1, 4 + 1 + 1 tokens
+    assert (report["kind"], report["responses"], report["desirable"]) == ("unpaired", 3, 2)
+    assert report["token_length"]["p100"] == 9 and report["token_length"]["p50"] == 6

@@ -108,3 +108,14 @@ def test_data_stats_counts_responses_and_labels(tiny_hf, tmp_path, capsys):
     # 4 + 4 + 1, 4 + 1 + 1, 4 + 1 + 1 tokens
     assert (report["kind"], report["responses"], report["desirable"]) == ("unpaired", 3, 2)
     assert report["token_length"]["p100"] == 9 and report["token_length"]["p50"] == 6
+
+
+def test_weight_advice_follows_the_papers_ratio():
+    from aligner.algorithms.kto import weight_advice
+
+    # 300 desirable, 100 undesirable, λ 1 / 1: ratio 3; λ_D in [100/300, (4/3)·100/300], λ_U in [300/(4/3·100), 3]
+    advice = weight_advice(300, 100, 1.0, 1.0)
+    assert "= 3, outside the paper's [1, 4/3]" in advice
+    assert "kto.desirable_weight in [0.333, 0.444]" in advice and "kto.undesirable_weight in [2.25, 3]" in advice
+    assert weight_advice(300, 100, 1.0, 2.5) is None  # 300 / 250 = 1.2
+    assert weight_advice(100, 100, 1.0, 1.0) is None and weight_advice(5, 0, 1.0, 1.0) is None

@@ -5,7 +5,6 @@ ill-typed ``label`` is a one-line error naming file:line; the mismatched sequenc
 step built by hand; the ``kto`` section's values checked when the config is composed (the
 command line itself runs in tests/algorithms/test_kto_against_trl.py's job)."""
 import pytest
-import torch
 
 from aligner.data import load_dataset, load_tokenizer
 from aligner.data.datasets import DataFormatError

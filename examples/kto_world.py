@@ -6,11 +6,17 @@
 From one SFT model (the quickstart's ``sft/hf``, or one trained here as the quickstart trains
 it), on the world's preference pairs:
 
-- ``dpo``: ``aligner train dpo`` on the pairs (conf/dpo.yaml, ``--pairs`` pairs per step);
+- ``dpo``: ``aligner train dpo`` on the pairs (conf/dpo.yaml: with its SFT term on the
+  chosen responses, ``dpo.sft_weight=1``), ``--pairs`` pairs per step;
+- ``dpo_pure``: the same without the SFT term (``dpo.sft_weight=0``);
 - ``kto``: ``aligner train kto`` on the same pairs written as unpaired rows (each pair's
   chosen response a desirable row, its rejected one an undesirable row, the rows shuffled
   so that a pair's halves are apart), ``2 × --pairs`` rows per step: the same responses
-  per step, the same steps (``--steps``), λ_D = λ_U = 1 (n_D = n_U: the paper's ratio 1).
+  per step, the same steps (``--steps``), λ_D = λ_U = 1 (n_D = n_U: the paper's ratio 1);
+- ``kto_d133``: the same with λ_D = 1.33 (the top of the paper's range).
+
+Every arm has the same β (``--beta``) and steps. Arms already trained in ``--out`` are
+not trained again.
 
 Judging (as examples/iterative_dpo.py): ``--prompts`` held-out prompts, one response each
 at temperature 1 with fixed seeds, rated by the world's scorer; the paired helpfulness
@@ -82,12 +88,10 @@ def main(argv=None) -> int:
     unpaired = out / "unpaired_train.jsonl"
     unpaired.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    runs = {
-        "dpo": ("dpo", [f"data.train={world['pairs_train']}", f"trainer.global_batch_size={args.pairs}",
-                        f"dpo.beta={args.beta}"]),
-        "kto": ("kto", [f"data.train={unpaired}", f"trainer.global_batch_size={2 * args.pairs}",
-                        f"kto.beta={args.beta}"]),
-    }
+    dpo = [f"data.train={world['pairs_train']}", f"trainer.global_batch_size={args.pairs}", f"dpo.beta={args.beta}"]
+    kto = [f"data.train={unpaired}", f"trainer.global_batch_size={2 * args.pairs}", f"kto.beta={args.beta}"]
+    runs = {"dpo": ("dpo", dpo), "dpo_pure": ("dpo", dpo + ["dpo.sft_weight=0"]), "kto": ("kto", kto),
+            "kto_d133": ("kto", kto + ["kto.desirable_weight=1.33"])}
     trained = {}
     for name, (algorithm, overrides) in runs.items():
         t1 = time.perf_counter()
@@ -98,7 +102,7 @@ def main(argv=None) -> int:
 
     heldout = load_prompts(str(world["prompts_heldout"]), tok)[:args.prompts]
     helpful = {}
-    for name, folder in (("sft", sft), ("dpo", out / "dpo" / "hf"), ("kto", out / "kto" / "hf")):
+    for name, folder in [("sft", sft)] + [(name, out / name / "hf") for name in runs]:
         responses = _generate(folder, heldout, tok, max_new_tokens=48, seed=args.seed)
         scores = [score_response(p["meta"], r) for p, r in zip(heldout, responses)]
         with open(out / f"generations_{name}.jsonl", "w") as f:
@@ -108,11 +112,11 @@ def main(argv=None) -> int:
     results = {
         "settings": vars(args), "sft": str(sft), "seconds": seconds,
         "helpfulness": {name: sum(v) / len(v) for name, v in helpful.items()},
-        "dpo_minus_sft": paired(helpful["sft"], helpful["dpo"]),
-        "kto_minus_sft": paired(helpful["sft"], helpful["kto"]),
+        **{f"{name}_minus_sft": paired(helpful["sft"], helpful[name]) for name in runs},
+        "kto_minus_dpo_pure": paired(helpful["dpo_pure"], helpful["kto"]),
         "kto_minus_dpo": paired(helpful["dpo"], helpful["kto"]),
         "last_train": {name: {k: v for k, v in trained[name]["train"].items()
-                              if k.startswith(("loss", "kl", "rewards/"))} for name in trained},
+                              if k.startswith(("loss", "kl", "rewards/", "logps/"))} for name in trained},
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))

@@ -178,7 +178,9 @@ def validate_row(row, fmt: str, where: str) -> None:
 
 def _validate_unpaired(row, where: str) -> None:
     """A labelled response (KTO): ``label`` true or false, and a prompt with a response."""
-    label = row.get("label")
+    if "label" not in row:
+        raise DataFormatError(f"{where}: missing field 'label' (true: a desirable response, false: an undesirable one)")
+    label = row["label"]
     if not isinstance(label, bool):
         raise DataFormatError(f"{where}: field 'label' must be true (desirable) or false (undesirable), got {label!r}")
     if "conversations" in row:

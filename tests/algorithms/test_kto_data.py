@@ -46,6 +46,7 @@ def test_unpaired_rows_and_pairs_split(tiny_hf, tmp_path):
     ({"prompt": "hi", "completion": "a", "label": "yes"},
      r"u.jsonl:2: field 'label' must be true \(desirable\) or false \(undesirable\), got 'yes'"),
     ({"prompt": "hi", "completion": "a", "label": 1}, r"u.jsonl:2: field 'label' must be true .* got 1"),
+    ({"prompt": "hi", "completion": "a", "label": None}, r"u.jsonl:2: field 'label' must be true .* got None"),
     ({"messages": [{"role": "user", "content": "a"}], "label": True},
      r"u.jsonl:2: the last of 'messages' must be the assistant message the label rates"),
 ])
@@ -53,11 +54,12 @@ def test_bad_labels_name_file_and_line(tiny_hf, tmp_path, row, message):
     from aligner.data.loading import check_dataset
 
     good = {"prompt": "hi", "completion": "a", "label": True}
-    f = write_jsonl(tmp_path / "u.jsonl", [good, row] if "label" in row else [row, good])
-    if "label" not in row:  # the first row names the format: a file without labels
-        message = message.replace(":2:", ":1:")
+    f = write_jsonl(tmp_path / "u.jsonl", [good, row])
     with pytest.raises(DataFormatError, match=message):
         check_dataset(f, "unpaired")
+    if "label" not in row:  # a file without labels: its first row names the format, and the error
+        with pytest.raises(DataFormatError, match=message.replace(":2:", ":1:")):
+            check_dataset(write_jsonl(tmp_path / "u.jsonl", [row, good]), "unpaired")
 
 
 def test_mismatched_sequences_of_a_step(tiny_hf, tmp_path):

@@ -22,7 +22,7 @@ from typing import Any, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from aligner.config import ConfigError, check_required, plain, validate_config
+from aligner.config import Choice, ConfigError, check_required, plain, validate_config
 from aligner.data.datasets import resolve_template, token_counts
 from aligner.evaluation.config import MonitorSection, check_monitor_sources
 from aligner.models.config import ModelConfig
@@ -69,6 +69,13 @@ class RunConfig:
     trainer: TrainerSection = field(default_factory=TrainerSection)
     lora: LoraSection = field(default_factory=LoraSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
+
+
+class Reference(Choice):
+    """How an offline algorithm holds its reference, the initial policy (DPO, KTO: docs/dpo.md)."""
+
+    precompute = "precompute"  # reference log-probs computed once
+    resident = "resident"  # reference weights kept in host memory, swapped in every step
 
 
 def init_from_hf() -> InitSection:

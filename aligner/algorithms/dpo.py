@@ -25,10 +25,10 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf, pair_logps, pair_margin
+from aligner.algorithms.base import Reference, RunConfig, TokenAlgorithm, Trainer, init_from_hf, pair_logps, pair_margin
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
 from aligner.algorithms.registry import register_trainer
-from aligner.config import Choice, ConfigError, registered
+from aligner.config import ConfigError, registered
 from aligner.parallel import get_device
 from aligner.training.config import InitSection
 from aligner.training.metrics import metric
@@ -36,11 +36,6 @@ from aligner.training.roles import ReferencePolicy
 
 
 # ------------------------------------------------------------------------------ config
-class Reference(Choice):
-    precompute = "precompute"  # reference log-probs computed once
-    resident = "resident"  # reference weights kept in host memory, swapped in every step
-
-
 @dataclass
 class DPOSection:
     """``dpo``: the DPO family (docs/dpo.md)."""

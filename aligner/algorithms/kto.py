@@ -35,10 +35,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf
+from aligner.algorithms.base import Reference, RunConfig, TokenAlgorithm, Trainer, init_from_hf
 from aligner.algorithms.losses.kto import kto_loss, kto_reference_point, mismatched_rows
 from aligner.algorithms.registry import register_trainer
-from aligner.config import Choice, ConfigError
+from aligner.config import ConfigError
 from aligner.parallel import get_device
 from aligner.runtime import is_rank0
 from aligner.training.batching import per_item_sum, shifted_logprobs
@@ -51,11 +51,6 @@ WEIGHT_RATIO = (1.0, 4.0 / 3.0)
 
 
 # ------------------------------------------------------------------------------ config
-class Reference(Choice):
-    precompute = "precompute"  # reference log-probs computed once
-    resident = "resident"  # reference weights kept in host memory, swapped in every step
-
-
 @dataclass
 class KTOSection:
     """``kto``: KTO (docs/kto.md)."""
@@ -292,7 +287,8 @@ class KTOAlgorithm(TokenAlgorithm):
         rows = sum(len(s["responses"]) for s in loop.global_batch(0))
         if rows < 2:
             raise ValueError(f"KTO's reference point mismatches the responses of a step; a step of"
-                             f" trainer.global_batch_size = {loop.cfg.global_batch_size} rows holds {rows}: raise it to >= 2")
+                             f" trainer.global_batch_size = {loop.cfg.global_batch_size} rows holds {rows}:"
+                             " raise it to >= 2")
         labels = torch.cat([loop.train_data[i]["labels"] for i in range(len(loop.train_data))])
         advice = weight_advice(int(labels.sum()), int((~labels).sum()), self.desirable_weight, self.undesirable_weight)
         if advice and is_rank0():
@@ -322,7 +318,8 @@ class KTOAlgorithm(TokenAlgorithm):
             parts["training"] = (self._ref[:n_train], self._ref_kl)
         out = {}
         for split, (t, kl) in parts.items():
-            out[split] = {"rows": int(t.shape[0]), "tokens": int(t[..., 1].sum()), "abs_logps": float(t[..., 0].abs().sum())}
+            out[split] = {"rows": int(t.shape[0]), "tokens": int(t[..., 1].sum()),
+                          "abs_logps": float(t[..., 0].abs().sum())}
             if kl is not None:
                 out[split]["abs_kl_logps"] = float(kl.nan_to_num().abs().sum())
         return out
@@ -364,7 +361,8 @@ class KTOAlgorithm(TokenAlgorithm):
                 continue
             if (theirs["rows"], theirs["tokens"]) != (mine["rows"], mine["tokens"]):
                 raise ValueError(f"resume: the {split} data differ from the checkpoint's run ({theirs['rows']} rows"
-                                 f" of {theirs['tokens']} response tokens then, {mine['rows']} of {mine['tokens']} now)")
+                                 f" of {theirs['tokens']} response tokens then, {mine['rows']} of {mine['tokens']}"
+                                 " now)")
             for key in ("abs_logps", "abs_kl_logps"):
                 if key in theirs and key in mine and not math.isclose(theirs[key], mine[key], rel_tol=1e-3):
                     raise ValueError(

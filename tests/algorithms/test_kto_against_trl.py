@@ -6,9 +6,10 @@ lengths, desirable and undesirable mixed) go (a) through ``aligner``'s KTO train
 TRL's ``KTOTrainer`` (its own tokenisation, KL completions rotated by one within its batch,
 sequential sampling, one batch of every row): the same β, weights, Adam at a constant
 learning rate. λ_D = 3 (outside the paper's balance on purpose): desirable-led updates raise
-the log-probs of the mismatched sequences too, so that z_ref is positive by step 3. Step 1's loss, mean chosen / rejected log-probs and gradient norm agree
-within 1e-5; steps 2 and 3, where the policy has moved and the reference point ``z_ref``
-is no longer 0, agree on the loss and on ``kl`` (z_ref) within 1e-5.
+the log-probs of the mismatched sequences too, so that z_ref is positive by step 3. Step
+1's loss, mean chosen / rejected log-probs and gradient norm agree within 1e-5; steps 2
+and 3, where the policy has moved, agree on the loss and on ``kl`` (z_ref, positive at
+step 3) within 1e-5.
 
 The rows are pairs unpaired as TRL unpairs them (every chosen response, then every rejected
 one); the pair file itself, split by aligner, gives the same step 1. The same job runs

@@ -21,12 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-
-def paired(base, new):
-    diffs = [b - a for a, b in zip(base, new)]
-    mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-    return {"mean": mean, "standard_error": se, "prompts": len(diffs), "z": mean / se if se > 0 else float("inf")}
+from world_common import WorldJudge, paired  # the examples folder is the script's own
 
 
 def main(argv=None) -> int:
@@ -47,29 +42,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from aligner.cli import pairs as pairs_cli
-    from aligner.cli.quickstart import _generate
     from aligner.cli.train import compose
-    from aligner.data import load_tokenizer
-    from aligner.data.world import load_prompts, score_response
-    from aligner.parallel import ParallelConfig, initialize, is_initialized
 
-    if not is_initialized():
-        initialize(ParallelConfig(seed=args.seed))
     qs, out = Path(args.quickstart), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    world = qs / "world"
-    tok = load_tokenizer(str(world / "tokenizer.model"))
-    heldout = load_prompts(str(world / "prompts_heldout.jsonl"), tok)
+    judged = WorldJudge(qs, out, seed=args.seed)
+    world = judged.world
     policy = Path(args.policy or qs / "dpo" / "hf")
     reward = args.reward or str(qs / "rm_bt" / "hf")
 
     def judge(folder, name):
-        responses = _generate(folder, heldout, tok, max_new_tokens=48, seed=args.seed)
-        scores = [score_response(p["meta"], r) for p, r in zip(heldout, responses)]
-        with open(out / f"generations_{name}.jsonl", "w") as f:
-            for p, r, s in zip(heldout, responses, scores):
-                f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
-        return [s["helpfulness"] for s in scores]
+        return [s["helpfulness"] for s in judged.judge(folder, name)]
 
     helpful = {"start": judge(policy, "start")}
     results = {"settings": vars(args), "start_policy": str(policy), "pair_reward": reward, "iterations": []}

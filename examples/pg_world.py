@@ -2,11 +2,18 @@
 
     python examples/pg_world.py --quickstart runs/quickstart --out runs/pg_world
 
-From the quickstart's SFT model, three runs of ``aligner train pg``:
+From the quickstart's SFT model, runs of ``aligner train pg`` (``--runs``, default all):
 
 - ``grpo_exact`` and ``rloo_exact``: GRPO and RLOO with the verifiable exact-answer reward
   (``pg.reward.kind=exact_answer``: 1 for the exact stated answer of the prompt row);
+- ``gspo_exact`` and ``cispo_exact``: GRPO's estimator and settings with the GSPO and the
+  CISPO policy loss (``pg.loss=gspo`` / ``cispo``), the same exact-answer reward;
 - ``rloo_rm``: RLOO against the quickstart's regression reward model (helpfulness output).
+
+``--mini-batch-size`` (``pg.mini_batch_size``, responses per update) below a step's
+responses gives several updates per step, so that the later ones are off-policy and the
+policy losses (clipped, GSPO, CISPO) differ; at one update per step they all reduce to the
+same on-policy gradient.
 
 Then the SFT model and each policy answer the world's held-out prompts, greedily and
 sampled (temperature 1, fixed seeds), and the world's scorer rates every response:
@@ -19,29 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
+from world_common import WorldJudge, paired, rate  # the examples folder is the script's own
+
 RUNS = {
     "grpo_exact": ("grpo", ["pg.reward.kind=exact_answer"]),
+    "gspo_exact": ("grpo", ["pg.reward.kind=exact_answer", "pg.loss=gspo"]),
+    "cispo_exact": ("grpo", ["pg.reward.kind=exact_answer", "pg.loss=cispo"]),
     "rloo_exact": ("rloo", ["pg.reward.kind=exact_answer"]),
     "rloo_rm": ("rloo", ["pg.reward.kind=model"]),
 }
-
-
-def paired(base, new):
-    diffs = [b - a for a, b in zip(base, new)]
-    mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-    return {"mean": mean, "standard_error": se, "prompts": len(diffs), "z": mean / se if se > 0 else float("inf")}
-
-
-def rate(values):
-    n = len(values)
-    p = sum(values) / n
-    return {"rate": p, "standard_error": math.sqrt(p * (1 - p) / n), "prompts": n}
 
 
 def train(config, overrides):
@@ -49,18 +46,6 @@ def train(config, overrides):
 
     trainer_cls, cfg = compose(config, overrides)
     return trainer_cls(cfg).fit()
-
-
-def generate(model_dir: Path, prompts, tokenizer, max_new_tokens: int, seed: int, greedy: bool):
-    from aligner.models import from_pretrained
-    from aligner.rollout.engine import GenerationConfig, RolloutEngine
-
-    models, cfg = from_pretrained(str(model_dir))
-    engine = RolloutEngine(models, cfg, tokenizer=tokenizer, max_batch=64)
-    result = engine.generate([p["prompt_tokens"].tolist() for p in prompts],
-                             GenerationConfig(max_new_tokens=max_new_tokens, temperature=1.0, greedy=greedy,
-                                              seed=seed, stop_token_ids=[tokenizer.eos_id]))
-    return [tokenizer.decode(result.response_tokens(i)) for i in range(len(prompts))]
 
 
 def main(argv=None) -> int:
@@ -75,15 +60,15 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--kl", type=float, default=0.01)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--mini-batch-size", type=int, default=None,
+                        help="pg.mini_batch_size: responses per update (default: one update per step)")
+    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts judged")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(args.quickstart)
     world = base / "world"
-    from aligner.data import load_tokenizer
-    from aligner.data.world import load_prompts, score_response
-
-    tok = load_tokenizer(str(world / "tokenizer.model"))
+    judge = WorldJudge(base, out, prompts=args.prompts, seed=args.seed)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     runs = [r for r in args.runs.split(",") if r]
@@ -104,18 +89,14 @@ def main(argv=None) -> int:
                        "trainer.save_interval=0", "trainer.progress=true",
                        "trainer.tensorboard=false", f"trainer.seed={args.seed}", f"optim.lr={args.lr}",
                        f"pg.kl_coef={args.kl}", f"pg.samples_per_prompt={args.samples_per_prompt}",
-                       f"pg.generation.max_new_tokens={args.max_new_tokens}"] + extra)
+                       f"pg.generation.max_new_tokens={args.max_new_tokens}"] + extra
+              + ([f"pg.mini_batch_size={args.mini_batch_size}"] if args.mini_batch_size else []))
         timings[name] = time.perf_counter() - t0
         results.setdefault("settings", {})[name] = dict(vars(args), runs=name)
-    prompts = load_prompts(str(world / "prompts_heldout.jsonl"), tok)
     scores = {}
     for name, folder in [("sft", base / "sft" / "hf")] + [(r, out / r / "hf") for r in runs]:
         for mode in ("greedy", "sampled"):
-            responses = generate(folder, prompts, tok, 48, args.seed, greedy=mode == "greedy")
-            scores[(name, mode)] = [score_response(p["meta"], r) for p, r in zip(prompts, responses)]
-            with open(out / f"generations_{name}_{mode}.jsonl", "w") as f:
-                for p, r, s in zip(prompts, responses, scores[(name, mode)]):
-                    f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
+            scores[(name, mode)] = judge.judge(folder, f"{name}_{mode}", greedy=mode == "greedy")
     exact = {k: [float(s["exact"]) for s in v] for k, v in scores.items()}
     helpful = {k: [float(s["helpfulness"]) for s in v] for k, v in scores.items()}
     steps = {}

@@ -15,17 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-
-def paired(base, new):
-    diffs = [b - a for a, b in zip(base, new)]
-    mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-    return {"mean": mean, "standard_error": se, "prompts": len(diffs), "z": mean / se if se > 0 else float("inf")}
+from world_common import paired  # the examples folder is the script's own
 
 
 def train(config, overrides):

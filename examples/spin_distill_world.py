@@ -5,15 +5,22 @@
     python examples/spin_distill_world.py distill --quickstart runs/quickstart --out runs/distill_world
 
 ``spin``: ``aligner train spin`` from the quickstart's SFT model on ``--rows`` of the world's
-SFT rows (no preference data), ``--iterations`` iterations; the paired ground-truth
-helpfulness gain of the result over the SFT model.
+SFT rows (no preference data), ``--iterations`` iterations (further ``spin.*`` keys with
+``--set``); the paired ground-truth helpfulness gain of the result over the SFT model, and
+the world's scores of every iteration's pairs (the SFT responses, SPIN's chosen, against the
+model's own samples, its rejected). ``--sft-control`` also continues SFT from the SFT model
+on the same rows for SPIN's steps at its learning rate and reports SPIN's gain over that. A
+SPIN run already trained in ``--out`` is judged again, not retrained.
 
 ``distill``: a ``--layers``-layer student (the tiny architecture, random initialisation)
 trained twice on the same SFT rows for the same steps: by SFT on their responses, and by
-distillation from the quickstart's DPO model (``--divergence``); the paired gain of the
-distilled student over the SFT student (and each one's over the SFT teacher's level).
+distillation from the quickstart's DPO model (``--divergence``, further ``distill.*`` keys
+with ``--set``), into ``--out/<--name>``; the paired gain of the distilled student over the
+SFT student, and the teacher's level. Students already trained in ``--out`` are judged
+again, not retrained, so variants of the distilled student (each its own ``--name``) share
+one SFT student and accumulate in ``results.json``.
 
-Judging (as examples/iterative_dpo.py): ``--prompts`` held-out prompts, one response each at
+Judging (examples/world_common.py): ``--prompts`` held-out prompts, one response each at
 temperature 1 with fixed seeds, rated by the world's scorer; paired differences with their
 standard errors go to ``results.json``.
 """
@@ -22,10 +29,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from iterative_dpo import paired  # the examples folder is the script's own: the same paired statistics
+from omegaconf import OmegaConf
+
+from world_common import WorldJudge, mean, paired, train  # the examples folder is the script's own
+
+
+def spin_data_quality(out: Path, rows: Path, iterations: int) -> dict:
+    """The world's scores of SPIN's pairs: per iteration, the helpfulness of the chosen (the
+    SFT rows' responses) and of the rejected (the model's own samples, read from the run's
+    ``spin_samples/iteration_<t>.jsonl``), paired over the rows. SPIN pushes the model
+    towards the chosen and away from its samples: it can only help where the chosen are
+    the better ones."""
+    from aligner.data.world import score_response
+
+    train_rows = [json.loads(line) for line in rows.read_text().splitlines()]
+
+    def meta(row):
+        return {"family": row["family"], "answer": row["answer"], "args": row["args"]}
+
+    chosen = [float(score_response(meta(r), r["conversations"][1]["value"])["helpfulness"]) for r in train_rows]
+    report = {"chosen_helpfulness": mean(chosen), "iterations": []}
+    for t in range(iterations):
+        path = out / "spin" / "spin_samples" / f"iteration_{t}.jsonl"
+        if not path.is_file():
+            break
+        samples = {int(r["index"]): r for r in map(json.loads, path.read_text().splitlines())}
+        rejected = [float(score_response(meta(r), samples[i]["rejected"])["helpfulness"])
+                    for i, r in enumerate(train_rows)]
+        report["iterations"].append({"iteration": t, "rejected_helpfulness": mean(rejected),
+                                     "chosen_minus_rejected": paired(rejected, chosen),
+                                     "chosen_better": mean([float(c > r) for c, r in zip(chosen, rejected)]),
+                                     "rejected_better": mean([float(r > c) for c, r in zip(chosen, rejected)])})
+    return report
 
 
 def main(argv=None) -> int:
@@ -41,67 +78,78 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=2, help="distill: the student's layers")
     parser.add_argument("--steps", type=int, default=300, help="distill: steps of each student")
     parser.add_argument("--divergence", default="forward_kl", help="distill: distill.divergence")
-    parser.add_argument("--lr", type=float, default=None, help="default: the config's (spin 2e-5, distill 1e-3)")
+    parser.add_argument("--name", default="distilled_student", help="distill: the distilled student's run folder")
+    parser.add_argument("--lr", type=float, default=None, help="default: the config's (spin 5e-6, distill 1e-3)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="further overrides of the SPIN run or the distilled student (e.g. spin.loss_type=ipo)")
+    parser.add_argument("--sft-control", action="store_true",
+                        help="spin: also continue SFT from the SFT model on the same rows, for SPIN's steps at SPIN's"
+                        " learning rate, and report SPIN's paired gain over it")
     args = parser.parse_args(argv)
 
-    from aligner.cli.quickstart import _generate
-    from aligner.cli.train import compose
-    from aligner.data import load_tokenizer
-    from aligner.data.world import load_prompts, score_response
-    from aligner.parallel import ParallelConfig, initialize, is_initialized
-
-    if not is_initialized():
-        initialize(ParallelConfig(seed=args.seed))
     qs, out = Path(args.quickstart), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    world = qs / "world"
-    tok = load_tokenizer(str(world / "tokenizer.model"))
-    heldout = load_prompts(str(world / "prompts_heldout.jsonl"), tok)[:args.prompts]
+    judged = WorldJudge(qs, out, prompts=args.prompts, seed=args.seed)
+    world = judged.world
     rows = out / "sft_rows.jsonl"
     with open(world / "sft_train.jsonl") as f:
         rows.write_text("".join(line for _, line in zip(range(args.rows), f)))
-    common = [f"data.train={rows}", f"data.tokenizer={world / 'tokenizer.model'}", f"trainer.seed={args.seed}",
+    common = [f"data.train={rows}", f"data.tokenizer={judged.tokenizer_path}", f"trainer.seed={args.seed}",
               "trainer.progress=true", "trainer.tensorboard=false", "trainer.save_interval=0"]
     common += [f"optim.lr={args.lr}"] if args.lr is not None else []
 
     def judge(folder, name):
-        responses = _generate(folder, heldout, tok, max_new_tokens=48, seed=args.seed)
-        scores = [score_response(p["meta"], r) for p, r in zip(heldout, responses)]
-        with open(out / f"generations_{name}.jsonl", "w") as f:
-            for p, r, s in zip(heldout, responses, scores):
-                f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
-        return [s["helpfulness"] for s in scores]
-
-    def train(config, name, overrides):
-        t0 = time.perf_counter()
-        trainer_cls, cfg = compose(config, common + [f"trainer.out_dir={out / name}"] + overrides)
-        trainer_cls(cfg).fit()
-        return time.perf_counter() - t0
+        return [float(s["helpfulness"]) for s in judged.judge(folder, name)]
 
     results = {"settings": vars(args), "seconds": {}}
     if args.method == "spin":
         sft = qs / "sft" / "hf"
         start = judge(sft, "sft")
-        results["seconds"]["spin"] = train("spin", "spin", [
-            f"init.hf={sft}", f"spin.iterations={args.iterations}", f"spin.epochs={args.epochs}",
-            f"spin.beta={args.beta}"])
+        previous = out / "results.json"
+        if previous.is_file():  # a SPIN run already trained in --out is judged again, not retrained
+            results["seconds"] = json.loads(previous.read_text()).get("seconds", {})
+        if not (out / "spin" / "hf").is_dir():
+            results["seconds"]["spin"] = train("spin", common + [
+                f"trainer.out_dir={out / 'spin'}", f"init.hf={sft}", f"spin.iterations={args.iterations}",
+                f"spin.epochs={args.epochs}", f"spin.beta={args.beta}"] + args.set)
         final = judge(out / "spin" / "hf", "spin")
-        results.update(sft_helpfulness=sum(start) / len(start), spin_helpfulness=sum(final) / len(final),
-                       gain_over_sft=paired(start, final))
+        results.update(sft_helpfulness=mean(start), spin_helpfulness=mean(final),
+                       gain_over_sft=paired(start, final),
+                       pairs=spin_data_quality(out, rows, args.iterations))
+        if args.sft_control and not (out / "sft_control" / "hf").is_dir():
+            # the same chosen responses, as many steps of as many rows, the SPIN run's learning rate
+            steps = args.iterations * args.epochs * (args.rows // 32)
+            results["seconds"]["sft_control"] = train("sft", common + [
+                f"trainer.out_dir={out / 'sft_control'}", f"init.hf={sft}", f"trainer.max_steps={steps}",
+                "trainer.global_batch_size=32", "trainer.micro_batch_size=16", "trainer.val_interval=0",
+                "optim.warmup_steps=0", "optim.schedule=constant", "optim.min_lr=0",
+                f"optim.lr={OmegaConf.load(out / 'spin' / 'config.yaml').optim.lr}"])
+        if args.sft_control:
+            control = judge(out / "sft_control" / "hf", "sft_control")
+            results.update(sft_control_helpfulness=mean(control), sft_control_gain_over_sft=paired(start, control),
+                           spin_gain_over_sft_control=paired(control, final))
     else:
-        student = [f"model.num_layers={args.layers}", f"model.vocab_size={tok.vocab_size}",
-                   f"trainer.max_steps={args.steps}"]
-        results["seconds"]["sft_student"] = train("sft", "sft_student", student)
-        results["seconds"]["distilled_student"] = train("distill", "distilled_student", student + [
-            f"distill.teacher={qs / 'dpo' / 'hf'}", f"distill.divergence={args.divergence}"])
+        # runs already trained in --out are judged again, not retrained: variants of the
+        # distilled student (--name, --divergence, --set) are compared with the one SFT student
+        previous = out / "results.json"
+        results = dict(json.loads(previous.read_text()), settings=vars(args)) if previous.is_file() else results
+        results.setdefault("seconds", {})
+        student = common + [f"model.num_layers={args.layers}", f"model.vocab_size={judged.tokenizer.vocab_size}",
+                            f"trainer.max_steps={args.steps}"]
+        if not (out / "sft_student" / "hf").is_dir():
+            results["seconds"]["sft_student"] = train("sft", student + [f"trainer.out_dir={out / 'sft_student'}"])
+        if not (out / args.name / "hf").is_dir():
+            results["seconds"][args.name] = train("distill", student + [
+                f"trainer.out_dir={out / args.name}",
+                f"distill.teacher={qs / 'dpo' / 'hf'}", f"distill.divergence={args.divergence}"] + args.set)
+            results.setdefault("variants", {})[args.name] = {"divergence": args.divergence, "set": args.set,
+                                                             "lr": args.lr, "steps": args.steps}
         sft_student = judge(out / "sft_student" / "hf", "sft_student")
-        distilled = judge(out / "distilled_student" / "hf", "distilled_student")
+        distilled = judge(out / args.name / "hf", args.name)
         teacher = judge(qs / "dpo" / "hf", "teacher")
-        results.update(sft_student_helpfulness=sum(sft_student) / len(sft_student),
-                       distilled_student_helpfulness=sum(distilled) / len(distilled),
-                       teacher_helpfulness=sum(teacher) / len(teacher),
-                       gain_over_sft_student=paired(sft_student, distilled))
+        results.update(sft_student_helpfulness=mean(sft_student), teacher_helpfulness=mean(teacher))
+        results.setdefault("helpfulness", {})[args.name] = mean(distilled)
+        results.setdefault("gain_over_sft_student", {})[args.name] = paired(sft_student, distilled)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0

@@ -271,6 +271,20 @@ def test_hydra_flags_info_and_cfg_hydra(capsys):
     assert "dpo.loss_type: 'dpoo' is not accepted" in capsys.readouterr().err
 
 
+def test_a_trainer_without_a_yaml_file_composes_its_schemas_defaults():
+    from omegaconf import OmegaConf
+
+    from aligner.algorithms.composition import top_configs
+    from aligner.algorithms.reward import RewardModelTrainer
+    from aligner.cli.train import compose_with_hydra, without_hydra
+
+    assert "rm" not in top_configs()  # the rm_* configs run it
+    job = without_hydra(compose_with_hydra("rm", []))
+    assert OmegaConf.to_container(job) == OmegaConf.to_container(OmegaConf.structured(RewardModelTrainer.schema))
+    job = without_hydra(compose_with_hydra("rm", ["parallel=tp2", "model=llama_1b"]))  # groups still pick files
+    assert (job.parallel.tp, job.model.hidden_size, job.algorithm) == (2, 2048, "rm")
+
+
 @pytest.mark.parametrize("config", ["pg", "rloo", "grpo", "ppo", "helpsteer2pref_reinforce", "dpo"])
 def test_cfg_job_prints_the_config_with_required_values_unset(config, capsys):
     assert cli.main(["train", config, "--cfg", "job"]) == 0

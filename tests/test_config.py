@@ -194,6 +194,7 @@ def test_a_run_folder_that_cannot_be_written_is_refused_before_anything_starts(t
     ("dpo", ["dpo.gamma=1"], "dpo.gamma = 1.0 has no effect with dpo.loss_type = 'dpo' (only the simpo losses"),
     ("dpo", ["dpo.loss_type=orpo", "dpo.reference=resident"],
      "dpo.reference = resident has no effect with dpo.loss_type = 'orpo' (a reference-free loss"),
+    ("spin", ["spin.sft_weight=-1"], "spin.sft_weight = -1.0: expected >= 0"),
     ("rm_regression", ["data.template=chat"], "data.template = 'chat' does not apply to rm.mode = regression"),
     ("rm_regression", ["rm.bt_kind=scaled"], "rm.bt_kind = 'scaled' has no effect in rm.mode = regression"),
     ("rm_regression", ["rm.attribute_weights=[1,2]"], "rm.attribute_weights has 2 entries; rm.attributes has 5"),

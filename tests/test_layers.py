@@ -1,35 +1,72 @@
-"""The layering is a checked contract (docs/architecture.md): import-linter's contracts of
-``pyproject.toml`` hold (layers, independent algorithm modules, no cycles), the
-independence contract names every algorithm the catalog loads, and a function-local import
-of an aligner module outside the command line says why in a comment."""
+"""The layering is a checked contract (docs/architecture.md): import-linter's contracts hold
+(layers and no cycles from ``pyproject.toml``; the algorithm modules independent of each
+other, that contract built from the modules the catalog finds, so that a new module is
+checked as it is), the catalog finds exactly the modules that register trainers, the
+"Reading one algorithm" table lists each algorithm's imports of the algorithm layer (five
+files at most), and a function-local import of an aligner module outside the command line
+says why in a comment."""
 import ast
-import tomllib
+import json
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _contract(contract_id):
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
-    return next(c for c in config["contracts"] if c["id"] == contract_id)
+def independence_contract(modules) -> str:
+    """The ``algorithms`` contract of import-linter over ``modules``, as TOML."""
+    return ('\n[[tool.importlinter.contracts]]\nid = "algorithms"\n'
+            'name = "algorithm modules are independent of each other"\ntype = "independence"\n'
+            f"modules = {json.dumps(list(modules))}\n")
 
 
-def test_import_contracts_hold(capsys):
+def test_import_contracts_hold(capsys, tmp_path):
     from importlinter import configuration
     from importlinter.application.use_cases import lint_imports
 
+    from aligner.algorithms.catalog import algorithm_modules
+
+    modules = algorithm_modules()
+    assert len(modules) >= 8, modules
+    config = tmp_path / "importlinter.toml"  # pyproject's contracts and the one built here
+    config.write_text((ROOT / "pyproject.toml").read_text() + independence_contract(modules))
     configuration.configure()
-    kept = lint_imports(config_filename=str(ROOT / "pyproject.toml"), cache_dir=None, no_logo=True)
+    kept = lint_imports(config_filename=str(config), cache_dir=None, no_logo=True)
     report = capsys.readouterr().out
     assert kept, report
     assert "3 kept, 0 broken" in report
+    assert "algorithm modules are independent of each other KEPT" in report
 
 
-def test_the_independence_contract_names_every_algorithm_of_the_catalog():
-    from aligner.algorithms.catalog import TRAINERS
+def test_the_catalog_finds_exactly_the_modules_that_register_trainers():
+    from aligner.algorithms.catalog import SHARED_CORE, TRAINERS, algorithm_modules
 
-    modules = {".".join(cls.__module__.split(".")[:3]) for cls in TRAINERS.values()}
-    assert modules == set(_contract("algorithms")["modules"])
+    registering = {".".join(cls.__module__.split(".")[:3]) for cls in TRAINERS.values()}
+    assert registering == set(algorithm_modules())
+    assert {m.rsplit(".", 1)[1] for m in algorithm_modules()}.isdisjoint(SHARED_CORE)
+
+
+def _algorithm_layer_imports(path: Path):
+    """The ``aligner.algorithms`` modules ``path`` imports, at the top or in a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                 else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        found |= {n for n in names if n.startswith("aligner.algorithms.")}
+    return found
+
+
+def test_reading_one_algorithm_takes_the_files_the_architecture_page_lists():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    table = page.split("### Reading one algorithm", 1)[1].split("\n| ", 1)[1].split("\n\n", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines()[2:]]
+    assert len(rows) == 6, table
+    for name, own, core, count in rows:
+        module = re.search(r"`(algorithms/\w+\.py)`", own).group(1)
+        listed = set(re.findall(r"`(algorithms/[\w/]+\.py)`", core))
+        imported = {"/".join(m.split(".")[1:]) + ".py" for m in _algorithm_layer_imports(ROOT / "aligner" / module)}
+        assert listed == imported, name
+        assert int(count.strip(" |")) == 1 + len(imported) <= 5, name
 
 
 def _function_local_imports(path: Path):

@@ -1,6 +1,7 @@
 """What every algorithm shares (docs/architecture.md): :class:`RunConfig`, the config
 sections of every run; :class:`Trainer`, one configured algorithm on the shared loop
-(checks, parallel layout, tokenizer, data, models, the monitor, the run folder);
+(checks, parallel layout, tokenizer, data, models, the monitor, the run folder), and
+:data:`TRAINERS`, the trainers by name (:func:`register_trainer`);
 :class:`TokenAlgorithm`, micro-batches of sequences or groups of them; :func:`policy_update`,
 the step of an algorithm that owns it; :func:`pair_logps` and :func:`pair_margin`.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -57,7 +58,7 @@ class RunConfig:
     """The sections every run has; an algorithm's schema adds its own (``rm``, ``dpo``, ...).
 
     algorithm: which trainer a top-level config runs (a key of
-    :data:`aligner.algorithms.registry.TRAINERS`).
+    :data:`TRAINERS`).
     """
 
     algorithm: str = MISSING
@@ -88,7 +89,7 @@ class Trainer:
     """One configured algorithm on the shared loop (module docstring). A subclass sets
     ``schema`` and ``data_kind``, checks its section (:meth:`check`) and gives
     :meth:`algorithm` (and, for more roles than the policy, :meth:`prepare`);
-    :func:`aligner.algorithms.registry.register_trainer` names it.
+    :func:`register_trainer` names it.
 
     ``cfg`` is the checked config, typed (choices are :class:`aligner.config.Choice`
     members) and resolved; :meth:`recorded` is its plain form, as the run folder records it.
@@ -388,6 +389,28 @@ class Trainer:
         if is_rank0():
             (out_dir / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True))
         return result
+
+
+# ------------------------------------------------------------------------------ trainers by name
+TRAINERS: Dict[str, type] = {}
+"""``TRAINERS[name]`` is the trainer class ``aligner train`` runs for a config whose
+``algorithm`` is ``name``; complete once :mod:`aligner.algorithms.catalog` has imported
+every algorithm module."""
+
+
+def register_trainer(name: str) -> Callable[[type], type]:
+    """Class decorator: ``TRAINERS[name] = cls`` and ``cls.name = name``; the command line
+    stores ``cls.schema`` in Hydra's ConfigStore as ``<name>_schema`` (the first default
+    of ``conf/<config>.yaml``)."""
+
+    def add(cls: type) -> type:
+        if name in TRAINERS:
+            raise ValueError(f"a trainer named {name!r} is already registered")
+        cls.name = name
+        TRAINERS[name] = cls
+        return cls
+
+    return add
 
 
 # ------------------------------------------------------------------------------ owned steps

@@ -12,21 +12,40 @@ from aligner.config import ConfigError, describe_omegaconf_error
 from aligner.runtime import config_dir, config_search_path
 
 
+# the ConfigStore group of the top-level configs of trainers without a YAML file of their
+# own (a group, so that no name stored here meets a YAML file of another config folder)
+GENERATED = "aligner_generated"
+
+
 def top_configs() -> List[str]:
     """The top-level configs: the YAML files at the top of the config folder."""
     return sorted(p.stem for p in config_dir().glob("*.yaml"))
+
+
+def config_groups() -> List[str]:
+    """The config groups: the folders of YAML files in the config folder (``model``, ``parallel``, ...)."""
+    return sorted(p.name for p in config_dir().iterdir() if p.is_dir() and any(p.glob("*.yaml")))
 
 
 def register_schemas(schemas: Mapping[str, type]) -> None:
     """Hydra's ConfigStore: each trainer's schema as ``<algorithm>_schema`` (the first
     default of ``conf/<config>.yaml``) and ``aligner_run_dirs`` (package ``hydra``, listed in
     every top-level config): the run folder is ``trainer.out_dir``, a ``-m`` sweep puts job
-    N in ``<trainer.out_dir>/N``; ``hydra.run.dir`` / ``hydra.sweep.dir`` override them."""
+    N in ``<trainer.out_dir>/N``; ``hydra.run.dir`` / ``hydra.sweep.dir`` override them.
+
+    A trainer with no ``conf/<name>.yaml`` gets a top-level config ``<name>`` of its schema's
+    defaults alone (every config group listed unselected, so ``parallel=tp2`` still picks
+    a group's file): ``aligner train <name>`` runs a new algorithm module as it is."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
+    files = set(top_configs())
+    groups = [{f"/{group}": None} for group in config_groups()]
     for name, schema in schemas.items():
         store.store(name=f"{name}_schema", node=schema)
+        if name not in files:  # an algorithm without a YAML file of its own: its schema's defaults
+            store.store(group=GENERATED, name=name, package="_global_",
+                        node={"defaults": [f"/{name}_schema", "/aligner_run_dirs", *groups, "_self_"]})
     store.store(name="aligner_run_dirs", package="hydra",
                 node={"run": {"dir": "${trainer.out_dir}"},
                       "sweep": {"dir": "${trainer.out_dir}", "subdir": "${hydra.job.num}"},
@@ -83,8 +102,9 @@ def compose_with_hydra(name: str, overrides: List[str], schemas: Mapping[str, ty
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides) + ([f"hydra.job.num={job_num}"] if job_num is not None else [])
+    primary = name if name not in schemas or name in top_configs() else f"{GENERATED}/{name}"
     try:
-        return hydra_instance(schemas).compose_config(name, overrides, run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN,
+        return hydra_instance(schemas).compose_config(primary, overrides, run_mode=RunMode.MULTIRUN if multirun else RunMode.RUN,
                                               with_log_configuration=False)
     except (HydraException, OmegaConfBaseException) as exc:
         raise composition_error(exc, name) from None

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import MISSING
 
-from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, policy_update
+from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, policy_update, register_trainer
 from aligner.algorithms.losses.distill import (
     DISTILL_DIVERGENCES,
     VocabShard,
@@ -42,7 +42,6 @@ from aligner.algorithms.losses.distill import (
     topk_token_divergence,
 )
 from aligner.algorithms.online import ExperienceMaker, GenerationSection, generation_config
-from aligner.algorithms.registry import register_trainer
 from aligner.config import Choice, ConfigError
 from aligner.files import atomic_write_bytes
 from aligner.models.config import ModelConfig

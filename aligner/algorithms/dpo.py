@@ -25,9 +25,17 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from aligner.algorithms.base import Reference, RunConfig, TokenAlgorithm, Trainer, init_from_hf, pair_logps, pair_margin
+from aligner.algorithms.base import (
+    Reference,
+    RunConfig,
+    TokenAlgorithm,
+    Trainer,
+    init_from_hf,
+    pair_logps,
+    pair_margin,
+    register_trainer,
+)
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
-from aligner.algorithms.registry import register_trainer
 from aligner.config import ConfigError, registered
 from aligner.parallel import get_device
 from aligner.training.config import InitSection

@@ -35,9 +35,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from aligner.algorithms.base import Reference, RunConfig, TokenAlgorithm, Trainer, init_from_hf
+from aligner.algorithms.base import Reference, RunConfig, TokenAlgorithm, Trainer, init_from_hf, register_trainer
 from aligner.algorithms.losses.kto import kto_loss, kto_reference_point, mismatched_rows
-from aligner.algorithms.registry import register_trainer
 from aligner.config import ConfigError
 from aligner.parallel import get_device
 from aligner.runtime import is_rank0

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from aligner.algorithms.base import Trainer
 from aligner.algorithms.losses.common import masked_moments, masked_whiten
-from aligner.algorithms.losses.kl import KL_ESTIMATORS
-from aligner.algorithms.losses.policy import PolicyLossOptions, policy_objective
+from aligner.algorithms.losses.policy import KL_ESTIMATORS, PolicyLossOptions, policy_objective
 from aligner.config import Choice, ConfigError, fail, section_check
 from aligner.data.datasets import longest_sequences, read_rows
 from aligner.data.loading import dataset_paths
@@ -281,6 +280,12 @@ class ExperienceMaker:
             self.engine = RolloutEngine(policy.modules, policy.modules[0].model_cfg, tokenizer=self.tokenizer,
                                         max_batch=self.max_batch, max_seq_len=self.max_seq_len)
         return self.engine
+
+    def keep_in_step(self, context: StepContext) -> None:
+        """On a rank that skips a round of generation other data-parallel ranks run: with the
+        policy's experts split over those ranks (EP > 1) its MoE layers take part in their
+        forwards (:meth:`aligner.rollout.RolloutEngine.keep_in_step`); otherwise nothing."""
+        self._engine(context.roles["policy"]).keep_in_step()
 
     def generate(self, context: StepContext, prompts: Optional[Sequence[dict]] = None, round: int = 0) -> Experience:
         """Responses and their rewards (the step's experience before its log-prob passes, :meth:`score_passes`).

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from aligner.algorithms.base import RunConfig, init_from_hf
+from aligner.algorithms.base import RunConfig, init_from_hf, register_trainer
 from aligner.algorithms.losses.advantages import (
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
@@ -22,8 +22,7 @@ from aligner.algorithms.losses.advantages import (
     groups_with_signal,
     overlong_penalty,
 )
-from aligner.algorithms.losses.kl import kl_estimate
-from aligner.algorithms.losses.policy import AGGREGATIONS, POLICY_LOSSES
+from aligner.algorithms.losses.policy import AGGREGATIONS, POLICY_LOSSES, kl_estimate
 from aligner.algorithms.online import (
     Experience,
     ExperienceMaker,
@@ -34,7 +33,6 @@ from aligner.algorithms.online import (
     RolloutShape,
     Truncated,
 )
-from aligner.algorithms.registry import register_trainer
 from aligner.config import Choice, ConfigError, registered
 from aligner.parallel.seeds import prompt_round_generator
 from aligner.training.algorithm import StepContext
@@ -222,6 +220,8 @@ class PGAlgorithm(OnlineAlgorithm):
                 keep, drop = self._split_groups(extra)
                 kept += [(len(parts) - 1, rows) for rows in keep[:quota - len(kept)]]
                 dropped += [(len(parts) - 1, rows) for rows in drop]
+            else:  # experts split over the data-parallel ranks: in step with those generating
+                self.maker.keep_in_step(context)
             rounds += 1
         fillers = dropped[:quota - len(kept)]
         counts = context.all_reduce_dp(torch.tensor([float(len(dropped)), float(len(fillers))], dtype=torch.float64))

@@ -8,21 +8,20 @@ critic's values (:func:`~aligner.algorithms.losses.advantages.gae_token_advantag
 registered as ``gae``), advantages whitened over every response token of the
 data-parallel batch; per mini-batch one policy update (clipped surrogate, optional dual
 clip and clip-higher, entropy bonus) and one critic update (clipped value loss,
-:func:`~aligner.algorithms.losses.value.ppo_value_loss`). With ``target_kl`` the updates
+:func:`ppo_value_loss`, here: PPO is the one algorithm with a critic). With ``target_kl`` the updates
 stop once a mini-batch's approximate KL to the rollout policy exceeds it. Truncated
 responses are kept, masked out of both losses, or scored ``truncated_reward``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
-from aligner.algorithms.base import init_from_hf, RunConfig
+from aligner.algorithms.base import RunConfig, init_from_hf, register_trainer
 from aligner.algorithms.losses.advantages import compute_advantages, estimator, gae_returns
-from aligner.algorithms.losses.kl import kl_estimate
-from aligner.algorithms.losses.value import ppo_value_loss
+from aligner.algorithms.losses.policy import kl_estimate
 from aligner.algorithms.online import (
     Experience,
     ExperienceMaker,
@@ -33,7 +32,6 @@ from aligner.algorithms.online import (
     RolloutShape,
     Truncated,
 )
-from aligner.algorithms.registry import register_trainer
 from aligner.parallel import get_device
 from aligner.config import ConfigError
 from aligner.training.algorithm import StepContext
@@ -57,6 +55,9 @@ class PPOSection(OnlineSection):
     # auto (the reward model when reward.kind = model, else the policy's initial weights),
     # reward, policy or an HF folder
     critic_init: str = "auto"
+    # with lora.enabled: the critic is a second adapter set (the lora section's rank, alpha,
+    # targets) and a value head on the policy's own base weights, not a second model
+    critic_lora: bool = False
     critic_optim: OptimSection = field(default_factory=lambda: OptimSection(lr=9e-6))
 
 
@@ -76,6 +77,41 @@ def check_ppo_section(s, key: str = "ppo") -> None:
     if s.kl_estimator not in PPO_KL_ESTIMATORS:
         raise ConfigError(f"{key}.kl_estimator: {str(s.kl_estimator)!r} is not accepted; expected one of"
                           f" {', '.join(PPO_KL_ESTIMATORS)}")
+
+
+# ------------------------------------------------------------------------------ the critic's loss
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """PPO clipped value loss (docs/ppo.md).
+
+    ``V_c = V_old + clip(V − V_old, −c, c)``; ``L = 0.5 · masked_mean(max((V_c − R)², (V − R)²))``.
+    values (with grad), old_values, returns, mask: [b, s].
+    Stats: ``loss``, ``clipfrac`` (share of tokens where the clipped error is the larger),
+    ``values`` (mean), ``returns`` (mean).
+    """
+    # the toolkit's one masked mean: aligner.models pulls megatron-core, loaded when training
+    from aligner.models.logprobs import masked_mean
+
+    for name, other in (("old_values", old_values), ("returns", returns), ("mask", mask)):
+        if tuple(other.shape) != tuple(values.shape):
+            raise ValueError(f"{name} has shape {tuple(other.shape)}; expected {tuple(values.shape)} like values")
+    m = mask.to(values.dtype)
+    old, ret = old_values.detach(), returns.detach()
+    v_clipped = old + (values - old).clamp(-clip, clip)
+    err_clipped, err = (v_clipped - ret) ** 2, (values - ret) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err_clipped, err), m)
+    stats = {
+        "loss": loss.detach(),
+        "clipfrac": masked_mean((err_clipped > err).to(values.dtype), m).detach(),
+        "values": masked_mean(values.detach(), m),
+        "returns": masked_mean(ret, m),
+    }
+    return loss, stats
 
 
 # ------------------------------------------------------------------------------ algorithm
@@ -155,6 +191,17 @@ class PPOTrainer(OnlineTrainer):
     def check(cls, cfg):
         super().check(cfg)
         check_ppo_section(cfg.ppo)
+        if cfg.ppo.critic_lora:
+            if not cfg.lora.enabled:
+                raise ConfigError("ppo.critic_lora = true: a second adapter set on the policy's base needs"
+                                  " lora.enabled = true")
+            if cfg.ppo.critic_init not in ("auto", "policy"):
+                raise ConfigError(f"ppo.critic_init = {cfg.ppo.critic_init}: with ppo.critic_lora the critic's base"
+                                  " is the policy's; expected auto or policy")
+
+    def build_roles(self, policy_models, n_prompts: int):
+        self._policy_models = policy_models  # the base a second adapter set shares (ppo.critic_lora)
+        return super().build_roles(policy_models, n_prompts)
 
     def build_algorithm(self, roles, generation, reward, reference, shape: RolloutShape, max_steps: int):
         """The critic (its own optimizer and schedule) and the algorithm."""
@@ -162,13 +209,39 @@ class PPOTrainer(OnlineTrainer):
         from aligner.training.roles import build_trainable_role
 
         s = self.cfg.ppo
-        critic_models, critic_cfg = self.build_critic(reward)
+        shared = []
+        if s.critic_lora:
+            critic_models, critic_cfg, shared = self.build_adapter_critic()
+        else:
+            critic_models, critic_cfg = self.build_critic(reward)
         critic = build_trainable_role("critic", critic_models, s.critic_optim, max_steps * shape.optimizer_steps,
                                       export_head="value", model_cfg=critic_cfg)
+        critic.borrowed = frozenset(id(p) for p in shared)  # the policy's: offloading the critic leaves them
         roles.add(critic)
         maker = ExperienceMaker(generation, reward, self.tokenizer(), samples_per_prompt=s.samples_per_prompt,
                                 reference=reference, critic=critic, max_batch=s.generation.max_batch)
         return PPOAlgorithm(s, maker, shape)
+
+    def build_adapter_critic(self):
+        """``ppo.critic_lora``: the critic's chunks on the policy's frozen base (shared
+        parameters, :func:`aligner.models.lora.share_base`) with a value head and adapters of
+        their own (A drawn with seed ``trainer.seed + 1``); returns them, the architecture
+        and the shared parameters."""
+        # the model code is megatron-core: loaded when models are built
+        from aligner.models import build_model
+        from aligner.models.lora import LoraSettings, apply_lora, share_base
+
+        cfg, lo = self.model_config(), self.cfg.lora
+        vpp = self.cfg.parallel.vpp
+        stages = [None] if not vpp else list(range(vpp))
+        # built whole, then its base is replaced by the policy's (its own is released)
+        models = [build_model(cfg, head="value", num_outputs=1, params_dtype=self.params_dtype(), vp_stage=st)
+                  .to(get_device()) for st in stages]
+        shared = share_base(models, self._policy_models)
+        settings = LoraSettings(rank=lo.rank, alpha=lo.alpha, dropout=lo.dropout, rslora=lo.rslora,
+                                targets=tuple(lo.targets), seed=self.cfg.trainer.seed + 1)
+        apply_lora(models, cfg, settings)
+        return models, cfg, shared
 
     def build_critic(self, reward):
         """The critic's chunks: a value head on the reward model (its head initialised to the

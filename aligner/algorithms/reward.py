@@ -14,9 +14,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf, pair_margin
+from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, init_from_hf, pair_margin, register_trainer
 from aligner.algorithms.losses.reward import BT_KINDS, bradley_terry_loss, masked_mse_loss
-from aligner.algorithms.registry import register_trainer
 from aligner.config import Choice, ConfigError
 from aligner.data.formats import HELPSTEER2_ATTRIBUTES
 from aligner.evaluation.regression_metrics import pearson_from_sums

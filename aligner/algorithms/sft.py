@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer
-from aligner.algorithms.registry import register_trainer
+from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, register_trainer
 from aligner.training.batching import shifted_logprobs
 from aligner.training.metrics import metric
 

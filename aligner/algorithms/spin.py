@@ -10,7 +10,9 @@ iteration 0):
     L = mean_pairs ℓ(β [(log π(y|x) − log π_t(y|x)) − (log π(y'|x) − log π_t(y'|x))])
 
 with ℓ the registered preference loss ``spin.loss_type`` (``dpo``: ℓ(u) = −log σ(u), the
-paper's logistic loss; any loss that reads only the log-probs). The reference log-probs
+paper's logistic loss; any loss that reads only the log-probs), plus, with
+``spin.sft_weight`` w > 0, ``w · mean_pairs(−(1/|y|) log π(y|x))``, the SFT response's NLL
+per token (the DPO family's SFT term; 0 by default, the paper's objective). The reference log-probs
 are computed when the iteration's generations are, with the same weights, and written with
 them to ``spin_samples/iteration_<t>.jsonl`` (atomically; the checkpoint records the file's
 digest), so that a resumed run reads them back (:mod:`aligner.algorithms.iterative`).
@@ -27,11 +29,10 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from aligner.algorithms.base import RunConfig, Trainer, init_from_hf, pair_logps
+from aligner.algorithms.base import RunConfig, Trainer, init_from_hf, pair_logps, register_trainer
 from aligner.algorithms.iterative import IterativeAlgorithm, check_row_indices, derive_iteration_epochs, gather_rows
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
 from aligner.algorithms.online import ExperienceMaker, GenerationSection, generation_config
-from aligner.algorithms.registry import register_trainer
 from aligner.config import ConfigError, registered
 from aligner.parallel import padded_length
 from aligner.training.algorithm import StepContext
@@ -54,6 +55,7 @@ class SPINSection:
     epochs: int = 1  # passes over an iteration's pairs
     loss_type: str = registered(spin_losses, "dpo")  # a preference loss reading only the log-probs
     beta: float = 0.1  # the paper's λ: the scale of the log-ratio margin (> 0)
+    sft_weight: float = 0.0  # weight of the SFT response's NLL per token (0: the paper's objective)
     generation: GenerationSection = field(default_factory=GenerationSection)  # the synthetic responses
 
 
@@ -165,10 +167,11 @@ class SPINAlgorithm(IterativeAlgorithm):
     title = "SPIN"
 
     def __init__(self, pad_id: int, *, sampler: SPINSampler, steps_per_iteration: int, samples_dir,
-                 loss_type: str = "dpo", beta: float = 0.1):
+                 loss_type: str = "dpo", beta: float = 0.1, sft_weight: float = 0.0):
         super().__init__(pad_id, sampler=sampler, steps_per_iteration=steps_per_iteration, samples_dir=samples_dir)
         self.loss_type = loss_type
         self.beta = beta
+        self.sft_weight = sft_weight
 
     def groups(self, sample):
         return [(sample["chosen"], sample["chosen_loss_mask"]), (sample["rejected"], sample["rejected_loss_mask"])]
@@ -180,9 +183,10 @@ class SPINAlgorithm(IterativeAlgorithm):
     def loss(self, batch, logits):
         if batch.get("filler"):  # a zero-weight micro-batch (interleaved pipelining)
             return logits.reshape(-1)[:1].sum() * 0.0, 0, {}
-        lc, lr, _, _ = pair_logps(batch, logits)
+        lc, lr, cc, _ = pair_logps(batch, logits)
         ref = batch["ref"].to(lc.device, lc.dtype)
-        loss, stats = preference_loss(self.loss_type, lc, lr, ref[:, 0], ref[:, 1], beta=self.beta)
+        loss, stats = preference_loss(self.loss_type, lc, lr, ref[:, 0], ref[:, 1], beta=self.beta,
+                                      chosen_nll=-lc / cc.clamp(min=1), sft_weight=self.sft_weight)
         n = lc.numel()
         metrics = {"loss": metric(loss.detach() * n, n)}
         for key, value in stats.items():
@@ -208,6 +212,8 @@ class SPINTrainer(Trainer):
         s = cfg.spin
         if not s.beta > 0:
             raise ConfigError(f"spin.beta = {s.beta!r}: expected > 0")
+        if not s.sft_weight >= 0:
+            raise ConfigError(f"spin.sft_weight = {s.sft_weight!r}: expected >= 0")
         if s.generation.max_new_tokens < 1:
             raise ConfigError(f"spin.generation.max_new_tokens = {s.generation.max_new_tokens}: expected >= 1")
         if cfg.data.validation is not None:
@@ -228,5 +234,6 @@ class SPINTrainer(Trainer):
         maker = ExperienceMaker(gen, None, self.tokenizer(), max_batch=s.generation.max_batch)
         sampler = SPINSampler(train, maker, epochs=s.epochs)
         algo = SPINAlgorithm(self.tokenizer().pad_id, sampler=sampler, steps_per_iteration=steps_per_epoch * s.epochs,
-                             samples_dir=Path(t.out_dir) / "spin_samples", loss_type=s.loss_type, beta=s.beta)
+                             samples_dir=Path(t.out_dir) / "spin_samples", loss_type=s.loss_type, beta=s.beta,
+                             sft_weight=s.sft_weight)
         return algo, self.build_models(), train, None, {}

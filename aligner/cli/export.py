@@ -54,6 +54,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if found is None:
             return fail(f"{path}: no complete training checkpoint (no extra.json, no latest)")
         path = found
+    fingerprint = json.loads((path / "extra.json").read_text()).get("base_fingerprint")
+    if fingerprint:
+        return fail(f"{path}: holds LoRA adapters only (base fingerprint {fingerprint}), not a whole model; the"
+                    " run's hf/ (merged) and hf_peft/ (PEFT adapters) exports are its model")
     cfg_file = path / "model_config.json"
     if args.model_config:
         cfg = ModelConfig.load(args.model_config)

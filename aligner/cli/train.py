@@ -1,7 +1,8 @@
 """``aligner train CONFIG [key=value ...]``: run a trainer from a Hydra config.
 
 CONFIG is a top-level config (``sft``, ``rm_regression``, ``rm_bt``, ``dpo`` or a recipe
-such as ``helpsteer2_rm_regression``; ``--list`` names them); ``key=value`` are Hydra
+such as ``helpsteer2_rm_regression``; ``--list`` names them), or the name of a trainer
+without a YAML file of its own (its schema's defaults); ``key=value`` are Hydra
 overrides (``parallel=tp2``, ``model=llama3_8b``, ``trainer.max_steps=500``). Every key
 exists in the algorithm's schema, so none needs ``+``; an unknown key, a wrong type or
 choice, or a value out of range is an error naming the key before anything starts.

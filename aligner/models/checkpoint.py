@@ -15,6 +15,11 @@ after that; a crash at any point leaves ``latest`` naming the previous complete
 checkpoint. Directories ending in ``.tmp-*`` are never read and are removed by the next
 save. ``keep_last=k`` then deletes older complete checkpoints.
 
+Adapter-only checkpoints: a model with LoRA adapters (docs/lora.md) saves its trainable
+tensors only (the adapters and a score head) and their optimizer state; the frozen base
+is left out, and ``extra.json`` records its fingerprint (:func:`base_fingerprint`), which
+a resume checks before it loads anything: adapters are never loaded onto another base.
+
 Nothing is unpickled by aligner: RNG states, extra data and the model config are JSON;
 tensors and the non-tensor state (optimizer hyper-parameters, scheduler) go through
 dist_checkpointing, whose ``common.pt`` is read with ``torch.load``'s default
@@ -22,19 +27,22 @@ dist_checkpointing, whose ``common.pt`` is read with ``torch.load``'s default
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.dist_checkpointing.mapping import is_main_replica
 
 from aligner.models.gpt import unwrap_model
+from aligner.models.lora import has_adapters
 
 
 def _rank() -> int:
@@ -54,11 +62,106 @@ def _as_list(models) -> list:
     return list(models) if isinstance(models, (list, tuple)) else [models]
 
 
+def split_state(module) -> Tuple[dict, dict]:
+    """``(saved, left_out)``: ``module``'s sharded state dict (megatron-core) split into what
+    a checkpoint holds and what it leaves out. A model with LoRA adapters saves its
+    trainable parameters (adapters, score head); its frozen base (and the base layers'
+    extra state) is left out. Any other model saves everything."""
+    state = module.sharded_state_dict()
+    if not has_adapters(module):
+        return state, {}
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return ({k: v for k, v in state.items() if k in trainable},
+            {k: v for k, v in state.items() if k not in trainable})
+
+
+def load_module_state(module, state: dict, where) -> None:
+    """Load ``state`` (what :func:`split_state` saved) into ``module``: everything for a plain
+    model; for a model with adapters, every trainable parameter (the base stays)."""
+    if not has_adapters(module):
+        module.load_state_dict(state)
+        return
+    result = module.load_state_dict(state, strict=False)
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    missing = sorted(set(result.missing_keys) & trainable)
+    if missing or result.unexpected_keys:
+        raise KeyError(f"{where}: the adapter checkpoint does not fit this model (missing {missing[:3]},"
+                       f" unexpected {sorted(result.unexpected_keys)[:3]})")
+
+
+def _modules(models) -> List[Tuple[str, torch.nn.Module]]:
+    """``(role, module)`` of every model chunk a checkpoint covers: several roles' chunks
+    come from their ``checkpoint_modules()`` (:mod:`aligner.training.roles`); a plain
+    model's role is ``""``."""
+    out = []
+    for m in _as_list(models):
+        if hasattr(m, "checkpoint_modules"):
+            out += m.checkpoint_modules()
+        else:
+            out.append(("", _unwrap(m)))
+    return out
+
+
 def _model_state(models) -> dict:
     models = _as_list(models)
     if len(models) == 1:
-        return {"model": _unwrap(models[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(m).sharded_state_dict() for i, m in enumerate(models)}
+        m = models[0]
+        return {"model": m.sharded_state_dict() if hasattr(m, "checkpoint_modules") else split_state(_unwrap(m))[0]}
+    return {f"model{i}": split_state(_unwrap(m))[0] for i, m in enumerate(models)}
+
+
+_MASK = (1 << 64) - 1
+
+
+def _mixed_sum(t: torch.Tensor) -> int:
+    """Sum over the elements of ``t`` of a 64-bit mix of each value's bits, modulo 2^64:
+    exact and independent of the order of the elements (so of the TP / PP sharding)."""
+    flat = t.detach().reshape(-1)
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    total = 0
+    for start in range(0, flat.numel(), 1 << 22):  # bounded temporaries
+        x = flat[start:start + (1 << 22)].contiguous().view(bits).to(torch.int64)
+        x = x * -7046029254386353131  # splitmix64's multipliers (int64 products wrap)
+        x = x ^ (x >> 31)
+        x = x * -4658895280553007687
+        x = x ^ (x >> 29)
+        total = (total + int(x.sum())) & _MASK
+    return total
+
+
+def base_fingerprint(models) -> Optional[str]:
+    """A fingerprint of the frozen base under the adapters of ``models`` (None: no adapters).
+
+    It covers every tensor an adapter checkpoint leaves out (:func:`split_state`): per
+    sharded tensor key (layout-independent: megatron-core's global names), the dtype, the
+    number of elements and an exact sum of a 64-bit mix of every value's bits; the keys,
+    counts and sums of all ranks are merged and hashed (SHA-256, 16 hex digits). Any change
+    of a base value, shape, name or dtype changes it (but for a collision of 2^-64); a
+    permutation of the values inside one tensor does not. One read of the base per call.
+    Collective: every rank calls it."""
+    parts = _modules(models)
+    if not any(has_adapters(m) for _, m in parts):
+        return None
+    local: dict = {}
+    for role, module in parts:
+        for entry in split_state(module)[1].values():
+            data = getattr(entry, "data", None)
+            if not torch.is_tensor(data) or not is_main_replica(entry.replica_id):
+                continue  # extra state; or a replica another rank counts
+            key = f"{role}/{entry.key}/{data.dtype}"
+            count, total = local.get(key, (0, 0))
+            local[key] = (count + data.numel(), (total + _mixed_sum(data)) & _MASK)
+    gathered = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+    merged: dict = {}
+    for rank_entries in gathered:
+        for key, (count, total) in rank_entries.items():
+            c, t = merged.get(key, (0, 0))
+            merged[key] = (c + count, (t + total) & _MASK)
+    text = json.dumps(sorted((k, c, t) for k, (c, t) in merged.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _rng_state() -> dict:
@@ -172,8 +275,12 @@ def save_checkpoint(
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"save_checkpoint: keep_last must be >= 1 or None, got {keep_last}")
     world = dist.get_world_size() if dist.is_initialized() else 1
+    extra = dict(extra or {}, step=int(step), world_size=world)
+    fingerprint = base_fingerprint(models)
+    if fingerprint is not None:  # an adapter checkpoint: the base it belongs to
+        extra["base_fingerprint"] = fingerprint
     # checked before anything is written, on every rank (no rank fails alone mid-save)
-    extra_json = _json_or_error("extra", dict(extra or {}, step=int(step), world_size=world))
+    extra_json = _json_or_error("extra", extra)
     config_json = _json_or_error("model_config", model_config) if model_config is not None else None
 
     root = Path(root)
@@ -256,15 +363,20 @@ def load_checkpoint(path_or_root, models, optimizer=None, scheduler=None) -> dic
         path = found
     extra = json.loads((path / "extra.json").read_text())
     models = _as_list(models)
+    _check_base(path, extra.get("base_fingerprint"), base_fingerprint(models))
     state = _model_state(models)
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
     loaded = dist_checkpointing.load(state, str(path))
     if len(models) == 1:
-        _unwrap(models[0]).load_state_dict(loaded["model"])
+        m = models[0]
+        if hasattr(m, "checkpoint_modules"):
+            m.load_state_dict(loaded["model"])
+        else:
+            load_module_state(_unwrap(m), loaded["model"], path)
     else:
         for i, m in enumerate(models):
-            _unwrap(m).load_state_dict(loaded[f"model{i}"])
+            load_module_state(_unwrap(m), loaded[f"model{i}"], path)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
@@ -276,6 +388,23 @@ def load_checkpoint(path_or_root, models, optimizer=None, scheduler=None) -> dic
     if extra.get("world_size") == world and rng_file.is_file():
         _set_rng_state(json.loads(rng_file.read_text()))
     return extra
+
+
+def _check_base(path: Path, saved: Optional[str], current: Optional[str]) -> None:
+    """Refuse, before any tensor is read, adapters onto another base (or a full model
+    into an adapter run, and the reverse)."""
+    if saved == current:
+        return
+    if saved is None:
+        raise ValueError(f"{path}: a full-model checkpoint; this model has LoRA adapters (base fingerprint"
+                         f" {current}): resume it without lora.enabled, or start in a new out_dir")
+    if current is None:
+        raise ValueError(f"{path}: holds LoRA adapters only (base fingerprint {saved}), not a whole model; load it"
+                         " onto its base with lora.enabled (the run's hf/ and hf_peft/ exports hold the merged"
+                         " model and the adapters)")
+    raise ValueError(f"{path}: its adapters belong to the base with fingerprint {saved}; this run's base has"
+                     f" fingerprint {current}: resume on the base it was trained on (init.hf) or start in a new"
+                     " out_dir")
 
 
 def list_checkpoints(root) -> List[Path]:

@@ -368,5 +368,14 @@ class ModelConfig:
                 # two process groups instead.
                 batch_p2p_comm=not (vpp is not None and vpp > 1 and pp == 2),
             )
+            if self.num_experts:
+                ep = ps.get_expert_model_parallel_world_size()
+                kwargs.update(expert_model_parallel_size=ep,
+                              expert_tensor_parallel_size=ps.get_expert_tensor_parallel_world_size())
+                if ep > 1:
+                    # Across expert-parallel ranks megatron-core's all-to-all dispatcher, which
+                    # exchanges token counts first: the ranks are data-parallel replicas whose
+                    # batches differ in length. The all-gather dispatcher needs equal counts.
+                    kwargs["moe_token_dispatcher_type"] = "alltoall"
         kwargs.update(overrides)
         return TransformerConfig(**kwargs)

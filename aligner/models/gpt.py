@@ -266,7 +266,21 @@ def build_model(
         for module in model.modules():
             if isinstance(module, (torch.nn.RMSNorm, torch.nn.LayerNorm)):
                 module.to(params_dtype)
+    if cfg.num_experts:
+        _mark_expert_params(model)
     return model
+
+
+def _mark_expert_params(model) -> None:
+    """Mark the routed experts' parameters as expert-parallel (``allreduce = False``) at
+    every expert-parallel size. megatron-core marks them only at EP > 1, and the mark
+    decides how DDP reduces their gradients (over the expert-data-parallel group, which at
+    EP = 1 is the data-parallel group: the same sum) and how its optimizer groups them (a
+    separate optimizer for experts): marked always, the optimizer, and so a checkpoint's
+    optimizer state, has the same structure at every EP size and a run resumes at another."""
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def unwrap_model(model):

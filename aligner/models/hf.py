@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out, at any TP / PP layout.
+"""Hugging Face checkpoints in and out, at any TP / PP / EP layout.
 
 Import (:func:`load_hf_weights`, :func:`from_pretrained`): each rank opens the
 safetensors files (single file or sharded with ``model.safetensors.index.json``) with
@@ -19,8 +19,12 @@ both ways. For the Llama layout:
   split over TP. Norms are replicated (``input_layernorm`` is ``linear_qkv.layer_norm_weight``
   under the TE spec, ``post_attention_layernorm`` likewise ``linear_fc1.layer_norm_weight``).
 - ``score.weight`` (``*ForSequenceClassification``) -> the reward / value head.
+- mixture of experts: the adapter maps expert ``e`` of a layer (its index over all the
+  layer's experts); megatron-core's ``mlp.experts.local_experts.<i>`` on expert-parallel
+  rank r is expert ``r * E/ep + i``, split over the expert-TP group like a dense MLP.
 
-Export (:func:`export_hf`): tensors are gathered over the TP group; the first TP and DP
+Export (:func:`export_hf`): tensors are gathered over the TP group (an expert's over the
+expert-TP group, then over the expert-parallel group); the first TP and DP
 rank of each pipeline stage writes that stage's shard
 (``model-0000k-of-0000P.safetensors``), rank 0 writes the index, ``config.json`` (causal LM
 or sequence classification with ``num_labels`` = head outputs) and the tokenizer files.
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -39,7 +44,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from aligner.models.architectures.base import GLU, QKV, Replicated, ScoreHead, Split, VocabRows
-from aligner.models.config import ModelConfig, UnsupportedModelError
+from aligner.models.config import ModelConfig
 from aligner.models.gpt import build_model, unwrap_model
 from aligner.models.lora import adapters_merged
 from aligner.parallel import get_device
@@ -154,24 +159,60 @@ _TE_NORM_NAMES = {
 }
 
 
-def _rule(cfg: ModelConfig, name: str, layer: int, head: Optional[str]):
+# megatron-core's routed experts: ``mlp.experts.local_experts.<i>.`` inside a layer, where
+# ``i`` counts this expert-parallel rank's experts from 0; the family's rules count experts
+# over the whole layer.
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")
+
+
+def _local_expert(name: str) -> Optional[int]:
+    """The local expert index of a megatron parameter ``name`` (a full name), None for a
+    parameter that is not a routed expert's."""
+    parts = name.split(".", 3)
+    if len(parts) < 4 or parts[:2] != ["decoder", "layers"]:
+        return None
+    match = _LOCAL_EXPERT.match(parts[3])
+    return int(match.group(1)) if match else None
+
+
+def _ep():
+    """(expert-parallel size, rank)."""
+    return ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+
+
+def _expert_tp():
+    """(expert tensor-parallel size, rank): megatron-core splits each expert's MLP over its
+    own expert-TP group (the TP group unless ``expert_tensor_parallel_size`` says otherwise)."""
+    return ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
+
+
+def _rule(cfg: ModelConfig, name: str, layer: int, head: Optional[str], ep_rank: Optional[int] = None):
     """The weight rule (:mod:`aligner.models.architectures.base`) of megatron parameter
-    ``name`` (a full name; ``layer`` its global layer index, -1 outside the layers)."""
+    ``name`` (a full name; ``layer`` its global layer index, -1 outside the layers). A routed
+    expert's local index is mapped to its index in the layer: expert-parallel rank ``ep_rank``
+    (this rank's by default) holds experts ``ep_rank * E/ep`` to ``(ep_rank + 1) * E/ep - 1``."""
     adapter = cfg.architecture
     if layer < 0:
         rules = adapter.global_weights(cfg, head)
     else:
+        local = _local_expert(name)
         name = name.split(".", 3)[3]  # decoder.layers.<i>.<name inside the layer>
         name = _TE_NORM_NAMES.get(name, name)
+        if local is not None:
+            ep, rank = _ep()
+            first = (rank if ep_rank is None else ep_rank) * (cfg.num_experts // ep)
+            name = _LOCAL_EXPERT.sub(f"mlp.experts.local_experts.{first + local}.", name, count=1)
         rules = adapter.layer_weights(cfg, layer)
     if name not in rules:
         raise CheckpointError(f"no HF counterpart known for parameter {name!r} of a {cfg.arch} model")
     return rules[name]
 
 
-def _local_tensor(reader: HFReader, cfg: ModelConfig, rule) -> torch.Tensor:
-    """This rank's shard of a megatron parameter, read by its rule from the checkpoint."""
-    tp, rank = _tp()
+def _local_tensor(reader: HFReader, cfg: ModelConfig, rule,
+                  tp_layout: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+    """This rank's shard of a megatron parameter, read by its rule from the checkpoint
+    (``tp_layout``: the (size, rank) it is split over, the TP group's by default)."""
+    tp, rank = tp_layout or _tp()
     for key, shape in rule.hf_shapes().items():
         _expect(reader, key, list(shape))
     if isinstance(rule, Replicated):
@@ -258,14 +299,6 @@ def _check_no_unused_tensors(reader: "HFReader", cfg: ModelConfig, head: Optiona
         )
 
 
-def _check_expert_layout(cfg: ModelConfig) -> None:
-    """The HF weight rules map every expert of an MoE layer at expert-parallel size 1 only:
-    at EP > 1 a rank's local experts would take the first experts' weights."""
-    if cfg.num_experts and ps.model_parallel_is_initialized() and ps.get_expert_model_parallel_world_size() > 1:
-        raise UnsupportedModelError(f"parallel.ep = {ps.get_expert_model_parallel_world_size()}: the experts of an MoE"
-                                    " model are imported and exported at parallel.ep = 1 only so far (docs/moe.md)")
-
-
 def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, strict_head: bool = False) -> None:
     """Copy an HF checkpoint's weights into this rank's model chunks.
 
@@ -273,7 +306,6 @@ def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, 
     included) or from a causal LM (backbone only; the head keeps its initialisation,
     unless ``strict_head``). A causal LM ignores a ``score.weight``.
     """
-    _check_expert_layout(cfg)
     reader = HFReader(path)
     _check_no_unused_tensors(reader, cfg, head)
     models = models if isinstance(models, (list, tuple)) else [models]
@@ -282,7 +314,8 @@ def load_hf_weights(models, path, cfg: ModelConfig, head: Optional[str] = None, 
             for name, param, layer in _param_sources(model):
                 if name == "head.weight" and not reader.has("score.weight") and not strict_head:
                     continue
-                value = _local_tensor(reader, cfg, _rule(cfg, name, layer, head))
+                tp_layout = _expert_tp() if _local_expert(name) is not None else None
+                value = _local_tensor(reader, cfg, _rule(cfg, name, layer, head), tp_layout)
                 if tuple(value.shape) != tuple(param.shape):
                     raise CheckpointError(
                         f"{reader.path}: parameter {name!r} (layer {layer}) needs shape {tuple(param.shape)},"
@@ -349,32 +382,33 @@ def from_pretrained(path, head: Optional[str] = None, num_outputs: Optional[int]
 
 
 # ------------------------------------------------------------------------------ export
-def _gather_parts(t: torch.Tensor) -> List[torch.Tensor]:
-    """Every TP rank's shard of ``t``, in rank order."""
-    tp, _ = _tp()
+def _gather_parts(t: torch.Tensor, expert: bool = False) -> List[torch.Tensor]:
+    """Every TP rank's shard of ``t``, in rank order (over the expert-TP group for a
+    routed expert's parameter)."""
+    tp, _ = _expert_tp() if expert else _tp()
     if tp == 1:
         return [t]
     parts = [torch.empty_like(t) for _ in range(tp)]
-    dist.all_gather(parts, t.contiguous(), group=ps.get_tensor_model_parallel_group())
+    group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+    dist.all_gather(parts, t.contiguous(), group=group)
     return parts
 
 
-def _gather_tp(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return torch.cat(_gather_parts(t), dim)
-
-
-def _hf_tensors(rule, t: torch.Tensor):
+def _hf_tensors(rule, t: torch.Tensor, expert: bool = False):
     """(HF name, full tensor) pairs of one megatron parameter's shard ``t`` (collective
-    over TP for split rules)."""
+    over TP, or expert TP, for split rules)."""
+    def gather(x, dim):
+        return torch.cat(_gather_parts(x, expert), dim)
+
     if isinstance(rule, (Replicated, ScoreHead)):
         yield rule.name, t
     elif isinstance(rule, Split):
-        yield rule.name, _gather_tp(t, rule.dim)
+        yield rule.name, gather(t, rule.dim)
     elif isinstance(rule, VocabRows):
-        yield rule.name, _gather_tp(t, 0)[: rule.shape[0]]
+        yield rule.name, gather(t, 0)[: rule.shape[0]]
     elif isinstance(rule, QKV):
         d, r, tail = rule.head_dim, rule.heads // rule.groups, rule.tail
-        grouped = _gather_tp(t, 0).reshape(rule.groups, (r + 2) * d, *tail)
+        grouped = gather(t, 0).reshape(rule.groups, (r + 2) * d, *tail)
         q = grouped[:, : r * d].reshape(-1, *tail)
         k = grouped[:, r * d: (r + 1) * d].reshape(-1, *tail)
         v = grouped[:, (r + 1) * d:].reshape(-1, *tail)
@@ -383,7 +417,7 @@ def _hf_tensors(rule, t: torch.Tensor):
         else:
             yield from ((rule.q, q), (rule.k, k), (rule.v, v))
     elif isinstance(rule, GLU):
-        parts = _gather_parts(t)  # each TP rank holds [its gate rows; its up rows]
+        parts = _gather_parts(t, expert)  # each TP rank holds [its gate rows; its up rows]
         gate = torch.cat([x[: x.shape[0] // 2] for x in parts], 0)
         up = torch.cat([x[x.shape[0] // 2:] for x in parts], 0)
         if rule.fused:
@@ -399,12 +433,22 @@ def _iter_hf_tensors(model, cfg: ModelConfig):
     a time (collective over TP: every TP rank iterates in the same order). A tied output
     layer writes nothing (HF ties ``lm_head`` to the embedding)."""
     head = unwrap_model(model).head_type
+    ep, _ = _ep()
     for name, param, layer in _param_sources(model):
         t = param.detach().float().cpu() if param.device.type != "cpu" else param.detach().float()
-        rule = _rule(cfg, name, layer, head)
         if name == "output_layer.weight" and cfg.tie_word_embeddings:
             continue
-        yield from _hf_tensors(rule, t)
+        if _local_expert(name) is None:
+            yield from _hf_tensors(_rule(cfg, name, layer, head), t)
+            continue
+        # a routed expert: every expert-parallel rank holds the same local index of its
+        # own experts; gathered over the EP group, each becomes its expert's HF tensors
+        parts = [t]
+        if ep > 1:
+            parts = [torch.empty_like(t) for _ in range(ep)]
+            dist.all_gather(parts, t.contiguous(), group=ps.get_expert_model_parallel_group())
+        for ep_rank, part in enumerate(parts):
+            yield from _hf_tensors(_rule(cfg, name, layer, head, ep_rank), part, expert=True)
 
 
 def _iter_all_hf_tensors(models, cfg: ModelConfig):
@@ -477,7 +521,6 @@ def export_hf(models, cfg: ModelConfig, out_dir, tokenizer_dir=None, head: Optio
     head's output names, which also become config.json's ``id2label``) and
     ``attribute_weights`` (name -> weight of the scalar reward ``r = w · ŷ``).
     """
-    _check_expert_layout(cfg)
     models = models if isinstance(models, (list, tuple)) else [models]
     model_head = unwrap_model(models[0]).head_type
     if dtype is None:

@@ -131,9 +131,10 @@ class LoraLinear(torch.nn.Module):
         self.column = isinstance(layer, ColumnParallelLinear)
         self.settings = settings
         self.scaling = settings.scaling
-        self.dropout = torch.nn.Dropout(settings.dropout) if settings.dropout > 0 else torch.nn.Identity()
+        self.dropout = settings.dropout
         self.enabled = True
         tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+        self.tp, self.tp_rank = tp, rank
         weight = layer.weight
         dtype, device = weight.dtype, weight.device
         self.layout = type(rule).__name__
@@ -158,8 +159,23 @@ class LoraLinear(torch.nn.Module):
         out, bias = output
         return out + self.delta(args[0]).to(out.dtype), bias
 
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout on the adapter's input (training only), with the mask of the whole input
+        width drawn from the default generator, which every TP rank seeds alike: a
+        column-parallel layer's input is replicated and every rank draws the same mask; a
+        row-parallel layer's input [s, b, in/p] is this rank's columns and takes its columns
+        of that mask. So the masks are those of TP = 1 (docs/lora.md, "Dropout")."""
+        if not self.training or self.dropout == 0:
+            return x
+        split = not self.column and self.tp > 1
+        width = x.shape[-1] * self.tp if split else x.shape[-1]
+        keep = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device).bernoulli_(1.0 - self.dropout)
+        if split:
+            keep = keep[..., self.tp_rank * x.shape[-1]:(self.tp_rank + 1) * x.shape[-1]]
+        return x * keep / (1.0 - self.dropout)
+
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x)
+        x = self.dropped(x)
         if not self.column:
             part = self.parts["w"]
             low = tensor_parallel.reduce_from_tensor_model_parallel_region(x @ part.lora_A.t())
@@ -238,6 +254,30 @@ def apply_lora(models: Sequence[torch.nn.Module], cfg, settings: LoraSettings) -
             model.head.weight.requires_grad_(True)
 
 
+def share_base(models: Sequence[torch.nn.Module], base_models: Sequence[torch.nn.Module]) -> List[torch.nn.Parameter]:
+    """Make ``models`` (this rank's chunks of a model of the same architecture, e.g. a value
+    model) use the frozen base parameters of ``base_models`` (a model with adapters): every
+    parameter of ``models`` but a score head is replaced by the one of the same name and
+    shape in ``base_models``, so both run on one copy of the weights (the memory of
+    ``models``' own base is released). Call it before :func:`apply_lora` on ``models``.
+    Returns the shared parameters."""
+    shared = []
+    for model, base in zip(models, base_models):
+        frozen = {n: p for n, p in base.named_parameters() if not p.requires_grad and not getattr(p, "lora", False)}
+        for name, param in list(model.named_parameters()):
+            if name.startswith("head."):
+                continue
+            source = frozen.get(name)
+            if source is None or source.shape != param.shape or source.dtype != param.dtype:
+                raise ValueError(f"lora: the base has no frozen parameter {name} of shape {tuple(param.shape)} to"
+                                 " share (a second adapter set needs the policy's architecture)")
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            owner._parameters[attr] = source
+            shared.append(source)
+    return shared
+
+
 def lora_layers(models) -> Iterator[LoraLinear]:
     models = models if isinstance(models, (list, tuple)) else [models]
     for model in models:
@@ -287,5 +327,5 @@ def adapters_merged(models):
                 m.enabled = enabled
 
 
-__all__ = ["LoraLinear", "LoraPart", "LoraSettings", "TARGETS", "adapters_disabled", "adapters_merged", "apply_lora", "has_adapters",
-           "lora_layers", "peft_init_a"]
+__all__ = ["LoraLinear", "LoraPart", "LoraSettings", "TARGETS", "adapters_disabled", "adapters_merged", "apply_lora",
+           "has_adapters", "lora_layers", "peft_init_a", "share_base"]

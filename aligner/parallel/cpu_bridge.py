@@ -31,10 +31,24 @@ torch 2.13 CPU, gloo, local layer spec):
    raises ``TypeError`` for anything else; while it runs, ``Tensor.type()`` without
    arguments spells a CPU tensor's type as its CUDA twin, so the same three groups
    (float16 params, their fp32 copies, fp32 params) are formed from CPU tensors.
-6. the mixture-of-experts router: its gating linear reads ``moe_utils.te_general_gemm``,
-   unbound without Transformer Engine (:func:`_bridge_moe_router`). The ``alltoall``
-   token dispatcher creates a CUDA stream when built, so MoE layers use the
-   ``allgather`` dispatcher (docs/moe.md).
+6. the mixture-of-experts layer: the router's gating linear reads
+   ``moe_utils.te_general_gemm``, unbound without Transformer Engine
+   (:func:`_bridge_moe_router`). The ``alltoall`` token dispatcher (expert parallelism,
+   docs/moe.md) creates a side stream for its device-to-host copies of the split sizes
+   (``torch.cuda.Stream``, ``torch.cuda.stream``, ``record_event``): ``torch.cuda`` as
+   megatron.core sees it has one stream that never waits (:class:`_CpuStream`), since CPU
+   work runs in program order; and its ``maybe_move_tensor_to_cpu`` turns only CUDA tensors
+   into the NumPy split sizes ``all_to_all_single`` takes, so on the CPU it is replaced by
+   the same conversion for CPU tensors (:func:`_bridge_moe_dispatcher`). gloo runs the
+   collectives both dispatchers call (all-gather, reduce-scatter, all-to-all with splits)
+   when every rank's part has the same size; for item 7 they do not.
+7. uneven parts over a group: with TP > 1 the ``alltoall`` dispatcher gathers and
+   reduce-scatters tokens over the TP group in parts of different sizes
+   (``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim``
+   with split sizes: ``all_gather`` into tensors of different sizes and ``reduce_scatter``,
+   which gloo refuses). They are rebound to the same results from collectives gloo has:
+   parts padded to the largest for the gather, an all-reduce and each rank's own part for
+   the reduce-scatter (:func:`_bridge_uneven_collectives`).
 
 Nothing else in aligner knows it runs on a CPU. ``tests/parallel/test_bridge.py``
 checks each bridged place, so a megatron-core upgrade that moves one fails loudly.
@@ -80,11 +94,67 @@ def _cpu_factory(fn):
     return factory
 
 
+class _CpuEvent:
+    """A CUDA event on the CPU: work is done when it is recorded, so waiting is a no-op."""
+
+    def synchronize(self):
+        return None
+
+    def wait(self, stream=None):
+        return None
+
+    def query(self):
+        return True
+
+
+class _CpuStream:
+    """A CUDA stream on the CPU. Work on a CPU runs in program order, so the side stream
+    megatron-core's ``alltoall`` token dispatcher creates for its device-to-host copies
+    (``MoEAlltoAllTokenDispatcher.cuda_dtoh_stream``) is the one stream there is: waiting
+    on another stream and synchronising on a recorded event do nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        return None
+
+    def wait_event(self, event):
+        return None
+
+    def record_event(self, event=None):
+        return event if event is not None else _CpuEvent()
+
+    def synchronize(self):
+        return None
+
+    def __eq__(self, other):
+        return isinstance(other, _CpuStream)
+
+    def __hash__(self):
+        return 0
+
+
+_THE_STREAM = _CpuStream()
+
+
 class _CpuCuda(types.ModuleType):
-    """``torch.cuda`` as megatron.core sees it on a CPU: the current device is the CPU."""
+    """``torch.cuda`` as megatron.core sees it on a CPU: the current device is the CPU, and
+    there is one stream (:class:`_CpuStream`)."""
+
+    Stream = _CpuStream
+    Event = _CpuEvent
 
     def __init__(self):
         super().__init__("torch.cuda")
+
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _THE_STREAM
+
+    @staticmethod
+    def stream(stream):
+        return contextlib.nullcontext()
 
     @staticmethod
     def current_device():
@@ -240,6 +310,7 @@ _MODULES = (
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.inference.contexts.static_context",
     "megatron.core.utils",
+    "megatron.core.transformer.moe.token_dispatcher",
 )
 
 
@@ -331,8 +402,82 @@ def engage() -> bool:
         cls.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
     _bridge_float16_optimizer()
     _bridge_moe_router()
+    _bridge_moe_dispatcher()
+    _bridge_uneven_collectives()
     _ENGAGED = True
     return True
+
+
+def _maybe_move_tensor_to_cpu(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """``moe_utils.maybe_move_tensor_to_cpu`` for tensors already on the CPU: the same
+    result a CUDA tensor gets (a NumPy array when ``as_numpy``), which is what the
+    ``alltoall`` dispatcher's split sizes must be for ``all_to_all_single``."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.cpu().numpy()
+    return tensor
+
+
+def _bridge_moe_dispatcher() -> None:
+    """The ``alltoall`` token dispatcher on a CPU (item 6 of the module docstring): its
+    device-to-host copies of the split sizes go through ``maybe_move_tensor_to_cpu``,
+    which converts only CUDA tensors to the NumPy arrays ``all_to_all_single`` is given;
+    on a CPU they stayed tensors, which gloo's binding refuses. Its side stream is
+    :class:`_CpuStream` (``torch.cuda`` as megatron.core sees it)."""
+    from megatron.core.transformer.moe import token_dispatcher  # loaded on engage only, as _MODULES
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
+
+
+def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """megatron-core's ``mappings._gather_along_first_dim`` where the ranks' parts differ in
+    size (``output_split_sizes``, the alltoall dispatcher's gather of tokens over TP):
+    gloo's ``all_gather`` takes only equal sizes, so each part is padded to the largest,
+    gathered, and the padding cut off. Equal parts take megatron-core's own path."""
+    if output_split_sizes is None or group.size() == 1:
+        return _MEGATRON_GATHER(input_, group, output_split_sizes, use_global_buffer)
+    sizes = [int(n) for n in output_split_sizes]
+    longest = max(sizes)
+    padded = input_.new_zeros((longest,) + tuple(input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)], dim=0)
+
+
+def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """megatron-core's ``mappings._reduce_scatter_along_first_dim`` where the ranks' parts
+    differ in size (``input_split_sizes``, the alltoall dispatcher's combine over TP): gloo
+    has no reduce-scatter of uneven parts, so the whole tensor is summed over the group
+    (``all_reduce``) and each rank keeps its part (the same sums). Equal parts take
+    megatron-core's own path."""
+    if input_split_sizes is None or group.size() == 1:
+        return _MEGATRON_REDUCE_SCATTER(input_, group, input_split_sizes, use_global_buffer)
+    sizes = [int(n) for n in input_split_sizes]
+    total = input_.clone().contiguous()
+    torch.distributed.all_reduce(total, group=group)
+    start = sum(sizes[: group.rank()])
+    return total[start: start + sizes[group.rank()]].clone()
+
+
+_MEGATRON_GATHER = None
+_MEGATRON_REDUCE_SCATTER = None
+
+
+def _bridge_uneven_collectives() -> None:
+    """Item 7 of the module docstring: rebind the two uneven-split helpers of
+    ``tensor_parallel.mappings`` (every autograd function of that module calls them by their
+    module-level names)."""
+    global _MEGATRON_GATHER, _MEGATRON_REDUCE_SCATTER
+    from megatron.core.tensor_parallel import mappings  # loaded on engage only, as _MODULES
+
+    if getattr(mappings._gather_along_first_dim, "_aligner_cpu", False):  # engage() is idempotent
+        return
+    _MEGATRON_GATHER = mappings._gather_along_first_dim
+    _MEGATRON_REDUCE_SCATTER = mappings._reduce_scatter_along_first_dim
+    _gather_along_first_dim._aligner_cpu = True
+    _reduce_scatter_along_first_dim._aligner_cpu = True
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
 
 
 def _bridge_moe_router() -> None:

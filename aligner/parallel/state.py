@@ -213,6 +213,12 @@ def read_dist_env(environ=None) -> DistEnv:
 
 
 _DEVICE: Optional[torch.device] = None
+# How many times this process has torn its process groups down (destroy). torch keeps one
+# rendezvous store per port for the whole process and restarts its group names at 0 after
+# a teardown, so the groups of a second initialize would read the first ones' addresses
+# from the store (and wait on ranks that no longer listen there): each generation of
+# groups keeps its keys under its own prefix. Every rank initializes and destroys in step.
+_GENERATION = 0
 
 
 def get_device() -> torch.device:
@@ -251,22 +257,28 @@ def initialize(parallel: Optional[ParallelConfig] = None, **model_dims) -> DistE
         _DEVICE = torch.device("cpu")
 
     if not torch.distributed.is_initialized():
+        timeout = datetime.timedelta(minutes=parallel.timeout_minutes)
+        store, _, _ = next(torch.distributed.rendezvous(f"tcp://{denv.master_addr}:{denv.master_port}",
+                                                        rank=denv.rank, world_size=denv.world_size, timeout=timeout))
+        store.set_timeout(timeout)
         torch.distributed.init_process_group(
             backend=backend,
-            init_method=f"tcp://{denv.master_addr}:{denv.master_port}",
+            store=torch.distributed.PrefixStore(f"aligner_generation_{_GENERATION}", store),
             rank=denv.rank,
             world_size=denv.world_size,
-            timeout=datetime.timedelta(minutes=parallel.timeout_minutes),
+            timeout=timeout,
         )
     if parallel_state.model_parallel_is_initialized():
         current = (
             parallel_state.get_tensor_model_parallel_world_size(),
             parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_expert_model_parallel_world_size(),
         )
-        if current != (parallel.tp, parallel.pp):
+        if current != (parallel.tp, parallel.pp, parallel.ep):
             raise LayoutError(
-                f"megatron-core is already initialised with tp={current[0]}, pp={current[1]};"
-                f" call aligner.parallel.destroy() before asking for tp={parallel.tp}, pp={parallel.pp}"
+                f"megatron-core is already initialised with tp={current[0]}, pp={current[1]}, ep={current[2]};"
+                f" call aligner.parallel.destroy() before asking for tp={parallel.tp}, pp={parallel.pp},"
+                f" ep={parallel.ep}"
             )
     else:
         parallel_state.initialize_model_parallel(
@@ -302,14 +314,16 @@ def set_seed(seed: int) -> None:
 
 
 def destroy() -> None:
-    """Tear down megatron-core's parallel state and the default process group."""
-    global _DEVICE
+    """Tear down megatron-core's parallel state and the default process group; a later
+    :func:`initialize` starts fresh ones (any layout)."""
+    global _DEVICE, _GENERATION
     parallel_state = sys.modules.get("megatron.core.parallel_state")  # not loaded: nothing to tear down
 
     if parallel_state is not None and parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        _GENERATION += 1
     _DEVICE = None
 
 

@@ -168,6 +168,10 @@ class _Layer:
             self.w_fc1, self.b_fc1 = mlp.linear_fc1.weight, mlp.linear_fc1.bias
             self.w_fc2, self.b_fc2 = mlp.linear_fc2.weight, mlp.linear_fc2.bias
         self.fc2_norm = None if self.moe is not None else _optional(getattr(mlp.linear_fc2, "post_norm", None))
+        # LoRA adapters (aligner.models.lora.LoraLinear, a forward hook on the layer in megatron-core's
+        # forward): their low-rank path is added here to the same projections' outputs
+        self.lora = {name: getattr(parent, f"lora_{name}", None)
+                     for name, parent in (("qkv", attn), ("proj", attn), ("fc1", mlp), ("fc2", mlp))}
         self.groups = attn.num_query_groups_per_partition
         self.heads = attn.num_attention_heads_per_partition
         self.head_dim = attn.hidden_size_per_attention_head
@@ -264,11 +268,22 @@ class FusedDecoder:
         cap = model.model_cfg.final_logit_softcapping
         return logits if not cap else torch.tanh(logits / cap) * cap
 
+    @staticmethod
+    def _adapted(layer: _Layer, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` plus the low-rank path of the layer's adapter ``name`` on input ``x``
+        (column-parallel: this rank's rows; row-parallel: the full output, reduced over TP
+        inside), as the adapter's hook adds it in megatron-core's forward; ``out`` unchanged
+        without an enabled adapter."""
+        lora = layer.lora[name]
+        if lora is None or not lora.enabled:
+            return out
+        return out + lora.delta(x).to(out.dtype)
+
     def _layer(self, layer: _Layer, h: torch.Tensor, t: int) -> torch.Tensor:
         b = h.shape[0]
         g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
         x = h if layer.input_norm is None else layer.input_norm(h)
-        qkv = _linear(x, layer.w_qkv, layer.b_qkv).reshape(b, g, r + 2, d)
+        qkv = self._adapted(layer, "qkv", x, _linear(x, layer.w_qkv, layer.b_qkv)).reshape(b, g, r + 2, d)
         cos, sin = (table[t] for table in self.rope[layer.local_rope])
         if layer.q_norm is None:
             qk = _rotate(qkv[:, :, :r + 1], cos, sin)  # queries and key
@@ -291,7 +306,7 @@ class FusedDecoder:
         else:
             probs = torch.softmax(scores, dim=-1).to(values.dtype)
         context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:t + 1]).view(b, layer.heads * d)
-        out = self._all_reduce(_linear(context, layer.w_proj))
+        out = self._adapted(layer, "proj", context, self._all_reduce(_linear(context, layer.w_proj)))
         if layer.b_proj is not None:
             out = out + layer.b_proj
         if layer.proj_norm is not None:
@@ -300,13 +315,13 @@ class FusedDecoder:
         x = h if layer.mlp_norm is None else layer.mlp_norm(h)
         if layer.moe is not None:  # [b, h] as megatron-core's [s = 1, b, h]
             return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)
-        x = _linear(x, layer.w_fc1, layer.b_fc1)
+        x = self._adapted(layer, "fc1", x, _linear(x, layer.w_fc1, layer.b_fc1))
         if self.gated:
             gate, up = x.chunk(2, dim=-1)
             x = self.activation(gate) * up
         else:
             x = self.activation(x)
-        out = self._all_reduce(_linear(x, layer.w_fc2))
+        out = self._adapted(layer, "fc2", x, self._all_reduce(_linear(x, layer.w_fc2)))
         if layer.b_fc2 is not None:
             out = out + layer.b_fc2
         if layer.fc2_norm is not None:

@@ -42,7 +42,10 @@ Design
   removed from the batch and their cache slots dropped.
 
 All ranks of a model-parallel group call :meth:`RolloutEngine.generate` together with the
-same prompts and config (SPMD); data-parallel replicas generate independently.
+same prompts and config (SPMD); data-parallel replicas generate independently, except
+that with experts split over data-parallel ranks (EP > 1) they call ``generate`` together
+(any prompts each): a replica with nothing left to generate passes a dummy token through its
+MoE layers while another one still runs, since every forward exchanges tokens between them.
 """
 from __future__ import annotations
 
@@ -54,6 +57,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from aligner.models.config import ModelConfig
 from aligner.models.gpt import unwrap_model
@@ -257,6 +261,7 @@ class RolloutEngine:
                 torch.distributed.all_reduce(me, op=torch.distributed.ReduceOp.MAX, group=group)
                 self.mp_group, self.source_rank = group, int(me.item())
         self.decoder = self._make_decoder(decode_impl)
+        self._ep_group, self._moe_layers = self._expert_parallel()
 
     def _make_decoder(self, decode_impl: str) -> Optional[FusedDecoder]:
         """The fused decoder, or None for megatron-core decode steps; every rank of the
@@ -279,6 +284,62 @@ class RolloutEngine:
             return None
         return FusedDecoder(self.models, self.vocab_size, self.device,
                             getattr(self, "prev_rank", None), getattr(self, "next_rank", None))
+
+    def _expert_parallel(self):
+        """(group, MoE layers) when this rank's experts are split over an expert-parallel
+        group (EP > 1), else (None, []). The token dispatcher of every MoE layer exchanges
+        tokens within the expert-parallel x tensor-parallel group, so every rank of it must
+        run each MoE layer the same number of times, though its data-parallel replica may
+        have fewer prompts or finish sooner (see :meth:`_ep_running`)."""
+        layers = [layer.mlp for model in self.models for layer in model.decoder.layers
+                  if isinstance(getattr(layer, "mlp", None), MoELayer)]
+        if not layers or not torch.distributed.is_initialized() or ps.get_expert_model_parallel_world_size() == 1:
+            return None, []
+        return ps.get_expert_tensor_and_model_parallel_group(), layers
+
+    def _ep_running(self, running: bool) -> bool:
+        """Whether any rank of the expert-parallel group runs a forward next (collective over
+        it; ``running``: whether this rank does). Every forward of a generation is preceded
+        by this call with True; a rank with nothing left to generate calls it with False
+        and, while another rank still runs, passes a dummy token through its MoE layers
+        (:meth:`_idle_moe_pass`) in step with that rank's forward."""
+        if self._ep_group is None:
+            return running
+        flag = torch.tensor([1 if running else 0], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._ep_group)
+        return bool(flag.item())
+
+    def keep_in_step(self) -> None:
+        """For a rank that skips a :meth:`generate` call its expert-parallel peers make (e.g.
+        an extra round of generation only some data-parallel ranks need): pass its share of
+        their forwards' token exchange until none of them generates any more. A no-op
+        without expert parallelism; with it, collective over the expert-parallel x
+        tensor-parallel group."""
+        if self._ep_group is None:
+            return
+        was_training = [m.training for m in self.models]
+        for m in self.models:
+            m.eval()
+        try:
+            self._keep_in_step()
+        finally:
+            for m, training in zip(self.models, was_training):
+                m.train(training)
+
+    def _keep_in_step(self) -> None:
+        while self._ep_running(False):  # another expert-parallel rank still generates
+            self._idle_moe_pass()
+
+    @torch.inference_mode()
+    def _idle_moe_pass(self) -> None:
+        """Each MoE layer of this rank, in forward order, on one dummy token ``[1, 1, h]``
+        (zeros; megatron-core's router cannot take zero tokens): this rank's share of the
+        token exchange of a forward another expert-parallel rank runs. Routing is dropless
+        and an expert's MLP acts on each token alone, so the dummy token changes no other
+        token's output; its own output is dropped."""
+        dummy = torch.zeros((1, 1, self.hidden_size), dtype=self.pipeline_dtype, device=self.device)
+        for moe in self._moe_layers:
+            moe(dummy)
 
     # ------------------------------------------------------------------ inputs
     def _pad_id(self) -> int:
@@ -382,6 +443,7 @@ class RolloutEngine:
                 )
                 for i, resp in zip(rows, batch):
                     responses[i] = resp
+            self._keep_in_step()
         finally:
             for m, training in zip(self.models, was_training):
                 m.train(training)
@@ -444,6 +506,7 @@ class RolloutEngine:
         fused = self.decoder is not None
         # With the fused decoder megatron-core's cache only has to hold the prefill.
         contexts = [StaticInferenceContext(b, t if fused else total) for _ in self.models]
+        self._ep_running(True)
         logits = self._forward(tokens[:, :t], self._causal_mask(t), contexts)
         if fused:
             self.decoder.start(contexts, t, total)
@@ -477,6 +540,7 @@ class RolloutEngine:
                 kept = keep.tolist()
                 rows = [rows[j] for j in kept]
                 max_plen = int(plen.max())
+            self._ep_running(True)
             if fused:
                 logits = self.decoder.step(tokens[:, t - 1], t - 1)
             else:

@@ -69,7 +69,7 @@ from aligner.parallel import get_device, padded_length
 from aligner.parallel.seeds import data_order_generator
 from aligner.runtime import RunStopped
 from aligner.training.algorithm import Algorithm, StepContext
-from aligner.training.batching import schedule_microbatches
+from aligner.training.batching import filler_microbatch, schedule_microbatches
 from aligner.training.config import OptimSection, TrainerSection
 from aligner.training.logging import MetricsLogger, Progress
 from aligner.training.metrics import means, reduce_metrics
@@ -216,10 +216,29 @@ class TrainingLoop:
             )
         return schedule_microbatches(micro, interleaved=len(self.models) > 1)
 
-    def run_schedule(self, samples: Sequence[dict], *, forward_only: bool, seq_length: int) -> List[dict]:
-        """Forward (and backward) over this rank's micro-batches of ``samples``; the metric dicts."""
-        micro = self.microbatches(samples, seq_length)
+    def run_schedule(self, samples: Sequence[dict], *, forward_only: bool, seq_length: int,
+                     like: Sequence[dict] = ()) -> List[dict]:
+        """Forward (and backward) over this rank's micro-batches of ``samples``; the metric
+        dicts. ``like``: samples whose shape a zero-weight micro-batch may take when this rank
+        has none of its own (see :meth:`_in_step_with_experts`)."""
+        micro = self._in_step_with_experts(self.microbatches(samples, seq_length), like, seq_length)
         return run_schedule(self.models, micro, self.algorithm.forward, self._loss, forward_only=forward_only)
+
+    def _in_step_with_experts(self, micro: List[dict], like: Sequence[dict], seq_length: int) -> List[dict]:
+        """With experts split over the data-parallel ranks (EP > 1) every forward exchanges
+        tokens between them, so every rank must run as many micro-batches as the others:
+        a rank with fewer (the short share of a last validation batch, packing's variable
+        bins) gets zero-weight ones (:func:`aligner.training.batching.filler_microbatch`),
+        which count for nothing. Without expert parallelism the micro-batches are unchanged."""
+        if ps.get_expert_model_parallel_world_size() == 1:
+            return micro
+        count = torch.tensor([len(micro)], dtype=torch.int64, device=get_device())
+        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group(with_context_parallel=True))
+        missing = int(count.item()) - len(micro)
+        if missing > 0:
+            template = micro[-1] if micro else self.microbatches(list(like)[:1], seq_length)[0]
+            micro = micro + [filler_microbatch(template) for _ in range(missing)]
+        return micro
 
     def reduce_metrics(self, store: List[dict]) -> Dict[str, float]:
         """Metric [sum, count] pairs summed over micro-batches and DP ranks (the union of the
@@ -297,7 +316,8 @@ class TrainingLoop:
         offset = len(self.train_data) if data is self.val_data else 0
         for start in starts:
             samples = [dict(data[i], index=offset + i) for i in range(start, min(start + gbs, len(data)))]
-            store += self.run_schedule(self.local_share(samples), forward_only=True, seq_length=self.seq_length(samples))
+            store += self.run_schedule(self.local_share(samples), forward_only=True, seq_length=self.seq_length(samples),
+                                       like=samples)
         for m, mode in zip(self.models, modes):
             m.train(mode)
         return self.reduce_metrics(store)

@@ -118,9 +118,6 @@ def check_model(cfg, model_cfg) -> None:
         raise ConfigError(str(exc) if "world size" in str(exc) else f"{exc} (world size {world})") from None
     except ValueError as exc:  # launcher variables that are not a job
         raise ConfigError(str(exc)) from None
-    if model_cfg.num_experts and p.ep > 1:  # the HF weight rules place every expert on each rank
-        raise ConfigError(f"parallel.ep = {p.ep}: the experts of an MoE model are imported and exported at"
-                          " parallel.ep = 1 only so far (docs/moe.md)")
 
 
 def data_parallel_size(cfg) -> int:

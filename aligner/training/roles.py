@@ -164,6 +164,8 @@ class TrainableRole:
     scheduler: object
     export_head: Optional[str] = None
     model_cfg: object = None  # the role's architecture when it differs from the policy's
+    # ids of parameters another role owns (a base shared under a second adapter set): never offloaded by this role
+    borrowed: frozenset = field(default_factory=frozenset, repr=False)
     _offload: _Offload = field(default_factory=_Offload, repr=False)
 
     @property
@@ -198,7 +200,8 @@ class TrainableRole:
         # Parameters that are views into DDP's contiguous buffer (the distributed optimizer)
         # and the gradient buffers (parameters' main_grad views into them) stay put: moving
         # a buffer would leave its views on the old storage.
-        params = [p for c in self.chunks for p in c.module.parameters() if p._base is None]
+        params = [p for c in self.chunks for p in c.module.parameters()
+                  if p._base is None and id(p) not in self.borrowed]
         return params + _optimizer_states(self.optimizer)
 
     def offload(self) -> None:
@@ -405,21 +408,29 @@ class _RoleModels:
     def sharded_state_dict(self) -> dict:
         from megatron.core.dist_checkpointing.utils import add_prefix_for_sharding
 
+        from aligner.models.checkpoint import split_state  # megatron-core: see TrainableRole.modules
+
         out = {}
         for role in self.roles:
             out[role.name] = {}
             for i, module in enumerate(role.modules):
-                sd = module.sharded_state_dict()
+                sd = split_state(module)[0]  # a role with adapters: its adapters (and head) only
                 add_prefix_for_sharding(sd, f"{role.name}.")
                 out[role.name][f"chunk{i}"] = sd
         return out
 
+    def checkpoint_modules(self) -> list:
+        """``(role name, module)`` of every chunk (the base fingerprint of adapter roles)."""
+        return [(role.name, module) for role in self.roles for module in role.modules]
+
     def load_state_dict(self, state: dict) -> None:
+        from aligner.models.checkpoint import load_module_state  # megatron-core: see TrainableRole.modules
+
         for role in self.roles:
             if role.name not in state:
                 raise KeyError(f"checkpoint has no weights for role {role.name!r}")
             for i, module in enumerate(role.modules):
-                module.load_state_dict(state[role.name][f"chunk{i}"])
+                load_module_state(module, state[role.name][f"chunk{i}"], f"role {role.name!r}")
 
 
 class _RoleOptimizers:

@@ -3,6 +3,8 @@
 ``python -m tests.algorithms.online_driver ALGORITHM ASSETS_JSON OUT_DIR STEPS SAVE_INTERVAL [SLEEP]``
 
 - ``ppo``: PPO (2 epochs, mini-batches of 4) on tests.algorithms.ppo_setup's assets;
+  ``ppo:lora``: the same with LoRA adapters (rank 4) and the critic a second adapter set on
+  the policy's base (``ppo.critic_lora``);
 - ``pg``: RLOO (reinforce loss, KL 0.05) on the same assets; ``pg:LOSS``: GRPO with that
   ratio-based ``pg.loss`` (``gspo``, ``cispo``, ``clipped``), 2 epochs x mini-batches of 4;
 - ``steerlm2``: SteerLM 2.0 sampling, 2 iterations x 2 epochs (STEPS is ignored: the run
@@ -21,11 +23,16 @@ import time
 
 def _trainer(algorithm, assets, out_dir, steps, save_interval):
     trainer = {"max_steps": steps, "save_interval": save_interval, "resume": True, "export_hf": True}
-    if algorithm == "ppo":
+    if algorithm in ("ppo", "ppo:lora"):
         from aligner.algorithms.ppo import PPOAlgorithm, PPOTrainer
         from tests.algorithms.ppo_setup import ppo_config
 
-        cfg = ppo_config(assets, out_dir, trainer=trainer, ppo={"epochs": 2, "mini_batch_size": 4})
+        ppo = {"epochs": 2, "mini_batch_size": 4}
+        lora = {}
+        if algorithm == "ppo:lora":
+            ppo["critic_lora"] = True
+            lora = {"enabled": True, "rank": 4, "alpha": 8.0}
+        cfg = ppo_config(assets, out_dir, trainer=trainer, ppo=ppo, lora=lora)
         return PPOTrainer(cfg), PPOAlgorithm
     if algorithm == "pg" or algorithm.startswith("pg:"):
         from aligner.algorithms.pg import PGAlgorithm, PGTrainer
@@ -60,7 +67,7 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
         cfg["trainer"].update(max_steps=steps, global_batch_size=2, micro_batch_size=1, save_interval=save_interval,
                               resume=True)
         return DistillTrainer(cfg), DistillAlgorithm
-    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, pg, pg:LOSS, steerlm2, spin or gkd")
+    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, ppo:lora, pg, pg:LOSS, steerlm2, spin or gkd")
 
 
 def main(algorithm, assets_json, out_dir, steps, save_interval, sleep=0.0):

@@ -3,9 +3,10 @@ step each).
 
 - Iteration 0 against transformers: the generations written to the run folder are scored
   by transformers (the initial model is iteration 0's reference): their log-probs equal the
-  file's reference log-probs, and step 1's loss (ln 2: policy = reference) and gradient norm
-  equal the DPO loss ``−logσ(β[(log π(y) − log π_t(y)) − (log π(y') − log π_t(y'))])``
-  computed by transformers on those pairs (1e-5).
+  file's reference log-probs, and step 1's loss and gradient norm equal the DPO loss
+  ``−logσ(β[(log π(y) − log π_t(y)) − (log π(y') − log π_t(y'))])`` (ln 2: policy =
+  reference) plus ``spin.sft_weight`` times the SFT response's NLL per token, computed by
+  transformers on those pairs (1e-5).
 - Under every layout: TP=2, PP=2 and DP=2 generate the same responses and log the same
   loss, gradient norm and reference log-probs as one process, at the 4 steps of both
   iterations (1e-5).
@@ -19,16 +20,17 @@ import torch
 from aligner.parallel.spawn import spawn_local
 from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, adam_run, write_jsonl
 
-BETA, LR = 0.5, 5e-3
+BETA, LR, SFT_WEIGHT = 0.5, 5e-3, 0.25
 
 
-def spin_config(hf, train, out_dir, **trainer):
+def spin_config(hf, train, out_dir, sft_weight=0.0, **trainer):
     return {
         "algorithm": "spin",
         "init": {"hf": hf},
         "data": {"train": train, "template": "raw", "max_length": 64},
         **adam_run(out_dir, LR, **trainer),
-        "spin": {"iterations": 2, "epochs": 1, "beta": BETA, "generation": {"max_new_tokens": 6}},
+        "spin": {"iterations": 2, "epochs": 1, "beta": BETA, "sft_weight": sft_weight,
+                 "generation": {"max_new_tokens": 6}},
     }
 
 
@@ -42,9 +44,10 @@ def run_aligner(cfg):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], rows
 
 
-def transformers_step(hf_dir, pairs):
-    """Log-probs of every (prompt, response) under the HF model, and the gradient norm of the
-    DPO loss on the pairs at policy = reference."""
+def transformers_step(hf_dir, pairs, sft_weight):
+    """Log-probs of every (prompt, response) under the HF model, the loss at policy =
+    reference (the DPO loss plus ``sft_weight`` x the chosen responses' mean NLL per token),
+    its gradient norm and the NLL term alone."""
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
@@ -59,18 +62,19 @@ def transformers_step(hf_dir, pairs):
     chosen = torch.stack([logp(p, c) for p, c, _ in pairs])
     rejected = torch.stack([logp(p, r) for p, _, r in pairs])
     ref_c, ref_r = chosen.detach(), rejected.detach()
-    loss = (-F.logsigmoid(BETA * ((chosen - ref_c) - (rejected - ref_r)))).mean()
+    nll = torch.stack([-c / len(response) for c, (_, response, _) in zip(chosen, pairs)]).mean()
+    loss = (-F.logsigmoid(BETA * ((chosen - ref_c) - (rejected - ref_r)))).mean() + sft_weight * nll
     loss.backward()
     norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters()))
-    return ref_c.tolist(), ref_r.tolist(), loss.item(), norm.item()
+    return ref_c.tolist(), ref_r.tolist(), loss.item(), norm.item(), nll.item()
 
 
 def test_iteration_zero_matches_transformers(tiny_hf, tmp_path):
     from transformers import AutoTokenizer
 
     train = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    metrics, rows = spawn_local(run_aligner, 1, spin_config(str(tiny_hf["dir"]), train, str(tmp_path / "run")),
-                                timeout=600)[0]
+    cfg = spin_config(str(tiny_hf["dir"]), train, str(tmp_path / "run"), sft_weight=SFT_WEIGHT)
+    metrics, rows = spawn_local(run_aligner, 1, cfg, timeout=600)[0]
     assert [m["iteration"] for m in metrics] == [0.0, 1.0]
     tok = AutoTokenizer.from_pretrained(tiny_hf["dir"])
     pairs = []
@@ -80,13 +84,14 @@ def test_iteration_zero_matches_transformers(tiny_hf, tmp_path):
         chosen = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         pairs.append((prompt, chosen, row["rejected_tokens"]))
     assert any(c != r for _, c, r in pairs)  # the generations are not the SFT responses
-    ref_c, ref_r, loss, norm = transformers_step(str(tiny_hf["dir"]), pairs)
+    ref_c, ref_r, loss, norm, nll = transformers_step(str(tiny_hf["dir"]), pairs, SFT_WEIGHT)
     file_c = [r["ref_chosen"] for r in sorted(rows[0], key=lambda r: r["index"])]
     file_r = [r["ref_rejected"] for r in sorted(rows[0], key=lambda r: r["index"])]
     assert max(abs(a - b) for a, b in zip(file_c + file_r, ref_c + ref_r)) <= 1e-5
     print(f"step 1: loss {metrics[0]['loss']:.9g} (ln 2 {math.log(2):.9g}), grad_norm {metrics[0]['grad_norm']:.9g}"
           f" transformers {norm:.9g}")
-    assert abs(metrics[0]["loss"] - loss) <= 1e-5 and abs(loss - math.log(2)) < 1e-12
+    assert abs(metrics[0]["loss"] - loss) <= 1e-5 and abs(loss - SFT_WEIGHT * nll - math.log(2)) < 1e-12
+    assert abs(metrics[0]["loss/sft"] - nll) <= 1e-5 and abs(metrics[0]["loss/preference"] - math.log(2)) <= 1e-6
     assert abs(metrics[0]["grad_norm"] - norm) <= 1e-5 and norm > 1e-3
     # iteration 1 trains against the model iteration 0 ended with: its reference differs
     assert rows[1][0]["ref_chosen"] != rows[0][0]["ref_chosen"]

@@ -1,9 +1,14 @@
 """The worked examples of docs/architecture.md ("How to add ..."), run as written: a
 preference loss, an advantage estimator and a reward kind with their hand-computed
-values and the config checks that accept them, and an algorithm module trained for a
-step from a tiny Hugging Face model, its loss checked against transformers."""
+values and the config checks that accept them, and an algorithm module dropped into a
+copy of the package, found by ``aligner train <name>`` and trained for a step from a
+tiny Hugging Face model, its loss checked against transformers."""
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -56,7 +61,6 @@ def test_a_reward_kind_is_one_decorated_function():
 def test_an_algorithm_is_one_module(tiny_hf, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from aligner.algorithms.registry import TRAINERS
     from aligner.data import load_dataset, load_tokenizer
 
     rows = [{"conversations": [{"from": "User", "value": "what is the sum of two and three"},
@@ -65,13 +69,24 @@ def test_an_algorithm_is_one_module(tiny_hf, tmp_path):
                                {"from": "Assistant", "value": "once upon a time there was a cat"}]}]
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with example_registered("algorithm", TRAINERS, "sequence_sft") as namespace:
-        trainer = namespace["SequenceSFTTrainer"]({
-            "init": {"hf": str(tiny_hf["dir"])}, "data": {"train": str(data), "max_length": 64},
-            "trainer": {"max_steps": 1, "global_batch_size": 2, "micro_batch_size": 1, "out_dir": str(tmp_path / "run"),
-                        "export_hf": False, "progress": False, "tensorboard": False}})
-        assert TRAINERS["sequence_sft"] is type(trainer)
-        logged = trainer.fit()["train"]["loss"]
+    # a copy of the package with the example as aligner/algorithms/sequence_sft.py and no other
+    # change, run from a fresh interpreter (the fork server of the other runs holds the package)
+    src = tmp_path / "src"
+    shutil.copytree(DOC.parents[1] / "aligner", src / "aligner", ignore=shutil.ignore_patterns("__pycache__"))
+    (src / "aligner" / "algorithms" / "sequence_sft.py").write_text(example("algorithm"))
+    run = tmp_path / "run"
+    assert not (DOC.parents[1] / "aligner" / "algorithms" / "sequence_sft.py").exists()
+    env = {**os.environ, "PYTHONPATH": str(src), "ALIGNER_CONF_DIR": str(DOC.parents[1] / "conf"),
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "aligner.cli.main", "train", "sequence_sft", f"init.hf={tiny_hf['dir']}",
+         f"data.train={data}", "data.max_length=64", "trainer.max_steps=1", "trainer.global_batch_size=2",
+         "trainer.micro_batch_size=1", f"trainer.out_dir={run}", "trainer.export_hf=false", "trainer.progress=false",
+         "trainer.tensorboard=false"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "algorithm: sequence_sft" in (run / "config.yaml").read_text().splitlines()
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in metrics if row["split"] == "train"][-1]["loss"]
     # the same samples through transformers: the mean over responses of each one's mean NLL
     samples = load_dataset(str(data), kind="sft", tokenizer=load_tokenizer(str(tiny_hf["dir"])), max_length=64)
     model = AutoModelForCausalLM.from_pretrained(str(tiny_hf["dir"]), torch_dtype=torch.float32).eval()

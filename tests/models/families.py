@@ -23,8 +23,13 @@ weights are 1 plus small noise (so a norm mapped to the wrong place shows), as a
 "1 + w" norms' effective scales; biases are small random values. Llama and Qwen2 tie their
 embeddings; the Gemmas do not (:func:`_hf_model` says why).
 
-Jobs: one world-2 job (TP=2, then PP=2 in the same processes) and one world-1 job (TP=1),
-each going over every family.
+The mixture-of-experts families also at EP=2 (each rank holds half the experts, the two
+ranks being the data-parallel group): logits and greedy decoding as above, greedy decoding
+with the two ranks generating different prompts and numbers of tokens (their MoE layers
+exchange tokens at every step), and export at EP=2 (transformers' logits, tensors equal).
+
+Jobs: one world-2 job (TP=2, then PP=2, then EP=2 in the same processes) and one world-1
+job (TP=1), each going over every family.
 """
 import json
 import math
@@ -230,14 +235,14 @@ def hf_dpo(path):
 
 
 # ---------------------------------------------------------------------------- aligner (ranks)
-def _switch(tp, pp):
+def _switch(tp, pp, ep=1):
     from megatron.core import parallel_state as ps
 
     from aligner.parallel import ParallelConfig, initialize
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    initialize(ParallelConfig(tp=tp, pp=pp, seed=1))
+    initialize(ParallelConfig(tp=tp, pp=pp, ep=ep, seed=1))
 
 
 def _last_logits(models):
@@ -280,6 +285,25 @@ def _generate(models, cfg):
     return out
 
 
+UNEVEN_TOKENS = 8
+
+
+def _generate_uneven(models, cfg):
+    """Data-parallel ranks generating different work while their experts are split (EP=2):
+    rank 0 all :data:`PROMPTS` (:data:`NEW_TOKENS` tokens, in two batches), rank 1 the last
+    prompt alone (:data:`UNEVEN_TOKENS` tokens), so rank 1 finishes many steps earlier."""
+    from aligner.rollout import GenerationConfig, RolloutEngine
+
+    first = torch.distributed.get_rank() == 0
+    greedy = GenerationConfig(max_new_tokens=NEW_TOKENS if first else UNEVEN_TOKENS, greedy=True, stop_token_ids=[])
+    out = {}
+    for impl in ("fused", "megatron"):
+        engine = RolloutEngine(models, cfg, decode_impl=impl, max_batch=2)
+        res = engine.generate(PROMPTS if first else PROMPTS[-1:], greedy)
+        out[impl] = [res.response_tokens(i) for i in range(len(res))]
+    return out
+
+
 def _train(path, algorithm, out_dir):
     """Two SGD steps of the SFT or DPO trainer on the family's data; the train metrics."""
     from aligner.algorithms.dpo import DPOTrainer
@@ -303,7 +327,8 @@ def _train(path, algorithm, out_dir):
 
 def run_world2(root, names):
     """Per family: TP=2 (logits, greedy, export, SFT and DPO trainers), then PP=2 (logits,
-    greedy, import of the TP=2 export and export again)."""
+    greedy, import of the TP=2 export and export again); then per MoE family EP=2 (logits,
+    greedy, greedy with uneven work per rank, export)."""
     from aligner.models import export_hf, from_pretrained
 
     root = Path(root)
@@ -321,6 +346,14 @@ def run_world2(root, names):
         out[name]["pp2"] = {"logits": _last_logits(models), **_generate(models, cfg)}
         models, cfg = from_pretrained(root / f"{name}_export")
         export_hf(models, cfg, root / f"{name}_export_again")
+    moe = [name for name in names if name in MOE_FAMILIES]
+    if moe:
+        _switch(1, 1, ep=2)  # each rank holds half the experts; the two ranks are the DP group
+        for name in moe:
+            models, cfg = from_pretrained(root / name)
+            out[name]["ep2"] = {"logits": _last_logits(models), **_generate(models, cfg),
+                                "uneven": _generate_uneven(models, cfg)}
+            export_hf(models, cfg, root / f"{name}_export_ep2", tokenizer_dir=root / name)
     return out
 
 

@@ -367,8 +367,9 @@ def test_env_lists_the_families_with_their_layer_specs(capsys):
     assert rows["arch.nemotron"].startswith("NemotronForCausalLM") and "squared-ReLU" in rows["arch.nemotron"]
 
 
-def test_an_moe_model_at_expert_parallel_size_above_one_is_refused_before_any_work(monkeypatch):
-    """The HF weight rules place every expert at parallel.ep = 1 only: EP = 2 is one line."""
+def test_expert_parallel_layouts_are_checked_before_any_work(monkeypatch):
+    """EP = 2 over two data-parallel ranks passes; what does not divide is one line naming
+    the config keys and numbers."""
     from omegaconf import OmegaConf
 
     from aligner.config import ConfigError
@@ -379,10 +380,13 @@ def test_an_moe_model_at_expert_parallel_size_above_one_is_refused_before_any_wo
     moe = ModelConfig.from_hf(_family_config("mixtral", num_local_experts=4))
     cfg = OmegaConf.create({"data": {"max_length": 64}, "parallel": {"tp": 1, "pp": 1, "vpp": None, "cp": 1, "ep": 2,
                                                                       "backend": "gloo", "sequence_parallel": False}})
-    with pytest.raises(ConfigError, match=r"^parallel.ep = 2: the experts of an MoE model are imported and exported"
-                                          r" at parallel.ep = 1 only so far \(docs/moe.md\)$"):
+    check_model(cfg, moe)  # each rank holds 2 of the 4 experts
+    with pytest.raises(ConfigError,
+                       match=r"^model.num_experts = 3 is not divisible by parallel.ep = 2 \(world size 2\)$"):
+        check_model(cfg, ModelConfig.from_hf(_family_config("mixtral", num_local_experts=3)))
+    cfg.parallel.ep = 4
+    with pytest.raises(ConfigError, match=r"^parallel.ep = 4 must divide data-parallel x context-parallel size"
+                                          r" 2 \* 1 = 2 \(world size 2\)$"):
         check_model(cfg, moe)
-    cfg.parallel.ep = 1
-    check_model(cfg, moe)  # data-parallel 2, experts whole on each rank
     cfg.parallel.ep = 2
     check_model(cfg, ModelConfig.from_hf(_family_config("llama")))  # a dense model: ep is a layout only

@@ -8,7 +8,7 @@ import torch
 
 from aligner.parallel.spawn import spawn_local
 from tests.models import families as fam
-from tests.models.families import EXPORT_TOL, FAMILIES, LOGITS_TOL, LOSS_TOL
+from tests.models.families import EXPORT_TOL, FAMILIES, LOGITS_TOL, LOSS_TOL, MOE_FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def _layouts(runs, name):
     _, two, one = runs
     yield "tp1", 0, one[name]["tp1"]
     for rank, out in enumerate(two):
-        for layout in ("tp2", "pp2"):
+        for layout in ("tp2", "pp2") + (("ep2",) if name in MOE_FAMILIES else ()):
             yield layout, rank, out[name][layout]
 
 
@@ -51,7 +51,8 @@ def test_last_position_logits_match_transformers(runs, reference, name):
         torch.testing.assert_close(out["logits"], reference[name]["logits"], atol=LOGITS_TOL, rtol=0,
                                    msg=f"{name} {layout} rank {rank}")
         checked += 1
-    assert checked == 4  # TP=1, both TP=2 ranks, the last PP=2 stage
+    # TP=1, both TP=2 ranks, the last PP=2 stage (and both EP=2 ranks)
+    assert checked == 4 + (2 if name in MOE_FAMILIES else 0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -61,6 +62,17 @@ def test_greedy_decoding_equals_transformers_generate(runs, reference, name):
     for layout, rank, out in _layouts(runs, name):
         for impl in ("fused", "megatron"):
             assert out[impl] == want, f"{name} {layout} rank {rank} {impl}"
+
+
+@pytest.mark.parametrize("name", MOE_FAMILIES)
+def test_expert_parallel_ranks_decode_different_work_in_step(runs, reference, name):
+    """At EP=2 rank 0 generates every prompt, rank 1 one prompt for fewer tokens: rank 1
+    keeps its MoE layers in step until rank 0 is done, and both results are transformers'."""
+    want = reference[name]["greedy"]
+    first, second = (out[name]["ep2"]["uneven"] for out in runs[1])
+    for impl in ("fused", "megatron"):
+        assert first[impl] == want, impl
+        assert second[impl] == [want[-1][:fam.UNEVEN_TOKENS]], impl
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "dpo"])
@@ -103,3 +115,10 @@ def test_export_loads_in_transformers_and_round_trips(runs, name):
     assert sorted(first) == sorted(src) == sorted(again)
     for k in src:
         assert torch.equal(first[k], src[k]) and torch.equal(again[k], src[k]), k
+    if name in MOE_FAMILIES:  # written at EP=2, each rank holding half the experts
+        ep2 = tensors(root / f"{name}_export_ep2")
+        assert sorted(ep2) == sorted(src)
+        for k in src:
+            assert torch.equal(ep2[k], src[k]), k
+        torch.testing.assert_close(fam.hf_last_logits(fam.hf_model(root / f"{name}_export_ep2")),
+                                   fam.hf_last_logits(ref), atol=EXPORT_TOL, rtol=0)

@@ -7,7 +7,12 @@ schedule) gives the loss and every adapter gradient, compared by HF module name 
 PEFT's (1e-5), at TP1 (one process) and at TP2, PP2, DP2 (one 2-process job); the
 merged HF export and the PEFT folder written at TP2, loaded by transformers and by
 ``peft.PeftModel.from_pretrained``, give PEFT's logits (1e-5); that folder imported at TP1
-(whose step then starts from it) and exported again is byte-identical.
+(whose step then starts from it) and exported again is byte-identical. With adapter dropout
+(0.25) one step at TP2 equals one at TP1 (the masks are drawn alike, docs/lora.md). The
+rollout engine generates with the adapters: greedy tokens and log-probs of both decode
+implementations (the fused decoder adds the low-rank path itself) at TP1 and TP2 equal
+PEFT's (1e-5). The base fingerprint
+that adapter checkpoints record is the same at every layout.
 """
 from pathlib import Path
 
@@ -18,6 +23,7 @@ from aligner.parallel import ParallelConfig, initialize
 from aligner.parallel.spawn import spawn_local
 
 VOCAB, RANK, ALPHA = 64, 4, 8.0
+PROMPTS, NEW_TOKENS = [[5, 9, 17, 33], [40, 2, 11]], 6
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOL = 1e-5
 
@@ -51,7 +57,22 @@ def _hf_modules(cfg):
             for i in range(cfg.num_layers) for n, s in shapes.items()}
 
 
-def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None):
+def _generated(models, cfg):
+    """Greedy responses (token ids and their log-probs) of both decode implementations."""
+    from aligner.rollout import GenerationConfig, RolloutEngine
+
+    for m in models:
+        m.eval()
+    out = {}
+    for impl in ("fused", "megatron"):
+        engine = RolloutEngine(models, cfg, decode_impl=impl)
+        res = engine.generate(PROMPTS, GenerationConfig(max_new_tokens=NEW_TOKENS, greedy=True, stop_token_ids=[]))
+        out[impl] = ([res.response_tokens(i) for i in range(len(res))],
+                     [res.response_logprobs(i) for i in range(len(res))], type(engine.decoder).__name__)
+    return out
+
+
+def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None, dropout=0.0, generate=False):
     """One SFT step's loss and adapter gradients at this layout: this rank's
     ``{"loss": .., "grads": {(hf_module, "A"|"B"): (local grad, split, tp_rank)}}``.
     ``peft_from``: the adapter values imported from that PEFT folder (else copied in);
@@ -73,7 +94,7 @@ def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None):
     cfg.layer_spec = "local"
     models = [build_model(cfg)]
     load_hf_weights(models, hf_dir, cfg)
-    apply_lora(models, cfg, LoraSettings(rank=RANK, alpha=ALPHA))
+    apply_lora(models, cfg, LoraSettings(rank=RANK, alpha=ALPHA, dropout=dropout))
     trainable = [n for n, p in models[0].named_parameters() if p.requires_grad]
     assert trainable and all(".lora_" in n for n in trainable), trainable
     values = _adapter_values(_hf_modules(cfg))
@@ -108,6 +129,7 @@ def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None):
         return nll, count.round().long(), {"loss": metric(nll, count)}
 
     role.zero_grad()
+    torch.manual_seed(123)  # the adapters' dropout masks: the same draws at every layout
     out = run_schedule(role.chunks, micro, lambda m, b: m(b["tokens"], None, None), loss, forward_only=False)
     loss_value = None
     if out:  # the last pipeline stage: (Σ nll, Σ tokens) over its micro-batches and DP
@@ -127,7 +149,10 @@ def _lora_step(hf_dir, tp, pp, export_to=None, peft_from=None, peft_to=None):
         from aligner.models.lora_peft import export_peft
 
         export_peft(models, peft_to)
-    return {"loss": loss_value, "grads": grads}
+    from aligner.models.checkpoint import base_fingerprint
+
+    return {"loss": loss_value, "grads": grads, "fingerprint": base_fingerprint(models),
+            "generated": _generated(models, cfg) if generate else None}
 
 
 def _full_grads(results):
@@ -150,8 +175,14 @@ def _full_grads(results):
 
 
 def _world2(hf_dir, merged_dir, peft_dir):
-    return {"tp2": _lora_step(hf_dir, 2, 1, export_to=merged_dir, peft_to=peft_dir), "pp2": _lora_step(hf_dir, 1, 2),
-            "dp2": _lora_step(hf_dir, 1, 1)}
+    return {"tp2": _lora_step(hf_dir, 2, 1, export_to=merged_dir, peft_to=peft_dir, generate=True),
+            "pp2": _lora_step(hf_dir, 1, 2),
+            "dp2": _lora_step(hf_dir, 1, 1), "tp2_dropout": _lora_step(hf_dir, 2, 1, dropout=0.25)}
+
+
+def _world1(hf_dir, peft_from, peft_to):
+    return {"tp1": _lora_step(hf_dir, 1, 1, peft_from=peft_from, peft_to=peft_to, generate=True),
+            "tp1_dropout": _lora_step(hf_dir, 1, 1, dropout=0.25)}
 
 
 @pytest.fixture(scope="module")
@@ -199,10 +230,30 @@ def test_lora_sft_step_equals_peft_at_every_layout(tiny_llama):
     merged, peft_tp2, peft_tp1 = (f"{tiny_llama}_{name}" for name in ("merged_tp2", "peft_tp2", "peft_tp1"))
     world2 = spawn_local(_world2, 2, tiny_llama, merged, peft_tp2, timeout=400)
     # TP1 starts from the PEFT folder written at TP2 and writes it again
-    layouts = {"tp1": spawn_local(_lora_step, 1, tiny_llama, 1, 1, peft_from=peft_tp2, peft_to=peft_tp1,
-                                  timeout=300)}
+    world1 = spawn_local(_world1, 1, tiny_llama, peft_tp2, peft_tp1, timeout=300)
+    layouts = {"tp1": [world1[0]["tp1"]]}
     for name in ("tp2", "pp2", "dp2"):
         layouts[name] = [r[name] for r in world2]
+
+    # adapter dropout (0.25): TP2 draws TP1's masks (loss and every gradient equal), and they drop something
+    tp1, tp2 = _full_grads([world1[0]["tp1_dropout"]]), _full_grads([r["tp2_dropout"] for r in world2])
+    assert abs(world1[0]["tp1_dropout"]["loss"] - world2[0]["tp2_dropout"]["loss"]) < TOL
+    assert abs(world1[0]["tp1_dropout"]["loss"] - ref_loss) > 1e-3
+    assert set(tp1) == set(tp2) == set(ref_grads)
+    for key in tp1:
+        assert (tp1[key] - tp2[key]).abs().max() < TOL, key
+    # rollout generates with the adapters: both decode paths at TP1 and TP2 give PEFT's greedy tokens and log-probs
+    reference = _peft_greedy(tiny_llama, hf_modules)
+    for name, result in (("tp1", world1[0]["tp1"]), ("tp2", world2[0]["tp2"])):
+        assert result["generated"]["fused"][2] == "FusedDecoder"
+        for impl, (tokens, logprobs, _) in result["generated"].items():
+            for (ref_tokens, ref_lp), got, got_lp in zip(reference, tokens, logprobs):
+                assert got == ref_tokens, (name, impl, got, ref_tokens)
+                assert (got_lp.double() - ref_lp).abs().max() < TOL, (name, impl)
+
+    # the base fingerprint of adapter checkpoints does not depend on the layout
+    fingerprints = {r["fingerprint"] for results in layouts.values() for r in results}
+    assert len(fingerprints) == 1 and len(next(iter(fingerprints))) == 16, fingerprints
     for name, results in layouts.items():
         losses = {r["loss"] for r in results if r["loss"] is not None}
         assert losses, name
@@ -234,3 +285,29 @@ def test_lora_sft_step_equals_peft_at_every_layout(tiny_llama):
     assert err < TOL, err
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         assert (Path(peft_tp1) / name).read_bytes() == (Path(peft_tp2) / name).read_bytes(), name
+
+
+def _peft_greedy(hf_dir, hf_modules):
+    """PEFT's greedy responses and their log-probs for PROMPTS (the same adapter values)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32),
+                           LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS)))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, (a, b) in _adapter_values(hf_modules).items():
+            params[f"base_model.model.{name}.lora_A.default.weight"].copy_(a)
+            params[f"base_model.model.{name}.lora_B.default.weight"].copy_(b)
+    model.eval()
+    out = []
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            seq = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+            logits = model(input_ids=seq).logits[0].double()
+        new = seq[0, len(prompt):]
+        lp = torch.log_softmax(logits[len(prompt) - 1:-1], -1).gather(-1, new[:, None])[:, 0]
+        out.append((new.tolist(), lp))
+    return out

@@ -63,6 +63,22 @@ SITES = [
      r"""param\.type\(\) == ['"]torch\.cuda\.FloatTensor['"]"""),
     ("megatron.core.transformer.moe.moe_utils", "RouterGatingLinearFunction.forward",
      r"te_general_gemm is not None"),
+    # 6. the alltoall token dispatcher: its side stream, and the split sizes it turns into
+    # NumPy arrays only for CUDA tensors before all_to_all_single
+    ("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher.__init__",
+     r"torch\.cuda\.Stream\(\)"),
+    ("megatron.core.transformer.moe.token_dispatcher", "MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize",
+     r"torch\.cuda\.stream\(self\.cuda_dtoh_stream\)[\s\S]*maybe_move_tensor_to_cpu\([\s\S]*as_numpy=True"),
+    ("megatron.core.transformer.moe.moe_utils", "maybe_move_tensor_to_cpu", r"tensor\.is_cuda"),
+    # 7. uneven parts over a group: all_gather into tensors of different sizes, reduce_scatter
+    ("megatron.core.tensor_parallel.mappings", "_gather_along_first_dim",
+     r"torch\.distributed\.all_gather\(output_tensor_list, input_, group=group\)"),
+    ("megatron.core.tensor_parallel.mappings", "_reduce_scatter_along_first_dim",
+     r"torch\.distributed\.reduce_scatter\(output, input_tensor_list, group=group\)"),
+    ("megatron.core.tensor_parallel.mappings", "_GatherFromSequenceParallelRegion.forward",
+     r"_gather_along_first_dim\("),
+    ("megatron.core.tensor_parallel.mappings", "_ReduceScatterToSequenceParallelRegion.forward",
+     r"_reduce_scatter_along_first_dim\("),
 ]
 
 
@@ -103,10 +119,11 @@ def test_module_level_names_the_bridge_rebinds():
 
 
 # modules whose bridged sites reach torch through their ``torch`` global (the tied-embedding
-# site in language_module is bridged through Tensor.cuda instead, the MoE router's by binding
-# a name)
+# site in language_module is bridged through Tensor.cuda instead, the MoE router's and the
+# uneven collectives' by binding names)
 GLOBAL_SITES = sorted({m for m, _, _ in SITES} - {"megatron.core.models.common.language_module.language_module",
-                                                  "megatron.core.transformer.moe.moe_utils"})
+                                                  "megatron.core.transformer.moe.moe_utils",
+                                                  "megatron.core.tensor_parallel.mappings"})
 
 
 @pytest.mark.parametrize("module", GLOBAL_SITES)
@@ -266,6 +283,53 @@ def test_moe_router_gating_is_a_torch_matmul(engaged):
     out.sum().backward()
     torch.testing.assert_close(x.grad, w.detach().sum(0).expand(5, 4))
     torch.testing.assert_close(w.grad, x.detach().sum(0).expand(3, 4))
+
+
+@needs_cpu
+def test_alltoall_dispatcher_stream_and_split_sizes_on_cpu(engaged):
+    """The alltoall dispatcher's side stream is the CPU's one stream, and its split sizes
+    become the NumPy arrays a CUDA tensor would give (all_to_all_single's argument type)."""
+    import numpy as np
+    from megatron.core.transformer.moe import token_dispatcher
+
+    stream = token_dispatcher.torch.cuda.Stream()
+    assert token_dispatcher.torch.cuda.current_stream() == stream
+    with token_dispatcher.torch.cuda.stream(stream):
+        stream.wait_stream(token_dispatcher.torch.cuda.current_stream())
+    stream.record_event().synchronize()
+    splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([3, 5]), as_numpy=True)
+    assert isinstance(splits, np.ndarray) and splits.tolist() == [3, 5]
+    counts = torch.tensor([1, 2])
+    assert token_dispatcher.maybe_move_tensor_to_cpu(counts) is counts
+
+
+def _uneven_collectives():
+    """On each of two gloo ranks: megatron-core's gather and reduce-scatter of parts of
+    different sizes (rank 0: 2 rows, rank 1: 3 rows of width 2)."""
+    from megatron.core.tensor_parallel import mappings
+
+    from aligner.parallel import ParallelConfig, initialize
+
+    initialize(ParallelConfig())
+    rank = torch.distributed.get_rank()
+    group = torch.distributed.group.WORLD
+    mine = torch.full((2 + rank, 2), float(rank + 1))
+    gathered = mappings._gather_along_first_dim(mine, group, output_split_sizes=[2, 3])
+    whole = torch.arange(10.0).reshape(5, 2) * (rank + 1)  # both ranks' [5, 2] inputs
+    scattered = mappings._reduce_scatter_along_first_dim(whole, group, input_split_sizes=[2, 3])
+    return gathered, scattered
+
+
+@needs_cpu
+def test_uneven_gather_and_reduce_scatter_over_gloo():
+    from aligner.parallel.spawn import spawn_local
+
+    out = spawn_local(_uneven_collectives, 2, timeout=120)
+    want_gather = torch.tensor([[1.0, 1.0]] * 2 + [[2.0, 2.0]] * 3)
+    summed = torch.arange(10.0).reshape(5, 2) * 3  # rank 0's input + rank 1's (x1 + x2)
+    for rank, (gathered, scattered) in enumerate(out):
+        torch.testing.assert_close(gathered, want_gather, rtol=0, atol=0)
+        torch.testing.assert_close(scattered, summed[:2] if rank == 0 else summed[2:], rtol=0, atol=0)
 
 
 def test_clip_grad_by_total_norm_on_cpu(engaged):

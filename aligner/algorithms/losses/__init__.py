@@ -5,11 +5,9 @@ Each is a plain torch function of already-reduced quantities (per-sequence log-p
 per-token log-probs with a mask, head outputs); nothing here knows about parallelism.
 
 - :mod:`.common`: masked reductions, whitening, group reductions
-- :mod:`.kl`: the KL estimators (k1, abs, k2, k3, k3+)
 - :mod:`.advantages`: advantage estimators by name (RLOO, GRPO, Dr. GRPO, REINFORCE++, GAE), DAPO's shaping
-- :mod:`.policy`: clipped surrogate, REINFORCE token loss, GSPO, CISPO (registered by name), aggregation,
-  the policy objective
-- :mod:`.value`: the critic's clipped value loss
+- :mod:`.policy`: the KL estimators (k1, abs, k2, k3, k3+); clipped surrogate, REINFORCE token loss, GSPO,
+  CISPO (registered by name), aggregation, the policy objective
 - :mod:`.preference`: the DPO family by name (ORPO and SimPO among them)
 - :mod:`.kto`: KTO's reference point and value on unpaired responses
 - :mod:`.reward`: regression and Bradley-Terry reward models, running moments, ExPO
@@ -29,7 +27,6 @@ from aligner.algorithms.losses.common import (  # noqa: F401
     moments_mean_var,
     sequence_logps,
 )
-from aligner.algorithms.losses.kl import KL_ESTIMATORS, kl_estimate, sequence_mean_kl  # noqa: F401
 from aligner.algorithms.losses.advantages import (  # noqa: F401
     ADVANTAGE_ESTIMATORS,
     compute_advantages,
@@ -41,17 +38,19 @@ from aligner.algorithms.losses.advantages import (  # noqa: F401
 )
 from aligner.algorithms.losses.policy import (  # noqa: F401
     AGGREGATIONS,
+    KL_ESTIMATORS,
     POLICY_LOSSES,
     PolicyLossOptions,
     aggregate,
     cispo_token_loss,
     clipped_surrogate,
     gspo_token_loss,
+    kl_estimate,
     policy_objective,
     register_policy_loss,
     reinforce_token_loss,
+    sequence_mean_kl,
 )
-from aligner.algorithms.losses.value import ppo_value_loss  # noqa: F401
 from aligner.algorithms.losses.preference import (  # noqa: F401
     PREFERENCE_LOSSES,
     dpo_loss,

@@ -34,7 +34,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from aligner.algorithms.losses.common import _as_mask, _check_same_shape, group_ids, group_sum
-from aligner.algorithms.losses.kl import sequence_mean_kl
+from aligner.algorithms.losses.policy import sequence_mean_kl
 
 GRPO_EPS = 1e-6
 

@@ -1,7 +1,7 @@
-"""Policy-gradient losses: the clipped surrogate, the REINFORCE token loss, GSPO's
-sequence-level clipped ratio, CISPO's clipped importance weights, their aggregation over
-the global batch and :func:`policy_objective`, the policy loss the online algorithms
-train with (docs/ppo.md, docs/reinforce.md).
+"""Policy-gradient losses: the KL estimators, the clipped surrogate, the REINFORCE token
+loss, GSPO's sequence-level clipped ratio, CISPO's clipped importance weights, their
+aggregation over the global batch and :func:`policy_objective`, the policy loss the online
+algorithms train with (docs/ppo.md, docs/reinforce.md).
 
 Every policy loss is registered by name in :data:`POLICY_LOSSES`
 (:func:`register_policy_loss`, ``pg.loss``) with its default clip range, used where
@@ -11,6 +11,18 @@ The objective is returned as this micro-batch's share ``(numerator, denominator)
 training loop sums both over micro-batches and data-parallel ranks before dividing
 (megatron-core's per-token loss normalisation), so it is a global-batch quantity whatever
 the micro-batch size, accumulation or layout. Shapes: ``b`` rows, ``s`` positions.
+
+The KL estimators (:func:`kl_estimate`; docs/reinforce.md, "KL estimators"; docs/ppo.md,
+"KL penalty"), with ``d = log π(y_t) − log π_ref(y_t)`` on tokens sampled from π, clamped
+to ±20:
+
+- ``k1``: ``d`` (unbiased, signed; PPO's and REINFORCE++'s reward term)
+- ``abs``: ``|d|`` (the default of the tool that came before, in PPO's reward)
+- ``k2``: ``d²/2``
+- ``k3``: ``exp(−d) − 1 + d`` (non-negative, unbiased; GRPO's loss term)
+- ``k3+``: k3's value with k2's gradient (an unbiased value, a low-variance gradient)
+
+and the estimate clamped to ±10, so one wild token cannot dominate a sequence.
 """
 from __future__ import annotations
 
@@ -20,8 +32,42 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from aligner.algorithms.losses.common import _as_mask, _check_same_shape, masked_mean, masked_sum
-from aligner.algorithms.losses.kl import kl_estimate
 
+# ------------------------------------------------------------------------------ KL estimators
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3", "k3+")
+KL_LOG_RATIO_CLAMP = 20.0  # |d| beyond this is a broken token, not information
+KL_VALUE_CLAMP = 10.0
+
+
+def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    """The ``kind`` estimate of KL(π ‖ π_ref) per token (module docstring, "KL estimators").
+
+    logps (may carry the graph), ref_logps (detached here): [b, s] -> [b, s].
+    """
+    _check_same_shape("logps", logps, ref_logps=ref_logps)
+    delta = (ref_logps.detach() - logps).clamp(-KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)  # −d
+    if kind == "k1":
+        out = -delta
+    elif kind == "abs":
+        out = delta.abs()
+    elif kind == "k2":
+        out = 0.5 * delta * delta
+    elif kind in ("k3", "k3+"):
+        out = torch.expm1(delta) - delta
+        if kind == "k3+":
+            k2 = 0.5 * delta * delta
+            out = out.detach() + (k2 - k2.detach())
+    else:
+        raise ValueError(f"KL estimator must be one of {KL_ESTIMATORS}, got {kind!r}")
+    return out.clamp(-KL_VALUE_CLAMP, KL_VALUE_CLAMP)
+
+
+def sequence_mean_kl(token_kl: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mean_t KL_t`` over each row's response tokens: [b, s] -> [b]."""
+    return masked_mean(token_kl, mask, dim=-1)
+
+
+# ------------------------------------------------------------------------------ policy losses
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_sum_constant")
 
 

@@ -1,0 +1,141 @@
+"""What the world experiments in examples/ share: the base models, the held-out judge and
+the paired statistics.
+
+    python examples/world_common.py --out runs/qs
+
+builds the quickstart's world, SFT model and DPO model (the stages ``world``, ``sft`` and
+``dpo`` of ``aligner quickstart`` at scale 1, with its settings: 300 SFT steps, 100 DPO
+steps; the gold-vs-proxy monitor, which only watches, is left out, so no reward model is
+trained). The folder has the quickstart's layout (``world/``, ``sft/hf``, ``dpo/hf``), so
+every example's ``--quickstart`` accepts it, as it accepts a full quickstart folder.
+
+The judge: the world's held-out prompts, one response each at temperature 1 with fixed
+seeds (the quickstart's judge), rated by the world's ground-truth scorer; comparisons are
+paired over the same prompts, with their standard errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+
+def paired(base: List[float], new: List[float]) -> dict:
+    """Mean of the per-prompt differences ``new − base``, its standard error and z."""
+    diffs = [b - a for a, b in zip(base, new)]
+    mean = sum(diffs) / len(diffs)
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+    return {"mean": mean, "standard_error": se, "prompts": len(diffs), "z": mean / se if se > 0 else float("inf")}
+
+
+def rate(values: List[float]) -> dict:
+    """A rate of 0/1 outcomes with its binomial standard error."""
+    n = len(values)
+    p = sum(values) / n
+    return {"rate": p, "standard_error": math.sqrt(p * (1 - p) / n), "prompts": n}
+
+
+def mean(values: List[float]) -> float:
+    return sum(values) / len(values)
+
+
+class WorldJudge:
+    """The world of a quickstart folder, its tokenizer and ``prompts`` held-out prompts;
+    ``judge(model_dir, name)`` samples one response per prompt (temperature 1, seed
+    ``seed``), writes them with their scores to ``out/generations_<name>.jsonl`` and
+    returns the world's score rows (``helpfulness``, ``exact``, ...). Initialises the
+    single-process parallel state if nothing has."""
+
+    def __init__(self, quickstart: Path, out: Path, prompts: int = 200, seed: int = 0, max_new_tokens: int = 48):
+        from aligner.data import load_tokenizer
+        from aligner.data.world import load_prompts
+        from aligner.parallel import ParallelConfig, initialize, is_initialized
+
+        if not is_initialized():
+            initialize(ParallelConfig(seed=seed))
+        self.quickstart, self.out = Path(quickstart), Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.world = self.quickstart / "world"
+        self.tokenizer_path = self.world / "tokenizer.model"
+        self.tokenizer = load_tokenizer(str(self.tokenizer_path))
+        self.prompts = load_prompts(str(self.world / "prompts_heldout.jsonl"), self.tokenizer)[:prompts]
+        self.seed, self.max_new_tokens = seed, max_new_tokens
+
+    def judge(self, model_dir: Path, name: str, greedy: bool = False) -> List[dict]:
+        from aligner.data.world import score_response
+        from aligner.models import from_pretrained
+        from aligner.rollout.engine import GenerationConfig, RolloutEngine
+
+        models, cfg = from_pretrained(str(model_dir))
+        engine = RolloutEngine(models, cfg, tokenizer=self.tokenizer, max_batch=64)
+        result = engine.generate([p["prompt_tokens"].tolist() for p in self.prompts],
+                                 GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=1.0, greedy=greedy,
+                                                  seed=self.seed, stop_token_ids=[self.tokenizer.eos_id]))
+        responses = [self.tokenizer.decode(result.response_tokens(i)) for i in range(len(self.prompts))]
+        scores = [score_response(p["meta"], r) for p, r in zip(self.prompts, responses)]
+        with open(self.out / f"generations_{name}.jsonl", "w") as f:
+            for p, r, s in zip(self.prompts, responses, scores):
+                f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
+        return scores
+
+
+def train(config: str, overrides: List[str]) -> float:
+    """``aligner train <config> <overrides>`` in this process; returns its wall seconds."""
+    from aligner.cli.train import compose
+
+    t0 = time.perf_counter()
+    trainer_cls, cfg = compose(config, overrides)
+    trainer_cls(cfg).fit()
+    return time.perf_counter() - t0
+
+
+def build_bases(out: Path, seed: int = 0, sft_steps: int = 300, dpo_steps: int = 100) -> dict:
+    """The quickstart's stages ``world``, ``sft`` and ``dpo`` (its settings) into ``out``;
+    a stage already complete there is not trained again. Returns the wall seconds per stage."""
+    from aligner.cli.quickstart import _train, common_overrides, train_sft
+    from aligner.data import load_tokenizer
+    from aligner.data.world import synthesize
+    from aligner.parallel import ParallelConfig, initialize, is_initialized
+
+    out.mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    t0 = time.perf_counter()
+    world = synthesize(out / "world", seed=seed)
+    tok = load_tokenizer(str(world["tokenizer"]))
+    if not is_initialized():
+        initialize(ParallelConfig(seed=seed))
+    common = common_overrides(world, tok, seed)
+    seconds["world"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    train_sft(out, world, common, sft_steps)
+    seconds["sft"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _train("dpo", common + [
+        f"init.hf={out / 'sft' / 'hf'}", f"data.train={world['pairs_train']}",
+        f"data.validation={world['pairs_val']}", f"trainer.out_dir={out / 'dpo'}",
+        f"trainer.max_steps={dpo_steps}",
+    ])
+    seconds["dpo"] = time.perf_counter() - t0
+    return seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--dpo-steps", type=int, default=100)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    seconds = build_bases(out, args.seed, args.sft_steps, args.dpo_steps)
+    (out / "bases.json").write_text(json.dumps({"settings": vars(args), "seconds": seconds}, indent=2))
+    print(json.dumps(seconds, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

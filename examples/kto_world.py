@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from iterative_dpo import paired  # the examples folder is the script's own: the same paired statistics
+from world_common import paired  # the examples folder is the script's own: the same paired statistics
 
 
 def main(argv=None) -> int:

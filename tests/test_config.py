@@ -21,7 +21,7 @@ from aligner.training.config import DType, ModelSection, OptimSection, ParallelS
 
 CONFIGS = ["sft", "dpo", "rm_regression", "rm_bt", "helpsteer2_dpo", "helpsteer2_rm_regression",
            "helpsteer2_rm_helpfulness", "helpsteer2pref_scaled_bt", "ppo", "helpsteer2_ppo", "pg", "rloo", "grpo",
-           "helpsteer2pref_reinforce", "steerlm_sft", "steerlm2", "helpsteer2_steerlm2", "spin", "distill", "gkd"]
+           "helpsteer2pref_reinforce", "steerlm_sft", "steerlm2", "helpsteer2_steerlm2", "spin", "distill", "gkd", "kto"]
 ONLINE = {"ppo": "ppo", "helpsteer2_ppo": "ppo", "pg": "pg", "rloo": "pg", "grpo": "pg", "helpsteer2pref_reinforce": "pg"}
 
 

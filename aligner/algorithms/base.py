@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from aligner.config import ConfigError, check_required, plain, validate_config
+from aligner.config import Choice, ConfigError, check_required, plain, validate_config
 from aligner.data.datasets import resolve_template, token_counts
 from aligner.evaluation.config import MonitorSection, check_monitor_sources
 from aligner.models.config import ModelConfig
@@ -73,6 +73,13 @@ class RunConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     monitor: MonitorSection = field(default_factory=MonitorSection)
     moe: MoESection = field(default_factory=MoESection)
+
+
+class Reference(Choice):
+    """How an offline algorithm holds its reference, the initial policy (DPO, KTO: docs/dpo.md)."""
+
+    precompute = "precompute"  # reference log-probs computed once
+    resident = "resident"  # reference weights kept in host memory, swapped in every step
 
 
 def init_from_hf() -> InitSection:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from aligner.algorithms.base import (
+    Reference,
     RunConfig,
     TokenAlgorithm,
     Trainer,
@@ -35,7 +36,7 @@ from aligner.algorithms.base import (
     register_trainer,
 )
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
-from aligner.config import Choice, ConfigError, registered
+from aligner.config import ConfigError, registered
 from aligner.parallel import get_device
 from aligner.training.config import InitSection
 from aligner.training.metrics import metric
@@ -43,11 +44,6 @@ from aligner.training.roles import ReferencePolicy
 
 
 # ------------------------------------------------------------------------------ config
-class Reference(Choice):
-    precompute = "precompute"  # reference log-probs computed once
-    resident = "resident"  # reference weights kept in host memory, swapped in every step
-
-
 @dataclass
 class DPOSection:
     """``dpo``: the DPO family (docs/dpo.md)."""

@@ -48,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     prep.add_argument("--out", required=True, help="the prepared folder to write")
     prep.add_argument("--tokenizer", required=True)
     prep.add_argument("--kind", default=None,
-                      help="sft | regression | pairs | prompts | any_scored | steerlm2 (default: from the format)")
+                      help="sft | regression | pairs | unpaired | prompts | any_scored | steerlm2 (default: from the format)")
     prep.add_argument("--template", default="auto", choices=("auto", "extra_id", "chat", "raw"))
     prep.add_argument("--format", default="auto")
     prep.add_argument("--max-length", type=int, default=4096)
@@ -142,6 +142,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "rejected": _percentiles([int(s["rejected"].numel()) for s in samples]),
                 "pair": _percentiles([int(s["chosen"].numel() + s["rejected"].numel()) for s in samples]),
             }
+        elif "responses" in samples[0]:  # unpaired (KTO) and SteerLM 2.0 groups: every response
+            report["responses"] = sum(len(s["responses"]) for s in samples)
+            if "labels" in samples[0]:
+                report["desirable"] = sum(int(s["labels"].sum()) for s in samples)
+            report["token_length"] = _percentiles([int(t.numel()) for s in samples for t, _ in s["responses"]])
         else:
             key = next(k for k in ("tokens", "prompt_tokens") if k in samples[0])
             report["token_length"] = _percentiles([int(s[key].numel()) for s in samples])
@@ -149,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from aligner.data.packing import efficiency, pack_lengths
 
             lengths = [sum(int(s[k].numel()) for k in ("tokens", "chosen", "rejected", "prompt_tokens") if k in s)
-                       for s in samples]
+                       + sum(int(t.numel()) for t, _ in s.get("responses", ())) for s in samples]
             unit = "pairs" if pairs else "samples"
             too_long = sum(n > args.capacity for n in lengths)
             if too_long:

@@ -42,7 +42,7 @@ USER_ERROR_TYPES = (
 SUBCOMMANDS = {
     "quickstart": ("quickstart", "the embedded end-to-end recipe: world -> SFT -> reward models -> DPO -> RL"
                                  " -> best-of-n -> report"),
-    "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, ppo,"
+    "train": ("train", "train any algorithm from a Hydra config in conf/ (sft, rm_regression, rm_bt, dpo, kto, ppo,"
                        " pg / rloo / grpo, steerlm2, spin, distill / gkd, recipes: --list)"),
     "data": ("data", "prepare data files once (memory-mapped); synth the embedded world; validate, stats, pack;"
                      " pairs: on-policy preference pairs"),

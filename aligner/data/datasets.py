@@ -14,6 +14,9 @@ Samples are dicts of 1-D tensors, the trainers' contract:
   ``reward_gap``: ``chosen_reward − rejected_reward`` or None); HelpSteer2-Preference ties
   (strength 0) are dropped and counted. With ``packing`` a pair must fit one bin of
   ``max_length`` tokens, so the over-length policy applies to chosen + rejected together.
+- ``unpaired`` (KTO): ``{"responses": [(tokens, loss_mask)], "labels" [n] bool, "line"}``: one
+  labelled response per ``unpaired`` row, or a pair's two (chosen: True, rejected: False);
+  the loss mask covers the last assistant turn only (what comes before it is the prompt).
 - ``prompts``: ``{"prompt_tokens", "prompt", "meta", "conversation", "label"}`` (``meta``: the
   row's extra fields; ``conversation``: the prompt as a :class:`Conversation`, to render
   again; ``label``: SteerLM attributes or None).
@@ -78,8 +81,9 @@ KIND_FORMATS = {
     "sft": ("sft", "openai", "sharegpt", "steerlm", "prompt_completion"),
     "regression": ("helpsteer2",),
     "pairs": ("helpsteer2_preference", "pairwise", "rewardbench"),
+    "unpaired": ("unpaired", "helpsteer2_preference", "pairwise", "rewardbench"),
     "prompts": ("prompt", "sft", "openai", "sharegpt", "steerlm", "prompt_completion", "helpsteer2",
-                "helpsteer2_preference", "pairwise", "rewardbench"),
+                "helpsteer2_preference", "pairwise", "rewardbench", "unpaired"),
     "any_scored": ("helpsteer2", "helpsteer2_preference", "pairwise", "rewardbench"),
     "steerlm2": ("steerlm2",),
 }
@@ -162,12 +166,34 @@ def validate_row(row, fmt: str, where: str) -> None:
         if len(given) == 1:
             other = "rejected_reward" if given[0] == "chosen_reward" else "chosen_reward"
             raise DataFormatError(f"{where}: field {given[0]!r} is given without {other!r}; the RPO losses use both")
+    elif fmt == "unpaired":
+        _validate_unpaired(row, where)
     elif fmt == "prompt":
         _prompt(row, where)
     elif fmt == "steerlm2":
         _validate_steerlm2(row, where)
     else:
         raise DataFormatError(f"{where}: format {fmt!r} is not readable here")
+
+
+def _validate_unpaired(row, where: str) -> None:
+    """A labelled response (KTO): ``label`` true or false, and a prompt with a response."""
+    if "label" not in row:
+        raise DataFormatError(f"{where}: missing field 'label' (true: a desirable response, false: an undesirable one)")
+    label = row["label"]
+    if not isinstance(label, bool):
+        raise DataFormatError(f"{where}: field 'label' must be true (desirable) or false (undesirable), got {label!r}")
+    if "conversations" in row:
+        _conversations(row, where, lambda speaker, i: speaker if speaker in (USER, ASSISTANT) else None,
+                       "'User' or 'Assistant'", "Assistant")
+        if str(row["conversations"][-1].get("from")).strip().lower() != ASSISTANT:
+            raise DataFormatError(f"{where}: the last of 'conversations' must be the Assistant turn the label rates")
+    elif "messages" in row:
+        if _messages(row, "messages", where)[-1]["role"] != "assistant":
+            raise DataFormatError(f"{where}: the last of 'messages' must be the assistant message the label rates")
+    else:
+        _prompt(row, where)
+        _response(row, "completion" if "completion" in row else "response", where)
 
 
 def _messages(row, field, where) -> list:
@@ -444,6 +470,17 @@ def _fit_pair(chosen, rejected, max_length, overlong, counts):
     return None
 
 
+def last_turn_target(tokens, mask):
+    """``(tokens, mask)`` with the targets of the last assistant turn only (the last run of
+    target tokens): a multi-turn conversation's earlier answers are part of the prompt."""
+    start = len(mask)
+    while start > 0 and not mask[start - 1] > 0:
+        start -= 1
+    while start > 0 and mask[start - 1] > 0:
+        start -= 1
+    return tokens, [0.0] * start + list(mask[start:])
+
+
 def fit_to_length(tokens, mask, max_length, overlong, counts):
     """Apply the over-length policy ``overlong`` (``truncate_left`` drops prompt tokens from
     the left, never a target token; else the sample is dropped) to a rendered sample of
@@ -481,6 +518,9 @@ def read_rows(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invalid
                     raise DataFormatError(f"{where}: cannot tell the format from fields {sorted(row)} (the formats"
                                           " and their fields: docs/data_formats.md; or name the format)")
             if allowed and file_fmt not in allowed:
+                if "unpaired" in allowed and "label" not in row and file_fmt in ("prompt_completion", "prompt", "sft", "openai"):
+                    raise DataFormatError(f"{where}: missing field 'label' (true: a desirable response, false: an"
+                                          " undesirable one), or give pairs (prompt, chosen, rejected)")
                 raise DataFormatError(f"{where}: format {file_fmt!r} cannot be used here; expected one of {list(allowed)}")
             validate_row(row, file_fmt, where)
             if file_fmt == "helpsteer2":
@@ -553,6 +593,26 @@ def render_sample(tokenizer, kind: str, row: dict, fmt: str, number: int, where:
         return {"chosen": T(c[0]), "chosen_loss_mask": F(c[1]), "rejected": T(r[0]),
                 "rejected_loss_mask": F(r[1]), "strength": float(rec.strength), "margin": rec.margin,
                 "reward_gap": rec.reward_gap, "subset": rec.subset or "", "line": number}
+    if kind == "unpaired":
+        # a policy's responses end with EOS except under an explicit extra_id template (as pairs)
+        end = "extra_id" if template == "extra_id" else "eos"
+        if isinstance(rec, PairRecord):
+            if rec.is_tie:
+                counts["dropped_tie"] += 1
+                return None
+            rated = [(rec.prompt, rec.chosen, True), (rec.prompt, rec.rejected, False)]
+        else:
+            rated = [(rec.prompt, rec.response, bool(rec.desirable))]
+        responses, labels = [], []
+        for prompt, response, desirable in rated:
+            fitted = fit_to_length(*last_turn_target(*_render(tokenizer, template, prompt, response, end=end)),
+                                   max_length, overlong, counts)
+            if fitted:
+                responses.append((T(fitted[0]), F(fitted[1])))
+                labels.append(desirable)
+        if not responses:
+            return None
+        return {"responses": responses, "labels": torch.tensor(labels, dtype=torch.bool), "line": number}
     if kind == "prompts":
         p = prompt_of(rec)
         if p.label:  # SteerLM: the attribute turn after the assistant header, as in training

@@ -25,6 +25,10 @@ Formats (the names used by ``--format`` and :func:`detect_format`):
 ``rewardbench``          ``prompt``, ``chosen``, ``rejected``, ``subset``, ``id``
 ``prompt_completion``    TRL's prompt-completion rows: ``{"prompt", "completion"}``, each a string
                          or a list of messages (``{"role", "content"}``)
+``unpaired``             one response labelled desirable or not (KTO): ``prompt`` and
+                         ``completion`` (or ``response``) as in ``prompt_completion``, or a
+                         ``conversations`` / ``messages`` conversation ending with the
+                         assistant turn, and ``label``: ``true`` | ``false``
 ``prompt``               ``{"prompt"}`` (any other row with a ``prompt`` also reads as one)
 ``steerlm2``             ``system``, ``prompt_turns``, ``label``, ``responses[]`` with ``value``,
                          ``log(P(a|x,y))``, ``log(P(y|x))``, ``log(Q(y|a,x))``
@@ -61,6 +65,7 @@ FORMATS = (
     "pairwise",
     "rewardbench",
     "prompt_completion",
+    "unpaired",
     "prompt",
     "steerlm2",
 )
@@ -159,6 +164,15 @@ class PairRecord:
 
 
 @dataclass
+class UnpairedRecord:
+    """One response with its label (KTO): ``desirable`` True or False."""
+
+    prompt: Conversation
+    response: str
+    desirable: bool
+
+
+@dataclass
 class PromptRecord:
     """A prompt to generate from (``label``: SteerLM attributes to condition on, if any)."""
 
@@ -187,6 +201,8 @@ def detect_format(row: dict) -> str | None:
     keys = set(row)
     if "prompt_turns" in keys and "responses" in keys:
         return "steerlm2"
+    if is_unpaired(row):
+        return "unpaired"
     if "conversations" in keys:
         convs = row.get("conversations")
         speakers = {str(t.get("from")).strip().lower() for t in convs if isinstance(t, dict)} if isinstance(
@@ -210,6 +226,18 @@ def detect_format(row: dict) -> str | None:
     if "prompt" in keys:
         return "prompt"
     return None
+
+
+def is_unpaired(row: dict) -> bool:
+    """A labelled response (KTO): a ``label`` beside a response (``completion`` or ``response``
+    after a ``prompt``), or a boolean ``label`` beside a conversation (a string label there
+    is SteerLM's)."""
+    keys = set(row)
+    if "label" not in keys:
+        return False
+    if "prompt" in keys and keys & {"completion", "response"} and not keys & set(NINE_ATTRIBUTES):
+        return True
+    return bool(keys & {"conversations", "messages"}) and isinstance(row["label"], bool)
 
 
 # --------------------------------------------------------------------------------------- parsing
@@ -331,7 +359,7 @@ def parse_row(row: dict, fmt: str):
     """A validated row as its record type.
 
     sft/openai/sharegpt/steerlm/prompt_completion -> Conversation; helpsteer2 -> RegressionRecord;
-    helpsteer2_preference/pairwise/rewardbench -> PairRecord; prompt -> PromptRecord;
+    helpsteer2_preference/pairwise/rewardbench -> PairRecord; unpaired -> UnpairedRecord; prompt -> PromptRecord;
     steerlm2 -> SteerLM2Record.
     """
     system = row.get("system") if isinstance(row.get("system"), str) else None
@@ -379,6 +407,15 @@ def parse_row(row: dict, fmt: str):
             subset=row.get("subset"),
             id=row.get("id"),
         )
+    if fmt == "unpaired":
+        if "conversations" in row or "messages" in row:
+            conv = _nemo_conversation(row | {"label": None}) if "conversations" in row else _messages_conversation(
+                row["messages"], system)
+            response = conv.turns.pop().content
+        else:
+            conv = _prompt_conversation(row["prompt"], system)
+            response = _response_text(row["completion"] if "completion" in row else row["response"])
+        return UnpairedRecord(conv, response, row["label"])
     if fmt == "prompt":
         return PromptRecord(_prompt_conversation(row["prompt"], system), row.get("label") or None)
     if fmt == "steerlm2":
@@ -398,7 +435,7 @@ def prompt_of(record) -> PromptRecord:
         prompt = record.prompt()
         label = next((t.label for t in record.turns[len(prompt.turns):] if t.label), None)
         return PromptRecord(prompt, label)
-    if isinstance(record, (RegressionRecord, PairRecord)):
+    if isinstance(record, (RegressionRecord, PairRecord, UnpairedRecord)):
         return PromptRecord(record.prompt)
     if isinstance(record, SteerLM2Record):
         return PromptRecord(record.prompt, record.label)

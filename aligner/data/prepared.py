@@ -20,6 +20,8 @@ prompts       ``prompt_tokens``, ``prompt``, ``meta`` (JSON), ``conversation`` (
               ``label`` (empty: None)
 steerlm2      ``response_tokens``, ``response_loss_mask`` (n sequences per sample),
               ``log_probs`` (float64: the n values of each of the three log quantities)
+unpaired      ``response_tokens``, ``response_loss_mask`` (1 sequence per sample, 2 for a
+              pair), ``labels`` (uint8: the n labels, 1 desirable)
 ============  ================================================================================
 
 and in every layout ``rows`` (int64 ``[source, line]``: the row-index map back to the
@@ -76,10 +78,12 @@ LAYOUT_FIELDS = {
     "prompts": {"prompt_tokens": TOKENS, "prompt": np.uint8, "meta": np.uint8, "conversation": np.uint8,
                 "label": np.uint8},
     "steerlm2": {"response_tokens": TOKENS, "response_loss_mask": np.uint8, "log_probs": np.float64},
+    "unpaired": {"response_tokens": TOKENS, "response_loss_mask": np.uint8, "labels": np.uint8},
 }
 ROWS = "rows"
 TOKEN_FIELDS = {"sft": ("tokens",), "regression": ("tokens",), "pairs": ("chosen", "rejected"),
-                "prompts": ("prompt_tokens",), "steerlm2": ("response_tokens",)}
+                "prompts": ("prompt_tokens",), "steerlm2": ("response_tokens",),
+                "unpaired": ("response_tokens",)}
 
 
 def layout_of(kind: str, fmt: str) -> str:
@@ -119,7 +123,7 @@ def rendering(tokenizer, kind: str, template: str, reward_model: bool = False) -
         return "extra_id"  # SteerLM attribute strings render in this template only
     reward = kind in ("regression", "any_scored") or (kind == "pairs" and reward_model)
     resolved = resolve_template(tokenizer, str(template), reward_model=reward)
-    if kind == "pairs" and not reward and resolved == "extra_id" and template != "extra_id":
+    if kind in ("pairs", "unpaired") and not reward and resolved == "extra_id" and template != "extra_id":
         return "extra_id, responses ending with EOS"
     return resolved
 
@@ -169,6 +173,10 @@ def encode_sample(layout: str, sample: dict, source: int, line: int) -> Dict[str
         out = {"response_tokens": [t.numpy() for t, _ in sample["responses"]],
                "response_loss_mask": [_mask(m) for _, m in sample["responses"]],
                "log_probs": [torch.cat([sample["log_p_attr"], sample["log_p_sft"], sample["log_q_prime"]]).numpy()]}
+    elif layout == "unpaired":
+        out = {"response_tokens": [t.numpy() for t, _ in sample["responses"]],
+               "response_loss_mask": [_mask(m) for _, m in sample["responses"]],
+               "labels": [sample["labels"].numpy().astype(np.uint8)]}
     else:
         raise ValueError(f"unknown layout {layout!r}")
     out[ROWS] = [np.array([source, line], dtype=np.int64)]
@@ -216,6 +224,10 @@ def decode_sample(kind: str, layout: str, read, line: int) -> dict:
         return {"responses": [(_long(t), _float(m)) for t, m in zip(tokens, masks)],
                 "log_p_attr": torch.tensor(log_probs[:n]), "log_p_sft": torch.tensor(log_probs[n:2 * n]),
                 "log_q_prime": torch.tensor(log_probs[2 * n:]), "line": line}
+    if layout == "unpaired":
+        tokens, masks = read("response_tokens"), read("response_loss_mask")
+        return {"responses": [(_long(t), _float(m)) for t, m in zip(tokens, masks)],
+                "labels": torch.from_numpy(read("labels")[0].astype(bool)), "line": line}
     raise ValueError(f"unknown layout {layout!r}")
 
 

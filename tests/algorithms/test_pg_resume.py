@@ -3,7 +3,8 @@ checkpoint (policy weights and optimizer state, schedule, RNG, step; the referen
 from the initial policy; the step's prompts and sampling seeds functions of the step) and
 ends with exactly the metrics and weights of an uninterrupted run, and the same rollout
 logs (every second step, a step's rows once). Likewise GRPO with GSPO's sequence-level
-ratio (2 epochs x 2 mini-batches: the second update is off-policy), and GRPO on a tiny
+ratio and with CISPO's clipped importance-sampling weights (2 epochs x 2 mini-batches: the
+second update is off-policy, where the two differ from the reinforce loss), and GRPO on a tiny
 Qwen3-MoE policy with the router's auxiliary losses and routing replay (its ``moe/``
 metrics and log-prob mismatch included)."""
 import json
@@ -21,7 +22,8 @@ def _cmd(algorithm, assets, out, sleep=0.0):
             str(STEPS), str(SAVE), str(sleep)]
 
 
-@pytest.fixture(scope="module", params=["pg", "pg:gspo", "grpo_moe"], ids=["rloo", "gspo", "grpo_moe"])
+@pytest.fixture(scope="module", params=["pg", "pg:gspo", "pg:cispo", "grpo_moe"],
+                ids=["rloo", "gspo", "cispo", "grpo_moe"])
 def runs(request, tmp_path_factory):
     from tests.algorithms.ppo_setup import make_assets
 

@@ -15,6 +15,8 @@ ALGORITHM:
   than 3 steps trains every pair against its reference in later epochs), validation every
   2 steps, the last 2 checkpoints kept. ``dpo:precompute:orpo`` (any registered loss type
   after the second colon): the same with that loss, ORPO with its SFT term.
+- ``kto:precompute`` / ``kto:resident``: KTO with that reference mode on the same 26 rows
+  as labelled responses (a pair split in two, or one desirable response), otherwise as DPO.
 """
 import json
 import sys
@@ -50,7 +52,7 @@ def _sft(out_dir, steps, save_interval):
                                export_hf=True))
 
 
-LOSS_OPTIONS = {"orpo": {"sft_weight": 1.0}}  # per loss type beyond beta
+LOSS_OPTIONS = {"orpo": {"sft_weight": 1.0}, "simpo": {"beta": 2.0, "gamma": 0.5}}  # per loss type
 
 
 def _dpo(out_dir, steps, save_interval, reference, loss_type="dpo"):
@@ -61,13 +63,28 @@ def _dpo(out_dir, steps, save_interval, reference, loss_type="dpo"):
     from tests.training.test_parallel_equivalence import _model_cfg, _samples
 
     val = [dict(s, index=i) for i, s in enumerate(_samples("pairs", n=6, seed=11))]
-    algo = DPOAlgorithm(0, beta=0.5, reference=reference, loss_type=loss_type, **LOSS_OPTIONS.get(loss_type, {}))
+    algo = DPOAlgorithm(0, reference=reference, loss_type=loss_type, **{"beta": 0.5, **LOSS_OPTIONS.get(loss_type, {})})
     return algo, build_model(_model_cfg()).to(get_device()), dict(
         train_data=_samples("pairs", n=26), val_data=val,
         optim=OptimSection(lr=1e-2, clip_grad=1.0, warmup_steps=2, schedule="cosine", min_lr=1e-3),
         trainer=TrainerSection(max_steps=steps, global_batch_size=8, micro_batch_size=2, out_dir=out_dir,
                                save_interval=save_interval, val_interval=2, keep_last=2, seed=7, progress=False,
                                tensorboard=False, export_hf=False))
+
+
+def _kto(out_dir, steps, save_interval, reference):
+    from aligner.algorithms.kto import KTOAlgorithm
+
+    _, model, options = _dpo(out_dir, steps, save_interval, "precompute")
+    from tests.training.test_parallel_equivalence import _samples
+
+    val = [dict(s, index=i) for i, s in enumerate(_samples("unpaired", n=6, seed=11))]
+    # the single responses desirable (26 desirable, 13 undesirable): desirable-led updates raise the
+    # mismatched sequences' log-probs too, so that the reference point is positive in later steps
+    train = [dict(s, labels=torch.ones_like(s["labels"])) if len(s["responses"]) == 1 else s
+             for s in _samples("unpaired", n=26)]
+    options.update(train_data=train, val_data=val)
+    return KTOAlgorithm(0, beta=0.5, desirable_weight=1.0, reference=reference), model, options
 
 
 def main(out_dir, steps, save_interval, sleep=0.0, algorithm="sft"):
@@ -81,9 +98,11 @@ def main(out_dir, steps, save_interval, sleep=0.0, algorithm="sft"):
         algo, model, options = _sft(out_dir, steps, save_interval)
     elif algorithm.startswith("dpo:"):
         algo, model, options = _dpo(out_dir, steps, save_interval, *algorithm.split(":")[1:])
+    elif algorithm.startswith("kto:"):
+        algo, model, options = _kto(out_dir, steps, save_interval, algorithm.split(":")[1])
     else:
         raise SystemExit(f"ALGORITHM {algorithm!r}: expected sft, dpo:precompute or dpo:resident"
-                         " (optionally :LOSS_TYPE)")
+                         " (optionally :LOSS_TYPE), kto:precompute or kto:resident")
     if sleep:
         collate = algo.microbatches
 

@@ -1,7 +1,8 @@
 """The shared loop gives the same training curve under every layout.
 
-Reward-model regression and BT, DPO, and the reference-free ORPO (with its SFT term) and
-SimPO, 5 steps each on the same data and global batch at TP=1, TP=2, PP=2 and DP=2 (fp32):
+Reward-model regression and BT, DPO, the reference-free ORPO (with its SFT term) and
+SimPO, and KTO (on rows of one or two labelled responses; its reference point over the
+global batch, precomputed and resident reference), 5 steps each on the same data and global batch at TP=1, TP=2, PP=2 and DP=2 (fp32):
 losses agree within 1e-5. DPO also with packing, and its implicit rewards are exactly 0 at
 step 0 (policy and reference log-probs identical); ORPO and SimPO make no reference pass.
 """
@@ -32,7 +33,14 @@ def _samples(kind, n=24, seed=3):
 
     out = []
     for i in range(n):
-        if kind == "regression":
+        if kind == "unpaired":  # KTO: even rows a pair split in two, odd rows one labelled response
+            pair = _samples("pairs", n, seed)[i]
+            rows = [(pair["chosen"], pair["chosen_loss_mask"]), (pair["rejected"], pair["rejected_loss_mask"])]
+            labels = [True, False]
+            if i % 2:
+                rows, labels = rows[i % 4 // 2:][:1], [i % 4 == 1]
+            out.append({"responses": rows, "labels": torch.tensor(labels), "index": i})
+        elif kind == "regression":
             labels = torch.randint(0, 5, (3,), generator=g).float()
             mask = (torch.rand(3, generator=g) > 0.3).float()
             out.append({"tokens": seq(), "labels": labels, "label_mask": mask, "index": i})
@@ -61,7 +69,8 @@ def _train(algo, out_dir, steps=STEPS):
     from tests.training.weights import load_reference_weights
 
     load_reference_weights([model], cfg, algo.head, algo.num_outputs)
-    data = _samples("regression" if getattr(algo, "mode", "") == "regression" else "pairs")
+    data = _samples("regression" if getattr(algo, "mode", "") == "regression" else
+                    "unpaired" if algo.name == "kto" else "pairs")
     trainer = TrainingLoop(
         algo, [model], data,
         optim=OptimSection(lr=1e-2, clip_grad=1.0, warmup_steps=1),
@@ -71,20 +80,22 @@ def _train(algo, out_dir, steps=STEPS):
         ),
     )
     trainer.save = lambda: None  # no checkpoint needed for the curve
-    losses, first = [], None
+    losses, kl, first = [], [], None
     trainer.algorithm.setup(trainer)
     trainer.algorithm.setup = lambda t: None
     for _ in range(steps):
         m = trainer.train_step()
         first = first or m
         losses.append(m["loss"])
-    return {"losses": losses, "first": first}
+        kl.append(m.get("kl", 0.0))
+    return {"losses": losses, "first": first, "kl": kl}
 
 
 def run_layout(workdir, weights, tp, pp):
     import os
 
     from aligner.algorithms.dpo import DPOAlgorithm
+    from aligner.algorithms.kto import KTOAlgorithm
     from aligner.algorithms.reward import RewardAlgorithm
 
     os.environ["ALIGNER_TEST_WEIGHTS"] = weights
@@ -98,6 +109,10 @@ def run_layout(workdir, weights, tp, pp):
         algo = DPOAlgorithm(0, loss_type=kind, **options)
         out[kind] = _train(algo, f"{workdir}/{kind}")
         out[kind]["reference_table"] = algo._ref is not None
+    for reference in ("precompute", "resident"):
+        # λ_D = 3: desirable-led updates raise the mismatched log-probs, so z_ref > 0 at step 3
+        algo = KTOAlgorithm(0, beta=0.5, desirable_weight=3.0, reference=reference)
+        out[f"kto_{reference}"] = _train(algo, f"{workdir}/kto_{reference}")
     if tp == 1 and pp == 1:
         out["dpo_packed"] = _train(DPOAlgorithm(0, beta=0.5, packing=True, capacity=48), f"{workdir}/p")
         out["bt_packed"] = _train(
@@ -121,7 +136,7 @@ def runs(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("algo", ["regression", "bt", "dpo", "orpo", "simpo"])
+@pytest.mark.parametrize("algo", ["regression", "bt", "dpo", "orpo", "simpo", "kto_precompute", "kto_resident"])
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])
 def test_losses_agree_across_layouts(runs, algo, layout):
     ref = runs["tp1"][0][algo]["losses"]
@@ -153,3 +168,17 @@ def test_reference_free_losses_keep_no_reference(runs, layout):
     for rank_out in runs[layout]:
         for kind in ("orpo", "simpo"):
             assert rank_out[kind]["reference_table"] is False, (layout, kind)
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2", "dp2"])
+def test_kto_reference_modes_agree_and_the_reference_point_moves(runs, layout):
+    ref = runs["tp1"][0]["kto_precompute"]
+    for rank_out in runs[layout]:
+        torch.testing.assert_close(torch.tensor(rank_out["kto_resident"]["losses"]), torch.tensor(ref["losses"]),
+                                   atol=TOL, rtol=0)
+        first = rank_out["kto_precompute"]["first"]
+        assert first["kl"] == 0.0 and first["rewards/chosen"] == 0.0 and first["rewards/rejected"] == 0.0
+    kl = runs["tp1"][0]["kto_precompute"]["kl"]
+    assert max(kl) > 1e-3, kl  # z_ref > 0 at some step: the layouts agree on a live reference point
+    for rank_out in runs[layout]:
+        torch.testing.assert_close(torch.tensor(rank_out["kto_precompute"]["kl"]), torch.tensor(kl), atol=TOL, rtol=0)

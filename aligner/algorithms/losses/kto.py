@@ -15,17 +15,35 @@ and the loss is the mean over the responses of the batch. Shapes: ``b`` response
 """
 from __future__ import annotations
 
+from typing import Hashable, Optional, Sequence
+
 import torch
 
 from aligner.algorithms.losses.common import LossAndStats, _check_pairs
 
 
-def mismatched_rows(n: int) -> torch.Tensor:
+def mismatched_rows(n: int, prompts: Optional[Sequence[Hashable]] = None) -> torch.Tensor:
     """For ``n`` rows, the row whose completion row ``i`` pairs with its own prompt for the
-    KL estimate: ``[n − 1, 0, 1, ..., n − 2]`` (a rotation by one). [n] long."""
+    KL estimate: ``[n − 1, 0, 1, ..., n − 2]`` (a rotation by one, TRL's construction).
+
+    ``prompts`` (a key per row, e.g. its prompt tokens as a tuple): a row whose rotated
+    partner has the same prompt (the two halves of a split pair side by side) takes the
+    nearest row before that, cyclically, whose prompt differs, so that every pair is
+    mismatched; rows of one prompt only keep the rotation. [n] long."""
     if n < 2:
         raise ValueError(f"KTO's KL estimate needs >= 2 rows to mismatch, got {n}")
-    return torch.roll(torch.arange(n), 1)
+    partner = torch.roll(torch.arange(n), 1)
+    if prompts is None:
+        return partner
+    if len(prompts) != n:
+        raise ValueError(f"{len(prompts)} prompt keys for {n} rows")
+    for i in range(n):
+        for back in range(1, n):
+            j = (i - back) % n
+            if prompts[j] != prompts[i]:
+                partner[i] = j
+                break
+    return partner
 
 
 def kto_reference_point(kl_logps: torch.Tensor, kl_ref_logps: torch.Tensor) -> torch.Tensor:

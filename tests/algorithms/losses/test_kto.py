@@ -19,6 +19,14 @@ def test_mismatched_rows_rotate_by_one():
         K.mismatched_rows(1)
 
 
+def test_mismatched_rows_pass_over_a_shared_prompt():
+    # rows of prompts [a, a, b, b, c]: the rotation gives [4, 0, 1, 2, 3]; row 1's partner (row 0)
+    # shares its prompt, so it takes row 4 (c); row 3's (row 2, b) likewise takes row 1 (a)
+    assert K.mismatched_rows(5, ["a", "a", "b", "b", "c"]).tolist() == [4, 4, 1, 1, 3]
+    assert K.mismatched_rows(3, ["a", "a", "a"]).tolist() == [2, 0, 1]  # one prompt only: the rotation
+    assert K.mismatched_rows(3, ["a", "b", "c"]).tolist() == [2, 0, 1]  # distinct prompts: TRL's rotation
+
+
 def test_reference_point_is_the_clamped_detached_mean():
     # mean([0.5, −0.1, 0.2]) = 0.2
     kl = t([0.5, -0.1, 0.2]).requires_grad_()
@@ -56,3 +64,22 @@ def test_kto_gradcheck_and_errors():
         K.kto_loss(t([1.0, 2.0]), t([1.0, 2.0]), torch.tensor([True]), 0.0, 0.1)
     with pytest.raises(ValueError, match="beta must be > 0"):
         K.kto_loss(t([1.0]), t([1.0]), torch.tensor([True]), 0.0, 0.0)
+
+
+def test_kto_on_a_ragged_batch_with_its_mismatched_rows_by_hand():
+    # three responses of 1, 3 and 2 tokens (padding masked), labels [D, U, D]; β = 1, λ_D = 1, λ_U = 2
+    from aligner.algorithms.losses.common import sequence_logps
+
+    mask = t([[1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    pol = sequence_logps(t([[-1.0, 9.0, 9.0], [-0.5, -0.5, -1.0], [-2.0, -1.0, 9.0]]), mask)  # [-1, -2, -3]
+    ref = sequence_logps(t([[-1.5, 7.0, 7.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, 7.0]]), mask)  # [-1.5, -3, -2]
+    assert pol.tolist() == [-1.0, -2.0, -3.0] and ref.tolist() == [-1.5, -3.0, -2.0]
+    # mismatched rows (rotation by one): x1 with y3, x2 with y1, x3 with y2; policy − reference there
+    assert K.mismatched_rows(3).tolist() == [2, 0, 1]
+    z = K.kto_reference_point(t([-2.6, -1.1, -2.2]), t([-2.9, -1.0, -2.6]))  # mean(0.3, −0.1, 0.4) = 0.2
+    close(z, 0.2)
+    loss, stats = K.kto_loss(pol, ref, torch.tensor([True, False, True]), z, 1.0, 1.0, 2.0)
+    # ρ = [0.5, 1, −1]: D 1 − σ(0.5 − 0.2) = 0.425557; U 2(1 − σ(0.2 − 1)) = 2·0.689974; D 1 − σ(−1.2) = 0.768525
+    close(loss, (0.425557483 + 2 * 0.689974481 + 0.768524783) / 3, 1e-8)
+    close(stats["rewards/chosen"], (0.5 - 1.0) / 2, 1e-7)
+    close(stats["rewards/rejected"], 1.0, 1e-7)

@@ -1,0 +1,400 @@
+"""KTO on the shared loop (docs/kto.md): unpaired responses labelled desirable or undesirable
+(Ethayarajh et al. 2024, arXiv 2402.01306); ``aligner train kto``.
+
+Samples are the rows of the data (kind ``unpaired``, :mod:`aligner.data.datasets`): one
+labelled response per ``unpaired`` row, or both responses of a pair (chosen desirable,
+rejected undesirable), which then share a micro-batch. Per response ``ρ = log π(y|x) − log
+π_ref(y|x)`` (summed over the response tokens); the loss is
+:func:`aligner.algorithms.losses.kto.kto_loss`, the mean over the responses of the global
+batch, against the reference point ``z_ref`` of the step.
+
+The reference point: before each step the responses of the global batch are put in data
+order, and row ``i`` gets the completion of the row before it after its own prompt
+(:func:`~aligner.algorithms.losses.kto.mismatched_rows`: TRL's rotation by one, passing over
+a row of the same prompt); policy and reference log-probs of these mismatched sequences
+give ``z_ref = max(0, mean(log π − log π_ref))`` over the whole global batch (every
+data-parallel rank's share), detached: the same number under every layout and micro-batch
+size. The policy's pass is forward-only at the step's starting weights, as TRL's (under
+``no_grad``).
+
+The reference is the initial policy, as DPO's (docs/dpo.md): ``reference: precompute``
+computes each response's reference log-probs once (epoch 0's batches as training sees
+them, so step 0's policy log-probs equal them bit for bit) and the reference log-probs of
+every step's mismatched sequences (one forward per step's batch, at the start), recomputed
+on resume and checked against the checkpoint's summary; ``resident`` keeps the initial
+weights in host memory and swaps them in for both before each step. Validation uses the
+reference point of the last training step.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from aligner.algorithms.base import Reference, RunConfig, TokenAlgorithm, Trainer, init_from_hf, register_trainer
+from aligner.algorithms.losses.kto import kto_loss, kto_reference_point, mismatched_rows
+from aligner.config import ConfigError
+from aligner.parallel import get_device
+from aligner.runtime import is_rank0
+from aligner.training.batching import per_item_sum, shifted_logprobs
+from aligner.training.config import InitSection
+from aligner.training.metrics import metric
+from aligner.training.roles import ReferencePolicy
+
+# the paper's guidance (section 4.2): λ_D n_D / (λ_U n_U) in [1, 4/3]
+WEIGHT_RATIO = (1.0, 4.0 / 3.0)
+
+
+# ------------------------------------------------------------------------------ config
+@dataclass
+class KTOSection:
+    """``kto``: KTO (docs/kto.md)."""
+
+    beta: float = 0.1  # the KL strength β (> 0)
+    desirable_weight: float = 1.0  # λ_D
+    undesirable_weight: float = 1.0  # λ_U
+    reference: Reference = Reference.precompute
+
+
+@dataclass
+class KTOConfig(RunConfig):
+    """KTO, from an SFT model (``init.hf`` required), on unpaired rows or pairs split in two."""
+
+    algorithm: str = "kto"
+    init: InitSection = field(default_factory=init_from_hf)
+    kto: KTOSection = field(default_factory=KTOSection)
+
+
+def check_kto_section(p, key: str = "kto") -> None:
+    """The ``kto`` section's values (ConfigError naming the key)."""
+    if not p.beta > 0:
+        raise ConfigError(f"{key}.beta = {p.beta!r}: expected > 0")
+    for name in ("desirable_weight", "undesirable_weight"):
+        if not p[name] > 0:
+            raise ConfigError(f"{key}.{name} = {p[name]!r}: expected > 0")
+
+
+def weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float,
+                  key: str = "kto") -> Optional[str]:
+    """A line of advice when ``λ_D n_D / (λ_U n_U)`` is outside the paper's [1, 4/3] (None
+    inside it, or when one label is absent): the values of either weight that bring it in."""
+    if not n_desirable or not n_undesirable:
+        return None
+    ratio = desirable_weight * n_desirable / (undesirable_weight * n_undesirable)
+    lo, hi = WEIGHT_RATIO
+    if lo <= ratio <= hi:
+        return None
+    d_lo, d_hi = (r * undesirable_weight * n_undesirable / n_desirable for r in (lo, hi))
+    u_lo, u_hi = (desirable_weight * n_desirable / (r * n_undesirable) for r in (hi, lo))
+    return (f"KTO: {n_desirable} desirable and {n_undesirable} undesirable training responses give"
+            f" {key}.desirable_weight·n_D / ({key}.undesirable_weight·n_U) = {ratio:.3g}, outside the paper's"
+            f" [1, 4/3]: set {key}.desirable_weight in [{d_lo:.3g}, {d_hi:.3g}] or {key}.undesirable_weight in"
+            f" [{u_lo:.3g}, {u_hi:.3g}]")
+
+
+# ------------------------------------------------------------------------------ algorithm
+def response_start(mask: torch.Tensor) -> int:
+    """Where a sequence's response begins: its first target token (the data layer keeps the
+    last assistant turn's targets only, so what comes before is the prompt)."""
+    on = torch.nonzero(mask > 0)
+    return int(on[0, 0]) if on.numel() else int(mask.numel())
+
+
+class KTOAlgorithm(TokenAlgorithm):
+    name = "kto"
+
+    def __init__(
+        self,
+        pad_id: int,
+        *,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        reference: str = "precompute",
+        max_length: Optional[int] = None,
+        packing: bool = False,
+        capacity: Optional[int] = None,
+    ):
+        super().__init__(pad_id, packing, capacity)
+        if reference not in tuple(Reference):
+            raise ValueError(f"kto.reference must be 'precompute' or 'resident', got {reference!r}")
+        if not beta > 0:
+            raise ValueError(f"kto.beta must be > 0, got {beta}")
+        self.beta = beta
+        self.desirable_weight = desirable_weight
+        self.undesirable_weight = undesirable_weight
+        self.reference = reference
+        self.max_length = max_length
+        self._ref: Optional[torch.Tensor] = None  # [n_train + n_val, 2, 2]: per response (logp, count)
+        self._ref_kl: Optional[torch.Tensor] = None  # precompute: [max_steps, rows] the mismatched rows' ref logps
+        self._kl: Optional[torch.Tensor] = None  # the pass being collected: [rows] log-probs
+        self._collect: Optional[str] = None  # None (training), "reference" or "kl"
+        self._z: Optional[torch.Tensor] = None  # the step's reference point
+        self._host_ref = None
+        self._summary: Optional[Dict[str, dict]] = None
+
+    # ------------------------------------------------------------------ batches
+    def groups(self, sample):
+        return list(sample["responses"])
+
+    def attach(self, batch, samples):
+        rows = [(s, k) for s in samples for k in range(len(s["responses"]))]
+        batch["index"] = torch.tensor([int(s["index"]) for s, _ in rows], dtype=torch.long)
+        batch["row"] = torch.tensor([k for _, k in rows], dtype=torch.long)
+        if all("kl_pos" in s for s in samples):  # the mismatched sequences of a step
+            batch["kl_pos"] = torch.cat([s["kl_pos"] for s in samples])
+        else:
+            batch["desirable"] = torch.cat([s["labels"].to(torch.bool) for s in samples])
+        return batch
+
+    def mismatched(self, samples: Sequence[dict]) -> List[dict]:
+        """The KL samples of a global batch, aligned with ``samples``: row ``p`` of the batch in
+        data order (``index``, then the row in its sample) gets the prompt of ``p`` and the
+        response of :func:`mismatched_rows`'s partner; ``kl_pos`` is ``p``."""
+        order = sorted(range(len(samples)), key=lambda i: int(samples[i]["index"]))
+        rows = [(i, k) for i in order for k in range(len(samples[i]["responses"]))]
+        split = []
+        for i, k in rows:
+            tokens, mask = samples[i]["responses"][k]
+            start = response_start(mask)
+            split.append((tokens[:start], tokens[start:], mask[start:]))
+        partner = mismatched_rows(len(rows), [tuple(p.tolist()) for p, _, _ in split]).tolist()
+        out = [{"responses": [], "kl_pos": [], "index": s["index"]} for s in samples]
+        for pos, ((i, _), q) in enumerate(zip(rows, partner)):
+            prompt = split[pos][0]
+            _, response, response_mask = split[q]
+            tokens = torch.cat([prompt, response])
+            mask = torch.cat([torch.zeros(prompt.numel()), response_mask.float()])
+            if self.max_length and tokens.numel() > self.max_length:  # keep the response: drop prompt from the left
+                tokens, mask = tokens[-self.max_length:], mask[-self.max_length:]
+            out[i]["responses"].append((tokens, mask))
+            out[i]["kl_pos"].append(pos)
+        for s in out:
+            s["kl_pos"] = torch.tensor(s["kl_pos"], dtype=torch.long)
+        return out
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, batch, logits):
+        lp = shifted_logprobs(logits, batch["tokens"]).float()
+        mask = batch["loss_mask"]
+        logps = per_item_sum(lp * mask, batch)
+        counts = per_item_sum(mask, batch)
+        n = logps.numel()
+        if self._collect is not None:  # a reference or mismatched pass: record, no loss
+            if self._collect == "kl":
+                self._kl[batch["kl_pos"].to(self._kl.device)] = logps.detach().double().cpu()
+            else:
+                idx, row = batch["index"].cpu(), batch["row"].cpu()
+                self._ref[idx, row] = torch.stack([logps, counts], -1).detach().double().cpu()
+            return logits.sum() * 0.0, torch.tensor(n), {}
+        ref = self._ref[batch["index"].cpu(), batch["row"].cpu()].to(logps.device)
+        unseen = (ref[:, 1] == 0) & (counts > 0)  # a response no reference pass saw
+        if bool(unseen.any()):
+            raise RuntimeError(f"KTO: no reference log-probs for the responses of index "
+                               f"{batch['index'].cpu()[unseen.cpu()].tolist()}")
+        z = self._z if self._z is not None else torch.zeros((), dtype=torch.float64)
+        desirable = batch["desirable"].to(logps.device)
+        loss, stats = kto_loss(logps, ref[:, 0].to(logps.dtype), desirable, z.to(logps.device), self.beta,
+                               self.desirable_weight, self.undesirable_weight)
+        total = loss * n
+        n_d = stats["count/desirable"].double()
+        n_u = n - n_d
+        with torch.no_grad():
+            metrics = {
+                "loss": metric(total, n),
+                "kl": metric(stats["kl"].double() * n, n),
+                "rewards/chosen": metric(stats["rewards/chosen"].double() * n_d, n_d),
+                "rewards/rejected": metric(stats["rewards/rejected"].double() * n_u, n_u),
+                "logps/chosen": metric(torch.where(desirable, logps.detach(), 0).sum(), n_d),
+                "logps/rejected": metric(torch.where(~desirable, logps.detach(), 0).sum(), n_u),
+                "fraction_desirable": metric(n_d, n),
+            }
+        return total, torch.tensor(n), metrics
+
+    # ------------------------------------------------------------------ passes
+    def _pass(self, loop, kind, samples, seq_length):
+        self._collect = kind
+        try:
+            loop.run_schedule(samples, forward_only=True, seq_length=seq_length)
+        finally:
+            self._collect = None
+
+    def _kl_pass(self, loop, kl_samples, rows: int) -> torch.Tensor:
+        """The summed log-probs of a step's mismatched sequences, [rows] (every DP rank's share;
+        meaningful on the last pipeline stage)."""
+        self._kl = torch.zeros(rows, dtype=torch.float64)
+        self._pass(loop, "kl", loop.local_share(kl_samples), loop.seq_length(kl_samples))
+        return self._reduce(self._kl, spread=False)
+
+    def _step_kl(self, loop, step):
+        samples = loop.global_batch(step)
+        kl_samples = self.mismatched(samples)
+        return kl_samples, sum(len(s["responses"]) for s in kl_samples)
+
+    # ------------------------------------------------------------------ reference
+    def setup(self, loop):
+        """Check the data (two rows to mismatch, the weights' balance), then compute the
+        reference from the models' current (= initial) weights."""
+        super().setup(loop)
+        self._check_labels(loop)
+        n_train = len(loop.train_data)
+        val = loop.val_data or []
+        self._ref = torch.zeros(n_train + len(val), 2, 2, dtype=torch.float64)
+        gbs = loop.cfg.global_batch_size
+        batches: List[List[dict]] = []
+        for start in range(0, len(val), gbs):  # validation rows: indices after the training set's
+            batches.append([dict(val[i], index=n_train + i) for i in range(start, min(start + gbs, len(val)))])
+        if self.reference == Reference.precompute:
+            # epoch 0 batch for batch as training sees it (step 0 reproduces these numbers bit
+            # for bit), then the rows of epoch 0's unused tail
+            covered = set()
+            for step in range(loop.steps_per_epoch):
+                samples = loop.global_batch(step)
+                covered.update(int(s["index"]) for s in samples)
+                batches.append(samples)
+            tail = [loop.train_data[i] for i in range(n_train) if i not in covered]
+            batches += [tail[i: i + gbs] for i in range(0, len(tail), gbs)]
+        else:
+            self._host_ref = ReferencePolicy(loop.models, mode="host")
+        for m in loop.models:
+            m.eval()
+        with torch.no_grad():
+            for samples in batches:
+                self._pass(loop, "reference", loop.local_share(samples), loop.seq_length(samples))
+            if self.reference == Reference.precompute:
+                kl = []
+                for step in range(loop.max_steps):  # every step's mismatched rows, as the step will batch them
+                    kl_samples, rows = self._step_kl(loop, step)
+                    kl.append(self._kl_pass(loop, kl_samples, rows))
+                width = max(t.numel() for t in kl)
+                self._ref_kl = torch.full((len(kl), width), math.nan, dtype=torch.float64)
+                for step, t in enumerate(kl):
+                    self._ref_kl[step, : t.numel()] = t
+        for m in loop.models:
+            m.train()
+        self._ref = self._reduce(self._ref, spread=True)
+        if self._ref_kl is not None:
+            self._ref_kl = self._reduce(self._ref_kl, spread=True, summed=False)
+        self._summary = self._table_summary(n_train)
+
+    def _check_labels(self, loop):
+        """Each step needs two responses to mismatch; advise on the weights' balance (the paper's)."""
+        rows = sum(len(s["responses"]) for s in loop.global_batch(0))
+        if rows < 2:
+            raise ValueError(f"KTO's reference point mismatches the responses of a step; a step of"
+                             f" trainer.global_batch_size = {loop.cfg.global_batch_size} rows holds {rows}:"
+                             " raise it to >= 2")
+        labels = torch.cat([loop.train_data[i]["labels"] for i in range(len(loop.train_data))])
+        advice = weight_advice(int(labels.sum()), int((~labels).sum()), self.desirable_weight, self.undesirable_weight)
+        if advice and is_rank0():
+            print(advice, file=sys.stderr, flush=True)
+
+    def _reduce(self, table: torch.Tensor, *, spread: bool, summed: bool = True) -> torch.Tensor:
+        """A table filled on the last pipeline stage, each row by one data-parallel rank: summed
+        over DP ranks (``summed``), then (``spread``) sent to every pipeline stage."""
+        from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not at config checks
+
+        reduce = summed and ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1
+        send = spread and ps.get_pipeline_model_parallel_world_size() > 1
+        if not (reduce or send):
+            return table
+        t = table.to(get_device())  # the collectives' device (NCCL takes no host tensors)
+        if reduce:
+            dist.all_reduce(t, group=ps.get_data_parallel_group())
+        if send:
+            dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return t.cpu()
+
+    def _table_summary(self, n_train: int) -> Dict[str, dict]:
+        """Per split: rows, response tokens, Σ|reference log-prob| (and the mismatched rows'), all ranks alike."""
+        parts = {"validation": (self._ref[n_train:], None)}
+        if self.reference == Reference.precompute:
+            parts["training"] = (self._ref[:n_train], self._ref_kl)
+        out = {}
+        for split, (t, kl) in parts.items():
+            out[split] = {"rows": int(t.shape[0]), "tokens": int(t[..., 1].sum()),
+                          "abs_logps": float(t[..., 0].abs().sum())}
+            if kl is not None:
+                out[split]["abs_kl_logps"] = float(kl.nan_to_num().abs().sum())
+        return out
+
+    @torch.no_grad()
+    def before_step(self, loop, local_samples, seq_length):
+        """The step's reference point ``z_ref`` over the global batch (module docstring)."""
+        step = loop.step
+        kl_samples, rows = self._step_kl(loop, step)
+        modes = [m.training for m in loop.models]
+        for m in loop.models:
+            m.eval()
+        try:
+            if self.reference == Reference.resident:
+                with self._host_ref.active():
+                    self._pass(loop, "reference", local_samples, seq_length)
+                    ref_kl = self._kl_pass(loop, kl_samples, rows)
+            else:
+                ref_kl = self._ref_kl[step, :rows]
+            policy_kl = self._kl_pass(loop, kl_samples, rows)
+        finally:
+            for m, mode in zip(loop.models, modes):
+                m.train(mode)
+        self._z = kto_reference_point(policy_kl, ref_kl)
+
+    def state_dict(self):
+        """What the reference was computed over (checked on resume) and the last reference point."""
+        return {"reference": self.reference, "reference_table": self._summary or {},
+                "z_ref": None if self._z is None else float(self._z)}
+
+    def load_state_dict(self, state):
+        """Refuse a resume whose recomputed reference is not the run's (other data or initial weights)."""
+        if state.get("z_ref") is not None:
+            self._z = torch.tensor(state["z_ref"], dtype=torch.float64)
+        saved = state.get("reference_table") or {}
+        for split, mine in (self._summary or {}).items():
+            theirs = saved.get(split)
+            if theirs is None:
+                continue
+            if (theirs["rows"], theirs["tokens"]) != (mine["rows"], mine["tokens"]):
+                raise ValueError(f"resume: the {split} data differ from the checkpoint's run ({theirs['rows']} rows"
+                                 f" of {theirs['tokens']} response tokens then, {mine['rows']} of {mine['tokens']}"
+                                 " now)")
+            for key in ("abs_logps", "abs_kl_logps"):
+                if key in theirs and key in mine and not math.isclose(theirs[key], mine[key], rel_tol=1e-3):
+                    raise ValueError(
+                        f"resume: the reference log-probs recomputed from the initial weights differ from the"
+                        f" checkpoint's run on the {split} rows ({key} {mine[key]:.6g} now, {theirs[key]:.6g} then):"
+                        " the initial weights (init.hf, or model and trainer.seed) or trainer.max_steps changed"
+                        " since the run began")
+
+
+# ------------------------------------------------------------------------------ trainer
+@register_trainer("kto")
+class KTOTrainer(Trainer):
+    """``aligner train kto``."""
+
+    schema = KTOConfig
+    data_kind = "unpaired"
+
+    @classmethod
+    def check(cls, cfg):
+        check_kto_section(cfg.kto)
+        if cfg.data.packing:
+            raise ConfigError("data.packing = true: KTO batches its mismatched sequences unpacked; set"
+                              " data.packing=false")
+
+    def algorithm(self):
+        p, d = self.cfg.kto, self.cfg.data
+        return KTOAlgorithm(
+            self.tokenizer().pad_id,
+            beta=p.beta,
+            desirable_weight=p.desirable_weight,
+            undesirable_weight=p.undesirable_weight,
+            reference=str(p.reference),
+            max_length=d.max_length,
+            packing=d.packing,
+            capacity=d.max_length,
+        )

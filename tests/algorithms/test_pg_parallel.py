@@ -9,6 +9,10 @@ CISPO (2 epochs x 2 mini-batches). Every group's
 samples stay on the data-parallel rank of their prompt: at DP=2 each rank generates and
 holds whole groups, and its advantages are those of the same rows at DP=1.
 
+GRPO and RLOO run on packed rows (``pack_tokens``: one row of 24 tokens a micro-batch) and,
+at TP=1, TP=2 and PP=2, also on padded rows (``packed = false``): loss, gradient norms and
+updated weights equal (1e-6).
+
 One spawned job per world size runs every layout of that size (megatron-core's parallel
 state re-initialised between layouts), so the module stays fast."""
 import pytest

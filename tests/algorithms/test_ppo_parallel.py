@@ -1,6 +1,7 @@
 """PPO under every layout (fp32): one PPO step on fixed experience gives the same policy and
 critic losses and gradient norms at TP=1, TP=2, PP=2 and DP=2 (1e-5, relative to values
-above 1); a whole 3-step run
+above 1), and on packed rows the padded rows' losses, gradient norms and updated weights
+(1e-6) at TP=1, TP=2 and PP=2; a whole 3-step run
 (generation, scoring, experience passes, updates; fixed seeds) gives the same metrics at
 TP=1, TP=2 and DP=2."""
 import pytest

@@ -416,7 +416,8 @@ class OnlineAlgorithm(Algorithm):
         self.s = s
         self.maker = maker
         self.shape = shape
-        maker.packed, maker.pack_tokens = bool(getattr(s, "packed", False)), getattr(s, "pack_tokens", None)
+        if maker is not None:  # its log-prob passes pack as the section says
+            maker.packed, maker.pack_tokens = bool(getattr(s, "packed", False)), getattr(s, "pack_tokens", None)
         self.optimizer_steps_per_step = shape.optimizer_steps
         low = s.clip_eps if s.clip_eps_low is None else s.clip_eps_low
         high = s.clip_eps if s.clip_eps_high is None else s.clip_eps_high

@@ -30,12 +30,13 @@ from aligner.data.loading import dataset_paths
 from aligner.data.prepared import is_prepared
 from aligner.parallel import padded_length
 from aligner.parallel.seeds import minibatch_order_generator
+from aligner.models.gpt import unwrap_model
 from aligner.rewards.config import RewardSection, check_reward_section, unset_reward_fields
 from aligner.rewards.kinds import build_reward
 from aligner.rewards.sources import RewardBatch, RewardSource, check_reward_source
 from aligner.training.algorithm import Algorithm, StepContext
-from aligner.training.batching import shifted_logprobs
-from aligner.training.forward import collect_token_outputs, critic_values, forward, policy_logps
+from aligner.training.batching import shifted_logprobs, unpack_rows
+from aligner.training.forward import collect_token_outputs, critic_values, forward, packed_rows, policy_logps
 from aligner.runtime import is_rank0
 from aligner.training.metrics import metric
 from aligner.training.rollout_log import RolloutLog
@@ -100,6 +101,8 @@ class OnlineSection:
     samples_per_prompt: int = 1  # G; a step has trainer.global_batch_size prompts
     reference: ReferenceMode = ReferenceMode.host
     offload: bool = False  # idle roles to host memory between phases
+    packed: bool = True  # update passes on packed rows where that needs fewer micro-batches (docs/online_core.md)
+    pack_tokens: Optional[int] = None  # tokens per packed micro-batch (null: trainer.micro_batch_size x S)
     generation: GenerationSection = field(default_factory=GenerationSection)
     reward: RewardSection = field(default_factory=RewardSection)
 
@@ -159,6 +162,8 @@ def check_online_section(s, key: str, global_batch_size: int) -> None:
         fail(f"{key}.target_kl", s.target_kl, "expected > 0 (or null: no early stop)")
     if not math.isfinite(s.truncated_reward):
         fail(f"{key}.truncated_reward", s.truncated_reward, "expected a finite number")
+    if s.pack_tokens is not None and s.pack_tokens < 1:
+        fail(f"{key}.pack_tokens", s.pack_tokens, "expected >= 1 (or null: trainer.micro_batch_size x the step's length)")
 
 
 @section_check(GenerationSection)
@@ -264,13 +269,17 @@ class ExperienceMaker:
     response tokens at most (default: the model's context). routing_replay (an MoE
     policy, ``moe.routing_replay``): the rollout records each token's experts and every
     policy pass over the experience (old log-probs, updates) routes them the same way.
+    packed / pack_tokens: the log-prob passes on packed rows
+    (:func:`aligner.training.forward.packed_rows`; never with an MoE policy, whose router
+    losses and recorded routing are per padded row).
     """
 
     # sample indices of extra rounds (dynamic sampling) start at round x ROUND_STRIDE
     ROUND_STRIDE = 2 ** 40
 
     def __init__(self, generation, reward: Optional[RewardSource], tokenizer, *, samples_per_prompt: int = 1,
-                 reference=None, critic=None, max_seq_len: Optional[int] = None, max_batch: int = 64):
+                 reference=None, critic=None, max_seq_len: Optional[int] = None, max_batch: int = 64,
+                 packed: bool = False, pack_tokens: Optional[int] = None):
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt = {samples_per_prompt}: expected >= 1")
         self.generation = generation
@@ -282,6 +291,8 @@ class ExperienceMaker:
         self.max_seq_len = max_seq_len
         self.max_batch = max_batch
         self.routing_replay = False
+        self.packed = packed
+        self.pack_tokens = pack_tokens
         self.engine = None
 
     def _engine(self, policy):
@@ -378,14 +389,16 @@ class ExperienceMaker:
         policy = context.roles["policy"]
         mbs = context.micro_batch_size
         run, last = context.run_schedule, context.from_last_stage
+        pack = {"lengths": (exp.prompt_lengths + exp.response_lengths).tolist() if self.packed else None,
+                "token_budget": self.pack_tokens}
         exp.old_logps = collect_token_outputs(run, policy.chunks, exp.tokens, mbs, policy_logps, last,
-                                              routing=exp.routing, routing_layers=exp.routing_layers)
+                                              routing=exp.routing, routing_layers=exp.routing_layers, **pack)
         policy.train()
         if self.reference is not None:
             with self.reference.active() as chunks:
-                exp.ref_logps = collect_token_outputs(run, chunks, exp.tokens, mbs, policy_logps, last)
+                exp.ref_logps = collect_token_outputs(run, chunks, exp.tokens, mbs, policy_logps, last, **pack)
         if self.critic is not None:
-            exp.values = collect_token_outputs(run, self.critic.chunks, exp.tokens, mbs, critic_values, last)
+            exp.values = collect_token_outputs(run, self.critic.chunks, exp.tokens, mbs, critic_values, last, **pack)
             self.critic.train()
         exp.timings["logprob_passes"] = time.perf_counter() - t0
         return exp
@@ -395,11 +408,14 @@ class ExperienceMaker:
 def policy_loss(options: PolicyLossOptions, batch: dict, logits: torch.Tensor):
     """One micro-batch's policy loss in the loop's convention, ``(numerator, denominator,
     metrics)``: :func:`aligner.algorithms.losses.policy.policy_objective` on the per-token
-    log-probs and entropy of the vocab-parallel ``logits`` [b, S, v/p]."""
+    log-probs and entropy of the vocab-parallel ``logits`` [b, S, v/p] (of a packed batch:
+    computed on the packed rows, then one row per sample, as on padded rows)."""
     from aligner.models.logprobs import token_entropy  # vocab-parallel: megatron-core, loaded when training
 
     lp = shifted_logprobs(logits, batch["tokens"])
     entropy = F.pad(token_entropy(logits[:, :-1]), (1, 0))
+    if "unpack_index" in batch:
+        lp, entropy = unpack_rows(lp, batch, shifted=True), unpack_rows(entropy, batch, shifted=True)
     total, den, sums = policy_objective(options, lp, entropy, batch)
     return total, den.round().long(), {k: metric(v, c) for k, (v, c) in sums.items()}
 
@@ -427,6 +443,9 @@ class OnlineAlgorithm(Algorithm):
         self.s = s
         self.maker = maker
         self.shape = shape
+        self.packed = bool(getattr(s, "packed", False))  # update passes on packed rows (off for an MoE policy)
+        if maker is not None:  # its log-prob passes pack as the section says
+            maker.packed, maker.pack_tokens = self.packed, getattr(s, "pack_tokens", None)
         self.optimizer_steps_per_step = shape.optimizer_steps
         low = s.clip_eps if s.clip_eps_low is None else s.clip_eps_low
         high = s.clip_eps if s.clip_eps_high is None else s.clip_eps_high
@@ -500,26 +519,39 @@ class OnlineAlgorithm(Algorithm):
     # ---------------------------------------------------------------- micro-batches
     def _microbatches(self, exp: Experience, extra: Dict[str, torch.Tensor], rows: List[int], mbs: int) -> List[dict]:
         """Micro-batches of ``mbs`` rows; the last is filled with rows that count for nothing
-        (and no rows at all give one such micro-batch)."""
+        (and no rows at all give one such micro-batch). With ``packed``: the rows packed
+        into micro-batches of ``pack_tokens`` tokens where that makes fewer micro-batches
+        (:func:`aligner.training.forward.packed_rows`); the per-row tensors stay one row
+        per sample, and the losses see one row per sample (:func:`unpack_rows`)."""
+        if self.packed and rows:
+            lengths = (exp.prompt_lengths + exp.response_lengths)[rows].tolist()
+            packed = packed_rows(exp.tokens[rows], lengths, mbs, getattr(self.s, "pack_tokens", None))
+            if packed is not None:
+                return [self._row_tensors(exp, extra, torch.tensor(rows)[b["rows"]], b) for b in packed]
         out = []
         for start in range(0, max(len(rows), 1), mbs):
             chunk = rows[start:start + mbs]
             idx = torch.tensor(chunk + [chunk[0] if chunk else 0] * (mbs - len(chunk)))
+            batch = self._row_tensors(exp, extra, idx, {"tokens": exp.tokens[idx], "position_ids": None,
+                                                        "attention_mask": None})
             ends = (exp.prompt_lengths + exp.response_lengths)[idx]
-            batch = {"tokens": exp.tokens[idx], "position_ids": None, "attention_mask": None,
-                     "old_logps": exp.old_logps[idx],
-                     "padding": torch.arange(exp.tokens.shape[1])[None, :] >= ends[:, None]}
-            if exp.ref_logps is not None:
-                batch["ref_logps"] = exp.ref_logps[idx]
-            if exp.values is not None:
-                batch["old_values"] = exp.values[idx]
+            batch["padding"] = torch.arange(exp.tokens.shape[1])[None, :] >= ends[:, None]
             if exp.routing is not None:  # the policy's passes route as the rollout did
                 batch["routing"], batch["routing_layers"] = exp.routing[idx], exp.routing_layers
-            for k in self.microbatch_keys:
-                batch[k] = extra[k][idx].float()
             batch["loss_mask"][len(chunk):] = 0.0
             out.append(batch)
         return out
+
+    def _row_tensors(self, exp: Experience, extra: Dict[str, torch.Tensor], idx: torch.Tensor, batch: dict) -> dict:
+        """``batch`` with the per-row tensors of experience rows ``idx`` (log-probs, values, advantages...)."""
+        batch["old_logps"] = exp.old_logps[idx]
+        if exp.ref_logps is not None:
+            batch["ref_logps"] = exp.ref_logps[idx]
+        if exp.values is not None:
+            batch["old_values"] = exp.values[idx]
+        for k in self.microbatch_keys:
+            batch[k] = extra[k][idx].float()
+        return batch
 
     def minibatch_rows(self, context: StepContext, n_local: int, epoch: int) -> List[List[int]]:
         """This rank's rows of each mini-batch of ``epoch``, a function of the global rows
@@ -553,9 +585,11 @@ class OnlineAlgorithm(Algorithm):
         norms: Dict[str, List[float]] = {name: [] for name, _ in roles}
         stopped_early = 0.0
         updates = 0
+        positions = 0
         for epoch in range(self.shape.epochs):
             for rows in self.minibatch_rows(context, len(exp), epoch):
                 micro = self._microbatches(exp, extra, rows, context.micro_batch_size)
+                positions += sum(b["tokens"].numel() for b in micro)
                 outputs = {}
                 for name, loss in roles:
                     role = context.roles[name]
@@ -582,7 +616,9 @@ class OnlineAlgorithm(Algorithm):
             metrics[f"grad_norm/{name}_first"] = norms[name][0]
             lr = context.roles[name].lr
             metrics["lr" if name == "policy" else f"lr/{name}"] = lr
-        metrics.update({"updates": float(updates), "early_stop": stopped_early})
+        metrics.update({"updates": float(updates), "early_stop": stopped_early,
+                        # token positions of the update micro-batches (padding included), over the DP ranks
+                        "update_positions": float(context.all_reduce_dp(torch.tensor([float(positions)]))[0])})
         return metrics
 
     # ---------------------------------------------------------------- metrics
@@ -753,6 +789,10 @@ class OnlineTrainer(Trainer):
         gen = generation_config(s.generation, t.seed, [self.tokenizer().eos_id])
         algo = self.build_algorithm(roles, gen, reward, reference, self.shape(), self.max_steps(n_prompts))
         algo.maker.routing_replay = bool(self.cfg.moe.routing_replay)
+        if any(unwrap_model(m).model_cfg.num_experts for m in policy_models):
+            # an MoE policy's passes stay on padded rows: its router losses and load statistics
+            # are per micro-batch of padded rows, and a recorded routing is one row per sample
+            algo.packed = algo.maker.packed = False
         return roles, algo
 
     def build_algorithm(self, roles, generation, reward, reference, shape: RolloutShape, max_steps: int):

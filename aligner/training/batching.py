@@ -216,3 +216,66 @@ def shifted_logprobs(vocab_parallel_logits: torch.Tensor, tokens: torch.Tensor) 
 
     lp = token_logprobs(vocab_parallel_logits[:, :-1].contiguous(), tokens[:, 1:].contiguous())
     return torch.nn.functional.pad(lp, (1, 0))
+
+
+# ------------------------------------------------------------------------------ packed rows
+def packed_row_microbatches(lengths: Sequence[int], capacity: int, bins_per_micro: int,
+                            tokens: torch.Tensor) -> List[dict]:
+    """The rows of ``tokens`` [n, S] (row i's real tokens: its first ``lengths[i]``) packed
+    by first-fit-decreasing into bins of ``capacity`` (>= S) tokens, ``bins_per_micro`` bins
+    per micro-batch (a short last micro-batch filled with rows holding no sample).
+
+    Each micro-batch: ``tokens`` / ``position_ids`` [bins_per_micro, capacity] (positions
+    restarting per sample), ``attention_mask`` (block-diagonal causal, True = blocked),
+    ``rows`` [k] (the indices into ``tokens`` of the k samples it holds, in order) and
+    ``unpack_index`` [k, S]: the flat position (bin · capacity + column) of each sample's
+    token p, -1 past its length — :func:`unpack_rows` maps an output on the packed rows
+    back to one row per sample, as the padded micro-batch of ``rows`` would have it.
+    """
+    from aligner.models.gpt import packed_attention_mask, packed_position_ids  # megatron-core: see packed_microbatches
+
+    n, S = tokens.shape
+    for i, length in enumerate(lengths):
+        if not 1 <= length <= min(S, capacity):
+            raise ValueError(f"row {i} has {length} tokens; expected 1..{min(S, capacity)}")
+    bins = pack_groups(list(lengths), capacity)
+    out = []
+    for start in range(0, len(bins), bins_per_micro):
+        chunk = bins[start:start + bins_per_micro]
+        packed = torch.zeros(bins_per_micro, capacity, dtype=torch.long)
+        segment = torch.full((bins_per_micro, capacity), -1, dtype=torch.long)
+        rows: List[int] = []
+        index = torch.full((sum(len(b) for b in chunk), S), -1, dtype=torch.long)
+        for r, members in enumerate(chunk):
+            col = 0
+            for i in members:
+                length = int(lengths[i])
+                packed[r, col:col + length] = tokens[i, :length]
+                segment[r, col:col + length] = len(rows)
+                index[len(rows), :length] = torch.arange(r * capacity + col, r * capacity + col + length)
+                rows.append(i)
+                col += length
+        for r in range(len(chunk), bins_per_micro):  # rows holding no sample: a copy of bin 0, masked apart
+            packed[r] = packed[0]
+        pad = segment < 0
+        segment = torch.where(pad, 1_000_000 + torch.arange(bins_per_micro)[:, None], segment)
+        out.append({"tokens": packed, "position_ids": packed_position_ids(segment),
+                    "attention_mask": packed_attention_mask(segment), "rows": torch.tensor(rows, dtype=torch.long),
+                    "unpack_index": index})
+    return out
+
+
+def unpack_rows(values: torch.Tensor, batch: dict, shifted: bool = False) -> torch.Tensor:
+    """``values`` [R, C, ...] computed on a packed micro-batch (:func:`packed_row_microbatches`)
+    -> [k, S, ...], one row per sample as on padded rows (0 past a sample's length). shifted:
+    the values at position p are about token p given the tokens before it (log-probs,
+    entropies): a sample's position 0 is then 0, as on a padded row (its packed
+    neighbour's prediction is not the sample's)."""
+    index = batch["unpack_index"].to(values.device)
+    valid = index >= 0
+    if shifted:
+        valid[:, 0] = False
+    flat = values.reshape(-1, *values.shape[2:])
+    picked = flat.index_select(0, index.clamp(min=0).reshape(-1)).reshape(*index.shape, *values.shape[2:])
+    keep = valid.reshape(*valid.shape, *([1] * (values.dim() - 2)))
+    return torch.where(keep, picked, torch.zeros_like(picked))

@@ -8,46 +8,81 @@ Per-token tensors are aligned with the token they score: position ``p`` holds
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import math
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from aligner.models.moe import clear_replay, padding_mask, replay_routing
-from aligner.training.batching import shifted_logprobs
+from aligner.training.batching import packed_row_microbatches, shifted_logprobs, unpack_rows
+
+
+def packed_rows(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_batch_size: int,
+                token_budget: Optional[int] = None) -> Optional[List[dict]]:
+    """Packed micro-batches of the rows of ``tokens`` [n, S] (row i: its first
+    ``lengths[i]`` tokens; :func:`aligner.training.batching.packed_row_microbatches`) of
+    ``token_budget`` tokens each (rounded down to whole rows of S, at least one; default:
+    ``micro_batch_size`` rows, the padded micro-batch's size), or None where they would not
+    hold fewer positions than the padded micro-batches (packing saves nothing: every
+    sample near S tokens) or where experts are split over the data-parallel ranks (EP > 1)."""
+    if lengths is None or len(lengths) == 0:
+        return None
+    from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not with config checks
+
+    if ps.model_parallel_is_initialized() and ps.get_expert_model_parallel_world_size() > 1:
+        # experts split over the data-parallel ranks exchange tokens in every forward: every
+        # rank must run as many micro-batches, and packed counts follow each rank's lengths
+        return None
+    n, s = tokens.shape
+    bins_per_micro = max(1, (token_budget or micro_batch_size * s) // s)
+    micro = packed_row_microbatches([int(x) for x in lengths], s, bins_per_micro, tokens)
+    return micro if len(micro) * bins_per_micro < math.ceil(n / micro_batch_size) * micro_batch_size else None
 
 
 def collect_token_outputs(run_schedule, chunks, tokens: torch.Tensor, micro_batch_size: int, per_token,
-                          from_last_stage, routing: Optional[torch.Tensor] = None,
+                          from_last_stage, lengths: Optional[Sequence[int]] = None,
+                          token_budget: Optional[int] = None, routing: Optional[torch.Tensor] = None,
                           routing_layers: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``per_token(batch, output) -> [b, S]`` over every row of ``tokens`` [n, S] in a
     forward-only schedule over ``chunks``; [n, S] fp32 on every pipeline stage.
 
-    The last micro-batch is filled with copies of row 0 (fixed shapes for the pipeline).
-    routing [n, S, L, k] (an MoE model, with the layer numbers ``routing_layers``): the
-    tokens go to these experts (:func:`forward`)."""
+    lengths: the rows' real tokens (given: packed micro-batches of ``token_budget`` tokens
+    where they are fewer, :func:`packed_rows`; ``per_token`` then gets a packed batch and
+    returns one row per sample it holds, ``batch["rows"]``). The last padded micro-batch
+    is filled with copies of row 0 (fixed shapes for the pipeline). routing [n, S, L, k]
+    (an MoE model, with the layer numbers ``routing_layers``): the tokens go to these
+    experts (:func:`forward`), on padded rows (a recorded routing is one row per sample)."""
     n, s = tokens.shape
-    micro = []
-    for start in range(0, n, micro_batch_size):
-        idx = torch.arange(start, min(start + micro_batch_size, n))
-        real = len(idx)
-        idx = torch.cat([idx, torch.zeros(micro_batch_size - real, dtype=torch.long)])
-        batch = {"tokens": tokens[idx], "position_ids": None, "attention_mask": None, "real": real}
-        if routing is not None:
-            batch["routing"], batch["routing_layers"] = routing[idx], routing_layers
-        micro.append(batch)
+    micro = None if routing is not None else packed_rows(tokens, lengths, micro_batch_size, token_budget)
+    if micro is None:
+        micro = []
+        for start in range(0, n, micro_batch_size):
+            real = min(micro_batch_size, n - start)
+            idx = torch.cat([torch.arange(start, start + real), torch.zeros(micro_batch_size - real, dtype=torch.long)])
+            batch = {"tokens": tokens[idx], "position_ids": None, "attention_mask": None,
+                     "rows": torch.arange(start, start + real)}
+            if routing is not None:
+                batch["routing"], batch["routing_layers"] = routing[idx], routing_layers
+            micro.append(batch)
     collected: List[torch.Tensor] = []
+    held: List[torch.Tensor] = []
 
     def loss(batch, output):
         values = per_token(batch, output).float()
-        collected.append(values[: batch["real"]].detach().cpu())
+        collected.append(values[: len(batch["rows"])].detach().cpu())
+        held.append(batch["rows"].cpu())
         return output.sum() * 0.0, 1, {}
 
     for c in chunks:
         c.eval()
     with torch.no_grad():
         run_schedule(chunks, micro, forward, loss, forward_only=True)
-    result = torch.cat(collected) if collected else None
+    result = None
+    if collected:
+        values = torch.cat(collected)
+        result = torch.empty(n, *values.shape[1:], dtype=values.dtype)
+        result[torch.cat(held)] = values
     return from_last_stage(result)
 
 
@@ -68,10 +103,15 @@ def forward(model, batch):
 
 
 def policy_logps(batch, logits) -> torch.Tensor:
-    """Per-token log-probs of ``batch["tokens"]`` (aligned: position p scores token p)."""
-    return shifted_logprobs(logits, batch["tokens"])
+    """Per-token log-probs of ``batch["tokens"]`` (aligned: position p scores token p); of a
+    packed batch, one row per sample it holds."""
+    lp = shifted_logprobs(logits, batch["tokens"])
+    return unpack_rows(lp, batch, shifted=True) if "unpack_index" in batch else lp
 
 
 def critic_values(batch, values) -> torch.Tensor:
-    """Values [b, s, 1] -> [b, s] aligned with the token chosen in that state (shift by one)."""
+    """Values [b, s, 1] -> [b, s] aligned with the token chosen in that state (shift by one);
+    of a packed batch, one row per sample it holds."""
+    if "unpack_index" in batch:
+        values = unpack_rows(values, batch)
     return F.pad(values[..., 0][:, :-1], (1, 0))

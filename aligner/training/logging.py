@@ -12,6 +12,10 @@ Only global rank 0 writes or prints (:func:`aligner.runtime.is_rank0`).
   :func:`aligner.training.run_folder.wandb_run_id`), so a resumed run continues the same
   W&B run (``resume="allow"``) instead of starting a new one. (``wandb`` is an optional
   extra: the tests check the id kept in the run folder, not a W&B session.)
+- Tables (:func:`log_table`, e.g. an online run's rollout log, aligner/training/rollout_log.py):
+  a Markdown table in TensorBoard's text tab (tag ``<split>/<name>``, at the step) and a
+  ``wandb.Table`` in W&B; not in ``metrics.jsonl`` (the rows have files of their own). They
+  go to the loggers open in this process, that is to the running loop's.
 - :class:`Progress`: a ``tqdm`` bar per stage (step / total, loss, reward, tokens/s, ETA), or the
   same meter as a logged line per step where stderr is not a terminal; messages go through
   the ``aligner`` logger (:func:`aligner.runtime.setup_logging`).
@@ -22,13 +26,37 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Sequence
 
 from aligner.files import atomic_write_text
 from aligner.runtime import get_logger, is_rank0
 from aligner.training.run_folder import wandb_run_id
 
 log = get_logger(__name__)
+
+_OPEN: List["MetricsLogger"] = []  # the loggers of this process not yet closed (the running loop's)
+
+
+def log_table(step: int, name: str, columns: Sequence[str], rows: Sequence[Sequence], split: str = "train") -> None:
+    """A table (``rows``: one value per column) at ``step`` to every open logger of this
+    process (TensorBoard text, W&B table); nothing where none is open or on other ranks."""
+    for logger in list(_OPEN):
+        logger.log_table(step, name, columns, rows, split=split)
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """``rows`` as a Markdown table (TensorBoard renders text summaries as Markdown): cells
+    on one line, ``|`` escaped, floats to 4 significant digits, None empty."""
+    def cell(value) -> str:
+        if value is None:
+            return ""
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return " ".join(str(value).split()).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + " --- |" * len(columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 class MetricsLogger:
@@ -51,6 +79,7 @@ class MetricsLogger:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.truncate(resume_step)
+        _OPEN.append(self)
         if tensorboard:
             self._tb = self._tensorboard(resume_step)
         if wandb_project:
@@ -101,7 +130,26 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({f"{split}/{k}": v for k, v in numeric.items()}, step=step)
 
+    def log_table(self, step: int, name: str, columns: Sequence[str], rows: Sequence[Sequence],
+                  split: str = "train") -> None:
+        """``rows`` under ``<split>/<name>`` at ``step``: TensorBoard text (Markdown), W&B table."""
+        if not self.enabled:
+            return
+        for row in rows:
+            if len(row) != len(columns):
+                raise ValueError(f"table {split}/{name}: a row of {len(row)} values for {len(columns)} columns")
+        if self._tb is not None:
+            self._tb.add_text(f"{split}/{name}", markdown_table(columns, rows), step)
+            self._tb.flush()
+        if self._wandb is not None:
+            import wandb  # present: the run was opened with it
+
+            self._wandb.log({f"{split}/{name}": wandb.Table(columns=list(columns), data=[list(r) for r in rows])},
+                            step=step)
+
     def close(self) -> None:
+        if self in _OPEN:
+            _OPEN.remove(self)
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:

@@ -8,6 +8,10 @@ reward has attributes), ``advantage`` (mean over the response tokens), ``length`
 tokens), ``eos`` (ended on a stop token), ``logprob`` / ``ref_logprob`` (sums over the
 response tokens under the policy before the update and the reference).
 
+The same rows go to TensorBoard's text tab (``train/rollouts``, a Markdown table per
+logged step) and to W&B (a ``wandb.Table``) when the run logs there
+(:func:`aligner.training.logging.log_table`).
+
 A step's file is written whole or not at all (:mod:`aligner.files`), so a run killed and
 resumed rewrites a step it repeats instead of appending to it: the rows of a step are
 never duplicated. ``aligner rollouts show RUN --step N`` prints one step; pandas reads one
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from aligner.files import write_jsonl
+from aligner.training.logging import log_table
 
 FIELDS = ("sample_index", "prompt", "response", "reward", "attributes", "advantage", "length", "eos",
           "logprob", "ref_logprob")
@@ -40,7 +45,24 @@ class RolloutLog:
         return self.every > 0 and step % self.every == 0
 
     def write(self, step: int, rows: Sequence[dict]) -> Path:
-        return write_jsonl(rollout_path(self.out_dir, step), list(rows)[:self.max_rows], ensure_ascii=False)
+        """The step's file, and the same rows as a table to the run's TensorBoard / W&B."""
+        rows = list(rows)[:self.max_rows]
+        path = write_jsonl(rollout_path(self.out_dir, step), rows, ensure_ascii=False)
+        columns, values = table_of(rows)
+        log_table(step, "rollouts", columns, values)
+        return path
+
+
+def table_of(rows: Sequence[dict]):
+    """``(columns, rows)`` of rollout rows: the fields, ``attributes`` as one column per
+    attribute name (``attr/<name>``), in the order of :data:`FIELDS`."""
+    names: List[str] = []
+    for r in rows:
+        names += [n for n in (r.get("attributes") or {}) if n not in names]
+    columns = [f for f in FIELDS if f != "attributes"] + [f"attr/{n}" for n in names]
+    values = [[r.get(f) for f in FIELDS if f != "attributes"] + [(r.get("attributes") or {}).get(n) for n in names]
+              for r in rows]
+    return columns, values
 
 
 def logged_steps(out_dir) -> List[int]:

@@ -49,8 +49,8 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
         from aligner.algorithms.pg import PGAlgorithm, PGTrainer
         from tests.algorithms.pg_setup import pg_config
 
-        # every second step's 16 rollouts to the rollout log (read back after a kill and resume)
-        trainer.update(log_rollouts=2, log_rollouts_rows=16)
+        # every second step's 16 rollouts to the rollout log and TensorBoard (read back after a kill and resume)
+        trainer.update(log_rollouts=2, log_rollouts_rows=16, tensorboard=True)
         pg = {"advantage": "rloo", "loss": "reinforce", "kl_coef": 0.05}
         if algorithm.startswith("pg:"):
             pg = {"advantage": "grpo", "loss": algorithm[3:], "kl_coef": 0.05, "epochs": 2, "mini_batch_size": 4}

@@ -9,6 +9,10 @@ CISPO (2 epochs x 2 mini-batches). Every group's
 samples stay on the data-parallel rank of their prompt: at DP=2 each rank generates and
 holds whole groups, and its advantages are those of the same rows at DP=1.
 
+GRPO and RLOO run on packed rows (``pack_tokens``: one row of 24 tokens a micro-batch) and,
+at TP=1, TP=2 and PP=2, also on padded rows (``packed = false``): loss, gradient norms and
+updated weights equal (1e-6).
+
 One spawned job per world size runs every layout of that size (megatron-core's parallel
 state re-initialised between layouts), so the module stays fast."""
 import pytest
@@ -22,9 +26,10 @@ G = 4
 CONFIGS = {
     "grpo": {"advantage": "grpo", "loss": "clipped", "kl_mode": "loss", "kl_estimator": "k3", "kl_coef": 0.05,
              "aggregation": "seq_mean_token_sum", "epochs": 2, "mini_batch_size": 4, "entropy_coef": 0.01,
-             "clip_eps_high": 0.28},
+             "clip_eps_high": 0.28, "pack_tokens": 24},
     "rloo": {"advantage": "rloo", "loss": "reinforce", "kl_mode": "reward", "kl_estimator": "k1", "kl_coef": 0.05,
-             "truncated": "mask", "aggregation": "seq_sum_constant", "aggregation_constant": 6.0},
+             "truncated": "mask", "aggregation": "seq_sum_constant", "aggregation_constant": 6.0,
+             "pack_tokens": 24},
     "rpp": {"advantage": "reinforce_pp_baseline", "loss": "clipped", "kl_mode": "reward", "kl_coef": 0.05,
             "aggregation": "seq_mean_token_mean", "dual_clip": 3.0},
     # the sequence-level and clipped-weight objectives: their second mini-batch is off-policy
@@ -34,6 +39,10 @@ CONFIGS = {
               "aggregation": "token_mean", "epochs": 2, "mini_batch_size": 4},
 }
 KEYS = ("loss/policy", "grad_norm/policy_first", "grad_norm/policy", "policy/entropy", "kl_ref")
+# packed update passes (one row of S = 24 tokens per micro-batch) against padded rows: the
+# same step on the same layout
+UNPACKED = ("grpo", "rloo")
+PACKED_LAYOUTS = ("tp1_mbs4", "tp2", "pp2")
 
 
 def _fixed_experience(context, vocab):
@@ -89,6 +98,9 @@ def _one_update(workdir, assets, tag, tp, pp, micro_batch_size, pg):
     metrics.update(algo.update(context, exp, extra))
     out = {k: metrics[k] for k in KEYS}
     out["advantages"] = extra["advantages"].double()
+    out["update_positions"] = metrics["update_positions"]
+    out["weights"] = torch.cat([p.detach().double().flatten() for m in roles["policy"].modules
+                                for p in m.parameters()])
     if "loss/kl" in metrics:
         out["loss/kl"] = metrics["loss/kl"]
     return out
@@ -125,6 +137,9 @@ def run_world(workdir, assets, layouts):
         initialize(ParallelConfig(tp=tp, pp=pp, seed=5))
         for name, pg in CONFIGS.items():
             out[f"{tag}/{name}"] = _one_update(workdir, assets, f"{tag}_{name}", tp, pp, mbs, pg)
+            if name in UNPACKED and tag in PACKED_LAYOUTS:
+                out[f"{tag}/{name}/unpacked"] = _one_update(workdir, assets, f"{tag}_{name}_unpacked", tp, pp, mbs,
+                                                            dict(pg, packed=False))
         if tag in ("tp1_mbs4", "dp2"):
             out[f"{tag}/groups"] = _groups_of_a_step(workdir, assets)
     return out
@@ -150,7 +165,7 @@ def test_one_update_on_fixed_experience_agrees(runs, layout, config):
     ref = one[0][f"tp1_mbs4/{config}"]
     assert abs(ref["kl_ref"]) > 1e-4 and ref["grad_norm/policy_first"] > 0 and abs(ref["loss/policy"]) > 1e-6
     ranks = one if layout == "tp1_mbs1" else two
-    keys = [k for k in ref if k != "advantages"]
+    keys = [k for k in ref if k not in ("advantages", "weights", "update_positions")]
     for rank, rank_out in enumerate(ranks):
         got = rank_out[f"{layout}/{config}"]
         for key in keys:
@@ -169,3 +184,17 @@ def test_each_group_is_generated_and_held_by_one_data_parallel_rank(runs):
         assert part["group"] == [rank] * G
         assert part["sample_index"] == whole["sample_index"][rank * G:(rank + 1) * G]
         assert part["texts"] == whole["texts"][rank * G:(rank + 1) * G]  # the same responses at any DP size
+
+
+@pytest.mark.parametrize("layout", PACKED_LAYOUTS)
+@pytest.mark.parametrize("config", UNPACKED)
+def test_packed_updates_equal_padded_rows(runs, layout, config):
+    """Packed update passes (log-prob passes and training micro-batches) give the padded
+    rows' loss, gradient norms and updated weights (1e-6), over fewer token positions."""
+    one, two = runs
+    for rank_out in (one if layout.startswith("tp1") else two):
+        packed, padded = rank_out[f"{layout}/{config}"], rank_out[f"{layout}/{config}/unpacked"]
+        assert packed["update_positions"] < padded["update_positions"], (layout, config)
+        for key in KEYS:
+            assert abs(packed[key] - padded[key]) <= 1e-6 * max(1.0, abs(padded[key])), (layout, config, key)
+        assert torch.allclose(packed["weights"], padded["weights"], atol=1e-6, rtol=0), (layout, config)

@@ -2,11 +2,11 @@
 checkpoint (policy weights and optimizer state, schedule, RNG, step; the reference rebuilt
 from the initial policy; the step's prompts and sampling seeds functions of the step) and
 ends with exactly the metrics and weights of an uninterrupted run, and the same rollout
-logs (every second step, a step's rows once). Likewise GRPO with GSPO's sequence-level
-ratio and with CISPO's clipped importance-sampling weights (2 epochs x 2 mini-batches: the
-second update is off-policy, where the two differ from the reinforce loss), and GRPO on a tiny
-Qwen3-MoE policy with the router's auxiliary losses and routing replay (its ``moe/``
-metrics and log-prob mismatch included)."""
+logs (every second step, a step's rows once, in the files and in TensorBoard's text tab).
+Likewise GRPO with GSPO's sequence-level ratio and with CISPO's clipped importance-sampling
+weights (2 epochs x 2 mini-batches: the second update is off-policy, where the two differ
+from the reinforce loss), and GRPO on a tiny Qwen3-MoE policy with the router's auxiliary
+losses and routing replay (its ``moe/`` metrics and log-prob mismatch included)."""
 import json
 import sys
 
@@ -83,3 +83,30 @@ def test_rollout_logs_read_back_the_same_after_kill_and_resume(runs, capsys):
     assert shown.startswith("step 4: 16 rollouts") and shown.count("\n| ") == 18  # header, rule, 16 rows
     assert rollouts_main(["show", str(killed), "--step", "3"]) == 2
     assert "no rollout log for step 3; logged steps: 2, 4, 6" in capsys.readouterr().err
+
+
+def test_rollout_tables_in_tensorboard_after_kill_and_resume(runs):
+    """The rollout log's rows as a TensorBoard text table at every logged step, each step
+    once after the resume (the events after the checkpoint purged), read back with
+    TensorBoard's own event reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from aligner.training.rollout_log import read_rollouts
+
+    whole, killed, _ = runs
+    for run in (whole, killed):
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+        events.Reload()
+        tables = events.Tensors("train/rollouts/text_summary")
+        assert [t.step for t in tables] == [2, 4, 6]
+        for t in tables:
+            text = t.tensor_proto.string_val[0].decode()
+            lines = text.splitlines()
+            assert lines[0].startswith("| sample_index | prompt | response | reward | advantage | length | eos |")
+            rows = read_rollouts(whole, t.step)
+            assert len(lines) == 2 + len(rows) == 18
+            for line, row in zip(lines[2:], rows):
+                cells = [c.strip() for c in line.strip("|").split(" | ")]
+                assert int(cells[0]) == row["sample_index"] and cells[2] == " ".join(row["response"].split())
+                assert abs(float(cells[3]) - row["reward"]) <= 1e-3 * max(1.0, abs(row["reward"]))
+                assert int(cells[5]) == row["length"] and cells[6] == str(row["eos"])

@@ -1,6 +1,7 @@
 """PPO under every layout (fp32): one PPO step on fixed experience gives the same policy and
 critic losses and gradient norms at TP=1, TP=2, PP=2 and DP=2 (1e-5, relative to values
-above 1); a whole 3-step run
+above 1), and on packed rows the padded rows' losses, gradient norms and updated weights
+(1e-6) at TP=1, TP=2 and PP=2; a whole 3-step run
 (generation, scoring, experience passes, updates; fixed seeds) gives the same metrics at
 TP=1, TP=2 and DP=2."""
 import pytest
@@ -43,16 +44,48 @@ def _fixed_experience(context, vocab):
 
 def run_layout(workdir, assets, tp, pp, with_run):
     from aligner.algorithms.ppo import PPOTrainer
+    from tests.algorithms.ppo_setup import ppo_config
+
+    initialize(ParallelConfig(tp=tp, pp=pp, seed=5))
+    out = {"fixed": _fixed_step(f"{workdir}/fixed", assets, tp, pp, packed=True)}
+    if dp_size() == 1:  # packed update passes against padded rows on the same layout
+        out["fixed_unpacked"] = _fixed_step(f"{workdir}/fixed_unpacked", assets, tp, pp, packed=False)
+    if with_run:
+        from pathlib import Path
+        import json
+
+        run_dir = f"{workdir}/run"
+        PPOTrainer(ppo_config(assets, run_dir, parallel={"tp": tp, "pp": pp}, trainer={"max_steps": 3},
+                              ppo={"epochs": 2, "mini_batch_size": 4})).fit()
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            out["run"] = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    return out
+
+
+def dp_size():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_world_size()
+
+
+def _fixed_step(out_dir, assets, tp, pp, packed):
+    """One PPO step (2 epochs x 2 mini-batches) on fixed experience: its metrics, the update
+    passes' token positions and the updated policy and critic weights of this rank.
+    packed: micro-batches of one packed row of S = 24 tokens, else padded rows. Both roles
+    step with SGD, whose update is the gradient's: Adam scales a gradient element near 0 up
+    to a step of the learning rate, so rounding-level differences of such an element (of
+    any two summation orders) would move it by up to lr per update."""
+    from aligner.algorithms.ppo import PPOTrainer
     from aligner.training.algorithm import StepContext
     from aligner.training.loop import TrainingLoop
     from tests.algorithms.ppo_setup import ppo_config
 
-    initialize(ParallelConfig(tp=tp, pp=pp, seed=5))
-    out = {}
-    # one PPO step (2 epochs x 2 mini-batches) on fixed experience
-    cfg = ppo_config(assets, f"{workdir}/fixed", parallel={"tp": tp, "pp": pp}, optim={"lr": 1e-4},
+    sgd = {"name": "sgd", "lr": 1e-2}
+    cfg = ppo_config(assets, out_dir, parallel={"tp": tp, "pp": pp}, optim=sgd,
                      ppo={"epochs": 2, "mini_batch_size": 4, "kl_coef": 0.05, "entropy_coef": 0.01,
-                          "reference": "model"})
+                          "reference": "model", "packed": packed, "pack_tokens": 24, "critic_optim": dict(sgd)})
     trainer = PPOTrainer(cfg)
     trainer.init_parallel()
     train = trainer.load_data(cfg["data"]["train"])
@@ -69,18 +102,10 @@ def run_layout(workdir, assets, tp, pp, with_run):
     extra = algo.advantages(context, exp)
     metrics = algo.experience_metrics(context, exp, extra)
     metrics.update(algo.update(context, exp, extra))
-    out["fixed"] = {k: metrics[k] for k in FIXED_KEYS}
-    if with_run:
-        from pathlib import Path
-        import json
-
-        run_dir = f"{workdir}/run"
-        PPOTrainer(ppo_config(assets, run_dir, parallel={"tp": tp, "pp": pp}, trainer={"max_steps": 3},
-                              ppo={"epochs": 2, "mini_batch_size": 4})).fit()
-        import torch.distributed as dist
-
-        if dist.get_rank() == 0:
-            out["run"] = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    out = {k: metrics[k] for k in FIXED_KEYS + ("update_positions",)}
+    for role in ("policy", "critic"):
+        out[f"weights/{role}"] = torch.cat([p.detach().double().flatten() for m in roles[role].modules
+                                            for p in m.parameters()])
     return out
 
 
@@ -116,3 +141,17 @@ def test_three_step_run_agrees(runs, layout):
     for a, b in zip(ref, other):
         for key in RUN_KEYS:
             assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(a[key])), (layout, a["step"], key, a[key], b[key])
+
+
+@pytest.mark.parametrize("layout", ["tp1", "tp2", "pp2"])
+def test_packed_updates_equal_padded_rows(runs, layout):
+    """Packed update passes (log-prob and value passes, policy and critic micro-batches)
+    give the padded rows' losses, gradient norms and updated weights (1e-6), over fewer
+    token positions."""
+    for rank_out in runs[layout]:
+        packed, padded = rank_out["fixed"], rank_out["fixed_unpacked"]
+        assert packed["update_positions"] < padded["update_positions"], layout
+        for key in FIXED_KEYS:
+            assert abs(packed[key] - padded[key]) <= 1e-6 * max(1.0, abs(padded[key])), (layout, key)
+        for role in ("policy", "critic"):
+            assert torch.allclose(packed[f"weights/{role}"], padded[f"weights/{role}"], atol=1e-6, rtol=0), role

@@ -40,7 +40,7 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
         from aligner.algorithms.pg import PGAlgorithm, PGTrainer
         from tests.algorithms.pg_setup import pg_config
 
-        trainer.update(log_rollouts=2, log_rollouts_rows=16)
+        trainer.update(log_rollouts=2, log_rollouts_rows=16, tensorboard=True)
         cfg = pg_config(assets, out_dir, trainer=trainer, init={"hf": assets["policy_moe"]},
                         pg={"advantage": "grpo", "loss": "clipped", "kl_coef": 0.05, "epochs": 2, "mini_batch_size": 4},
                         moe={"aux_loss_coeff": 0.01, "z_loss_coeff": 0.001, "routing_replay": True})

@@ -87,6 +87,45 @@ def init_from_hf() -> InitSection:
     return InitSection(hf=MISSING)
 
 
+def reference_batches(loop, training: bool) -> List[List[dict]]:
+    """The global batches of the rows an offline reference table covers (DPO, KTO): the
+    validation rows (indices after the training set's, batched as evaluation batches them)
+    and, with ``training`` (``Reference.precompute``), epoch 0 batch for batch as training
+    sees it (step 0 reproduces these numbers bit for bit), then the rows of epoch 0's
+    unused tail (later epochs train them)."""
+    n_train, val, gbs = len(loop.train_data), loop.val_data or [], loop.cfg.global_batch_size
+    batches = [[dict(val[i], index=n_train + i) for i in range(start, min(start + gbs, len(val)))]
+               for start in range(0, len(val), gbs)]
+    if training:
+        covered = set()
+        for step in range(loop.steps_per_epoch):
+            samples = loop.global_batch(step)
+            covered.update(int(s["index"]) for s in samples)
+            batches.append(samples)
+        tail = [loop.train_data[i] for i in range(n_train) if i not in covered]  # index i: position i
+        batches += [tail[i: i + gbs] for i in range(0, len(tail), gbs)]
+    return batches
+
+
+def reduce_table(table, *, spread: bool = True, summed: bool = True):
+    """A reference table filled on the last pipeline stage, each row by one data-parallel
+    rank: summed over the DP ranks (``summed``), then (``spread``) sent to every pipeline
+    stage, so that every rank holds it all (on the host)."""
+    import torch.distributed as dist  # torch.distributed with the parallel state, as training runs
+    from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not at config checks
+
+    reduce = summed and ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1
+    send = spread and ps.get_pipeline_model_parallel_world_size() > 1
+    if not (reduce or send):
+        return table
+    t = table.to(get_device())  # the collectives' device (NCCL takes no host tensors)
+    if reduce:
+        dist.all_reduce(t, group=ps.get_data_parallel_group())
+    if send:
+        dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
+    return t.cpu()
+
+
 # ------------------------------------------------------------------------------ trainer
 class Trainer:
     """One configured algorithm on the shared loop (module docstring). A subclass sets

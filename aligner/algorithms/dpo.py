@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 
 from aligner.algorithms.base import (
     Reference,
@@ -33,11 +32,12 @@ from aligner.algorithms.base import (
     init_from_hf,
     pair_logps,
     pair_margin,
+    reduce_table,
+    reference_batches,
     register_trainer,
 )
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
 from aligner.config import ConfigError, registered
-from aligner.parallel import get_device
 from aligner.training.config import InitSection
 from aligner.training.metrics import metric
 from aligner.training.roles import ReferencePolicy
@@ -211,24 +211,9 @@ class DPOAlgorithm(TokenAlgorithm):
         if not self.needs_reference:
             return
         n_train = len(loop.train_data)
-        val = loop.val_data or []
-        self._ref = torch.zeros(n_train + len(val), 4, dtype=torch.float64)
-        gbs = loop.cfg.global_batch_size
-        batches: List[List[dict]] = []
-        # validation pairs: indices after the training set's, batched as evaluate() batches them
-        for start in range(0, len(val), gbs):
-            batches.append([dict(val[i], index=n_train + i) for i in range(start, min(start + gbs, len(val)))])
-        if self.reference == Reference.precompute:
-            # epoch 0 batch for batch as training will see it (step 0 reproduces these numbers
-            # bit for bit), then the pairs of epoch 0's unused tail: later epochs train them
-            covered = set()
-            for step in range(loop.steps_per_epoch):
-                samples = loop.global_batch(step)
-                covered.update(int(s["index"]) for s in samples)
-                batches.append(samples)
-            tail = [loop.train_data[i] for i in range(n_train) if i not in covered]  # index i: position i
-            batches += [tail[i : i + gbs] for i in range(0, len(tail), gbs)]
-        else:
+        self._ref = torch.zeros(n_train + len(loop.val_data or []), 4, dtype=torch.float64)
+        batches = reference_batches(loop, training=self.reference == Reference.precompute)
+        if self.reference == Reference.resident:
             # the online algorithms' reference role: initial weights on the host, swapped in
             self._host_ref = ReferencePolicy(loop.models, mode="host")
         for m in loop.models:
@@ -238,7 +223,7 @@ class DPOAlgorithm(TokenAlgorithm):
                 self._reference_pass(loop, loop.local_share(samples), loop.seq_length(samples))
         for m in loop.models:
             m.train()
-        self._reduce_table()
+        self._ref = reduce_table(self._ref)
         self._summary = self._table_summary(n_train)
 
     def _check_reward_gaps(self, loop):
@@ -263,23 +248,6 @@ class DPOAlgorithm(TokenAlgorithm):
             split: {"pairs": int(t.shape[0]), "tokens": int(t[:, 2:].sum()), "abs_logps": float(t[:, :2].abs().sum())}
             for split, t in parts.items()
         }
-
-    def _reduce_table(self):
-        """Each pair's row was filled by one data-parallel rank on the last pipeline stage: sum
-        over DP ranks, then send the table to every pipeline stage (each rank holds it all)."""
-        from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not at config checks
-
-        reduce = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1
-        send = ps.get_pipeline_model_parallel_world_size() > 1
-        if not (reduce or send):
-            return
-        table = self._ref.to(get_device())  # the collectives' device (NCCL takes no host tensors)
-        if reduce:
-            dist.all_reduce(table, group=ps.get_data_parallel_group())
-        if send:
-            dist.broadcast(table, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        self._ref = table.cpu()
 
     @torch.no_grad()
     def before_step(self, loop, local_samples, seq_length):

@@ -33,12 +33,19 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from aligner.algorithms.base import Reference, RunConfig, TokenAlgorithm, Trainer, init_from_hf, register_trainer
+from aligner.algorithms.base import (
+    Reference,
+    RunConfig,
+    TokenAlgorithm,
+    Trainer,
+    init_from_hf,
+    reduce_table,
+    reference_batches,
+    register_trainer,
+)
 from aligner.algorithms.losses.kto import kto_loss, kto_reference_point, mismatched_rows
 from aligner.config import ConfigError
-from aligner.parallel import get_device
 from aligner.runtime import is_rank0
 from aligner.training.batching import per_item_sum, shifted_logprobs
 from aligner.training.config import InitSection
@@ -228,7 +235,7 @@ class KTOAlgorithm(TokenAlgorithm):
         meaningful on the last pipeline stage)."""
         self._kl = torch.zeros(rows, dtype=torch.float64)
         self._pass(loop, "kl", loop.local_share(kl_samples), loop.seq_length(kl_samples))
-        return self._reduce(self._kl, spread=False)
+        return reduce_table(self._kl, spread=False)
 
     def _step_kl(self, loop, step):
         samples = loop.global_batch(step)
@@ -242,23 +249,9 @@ class KTOAlgorithm(TokenAlgorithm):
         super().setup(loop)
         self._check_labels(loop)
         n_train = len(loop.train_data)
-        val = loop.val_data or []
-        self._ref = torch.zeros(n_train + len(val), 2, 2, dtype=torch.float64)
-        gbs = loop.cfg.global_batch_size
-        batches: List[List[dict]] = []
-        for start in range(0, len(val), gbs):  # validation rows: indices after the training set's
-            batches.append([dict(val[i], index=n_train + i) for i in range(start, min(start + gbs, len(val)))])
-        if self.reference == Reference.precompute:
-            # epoch 0 batch for batch as training sees it (step 0 reproduces these numbers bit
-            # for bit), then the rows of epoch 0's unused tail
-            covered = set()
-            for step in range(loop.steps_per_epoch):
-                samples = loop.global_batch(step)
-                covered.update(int(s["index"]) for s in samples)
-                batches.append(samples)
-            tail = [loop.train_data[i] for i in range(n_train) if i not in covered]
-            batches += [tail[i: i + gbs] for i in range(0, len(tail), gbs)]
-        else:
+        self._ref = torch.zeros(n_train + len(loop.val_data or []), 2, 2, dtype=torch.float64)
+        batches = reference_batches(loop, training=self.reference == Reference.precompute)
+        if self.reference == Reference.resident:
             self._host_ref = ReferencePolicy(loop.models, mode="host")
         for m in loop.models:
             m.eval()
@@ -276,9 +269,9 @@ class KTOAlgorithm(TokenAlgorithm):
                     self._ref_kl[step, : t.numel()] = t
         for m in loop.models:
             m.train()
-        self._ref = self._reduce(self._ref, spread=True)
+        self._ref = reduce_table(self._ref, spread=True)
         if self._ref_kl is not None:
-            self._ref_kl = self._reduce(self._ref_kl, spread=True, summed=False)
+            self._ref_kl = reduce_table(self._ref_kl, spread=True, summed=False)
         self._summary = self._table_summary(n_train)
 
     def _check_labels(self, loop):
@@ -292,23 +285,6 @@ class KTOAlgorithm(TokenAlgorithm):
         advice = weight_advice(int(labels.sum()), int((~labels).sum()), self.desirable_weight, self.undesirable_weight)
         if advice and is_rank0():
             print(advice, file=sys.stderr, flush=True)
-
-    def _reduce(self, table: torch.Tensor, *, spread: bool, summed: bool = True) -> torch.Tensor:
-        """A table filled on the last pipeline stage, each row by one data-parallel rank: summed
-        over DP ranks (``summed``), then (``spread``) sent to every pipeline stage."""
-        from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not at config checks
-
-        reduce = summed and ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_world_size() > 1
-        send = spread and ps.get_pipeline_model_parallel_world_size() > 1
-        if not (reduce or send):
-            return table
-        t = table.to(get_device())  # the collectives' device (NCCL takes no host tensors)
-        if reduce:
-            dist.all_reduce(t, group=ps.get_data_parallel_group())
-        if send:
-            dist.broadcast(t, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-        return t.cpu()
 
     def _table_summary(self, n_train: int) -> Dict[str, dict]:
         """Per split: rows, response tokens, Σ|reference log-prob| (and the mismatched rows'), all ranks alike."""

@@ -344,3 +344,35 @@ class Architecture:
             for rule in self.layer_weights(cfg, layer).values():
                 shapes.update(rule.hf_shapes())
         return shapes
+
+
+class RoutedExperts:
+    """Mixin of a mixture-of-experts family, placed before its dense family: megatron-core's
+    ``MoELayer`` in place of the dense MLP, its router (``<moe_prefix>gate`` [E, h]) and the
+    routed experts' HF names (``<moe_prefix>experts.<e>.<name>``, ``expert_names`` = the
+    gate, up and down projections' names). :meth:`expert_weights` maps one expert; the
+    weight import / export shards the experts over the expert-parallel ranks with it."""
+
+    moe_prefix = "mlp."
+    expert_names = ("gate_proj", "up_proj", "down_proj")
+
+    def layer_design(self, cfg) -> dict:
+        return dict(super().layer_design(cfg), num_experts=cfg.num_experts)
+
+    def expert_weights(self, cfg, layer: int, expert: int) -> dict:
+        """Rules of one routed expert's parameters (``expert`` counts from 0 over all experts)."""
+        p = self.layer_prefix.format(layer) + self.moe_prefix + f"experts.{expert}."
+        h, f = cfg.hidden_size, cfg.ffn_hidden_size
+        gate, up, down = self.expert_names
+        return {"linear_fc1.weight": GLU(f, h, gate=p + gate + ".weight", up=p + up + ".weight"),
+                "linear_fc2.weight": Split(p + down + ".weight", (h, f), dim=1)}
+
+    def layer_weights(self, cfg, layer: int) -> dict:
+        rules = {k: v for k, v in super().layer_weights(cfg, layer).items() if not k.startswith("mlp.")}
+        p = self.layer_prefix.format(layer) + self.moe_prefix
+        rules["mlp.router.weight"] = Replicated(p + "gate.weight", (cfg.num_experts, cfg.hidden_size))
+        for e in range(cfg.num_experts):
+            for name, rule in self.expert_weights(cfg, layer, e).items():
+                rules[f"mlp.experts.local_experts.{e}.{name}"] = rule
+        return rules
+

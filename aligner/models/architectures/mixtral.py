@@ -8,17 +8,18 @@ HF names: ``block_sparse_moe.gate`` (router [E, h]), ``block_sparse_moe.experts.
 ``w3`` / ``w2`` (gate / up / down of expert e). See docs/moe.md.
 """
 from aligner.models.architectures import register
-from aligner.models.architectures.base import GLU, Replicated, Split, UnsupportedModelError
+from aligner.models.architectures.base import RoutedExperts, UnsupportedModelError
 from aligner.models.architectures.mistral import Mistral
 
 
-class Mixtral(Mistral):
+class Mixtral(RoutedExperts, Mistral):
     model_type = "mixtral"
     causal_lm = "MixtralForCausalLM"
     sequence_classification = "MixtralForSequenceClassification"
     features = ("mixture of experts: softmax, top-k renormalised, dropless", "sliding-window attention")
     options = Mistral.options + ("num_experts", "moe_router_topk")
     moe_prefix = "block_sparse_moe."
+    expert_names = ("w1", "w3", "w2")  # gate, up, down
 
     def config_from_hf(self, hf: dict, source: str) -> dict:
         if hf.get("router_jitter_noise"):
@@ -41,25 +42,6 @@ class Mixtral(Mistral):
                     moe_router_topk=cfg.moe_router_topk, moe_ffn_hidden_size=cfg.ffn_hidden_size,
                     moe_router_load_balancing_type="none",
                     moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather")
-
-    def layer_design(self, cfg) -> dict:
-        return dict(super().layer_design(cfg), num_experts=cfg.num_experts)
-
-    def expert_weights(self, cfg, layer: int, expert: int) -> dict:
-        """Rules of one expert's parameters (``expert`` counts from 0 over all experts)."""
-        p = self.layer_prefix.format(layer) + self.moe_prefix + f"experts.{expert}."
-        h, f = cfg.hidden_size, cfg.ffn_hidden_size
-        return {"linear_fc1.weight": GLU(f, h, gate=p + "w1.weight", up=p + "w3.weight"),
-                "linear_fc2.weight": Split(p + "w2.weight", (h, f), dim=1)}
-
-    def layer_weights(self, cfg, layer: int) -> dict:
-        rules = {k: v for k, v in super().layer_weights(cfg, layer).items() if not k.startswith("mlp.")}
-        p = self.layer_prefix.format(layer) + self.moe_prefix
-        rules["mlp.router.weight"] = Replicated(p + "gate.weight", (cfg.num_experts, cfg.hidden_size))
-        for e in range(cfg.num_experts):
-            for name, rule in self.expert_weights(cfg, layer, e).items():
-                rules[f"mlp.experts.local_experts.{e}.{name}"] = rule
-        return rules
 
 
 register(Mixtral())

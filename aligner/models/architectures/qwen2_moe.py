@@ -10,17 +10,16 @@ its default top-k-then-softmax when they are). The shared expert (a SwiGLU MLP o
 Routing is dropless, as in transformers. Every layer is an MoE layer: ``decoder_sparse_step``
 other than 1 and a non-empty ``mlp_only_layers`` (dense layers among them) are refused.
 
-HF names (:meth:`QwenMoE.expert_weights` maps one routed expert, the only place that knows
-them): ``mlp.gate`` (router [E, h]), ``mlp.experts.<e>.gate_proj`` / ``up_proj`` /
+HF names (:meth:`RoutedExperts.expert_weights` maps one routed expert from ``expert_names``): ``mlp.gate`` (router [E, h]), ``mlp.experts.<e>.gate_proj`` / ``up_proj`` /
 ``down_proj``, ``mlp.shared_expert.gate_proj`` / ``up_proj`` / ``down_proj``,
 ``mlp.shared_expert_gate``. See docs/moe.md.
 """
 from aligner.models.architectures import register
-from aligner.models.architectures.base import GLU, Replicated, Split, UnsupportedModelError, refuse
+from aligner.models.architectures.base import GLU, Replicated, RoutedExperts, Split, UnsupportedModelError, refuse
 from aligner.models.architectures.qwen2 import Qwen2
 
 
-class QwenMoE:
+class QwenMoE(RoutedExperts):
     """What Qwen2-MoE and Qwen3-MoE share on top of their dense layer (a mixin placed before
     the dense family): the MoE config keys, the router and the routed experts' HF names."""
 
@@ -61,25 +60,6 @@ class QwenMoE:
                     moe_router_pre_softmax=not cfg.moe_norm_topk_prob,
                     moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
                     moe_token_dispatcher_type="allgather")
-
-    def layer_design(self, cfg) -> dict:
-        return dict(super().layer_design(cfg), num_experts=cfg.num_experts)
-
-    def expert_weights(self, cfg, layer: int, expert: int) -> dict:
-        """Rules of one routed expert's parameters (``expert`` counts from 0 over all experts)."""
-        p = self.layer_prefix.format(layer) + self.moe_prefix + f"experts.{expert}."
-        h, f = cfg.hidden_size, cfg.ffn_hidden_size
-        return {"linear_fc1.weight": GLU(f, h, gate=p + "gate_proj.weight", up=p + "up_proj.weight"),
-                "linear_fc2.weight": Split(p + "down_proj.weight", (h, f), dim=1)}
-
-    def layer_weights(self, cfg, layer: int) -> dict:
-        rules = {k: v for k, v in super().layer_weights(cfg, layer).items() if not k.startswith("mlp.")}
-        p = self.layer_prefix.format(layer) + self.moe_prefix
-        rules["mlp.router.weight"] = Replicated(p + "gate.weight", (cfg.num_experts, cfg.hidden_size))
-        for e in range(cfg.num_experts):
-            for name, rule in self.expert_weights(cfg, layer, e).items():
-                rules[f"mlp.experts.local_experts.{e}.{name}"] = rule
-        return rules
 
 
 class Qwen2Moe(QwenMoE, Qwen2):

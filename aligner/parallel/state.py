@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import re
 import socket
 import sys
@@ -164,7 +165,32 @@ def _env_int(env, key: str, default: Optional[int] = None) -> int:
         raise ValueError(f"environment variable {key} = {value!r} is not an integer") from None
 
 
+_EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+_LOWEST_PORT = 10000  # below: the well-known and registered services' ports
+
+
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a rendezvous server that binds it moments later.
+
+    Drawn below the kernel's ephemeral range (``ip_local_port_range``): a port the kernel
+    picks (``bind(0)``) lies in that range, where it can be handed to another process's
+    outgoing connection (gloo's pairs in a neighbouring job) before the server binds it;
+    below the range nothing takes it unasked. The kernel's pick where the range cannot be
+    read or leaves no room."""
+    try:
+        with open(_EPHEMERAL_RANGE) as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    draw = random.SystemRandom()
+    for _ in range(64 if low > _LOWEST_PORT + 1000 else 0):
+        port = draw.randrange(_LOWEST_PORT, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -194,3 +194,18 @@ def test_a_killed_python_command_takes_its_process_group_along(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+def test_a_free_port_lies_below_the_ephemeral_range_and_binds():
+    """Rendezvous ports are drawn where the kernel hands out no outgoing connection's port
+    (so a neighbouring job's gloo pairs cannot take one before the server binds it)."""
+    import socket
+
+    from aligner.parallel.state import free_port
+
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert all(10000 <= p < low for p in ports), sorted(ports)
+    assert len(ports) > 1  # drawn, not one fixed port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", ports.pop()))

@@ -573,15 +573,9 @@ class RolloutEngine:
         while True:
             # Column t of every slot: sampled, or the slot's own prompt token while t < its length.
             in_prompt = (t < plen) if t < max_plen else None
-            if self.is_source:
-                decision = self._decide(logits, t, in_prompt, tokens, plen, end,
-                                        [generators[r] for r in rows] if generators else None,
-                                        config, stop_t)
-            else:
-                decision = torch.empty((3, len(rows)), dtype=torch.float64, device=device)
-            if self.mp_group is not None:
-                torch.distributed.broadcast(decision, src=self.source_rank, group=self.mp_group)
-            chosen, logp, finished = decision[0].long(), decision[1].float(), decision[2] != 0
+            chosen, logp, finished = self._shared_decision(
+                logits, t, in_prompt, tokens, plen, end,
+                [generators[r] for r in rows] if generators else None, config, stop_t, len(rows), device)
             tokens[:, t] = chosen
             logprobs[:, t] = logp
             t += 1
@@ -657,15 +651,9 @@ class RolloutEngine:
         prompt_steps = int(plen.max()) - t
         while True:
             in_prompt = (col < plen) if prompt_steps > 0 else None
-            if self.is_source:
-                decision = self._decide(logits, col, in_prompt, tokens, plen, end,
-                                        [generators[r] for r in rows] if generators is not None else None,
-                                        config, stop_t)
-            else:
-                decision = torch.empty((3, len(rows)), dtype=torch.float64, device=device)
-            if self.mp_group is not None:
-                torch.distributed.broadcast(decision, src=self.source_rank, group=self.mp_group)
-            chosen, logp, finished = decision[0].long(), decision[1].float(), decision[2] != 0
+            chosen, logp, finished = self._shared_decision(
+                logits, col, in_prompt, tokens, plen, end,
+                [generators[r] for r in rows] if generators is not None else None, config, stop_t, len(rows), device)
             flat = base + col
             tokens.view(-1).index_copy_(0, flat, chosen)
             logprobs.view(-1).index_copy_(0, flat, logp)
@@ -756,6 +744,18 @@ class RolloutEngine:
     def _has_stop_string(self, response_ids, stop_strings) -> bool:
         text = self.tokenizer.decode(list(response_ids))
         return any(s in text for s in stop_strings)
+
+    def _shared_decision(self, logits, t, in_prompt, tokens, plen, end, generators, config, stop_t,
+                         n_rows: int, device):
+        """The source rank's decision for the rows' next tokens (:meth:`_decide`), sent to every
+        rank of the model-parallel group: (chosen token ids, their log-probs, finished flags)."""
+        if self.is_source:
+            decision = self._decide(logits, t, in_prompt, tokens, plen, end, generators, config, stop_t)
+        else:
+            decision = torch.empty((3, n_rows), dtype=torch.float64, device=device)
+        if self.mp_group is not None:
+            torch.distributed.broadcast(decision, src=self.source_rank, group=self.mp_group)
+        return decision[0].long(), decision[1].float(), decision[2] != 0
 
     def _decide(self, logits, t, in_prompt, tokens, plen, end, generators,
                 config: GenerationConfig, stop_t) -> torch.Tensor:

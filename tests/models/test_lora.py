@@ -199,8 +199,8 @@ def tiny_llama(tmp_path_factory):
     return str(root / "llama")
 
 
-def _peft_step(hf_dir, hf_modules):
-    """PEFT's loss, adapter gradients and logits for the same batch and adapter values."""
+def _peft_model(hf_dir, hf_modules):
+    """PEFT on transformers' Llama from ``hf_dir``, its adapters set to the values aligner's hold."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
 
@@ -211,11 +211,18 @@ def _peft_step(hf_dir, hf_modules):
         for name, (a, b) in _adapter_values(hf_modules).items():
             params[f"base_model.model.{name}.lora_A.default.weight"].copy_(a)
             params[f"base_model.model.{name}.lora_B.default.weight"].copy_(b)
+    return model
+
+
+def _peft_step(hf_dir, hf_modules):
+    """PEFT's loss, adapter gradients and logits for the same batch and adapter values."""
+    model = _peft_model(hf_dir, hf_modules)
     tokens, mask = _batch()
     logits = model(input_ids=tokens, attention_mask=(tokens > 0).long()).logits
     lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, tokens[:, 1:, None])[..., 0]
     loss = -(lp * mask[:, 1:]).sum() / mask[:, 1:].sum()
     loss.float().backward()
+    params = dict(model.named_parameters())
     grads = {}
     for name in hf_modules:
         grads[(name, "A")] = params[f"base_model.model.{name}.lora_A.default.weight"].grad
@@ -291,16 +298,7 @@ def test_lora_sft_step_equals_peft_at_every_layout(tiny_llama):
 
 def _peft_greedy(hf_dir, hf_modules):
     """PEFT's greedy responses and their log-probs for PROMPTS (the same adapter values)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
-    model = get_peft_model(LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32),
-                           LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=list(TARGETS)))
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, (a, b) in _adapter_values(hf_modules).items():
-            params[f"base_model.model.{name}.lora_A.default.weight"].copy_(a)
-            params[f"base_model.model.{name}.lora_B.default.weight"].copy_(b)
+    model = _peft_model(hf_dir, hf_modules)
     model.eval()
     out = []
     for prompt in PROMPTS:

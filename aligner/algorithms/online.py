@@ -789,9 +789,10 @@ class OnlineTrainer(Trainer):
         gen = generation_config(s.generation, t.seed, [self.tokenizer().eos_id])
         algo = self.build_algorithm(roles, gen, reward, reference, self.shape(), self.max_steps(n_prompts))
         algo.maker.routing_replay = bool(self.cfg.moe.routing_replay)
-        if any(unwrap_model(m).model_cfg.num_experts for m in policy_models):
-            # an MoE policy's passes stay on padded rows: its router losses and load statistics
-            # are per micro-batch of padded rows, and a recorded routing is one row per sample
+        if any(unwrap_model(m).model_cfg.num_experts for r in roles.trainable.values() for m in r.chunks):
+            # MoE passes stay on padded rows: the router losses and load statistics are per
+            # micro-batch of padded rows, a recorded routing is one row per sample, and with
+            # experts split over the DP ranks (EP > 1) every rank must run as many micro-batches
             algo.packed = algo.maker.packed = False
         return roles, algo
 

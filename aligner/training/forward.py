@@ -25,14 +25,9 @@ def packed_rows(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_ba
     ``token_budget`` tokens each (rounded down to whole rows of S, at least one; default:
     ``micro_batch_size`` rows, the padded micro-batch's size), or None where they would not
     hold fewer positions than the padded micro-batches (packing saves nothing: every
-    sample near S tokens) or where experts are split over the data-parallel ranks (EP > 1)."""
+    sample near S tokens). The caller decides whether its model may pack (an MoE model's
+    passes stay padded: the online core's ``packed`` setting)."""
     if lengths is None or len(lengths) == 0:
-        return None
-    from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not with config checks
-
-    if ps.model_parallel_is_initialized() and ps.get_expert_model_parallel_world_size() > 1:
-        # experts split over the data-parallel ranks exchange tokens in every forward: every
-        # rank must run as many micro-batches, and packed counts follow each rank's lengths
         return None
     n, s = tokens.shape
     bins_per_micro = max(1, (token_budget or micro_batch_size * s) // s)

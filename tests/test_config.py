@@ -270,3 +270,20 @@ def test_config_folder_of_a_checkout_and_an_override(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGNER_CONF_DIR", str(tmp_path / "nope"))
     with pytest.raises(UserError, match="ALIGNER_CONF_DIR = .* is not a folder"):
         config_dir()
+
+
+def test_the_config_groups_table_names_every_group_and_option_there_is():
+    """docs/configuration.md's table of config groups lists exactly the folders of conf/ and
+    the option files in each (a group that does not exist cannot be chosen)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    table = text.split("## Config groups", 1)[1].split("\n\n|", 1)[1].split("\n\n", 1)[0]
+    documented = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        documented[cells[0].strip("`")] = set(re.findall(r"`([^`]+)`", cells[1]))
+    conf = Path(config_dir())
+    groups = {d.name: {f.stem for f in d.glob("*.yaml")} for d in conf.iterdir()
+              if d.is_dir() and not d.name.startswith("_") and list(d.glob("*.yaml"))}
+    assert documented == groups

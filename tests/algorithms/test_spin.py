@@ -7,6 +7,10 @@ step each).
   ``−logσ(β[(log π(y) − log π_t(y)) − (log π(y') − log π_t(y'))])`` (ln 2: policy =
   reference) plus ``spin.sft_weight`` times the SFT response's NLL per token, computed by
   transformers on those pairs (1e-5).
+- Iteration 1 against transformers: the model iteration 0 ended with (the same run cut
+  short after its one step, exported) is iteration 1's reference and generator: its
+  transformers log-probs of iteration 1's pairs equal the file's reference log-probs, and
+  they differ from the initial model's (1e-5).
 - Under every layout: TP=2, PP=2 and DP=2 generate the same responses and log the same
   loss, gradient norm and reference log-probs as one process, at the 4 steps of both
   iterations (1e-5).
@@ -44,6 +48,38 @@ def run_aligner(cfg):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()], rows
 
 
+def run_full_and_first_iteration(cfg):
+    """The 2-iteration run, then the same run cut short after iteration 0's one step and
+    exported (the model iteration 1 starts from), in one process."""
+    from megatron.core import parallel_state as ps
+
+    full = run_aligner(cfg)
+    ps.destroy_model_parallel()
+    first = dict(cfg, trainer=dict(cfg["trainer"], out_dir=cfg["trainer"]["out_dir"] + "_first", max_steps=1,
+                                   export_hf=True))
+    from aligner.algorithms.spin import SPINTrainer
+
+    SPINTrainer(first).fit()
+    return full, str(Path(first["trainer"]["out_dir"]) / "hf")
+
+
+def transformers_logps(hf_dir, pairs):
+    """Summed response log-probs of every ``(prompt, chosen, rejected)`` under the HF model:
+    ``(chosen, rejected)`` lists."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+
+    def logp(prompt, response):
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        return float(lp[len(prompt) - 1:].sum())
+
+    return [logp(p, c) for p, c, _ in pairs], [logp(p, r) for p, _, r in pairs]
+
+
 def transformers_step(hf_dir, pairs, sft_weight):
     """Log-probs of every (prompt, response) under the HF model, the loss at policy =
     reference (the DPO loss plus ``sft_weight`` x the chosen responses' mean NLL per token),
@@ -74,15 +110,20 @@ def test_iteration_zero_matches_transformers(tiny_hf, tmp_path):
 
     train = write_jsonl(tmp_path / "rows.jsonl", ROWS)
     cfg = spin_config(str(tiny_hf["dir"]), train, str(tmp_path / "run"), sft_weight=SFT_WEIGHT)
-    metrics, rows = spawn_local(run_aligner, 1, cfg, timeout=600)[0]
+    (metrics, rows), first_hf = spawn_local(run_full_and_first_iteration, 1, cfg, timeout=600)[0]
     assert [m["iteration"] for m in metrics] == [0.0, 1.0]
     tok = AutoTokenizer.from_pretrained(tiny_hf["dir"])
-    pairs = []
-    for row in sorted(rows[0], key=lambda r: r["index"]):
-        r = ROWS[row["index"]]
-        prompt = tok(r["prompt"], add_special_tokens=False)["input_ids"]
-        chosen = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        pairs.append((prompt, chosen, row["rejected_tokens"]))
+
+    def file_pairs(k):
+        pairs = []
+        for row in sorted(rows[k], key=lambda r: r["index"]):
+            r = ROWS[row["index"]]
+            prompt = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            chosen = tok(r["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            pairs.append((prompt, chosen, row["rejected_tokens"]))
+        return pairs
+
+    pairs = file_pairs(0)
     assert any(c != r for _, c, r in pairs)  # the generations are not the SFT responses
     ref_c, ref_r, loss, norm, nll = transformers_step(str(tiny_hf["dir"]), pairs, SFT_WEIGHT)
     file_c = [r["ref_chosen"] for r in sorted(rows[0], key=lambda r: r["index"])]
@@ -93,8 +134,15 @@ def test_iteration_zero_matches_transformers(tiny_hf, tmp_path):
     assert abs(metrics[0]["loss"] - loss) <= 1e-5 and abs(loss - SFT_WEIGHT * nll - math.log(2)) < 1e-12
     assert abs(metrics[0]["loss/sft"] - nll) <= 1e-5 and abs(metrics[0]["loss/preference"] - math.log(2)) <= 1e-6
     assert abs(metrics[0]["grad_norm"] - norm) <= 1e-5 and norm > 1e-3
-    # iteration 1 trains against the model iteration 0 ended with: its reference differs
-    assert rows[1][0]["ref_chosen"] != rows[0][0]["ref_chosen"]
+    # iteration 1 trains against the model iteration 0 ended with, not the initial one
+    pairs1 = file_pairs(1)
+    want_c, want_r = transformers_logps(first_hf, pairs1)
+    init_c, _ = transformers_logps(str(tiny_hf["dir"]), pairs1)
+    rows1 = sorted(rows[1], key=lambda r: r["index"])
+    got_c, got_r = [r["ref_chosen"] for r in rows1], [r["ref_rejected"] for r in rows1]
+    print(f"iteration 1 reference: {got_c} vs transformers {want_c} (initial model {init_c})")
+    assert max(abs(a - b) for a, b in zip(got_c + got_r, want_c + want_r)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(got_c, init_c)) > 1e-3
 
 
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)]}  # (tp, pp); (1, 1) on 2 ranks is DP=2

@@ -70,7 +70,7 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
             raise ValueError(f"micro-batch {i} has tokens {tuple(mb['tokens'].shape)}; every micro-batch of a"
                              f" schedule needs [{rows}, {seq}]")
 
-    from aligner.models.moe import routers, weighted_losses
+    from aligner.models.moe import routers, weighted_losses  # megatron-core: loaded when a schedule runs
 
     weighed = not forward_only and any(r.config.moe_aux_loss_coeff or r.config.moe_z_loss_coeff
                                        for c in chunks for r in routers(c))

@@ -9,6 +9,8 @@ SFT, sequences for regression, pairs for BT / DPO) and the number of units. The 
 runs megatron-core with ``calculate_per_token_loss``: gradients are divided by the total
 count over all micro-batches and data-parallel ranks, so the optimised quantity is the
 mean over the global batch whatever the TP / PP / DP layout or packing.
+:meth:`Algorithm.loss_count` gives the same count from the micro-batch alone: an MoE
+model's router losses are weighed by it in every training forward (docs/moe.md).
 
 Metrics are ``name -> tensor([sum, count])`` (:func:`aligner.training.metrics.metric`); the
 loop sums both over micro-batches and data-parallel ranks, over the union of the ranks'

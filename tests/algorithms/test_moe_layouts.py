@@ -15,7 +15,7 @@ import pytest
 from aligner.parallel.spawn import spawn_local
 from tests.models import families as fam
 
-MOE = {"aux_loss_coeff": 0.05, "z_loss_coeff": 0.01}
+MOE = {"aux_loss_coeff": 0.05, "z_loss_coeff": 0.05}
 TOL = 1e-5
 NAME = "qwen2_moe"
 

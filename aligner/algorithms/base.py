@@ -480,7 +480,8 @@ def policy_update(context, algo: "TokenAlgorithm", local: Sequence[dict],
     policy.train()
     policy.zero_grad()
     lr = policy.lr
-    store = context.run_schedule(policy.chunks, micro, algo.forward, algo.loss, forward_only=False)
+    store = context.run_schedule(policy.chunks, micro, algo.forward, algo.loss, forward_only=False,
+                                 count=algo.loss_count)
     ok, grad_norm = policy.step()
     metrics = context.reduce_metrics(store)
     metrics.update(lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
@@ -489,6 +490,11 @@ def policy_update(context, algo: "TokenAlgorithm", local: Sequence[dict],
 
 
 # ------------------------------------------------------------------------------ sequences
+def pair_count(batch: dict) -> int:
+    """Pairs in a micro-batch whose items alternate chosen, rejected (0 for a zero-weight one)."""
+    return 0 if batch.get("filler") else (int(batch["num_items"]) + 1) // 2
+
+
 def pair_logps(batch: dict, logits):
     """Per pair of a micro-batch whose items alternate chosen, rejected: the summed
     log-probs of the response tokens and their counts, ``[n]`` each (vocab-parallel logits
@@ -526,6 +532,11 @@ class TokenAlgorithm(Algorithm):
     def attach(self, batch: dict, samples: Sequence[dict]) -> dict:
         """Add per-sample tensors (labels, strengths, ...) for the samples of a micro-batch, in order."""
         return batch
+
+    def loss_count(self, batch: dict) -> int:
+        """Target tokens (``loss_mask``): the count of a token-level loss; a zero-weight
+        micro-batch counts 0. Algorithms whose units are items or pairs override it."""
+        return 0 if batch.get("filler") else int(batch["loss_mask"].sum().round())
 
     def sample_tokens(self, sample: dict) -> int:
         """Every token the sample puts through the model (both responses of a pair)."""

@@ -30,6 +30,7 @@ from aligner.algorithms.base import (
     TokenAlgorithm,
     Trainer,
     init_from_hf,
+    pair_count,
     pair_logps,
     pair_margin,
     reduce_table,
@@ -152,6 +153,9 @@ class DPOAlgorithm(TokenAlgorithm):
         return batch
 
     # ------------------------------------------------------------------ log-probs
+    def loss_count(self, batch):
+        return pair_count(batch)  # pairs
+
     def loss(self, batch, logits):
         lc, lr, cc, cr = pair_logps(batch, logits)
         n = lc.numel()

@@ -185,6 +185,9 @@ class KTOAlgorithm(TokenAlgorithm):
         return out
 
     # ------------------------------------------------------------------ loss
+    def loss_count(self, batch):
+        return 0 if batch.get("filler") else int(batch["num_items"])  # responses
+
     def loss(self, batch, logits):
         lp = shifted_logprobs(logits, batch["tokens"]).float()
         mask = batch["loss_mask"]

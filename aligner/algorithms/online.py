@@ -13,6 +13,7 @@ tensors [n, S] aligned with the token they score (:mod:`aligner.training.forward
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, fields, replace
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 from aligner.algorithms.base import Trainer
 from aligner.algorithms.losses.common import masked_moments, masked_whiten
-from aligner.algorithms.losses.policy import KL_ESTIMATORS, PolicyLossOptions, policy_objective
+from aligner.algorithms.losses.policy import KL_ESTIMATORS, PolicyLossOptions, aggregate_count, policy_objective
 from aligner.config import Choice, ConfigError, fail, section_check
 from aligner.data.datasets import longest_sequences, read_rows
 from aligner.data.loading import dataset_paths
@@ -500,6 +501,13 @@ class OnlineAlgorithm(Algorithm):
     def _policy_loss(self, batch, logits):
         return policy_loss(self.loss_options, batch, logits)
 
+    def role_loss_count(self, role: str, batch: dict) -> int:
+        """The count the loss of update role ``role`` returns for ``batch``, from the
+        micro-batch alone (an MoE role's router losses are weighed by it, docs/moe.md)."""
+        if role != "policy":
+            raise NotImplementedError(f"{type(self).__name__} gives no loss count for the role {role!r}")
+        return aggregate_count(batch["loss_mask"], self.loss_options.aggregation)
+
     def make_experience(self, context: StepContext) -> Experience:
         """Responses and their rewards (before the log-prob passes)."""
         return self.maker.generate(context)
@@ -598,7 +606,8 @@ class OnlineAlgorithm(Algorithm):
                     # the rollout's routing is the policy's: another role (a critic) routes by itself
                     own = micro if name == "policy" else [
                         {k: v for k, v in b.items() if k not in ("routing", "routing_layers")} for b in micro]
-                    outputs[name] = context.run_schedule(role.chunks, own, forward, loss, forward_only=False)
+                    outputs[name] = context.run_schedule(role.chunks, own, forward, loss, forward_only=False,
+                                                         count=functools.partial(self.role_loss_count, name))
                     stores[name] += outputs[name]
                     _, norm = role.step()
                     norms[name].append(float(norm) if norm is not None else float("nan"))

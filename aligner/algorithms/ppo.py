@@ -155,6 +155,11 @@ class PPOAlgorithm(OnlineAlgorithm):
             adv = self.whitened(context, adv, loss_mask)
         return {"advantages": adv * loss_mask, "returns": returns, "loss_mask": loss_mask, "scores": scores}
 
+    def role_loss_count(self, role, batch):
+        if role == "critic":
+            return int(batch["loss_mask"].sum().round())  # the value loss's tokens
+        return super().role_loss_count(role, batch)
+
     def _value_loss(self, batch, values):
         v = critic_values(batch, values).float()
         mask = batch["loss_mask"]

@@ -29,7 +29,7 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from aligner.algorithms.base import RunConfig, Trainer, init_from_hf, pair_logps, register_trainer
+from aligner.algorithms.base import RunConfig, Trainer, init_from_hf, pair_count, pair_logps, register_trainer
 from aligner.algorithms.iterative import IterativeAlgorithm, check_row_indices, derive_iteration_epochs, gather_rows
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
 from aligner.algorithms.online import ExperienceMaker, GenerationSection, generation_config
@@ -179,6 +179,9 @@ class SPINAlgorithm(IterativeAlgorithm):
     def attach(self, batch, samples):
         batch["ref"] = torch.tensor([s["ref"] for s in samples], dtype=torch.float64).reshape(-1, 2)
         return batch
+
+    def loss_count(self, batch):
+        return pair_count(batch)  # pairs
 
     def loss(self, batch, logits):
         if batch.get("filler"):  # a zero-weight micro-batch (interleaved pipelining)

@@ -3,6 +3,9 @@ its auxiliary-loss options, statistics of the training passes, and routing repla
 
 - :func:`router_options`: the ``TransformerConfig`` fields of the ``moe`` config section
   (load-balancing loss and its coefficient, z-loss, routing replay).
+- :func:`weighted_losses`: a training micro-batch's router losses weighed by its share of
+  the step's loss count, and the z-loss of a sequence-parallel rank by its share of the
+  micro-batch's tokens (docs/moe.md, "Router losses").
 - :class:`RouterStats`: per step, the tokens each expert received in the training passes
   (forward hooks on the routers, only while the model trains with gradients) and the
   auxiliary losses megatron-core's tracker recorded (``save_to_aux_losses_tracker``),
@@ -19,6 +22,7 @@ See docs/moe.md.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
@@ -83,6 +87,87 @@ def padding_mask(model, padding: Optional[torch.Tensor]) -> Optional[torch.Tenso
     return padding.contiguous()
 
 
+# ------------------------------------------------------------------ loss weights
+def _padding(args, kwargs) -> Optional[torch.Tensor]:
+    """The router's padding mask ([s, b], True = padding) from its call's arguments."""
+    return args[1] if len(args) > 1 else kwargs.get("padding_mask")
+
+
+@contextlib.contextmanager
+def weighted_losses(chunk, weight: float) -> Iterator[None]:
+    """Within: the training passes of ``chunk``'s routers weigh this micro-batch's
+    auxiliary losses by ``weight``, the micro-batch's loss count (the ``count`` its loss
+    returns: target tokens for SFT, pairs for DPO, ...). The schedule divides every
+    gradient by the step's count N, so layer l's losses enter the step's objective as
+    ``Σ_mb (count_mb / N) (c·aux_l,mb + c_z·z_l,mb)``: c times the count-weighted mean over
+    the step's micro-batches, c times the loss of a lone micro-batch (docs/moe.md).
+
+    Under sequence parallelism megatron-core takes each rank's z-loss as the mean over its
+    own share of the tokens and divides the coefficient by the tensor-parallel size; the
+    rank's coefficient is multiplied by ``tp · T_r / T`` here (T_r: its non-padding tokens, T:
+    the micro-batch's), which makes the ranks' sum the mean over all T tokens, as one
+    process computes it. The load-balancing loss needs nothing: megatron-core's per-rank
+    parts add up to it.
+
+    A micro-batch of weight 0 (a zero-weight micro-batch) adds no router loss. The
+    coefficients are set on a copy of each router's config for one forward; megatron-core's
+    own per-token scaling of the losses (``calculate_per_token_loss`` on the router) is
+    turned off, this weight replaces it."""
+    rs = [r for r in routers(chunk)
+          if r.config.moe_z_loss_coeff or (r.config.moe_aux_loss_coeff and r.config.moe_router_load_balancing_type
+                                           not in (None, "none"))]
+    if not rs:
+        yield
+        return
+    base = {id(r): r.config for r in rs}
+
+    def before(router, args, kwargs):
+        if not (router.training and torch.is_grad_enabled()):
+            return None
+        cfg = copy.copy(base[id(router)])
+        router.calculate_per_token_loss = False
+        router.loss_weight = float(weight)
+        if weight == 0:
+            cfg.moe_aux_loss_coeff, cfg.moe_z_loss_coeff = 0.0, None
+        else:
+            if cfg.moe_aux_loss_coeff:
+                cfg.moe_aux_loss_coeff = cfg.moe_aux_loss_coeff * float(weight)
+            if cfg.moe_z_loss_coeff:
+                cfg.moe_z_loss_coeff = cfg.moe_z_loss_coeff * float(weight) * _z_share(router, args, kwargs)
+        router.config = cfg
+        return None
+
+    def after(router, args, output):
+        router.config = base[id(router)]
+
+    handles = [h for r in rs for h in (r.register_forward_pre_hook(before, with_kwargs=True),
+                                       r.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for r in rs:
+            r.config = base[id(r)]
+            r.loss_weight = 1.0
+
+
+def _z_share(router, args, kwargs) -> float:
+    """``tp · T_r / T`` for a router whose tokens are split over a tensor/context-parallel
+    group (1.0 otherwise, and on a rank without a non-padding token, where the z-loss is 0)."""
+    group = router.tp_cp_group
+    size = group.size() if group is not None else 1
+    if size == 1:
+        return 1.0
+    padding = _padding(args, kwargs)
+    hidden = args[0]
+    total = hidden.numel() // hidden.shape[-1]
+    mine = float(total - int(padding.sum())) if padding is not None else float(total)
+    counts = torch.tensor([mine], dtype=torch.float64, device=hidden.device)
+    dist.all_reduce(counts, group=group)
+    return size * mine / float(counts[0]) if mine > 0 else 1.0
+
+
 # ------------------------------------------------------------------ statistics
 class RouterStats:
     """Step metrics of an MoE model's training passes (docs/moe.md, "Logged metrics").
@@ -92,8 +177,11 @@ class RouterStats:
     the forward passes a :func:`padding_mask`); ``moe/load_max_over_mean``
     and ``moe/load_min_over_mean``: the most and least loaded expert of the worst layer
     relative to the layer's mean (1.0: balanced); ``moe/load_balancing_loss`` and
-    ``moe/z_loss`` (when their coefficient is set): megatron-core's per-micro-batch values
-    without the coefficient, averaged over layers, micro-batches and data-parallel ranks.
+    ``moe/z_loss`` (when their coefficient is set): each micro-batch's loss without the
+    coefficient, averaged over layers and the micro-batches of every rank that carry a
+    weight (:func:`weighted_losses`). The load-balancing loss is megatron-core's (its
+    tracker); the z-loss is recomputed here from the router's inputs as the mean over
+    the micro-batch's non-padding tokens, whatever their split over sequence-parallel ranks.
     Collectives run on every rank of the model (call :meth:`collect` everywhere).
     """
 
@@ -107,6 +195,8 @@ class RouterStats:
         self.num_layers, self.num_experts = config.num_layers, config.num_moe_experts
         self.counts = torch.zeros(self.num_layers, self.num_experts, dtype=torch.float64)
         self.calls = torch.zeros(self.num_layers, dtype=torch.float64)
+        self.loss_calls = torch.zeros(self.num_layers, dtype=torch.float64)
+        self.z_parts: List[List[torch.Tensor]] = [[] for _ in range(self.num_layers)]
         self.handles = [r.register_forward_hook(self._hook) for r in self.routers]
 
     def _hook(self, router, inputs, output) -> None:
@@ -118,6 +208,14 @@ class RouterStats:
                 routing_map = routing_map[~padding.reshape(-1)]
             self.counts[layer] += routing_map.sum(dim=0).double().cpu()
             self.calls[layer] += 1
+            if getattr(router, "loss_weight", 1.0) == 0:
+                return  # a micro-batch that carries no weight adds no router loss
+            self.loss_calls[layer] += 1
+            if self.config.moe_z_loss_coeff:
+                with torch.no_grad():
+                    z = torch.logsumexp(router.gating(inputs[0]).reshape(-1, self.num_experts).double(), dim=-1) ** 2
+                    keep = torch.ones_like(z, dtype=torch.bool) if padding is None else ~padding.reshape(-1)
+                    self.z_parts[layer].append(torch.stack([z[keep].sum(), keep.sum().double()]).cpu())
 
     def reset(self) -> None:
         from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
@@ -125,51 +223,67 @@ class RouterStats:
         if self.enabled:
             self.counts.zero_()
             self.calls.zero_()
+            self.loss_calls.zero_()
+            self.z_parts = [[] for _ in range(self.num_layers)]
             clear_aux_losses_tracker()
 
-    def _losses(self) -> Dict[str, torch.Tensor]:
-        """Loss name -> its per-layer sums over this rank's micro-batches [num_layers]."""
+    def _load_balancing(self) -> Optional[torch.Tensor]:
+        """The load-balancing loss's per-layer sums over this rank's micro-batches
+        [num_layers] (megatron-core's tracker; a sequence-parallel rank's part), or None."""
         from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
-        tracker = get_moe_layer_wise_logging_tracker()
         c = self.config
-        names = []
-        if c.moe_aux_loss_coeff and c.moe_router_load_balancing_type != "none":
-            names.append(("load_balancing_loss", TRACKED[c.moe_router_load_balancing_type]))
-        if c.moe_z_loss_coeff:
-            names.append(("z_loss", "z_loss"))
-        out = {}
-        for metric_name, tracked in names:
-            entry = tracker.get(tracked)
-            values = torch.zeros(self.num_layers) if entry is None else entry["values"][: self.num_layers]
-            out[metric_name] = values.double().cpu()
+        if not (c.moe_aux_loss_coeff and c.moe_router_load_balancing_type != "none"):
+            return None
+        entry = get_moe_layer_wise_logging_tracker().get(TRACKED[c.moe_router_load_balancing_type])
+        values = torch.zeros(self.num_layers) if entry is None else entry["values"][: self.num_layers]
+        return values.double().cpu()
+
+    def _z_sums(self, group) -> Optional[torch.Tensor]:
+        """The z-loss's per-layer sums over this rank's micro-batches of each micro-batch's
+        mean over its non-padding tokens [num_layers] (the tokens of every rank of the
+        sequence-parallel ``group``, when given), or None."""
+        if not self.config.moe_z_loss_coeff:
+            return None
+        out = torch.zeros(self.num_layers, dtype=torch.float64)
+        for layer, parts in enumerate(self.z_parts):
+            if not parts:
+                continue
+            parts = torch.stack(parts)  # [calls, 2]: Σ z², tokens
+            if group is not None:
+                dist.all_reduce(parts, group=group)
+            out[layer] = (parts[:, 0] / parts[:, 1].clamp(min=1)).sum()
         return out
 
     def collect(self) -> Dict[str, float]:
         """The step's metrics (see the class docstring), the same on every rank."""
         if not self.enabled:
             return {}
-        losses = self._losses()
-        counts, calls = self.counts.clone(), self.calls.clone()
+        counts, calls, loss_calls = self.counts.clone(), self.calls.clone(), self.loss_calls.clone()
+        losses = {}
+        balancing = self._load_balancing()
         tp = ps.get_tensor_model_parallel_world_size()
-        if tp > 1 and self.config.sequence_parallel:
+        group = ps.get_tensor_model_parallel_group() if tp > 1 and self.config.sequence_parallel else None
+        if group is not None:
             # each TP rank routes its own share of the sequence: token counts and the
-            # load-balancing loss's per-rank parts add up; the z-loss is a per-rank mean
-            group = ps.get_tensor_model_parallel_group()
+            # load-balancing loss's per-rank parts add up
             dist.all_reduce(counts, group=group)
-            for name, values in losses.items():
-                dist.all_reduce(values, group=group)
-                if name == "z_loss":
-                    values /= tp
+            if balancing is not None:
+                dist.all_reduce(balancing, group=group)
+        if balancing is not None:
+            losses["load_balancing_loss"] = balancing
+        z = self._z_sums(group)
+        if z is not None:
+            losses["z_loss"] = z
         # layers live on one pipeline stage each; data-parallel ranks route their own tokens
-        stacked = torch.cat([counts.flatten(), calls] + [losses[n] for n in sorted(losses)])
+        stacked = torch.cat([counts.flatten(), calls, loss_calls] + [losses[n] for n in sorted(losses)])
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(stacked, group=ps.get_pipeline_model_parallel_group())
         if ps.get_data_parallel_world_size() > 1:
             dist.all_reduce(stacked, group=ps.get_data_parallel_group())
         L, E = self.num_layers, self.num_experts
         counts, calls = stacked[: L * E].view(L, E), stacked[L * E: L * E + L]
-        rest = stacked[L * E + L:]
+        loss_calls, rest = stacked[L * E + L: L * E + 2 * L], stacked[L * E + 2 * L:]
         if not bool((calls > 0).all()):
             return {}  # no training pass this step (an evaluation)
         mean = counts.mean(dim=1).clamp(min=1e-12)
@@ -178,8 +292,8 @@ class RouterStats:
                "moe/load_max_over_mean": float((counts.max(dim=1).values / mean).max()),
                "moe/load_min_over_mean": float((counts.min(dim=1).values / mean).min())}
         for i, name in enumerate(sorted(losses)):
-            # summed over micro-batches and data-parallel ranks: calls counts both
-            out[f"moe/{name}"] = float((rest[i * L:(i + 1) * L] / calls).mean())
+            # summed over weighted micro-batches and data-parallel ranks: loss_calls counts both
+            out[f"moe/{name}"] = float((rest[i * L:(i + 1) * L] / loss_calls.clamp(min=1)).mean())
         return out
 
 

@@ -9,6 +9,8 @@ SFT, sequences for regression, pairs for BT / DPO) and the number of units. The 
 runs megatron-core with ``calculate_per_token_loss``: gradients are divided by the total
 count over all micro-batches and data-parallel ranks, so the optimised quantity is the
 mean over the global batch whatever the TP / PP / DP layout or packing.
+:meth:`Algorithm.loss_count` gives the same count from the micro-batch alone: an MoE
+model's router losses are weighed by it in every training forward (docs/moe.md).
 
 Metrics are ``name -> tensor([sum, count])`` (:func:`aligner.training.metrics.metric`); the
 loop sums both over micro-batches and data-parallel ranks, over the union of the ranks'
@@ -64,9 +66,10 @@ class StepContext:
     seed: int
 
     @staticmethod
-    def run_schedule(chunks, microbatches, forward, loss, *, forward_only: bool) -> List[dict]:
-        """megatron-core's schedule over a role's chunks (:func:`aligner.training.roles.run_schedule`)."""
-        return run_schedule(chunks, microbatches, forward, loss, forward_only=forward_only)
+    def run_schedule(chunks, microbatches, forward, loss, *, forward_only: bool, count=None) -> List[dict]:
+        """megatron-core's schedule over a role's chunks (:func:`aligner.training.roles.run_schedule`;
+        ``count``: the loss's count of a micro-batch, needed to train an MoE model with router losses)."""
+        return run_schedule(chunks, microbatches, forward, loss, forward_only=forward_only, count=count)
 
     # ---- collectives (no-ops on one rank)
     @property
@@ -154,6 +157,12 @@ class Algorithm:
 
     def loss(self, batch: dict, output: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Metrics]:
         raise NotImplementedError
+
+    def loss_count(self, batch: dict) -> int:
+        """The count :meth:`loss` returns for ``batch``, from the micro-batch alone (no
+        model output): every pipeline stage of an MoE model weighs the micro-batch's router
+        losses by it before the loss exists (docs/moe.md, "Router losses")."""
+        raise NotImplementedError(f"{type(self).__name__} gives no loss_count: its router losses cannot be weighed")
 
     def finalize_metrics(self, means: Dict[str, float], sums: Dict[str, Tuple[float, float]]) -> Dict[str, float]:
         """Derived metrics from the reduced ones (e.g. Pearson from moment sums); default: the means."""

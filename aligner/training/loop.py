@@ -173,8 +173,8 @@ class TrainingLoop:
         self.router_stats = RouterStats(self.models)  # nothing to do for a dense policy
         for router in self.router_stats.routers:
             # megatron-core's router copies the per-token-loss flag when it is built (before
-            # the role sets it): each micro-batch's auxiliary losses join its summed loss as
-            # they are, and the step divides both by its count (docs/moe.md)
+            # the role sets it); the schedule weighs each micro-batch's router losses by its
+            # loss count instead (aligner.models.moe.weighted_losses, docs/moe.md)
             router.calculate_per_token_loss = False
         self.step = 0
         self.history: List[dict] = []
@@ -205,6 +205,10 @@ class TrainingLoop:
         return padded_length(max(self.algorithm.sample_length(s) for s in samples))
 
     # ---------------------------------------------------------------- schedule
+    def _count(self, batch) -> int:
+        """What :meth:`_loss` counts for ``batch``, from the micro-batch alone."""
+        return 0 if batch.get("filler") else self.algorithm.loss_count(batch)
+
     def _loss(self, batch, output):
         if batch.get("filler"):
             # a zero-weight micro-batch: no loss, no count, no metrics (a gradient path of zeros)
@@ -231,7 +235,8 @@ class TrainingLoop:
         dicts. ``like``: samples whose shape a zero-weight micro-batch may take when this rank
         has none of its own (see :meth:`_in_step_with_experts`)."""
         micro = self._in_step_with_experts(self.microbatches(samples, seq_length), like, seq_length)
-        return run_schedule(self.models, micro, self.algorithm.forward, self._loss, forward_only=forward_only)
+        return run_schedule(self.models, micro, self.algorithm.forward, self._loss, forward_only=forward_only,
+                            count=self._count)
 
     def _in_step_with_experts(self, micro: List[dict], like: Sequence[dict], seq_length: int) -> List[dict]:
         """With experts split over the data-parallel ranks (EP > 1) every forward exchanges

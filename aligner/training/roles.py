@@ -43,7 +43,7 @@ from aligner.training.batching import to_device
 
 # ------------------------------------------------------------------------------ schedule
 def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], forward: Callable,
-                 loss: Callable, *, forward_only: bool) -> List[dict]:
+                 loss: Callable, *, forward_only: bool, count: Optional[Callable[[dict], int]] = None) -> List[dict]:
     """megatron-core's forward(-backward) schedule for this layout over ``microbatches``.
 
     chunks: this rank's model chunks of one role (DDP-wrapped for a trainable role; plain
@@ -53,6 +53,12 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
     divides gradients by the count summed over micro-batches and data-parallel ranks).
     Every micro-batch must have the same ``tokens`` shape [b, s] (pipeline stages exchange
     fixed-shape activations). Returns the metric dicts of the last pipeline stage.
+
+    count(batch): the count ``loss`` will return for a micro-batch, from the micro-batch
+    alone (every pipeline stage needs it before the loss exists). A training schedule of an
+    MoE model weighs each micro-batch's router losses by it
+    (:func:`aligner.models.moe.weighted_losses`; the last stage checks that the loss agrees);
+    such a schedule without ``count`` is refused.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -64,13 +70,30 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
             raise ValueError(f"micro-batch {i} has tokens {tuple(mb['tokens'].shape)}; every micro-batch of a"
                              f" schedule needs [{rows}, {seq}]")
 
+    from aligner.models.moe import routers, weighted_losses  # megatron-core: loaded when a schedule runs
+
+    weighed = not forward_only and any(r.config.moe_aux_loss_coeff or r.config.moe_z_loss_coeff
+                                       for c in chunks for r in routers(c))
+    if weighed and count is None:
+        raise ValueError("a training schedule of an MoE model with router losses needs the micro-batches' loss"
+                         " counts (run_schedule's count) to weigh them")
+
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), get_device())
-        output = forward(model, batch)
+        units = int(count(batch)) if weighed else None
+        if weighed:
+            with weighted_losses(model, units):
+                output = forward(model, batch)
+        else:
+            output = forward(model, batch)
 
         def loss_func(out):
-            value, count, metrics = loss(batch, out)
-            return value, torch.as_tensor(count, dtype=torch.int).reshape(()), metrics
+            value, n, metrics = loss(batch, out)
+            n = torch.as_tensor(n, dtype=torch.int).reshape(())
+            if units is not None and int(n) != units:
+                raise RuntimeError(f"the loss counted {int(n)} for a micro-batch whose count was given as {units}"
+                                   " (run_schedule's count disagrees with the loss)")
+            return value, n, metrics
 
         return output, loss_func
 

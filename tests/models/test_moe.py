@@ -116,11 +116,73 @@ def _replay_case():
     return out
 
 
+def _step_case():
+    """Router gradients and embedding gradients of a one-layer Mixtral (4 experts, top 2)
+    trained by SFT with the load-balancing loss: the SFT step's (megatron-core's schedule,
+    every gradient divided by the step's target tokens) over one micro-batch and over two
+    of unequal target counts; and transformers' gradients of its own loss (mean token
+    cross-entropy + router_aux_loss_coef x its load-balancing loss) of each sequence
+    alone, with and without the auxiliary term."""
+    import tempfile
+
+    import transformers as tf
+
+    from aligner.algorithms.sft import SFTAlgorithm
+    from aligner.models.hf import from_pretrained
+    from aligner.models.moe import router_options, routers
+    from aligner.training.config import OptimSection
+    from aligner.training.roles import build_trainable_role, run_schedule
+
+    torch.manual_seed(3)
+    hf_cfg = tf.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                              num_local_experts=E, num_experts_per_tok=K, initializer_range=0.2,
+                              output_router_logits=True, router_aux_loss_coef=AUX / K, router_jitter_noise=0.0)
+    hf = tf.MixtralForCausalLM(hf_cfg)
+    with torch.no_grad():  # a fixed routing: router rows far apart, so no near ties
+        hf.model.layers[0].mlp.gate.weight.mul_(15.0)
+    path = tempfile.mkdtemp()
+    hf.save_pretrained(path)
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(3, 64, (16,), generator=g) for _ in range(2)]
+    masks = [torch.zeros(16), torch.zeros(16)]
+    masks[0][5:] = 1.0  # 11 target tokens
+    masks[1][12:] = 1.0  # 4
+    samples = [{"tokens": t, "loss_mask": m} for t, m in zip(seqs, masks)]
+
+    def step(chosen, mbs):
+        models, _ = from_pretrained(path, **router_options(aux_loss_coeff=AUX))
+        role = build_trainable_role("policy", models, OptimSection(lr=0.0, warmup_steps=0), 1)
+        for r in routers(role.chunks):
+            r.calculate_per_token_loss = False
+        algo = SFTAlgorithm(0)
+        micro = algo.microbatches([samples[i] for i in chosen], mbs, 16)
+        role.train()
+        role.zero_grad()
+        run_schedule(role.chunks, micro, algo.forward, algo.loss, forward_only=False, count=algo.loss_count)
+        inner = role.chunks[0].module
+        return {"router": routers(inner)[0].weight.main_grad.detach().clone(),
+                "embedding": inner.embedding.word_embeddings.weight.main_grad[:64].detach().clone()}  # vocab padded
+
+    def hf_grads(i, coef):
+        model = tf.MixtralForCausalLM.from_pretrained(path, dtype=torch.float32, router_aux_loss_coef=coef)
+        model.train()
+        labels = torch.where(masks[i] > 0, seqs[i], torch.full_like(seqs[i], -100))
+        out = model(input_ids=seqs[i][None], labels=labels[None])
+        out.loss.backward()
+        return {"router": model.model.layers[0].mlp.gate.weight.grad.detach().clone(),
+                "embedding": model.model.embed_tokens.weight.grad.detach().clone(),
+                "aux": float(out.aux_loss), "counts": int(masks[i].sum())}
+
+    return {"one": step([0], 1), "two": step([0, 1], 1),
+            "hf": [hf_grads(0, AUX / K), hf_grads(1, AUX / K)], "hf_without": hf_grads(0, 0.0)}
+
+
 def _job():
     from aligner.parallel import ParallelConfig, initialize
 
     initialize(ParallelConfig(tp=1, pp=1, seed=1))
-    return {"aux": _aux_case(), "replay": _replay_case()}
+    return {"aux": _aux_case(), "replay": _replay_case(), "step": _step_case()}
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +235,25 @@ def test_aux_losses_add_their_gradient_to_the_router(job):
         (want,) = torch.autograd.grad(loss, w)
         torch.testing.assert_close((g_on - g_off).double(), want, atol=1e-6, rtol=1e-4)
         assert want.abs().max() > 1e-3
+
+
+def test_sft_step_weighs_the_load_balancing_loss_as_transformers_does(job):
+    """One micro-batch: the step's gradient is transformers' gradient of its loss, mean token
+    cross-entropy + c · aux (megatron-core's aux, E Σ f_i P_i with f_i a share of the k·T
+    routed slots, is 1/k of transformers' one-layer aux: router_aux_loss_coef = c / k).
+    Two micro-batches of 11 and 4 target tokens: the count-weighted mean of their
+    objectives, (11 ∇L_1 + 4 ∇L_2) / 15, aux terms included."""
+    s = job["step"]
+    one, two, hf, without = s["one"], s["two"], s["hf"], s["hf_without"]
+    for name in ("router", "embedding"):
+        torch.testing.assert_close(one[name], hf[0][name], atol=1e-5, rtol=1e-5)
+        n1, n2 = hf[0]["counts"], hf[1]["counts"]
+        want = (n1 * hf[0][name] + n2 * hf[1][name]) / (n1 + n2)
+        torch.testing.assert_close(two[name], want, atol=1e-5, rtol=1e-5)
+    # the auxiliary term's share of the router's gradient is 100 x the tolerance: weighed by
+    # 1 / (target tokens) instead of 1 (the step dividing it by its count), the check fails
+    assert (hf[0]["router"] - without["router"]).abs().max() > 1e-3, (hf[0]["router"] - without["router"]).abs().max()
+    assert hf[0]["aux"] > 1.0  # transformers' aux (k x megatron-core's) of an unbalanced routing
 
 
 def test_rollout_and_training_route_alike_on_both_decode_paths(job):

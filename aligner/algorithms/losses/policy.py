@@ -125,6 +125,15 @@ def reinforce_token_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: to
     return torch.where(m != 0, -advantages.detach() * logps, torch.zeros_like(logps))
 
 
+def aggregate_count(mask: torch.Tensor, mode: str = "token_mean") -> int:
+    """The denominator :func:`aggregate` returns for ``mask`` [b, s], from the mask alone:
+    the masked tokens (``token_mean``) or the rows with any (the other modes)."""
+    if mode not in AGGREGATIONS:
+        raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+    m = mask != 0
+    return int(m.sum()) if mode == "token_mean" else int(m.any(dim=-1).sum())
+
+
 def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
               constant: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """This micro-batch's share of a global-batch loss, ``(numerator, denominator)``:

@@ -105,6 +105,19 @@ def test_aggregations_by_hand_and_split_invariance():
         assert float((n1 + n2) / (d1 + d2)) == pytest.approx(value, abs=1e-12), mode
 
 
+def test_aggregate_count_is_the_denominator_from_the_mask_alone():
+    """What an MoE policy's router losses are weighed by before the loss exists: 5 masked
+    tokens, 2 rows with any (a row with none counts as no sequence)."""
+    tl = torch.tensor([[1, 2, 0, 0], [3, 3, 3, 0], [0, 0, 0, 0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.float64)
+    want = {"token_mean": 5, "seq_mean_token_mean": 2, "seq_mean_token_sum": 2, "seq_sum_constant": 2}
+    for mode in P.AGGREGATIONS:
+        _, den = P.aggregate(tl, mask, mode, constant=4)
+        assert P.aggregate_count(mask, mode) == int(den) == want[mode], mode
+    with pytest.raises(ValueError, match="loss aggregation must be one of"):
+        P.aggregate_count(mask, "token_sum")
+
+
 def test_gradcheck_policy_objective():
     # ratios kept away from the clip boundaries 0.8 / 1.2 and from ties (the kinks)
     logps = torch.log(t([[0.5, 0.9, 1.1, 1.6], [1.05, 0.7, 1.3, 0.95]])).requires_grad_()

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from aligner.training.metrics import means, reduce_metrics
-from aligner.training.roles import run_schedule
+from aligner.training.roles import in_step_with_experts, run_schedule
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -65,8 +65,12 @@ class StepContext:
 
     @staticmethod
     def run_schedule(chunks, microbatches, forward, loss, *, forward_only: bool) -> List[dict]:
-        """megatron-core's schedule over a role's chunks (:func:`aligner.training.roles.run_schedule`)."""
-        return run_schedule(chunks, microbatches, forward, loss, forward_only=forward_only)
+        """megatron-core's schedule over a role's chunks (:func:`aligner.training.roles.run_schedule`),
+        as many micro-batches on every data-parallel rank when experts are split over them
+        (fillers that count for nothing, :func:`aligner.training.roles.in_step_with_experts`):
+        every data-parallel rank calls it for every pass."""
+        micro = in_step_with_experts(list(microbatches))
+        return run_schedule(chunks, micro, forward, loss, forward_only=forward_only)
 
     # ---- collectives (no-ops on one rank)
     @property

@@ -8,6 +8,9 @@ Mixtral (tests/models/families.py: 4 experts, top-2).
   engine's expert-parallel idling. GRPO with dynamic sampling, where one rank generates a
   second round alone (the other keeps its experts in step), equals EP=1 at the same
   data-parallel size (its extra rounds depend on how the prompts split over ranks).
+  GRPO with 2 epochs of 2 mini-batches: the second epoch's order gives one rank 3 rows of
+  a mini-batch and the other 1, so the short rank runs fillers that count for nothing
+  (the update micro-batches in step); loss and gradient norms equal one process's.
 - Validation whose last global batch leaves one rank without a row: that rank runs a
   zero-weight micro-batch so the other's MoE layers can exchange tokens; the validation
   loss equals one process's.
@@ -43,7 +46,8 @@ def response_length_reward(prompts, responses, metadata):
 
 def _config(root, algorithm, run, ep, steps=1, save_interval=0, resume=False):
     path = Path(root) / "mixtral"
-    data = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "pg": "prompts.jsonl", "pg_dynamic": "prompts.jsonl"}[algorithm]
+    data = {"sft": "sft.jsonl", "dpo": "pairs.jsonl", "pg": "prompts.jsonl", "pg_dynamic": "prompts.jsonl",
+            "pg_epochs": "prompts.jsonl"}[algorithm]
     cfg = {"init": {"hf": str(path)}, "parallel": {"ep": ep},
            "data": {"train": str(path / data), "template": "raw", "max_length": 64},
            "optim": {"name": "adam", "lr": 1e-2, "weight_decay": 0.0, "clip_grad": 0.0, "warmup_steps": 0,
@@ -64,6 +68,8 @@ def _config(root, algorithm, run, ep, steps=1, save_interval=0, resume=False):
     if algorithm == "pg_dynamic":
         cfg["pg"].update(dynamic_sampling=True, max_generation_rounds=2,
                          reward={"kind": "function", "function": "tests.algorithms.pg_setup:target_reward"})
+    if algorithm == "pg_epochs":  # 8 rows, 2 mini-batches of 4, micro-batches of 1 row: see EPOCHS_SPLIT
+        cfg["pg"].update(samples_per_prompt=4, epochs=2, mini_batch_size=4)
     return cfg
 
 
@@ -75,7 +81,8 @@ def _fit(root, algorithm, run, ep, **kw):
     from aligner.algorithms.pg import PGTrainer
     from aligner.algorithms.sft import SFTTrainer
 
-    trainer = {"sft": SFTTrainer, "dpo": DPOTrainer, "pg": PGTrainer, "pg_dynamic": PGTrainer}[algorithm]
+    trainer = {"sft": SFTTrainer, "dpo": DPOTrainer, "pg": PGTrainer, "pg_dynamic": PGTrainer,
+               "pg_epochs": PGTrainer}[algorithm]
     trainer(_config(root, algorithm, run, ep, **kw)).fit()
     torch.distributed.barrier()
     rows = [json.loads(line) for line in (Path(root) / run / "metrics.jsonl").read_text().splitlines()]
@@ -117,7 +124,7 @@ def run(root, ep, resume_from):
         _switch(1)
         out["pg_dynamic_ep1"] = _fit(root, "pg_dynamic", "pg_dynamic_ep1_dp2", 1)
     _switch(ep)
-    algorithms = ("dpo", "pg") + (("pg_dynamic",) if ep > 1 else ())
+    algorithms = ("dpo", "pg", "pg_epochs") + (("pg_dynamic",) if ep > 1 else ())
     out.update({alg: _fit(root, alg, f"{alg}_ep{ep}", ep) for alg in algorithms})
     out["whole"] = _fit(root, "sft", f"whole_ep{ep}", ep, steps=2, save_interval=1)
     out["validation"] = _validation(root, f"whole_ep{ep}")
@@ -155,7 +162,11 @@ def runs(tmp_path_factory):
 
 KEYS = {"sft": ("loss", "grad_norm"), "dpo": ("loss", "grad_norm", "logps/chosen", "logps/rejected"),
         "pg": ("loss/policy", "grad_norm/policy", "reward/mean"),
-        "pg_dynamic": ("loss/policy", "grad_norm/policy", "reward/mean", "pg/generation_rounds", "pg/groups_short")}
+        "pg_dynamic": ("loss/policy", "grad_norm/policy", "reward/mean", "pg/generation_rounds", "pg/groups_short"),
+        "pg_epochs": ("loss/policy", "grad_norm/policy", "grad_norm/policy_first", "reward/mean", "updates",
+                      "policy/approx_kl")}
+# rows of each of pg_epochs' second-epoch mini-batches on DP rank 0 and 1 (seed 3, step 0)
+EPOCHS_SPLIT = [[3, 1], [1, 3]]
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "dpo", "pg"])
@@ -168,6 +179,28 @@ def test_one_step_at_expert_parallel_size_two_equals_one_process(runs, algorithm
         assert got["step"] == 1
         for key in KEYS[algorithm]:
             assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), (algorithm, rank, key, got, want)
+
+
+def test_uneven_update_micro_batch_counts_at_expert_parallel_size_two(runs):
+    """Epoch 2's mini-batches split 3 / 1 rows over the two ranks (one row per micro-batch):
+    the short rank runs fillers in step with the other's expert exchanges, and they count
+    for nothing: every update's loss and gradient norm equal one process's."""
+    import torch
+
+    from aligner.parallel.seeds import minibatch_order_generator
+
+    order = torch.randperm(8, generator=minibatch_order_generator(3, 0, 1))
+    position = torch.empty_like(order)
+    position[order] = torch.arange(8)
+    split = [[sum(int(p) % 2 == k for p in position[4 * r:4 * r + 4]) for r in range(2)] for k in range(2)]
+    assert split == EPOCHS_SPLIT  # the uneven case this test is about
+    one, two = runs
+    want = one["pg_epochs"][0]
+    assert want["updates"] == 4 and abs(want["grad_norm/policy"]) > 1e-3
+    for rank, out in enumerate(two):
+        got = out["pg_epochs"][0]
+        for key in KEYS["pg_epochs"]:
+            assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), (rank, key, got[key], want[key])
 
 
 def test_a_round_of_generation_one_rank_skips_keeps_the_experts_in_step(runs):

@@ -16,7 +16,8 @@ Mixtral (tests/models/families.py: 4 experts, top-2).
   loss equals one process's.
 - Resume at another EP layout: an SFT run (Adam, 2 steps, a checkpoint after step 1)
   written at EP=2 resumes in one process, and one written in one process resumes at EP=2;
-  step 2's loss equals the uninterrupted run's (1e-6). Model, optimizer moments, schedule
+  step 2's loss equals the uninterrupted run's (1e-6). Likewise a GRPO run of the MoE policy
+  (step 2's loss, gradient norm and rewards, 1e-5). Model, optimizer moments, schedule
   and data position travel through megatron-core's dist_checkpointing, which maps each
   rank's local experts to their global index.
 
@@ -115,37 +116,39 @@ def _switch(ep):
 
 def run(root, ep, resume_from):
     """At EP=ep: one step of SFT, DPO and GRPO (at EP=2 also GRPO with dynamic sampling, at EP=1
-    and at EP=2 over the same two ranks), a 2-step SFT run checkpointed after step 1
-    (``whole_ep<ep>``), and the resume of run ``resume_from``'s step-1 checkpoint (None: none)."""
-    import torch
-
+    and at EP=2 over the same two ranks), GRPO with uneven update micro-batch counts, 2-step
+    SFT and GRPO runs checkpointed after step 1 (``whole_ep<ep>``, ``pg_whole_ep<ep>``), and
+    the resumes of runs ``resume_from``'s and ``pg_<resume_from>``'s step-1 checkpoints (None: none)."""
     out = {}
     if ep > 1:  # dynamic sampling's extra rounds depend on the data-parallel size: its reference is EP=1 at DP=2
         _switch(1)
         out["pg_dynamic_ep1"] = _fit(root, "pg_dynamic", "pg_dynamic_ep1_dp2", 1)
     _switch(ep)
-    algorithms = ("dpo", "pg", "pg_epochs") + (("pg_dynamic",) if ep > 1 else ())
+    algorithms = ("dpo", "pg_epochs") + (("pg_dynamic",) if ep > 1 else ())
     out.update({alg: _fit(root, alg, f"{alg}_ep{ep}", ep) for alg in algorithms})
     out["whole"] = _fit(root, "sft", f"whole_ep{ep}", ep, steps=2, save_interval=1)
     out["validation"] = _validation(root, f"whole_ep{ep}")
     out["sft"] = out["whole"][:1]  # its first step is SFT's one step (constant LR)
+    out["pg_whole"] = _fit(root, "pg", f"pg_whole_ep{ep}", ep, steps=2, save_interval=1)
+    out["pg"] = out["pg_whole"][:1]  # likewise GRPO's
     if resume_from is not None:
-        if torch.distributed.get_rank() == 0:
-            _checkpoint_after_step1(root, resume_from, f"resume_{resume_from}_at_ep{ep}")
-        torch.distributed.barrier()
-        out["resumed"] = _fit(root, "sft", f"resume_{resume_from}_at_ep{ep}", ep, steps=2, save_interval=1,
-                              resume=True)
+        out.update(resume_only(root, ep, resume_from))
     return out
 
 
 def resume_only(root, ep, resume_from):
+    """The SFT run ``resume_from`` and the GRPO run ``pg_<resume_from>``, each from its step-1
+    checkpoint, resumed at EP=ep: ``{"resumed": .., "pg_resumed": ..}`` (their train metrics)."""
     import torch
 
     _switch(ep)
-    if torch.distributed.get_rank() == 0:
-        _checkpoint_after_step1(root, resume_from, f"resume_{resume_from}_at_ep{ep}")
-    torch.distributed.barrier()
-    return _fit(root, "sft", f"resume_{resume_from}_at_ep{ep}", ep, steps=2, save_interval=1, resume=True)
+    out = {}
+    for algorithm, whole, key in (("sft", resume_from, "resumed"), ("pg", f"pg_{resume_from}", "pg_resumed")):
+        if torch.distributed.get_rank() == 0:
+            _checkpoint_after_step1(root, whole, f"resume_{whole}_at_ep{ep}")
+        torch.distributed.barrier()
+        out[key] = _fit(root, algorithm, f"resume_{whole}_at_ep{ep}", ep, steps=2, save_interval=1, resume=True)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +159,7 @@ def runs(tmp_path_factory):
     (path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fam.SFT_ROWS + fam.SFT_ROWS[:1]))
     one = spawn_local(run, 1, str(root), 1, None, timeout=600)[0]
     two = spawn_local(run, 2, str(root), 2, "whole_ep1", timeout=600)
-    one["resumed"] = spawn_local(resume_only, 1, str(root), 1, "whole_ep2", timeout=300)[0]
+    one.update(spawn_local(resume_only, 1, str(root), 1, "whole_ep2", timeout=300)[0])
     return one, two
 
 
@@ -241,3 +244,18 @@ def test_a_checkpoint_resumes_at_another_expert_parallel_size(runs):
     for got, want in [(ep1_from_ep2, two[0]["whole"])] + [(r, whole) for r in ep2_from_ep1]:
         assert [r["step"] for r in got] == [1, 2]
         assert abs(got[1]["loss"] - want[1]["loss"]) <= RESUME_TOL, (got[1]["loss"], want[1]["loss"])
+
+
+def test_a_grpo_checkpoint_of_the_moe_policy_resumes_at_another_expert_parallel_size(runs):
+    """GRPO (Adam, 2 steps, a checkpoint after step 1): written at EP=1 and resumed at EP=2,
+    and the reverse; step 2 (generation from the resumed weights and RNG, then the update)
+    equals the uninterrupted run's at the other layout."""
+    one, two = runs
+    whole = one["pg_whole"]
+    assert [r["step"] for r in whole] == [1, 2]
+    assert abs(whole[1]["grad_norm/policy"] - whole[0]["grad_norm/policy"]) > 1e-4  # step 2 is a different point
+    pairs = [(one["pg_resumed"], two[0]["pg_whole"])] + [(out["pg_resumed"], whole) for out in two]
+    for got, want in pairs:
+        assert [r["step"] for r in got] == [1, 2]
+        for key in KEYS["pg"]:
+            assert abs(got[1][key] - want[1][key]) <= TOL * max(1.0, abs(want[1][key])), (key, got[1], want[1])

@@ -84,10 +84,16 @@ def _fit(root, algorithm, run, ep, **kw):
 
     trainer = {"sft": SFTTrainer, "dpo": DPOTrainer, "pg": PGTrainer, "pg_dynamic": PGTrainer,
                "pg_epochs": PGTrainer}[algorithm]
-    trainer(_config(root, algorithm, run, ep, **kw)).fit()
+    job = trainer(_config(root, algorithm, run, ep, **kw))
+    job.fit()
     torch.distributed.barrier()
     rows = [json.loads(line) for line in (Path(root) / run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == "train"]
+    train = [r for r in rows if r["split"] == "train"]
+    if algorithm.startswith("pg"):  # whether the MoE policy's passes may pack their rows (they must not)
+        algo = job.trainer.algorithm
+        for r in train:
+            r["passes_packed"] = float(algo.packed or algo.maker.packed)
+    return train
 
 
 def _validation(root, run):
@@ -177,6 +183,8 @@ def test_one_step_at_expert_parallel_size_two_equals_one_process(runs, algorithm
     one, two = runs
     want = one[algorithm][0]
     assert abs(want[KEYS[algorithm][1]]) > 1e-3  # a gradient flowed: the comparison means something
+    if algorithm == "pg":  # an MoE policy's log-prob and update passes run on padded rows, never packed
+        assert want["passes_packed"] == 0.0 and all(out["pg"][0]["passes_packed"] == 0.0 for out in two)
     for rank, out in enumerate(two):
         got = out[algorithm][0]
         assert got["step"] == 1

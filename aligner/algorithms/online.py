@@ -798,7 +798,9 @@ class OnlineTrainer(Trainer):
         gen = generation_config(s.generation, t.seed, [self.tokenizer().eos_id])
         algo = self.build_algorithm(roles, gen, reward, reference, self.shape(), self.max_steps(n_prompts))
         algo.maker.routing_replay = bool(self.cfg.moe.routing_replay)
-        if any(unwrap_model(m).model_cfg.num_experts for r in roles.trainable.values() for m in r.chunks):
+        # the policy's role is the loop's (built after this): its models, and every other trainable role's
+        trained = list(policy_models) + [m for r in roles.trainable.values() for m in r.chunks]
+        if any(unwrap_model(m).model_cfg.num_experts for m in trained):
             # MoE passes stay on padded rows: the router losses and load statistics are per
             # micro-batch of padded rows, a recorded routing is one row per sample, and with
             # experts split over the DP ranks (EP > 1) every rank must run as many micro-batches

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from aligner.training.metrics import means, reduce_metrics
-from aligner.training.roles import run_schedule
+from aligner.training.roles import in_step_with_experts, run_schedule
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -68,8 +68,12 @@ class StepContext:
     @staticmethod
     def run_schedule(chunks, microbatches, forward, loss, *, forward_only: bool, count=None) -> List[dict]:
         """megatron-core's schedule over a role's chunks (:func:`aligner.training.roles.run_schedule`;
-        ``count``: the loss's count of a micro-batch, needed to train an MoE model with router losses)."""
-        return run_schedule(chunks, microbatches, forward, loss, forward_only=forward_only, count=count)
+        ``count``: the loss's count of a micro-batch, needed to train an MoE model with router losses),
+        as many micro-batches on every data-parallel rank when experts are split over them
+        (fillers that count for nothing, :func:`aligner.training.roles.in_step_with_experts`):
+        every data-parallel rank calls it for every pass."""
+        micro = in_step_with_experts(list(microbatches))
+        return run_schedule(chunks, micro, forward, loss, forward_only=forward_only, count=count)
 
     # ---- collectives (no-ops on one rank)
     @property

@@ -72,11 +72,11 @@ from aligner.parallel import get_device, padded_length
 from aligner.parallel.seeds import data_order_generator
 from aligner.runtime import RunStopped
 from aligner.training.algorithm import Algorithm, StepContext
-from aligner.training.batching import filler_microbatch, schedule_microbatches
+from aligner.training.batching import schedule_microbatches
 from aligner.training.config import OptimSection, TrainerSection
 from aligner.training.logging import MetricsLogger, Progress
 from aligner.training.metrics import means, reduce_metrics
-from aligner.training.roles import RoleSet, build_trainable_role, run_schedule
+from aligner.training.roles import RoleSet, build_trainable_role, in_step_with_experts, run_schedule
 from aligner.training.run_folder import recorded_result
 
 
@@ -239,20 +239,12 @@ class TrainingLoop:
                             count=self._count)
 
     def _in_step_with_experts(self, micro: List[dict], like: Sequence[dict], seq_length: int) -> List[dict]:
-        """With experts split over the data-parallel ranks (EP > 1) every forward exchanges
-        tokens between them, so every rank must run as many micro-batches as the others:
-        a rank with fewer (the short share of a last validation batch, packing's variable
-        bins) gets zero-weight ones (:func:`aligner.training.batching.filler_microbatch`),
-        which count for nothing. Without expert parallelism the micro-batches are unchanged."""
-        if ps.get_expert_model_parallel_world_size() == 1:
-            return micro
-        count = torch.tensor([len(micro)], dtype=torch.int64, device=get_device())
-        dist.all_reduce(count, op=dist.ReduceOp.MAX, group=ps.get_data_parallel_group(with_context_parallel=True))
-        missing = int(count.item()) - len(micro)
-        if missing > 0:
-            template = micro[-1] if micro else self.microbatches(list(like)[:1], seq_length)[0]
-            micro = micro + [filler_microbatch(template) for _ in range(missing)]
-        return micro
+        """With experts split over the data-parallel ranks (EP > 1) every rank runs as many
+        micro-batches as the others: a rank with fewer (the short share of a last validation
+        batch, packing's variable bins) gets fillers that count for nothing, shaped like
+        ``like``'s first sample when it has none of its own
+        (:func:`aligner.training.roles.in_step_with_experts`)."""
+        return in_step_with_experts(micro, lambda: self.microbatches(list(like)[:1], seq_length)[0])
 
     def reduce_metrics(self, store: List[dict]) -> Dict[str, float]:
         """Metric [sum, count] pairs summed over micro-batches and DP ranks (the union of the

@@ -59,6 +59,12 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
     MoE model weighs each micro-batch's router losses by it
     (:func:`aligner.models.moe.weighted_losses`; the last stage checks that the loss agrees);
     such a schedule without ``count`` is refused.
+
+    A micro-batch marked ``filler`` (:func:`filler_like`, :func:`in_step_with_experts`)
+    runs its forward and a backward of zeros and counts for nothing: ``loss`` is not
+    called (the loss is 0, the count 0, no metrics) and an MoE model's routers run it
+    out of training mode (no load-balancing or z-loss attached or logged, no token
+    counts in :class:`aligner.models.moe.RouterStats`).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -80,6 +86,10 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
 
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), get_device())
+        if batch.get("filler"):
+            with silent_routers(model):
+                output = forward(model, batch)
+            return output, _filler_loss
         units = int(count(batch)) if weighed else None
         if weighed:
             with weighted_losses(model, units):
@@ -108,6 +118,62 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
         micro_batch_size=rows,
         forward_only=forward_only,
     )
+
+
+def _filler_loss(output):
+    return output.reshape(-1)[:1].sum() * 0.0, torch.zeros((), dtype=torch.int), {}
+
+
+@contextlib.contextmanager
+def silent_routers(model) -> Iterator[None]:
+    """An MoE model's routers out of training mode for one forward (a filler micro-batch's):
+    megatron-core attaches and logs their auxiliary losses in training mode only. Nothing
+    for a dense model."""
+    from aligner.models.moe import routers  # megatron-core: loaded when a schedule runs
+
+    found = [r for r in routers(model) if r.training]
+    for r in found:
+        r.training = False
+    try:
+        yield
+    finally:
+        for r in found:
+            r.training = True
+
+
+def filler_like(like: dict) -> dict:
+    """A micro-batch of ``like``'s keys and shapes that counts for nothing (``filler=True``,
+    :func:`run_schedule`); a ``loss_mask`` is zeroed as well."""
+    out = dict(like, filler=True)
+    if torch.is_tensor(out.get("loss_mask")):
+        out["loss_mask"] = torch.zeros_like(out["loss_mask"])
+    return out
+
+
+def in_step_with_experts(microbatches: List[dict], template: Optional[Callable[[], dict]] = None) -> List[dict]:
+    """``microbatches`` topped up so that every data-parallel rank runs as many as the
+    largest count among them. With an MoE model's experts split over the data-parallel
+    ranks (EP > 1) every forward and backward exchanges tokens between those ranks, so a
+    rank with fewer micro-batches (an uneven split of a mini-batch, of a last validation
+    batch, packing's variable bins) would leave the others waiting: it runs filler
+    micro-batches (:func:`filler_like` of its last one, or of ``template()`` when it has
+    none) whose loss, count and metrics are zero. Without expert parallelism the list is
+    returned as it is, with no collective. Every data-parallel rank must call it."""
+    from megatron.core import parallel_state as ps  # loaded when training runs, not with config checks
+
+    if ps.get_expert_model_parallel_world_size() == 1:
+        return microbatches
+    count = torch.tensor([len(microbatches)], dtype=torch.int64, device=get_device())
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX,
+                                 group=ps.get_data_parallel_group(with_context_parallel=True))
+    missing = int(count.item()) - len(microbatches)
+    if missing <= 0:
+        return microbatches
+    if not microbatches and template is None:
+        raise ValueError(f"this data-parallel rank has no micro-batch while another has {int(count.item())}"
+                         " (expert parallelism): a filler needs a micro-batch or a template to copy")
+    like = microbatches[-1] if microbatches else template()
+    return list(microbatches) + [filler_like(like) for _ in range(missing)]
 
 
 # ------------------------------------------------------------------------------ offload

@@ -33,6 +33,12 @@ Design
   point-to-point send/recv, the last stage computes the logits. With virtual pipeline
   chunks the activation goes around the ring of pipeline ranks once per chunk. Pipeline
   bubbles are accepted: generation is one sequence of dependent steps.
+- **Sequence parallelism** (a model built with it at TP > 1): megatron-core's forward
+  splits a call's columns over the TP ranks, so the prefill runs the shortest prompt cut
+  to a multiple of TP (the rest is fed as a longer prompt's tail) and a decode step
+  through megatron-core runs its token then TP - 1 copies behind a causal mask
+  (:meth:`RolloutEngine._forward`); the fused decoder's steps hold every row on every
+  rank, as without it.
 - **Log-probs** are ``log_softmax`` of the raw fp32 logits at the chosen token: the
   model's own distribution, before temperature, top-k and top-p; the same value the
   training path computes on a full forward of the finished sequence.
@@ -374,6 +380,17 @@ class RolloutEngine:
         finally:
             for m, training in zip(self.models, was_training):
                 m.train(training)
+            self._drop_inference_buffers()
+
+    def _drop_inference_buffers(self) -> None:
+        """Forget megatron-core's global memory buffers made during generation: under sequence
+        parallelism its layers all-gather into them, and one made in inference mode cannot
+        be written by a later training pass (torch refuses in-place updates of inference
+        tensors); that pass makes its own."""
+        if self.sp_size > 1:
+            buffers = ps.get_global_memory_buffer().buffer
+            for key in [k for k, t in buffers.items() if t.is_inference()]:
+                del buffers[key]
 
     def _keep_in_step(self) -> None:
         while self._ep_running(False):  # another expert-parallel rank still generates
@@ -510,6 +527,7 @@ class RolloutEngine:
         finally:
             for m, training in zip(self.models, was_training):
                 m.train(training)
+            self._drop_inference_buffers()
         result = self._result(token_prompts, responses, config.max_new_tokens)
         if record_routing:
             result.routing = capture.choices[:, :result.tokens.shape[1]]

@@ -276,8 +276,9 @@ class PPOTrainer(OnlineTrainer):
         vpp = self.cfg.parallel.vpp
         stages = [None] if not vpp else list(range(vpp))
         n_out = reward.num_outputs if init == "reward" else 1
-        models = [build_model(cfg, head="value", num_outputs=n_out, params_dtype=self.params_dtype(), vp_stage=st)
-                  .to(get_device()) for st in stages]
+        p = self.cfg.parallel  # split as the policy is (an MoE critic trains at TP > 1 only so)
+        models = [build_model(cfg, head="value", num_outputs=n_out, params_dtype=self.params_dtype(), vp_stage=st,
+                              sequence_parallel=p.sequence_parallel and p.tp > 1).to(get_device()) for st in stages]
         if path:
             load_hf_weights(models, path, cfg, head="value")
         if n_out > 1:

@@ -312,6 +312,10 @@ class RoutingCapture:
         self.layers = [r.layer_number for r in self.routers]  # the L axis: layer numbers
         self.choices: Optional[torch.Tensor] = None
         self._rows = self._cols = None
+        # > 1 while a model call splits its columns over that many sequence-parallel (TP)
+        # ranks: each rank's routers see their share, gathered here; the first columns fed
+        # are kept (a call may run padding columns after them)
+        self.split = 1
 
     @contextlib.contextmanager
     def recording(self, n: int, width: int) -> Iterator["RoutingCapture"]:
@@ -334,7 +338,12 @@ class RoutingCapture:
         if self._rows is None:
             return
         b, s = len(self._rows), len(self._cols)
-        idx = topk_indices(output[1], self.k).view(s, b, self.k).to(torch.int16).cpu()
+        idx = topk_indices(output[1], self.k)
+        if self.split > 1:  # the TP ranks' shares in column order: [s', b] tokens, s' >= s
+            parts = [torch.empty_like(idx) for _ in range(self.split)]
+            dist.all_gather(parts, idx.contiguous(), group=ps.get_tensor_model_parallel_group())
+            idx = torch.cat(parts)[:s * b]
+        idx = idx.view(s, b, self.k).to(torch.int16).cpu()
         self.choices[self._rows[:, None], self._cols[None, :], self.index[id(router)]] = idx.transpose(0, 1)
 
 

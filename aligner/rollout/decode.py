@@ -237,6 +237,11 @@ class FusedDecoder:
         self.cache = {}
         for ctx, layers in zip(contexts, self.layers):
             for layer in layers:
+                if not prefill_len:  # nothing prefilled (the engine under sequence parallelism)
+                    keys = torch.zeros((ctx.max_batch_size, layer.groups, total_len, layer.head_dim),
+                                       dtype=self.dtype, device=self.device)
+                    self.cache[layer.number] = (keys, torch.zeros_like(keys))
+                    continue
                 cos, sin = (x[:prefill_len] for x in self.rope[layer.local_rope])
                 k, v = ctx.key_value_memory_dict[layer.number]
                 keys = torch.zeros((k.shape[1], layer.groups, total_len, layer.head_dim), dtype=k.dtype,

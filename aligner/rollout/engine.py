@@ -33,6 +33,12 @@ Design
   point-to-point send/recv, the last stage computes the logits. With virtual pipeline
   chunks the activation goes around the ring of pipeline ranks once per chunk. Pipeline
   bubbles are accepted: generation is one sequence of dependent steps.
+- **Sequence parallelism** (a model built with it at TP > 1): megatron-core's forward
+  splits a call's columns over the TP ranks, so the prefill runs the shortest prompt cut
+  to a multiple of TP (the rest is fed as a longer prompt's tail) and a decode step
+  through megatron-core runs its token then TP - 1 copies behind a causal mask
+  (:meth:`RolloutEngine._forward`); the fused decoder's steps hold every row on every
+  rank, as without it.
 - **Log-probs** are ``log_softmax`` of the raw fp32 logits at the chosen token: the
   model's own distribution, before temperature, top-k and top-p; the same value the
   training path computes on a full forward of the finished sequence.
@@ -78,6 +84,7 @@ import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from aligner.models.config import ModelConfig
@@ -262,10 +269,6 @@ class RolloutEngine:
             config = model.config
             if getattr(model, "head", None) is not None:
                 raise ValueError(f"model chunk {i} has a {model.head_type!r} head: generation needs a causal LM")
-            if config.sequence_parallel:
-                raise ValueError(
-                    "generation needs sequence_parallel = False (a decode step has one token per row)"
-                )
             if config.context_parallel_size != 1:
                 raise ValueError("generation does not support context parallelism (parallel.cp must be 1)")
         config = self.models[0].config
@@ -274,6 +277,9 @@ class RolloutEngine:
         self.device = get_device()
         self.vocab_size = model_cfg.vocab_size
 
+        # sequence parallelism: megatron-core's forward splits dim 0 ([s, b, h]) over the TP
+        # ranks (see _forward); the fused decoder's steps keep every row on every rank
+        self.sp_size = ps.get_tensor_model_parallel_world_size() if config.sequence_parallel else 1
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         if self.pp_size > 1:
             self.prev_rank = ps.get_pipeline_model_parallel_prev_rank()
@@ -291,6 +297,16 @@ class RolloutEngine:
                 torch.distributed.all_reduce(me, op=torch.distributed.ReduceOp.MAX, group=group)
                 self.mp_group, self.source_rank = group, int(me.item())
         self.decoder = self._make_decoder(decode_impl)
+        if self.decoder is None and self.sp_size > 1:
+            for model in self.models:
+                for layer in model.decoder.layers:
+                    if not isinstance(layer.self_attention.core_attention, DotProductAttention):
+                        raise ValueError(
+                            "generation under parallel.sequence_parallel = true through megatron-core's forward"
+                            " needs attention that honours an explicit mask (a decode step is padded to TP"
+                            f" columns), which {type(layer.self_attention.core_attention).__name__} does not:"
+                            " set model.layer_spec = fused"
+                        )
         if not isinstance(continuous_batching, bool):
             raise ValueError(
                 f"RolloutEngine continuous_batching = {continuous_batching!r}: expected true or false"
@@ -364,6 +380,17 @@ class RolloutEngine:
         finally:
             for m, training in zip(self.models, was_training):
                 m.train(training)
+            self._drop_inference_buffers()
+
+    def _drop_inference_buffers(self) -> None:
+        """Forget megatron-core's global memory buffers made during generation: under sequence
+        parallelism its layers all-gather into them, and one made in inference mode cannot
+        be written by a later training pass (torch refuses in-place updates of inference
+        tensors); that pass makes its own."""
+        if self.sp_size > 1:
+            buffers = ps.get_global_memory_buffer().buffer
+            for key in [k for k, t in buffers.items() if t.is_inference()]:
+                del buffers[key]
 
     def _keep_in_step(self) -> None:
         while self._ep_running(False):  # another expert-parallel rank still generates
@@ -500,6 +527,7 @@ class RolloutEngine:
         finally:
             for m, training in zip(self.models, was_training):
                 m.train(training)
+            self._drop_inference_buffers()
         result = self._result(token_prompts, responses, config.max_new_tokens)
         if record_routing:
             result.routing = capture.choices[:, :result.tokens.shape[1]]
@@ -560,14 +588,14 @@ class RolloutEngine:
         rows = list(range(b))
         out: list = [None] * b
 
-        t = int(plen.min())
+        t = self._prefill_columns(int(plen.min()))
         fused = self.decoder is not None
-        # With the fused decoder megatron-core's cache only has to hold the prefill.
-        contexts = [StaticInferenceContext(b, t if fused else total) for _ in self.models]
+        # With the fused decoder megatron-core's cache only has to hold the prefill; its
+        # decode steps under sequence parallelism write sp_size - 1 padding columns past a step.
+        contexts = [StaticInferenceContext(b, t if fused else total + self.sp_size - 1) for _ in self.models]
         if row_ids is not None:  # which rows and columns the model call routes
             self.routing_capture.feed(row_ids, range(t))
-        self._ep_running(True)
-        logits = self._forward(tokens[:, :t], self._causal_mask(t), contexts)
+        logits = self._prefill(tokens, t, contexts)
         if fused:
             self.decoder.start(contexts, t, total)
         while True:
@@ -638,10 +666,9 @@ class RolloutEngine:
                 generators[i] = torch.Generator().manual_seed(int(seeds[i]))
         out: list = [None] * n
 
-        t = int(plen.min())
+        t = self._prefill_columns(int(plen.min()))
         contexts = [StaticInferenceContext(b, t) for _ in self.models]
-        self._ep_running(True)
-        logits = self._forward(tokens[:, :t], self._causal_mask(t), contexts)
+        logits = self._prefill(tokens, t, contexts)
         self.decoder.start(contexts, t, total)
         col = torch.full((b,), t, dtype=torch.int64, device=device)
         # Per step only a few tensor ops of bookkeeping: tokens and log-probs are written
@@ -797,6 +824,22 @@ class RolloutEngine:
         return torch.stack([chosen.double(), logp.double(), finished.double()])
 
     # ------------------------------------------------------------------ model steps
+    def _prefill_columns(self, shortest: int) -> int:
+        """The columns the prefill runs: the shortest prompt, under sequence parallelism cut
+        to a multiple of the TP size (megatron-core splits them evenly over the TP ranks; the
+        rest are fed one per step as a longer prompt's tail); may be 0."""
+        return shortest - shortest % self.sp_size
+
+    def _prefill(self, tokens: torch.Tensor, t: int, contexts) -> Optional[torch.Tensor]:
+        """The prefill of columns ``0..t-1`` of every row -> the logits of column ``t`` (as
+        :meth:`_forward`). With ``t == 0`` (sequence parallelism, a prompt shorter than the
+        TP size) nothing runs: column 0 is every row's own prompt token, so the source's
+        decision reads no logits and gets zeros."""
+        if t == 0:
+            return torch.zeros((tokens.shape[0], self.vocab_size), device=self.device) if self.is_source else None
+        self._ep_running(True)
+        return self._forward(tokens[:, :t], self._causal_mask(t), contexts)
+
     def _causal_mask(self, s: int) -> torch.Tensor:
         return torch.ones((s, s), dtype=torch.bool, device=self.device).triu(1)[None, None]
 
@@ -815,20 +858,35 @@ class RolloutEngine:
         stage; returns the last position's logits [b, v] fp32 where the output layer lives,
         else None."""
         b, s = input_ids.shape
+        p = self.sp_size
+        last = -1  # the last column's place in megatron-core's logits
+        if s % p:
+            # Sequence parallelism splits the s columns over the p TP ranks: a decode step
+            # (s = 1) runs p columns, its token then p - 1 copies, behind a causal mask, so
+            # the token sees the cache and itself only. The copies' keys land past the
+            # cache's extent and the next step overwrites them. megatron-core keeps the
+            # last column of each rank's share: here every column, the token's first.
+            assert s == 1, s
+            offset = contexts[0].sequence_len_offset
+            input_ids = input_ids.expand(b, p)
+            mask = torch.ones((p, offset + p), dtype=torch.bool, device=self.device).triu(offset + 1)[None, None]
+            last = 0
         logits = None
         self.forwards += 1
+        self.routing_capture.split = p  # each rank's routers see its share of the columns
         for model, ctx in zip(self.models, contexts):
             if model.pre_process:
                 out = model(input_ids, None, mask, inference_context=ctx, runtime_gather_output=True)
-            else:
-                hidden = torch.empty((s, b, self.hidden_size), dtype=self.pipeline_dtype,
+            else:  # under sequence parallelism: this rank's share of the columns
+                hidden = torch.empty((input_ids.shape[1] // p, b, self.hidden_size), dtype=self.pipeline_dtype,
                                      device=self.device)
                 torch.distributed.recv(hidden, src=self.prev_rank)
                 model.set_input_tensor(hidden)
                 out = model(None, None, mask, inference_context=ctx, runtime_gather_output=True)
             if model.post_process:
-                logits = out[:, -1, :self.vocab_size].float()
+                logits = out[:, last, :self.vocab_size].float()
             else:
                 torch.distributed.send(out.contiguous(), dst=self.next_rank)
             ctx.increment_sequence_len_offset(s)
+        self.routing_capture.split = 1
         return logits

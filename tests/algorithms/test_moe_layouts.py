@@ -1,12 +1,12 @@
 """An MoE policy (the family harness's tiny Qwen2-MoE: 4 experts, top 2, a shared expert)
+"""An MoE policy (the family harness's tiny Qwen2-MoE: 4 experts, top 2, a shared expert)
 trained with the router's load-balancing loss and z-loss: one SFT, DPO and GRPO step at
-TP=2 (sequence parallel) and PP=2 give the loss, gradient norm and router metrics of one
-process. The micro-batches hold one sequence padded to a multiple of 16 positions, so the
-two sequence-parallel ranks hold different numbers of non-padding tokens (the case where
-megatron-core's per-rank z-loss mean differs from one process's, docs/moe.md). GRPO runs
-at PP=2 only: generation needs sequence parallelism off, which megatron-core's MoE layer
-needs on to train at TP > 1 (docs/moe.md). The one-process job also runs a PPO step with
-routing replay and a critic initialised from the MoE policy."""
+TP=2 (sequence parallel: the rollout engine generates under it) and PP=2 give the loss,
+gradient norm and router metrics of one process. The micro-batches hold one sequence padded
+to a multiple of 16 positions, so the two sequence-parallel ranks hold different numbers of
+non-padding tokens (the case where megatron-core's per-rank z-loss mean differs from one
+process's, docs/moe.md). The one-process and the TP=2 job also run a PPO step with routing
+replay and a critic initialised from the MoE policy."""
 import json
 from pathlib import Path
 
@@ -66,7 +66,8 @@ def runs(tmp_path_factory):
     (path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": fam._words(6 + i, 70 + i)}) + "\n"
                                                 for i in range(2)))
     one = spawn_local(_world, 1, str(root), 1, 1, ("sft", "dpo", "pg", "ppo"), timeout=600)[0]
-    tp2 = spawn_local(_world, 2, str(root), 2, 1, ("sft", "dpo"), timeout=600)
+    # generation first: its megatron-core buffers must not reach the training passes
+    tp2 = spawn_local(_world, 2, str(root), 2, 1, ("pg", "ppo", "sft", "dpo"), timeout=600)
     pp2 = spawn_local(_world, 2, str(root), 1, 2, ("sft", "dpo", "pg"), timeout=600)
     return one, {"tp2": tp2, "pp2": pp2}
 
@@ -88,9 +89,11 @@ def test_one_step_at_tp2_and_pp2_equals_one_process(runs, algorithm):
             for key in ("moe/tokens_per_expert_max", "moe/tokens_per_expert_min", "moe/tokens_per_expert_mean"):
                 assert got[key] == want[key], (layout, rank, key)
             checked += 1
-    assert checked == (2 if algorithm == "pg" else 4)
+    assert checked == 4
     if algorithm == "pg":  # replayed routing: the rollout's log-probs to rounding
         assert all(m["logprob_mismatch"] < 1e-6 for m in [want] + [out["pg"] for out in layouts["pp2"]])
+        # at TP=2 the TP ranks' partial sums add up in another order than in the training pass
+        assert all(out["pg"]["logprob_mismatch/max_abs"] < TOL for out in layouts["tp2"])
 
 
 def test_ppo_with_routing_replay_and_a_critic_from_the_moe_policy(runs):
@@ -99,3 +102,14 @@ def test_ppo_with_routing_replay_and_a_critic_from_the_moe_policy(runs):
     got = runs[0]["ppo"]
     assert got["logprob_mismatch"] < 1e-6 and got["moe/load_balancing_loss"] > 0.5
     assert got["grad_norm/critic"] > 0 and got["grad_norm/policy"] > 0
+
+
+def test_ppo_at_tp2_equals_one_process(runs):
+    """The PPO step at TP=2 with sequence parallelism (generation included) gives one
+    process's losses and gradient norms of the policy and of the critic."""
+    want = runs[0]["ppo"]
+    for rank, out in enumerate(runs[1]["tp2"]):
+        got = out["ppo"]
+        assert got["logprob_mismatch"] < 1e-6, rank
+        for key in ("loss/policy", "grad_norm/policy", "loss/value", "grad_norm/critic", "moe/load_balancing_loss"):
+            assert abs(got[key] - want[key]) <= TOL * max(1.0, abs(want[key])), (rank, key, got[key], want[key])

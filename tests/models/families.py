@@ -10,6 +10,8 @@ Every family in :data:`FAMILIES` gets the same checks (tests/models/test_familie
   paths of the rollout engine (the fused decoder and megatron-core's KV-cached forward),
   identical to ``transformers.generate``; and with continuous batching refilling a slot
   mid-flight (a stop token ends one row early), each response HF's of its prompt alone;
+  the logits and decoding checks also at TP=2 with sequence parallelism for
+  :data:`SP_FAMILIES` (the MoE families, which train at TP > 1 only with it, and Gemma 2);
 - the SFT and the DPO trainer at TP=2 (sequence parallel for :data:`MOE_FAMILIES`; ``init.hf``, ``data.template=raw``, two SGD steps,
   no clipping) against the same losses computed with transformers: step 1's loss,
   log-probs and gradient norm, and step 2's loss after one update (:data:`LOSS_TOL`);
@@ -125,6 +127,7 @@ QWEN_MOE = dict(COMMON, moe_intermediate_size=32, num_experts=4, num_experts_per
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "olmo2", "nemotron", "mixtral",
             "qwen2_moe", "qwen3_moe")
 MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe")
+SP_FAMILIES = MOE_FAMILIES + ("gemma2",)
 
 
 def make_checkpoint(root, name):
@@ -352,7 +355,8 @@ def _train(path, algorithm, out_dir):
 
 
 def run_world2(root, names):
-    """Per family: TP=2 (logits, greedy, export, SFT and DPO trainers), then PP=2 (logits,
+    """Per family: TP=2 (logits, greedy, both with sequence parallelism too for
+    :data:`SP_FAMILIES`; export, SFT and DPO trainers), then PP=2 (logits,
     greedy, import of the TP=2 export and export again); then per MoE family EP=2 (logits,
     greedy, greedy with uneven work per rank, export)."""
     from aligner.models import export_hf, from_pretrained
@@ -363,6 +367,9 @@ def run_world2(root, names):
     for name in names:
         models, cfg = from_pretrained(root / name)
         out[name]["tp2"] = {"logits": _last_logits(models), **_generate(models, cfg)}
+        if name in SP_FAMILIES:
+            sp_models, _ = from_pretrained(root / name, sequence_parallel=True)
+            out[name]["tp2sp"] = {"logits": _last_logits(sp_models), **_generate(sp_models, cfg)}
         export_hf(models, cfg, root / f"{name}_export", tokenizer_dir=root / name)
         out[name]["sft"] = _train(root / name, "sft", root / f"{name}_sft")
         out[name]["dpo"] = _train(root / name, "dpo", root / f"{name}_dpo")

@@ -8,7 +8,7 @@ import torch
 
 from aligner.parallel.spawn import spawn_local
 from tests.models import families as fam
-from tests.models.families import EXPORT_TOL, FAMILIES, LOGITS_TOL, LOSS_TOL, MOE_FAMILIES
+from tests.models.families import EXPORT_TOL, FAMILIES, LOGITS_TOL, LOSS_TOL, MOE_FAMILIES, SP_FAMILIES
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,8 @@ def _layouts(runs, name):
     _, two, one = runs
     yield "tp1", 0, one[name]["tp1"]
     for rank, out in enumerate(two):
-        for layout in ("tp2", "pp2") + (("ep2",) if name in MOE_FAMILIES else ()):
+        for layout in ("tp2", "pp2") + (("ep2",) if name in MOE_FAMILIES else ()) + \
+                (("tp2sp",) if name in SP_FAMILIES else ()):
             yield layout, rank, out[name][layout]
 
 
@@ -51,8 +52,8 @@ def test_last_position_logits_match_transformers(runs, reference, name):
         torch.testing.assert_close(out["logits"], reference[name]["logits"], atol=LOGITS_TOL, rtol=0,
                                    msg=f"{name} {layout} rank {rank}")
         checked += 1
-    # TP=1, both TP=2 ranks, the last PP=2 stage (and both EP=2 ranks)
-    assert checked == 4 + (2 if name in MOE_FAMILIES else 0)
+    # TP=1, both TP=2 ranks, the last PP=2 stage (and both EP=2 ranks, both sequence-parallel TP=2 ranks)
+    assert checked == 4 + (2 if name in MOE_FAMILIES else 0) + (2 if name in SP_FAMILIES else 0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -94,9 +94,9 @@ def _training_logprobs(models, tokens, lengths):
 SAMPLED = dict(max_new_tokens=16, temperature=0.9, top_p=0.9, stop_token_ids=[], seed=3)
 
 
-def run_layout(hf_dir, tp, pp):
+def run_layout(hf_dir, tp, pp, sp=False):
     initialize(ParallelConfig(tp=tp, pp=pp, seed=5))
-    models, cfg = from_pretrained(hf_dir)
+    models, cfg = from_pretrained(hf_dir, sequence_parallel=sp)
     return _layout_checks(models, cfg)
 
 
@@ -271,12 +271,14 @@ def single(hf_reference):
     return spawn_local(run_single, 1, hf_reference["dir"], timeout=240)[0]
 
 
-@pytest.fixture(scope="module", params=[(1, 1), (2, 1), (1, 2), (2, 2)], ids=lambda p: f"tp{p[0]}_pp{p[1]}")
+# sp: sequence parallelism (megatron-core splits each forward's columns over the TP ranks)
+@pytest.fixture(scope="module", params=[(1, 1, False), (2, 1, False), (1, 2, False), (2, 2, False), (2, 1, True)],
+                ids=lambda p: f"tp{p[0]}_pp{p[1]}" + ("_sp" if p[2] else ""))
 def layout(request, hf_reference, single):
-    tp, pp = request.param
+    tp, pp, sp = request.param
     if (tp, pp) == (1, 1):
         return tp, pp, [single["layout"]]
-    return tp, pp, spawn_local(run_layout, tp * pp, hf_reference["dir"], tp, pp, timeout=300)
+    return tp, pp, spawn_local(run_layout, tp * pp, hf_reference["dir"], tp, pp, sp, timeout=300)
 
 
 # ---------------------------------------------------------------------------- parity

@@ -51,18 +51,21 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
     loss(batch, output) -> ``(loss_sum, count, metrics)`` (the convention of
     :mod:`aligner.training.algorithm`; with ``calculate_per_token_loss`` megatron-core
     divides gradients by the count summed over micro-batches and data-parallel ranks).
-    Every micro-batch must have the same ``tokens`` shape [b, s] (pipeline stages exchange
-    fixed-shape activations). Returns the metric dicts of the last pipeline stage.
+    With pipeline stages every micro-batch must have the same ``tokens`` shape [b, s] (the
+    stages exchange fixed-shape activations); without, shapes may differ. Returns the metric
+    dicts of the last pipeline stage.
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not microbatches:
         return []
     rows, seq = microbatches[0]["tokens"].shape[:2]
-    for i, mb in enumerate(microbatches):
-        if tuple(mb["tokens"].shape[:2]) != (rows, seq):
-            raise ValueError(f"micro-batch {i} has tokens {tuple(mb['tokens'].shape)}; every micro-batch of a"
-                             f" schedule needs [{rows}, {seq}]")
+    if ps.get_pipeline_model_parallel_world_size() > 1:  # without stages any shapes run
+        for i, mb in enumerate(microbatches):
+            if tuple(mb["tokens"].shape[:2]) != (rows, seq):
+                raise ValueError(f"micro-batch {i} has tokens {tuple(mb['tokens'].shape)}; every micro-batch of a"
+                                 f" pipelined schedule needs [{rows}, {seq}]")
 
     def forward_step(data_iterator, model):
         batch = to_device(next(data_iterator), get_device())

@@ -13,6 +13,10 @@ GRPO and RLOO run on packed rows (``pack_tokens``: one row of 24 tokens a micro-
 at TP=1, TP=2 and PP=2, also on padded rows (``packed = false``): loss, gradient norms and
 updated weights equal (1e-6).
 
+Without pipeline stages a step's last packed micro-batch holds only its own rows (GRPO:
+4 packed rows in micro-batches of 3, so 3 + 1 rows; at PP=2 3 + 3): the same loss, gradient
+norms and weights as padded rows (1e-6).
+
 GRPO and RLOO with one update per rollout (KL as a loss term) take the old log-probs from
 the update's own forward (no pass before it): at TP=1 and PP=2 the loss, gradient norms,
 updated weights and every metric equal those of the same step with the pass
@@ -49,12 +53,14 @@ KEYS = ("loss/policy", "grad_norm/policy_first", "grad_norm/policy", "policy/ent
 UNPACKED = ("grpo", "rloo")
 PACKED_LAYOUTS = ("tp1_mbs4", "tp2", "pp2")
 # one update per rollout: the old log-probs from the update's forward (packed / padded rows)
+# (GRPO: the 8 samples pack into 4 rows of 24 tokens, micro-batches of 3 rows: 3 + 1 rows
+# without pipeline stages, 3 + 3 with; RLOO: one row per micro-batch)
 ONE_UPDATE = {
     "grpo_one": {"advantage": "grpo", "loss": "clipped", "kl_mode": "loss", "kl_estimator": "k3", "kl_coef": 0.05,
-                 "aggregation": "token_mean", "entropy_coef": 0.01, "clip_eps_high": 0.28, "pack_tokens": 24},
+                 "aggregation": "token_mean", "entropy_coef": 0.01, "clip_eps_high": 0.28, "pack_tokens": 72},
     "rloo_one": {"advantage": "rloo", "loss": "reinforce", "kl_mode": "loss", "kl_estimator": "k3", "kl_coef": 0.05,
                  "truncated": "mask", "aggregation": "seq_sum_constant", "aggregation_constant": 6.0,
-                 "packed": False},
+                 "pack_tokens": 24},
 }
 ONE_UPDATE_LAYOUTS = ("tp1_mbs4", "pp2")
 
@@ -160,6 +166,9 @@ def run_world(workdir, assets, layouts):
             for mode in ("auto", "always"):
                 out[f"{tag}/{name}/{mode}"] = _one_update(workdir, assets, f"{tag}_{name}_{mode}", tp, pp, mbs,
                                                           dict(pg, old_logps_pass=mode))
+        if tag in ONE_UPDATE_LAYOUTS:
+            out[f"{tag}/grpo_one/unpacked"] = _one_update(workdir, assets, f"{tag}_grpo_one_unpacked", tp, pp, mbs,
+                                                          dict(ONE_UPDATE["grpo_one"], packed=False))
         if tag in ("tp1_mbs4", "dp2"):
             out[f"{tag}/groups"] = _groups_of_a_step(workdir, assets)
     return out
@@ -236,3 +245,18 @@ def test_old_logps_from_the_update_equal_the_pass(runs, layout, config):
         for key, value in pass_["metrics"].items():
             assert abs(own["metrics"][key] - value) <= 1e-6 * max(1.0, abs(value)), (layout, config, key)
         assert torch.allclose(own["weights"], pass_["weights"], atol=1e-6, rtol=0), (layout, config)
+
+
+@pytest.mark.parametrize("layout", ONE_UPDATE_LAYOUTS)
+def test_short_last_packed_microbatch_equals_padded_rows(runs, layout):
+    """Without pipeline stages the last packed micro-batch holds only its own rows: 4 rows
+    of 24 positions (PP=2: 6, the last micro-batch filled; padded rows: 8), the same loss,
+    gradient norms and weights as padded rows (1e-6)."""
+    one, two = runs
+    for rank_out in (one if layout.startswith("tp1") else two):
+        packed, padded = rank_out[f"{layout}/grpo_one/auto"], rank_out[f"{layout}/grpo_one/unpacked"]
+        assert padded["update_positions"] == 8 * 24
+        assert packed["update_positions"] == (4 if layout.startswith("tp1") else 6) * 24, packed["update_positions"]
+        for key in KEYS:
+            assert abs(packed[key] - padded[key]) <= 1e-6 * max(1.0, abs(padded[key])), (layout, key)
+        assert torch.allclose(packed["weights"], padded["weights"], atol=1e-6, rtol=0), layout

@@ -32,7 +32,9 @@ and the model FLOP rate (benchmarks/flops.py: generation + reference forward + t
 forward/backward at the responses' mean prompt and response length) against the fp32
 matmul peak measured in the same run on one thread, by the wall clock and per CPU-second.
 ``aligner-unpacked`` (``--sides``) is aligner with ``pg.packed = false``: the update passes
-on padded rows.
+on padded rows; ``aligner-pass`` is aligner with ``pg.old_logps_pass = always``: the
+forward pass for the old log-probs runs before the update although the update's own
+forward gives them.
 """
 from __future__ import annotations
 
@@ -304,7 +306,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--models", default="stops,never")
     parser.add_argument("--sides", default="aligner,trl",
-                        help="aligner, trl, aligner-unpacked (packed=false: the update passes on padded rows)")
+                        help="aligner, trl, aligner-unpacked (packed=false: the update passes on padded rows),"
+                             " aligner-pass (old_logps_pass=always: the old-log-prob pass runs)")
     parser.add_argument("--aligner-pg", default="{}", help="JSON: extra pg options for the aligner side")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
@@ -337,7 +340,9 @@ def main(argv=None) -> int:
             for side in (sides if rep % 2 == 0 else sides[::-1]):
                 out = work / f"{name}_{side}_{rep}"
                 if side.startswith("aligner"):
-                    options = dict(extra, packed=side == "aligner")
+                    options = dict(extra, packed=side != "aligner-unpacked")
+                    if side == "aligner-pass":
+                        options["old_logps_pass"] = "always"
                     metrics = spawn_local(aligner_run, 1, model, assets["prompts"], str(out), args.steps + 1, P, G, T,
                                           options, timeout=3600, threads_per_rank=1)[0]
                     runs[side].append(aligner_steps(metrics))

@@ -384,17 +384,20 @@ class ExperienceMaker:
         ids = result.response_tokens(i)
         return ids[:-1] if result.stop_reasons[i] == "stop_token" else ids
 
-    def score_passes(self, context: StepContext, exp: Experience) -> Experience:
-        """Step 1's log-prob passes: old and reference log-probs, values (forward-only schedules)."""
+    def score_passes(self, context: StepContext, exp: Experience, old_logps: bool = True) -> Experience:
+        """Step 1's log-prob passes: old and reference log-probs, values (forward-only
+        schedules). old_logps False: no old-log-prob pass (the update's own forward gives
+        them, :meth:`OnlineAlgorithm.old_logps_from_update`)."""
         t0 = time.perf_counter()
         policy = context.roles["policy"]
         mbs = context.micro_batch_size
         run, last = context.run_schedule, context.from_last_stage
         pack = {"lengths": (exp.prompt_lengths + exp.response_lengths).tolist() if self.packed else None,
                 "token_budget": self.pack_tokens}
-        exp.old_logps = collect_token_outputs(run, policy.chunks, exp.tokens, mbs, policy_logps, last,
-                                              routing=exp.routing, routing_layers=exp.routing_layers, **pack)
-        policy.train()
+        if old_logps:
+            exp.old_logps = collect_token_outputs(run, policy.chunks, exp.tokens, mbs, policy_logps, last,
+                                                  routing=exp.routing, routing_layers=exp.routing_layers, **pack)
+            policy.train()
         if self.reference is not None:
             with self.reference.active() as chunks:
                 exp.ref_logps = collect_token_outputs(run, chunks, exp.tokens, mbs, policy_logps, last, **pack)
@@ -406,17 +409,27 @@ class ExperienceMaker:
 
 
 # ------------------------------------------------------------------------------ the algorithm
-def policy_loss(options: PolicyLossOptions, batch: dict, logits: torch.Tensor):
+def policy_loss(options: PolicyLossOptions, batch: dict, logits: torch.Tensor, kept: Optional[list] = None):
     """One micro-batch's policy loss in the loop's convention, ``(numerator, denominator,
     metrics)``: :func:`aligner.algorithms.losses.policy.policy_objective` on the per-token
     log-probs and entropy of the vocab-parallel ``logits`` [b, S, v/p] (of a packed batch:
-    computed on the packed rows, then one row per sample, as on padded rows)."""
+    computed on the packed rows, then one row per sample, as on padded rows).
+
+    A batch without ``old_logps`` (the update runs on the weights that generated: the old
+    policy is this forward's) takes this forward's detached log-probs as the old ones (ratio
+    exactly 1, the on-policy gradient); ``kept`` then gets ``(experience rows, their
+    log-probs)`` for the step's metrics."""
     from aligner.models.logprobs import token_entropy  # vocab-parallel: megatron-core, loaded when training
 
     lp = shifted_logprobs(logits, batch["tokens"])
     entropy = F.pad(token_entropy(logits[:, :-1]), (1, 0))
     if "unpack_index" in batch:
         lp, entropy = unpack_rows(lp, batch, shifted=True), unpack_rows(entropy, batch, shifted=True)
+    if "old_logps" not in batch:
+        batch = dict(batch, old_logps=lp.detach())
+        if kept is not None:
+            rows = batch["experience_rows"].cpu()
+            kept.append((rows, lp.detach()[:len(rows)].float().cpu()))
     total, den, sums = policy_objective(options, lp, entropy, batch)
     return total, den.round().long(), {k: metric(v, c) for k, (v, c) in sums.items()}
 
@@ -434,6 +447,10 @@ class OnlineAlgorithm(Algorithm):
     # per-row tensors of ``advantages()``'s result that the micro-batches carry
     microbatch_keys: Tuple[str, ...] = ("advantages", "loss_mask")
     rollout_log: Optional[RolloutLog] = None  # trainer.log_rollouts > 0
+    # the update's forward computes what the forward-only passes compute (the trainer sets
+    # False for an MoE policy or adapter dropout, whose training forwards differ)
+    training_forward_is_pass = True
+    _kept: Optional[list] = None  # (experience rows, log-probs) of the update's forward, while kept
 
     def __init__(self, section, maker: ExperienceMaker, shape: RolloutShape):
         s = section
@@ -499,7 +516,19 @@ class OnlineAlgorithm(Algorithm):
         return [("policy", self._policy_loss)]
 
     def _policy_loss(self, batch, logits):
-        return policy_loss(self.loss_options, batch, logits)
+        return policy_loss(self.loss_options, batch, logits, self._kept)
+
+    def one_update_on_rollout_weights(self) -> bool:
+        """A step makes one optimizer update per role on the rollout (one epoch, one
+        mini-batch), so every update micro-batch runs on the weights that generated, and
+        that forward is the forward-only pass's."""
+        return self.shape.optimizer_steps == 1 and self.training_forward_is_pass
+
+    def old_logps_from_update(self) -> bool:
+        """The old log-probs are the policy update's own forward, detached, instead of a
+        forward pass before it (docs/online_core.md, "Old log-probs"): only where that pass
+        is redundant and nothing reads them before the update. Default: never."""
+        return False
 
     def role_loss_count(self, role: str, batch: dict) -> int:
         """The count the loss of update role ``role`` returns for ``batch``, from the
@@ -535,13 +564,15 @@ class OnlineAlgorithm(Algorithm):
             lengths = (exp.prompt_lengths + exp.response_lengths)[rows].tolist()
             packed = packed_rows(exp.tokens[rows], lengths, mbs, getattr(self.s, "pack_tokens", None))
             if packed is not None:
-                return [self._row_tensors(exp, extra, torch.tensor(rows)[b["rows"]], b) for b in packed]
+                return [self._row_tensors(exp, extra, torch.tensor(rows)[b["rows"]],
+                                          dict(b, experience_rows=torch.tensor(rows)[b["rows"]])) for b in packed]
         out = []
         for start in range(0, max(len(rows), 1), mbs):
             chunk = rows[start:start + mbs]
             idx = torch.tensor(chunk + [chunk[0] if chunk else 0] * (mbs - len(chunk)))
             batch = self._row_tensors(exp, extra, idx, {"tokens": exp.tokens[idx], "position_ids": None,
-                                                        "attention_mask": None})
+                                                        "attention_mask": None,
+                                                        "experience_rows": torch.tensor(chunk, dtype=torch.long)})
             ends = (exp.prompt_lengths + exp.response_lengths)[idx]
             batch["padding"] = torch.arange(exp.tokens.shape[1])[None, :] >= ends[:, None]
             if exp.routing is not None:  # the policy's passes route as the rollout did
@@ -552,7 +583,8 @@ class OnlineAlgorithm(Algorithm):
 
     def _row_tensors(self, exp: Experience, extra: Dict[str, torch.Tensor], idx: torch.Tensor, batch: dict) -> dict:
         """``batch`` with the per-row tensors of experience rows ``idx`` (log-probs, values, advantages...)."""
-        batch["old_logps"] = exp.old_logps[idx]
+        if exp.old_logps is not None:  # else the update's forward gives them (policy_loss)
+            batch["old_logps"] = exp.old_logps[idx]
         if exp.ref_logps is not None:
             batch["ref_logps"] = exp.ref_logps[idx]
         if exp.values is not None:
@@ -587,7 +619,38 @@ class OnlineAlgorithm(Algorithm):
 
     # ---------------------------------------------------------------- updates
     def update(self, context: StepContext, exp: Experience, extra: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """``epochs`` x mini-batches of updates of :attr:`update_roles`; their metrics."""
+        """``epochs`` x mini-batches of updates of :attr:`update_roles`; their metrics.
+        Without ``exp.old_logps`` (:meth:`old_logps_from_update`) the policy's update forward
+        gives them: set on ``exp`` afterwards."""
+        if exp.old_logps is None:
+            if not self.one_update_on_rollout_weights():
+                raise ValueError("the experience has no old log-probs and the step makes more than one update"
+                                 " per rollout: the old-log-prob pass is needed")
+            self._kept = []
+            try:
+                metrics = self._update(context, exp, extra)
+                exp.old_logps = context.from_last_stage(self._kept_logps(exp, self._kept))
+            finally:
+                self._kept = None
+            return metrics
+        return self._update(context, exp, extra)
+
+    @staticmethod
+    def _kept_logps(exp: Experience, kept: list) -> Optional[torch.Tensor]:
+        """[n, S] from the update's ``(rows, log-probs)``; None where no loss ran (not the
+        last pipeline stage)."""
+        if not kept:
+            return None
+        out = torch.zeros(exp.tokens.shape)
+        seen = torch.zeros(len(exp), dtype=torch.bool)
+        for rows, values in kept:
+            out[rows] = values
+            seen[rows] = True
+        if not bool(seen.all()):
+            raise RuntimeError(f"the update's forward covered {int(seen.sum())} of {len(exp)} experience rows")
+        return out
+
+    def _update(self, context: StepContext, exp: Experience, extra: Dict[str, torch.Tensor]) -> Dict[str, float]:
         roles = self.update_roles
         stores: Dict[str, list] = {name: [] for name, _ in roles}
         norms: Dict[str, List[float]] = {name: [] for name, _ in roles}
@@ -687,18 +750,20 @@ class OnlineAlgorithm(Algorithm):
             reward.offload()
             for role in idle:
                 role.onload()
-        exp = self.maker.score_passes(context, exp)
+        exp = self.maker.score_passes(context, exp, old_logps=not self.old_logps_from_update())
         t1 = time.perf_counter()
         extra = self.advantages(context, exp)
-        metrics = self.experience_metrics(context, exp, extra)
-        self.log_rollouts(context, exp, extra)
         t2 = time.perf_counter()
-        metrics.update(self.update(context, exp, extra))
+        updates = self.update(context, exp, extra)  # sets exp.old_logps where the update gives them
         t3 = time.perf_counter()
+        metrics = self.experience_metrics(context, exp, extra)
+        metrics.update(updates)
+        self.log_rollouts(context, exp, extra)
+        t4 = time.perf_counter()
         if self.s.offload:
             reward.onload()
         total = time.perf_counter() - t0
-        timings = dict(exp.timings, reductions=t2 - t1, updates=t3 - t2)
+        timings = dict(exp.timings, reductions=(t2 - t1) + (t4 - t3), updates=t3 - t2)
         for k, v in timings.items():
             metrics[f"time/{k}"] = v
             metrics[f"time/{k}_share"] = v / total
@@ -805,6 +870,10 @@ class OnlineTrainer(Trainer):
             # micro-batch of padded rows, a recorded routing is one row per sample, and with
             # experts split over the DP ranks (EP > 1) every rank must run as many micro-batches
             algo.packed = algo.maker.packed = False
+            # and a router's training forward is not its forward-only one (sinkhorn routing)
+            algo.training_forward_is_pass = False
+        if self.cfg.lora.enabled and self.cfg.lora.dropout > 0:  # the adapters' dropout runs in training only
+            algo.training_forward_is_pass = False
         return roles, algo
 
     def build_algorithm(self, roles, generation, reward, reference, shape: RolloutShape, max_steps: int):

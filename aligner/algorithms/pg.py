@@ -46,6 +46,13 @@ class KLMode(Choice):
     loss = "loss"
 
 
+class OldLogpsPass(Choice):
+    """The forward pass for the old log-probs before the update."""
+
+    auto = "auto"  # skipped where the update's own forward gives them (docs/online_core.md, "Old log-probs")
+    always = "always"
+
+
 PG_INPUTS = ("token_kl", "kl_coef", "gamma")  # what pg gives an advantage estimator beyond the rewards
 KL_IN_REWARD = ("k1", "abs")
 
@@ -74,6 +81,7 @@ class PGSection(OnlineSection):
     overlong_buffer: Optional[int] = None  # DAPO's soft overlong penalty: L_cache (null: off)
     overlong_max_length: Optional[int] = None  # L_max (null: generation.max_new_tokens)
     samples_per_prompt: int = 4
+    old_logps_pass: OldLogpsPass = OldLogpsPass.auto  # always: run it even where the update's forward gives them
 
 
 @dataclass
@@ -145,6 +153,12 @@ class PGAlgorithm(OnlineAlgorithm):
         self.overlong_max_length = s.overlong_max_length or s.generation.max_new_tokens
         self.prompt_pool: Optional[List[dict]] = None  # the training prompts (the trainer sets them)
         self.counters: Dict[str, float] = {}
+
+    def old_logps_from_update(self) -> bool:
+        """One update per rollout on the weights that generated and no KL in the reward (whose
+        advantages read the old log-probs before the update), unless ``old_logps_pass = always``."""
+        return (self.s.old_logps_pass == OldLogpsPass.auto and not self.kl_in_reward
+                and self.one_update_on_rollout_weights())
 
     # ---------------------------------------------------------------- rewards
     def sequence_rewards(self, exp: Experience):

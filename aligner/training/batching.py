@@ -220,10 +220,11 @@ def shifted_logprobs(vocab_parallel_logits: torch.Tensor, tokens: torch.Tensor) 
 
 # ------------------------------------------------------------------------------ packed rows
 def packed_row_microbatches(lengths: Sequence[int], capacity: int, bins_per_micro: int,
-                            tokens: torch.Tensor) -> List[dict]:
+                            tokens: torch.Tensor, fill: bool = True) -> List[dict]:
     """The rows of ``tokens`` [n, S] (row i's real tokens: its first ``lengths[i]``) packed
     by first-fit-decreasing into bins of ``capacity`` (>= S) tokens, ``bins_per_micro`` bins
-    per micro-batch (a short last micro-batch filled with rows holding no sample).
+    per micro-batch (a short last micro-batch filled with rows holding no sample; fill
+    False: it keeps only its bins, for a schedule without pipeline stages).
 
     Each micro-batch: ``tokens`` / ``position_ids`` [bins_per_micro, capacity] (positions
     restarting per sample), ``attention_mask`` (block-diagonal causal, True = blocked),
@@ -242,8 +243,9 @@ def packed_row_microbatches(lengths: Sequence[int], capacity: int, bins_per_micr
     out = []
     for start in range(0, len(bins), bins_per_micro):
         chunk = bins[start:start + bins_per_micro]
-        packed = torch.zeros(bins_per_micro, capacity, dtype=torch.long)
-        segment = torch.full((bins_per_micro, capacity), -1, dtype=torch.long)
+        width = bins_per_micro if fill else len(chunk)  # rows of this micro-batch
+        packed = torch.zeros(width, capacity, dtype=torch.long)
+        segment = torch.full((width, capacity), -1, dtype=torch.long)
         rows: List[int] = []
         index = torch.full((sum(len(b) for b in chunk), S), -1, dtype=torch.long)
         for r, members in enumerate(chunk):
@@ -255,10 +257,10 @@ def packed_row_microbatches(lengths: Sequence[int], capacity: int, bins_per_micr
                 index[len(rows), :length] = torch.arange(r * capacity + col, r * capacity + col + length)
                 rows.append(i)
                 col += length
-        for r in range(len(chunk), bins_per_micro):  # rows holding no sample: a copy of bin 0, masked apart
+        for r in range(len(chunk), width):  # rows holding no sample: a copy of bin 0, masked apart
             packed[r] = packed[0]
         pad = segment < 0
-        segment = torch.where(pad, 1_000_000 + torch.arange(bins_per_micro)[:, None], segment)
+        segment = torch.where(pad, 1_000_000 + torch.arange(width)[:, None], segment)
         out.append({"tokens": packed, "position_ids": packed_position_ids(segment),
                     "attention_mask": packed_attention_mask(segment), "rows": torch.tensor(rows, dtype=torch.long),
                     "unpack_index": index})

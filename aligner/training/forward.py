@@ -26,13 +26,23 @@ def packed_rows(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_ba
     ``micro_batch_size`` rows, the padded micro-batch's size), or None where they would not
     hold fewer positions than the padded micro-batches (packing saves nothing: every
     sample near S tokens). The caller decides whether its model may pack (an MoE model's
-    passes stay padded: the online core's ``packed`` setting)."""
+    passes stay padded: the online core's ``packed`` setting). Without pipeline stages
+    (no fixed activation shape) the last micro-batch holds only its own rows."""
     if lengths is None or len(lengths) == 0:
         return None
     n, s = tokens.shape
     bins_per_micro = max(1, (token_budget or micro_batch_size * s) // s)
-    micro = packed_row_microbatches([int(x) for x in lengths], s, bins_per_micro, tokens)
-    return micro if len(micro) * bins_per_micro < math.ceil(n / micro_batch_size) * micro_batch_size else None
+    fill = pipeline_stages() > 1
+    micro = packed_row_microbatches([int(x) for x in lengths], s, bins_per_micro, tokens, fill=fill)
+    rows = sum(int(b["tokens"].shape[0]) for b in micro)
+    return micro if rows < math.ceil(n / micro_batch_size) * micro_batch_size else None
+
+
+def pipeline_stages() -> int:
+    """Pipeline stages of this layout (1: micro-batches may differ in shape)."""
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_world_size()
 
 
 def collect_token_outputs(run_schedule, chunks, tokens: torch.Tensor, micro_batch_size: int, per_token,

@@ -51,8 +51,9 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
     loss(batch, output) -> ``(loss_sum, count, metrics)`` (the convention of
     :mod:`aligner.training.algorithm`; with ``calculate_per_token_loss`` megatron-core
     divides gradients by the count summed over micro-batches and data-parallel ranks).
-    Every micro-batch must have the same ``tokens`` shape [b, s] (pipeline stages exchange
-    fixed-shape activations). Returns the metric dicts of the last pipeline stage.
+    With pipeline stages every micro-batch must have the same ``tokens`` shape [b, s] (the
+    stages exchange fixed-shape activations); without, shapes may differ. Returns the metric
+    dicts of the last pipeline stage.
 
     count(batch): the count ``loss`` will return for a micro-batch, from the micro-batch
     alone (every pipeline stage needs it before the loss exists). A training schedule of an
@@ -66,15 +67,17 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
     out of training mode (no load-balancing or z-loss attached or logged, no token
     counts in :class:`aligner.models.moe.RouterStats`).
     """
+    from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     if not microbatches:
         return []
     rows, seq = microbatches[0]["tokens"].shape[:2]
-    for i, mb in enumerate(microbatches):
-        if tuple(mb["tokens"].shape[:2]) != (rows, seq):
-            raise ValueError(f"micro-batch {i} has tokens {tuple(mb['tokens'].shape)}; every micro-batch of a"
-                             f" schedule needs [{rows}, {seq}]")
+    if ps.get_pipeline_model_parallel_world_size() > 1:  # without stages any shapes run
+        for i, mb in enumerate(microbatches):
+            if tuple(mb["tokens"].shape[:2]) != (rows, seq):
+                raise ValueError(f"micro-batch {i} has tokens {tuple(mb['tokens'].shape)}; every micro-batch of a"
+                                 f" pipelined schedule needs [{rows}, {seq}]")
 
     from aligner.models.moe import routers, weighted_losses  # megatron-core: loaded when a schedule runs
 

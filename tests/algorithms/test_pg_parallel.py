@@ -13,6 +13,15 @@ GRPO and RLOO run on packed rows (``pack_tokens``: one row of 24 tokens a micro-
 at TP=1, TP=2 and PP=2, also on padded rows (``packed = false``): loss, gradient norms and
 updated weights equal (1e-6).
 
+Without pipeline stages a step's last packed micro-batch holds only its own rows (GRPO:
+4 packed rows in micro-batches of 3, so 3 + 1 rows; at PP=2 3 + 3): the same loss, gradient
+norms and weights as padded rows (1e-6).
+
+GRPO and RLOO with one update per rollout (KL as a loss term) take the old log-probs from
+the update's own forward (no pass before it): at TP=1 and PP=2 the loss, gradient norms,
+updated weights and every metric equal those of the same step with the pass
+(``old_logps_pass = always``), 1e-6.
+
 One spawned job per world size runs every layout of that size (megatron-core's parallel
 state re-initialised between layouts), so the module stays fast."""
 import pytest
@@ -43,6 +52,17 @@ KEYS = ("loss/policy", "grad_norm/policy_first", "grad_norm/policy", "policy/ent
 # same step on the same layout
 UNPACKED = ("grpo", "rloo")
 PACKED_LAYOUTS = ("tp1_mbs4", "tp2", "pp2")
+# one update per rollout: the old log-probs from the update's forward (packed / padded rows)
+# (GRPO: the 8 samples pack into 4 rows of 24 tokens, micro-batches of 3 rows: 3 + 1 rows
+# without pipeline stages, 3 + 3 with; RLOO: one row per micro-batch)
+ONE_UPDATE = {
+    "grpo_one": {"advantage": "grpo", "loss": "clipped", "kl_mode": "loss", "kl_estimator": "k3", "kl_coef": 0.05,
+                 "aggregation": "token_mean", "entropy_coef": 0.01, "clip_eps_high": 0.28, "pack_tokens": 72},
+    "rloo_one": {"advantage": "rloo", "loss": "reinforce", "kl_mode": "loss", "kl_estimator": "k3", "kl_coef": 0.05,
+                 "truncated": "mask", "aggregation": "seq_sum_constant", "aggregation_constant": 6.0,
+                 "pack_tokens": 24},
+}
+ONE_UPDATE_LAYOUTS = ("tp1_mbs4", "pp2")
 
 
 def _fixed_experience(context, vocab):
@@ -92,11 +112,13 @@ def _one_update(workdir, assets, tag, tp, pp, micro_batch_size, pg):
     samples = loop.global_batch(0)
     context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop.local_share(samples),
                           micro_batch_size=micro_batch_size, seed=7)
-    exp = algo.maker.score_passes(context, _fixed_experience(context, assets["vocab"]))
+    skipped = algo.old_logps_from_update()
+    exp = algo.maker.score_passes(context, _fixed_experience(context, assets["vocab"]), old_logps=not skipped)
     extra = algo.advantages(context, exp)
-    metrics = algo.experience_metrics(context, exp, extra)
-    metrics.update(algo.update(context, exp, extra))
+    metrics = algo.update(context, exp, extra)  # without the pass: sets exp.old_logps
+    metrics.update(algo.experience_metrics(context, exp, extra))  # as the step orders them
     out = {k: metrics[k] for k in KEYS}
+    out["skipped"], out["metrics"] = skipped, {k: v for k, v in metrics.items() if not k.startswith("time/")}
     out["advantages"] = extra["advantages"].double()
     out["update_positions"] = metrics["update_positions"]
     out["weights"] = torch.cat([p.detach().double().flatten() for m in roles["policy"].modules
@@ -140,6 +162,13 @@ def run_world(workdir, assets, layouts):
             if name in UNPACKED and tag in PACKED_LAYOUTS:
                 out[f"{tag}/{name}/unpacked"] = _one_update(workdir, assets, f"{tag}_{name}_unpacked", tp, pp, mbs,
                                                             dict(pg, packed=False))
+        for name, pg in (ONE_UPDATE.items() if tag in ONE_UPDATE_LAYOUTS else ()):
+            for mode in ("auto", "always"):
+                out[f"{tag}/{name}/{mode}"] = _one_update(workdir, assets, f"{tag}_{name}_{mode}", tp, pp, mbs,
+                                                          dict(pg, old_logps_pass=mode))
+        if tag in ONE_UPDATE_LAYOUTS:
+            out[f"{tag}/grpo_one/unpacked"] = _one_update(workdir, assets, f"{tag}_grpo_one_unpacked", tp, pp, mbs,
+                                                          dict(ONE_UPDATE["grpo_one"], packed=False))
         if tag in ("tp1_mbs4", "dp2"):
             out[f"{tag}/groups"] = _groups_of_a_step(workdir, assets)
     return out
@@ -165,7 +194,7 @@ def test_one_update_on_fixed_experience_agrees(runs, layout, config):
     ref = one[0][f"tp1_mbs4/{config}"]
     assert abs(ref["kl_ref"]) > 1e-4 and ref["grad_norm/policy_first"] > 0 and abs(ref["loss/policy"]) > 1e-6
     ranks = one if layout == "tp1_mbs1" else two
-    keys = [k for k in ref if k not in ("advantages", "weights", "update_positions")]
+    keys = [k for k in ref if k not in ("advantages", "weights", "update_positions", "skipped", "metrics")]
     for rank, rank_out in enumerate(ranks):
         got = rank_out[f"{layout}/{config}"]
         for key in keys:
@@ -198,3 +227,36 @@ def test_packed_updates_equal_padded_rows(runs, layout, config):
         for key in KEYS:
             assert abs(packed[key] - padded[key]) <= 1e-6 * max(1.0, abs(padded[key])), (layout, config, key)
         assert torch.allclose(packed["weights"], padded["weights"], atol=1e-6, rtol=0), (layout, config)
+
+
+@pytest.mark.parametrize("layout", ONE_UPDATE_LAYOUTS)
+@pytest.mark.parametrize("config", list(ONE_UPDATE))
+def test_old_logps_from_the_update_equal_the_pass(runs, layout, config):
+    """One update per rollout: the old log-probs from the update's own forward (no pass
+    before it) give the loss, gradient norms, updated weights and every metric of the step
+    with the pass (1e-6); the ratio is exactly 1."""
+    one, two = runs
+    for rank_out in (one if layout.startswith("tp1") else two):
+        own, pass_ = rank_out[f"{layout}/{config}/auto"], rank_out[f"{layout}/{config}/always"]
+        assert own["skipped"] and not pass_["skipped"], (layout, config)
+        assert own["metrics"]["policy/ratio"] == 1.0 and own["metrics"]["policy/approx_kl"] == 0.0
+        assert abs(own["kl_ref"]) > 1e-4 and own["grad_norm/policy"] > 0
+        assert own["metrics"].keys() == pass_["metrics"].keys()
+        for key, value in pass_["metrics"].items():
+            assert abs(own["metrics"][key] - value) <= 1e-6 * max(1.0, abs(value)), (layout, config, key)
+        assert torch.allclose(own["weights"], pass_["weights"], atol=1e-6, rtol=0), (layout, config)
+
+
+@pytest.mark.parametrize("layout", ONE_UPDATE_LAYOUTS)
+def test_short_last_packed_microbatch_equals_padded_rows(runs, layout):
+    """Without pipeline stages the last packed micro-batch holds only its own rows: 4 rows
+    of 24 positions (PP=2: 6, the last micro-batch filled; padded rows: 8), the same loss,
+    gradient norms and weights as padded rows (1e-6)."""
+    one, two = runs
+    for rank_out in (one if layout.startswith("tp1") else two):
+        packed, padded = rank_out[f"{layout}/grpo_one/auto"], rank_out[f"{layout}/grpo_one/unpacked"]
+        assert padded["update_positions"] == 8 * 24
+        assert packed["update_positions"] == (4 if layout.startswith("tp1") else 6) * 24, packed["update_positions"]
+        for key in KEYS:
+            assert abs(packed[key] - padded[key]) <= 1e-6 * max(1.0, abs(padded[key])), (layout, key)
+        assert torch.allclose(packed["weights"], padded["weights"], atol=1e-6, rtol=0), layout

@@ -47,11 +47,11 @@ Design
   steps then follow the total of the response lengths over ``max_batch``, not the sum over
   batches of each batch's longest response. Each slot has its own position: the fused
   decoder indexes the rope tables per row, writes each row's key and value at the row's
-  own column and masks keys beyond the row's extent (and before its sliding window). The
-  prompts entering at one step are prefilled together by the fused decoder (causal
-  attention within each prompt, its first ``c`` tokens with ``c + 1`` the shortest of
-  them), their keys and values written into the freed slots; the remaining prompt tokens
-  are fed like a longer prompt's tail.
+  own column and masks keys beyond the row's extent (and before its sliding window).
+  Waiting prompts are prefilled by the fused decoder ``max_batch`` at a time, ahead of
+  the slots they take (causal attention within each prompt, their first ``c`` tokens with
+  ``c + 1`` the shortest of them); a prompt's keys and values are copied into the slot it
+  takes; the remaining prompt tokens are fed like a longer prompt's tail.
   Which slots refill with which prompts follows from the broadcast finished flags alone,
   so every rank of the model-parallel group takes the same decisions. Sample i draws from
   its own generator (``seed_for(seed, i)`` or ``seeds[i]``) whatever slot and step it

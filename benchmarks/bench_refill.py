@@ -20,7 +20,7 @@ the speed-ups; outputs must be identical (tokens and stop
 reasons; log-probs to float rounding). The load average is printed before and after.
 
     python benchmarks/bench_refill.py                            # 128 samples, 16 slots
-    python benchmarks/bench_refill.py --prompt-len 128 --prefill-ab   # newcomers: prefill vs fed per step
+    python benchmarks/profile_refill.py                          # where the time goes
 """
 from __future__ import annotations
 
@@ -50,9 +50,6 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--modes", default="sampled,greedy")
-    p.add_argument("--prefill-ab", action="store_true",
-                   help="also compare newcomers prefilled (refill_prefill_tokens=1) with newcomers fed one "
-                        "token per step (refill_prefill_tokens > prompt length), refills on")
     p.add_argument("--threads", type=int, default=None)
     return p.parse_args(argv)
 
@@ -105,9 +102,6 @@ def main(argv=None) -> int:
         "greedy": GenerationConfig(max_new_tokens=args.new_tokens, greedy=True, stop_token_ids=stops),
     }
     variants = {"off": dict(continuous_batching=False), "on": dict(continuous_batching=True)}
-    if args.prefill_ab:
-        variants = {"on, newcomers prefilled": dict(refill_prefill_tokens=1),
-                    "on, newcomers fed per step": dict(refill_prefill_tokens=args.prompt_len + 1)}
     print(f"model: Llama {args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, heads {args.heads}/"
           f"{args.kv_heads}, vocab {args.vocab}, output layer x{args.logit_scale}; {args.samples} samples of "
           f"{args.prompt_len}-token prompts, {args.max_batch} slots, up to {args.new_tokens} new tokens, "

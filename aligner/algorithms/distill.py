@@ -368,5 +368,6 @@ class DistillTrainer(Trainer):
         if self.cfg.distill.lmbda > 0:
             s = self.cfg.distill
             gen = generation_config(s.generation, self.cfg.trainer.seed, [self.tokenizer().eos_id])
-            algo.maker = ExperienceMaker(gen, None, self.tokenizer(), max_batch=s.generation.max_batch)
+            algo.maker = ExperienceMaker(gen, None, self.tokenizer(), max_batch=s.generation.max_batch,
+                                         continuous_batching=s.generation.continuous_batching)
         return algo, policy, train, val, {"roles": roles}

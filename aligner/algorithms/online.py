@@ -71,6 +71,7 @@ class GenerationSection:
     top_p: float = 1.0
     seed: Optional[int] = None  # base of the per-sample seeds (null: trainer.seed)
     max_batch: int = 64  # rows the rollout engine decodes at once
+    continuous_batching: bool = True  # a finished row's slot takes the next waiting prompt (docs/rollout.md)
 
 
 def generation_config(section, default_seed: int, stop_token_ids: Sequence[int]):
@@ -272,7 +273,8 @@ class ExperienceMaker:
     policy pass over the experience (old log-probs, updates) routes them the same way.
     packed / pack_tokens: the log-prob passes on packed rows
     (:func:`aligner.training.forward.packed_rows`; never with an MoE policy, whose router
-    losses and recorded routing are per padded row).
+    losses and recorded routing are per padded row). max_batch / continuous_batching: the
+    rollout engine's slots and slot refill (:class:`aligner.rollout.RolloutEngine`).
     """
 
     # sample indices of extra rounds (dynamic sampling) start at round x ROUND_STRIDE
@@ -280,7 +282,7 @@ class ExperienceMaker:
 
     def __init__(self, generation, reward: Optional[RewardSource], tokenizer, *, samples_per_prompt: int = 1,
                  reference=None, critic=None, max_seq_len: Optional[int] = None, max_batch: int = 64,
-                 packed: bool = False, pack_tokens: Optional[int] = None):
+                 packed: bool = False, pack_tokens: Optional[int] = None, continuous_batching: bool = True):
         if samples_per_prompt < 1:
             raise ValueError(f"samples_per_prompt = {samples_per_prompt}: expected >= 1")
         self.generation = generation
@@ -291,6 +293,7 @@ class ExperienceMaker:
         self.critic = critic
         self.max_seq_len = max_seq_len
         self.max_batch = max_batch
+        self.continuous_batching = continuous_batching
         self.routing_replay = False
         self.packed = packed
         self.pack_tokens = pack_tokens
@@ -302,7 +305,8 @@ class ExperienceMaker:
             from aligner.rollout import RolloutEngine
 
             self.engine = RolloutEngine(policy.modules, policy.modules[0].model_cfg, tokenizer=self.tokenizer,
-                                        max_batch=self.max_batch, max_seq_len=self.max_seq_len)
+                                        max_batch=self.max_batch, max_seq_len=self.max_seq_len,
+                                        continuous_batching=self.continuous_batching)
         return self.engine
 
     def keep_in_step(self, context: StepContext) -> None:

@@ -319,5 +319,6 @@ class PGTrainer(OnlineTrainer):
     def build_algorithm(self, roles, generation, reward, reference, shape: RolloutShape, max_steps: int):
         s = self.cfg.pg
         maker = ExperienceMaker(generation, reward, self.tokenizer(), samples_per_prompt=s.samples_per_prompt,
-                                reference=reference, max_batch=s.generation.max_batch)
+                                reference=reference, max_batch=s.generation.max_batch,
+                                continuous_batching=s.generation.continuous_batching)
         return PGAlgorithm(s, maker, shape)

@@ -224,7 +224,8 @@ class PPOTrainer(OnlineTrainer):
         critic.borrowed = frozenset(id(p) for p in shared)  # the policy's: offloading the critic leaves them
         roles.add(critic)
         maker = ExperienceMaker(generation, reward, self.tokenizer(), samples_per_prompt=s.samples_per_prompt,
-                                reference=reference, critic=critic, max_batch=s.generation.max_batch)
+                                reference=reference, critic=critic, max_batch=s.generation.max_batch,
+                                continuous_batching=s.generation.continuous_batching)
         return PPOAlgorithm(s, maker, shape)
 
     def build_adapter_critic(self):

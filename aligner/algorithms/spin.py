@@ -234,7 +234,8 @@ class SPINTrainer(Trainer):
             raise ConfigError(f"data.train has {len(train)} rows, fewer than trainer.global_batch_size ="
                               f" {t.global_batch_size}")
         gen = generation_config(s.generation, t.seed, [self.tokenizer().eos_id])
-        maker = ExperienceMaker(gen, None, self.tokenizer(), max_batch=s.generation.max_batch)
+        maker = ExperienceMaker(gen, None, self.tokenizer(), max_batch=s.generation.max_batch,
+                                continuous_batching=s.generation.continuous_batching)
         sampler = SPINSampler(train, maker, epochs=s.epochs)
         algo = SPINAlgorithm(self.tokenizer().pad_id, sampler=sampler, steps_per_iteration=steps_per_epoch * s.epochs,
                              samples_dir=Path(t.out_dir) / "spin_samples", loss_type=s.loss_type, beta=s.beta,

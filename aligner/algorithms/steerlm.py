@@ -433,7 +433,8 @@ class SteerLM2Trainer(Trainer):
         roles.add(reward.role)
         gen = generation_config(s.generation, t.seed, [self.tokenizer().eos_id])
         maker = ExperienceMaker(gen, reward, self.tokenizer(), samples_per_prompt=s.samples_per_prompt,
-                                max_batch=s.generation.max_batch)
+                                max_batch=s.generation.max_batch,
+                                continuous_batching=s.generation.continuous_batching)
         sampler = SteerLM2Sampler(prompts, maker, sft, names, epochs=s.epochs, concentration=s.concentration)
         self.check_train_size(len(prompts), "(prompt, attribute string) groups")
         steps_per_epoch = len(prompts) // t.global_batch_size

@@ -373,9 +373,11 @@ class FusedDecoder:
             out = layer.fc2_norm(out)
         return h + out
 
-    def _prefill_layer(self, layer: _Layer, h: torch.Tensor, slots: torch.Tensor, c: int) -> torch.Tensor:
+    def _prefill_layer(self, layer: _Layer, h: torch.Tensor, slots: Optional[torch.Tensor], c: int,
+                       staged: dict) -> torch.Tensor:
         """One layer over the first ``c`` prompt tokens of m rows (positions 0..c-1), ``h``
-        [m * c, h] -> [m * c, h]; writes their keys and values into cache rows ``slots``."""
+        [m * c, h] -> [m * c, h]; writes their keys and values into cache rows ``slots``, or
+        (``slots`` None) into ``staged[layer number]`` ([m, ng, c, d] each)."""
         m = h.shape[0] // c
         g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
         x = h if layer.input_norm is None else layer.input_norm(h)
@@ -389,9 +391,12 @@ class FusedDecoder:
                         sin[:, None]).view(m, c, g, r, d)
             key = _rotate(layer.k_norm(qkv[:, :, :, r]), cos[:, None], sin[:, None])
         value = qkv[:, :, :, r + 1]
-        keys, values = self.cache[layer.number]
-        keys[slots, :, :c] = key.permute(0, 2, 1, 3)
-        values[slots, :, :c] = value.permute(0, 2, 1, 3)
+        if slots is None:
+            staged[layer.number] = (key.permute(0, 2, 1, 3), value.permute(0, 2, 1, 3))
+        else:
+            keys, values = self.cache[layer.number]
+            keys[slots, :, :c] = key.permute(0, 2, 1, 3)
+            values[slots, :, :c] = value.permute(0, 2, 1, 3)
         cols = torch.arange(c, device=h.device)
         blocked = cols[None] > cols[:, None]  # [query, key]: causal ...
         if layer.window is not None:  # ... within the window
@@ -411,16 +416,19 @@ class FusedDecoder:
         v = value.permute(0, 2, 1, 3).reshape(m * g, c, d)
         scores = soft_cap(torch.bmm(q, k.transpose(1, 2)).mul_(layer.scale).float(), layer.softcap)  # [m*g, c*r, c]
         scores = scores.view(m * g, c, r, c).masked_fill(blocked[:, None], float("-inf")).view(m * g, c * r, c)
-        probs = torch.softmax(scores, dim=-1).to(values.dtype)
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
         context = torch.bmm(probs, v).view(m, g, c, r, d).permute(0, 2, 1, 3, 4).reshape(m * c, layer.heads * d)
         return self._finish(layer, h, context)
 
-    def prefill(self, token_ids: torch.Tensor, slots: torch.Tensor) -> None:
+    def prefill(self, token_ids: torch.Tensor, slots: Optional[torch.Tensor] = None) -> Optional[dict]:
         """Feed the prompt tokens ``token_ids`` [m, c] (positions 0..c-1) of m rows taking the
         cache rows ``slots`` [m], through every chunk on this rank (pipeline send/recv of
         [m * c, h] between stages): their keys and values fill columns 0..c-1 of those rows.
-        No logits: the next step feeds each row's token c."""
+        No logits: the next step feeds each row's token c. Without ``slots`` the keys and
+        values are returned instead (layer number -> [m, ng, c, d] each), prompts prefilled
+        ahead of the slots they will take (:meth:`take`)."""
         m, c = token_ids.shape
+        staged = {}
         for model, layers in zip(self.models, self.layers):
             if model.pre_process:
                 h = self._embed(model, token_ids.reshape(-1))
@@ -428,9 +436,18 @@ class FusedDecoder:
                 h = torch.empty((m * c, self.hidden_size), dtype=self.dtype, device=self.device)
                 torch.distributed.recv(h, src=self.prev_rank)
             for layer in layers:
-                h = self._prefill_layer(layer, h, slots, c)
+                h = self._prefill_layer(layer, h, slots, c, staged)
             if not model.post_process:
                 torch.distributed.send(h.contiguous(), dst=self.next_rank)
+        return staged if slots is None else None
+
+    def take(self, staged: dict, row: int, slot: int, c: int) -> None:
+        """Columns 0..c-1 of cache row ``slot`` from row ``row`` of a :meth:`prefill`'s
+        returned keys and values."""
+        for number, (keys, values) in self.cache.items():
+            k, v = staged[number]
+            keys[slot, :, :c] = k[row, :, :c]
+            values[slot, :, :c] = v[row, :, :c]
 
     def _row_rope(self, positions: torch.Tensor, local: bool):
         """The rope tables at each row's position, shaped to broadcast over the fused

@@ -53,11 +53,11 @@ Design
   steps then follow the total of the response lengths over ``max_batch``, not the sum over
   batches of each batch's longest response. Each slot has its own position: the fused
   decoder indexes the rope tables per row, writes each row's key and value at the row's
-  own column and masks keys beyond the row's extent (and before its sliding window). The
-  prompts entering at one step are prefilled together by the fused decoder (causal
-  attention within each prompt, its first ``c`` tokens with ``c + 1`` the shortest of
-  them), their keys and values written into the freed slots; the remaining prompt tokens
-  are fed like a longer prompt's tail.
+  own column and masks keys beyond the row's extent (and before its sliding window).
+  Waiting prompts are prefilled by the fused decoder ``max_batch`` at a time, ahead of
+  the slots they take (causal attention within each prompt, their first ``c`` tokens with
+  ``c + 1`` the shortest of them); a prompt's keys and values are copied into the slot it
+  takes; the remaining prompt tokens are fed like a longer prompt's tail.
   Which slots refill with which prompts follows from the broadcast finished flags alone,
   so every rank of the model-parallel group takes the same decisions. Sample i draws from
   its own generator (``seed_for(seed, i)`` or ``seeds[i]``) whatever slot and step it
@@ -665,6 +665,7 @@ class RolloutEngine:
             for i in rows:
                 generators[i] = torch.Generator().manual_seed(int(seeds[i]))
         out: list = [None] * n
+        staged: dict = {}  # waiting prompt -> its prefilled keys and values (see _admit)
 
         t = self._prefill_columns(int(plen.min()))
         contexts = [StaticInferenceContext(b, t) for _ in self.models]
@@ -698,7 +699,7 @@ class RolloutEngine:
                     newcomers = [waiting.pop() for _ in refill]
                     prompt_steps = max(prompt_steps, self._admit(
                         refill, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
-                        generators))
+                        generators, waiting, staged))
                 gone = done[len(refill):]
                 if gone:
                     if len(gone) == len(rows):
@@ -720,15 +721,19 @@ class RolloutEngine:
         return out
 
     def _admit(self, slots, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
-               generators) -> int:
+               generators, waiting, staged) -> int:
         """Put the prompts ``newcomers`` into the freed ``slots`` (state updated in place);
         returns how many steps the newcomers still read their prompts.
 
-        The newcomers' first ``c`` columns (``c + 1`` = the shortest newcomer prompt) are
-        prefilled together by the fused decoder (:meth:`FusedDecoder.prefill`, one call for
-        all of them) into the slots; each one's remaining prompt tokens (at least its last)
-        are fed one per decode step with the running rows, as a longer prompt's tail is in
-        a batch. The slot's next step feeds column ``c``.
+        Prompts are prefilled ahead, ``max_batch`` at a time: a newcomer not yet prefilled
+        is prefilled by the fused decoder together with the next waiting prompts
+        (:meth:`FusedDecoder.prefill`, one call, their first ``c`` columns with ``c + 1``
+        the shortest of their prompts; ``staged`` keeps the keys and values of those that
+        wait on). A prompt that takes a slot gets its ``c`` prefilled columns copied in
+        (:meth:`FusedDecoder.take`); its remaining prompt tokens (at least its last) are fed
+        one per decode step with the running rows, as a longer prompt's tail is in a batch.
+        The slot's next step feeds column ``c``. A prefill of one newcomer costs about as
+        much as one of ``max_batch`` (a CPU step's dispatch, a GPU's weight reads).
         """
         device = self.device
         for j, i in zip(slots, newcomers):
@@ -741,14 +746,26 @@ class RolloutEngine:
             end[j] = min(len(p) + max_new, self.max_seq_len)
             if generators is not None:
                 generators[i] = torch.Generator().manual_seed(int(seeds[i]))
-        c = min(len(prompts[i]) for i in newcomers) - 1
-        index = torch.tensor(slots, dtype=torch.int64, device=device)
-        if c > 0:
-            self._ep_running(True)  # the prefill is a forward: MoE layers exchange tokens
-            self.decoder.prefill(tokens[index, :c], index)
-            self.forwards += 1
-        col[index] = c + 1
-        return max(len(prompts[i]) for i in newcomers) - (c + 1)
+        missing = [i for i in newcomers if i not in staged]
+        if missing:  # every rank stages the same prompts: the order of ``waiting`` is shared
+            group = missing + [i for i in reversed(waiting) if i not in staged][:self.max_batch - len(missing)]
+            c = min(len(prompts[i]) for i in group) - 1
+            kv = None
+            if c > 0:
+                ids = torch.tensor([prompts[i][:c] for i in group], dtype=torch.int64, device=device)
+                self._ep_running(True)  # the prefill is a forward: MoE layers exchange tokens
+                kv = self.decoder.prefill(ids)
+                self.forwards += 1
+            for row, i in enumerate(group):
+                staged[i] = (kv, row, c)
+        steps = 0
+        for j, i in zip(slots, newcomers):
+            kv, row, c = staged.pop(i)
+            if c > 0:
+                self.decoder.take(kv, row, j, c)
+            col[j] = c + 1
+            steps = max(steps, len(prompts[i]) - (c + 1))
+        return steps
 
     def _write_out(self, out, done, rows, tokens, logprobs, plen, t, stop_t, config) -> None:
         """Record the finished slots ``done`` (their last column is ``t - 1``; ``t`` an int

@@ -70,6 +70,7 @@ FREE_KEYS = (
     # its own seed whatever the batch (docs/online_core.md) and a reward is read per
     # sequence, so they change the time a step takes, not what it computes
     "*.generation.max_batch",  # pg, ppo, steerlm2: rollouts generated together
+    "*.generation.continuous_batching",  # pg, ppo, steerlm2, spin, distill: slot refill on or off
     "*.reward.micro_batch_size",  # pg, ppo: responses per reward-model forward
     "*.reward_micro_batch_size",  # steerlm2: responses per reward-model forward
     "monitor.micro_batch_size",  # the monitor's reward-model forwards (watching, not training)

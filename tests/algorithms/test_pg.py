@@ -183,6 +183,35 @@ def test_without_a_kl_term_there_is_no_reference_pass(assets, tmp_path):
     assert m["logprob_mismatch"] < 1e-5 and abs(m["policy/ratio"] - 1.0) < 1e-6 and m["policy/approx_kl"] < 1e-10
 
 
+
+def test_generation_continuous_batching_false_decodes_batch_by_batch(assets, tmp_path):
+    """pg.generation.continuous_batching reaches the rollout engine: false decodes the
+    step's 16 rows (4 prompts x G = 4) in batches of max_batch = 3, each until its longest
+    response ends (forwards counted by hand from the returned lengths: one prefill of the
+    batch's shortest prompt, then one decode step per further column), true refills the
+    slots (another count); the greedy responses are the same."""
+    runs = {}
+    for on in (False, True):
+        _, _, algo, context = _setup(assets, str(tmp_path / f"run_{on}"),
+                                     generation={"max_new_tokens": 8, "temperature": 0.0, "max_batch": 3,
+                                                 "continuous_batching": on})
+        exp = algo.make_experience(context)
+        engine = algo.maker.engine
+        assert engine.continuous is on
+        runs[on] = (exp, engine.forwards)
+    exp, forwards = runs[False]
+    plen, rlen = exp.prompt_lengths.tolist(), exp.response_lengths.tolist()
+    order = sorted(range(len(plen)), key=lambda i: plen[i])  # the engine's batches: shortest prompts first
+    by_hand = sum(max(plen[i] + rlen[i] for i in batch) - min(plen[i] for i in batch)
+                  for batch in (order[k:k + 3] for k in range(0, len(order), 3)))
+    assert forwards == by_hand
+    on_exp, on_forwards = runs[True]
+    # refills: a newcomer's last prompt token goes through a decode step, not a batch's prefill
+    assert on_forwards != forwards
+    assert torch.equal(on_exp.tokens, exp.tokens)
+    assert on_exp.response_lengths.tolist() == rlen
+
+
 # ---------------------------------------------------------------------------- DAPO
 def test_dynamic_sampling_keeps_groups_with_signal_and_counts_the_rest(assets, tmp_path):
     _, loop, algo, context = _setup(assets, str(tmp_path / "run"), advantage="grpo", loss="clipped",

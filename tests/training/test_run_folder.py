@@ -231,11 +231,13 @@ def test_a_fresh_start_removes_every_output_a_run_of_any_algorithm_writes(tmp_pa
 def test_speed_only_knobs_may_change_on_resume():
     """How many rollouts are generated or responses scored together changes the time a step
     takes, not what it computes; sampling settings do change it."""
-    recorded = {"pg": {"generation": {"max_batch": 64, "temperature": 1.0}, "reward": {"micro_batch_size": 8}},
+    recorded = {"pg": {"generation": {"max_batch": 64, "temperature": 1.0, "continuous_batching": True},
+                       "reward": {"micro_batch_size": 8}},
                 "ppo": {"generation": {"max_batch": 64}, "reward": {"micro_batch_size": 8}},
                 "steerlm2": {"generation": {"max_batch": 64}, "reward_micro_batch_size": 8},
                 "monitor": {"micro_batch_size": 8}, "trainer": {"micro_batch_size": 2, "save_on_signal": True}}
-    faster = {"pg": {"generation": {"max_batch": 8, "temperature": 1.0}, "reward": {"micro_batch_size": 2}},
+    faster = {"pg": {"generation": {"max_batch": 8, "temperature": 1.0, "continuous_batching": False},
+                     "reward": {"micro_batch_size": 2}},
               "ppo": {"generation": {"max_batch": 8}, "reward": {"micro_batch_size": 2}},
               "steerlm2": {"generation": {"max_batch": 8}, "reward_micro_batch_size": 2},
               "monitor": {"micro_batch_size": 2}, "trainer": {"micro_batch_size": 1, "save_on_signal": False}}

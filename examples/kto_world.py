@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -65,8 +66,11 @@ def write_unpaired(pairs: Path, out: Path, seed: int) -> Path:
         base = {"prompt": row["prompt"], **({"system": row["system"]} if "system" in row else {})}
         rows += [base | {"completion": pair.chosen, "label": True}, base | {"completion": pair.rejected, "label": False}]
     random.Random(seed).shuffle(rows)
-    path = out / "unpaired_train.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path, text = out / "unpaired_train.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+    if not path.is_file() or path.read_text() != text:  # arms trained side by side read it: replaced whole
+        part = path.with_suffix(f".{os.getpid()}.part")
+        part.write_text(text)
+        os.replace(part, path)
     return path
 
 

@@ -529,13 +529,15 @@ def read_rows(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invalid
             row = row_of(item)
             if row is None:
                 continue
-            if file_fmt is None:
+            detected = file_fmt is None
+            if detected:
                 file_fmt = detect_format(row)
                 if file_fmt is None:
                     raise DataFormatError(f"{where}: cannot tell the format from fields {sorted(row)} (the formats"
                                           " and their fields: docs/data_formats.md; or name the format)")
             if allowed and file_fmt not in allowed:
-                _refuse_format(row, file_fmt, allowed, where)
+                refused, file_fmt = file_fmt, (None if detected else file_fmt)  # a skipped row names no format
+                _refuse_format(row, refused, allowed, where)
             validate_row(row, file_fmt, where)
             if file_fmt == "helpsteer2":
                 # rows 2k and 2k+1 rate two responses to one prompt

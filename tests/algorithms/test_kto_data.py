@@ -75,6 +75,11 @@ def test_a_label_decides_the_format_only_when_boolean(tiny_hf, tmp_path):
     with pytest.raises(DataFormatError, match=r"s.jsonl:1: field 'label' must be true \(desirable\) or false"
                                               r" \(undesirable\), got 'stories'"):
         check_dataset(topical, "unpaired")
+    # skipping bad rows, the refused first row does not decide the format of the rows after it
+    good = {"prompt": "is it a dog", "completion": "no", "label": False}
+    mixed = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "completion": "b", "label": "stories"}, good])
+    (u,) = load_dataset(mixed, kind="unpaired", tokenizer=tok, template="raw", skip_invalid=True)
+    assert u["labels"].tolist() == [False]
     # a boolean label is KTO's: an SFT run would train on the undesirable responses, so it is refused
     marked = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "is it a dog", "completion": "no", "label": False}])
     with pytest.raises(DataFormatError, match=r"m.jsonl:1: field 'label' = False marks the row as format 'unpaired'"

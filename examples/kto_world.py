@@ -1,125 +1,159 @@
 """KTO against DPO on the embedded world, judged by its ground truth (docs/kto.md).
 
-    python examples/kto_world.py --out runs/kto_world                      # builds the world and SFT model
-    python examples/kto_world.py --quickstart runs/quickstart --out runs/kto_world
+    python examples/world_common.py --out runs/qs          # the quickstart's world, SFT and DPO models
+    python examples/kto_world.py --quickstart runs/qs --out runs/kto_world
+    python examples/kto_world.py --quickstart runs/qs --out runs/kto_world \\
+        --runs kto_sft1_b03=kto_sft1 --set kto_sft1_b03:kto.beta=0.3
 
-From one SFT model (the quickstart's ``sft/hf``, or one trained here as the quickstart trains
-it), on the world's preference pairs:
+From the quickstart's SFT model (``sft/hf``), on the world's preference pairs
+(``world/pairs_train.jsonl``), with the quickstart DPO stage's steps (``--steps``), pairs
+per step (``--pairs``), learning rate and β (the configs' defaults):
 
-- ``dpo``: ``aligner train dpo`` on the pairs (conf/dpo.yaml: with its SFT term on the
-  chosen responses, ``dpo.sft_weight=1``), ``--pairs`` pairs per step;
+- ``dpo``: the quickstart's DPO model itself (``dpo/hf``, conf/dpo.yaml: β 0.1 and its SFT
+  term on the chosen responses, ``dpo.sft_weight=1``), not trained again;
 - ``dpo_pure``: the same without the SFT term (``dpo.sft_weight=0``);
 - ``kto``: ``aligner train kto`` on the same pairs written as unpaired rows (each pair's
   chosen response a desirable row, its rejected one an undesirable row, the rows shuffled
   so that a pair's halves are apart), ``2 × --pairs`` rows per step: the same responses
-  per step, the same steps (``--steps``), λ_D = λ_U = 1 (n_D = n_U: the paper's ratio 1);
-- ``kto_d133``: the same with λ_D = 1.33 (the top of the paper's range).
+  per step, λ_D = λ_U = 1 (n_D = n_U: the paper's ratio 1), no SFT term (the paper's
+  objective);
+- ``kto_sft1``: the same with DPO's SFT term on the desirable responses
+  (``kto.sft_weight=1``, normalised as DPO's: the mean over the desirable responses of each
+  one's per-token NLL).
 
-Every arm has the same β (``--beta``) and steps. Arms already trained in ``--out`` are
-not trained again.
+``--runs`` names the runs (default: all of the above but ``dpo``, which is always judged);
+``NAME=BASE`` is a variant of a base run in its own folder, and ``--set NAME:KEY=VALUE``
+changes one of its options (e.g. ``--runs kto_lr5e-6=kto --set kto_lr5e-6:optim.lr=5e-6``).
+``--train-only`` trains the named runs and judges nothing (to train runs side by side in
+separate processes, then judge them all in one). Runs already trained in ``--out`` are not
+trained again, and a model already judged there (its ``generations_<name>.jsonl``) is not
+sampled again.
 
-Judging (as examples/iterative_dpo.py): ``--prompts`` held-out prompts, one response each
-at temperature 1 with fixed seeds, rated by the world's scorer; the paired helpfulness
-gains over the SFT model (and KTO over DPO), with standard errors, go to
-``results.json``.
+Judging (as examples/preference_world.py): ``--prompts`` held-out prompts, one response
+each at temperature 1 with fixed seeds, rated by the world's scorer; the paired helpfulness
+gains over the SFT model, over DPO and (KTO variants) over ``kto``, with standard errors, the exact-answer rates and the
+mean response length go to ``results.json`` (runs of earlier invocations stay).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
-import time
 from pathlib import Path
 
-from world_common import paired  # the examples folder is the script's own: the same paired statistics
+from world_common import WorldJudge, mean, paired, rate, train  # the examples folder is the script's own
+
+BASES = {
+    "dpo_pure": ("dpo", ["dpo.sft_weight=0"]),
+    "kto": ("kto", []),
+    "kto_sft1": ("kto", ["kto.sft_weight=1.0"]),
+}
+
+
+def write_unpaired(pairs: Path, out: Path, seed: int) -> Path:
+    """The pairs as unpaired rows (chosen desirable, rejected undesirable, ties dropped as
+    training on pairs drops them), shuffled so that a pair's halves are apart."""
+    from aligner.data.datasets import KIND_FORMATS, read_rows
+    from aligner.data.formats import parse_row
+
+    rows = []
+    for _, row, fmt in read_rows(pairs, allowed=KIND_FORMATS["pairs"]):
+        pair = parse_row(row, fmt)
+        if pair.is_tie:
+            continue
+        base = {"prompt": row["prompt"], **({"system": row["system"]} if "system" in row else {})}
+        rows += [base | {"completion": pair.chosen, "label": True}, base | {"completion": pair.rejected, "label": False}]
+    random.Random(seed).shuffle(rows)
+    path, text = out / "unpaired_train.jsonl", "".join(json.dumps(r) + "\n" for r in rows)
+    if not path.is_file() or path.read_text() != text:  # arms trained side by side read it: replaced whole
+        part = path.with_suffix(f".{os.getpid()}.part")
+        part.write_text(text)
+        os.replace(part, path)
+    return path
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quickstart", default=None, help="a finished quickstart folder (read only): its world"
-                        " and sft/hf; without it the world and the SFT model are built under --out")
+    parser.add_argument("--quickstart", required=True, help="a finished quickstart folder (read only): its world,"
+                        " sft/hf and dpo/hf (examples/world_common.py builds one)")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--sft-steps", type=int, default=300, help="SFT steps when the SFT model is trained here")
-    parser.add_argument("--steps", type=int, default=100, help="steps of DPO and of KTO")
+    parser.add_argument("--runs", default=",".join(BASES))
+    parser.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE")
+    parser.add_argument("--steps", type=int, default=100, help="steps of each run (the quickstart's DPO stage: 100)")
     parser.add_argument("--pairs", type=int, default=32, help="pairs per step (KTO: twice as many rows)")
-    parser.add_argument("--beta", type=float, default=0.1, help="β of both")
     parser.add_argument("--prompts", type=int, default=200, help="held-out prompts judged")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-only", action="store_true", help="train the runs, judge nothing")
     args = parser.parse_args(argv)
+    qs, out = Path(args.quickstart), Path(args.out)
+    base_of = {}
+    for item in filter(None, args.runs.split(",")):
+        name, _, base = item.partition("=")
+        if (base or name) not in BASES or name in ("sft", "dpo"):
+            parser.error(f"--runs: {item!r}: expected NAME or NAME=BASE with BASE one of {', '.join(BASES)}"
+                         " (and NAME not sft or dpo)")
+        base_of[name] = base or name
+    extra = {}
+    for item in args.set:
+        name, sep, override = item.partition(":")
+        if not sep or name not in base_of or "=" not in override:
+            parser.error(f"--set {item}: expected NAME:KEY=VALUE with NAME one of --runs ({', '.join(base_of)})")
+        extra.setdefault(name, []).append(override)
 
-    from aligner.cli.quickstart import _generate, _train, common_overrides, train_sft
-    from aligner.data import load_tokenizer
-    from aligner.data.datasets import KIND_FORMATS, read_rows
-    from aligner.data.formats import parse_row
-    from aligner.data.world import load_prompts, score_response, synthesize
-    from aligner.parallel import ParallelConfig, initialize, is_initialized
+    judged = WorldJudge(qs, out, prompts=args.prompts, seed=args.seed)
+    world = judged.world
+    unpaired = write_unpaired(world / "pairs_train.jsonl", out, args.seed)
+    for name, base in base_of.items():
+        if (out / name / "hf").is_dir():
+            continue
+        algorithm, options = BASES[base]
+        data = ([f"data.train={world / 'pairs_train.jsonl'}", f"trainer.global_batch_size={args.pairs}"]
+                if algorithm == "dpo" else
+                [f"data.train={unpaired}", f"trainer.global_batch_size={2 * args.pairs}"])
+        settings = options + extra.get(name, [])
+        overrides = [f"init.hf={qs / 'sft' / 'hf'}", f"data.tokenizer={judged.tokenizer_path}",
+                     f"model.vocab_size={judged.tokenizer.vocab_size}", f"trainer.out_dir={out / name}",
+                     f"trainer.max_steps={args.steps}", f"trainer.seed={args.seed}", "trainer.micro_batch_size=8",
+                     "trainer.progress=true", "trainer.tensorboard=false", "trainer.save_interval=0",
+                     "trainer.val_interval=0"] + data + settings
+        seconds = train(algorithm, overrides)
+        (out / f"train_{name}.json").write_text(json.dumps(
+            {"algorithm": algorithm, "settings": settings + [f"steps={args.steps}", f"pairs={args.pairs}"],
+             "seconds": seconds}, indent=2))
+    if args.train_only:
+        return 0
 
-    if not is_initialized():
-        initialize(ParallelConfig(seed=args.seed))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    seconds = {}
-    t0 = time.perf_counter()
-    if args.quickstart:
-        qs = Path(args.quickstart)
-        world = {name: qs / "world" / f"{name}.jsonl" for name in ("pairs_train", "prompts_heldout")}
-        world["tokenizer"] = qs / "world" / "tokenizer.model"
-        sft = qs / "sft" / "hf"
-    else:
-        world = synthesize(out / "world", seed=args.seed)
-    tok = load_tokenizer(str(world["tokenizer"]))
-    common = common_overrides(world, tok, args.seed)
-    if not args.quickstart:
-        sft = out / "sft" / "hf"
-        if not sft.exists():
-            train_sft(out, world, common, args.sft_steps)
-        seconds["sft"] = time.perf_counter() - t0
-
-    # the pairs as unpaired rows: chosen desirable, rejected undesirable, shuffled apart
-    rows = []
-    for number, row, fmt in read_rows(world["pairs_train"], allowed=KIND_FORMATS["pairs"]):
-        pair = parse_row(row, fmt)
-        if pair.is_tie:
-            continue  # as training on pairs drops them
-        base = {"prompt": row["prompt"], **({"system": row["system"]} if "system" in row else {})}
-        rows += [base | {"completion": pair.chosen, "label": True}, base | {"completion": pair.rejected, "label": False}]
-    random.Random(args.seed).shuffle(rows)
-    unpaired = out / "unpaired_train.jsonl"
-    unpaired.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-    dpo = [f"data.train={world['pairs_train']}", f"trainer.global_batch_size={args.pairs}", f"dpo.beta={args.beta}"]
-    kto = [f"data.train={unpaired}", f"trainer.global_batch_size={2 * args.pairs}", f"kto.beta={args.beta}"]
-    runs = {"dpo": ("dpo", dpo), "dpo_pure": ("dpo", dpo + ["dpo.sft_weight=0"]), "kto": ("kto", kto),
-            "kto_d133": ("kto", kto + ["kto.desirable_weight=1.33"])}
-    trained = {}
-    for name, (algorithm, overrides) in runs.items():
-        t1 = time.perf_counter()
-        trained[name] = _train(algorithm, common + [
-            f"init.hf={sft}", f"trainer.out_dir={out / name}", f"trainer.max_steps={args.steps}",
-            "trainer.micro_batch_size=8", "trainer.save_interval=0", "trainer.val_interval=0"] + overrides)
-        seconds[name] = time.perf_counter() - t1
-
-    heldout = load_prompts(str(world["prompts_heldout"]), tok)[:args.prompts]
-    helpful = {}
-    for name, folder in [("sft", sft)] + [(name, out / name / "hf") for name in runs]:
-        responses = _generate(folder, heldout, tok, max_new_tokens=48, seed=args.seed)
-        scores = [score_response(p["meta"], r) for p, r in zip(heldout, responses)]
-        with open(out / f"generations_{name}.jsonl", "w") as f:
-            for p, r, s in zip(heldout, responses, scores):
-                f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
-        helpful[name] = [s["helpfulness"] for s in scores]
-    results = {
-        "settings": vars(args), "sft": str(sft), "seconds": seconds,
-        "helpfulness": {name: sum(v) / len(v) for name, v in helpful.items()},
-        **{f"{name}_minus_sft": paired(helpful["sft"], helpful[name]) for name in runs},
-        "kto_minus_dpo_pure": paired(helpful["dpo_pure"], helpful["kto"]),
-        "kto_minus_dpo": paired(helpful["dpo"], helpful["kto"]),
-        "last_train": {name: {k: v for k, v in trained[name]["train"].items()
-                              if k.startswith(("loss", "kl", "rewards/", "logps/"))} for name in trained},
+    scores = {}
+    for name, folder in [("sft", qs / "sft" / "hf"), ("dpo", qs / "dpo" / "hf")] + [(r, out / r / "hf")
+                                                                                   for r in base_of]:
+        done = out / f"generations_{name}.jsonl"
+        if done.is_file():  # judged before: the same model, prompts and seeds
+            scores[name] = [json.loads(line)["scores"] for line in done.read_text().splitlines()]
+        else:
+            scores[name] = judged.judge(folder, name)
+    helpful = {k: [float(s["helpfulness"]) for s in v] for k, v in scores.items()}
+    results_path = out / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    new = {
+        "helpfulness": {k: mean(v) for k, v in helpful.items()},
+        "correctness": {k: mean([float(s["correctness"]) for s in v]) for k, v in scores.items()},
+        "exact_answer_rate": {k: rate([float(s["exact"]) for s in v]) for k, v in scores.items()},
+        "response_words": {k: mean([len(json.loads(line)["response"].split()) for line in
+                                    (out / f"generations_{k}.jsonl").read_text().splitlines()]) for k in scores},
+        "gain_over_sft": {k: paired(helpful["sft"], v) for k, v in helpful.items() if k != "sft"},
+        "gain_over_dpo": {k: paired(helpful["dpo"], v) for k, v in helpful.items() if k not in ("sft", "dpo")},
+        "gain_over_kto": {k: paired(helpful["kto"], v) for k, v in helpful.items()
+                          if "kto" in helpful and k.startswith("kto") and k != "kto"},
+        "training": {k: json.loads((out / f"train_{k}.json").read_text()) for k in base_of
+                     if (out / f"train_{k}.json").is_file()},
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    for key, values in new.items():  # runs of earlier invocations stay (each with its own settings)
+        results[key] = dict(results.get(key, {}), **values)
+    results["quickstart"] = str(qs)
+    results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
+    print(json.dumps(results, indent=2, sort_keys=True))
     return 0
 
 

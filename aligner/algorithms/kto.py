@@ -6,7 +6,11 @@ labelled response per ``unpaired`` row, or both responses of a pair (chosen desi
 rejected undesirable), which then share a micro-batch. Per response ``ρ = log π(y|x) − log
 π_ref(y|x)`` (summed over the response tokens); the loss is
 :func:`aligner.algorithms.losses.kto.kto_loss`, the mean over the responses of the global
-batch, against the reference point ``z_ref`` of the step.
+batch, against the reference point ``z_ref`` of the step. ``kto.sft_weight`` adds DPO's SFT
+term (docs/dpo.md) on the desirable responses: the mean over the global batch's desirable
+responses of each one's NLL averaged over its tokens (the step's response and desirable
+counts are taken from the global batch before the step, so every micro-batch divides by
+them: the same number under every layout).
 
 The reference point: before each step the responses of the global batch are put in data
 order, and row ``i`` gets the completion of the row before it after its own prompt
@@ -64,6 +68,7 @@ class KTOSection:
     beta: float = 0.1  # the KL strength β (> 0)
     desirable_weight: float = 1.0  # λ_D
     undesirable_weight: float = 1.0  # λ_U
+    sft_weight: float = 0.0  # weight of the NLL on the desirable responses (0: the paper's objective)
     reference: Reference = Reference.precompute
 
 
@@ -83,6 +88,8 @@ def check_kto_section(p, key: str = "kto") -> None:
     for name in ("desirable_weight", "undesirable_weight"):
         if not p[name] > 0:
             raise ConfigError(f"{key}.{name} = {p[name]!r}: expected > 0")
+    if not p.sft_weight >= 0:
+        raise ConfigError(f"{key}.sft_weight = {p.sft_weight!r}: expected >= 0")
 
 
 def weight_advice(n_desirable: int, n_undesirable: int, desirable_weight: float, undesirable_weight: float,
@@ -121,6 +128,7 @@ class KTOAlgorithm(TokenAlgorithm):
         beta: float = 0.1,
         desirable_weight: float = 1.0,
         undesirable_weight: float = 1.0,
+        sft_weight: float = 0.0,
         reference: str = "precompute",
         max_length: Optional[int] = None,
         packing: bool = False,
@@ -134,6 +142,9 @@ class KTOAlgorithm(TokenAlgorithm):
         self.beta = beta
         self.desirable_weight = desirable_weight
         self.undesirable_weight = undesirable_weight
+        if not sft_weight >= 0:
+            raise ValueError(f"kto.sft_weight must be >= 0, got {sft_weight}")
+        self.sft_weight = sft_weight
         self.reference = reference
         self.max_length = max_length
         self._ref: Optional[torch.Tensor] = None  # [n_train + n_val, 2, 2]: per response (logp, count)
@@ -141,6 +152,7 @@ class KTOAlgorithm(TokenAlgorithm):
         self._kl: Optional[torch.Tensor] = None  # the pass being collected: [rows] log-probs
         self._collect: Optional[str] = None  # None (training), "reference" or "kl"
         self._z: Optional[torch.Tensor] = None  # the step's reference point
+        self._totals: Optional[tuple] = None  # the step's (responses, desirable responses), global batch
         self._host_ref = None
         self._summary: Optional[Dict[str, dict]] = None
 
@@ -208,14 +220,21 @@ class KTOAlgorithm(TokenAlgorithm):
                                f"{batch['index'].cpu()[unseen.cpu()].tolist()}")
         z = self._z if self._z is not None else torch.zeros((), dtype=torch.float64)
         desirable = batch["desirable"].to(logps.device)
+        # the step's counts divide both terms, so the micro-batches' totals add up to the step's loss
+        # (validation, which takes no gradient, reuses the last step's; every logged loss is rebuilt
+        # from the exact sums in finalize_metrics)
+        totals = self._totals or (n, int(desirable.sum()))
         loss, stats = kto_loss(logps, ref[:, 0].to(logps.dtype), desirable, z.to(logps.device), self.beta,
-                               self.desirable_weight, self.undesirable_weight)
-        total = loss * n
+                               self.desirable_weight, self.undesirable_weight,
+                               desirable_nll=-logps / counts.clamp(min=1), sft_weight=self.sft_weight, totals=totals)
+        total = loss * totals[0]  # the loop divides by the step's responses
         n_d = stats["count/desirable"].double()
         n_u = n - n_d
         with torch.no_grad():
             metrics = {
                 "loss": metric(total, n),
+                "loss/kto": metric(stats["loss/kto"].double() * n, n),
+                "loss/sft": metric(stats["loss/sft"].double() * n_d, n_d),
                 "kl": metric(stats["kl"].double() * n, n),
                 "rewards/chosen": metric(stats["rewards/chosen"].double() * n_d, n_d),
                 "rewards/rejected": metric(stats["rewards/rejected"].double() * n_u, n_u),
@@ -224,6 +243,16 @@ class KTOAlgorithm(TokenAlgorithm):
                 "fraction_desirable": metric(n_d, n),
             }
         return total, torch.tensor(n), metrics
+
+    def finalize_metrics(self, means, sums):
+        """``loss`` from its exact parts: the mean value over the responses plus ``sft_weight``
+        times the mean NLL over the desirable ones (0 when there are none)."""
+        out = dict(means)
+        if "loss/kto" in sums:
+            sft_sum, n_d = sums.get("loss/sft", (0.0, 0.0))
+            out["loss/sft"] = sft_sum / n_d if n_d else 0.0
+            out["loss"] = out["loss/kto"] + self.sft_weight * out["loss/sft"]
+        return out
 
     # ------------------------------------------------------------------ passes
     def _pass(self, loop, kind, samples, seq_length):
@@ -306,6 +335,8 @@ class KTOAlgorithm(TokenAlgorithm):
     def before_step(self, loop, local_samples, seq_length):
         """The step's reference point ``z_ref`` over the global batch (module docstring)."""
         step = loop.step
+        samples = loop.global_batch(step)
+        self._totals = (sum(len(s["labels"]) for s in samples), sum(int(s["labels"].sum()) for s in samples))
         kl_samples, rows = self._step_kl(loop, step)
         modes = [m.training for m in loop.models]
         for m in loop.models:
@@ -372,6 +403,7 @@ class KTOTrainer(Trainer):
             beta=p.beta,
             desirable_weight=p.desirable_weight,
             undesirable_weight=p.undesirable_weight,
+            sft_weight=p.sft_weight,
             reference=str(p.reference),
             max_length=d.max_length,
             packing=d.packing,

@@ -497,6 +497,23 @@ def fit_to_length(tokens, mask, max_length, overlong, counts):
 
 
 # ------------------------------------------------------------------------------ rows
+def _refuse_format(row: dict, fmt: str, allowed: Sequence[str], where: str) -> None:
+    """The error for a row of format ``fmt`` read where only ``allowed`` may be: precise where
+    the row is a labelled response's near miss, or a labelled response where none is read."""
+    if "unpaired" in allowed and fmt in ("prompt_completion", "prompt", "sft", "openai", "steerlm"):
+        if "label" not in row:
+            raise DataFormatError(f"{where}: missing field 'label' (true: a desirable response, false: an"
+                                  " undesirable one), or give pairs (prompt, chosen, rejected)")
+        _validate_unpaired(row, where)  # a label of another type than boolean: names the field
+    if fmt == "unpaired":
+        others = [f for f in ("prompt_completion", "sft", "openai") if f in allowed]
+        fix = f" to read the row as {others[0]!r}" if others else ""
+        raise DataFormatError(f"{where}: field 'label' = {row['label']!r} marks the row as format 'unpaired' (a"
+                              f" response labelled desirable or undesirable, KTO's), which cannot be used here"
+                              f" (expected one of {list(allowed)}); remove the field{fix}, or train KTO on the file")
+    raise DataFormatError(f"{where}: format {fmt!r} cannot be used here; expected one of {list(allowed)}")
+
+
 def read_rows(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invalid: bool = False,
               counts: Optional[Counter] = None):
     """(number, row, format) for every valid row of a source (:mod:`aligner.data.readers`:
@@ -512,16 +529,15 @@ def read_rows(path, fmt: str = "auto", allowed: Sequence[str] = (), skip_invalid
             row = row_of(item)
             if row is None:
                 continue
-            if file_fmt is None:
+            detected = file_fmt is None
+            if detected:
                 file_fmt = detect_format(row)
                 if file_fmt is None:
                     raise DataFormatError(f"{where}: cannot tell the format from fields {sorted(row)} (the formats"
                                           " and their fields: docs/data_formats.md; or name the format)")
             if allowed and file_fmt not in allowed:
-                if "unpaired" in allowed and "label" not in row and file_fmt in ("prompt_completion", "prompt", "sft", "openai"):
-                    raise DataFormatError(f"{where}: missing field 'label' (true: a desirable response, false: an"
-                                          " undesirable one), or give pairs (prompt, chosen, rejected)")
-                raise DataFormatError(f"{where}: format {file_fmt!r} cannot be used here; expected one of {list(allowed)}")
+                refused, file_fmt = file_fmt, (None if detected else file_fmt)  # a skipped row names no format
+                _refuse_format(row, refused, allowed, where)
             validate_row(row, file_fmt, where)
             if file_fmt == "helpsteer2":
                 # rows 2k and 2k+1 rate two responses to one prompt

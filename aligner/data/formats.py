@@ -28,7 +28,8 @@ Formats (the names used by ``--format`` and :func:`detect_format`):
 ``unpaired``             one response labelled desirable or not (KTO): ``prompt`` and
                          ``completion`` (or ``response``) as in ``prompt_completion``, or a
                          ``conversations`` / ``messages`` conversation ending with the
-                         assistant turn, and ``label``: ``true`` | ``false``
+                         assistant turn, and ``label``: ``true`` | ``false`` (a boolean: a
+                         ``label`` of another type leaves the row in its other format)
 ``prompt``               ``{"prompt"}`` (any other row with a ``prompt`` also reads as one)
 ``steerlm2``             ``system``, ``prompt_turns``, ``label``, ``responses[]`` with ``value``,
                          ``log(P(a|x,y))``, ``log(P(y|x))``, ``log(Q(y|a,x))``
@@ -229,15 +230,16 @@ def detect_format(row: dict) -> str | None:
 
 
 def is_unpaired(row: dict) -> bool:
-    """A labelled response (KTO): a ``label`` beside a response (``completion`` or ``response``
-    after a ``prompt``), or a boolean ``label`` beside a conversation (a string label there
-    is SteerLM's)."""
+    """A labelled response (KTO): a boolean ``label`` (true: desirable, false: undesirable)
+    beside a response (``completion`` or ``response`` after a ``prompt``) or beside a
+    conversation. A ``label`` of another type is not KTO's (a string beside a conversation
+    is SteerLM's; beside a prompt and completion it is a field the row merely carries)."""
     keys = set(row)
-    if "label" not in keys:
+    if not isinstance(row.get("label"), bool):
         return False
     if "prompt" in keys and keys & {"completion", "response"} and not keys & set(NINE_ATTRIBUTES):
         return True
-    return bool(keys & {"conversations", "messages"}) and isinstance(row["label"], bool)
+    return bool(keys & {"conversations", "messages"})
 
 
 # --------------------------------------------------------------------------------------- parsing

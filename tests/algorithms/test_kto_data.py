@@ -62,6 +62,33 @@ def test_bad_labels_name_file_and_line(tiny_hf, tmp_path, row, message):
             check_dataset(write_jsonl(tmp_path / "u.jsonl", [row, good]), "unpaired")
 
 
+def test_a_label_decides_the_format_only_when_boolean(tiny_hf, tmp_path):
+    from aligner.data.loading import check_dataset
+
+    v, tok = tiny_hf["vocab"], load_tokenizer(tiny_hf["dir"])
+    # an SFT file whose rows carry a 'label' of their own (a topic): prompt and completion rows, read as SFT
+    topical = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "tell me a story", "completion": "once upon a time",
+                                                  "label": "stories"}])
+    (s,) = load_dataset(topical, kind="sft", tokenizer=tok, template="raw")
+    assert s["tokens"].tolist() == _ids(v, "tell me a story once upon a time") + [v["</s>"]]
+    # ... which KTO refuses, naming the line and the field
+    with pytest.raises(DataFormatError, match=r"s.jsonl:1: field 'label' must be true \(desirable\) or false"
+                                              r" \(undesirable\), got 'stories'"):
+        check_dataset(topical, "unpaired")
+    # skipping bad rows, the refused first row does not decide the format of the rows after it
+    good = {"prompt": "is it a dog", "completion": "no", "label": False}
+    mixed = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "a", "completion": "b", "label": "stories"}, good])
+    (u,) = load_dataset(mixed, kind="unpaired", tokenizer=tok, template="raw", skip_invalid=True)
+    assert u["labels"].tolist() == [False]
+    # a boolean label is KTO's: an SFT run would train on the undesirable responses, so it is refused
+    marked = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "is it a dog", "completion": "no", "label": False}])
+    with pytest.raises(DataFormatError, match=r"m.jsonl:1: field 'label' = False marks the row as format 'unpaired'"
+                                              r" .* remove the field to read the row as 'prompt_completion'"):
+        check_dataset(marked, "sft")
+    (u,) = load_dataset(marked, kind="unpaired", tokenizer=tok, template="raw")
+    assert u["labels"].tolist() == [False]
+
+
 def test_mismatched_sequences_of_a_step(tiny_hf, tmp_path):
     from aligner.algorithms.kto import KTOAlgorithm
 
@@ -89,6 +116,7 @@ def test_kto_config_values_are_checked_when_composed():
     assert trainer_cls.__name__ == "KTOTrainer" and (cfg.kto.beta, str(cfg.kto.reference)) == (0.2, "resident")
     for override, message in (("kto.undesirable_weight=0", r"kto.undesirable_weight = 0(\.0)?: expected > 0"),
                               ("kto.beta=-1", r"kto.beta = -1(\.0)?: expected > 0"),
+                              ("kto.sft_weight=-1", r"kto.sft_weight = -1(\.0)?: expected >= 0"),
                               ("kto.reference=model", "kto.reference"),
                               ("data.packing=true", "data.packing = true: KTO")):
         with pytest.raises(ConfigError, match=message):

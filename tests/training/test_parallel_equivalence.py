@@ -110,8 +110,9 @@ def run_layout(workdir, weights, tp, pp):
         out[kind] = _train(algo, f"{workdir}/{kind}")
         out[kind]["reference_table"] = algo._ref is not None
     for reference in ("precompute", "resident"):
-        # λ_D = 3: desirable-led updates raise the mismatched log-probs, so z_ref > 0 at step 3
-        algo = KTOAlgorithm(0, beta=0.5, desirable_weight=3.0, reference=reference)
+        # λ_D = 3: desirable-led updates raise the mismatched log-probs, so z_ref > 0 at step 3; the SFT
+        # term (kto.sft_weight) divides by the step's desirable responses, which the DP ranks share unevenly
+        algo = KTOAlgorithm(0, beta=0.5, desirable_weight=3.0, sft_weight=0.5, reference=reference)
         out[f"kto_{reference}"] = _train(algo, f"{workdir}/kto_{reference}")
     if tp == 1 and pp == 1:
         out["dpo_packed"] = _train(DPOAlgorithm(0, beta=0.5, packing=True, capacity=48), f"{workdir}/p")

@@ -83,3 +83,37 @@ def test_kto_on_a_ragged_batch_with_its_mismatched_rows_by_hand():
     close(loss, (0.425557483 + 2 * 0.689974481 + 0.768524783) / 3, 1e-8)
     close(stats["rewards/chosen"], (0.5 - 1.0) / 2, 1e-7)
     close(stats["rewards/rejected"], 1.0, 1e-7)
+
+
+def test_sft_term_on_the_desirable_responses_of_a_ragged_batch_by_hand():
+    # the batch above: token log-probs of three responses of 1, 3 and 2 tokens, labels [D, U, D]
+    from aligner.algorithms.losses.common import sequence_logps
+
+    mask = t([[1, 0, 0], [1, 1, 1], [1, 1, 0]])
+    tokens = t([[-1.0, 9.0, 9.0], [-0.5, -0.5, -1.0], [-2.0, -1.0, 9.0]]).requires_grad_()
+    pol = sequence_logps(tokens, mask)  # [-1, -2, -3]
+    ref = t([-1.5, -3.0, -2.0])
+    d = torch.tensor([True, False, True])
+    z = torch.tensor(0.2, dtype=torch.float64)
+    nll = -pol / mask.sum(-1)  # per-token mean NLL: [1, 2/3, 1.5]
+    base, _ = K.kto_loss(pol, ref, d, z, 1.0, 1.0, 2.0)
+    kto_part = (0.425557483 + 2 * 0.689974481 + 0.768524783) / 3
+    close(base, kto_part, 1e-8)
+    loss, stats = K.kto_loss(pol, ref, d, z, 1.0, 1.0, 2.0, desirable_nll=nll, sft_weight=0.5)
+    # the desirable rows' NLL: (1 + 1.5) / 2 = 1.25 (the undesirable row's 2/3 is not counted); 0.5 · 1.25 = 0.625
+    close(stats["loss/sft"], 1.25, 1e-12)
+    close(stats["loss/kto"], kto_part, 1e-8)
+    close(loss, kto_part + 0.625, 1e-8)
+    # the SFT term's gradient on the token log-probs: −w / (n_D · |y|) on a desirable row's response
+    # tokens: row 1 −0.5 / (2 · 1) = −0.25, row 3 −0.5 / (2 · 2) = −0.125; nothing on row 2 nor on padding
+    (g_sft,) = torch.autograd.grad(loss - base, tokens)
+    torch.testing.assert_close(g_sft, t([[-0.25, 0, 0], [0, 0, 0], [-0.125, -0.125, 0]]), atol=1e-12, rtol=0)
+    # as the share of a batch of 6 responses, 4 desirable: Σv / 6 + 0.5 · (1 + 1.5) / 4
+    share, _ = K.kto_loss(pol, ref, d, z, 1.0, 1.0, 2.0, desirable_nll=nll, sft_weight=0.5, totals=(6, 4))
+    close(share, kto_part * 3 / 6 + 0.5 * 2.5 / 4, 1e-8)
+    # no desirable response: the term is 0
+    none, stats = K.kto_loss(pol, ref, torch.tensor([False] * 3), z, 1.0, desirable_nll=nll, sft_weight=0.5)
+    close(stats["loss/sft"], 0.0)
+    close(none, stats["loss/kto"], 1e-12)
+    with pytest.raises(ValueError, match="needs desirable_nll"):
+        K.kto_loss(pol, ref, d, z, 1.0, sft_weight=0.5)

@@ -16,8 +16,9 @@ SPIN run already trained in ``--out`` is judged again, not retrained.
 trained twice on the same SFT rows for the same steps: by SFT on their responses, and by
 distillation from the quickstart's DPO model (``--divergence``, further ``distill.*`` keys
 with ``--set``), into ``--out/<--name>``; the paired gain of the distilled student over the
-SFT student, and the teacher's level. Students already trained in ``--out`` are judged
-again, not retrained, so variants of the distilled student (each its own ``--name``) share
+SFT student and over the teacher, and the teacher's over the SFT student. Students already
+trained in ``--out`` are judged again, not retrained (only under the settings they were
+trained with), so variants of the distilled student (each its own ``--name``) share
 one SFT student and accumulate in ``results.json``.
 
 Judging (examples/world_common.py): ``--prompts`` held-out prompts, one response each at

@@ -16,8 +16,9 @@ SPIN run already trained in ``--out`` is judged again, not retrained.
 trained twice on the same SFT rows for the same steps: by SFT on their responses, and by
 distillation from the quickstart's DPO model (``--divergence``, further ``distill.*`` keys
 with ``--set``), into ``--out/<--name>``; the paired gain of the distilled student over the
-SFT student, and the teacher's level. Students already trained in ``--out`` are judged
-again, not retrained, so variants of the distilled student (each its own ``--name``) share
+SFT student and over the teacher, and the teacher's over the SFT student. Students already
+trained in ``--out`` are judged again, not retrained (only under the settings they were
+trained with), so variants of the distilled student (each its own ``--name``) share
 one SFT student and accumulate in ``results.json``.
 
 Judging (examples/world_common.py): ``--prompts`` held-out prompts, one response each at
@@ -63,6 +64,23 @@ def spin_data_quality(out: Path, rows: Path, iterations: int) -> dict:
                                      "chosen_better": mean([float(c > r) for c, r in zip(chosen, rejected)]),
                                      "rejected_better": mean([float(r > c) for c, r in zip(chosen, rejected)])})
     return report
+
+
+def check_distill_reuse(results: dict, sft_student: dict, name: str, variant: dict) -> None:
+    """A student already trained in ``--out`` is reused only under the settings it was
+    trained with: the SFT student under the same rows, steps, learning rate, layers and seed
+    as the distilled student (the comparison is on the same prompts and steps), a variant
+    ``name`` under its own divergence, overrides, learning rate and steps. ValueError, one
+    line, otherwise."""
+    trained = results.get("sft_student_settings")
+    if trained is not None and trained != sft_student:
+        changed = ", ".join(f"--{k} {trained.get(k)} -> {v}" for k, v in sft_student.items() if trained.get(k) != v)
+        raise ValueError(f"the SFT student in --out was trained with other settings ({changed}): the distilled"
+                         " student must see its prompts and steps; use another --out")
+    previous = results.get("variants", {}).get(name)
+    if previous is not None and previous != variant:
+        changed = ", ".join(f"{k} {previous.get(k)} -> {v}" for k, v in variant.items() if previous.get(k) != v)
+        raise ValueError(f"--name {name}: already trained in --out with other settings ({changed}); use another --name")
 
 
 def main(argv=None) -> int:
@@ -136,20 +154,28 @@ def main(argv=None) -> int:
         results.setdefault("seconds", {})
         student = common + [f"model.num_layers={args.layers}", f"model.vocab_size={judged.tokenizer.vocab_size}",
                             f"trainer.max_steps={args.steps}"]
+        sft_settings = {"rows": args.rows, "steps": args.steps, "lr": args.lr, "layers": args.layers, "seed": args.seed}
+        variant = {"divergence": args.divergence, "set": args.set, "lr": args.lr, "steps": args.steps}
+        try:
+            check_distill_reuse(results, sft_settings, args.name, variant)
+        except ValueError as exc:
+            parser.error(str(exc))
         if not (out / "sft_student" / "hf").is_dir():
             results["seconds"]["sft_student"] = train("sft", student + [f"trainer.out_dir={out / 'sft_student'}"])
+        results["sft_student_settings"] = sft_settings
         if not (out / args.name / "hf").is_dir():
             results["seconds"][args.name] = train("distill", student + [
                 f"trainer.out_dir={out / args.name}",
                 f"distill.teacher={qs / 'dpo' / 'hf'}", f"distill.divergence={args.divergence}"] + args.set)
-            results.setdefault("variants", {})[args.name] = {"divergence": args.divergence, "set": args.set,
-                                                             "lr": args.lr, "steps": args.steps}
+            results.setdefault("variants", {})[args.name] = variant
         sft_student = judge(out / "sft_student" / "hf", "sft_student")
         distilled = judge(out / args.name / "hf", args.name)
-        teacher = judge(qs / "dpo" / "hf", "teacher")
-        results.update(sft_student_helpfulness=mean(sft_student), teacher_helpfulness=mean(teacher))
+        teacher = judge(qs / "dpo" / "hf", "teacher")  # the same prompts, seeds and temperature as the students
+        results.update(sft_student_helpfulness=mean(sft_student), teacher_helpfulness=mean(teacher),
+                       teacher_gain_over_sft_student=paired(sft_student, teacher))
         results.setdefault("helpfulness", {})[args.name] = mean(distilled)
         results.setdefault("gain_over_sft_student", {})[args.name] = paired(sft_student, distilled)
+        results.setdefault("gain_over_teacher", {})[args.name] = paired(teacher, distilled)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0

@@ -39,7 +39,7 @@ the rotation, as in the layer), post norms on the projections' outputs, a slidin
 (a layer attends to its last ``window`` cached keys), attention-logit soft-capping,
 partial rotary embedding (the first dimensions only), the sliding-window layers' local
 rope, the embedding multiplier and final-logit soft-capping of the model. Anything else
-(Transformer Engine spec, MoE, ...) decodes through megatron-core's own forward instead.
+(Transformer Engine spec, ...) decodes through megatron-core's own forward instead.
 """
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ import random
 import sys
 from pathlib import Path
 
-from world_common import WorldJudge, mean, paired, rate, train  # the examples folder is the script's own
+from world_common import WorldJudge, mean, named_runs, paired, rate, train  # the examples folder is the script's own
 
 BASES = {
     "dpo_pure": ("dpo", ["dpo.sft_weight=0"]),
@@ -88,19 +88,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-only", action="store_true", help="train the runs, judge nothing")
     args = parser.parse_args(argv)
     qs, out = Path(args.quickstart), Path(args.out)
-    base_of = {}
-    for item in filter(None, args.runs.split(",")):
-        name, _, base = item.partition("=")
-        if (base or name) not in BASES or name in ("sft", "dpo"):
-            parser.error(f"--runs: {item!r}: expected NAME or NAME=BASE with BASE one of {', '.join(BASES)}"
-                         " (and NAME not sft or dpo)")
-        base_of[name] = base or name
-    extra = {}
-    for item in args.set:
-        name, sep, override = item.partition(":")
-        if not sep or name not in base_of or "=" not in override:
-            parser.error(f"--set {item}: expected NAME:KEY=VALUE with NAME one of --runs ({', '.join(base_of)})")
-        extra.setdefault(name, []).append(override)
+    base_of, extra = named_runs(parser, args.runs, args.set, BASES, reserved=("sft", "dpo"))
 
     judged = WorldJudge(qs, out, prompts=args.prompts, seed=args.seed)
     world = judged.world

@@ -29,7 +29,7 @@ import json
 import sys
 from pathlib import Path
 
-from world_common import WorldJudge, mean, paired, rate, train  # the examples folder is the script's own
+from world_common import WorldJudge, mean, named_runs, paired, rate, train  # the examples folder is the script's own
 
 RUNS = {
     "orpo": ["dpo.loss_type=orpo", "dpo.beta=0.1", "dpo.sft_weight=1.0"],
@@ -48,19 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE")
     args = parser.parse_args(argv)
     qs, out = Path(args.quickstart), Path(args.out)
-    loss_of = {}
-    for item in filter(None, args.runs.split(",")):
-        name, _, loss = item.partition("=")
-        if (loss or name) not in RUNS:
-            parser.error(f"--runs: {item!r}: expected NAME or NAME=LOSS with LOSS one of {', '.join(RUNS)}")
-        loss_of[name] = loss or name
+    loss_of, extra = named_runs(parser, args.runs, args.set, RUNS, what="LOSS")
     runs = list(loss_of)
-    extra = {}
-    for item in args.set:
-        name, sep, override = item.partition(":")
-        if not sep or name not in loss_of or "=" not in override:
-            parser.error(f"--set {item}: expected NAME:KEY=VALUE with NAME one of --runs ({', '.join(runs)})")
-        extra.setdefault(name, []).append(override)
     judged = WorldJudge(qs, out, prompts=args.prompts, seed=args.seed)
     world = judged.world
     results_path = out / "results.json"

@@ -83,6 +83,28 @@ class WorldJudge:
         return scores
 
 
+def named_runs(parser: argparse.ArgumentParser, runs: str, sets: List[str], bases, what: str = "BASE",
+               reserved=()) -> tuple:
+    """``--runs NAME[=BASE],...`` and ``--set NAME:KEY=VALUE`` of a world experiment: each run's
+    base (one of ``bases``; a bare NAME is its own base) and each run's extra overrides.
+    Names in ``reserved`` are refused (the script's own arms)."""
+    base_of = {}
+    for item in filter(None, runs.split(",")):
+        name, _, base = item.partition("=")
+        if (base or name) not in bases or name in reserved:
+            also = f" (and NAME not {' or '.join(reserved)})" if reserved else ""
+            parser.error(f"--runs: {item!r}: expected NAME or NAME={what} with {what} one of"
+                         f" {', '.join(bases)}{also}")
+        base_of[name] = base or name
+    extra: dict = {}
+    for item in sets:
+        name, sep, override = item.partition(":")
+        if not sep or name not in base_of or "=" not in override:
+            parser.error(f"--set {item}: expected NAME:KEY=VALUE with NAME one of --runs ({', '.join(base_of)})")
+        extra.setdefault(name, []).append(override)
+    return base_of, extra
+
+
 def train(config: str, overrides: List[str]) -> float:
     """``aligner train <config> <overrides>`` in this process; returns its wall seconds."""
     from aligner.cli.train import compose

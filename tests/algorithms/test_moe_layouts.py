@@ -1,5 +1,4 @@
 """An MoE policy (the family harness's tiny Qwen2-MoE: 4 experts, top 2, a shared expert)
-"""An MoE policy (the family harness's tiny Qwen2-MoE: 4 experts, top 2, a shared expert)
 trained with the router's load-balancing loss and z-loss: one SFT, DPO and GRPO step at
 TP=2 (sequence parallel: the rollout engine generates under it) and PP=2 give the loss,
 gradient norm and router metrics of one process. The micro-batches hold one sequence padded

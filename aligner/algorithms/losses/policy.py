@@ -125,13 +125,19 @@ def reinforce_token_loss(logps: torch.Tensor, advantages: torch.Tensor, mask: to
     return torch.where(m != 0, -advantages.detach() * logps, torch.zeros_like(logps))
 
 
-def aggregate_count(mask: torch.Tensor, mode: str = "token_mean") -> int:
-    """The denominator :func:`aggregate` returns for ``mask`` [b, s], from the mask alone:
-    the masked tokens (``token_mean``) or the rows with any (the other modes)."""
+def _denominator(mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """:func:`aggregate`'s denominator, from the mask alone: the masked tokens
+    (``token_mean``) or the rows with any (the other modes)."""
     if mode not in AGGREGATIONS:
         raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
     m = mask != 0
-    return int(m.sum()) if mode == "token_mean" else int(m.any(dim=-1).sum())
+    return m.sum() if mode == "token_mean" else m.any(dim=-1).sum()
+
+
+def aggregate_count(mask: torch.Tensor, mode: str = "token_mean") -> int:
+    """The denominator :func:`aggregate` returns for ``mask`` [b, s], as an int (a loss's
+    count before the loss exists)."""
+    return int(_denominator(mask, mode))
 
 
 def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "token_mean",
@@ -146,20 +152,16 @@ def aggregate(token_loss: torch.Tensor, mask: torch.Tensor, mode: str = "token_m
     token_loss, mask: [b, s]. Rows with an all-zero mask count as no sequence.
     """
     m = _as_mask(mask, token_loss, "mask")
-    lengths = (m != 0).sum(-1)
-    rows = (lengths > 0).to(token_loss.dtype)
-    if mode == "token_mean":
-        return masked_sum(token_loss, m), (m != 0).sum().to(token_loss.dtype)
+    den = _denominator(m, mode).to(token_loss.dtype)
+    if mode in ("token_mean", "seq_mean_token_sum"):
+        return masked_sum(token_loss, m), den
     if mode == "seq_mean_token_mean":
+        lengths = (m != 0).sum(-1)
         per_seq = masked_sum(token_loss, m, dim=-1) / lengths.clamp(min=1).to(token_loss.dtype)
-        return (per_seq * rows).sum(), rows.sum()
-    if mode == "seq_mean_token_sum":
-        return masked_sum(token_loss, m), rows.sum()
-    if mode == "seq_sum_constant":
-        if constant is None or constant <= 0:
-            raise ValueError("seq_sum_constant needs a positive constant (e.g. the max response length)")
-        return masked_sum(token_loss, m) / constant, rows.sum()
-    raise ValueError(f"loss aggregation must be one of {AGGREGATIONS}, got {mode!r}")
+        return (per_seq * (lengths > 0).to(token_loss.dtype)).sum(), den
+    if constant is None or constant <= 0:  # seq_sum_constant
+        raise ValueError("seq_sum_constant needs a positive constant (e.g. the max response length)")
+    return masked_sum(token_loss, m) / constant, den
 
 
 def _ratio_stats(logps, old_logps, mask, clipped: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -491,8 +491,8 @@ def policy_update(context, algo: "TokenAlgorithm", local: Sequence[dict],
 
 # ------------------------------------------------------------------------------ sequences
 def pair_count(batch: dict) -> int:
-    """Pairs in a micro-batch whose items alternate chosen, rejected (0 for a zero-weight one)."""
-    return 0 if batch.get("filler") else (int(batch["num_items"]) + 1) // 2
+    """Pairs in a micro-batch whose items alternate chosen, rejected."""
+    return (int(batch["num_items"]) + 1) // 2
 
 
 def pair_logps(batch: dict, logits):
@@ -534,9 +534,9 @@ class TokenAlgorithm(Algorithm):
         return batch
 
     def loss_count(self, batch: dict) -> int:
-        """Target tokens (``loss_mask``): the count of a token-level loss; a zero-weight
-        micro-batch counts 0. Algorithms whose units are items or pairs override it."""
-        return 0 if batch.get("filler") else int(batch["loss_mask"].sum().round())
+        """Target tokens (``loss_mask``): the count of a token-level loss. Algorithms whose
+        units are items or pairs override it."""
+        return int(batch["loss_mask"].sum().round())
 
     def sample_tokens(self, sample: dict) -> int:
         """Every token the sample puts through the model (both responses of a pair)."""

@@ -205,7 +205,7 @@ class DistillAlgorithm(TokenAlgorithm):
         for start in range(0, len(samples), gbs):
             chunk = samples[start:start + gbs]
             for batch in self.microbatches(loop.local_share(chunk), loop.cfg.micro_batch_size, loop.seq_length(chunk)):
-                if "teacher_topk" not in batch:  # not the last pipeline stage, or a filler
+                if "teacher_topk" not in batch:  # not the last pipeline stage
                     continue
                 values, ids = batch["teacher_topk"]
                 for row, index in enumerate(batch.get("index", [])):
@@ -265,8 +265,6 @@ class DistillAlgorithm(TokenAlgorithm):
 
     # ---------------------------------------------------------------- loss
     def loss(self, batch, logits):
-        if batch.get("filler"):
-            return logits.reshape(-1)[:1].sum() * 0.0, 0, {}
         shard = tensor_parallel_shard(logits.shape[-1])
         student = logits[:, :-1]  # position t predicts token t + 1: aligned with loss_mask[:, 1:]
         if self.top_k is None:

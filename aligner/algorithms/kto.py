@@ -198,7 +198,7 @@ class KTOAlgorithm(TokenAlgorithm):
 
     # ------------------------------------------------------------------ loss
     def loss_count(self, batch):
-        return 0 if batch.get("filler") else int(batch["num_items"])  # responses
+        return int(batch["num_items"])  # responses
 
     def loss(self, batch, logits):
         lp = shifted_logprobs(logits, batch["tokens"]).float()

@@ -134,8 +134,6 @@ class RewardAlgorithm(TokenAlgorithm):
         return values[batch["last_row"], batch["last_col"]].float()  # [n_items, N]
 
     def loss_count(self, batch):
-        if batch.get("filler"):
-            return 0
         if self.mode == "regression":
             return int(batch["label_mask"].sum().round())  # labelled attributes
         return (len(batch["last_row"]) + 1) // 2  # pairs

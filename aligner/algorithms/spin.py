@@ -184,8 +184,6 @@ class SPINAlgorithm(IterativeAlgorithm):
         return pair_count(batch)  # pairs
 
     def loss(self, batch, logits):
-        if batch.get("filler"):  # a zero-weight micro-batch (interleaved pipelining)
-            return logits.reshape(-1)[:1].sum() * 0.0, 0, {}
         lc, lr, cc, _ = pair_logps(batch, logits)
         ref = batch["ref"].to(lc.device, lc.dtype)
         loss, stats = preference_loss(self.loss_type, lc, lr, ref[:, 0], ref[:, 1], beta=self.beta,

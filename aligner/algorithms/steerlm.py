@@ -130,13 +130,9 @@ class SteerLM2Algorithm(TokenAlgorithm):
         return batch
 
     def loss_count(self, batch):
-        if batch.get("filler"):
-            return 0
         return int(per_item_sum(batch["loss_mask"], batch).sum().round())  # response tokens
 
     def loss(self, batch, logits):
-        if batch.get("filler"):  # a zero-weight micro-batch (interleaved pipelining)
-            return logits.reshape(-1)[:1].sum() * 0.0, 0, {}
         lp = shifted_logprobs(logits, batch["tokens"]).float()
         mask = batch["loss_mask"]
         policy_logps = per_item_sum(lp * mask, batch)

@@ -20,8 +20,10 @@ Micro-batches are dicts in the format of :mod:`aligner.training.batching`; what 
 algorithm attaches (labels, strengths, indices) is per item or per sample, never per row.
 The loop gives megatron-core micro-batches of one shape: it appends zero-weight rows
 (``item_of_token`` -1, ``loss_mask`` 0) to a short one and, under interleaved
-pipelining, adds zero-weight micro-batches (``filler=True``) whose loss it supplies
-itself. So :meth:`Algorithm.loss` must compute from items and target tokens only (never
+pipelining (or experts split over the data-parallel ranks), adds zero-weight
+micro-batches (``filler=True``) whose loss the schedule supplies itself
+(:func:`aligner.training.roles.run_schedule`: neither :meth:`Algorithm.loss` nor
+:meth:`Algorithm.loss_count` sees them). So :meth:`Algorithm.loss` must compute from items and target tokens only (never
 from the row count), and :meth:`Algorithm.forward` must use only the format's keys
 (``tokens``, ``position_ids``, ``attention_mask``).
 

@@ -21,7 +21,7 @@ One shape per schedule call: pipeline stages exchange fixed-shape activations, s
 loop gives megatron-core micro-batches of one row count (:func:`fill_rows` appends
 zero-weight rows to a short last micro-batch, e.g. a validation set that is not a
 multiple of the micro-batch size) and, where the interleaved schedule needs it, whole
-zero-weight micro-batches (:func:`filler_microbatch`). Zero-weight rows belong to no item
+zero-weight micro-batches (:func:`filler_like`). Zero-weight rows belong to no item
 (``item_of_token`` -1, ``loss_mask`` 0), so an algorithm that computes per item or per
 target token never sees them.
 """
@@ -163,30 +163,24 @@ def fill_rows(batch: dict, rows: int) -> dict:
     return out
 
 
-def filler_microbatch(like: dict) -> dict:
-    """A micro-batch of ``like``'s shape holding no item (``filler=True``): every row has zero
-    weight. Only the format's keys are kept; the loop runs its forward and gives it a zero
-    loss with count 0, without calling the algorithm's loss. Used where megatron-core's
-    interleaved schedule needs a multiple of the pipeline size of micro-batches."""
-    return {
-        "tokens": like["tokens"],
-        "loss_mask": torch.zeros_like(like["loss_mask"]),
-        "item_of_token": torch.full_like(like["item_of_token"], -1),
-        "last_row": like["last_row"][:0],
-        "last_col": like["last_col"][:0],
-        "position_ids": like.get("position_ids"),
-        "attention_mask": like.get("attention_mask"),
-        "num_items": 0,
-        "num_tokens": 0,
-        "filler": True,
-    }
+def filler_like(like: dict) -> dict:
+    """A micro-batch of ``like``'s keys and shapes that counts for nothing (``filler=True``):
+    the schedule runs its forward and a backward of zeros, never the loss
+    (:func:`aligner.training.roles.run_schedule`); a ``loss_mask`` is zeroed as well. Used
+    where megatron-core's interleaved schedule needs a multiple of the pipeline size of
+    micro-batches, and where experts split over the data-parallel ranks need as many
+    micro-batches on every rank (:func:`aligner.training.roles.in_step_with_experts`)."""
+    out = dict(like, filler=True)
+    if torch.is_tensor(out.get("loss_mask")):
+        out["loss_mask"] = torch.zeros_like(out["loss_mask"])
+    return out
 
 
 def schedule_microbatches(micro: List[dict], *, interleaved: bool, rows: Optional[int] = None) -> List[dict]:
     """The micro-batches of one schedule call in one shape: each filled with zero-weight rows
     up to ``rows`` (default: the largest row count, :func:`fill_rows`) and, under
     interleaved pipelining, zero-weight micro-batches appended up to a multiple of the
-    pipeline size, as megatron-core's interleaved schedule requires (:func:`filler_microbatch`)."""
+    pipeline size, as megatron-core's interleaved schedule requires (:func:`filler_like`)."""
     if not micro:
         return []
     rows = max(b["tokens"].shape[0] for b in micro) if rows is None else rows
@@ -194,7 +188,7 @@ def schedule_microbatches(micro: List[dict], *, interleaved: bool, rows: Optiona
     if interleaved:
         from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not with config checks
 
-        micro += [filler_microbatch(micro[-1]) for _ in range(-len(micro) % ps.get_pipeline_model_parallel_world_size())]
+        micro += [filler_like(micro[-1]) for _ in range(-len(micro) % ps.get_pipeline_model_parallel_world_size())]
     return micro
 
 

@@ -205,16 +205,6 @@ class TrainingLoop:
         return padded_length(max(self.algorithm.sample_length(s) for s in samples))
 
     # ---------------------------------------------------------------- schedule
-    def _count(self, batch) -> int:
-        """What :meth:`_loss` counts for ``batch``, from the micro-batch alone."""
-        return 0 if batch.get("filler") else self.algorithm.loss_count(batch)
-
-    def _loss(self, batch, output):
-        if batch.get("filler"):
-            # a zero-weight micro-batch: no loss, no count, no metrics (a gradient path of zeros)
-            return output.reshape(-1)[:1].sum() * 0.0, torch.zeros((), dtype=torch.int), {}
-        return self.algorithm.loss(batch, output)
-
     def microbatches(self, samples: Sequence[dict], seq_length: int) -> List[dict]:
         """This rank's micro-batches of ``samples``, all of one shape (see
         :mod:`aligner.training.batching`): a short one gets zero-weight rows, and under
@@ -235,8 +225,8 @@ class TrainingLoop:
         dicts. ``like``: samples whose shape a zero-weight micro-batch may take when this rank
         has none of its own (see :meth:`_in_step_with_experts`)."""
         micro = self._in_step_with_experts(self.microbatches(samples, seq_length), like, seq_length)
-        return run_schedule(self.models, micro, self.algorithm.forward, self._loss, forward_only=forward_only,
-                            count=self._count)
+        return run_schedule(self.models, micro, self.algorithm.forward, self.algorithm.loss,
+                            forward_only=forward_only, count=self.algorithm.loss_count)
 
     def _in_step_with_experts(self, micro: List[dict], like: Sequence[dict], seq_length: int) -> List[dict]:
         """With experts split over the data-parallel ranks (EP > 1) every rank runs as many

@@ -38,7 +38,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from aligner.parallel import get_device
-from aligner.training.batching import to_device
+from aligner.training.batching import filler_like, to_device
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -61,7 +61,7 @@ def run_schedule(chunks: Sequence[torch.nn.Module], microbatches: List[dict], fo
     (:func:`aligner.models.moe.weighted_losses`; the last stage checks that the loss agrees);
     such a schedule without ``count`` is refused.
 
-    A micro-batch marked ``filler`` (:func:`filler_like`, :func:`in_step_with_experts`)
+    A micro-batch marked ``filler`` (:func:`aligner.training.batching.filler_like`)
     runs its forward and a backward of zeros and counts for nothing: ``loss`` is not
     called (the loss is 0, the count 0, no metrics) and an MoE model's routers run it
     out of training mode (no load-balancing or z-loss attached or logged, no token
@@ -144,23 +144,14 @@ def silent_routers(model) -> Iterator[None]:
             r.training = True
 
 
-def filler_like(like: dict) -> dict:
-    """A micro-batch of ``like``'s keys and shapes that counts for nothing (``filler=True``,
-    :func:`run_schedule`); a ``loss_mask`` is zeroed as well."""
-    out = dict(like, filler=True)
-    if torch.is_tensor(out.get("loss_mask")):
-        out["loss_mask"] = torch.zeros_like(out["loss_mask"])
-    return out
-
-
 def in_step_with_experts(microbatches: List[dict], template: Optional[Callable[[], dict]] = None) -> List[dict]:
     """``microbatches`` topped up so that every data-parallel rank runs as many as the
     largest count among them. With an MoE model's experts split over the data-parallel
     ranks (EP > 1) every forward and backward exchanges tokens between those ranks, so a
     rank with fewer micro-batches (an uneven split of a mini-batch, of a last validation
     batch, packing's variable bins) would leave the others waiting: it runs filler
-    micro-batches (:func:`filler_like` of its last one, or of ``template()`` when it has
-    none) whose loss, count and metrics are zero. Without expert parallelism the list is
+    micro-batches (:func:`aligner.training.batching.filler_like` of its last one, or of
+    ``template()`` when it has none) whose loss, count and metrics are zero. Without expert parallelism the list is
     returned as it is, with no collective. Every data-parallel rank must call it."""
     from megatron.core import parallel_state as ps  # loaded when training runs, not with config checks
 

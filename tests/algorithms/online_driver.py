@@ -5,7 +5,8 @@
 - ``ppo``: PPO (2 epochs, mini-batches of 4) on tests.algorithms.ppo_setup's assets;
   ``ppo:lora``: the same with LoRA adapters (rank 4) and the critic a second adapter set on
   the policy's base (``ppo.critic_lora``);
-- ``pg``: RLOO (reinforce loss, KL 0.05) on the same assets; ``pg:LOSS``: GRPO with that
+- ``pg``: RLOO (reinforce loss, KL 0.05 as a k3 loss term: one update per rollout, the old
+  log-probs from the update's forward) on the same assets; ``pg:LOSS``: GRPO with that
   ratio-based ``pg.loss`` (``gspo``, ``cispo``, ``clipped``), 2 epochs x mini-batches of 4;
 - ``grpo_moe``: GRPO (2 epochs x mini-batches of 4) on the tiny Qwen3-MoE policy, with the
   load-balancing loss, the router z-loss and routing replay on;
@@ -51,7 +52,9 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
 
         # every second step's 16 rollouts to the rollout log and TensorBoard (read back after a kill and resume)
         trainer.update(log_rollouts=2, log_rollouts_rows=16, tensorboard=True)
-        pg = {"advantage": "rloo", "loss": "reinforce", "kl_coef": 0.05}
+        # RLOO makes one update per rollout with KL as a loss term: the old log-probs come from
+        # the update's own forward (no pass before it); the ratio losses keep the pass
+        pg = {"advantage": "rloo", "loss": "reinforce", "kl_coef": 0.05, "kl_mode": "loss", "kl_estimator": "k3"}
         if algorithm.startswith("pg:"):
             pg = {"advantage": "grpo", "loss": algorithm[3:], "kl_coef": 0.05, "epochs": 2, "mini_batch_size": 4}
         cfg = pg_config(assets, out_dir, trainer=trainer, pg=pg)

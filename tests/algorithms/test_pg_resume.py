@@ -1,4 +1,5 @@
-"""SIGKILL during an RLOO run, the same command again: it resumes from the last complete
+"""SIGKILL during an RLOO run (one update per rollout: the old log-probs come from the
+update's own forward, docs/online_core.md), the same command again: it resumes from the last complete
 checkpoint (policy weights and optimizer state, schedule, RNG, step; the reference rebuilt
 from the initial policy; the step's prompts and sampling seeds functions of the step) and
 ends with exactly the metrics and weights of an uninterrupted run, and the same rollout
@@ -43,7 +44,12 @@ def test_resumed_run_ends_with_the_same_metrics_and_weights(runs):
     assert SAVE <= killed_at < STEPS
     a, b = _metrics(whole), _metrics(killed)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
-    assert a[-1]["kl_ref"] != 0.0 and "kl_penalty" in a[-1]
+    assert a[-1]["kl_ref"] != 0.0
+    if "loss/kl" in a[-1]:  # RLOO, KL as a loss term: the old log-probs are the update's own (no pass before it)
+        assert a[-1]["loss/kl"] > 0  # step 1 updates the initial policy: its KL to the reference is 0
+        assert all(r["policy/ratio"] == 1.0 and r["policy/approx_kl"] == 0.0 for r in a + b)
+    else:  # KL in the reward
+        assert "kl_penalty" in a[-1]
     if "moe/load_balancing_loss" in a[-1]:  # the MoE policy: replayed routing, float rounding only
         assert all(r["logprob_mismatch"] < 1e-6 and r["moe/z_loss"] > 0 for r in a + b)
     for ra, rb in zip(a, b):

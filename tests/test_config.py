@@ -137,7 +137,7 @@ def test_every_key_of_every_config_is_overridable_without_plus():
     ("rm_bt", "rm.bt_kind=scaledd", "rm.bt_kind", ["regular", "margin", "scaled"]),
     ("sft", "init.dtype=fp16", "init.dtype", [m.value for m in DType]),
     ("sft", "data.template=chatml", "data.template", ["auto", "extra_id", "chat", "raw"]),
-    ("sft", "data.overlong=cut", "data.overlong", ["truncate_left", "drop"]),
+    ("sft", "data.overlong=cut", "data.overlong", ["truncate_left", "drop", "error"]),
     ("sft", "optim.schedule=wsd", "optim.schedule", ["constant", "cosine", "linear"]),
     ("sft", "optim.name=lion", "optim.name", ["adam", "sgd"]),
     ("sft", "model.arch=gpt2", "model.arch", model_types()),

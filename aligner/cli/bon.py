@@ -108,7 +108,7 @@ def sample_and_score(policy: str, prompts_path: str, *, n: int, proxies: List[st
     sources = [build_reward_source(spec, tok, micro_batch_size, where=option)
                for (option, _), spec in zip(options, specs)]
     rows = load_dataset(prompts_path, kind="prompts", tokenizer=tok, template=resolve_template(tok, template),
-                        max_length=cfg.max_position_embeddings)
+                        max_length=cfg.max_position_embeddings, overlong="error")
     rows = rows[:num_prompts] if num_prompts else rows
     for i, r in enumerate(rows):
         if int(r["prompt_tokens"].numel()) + max_new_tokens > cfg.max_position_embeddings:

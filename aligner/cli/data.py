@@ -52,7 +52,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     prep.add_argument("--template", default="auto", choices=("auto", "extra_id", "chat", "raw"))
     prep.add_argument("--format", default="auto")
     prep.add_argument("--max-length", type=int, default=4096)
-    prep.add_argument("--overlong", default="truncate_left", choices=("truncate_left", "drop"))
+    prep.add_argument("--overlong", default="truncate_left", choices=("truncate_left", "drop", "error"),
+                      help="a sample (prompts: a prompt) longer than --max-length: truncate_left, drop or error")
     prep.add_argument("--skip-invalid", action="store_true")
     prep.add_argument("--attributes", default=",".join(HELPSTEER2_ATTRIBUTES),
                       help="regression: the attribute names, in the head's order (comma-separated)")

@@ -19,7 +19,8 @@ Samples are dicts of 1-D tensors, the trainers' contract:
   the loss mask covers the last assistant turn only (what comes before it is the prompt).
 - ``prompts``: ``{"prompt_tokens", "prompt", "meta", "conversation", "label"}`` (``meta``: the
   row's extra fields; ``conversation``: the prompt as a :class:`Conversation`, to render
-  again; ``label``: SteerLM attributes or None).
+  again, whole: ``prompt_tokens`` alone is fitted to ``max_length``; ``label``: SteerLM
+  attributes or None).
 - ``any_scored``: rows with a response to score: regression rows give ``tokens`` (and
   ``line``), pairs give ``chosen`` / ``rejected`` (``subset`` kept).
 - ``steerlm2``: pre-scored SteerLM 2.0 groups: ``{"responses": [(tokens, loss_mask)],
@@ -38,8 +39,10 @@ otherwise the chat template when the tokenizer has one, else ``extra_id``). Rewa
 the rendering training, validation and the scoring commands share (docs/data_formats.md).
 Errors name ``file:line``, the field and what was expected; with ``skip_invalid`` bad rows
 are skipped and counted by reason (printed, and kept in the returned samples' ``report``).
-Over-length samples: ``truncate_left`` drops prompt tokens from the left, ``drop`` drops the
-sample; both counted.
+Over-length samples (more than ``max_length`` tokens): ``truncate_left`` drops prompt tokens
+from the left, ``drop`` drops the sample, both counted; ``error`` refuses the row (one line
+naming ``file:line`` and the lengths). A ``prompts`` sample is its rendered prompt, fitted
+by the same policy (:func:`fit_prompt`: truncation keeps the prompt's end).
 """
 from __future__ import annotations
 
@@ -445,18 +448,22 @@ def _render(tok, template, conv, response=None, end="eos"):
     return render_extra_id(tok, conv, response, end=end)
 
 
-def _fit_pair(chosen, rejected, max_length, overlong, counts):
+def _fit_pair(chosen, rejected, max_length, overlong, counts, where):
     """Packing: the over-length policy on a pair as a whole (chosen + rejected share one bin).
 
     ``truncate_left`` drops prompt tokens from the left of both responses' sequences
     (half the excess from each, more from one when the other's prompt is too short);
     ``drop`` (or a pair whose prompts cannot give enough) drops the pair; both counted
-    (``truncated_left_pair`` / ``dropped_overlong_pair``). None when dropped.
+    (``truncated_left_pair`` / ``dropped_overlong_pair``); ``error`` refuses the row
+    (``where``: its ``file:line``). None when dropped.
     """
     (ct, cm), (rt, rm) = chosen, rejected
     excess = len(ct) + len(rt) - max_length
     if excess <= 0:
         return chosen, rejected
+    if overlong == "error":
+        raise overlong_error(where, f"pair (chosen + rejected, one packing bin) has {len(ct) + len(rt)} tokens",
+                             max_length)
     room_c = next((i for i, m in enumerate(cm) if m > 0), len(cm))
     room_r = next((i for i, m in enumerate(rm) if m > 0), len(rm))
     if overlong == "truncate_left" and room_c + room_r >= excess:
@@ -481,17 +488,48 @@ def last_turn_target(tokens, mask):
     return tokens, [0.0] * start + list(mask[start:])
 
 
-def fit_to_length(tokens, mask, max_length, overlong, counts):
-    """Apply the over-length policy ``overlong`` (``truncate_left`` drops prompt tokens from
-    the left, never a target token; else the sample is dropped) to a rendered sample of
-    ``tokens`` and ``mask``; counts what it did in ``counts``. None when dropped."""
+OVERLONG = ("truncate_left", "drop", "error")  # the over-length policies (data.overlong)
+
+
+def overlong_error(where: str, what: str, max_length: int, names=("max_length", "overlong")) -> DataFormatError:
+    """The one-line refusal of an over-length row under ``overlong = error``; ``names``: what
+    the length bound and the policy are called where they were set."""
+    return DataFormatError(f"{where}: the {what}, more than {names[0]} = {max_length} ({names[1]} = error;"
+                           " truncate_left or drop would fit the row)")
+
+
+def fit_to_length(tokens, mask, max_length, overlong, counts, where: str):
+    """Apply the over-length policy ``overlong`` to a rendered sample of ``tokens`` and
+    ``mask``: ``truncate_left`` drops prompt tokens from the left, never a target token
+    (a sample whose targets alone are too long is dropped), ``drop`` drops the sample,
+    ``error`` refuses it (a DataFormatError naming ``where``, the row's ``file:line``).
+    Counts what it did in ``counts``. None when dropped."""
     if len(tokens) <= max_length:
         return tokens, mask
+    if overlong == "error":
+        raise overlong_error(where, f"sample has {len(tokens)} tokens", max_length)
     first_target = next((i for i, m in enumerate(mask) if m > 0), len(mask))
     cut = len(tokens) - max_length
     if overlong == "truncate_left" and cut <= first_target:
         counts["truncated_left"] += 1
         return tokens[cut:], mask[cut:]
+    counts["dropped_overlong"] += 1
+    return None
+
+
+def fit_prompt(tokens, max_length, overlong, counts, where: str, names=("max_length", "overlong")):
+    """The over-length policy on a generation prompt (every token is prompt, none a
+    target): ``truncate_left`` keeps its last ``max_length`` tokens (the end, next to the
+    response), ``drop`` drops it, ``error`` refuses it (naming ``where``, ``file:line``,
+    and the options by ``names``); counted as for samples (``truncated_left``,
+    ``dropped_overlong``). None when dropped."""
+    if len(tokens) <= max_length:
+        return tokens
+    if overlong == "error":
+        raise overlong_error(where, f"prompt has {len(tokens)} tokens", max_length, names)
+    if overlong == "truncate_left":
+        counts["truncated_left"] += 1
+        return tokens[len(tokens) - max_length:]
     counts["dropped_overlong"] += 1
     return None
 
@@ -576,10 +614,11 @@ def render_sample(tokenizer, kind: str, row: dict, fmt: str, number: int, where:
     if kind == "sft":
         if any(t.label for t in rec.turns):
             _check_labels_render(tokenizer, template, where)
-        fitted = fit_to_length(*_render(tokenizer, template, rec), max_length, overlong, counts)
+        fitted = fit_to_length(*_render(tokenizer, template, rec), max_length, overlong, counts, where)
         return {"tokens": T(fitted[0]), "loss_mask": F(fitted[1])} if fitted else None
     if kind == "regression" or (kind == "any_scored" and fmt == "helpsteer2"):
-        fitted = fit_to_length(*render_reward(tokenizer, template, rec.prompt, rec.response), max_length, overlong, counts)
+        fitted = fit_to_length(*render_reward(tokenizer, template, rec.prompt, rec.response), max_length, overlong,
+                               counts, where)
         if not fitted:
             return None
         labels = [rec.attributes.get(a) for a in attributes]
@@ -597,12 +636,14 @@ def render_sample(tokenizer, kind: str, row: dict, fmt: str, number: int, where:
         # a reward model reads a pair as it scores it; a policy (DPO) ends with EOS except
         # under an explicit extra_id template, which keeps the template's own end
         end = "extra_id" if (reward_model or kind == "any_scored" or template == "extra_id") else "eos"
-        c = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts)
-        r = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong, counts)
+        c = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts,
+                          where)
+        r = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong,
+                          counts, where)
         if not c or not r:
             return None
         if packing and kind == "pairs":  # a pair is packed into one bin of max_length tokens
-            fitted = _fit_pair(c, r, max_length, overlong, counts)
+            fitted = _fit_pair(c, r, max_length, overlong, counts, where)
             if not fitted:
                 return None
             c, r = fitted
@@ -622,7 +663,7 @@ def render_sample(tokenizer, kind: str, row: dict, fmt: str, number: int, where:
         responses, labels = [], []
         for prompt, response, desirable in rated:
             fitted = fit_to_length(*last_turn_target(*_render(tokenizer, template, prompt, response, end=end)),
-                                   max_length, overlong, counts)
+                                   max_length, overlong, counts, where)
             if fitted:
                 responses.append((T(fitted[0]), F(fitted[1])))
                 labels.append(desirable)
@@ -636,6 +677,9 @@ def render_sample(tokenizer, kind: str, row: dict, fmt: str, number: int, where:
             tokens, _ = render_extra_id(tokenizer, p.prompt, label=p.label)
         else:
             tokens, _ = _render(tokenizer, template, p.prompt)
+        tokens = fit_prompt(tokens, max_length, overlong, counts, where)
+        if tokens is None:
+            return None
         meta = {k: v for k, v in row.items() if k not in ("prompt",)}
         return {"prompt_tokens": T(tokens), "prompt": p.prompt.to_prompt_string(), "meta": meta,
                 "conversation": p.prompt, "label": p.label}
@@ -645,7 +689,7 @@ def render_sample(tokenizer, kind: str, row: dict, fmt: str, number: int, where:
         items = []
         for resp in rec.responses:
             tokens, mask = render_extra_id(tokenizer, rec.prompt, resp.value, end="eos", label=rec.label)
-            fitted = fit_to_length(tokens, mask, max_length, overlong, counts)
+            fitted = fit_to_length(tokens, mask, max_length, overlong, counts, where)
             if fitted is None:
                 break
             items.append((T(fitted[0]), F(fitted[1])))

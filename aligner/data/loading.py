@@ -85,7 +85,8 @@ def load_dataset(source, kind: str, tokenizer, fmt: str = "auto", template: str 
                          rendered=rendering(tokenizer, kind, template, reward_model),
                          options=sample_options(kind, fmt=fmt, max_length=max_length, overlong=overlong,
                                                 skip_invalid=skip_invalid, attributes=attributes,
-                                                reward_model=reward_model, packing=packing))
+                                                reward_model=reward_model, packing=packing),
+                         longest=int(data.longest_sequences().max()) if kind == "prompts" and len(data) else None)
     else:
         data = PreparedDataset(cached_prepare(path, kind, tokenizer, **options), verify_sources=False, name=path)
     print_report(data.name, len(data), data.manifest["report"], data.unit)

@@ -50,7 +50,7 @@ import shutil
 import struct
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -105,9 +105,8 @@ def sample_options(kind: str, *, fmt: str = "auto", max_length: int = 4096, over
                    packing: bool = False) -> dict:
     """The options that shape the samples of ``kind`` (those that do not are left out, so
     that they never make two preparations differ)."""
-    options = {"format": fmt, "skip_invalid": bool(skip_invalid)}
-    if kind != "prompts":  # prompts are never fitted to a length
-        options.update(max_length=int(max_length), overlong=str(overlong))
+    options = {"format": fmt, "skip_invalid": bool(skip_invalid), "max_length": int(max_length),
+               "overlong": str(overlong)}
     if kind in ("regression", "any_scored"):
         options["attributes"] = [str(a) for a in attributes]
     if kind == "pairs":
@@ -347,10 +346,18 @@ def check_sources(folder, manifest: dict) -> None:
 
 
 def check_compatible(folder, manifest: dict, *, kind: str, tokenizer_sha256: str, tokenizer_path: str,
-                     rendered: str, template: str, options: dict) -> None:
+                     rendered: str, template: str, options: dict, longest: Optional[int] = None) -> None:
     """Refuse a prepared folder for a use it does not fit: another kind, tokenizer, template
-    or sample option (one line naming what differs and how to prepare it again)."""
+    or sample option (one line naming what differs and how to prepare it again).
+
+    Prompts whose preparation cut and dropped none, the longest ``longest`` tokens, are the
+    samples of any length policy that lets that many through: their ``max_length`` and
+    ``overlong`` are then not compared (a folder prepared before prompts were fitted too)."""
     where = f"{folder}: prepared"
+    report = manifest["report"]
+    if kind == "prompts" and longest is not None and longest <= options["max_length"] \
+            and not report.get("truncated_left") and not report.get("dropped_overlong"):
+        options = {k: v for k, v in options.items() if k not in ("max_length", "overlong")}
     if manifest["kind"] != kind:
         raise DataFormatError(f"{where} as {manifest['kind']!r} samples; this use reads {kind!r} samples (allowed"
                               f" formats {list(KIND_FORMATS[kind])}): prepare it again with --kind {kind}")

@@ -84,7 +84,7 @@ class GoldProxyMonitor(StepHook):
         weights now: before any resume)."""
         s = self.s
         prompts = load_dataset(s.prompts, kind="prompts", tokenizer=self.tokenizer, template=self.template,
-                               max_length=self.model_cfg.max_position_embeddings)
+                               max_length=self.model_cfg.max_position_embeddings, overlong="error")
         self.prompts = prompts[: s.num_prompts]
         for i, p in enumerate(self.prompts):
             if int(p["prompt_tokens"].numel()) + s.max_new_tokens > self.model_cfg.max_position_embeddings:

@@ -37,6 +37,7 @@ class Template(Choice):
 class Overlong(Choice):
     truncate_left = "truncate_left"
     drop = "drop"
+    error = "error"
 
 
 class OptimizerName(Choice):
@@ -121,7 +122,9 @@ class DataSection:
     format: ``auto`` (detected from the first row) or a data-layer format name.
     template: ``auto`` (extra_id for reward rows, the tokenizer's chat template if it has
     one, else extra_id), ``extra_id``, ``chat`` or ``raw``. max_length: tokens per sample.
-    overlong: ``truncate_left`` (drop prompt tokens from the left) or ``drop``.
+    overlong: what a sample (a prompt, for a prompt file) longer than max_length gets:
+    ``truncate_left`` (drop prompt tokens from the left), ``drop`` (skipped, counted) or
+    ``error`` (refused, naming file:line and the lengths).
     skip_invalid: skip malformed rows (counted and reported) instead of failing.
     packing: pack samples into ``max_length`` bins (block-diagonal attention); a pair
     (chosen + rejected) shares one bin, so the over-length policy applies to the pair.

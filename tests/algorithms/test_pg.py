@@ -81,6 +81,60 @@ def test_prompt_rows_without_the_answer_are_refused_naming_file_line_and_field(a
         PGTrainer(cfg).check_data_rows()
 
 
+# ---------------------------------------------------------------------------- prompt lengths
+LONG_PROMPTS = ["say hi", "say a word please now yes", "what is 2"]  # 10, 14 and 11 tokens rendered
+
+
+@pytest.mark.parametrize("overlong", ["truncate_left", "drop", "error"])
+def test_prompt_file_follows_data_overlong(assets, tmp_path, overlong):
+    """data.max_length = 12 over prompts of 10, 14 and 11 tokens (extra_id: <extra_id_0>
+    System be nice <extra_id_1> User, the words, <extra_id_1> Assistant)."""
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.data import DataFormatError
+    from tests.algorithms.ppo_setup import SPECIAL, WORDS
+    from tests.word_tokenizer import word_vocab
+
+    v = word_vocab(WORDS, SPECIAL)
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"system": "be nice", "prompt": p}) + "\n" for p in LONG_PROMPTS))
+    cfg = pg_config(assets, str(tmp_path / "run"), data={"train": str(path), "max_length": 12, "overlong": overlong})
+
+    def rendered(words):
+        return [v[w] for w in ["<extra_id_0>", "System", "be", "nice", "<extra_id_1>", "User", *words.split(),
+                               "<extra_id_1>", "Assistant"]]
+
+    if overlong == "error":
+        with pytest.raises(DataFormatError) as err:
+            PGTrainer(cfg).load_data(str(path))
+        assert str(err.value) == (f"{path}:2: the prompt has 14 tokens, more than max_length = 12 (overlong = error;"
+                                  " truncate_left or drop would fit the row)")
+        return
+    data = PGTrainer(cfg).load_data(str(path))
+    got = [data[i]["prompt_tokens"].tolist() for i in range(len(data))]
+    report = {k: v for k, v in data.report.items() if k not in ("file", "prepared")}
+    if overlong == "drop":
+        assert got == [rendered(LONG_PROMPTS[0]), rendered(LONG_PROMPTS[2])]
+        assert [data.where(i) for i in range(2)] == [f"{path}:1", f"{path}:3"]
+        assert report == {"kind": "prompts", "samples": 2, "dropped_overlong": 1}
+    else:  # the end is kept: the first two tokens (<extra_id_0> System) go
+        assert got == [rendered(LONG_PROMPTS[0]), rendered(LONG_PROMPTS[1])[2:], rendered(LONG_PROMPTS[2])]
+        assert report == {"kind": "prompts", "samples": 3, "truncated_left": 1}
+
+
+def test_a_prompt_the_context_cannot_hold_is_refused_whatever_data_overlong(assets, tmp_path):
+    """data.max_length above the context (64 tokens): a prompt of 64 tokens fits it, so
+    data.overlong = drop does not apply, and the context check refuses it."""
+    from aligner.algorithms.pg import PGTrainer
+    from aligner.training.config import ConfigError
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"system": "be nice", "prompt": "say " + "hi " * 55}) + "\n")
+    cfg = pg_config(assets, str(tmp_path / "run"), data={"train": str(path), "max_length": 100, "overlong": "drop"})
+    with pytest.raises(ConfigError, match=rf"^{path}:1: the row has a prompt of 64 tokens; prompt \+ response must fit"
+                                          " the model's max_position_embeddings = 64 tokens"):
+        PGTrainer(cfg).load_data(str(path))
+
+
 @pytest.mark.parametrize("pg,message", [
     ({"kl_estimator": "k3"}, "pg.kl_estimator = 'k3' does not belong in the reward"),
     ({"kl_mode": "loss", "kl_estimator": "abs"}, "pg.kl_estimator = 'abs' has no useful gradient"),
@@ -189,7 +243,10 @@ def test_generation_continuous_batching_false_decodes_batch_by_batch(assets, tmp
     step's 16 rows (4 prompts x G = 4) in batches of max_batch = 3, each until its longest
     response ends (forwards counted by hand from the returned lengths: one prefill of the
     batch's shortest prompt, then one decode step per further column), true refills the
-    slots (another count); the greedy responses are the same."""
+    slots (counted by hand from the same lengths and docs/rollout.md's rules:
+    tests/rollout/forward_counts.py); the greedy responses are the same."""
+    from tests.rollout.forward_counts import batch_forwards, refill_forwards
+
     runs = {}
     for on in (False, True):
         _, _, algo, context = _setup(assets, str(tmp_path / f"run_{on}"),
@@ -204,10 +261,12 @@ def test_generation_continuous_batching_false_decodes_batch_by_batch(assets, tmp
     order = sorted(range(len(plen)), key=lambda i: plen[i])  # the engine's batches: shortest prompts first
     by_hand = sum(max(plen[i] + rlen[i] for i in batch) - min(plen[i] for i in batch)
                   for batch in (order[k:k + 3] for k in range(0, len(order), 3)))
-    assert forwards == by_hand
+    assert forwards == by_hand == batch_forwards(plen, rlen, 3)
     on_exp, on_forwards = runs[True]
-    # refills: a newcomer's last prompt token goes through a decode step, not a batch's prefill
-    assert on_forwards != forwards
+    # here every response runs to max_new_tokens (8): each refill round feeds its newcomers'
+    # last prompt token through a decode step where a batch prefills it, so refills cost
+    # one forward more per round (48 -> 53 for these 12 prompts of 10 tokens and 4 of 14)
+    assert on_forwards == refill_forwards(plen, rlen, 3)
     assert torch.equal(on_exp.tokens, exp.tokens)
     assert on_exp.response_lengths.tolist() == rlen
 

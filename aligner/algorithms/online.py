@@ -892,7 +892,8 @@ class OnlineTrainer(Trainer):
                 i = int(over[0])
                 raise ConfigError(f"{data.where(i)}: the row has a prompt of {len(data[i]['prompt_tokens'])} tokens;"
                                   f" prompt + response must fit the model's max_position_embeddings = {limit} tokens",
-                                  hint="shorten the prompt or leave the row out")
+                                  hint=f"shorten the prompt, or set data.max_length below {limit} so that"
+                                       " data.overlong applies")
         return data
 
     def unset_required(self) -> List[str]:

@@ -18,6 +18,7 @@ pre-scored ``steerlm2`` file).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -29,7 +30,7 @@ from aligner.algorithms.iterative import IterativeAlgorithm, check_row_indices, 
 from aligner.algorithms.losses.steerlm import attribute_log_likelihood, steerlm2_loss
 from aligner.algorithms.online import ExperienceMaker, GenerationSection, ReferenceMode, generation_config
 from aligner.config import ConfigError
-from aligner.data.datasets import render_extra_id
+from aligner.data.datasets import NO_BOUND, fit_prompt, print_report, render_extra_id
 from aligner.data.formats import STEERLM_DEFAULT_LABEL, parse_attribute_label
 from aligner.data.loading import check_dataset, load_dataset, source_format
 from aligner.models.config import ModelConfig
@@ -374,25 +375,41 @@ class SteerLM2Trainer(Trainer):
 
     def prompt_groups(self) -> List[dict]:
         """The (prompt, attribute string) groups: a row's own ``label``, else one group per
-        ``steerlm2.targets`` entry; prompt tokens with and without the attribute turn."""
+        ``steerlm2.targets`` entry; prompt tokens with and without the attribute turn.
+
+        A prompt with its attribute turn longer than ``data.max_length`` follows
+        ``data.overlong`` as a prompt file's prompts do (docs/data_formats.md, "Length"):
+        truncated from the left (the prompt without the attribute turn loses the same
+        tokens), dropped, or refused naming the row; the groups dropped or cut are counted
+        and reported on one line. The rows are read whole (fitted here, once rendered)."""
         d, s = self.cfg.data, self.cfg.steerlm2
         tok = self.tokenizer()
         rows = load_dataset(d.train, kind="prompts", tokenizer=tok, fmt=d.format, template="extra_id",
-                            skip_invalid=d.skip_invalid)
+                            max_length=NO_BOUND, overlong="error", skip_invalid=d.skip_invalid)
         limit = self.model_config().max_position_embeddings
-        groups = []
+        groups, counts = [], Counter()
         for line, row in enumerate(rows):
             for label in ([row["label"]] if row.get("label") else list(s.targets)):
                 conv = row["conversation"]
-                tokens = torch.tensor(render_extra_id(tok, conv, label=label)[0], dtype=torch.long)
+                full = render_extra_id(tok, conv, label=label)[0]
+                tokens = fit_prompt(full, d.max_length, str(d.overlong), counts, rows.where(line))
+                if tokens is None:
+                    continue
                 if len(tokens) >= limit:
                     raise ConfigError(f"{rows.where(line)}: the row has a prompt of {len(tokens)} tokens; prompt +"
                                       f" response must fit the model's max_position_embeddings = {limit} tokens",
-                                      hint="shorten the prompt or leave the row out")
-                groups.append({"index": len(groups), "prompt_tokens": tokens, "label": label,
-                               "sft_prompt_tokens": torch.tensor(render_extra_id(tok, conv)[0], dtype=torch.long),
+                                      hint=f"shorten the prompt, or set data.max_length below {limit} so that"
+                                           f" data.overlong applies")
+                cut = len(full) - len(tokens)  # the same tokens off the prompt without the attribute turn
+                groups.append({"index": len(groups), "prompt_tokens": torch.tensor(tokens, dtype=torch.long),
+                               "label": label,
+                               "sft_prompt_tokens": torch.tensor(render_extra_id(tok, conv)[0][cut:], dtype=torch.long),
                                "prompt": row["prompt"], "conversation": conv,
                                "meta": dict(row["meta"], label=label)})
+        print_report(d.train, len(groups), counts, unit="prompt groups")
+        if not groups:
+            raise ConfigError(f"data.train = {d.train!r}: no prompt group fits data.max_length = {d.max_length}"
+                              f" ({dict(counts)})")
         return groups
 
     def build_sampling(self, policy_models, prompts):

@@ -489,6 +489,7 @@ def last_turn_target(tokens, mask):
 
 
 OVERLONG = ("truncate_left", "drop", "error")  # the over-length policies (data.overlong)
+NO_BOUND = 2**62  # a max_length no sample reaches: prompts rendered whole, to be fitted by their user
 
 
 def overlong_error(where: str, what: str, max_length: int, names=("max_length", "overlong")) -> DataFormatError:

@@ -187,3 +187,61 @@ def test_a_samples_file_trains_as_a_prescored_file(runs, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["kl_w_b"] > 0 and r["grad_norm"] > 0 for r in rows)
     assert not (out / "steerlm2_samples").exists()
+
+
+# ====================================================================== prompt lengths
+# (prompt, tokens without / with the attribute turn): <extra_id_0> System be nice <extra_id_1>
+# User, the words, <extra_id_1> Assistant; the attribute turn adds <extra_id_2> and the label
+LENGTH_ROWS = [("say hi", 10, 12), ("say a word please now", 13, 15), ("say a word please now yes", 14, 16)]
+
+
+@pytest.fixture(scope="module")
+def length_assets(tmp_path_factory):
+    from tests.algorithms.steerlm2_setup import make_assets
+
+    w = tmp_path_factory.mktemp("steerlm2_lengths")
+    assets = make_assets(w / "assets")
+    path = w / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"system": "be nice", "prompt": p}) + "\n" for p, _, _ in LENGTH_ROWS))
+    return w, assets, path
+
+
+@pytest.mark.parametrize("overlong", ["truncate_left", "drop", "error"])
+def test_prompt_groups_follow_data_overlong_with_their_attribute_turn(length_assets, overlong, capsys):
+    """data.max_length = 13: each row's two groups (steerlm2.targets) render 12, 15 and 16
+    tokens; the fitted prompt is the labelled one, the SFT prompt loses the same tokens."""
+    from aligner.algorithms.steerlm import SteerLM2Trainer
+    from aligner.data import DataFormatError
+    from tests.algorithms.ppo_setup import SPECIAL, WORDS
+    from tests.algorithms.steerlm2_setup import LABEL_WORDS, TARGETS, steerlm2_config
+    from tests.word_tokenizer import word_vocab
+
+    w, assets, path = length_assets
+    v = word_vocab(WORDS + LABEL_WORDS, SPECIAL)
+    cfg = steerlm2_config(assets, str(w / f"run_{overlong}"), data={"train": str(path), "max_length": 13,
+                                                                     "overlong": overlong})
+    trainer = SteerLM2Trainer(cfg)
+    if overlong == "error":
+        with pytest.raises(DataFormatError) as err:
+            trainer.prompt_groups()
+        assert str(err.value) == (f"{path}:2: the prompt has 15 tokens, more than max_length = 13 (overlong = error;"
+                                  " truncate_left or drop would fit the row)")
+        return
+    groups = trainer.prompt_groups()
+
+    def sft(words):
+        return [v[x] for x in ["<extra_id_0>", "System", "be", "nice", "<extra_id_1>", "User", *words.split(),
+                               "<extra_id_1>", "Assistant"]]
+
+    expected = []
+    for (prompt, _, labelled), target in [(row, t) for row in LENGTH_ROWS for t in TARGETS]:
+        cut = labelled - 13
+        if cut > 0 and overlong == "drop":
+            continue
+        cut = max(cut, 0)
+        expected.append((sft(prompt)[cut:] + [v["<extra_id_2>"], v[target]], sft(prompt)[cut:], target))
+    got = [(g["prompt_tokens"].tolist(), g["sft_prompt_tokens"].tolist(), g["label"]) for g in groups]
+    assert got == expected
+    assert [g["index"] for g in groups] == list(range(len(expected)))
+    reason = "dropped_overlong" if overlong == "drop" else "truncated_left"
+    assert f"aligner data: {path}: {len(expected)} prompt groups; {reason}: 4" in capsys.readouterr().err.splitlines()

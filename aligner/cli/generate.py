@@ -25,6 +25,17 @@ data-parallel replica generates its share of the prompts; rank 0 writes the file
   row's own ``label`` field (or a labelled conversation's) wins over ``--attributes``.
   Needs the extra_id template (``--template extra_id``, or ``auto`` with a tokenizer
   without a chat template).
+- ``--max-prompt-length N`` (default: the context, ``--max-seq-len`` or the model's, less
+  one token for the response) and ``--overlong``: a prompt longer than N tokens, as it
+  is generated from (rendered, with its attribute turn), is refused naming ``file:line``
+  and its length (``error``, the default), keeps its last N tokens (``truncate_left``:
+  the end of the prompt, next to the response) or is left out (``drop``); what was cut
+  or dropped is counted on one stderr line. The values and counts of ``data.overlong``
+  (docs/data_formats.md, "Length"). Rows are numbered (``index``) over the prompts kept.
+- ``--batch-size`` slots decode together; ``--no-continuous-batching`` decodes the prompts
+  in batches of that many, each until its last row ends, instead of handing a finished
+  row's slot to the next waiting prompt (the default; the outputs are the same either
+  way: docs/rollout.md).
 - ``--output``: jsonl of plain JSON values, one row per (prompt, sample) in prompt order:
   ``index``, ``sample``, ``seed``, ``prompt``, ``response``, ``prompt_tokens``,
   ``response_tokens``, ``logprobs`` (per response token, the policy's unmodified
@@ -83,8 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated ids; default: the tokenizer's EOS; 'none' for no stop token")
     p.add_argument("--stop-strings", nargs="*", default=[], help="stop strings")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64, help="rows generated together")
+    p.add_argument("--batch-size", type=int, default=64, help="rows generated together (the engine's slots)")
+    p.add_argument("--continuous-batching", action=argparse.BooleanOptionalAction, default=True,
+                   help="a finished row's slot takes the next waiting prompt (default); --no-continuous-batching:"
+                        " batches of --batch-size rows, each until its last row ends (the same outputs)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-prompt-length", type=int, default=None,
+                   help="prompt tokens at most (default: the context length - 1)")
+    p.add_argument("--overlong", choices=("error", "truncate_left", "drop"), default="error",
+                   help="a longer prompt: error (refused, naming file:line; default), truncate_left (its last"
+                        " --max-prompt-length tokens kept) or drop (skipped, counted)")
     p.add_argument("--reward-batch-size", type=int, default=8)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
@@ -98,6 +117,7 @@ def _fail(message: str) -> int:
 
 
 # ---------------------------------------------------------------------------- inputs
+OPTION_NAMES = ("--max-prompt-length", "--overlong")  # what an over-length refusal names
 def _stop_ids(text: Optional[str]):
     if text is None:
         return None
@@ -119,7 +139,8 @@ def load_tokenizer(path: Optional[str]):
 
 
 def read_prompts(path: str, tokenizer, template: str = "raw", attributes: Optional[str] = None,
-                 attribute_defaults: Optional[str] = None) -> list:
+                 attribute_defaults: Optional[str] = None, max_length: Optional[int] = None,
+                 overlong: str = "error") -> list:
     """``[{"prompt_tokens", "prompt", "meta"}]`` from ``path`` (see the module docstring).
 
     ``template="raw"``: jsonl rows with ``prompt`` (encoded as it is) or ``prompt_tokens``;
@@ -128,7 +149,20 @@ def read_prompts(path: str, tokenizer, template: str = "raw", attributes: Option
     (``helpfulness=4,verbosity=1``) rendered after the assistant header of every prompt
     without a ``label`` of its own, the others at ``attribute_defaults`` (default SteerLM's;
     :func:`aligner.data.formats.steerlm_label`).
+
+    ``max_length``: prompt tokens at most (None: no bound). A longer prompt, as it will be
+    generated from (rendered, with its attribute turn), follows ``overlong`` as a prompt
+    file's rows do in training (:func:`aligner.data.datasets.fit_prompt`): ``error``
+    refuses it naming ``file:line`` and the lengths, ``truncate_left`` keeps its last
+    ``max_length`` tokens, ``drop`` leaves it out; what was cut or dropped is reported on
+    one line on stderr.
     """
+    from collections import Counter
+
+    from aligner.data.datasets import NO_BOUND, fit_prompt, print_report
+
+    bound = NO_BOUND if max_length is None else max_length
+    counts: Counter = Counter()
     label = None
     if attributes is not None:
         from aligner.data.formats import steerlm_label
@@ -146,15 +180,24 @@ def read_prompts(path: str, tokenizer, template: str = "raw", attributes: Option
         if label is not None and resolve_template(tokenizer, template) != "extra_id":
             raise ValueError(f"--attributes needs the extra_id template; --template {template} renders"
                              f" {resolve_template(tokenizer, template)}, which has no attribute turn")
+        # rendered whole, then fitted here as they are generated from (with the attribute turn)
+        data = load_dataset(path, kind="prompts", tokenizer=tokenizer, template=template, max_length=NO_BOUND,
+                            overlong="error")
         rows = []
-        for s in load_dataset(path, kind="prompts", tokenizer=tokenizer, template=template):
+        for n, s in enumerate(data):
             tokens = s["prompt_tokens"].tolist()
             row_label = s.get("label")
             if label is not None and not row_label:
                 row_label = label
                 tokens, _ = render_extra_id(tokenizer, s["conversation"], label=label)
+            tokens = fit_prompt(tokens, bound, overlong, counts, data.where(n), OPTION_NAMES)
+            if tokens is None:
+                continue
             rows.append({"prompt_tokens": tokens, "prompt": s["prompt"], "meta": s["meta"],
                          "conversation": s["conversation"], "label": row_label})
+        print_report(path, len(rows), counts, unit="prompts")
+        if not rows:
+            raise ValueError(f"{path}: no prompts ({dict(counts)})")
         return rows
     from aligner.data.datasets import iter_json_objects
 
@@ -169,18 +212,21 @@ def read_prompts(path: str, tokenizer, template: str = "raw", attributes: Option
             if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
                 raise ValueError(f"{path}:{line_no}: field 'prompt_tokens' must be a list of integers")
             text = row.get("prompt") if isinstance(row.get("prompt"), str) else None
-            rows.append({"prompt_tokens": ids, "prompt": text, "meta": meta})
         elif isinstance(row.get("prompt"), str):
             if tokenizer is None:
                 raise ValueError(f"{path}:{line_no}: text prompts need a tokenizer (--tokenizer)")
-            rows.append({"prompt_tokens": tokenizer.encode(row["prompt"]), "prompt": row["prompt"], "meta": meta})
+            ids, text = tokenizer.encode(row["prompt"]), row["prompt"]
         else:
             raise ValueError(
                 f"{path}:{line_no}: expected a string field 'prompt' or a list field 'prompt_tokens';"
                 f" found fields {sorted(row)}"
             )
+        ids = fit_prompt(list(ids), bound, overlong, counts, f"{path}:{line_no}", OPTION_NAMES)
+        if ids is not None:
+            rows.append({"prompt_tokens": ids, "prompt": text, "meta": meta})
+    print_report(path, len(rows), counts, unit="prompts")
     if not rows:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{path}: no prompts" + (f" ({dict(counts)})" if counts else ""))
     return rows
 
 
@@ -189,34 +235,59 @@ def _is_hf_dir(path: str) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def load_policy(args, params_dtype):
-    """(model chunks, ModelConfig) of ``--model`` for the current layout."""
+def _checkpoint_dir(args) -> Path:
+    """The checkpoint directory ``--model`` names (a checkpoint root: its latest complete one)."""
+    from aligner.models import find_latest
+
+    ckpt = Path(args.model)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"--model {args.model}: neither a HF folder (config.json) nor a checkpoint directory")
+    return find_latest(ckpt) if (ckpt / "latest").is_file() else ckpt
+
+
+def policy_config(args):
+    """The ModelConfig of ``--model`` (no weights read): a HF folder's, ``--model-config``, or
+    the checkpoint's ``model_config.json``."""
     from aligner.models import ModelConfig
 
+    if _is_hf_dir(args.model):
+        return ModelConfig.from_hf(args.model)
+    ckpt = _checkpoint_dir(args)
+    if args.model_config is not None:
+        return ModelConfig.load(args.model_config)
+    if (ckpt / "model_config.json").is_file():
+        source = ckpt / "model_config.json"
+        return ModelConfig.from_dict(json.loads(source.read_text()), source=str(source))
+    raise ValueError(
+        f"--model {args.model}: the checkpoint records no model_config.json; pass --model-config"
+        " (preset name, preset YAML or HF folder)"
+    )
+
+
+def load_policy(args, params_dtype):
+    """(model chunks, ModelConfig) of ``--model`` for the current layout."""
     if _is_hf_dir(args.model):
         from aligner.models import from_pretrained
 
         return from_pretrained(args.model, params_dtype=params_dtype)
-    ckpt = Path(args.model)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"--model {args.model}: neither a HF folder (config.json) nor a checkpoint directory")
-    from aligner.models import build_model, find_latest, load_checkpoint
+    from aligner.models import build_model, load_checkpoint
 
-    if (ckpt / "latest").is_file():  # a checkpoint root: its latest complete checkpoint
-        ckpt = find_latest(ckpt)
-    if args.model_config is not None:
-        cfg = ModelConfig.load(args.model_config)
-    elif (ckpt / "model_config.json").is_file():
-        source = ckpt / "model_config.json"
-        cfg = ModelConfig.from_dict(json.loads(source.read_text()), source=str(source))
-    else:
-        raise ValueError(
-            f"--model {args.model}: the checkpoint records no model_config.json; pass --model-config"
-            " (preset name, preset YAML or HF folder)"
-        )
+    cfg = policy_config(args)
     models = [build_model(cfg, params_dtype=params_dtype)]
-    load_checkpoint(ckpt, models)
+    load_checkpoint(_checkpoint_dir(args), models)
     return models, cfg
+
+
+def prompt_limit(args, model_cfg) -> int:
+    """Prompt tokens at most: ``--max-prompt-length``, by default the context (``--max-seq-len``
+    or the model's) less the one token a response needs."""
+    context = args.max_seq_len or model_cfg.max_position_embeddings
+    if args.max_prompt_length is None:
+        return context - 1
+    if args.max_prompt_length > context - 1:
+        raise ValueError(f"--max-prompt-length {args.max_prompt_length}: expected at most {context - 1} (the"
+                         f" context, {context} tokens, less one for the response)")
+    return args.max_prompt_length
 
 
 def score(args, readout, rows, prompts, tokenizer, pad_id) -> None:
@@ -261,6 +332,7 @@ def main(argv: Optional[list] = None) -> int:
     at_least("--batch-size", args.batch_size, 1)
     at_least("--reward-batch-size", args.reward_batch_size, 1)
     at_least("--max-seq-len", args.max_seq_len, 2)
+    at_least("--max-prompt-length", args.max_prompt_length, 1)
     if not _is_hf_dir(args.model) and not Path(args.model).is_dir():
         return _fail(f"--model {args.model}: neither a HF folder (config.json) nor a checkpoint directory")
     readout = None
@@ -294,22 +366,22 @@ def main(argv: Optional[list] = None) -> int:
     import torch
     from megatron.core import parallel_state as ps
 
-    from aligner.models import ModelConfig
     from aligner.parallel import ParallelConfig, initialize
     from aligner.rollout import RolloutEngine
 
     tokenizer_dir = args.tokenizer or (args.model if _is_hf_dir(args.model) else None)
     tokenizer = load_tokenizer(tokenizer_dir)
     try:
-        prompts = read_prompts(args.prompts, tokenizer, args.template, args.attributes, args.attribute_defaults)
+        model_cfg = policy_config(args)
+        prompts = read_prompts(args.prompts, tokenizer, args.template, args.attributes, args.attribute_defaults,
+                               max_length=prompt_limit(args, model_cfg), overlong=args.overlong)
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
 
     dims = {}
     if _is_hf_dir(args.model):
-        cfg = ModelConfig.from_hf(args.model)
-        dims = dict(num_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
-                    num_query_groups=cfg.num_query_groups)
+        dims = dict(num_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_attention_heads,
+                    num_query_groups=model_cfg.num_query_groups)
     initialize(ParallelConfig(tp=args.tp, pp=args.pp), **dims)
     params_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     try:
@@ -317,7 +389,7 @@ def main(argv: Optional[list] = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
     engine = RolloutEngine(models, cfg, tokenizer=tokenizer, max_batch=args.batch_size,
-                           max_seq_len=args.max_seq_len)
+                           max_seq_len=args.max_seq_len, continuous_batching=args.continuous_batching)
 
     # every (prompt, sample) row, with its seed; data-parallel replicas take contiguous shares
     jobs = [(i, k) for i in range(len(prompts)) for k in range(args.num_samples)]

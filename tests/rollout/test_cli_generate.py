@@ -368,3 +368,157 @@ def test_templated_prompt_files_generate_plain_json_rows(setup, templated_output
     assert "has 2 outputs ['LABEL_0', 'LABEL_1'] and records no reward weights" in refusals[0]
     assert "--reward-attribute 'helpfulness' is not an output of the head" in refusals[1]
     assert all(err.count("aligner generate: error:") == 1 for err in refusals)
+
+
+# ------------------------------------------------------------------ over-long prompts
+# the extra_id markers' ids in the word-level vocabulary (MARKERS, last in the vocabulary)
+SYSTEM_ID, USER_ID, ASSISTANT_ID = VOCAB - 4, VOCAB - 3, VOCAB - 2
+UNK = 3
+
+
+@pytest.fixture
+def long_raw_prompts(tmp_path):
+    path = tmp_path / "long.jsonl"
+    rows = [{"prompt": "w10 w11 w12 w13", "id": "a"}, {"prompt_tokens": [1, 40, 41]}, {"prompt": "w7"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_raw_prompts_follow_overlong(setup, long_raw_prompts, capsys):
+    """--max-prompt-length 2 over raw prompts of 4, 3 and 1 tokens."""
+    from aligner.cli.generate import read_prompts
+    from aligner.data import DataFormatError, load_tokenizer
+
+    tok = load_tokenizer(str(setup["root"] / "policy"))
+    path = long_raw_prompts
+    kept = read_prompts(str(path), tok, "raw", max_length=2, overlong="truncate_left")
+    assert [p["prompt_tokens"] for p in kept] == [[12, 13], [40, 41], [7]]  # each prompt's end
+    assert [p["prompt"] for p in kept] == ["w10 w11 w12 w13", None, "w7"] and kept[0]["meta"] == {"id": "a"}
+    assert capsys.readouterr().err == f"aligner data: {path}: 3 prompts; truncated_left: 2\n"
+    kept = read_prompts(str(path), tok, "raw", max_length=2, overlong="drop")
+    assert [p["prompt_tokens"] for p in kept] == [[7]]
+    assert capsys.readouterr().err == f"aligner data: {path}: 1 prompts; dropped_overlong: 2\n"
+    with pytest.raises(DataFormatError) as err:
+        read_prompts(str(path), tok, "raw", max_length=2, overlong="error")
+    assert str(err.value) == (f"{path}:1: the prompt has 4 tokens, more than --max-prompt-length = 2 (--overlong ="
+                              " error; truncate_left or drop would fit the row)")
+    with pytest.raises(ValueError, match=rf"^{path}: no prompts \({{'dropped_overlong': 3}}\)$"):
+        read_prompts(str(path), tok, "raw", max_length=0, overlong="drop")
+    # no bound: the prompts as they are
+    assert [p["prompt_tokens"] for p in read_prompts(str(path), tok, "raw")] == [[10, 11, 12, 13], [1, 40, 41], [7]]
+
+
+def test_a_prompt_is_fitted_with_its_attribute_turn(setup, tmp_path, capsys):
+    """extra_id with --attributes: <extra_id_0>System w50 <extra_id_1>User w10 w11
+    <extra_id_1>Assistant <extra_id_2>helpfulness:... (one unknown word): 7 tokens; the
+    last 4 are kept, the attribute turn among them."""
+    from aligner.cli.generate import read_prompts
+    from aligner.data import DataFormatError, load_tokenizer
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "w10 w11", "system": "w50"}) + "\n")
+    tok = load_tokenizer(str(setup["root"] / "plain_tokenizer"))
+    whole = [SYSTEM_ID, 50, USER_ID, 10, 11, ASSISTANT_ID, UNK]
+    assert read_prompts(str(path), tok, "extra_id", attributes="helpfulness=4", max_length=7,
+                        overlong="error")[0]["prompt_tokens"] == whole
+    assert not [line for line in capsys.readouterr().err.splitlines()  # nothing cut, nothing reported
+                if not line.startswith("aligner data: preparing")]
+    cut = read_prompts(str(path), tok, "extra_id", attributes="helpfulness=4", max_length=4, overlong="truncate_left")
+    assert cut[0]["prompt_tokens"] == whole[-4:] and cut[0]["label"].startswith("helpfulness:4,")
+    assert capsys.readouterr().err.splitlines()[-1] == f"aligner data: {path}: 1 prompts; truncated_left: 1"
+    # without the attribute turn the prompt (6 tokens) fits 6; with it, it does not
+    assert len(read_prompts(str(path), tok, "extra_id", max_length=6, overlong="error")[0]["prompt_tokens"]) == 6
+    with pytest.raises(DataFormatError, match=rf"^{path}:1: the prompt has 7 tokens, more than --max-prompt-length = 6"):
+        read_prompts(str(path), tok, "extra_id", attributes="helpfulness=4", max_length=6, overlong="error")
+
+
+def test_a_prompt_the_context_cannot_hold_is_refused_by_default(setup, tmp_path, capsys):
+    """The default bound is the context (64 tokens) less one: a 64-token prompt is refused
+    before any model is loaded, naming the file, the line and the lengths."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "w5"}) + "\n" + json.dumps({"prompt_tokens": [5] * 64}) + "\n")
+    out = tmp_path / "out.jsonl"
+    base = ["--model", str(setup["root"] / "policy"), "--prompts", str(path), "--output", str(out)]
+    assert main(base) == 2
+    assert capsys.readouterr().err == (f"aligner generate: error: {path}:2: the prompt has 64 tokens, more than"
+                                       " --max-prompt-length = 63 (--overlong = error; truncate_left or drop would"
+                                       " fit the row)\n")
+    assert main(base + ["--max-prompt-length", "64"]) == 2
+    assert capsys.readouterr().err == ("aligner generate: error: --max-prompt-length 64: expected at most 63 (the"
+                                       " context, 64 tokens, less one for the response)\n")
+    assert main(base + ["--max-seq-len", "32", "--max-prompt-length", "40"]) == 2
+    assert "--max-prompt-length 40: expected at most 31 (the context, 32 tokens," in capsys.readouterr().err
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------ continuous batching, end to end
+def run_cli_counting(*argvs):
+    """CLI runs in one process, each engine the CLI makes recorded: (exit code, forwards,
+    continuous) per run. The engine is the real one (a subclass that keeps its instances)."""
+    import aligner.rollout
+    from aligner.parallel import ParallelConfig, initialize
+
+    engines = []
+
+    class Recorded(aligner.rollout.RolloutEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    aligner.rollout.RolloutEngine = Recorded
+    initialize(ParallelConfig())
+    out = []
+    for argv in argvs:
+        code = main(argv)
+        out.append((code, engines[-1].forwards, engines[-1].continuous))
+    return out
+
+
+@pytest.fixture(scope="module")
+def counted_runs(setup):
+    root = setup["root"]
+    stop = setup["greedy"][0][2]  # prompt 0's third token: its rows end early, others may not
+    base = ["--model", str(root / "policy"), "--prompts", str(setup["prompts"]), "--greedy",
+            "--max-new-tokens", str(NEW), "--stop-token-ids", str(stop), "--num-samples", "2", "--batch-size", "3"]
+    argvs = [base + ["--output", str(root / "refills_on.jsonl")],
+             base + ["--output", str(root / "refills_off.jsonl"), "--no-continuous-batching"],
+             ["--model", str(root / "policy"), "--prompts", str(setup["prompts"]), "--greedy", "--max-new-tokens",
+              str(NEW), "--stop-token-ids", "none", "--max-prompt-length", "2", "--overlong", "truncate_left",
+              "--output", str(root / "truncated.jsonl")]]
+    runs = spawn_local(run_cli_counting, 1, *argvs, timeout=300)[0]
+    return runs, {name: _read(root / f"{name}.jsonl") for name in ("refills_on", "refills_off", "truncated")}
+
+
+def test_continuous_batching_option_reaches_the_engine_with_the_same_outputs(setup, counted_runs):
+    """8 rows (4 prompts x 2 greedy samples) through 3 slots, rows ending on a stop token at
+    different steps: the same file both ways; the forwards those of refills and of batches
+    (counted by hand from the rows' lengths, tests/rollout/forward_counts.py)."""
+    from tests.rollout.forward_counts import batch_forwards, refill_forwards
+
+    runs, files = counted_runs
+    (code_on, forwards_on, continuous_on), (code_off, forwards_off, continuous_off) = runs[:2]
+    assert (code_on, code_off) == (0, 0) and continuous_on and not continuous_off
+    on, off = files["refills_on"], files["refills_off"]
+    assert [{k: v for k, v in r.items() if k != "logprobs"} for r in on] == \
+        [{k: v for k, v in r.items() if k != "logprobs"} for r in off]
+    for a, b in zip(on, off):  # a row's logits do not depend on its neighbours, to float rounding
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-6)
+    plen = [len(r["prompt_tokens"]) for r in on]
+    rlen = [len(r["response_tokens"]) for r in on]
+    assert len(set(rlen)) >= 2  # rows end at different steps
+    assert forwards_off == batch_forwards(plen, rlen, 3)
+    assert forwards_on == refill_forwards(plen, rlen, 3)
+    assert forwards_on != forwards_off
+    for r in on:  # each response: HF's greedy response of the prompt alone, cut after the stop token
+        full = setup["greedy"][r["index"]]
+        assert r["response_tokens"] == full[:full.index(int(r["response_tokens"][-1])) + 1] \
+            if r["stop_reason"] == "stop_token" else full
+
+
+def test_a_truncated_prompt_generates_as_its_kept_end(setup, counted_runs):
+    runs, files = counted_runs
+    assert runs[2][0] == 0
+    rows = files["truncated"]
+    assert [r["prompt_tokens"] for r in rows] == [[20, 30], [7], [104, 105], [41, 42]]
+    for r in rows:
+        assert r["response_tokens"] == _greedy_reference(setup["root"], r["prompt_tokens"])

@@ -108,3 +108,19 @@ def test_a_prepared_prompt_folder_serves_a_length_its_prompts_fit(prompt_file, w
     with pytest.raises(DataFormatError, match=r"prepared with max_length = 4096; this use asks for 4: prepare it"
                                               r" again with --max-length 4"):
         load_dataset(folder, kind="prompts", tokenizer=tok, template="raw", max_length=4, overlong="drop")
+
+
+def test_every_place_that_sets_the_policy_offers_the_same_values(capsys):
+    """data.overlong, aligner data prepare --overlong and aligner generate --overlong."""
+    from aligner.cli.data import main as data_main
+    from aligner.cli.generate import build_parser as generate_parser
+    from aligner.data.datasets import OVERLONG
+    from aligner.training.config import Overlong
+
+    assert [o.value for o in Overlong] == list(OVERLONG)
+    action = next(a for a in generate_parser()._actions if a.dest == "overlong")
+    assert set(action.choices) == set(OVERLONG)
+    with pytest.raises(SystemExit):
+        data_main(["prepare", "x.jsonl", "--out", "o", "--tokenizer", "t", "--overlong", "cut"])
+    listed = capsys.readouterr().err.split("invalid choice: 'cut' (choose from ")[1].split(")")[0]
+    assert sorted(c.strip(" '") for c in listed.split(",")) == sorted(OVERLONG)

@@ -637,8 +637,8 @@ def render_sample(tokenizer, kind: str, row: dict, fmt: str, number: int, where:
         # a reward model reads a pair as it scores it; a policy (DPO) ends with EOS except
         # under an explicit extra_id template, which keeps the template's own end
         end = "extra_id" if (reward_model or kind == "any_scored" or template == "extra_id") else "eos"
-        c = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong, counts,
-                          where)
+        c = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.chosen, end=end)), max_length, overlong,
+                          counts, where)
         r = fit_to_length(*(_render(tokenizer, template, rec.prompt, rec.rejected, end=end)), max_length, overlong,
                           counts, where)
         if not c or not r:

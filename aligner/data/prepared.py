@@ -58,6 +58,7 @@ import torch
 from aligner.data.datasets import (
     HELPSTEER2_ATTRIBUTES,
     KIND_FORMATS,
+    NO_BOUND,
     UNITS,
     DataFormatError,
     load_report,
@@ -355,9 +356,13 @@ def check_compatible(folder, manifest: dict, *, kind: str, tokenizer_sha256: str
     ``overlong`` are then not compared (a folder prepared before prompts were fitted too)."""
     where = f"{folder}: prepared"
     report = manifest["report"]
-    if kind == "prompts" and longest is not None and longest <= options["max_length"] \
-            and not report.get("truncated_left") and not report.get("dropped_overlong"):
+    fitted = {k: report[k] for k in ("truncated_left", "dropped_overlong") if report.get(k)}
+    if kind == "prompts" and longest is not None and longest <= options["max_length"] and not fitted:
         options = {k: v for k, v in options.items() if k not in ("max_length", "overlong")}
+    elif kind == "prompts" and options["max_length"] == NO_BOUND:
+        raise DataFormatError(f"{where} with max_length = {manifest['options'].get('max_length')}, which cut or"
+                              f" dropped prompts ({fitted}); this use reads the prompts whole and fits them itself:"
+                              " prepare it again with a --max-length every prompt fits, or give the source file")
     if manifest["kind"] != kind:
         raise DataFormatError(f"{where} as {manifest['kind']!r} samples; this use reads {kind!r} samples (allowed"
                               f" formats {list(KIND_FORMATS[kind])}): prepare it again with --kind {kind}")

@@ -108,6 +108,16 @@ def test_a_prepared_prompt_folder_serves_a_length_its_prompts_fit(prompt_file, w
     with pytest.raises(DataFormatError, match=r"prepared with max_length = 4096; this use asks for 4: prepare it"
                                               r" again with --max-length 4"):
         load_dataset(folder, kind="prompts", tokenizer=tok, template="raw", max_length=4, overlong="drop")
+    # a folder that cut prompts cannot serve a use that reads them whole (and fits them itself)
+    from aligner.data.datasets import NO_BOUND
+
+    cut = tmp_path / "cut"
+    prepare_dataset([prompt_file], cut, "prompts", tok, template="raw", max_length=3, overlong="truncate_left")
+    with pytest.raises(DataFormatError) as err:
+        load_dataset(cut, kind="prompts", tokenizer=tok, template="raw", max_length=NO_BOUND, overlong="error")
+    assert str(err.value) == (f"{cut}: prepared with max_length = 3, which cut or dropped prompts ({{'truncated_left':"
+                              " 2}); this use reads the prompts whole and fits them itself: prepare it again with a"
+                              " --max-length every prompt fits, or give the source file")
 
 
 def test_every_place_that_sets_the_policy_offers_the_same_values(capsys):

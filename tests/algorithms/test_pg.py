@@ -263,10 +263,16 @@ def test_generation_continuous_batching_false_decodes_batch_by_batch(assets, tmp
                   for batch in (order[k:k + 3] for k in range(0, len(order), 3)))
     assert forwards == by_hand == batch_forwards(plen, rlen, 3)
     on_exp, on_forwards = runs[True]
-    # here every response runs to max_new_tokens (8): each refill round feeds its newcomers'
-    # last prompt token through a decode step where a batch prefills it, so refills cost
-    # one forward more per round (48 -> 53 for these 12 prompts of 10 tokens and 4 of 14)
     assert on_forwards == refill_forwards(plen, rlen, 3)
+    # This case by hand: 12 rows of 10-token prompts and 4 of 14, every response 8 tokens
+    # (none stops early). Batches: 4 of 10-token rows and 2 of 14, each 8 forwards: 48.
+    # Refills: the first 3 slots prefill 10 columns (1 forward) and end at step 8; the slots
+    # then take 3 waiting rows at steps 8, 16, 24 (10-token prompts), 32 (14) and 40 (the
+    # last 14-token row, the other slots dropped): 5 prefills of the newcomers' first
+    # c = p - 1 columns, each newcomer deciding columns p .. p + 7, 8 steps from the step
+    # after its slot freed; the last row ends at step 48: 1 + 5 + 47 decode steps = 53.
+    assert sorted(plen) == [10] * 12 + [14] * 4 and rlen == [8] * 16
+    assert (forwards, on_forwards) == (48, 53)
     assert torch.equal(on_exp.tokens, exp.tokens)
     assert on_exp.response_lengths.tolist() == rlen
 

@@ -9,6 +9,9 @@ and 4 prompt/completion rows at global batch 4: iteration 0 is 1 step, iteration
   0 (the initial model's); the 2 steps of iteration 1 take 4 earlier pairs in all
   (``window/previous``), and its first step's loss is ln 2 (policy = reference for every
   pair it holds, old or new).
+- Data-parallel (DP=2) and tensor-parallel (TP=2) runs write the same pairs (the earlier
+  iteration's recomputed reference log-probs included, 1e-5) and log the same loss and
+  gradient norm as one process at all 3 steps (1e-5).
 - The length: 3 steps (``trainer.max_epochs`` derived as 1 + 2), a wrong override refused.
 - SIGKILL at the iteration boundary (after step 1's checkpoint, before iteration 1 samples:
   the resumed run reads iteration 0's file back, checked against the checkpoint's digest)
@@ -84,6 +87,38 @@ def test_iteration_one_trains_on_both_iterations_pairs_against_its_own_reference
     assert 0 < metrics[1]["window/previous"] < 1  # a batch mixes the iterations' pairs
     assert abs(metrics[1]["loss"] - math.log(2)) <= 1e-6 and abs(metrics[2]["loss"] - math.log(2)) > 1e-4
     assert "window/previous" not in metrics[0]
+
+
+def _layouts(hf, train, workdir, layouts):
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for tp, pp in layouts:
+        cfg = window_config(hf, train, f"{workdir}/{len(layouts)}_{tp}_{pp}", micro_batch_size=1)
+        cfg["parallel"] = {"tp": tp, "pp": pp}
+        out[(tp, pp)] = run_aligner(cfg)
+        ps.destroy_model_parallel()  # the next layout on the same process group
+    return out
+
+
+def test_data_and_tensor_parallel_equal_one_process(tiny_hf, tmp_path):
+    train = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    args = (str(tiny_hf["dir"]), train, str(tmp_path))
+    want_metrics, want_rows = spawn_local(_layouts, 1, *args, [(1, 1)], timeout=600)[0][(1, 1)]
+    two = spawn_local(_layouts, 2, *args, [(1, 1), (2, 1)], timeout=900)[0]  # DP=2, then TP=2
+    assert len(want_rows[1]) == 8
+    for (tp, pp), (metrics, rows) in two.items():
+        for k in range(2):
+            assert [(r["iteration"], r["index"], r["rejected_tokens"]) for r in rows[k]] == \
+                [(r["iteration"], r["index"], r["rejected_tokens"]) for r in want_rows[k]], (tp, k)
+            for key in ("ref_chosen", "ref_rejected"):
+                assert max(abs(a[key] - b[key]) for a, b in zip(rows[k], want_rows[k])) <= 1e-5, (tp, k, key)
+        assert len(metrics) == len(want_metrics) == 3
+        for got, want in zip(metrics, want_metrics):
+            for key in ("loss", "grad_norm", "rewards/margins", "window/previous"):
+                if key in want:
+                    print(f"tp{tp} step {got['step']} {key}: {got[key]:.9g} vs {want[key]:.9g}")
+                    assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), (tp, got["step"], key)
 
 
 def test_window_length_is_derived(tmp_path):

@@ -56,7 +56,9 @@ def spin_data_quality(out: Path, rows: Path, iterations: int) -> dict:
         path = out / "spin" / "spin_samples" / f"iteration_{t}.jsonl"
         if not path.is_file():
             break
-        samples = {int(r["index"]): r for r in map(json.loads, path.read_text().splitlines())}
+        # the iteration's own generations (with spin.keep_previous the file also holds earlier ones)
+        samples = {int(r["index"]): r for r in map(json.loads, path.read_text().splitlines())
+                   if int(r["iteration"]) == t}
         rejected = [float(score_response(meta(r), samples[i]["rejected"])["helpfulness"])
                     for i, r in enumerate(train_rows)]
         report["iterations"].append({"iteration": t, "rejected_helpfulness": mean(rejected),
@@ -136,7 +138,8 @@ def main(argv=None) -> int:
                        pairs=spin_data_quality(out, rows, args.iterations))
         if args.sft_control and not (out / "sft_control" / "hf").is_dir():
             # the same chosen responses, as many steps of as many rows, the SPIN run's learning rate
-            steps = args.iterations * args.epochs * (args.rows // 32)
+            # (trainer.max_epochs as SPIN derived it: iterations x epochs, more with spin.keep_previous)
+            steps = OmegaConf.load(out / "spin" / "config.yaml").trainer.max_epochs * (args.rows // 32)
             results["seconds"]["sft_control"] = train("sft", common + [
                 f"trainer.out_dir={out / 'sft_control'}", f"init.hf={sft}", f"trainer.max_steps={steps}",
                 "trainer.global_batch_size=32", "trainer.micro_batch_size=16", "trainer.val_interval=0",

@@ -17,6 +17,12 @@ are computed when the iteration's generations are, with the same weights, and wr
 them to ``spin_samples/iteration_<t>.jsonl`` (atomically; the checkpoint records the file's
 digest), so that a resumed run reads them back (:mod:`aligner.algorithms.iterative`).
 
+With ``spin.keep_previous`` k > 0, iteration t also trains on the pairs of iterations
+t − k .. t − 1 (their SFT response and generation), every pair against π_t: the log-probs of
+the earlier generations are computed again under π_t with the iteration's own, and the
+earlier pairs are written with them to the iteration's file (the paper's released recipe
+trains its iteration 1 on iterations 0 and 1's generations: k = 1).
+
 A row's prompt is its tokens before the first target token; its SFT response the first run
 of target tokens (a multi-turn row contributes its first assistant turn).
 """
@@ -56,6 +62,7 @@ class SPINSection:
     loss_type: str = registered(spin_losses, "dpo")  # a preference loss reading only the log-probs
     beta: float = 0.1  # the paper's λ: the scale of the log-ratio margin (> 0)
     sft_weight: float = 0.0  # weight of the SFT response's NLL per token (0: the paper's objective)
+    keep_previous: int = 0  # earlier iterations whose generations an iteration also trains on (>= 0)
     generation: GenerationSection = field(default_factory=GenerationSection)  # the synthetic responses
 
 
@@ -83,15 +90,18 @@ def first_response(tokens: torch.Tensor, loss_mask: torch.Tensor):
 class SPINSampler:
     """One iteration's pairs: a response to every prompt from the current model (the
     experience maker, one sample per prompt, seeded by the global index ``iteration·P + j``)
-    and the current model's log-probs of both responses (the iteration's reference).
+    and the current model's log-probs of both responses (the iteration's reference); with a
+    window (``keep_previous`` > 0), also the current model's log-probs of the earlier
+    iterations' generations it is given.
 
     data: the SFT samples ``{"index", "tokens", "loss_mask"}``; maker: an
     :class:`aligner.algorithms.online.ExperienceMaker` without a reward source.
     """
 
-    def __init__(self, data: Sequence[dict], maker: ExperienceMaker, *, epochs: int):
+    def __init__(self, data: Sequence[dict], maker: ExperienceMaker, *, epochs: int, keep_previous: int = 0):
         self.maker = maker
         self.epochs = epochs
+        self.keep_previous = keep_previous
         self.prompts = []
         for s in data:
             start, end = first_response(s["tokens"], s["loss_mask"])
@@ -99,8 +109,10 @@ class SPINSampler:
                                  "chosen": s["tokens"][:end], "prompt": "", "meta": {}})
         self.by_index = {p["index"]: p for p in self.prompts}
 
-    def sample(self, context: StepContext, iteration: int) -> List[dict]:
-        """The iteration's rows (global order, identical on every rank)."""
+    def sample(self, context: StepContext, iteration: int, previous: Sequence[dict] = ()) -> List[dict]:
+        """The iteration's rows (global order, identical on every rank): its own generations,
+        then ``previous`` (earlier iterations' rows, newest iteration first) with the current
+        model's log-probs."""
         share = math.ceil(len(self.prompts) / context.dp_size)
         local = self.prompts[context.dp_rank * share:(context.dp_rank + 1) * share]
         ctx = StepContext(roles=context.roles, step=iteration, samples=self.prompts, local_samples=local,
@@ -108,11 +120,16 @@ class SPINSampler:
         exp = self.maker.generate(ctx)
         n = len(exp)
         rejected = [exp.tokens[i, :int(exp.prompt_lengths[i] + exp.response_lengths[i])] for i in range(n)]
+        earlier = {(int(r["iteration"]), int(r["index"])): r for r in previous}
+        sources = sorted({t for t, _ in earlier}, reverse=True)
+        old = [earlier[t, p["index"]] for t in sources for p in local]  # this rank's prompts, per iteration
         items = [(p["chosen"], len(p["prompt_tokens"])) for p in local] + \
-                [(r, len(p["prompt_tokens"])) for r, p in zip(rejected, local)]
+                [(r, len(p["prompt_tokens"])) for r, p in zip(rejected, local)] + \
+                [(torch.cat([p["prompt_tokens"], torch.tensor(r["rejected_tokens"], dtype=torch.long)]),
+                  len(p["prompt_tokens"])) for r, p in zip(old, [p for _ in sources for p in local])]
         width = padded_length(max(len(t) for t, _ in items))
-        tokens = torch.full((2 * n, width), self.maker.tokenizer.pad_id, dtype=torch.long)
-        mask = torch.zeros(2 * n, width, dtype=torch.float64)
+        tokens = torch.full((len(items), width), self.maker.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(items), width, dtype=torch.float64)
         for i, (t, start) in enumerate(items):
             tokens[i, :len(t)] = t
             mask[i, start:len(t)] = 1.0
@@ -126,11 +143,26 @@ class SPINSampler:
             rows.append({"index": p["index"], "iteration": iteration, "rejected_tokens": response.tolist(),
                          "rejected": exp.texts[i], "truncated": bool(exp.truncated[i]),
                          "ref_chosen": float(ref[i]), "ref_rejected": float(ref[n + i])})
-        return gather_rows(context, rows)
+        rows = gather_rows(context, rows)
+        for k in range(len(sources)):  # each earlier iteration's pairs in global order, as its own
+            part = [dict(r, ref_chosen=float(ref[i % n]), ref_rejected=float(ref[2 * n + i]))
+                    for i, r in enumerate(old[k * n:(k + 1) * n], start=k * n)]
+            rows += gather_rows(context, part)
+        return rows
 
     def check_rows(self, rows: List[dict], path) -> None:
-        """A file read back must hold a pair for every prompt of this run."""
-        check_row_indices(rows, self.by_index, path, "the pairs of rows")
+        """A file read back must hold a pair for every prompt of this run, of the file's own
+        iteration and of each earlier one of its window."""
+        by_source: Dict[int, List[dict]] = {}
+        for r in rows:
+            by_source.setdefault(int(r["iteration"]), []).append(r)
+        newest = max(by_source, default=0)
+        want = list(range(newest, newest - min(newest, self.keep_previous) - 1, -1))
+        if sorted(by_source, reverse=True) != want:
+            raise ValueError(f"{path}: holds the pairs of iterations {sorted(by_source)}; with spin.keep_previous ="
+                             f" {self.keep_previous} iteration {newest} trains on those of {sorted(want)}")
+        for t in want:
+            check_row_indices(by_source[t], self.by_index, path, f"iteration {t}'s pairs of rows")
 
     def to_sample(self, row: dict) -> dict:
         """A file row -> a pair ``{"chosen", "chosen_loss_mask", "rejected", "rejected_loss_mask",
@@ -167,8 +199,9 @@ class SPINAlgorithm(IterativeAlgorithm):
     title = "SPIN"
 
     def __init__(self, pad_id: int, *, sampler: SPINSampler, steps_per_iteration: int, samples_dir,
-                 loss_type: str = "dpo", beta: float = 0.1, sft_weight: float = 0.0):
-        super().__init__(pad_id, sampler=sampler, steps_per_iteration=steps_per_iteration, samples_dir=samples_dir)
+                 loss_type: str = "dpo", beta: float = 0.1, sft_weight: float = 0.0, keep_previous: int = 0):
+        super().__init__(pad_id, sampler=sampler, steps_per_iteration=steps_per_iteration, samples_dir=samples_dir,
+                         keep_previous=keep_previous)
         self.loss_type = loss_type
         self.beta = beta
         self.sft_weight = sft_weight
@@ -215,6 +248,8 @@ class SPINTrainer(Trainer):
             raise ConfigError(f"spin.beta = {s.beta!r}: expected > 0")
         if not s.sft_weight >= 0:
             raise ConfigError(f"spin.sft_weight = {s.sft_weight!r}: expected >= 0")
+        if s.keep_previous < 0:
+            raise ConfigError(f"spin.keep_previous = {s.keep_previous}: expected >= 0")
         if s.generation.max_new_tokens < 1:
             raise ConfigError(f"spin.generation.max_new_tokens = {s.generation.max_new_tokens}: expected >= 1")
         if cfg.data.validation is not None:
@@ -234,8 +269,8 @@ class SPINTrainer(Trainer):
         gen = generation_config(s.generation, t.seed, [self.tokenizer().eos_id])
         maker = ExperienceMaker(gen, None, self.tokenizer(), max_batch=s.generation.max_batch,
                                 continuous_batching=s.generation.continuous_batching)
-        sampler = SPINSampler(train, maker, epochs=s.epochs)
+        sampler = SPINSampler(train, maker, epochs=s.epochs, keep_previous=s.keep_previous)
         algo = SPINAlgorithm(self.tokenizer().pad_id, sampler=sampler, steps_per_iteration=steps_per_epoch * s.epochs,
                              samples_dir=Path(t.out_dir) / "spin_samples", loss_type=s.loss_type, beta=s.beta,
-                             sft_weight=s.sft_weight)
+                             sft_weight=s.sft_weight, keep_previous=s.keep_previous)
         return algo, self.build_models(), train, None, {}

@@ -19,6 +19,8 @@ ROUND_STRIDE = 104_729
 ROUND_OFFSET = 17
 ON_POLICY_STEP_STRIDE = 7927  # on-policy steps of distillation: offset step · 7927 + 29
 ON_POLICY_OFFSET = 29
+WINDOW_ITERATION_STRIDE = 7933  # window slots of an iterative run: offset iteration · 7933 + epoch + 31
+WINDOW_OFFSET = 31
 
 
 def seeded_generator(seed: int, offset: int = 0) -> torch.Generator:
@@ -44,3 +46,9 @@ def prompt_round_generator(seed: int, step: int, round: int) -> torch.Generator:
 def on_policy_generator(seed: int, step: int) -> torch.Generator:
     """Whether ``step`` of on-policy distillation trains on the student's own samples."""
     return seeded_generator(seed, step * ON_POLICY_STEP_STRIDE + ON_POLICY_OFFSET)
+
+
+def window_slot_generator(seed: int, iteration: int, epoch: int) -> torch.Generator:
+    """Which of its window's rows each prompt stands for in pass ``epoch`` of ``iteration``
+    (:mod:`aligner.algorithms.iterative`, ``keep_previous``)."""
+    return seeded_generator(seed, iteration * WINDOW_ITERATION_STRIDE + epoch + WINDOW_OFFSET)

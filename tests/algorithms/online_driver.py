@@ -12,7 +12,8 @@
   load-balancing loss, the router z-loss and routing replay on;
 - ``steerlm2``: SteerLM 2.0 sampling, 2 iterations x 2 epochs (STEPS is ignored: the run
   length follows from them) on tests.algorithms.steerlm2_setup's assets.
-- ``spin``: SPIN, 2 iterations of 2 steps (STEPS is ignored), and ``gkd``: on-policy
+- ``spin``: SPIN, 2 iterations of 2 steps (STEPS is ignored); ``spin:window``: SPIN with
+  ``spin.keep_previous`` 1 at global batch 4, iterations of 1 and 2 steps; and ``gkd``: on-policy
   distillation (generalised JSD, lmbda 0.5), on ASSETS_JSON ``{"student", "teacher", "train"}``
   (the tiny HF models of tests/algorithms/conftest.py and prompt/completion rows).
 
@@ -72,6 +73,12 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
         cfg = spin_config(assets["student"], assets["train"], out_dir, global_batch_size=2, micro_batch_size=1,
                           save_interval=save_interval, resume=True)
         return SPINTrainer(cfg), SPINAlgorithm
+    if algorithm == "spin:window":
+        from aligner.algorithms.spin import SPINAlgorithm, SPINTrainer
+        from tests.algorithms.test_spin_window import window_config
+
+        cfg = window_config(assets["student"], assets["train"], out_dir, save_interval=save_interval, resume=True)
+        return SPINTrainer(cfg), SPINAlgorithm
     if algorithm == "gkd":
         from aligner.algorithms.distill import DistillAlgorithm, DistillTrainer
         from tests.algorithms.test_distill import distill_config
@@ -81,8 +88,8 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
         cfg["trainer"].update(max_steps=steps, global_batch_size=2, micro_batch_size=1, save_interval=save_interval,
                               resume=True)
         return DistillTrainer(cfg), DistillAlgorithm
-    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, ppo:lora, pg, pg:LOSS, grpo_moe, steerlm2, spin"
-                     " or gkd")
+    raise SystemExit(f"ALGORITHM {algorithm!r}: expected ppo, ppo:lora, pg, pg:LOSS, grpo_moe, steerlm2, spin,"
+                     " spin:window or gkd")
 
 
 def main(algorithm, assets_json, out_dir, steps, save_interval, sleep=0.0):

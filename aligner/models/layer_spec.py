@@ -11,7 +11,10 @@ their checkpoints are interchangeable (see docs/configuration.md, ``model.layer_
   ``torch.nn.functional.scaled_dot_product_attention`` (:class:`SDPAttention`: flash /
   memory-efficient kernels on a GPU, the fused flash kernel on a CPU) and norms through
   ``torch.nn.RMSNorm`` (:class:`SequenceParallelNorm`, i.e. ``F.rms_norm``), which also
-  serve sequence parallelism. Needs torch >= 2.5 (``rms_norm`` and grouped-query SDPA).
+  serve sequence parallelism; outside inference the rotary embedding is applied from
+  cos / sin tables computed once per forward (:class:`RopeTablesSelfAttention`, the same
+  arithmetic as megatron-core's per-layer rotation). Needs torch >= 2.5 (``rms_norm`` and
+  grouped-query SDPA).
 - ``local``: megatron-core's plain local spec (attention as explicit ``baddbmm`` + masked
   softmax + ``bmm``; no sequence parallelism), its attention extended by
   :class:`LocalAttention` with what megatron-core lacks (sliding windows combined with

@@ -36,8 +36,8 @@ from aligner.rewards.config import RewardSection, check_reward_section, unset_re
 from aligner.rewards.kinds import build_reward
 from aligner.rewards.sources import RewardBatch, RewardSource, check_reward_source
 from aligner.training.algorithm import Algorithm, StepContext
-from aligner.training.batching import shifted_logprobs, unpack_rows
-from aligner.training.forward import collect_token_outputs, critic_values, forward, packed_rows, policy_logps
+from aligner.training.batching import unpack_rows
+from aligner.training.forward import collect_token_outputs, critic_values, forward, length_microbatches, policy_logps
 from aligner.runtime import is_rank0
 from aligner.training.metrics import metric
 from aligner.training.rollout_log import RolloutLog
@@ -271,9 +271,10 @@ class ExperienceMaker:
     response tokens at most (default: the model's context). routing_replay (an MoE
     policy, ``moe.routing_replay``): the rollout records each token's experts and every
     policy pass over the experience (old log-probs, updates) routes them the same way.
-    packed / pack_tokens: the log-prob passes on packed rows
-    (:func:`aligner.training.forward.packed_rows`; never with an MoE policy, whose router
-    losses and recorded routing are per padded row). max_batch / continuous_batching: the
+    packed / pack_tokens: the log-prob passes over the fewest token positions, rows cut to
+    their micro-batch's longest or packed rows
+    (:func:`aligner.training.forward.length_microbatches`; never with an MoE policy, whose
+    router losses and recorded routing are per padded row). max_batch / continuous_batching: the
     rollout engine's slots and slot refill (:class:`aligner.rollout.RolloutEngine`).
     """
 
@@ -423,10 +424,10 @@ def policy_loss(options: PolicyLossOptions, batch: dict, logits: torch.Tensor, k
     policy is this forward's) takes this forward's detached log-probs as the old ones (ratio
     exactly 1, the on-policy gradient); ``kept`` then gets ``(experience rows, their
     log-probs)`` for the step's metrics."""
-    from aligner.models.logprobs import token_entropy  # vocab-parallel: megatron-core, loaded when training
+    # vocab-parallel: megatron-core, loaded when training
+    from aligner.models.logprobs import shifted_logprobs_entropy
 
-    lp = shifted_logprobs(logits, batch["tokens"])
-    entropy = F.pad(token_entropy(logits[:, :-1]), (1, 0))
+    lp, entropy = shifted_logprobs_entropy(logits, batch["tokens"], entropy_grad=bool(options.entropy_coef))
     if "unpack_index" in batch:
         lp, entropy = unpack_rows(lp, batch, shifted=True), unpack_rows(entropy, batch, shifted=True)
     if "old_logps" not in batch:
@@ -560,16 +561,27 @@ class OnlineAlgorithm(Algorithm):
     # ---------------------------------------------------------------- micro-batches
     def _microbatches(self, exp: Experience, extra: Dict[str, torch.Tensor], rows: List[int], mbs: int) -> List[dict]:
         """Micro-batches of ``mbs`` rows; the last is filled with rows that count for nothing
-        (and no rows at all give one such micro-batch). With ``packed``: the rows packed
-        into micro-batches of ``pack_tokens`` tokens where that makes fewer micro-batches
-        (:func:`aligner.training.forward.packed_rows`); the per-row tensors stay one row
-        per sample, and the losses see one row per sample (:func:`unpack_rows`)."""
+        (and no rows at all give one such micro-batch). With ``packed``: the micro-batches
+        over the fewest token positions (:func:`aligner.training.forward.length_microbatches`):
+        without pipeline stages the rows sorted by length, each micro-batch cut to its
+        longest row (its per-row tensors cut alike), or the rows packed into micro-batches
+        of ``pack_tokens`` tokens where that makes fewer micro-batches (the per-row tensors
+        stay one row per sample, and the losses see one row per sample, :func:`unpack_rows`)."""
         if self.packed and rows:
-            lengths = (exp.prompt_lengths + exp.response_lengths)[rows].tolist()
-            packed = packed_rows(exp.tokens[rows], lengths, mbs, getattr(self.s, "pack_tokens", None))
-            if packed is not None:
-                return [self._row_tensors(exp, extra, torch.tensor(rows)[b["rows"]],
-                                          dict(b, experience_rows=torch.tensor(rows)[b["rows"]])) for b in packed]
+            ends = exp.prompt_lengths + exp.response_lengths
+            micro = length_microbatches(exp.tokens[rows], ends[rows].tolist(), mbs, getattr(self.s, "pack_tokens", None))
+            if micro is not None:
+                out = []
+                for b in micro:
+                    idx = torch.tensor(rows)[b["rows"]]
+                    if "unpack_index" in b:  # packed rows: the per-row tensors stay [k, S]
+                        out.append(self._row_tensors(exp, extra, idx, dict(b, experience_rows=idx)))
+                        continue
+                    width = b["tokens"].shape[1]  # sorted rows cut to their longest: [k, width]
+                    batch = self._row_tensors(exp, extra, idx, dict(b, experience_rows=idx), width)
+                    batch["padding"] = torch.arange(width)[None, :] >= ends[idx][:, None]
+                    out.append(batch)
+                return out
         out = []
         for start in range(0, max(len(rows), 1), mbs):
             chunk = rows[start:start + mbs]
@@ -585,16 +597,23 @@ class OnlineAlgorithm(Algorithm):
             out.append(batch)
         return out
 
-    def _row_tensors(self, exp: Experience, extra: Dict[str, torch.Tensor], idx: torch.Tensor, batch: dict) -> dict:
-        """``batch`` with the per-row tensors of experience rows ``idx`` (log-probs, values, advantages...)."""
+    def _row_tensors(self, exp: Experience, extra: Dict[str, torch.Tensor], idx: torch.Tensor, batch: dict,
+                     width: Optional[int] = None) -> dict:
+        """``batch`` with the per-row tensors of experience rows ``idx`` (log-probs, values,
+        advantages...); width: per-token tensors cut to their first ``width`` positions (a
+        micro-batch of rows cut to its longest, :func:`aligner.training.forward.trimmed_rows`)."""
+        def pick(t):
+            t = t[idx]
+            return t[:, :width] if width is not None and t.dim() > 1 else t
+
         if exp.old_logps is not None:  # else the update's forward gives them (policy_loss)
-            batch["old_logps"] = exp.old_logps[idx]
+            batch["old_logps"] = pick(exp.old_logps)
         if exp.ref_logps is not None:
-            batch["ref_logps"] = exp.ref_logps[idx]
+            batch["ref_logps"] = pick(exp.ref_logps)
         if exp.values is not None:
-            batch["old_values"] = exp.values[idx]
+            batch["old_values"] = pick(exp.values)
         for k in self.microbatch_keys:
-            batch[k] = extra[k][idx].float()
+            batch[k] = pick(extra[k]).float()
         return batch
 
     def minibatch_rows(self, context: StepContext, n_local: int, epoch: int) -> List[List[int]]:
@@ -648,7 +667,7 @@ class OnlineAlgorithm(Algorithm):
         out = torch.zeros(exp.tokens.shape)
         seen = torch.zeros(len(exp), dtype=torch.bool)
         for rows, values in kept:
-            out[rows] = values
+            out[rows, :values.shape[1]] = values  # a micro-batch cut to its longest row is narrower
             seen[rows] = True
         if not bool(seen.all()):
             raise RuntimeError(f"the update's forward covered {int(seen.sum())} of {len(exp)} experience rows")

@@ -11,7 +11,10 @@ their checkpoints are interchangeable (see docs/configuration.md, ``model.layer_
   ``torch.nn.functional.scaled_dot_product_attention`` (:class:`SDPAttention`: flash /
   memory-efficient kernels on a GPU, the fused flash kernel on a CPU) and norms through
   ``torch.nn.RMSNorm`` (:class:`SequenceParallelNorm`, i.e. ``F.rms_norm``), which also
-  serve sequence parallelism. Needs torch >= 2.5 (``rms_norm`` and grouped-query SDPA).
+  serve sequence parallelism; outside inference the rotary embedding is applied from
+  cos / sin tables computed once per forward (:class:`RopeTablesSelfAttention`, the same
+  arithmetic as megatron-core's per-layer rotation). Needs torch >= 2.5 (``rms_norm`` and
+  grouped-query SDPA).
 - ``local``: megatron-core's plain local spec (attention as explicit ``baddbmm`` + masked
   softmax + ``bmm``; no sequence parallelism), its attention extended by
   :class:`LocalAttention` with what megatron-core lacks (sliding windows combined with
@@ -354,6 +357,74 @@ class LocalRopeSelfAttention(SelfAttention):
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
 
+_ROPE_TABLES: list = [None, None]  # (the last rotary frequencies seen, their cos / signed-sin tables)
+
+
+def rope_tables(freqs: torch.Tensor, dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(cos, signed sin) of megatron-core's rotary frequencies ``freqs`` [s, b or 1, 1, r]
+    in ``dtype``: ``cos(freqs)`` and ``[-sin1, sin2]`` (the halves of ``sin(freqs)``), the
+    tables of :func:`rotate`. A model's forward passes one frequency tensor to every layer:
+    the tables of the last one are kept and served again while the same tensor comes."""
+    cached, tables = _ROPE_TABLES
+    if cached is freqs and tables[0].dtype == dtype:
+        return tables
+    half = freqs.shape[-1] // 2
+    sin = torch.sin(freqs)
+    tables = (torch.cos(freqs).to(dtype), torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(dtype))
+    _ROPE_TABLES[:] = [freqs, tables]
+    return tables
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Non-interleaved rotary embedding of ``x`` [..., d] on its first r = ``cos.shape[-1]``
+    dimensions (the rest pass: partial rotary): megatron-core's ``x * cos +
+    rotate_half(x) * sin`` with ``rotate_half(x) = [-x2, x1]``, written as ``x * cos +
+    roll(x, r/2) * [-sin1, sin2]`` (the same products and sum, three kernels)."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return torch.addcmul(x * cos, x.roll(r // 2, dims=-1), sin_signed)
+    rot = x[..., :r]
+    return torch.cat((torch.addcmul(rot * cos, rot.roll(r // 2, dims=-1), sin_signed), x[..., r:]), dim=-1)
+
+
+class RopeTablesSelfAttention(SelfAttention):
+    """megatron-core's ``SelfAttention`` (the fused spec's) with the rotary embedding of a
+    forward outside an inference context applied from tables computed once per model
+    forward (:func:`rope_tables`, :func:`rotate`) instead of megatron-core's per-layer
+    ``cos`` / ``sin`` and half rotation for queries and keys; the same arithmetic. Inference
+    (a KV cache: megatron-core stores keys before rotation), packed THD sequences, context
+    parallelism, interleaved or YaRN-scaled rotary embedding and layers without rope keep
+    megatron-core's path."""
+
+    _rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+
+    def _own_rope(self, freqs, kwargs) -> bool:
+        c = self.config
+        return (torch.is_tensor(freqs) and kwargs.get("inference_context") is None
+                and kwargs.get("inference_params") is None and kwargs.get("packed_seq_params") is None
+                and c.context_parallel_size == 1 and not c.rotary_interleaved and not c.apply_rope_fusion
+                and not getattr(c, "multi_latent_attention", False) and not getattr(c, "flash_decode", False)
+                and not hasattr(c, "yarn_rotary_scaling_factor")  # YaRN's mscale
+                and not (c.no_rope_freq and c.no_rope_freq[self.layer_number - 1]))
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        freqs = kwargs.get("rotary_pos_emb")
+        if args or not self._own_rope(freqs, kwargs):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        self._rope = rope_tables(freqs, hidden_states.dtype)
+        try:
+            return super().forward(hidden_states, attention_mask, **dict(kwargs, rotary_pos_emb=None))
+        finally:
+            self._rope = None
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        out = super().get_query_key_value_tensors(*args, **kwargs)
+        if self._rope is None:
+            return out
+        query, key = out[0], out[1]  # [s, b, np or ng, d]
+        return (rotate(query, *self._rope), rotate(key, *self._rope)) + tuple(out[2:])
+
+
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -549,7 +620,8 @@ def build_layer_spec(spec: str, design: LayerDesign = LLAMA_LAYER, *, normalizat
         attn_parts["linear_proj"] = ModuleSpec(module=PostNormRowParallelLinear, params={"post_norm": norm})
         mlp_parts["linear_fc2"] = ModuleSpec(module=PostNormRowParallelLinear, params={"post_norm": norm})
     attention = dataclasses.replace(
-        attention, module=LocalRopeSelfAttention if design.local_rope else attention.module,
+        attention, module=LocalRopeSelfAttention if design.local_rope else
+        RopeTablesSelfAttention if spec == "fused" else attention.module,
         submodules=dataclasses.replace(attention.submodules, **attn_parts))
     mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, **mlp_parts))
     pre_norm = IdentityOp if design.norms == "post" else norm

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
@@ -52,6 +53,38 @@ def token_entropy(vocab_parallel_logits: torch.Tensor) -> torch.Tensor:
         sum_exp_x = reduce_from_tensor_model_parallel_region(sum_exp_x)
     # H = log Z - E[x - max] with Z = Σ exp(x - max)
     return sum_exp.log() - sum_exp_x / sum_exp
+
+
+def shifted_logprobs_entropy(vocab_parallel_logits: torch.Tensor, tokens: torch.Tensor, entropy: bool = True,
+                             entropy_grad: bool = False):
+    """``(log-probs, entropy)`` of a causal LM's ``logits`` [b, s, v/p] for ``tokens`` [b, s],
+    aligned with the token they score: position t holds ``log p(tokens[t] | tokens[<t])``
+    and the entropy of that distribution (0 at t = 0); entropy None when not asked for.
+
+    The values of :func:`token_logprobs` and :func:`token_entropy` on ``logits[:, :-1]``. Without
+    tensor parallelism both come from one ``log_softmax`` over the vocabulary (one pass where
+    the vocab-parallel pair makes two, each with its own copies); with it, from those
+    functions. entropy_grad: the entropy is part of the loss (else it is computed without
+    autograd, for metrics only)."""
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    if tp > 1:
+        lp = F.pad(token_logprobs(vocab_parallel_logits[:, :-1].contiguous(), tokens[:, 1:].contiguous()), (1, 0))
+        if not entropy:
+            return lp, None
+        logits = vocab_parallel_logits[:, :-1]
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            ent = token_entropy(logits if entropy_grad else logits.detach())
+        return lp, F.pad(ent, (1, 0))
+    lsm = torch.log_softmax(vocab_parallel_logits.float(), dim=-1)[:, :-1]
+    lp = F.pad(lsm.gather(-1, tokens[:, 1:, None]).squeeze(-1), (1, 0))
+    if not entropy:
+        return lp, None
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        src = lsm if entropy_grad else lsm.detach()
+        p = src.exp()
+        # padded vocabulary rows (logit finfo.min) have p = 0: they add 0, never 0 * -inf
+        ent = -torch.where(p > 0, p * src, torch.zeros_like(p)).sum(-1)
+    return lp, F.pad(ent, (1, 0))
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from aligner.models.moe import clear_replay, padding_mask, replay_routing
-from aligner.training.batching import packed_row_microbatches, shifted_logprobs, unpack_rows
+from aligner.parallel import padded_length
+from aligner.training.batching import packed_row_microbatches, unpack_rows
 
 
 def packed_rows(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_batch_size: int,
@@ -38,6 +39,42 @@ def packed_rows(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_ba
     return micro if rows < math.ceil(n / micro_batch_size) * micro_batch_size else None
 
 
+def trimmed_rows(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_batch_size: int) -> Optional[List[dict]]:
+    """Without pipeline stages (micro-batches may differ in shape): the rows of ``tokens``
+    [n, S] (row i: its first ``lengths[i]`` tokens, right-padded) in order of length
+    (stable), ``micro_batch_size`` per micro-batch, each cut to its own longest row rounded
+    up as a rollout pads (:func:`aligner.parallel.padded_length`, at most S): the padded
+    rows, fewer pad columns. Each: ``tokens`` [k, w], ``position_ids`` / ``attention_mask``
+    None (causal attention, exact for right padding) and ``rows`` [k] (the indices into
+    ``tokens``). None with pipeline stages or without lengths."""
+    if lengths is None or len(lengths) == 0 or pipeline_stages() > 1:
+        return None
+    n, s = tokens.shape
+    ends = torch.as_tensor([int(x) for x in lengths], dtype=torch.long)
+    order = torch.sort(ends, stable=True).indices
+    out = []
+    for start in range(0, n, micro_batch_size):
+        rows = order[start:start + micro_batch_size]
+        width = min(s, padded_length(int(ends[rows].max())))
+        out.append({"tokens": tokens[rows, :width], "position_ids": None, "attention_mask": None, "rows": rows})
+    return out
+
+
+def length_microbatches(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_batch_size: int,
+                        token_budget: Optional[int] = None) -> Optional[List[dict]]:
+    """Micro-batches of the rows of ``tokens`` [n, S] (real tokens: ``lengths``) over the
+    fewest token positions: rows sorted by length and cut to each micro-batch's longest
+    (:func:`trimmed_rows`, no pipeline stages) or packed rows (:func:`packed_rows`), the
+    first on a tie (causal attention, no block-diagonal mask); None where neither applies
+    (the caller's padded micro-batches). A micro-batch with ``unpack_index`` is packed; one
+    without holds ``rows`` right-padded to its own width."""
+    options = [m for m in (trimmed_rows(tokens, lengths, micro_batch_size),
+                           packed_rows(tokens, lengths, micro_batch_size, token_budget)) if m is not None]
+    if not options:
+        return None
+    return min(options, key=lambda micro: sum(b["tokens"].numel() for b in micro))
+
+
 def pipeline_stages() -> int:
     """Pipeline stages of this layout (1: micro-batches may differ in shape)."""
     from megatron.core import parallel_state as ps
@@ -52,14 +89,16 @@ def collect_token_outputs(run_schedule, chunks, tokens: torch.Tensor, micro_batc
     """``per_token(batch, output) -> [b, S]`` over every row of ``tokens`` [n, S] in a
     forward-only schedule over ``chunks``; [n, S] fp32 on every pipeline stage.
 
-    lengths: the rows' real tokens (given: packed micro-batches of ``token_budget`` tokens
-    where they are fewer, :func:`packed_rows`; ``per_token`` then gets a packed batch and
-    returns one row per sample it holds, ``batch["rows"]``). The last padded micro-batch
+    lengths: the rows' real tokens (given: the micro-batches over the fewest positions,
+    :func:`length_microbatches`: rows sorted by length and cut to each micro-batch's
+    longest, or packed micro-batches of ``token_budget`` tokens; ``per_token`` then gets
+    such a batch and returns one row per sample it holds, ``batch["rows"]``, as wide as
+    the batch or S). The last padded micro-batch
     is filled with copies of row 0 (fixed shapes for the pipeline). routing [n, S, L, k]
     (an MoE model, with the layer numbers ``routing_layers``): the tokens go to these
     experts (:func:`forward`), on padded rows (a recorded routing is one row per sample)."""
     n, s = tokens.shape
-    micro = None if routing is not None else packed_rows(tokens, lengths, micro_batch_size, token_budget)
+    micro = None if routing is not None else length_microbatches(tokens, lengths, micro_batch_size, token_budget)
     if micro is None:
         micro = []
         for start in range(0, n, micro_batch_size):
@@ -75,6 +114,8 @@ def collect_token_outputs(run_schedule, chunks, tokens: torch.Tensor, micro_batc
 
     def loss(batch, output):
         values = per_token(batch, output).float()
+        if values.shape[1] < s:  # a micro-batch cut to its longest row (trimmed_rows)
+            values = F.pad(values, (0, s - values.shape[1]))
         collected.append(values[: len(batch["rows"])].detach().cpu())
         held.append(batch["rows"].cpu())
         return output.sum() * 0.0, 1, {}
@@ -110,7 +151,9 @@ def forward(model, batch):
 def policy_logps(batch, logits) -> torch.Tensor:
     """Per-token log-probs of ``batch["tokens"]`` (aligned: position p scores token p); of a
     packed batch, one row per sample it holds."""
-    lp = shifted_logprobs(logits, batch["tokens"])
+    from aligner.models.logprobs import shifted_logprobs_entropy  # megatron-core: loaded when a pass runs
+
+    lp, _ = shifted_logprobs_entropy(logits, batch["tokens"], entropy=False)
     return unpack_rows(lp, batch, shifted=True) if "unpack_index" in batch else lp
 
 

@@ -5,7 +5,10 @@ gradient norm and router metrics of one process. The micro-batches hold one sequ
 to a multiple of 16 positions, so the two sequence-parallel ranks hold different numbers of
 non-padding tokens (the case where megatron-core's per-rank z-loss mean differs from one
 process's, docs/moe.md). The one-process and the TP=2 job also run a PPO step with routing
-replay and a critic initialised from the MoE policy."""
+replay and a critic initialised from the MoE policy.
+
+Jobs: one process, and one two-process job that runs TP=2 and then PP=2 (megatron-core's
+parallel state re-initialised between them)."""
 import json
 from pathlib import Path
 
@@ -58,6 +61,19 @@ def _world(root, tp, pp, algorithms):
     return {a: _run(root / NAME, a, root / f"{a}_tp{tp}pp{pp}", tp, pp) for a in algorithms}
 
 
+def _layouts(root, layouts):
+    """``{tag: _world(root, tp, pp, algorithms)}`` for each ``(tag, tp, pp, algorithms)`` of
+    ``layouts`` in turn, in the same processes."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for tag, tp, pp, algorithms in layouts:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        out[tag] = _world(root, tp, pp, algorithms)
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_layouts")
@@ -65,10 +81,10 @@ def runs(tmp_path_factory):
     (path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": fam._words(6 + i, 70 + i)}) + "\n"
                                                 for i in range(2)))
     one = spawn_local(_world, 1, str(root), 1, 1, ("sft", "dpo", "pg", "ppo"), timeout=600)[0]
-    # generation first: its megatron-core buffers must not reach the training passes
-    tp2 = spawn_local(_world, 2, str(root), 2, 1, ("pg", "ppo", "sft", "dpo"), timeout=600)
-    pp2 = spawn_local(_world, 2, str(root), 1, 2, ("sft", "dpo", "pg"), timeout=600)
-    return one, {"tp2": tp2, "pp2": pp2}
+    # TP=2: generation first, its megatron-core buffers must not reach the training passes
+    two = spawn_local(_layouts, 2, str(root), [("tp2", 2, 1, ("pg", "ppo", "sft", "dpo")),
+                                               ("pp2", 1, 2, ("sft", "dpo", "pg"))], timeout=900)
+    return one, {tag: [rank[tag] for rank in two] for tag in ("tp2", "pp2")}
 
 
 @pytest.mark.parametrize("algorithm", ["sft", "dpo", "pg"])

@@ -3,7 +3,10 @@ critic losses and gradient norms at TP=1, TP=2, PP=2 and DP=2 (1e-5, relative to
 above 1), and on packed rows the padded rows' losses, gradient norms and updated weights
 (1e-6) at TP=1, TP=2 and PP=2; a whole 3-step run
 (generation, scoring, experience passes, updates; fixed seeds) gives the same metrics at
-TP=1, TP=2 and DP=2."""
+TP=1, TP=2 and DP=2.
+
+Jobs: one process (TP=1), and one two-process job that runs TP=2, PP=2 and DP=2 in turn
+(megatron-core's parallel state re-initialised between them)."""
 import pytest
 import torch
 
@@ -64,6 +67,19 @@ def run_layout(workdir, assets, tp, pp, with_run):
     return out
 
 
+def run_layouts(workdir, assets, layouts):
+    """:func:`run_layout` for each ``(tag, tp, pp, with_run)`` of ``layouts`` in turn, in the
+    same processes (megatron-core's parallel state re-initialised between them): ``{tag: ..}``."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for tag, tp, pp, with_run in layouts:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        out[tag] = run_layout(f"{workdir}/{tag}", assets, tp, pp, with_run)
+    return out
+
+
 def dp_size():
     from megatron.core import parallel_state as ps
 
@@ -115,12 +131,11 @@ def runs(tmp_path_factory):
 
     w = tmp_path_factory.mktemp("ppo_layouts")
     assets = make_assets(w / "assets")
-    return {
-        "tp1": spawn_local(run_layout, 1, str(w / "tp1"), assets, 1, 1, True, timeout=600),
-        "tp2": spawn_local(run_layout, 2, str(w / "tp2"), assets, 2, 1, True, timeout=600),
-        "pp2": spawn_local(run_layout, 2, str(w / "pp2"), assets, 1, 2, False, timeout=600),
-        "dp2": spawn_local(run_layout, 2, str(w / "dp2"), assets, 1, 1, True, timeout=600),
-    }
+    one = spawn_local(run_layout, 1, str(w / "tp1"), assets, 1, 1, True, timeout=600)
+    # one two-process job for the three layouts of two ranks
+    two = spawn_local(run_layouts, 2, str(w), assets, [("tp2", 2, 1, True), ("pp2", 1, 2, False),
+                                                       ("dp2", 1, 1, True)], timeout=900)
+    return {"tp1": one, **{tag: [rank[tag] for rank in two] for tag in ("tp2", "pp2", "dp2")}}
 
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2"])

@@ -1,6 +1,9 @@
 """SteerLM 2.0 on the shared loop: the step's loss equals the pure loss on the same
 log-probs, a group of identical responses gives zero gradient, the same steps agree at
-TP=1, TP=2, PP=2 and DP=2 (1e-5), and pre-scored files load with named errors."""
+TP=1, TP=2, PP=2 and DP=2 (1e-5), and pre-scored files load with named errors.
+
+Jobs: one process (the reference weights), one process (TP=1), and one two-process job that
+runs TP=2, PP=2 and DP=2 in turn (megatron-core's parallel state re-initialised between them)."""
 import json
 
 import pytest
@@ -107,6 +110,19 @@ def _identical_grad_norm(workdir):
     return loop.train_step()["grad_norm"]
 
 
+def run_layouts(workdir, weights, layouts):
+    """:func:`run_layout` for each ``(tag, tp, pp)`` of ``layouts`` in turn, in the same
+    processes (megatron-core's parallel state re-initialised between them): ``{tag: ..}``."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for tag, tp, pp in layouts:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        out[tag] = run_layout(f"{workdir}/{tag}", weights, tp, pp)
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from tests.training.weights import make_reference_weights
@@ -114,8 +130,10 @@ def runs(tmp_path_factory):
     w = tmp_path_factory.mktemp("steerlm2")
     weights = str(w / "weights")
     spawn_local(make_reference_weights, 1, weights, timeout=300)
-    return {name: spawn_local(run_layout, world, str(w / name), weights, tp, pp, timeout=400)
-            for name, world, tp, pp in (("tp1", 1, 1, 1), ("tp2", 2, 2, 1), ("pp2", 2, 1, 2), ("dp2", 2, 1, 1))}
+    one = spawn_local(run_layout, 1, str(w / "tp1"), weights, 1, 1, timeout=400)
+    # one two-process job for the three layouts of two ranks
+    two = spawn_local(run_layouts, 2, str(w), weights, [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)], timeout=900)
+    return {"tp1": one, **{tag: [rank[tag] for rank in two] for tag in ("tp2", "pp2", "dp2")}}
 
 
 def test_loop_loss_equals_pure_loss(runs):

@@ -5,6 +5,9 @@ SimPO, and KTO (on rows of one or two labelled responses; its reference point ov
 global batch, precomputed and resident reference), 5 steps each on the same data and global batch at TP=1, TP=2, PP=2 and DP=2 (fp32):
 losses agree within 1e-5. DPO also with packing, and its implicit rewards are exactly 0 at
 step 0 (policy and reference log-probs identical); ORPO and SimPO make no reference pass.
+
+Jobs: one process (TP=1), and one two-process job that runs TP=2, PP=2 and DP=2 in turn
+(megatron-core's parallel state re-initialised between them).
 """
 import pytest
 import torch
@@ -122,6 +125,19 @@ def run_layout(workdir, weights, tp, pp):
     return out
 
 
+def run_layouts(workdir, weights, layouts):
+    """:func:`run_layout` for each ``(tag, tp, pp)`` of ``layouts`` in turn, in the same
+    processes (megatron-core's parallel state re-initialised between them): ``{tag: ..}``."""
+    from megatron.core import parallel_state as ps
+
+    out = {}
+    for tag, tp, pp in layouts:
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        out[tag] = run_layout(f"{workdir}/{tag}", weights, tp, pp)
+    return out
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     w = tmp_path_factory.mktemp("equiv")
@@ -129,12 +145,10 @@ def runs(tmp_path_factory):
 
     weights = str(w / "weights")
     spawn_local(make_reference_weights, 1, weights, timeout=300)
-    return {
-        "tp1": spawn_local(run_layout, 1, str(w / "tp1"), weights, 1, 1, timeout=400),
-        "tp2": spawn_local(run_layout, 2, str(w / "tp2"), weights, 2, 1, timeout=400),
-        "pp2": spawn_local(run_layout, 2, str(w / "pp2"), weights, 1, 2, timeout=400),
-        "dp2": spawn_local(run_layout, 2, str(w / "dp2"), weights, 1, 1, timeout=400),
-    }
+    one = spawn_local(run_layout, 1, str(w / "tp1"), weights, 1, 1, timeout=400)
+    # one two-process job for the three layouts of two ranks
+    two = spawn_local(run_layouts, 2, str(w), weights, [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)], timeout=900)
+    return {"tp1": one, **{tag: [rank[tag] for rank in two] for tag in ("tp2", "pp2", "dp2")}}
 
 
 @pytest.mark.parametrize("algo", ["regression", "bt", "dpo", "orpo", "simpo", "kto_precompute", "kto_resident"])

@@ -8,6 +8,8 @@ builds the quickstart's world, SFT model and DPO model (the stages ``world``, ``
 steps; the gold-vs-proxy monitor, which only watches, is left out, so no reward model is
 trained). The folder has the quickstart's layout (``world/``, ``sft/hf``, ``dpo/hf``), so
 every example's ``--quickstart`` accepts it, as it accepts a full quickstart folder.
+``--sft-steps`` and ``--dpo-steps`` train the same stages for more steps (as the quickstart's
+``--scale`` multiplies them; docs/distill.md's teacher is ``--sft-steps 900 --dpo-steps 300``).
 
 The judge: the world's held-out prompts, one response each at temperature 1 with fixed
 seeds (the quickstart's judge), rated by the world's ground-truth scorer; comparisons are

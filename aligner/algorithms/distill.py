@@ -22,6 +22,7 @@ of (seed, step), so a resumed run and every layout take the same steps on-policy
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from aligner.algorithms.losses.distill import (
     distill_loss,
     shard_topk,
     token_divergence,
+    topk_tail_logmass,
     topk_token_divergence,
 )
 from aligner.algorithms.online import ExperienceMaker, GenerationSection, generation_config
@@ -64,6 +66,8 @@ class DistillSection:
     beta: float = 0.5  # jsd's β in [0, 1] (0: forward KL, 1: reverse KL)
     temperature: float = 1.0  # both distributions are softmax(logits / temperature)
     top_k: Optional[int] = None  # the teacher's top-k tokens instead of the full vocabulary
+    # top-k: the mass outside the teacher's k tokens compared as one more category (k + 1 outcomes, not renormalised)
+    top_k_tail: bool = False
     # top-k: computed once before training into <out_dir>/teacher_topk.pt (read back on resume), the teacher offloaded
     precompute: bool = False
     kd_weight: float = 1.0  # weight of the divergence
@@ -93,6 +97,8 @@ def check_distill_section(s, key: str = "distill") -> None:
         raise ConfigError(f"{key}.temperature = {s.temperature}: expected > 0")
     if s.top_k is not None and s.top_k < 1:
         raise ConfigError(f"{key}.top_k = {s.top_k}: expected >= 1 (or null: the full vocabulary)")
+    if s.top_k_tail and s.top_k is None:
+        raise ConfigError(f"{key}.top_k_tail = true: it is the mass outside the teacher's top-k; it needs {key}.top_k")
     if s.precompute and (s.top_k is None or s.lmbda > 0):
         raise ConfigError(f"{key}.precompute = true: it stores the teacher's top-k of the rows' responses; it needs"
                           f" {key}.top_k and {key}.lmbda = 0 (on-policy responses are new at every step)")
@@ -152,14 +158,15 @@ class DistillAlgorithm(TokenAlgorithm):
     owns_step = True
 
     def __init__(self, pad_id: int, *, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
-                 top_k: Optional[int] = None, kd_weight: float = 1.0, sft_weight: float = 0.0, lmbda: float = 0.0,
-                 teacher=None, maker: Optional[ExperienceMaker] = None, packing: bool = False,
-                 capacity: Optional[int] = None):
+                 top_k: Optional[int] = None, top_k_tail: bool = False, kd_weight: float = 1.0,
+                 sft_weight: float = 0.0, lmbda: float = 0.0, teacher=None, maker: Optional[ExperienceMaker] = None,
+                 packing: bool = False, capacity: Optional[int] = None):
         super().__init__(pad_id, packing, capacity)
         self.divergence = str(divergence)
         self.beta = beta
         self.temperature = temperature
         self.top_k = top_k
+        self.top_k_tail = top_k_tail
         self.kd_weight = kd_weight
         self.sft_weight = sft_weight
         self.lmbda = lmbda
@@ -167,7 +174,7 @@ class DistillAlgorithm(TokenAlgorithm):
         self.maker = maker
         self.interleaved = False  # set from the policy's chunks at setup
         self.topk_file: Optional[Path] = None  # precomputed top-k: the run's table file
-        self._table: Optional[Dict[int, tuple]] = None  # sample index -> (values [L, k], ids [L, k])
+        self._table: Optional[Dict[int, tuple]] = None  # sample index -> (values [L, k], ids [L, k][, tail [L]])
 
     def groups(self, sample):
         return [(sample["tokens"], sample["loss_mask"])]
@@ -186,16 +193,24 @@ class DistillAlgorithm(TokenAlgorithm):
     # ---------------------------------------------------------------- precomputed top-k
     def precomputed_topk(self, loop) -> Dict[int, tuple]:
         """The teacher's top-k of every training and validation sample (index -> values, ids
-        ``[L, k]``): read from :attr:`topk_file`, else computed in global batches (each
-        rank its share, gathered over data-parallel ranks from the last pipeline stage) and
-        written by rank 0 atomically."""
+        ``[L, k]``, and with ``top_k_tail`` the tail log-mass ``[L]`` at the run's temperature):
+        read from :attr:`topk_file`, else computed in global batches (each rank its share,
+        gathered over data-parallel ranks from the last pipeline stage) and written by rank 0
+        atomically."""
         from megatron.core import parallel_state as ps  # megatron-core loads when training runs, not at config checks
 
         if self.topk_file.is_file():
             table = torch.load(self.topk_file, weights_only=True)
             if table["k"] != self.top_k:
                 raise ValueError(f"{self.topk_file}: holds the teacher's top-{table['k']}, distill.top_k = {self.top_k}")
-            return {int(i): (v, t) for i, v, t in zip(table["index"], table["values"], table["ids"])}
+            if not self.top_k_tail:
+                return {int(i): (v, t) for i, v, t in zip(table["index"], table["values"], table["ids"])}
+            if table.get("temperature") != self.temperature:
+                held = "no tail masses" if "tail" not in table else f"tail masses at temperature {table['temperature']}"
+                raise ValueError(f"{self.topk_file}: holds {held}; distill.top_k_tail = true at distill.temperature ="
+                                 f" {self.temperature} needs them at that temperature (use another trainer.out_dir)")
+            return {int(i): (v, t, m) for i, v, t, m in zip(table["index"], table["values"], table["ids"],
+                                                           table["tail"])}
         n_train = len(loop.train_data)
         val = loop.val_data or []
         samples = [dict(loop.train_data[i], index=i) for i in range(n_train)] + \
@@ -207,10 +222,11 @@ class DistillAlgorithm(TokenAlgorithm):
             for batch in self.microbatches(loop.local_share(chunk), loop.cfg.micro_batch_size, loop.seq_length(chunk)):
                 if "teacher_topk" not in batch:  # not the last pipeline stage
                     continue
-                values, ids = batch["teacher_topk"]
+                topk = batch["teacher_topk"]
                 for row, index in enumerate(batch.get("index", [])):
                     length = int((batch["item_of_token"][row] >= 0).sum())
-                    mine[index] = (values[row, :length].float().cpu(), ids[row, :length].int().cpu())
+                    mine[index] = (topk[0][row, :length].float().cpu(), topk[1][row, :length].int().cpu()) + \
+                        ((topk[2][row, :length].float().cpu(),) if self.top_k_tail else ())
         parts = [mine]
         if ps.get_data_parallel_world_size() > 1:
             parts = [None] * ps.get_data_parallel_world_size()
@@ -219,20 +235,27 @@ class DistillAlgorithm(TokenAlgorithm):
         if dist.get_rank() == 0:
             order = sorted(table)
             buffer = io.BytesIO()
-            torch.save({"k": self.top_k, "index": order, "values": [table[i][0] for i in order],
-                        "ids": [table[i][1] for i in order]}, buffer)
+            saved = {"k": self.top_k, "index": order, "values": [table[i][0] for i in order],
+                     "ids": [table[i][1] for i in order]}
+            if self.top_k_tail:
+                saved.update(tail=[table[i][2] for i in order], temperature=self.temperature)
+            torch.save(saved, buffer)
             atomic_write_bytes(self.topk_file, buffer.getvalue())
         return table
 
     def _from_table(self, batch) -> tuple:
-        """The micro-batch's ``[R, S, k]`` top-k from the table (zero where no item is)."""
+        """The micro-batch's ``[R, S, k]`` top-k from the table (zero where no item is; there
+        the tail log-mass is log ½, a finite value that the mask drops)."""
         rows, width = batch["tokens"].shape
         values = torch.zeros(rows, width, self.top_k)
         ids = torch.zeros(rows, width, self.top_k, dtype=torch.long)
+        tail = torch.full((rows, width), -math.log(2.0))
         for row, index in enumerate(batch.get("index", [])):
-            v, t = self._table[index]
+            v, t, *m = self._table[index]
             values[row, :len(v)], ids[row, :len(t)] = v, t.long()
-        return values, ids
+            if m:
+                tail[row, :len(m[0])] = m[0]
+        return (values, ids, tail) if self.top_k_tail else (values, ids)
 
     # ---------------------------------------------------------------- the teacher's pass
     def microbatches(self, samples, micro_batch_size, seq_length):
@@ -251,8 +274,12 @@ class DistillAlgorithm(TokenAlgorithm):
         def keep(batch, logits):
             if self.top_k is None:
                 outputs[batch["micro_id"]] = logits.detach()
-            else:
-                outputs[batch["micro_id"]] = shard_topk(logits, self.top_k, tensor_parallel_shard(logits.shape[-1]))
+                return logits.reshape(-1)[:1].sum() * 0.0, 1, {}
+            shard = tensor_parallel_shard(logits.shape[-1])
+            topk = shard_topk(logits, self.top_k, shard)
+            if self.top_k_tail:
+                topk += (topk_tail_logmass(logits.detach(), topk[1], self.temperature, shard),)
+            outputs[batch["micro_id"]] = topk
             return logits.reshape(-1)[:1].sum() * 0.0, 1, {}
 
         with torch.no_grad():
@@ -271,9 +298,10 @@ class DistillAlgorithm(TokenAlgorithm):
             div = token_divergence(student, batch["teacher_logits"][:, :-1], self.divergence, beta=self.beta,
                                    temperature=self.temperature, shard=shard)
         else:
-            values, ids = batch["teacher_topk"]
+            values, ids, *tail = batch["teacher_topk"]
             div = topk_token_divergence(student, values[:, :-1], ids[:, :-1], self.divergence, beta=self.beta,
-                                        temperature=self.temperature, shard=shard)
+                                        temperature=self.temperature, shard=shard,
+                                        teacher_tail=tail[0][:, :-1] if tail else None)
         div = F.pad(div, (1, 0))
         mask = batch["loss_mask"]
         nll = -shifted_logprobs(logits, batch["tokens"])
@@ -346,7 +374,8 @@ class DistillTrainer(Trainer):
     def algorithm(self) -> DistillAlgorithm:
         s, d = self.cfg.distill, self.cfg.data
         return DistillAlgorithm(self.tokenizer().pad_id, divergence=str(s.divergence), beta=s.beta,
-                                temperature=s.temperature, top_k=s.top_k, kd_weight=s.kd_weight,
+                                temperature=s.temperature, top_k=s.top_k, top_k_tail=s.top_k_tail,
+                                kd_weight=s.kd_weight,
                                 sft_weight=s.sft_weight, lmbda=s.lmbda, packing=d.packing, capacity=d.max_length)
 
     def prepare(self):

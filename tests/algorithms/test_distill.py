@@ -7,8 +7,8 @@
   torch's Adam; step 1's loss and gradient norm agree within 1e-5, step 3's loss within 1e-4.
 - Under every layout: step 1's loss and gradient norm at TP=2, PP=2 and DP=2 equal one
   process (1e-5), for the full-vocabulary JSD (vocab-parallel, never gathered), the
-  on-the-fly top-k forward KL with an SFT term, and the same top-k precomputed to the run
-  folder first (which also equals the on-the-fly top-k).
+  on-the-fly top-k forward KL with an SFT term, the top-k reverse KL with the tail bucket,
+  and both precomputed to the run folder first (each equal to its on-the-fly top-k).
 - A teacher with another vocabulary is refused in one line naming both sizes.
 """
 import json
@@ -111,8 +111,9 @@ def test_a_teacher_with_another_vocabulary_is_refused(tiny_hf, tmp_path):
 
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)]}  # (tp, pp); (1, 1) on 2 ranks is DP=2
 TOPK = {"divergence": "forward_kl", "top_k": 5, "sft_weight": 0.5}
+TAIL = {"divergence": "reverse_kl", "top_k": 5, "top_k_tail": True, "temperature": 1.5}
 VARIANTS = {"jsd": {"divergence": "jsd", "beta": 0.3, "temperature": 1.5}, "topk": TOPK,
-            "precomputed": dict(TOPK, precompute=True)}
+            "precomputed": dict(TOPK, precompute=True), "tail": TAIL, "tail_precomputed": dict(TAIL, precompute=True)}
 
 
 def _layouts(student, teacher, train, workdir, world):
@@ -141,9 +142,25 @@ def test_every_layout_equals_one_process(tiny_hf, teacher_hf, tmp_path):
             for key in ("loss", "loss/kd", "grad_norm"):
                 print(f"{name} tp{tp} pp{pp} {key}: {got[key]:.9g} vs {want[key]:.9g}")
                 assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), (name, tp, pp, key)
-    # the top-k precomputed to the run folder trains as the top-k computed on the fly
+    # the top-k precomputed to the run folder trains as the top-k computed on the fly, with its tail too
     for key in ("loss", "loss/kd", "grad_norm"):
         assert abs(one[(1, 1, "precomputed")][key] - one[(1, 1, "topk")][key]) <= 1e-6, key
+        assert abs(one[(1, 1, "tail_precomputed")][key] - one[(1, 1, "tail")][key]) <= 1e-6, key
+    assert one[(1, 1, "tail")]["loss/kd"] > 1e-4  # a divergence worth comparing
+    tail = torch.load(tmp_path / "1_1_1_tail_precomputed" / "teacher_topk.pt", weights_only=True)
+    assert tail["temperature"] == 1.5 and all(float(m.max()) < 0 for m in tail["tail"])  # log-masses below 1
     table = torch.load(tmp_path / "1_1_1_precomputed" / "teacher_topk.pt", weights_only=True)
     assert table["k"] == 5 and table["index"] == list(range(len(ROWS)))
     assert all(v.shape[1] == 5 and bool((v[:, :-1] >= v[:, 1:]).all()) for v in table["values"])  # sorted
+
+def test_a_tail_bucket_without_top_k_is_refused(tmp_path):
+    from aligner.algorithms.distill import DistillTrainer
+    from aligner.config import ConfigError
+
+    cfg = distill_config("student", "teacher", "rows.jsonl", str(tmp_path / "run"), top_k_tail=True)
+    with pytest.raises(ConfigError) as err:
+        DistillTrainer(cfg)
+    msg = str(err.value)
+    assert "\n" not in msg and "distill.top_k_tail = true" in msg and "needs distill.top_k" in msg, msg
+    cfg["distill"]["top_k"] = 4
+    assert DistillTrainer(cfg).cfg.distill.top_k_tail is True

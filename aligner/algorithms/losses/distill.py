@@ -12,7 +12,12 @@ With ``s = softmax(z_s / T)`` (student) and ``t = softmax(z_t / T)`` (teacher) a
 Top-k (``topk_token_divergence``): the sum runs over the teacher's k tokens, both
 distributions renormalised over them (softmax of the teacher's k logits and of the
 student's logits at those ids), as the predecessor's top-k loss did: a divergence between
-two distributions on the same k outcomes, 0 exactly where they agree there.
+two distributions on the same k outcomes, 0 exactly where they agree there. With a tail
+bucket (``teacher_tail``: the teacher's log-mass outside its k tokens), the distributions
+are compared on k + 1 outcomes instead, not renormalised: each model's probabilities of the
+k tokens over the full vocabulary and its mass on every other token as one more category
+(``topk_tail_logmass``), so that mass the student moves off the teacher's k tokens is
+penalised (with ``reverse_kl`` the renormalised form leaves it free).
 
 Vocab-parallel: every function takes this tensor-parallel rank's slice of the vocabulary
 ``[b, s, v/p]`` and a :class:`VocabShard` that sums / maxes / concatenates over the TP
@@ -22,6 +27,7 @@ default shard is the whole vocabulary on one rank, so the functions are plain to
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -130,22 +136,53 @@ def _gather_shard(values: torch.Tensor, ids: torch.Tensor, shard: VocabShard) ->
     return shard.sum(torch.where(held, picked, torch.zeros_like(picked)))
 
 
+def topk_tail_logmass(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                      shard: VocabShard = WHOLE_VOCAB) -> torch.Tensor:
+    """``log Σ_{v ∉ ids} softmax(logits / T)_v``: the log-mass outside the global ``ids``
+    ``[b, s, k]``, from this rank's ``[b, s, v/p]`` slice (only ``[b, s]`` sums cross ranks).
+    Computed from the tokens outside, not as ``1 − Σ_ids``, so a small tail keeps its
+    precision; a tail that underflows (the k tokens hold everything) is the smallest normal
+    number, with no gradient."""
+    logp = shard_log_softmax(_fp(logits) / temperature, shard)
+    local = ids.long() - shard.start
+    held = (local >= 0) & (local < logp.shape[-1])
+    hits = torch.zeros(logp.shape, dtype=torch.long, device=logp.device)
+    hits.scatter_add_(-1, torch.where(held, local, torch.zeros_like(local)), held.long())  # duplicates add up
+    outside = torch.where(hits > 0, torch.full_like(logp, -math.inf), logp)
+    return shard.sum(outside.exp().sum(-1)).clamp_min(torch.finfo(logp.dtype).tiny).log()
+
+
 def topk_token_divergence(student_logits: torch.Tensor, topk_logits: torch.Tensor, topk_ids: torch.Tensor,
                           kind: str = "forward_kl", *, beta: float = 0.5, temperature: float = 1.0,
-                          shard: VocabShard = WHOLE_VOCAB) -> torch.Tensor:
+                          shard: VocabShard = WHOLE_VOCAB,
+                          teacher_tail: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The ``kind`` divergence per position over the teacher's top-k tokens (module docstring).
 
     student_logits: this rank's ``[b, s, v/p]``; topk_logits / topk_ids: the teacher's ``[b, s, k]``
-    (global ids, the same on every rank) -> ``[b, s]`` fp32.
+    (global ids, the same on every rank) -> ``[b, s]`` fp32. teacher_tail: the teacher's
+    ``topk_tail_logmass`` at ``temperature`` ``[b, s]``; given, the divergence is over the k
+    tokens and the tail bucket (k + 1 outcomes), else over the k tokens renormalised.
     """
     if topk_logits.shape != topk_ids.shape or topk_logits.shape[:2] != student_logits.shape[:2]:
         raise ValueError(f"top-k logits {tuple(topk_logits.shape)} / ids {tuple(topk_ids.shape)} do not match the"
                          f" student's positions {tuple(student_logits.shape[:2])}")
     if not temperature > 0:
         raise ValueError(f"temperature = {temperature}: expected > 0")
-    picked = _gather_shard(_fp(student_logits) / temperature, topk_ids.long(), shard)
-    s = torch.log_softmax(picked, dim=-1)
-    t = torch.log_softmax(_fp(topk_logits.detach()) / temperature, dim=-1).to(s.dtype)
+    ids = topk_ids.long()
+    t = torch.log_softmax(_fp(topk_logits.detach()) / temperature, dim=-1)
+    if teacher_tail is None:
+        s = torch.log_softmax(_gather_shard(_fp(student_logits) / temperature, ids, shard), dim=-1)
+        return _divergence_terms(s, t.to(s.dtype), kind, beta).sum(-1)
+    if teacher_tail.shape != topk_logits.shape[:2]:
+        raise ValueError(f"teacher tail {tuple(teacher_tail.shape)} does not match the top-k positions"
+                         f" {tuple(topk_logits.shape[:2])}")
+    student_logp = shard_log_softmax(_fp(student_logits) / temperature, shard)
+    s = torch.cat([_gather_shard(student_logp, ids, shard),
+                   topk_tail_logmass(student_logits, ids, temperature, shard).unsqueeze(-1)], dim=-1)
+    tail = _fp(teacher_tail.detach()).to(s.dtype)
+    # the teacher's k tokens hold 1 − e^tail, shared as its renormalised top-k distribution says
+    inside = torch.log(-torch.expm1(tail)).clamp_min(math.log(torch.finfo(s.dtype).tiny))
+    t = torch.cat([t.to(s.dtype) + inside.unsqueeze(-1), tail.unsqueeze(-1)], dim=-1)
     return _divergence_terms(s, t, kind, beta).sum(-1)
 
 

@@ -111,3 +111,72 @@ def test_matches_trl_generalized_jsd_loss_value_and_gradient(beta, temperature):
     close(total / count, want.detach(), 1e-12)
     close((ours_in.grad - trl_in.grad).abs().max(), 0.0, 1e-12)
     assert float(trl_in.grad.norm()) > 1e-3
+
+
+# the teacher's top-2 with a tail bucket, on a ragged batch of 2 rows x 2 positions over 4 tokens; the
+# teacher t = (¼, ½, ⅛, ⅛) everywhere: top-2 ids [1, 0], logits ln ½ and ln ¼ (+0.3), tail ¼
+TAIL_TEACHER = (0.25, 0.5, 0.125, 0.125)
+TAIL_STUDENTS = {
+    "A": (0.5, 0.25, 0.125, 0.125),  # on (id 1, id 0, tail): (¼, ½, ¼) against the teacher's (½, ¼, ¼)
+    "B": (0.05, 0.05, 0.45, 0.45),  # mass moved off the teacher's tokens: (0.05, 0.05, 0.9)
+    "C": (0.25, 0.5, 0.2, 0.05),  # the teacher's k + 1 outcomes, its tail shared otherwise: 0
+}
+# KL(s‖t) at A = ¼ln(¼/½) + ½ln(½/¼) + ¼ln1 = ¼ln2; at B = 0.05ln(0.05/½) + 0.05ln(0.05/¼) + 0.9ln(0.9/¼)
+TAIL_REV = {"A": 0.25 * LN2, "B": 0.05 * math.log(0.1) + 0.05 * math.log(0.2) + 0.9 * math.log(3.6), "C": 0.0}
+# KL(t‖s) at A = ½ln(½/¼) + ¼ln(¼/½) = ¼ln2; at B = ½ln(½/0.05) + ¼ln(¼/0.05) + ¼ln(¼/0.9)
+TAIL_FWD = {"A": 0.25 * LN2, "B": 0.5 * math.log(10) + 0.25 * math.log(5) + 0.25 * math.log(0.25 / 0.9), "C": 0.0}
+# without the bucket, B is renormalised to (½, ½) against (⅔, ⅓): KL(s‖t) = ½ln(¾) + ½ln(3/2) = ½ln(9/8)
+RENORMALISED_REV_B = 0.5 * math.log(9 / 8)
+
+
+def tail_batch():
+    """Student logits for positions (A, B) and (C, padding); the padding position carries what the
+    precomputed table fills there: ids [0, 0] (a duplicate), logits 0 and a tail of log ½."""
+    student = torch.stack([logits_of(TAIL_STUDENTS["A"], TAIL_STUDENTS["B"]),
+                           logits_of(TAIL_STUDENTS["C"], (0.7, 0.1, 0.1, 0.1))])
+    topk_logits = torch.tensor([math.log(0.5) + 0.3, math.log(0.25) + 0.3], dtype=torch.float64).expand(2, 2, 2).clone()
+    topk_ids = torch.tensor([1, 0]).expand(2, 2, 2).clone()
+    tail = torch.full((2, 2), math.log(0.25), dtype=torch.float64)
+    topk_logits[1, 1], topk_ids[1, 1], tail[1, 1] = 0.0, 0, math.log(0.5)
+    return student, topk_logits, topk_ids, tail
+
+
+@pytest.mark.parametrize("kind, per_position", [("reverse_kl", TAIL_REV), ("forward_kl", TAIL_FWD)])
+def test_topk_tail_bucket_by_hand_on_a_ragged_batch(kind, per_position):
+    student, topk_logits, topk_ids, tail = tail_batch()
+    leaf = student.clone().requires_grad_()
+    div = D.topk_token_divergence(leaf, topk_logits, topk_ids, kind, teacher_tail=tail)
+    close(div[0, 0], per_position["A"], 1e-12)
+    close(div[0, 1], per_position["B"], 1e-12)
+    close(div[1, 0], per_position["C"], 1e-12)
+    total, count, _ = D.distill_loss(div, MASK)
+    assert float(count) == 3.0
+    close(total / count, (per_position["A"] + per_position["B"] + per_position["C"]) / 3, 1e-12)
+    (total / count).backward()
+    assert bool(torch.isfinite(leaf.grad).all()) and float(leaf.grad[1, 1].abs().max()) == 0.0  # padding: no gradient
+    assert float(leaf.grad[0, 1].abs().max()) > 1e-3
+    # the student's tail mass, from the tokens outside the ids: ⅛ + ⅛ at A, 0.9 at B, 0.25 at C
+    close(D.topk_tail_logmass(student, topk_ids)[0, 0], math.log(0.25), 1e-12)
+    close(D.topk_tail_logmass(student, topk_ids)[0, 1], math.log(0.9), 1e-12)
+    # the teacher's tail from its own full logits: ¼
+    teacher = logits_of(TAIL_TEACHER, TAIL_TEACHER).unsqueeze(0)
+    close(D.topk_tail_logmass(teacher, D.shard_topk(teacher, 2)[1])[0, 0], math.log(0.25), 1e-12)
+
+
+def test_topk_tail_bucket_penalises_mass_moved_off_the_teachers_tokens():
+    student, topk_logits, topk_ids, tail = tail_batch()
+    renormalised = D.topk_token_divergence(student, topk_logits, topk_ids, "reverse_kl")
+    close(renormalised[0, 1], RENORMALISED_REV_B, 1e-12)  # 0.059: the drift to tokens 2, 3 barely counts
+    bucket = D.topk_token_divergence(student, topk_logits, topk_ids, "reverse_kl", teacher_tail=tail)
+    assert float(bucket[0, 1]) > 10 * RENORMALISED_REV_B  # 0.97 with the bucket
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_topk_tail_bucket_over_the_whole_vocabulary_is_the_full_divergence(kind):
+    # k = the vocabulary: the tails underflow (no mass outside) and the k + 1 outcomes are the full divergence
+    v, i = D.shard_topk(TEACHER, 3)
+    tail = D.topk_tail_logmass(TEACHER, i, temperature=2.0)
+    assert float(tail.max()) < -700  # the smallest normal float64, logged
+    full = D.token_divergence(STUDENT, TEACHER, kind, beta=0.3, temperature=2.0)
+    got = D.topk_token_divergence(STUDENT, v, i, kind, beta=0.3, temperature=2.0, teacher_tail=tail)
+    close((got - full).abs().max(), 0.0, 1e-12)

@@ -146,18 +146,24 @@ class IterativeAlgorithm(TokenAlgorithm):
             rows = self._rows
         else:
             path = self.samples_path(iteration - 1)
-            expected = self._resume_digests.pop(iteration - 1, None)
-            if expected is None or not path.is_file():
-                raise FileNotFoundError(f"{path}: {self.title} iteration {iteration} trains on iteration"
-                                        f" {iteration - 1}'s samples, but the checkpoint does not record them or"
-                                        " the file is missing from the run folder")
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != expected:
-                raise ValueError(f"{path}: differs from the samples {self.title} iteration {iteration - 1} was"
-                                 " trained on (its digest is recorded in the checkpoint)")
-            rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+            rows = self.read_recorded(path, self._resume_digests.pop(iteration - 1, None), iteration - 1,
+                                      f"{self.title} iteration {iteration} trains on iteration {iteration - 1}'s"
+                                      " samples, but the checkpoint does not record them or the file is missing"
+                                      " from the run folder")
         first = iteration - self.width(iteration) + 1
         return [r for r in rows if first <= int(r["iteration"]) < iteration]
+
+    def read_recorded(self, path: Path, expected: Optional[str], iteration: int, missing: str) -> List[dict]:
+        """The rows of ``iteration``'s file ``path``, whose SHA-256 a checkpoint recorded as
+        ``expected``: FileNotFoundError (``missing``) without the record or the file,
+        ValueError when the file differs from it."""
+        if expected is None or not path.is_file():
+            raise FileNotFoundError(f"{path}: {missing}")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != expected:
+            raise ValueError(f"{path}: differs from the samples {self.title} iteration {iteration} was trained"
+                             " on (its digest is recorded in the checkpoint)")
+        return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
     def slots(self, seed: int, iteration: int, epoch: int) -> Dict[int, int]:
         """``h(index)`` of the window's pass ``epoch`` of ``iteration`` (module docstring)."""
@@ -177,14 +183,9 @@ class IterativeAlgorithm(TokenAlgorithm):
         path = self.samples_path(iteration)
         expected = self._resume_digests.pop(iteration, None)
         if expected is not None:  # a resumed run: the very rows this iteration started with
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: the checkpoint continues {self.title} iteration {iteration}, but"
-                                        " its samples are missing from the run folder")
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != expected:
-                raise ValueError(f"{path}: differs from the samples {self.title} iteration {iteration} was trained"
-                                 " on (its digest is recorded in the checkpoint)")
-            rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+            rows = self.read_recorded(path, expected, iteration,
+                                      f"the checkpoint continues {self.title} iteration {iteration}, but its"
+                                      " samples are missing from the run folder")
             self.sampler.check_rows(rows, path)
             digest = expected
         else:

@@ -4,7 +4,9 @@
 policy, a random tiny Qwen3-MoE policy (4 experts, top 2) and a random tiny 3-output Llama
 reward model (HF folders), and returns their paths.
 ``word_reward`` is a reward function (``tests.algorithms.ppo_setup:word_reward``);
-``ppo_config(assets, out_dir, **overrides)`` a PPO config dict on them.
+``ppo_config(assets, out_dir, **overrides)`` a PPO config dict on them; ``first_step(trainer,
+cfg, assets, micro_batch_size)`` a trainer's roles, algorithm and step-0 context, built as
+``fit`` builds them, with the policy moved away from its reference.
 """
 from __future__ import annotations
 
@@ -118,3 +120,23 @@ def ppo_config(assets: dict, out_dir: str, **sections) -> dict:
                 "critic_optim": {"lr": 1e-3}},
     }
     return merge_sections(cfg, sections)
+
+
+def first_step(trainer, cfg: dict, assets: dict, micro_batch_size: int, seed: int = 7):
+    """``(roles, algorithm, context)`` of ``trainer`` (a PG or PPO trainer of ``cfg``) at step 0,
+    built as ``fit`` builds them, with the policy's weights those of ``assets["policy_moved"]``:
+    moved away from the reference (the initial weights), so the KL terms are not 0."""
+    from aligner.models import load_hf_weights
+    from aligner.training.algorithm import StepContext
+    from aligner.training.loop import TrainingLoop
+
+    trainer.init_parallel()
+    train = trainer.load_data(cfg["data"]["train"])
+    policy = trainer.build_models()
+    roles, algo = trainer.build_roles(policy, len(train))
+    loop = TrainingLoop(algo, policy, train, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
+    load_hf_weights(roles["policy"].modules, assets["policy_moved"], trainer.model_config())
+    samples = loop.global_batch(0)
+    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop.local_share(samples),
+                          micro_batch_size=micro_batch_size, seed=seed)
+    return roles, algo, context

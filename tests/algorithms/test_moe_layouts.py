@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from aligner.parallel.spawn import spawn_local
+from tests.layouts import in_turn
 from tests.models import families as fam
 
 MOE = {"aux_loss_coeff": 0.05, "z_loss_coeff": 0.05}
@@ -61,19 +62,6 @@ def _world(root, tp, pp, algorithms):
     return {a: _run(root / NAME, a, root / f"{a}_tp{tp}pp{pp}", tp, pp) for a in algorithms}
 
 
-def _layouts(root, layouts):
-    """``{tag: _world(root, tp, pp, algorithms)}`` for each ``(tag, tp, pp, algorithms)`` of
-    ``layouts`` in turn, in the same processes."""
-    from megatron.core import parallel_state as ps
-
-    out = {}
-    for tag, tp, pp, algorithms in layouts:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        out[tag] = _world(root, tp, pp, algorithms)
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_layouts")
@@ -82,8 +70,8 @@ def runs(tmp_path_factory):
                                                 for i in range(2)))
     one = spawn_local(_world, 1, str(root), 1, 1, ("sft", "dpo", "pg", "ppo"), timeout=600)[0]
     # TP=2: generation first, its megatron-core buffers must not reach the training passes
-    two = spawn_local(_layouts, 2, str(root), [("tp2", 2, 1, ("pg", "ppo", "sft", "dpo")),
-                                               ("pp2", 1, 2, ("sft", "dpo", "pg"))], timeout=900)
+    two = spawn_local(in_turn, 2, _world, [("tp2", str(root), 2, 1, ("pg", "ppo", "sft", "dpo")),
+                                           ("pp2", str(root), 1, 2, ("sft", "dpo", "pg"))], timeout=900)
     return one, {tag: [rank[tag] for rank in two] for tag in ("tp2", "pp2")}
 
 

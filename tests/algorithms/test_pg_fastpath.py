@@ -129,11 +129,8 @@ def _experience(vocab):
 def _one_update(workdir, assets, tag, algorithm, section):
     from aligner.algorithms.pg import PGTrainer
     from aligner.algorithms.ppo import PPOTrainer
-    from aligner.models import load_hf_weights
-    from aligner.training.algorithm import StepContext
-    from aligner.training.loop import TrainingLoop
     from tests.algorithms.pg_setup import pg_config
-    from tests.algorithms.ppo_setup import ppo_config
+    from tests.algorithms.ppo_setup import first_step, ppo_config
 
     if algorithm == "pg":
         cfg = pg_config(assets, f"{workdir}/{tag}", optim={"lr": 1e-4},
@@ -144,15 +141,7 @@ def _one_update(workdir, assets, tag, algorithm, section):
                          trainer={"global_batch_size": 8, "micro_batch_size": 4},
                          ppo=dict(section, reference="model"))
         trainer = PPOTrainer(cfg)
-    trainer.init_parallel()
-    train = trainer.load_data(cfg["data"]["train"])
-    policy = trainer.build_models()
-    roles, algo = trainer.build_roles(policy, len(train))
-    loop = TrainingLoop(algo, policy, train, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
-    load_hf_weights(roles["policy"].modules, assets["policy_moved"], trainer.model_config())
-    samples = loop.global_batch(0)
-    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop.local_share(samples),
-                          micro_batch_size=4, seed=7)
+    roles, algo, context = first_step(trainer, cfg, assets, micro_batch_size=4)
     skipped = algo.old_logps_from_update()
     exp = algo.maker.score_passes(context, _experience(assets["vocab"]), old_logps=not skipped)
     extra = algo.advantages(context, exp)

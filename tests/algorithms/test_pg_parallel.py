@@ -94,24 +94,12 @@ def _fixed_experience(context, vocab):
 
 def _one_update(workdir, assets, tag, tp, pp, micro_batch_size, pg):
     from aligner.algorithms.pg import PGTrainer
-    from aligner.models import load_hf_weights
-    from aligner.training.algorithm import StepContext
-    from aligner.training.loop import TrainingLoop
     from tests.algorithms.pg_setup import pg_config
+    from tests.algorithms.ppo_setup import first_step
 
     cfg = pg_config(assets, f"{workdir}/{tag}", parallel={"tp": tp, "pp": pp}, optim={"lr": 1e-4},
                     trainer={"global_batch_size": 2, "micro_batch_size": 1}, pg=dict(pg, reference="model"))
-    trainer = PGTrainer(cfg)
-    trainer.init_parallel()
-    train = trainer.load_data(cfg["data"]["train"])
-    policy = trainer.build_models()
-    roles, algo = trainer.build_roles(policy, len(train))
-    loop = TrainingLoop(algo, policy, train, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
-    # the policy moved away from the reference (the initial weights), so the KL terms are not 0
-    load_hf_weights(roles["policy"].modules, assets["policy_moved"], trainer.model_config())
-    samples = loop.global_batch(0)
-    context = StepContext(roles=loop.roles, step=0, samples=samples, local_samples=loop.local_share(samples),
-                          micro_batch_size=micro_batch_size, seed=7)
+    roles, algo, context = first_step(PGTrainer(cfg), cfg, assets, micro_batch_size)
     skipped = algo.old_logps_from_update()
     exp = algo.maker.score_passes(context, _fixed_experience(context, assets["vocab"]), old_logps=not skipped)
     extra = algo.advantages(context, exp)

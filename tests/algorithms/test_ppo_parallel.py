@@ -12,6 +12,7 @@ import torch
 
 from aligner.parallel import ParallelConfig, initialize
 from aligner.parallel.spawn import spawn_local
+from tests.layouts import in_turn
 
 TOL = 1e-5
 FIXED_KEYS = ("loss/policy", "loss/value", "grad_norm/policy_first", "grad_norm/critic_first", "grad_norm/policy",
@@ -67,19 +68,6 @@ def run_layout(workdir, assets, tp, pp, with_run):
     return out
 
 
-def run_layouts(workdir, assets, layouts):
-    """:func:`run_layout` for each ``(tag, tp, pp, with_run)`` of ``layouts`` in turn, in the
-    same processes (megatron-core's parallel state re-initialised between them): ``{tag: ..}``."""
-    from megatron.core import parallel_state as ps
-
-    out = {}
-    for tag, tp, pp, with_run in layouts:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        out[tag] = run_layout(f"{workdir}/{tag}", assets, tp, pp, with_run)
-    return out
-
-
 def dp_size():
     from megatron.core import parallel_state as ps
 
@@ -94,26 +82,13 @@ def _fixed_step(out_dir, assets, tp, pp, packed):
     to a step of the learning rate, so rounding-level differences of such an element (of
     any two summation orders) would move it by up to lr per update."""
     from aligner.algorithms.ppo import PPOTrainer
-    from aligner.training.algorithm import StepContext
-    from aligner.training.loop import TrainingLoop
-    from tests.algorithms.ppo_setup import ppo_config
+    from tests.algorithms.ppo_setup import first_step, ppo_config
 
     sgd = {"name": "sgd", "lr": 1e-2}
     cfg = ppo_config(assets, out_dir, parallel={"tp": tp, "pp": pp}, optim=sgd,
                      ppo={"epochs": 2, "mini_batch_size": 4, "kl_coef": 0.05, "entropy_coef": 0.01,
                           "reference": "model", "packed": packed, "pack_tokens": 24, "critic_optim": dict(sgd)})
-    trainer = PPOTrainer(cfg)
-    trainer.init_parallel()
-    train = trainer.load_data(cfg["data"]["train"])
-    policy = trainer.build_models()
-    roles, algo = trainer.build_roles(policy, len(train))
-    loop = TrainingLoop(algo, policy, train, optim=trainer.cfg.optim, trainer=trainer.cfg.trainer, roles=roles)
-    # the policy moved away from the reference (the initial weights), so the KL term is not 0
-    from aligner.models import load_hf_weights
-
-    load_hf_weights(roles["policy"].modules, assets["policy_moved"], trainer.model_config())
-    context = StepContext(roles=loop.roles, step=0, samples=loop.global_batch(0),
-                          local_samples=loop.local_share(loop.global_batch(0)), micro_batch_size=4, seed=7)
+    roles, algo, context = first_step(PPOTrainer(cfg), cfg, assets, micro_batch_size=4)
     exp = algo.maker.score_passes(context, _fixed_experience(context, assets["vocab"]))
     extra = algo.advantages(context, exp)
     metrics = algo.experience_metrics(context, exp, extra)
@@ -133,8 +108,9 @@ def runs(tmp_path_factory):
     assets = make_assets(w / "assets")
     one = spawn_local(run_layout, 1, str(w / "tp1"), assets, 1, 1, True, timeout=600)
     # one two-process job for the three layouts of two ranks
-    two = spawn_local(run_layouts, 2, str(w), assets, [("tp2", 2, 1, True), ("pp2", 1, 2, False),
-                                                       ("dp2", 1, 1, True)], timeout=900)
+    two = spawn_local(in_turn, 2, run_layout, [(tag, f"{w}/{tag}", assets, tp, pp, with_run) for tag, tp, pp, with_run
+                                              in (("tp2", 2, 1, True), ("pp2", 1, 2, False), ("dp2", 1, 1, True))],
+                      timeout=900)
     return {"tp1": one, **{tag: [rank[tag] for rank in two] for tag in ("tp2", "pp2", "dp2")}}
 
 

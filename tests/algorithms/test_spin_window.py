@@ -21,13 +21,12 @@ and 4 prompt/completion rows at global batch 4: iteration 0 is 1 step, iteration
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
 from aligner.parallel.spawn import spawn_local
 from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, write_jsonl
-from tests.algorithms.test_spin import run_aligner, spin_config, transformers_logps
+from tests.algorithms.test_spin import run_aligner, run_full_and_first_iteration, spin_config, transformers_logps
 from tests.kill_resume import assert_same_metrics, kill_after_checkpoint, metrics, run
 
 
@@ -35,21 +34,6 @@ def window_config(hf, train, out_dir, **trainer):
     cfg = spin_config(hf, train, out_dir, **trainer)
     cfg["spin"]["keep_previous"] = 1
     return cfg
-
-
-def run_full_and_first_iteration(cfg):
-    """The windowed run, then the same run cut short after iteration 0's one step and
-    exported (the model iteration 1 starts from), in one process."""
-    from megatron.core import parallel_state as ps
-
-    from aligner.algorithms.spin import SPINTrainer
-
-    full = run_aligner(cfg)
-    ps.destroy_model_parallel()
-    first = dict(cfg, trainer=dict(cfg["trainer"], out_dir=cfg["trainer"]["out_dir"] + "_first", max_steps=1,
-                                   export_hf=True))
-    SPINTrainer(first).fit()
-    return full, str(Path(first["trainer"]["out_dir"]) / "hf")
 
 
 def test_iteration_one_trains_on_both_iterations_pairs_against_its_own_reference(tiny_hf, tmp_path):

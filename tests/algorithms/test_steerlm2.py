@@ -11,6 +11,7 @@ import torch
 
 from aligner.parallel import ParallelConfig, initialize
 from aligner.parallel.spawn import spawn_local
+from tests.layouts import in_turn
 
 VOCAB, GROUP, GBS, MBS, STEPS, TOL = 64, 4, 4, 2, 3, 1e-5
 
@@ -110,19 +111,6 @@ def _identical_grad_norm(workdir):
     return loop.train_step()["grad_norm"]
 
 
-def run_layouts(workdir, weights, layouts):
-    """:func:`run_layout` for each ``(tag, tp, pp)`` of ``layouts`` in turn, in the same
-    processes (megatron-core's parallel state re-initialised between them): ``{tag: ..}``."""
-    from megatron.core import parallel_state as ps
-
-    out = {}
-    for tag, tp, pp in layouts:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        out[tag] = run_layout(f"{workdir}/{tag}", weights, tp, pp)
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     from tests.training.weights import make_reference_weights
@@ -132,7 +120,9 @@ def runs(tmp_path_factory):
     spawn_local(make_reference_weights, 1, weights, timeout=300)
     one = spawn_local(run_layout, 1, str(w / "tp1"), weights, 1, 1, timeout=400)
     # one two-process job for the three layouts of two ranks
-    two = spawn_local(run_layouts, 2, str(w), weights, [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)], timeout=900)
+    two = spawn_local(in_turn, 2, run_layout, [(tag, f"{w}/{tag}", weights, tp, pp)
+                                              for tag, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1))],
+                      timeout=900)
     return {"tp1": one, **{tag: [rank[tag] for rank in two] for tag in ("tp2", "pp2", "dp2")}}
 
 

@@ -14,6 +14,7 @@ import torch
 
 from aligner.parallel import ParallelConfig, initialize
 from aligner.parallel.spawn import spawn_local
+from tests.layouts import in_turn
 
 STEPS, GBS, MBS, TOL = 5, 8, 2, 1e-5
 VOCAB = 64
@@ -125,19 +126,6 @@ def run_layout(workdir, weights, tp, pp):
     return out
 
 
-def run_layouts(workdir, weights, layouts):
-    """:func:`run_layout` for each ``(tag, tp, pp)`` of ``layouts`` in turn, in the same
-    processes (megatron-core's parallel state re-initialised between them): ``{tag: ..}``."""
-    from megatron.core import parallel_state as ps
-
-    out = {}
-    for tag, tp, pp in layouts:
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        out[tag] = run_layout(f"{workdir}/{tag}", weights, tp, pp)
-    return out
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     w = tmp_path_factory.mktemp("equiv")
@@ -147,7 +135,9 @@ def runs(tmp_path_factory):
     spawn_local(make_reference_weights, 1, weights, timeout=300)
     one = spawn_local(run_layout, 1, str(w / "tp1"), weights, 1, 1, timeout=400)
     # one two-process job for the three layouts of two ranks
-    two = spawn_local(run_layouts, 2, str(w), weights, [("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1)], timeout=900)
+    two = spawn_local(in_turn, 2, run_layout, [(tag, f"{w}/{tag}", weights, tp, pp)
+                                              for tag, tp, pp in (("tp2", 2, 1), ("pp2", 1, 2), ("dp2", 1, 1))],
+                      timeout=900)
     return {"tp1": one, **{tag: [rank[tag] for rank in two] for tag in ("tp2", "pp2", "dp2")}}
 
 

@@ -23,6 +23,7 @@ import torch
 
 from aligner.parallel.spawn import spawn_local
 from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, adam_run, write_jsonl
+from tests.layouts import in_turn
 
 BETA, LR, SFT_WEIGHT = 0.5, 5e-3, 0.25
 
@@ -148,24 +149,26 @@ def test_iteration_zero_matches_transformers(tiny_hf, tmp_path):
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)]}  # (tp, pp); (1, 1) on 2 ranks is DP=2
 
 
-def _layouts(hf, train, workdir, world):
-    from megatron.core import parallel_state as ps
+def run_at(cfg, tp, pp):
+    """:func:`run_aligner` on ``cfg`` at TP ``tp`` x PP ``pp`` (DP: the rest of the ranks)."""
+    return run_aligner(dict(cfg, parallel={"tp": tp, "pp": pp}))
 
-    out = {}
-    for tp, pp in LAYOUTS[world]:
-        # 2 steps per iteration: the second trains a moved policy against the iteration's reference
-        cfg = spin_config(hf, train, f"{workdir}/{world}_{tp}_{pp}", global_batch_size=2, micro_batch_size=1)
-        cfg["parallel"] = {"tp": tp, "pp": pp}
-        out[(tp, pp)] = run_aligner(cfg)
-        ps.destroy_model_parallel()  # the next layout on the same process group
-    return out
+
+def layout_calls(config, workdir, world, layouts):
+    """:func:`tests.layouts.in_turn`'s calls of :func:`run_at`: ``config(out_dir)`` at each
+    ``(tp, pp)`` of ``layouts``, each in its own run folder, tagged ``(tp, pp)``."""
+    return [((tp, pp), config(f"{workdir}/{world}_{tp}_{pp}"), tp, pp) for tp, pp in layouts]
 
 
 def test_every_layout_equals_one_process(tiny_hf, tmp_path):
     train = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    args = (str(tiny_hf["dir"]), train, str(tmp_path))
-    want_metrics, want_rows = spawn_local(_layouts, 1, *args, 1, timeout=600)[0][(1, 1)]
-    two = spawn_local(_layouts, 2, *args, 2, timeout=900)[0]
+
+    def config(out_dir):  # 2 steps per iteration: the second trains a moved policy against the iteration's reference
+        return spin_config(str(tiny_hf["dir"]), train, out_dir, global_batch_size=2, micro_batch_size=1)
+
+    want_metrics, want_rows = spawn_local(in_turn, 1, run_at, layout_calls(config, tmp_path, 1, LAYOUTS[1]),
+                                          timeout=600)[0][(1, 1)]
+    two = spawn_local(in_turn, 2, run_at, layout_calls(config, tmp_path, 2, LAYOUTS[2]), timeout=900)[0]
     for (tp, pp), (metrics, rows) in two.items():
         for k in range(2):
             assert [r["rejected_tokens"] for r in rows[k]] == [r["rejected_tokens"] for r in want_rows[k]], (tp, pp, k)

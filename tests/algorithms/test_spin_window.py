@@ -26,7 +26,8 @@ import pytest
 
 from aligner.parallel.spawn import spawn_local
 from tests.algorithms.conftest import COMPLETION_ROWS as ROWS, write_jsonl
-from tests.algorithms.test_spin import run_aligner, run_full_and_first_iteration, spin_config, transformers_logps
+from tests.algorithms.test_spin import layout_calls, run_at, run_full_and_first_iteration, spin_config, transformers_logps
+from tests.layouts import in_turn
 from tests.kill_resume import assert_same_metrics, kill_after_checkpoint, metrics, run
 
 
@@ -73,23 +74,16 @@ def test_iteration_one_trains_on_both_iterations_pairs_against_its_own_reference
     assert "window/previous" not in metrics[0]
 
 
-def _layouts(hf, train, workdir, layouts):
-    from megatron.core import parallel_state as ps
-
-    out = {}
-    for tp, pp in layouts:
-        cfg = window_config(hf, train, f"{workdir}/{len(layouts)}_{tp}_{pp}", micro_batch_size=1)
-        cfg["parallel"] = {"tp": tp, "pp": pp}
-        out[(tp, pp)] = run_aligner(cfg)
-        ps.destroy_model_parallel()  # the next layout on the same process group
-    return out
-
-
 def test_data_and_tensor_parallel_equal_one_process(tiny_hf, tmp_path):
     train = write_jsonl(tmp_path / "rows.jsonl", ROWS)
-    args = (str(tiny_hf["dir"]), train, str(tmp_path))
-    want_metrics, want_rows = spawn_local(_layouts, 1, *args, [(1, 1)], timeout=600)[0][(1, 1)]
-    two = spawn_local(_layouts, 2, *args, [(1, 1), (2, 1)], timeout=900)[0]  # DP=2, then TP=2
+
+    def config(out_dir):
+        return window_config(str(tiny_hf["dir"]), train, out_dir, micro_batch_size=1)
+
+    want_metrics, want_rows = spawn_local(in_turn, 1, run_at, layout_calls(config, tmp_path, 1, [(1, 1)]),
+                                          timeout=600)[0][(1, 1)]
+    # DP=2, then TP=2
+    two = spawn_local(in_turn, 2, run_at, layout_calls(config, tmp_path, 2, [(1, 1), (2, 1)]), timeout=900)[0]
     assert len(want_rows[1]) == 8
     for (tp, pp), (metrics, rows) in two.items():
         for k in range(2):

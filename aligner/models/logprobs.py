@@ -15,17 +15,29 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 
+def _tp_size() -> int:
+    return ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+
+
+def _picked(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log_probs[b, t, labels[b, t]]`` -> [b, s]."""
+    return log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
 def token_logprobs(vocab_parallel_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``log p(labels[b, t])`` under ``softmax(logits[b, t])`` -> [b, s] (fp32, differentiable).
 
-    Through megatron-core's vocab-parallel cross-entropy: each TP rank reduces its own
-    vocabulary slice; only [b, s] statistics cross ranks.
+    Without tensor parallelism one fp32 ``log_softmax`` over the vocabulary; with it,
+    megatron-core's vocab-parallel cross-entropy: each TP rank reduces its own vocabulary
+    slice, only [b, s] statistics cross ranks.
     """
     if vocab_parallel_logits.shape[:2] != labels.shape:
         raise ValueError(
             f"token_logprobs: logits {tuple(vocab_parallel_logits.shape)} and labels {tuple(labels.shape)}"
             " disagree on [b, s]"
         )
+    if _tp_size() == 1:
+        return _picked(torch.log_softmax(vocab_parallel_logits.float(), dim=-1), labels)
     # megatron-core's cross-entropy shifts its input in place: give it its own copy
     # (transpose + contiguous alone returns the caller's storage when b or s is 1).
     logits = vocab_parallel_logits.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
@@ -62,12 +74,10 @@ def shifted_logprobs_entropy(vocab_parallel_logits: torch.Tensor, tokens: torch.
     and the entropy of that distribution (0 at t = 0); entropy None when not asked for.
 
     The values of :func:`token_logprobs` and :func:`token_entropy` on ``logits[:, :-1]``. Without
-    tensor parallelism both come from one ``log_softmax`` over the vocabulary (one pass where
-    the vocab-parallel pair makes two, each with its own copies); with it, from those
-    functions. entropy_grad: the entropy is part of the loss (else it is computed without
-    autograd, for metrics only)."""
-    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
-    if tp > 1:
+    tensor parallelism both come from the one ``log_softmax`` :func:`token_logprobs` takes;
+    with it, from those two functions. entropy_grad: the entropy is part of the loss (else
+    it is computed without autograd, for metrics only)."""
+    if _tp_size() > 1 or not entropy:
         lp = F.pad(token_logprobs(vocab_parallel_logits[:, :-1].contiguous(), tokens[:, 1:].contiguous()), (1, 0))
         if not entropy:
             return lp, None
@@ -76,9 +86,7 @@ def shifted_logprobs_entropy(vocab_parallel_logits: torch.Tensor, tokens: torch.
             ent = token_entropy(logits if entropy_grad else logits.detach())
         return lp, F.pad(ent, (1, 0))
     lsm = torch.log_softmax(vocab_parallel_logits.float(), dim=-1)[:, :-1]
-    lp = F.pad(lsm.gather(-1, tokens[:, 1:, None]).squeeze(-1), (1, 0))
-    if not entropy:
-        return lp, None
+    lp = F.pad(_picked(lsm, tokens[:, 1:]), (1, 0))
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         src = lsm if entropy_grad else lsm.detach()
         p = src.exp()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from aligner.models.moe import clear_replay, padding_mask, replay_routing
 from aligner.parallel import padded_length
-from aligner.training.batching import packed_row_microbatches, unpack_rows
+from aligner.training.batching import packed_row_microbatches, shifted_logprobs, unpack_rows
 
 
 def packed_rows(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_batch_size: int,
@@ -151,9 +151,7 @@ def forward(model, batch):
 def policy_logps(batch, logits) -> torch.Tensor:
     """Per-token log-probs of ``batch["tokens"]`` (aligned: position p scores token p); of a
     packed batch, one row per sample it holds."""
-    from aligner.models.logprobs import shifted_logprobs_entropy  # megatron-core: loaded when a pass runs
-
-    lp, _ = shifted_logprobs_entropy(logits, batch["tokens"], entropy=False)
+    lp = shifted_logprobs(logits, batch["tokens"])
     return unpack_rows(lp, batch, shifted=True) if "unpack_index" in batch else lp
 
 

@@ -1,7 +1,8 @@
 """The online core's speed paths against the paths they replace (fp32).
 
 - Log-probs and entropy from one ``log_softmax`` at TP=1
-  (:func:`aligner.models.logprobs.shifted_logprobs_entropy`) equal megatron-core's
+  (:func:`aligner.models.logprobs.shifted_logprobs_entropy`; without the entropy, its
+  :func:`token_logprobs`) equal megatron-core's
   vocab-parallel cross-entropy and :func:`token_entropy` (values and gradients, 1e-6; padded
   vocabulary rows at ``finfo.min``); the entropy carries no autograd graph unless it is in
   the loss.
@@ -36,7 +37,9 @@ KEYS = ("loss/policy", "loss/kl", "grad_norm/policy_first", "grad_norm/policy", 
 def _logprobs_world():
     import torch.nn.functional as F
 
-    from aligner.models.logprobs import shifted_logprobs_entropy, token_entropy, token_logprobs
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from aligner.models.logprobs import shifted_logprobs_entropy, token_entropy
 
     initialize(ParallelConfig(seed=0))
     g = torch.Generator().manual_seed(3)
@@ -45,7 +48,10 @@ def _logprobs_world():
     tokens = torch.randint(0, 10, (3, 7), generator=g)
     w = torch.randn(3, 7, generator=g)
     a, b = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
-    lp_ref = F.pad(token_logprobs(a[:, :-1].contiguous(), tokens[:, 1:].contiguous()), (1, 0))
+    # the reference: megatron-core's vocab-parallel cross-entropy ([s, b] layout, its own copy)
+    ce = vocab_parallel_cross_entropy(a[:, :-1].transpose(0, 1).float().contiguous().clone(),
+                                      tokens[:, 1:].transpose(0, 1).contiguous())
+    lp_ref = F.pad(-ce.transpose(0, 1), (1, 0))
     ent_ref = F.pad(token_entropy(a[:, :-1]), (1, 0))
     lp, ent = shifted_logprobs_entropy(b, tokens, entropy_grad=True)
     ((lp_ref * w).sum() + (ent_ref * w).sum()).backward()

@@ -260,8 +260,15 @@ def test_debug_shows_the_traceback_and_internal_errors_keep_theirs(user_error_fi
 
 
 def test_hydra_flags_info_and_cfg_hydra(capsys):
+    import logging
+
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
     assert cli.main(["train", "dpo", "--info", "defaults"]) == 0
     out = capsys.readouterr().out
+    # Hydra printed through a root handler of its own; none is left behind on a stream
+    # that closes with this test, and the level is the caller's again
+    assert (list(root.handlers), root.level) == before
     for entry in ("dpo_schema", "aligner_run_dirs", "model/tiny", "parallel/single", "optim/adamw"):
         assert f"| {entry} " in out, entry
     assert cli.main(["train", "dpo", "--cfg", "hydra", "--resolve", "trainer.out_dir=runs/x"]) == 0

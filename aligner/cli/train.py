@@ -19,6 +19,8 @@ Multi-process: ``torchrun --nproc-per-node N -m aligner.cli.main train ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -43,6 +45,26 @@ def trainers() -> dict:
 def _hydra():
     """A Hydra instance over aligner's config search path, every trainer's schema registered."""
     return composition.hydra_instance({name: cls.schema for name, cls in trainers().items()})
+
+
+@contextlib.contextmanager
+def _root_logging_restored():
+    """Hydra's ``--info`` configures the root logger (a stream handler on the stdout of the
+    moment, level INFO) to print through it; the handlers and level it leaves are taken back
+    on the way out, so a caller in the same process (a script, a notebook) keeps its own
+    logging and no handler outlives the stream it writes to."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        yield
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+            handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
 
 
 def compose_with_hydra(name: str, overrides: List[str], *, multirun: bool = False, job_num: Optional[int] = None):
@@ -130,7 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.info:
         cfg = compose_with_hydra(args.config, args.overrides, multirun=args.multirun)
         _validated(cfg, args.config, ".")  # report errors our way
-        _hydra().show_info(args.info, args.config, list(args.overrides))
+        with _root_logging_restored():
+            _hydra().show_info(args.info, args.config, list(args.overrides))
         return 0
     if args.cfg:
         return _print_config(args)

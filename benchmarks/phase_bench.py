@@ -8,7 +8,7 @@ bench_pg.py's model, prompts and configuration (16 prompts x 4 samples, micro-ba
 rows, one thread) run two steps of aligner's GRPO; on the second, before its update, the
 phases are repeated ``--repeats`` times on that step's experience, alternating ``old`` and
 ``new``, each timed by the process's CPU clock (``time.process_time``): the decode of the
-step's responses, the reference pass (:meth:`ExperienceMaker.score_passes`) and the update
+step's responses (one ``decode`` call each, then one ``decode_batch``), the reference pass (:meth:`ExperienceMaker.score_passes`) and the update
 (:meth:`OnlineAlgorithm.update`: forward, backward and optimizer step; it changes the
 weights, which every repeat starts from in turn). ``old``: the functions and methods of
 ``--modules`` as the source tree ``--base`` has them (for instance ``git archive <commit> |
@@ -80,16 +80,20 @@ class Variants:
 
 def step_phases(algo, context, exp, extra, variants: Variants, repeats: int, profile: bool,
                 stacks: bool = False) -> dict:
-    import torch
-
     maker = algo.maker
     tok = maker.tokenizer
     responses = [exp.tokens[i, int(p):int(p) + int(r)].tolist()
                  for i, (p, r) in enumerate(zip(exp.prompt_lengths, exp.response_lengths))]
 
-    def decode():
-        batch = getattr(tok, "decode_batch", None)
-        return batch(responses) if batch is not None else [tok.decode(ids) for ids in responses]
+    def decode():  # the responses one decode call each, then in one decode_batch call
+        t0 = time.process_time()
+        texts = [tok.decode(ids) for ids in responses]
+        t1 = time.process_time()
+        batch = tok.decode_batch(responses)
+        decode_times.append((t1 - t0, time.process_time() - t1))
+        if batch != texts:
+            raise AssertionError("decode_batch and decode disagree")
+        return texts
 
     def reference():
         return maker.score_passes(context, dataclasses.replace(exp, old_logps=None, ref_logps=None),
@@ -98,6 +102,7 @@ def step_phases(algo, context, exp, extra, variants: Variants, repeats: int, pro
     def update():
         return algo.update(context, dataclasses.replace(exp, old_logps=None, ref_logps=exp.ref_logps), extra)
 
+    decode_times = []
     phases = {"decode": decode, "reference": reference, "update": update}
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -128,6 +133,8 @@ def step_phases(algo, context, exp, extra, variants: Variants, repeats: int, pro
     variants.use("new")
     out = {k: statistics.median(v) for k, v in times.items()}
     out["decode_equal"] = results["decode/old"] == results["decode/new"]
+    out["decode_per_call"] = statistics.median(t for t, _ in decode_times)
+    out["decode_batch"] = statistics.median(t for _, t in decode_times)
     out["reference_max_abs_diff"] = float((results["reference/old"] - results["reference/new"]).abs().max())
     out["all"] = times
     return out
@@ -146,8 +153,6 @@ def run(model: str, prompts: str, out_dir: str, base: str, modules: str, repeats
     from aligner.parallel import ParallelConfig, initialize
 
     initialize(ParallelConfig(seed=0))
-    import aligner.algorithms.online  # noqa: F401  (the modules to swap are loaded)
-    import aligner.training.forward  # noqa: F401
 
     variants = Variants(load_base(Path(base), [m for m in modules.split(",") if m]) if base else [])
     found = {}

@@ -43,6 +43,7 @@ def load_base(base: Path, names):
             raise FileNotFoundError(f"{path}: module {name} is not in the base tree")
         spec = importlib.util.spec_from_file_location(f"_base_{name.replace('.', '_')}", path)
         old = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = old  # dataclasses look their module up
         spec.loader.exec_module(old)
         for attr, value in list(vars(old).items()):
             if isinstance(value, type) and getattr(value, "__module__", None) == old.__name__:

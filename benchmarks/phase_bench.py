@@ -8,7 +8,8 @@ bench_pg.py's model, prompts and configuration (16 prompts x 4 samples, micro-ba
 rows, one thread) run two steps of aligner's GRPO; on the second, before its update, the
 phases are repeated ``--repeats`` times on that step's experience, alternating ``old`` and
 ``new``, each timed by the process's CPU clock (``time.process_time``): the decode of the
-step's responses (one ``decode`` call each, then one ``decode_batch``), the reference pass (:meth:`ExperienceMaker.score_passes`) and the update
+step's responses (one ``decode`` call each, then one ``decode_batch``), the host
+reference's weight swap alone (``active()`` entered and left), the reference pass (:meth:`ExperienceMaker.score_passes`) and the update
 (:meth:`OnlineAlgorithm.update`: forward, backward and optimizer step; it changes the
 weights, which every repeat starts from in turn). ``old``: the functions and methods of
 ``--modules`` as the source tree ``--base`` has them (for instance ``git archive <commit> |
@@ -100,11 +101,15 @@ def step_phases(algo, context, exp, extra, variants: Variants, repeats: int, pro
         return maker.score_passes(context, dataclasses.replace(exp, old_logps=None, ref_logps=None),
                                   old_logps=False).ref_logps
 
+    def swap():  # the host reference's weights in and out, no pass
+        with maker.reference.active():
+            pass
+
     def update():
         return algo.update(context, dataclasses.replace(exp, old_logps=None, ref_logps=exp.ref_logps), extra)
 
     decode_times = []
-    phases = {"decode": decode, "reference": reference, "update": update}
+    phases = {"decode": decode, "swap": swap, "reference": reference, "update": update}
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -129,7 +134,7 @@ def step_phases(algo, context, exp, extra, variants: Variants, repeats: int, pro
                 t0 = time.process_time()
                 value = fn()
                 times[f"{name}/{v}"].append(time.process_time() - t0)
-                if rep == 0 and name != "update":
+                if rep == 0 and name in ("decode", "reference"):
                     results[f"{name}/{v}"] = value
     variants.use("new")
     out = {k: statistics.median(v) for k, v in times.items()}

@@ -141,7 +141,14 @@ def step_phases(algo, context, exp, extra, variants: Variants, repeats: int, pro
     out["decode_equal"] = results["decode/old"] == results["decode/new"]
     out["decode_per_call"] = statistics.median(t for t, _ in decode_times)
     out["decode_batch"] = statistics.median(t for _, t in decode_times)
-    out["reference_max_abs_diff"] = float((results["reference/old"] - results["reference/new"]).abs().max())
+    diff = (results["reference/old"] - results["reference/new"]).abs() * exp.response_mask
+    out["reference_max_abs_diff"] = float(diff.max())  # over the response tokens
+    from aligner.training.forward import packed_rows, trimmed_rows
+
+    ends = (exp.prompt_lengths + exp.response_lengths).tolist()
+    for name, fn in (("trimmed", trimmed_rows), ("packed", packed_rows)):
+        micro = fn(exp.tokens, ends, context.micro_batch_size)
+        out[f"positions/{name}"] = None if micro is None else sum(b["tokens"].numel() for b in micro)
     out["all"] = times
     return out
 

@@ -1,23 +1,28 @@
 """The phases after generation of one GRPO step, old code against new in one process
-(docs/benchmarks_pg.md, "After: ...").
+(docs/benchmarks_pg.md, "After: the passes after generation profiled").
 
     OMP_NUM_THREADS=1 python benchmarks/phase_bench.py --model stops --repeats 11 \
-        --base /tmp/aligner_base --modules aligner.training.roles,aligner.data.tokenizer [--profile]
+        --base /tmp/aligner_base --modules aligner.training.roles [--out FILE]
+    OMP_NUM_THREADS=1 python benchmarks/phase_bench.py --model stops --profile [--stacks]
 
 bench_pg.py's model, prompts and configuration (16 prompts x 4 samples, micro-batches of 16
 rows, one thread) run two steps of aligner's GRPO; on the second, before its update, the
 phases are repeated ``--repeats`` times on that step's experience, alternating ``old`` and
 ``new``, each timed by the process's CPU clock (``time.process_time``): the decode of the
 step's responses (one ``decode`` call each, then one ``decode_batch``), the host
-reference's weight swap alone (``active()`` entered and left), the reference pass (:meth:`ExperienceMaker.score_passes`) and the update
-(:meth:`OnlineAlgorithm.update`: forward, backward and optimizer step; it changes the
-weights, which every repeat starts from in turn). ``old``: the functions and methods of
-``--modules`` as the source tree ``--base`` has them (for instance ``git archive <commit> |
-tar -x -C /tmp/aligner_base``), swapped into the live classes and modules; ``new``: this
-tree. Medians per phase and variant are printed as JSON, with the load averages.
+reference's weight swap alone (``active()`` entered and left), the reference pass
+(:meth:`ExperienceMaker.score_passes`) and the update (:meth:`OnlineAlgorithm.update`:
+forward, backward and optimizer step; each update moves the weights the next repeat
+starts from). ``old``: the functions and methods of ``--modules`` as the source tree
+``--base`` has them (for instance ``git archive <commit> | tar -x -C /tmp/aligner_base``),
+swapped into the live classes and modules; ``new``: this tree. Printed as JSON: medians
+per phase and variant, the largest difference of the two variants' reference log-probs
+over response tokens, the token positions of the step's cut and packed micro-batches,
+and the load averages.
 
 ``--profile``: torch.profiler (CPU) of one reference pass and one update of ``new``, the
-ops by self CPU time (``--stacks``: by op and Python stack); nothing is compared.
+ops by self CPU time (``--stacks``: with the Python functions that ran them as rows of
+their own); nothing is compared.
 """
 from __future__ import annotations
 

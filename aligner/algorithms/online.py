@@ -361,13 +361,17 @@ class ExperienceMaker:
             routing_layers = torch.tensor(result.routing_layers, dtype=torch.long)
         tokens = torch.full((n, S), result.pad_id, dtype=torch.long)
         tokens[:, :result.tokens.shape[1]] = result.tokens
-        mask = torch.zeros(n, S)
+        # response token j of row i sits at position prompt_lengths[i] + j
+        offset = torch.arange(S)[None, :] - result.prompt_lengths[:, None]
+        response = (offset >= 0) & (offset < result.response_lengths[:, None])
+        mask = response.float()
         rollout = torch.zeros(n, S)
-        for i in range(n):
-            p, r = int(result.prompt_lengths[i]), int(result.response_lengths[i])
-            mask[i, p:p + r] = 1.0
-            rollout[i, p:p + r] = result.logprobs[i, :r]
-        texts = [self.tokenizer.decode(self._response_ids(result, i)) for i in range(n)]
+        if result.logprobs.shape[1]:
+            picked = result.logprobs.gather(1, offset.clamp(0, result.logprobs.shape[1] - 1))
+            rollout = torch.where(response, picked, rollout)
+        # the engine decodes with this tokenizer (a final stop token left out): its texts
+        texts = result.texts if result.texts is not None else self.tokenizer.decode_batch(
+            [self._response_ids(result, i) for i in range(n)])
         if self.reward is None:  # responses to train on, not to score (SPIN, on-policy distillation)
             rewards, attributes = torch.zeros(n, dtype=torch.float64), None
         else:

@@ -3,7 +3,7 @@
 ``load_tokenizer(path)``: a ``.model`` file (or a folder holding ``tokenizer.model`` and no
 ``tokenizer.json``) is read with SentencePiece; any other folder with
 ``transformers.AutoTokenizer``. Both expose ``encode`` (no BOS / EOS added), ``decode``,
-``vocab_size``, ``bos_id`` / ``eos_id`` / ``pad_id``, ``token_to_id`` and ``save(dir)``,
+``decode_batch`` (the texts ``decode`` gives, in one call), ``vocab_size``, ``bos_id`` / ``eos_id`` / ``pad_id``, ``token_to_id`` and ``save(dir)``,
 which writes files ``transformers.AutoTokenizer.from_pretrained(dir)`` loads (for
 SentencePiece: ``tokenizer.model`` + a Llama tokenizer config).
 
@@ -21,7 +21,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, Sequence
 
 SPECIAL_TEMPLATE_TOKENS = ("<extra_id_0>", "<extra_id_1>", "<extra_id_2>")
 
@@ -37,6 +37,10 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
+
+    def decode_batch(self, sequences: Sequence[Iterable[int]]) -> List[str]:
+        """``[decode(ids) for ids in sequences]``, in one call where the backend has one."""
+        return [self.decode(ids) for ids in sequences]
 
     def token_to_id(self, token: str) -> Optional[int]:
         raise NotImplementedError
@@ -65,6 +69,10 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+    def decode_batch(self, sequences: Sequence[Iterable[int]]) -> List[str]:
+        batch = [[int(i) for i in ids] for ids in sequences]
+        return self.sp.decode(batch) if batch else []  # decode([]) is one empty sequence's text
 
     def token_to_id(self, token: str) -> Optional[int]:
         i = self.sp.piece_to_id(token)
@@ -114,6 +122,25 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def decode_batch(self, sequences: Sequence[Iterable[int]]) -> List[str]:
+        """Where ``decode`` returns the fast (Rust) backend's text unchanged (transformers'
+        own ``decode``, no clean-up of tokenization spaces): the backend's ``decode_batch``,
+        without transformers' conversions per call; else one ``decode`` per sequence."""
+        if not self._backend_decodes:
+            return [self.decode(ids) for ids in sequences]
+        return self.tok._tokenizer.decode_batch([[int(i) for i in ids] for ids in sequences],
+                                                skip_special_tokens=False)
+
+    @property
+    def _backend_decodes(self) -> bool:
+        try:
+            from transformers.tokenization_utils_tokenizers import TokenizersBackend
+        except ImportError:  # another transformers layout: decode per sequence
+            return False
+        cls = type(self.tok)
+        return (isinstance(self.tok, TokenizersBackend) and cls.decode is TokenizersBackend.decode
+                and cls._decode is TokenizersBackend._decode and not self.tok.clean_up_tokenization_spaces)
 
     def token_to_id(self, token: str) -> Optional[int]:
         i = self.tok.convert_tokens_to_ids(token)

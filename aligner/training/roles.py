@@ -369,8 +369,11 @@ class ReferencePolicy:
 
     Use: ``with ref.active() as chunks: <forward-only passes over chunks>``. In host mode
     ``chunks`` are the policy's own modules holding the reference weights for the
-    duration of the block (the policy's weights are kept on the host meanwhile and put
-    back on exit, also on an exception); in model mode they are the second model. Either
+    duration of the block, which runs forward passes only: where the host copy is on the
+    parameters' device (host and device one memory) its tensors stand in for the parameters' storage (no
+    copy; the block must not write to them), elsewhere they are copied in and the policy's
+    weights kept on the host meanwhile; either way the policy's are back on exit, also on
+    an exception. In model mode they are the second model. Either
     way the reference runs the very forward path the policy runs, so at step 0 policy
     and reference log-probs are identical under every TP / PP layout.
 
@@ -425,26 +428,41 @@ class ReferencePolicy:
                 for c, mode in zip(self.policy, modes):
                     c.train(mode)
             return
-        saved = []
         modes = [c.training for c in self.policy]
-        with torch.no_grad():
-            for chunk, ref in zip(self.policy, self._weights):
-                keep = {}
-                for n, p in unwrap_model(chunk).named_parameters():
-                    keep[n] = p.detach().to("cpu", copy=True)
-                    p.data.copy_(ref[n].to(p.device))
-                saved.append(keep)
+        params = [dict(unwrap_model(chunk).named_parameters()) for chunk in self.policy]
+        swapped = []  # per chunk: name -> the policy's own tensor, while the reference's stands in
+        copied = []  # per chunk: name -> a host copy of the policy's values, while the reference's are copied in
         try:
+            with torch.no_grad():
+                for chunk_params, ref in zip(params, self._weights):
+                    swapped.append({})
+                    copied.append({})
+                    for n, p in chunk_params.items():
+                        if _swappable(p, ref[n]):  # the host copy is on the parameter's device: no copy
+                            swapped[-1][n] = p.data
+                            p.data = ref[n]
+                        else:
+                            copied[-1][n] = p.detach().to("cpu", copy=True)
+                            p.data.copy_(ref[n].to(p.device))
             for c in self.policy:
                 c.eval()
             yield self.policy
         finally:
             with torch.no_grad():
-                for chunk, keep in zip(self.policy, saved):
-                    for n, p in unwrap_model(chunk).named_parameters():
-                        p.data.copy_(keep[n].to(p.device))
+                for chunk_params, own, host in zip(params, swapped, copied):
+                    for n, t in own.items():
+                        chunk_params[n].data = t
+                    for n, t in host.items():
+                        chunk_params[n].data.copy_(t.to(chunk_params[n].device))
             for c, mode in zip(self.policy, modes):
                 c.train(mode)
+
+
+def _swappable(param: torch.Tensor, host: torch.Tensor) -> bool:
+    """The reference's host tensor can stand in for ``param``'s storage for a forward-only
+    pass: same device, dtype, shape and strides."""
+    return (host.device == param.device and host.dtype == param.dtype and host.shape == param.shape
+            and host.stride() == param.stride())
 
 
 # ------------------------------------------------------------------------------ role set

@@ -227,30 +227,19 @@ class FusedDecoder:
         self._columns = torch.arange(0, device=device)  # 0..S-1, key column numbers
 
     # ------------------------------------------------------------------ cache
-    def start(self, contexts, prefill_len: int, total_len: int) -> None:
-        """Copy megatron-core's prefill cache (``[s, b, ng, d]``, keys not yet rotated) into
-        this decoder's layout, rotating the keys once. The rest of the cache is zero, so
-        the masked columns of a row's slot never hold a non-finite value."""
+    def start(self, batch: int, total_len: int) -> None:
+        """A fresh cache of ``batch`` slots of ``total_len`` columns each (zero, so the masked
+        columns of a row's slot never hold a non-finite value) and the rope tables of
+        positions ``0..total_len-1``; :meth:`prefill` fills the slots."""
         self.rope = {False: _cos_sin(self.models[0].rotary_pos_emb.inv_freq, total_len, self.dtype)}
         if self.local_inv_freq is not None:
             self.rope[True] = _cos_sin(self.local_inv_freq, total_len, self.dtype)
         self.cache = {}
-        for ctx, layers in zip(contexts, self.layers):
+        for layers in self.layers:
             for layer in layers:
-                if not prefill_len:  # nothing prefilled (the engine under sequence parallelism)
-                    keys = torch.zeros((ctx.max_batch_size, layer.groups, total_len, layer.head_dim),
-                                       dtype=self.dtype, device=self.device)
-                    self.cache[layer.number] = (keys, torch.zeros_like(keys))
-                    continue
-                cos, sin = (x[:prefill_len] for x in self.rope[layer.local_rope])
-                k, v = ctx.key_value_memory_dict[layer.number]
-                keys = torch.zeros((k.shape[1], layer.groups, total_len, layer.head_dim), dtype=k.dtype,
-                                   device=k.device)
-                values = torch.zeros_like(keys)
-                keys[:, :, :prefill_len] = _rotate(k[:prefill_len].permute(1, 2, 0, 3), cos, sin)
-                values[:, :, :prefill_len] = v[:prefill_len].permute(1, 2, 0, 3)
-                self.cache[layer.number] = (keys, values)
-            ctx.key_value_memory_dict.clear()  # the prefill cache is no longer needed
+                keys = torch.zeros((batch, layer.groups, total_len, layer.head_dim), dtype=self.dtype,
+                                   device=self.device)
+                self.cache[layer.number] = (keys, torch.zeros_like(keys))
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         for number, (k, v) in list(self.cache.items()):
@@ -347,10 +336,12 @@ class FusedDecoder:
         context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:last]).view(b, layer.heads * d)
         return self._finish(layer, h, context)
 
-    def _finish(self, layer: _Layer, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _finish(self, layer: _Layer, h: torch.Tensor, context: torch.Tensor, rows: int = 0) -> torch.Tensor:
         """The layer after its attention: output projection (and post norm) added to ``h``,
         then the MLP (or megatron-core's MoE module) block; ``h``, ``context`` [n, ...] for n
-        tokens -> [n, h]."""
+        tokens -> [n, h]. ``rows`` > 0: the n tokens are ``rows`` rows of n / rows columns
+        (a prefill, row-major), which the MoE module gets in megatron-core's [s, b, h] order
+        (the order a routing capture reads)."""
         out = self._adapted(layer, "proj", context, self._all_reduce(_linear(context, layer.w_proj)))
         if layer.b_proj is not None:
             out = out + layer.b_proj
@@ -358,8 +349,11 @@ class FusedDecoder:
             out = layer.proj_norm(out)
         h = h + out
         x = h if layer.mlp_norm is None else layer.mlp_norm(h)
-        if layer.moe is not None:  # [n, h] as megatron-core's [s = 1, b = n, h]
-            return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)
+        if layer.moe is not None:
+            if rows:  # [m * c, h] as megatron-core's [s = c, b = m, h]
+                x = x.view(rows, -1, x.shape[-1]).transpose(0, 1)
+                return h + layer.moe(x)[0].transpose(0, 1).reshape(h.shape)
+            return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)  # [n, h] as [s = 1, b = n, h]
         x = self._adapted(layer, "fc1", x, _linear(x, layer.w_fc1, layer.b_fc1))
         if self.gated:
             gate, up = x.chunk(2, dim=-1)
@@ -375,9 +369,10 @@ class FusedDecoder:
 
     def _prefill_layer(self, layer: _Layer, h: torch.Tensor, slots: Optional[torch.Tensor], c: int,
                        staged: dict) -> torch.Tensor:
-        """One layer over the first ``c`` prompt tokens of m rows (positions 0..c-1), ``h``
+        """One layer over ``c`` columns of m right-padded rows (positions 0..c-1), ``h``
         [m * c, h] -> [m * c, h]; writes their keys and values into cache rows ``slots``, or
-        (``slots`` None) into ``staged[layer number]`` ([m, ng, c, d] each)."""
+        (``slots`` None) into ``staged[layer number]`` ([m, ng, c, d] each). A row's padding
+        comes after its tokens, so the causal mask alone keeps it out of their attention."""
         m = h.shape[0] // c
         g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
         x = h if layer.input_norm is None else layer.input_norm(h)
@@ -409,7 +404,7 @@ class FusedDecoder:
                 value.permute(0, 2, 1, 3), attn_mask=~blocked, scale=layer.scale, enable_gqa=True,
             )  # [m, heads, c, d]
             context = context.permute(0, 2, 1, 3).reshape(m * c, layer.heads * d)
-            return self._finish(layer, h, context)
+            return self._finish(layer, h, context, m)
         # soft-capped attention logits: the scores written out, capped, then masked
         q = q.permute(0, 2, 1, 3, 4).reshape(m * g, c * r, d)
         k = key.permute(0, 2, 1, 3).reshape(m * g, c, d)
@@ -418,17 +413,24 @@ class FusedDecoder:
         scores = scores.view(m * g, c, r, c).masked_fill(blocked[:, None], float("-inf")).view(m * g, c * r, c)
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
         context = torch.bmm(probs, v).view(m, g, c, r, d).permute(0, 2, 1, 3, 4).reshape(m * c, layer.heads * d)
-        return self._finish(layer, h, context)
+        return self._finish(layer, h, context, m)
 
-    def prefill(self, token_ids: torch.Tensor, slots: Optional[torch.Tensor] = None) -> Optional[dict]:
-        """Feed the prompt tokens ``token_ids`` [m, c] (positions 0..c-1) of m rows taking the
-        cache rows ``slots`` [m], through every chunk on this rank (pipeline send/recv of
-        [m * c, h] between stages): their keys and values fill columns 0..c-1 of those rows.
-        No logits: the next step feeds each row's token c. Without ``slots`` the keys and
-        values are returned instead (layer number -> [m, ng, c, d] each), prompts prefilled
-        ahead of the slots they will take (:meth:`take`)."""
+    def prefill(self, token_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                slots: Optional[torch.Tensor] = None):
+        """Feed m right-padded prompts ``token_ids`` [m, c] (row i's tokens in columns
+        0..lengths[i]-1 at their own positions, padding after them) through every chunk on
+        this rank (pipeline send/recv of [m * c, h] between stages); their keys and values
+        fill columns 0..c-1 of the cache rows ``slots`` [m] (a row's columns from its length
+        on hold padding, which its later steps overwrite and its mask hides until then), or,
+        without ``slots``, are returned (layer number -> [m, ng, c, d] each: prompts
+        prefilled ahead of the slots they will take, :meth:`take`).
+
+        Returns (those keys and values or None, and where the output layer lives with
+        ``lengths`` given the logits [m, v] fp32 of each row's last token ``lengths[i] - 1``,
+        else None)."""
         m, c = token_ids.shape
         staged = {}
+        logits = None
         for model, layers in zip(self.models, self.layers):
             if model.pre_process:
                 h = self._embed(model, token_ids.reshape(-1))
@@ -439,7 +441,10 @@ class FusedDecoder:
                 h = self._prefill_layer(layer, h, slots, c, staged)
             if not model.post_process:
                 torch.distributed.send(h.contiguous(), dst=self.next_rank)
-        return staged if slots is None else None
+            elif lengths is not None:
+                last = torch.arange(m, device=h.device) * c + lengths.to(h.device) - 1
+                logits = self._logits(model, h.index_select(0, last))
+        return (staged if slots is None else None), logits
 
     def take(self, staged: dict, row: int, slot: int, c: int) -> None:
         """Columns 0..c-1 of cache row ``slot`` from row ``row`` of a :meth:`prefill`'s

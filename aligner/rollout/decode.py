@@ -351,7 +351,7 @@ class FusedDecoder:
         x = h if layer.mlp_norm is None else layer.mlp_norm(h)
         if layer.moe is not None:
             if rows:  # [m * c, h] as megatron-core's [s = c, b = m, h]
-                x = x.view(rows, -1, x.shape[-1]).transpose(0, 1)
+                x = x.reshape(rows, -1, x.shape[-1]).transpose(0, 1).contiguous()
                 return h + layer.moe(x)[0].transpose(0, 1).reshape(h.shape)
             return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)  # [n, h] as [s = 1, b = n, h]
         x = self._adapted(layer, "fc1", x, _linear(x, layer.w_fc1, layer.b_fc1))

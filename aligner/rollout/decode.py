@@ -14,20 +14,21 @@ cache stores keys without rotary embedding, so every step re-rotates every cache
 using the layers' own norm modules, megatron-core's fused QKV layout (per query group: r
 query heads, then one key head, then one value head), its rotary frequencies
 (``model.rotary_pos_emb``), softmax scale, activation and vocab-parallel embedding /
-output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, filled once
-from megatron-core's :class:`StaticInferenceContext` after the prefill
-(:meth:`FusedDecoder.start`), and for rows that take a freed slot by the decoder's own
-prefill of their prompts (:meth:`FusedDecoder.prefill`: the same layer arithmetic over the
-prompt tokens, causal and windowed attention within each prompt).
+output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer
+(:meth:`FusedDecoder.start`), filled by the decoder's own prefill of the prompts
+(:meth:`FusedDecoder.prefill`: the same layer arithmetic over the prompt tokens of right
+padded rows, causal and windowed attention within each prompt, the logits of each row's
+last prompt token), for the first batch and for rows that take a freed slot.
 
 Positions: a step feeds every row at one position ``t`` (an int: all rows in step), or each
-row at its own position (a tensor ``[b]``: continuous batching, where a row that joined
-later is at an earlier position). Per row the rope tables are indexed at the row's
-position, its key and value are written into its own cache column, and the attention sees
-only the row's own extent: keys ``0..pos`` (``pos - window + 1..pos`` on a sliding-window
-layer), the rest of the slot (columns a previous occupant or nothing wrote) masked to
-``-inf`` after any soft-capping, so it gets probability 0. When every row is at the same
-position the uniform path runs (no mask), the arithmetic of a batch without refills.
+row at its own position (a tensor ``[b]``: prompts of different lengths, and continuous
+batching, where a row that joined later is at an earlier position). Per row the rope
+tables are indexed at the row's position, its key and value are written into its own
+cache column, and the attention sees only the row's own extent: keys ``0..pos``
+(``pos - window + 1..pos`` on a sliding-window layer), the rest of the slot (columns of
+padding, of a previous occupant, or never written) masked to ``-inf`` after any
+soft-capping, so it gets probability 0. When every row is at the same position the
+uniform path runs (no mask), the arithmetic of a batch without refills.
 
 It supports exactly the layer structures it reproduces (checked by :func:`unsupported_reason`):
 megatron-core ``TransformerLayer`` with ``SelfAttention`` + ``DotProductAttention`` (or the
@@ -196,8 +197,8 @@ class _Layer:
 class FusedDecoder:
     """Decode steps for this rank's model chunks (see the module docstring).
 
-    ``start`` takes the caches megatron-core filled during the prefill, ``prefill`` fills
-    the slots of rows that take freed slots, ``step`` runs one token per row through every
+    ``start`` makes a fresh cache, ``prefill`` fills slots with prompts (or stages prompts
+    for slots freed later, ``take``), ``step`` runs one token per row through every
     chunk on this rank (with pipeline send/recv between stages), at one position or at each
     row's own, ``keep_rows`` drops finished rows from the cache.
     """

@@ -5,24 +5,28 @@ v vocabulary (real rows; padded rows are cut off).
 
 Design
 ------
-- **KV cache**: megatron-core's own :class:`StaticInferenceContext`, one per model chunk.
-  Keys and values are stored per layer by megatron-core's attention; the engine only moves
-  ``sequence_len_offset`` forward and, when rows finish, drops their slots from the cache.
-- **Decode steps** (one token per row) run either through megatron-core's forward with that
-  context (``decode_impl="megatron"``, any layer spec) or, for the local layer spec,
-  through :class:`~aligner.rollout.decode.FusedDecoder` (``"fused"``; the default where
-  supported), which takes over the cache megatron-core filled in the prefill and runs the
-  same arithmetic on the same parameters with a fraction of the per-step Python dispatch.
-  The two agree to float rounding; tests hold both to HF greedy parity.
-- **Prompts of different lengths, no padding inside attention**: every prompt starts at
-  column 0 (right padding), so a token's column is its position and megatron-core's own
-  rotary offsets are exact. The prefill runs the first
-  ``min(prompt lengths)`` columns of every row with a causal mask; after that each step
-  feeds one column for every row still running. A row whose prompt is longer than the
-  current column is fed its own next prompt token instead of a sampled one. Nothing is
-  ever left-padded, so no attention mask has to hide pad keys (exact on the local and the
-  Transformer Engine layer specs alike). Masks are explicit: causal ``[1, 1, s, s]`` for
-  the prefill, all-visible ``[1, 1, 1, s_kv]`` for decode steps (True = blocked).
+- **Two decode paths.** For the local and fused layer specs (``decode_impl="fused"``, the
+  default where supported) :class:`~aligner.rollout.decode.FusedDecoder` runs the prefill
+  and every decode step on the model's own parameters with a fraction of megatron-core's
+  per-step Python dispatch, with its own KV cache. Otherwise (``"megatron"``, any layer
+  spec) every forward goes through megatron-core's model with its
+  :class:`StaticInferenceContext` (one per model chunk: megatron-core's attention stores
+  the keys and values; the engine moves ``sequence_len_offset`` forward and drops finished
+  rows' slots). The two agree to float rounding; tests hold both to HF greedy parity.
+- **Prompts of different lengths: right padding.** Every prompt starts at column 0, so a
+  token's column is its position and the rotary embedding is exact without position ids.
+  With the fused decoder the prefill runs every prompt whole (``max(prompt lengths)``
+  columns, a causal mask: a row's padding comes after its tokens, so no token attends to
+  it) and takes each row's logits at its own last prompt token: the first decision of
+  every row is its first response token, and no decode step reads a prompt token. Each
+  row then decodes at its own column; the fused decoder's per-row positions (rope, cache
+  column, a mask of the keys past the row's position: the padding, until the row's own
+  tokens overwrite it) are those of continuous batching below. megatron-core's static
+  context has one sequence offset for the whole batch, so on its path every row is at the
+  same column: the prefill runs the shortest prompt's columns and a longer prompt's
+  remaining tokens are fed one per decode step (the row's own token is taken instead of a
+  sampled one). Masks given to megatron-core are explicit: causal ``[1, 1, s, s]`` for the
+  prefill, all-visible ``[1, 1, 1, s_kv]`` for decode steps (True = blocked).
 - **Sampling decisions** are made on exactly one rank: the first tensor-parallel rank of
   the last pipeline stage (the *source*). Logits are gathered over the TP group
   (``runtime_gather_output=True``), the source picks the tokens (its per-sample generators
@@ -33,12 +37,11 @@ Design
   point-to-point send/recv, the last stage computes the logits. With virtual pipeline
   chunks the activation goes around the ring of pipeline ranks once per chunk. Pipeline
   bubbles are accepted: generation is one sequence of dependent steps.
-- **Sequence parallelism** (a model built with it at TP > 1): megatron-core's forward
-  splits a call's columns over the TP ranks, so the prefill runs the shortest prompt cut
-  to a multiple of TP (the rest is fed as a longer prompt's tail) and a decode step
-  through megatron-core runs its token then TP - 1 copies behind a causal mask
-  (:meth:`RolloutEngine._forward`); the fused decoder's steps hold every row on every
-  rank, as without it.
+- **Sequence parallelism** (a model built with it at TP > 1): the fused decoder's prefill
+  and steps hold every row on every rank, as without it. megatron-core's forward splits a
+  call's columns over the TP ranks, so on its path the prefill runs the shortest prompt
+  cut to a multiple of TP (the rest is fed as a longer prompt's tail) and a decode step
+  runs its token then TP - 1 copies behind a causal mask (:meth:`RolloutEngine._forward`).
 - **Log-probs** are ``log_softmax`` of the raw fp32 logits at the chosen token: the
   model's own distribution, before temperature, top-k and top-p; the same value the
   training path computes on a full forward of the finished sequence.
@@ -55,16 +58,18 @@ Design
   decoder indexes the rope tables per row, writes each row's key and value at the row's
   own column and masks keys beyond the row's extent (and before its sliding window).
   Waiting prompts are prefilled by the fused decoder ``max_batch`` at a time, ahead of
-  the slots they take (causal attention within each prompt, their first ``c`` tokens with
-  ``c + 1`` the shortest of them); a prompt's keys and values are copied into the slot it
-  takes; the remaining prompt tokens are fed like a longer prompt's tail.
+  the slots they take (right padded, causal attention within each prompt, every prompt
+  but its last token); a prompt's keys and values are copied into the slot it takes, and
+  the slot's next decode step feeds its last prompt token beside the running rows' tokens,
+  which decides its first response token.
   Which slots refill with which prompts follows from the broadcast finished flags alone,
   so every rank of the model-parallel group takes the same decisions. Sample i draws from
   its own generator (``seed_for(seed, i)`` or ``seeds[i]``) whatever slot and step it
   decodes in, and the logits of a row do not depend on its neighbours (to float
   rounding), so outputs are those of batch-by-batch decoding. Decode steps through
   megatron-core's forward (``decode_impl="megatron"``, the Transformer Engine spec) keep
-  one position for the whole batch and run batch by batch. docs/rollout.md has the
+  one position for the whole batch and run batch by batch. Recorded routing
+  (``record_routing``) follows every row's own column. docs/rollout.md has the
   measurements.
 
 All ranks of a model-parallel group call :meth:`RolloutEngine.generate` together with the
@@ -232,11 +237,12 @@ class RolloutEngine:
     so that rows of similar length share a batch).
     max_seq_len: context length (prompt + response); default and upper bound
     ``model_cfg.max_position_embeddings``.
-    decode_impl: how decode steps run. ``"megatron"``: megatron-core's forward with its
-    ``StaticInferenceContext`` for every step (any layer spec); ``"fused"``: the prefill
-    through megatron-core, then :class:`~aligner.rollout.decode.FusedDecoder` on the same
-    parameters (local layer spec only; much less Python overhead per step); ``"auto"``:
-    fused where supported, else megatron.
+    decode_impl: how the forwards run. ``"megatron"``: megatron-core's forward with its
+    ``StaticInferenceContext`` for the prefill and every step (any layer spec; a longer
+    prompt's tail is fed one token per step); ``"fused"``:
+    :class:`~aligner.rollout.decode.FusedDecoder` on the same parameters, every prompt
+    prefilled whole (local and fused layer specs; much less Python overhead per step);
+    ``"auto"``: fused where supported, else megatron.
     continuous_batching: with the fused decoder, a row that finishes hands its slot to the
     next waiting prompt of the call, so up to ``max_batch`` rows decode at every step until
     the prompts run out (see the module docstring); False decodes the prompts in batches of

@@ -68,9 +68,9 @@ Design
   decodes in, and the logits of a row do not depend on its neighbours (to float
   rounding), so outputs are those of batch-by-batch decoding. Decode steps through
   megatron-core's forward (``decode_impl="megatron"``, the Transformer Engine spec) keep
-  one position for the whole batch and run batch by batch. Recorded routing
-  (``record_routing``) follows every row's own column. docs/rollout.md has the
-  measurements.
+  one position for the whole batch and run batch by batch, and so does a generation that
+  records routing (``record_routing``; the capture follows every row's own column).
+  docs/rollout.md has the measurements.
 
 All ranks of a model-parallel group call :meth:`RolloutEngine.generate` together with the
 same prompts and config (SPMD); data-parallel replicas generate independently, except
@@ -515,10 +515,13 @@ class RolloutEngine:
         width = min(max((len(p) for p in token_prompts), default=0) + config.max_new_tokens, self.max_seq_len)
         capture = self.routing_capture
         try:
+            # up to max_batch prompts are one batch either way: nothing would wait for a slot;
+            # routing is recorded batch by batch
+            continuous = self.continuous and not record_routing
             with capture.recording(n, width) if record_routing else contextlib.nullcontext():
-                if self.continuous:  # (up to max_batch prompts are one batch: nothing waits for a slot)
-                    self._generate_fused(token_prompts, order, seeds, config, stop_ids, responses, record_routing)
-                for start in range(0, 0 if self.continuous else n, self.max_batch):
+                if continuous:
+                    self._generate_fused(token_prompts, order, seeds, config, stop_ids, responses, False)
+                for start in range(0, 0 if continuous else n, self.max_batch):
                     rows = order[start:start + self.max_batch]
                     if self.decoder is not None:
                         self._generate_fused(token_prompts, rows, seeds, config, stop_ids, responses,
@@ -650,7 +653,7 @@ class RolloutEngine:
         slot whose row finished takes the next waiting prompt (:meth:`_admit`); when none
         waits the slot is dropped. Every rank takes the same decisions: they follow from the
         broadcast finished flags alone. record: feed the routing capture (prompt index =
-        routing row) before every forward.
+        routing row) before every forward (batch by batch only: nothing may wait).
         """
         device = self.device
         max_new = config.max_new_tokens
@@ -670,6 +673,7 @@ class RolloutEngine:
             for i in rows:
                 generators[i] = torch.Generator().manual_seed(int(seeds[i]))
         capture = self.routing_capture if record else None
+        assert capture is None or not waiting, "routing is recorded batch by batch"
         staged: dict = {}  # waiting prompt -> its prefilled keys and values (see _admit)
 
         width = int(plen.max())
@@ -705,7 +709,7 @@ class RolloutEngine:
                 if refill:
                     newcomers = [waiting.pop() for _ in refill]
                     self._admit(refill, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
-                                generators, waiting, staged, capture)
+                                generators, waiting, staged)
                 gone = done[len(refill):]
                 if gone:
                     if len(gone) == len(rows):
@@ -729,7 +733,7 @@ class RolloutEngine:
             self.forwards += 1
 
     def _admit(self, slots, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
-               generators, waiting, staged, capture) -> None:
+               generators, waiting, staged) -> None:
         """Put the prompts ``newcomers`` into the freed ``slots`` (state updated in place).
 
         Prompts are prefilled ahead, ``max_batch`` at a time: a newcomer not yet prefilled
@@ -761,8 +765,6 @@ class RolloutEngine:
                 ids = torch.full((len(group), c), self._pad_id(), dtype=torch.int64, device=device)
                 for row, i in enumerate(group):
                     ids[row, :len(prompts[i]) - 1] = torch.tensor(prompts[i][:-1], dtype=torch.int64, device=device)
-                if capture is not None:
-                    capture.feed(group, range(c))
                 self._ep_running(True)  # the prefill is a forward: MoE layers exchange tokens
                 kv, _ = self.decoder.prefill(ids)
                 self.forwards += 1

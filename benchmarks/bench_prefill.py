@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_prefill.py --baseline REV [--case pg|refill] [--reps 5]
 
 The baseline is ``aligner/rollout/`` as committed at git revision ``REV`` (read with ``git
-show``, imported as a package of its own beside the working tree's); both engines run on the
+show`` in the current directory's repository, imported as a package of its own beside the
+``aligner`` that Python imports); both engines run on the
 same model objects, alternately (baseline, current, baseline, current, ...), so both see
 the same machine load. Per generate call: this process's CPU seconds
 (``time.process_time``, one thread) and wall seconds; medians are reported, with the
@@ -46,7 +47,7 @@ def load_baseline(rev: str, folder: Path):
     pkg = folder / "baseline_rollout"
     pkg.mkdir()
     for name in ("__init__", "engine", "decode", "sampling"):
-        src = subprocess.run(["git", "show", f"{rev}:aligner/rollout/{name}.py"], cwd=ROOT, check=True,
+        src = subprocess.run(["git", "show", f"{rev}:aligner/rollout/{name}.py"], check=True,
                              capture_output=True, text=True).stdout
         (pkg / f"{name}.py").write_text(src.replace("aligner.rollout.", "baseline_rollout."))
     sys.path.insert(0, str(folder))
@@ -117,8 +118,9 @@ def main(argv=None) -> int:
         dirs = {"refill": folder}
         config = dict(max_new_tokens=256, temperature=1.0, stop_token_ids=[3, 4, 5, 6])
         slots = 16
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    print(f"baseline {args.baseline}, current {head} (+ working tree); case {args.case}; torch "
+    import aligner
+
+    print(f"baseline {args.baseline}, current: {Path(aligner.__file__).parent}; case {args.case}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     ok = True

@@ -75,6 +75,14 @@ def _cos_sin(inv_freq: torch.Tensor, length: int, dtype):
     return freqs.cos().to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
 
+def _unpack(x: torch.Tensor, index: Optional[torch.Tensor], size: int) -> torch.Tensor:
+    """The rows ``x`` [n, ...] placed at ``index`` [n] of ``size`` zero rows (a prefill's
+    real tokens into its padded grid); ``x`` itself when ``index`` is None."""
+    if index is None:
+        return x
+    return x.new_zeros((size,) + tuple(x.shape[1:])).index_copy_(0, index, x)
+
+
 def unsupported_reason(models) -> Optional[str]:
     """Why :class:`FusedDecoder` cannot run these model chunks, or None when it can."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -337,12 +345,13 @@ class FusedDecoder:
         context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:last]).view(b, layer.heads * d)
         return self._finish(layer, h, context)
 
-    def _finish(self, layer: _Layer, h: torch.Tensor, context: torch.Tensor, rows: int = 0) -> torch.Tensor:
+    def _finish(self, layer: _Layer, h: torch.Tensor, context: torch.Tensor, grid=None) -> torch.Tensor:
         """The layer after its attention: output projection (and post norm) added to ``h``,
         then the MLP (or megatron-core's MoE module) block; ``h``, ``context`` [n, ...] for n
-        tokens -> [n, h]. ``rows`` > 0: the n tokens are ``rows`` rows of n / rows columns
-        (a prefill, row-major), which the MoE module gets in megatron-core's [s, b, h] order
-        (the order a routing capture reads)."""
+        tokens -> [n, h]. ``grid`` (a prefill, :meth:`prefill`): the n tokens are the real
+        tokens of m right-padded rows of c columns, which the MoE module gets in
+        megatron-core's [s = c, b = m, h] order (the order a routing capture reads; padding
+        as zeros)."""
         out = self._adapted(layer, "proj", context, self._all_reduce(_linear(context, layer.w_proj)))
         if layer.b_proj is not None:
             out = out + layer.b_proj
@@ -351,10 +360,12 @@ class FusedDecoder:
         h = h + out
         x = h if layer.mlp_norm is None else layer.mlp_norm(h)
         if layer.moe is not None:
-            if rows:  # [m * c, h] as megatron-core's [s = c, b = m, h]
-                x = x.reshape(rows, -1, x.shape[-1]).transpose(0, 1).contiguous()
-                return h + layer.moe(x)[0].transpose(0, 1).reshape(h.shape)
-            return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)  # [n, h] as [s = 1, b = n, h]
+            if grid is None:
+                return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)  # [n, h] as [s = 1, b = n, h]
+            m, c, index = grid
+            x = _unpack(x, index, m * c).view(m, c, -1).transpose(0, 1).contiguous()
+            out = layer.moe(x)[0].transpose(0, 1).reshape(m * c, -1)
+            return h + (out if index is None else out.index_select(0, index))
         x = self._adapted(layer, "fc1", x, _linear(x, layer.w_fc1, layer.b_fc1))
         if self.gated:
             gate, up = x.chunk(2, dim=-1)
@@ -368,16 +379,20 @@ class FusedDecoder:
             out = layer.fc2_norm(out)
         return h + out
 
-    def _prefill_layer(self, layer: _Layer, h: torch.Tensor, slots: Optional[torch.Tensor], c: int,
+    def _prefill_layer(self, layer: _Layer, h: torch.Tensor, slots: Optional[torch.Tensor], grid,
                        staged: dict) -> torch.Tensor:
-        """One layer over ``c`` columns of m right-padded rows (positions 0..c-1), ``h``
-        [m * c, h] -> [m * c, h]; writes their keys and values into cache rows ``slots``, or
-        (``slots`` None) into ``staged[layer number]`` ([m, ng, c, d] each). A row's padding
-        comes after its tokens, so the causal mask alone keeps it out of their attention."""
-        m = h.shape[0] // c
+        """One layer over the n real tokens ``h`` [n, h] -> [n, h] of m right-padded rows of c
+        columns (positions 0..c-1; ``grid`` = (m, c, index of the real tokens in the m * c
+        grid, None when there is no padding)). The projections and the MLP run on the real
+        tokens only; the attention on the grid (padding as zeros), where a row's padding
+        comes after its tokens, so the causal mask alone keeps it out of their attention.
+        Writes the keys and values into cache rows ``slots``, or (``slots`` None) into
+        ``staged[layer number]`` ([m, ng, c, d] each)."""
+        m, c, index = grid
         g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
         x = h if layer.input_norm is None else layer.input_norm(h)
-        qkv = self._adapted(layer, "qkv", x, _linear(x, layer.w_qkv, layer.b_qkv)).reshape(m, c, g, r + 2, d)
+        qkv = self._adapted(layer, "qkv", x, _linear(x, layer.w_qkv, layer.b_qkv))
+        qkv = _unpack(qkv, index, m * c).view(m, c, g, r + 2, d)
         cos, sin = (table[:c] for table in self.rope[layer.local_rope])  # [c, r]
         if layer.q_norm is None:
             qk = _rotate(qkv[:, :, :, :r + 1], cos[:, None, None], sin[:, None, None])
@@ -405,7 +420,7 @@ class FusedDecoder:
                 value.permute(0, 2, 1, 3), attn_mask=~blocked, scale=layer.scale, enable_gqa=True,
             )  # [m, heads, c, d]
             context = context.permute(0, 2, 1, 3).reshape(m * c, layer.heads * d)
-            return self._finish(layer, h, context, m)
+            return self._finish(layer, h, context if index is None else context.index_select(0, index), grid)
         # soft-capped attention logits: the scores written out, capped, then masked
         q = q.permute(0, 2, 1, 3, 4).reshape(m * g, c * r, d)
         k = key.permute(0, 2, 1, 3).reshape(m * g, c, d)
@@ -414,38 +429,48 @@ class FusedDecoder:
         scores = scores.view(m * g, c, r, c).masked_fill(blocked[:, None], float("-inf")).view(m * g, c * r, c)
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
         context = torch.bmm(probs, v).view(m, g, c, r, d).permute(0, 2, 1, 3, 4).reshape(m * c, layer.heads * d)
-        return self._finish(layer, h, context, m)
+        return self._finish(layer, h, context if index is None else context.index_select(0, index), grid)
 
     def prefill(self, token_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
-                slots: Optional[torch.Tensor] = None):
+                slots: Optional[torch.Tensor] = None, logits: bool = False):
         """Feed m right-padded prompts ``token_ids`` [m, c] (row i's tokens in columns
-        0..lengths[i]-1 at their own positions, padding after them) through every chunk on
-        this rank (pipeline send/recv of [m * c, h] between stages); their keys and values
-        fill columns 0..c-1 of the cache rows ``slots`` [m] (a row's columns from its length
-        on hold padding, which its later steps overwrite and its mask hides until then), or,
-        without ``slots``, are returned (layer number -> [m, ng, c, d] each: prompts
-        prefilled ahead of the slots they will take, :meth:`take`).
+        0..lengths[i]-1 at their own positions, padding after them; no ``lengths``: c each)
+        through every chunk on this rank: the projections and MLPs on the real tokens only
+        (n of them; pipeline send/recv of [n, h] between stages), the attention per row.
+        Their keys and values fill columns 0..c-1 of the cache rows ``slots`` [m] (a row's
+        columns from its length on hold zeros, which its later steps overwrite and its mask
+        hides until then), or, without ``slots``, are returned (layer number ->
+        [m, ng, c, d] each: prompts prefilled ahead of the slots they will take,
+        :meth:`take`).
 
-        Returns (those keys and values or None, and where the output layer lives with
-        ``lengths`` given the logits [m, v] fp32 of each row's last token ``lengths[i] - 1``,
-        else None)."""
+        Returns (those keys and values or None, and with ``logits`` where the output layer
+        lives the logits [m, v] fp32 of each row's last token ``lengths[i] - 1``, else
+        None)."""
         m, c = token_ids.shape
+        if lengths is None:
+            lengths = torch.full((m,), c, dtype=torch.int64, device=self.device)
+        lengths = lengths.to(self.device)
+        index = None  # the real tokens' places in the m * c grid (None: no padding)
+        if int(lengths.min()) < c:
+            index = (torch.arange(c, device=self.device)[None] < lengths[:, None]).view(-1).nonzero().squeeze(-1)
+        grid = (m, c, index)
+        n = m * c if index is None else index.shape[0]
         staged = {}
-        logits = None
+        out = None
         for model, layers in zip(self.models, self.layers):
             if model.pre_process:
-                h = self._embed(model, token_ids.reshape(-1))
+                ids = token_ids.reshape(-1)
+                h = self._embed(model, ids if index is None else ids.index_select(0, index))
             else:
-                h = torch.empty((m * c, self.hidden_size), dtype=self.dtype, device=self.device)
+                h = torch.empty((n, self.hidden_size), dtype=self.dtype, device=self.device)
                 torch.distributed.recv(h, src=self.prev_rank)
             for layer in layers:
-                h = self._prefill_layer(layer, h, slots, c, staged)
+                h = self._prefill_layer(layer, h, slots, grid, staged)
             if not model.post_process:
                 torch.distributed.send(h.contiguous(), dst=self.next_rank)
-            elif lengths is not None:
-                last = torch.arange(m, device=h.device) * c + lengths.to(h.device) - 1
-                logits = self._logits(model, h.index_select(0, last))
-        return (staged if slots is None else None), logits
+            elif logits:
+                out = self._logits(model, h.index_select(0, torch.cumsum(lengths, 0) - 1))
+        return (staged if slots is None else None), out
 
     def take(self, staged: dict, row: int, slot: int, c: int) -> None:
         """Columns 0..c-1 of cache row ``slot`` from row ``row`` of a :meth:`prefill`'s

@@ -681,7 +681,7 @@ class RolloutEngine:
         if capture is not None:
             capture.feed(rows, range(width))
         self._ep_running(True)  # the prefill is a forward: MoE layers exchange tokens
-        _, logits = self.decoder.prefill(tokens[:, :width], plen, torch.arange(b, device=device))
+        _, logits = self.decoder.prefill(tokens[:, :width], plen, torch.arange(b, device=device), logits=True)
         self.forwards += 1
         col = plen.clone()  # each slot's next column: its first response token
         # Per step only a few tensor ops of bookkeeping: tokens and log-probs are written
@@ -766,7 +766,8 @@ class RolloutEngine:
                 for row, i in enumerate(group):
                     ids[row, :len(prompts[i]) - 1] = torch.tensor(prompts[i][:-1], dtype=torch.int64, device=device)
                 self._ep_running(True)  # the prefill is a forward: MoE layers exchange tokens
-                kv, _ = self.decoder.prefill(ids)
+                lengths = torch.tensor([len(prompts[i]) - 1 for i in group], dtype=torch.int64, device=device)
+                kv, _ = self.decoder.prefill(ids, lengths)
                 self.forwards += 1
             for row, i in enumerate(group):
                 staged[i] = (kv, row)

@@ -312,6 +312,7 @@ class RoutingCapture:
         self.layers = [r.layer_number for r in self.routers]  # the L axis: layer numbers
         self.choices: Optional[torch.Tensor] = None
         self._rows = self._cols = None
+        self._each = False  # one token per row, each at its own column (feed_each)
         # > 1 while a model call splits its columns over that many sequence-parallel (TP)
         # ranks: each rank's routers see their share, gathered here; the first columns fed
         # are kept (a call may run padding columns after them)
@@ -333,17 +334,28 @@ class RoutingCapture:
         """The next model call covers ``rows`` (row indices of the routing) at ``columns``."""
         self._rows = torch.as_tensor(list(rows), dtype=torch.long)
         self._cols = torch.as_tensor(list(columns), dtype=torch.long)
+        self._each = False
+
+    def feed_each(self, rows: Sequence[int], columns: Sequence[int]) -> None:
+        """The next model call covers one token per row: row ``rows[j]`` at its own column
+        ``columns[j]`` (rows decoding at different positions)."""
+        self._rows = torch.as_tensor(list(rows), dtype=torch.long)
+        self._cols = torch.as_tensor(columns, dtype=torch.long).cpu()
+        self._each = True
 
     def _hook(self, router, inputs, output) -> None:
         if self._rows is None:
             return
-        b, s = len(self._rows), len(self._cols)
+        b, s = len(self._rows), 1 if self._each else len(self._cols)
         idx = topk_indices(output[1], self.k)
         if self.split > 1:  # the TP ranks' shares in column order: [s', b] tokens, s' >= s
             parts = [torch.empty_like(idx) for _ in range(self.split)]
             dist.all_gather(parts, idx.contiguous(), group=ps.get_tensor_model_parallel_group())
             idx = torch.cat(parts)[:s * b]
         idx = idx.view(s, b, self.k).to(torch.int16).cpu()
+        if self._each:
+            self.choices[self._rows, self._cols, self.index[id(router)]] = idx[0]
+            return
         self.choices[self._rows[:, None], self._cols[None, :], self.index[id(router)]] = idx.transpose(0, 1)
 
 

@@ -14,20 +14,21 @@ cache stores keys without rotary embedding, so every step re-rotates every cache
 using the layers' own norm modules, megatron-core's fused QKV layout (per query group: r
 query heads, then one key head, then one value head), its rotary frequencies
 (``model.rotary_pos_emb``), softmax scale, activation and vocab-parallel embedding /
-output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, filled once
-from megatron-core's :class:`StaticInferenceContext` after the prefill
-(:meth:`FusedDecoder.start`), and for rows that take a freed slot by the decoder's own
-prefill of their prompts (:meth:`FusedDecoder.prefill`: the same layer arithmetic over the
-prompt tokens, causal and windowed attention within each prompt).
+output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer
+(:meth:`FusedDecoder.start`), filled by the decoder's own prefill of the prompts
+(:meth:`FusedDecoder.prefill`: the same layer arithmetic over the prompt tokens of right
+padded rows, causal and windowed attention within each prompt, the logits of each row's
+last prompt token), for the first batch and for rows that take a freed slot.
 
 Positions: a step feeds every row at one position ``t`` (an int: all rows in step), or each
-row at its own position (a tensor ``[b]``: continuous batching, where a row that joined
-later is at an earlier position). Per row the rope tables are indexed at the row's
-position, its key and value are written into its own cache column, and the attention sees
-only the row's own extent: keys ``0..pos`` (``pos - window + 1..pos`` on a sliding-window
-layer), the rest of the slot (columns a previous occupant or nothing wrote) masked to
-``-inf`` after any soft-capping, so it gets probability 0. When every row is at the same
-position the uniform path runs (no mask), the arithmetic of a batch without refills.
+row at its own position (a tensor ``[b]``: prompts of different lengths, and continuous
+batching, where a row that joined later is at an earlier position). Per row the rope
+tables are indexed at the row's position, its key and value are written into its own
+cache column, and the attention sees only the row's own extent: keys ``0..pos``
+(``pos - window + 1..pos`` on a sliding-window layer), the rest of the slot (columns of
+padding, of a previous occupant, or never written) masked to ``-inf`` after any
+soft-capping, so it gets probability 0. When every row is at the same position the
+uniform path runs (no mask), the arithmetic of a batch without refills.
 
 It supports exactly the layer structures it reproduces (checked by :func:`unsupported_reason`):
 megatron-core ``TransformerLayer`` with ``SelfAttention`` + ``DotProductAttention`` (or the
@@ -72,6 +73,14 @@ def _cos_sin(inv_freq: torch.Tensor, length: int, dtype):
     sin = freqs.sin().to(dtype)
     half = sin.shape[-1] // 2
     return freqs.cos().to(dtype), torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+
+
+def _unpack(x: torch.Tensor, index: Optional[torch.Tensor], size: int) -> torch.Tensor:
+    """The rows ``x`` [n, ...] placed at ``index`` [n] of ``size`` zero rows (a prefill's
+    real tokens into its padded grid); ``x`` itself when ``index`` is None."""
+    if index is None:
+        return x
+    return x.new_zeros((size,) + tuple(x.shape[1:])).index_copy_(0, index, x)
 
 
 def unsupported_reason(models) -> Optional[str]:
@@ -196,8 +205,8 @@ class _Layer:
 class FusedDecoder:
     """Decode steps for this rank's model chunks (see the module docstring).
 
-    ``start`` takes the caches megatron-core filled during the prefill, ``prefill`` fills
-    the slots of rows that take freed slots, ``step`` runs one token per row through every
+    ``start`` makes a fresh cache, ``prefill`` fills slots with prompts (or stages prompts
+    for slots freed later, ``take``), ``step`` runs one token per row through every
     chunk on this rank (with pipeline send/recv between stages), at one position or at each
     row's own, ``keep_rows`` drops finished rows from the cache.
     """
@@ -227,30 +236,19 @@ class FusedDecoder:
         self._columns = torch.arange(0, device=device)  # 0..S-1, key column numbers
 
     # ------------------------------------------------------------------ cache
-    def start(self, contexts, prefill_len: int, total_len: int) -> None:
-        """Copy megatron-core's prefill cache (``[s, b, ng, d]``, keys not yet rotated) into
-        this decoder's layout, rotating the keys once. The rest of the cache is zero, so
-        the masked columns of a row's slot never hold a non-finite value."""
+    def start(self, batch: int, total_len: int) -> None:
+        """A fresh cache of ``batch`` slots of ``total_len`` columns each (zero, so the masked
+        columns of a row's slot never hold a non-finite value) and the rope tables of
+        positions ``0..total_len-1``; :meth:`prefill` fills the slots."""
         self.rope = {False: _cos_sin(self.models[0].rotary_pos_emb.inv_freq, total_len, self.dtype)}
         if self.local_inv_freq is not None:
             self.rope[True] = _cos_sin(self.local_inv_freq, total_len, self.dtype)
         self.cache = {}
-        for ctx, layers in zip(contexts, self.layers):
+        for layers in self.layers:
             for layer in layers:
-                if not prefill_len:  # nothing prefilled (the engine under sequence parallelism)
-                    keys = torch.zeros((ctx.max_batch_size, layer.groups, total_len, layer.head_dim),
-                                       dtype=self.dtype, device=self.device)
-                    self.cache[layer.number] = (keys, torch.zeros_like(keys))
-                    continue
-                cos, sin = (x[:prefill_len] for x in self.rope[layer.local_rope])
-                k, v = ctx.key_value_memory_dict[layer.number]
-                keys = torch.zeros((k.shape[1], layer.groups, total_len, layer.head_dim), dtype=k.dtype,
-                                   device=k.device)
-                values = torch.zeros_like(keys)
-                keys[:, :, :prefill_len] = _rotate(k[:prefill_len].permute(1, 2, 0, 3), cos, sin)
-                values[:, :, :prefill_len] = v[:prefill_len].permute(1, 2, 0, 3)
-                self.cache[layer.number] = (keys, values)
-            ctx.key_value_memory_dict.clear()  # the prefill cache is no longer needed
+                keys = torch.zeros((batch, layer.groups, total_len, layer.head_dim), dtype=self.dtype,
+                                   device=self.device)
+                self.cache[layer.number] = (keys, torch.zeros_like(keys))
 
     def keep_rows(self, keep: torch.Tensor) -> None:
         for number, (k, v) in list(self.cache.items()):
@@ -347,10 +345,13 @@ class FusedDecoder:
         context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:last]).view(b, layer.heads * d)
         return self._finish(layer, h, context)
 
-    def _finish(self, layer: _Layer, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _finish(self, layer: _Layer, h: torch.Tensor, context: torch.Tensor, grid=None) -> torch.Tensor:
         """The layer after its attention: output projection (and post norm) added to ``h``,
         then the MLP (or megatron-core's MoE module) block; ``h``, ``context`` [n, ...] for n
-        tokens -> [n, h]."""
+        tokens -> [n, h]. ``grid`` (a prefill, :meth:`prefill`): the n tokens are the real
+        tokens of m right-padded rows of c columns, which the MoE module gets in
+        megatron-core's [s = c, b = m, h] order (the order a routing capture reads; padding
+        as zeros)."""
         out = self._adapted(layer, "proj", context, self._all_reduce(_linear(context, layer.w_proj)))
         if layer.b_proj is not None:
             out = out + layer.b_proj
@@ -358,8 +359,13 @@ class FusedDecoder:
             out = layer.proj_norm(out)
         h = h + out
         x = h if layer.mlp_norm is None else layer.mlp_norm(h)
-        if layer.moe is not None:  # [n, h] as megatron-core's [s = 1, b = n, h]
-            return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)
+        if layer.moe is not None:
+            if grid is None:
+                return h + layer.moe(x.unsqueeze(0))[0].squeeze(0)  # [n, h] as [s = 1, b = n, h]
+            m, c, index = grid
+            x = _unpack(x, index, m * c).view(m, c, -1).transpose(0, 1).contiguous()
+            out = layer.moe(x)[0].transpose(0, 1).reshape(m * c, -1)
+            return h + (out if index is None else out.index_select(0, index))
         x = self._adapted(layer, "fc1", x, _linear(x, layer.w_fc1, layer.b_fc1))
         if self.gated:
             gate, up = x.chunk(2, dim=-1)
@@ -373,15 +379,20 @@ class FusedDecoder:
             out = layer.fc2_norm(out)
         return h + out
 
-    def _prefill_layer(self, layer: _Layer, h: torch.Tensor, slots: Optional[torch.Tensor], c: int,
+    def _prefill_layer(self, layer: _Layer, h: torch.Tensor, slots: Optional[torch.Tensor], grid,
                        staged: dict) -> torch.Tensor:
-        """One layer over the first ``c`` prompt tokens of m rows (positions 0..c-1), ``h``
-        [m * c, h] -> [m * c, h]; writes their keys and values into cache rows ``slots``, or
-        (``slots`` None) into ``staged[layer number]`` ([m, ng, c, d] each)."""
-        m = h.shape[0] // c
+        """One layer over the n real tokens ``h`` [n, h] -> [n, h] of m right-padded rows of c
+        columns (positions 0..c-1; ``grid`` = (m, c, index of the real tokens in the m * c
+        grid, None when there is no padding)). The projections and the MLP run on the real
+        tokens only; the attention on the grid (padding as zeros), where a row's padding
+        comes after its tokens, so the causal mask alone keeps it out of their attention.
+        Writes the keys and values into cache rows ``slots``, or (``slots`` None) into
+        ``staged[layer number]`` ([m, ng, c, d] each)."""
+        m, c, index = grid
         g, r, d = layer.groups, layer.heads // layer.groups, layer.head_dim
         x = h if layer.input_norm is None else layer.input_norm(h)
-        qkv = self._adapted(layer, "qkv", x, _linear(x, layer.w_qkv, layer.b_qkv)).reshape(m, c, g, r + 2, d)
+        qkv = self._adapted(layer, "qkv", x, _linear(x, layer.w_qkv, layer.b_qkv))
+        qkv = _unpack(qkv, index, m * c).view(m, c, g, r + 2, d)
         cos, sin = (table[:c] for table in self.rope[layer.local_rope])  # [c, r]
         if layer.q_norm is None:
             qk = _rotate(qkv[:, :, :, :r + 1], cos[:, None, None], sin[:, None, None])
@@ -409,7 +420,7 @@ class FusedDecoder:
                 value.permute(0, 2, 1, 3), attn_mask=~blocked, scale=layer.scale, enable_gqa=True,
             )  # [m, heads, c, d]
             context = context.permute(0, 2, 1, 3).reshape(m * c, layer.heads * d)
-            return self._finish(layer, h, context)
+            return self._finish(layer, h, context if index is None else context.index_select(0, index), grid)
         # soft-capped attention logits: the scores written out, capped, then masked
         q = q.permute(0, 2, 1, 3, 4).reshape(m * g, c * r, d)
         k = key.permute(0, 2, 1, 3).reshape(m * g, c, d)
@@ -418,28 +429,48 @@ class FusedDecoder:
         scores = scores.view(m * g, c, r, c).masked_fill(blocked[:, None], float("-inf")).view(m * g, c * r, c)
         probs = torch.softmax(scores, dim=-1).to(value.dtype)
         context = torch.bmm(probs, v).view(m, g, c, r, d).permute(0, 2, 1, 3, 4).reshape(m * c, layer.heads * d)
-        return self._finish(layer, h, context)
+        return self._finish(layer, h, context if index is None else context.index_select(0, index), grid)
 
-    def prefill(self, token_ids: torch.Tensor, slots: Optional[torch.Tensor] = None) -> Optional[dict]:
-        """Feed the prompt tokens ``token_ids`` [m, c] (positions 0..c-1) of m rows taking the
-        cache rows ``slots`` [m], through every chunk on this rank (pipeline send/recv of
-        [m * c, h] between stages): their keys and values fill columns 0..c-1 of those rows.
-        No logits: the next step feeds each row's token c. Without ``slots`` the keys and
-        values are returned instead (layer number -> [m, ng, c, d] each), prompts prefilled
-        ahead of the slots they will take (:meth:`take`)."""
+    def prefill(self, token_ids: torch.Tensor, lengths: Optional[torch.Tensor] = None,
+                slots: Optional[torch.Tensor] = None, logits: bool = False):
+        """Feed m right-padded prompts ``token_ids`` [m, c] (row i's tokens in columns
+        0..lengths[i]-1 at their own positions, padding after them; no ``lengths``: c each)
+        through every chunk on this rank: the projections and MLPs on the real tokens only
+        (n of them; pipeline send/recv of [n, h] between stages), the attention per row.
+        Their keys and values fill columns 0..c-1 of the cache rows ``slots`` [m] (a row's
+        columns from its length on hold zeros, which its later steps overwrite and its mask
+        hides until then), or, without ``slots``, are returned (layer number ->
+        [m, ng, c, d] each: prompts prefilled ahead of the slots they will take,
+        :meth:`take`).
+
+        Returns (those keys and values or None, and with ``logits`` where the output layer
+        lives the logits [m, v] fp32 of each row's last token ``lengths[i] - 1``, else
+        None)."""
         m, c = token_ids.shape
+        if lengths is None:
+            lengths = torch.full((m,), c, dtype=torch.int64, device=self.device)
+        lengths = lengths.to(self.device)
+        index = None  # the real tokens' places in the m * c grid (None: no padding)
+        if int(lengths.min()) < c:
+            index = (torch.arange(c, device=self.device)[None] < lengths[:, None]).view(-1).nonzero().squeeze(-1)
+        grid = (m, c, index)
+        n = m * c if index is None else index.shape[0]
         staged = {}
+        out = None
         for model, layers in zip(self.models, self.layers):
             if model.pre_process:
-                h = self._embed(model, token_ids.reshape(-1))
+                ids = token_ids.reshape(-1)
+                h = self._embed(model, ids if index is None else ids.index_select(0, index))
             else:
-                h = torch.empty((m * c, self.hidden_size), dtype=self.dtype, device=self.device)
+                h = torch.empty((n, self.hidden_size), dtype=self.dtype, device=self.device)
                 torch.distributed.recv(h, src=self.prev_rank)
             for layer in layers:
-                h = self._prefill_layer(layer, h, slots, c, staged)
+                h = self._prefill_layer(layer, h, slots, grid, staged)
             if not model.post_process:
                 torch.distributed.send(h.contiguous(), dst=self.next_rank)
-        return staged if slots is None else None
+            elif logits:
+                out = self._logits(model, h.index_select(0, torch.cumsum(lengths, 0) - 1))
+        return (staged if slots is None else None), out
 
     def take(self, staged: dict, row: int, slot: int, c: int) -> None:
         """Columns 0..c-1 of cache row ``slot`` from row ``row`` of a :meth:`prefill`'s

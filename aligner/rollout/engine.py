@@ -5,24 +5,28 @@ v vocabulary (real rows; padded rows are cut off).
 
 Design
 ------
-- **KV cache**: megatron-core's own :class:`StaticInferenceContext`, one per model chunk.
-  Keys and values are stored per layer by megatron-core's attention; the engine only moves
-  ``sequence_len_offset`` forward and, when rows finish, drops their slots from the cache.
-- **Decode steps** (one token per row) run either through megatron-core's forward with that
-  context (``decode_impl="megatron"``, any layer spec) or, for the local layer spec,
-  through :class:`~aligner.rollout.decode.FusedDecoder` (``"fused"``; the default where
-  supported), which takes over the cache megatron-core filled in the prefill and runs the
-  same arithmetic on the same parameters with a fraction of the per-step Python dispatch.
-  The two agree to float rounding; tests hold both to HF greedy parity.
-- **Prompts of different lengths, no padding inside attention**: every prompt starts at
-  column 0 (right padding), so a token's column is its position and megatron-core's own
-  rotary offsets are exact. The prefill runs the first
-  ``min(prompt lengths)`` columns of every row with a causal mask; after that each step
-  feeds one column for every row still running. A row whose prompt is longer than the
-  current column is fed its own next prompt token instead of a sampled one. Nothing is
-  ever left-padded, so no attention mask has to hide pad keys (exact on the local and the
-  Transformer Engine layer specs alike). Masks are explicit: causal ``[1, 1, s, s]`` for
-  the prefill, all-visible ``[1, 1, 1, s_kv]`` for decode steps (True = blocked).
+- **Two decode paths.** For the local and fused layer specs (``decode_impl="fused"``, the
+  default where supported) :class:`~aligner.rollout.decode.FusedDecoder` runs the prefill
+  and every decode step on the model's own parameters with a fraction of megatron-core's
+  per-step Python dispatch, with its own KV cache. Otherwise (``"megatron"``, any layer
+  spec) every forward goes through megatron-core's model with its
+  :class:`StaticInferenceContext` (one per model chunk: megatron-core's attention stores
+  the keys and values; the engine moves ``sequence_len_offset`` forward and drops finished
+  rows' slots). The two agree to float rounding; tests hold both to HF greedy parity.
+- **Prompts of different lengths: right padding.** Every prompt starts at column 0, so a
+  token's column is its position and the rotary embedding is exact without position ids.
+  With the fused decoder the prefill runs every prompt whole (``max(prompt lengths)``
+  columns, a causal mask: a row's padding comes after its tokens, so no token attends to
+  it) and takes each row's logits at its own last prompt token: the first decision of
+  every row is its first response token, and no decode step reads a prompt token. Each
+  row then decodes at its own column; the fused decoder's per-row positions (rope, cache
+  column, a mask of the keys past the row's position: the padding, until the row's own
+  tokens overwrite it) are those of continuous batching below. megatron-core's static
+  context has one sequence offset for the whole batch, so on its path every row is at the
+  same column: the prefill runs the shortest prompt's columns and a longer prompt's
+  remaining tokens are fed one per decode step (the row's own token is taken instead of a
+  sampled one). Masks given to megatron-core are explicit: causal ``[1, 1, s, s]`` for the
+  prefill, all-visible ``[1, 1, 1, s_kv]`` for decode steps (True = blocked).
 - **Sampling decisions** are made on exactly one rank: the first tensor-parallel rank of
   the last pipeline stage (the *source*). Logits are gathered over the TP group
   (``runtime_gather_output=True``), the source picks the tokens (its per-sample generators
@@ -33,12 +37,11 @@ Design
   point-to-point send/recv, the last stage computes the logits. With virtual pipeline
   chunks the activation goes around the ring of pipeline ranks once per chunk. Pipeline
   bubbles are accepted: generation is one sequence of dependent steps.
-- **Sequence parallelism** (a model built with it at TP > 1): megatron-core's forward
-  splits a call's columns over the TP ranks, so the prefill runs the shortest prompt cut
-  to a multiple of TP (the rest is fed as a longer prompt's tail) and a decode step
-  through megatron-core runs its token then TP - 1 copies behind a causal mask
-  (:meth:`RolloutEngine._forward`); the fused decoder's steps hold every row on every
-  rank, as without it.
+- **Sequence parallelism** (a model built with it at TP > 1): the fused decoder's prefill
+  and steps hold every row on every rank, as without it. megatron-core's forward splits a
+  call's columns over the TP ranks, so on its path the prefill runs the shortest prompt
+  cut to a multiple of TP (the rest is fed as a longer prompt's tail) and a decode step
+  runs its token then TP - 1 copies behind a causal mask (:meth:`RolloutEngine._forward`).
 - **Log-probs** are ``log_softmax`` of the raw fp32 logits at the chosen token: the
   model's own distribution, before temperature, top-k and top-p; the same value the
   training path computes on a full forward of the finished sequence.
@@ -55,17 +58,19 @@ Design
   decoder indexes the rope tables per row, writes each row's key and value at the row's
   own column and masks keys beyond the row's extent (and before its sliding window).
   Waiting prompts are prefilled by the fused decoder ``max_batch`` at a time, ahead of
-  the slots they take (causal attention within each prompt, their first ``c`` tokens with
-  ``c + 1`` the shortest of them); a prompt's keys and values are copied into the slot it
-  takes; the remaining prompt tokens are fed like a longer prompt's tail.
+  the slots they take (right padded, causal attention within each prompt, every prompt
+  but its last token); a prompt's keys and values are copied into the slot it takes, and
+  the slot's next decode step feeds its last prompt token beside the running rows' tokens,
+  which decides its first response token.
   Which slots refill with which prompts follows from the broadcast finished flags alone,
   so every rank of the model-parallel group takes the same decisions. Sample i draws from
   its own generator (``seed_for(seed, i)`` or ``seeds[i]``) whatever slot and step it
   decodes in, and the logits of a row do not depend on its neighbours (to float
   rounding), so outputs are those of batch-by-batch decoding. Decode steps through
   megatron-core's forward (``decode_impl="megatron"``, the Transformer Engine spec) keep
-  one position for the whole batch and run batch by batch. docs/rollout.md has the
-  measurements.
+  one position for the whole batch and run batch by batch, and so does a generation that
+  records routing (``record_routing``; the capture follows every row's own column).
+  docs/rollout.md has the measurements.
 
 All ranks of a model-parallel group call :meth:`RolloutEngine.generate` together with the
 same prompts and config (SPMD); data-parallel replicas generate independently, except
@@ -232,11 +237,12 @@ class RolloutEngine:
     so that rows of similar length share a batch).
     max_seq_len: context length (prompt + response); default and upper bound
     ``model_cfg.max_position_embeddings``.
-    decode_impl: how decode steps run. ``"megatron"``: megatron-core's forward with its
-    ``StaticInferenceContext`` for every step (any layer spec); ``"fused"``: the prefill
-    through megatron-core, then :class:`~aligner.rollout.decode.FusedDecoder` on the same
-    parameters (local layer spec only; much less Python overhead per step); ``"auto"``:
-    fused where supported, else megatron.
+    decode_impl: how the forwards run. ``"megatron"``: megatron-core's forward with its
+    ``StaticInferenceContext`` for the prefill and every step (any layer spec; a longer
+    prompt's tail is fed one token per step); ``"fused"``:
+    :class:`~aligner.rollout.decode.FusedDecoder` on the same parameters, every prompt
+    prefilled whole (local and fused layer specs; much less Python overhead per step);
+    ``"auto"``: fused where supported, else megatron.
     continuous_batching: with the fused decoder, a row that finishes hands its slot to the
     next waiting prompt of the call, so up to ``max_batch`` rows decode at every step until
     the prompts run out (see the module docstring); False decodes the prompts in batches of
@@ -510,13 +516,17 @@ class RolloutEngine:
         capture = self.routing_capture
         try:
             # up to max_batch prompts are one batch either way: nothing would wait for a slot;
-            # routing is recorded on the batch path (its capture is fed one step for all rows)
-            continuous = self.continuous and n > self.max_batch and not record_routing
+            # routing is recorded batch by batch
+            continuous = self.continuous and not record_routing
             with capture.recording(n, width) if record_routing else contextlib.nullcontext():
                 if continuous:
-                    responses = self._generate_continuous(token_prompts, order, seeds, config, stop_ids)
+                    self._generate_fused(token_prompts, order, seeds, config, stop_ids, responses, False)
                 for start in range(0, 0 if continuous else n, self.max_batch):
                     rows = order[start:start + self.max_batch]
+                    if self.decoder is not None:
+                        self._generate_fused(token_prompts, rows, seeds, config, stop_ids, responses,
+                                             record_routing)
+                        continue
                     batch = self._generate_batch(
                         [token_prompts[i] for i in rows], [seeds[i] for i in rows], config, stop_ids,
                         row_ids=rows if record_routing else None,
@@ -563,11 +573,16 @@ class RolloutEngine:
     # ------------------------------------------------------------------ one batch
     @torch.inference_mode()
     def _generate_batch(self, prompts, seeds, config: GenerationConfig, stop_ids, row_ids=None) -> list:
-        """Generate for one batch; returns per row ``(response ids, log-probs, stop code)``.
+        """Generate for one batch with decode steps through megatron-core's forward; returns
+        per row ``(response ids, log-probs, stop code)``.
 
-        State is kept in cache-slot order (``rows[j]`` is the prompt index of slot j);
-        finished rows are written out and their slots removed. row_ids: the prompts' rows
-        in the routing being recorded (None: not recording).
+        megatron-core's static inference context keeps one sequence offset for the whole
+        batch, so every row is at the same column: the prefill runs the shortest prompt's
+        columns and a longer prompt's remaining tokens are fed one per decode step (those
+        rows are *in prompt*: their own token is taken instead of a sampled one). State is
+        kept in cache-slot order (``rows[j]`` is the prompt index of slot j); finished rows
+        are written out and their slots removed. row_ids: the prompts' rows in the routing
+        being recorded (None: not recording).
         """
         device = self.device
         b = len(prompts)
@@ -589,15 +604,12 @@ class RolloutEngine:
         out: list = [None] * b
 
         t = self._prefill_columns(int(plen.min()))
-        fused = self.decoder is not None
-        # With the fused decoder megatron-core's cache only has to hold the prefill; its
-        # decode steps under sequence parallelism write sp_size - 1 padding columns past a step.
-        contexts = [StaticInferenceContext(b, t if fused else total + self.sp_size - 1) for _ in self.models]
+        # megatron-core's decode steps under sequence parallelism write sp_size - 1 padding
+        # columns past a step
+        contexts = [StaticInferenceContext(b, total + self.sp_size - 1) for _ in self.models]
         if row_ids is not None:  # which rows and columns the model call routes
             self.routing_capture.feed(row_ids, range(t))
         logits = self._prefill(tokens, t, contexts)
-        if fused:
-            self.decoder.start(contexts, t, total)
         while True:
             # Column t of every slot: sampled, or the slot's own prompt token while t < its length.
             in_prompt = (t < plen) if t < max_plen else None
@@ -614,10 +626,7 @@ class RolloutEngine:
                 if not bool(keep_mask.any()):
                     break
                 keep = keep_mask.nonzero().squeeze(-1)
-                if fused:
-                    self.decoder.keep_rows(keep)
-                else:
-                    self._keep_cache_rows(contexts, keep)
+                self._keep_cache_rows(contexts, keep)
                 tokens, logprobs = tokens[keep], logprobs[keep]
                 plen, end = plen[keep], end[keep]
                 kept = keep.tolist()
@@ -627,30 +636,29 @@ class RolloutEngine:
             if row_ids is not None:
                 self.routing_capture.feed([row_ids[r] for r in rows], [t - 1])
             self._ep_running(True)
-            if fused:
-                logits = self.decoder.step(tokens[:, t - 1], t - 1)
-                self.forwards += 1
-            else:
-                logits = self._forward(tokens[:, t - 1:t], self._visible_mask(t), contexts)
+            logits = self._forward(tokens[:, t - 1:t], self._visible_mask(t), contexts)
         return out
 
     @torch.inference_mode()
-    def _generate_continuous(self, prompts, order, seeds, config: GenerationConfig, stop_ids) -> list:
-        """Generate for every prompt with slot refill; returns per prompt ``(response ids,
-        log-probs, stop code)``.
+    def _generate_fused(self, prompts, order, seeds, config: GenerationConfig, stop_ids, out: list,
+                        record: bool) -> None:
+        """Generate with the fused decoder for the prompts ``order`` (indices into ``prompts``,
+        shortest first), writing ``out[i] = (response ids, log-probs, stop code)``; with slot
+        refill when there are more of them than ``max_batch``.
 
-        ``order``: prompt indices, shortest prompt first; the first ``max_batch`` start
-        together (one prefill, as a batch without refills), the rest wait. Slot j holds
-        prompt ``rows[j]`` at its own column ``col[j]`` (the column being decided). A slot
-        whose row finished takes the next waiting prompt (:meth:`_admit`); when none waits
-        the slot is dropped. Every rank takes the same decisions: they follow from the
-        broadcast finished flags alone.
+        The first ``max_batch`` start together: one prefill of every prompt whole (right
+        padded, :meth:`FusedDecoder.prefill`), whose logits give each row's first response
+        token. The rest wait. Slot j holds prompt ``rows[j]`` at its own column ``col[j]``
+        (the column being decided); every step decides a response token for every slot. A
+        slot whose row finished takes the next waiting prompt (:meth:`_admit`); when none
+        waits the slot is dropped. Every rank takes the same decisions: they follow from the
+        broadcast finished flags alone. record: feed the routing capture (prompt index =
+        routing row) before every forward (batch by batch only: nothing may wait).
         """
         device = self.device
-        n = len(prompts)
         max_new = config.max_new_tokens
-        total = max(min(len(p) + max_new, self.max_seq_len) for p in prompts)
-        b = min(self.max_batch, n)
+        total = max(min(len(prompts[i]) + max_new, self.max_seq_len) for i in order)
+        b = min(self.max_batch, len(order))
         rows, waiting = list(order[:b]), list(reversed(order[b:]))  # pop() gives the next prompt
         tokens = torch.full((b, total), self._pad_id(), dtype=torch.int64, device=device)
         for j, i in enumerate(rows):
@@ -664,42 +672,44 @@ class RolloutEngine:
         if generators is not None:
             for i in rows:
                 generators[i] = torch.Generator().manual_seed(int(seeds[i]))
-        out: list = [None] * n
+        capture = self.routing_capture if record else None
+        assert capture is None or not waiting, "routing is recorded batch by batch"
         staged: dict = {}  # waiting prompt -> its prefilled keys and values (see _admit)
 
-        t = self._prefill_columns(int(plen.min()))
-        contexts = [StaticInferenceContext(b, t) for _ in self.models]
-        logits = self._prefill(tokens, t, contexts)
-        self.decoder.start(contexts, t, total)
-        col = torch.full((b,), t, dtype=torch.int64, device=device)
+        width = int(plen.max())
+        self.decoder.start(b, total)
+        if capture is not None:
+            capture.feed(rows, range(width))
+        self._ep_running(True)  # the prefill is a forward: MoE layers exchange tokens
+        _, logits = self.decoder.prefill(tokens[:, :width], plen, torch.arange(b, device=device), logits=True)
+        self.forwards += 1
+        col = plen.clone()  # each slot's next column: its first response token
         # Per step only a few tensor ops of bookkeeping: tokens and log-probs are written
-        # through flat indices (slot * total + column), and ``prompt_steps`` (an upper bound
-        # of the steps until no slot reads its prompt) spares the in-prompt test after that.
+        # through flat indices (slot * total + column).
         base = torch.arange(b, device=device) * total
-        prompt_steps = int(plen.max()) - t
         while True:
-            in_prompt = (col < plen) if prompt_steps > 0 else None
             chosen, logp, finished = self._shared_decision(
-                logits, col, in_prompt, tokens, plen, end,
+                logits, col, None, tokens, plen, end,
                 [generators[r] for r in rows] if generators is not None else None, config, stop_t, len(rows), device)
             flat = base + col
             tokens.view(-1).index_copy_(0, flat, chosen)
             logprobs.view(-1).index_copy_(0, flat, logp)
             col += 1
-            prompt_steps -= 1
             feed = chosen  # the token each slot feeds next: the one just decided ...
             if bool(finished.any()):
                 done = finished.nonzero().squeeze(-1).tolist()
                 self._write_out(out, done, rows, tokens, logprobs, plen, col, stop_t, config)
+                if capture is not None:  # a row's last token is never fed; its padding columns
+                    for j in done:       # (routed in the prefill) are no token of it
+                        capture.choices[rows[j], int(col[j]) - 1:] = -1
                 if generators is not None:
                     for j in done:
                         del generators[rows[j]]
                 refill = done[:len(waiting)]
                 if refill:
                     newcomers = [waiting.pop() for _ in refill]
-                    prompt_steps = max(prompt_steps, self._admit(
-                        refill, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
-                        generators, waiting, staged))
+                    self._admit(refill, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
+                                generators, waiting, staged)
                 gone = done[len(refill):]
                 if gone:
                     if len(gone) == len(rows):
@@ -712,28 +722,28 @@ class RolloutEngine:
                     plen, end, col = plen[keep], end[keep], col[keep]
                     rows = [rows[j] for j in keep.tolist()]
                     base = torch.arange(len(rows), device=device) * total
-                # ... except for the newcomers: read every slot's from its column
+                # ... except for the newcomers, whose last prompt token it is: read every slot's
+                # from its column
                 feed = tokens.view(-1).index_select(0, base + col - 1)
             self.row_steps += len(rows)
+            if capture is not None:
+                capture.feed_each(rows, col - 1)
             self._ep_running(True)
             logits = self.decoder.step(feed, col - 1)
             self.forwards += 1
-        return out
 
     def _admit(self, slots, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
-               generators, waiting, staged) -> int:
-        """Put the prompts ``newcomers`` into the freed ``slots`` (state updated in place);
-        returns how many steps the newcomers still read their prompts.
+               generators, waiting, staged) -> None:
+        """Put the prompts ``newcomers`` into the freed ``slots`` (state updated in place).
 
         Prompts are prefilled ahead, ``max_batch`` at a time: a newcomer not yet prefilled
         is prefilled by the fused decoder together with the next waiting prompts
-        (:meth:`FusedDecoder.prefill`, one call, their first ``c`` columns with ``c + 1``
-        the shortest of their prompts; ``staged`` keeps the keys and values of those that
-        wait on). A prompt that takes a slot gets its ``c`` prefilled columns copied in
-        (:meth:`FusedDecoder.take`); its remaining prompt tokens (at least its last) are fed
-        one per decode step with the running rows, as a longer prompt's tail is in a batch.
-        The slot's next step feeds column ``c``. A prefill of one newcomer costs about as
-        much as one of ``max_batch`` (a CPU step's dispatch, a GPU's weight reads).
+        (:meth:`FusedDecoder.prefill`, one call, right padded: every prompt but its last
+        token; ``staged`` keeps the keys and values of those that wait on). A prompt that
+        takes a slot gets its prefilled columns copied in (:meth:`FusedDecoder.take`); the
+        slot's next step feeds its last prompt token beside the running rows' tokens and
+        decides its first response token. A prefill of one newcomer costs about as much as
+        one of ``max_batch`` (a CPU step's dispatch, a GPU's weight reads).
         """
         device = self.device
         for j, i in zip(slots, newcomers):
@@ -749,23 +759,23 @@ class RolloutEngine:
         missing = [i for i in newcomers if i not in staged]
         if missing:  # every rank stages the same prompts: the order of ``waiting`` is shared
             group = missing + [i for i in reversed(waiting) if i not in staged][:self.max_batch - len(missing)]
-            c = min(len(prompts[i]) for i in group) - 1
+            c = max(len(prompts[i]) for i in group) - 1
             kv = None
             if c > 0:
-                ids = torch.tensor([prompts[i][:c] for i in group], dtype=torch.int64, device=device)
+                ids = torch.full((len(group), c), self._pad_id(), dtype=torch.int64, device=device)
+                for row, i in enumerate(group):
+                    ids[row, :len(prompts[i]) - 1] = torch.tensor(prompts[i][:-1], dtype=torch.int64, device=device)
                 self._ep_running(True)  # the prefill is a forward: MoE layers exchange tokens
-                kv = self.decoder.prefill(ids)
+                lengths = torch.tensor([len(prompts[i]) - 1 for i in group], dtype=torch.int64, device=device)
+                kv, _ = self.decoder.prefill(ids, lengths)
                 self.forwards += 1
             for row, i in enumerate(group):
-                staged[i] = (kv, row, c)
-        steps = 0
+                staged[i] = (kv, row)
         for j, i in zip(slots, newcomers):
-            kv, row, c = staged.pop(i)
-            if c > 0:
-                self.decoder.take(kv, row, j, c)
-            col[j] = c + 1
-            steps = max(steps, len(prompts[i]) - (c + 1))
-        return steps
+            kv, row = staged.pop(i)
+            if len(prompts[i]) > 1:
+                self.decoder.take(kv, row, j, len(prompts[i]) - 1)
+            col[j] = len(prompts[i])
 
     def _write_out(self, out, done, rows, tokens, logprobs, plen, t, stop_t, config) -> None:
         """Record the finished slots ``done`` (their last column is ``t - 1``; ``t`` an int

@@ -501,14 +501,22 @@ def test_continuous_batching_option_reaches_the_engine_with_the_same_outputs(set
     on, off = files["refills_on"], files["refills_off"]
     assert [{k: v for k, v in r.items() if k != "logprobs"} for r in on] == \
         [{k: v for k, v in r.items() if k != "logprobs"} for r in off]
-    for a, b in zip(on, off):  # a row's logits do not depend on its neighbours, to float rounding
-        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-6)
+    # a row's logits do not depend on its neighbours, to float rounding: a prompt prefilled
+    # with its batch or with a newcomers' group (other padded widths, other BLAS blocking)
+    # differs by a few fp32 ulps (about 5e-7 at a log-prob of -4)
+    for a, b in zip(on, off):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], rel=1e-6, abs=1e-6)
     plen = [len(r["prompt_tokens"]) for r in on]
     rlen = [len(r["response_tokens"]) for r in on]
     assert len(set(rlen)) >= 2  # rows end at different steps
     assert forwards_off == batch_forwards(plen, rlen, 3)
     assert forwards_on == refill_forwards(plen, rlen, 3)
-    assert forwards_on != forwards_off
+    # The two counts need not differ: prompts of 1, 3, 4 and 6 tokens (two rows each), the
+    # 3-token rows stopping after 3 tokens, the others running to 8. Batches (every prompt
+    # prefilled whole: max response length forwards each) take 8 + 8 + 8 = 24; refills take
+    # the first batch's prefill, two newcomers' prefills (at the decisions 3 and 8 when an
+    # unstaged row takes a slot) and decode steps up to the last row's 22nd decision: 24 too.
+    # engine.continuous above tells the two modes apart.
     for r in on:  # each response: HF's greedy response of the prompt alone, cut after the stop token
         full = setup["greedy"][r["index"]]
         assert r["response_tokens"] == full[:full.index(int(r["response_tokens"][-1])) + 1] \

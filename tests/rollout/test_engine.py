@@ -114,9 +114,11 @@ def _layout_checks(models, cfg):
         out[f"greedy_logprobs_{impl}"] = [res.response_logprobs(i) for i in range(len(res))]
         out[f"train_logprobs_{impl}"] = _training_logprobs(models, res.tokens.to(torch.int64), res.lengths)
         out[f"result_{impl}"] = (res.tokens, res.lengths, res.prompt_lengths, res.response_lengths)
-    engine = RolloutEngine(models, cfg)
-    sampled = engine.generate(PROMPTS, GenerationConfig(**SAMPLED))
-    out["sampled"] = [sampled.response_tokens(i) for i in range(len(sampled))]
+        out[f"forwards_{impl}"] = engine.forwards
+    for impl in ("fused", "megatron"):
+        sampled = RolloutEngine(models, cfg, decode_impl=impl).generate(PROMPTS, GenerationConfig(**SAMPLED))
+        out["sampled" if impl == "fused" else "sampled_megatron"] = [
+            sampled.response_tokens(i) for i in range(len(sampled))]
 
     # Continuous batching: REFILL_BATCH slots for more prompts, rows ending on a stop token
     # at different steps, freed slots refilled (the newcomers' prompts prefilled into them,
@@ -291,6 +293,35 @@ def test_greedy_equals_hf_generate(layout, hf_reference):
                 assert ours == theirs, f"tp={tp} pp={pp} rank {rank} {impl}: prompt {i} differs from HF"
 
 
+def test_forwards_of_each_decode_path(layout):
+    """The fused decoder prefills every prompt whole: its first decision is every row's first
+    response token, so a batch of prompts of 1 to 12 tokens takes NEW_TOKENS forwards (one
+    prefill, NEW_TOKENS - 1 decode steps). megatron-core's decode steps keep one column for
+    the batch: the prefill runs the shortest prompt (1 token), then one column per step to
+    the longest row's end (tests/rollout/forward_counts.py)."""
+    from tests.rollout.forward_counts import batch_forwards, megatron_batch_forwards
+
+    _, _, ranks = layout
+    plen, rlen = [len(p) for p in PROMPTS], [NEW_TOKENS] * len(PROMPTS)
+    for out in ranks:
+        assert out["forwards_fused"] == batch_forwards(plen, rlen, 64) == NEW_TOKENS
+        megatron = megatron_batch_forwards(plen, rlen, 64)
+        assert megatron == 12 + NEW_TOKENS - 1
+        # under sequence parallelism the 1-token prompt leaves nothing to prefill: no prefill
+        # forward, and column 0 is decided (as the prompt's own token) from no logits, one
+        # decode step more: the same count
+        assert out["forwards_megatron"] == megatron
+
+
+def test_sampling_is_the_same_on_both_decode_paths(layout):
+    """Sample i draws from its own generator only for its generated tokens: the fused
+    decoder (prompts prefilled whole) and megatron-core's decode steps (a longer prompt's
+    tail fed one token per step) give the same samples for the same seeds."""
+    _, _, ranks = layout
+    for out in ranks:
+        assert out["sampled_megatron"] == out["sampled"]
+
+
 def test_every_rank_returns_the_same_result(layout):
     _, _, ranks = layout
     for out in ranks[1:]:
@@ -350,8 +381,18 @@ def test_refill_greedy_equals_each_prompt_alone_in_hf(layout, hf_reference):
         assert len(lengths) >= 3  # rows end at different steps, so slots are refilled mid-flight
         for a, b in zip(on["logprobs"], off["logprobs"]):
             torch.testing.assert_close(a, b, atol=LOGPROB_TOL, rtol=0)
-        # the decode work: one batch of up to 3 rows at a time vs slots kept full
-        assert on["forwards"] < off["forwards"], (on["forwards"], off["forwards"])
+        # the decode work: one batch of up to 3 rows at a time vs slots kept full, counted by
+        # hand from the rows' lengths (tests/rollout/forward_counts.py)
+        _assert_forwards(on, off)
+
+
+def _assert_forwards(on, off):
+    from tests.rollout.forward_counts import batch_forwards, refill_forwards
+
+    plen, rlen = [len(p) for p in REFILL_PROMPTS], [len(r) for r in on["responses"]]
+    assert off["forwards"] == batch_forwards(plen, rlen, REFILL_BATCH)
+    assert on["forwards"] == refill_forwards(plen, rlen, REFILL_BATCH)
+    assert on["forwards"] < off["forwards"], (on["forwards"], off["forwards"])
 
 
 def test_refill_logprobs_equal_training_path(layout):
@@ -377,7 +418,7 @@ def test_refill_sampling_equals_no_refill(layout):
         on, off = out["refill_sampled_on"], out["refill_sampled_off"]
         assert on["responses"] == off["responses"] and on["reasons"] == off["reasons"]
         assert len({len(r) for r in on["responses"]}) >= 3 and "stop_token" in on["reasons"]
-        assert on["forwards"] < off["forwards"]
+        _assert_forwards(on, off)
         assert out["refill_sampled_on"]["responses"] == ranks[0]["refill_sampled_on"]["responses"]
 
 

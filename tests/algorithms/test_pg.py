@@ -241,8 +241,9 @@ def test_without_a_kl_term_there_is_no_reference_pass(assets, tmp_path):
 def test_generation_continuous_batching_false_decodes_batch_by_batch(assets, tmp_path):
     """pg.generation.continuous_batching reaches the rollout engine: false decodes the
     step's 16 rows (4 prompts x G = 4) in batches of max_batch = 3, each until its longest
-    response ends (forwards counted by hand from the returned lengths: one prefill of the
-    batch's shortest prompt, then one decode step per further column), true refills the
+    response ends (forwards counted by hand from the returned lengths: one prefill of every
+    prompt whole, which decides each row's first token, then one decode step per further
+    token of the batch's longest response), true refills the
     slots (counted by hand from the same lengths and docs/rollout.md's rules:
     tests/rollout/forward_counts.py); the greedy responses are the same."""
     from tests.rollout.forward_counts import batch_forwards, refill_forwards
@@ -259,8 +260,7 @@ def test_generation_continuous_batching_false_decodes_batch_by_batch(assets, tmp
     exp, forwards = runs[False]
     plen, rlen = exp.prompt_lengths.tolist(), exp.response_lengths.tolist()
     order = sorted(range(len(plen)), key=lambda i: plen[i])  # the engine's batches: shortest prompts first
-    by_hand = sum(max(plen[i] + rlen[i] for i in batch) - min(plen[i] for i in batch)
-                  for batch in (order[k:k + 3] for k in range(0, len(order), 3)))
+    by_hand = sum(max(rlen[i] for i in batch) for batch in (order[k:k + 3] for k in range(0, len(order), 3)))
     assert forwards == by_hand == batch_forwards(plen, rlen, 3)
     on_exp, on_forwards = runs[True]
     assert on_forwards == refill_forwards(plen, rlen, 3)

@@ -61,6 +61,7 @@ from aligner.config import Choice, ConfigError
 from aligner.files import atomic_write_bytes
 from aligner.models.config import ModelConfig
 from aligner.parallel.seeds import on_policy_generator
+from aligner.runtime import get_logger
 from aligner.training.algorithm import StepContext
 from aligner.training.batching import schedule_microbatches, shifted_logprobs
 from aligner.training.forward import forward
@@ -301,8 +302,12 @@ class DistillAlgorithm(TokenAlgorithm):
                                       " recorded in the checkpoint)")
             check_teacher_rows(rows, [p["index"] for p in self._prompts], self.teacher_maker.tokenizer.eos_id, path)
             digest = self._resume_digest
+            what = f"read back from {path}"
         else:
+            get_logger(__name__).info(f"the teacher answers the {len(self._prompts)} training prompts (distill.responses"
+                                      " = teacher)")
             rows, digest = record_rows(path, self.generate_teacher_responses(context))
+            what = f"written to {path}"
             self.teacher_maker.engine = None  # its KV cache is not needed again
         prompts = {p["index"]: p["prompt_tokens"] for p in self._prompts}
         self._responses = {int(r["index"]): teacher_sample(prompts[int(r["index"])], r["response_tokens"])
@@ -312,6 +317,10 @@ class DistillAlgorithm(TokenAlgorithm):
         self._response_metrics = {"teacher/response_tokens": sum(len(r["response_tokens"]) for r in rows) / n,
                                   "teacher/truncated": float(sum(r["truncated"] for r in rows)),
                                   "time/teacher_responses": time.perf_counter() - t0}
+        length, truncated = self._response_metrics["teacher/response_tokens"], sum(r["truncated"] for r in rows)
+        get_logger(__name__).info(f"the teacher's {len(rows)} responses {what}: {length:.1f} tokens on average,"
+                                  f" {truncated} truncated (no EOS within distill.teacher_generation.max_new_tokens;"
+                                  " kept)")
         if not self.teacher_scores:
             self.teacher.offload()  # pure sequence-level KD: the teacher is not run again
 

@@ -18,6 +18,17 @@ On-policy distillation (GKD, Agarwal et al. 2024, arXiv 2306.13649): with probab
 the rollout engine through the online core's experience maker, seeded per sample), scored
 token by token by the teacher; otherwise on the rows' responses. The draw is a function
 of (seed, step), so a resumed run and every layout take the same steps on-policy.
+
+Sequence-level distillation (Kim & Rush 2016, arXiv 1606.07947; ``responses = teacher``):
+before the first step the teacher answers every training row's prompt once with the
+rollout engine (at the student's layout, sample ``i`` seeded by the row's index ``i``, so
+every layout gives the same answers); the answers are written to
+``<out_dir>/teacher_responses.jsonl`` with the recorded-samples machinery of
+:mod:`aligner.algorithms.iterative` (the checkpoint records the file's SHA-256; a resumed
+run reads it back), and the steps that would train on a row's response train on
+(the row's prompt, the teacher's response) instead: the NLL of the teacher's tokens
+(``kd_weight 0``: pure sequence-level KD, the teacher then not run again) and/or the
+token-level divergence on them.
 """
 from __future__ import annotations
 
@@ -26,6 +37,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional
 
 import torch
@@ -34,6 +46,7 @@ import torch.nn.functional as F
 from omegaconf import MISSING
 
 from aligner.algorithms.base import RunConfig, TokenAlgorithm, Trainer, policy_update, register_trainer
+from aligner.algorithms.iterative import check_row_indices, gather_rows, read_recorded_rows, record_rows
 from aligner.algorithms.losses.distill import (
     DISTILL_DIVERGENCES,
     VocabShard,
@@ -48,12 +61,15 @@ from aligner.config import Choice, ConfigError
 from aligner.files import atomic_write_bytes
 from aligner.models.config import ModelConfig
 from aligner.parallel.seeds import on_policy_generator
+from aligner.runtime import get_logger
 from aligner.training.algorithm import StepContext
 from aligner.training.batching import schedule_microbatches, shifted_logprobs
 from aligner.training.forward import forward
 from aligner.training.metrics import metric
 
 Divergence = Choice("Divergence", [(name, name) for name in DISTILL_DIVERGENCES], module=__name__)
+Responses = Choice("Responses", [("rows", "rows"), ("teacher", "teacher")], module=__name__)
+TEACHER_RESPONSES = "teacher_responses.jsonl"  # in trainer.out_dir
 
 
 # ------------------------------------------------------------------------------ config
@@ -75,6 +91,11 @@ class DistillSection:
     lmbda: float = 0.0  # GKD: the share of steps on the student's own samples (on-policy)
     # the student's samples of on-policy steps (GKD samples at temperature 1)
     generation: GenerationSection = field(default_factory=GenerationSection)
+    # the responses trained on: rows | teacher (the teacher's own responses to the rows' prompts, generated once
+    # before training into <out_dir>/teacher_responses.jsonl: sequence-level distillation)
+    responses: Responses = Responses.rows
+    # responses = teacher: the teacher's sampling (temperature 0: greedy)
+    teacher_generation: GenerationSection = field(default_factory=GenerationSection)
 
 
 @dataclass
@@ -111,6 +132,25 @@ def check_distill_section(s, key: str = "distill") -> None:
         raise ConfigError(f"{key}.lmbda = {s.lmbda}: expected in [0, 1]")
     if s.generation.max_new_tokens < 1:
         raise ConfigError(f"{key}.generation.max_new_tokens = {s.generation.max_new_tokens}: expected >= 1")
+    if s.responses == Responses.teacher:
+        if s.precompute:
+            raise ConfigError(f"{key}.precompute = true stores the teacher's top-k of the rows' responses; with"
+                              f" {key}.responses = teacher the student trains on the teacher's own responses",
+                              hint=f"remove {key}.precompute (or set {key}.responses=rows)")
+        if s.teacher_generation.max_new_tokens < 1:
+            raise ConfigError(f"{key}.teacher_generation.max_new_tokens = {s.teacher_generation.max_new_tokens}:"
+                              " expected >= 1")
+        if not s.teacher_generation.temperature >= 0:
+            raise ConfigError(f"{key}.teacher_generation.temperature = {s.teacher_generation.temperature}: expected"
+                              " >= 0 (0: greedy)")
+    else:
+        default = GenerationSection()
+        changed = [name for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "max_batch",
+                                     "continuous_batching") if s.teacher_generation[name] != getattr(default, name)]
+        if changed:
+            raise ConfigError(f"{key}.teacher_generation.{changed[0]} = {s.teacher_generation[changed[0]]} has no"
+                              f" effect with {key}.responses = {str(s.responses)!r}",
+                              hint=f"remove the override, or set {key}.responses=teacher")
 
 
 def check_same_vocabulary(student: ModelConfig, teacher: ModelConfig, teacher_path: str) -> None:
@@ -145,13 +185,48 @@ def tensor_parallel_shard(local_vocab: int) -> VocabShard:
                       sum=reduce_from_tensor_model_parallel_region, max=tp_max, gather=tp_gather)
 
 
+# ------------------------------------------------------------------------------ the teacher's responses
+def row_prompt(sample: dict) -> torch.Tensor:
+    """A row's prompt: its tokens before the first target token (all of them without one)."""
+    targets = sample["loss_mask"][1:]
+    first = int(torch.nonzero(targets)[0]) + 1 if bool(targets.any()) else len(sample["tokens"])
+    return sample["tokens"][:first]
+
+
+def teacher_sample(prompt_tokens, response_tokens) -> dict:
+    """(a row's prompt, the teacher's response) as an SFT sample: ``tokens`` ``[P + R]`` and
+    ``loss_mask`` ``[P + R]``, 1 on the response's R tokens (its EOS included when the
+    teacher stopped) and 0 on the prompt."""
+    prompt = torch.as_tensor(prompt_tokens, dtype=torch.long)
+    response = torch.as_tensor(response_tokens, dtype=torch.long)
+    return {"tokens": torch.cat([prompt, response]),
+            "loss_mask": torch.cat([torch.zeros(len(prompt)), torch.ones(len(response))])}
+
+
+def check_teacher_rows(rows: List[dict], indices, eos_id: int, path) -> None:
+    """A teacher-responses file read back: a row for every training row's index, each with a
+    non-empty ``response_tokens`` list that ends with EOS unless ``truncated``."""
+    for line, r in enumerate(rows, start=1):
+        tokens = r.get("response_tokens")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+            raise ValueError(f"{path}: line {line}: response_tokens: expected a non-empty list of token ids")
+        if not isinstance(r.get("truncated"), bool):
+            raise ValueError(f"{path}: line {line}: truncated: expected true or false")
+        if not r["truncated"] and tokens[-1] != eos_id:
+            raise ValueError(f"{path}: line {line}: response_tokens: a response that is not truncated ends with"
+                             f" EOS ({eos_id}), this one with {tokens[-1]}")
+    check_row_indices(rows, indices, path, "the teacher's responses of rows")
+
+
 # ------------------------------------------------------------------------------ algorithm
 class DistillAlgorithm(TokenAlgorithm):
     """The distillation objective on SFT samples ``{"tokens", "loss_mask"}`` (module docstring).
 
     teacher: the teacher's frozen role (set by the trainer); maker: the experience maker of
-    on-policy steps (None when ``lmbda`` = 0). Owns its step so that a step may train on
-    fresh samples; validation runs through the loop's schedule (same micro-batches, same loss).
+    on-policy steps (None when ``lmbda`` = 0). With ``responses = "teacher"`` (sequence-level
+    distillation) the trainer also sets ``teacher_maker`` (the teacher's sampling) and
+    ``responses_file``. Owns its step so that a step may train on fresh samples; validation
+    runs through the loop's schedule on the rows' responses (same micro-batches, same loss).
     """
 
     name = "distill"
@@ -160,7 +235,7 @@ class DistillAlgorithm(TokenAlgorithm):
     def __init__(self, pad_id: int, *, divergence: str = "forward_kl", beta: float = 0.5, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_k_tail: bool = False, kd_weight: float = 1.0,
                  sft_weight: float = 0.0, lmbda: float = 0.0, teacher=None, maker: Optional[ExperienceMaker] = None,
-                 packing: bool = False, capacity: Optional[int] = None):
+                 responses: str = "rows", packing: bool = False, capacity: Optional[int] = None):
         super().__init__(pad_id, packing, capacity)
         self.divergence = str(divergence)
         self.beta = beta
@@ -175,6 +250,16 @@ class DistillAlgorithm(TokenAlgorithm):
         self.interleaved = False  # set from the policy's chunks at setup
         self.topk_file: Optional[Path] = None  # precomputed top-k: the run's table file
         self._table: Optional[Dict[int, tuple]] = None  # sample index -> (values [L, k], ids [L, k][, tail [L]])
+        self.responses = str(responses)
+        # pure sequence-level KD needs no teacher distributions: the teacher only answers, once
+        self.teacher_scores = not (self.responses == "teacher" and kd_weight == 0)
+        self.teacher_maker: Optional[ExperienceMaker] = None  # the teacher's sampling (responses = teacher)
+        self.responses_file: Optional[Path] = None
+        self._prompts: List[dict] = []  # every training row's prompt, by index
+        self._responses: Optional[Dict[int, dict]] = None  # row index -> (prompt, teacher's response) sample
+        self._responses_digest: Optional[str] = None
+        self._resume_digest: Optional[str] = None  # the teacher's responses a checkpoint recorded
+        self._response_metrics: Dict[str, float] = {}
 
     def groups(self, sample):
         return [(sample["tokens"], sample["loss_mask"])]
@@ -186,9 +271,77 @@ class DistillAlgorithm(TokenAlgorithm):
     def setup(self, loop) -> None:
         super().setup(loop)
         self.interleaved = len(loop.models) > 1
+        if self.responses == "teacher":
+            self._prompts = [{"index": int(s.get("index", i)), "prompt_tokens": row_prompt(s), "prompt": "", "meta": {}}
+                             for i, s in enumerate(loop.train_data)]
         if self.topk_file is not None:
             self._table = self.precomputed_topk(loop)
             self.teacher.offload()  # training reads the table: the teacher's weights leave the device
+
+    def state_dict(self) -> dict:
+        return {"teacher_responses_sha256": self._responses_digest} if self._responses_digest else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_digest = state.get("teacher_responses_sha256")
+
+    # ---------------------------------------------------------------- the teacher's responses
+    def teacher_responses(self, context: StepContext) -> None:
+        """Every training row's (prompt, teacher's response) sample in memory: generated and
+        recorded at a run's first step, read back (and checked against the checkpoint's
+        digest) by a resumed run."""
+        if self._responses is not None:
+            return
+        t0 = time.perf_counter()
+        path = self.responses_file
+        if self._resume_digest is not None or context.step > 0:
+            rows = read_recorded_rows(path, self._resume_digest,
+                                      f"the run resumes at step {context.step} with distill.responses = teacher, but"
+                                      " the checkpoint does not record the teacher's responses or the file is missing"
+                                      " from the run folder",
+                                      "differs from the teacher's responses this run was trained on (their digest is"
+                                      " recorded in the checkpoint)")
+            check_teacher_rows(rows, [p["index"] for p in self._prompts], self.teacher_maker.tokenizer.eos_id, path)
+            digest = self._resume_digest
+            what = f"read back from {path}"
+        else:
+            get_logger(__name__).info(f"the teacher answers the {len(self._prompts)} training prompts (distill.responses"
+                                      " = teacher)")
+            rows, digest = record_rows(path, self.generate_teacher_responses(context))
+            what = f"written to {path}"
+            self.teacher_maker.engine = None  # its KV cache is not needed again
+        prompts = {p["index"]: p["prompt_tokens"] for p in self._prompts}
+        self._responses = {int(r["index"]): teacher_sample(prompts[int(r["index"])], r["response_tokens"])
+                           for r in rows}
+        self._responses_digest = digest
+        n = max(1, len(rows))
+        self._response_metrics = {"teacher/response_tokens": sum(len(r["response_tokens"]) for r in rows) / n,
+                                  "teacher/truncated": float(sum(r["truncated"] for r in rows)),
+                                  "time/teacher_responses": time.perf_counter() - t0}
+        length, truncated = self._response_metrics["teacher/response_tokens"], sum(r["truncated"] for r in rows)
+        get_logger(__name__).info(f"the teacher's {len(rows)} responses {what}: {length:.1f} tokens on average,"
+                                  f" {truncated} truncated (no EOS within distill.teacher_generation.max_new_tokens;"
+                                  " kept)")
+        if not self.teacher_scores:
+            self.teacher.offload()  # pure sequence-level KD: the teacher is not run again
+
+    def generate_teacher_responses(self, context: StepContext) -> List[dict]:
+        """The teacher's response to every training row's prompt (global order, identical on
+        every rank): each data-parallel rank samples its contiguous share, the prompt of row
+        position ``j`` seeded by ``j`` (:meth:`ExperienceMaker.generate` at step 0)."""
+        share = math.ceil(len(self._prompts) / context.dp_size)
+        local = self._prompts[context.dp_rank * share:(context.dp_rank + 1) * share]
+        # the rollout engine generates with roles["policy"]'s modules: here the teacher's (frozen, unwrapped)
+        ctx = StepContext(roles={"policy": SimpleNamespace(modules=self.teacher.chunks)}, step=0,
+                          samples=self._prompts, local_samples=local, micro_batch_size=context.micro_batch_size,
+                          seed=context.seed)
+        exp = self.teacher_maker.generate(ctx)
+        rows = []
+        for i, p in enumerate(local):
+            start = int(exp.prompt_lengths[i])
+            response = exp.tokens[i, start:start + int(exp.response_lengths[i])]
+            rows.append({"index": p["index"], "response_tokens": response.tolist(), "response": exp.texts[i],
+                         "truncated": bool(exp.truncated[i])})
+        return gather_rows(context, rows)
 
     # ---------------------------------------------------------------- precomputed top-k
     def precomputed_topk(self, loop) -> Dict[int, tuple]:
@@ -263,6 +416,8 @@ class DistillAlgorithm(TokenAlgorithm):
         teacher's output for it (``teacher_logits``, or ``teacher_topk`` values and ids)."""
         micro = schedule_microbatches(super().microbatches(samples, micro_batch_size, seq_length),
                                       interleaved=self.interleaved)
+        if not self.teacher_scores:
+            return micro
         if self._table is not None:
             for batch in micro:
                 batch["teacher_topk"] = self._from_table(batch)
@@ -294,7 +449,9 @@ class DistillAlgorithm(TokenAlgorithm):
     def loss(self, batch, logits):
         shard = tensor_parallel_shard(logits.shape[-1])
         student = logits[:, :-1]  # position t predicts token t + 1: aligned with loss_mask[:, 1:]
-        if self.top_k is None:
+        if not self.teacher_scores:  # kd_weight 0 on the teacher's responses: the NLL alone
+            div = torch.zeros_like(student[..., 0], dtype=torch.float32)
+        elif self.top_k is None:
             div = token_divergence(student, batch["teacher_logits"][:, :-1], self.divergence, beta=self.beta,
                                    temperature=self.temperature, shard=shard)
         else:
@@ -306,8 +463,9 @@ class DistillAlgorithm(TokenAlgorithm):
         mask = batch["loss_mask"]
         nll = -shifted_logprobs(logits, batch["tokens"])
         total, count, parts = distill_loss(div, mask, nll, kd_weight=self.kd_weight, sft_weight=self.sft_weight)
-        metrics = {"loss": metric(total, count), "loss/kd": metric(parts["kd"], count),
-                   "loss/sft": metric(parts["sft"], count)}
+        metrics = {"loss": metric(total, count), "loss/sft": metric(parts["sft"], count)}
+        if self.teacher_scores:
+            metrics["loss/kd"] = metric(parts["kd"], count)
         return total, count.round().long(), metrics
 
     # ---------------------------------------------------------------- the step
@@ -320,11 +478,8 @@ class DistillAlgorithm(TokenAlgorithm):
     def student_samples(self, context: StepContext) -> List[dict]:
         """The student's responses to this rank's rows' prompts (the tokens before each
         row's first target token), as SFT samples whose targets are the response."""
-        prompts = []
-        for s in context.local_samples:
-            first = int(torch.nonzero(s["loss_mask"][1:])[0]) + 1 if bool(s["loss_mask"][1:].any()) else len(s["tokens"])
-            prompts.append({"prompt_tokens": s["tokens"][:first], "prompt": "", "meta": {},
-                            "index": int(s.get("index", -1))})
+        prompts = [{"prompt_tokens": row_prompt(s), "prompt": "", "meta": {}, "index": int(s.get("index", -1))}
+                   for s in context.local_samples]
         ctx = StepContext(roles=context.roles, step=context.step, samples=context.samples, local_samples=prompts,
                           micro_batch_size=context.micro_batch_size, seed=context.seed)
         exp = self.maker.generate(ctx)
@@ -336,10 +491,21 @@ class DistillAlgorithm(TokenAlgorithm):
 
     def train_step(self, context: StepContext) -> Dict[str, float]:
         t0 = time.perf_counter()
+        if self.responses == "teacher":
+            self.teacher_responses(context)
         on_policy = self.on_policy(context)
-        local = self.student_samples(context) if on_policy else list(context.local_samples)
-        metrics = policy_update(context, self, local)
+        samples = None
+        if on_policy:
+            local = self.student_samples(context)
+        elif self._responses is not None:  # the rows' prompts with the teacher's responses
+            local = [self._responses[int(s["index"])] for s in context.local_samples]
+            samples = [self._responses[int(s["index"])] for s in context.samples]
+        else:
+            local = list(context.local_samples)
+        metrics = policy_update(context, self, local, samples)
+        metrics.update(self._response_metrics)
         metrics.update(on_policy=float(on_policy), step_time=time.perf_counter() - t0)
+        self._response_metrics = {k: v for k, v in self._response_metrics.items() if not k.startswith("time/")}
         return metrics
 
 
@@ -375,8 +541,8 @@ class DistillTrainer(Trainer):
         s, d = self.cfg.distill, self.cfg.data
         return DistillAlgorithm(self.tokenizer().pad_id, divergence=str(s.divergence), beta=s.beta,
                                 temperature=s.temperature, top_k=s.top_k, top_k_tail=s.top_k_tail,
-                                kd_weight=s.kd_weight,
-                                sft_weight=s.sft_weight, lmbda=s.lmbda, packing=d.packing, capacity=d.max_length)
+                                kd_weight=s.kd_weight, sft_weight=s.sft_weight, lmbda=s.lmbda,
+                                responses=str(s.responses), packing=d.packing, capacity=d.max_length)
 
     def prepare(self):
         # the roles are megatron-core: loaded when a run starts, not at config checks
@@ -392,6 +558,15 @@ class DistillTrainer(Trainer):
         if self.cfg.distill.precompute:
             algo.topk_file = Path(self.cfg.trainer.out_dir) / "teacher_topk.pt"
         roles.add(algo.teacher)
+        if self.cfg.distill.responses == Responses.teacher:
+            s = self.cfg.distill
+            gen = generation_config(s.teacher_generation, self.cfg.trainer.seed, [self.tokenizer().eos_id])
+            # prompt + response within data.max_length, as the rows are
+            algo.teacher_maker = ExperienceMaker(gen, None, self.tokenizer(),
+                                                 max_seq_len=min(self.cfg.data.max_length, tc.max_position_embeddings),
+                                                 max_batch=s.teacher_generation.max_batch,
+                                                 continuous_batching=s.teacher_generation.continuous_batching)
+            algo.responses_file = Path(self.cfg.trainer.out_dir) / TEACHER_RESPONSES
         if self.cfg.distill.lmbda > 0:
             s = self.cfg.distill
             gen = generation_config(s.generation, self.cfg.trainer.seed, [self.tokenizer().eos_id])

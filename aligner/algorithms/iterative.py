@@ -11,6 +11,9 @@ A sampler gives ``epochs``, ``sample(context, iteration) -> rows`` (global order
 on every rank), ``check_rows(rows, path)``, ``to_sample(row) -> training sample`` and
 ``metrics(rows)``.
 
+The recording itself (:func:`record_rows`, :func:`read_recorded_rows`) serves any rows
+generated once and read back on resume (distillation's teacher responses, docs/distill.md).
+
 A window of iterations (``keep_previous = k > 0``, SPIN's ``spin.keep_previous``): iteration
 ``t`` trains on its own rows and on the rows iterations ``t − k .. t − 1`` generated, its
 width ``w_t = min(t, k) + 1``. The sampler is then called as ``sample(context, iteration,
@@ -29,7 +32,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -84,6 +87,29 @@ def gather_rows(context: StepContext, rows: List[dict]) -> List[dict]:
     gathered = [None] * context.dp_size
     dist.all_gather_object(gathered, rows, group=ps.get_data_parallel_group())
     return [r for part in gathered for r in part]
+
+
+def record_rows(path: Path, rows: List[dict]) -> Tuple[List[dict], str]:
+    """``rows`` (identical on every rank) written by rank 0 (or the one process) to ``path`` as JSON lines with
+    sorted keys, atomically; returns the rows as the file holds them (floats round-trip
+    exactly through JSON, so a fresh and a resumed run use bit-identical values) and the
+    file's SHA-256, which a checkpoint records."""
+    data = jsonl_text(rows, sort_keys=True).encode("utf-8")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        atomic_write_bytes(path, data)
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()], hashlib.sha256(data).hexdigest()
+
+
+def read_recorded_rows(path: Path, expected: Optional[str], missing: str, changed: str) -> List[dict]:
+    """The rows of the file ``path`` whose SHA-256 a checkpoint recorded as ``expected``:
+    FileNotFoundError ``"<path>: <missing>"`` without the record or the file, ValueError
+    ``"<path>: <changed>"`` when the file differs from it."""
+    if expected is None or not path.is_file():
+        raise FileNotFoundError(f"{path}: {missing}")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"{path}: {changed}")
+    return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
 def check_row_indices(rows: List[dict], expected, path, what: str) -> None:
@@ -157,13 +183,9 @@ class IterativeAlgorithm(TokenAlgorithm):
         """The rows of ``iteration``'s file ``path``, whose SHA-256 a checkpoint recorded as
         ``expected``: FileNotFoundError (``missing``) without the record or the file,
         ValueError when the file differs from it."""
-        if expected is None or not path.is_file():
-            raise FileNotFoundError(f"{path}: {missing}")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != expected:
-            raise ValueError(f"{path}: differs from the samples {self.title} iteration {iteration} was trained"
-                             " on (its digest is recorded in the checkpoint)")
-        return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+        return read_recorded_rows(path, expected, missing,
+                                  f"differs from the samples {self.title} iteration {iteration} was trained on (its"
+                                  " digest is recorded in the checkpoint)")
 
     def slots(self, seed: int, iteration: int, epoch: int) -> Dict[int, int]:
         """``h(index)`` of the window's pass ``epoch`` of ``iteration`` (module docstring)."""
@@ -193,13 +215,7 @@ class IterativeAlgorithm(TokenAlgorithm):
                 rows = self.sampler.sample(context, iteration, self.previous_rows(iteration))
             else:
                 rows = self.sampler.sample(context, iteration)
-            data = jsonl_text(rows, sort_keys=True).encode("utf-8")
-            digest = hashlib.sha256(data).hexdigest()
-            if dist.get_rank() == 0:
-                atomic_write_bytes(path, data)
-            # the rows as the file holds them (floats round-trip exactly through JSON), so a
-            # fresh and a resumed run train on bit-identical values
-            rows = [json.loads(line) for line in data.decode("utf-8").splitlines()]
+            rows, digest = record_rows(path, rows)
         self._rows = rows
         self._samples = {(int(r.get("iteration", iteration)), int(r["index"])): self.sampler.to_sample(r)
                          for r in rows}

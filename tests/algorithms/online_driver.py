@@ -14,7 +14,8 @@
   length follows from them) on tests.algorithms.steerlm2_setup's assets.
 - ``spin``: SPIN, 2 iterations of 2 steps (STEPS is ignored); ``spin:window``: SPIN with
   ``spin.keep_previous`` 1 at global batch 4, iterations of 1 and 2 steps; and ``gkd``: on-policy
-  distillation (generalised JSD, lmbda 0.5), on ASSETS_JSON ``{"student", "teacher", "train"}``
+  distillation (generalised JSD, lmbda 0.5) whose other steps train on the teacher's own
+  responses (``distill.responses`` teacher, generated before the first step), on ASSETS_JSON ``{"student", "teacher", "train"}``
   (the tiny HF models of tests/algorithms/conftest.py and prompt/completion rows).
 
 Checkpoints every SAVE_INTERVAL steps and resume from the latest (the same command again),
@@ -84,7 +85,8 @@ def _trainer(algorithm, assets, out_dir, steps, save_interval):
         from tests.algorithms.test_distill import distill_config
 
         cfg = distill_config(assets["student"], assets["teacher"], assets["train"], out_dir, divergence="jsd",
-                             lmbda=0.5, generation={"max_new_tokens": 6})
+                             lmbda=0.5, generation={"max_new_tokens": 6}, responses="teacher",
+                             teacher_generation={"max_new_tokens": 6})
         cfg["trainer"].update(max_steps=steps, global_batch_size=2, micro_batch_size=1, save_interval=save_interval,
                               resume=True)
         return DistillTrainer(cfg), DistillAlgorithm

@@ -8,7 +8,11 @@
 - Under every layout: step 1's loss and gradient norm at TP=2, PP=2 and DP=2 equal one
   process (1e-5), for the full-vocabulary JSD (vocab-parallel, never gathered), the
   on-the-fly top-k forward KL with an SFT term, the top-k reverse KL with the tail bucket,
-  and both precomputed to the run folder first (each equal to its on-the-fly top-k).
+  and both precomputed to the run folder first (each equal to its on-the-fly top-k); and
+  sequence-level distillation on the teacher's responses (pure, on greedy responses; reverse
+  KL with the NLL, on sampled ones): every layout writes the same responses file, byte for
+  byte, the greedy responses are transformers' greedy decoding of the HF teacher and step 1's
+  loss the HF student's NLL of them (1e-5).
 - A teacher with another vocabulary is refused in one line naming both sizes.
 """
 import json
@@ -112,8 +116,39 @@ def test_a_teacher_with_another_vocabulary_is_refused(tiny_hf, tmp_path):
 LAYOUTS = {1: [(1, 1)], 2: [(2, 1), (1, 2), (1, 1)]}  # (tp, pp); (1, 1) on 2 ranks is DP=2
 TOPK = {"divergence": "forward_kl", "top_k": 5, "sft_weight": 0.5}
 TAIL = {"divergence": "reverse_kl", "top_k": 5, "top_k_tail": True, "temperature": 1.5}
+# sequence-level: pure (the NLL of the teacher's greedy responses), and reverse KL + NLL on sampled ones
+SEQKD = {"responses": "teacher", "kd_weight": 0.0, "sft_weight": 1.0,
+         "teacher_generation": {"temperature": 0.0, "max_new_tokens": 6}}
+SEQKD_KL = {"responses": "teacher", "divergence": "reverse_kl", "sft_weight": 0.5,
+            "teacher_generation": {"temperature": 1.0, "max_new_tokens": 6}}
 VARIANTS = {"jsd": {"divergence": "jsd", "beta": 0.3, "temperature": 1.5}, "topk": TOPK,
-            "precomputed": dict(TOPK, precompute=True), "tail": TAIL, "tail_precomputed": dict(TAIL, precompute=True)}
+            "precomputed": dict(TOPK, precompute=True), "tail": TAIL, "tail_precomputed": dict(TAIL, precompute=True),
+            "seqkd": SEQKD, "seqkd_kl": SEQKD_KL}
+
+
+def hf_greedy_and_nll(student_dir, teacher_dir, max_new_tokens):
+    """transformers' greedy responses of the teacher to the rows' prompts (up to EOS or
+    ``max_new_tokens``), and the student's NLL per token of them (the mean over all of them)."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    models = [LlamaForCausalLM.from_pretrained(d, torch_dtype=torch.float32, attn_implementation="eager").eval()
+              for d in (student_dir, teacher_dir)]
+    responses, total, count = [], 0.0, 0
+    with torch.no_grad():
+        for r in ROWS:
+            prompt = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+            ids = list(prompt)
+            for _ in range(max_new_tokens):
+                ids.append(int(models[1](input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+                if ids[-1] == tok.eos_token_id:
+                    break
+            responses.append(ids[len(prompt):])
+            logps = torch.log_softmax(models[0](input_ids=torch.tensor([ids])).logits[0, :-1].double(), -1)
+            targets = torch.tensor(ids[1:])
+            total -= float(logps[torch.arange(len(targets)), targets][len(prompt) - 1:].sum())
+            count += len(ids) - len(prompt)
+    return responses, total / count
 
 
 def _layouts(student, teacher, train, workdir, world):
@@ -139,7 +174,7 @@ def test_every_layout_equals_one_process(tiny_hf, teacher_hf, tmp_path):
         want = one[(1, 1, name)]
         for tp, pp in LAYOUTS[2]:
             got = two[(tp, pp, name)]
-            for key in ("loss", "loss/kd", "grad_norm"):
+            for key in [k for k in ("loss", "loss/kd", "grad_norm") if k in want]:  # pure seqkd: no loss/kd
                 print(f"{name} tp{tp} pp{pp} {key}: {got[key]:.9g} vs {want[key]:.9g}")
                 assert abs(got[key] - want[key]) <= 1e-5 * max(1.0, abs(want[key])), (name, tp, pp, key)
     # the top-k precomputed to the run folder trains as the top-k computed on the fly, with its tail too
@@ -152,6 +187,19 @@ def test_every_layout_equals_one_process(tiny_hf, teacher_hf, tmp_path):
     table = torch.load(tmp_path / "1_1_1_precomputed" / "teacher_topk.pt", weights_only=True)
     assert table["k"] == 5 and table["index"] == list(range(len(ROWS)))
     assert all(v.shape[1] == 5 and bool((v[:, :-1] >= v[:, 1:]).all()) for v in table["values"])  # sorted
+    # sequence-level: the teacher answered alike at every layout; the greedy answers and the NLL are transformers'
+    for name in ("seqkd", "seqkd_kl"):
+        want = (tmp_path / f"1_1_1_{name}" / "teacher_responses.jsonl").read_bytes()
+        for tp, pp in LAYOUTS[2]:
+            assert (tmp_path / f"2_{tp}_{pp}_{name}" / "teacher_responses.jsonl").read_bytes() == want, (name, tp, pp)
+    rows = [json.loads(line) for line in (tmp_path / "1_1_1_seqkd" / "teacher_responses.jsonl").read_text().splitlines()]
+    greedy, nll = hf_greedy_and_nll(args[0], teacher_hf, SEQKD["teacher_generation"]["max_new_tokens"])
+    assert [r["response_tokens"] for r in rows] == greedy
+    print(f"seqkd step 1 loss: aligner {one[(1, 1, 'seqkd')]['loss']:.9g} transformers {nll:.9g}")
+    assert abs(one[(1, 1, "seqkd")]["loss"] - nll) <= 1e-5 and "loss/kd" not in one[(1, 1, "seqkd")]
+    assert one[(1, 1, "seqkd_kl")]["loss/kd"] > 1e-3  # a divergence worth comparing
+    assert one[(1, 1, "seqkd")]["teacher/response_tokens"] > 1
+
 
 def test_a_tail_bucket_without_top_k_is_refused(tmp_path):
     from aligner.algorithms.distill import DistillTrainer

@@ -1,7 +1,8 @@
 """SIGKILL during SPIN (inside its second iteration) and during on-policy distillation (GKD,
-after a checkpoint); the same command again resumes from the last complete checkpoint —
-SPIN reading the iteration's generations back from the run folder (the file is not written
-again) — and ends with exactly the metrics of an uninterrupted run."""
+after a checkpoint, its other steps on the teacher's own responses); the same command again
+resumes from the last complete checkpoint — SPIN reading the iteration's generations, GKD
+the teacher's responses back from the run folder (the files are not written again) — and
+ends with exactly the metrics of an uninterrupted run."""
 import json
 import sys
 
@@ -47,8 +48,16 @@ def test_spin_resumed_mid_iteration_ends_with_the_same_metrics(assets):
 
 def test_gkd_resumed_ends_with_the_same_metrics(assets):
     base, path = assets
-    whole, killed, killed_at, _ = whole_killed_resumed(lambda out, sleep: _cmd("gkd", path, out, sleep),
-                                                       base / "gkd", 2, slow=1.0, timeout=600)
+
+    def responses(killed):
+        file = killed / "teacher_responses.jsonl"
+        return file.stat().st_mtime_ns, file.read_bytes()
+
+    whole, killed, killed_at, before = whole_killed_resumed(lambda out, sleep: _cmd("gkd", path, out, sleep),
+                                                            base / "gkd", 2, slow=1.0, timeout=600, between=responses)
     assert 2 <= killed_at < STEPS, killed_at
+    assert before == responses(killed), "the resumed run must read the teacher's responses, not generate them again"
+    assert (whole / "teacher_responses.jsonl").read_bytes() == before[1]
     a = assert_same_metrics(whole, killed, STEPS)
     assert {r["on_policy"] for r in a} == {0.0, 1.0}, "the run must mix on- and off-policy steps"
+    assert all(r["teacher/response_tokens"] > 0 for r in a)

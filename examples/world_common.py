@@ -13,7 +13,12 @@ every example's ``--quickstart`` accepts it, as it accepts a full quickstart fol
 
 The judge: the world's held-out prompts, one response each at temperature 1 with fixed
 seeds (the quickstart's judge), rated by the world's ground-truth scorer; comparisons are
-paired over the same prompts, with their standard errors.
+paired over the same prompts, with their standard errors. With ``samples`` K > 1 (the
+examples' ``--judge-samples``) each prompt gets K responses, each from its own fixed seed
+(response 0 from the one-response judge's seed, so K = 1 is that judge), and each score is
+the mean over the prompt's K responses: the same quantity, the policy's expected score per
+prompt, with the sampling noise of one response divided by K, still paired over the same
+prompts.
 """
 from __future__ import annotations
 
@@ -23,7 +28,9 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Sequence
+
+import numpy as np
 
 
 def paired(base: List[float], new: List[float]) -> dict:
@@ -45,18 +52,51 @@ def mean(values: List[float]) -> float:
     return sum(values) / len(values)
 
 
+def judge_seed(seed: int, prompt: int, sample: int) -> int:
+    """Seed of response ``sample`` to held-out prompt ``prompt`` of a judge at ``seed``:
+    response 0 draws from the rollout engine's own seed of the prompt (``seed_for(seed,
+    prompt)``, the one-response judge's), response k > 0 from numpy's ``SeedSequence`` of
+    (seed, prompt, k), a stream of its own."""
+    from aligner.rollout.engine import seed_for
+
+    if sample == 0:
+        return seed_for(seed, prompt)
+    return int(np.random.SeedSequence([int(seed) & (2**63 - 1), int(prompt), int(sample)]).generate_state(
+        1, np.uint64)[0] & (2**63 - 1))
+
+
+def prompt_means(rows: Sequence[dict], prompts: int) -> List[dict]:
+    """Per prompt, the mean of each score over its responses: ``rows`` are the score rows
+    of K responses to each of ``prompts`` prompts, response-major (response 0 of every
+    prompt, then response 1, ...). With one response per prompt the rows themselves."""
+    if prompts < 1 or len(rows) % prompts:
+        raise ValueError(f"prompt_means: {len(rows)} score rows for {prompts} prompts; expected a multiple")
+    samples = len(rows) // prompts
+    if samples == 1:
+        return list(rows)
+    return [{key: mean([float(rows[k * prompts + i][key]) for k in range(samples)]) for key in rows[i]}
+            for i in range(prompts)]
+
+
 class WorldJudge:
     """The world of a quickstart folder, its tokenizer and ``prompts`` held-out prompts;
-    ``judge(model_dir, name)`` samples one response per prompt (temperature 1, seed
-    ``seed``), writes them with their scores to ``out/generations_<name>.jsonl`` and
-    returns the world's score rows (``helpfulness``, ``exact``, ...). Initialises the
-    single-process parallel state if nothing has."""
+    ``judge(model_dir, name)`` samples ``samples`` responses per prompt (temperature 1,
+    response k of prompt i from ``judge_seed(seed, i, k)``), writes every response with
+    its sample index and scores to ``out/generations_<name>.jsonl`` and returns the
+    world's score rows per prompt (``helpfulness``, ``exact``, ...: with more than one
+    response, each the mean over the prompt's responses; every response's rows stay in
+    ``rows[name]``). Greedy decoding draws one
+    response per prompt (the others would be the same). Initialises the single-process
+    parallel state if nothing has."""
 
-    def __init__(self, quickstart: Path, out: Path, prompts: int = 200, seed: int = 0, max_new_tokens: int = 48):
+    def __init__(self, quickstart: Path, out: Path, prompts: int = 200, seed: int = 0, max_new_tokens: int = 48,
+                 samples: int = 1):
         from aligner.data import load_tokenizer
         from aligner.data.world import load_prompts
         from aligner.parallel import ParallelConfig, initialize, is_initialized
 
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"WorldJudge: samples = {samples!r}: expected an integer >= 1 (responses per prompt)")
         if not is_initialized():
             initialize(ParallelConfig(seed=seed))
         self.quickstart, self.out = Path(quickstart), Path(out)
@@ -65,24 +105,29 @@ class WorldJudge:
         self.tokenizer_path = self.world / "tokenizer.model"
         self.tokenizer = load_tokenizer(str(self.tokenizer_path))
         self.prompts = load_prompts(str(self.world / "prompts_heldout.jsonl"), self.tokenizer)[:prompts]
-        self.seed, self.max_new_tokens = seed, max_new_tokens
+        self.seed, self.max_new_tokens, self.samples = seed, max_new_tokens, samples
+        self.rows: dict = {}  # name -> every response's score rows, response-major, as judged
 
     def judge(self, model_dir: Path, name: str, greedy: bool = False) -> List[dict]:
         from aligner.data.world import score_response
         from aligner.models import from_pretrained
         from aligner.rollout.engine import GenerationConfig, RolloutEngine
 
+        n, samples = len(self.prompts), 1 if greedy else self.samples
         models, cfg = from_pretrained(str(model_dir))
         engine = RolloutEngine(models, cfg, tokenizer=self.tokenizer, max_batch=64)
-        result = engine.generate([p["prompt_tokens"].tolist() for p in self.prompts],
+        result = engine.generate([p["prompt_tokens"].tolist() for p in self.prompts] * samples,
                                  GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=1.0, greedy=greedy,
-                                                  seed=self.seed, stop_token_ids=[self.tokenizer.eos_id]))
-        responses = [self.tokenizer.decode(result.response_tokens(i)) for i in range(len(self.prompts))]
-        scores = [score_response(p["meta"], r) for p, r in zip(self.prompts, responses)]
+                                                  seed=self.seed, stop_token_ids=[self.tokenizer.eos_id]),
+                                 seeds=[judge_seed(self.seed, i, k) for k in range(samples) for i in range(n)])
+        responses = [self.tokenizer.decode(result.response_tokens(j)) for j in range(n * samples)]
+        scores = [score_response(self.prompts[j % n]["meta"], r) for j, r in enumerate(responses)]
         with open(self.out / f"generations_{name}.jsonl", "w") as f:
-            for p, r, s in zip(self.prompts, responses, scores):
-                f.write(json.dumps({"prompt": p["prompt"], "response": r, "scores": s}) + "\n")
-        return scores
+            for j, (r, s) in enumerate(zip(responses, scores)):
+                f.write(json.dumps({"prompt": self.prompts[j % n]["prompt"], "sample": j // n, "response": r,
+                                    "scores": s}) + "\n")
+        self.rows[name] = scores
+        return prompt_means(scores, n)
 
 
 def named_runs(parser: argparse.ArgumentParser, runs: str, sets: List[str], bases, what: str = "BASE",

@@ -32,6 +32,7 @@ token-level divergence on them.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
@@ -145,8 +146,8 @@ def check_distill_section(s, key: str = "distill") -> None:
                               " >= 0 (0: greedy)")
     else:
         default = GenerationSection()
-        changed = [name for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed", "max_batch",
-                                     "continuous_batching") if s.teacher_generation[name] != getattr(default, name)]
+        changed = [f.name for f in dataclasses.fields(GenerationSection)
+                   if s.teacher_generation[f.name] != getattr(default, f.name)]
         if changed:
             raise ConfigError(f"{key}.teacher_generation.{changed[0]} = {s.teacher_generation[changed[0]]} has no"
                               f" effect with {key}.responses = {str(s.responses)!r}",

@@ -562,10 +562,9 @@ class RolloutEngine:
         reasons = [STOP_REASONS[r[2]] for r in responses]
         texts = None
         if self.tokenizer is not None:
-            texts = []
-            for (resp, _, code) in responses:
-                ids = resp[:-1] if code == STOP_TOKEN else resp
-                texts.append(self.tokenizer.decode(list(ids)))
+            ids = [list(resp[:-1] if code == STOP_TOKEN else resp) for (resp, _, code) in responses]
+            batch = getattr(self.tokenizer, "decode_batch", None)  # aligner's tokenizers: one call
+            texts = batch(ids) if batch is not None else [self.tokenizer.decode(x) for x in ids]
         return GenerationResult(tokens=tokens, lengths=lengths, response_lengths=response_lengths,
                                 logprobs=logprobs, texts=texts, stop_reasons=reasons,
                                 prompt_lengths=prompt_lengths, pad_id=pad)

@@ -152,12 +152,14 @@ def _norm_fn(norm):
     the projections it sits between. Any other norm module is called as it is."""
     if type(norm) is not torch.nn.RMSNorm or norm.weight is None:
         return norm
-    weight, eps = norm.weight, norm.eps
+    weight = norm.weight
+    eps = torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
 
     def rms_norm(x):
+        if x.dtype == torch.float32:  # no conversions to dispatch
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
         x32 = x.float()
-        e = torch.finfo(torch.float32).eps if eps is None else eps
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(e))
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
         return y.to(x.dtype) * weight
 
     return rms_norm
@@ -229,6 +231,12 @@ class FusedDecoder:
                        for m in models]
         self.final_norms = {id(m): _norm_fn(m.decoder.final_layernorm) for m in models if m.post_process}
         self.cache = {}  # layer number -> (keys [b, ng, S, d] rotated, values [b, ng, S, d])
+        # the cache's storage: per (ng, d), one [2 * layers, B, ng, S, d] buffer whose first b
+        # slots are the live ones (cache holds views), and each layer's place in it
+        self._buffers = {}
+        self._places = {}  # layer number -> (buffer key, index of its keys)
+        self._rows = 0  # b
+        self._extent = 0  # columns 0.._extent-1 of a slot may hold keys and values
         self.rope = {}  # local rope? -> (cos, signed sin) [S, r]
         self._masks = {}  # one step's per-row attention biases and cache indices
         self._span = (0, 0)  # that step's lowest and highest row position
@@ -243,16 +251,41 @@ class FusedDecoder:
         self.rope = {False: _cos_sin(self.models[0].rotary_pos_emb.inv_freq, total_len, self.dtype)}
         if self.local_inv_freq is not None:
             self.rope[True] = _cos_sin(self.local_inv_freq, total_len, self.dtype)
-        self.cache = {}
+        shapes: dict = {}
+        self._places = {}
         for layers in self.layers:
             for layer in layers:
-                keys = torch.zeros((batch, layer.groups, total_len, layer.head_dim), dtype=self.dtype,
-                                   device=self.device)
-                self.cache[layer.number] = (keys, torch.zeros_like(keys))
+                numbers = shapes.setdefault((layer.groups, layer.head_dim), [])
+                self._places[layer.number] = ((layer.groups, layer.head_dim), 2 * len(numbers))
+                numbers.append(layer.number)
+        self._buffers = {
+            (g, d): torch.zeros((2 * len(numbers), batch, g, total_len, d), dtype=self.dtype, device=self.device)
+            for (g, d), numbers in shapes.items()
+        }
+        self._extent = 0
+        self._views(batch)
+
+    def _views(self, rows: int) -> None:
+        """``cache`` as views of the first ``rows`` slots of the buffers (contiguous)."""
+        self._rows = rows
+        self.cache = {}
+        for number, (key, i) in self._places.items():
+            buffer = self._buffers[key]
+            self.cache[number] = (buffer[i, :rows], buffer[i + 1, :rows])
 
     def keep_rows(self, keep: torch.Tensor) -> None:
-        for number, (k, v) in list(self.cache.items()):
-            self.cache[number] = (k.index_select(0, keep), v.index_select(0, keep))
+        """Only the slots ``keep`` [b'] (ascending) remain, in that order. In place: the slots
+        before the first dropped one stay where they are; the later kept ones move down, for
+        every layer at once (one gather and one copy per buffer) and only over the columns
+        written so far (the later ones are written before any step reads them)."""
+        kept = keep.tolist()
+        first = next((j for j, k in enumerate(kept) if j != k), len(kept))  # the first slot that moves
+        if first < len(kept):
+            moving = keep[first:]
+            for buffer in self._buffers.values():
+                live = buffer[:, :, :, :self._extent]
+                live[:, first:len(kept)] = live.index_select(1, moving)
+        self._views(len(kept))
 
     # ------------------------------------------------------------------ step
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -341,7 +374,9 @@ class FusedDecoder:
         if scores.dtype != torch.float32:
             probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         else:
-            probs = torch.softmax(scores, dim=-1).to(values.dtype)
+            probs = torch.softmax(scores, dim=-1)
+            if values.dtype != torch.float32:
+                probs = probs.to(values.dtype)
         context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:last]).view(b, layer.heads * d)
         return self._finish(layer, h, context)
 
@@ -408,6 +443,7 @@ class FusedDecoder:
             keys, values = self.cache[layer.number]
             keys[slots, :, :c] = key.permute(0, 2, 1, 3)
             values[slots, :, :c] = value.permute(0, 2, 1, 3)
+            self._extent = max(self._extent, c)
         cols = torch.arange(c, device=h.device)
         blocked = cols[None] > cols[:, None]  # [query, key]: causal ...
         if layer.window is not None:  # ... within the window
@@ -479,6 +515,7 @@ class FusedDecoder:
             k, v = staged[number]
             keys[slot, :, :c] = k[row, :, :c]
             values[slot, :, :c] = v[row, :, :c]
+        self._extent = max(self._extent, c)
 
     def _row_rope(self, positions: torch.Tensor, local: bool):
         """The rope tables at each row's position, shaped to broadcast over the fused
@@ -535,6 +572,9 @@ class FusedDecoder:
                 t = lo  # every row at the same position: no mask needed
             else:
                 self._span, self._masks = (lo, hi), {}
+            self._extent = max(self._extent, hi + 1)
+        else:
+            self._extent = max(self._extent, t + 1)
         logits = None
         for model, layers in zip(self.models, self.layers):
             if model.pre_process:

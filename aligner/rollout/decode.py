@@ -231,12 +231,10 @@ class FusedDecoder:
                        for m in models]
         self.final_norms = {id(m): _norm_fn(m.decoder.final_layernorm) for m in models if m.post_process}
         self.cache = {}  # layer number -> (keys [b, ng, S, d] rotated, values [b, ng, S, d])
-        # the cache's storage: per (ng, d), one [2 * layers, B, ng, S, d] buffer whose first b
-        # slots are the live ones (cache holds views), and each layer's place in it
+        # the cache's storage: per (ng, d), one [2 * layers, b, ng, S, d] buffer (cache holds
+        # views of it), and each layer's place in it
         self._buffers = {}
         self._places = {}  # layer number -> (buffer key, index of its keys)
-        self._rows = 0  # b
-        self._extent = 0  # columns 0.._extent-1 of a slot may hold keys and values
         self.rope = {}  # local rope? -> (cos, signed sin) [S, r]
         self._masks = {}  # one step's per-row attention biases and cache indices
         self._span = (0, 0)  # that step's lowest and highest row position
@@ -262,30 +260,22 @@ class FusedDecoder:
             (g, d): torch.zeros((2 * len(numbers), batch, g, total_len, d), dtype=self.dtype, device=self.device)
             for (g, d), numbers in shapes.items()
         }
-        self._extent = 0
-        self._views(batch)
+        self._views()
 
-    def _views(self, rows: int) -> None:
-        """``cache`` as views of the first ``rows`` slots of the buffers (contiguous)."""
-        self._rows = rows
+    def _views(self) -> None:
+        """``cache`` as views of the buffers (each layer's keys and values contiguous)."""
         self.cache = {}
         for number, (key, i) in self._places.items():
             buffer = self._buffers[key]
-            self.cache[number] = (buffer[i, :rows], buffer[i + 1, :rows])
+            self.cache[number] = (buffer[i], buffer[i + 1])
 
     def keep_rows(self, keep: torch.Tensor) -> None:
-        """Only the slots ``keep`` [b'] (ascending) remain, in that order. In place: the slots
-        before the first dropped one stay where they are; the later kept ones move down, for
-        every layer at once (one gather and one copy per buffer) and only over the columns
-        written so far (the later ones are written before any step reads them)."""
-        kept = keep.tolist()
-        first = next((j for j, k in enumerate(kept) if j != k), len(kept))  # the first slot that moves
-        if first < len(kept):
-            moving = keep[first:]
-            for buffer in self._buffers.values():
-                live = buffer[:, :, :, :self._extent]
-                live[:, first:len(kept)] = live.index_select(1, moving)
-        self._views(len(kept))
+        """Only the slots ``keep`` [b'] (ascending) remain, in that order: one gather per
+        buffer for every layer at once (a copy of the kept slots, as fast as the per-layer
+        copies it replaces and a fraction of their kernels; moving the kept slots down in
+        place, or over the written columns only, measured slower: a gather and a copy)."""
+        self._buffers = {key: buffer.index_select(1, keep) for key, buffer in self._buffers.items()}
+        self._views()
 
     # ------------------------------------------------------------------ step
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -443,7 +433,6 @@ class FusedDecoder:
             keys, values = self.cache[layer.number]
             keys[slots, :, :c] = key.permute(0, 2, 1, 3)
             values[slots, :, :c] = value.permute(0, 2, 1, 3)
-            self._extent = max(self._extent, c)
         cols = torch.arange(c, device=h.device)
         blocked = cols[None] > cols[:, None]  # [query, key]: causal ...
         if layer.window is not None:  # ... within the window
@@ -515,7 +504,6 @@ class FusedDecoder:
             k, v = staged[number]
             keys[slot, :, :c] = k[row, :, :c]
             values[slot, :, :c] = v[row, :, :c]
-        self._extent = max(self._extent, c)
 
     def _row_rope(self, positions: torch.Tensor, local: bool):
         """The rope tables at each row's position, shaped to broadcast over the fused
@@ -572,9 +560,6 @@ class FusedDecoder:
                 t = lo  # every row at the same position: no mask needed
             else:
                 self._span, self._masks = (lo, hi), {}
-            self._extent = max(self._extent, hi + 1)
-        else:
-            self._extent = max(self._extent, t + 1)
         logits = None
         for model, layers in zip(self.models, self.layers):
             if model.pre_process:

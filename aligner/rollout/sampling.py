@@ -115,13 +115,12 @@ class SlotUniforms:
         """One slot per seed, each with a fresh generator."""
         b = len(seeds)
         self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.table = torch.empty((b, self.block), dtype=torch.float64, device=self.device)
+        self.table = torch.stack([torch.rand(self.block, generator=g, dtype=torch.float64)
+                                  for g in self.generators]).to(self.device)
         self.offset = torch.zeros(b, dtype=torch.int64, device=self.device)
-        self.due = [0] * b
+        self.due = [self.block] * b
         self.draws = 0
         self._base = torch.arange(b, dtype=torch.int64, device=self.device) * self.block
-        for j in range(b):
-            self._fill(j)
 
     def assign(self, slot: int, seed: int) -> None:
         """Slot ``slot`` now holds a new sample: a fresh generator seeded with ``seed``."""

@@ -558,12 +558,12 @@ class RolloutEngine:
         lengths = prompt_lengths + response_lengths
         width = int(lengths.max()) if n else 0
         resp_width = int(response_lengths.max()) if n else 0
-        tokens = torch.full((n, width), pad, dtype=torch.int64)
-        logprobs = torch.zeros((n, resp_width), dtype=torch.float32)
-        for i, (prompt, (resp, logps, _)) in enumerate(zip(prompts, responses)):
-            tokens[i, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
-            tokens[i, len(prompt):len(prompt) + len(resp)] = torch.tensor(resp, dtype=torch.int64)
-            logprobs[i, :len(resp)] = torch.tensor(logps, dtype=torch.float32)
+        # built as padded Python lists, one tensor each (fp32 log-probs round-trip exactly)
+        tokens = torch.tensor([prompt + resp + [pad] * (width - len(prompt) - len(resp))
+                               for prompt, (resp, _, _) in zip(prompts, responses)],
+                              dtype=torch.int64).view(n, width)
+        logprobs = torch.tensor([logps + [0.0] * (resp_width - len(logps)) for (_, logps, _) in responses],
+                                dtype=torch.float32).view(n, resp_width)
         reasons = [STOP_REASONS[r[2]] for r in responses]
         texts = None
         if self.tokenizer is not None:
@@ -784,9 +784,10 @@ class RolloutEngine:
         """Record the finished slots ``done`` (their last column is ``t - 1``; ``t`` an int
         or per slot [b]) with the reason."""
         stop_set = set(stop_t.tolist())
+        starts = plen.tolist()  # one conversion each for all the slots, not one per slot
+        ends = t.tolist() if isinstance(t, torch.Tensor) else [t] * len(starts)
         for j in done:
-            p = int(plen[j])
-            t_j = int(t[j]) if isinstance(t, torch.Tensor) else t
+            p, t_j = starts[j], ends[j]
             resp = tokens[j, p:t_j].tolist()
             if resp[-1] in stop_set:
                 code = STOP_TOKEN

@@ -14,8 +14,9 @@ cache stores keys without rotary embedding, so every step re-rotates every cache
 using the layers' own norm modules, megatron-core's fused QKV layout (per query group: r
 query heads, then one key head, then one value head), its rotary frequencies
 (``model.rotary_pos_emb``), softmax scale, activation and vocab-parallel embedding /
-output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer
-(:meth:`FusedDecoder.start`), filled by the decoder's own prefill of the prompts
+output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, views of one
+``[2 * layers, b, ng, S, d]`` buffer per head shape (:meth:`FusedDecoder.start`; finished
+rows leave it in one gather per buffer, :meth:`FusedDecoder.keep_rows`), filled by the decoder's own prefill of the prompts
 (:meth:`FusedDecoder.prefill`: the same layer arithmetic over the prompt tokens of right
 padded rows, causal and windowed attention within each prompt, the logits of each row's
 last prompt token), for the first batch and for rows that take a freed slot.

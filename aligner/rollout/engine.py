@@ -30,8 +30,11 @@ Design
 - **Sampling decisions** are made on exactly one rank: the first tensor-parallel rank of
   the last pipeline stage (the *source*). Logits are gathered over the TP group
   (``runtime_gather_output=True``), the source picks the tokens (its per-sample generators
-  are the only random state used), their log-probs and the finished flags, and broadcasts
-  them as one ``[3, b]`` float64 tensor over the model-parallel group (TP x PP). Every rank therefore holds the same tokens and returns the same result.
+  are the only random state used; with the fused decoder each sample's uniforms are drawn
+  a block at a time, the same numbers as one draw per step: ``sampling.SlotUniforms``),
+  their log-probs and the finished flags, and broadcasts them as one ``[3, b]`` float64
+  tensor over the model-parallel group (TP x PP; with no other rank nothing is packed or
+  sent). Every rank therefore holds the same tokens and returns the same result.
 - **Pipeline parallelism** runs stage by stage for every forward: the first stage embeds
   the step's tokens, each stage sends its hidden state ``[s, b, h]`` to the next with a
   point-to-point send/recv, the last stage computes the logits. With virtual pipeline

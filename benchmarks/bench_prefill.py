@@ -1,6 +1,7 @@
 """The rollout engine against an earlier revision of itself, in one process (docs/rollout.md).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_prefill.py --baseline REV [--case pg|refill] [--reps 5]
+    OMP_NUM_THREADS=1 python benchmarks/bench_prefill.py --baseline REV --profile   # where a call's time goes
 
 The baseline is ``aligner/rollout/`` as committed at git revision ``REV`` (read with ``git
 show`` in the current directory's repository, imported as a package of its own beside the
@@ -23,10 +24,19 @@ Cases:
   4 layers, an output layer scaled so that 4 stop tokens of 512 end a sampled response with
   probability ~1/128 per step: lengths spread up to the 256-token cap), 128 samples whose
   prompts have 8 to 32 random tokens, 16 slots, continuous batching on.
+
+``--profile``: instead of timing, one warm call per engine (after a warm-up call) under
+``torch.profiler`` (CPU): the operators dispatched per forward (every call of a torch
+operator, nested ones included) and the top operators by self CPU time; the same call
+again with a dispatch counter (the torch operators called from Python, by the rollout
+function that calls them) and under ``cProfile``, whose tottime of the rollout modules'
+own functions is the Python time outside operators (cProfile inflates it).
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import collections
 import importlib
 import json
 import os
@@ -35,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -95,12 +106,60 @@ def refill_model(work: Path):
     return str(work / "refill"), [(prompts, list(range(len(prompts))))]
 
 
+def profile_call(name: str, key: str, engine, prompts, config, seeds) -> None:
+    """The profile of one generate call (see the module docstring)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            frames = [f for f in traceback.extract_stack() if "rollout" in f.filename]
+            self.calls[frames[-1].name if frames else "other"] += 1
+            return func(*args, **(kwargs or {}))
+
+    engine.generate(prompts, config, seeds=seeds)  # warm-up
+    before = engine.forwards
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        engine.generate(prompts, config, seeds=seeds)
+    forwards = engine.forwards - before
+    events = prof.key_averages()
+    ops = sum(e.count for e in events)
+    self_us = sum(e.self_cpu_time_total for e in events)
+    counter = Counter()
+    with counter:
+        engine.generate(prompts, config, seeds=seeds)
+    python = cProfile.Profile()
+    c0 = time.process_time()
+    python.enable()
+    engine.generate(prompts, config, seeds=seeds)
+    python.disable()
+    cpu = time.process_time() - c0
+    import pstats
+
+    stats = pstats.Stats(python).stats
+    own = sum(tt for (path, _, _), (_, _, tt, _, _) in stats.items() if Path(path).parent.name.endswith("rollout"))
+    dispatched = sum(counter.calls.values())
+    print(f"\n{name} / {key}: {forwards} forwards; operators per forward (profiler, nested included) "
+          f"{ops / forwards:.0f}, dispatched from Python per forward {dispatched / forwards:.0f}; "
+          f"self CPU of all operators {self_us / 1e6:.3f} s")
+    print("  dispatched by function: " + ", ".join(f"{k} {v}" for k, v in counter.calls.most_common(12)))
+    print(f"  under cProfile: CPU {cpu:.3f} s, Python time of the rollout functions themselves {own:.3f} s")
+    print("  top operators by self CPU (ms, calls): " + "; ".join(
+        f"{e.key} {e.self_cpu_time_total / 1e3:.1f} ({e.count})"
+        for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", required=True, help="git revision of the baseline aligner/rollout")
     p.add_argument("--case", choices=("pg", "refill"), default="pg")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--steps", type=int, default=2, help="pg: generate calls (steps) per repeat")
+    p.add_argument("--profile", action="store_true", help="profile one call per engine instead of timing")
     args = p.parse_args(argv)
 
     from aligner.parallel import ParallelConfig, initialize
@@ -129,6 +188,10 @@ def main(argv=None) -> int:
         engines = {"baseline": baseline.RolloutEngine(models, cfg, max_batch=slots),
                    "current": RolloutEngine(models, cfg, max_batch=slots)}
         gen = {"baseline": baseline.GenerationConfig(**config), "current": GenerationConfig(**config)}
+        if args.profile:
+            for key, engine in engines.items():
+                profile_call(name, key, engine, calls[0][0], gen[key], calls[0][1])
+            continue
         results = {}
         for key, engine in engines.items():  # warm-up; outputs and counts
             before = (engine.forwards, engine.row_steps)

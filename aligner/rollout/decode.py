@@ -14,8 +14,9 @@ cache stores keys without rotary embedding, so every step re-rotates every cache
 using the layers' own norm modules, megatron-core's fused QKV layout (per query group: r
 query heads, then one key head, then one value head), its rotary frequencies
 (``model.rotary_pos_emb``), softmax scale, activation and vocab-parallel embedding /
-output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer
-(:meth:`FusedDecoder.start`), filled by the decoder's own prefill of the prompts
+output layer. Its KV cache holds rotated keys, ``[b, ng, S, d]`` per layer, views of one
+``[2 * layers, b, ng, S, d]`` buffer per head shape (:meth:`FusedDecoder.start`; finished
+rows leave it in one gather per buffer, :meth:`FusedDecoder.keep_rows`), filled by the decoder's own prefill of the prompts
 (:meth:`FusedDecoder.prefill`: the same layer arithmetic over the prompt tokens of right
 padded rows, causal and windowed attention within each prompt, the logits of each row's
 last prompt token), for the first batch and for rows that take a freed slot.
@@ -152,12 +153,14 @@ def _norm_fn(norm):
     the projections it sits between. Any other norm module is called as it is."""
     if type(norm) is not torch.nn.RMSNorm or norm.weight is None:
         return norm
-    weight, eps = norm.weight, norm.eps
+    weight = norm.weight
+    eps = torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
 
     def rms_norm(x):
+        if x.dtype == torch.float32:  # no conversions to dispatch
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True).add_(eps)) * weight
         x32 = x.float()
-        e = torch.finfo(torch.float32).eps if eps is None else eps
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(e))
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
         return y.to(x.dtype) * weight
 
     return rms_norm
@@ -229,6 +232,10 @@ class FusedDecoder:
                        for m in models]
         self.final_norms = {id(m): _norm_fn(m.decoder.final_layernorm) for m in models if m.post_process}
         self.cache = {}  # layer number -> (keys [b, ng, S, d] rotated, values [b, ng, S, d])
+        # the cache's storage: per (ng, d), one [2 * layers, b, ng, S, d] buffer (cache holds
+        # views of it), and each layer's place in it
+        self._buffers = {}
+        self._places = {}  # layer number -> (buffer key, index of its keys)
         self.rope = {}  # local rope? -> (cos, signed sin) [S, r]
         self._masks = {}  # one step's per-row attention biases and cache indices
         self._span = (0, 0)  # that step's lowest and highest row position
@@ -243,16 +250,33 @@ class FusedDecoder:
         self.rope = {False: _cos_sin(self.models[0].rotary_pos_emb.inv_freq, total_len, self.dtype)}
         if self.local_inv_freq is not None:
             self.rope[True] = _cos_sin(self.local_inv_freq, total_len, self.dtype)
-        self.cache = {}
+        shapes: dict = {}
+        self._places = {}
         for layers in self.layers:
             for layer in layers:
-                keys = torch.zeros((batch, layer.groups, total_len, layer.head_dim), dtype=self.dtype,
-                                   device=self.device)
-                self.cache[layer.number] = (keys, torch.zeros_like(keys))
+                numbers = shapes.setdefault((layer.groups, layer.head_dim), [])
+                self._places[layer.number] = ((layer.groups, layer.head_dim), 2 * len(numbers))
+                numbers.append(layer.number)
+        self._buffers = {
+            (g, d): torch.zeros((2 * len(numbers), batch, g, total_len, d), dtype=self.dtype, device=self.device)
+            for (g, d), numbers in shapes.items()
+        }
+        self._views()
+
+    def _views(self) -> None:
+        """``cache`` as views of the buffers (each layer's keys and values contiguous)."""
+        self.cache = {}
+        for number, (key, i) in self._places.items():
+            buffer = self._buffers[key]
+            self.cache[number] = (buffer[i], buffer[i + 1])
 
     def keep_rows(self, keep: torch.Tensor) -> None:
-        for number, (k, v) in list(self.cache.items()):
-            self.cache[number] = (k.index_select(0, keep), v.index_select(0, keep))
+        """Only the slots ``keep`` [b'] (ascending) remain, in that order: one gather per
+        buffer for every layer at once (a copy of the kept slots, as fast as the per-layer
+        copies it replaces and a fraction of their kernels; moving the kept slots down in
+        place, or over the written columns only, measured slower: a gather and a copy)."""
+        self._buffers = {key: buffer.index_select(1, keep) for key, buffer in self._buffers.items()}
+        self._views()
 
     # ------------------------------------------------------------------ step
     def _all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -341,7 +365,9 @@ class FusedDecoder:
         if scores.dtype != torch.float32:
             probs = torch.softmax(scores.float(), dim=-1).to(scores.dtype)
         else:
-            probs = torch.softmax(scores, dim=-1).to(values.dtype)
+            probs = torch.softmax(scores, dim=-1)
+            if values.dtype != torch.float32:
+                probs = probs.to(values.dtype)
         context = torch.bmm(probs, values.view(b * g, seq, d)[:, first:last]).view(b, layer.heads * d)
         return self._finish(layer, h, context)
 

@@ -30,8 +30,11 @@ Design
 - **Sampling decisions** are made on exactly one rank: the first tensor-parallel rank of
   the last pipeline stage (the *source*). Logits are gathered over the TP group
   (``runtime_gather_output=True``), the source picks the tokens (its per-sample generators
-  are the only random state used), their log-probs and the finished flags, and broadcasts
-  them as one ``[3, b]`` float64 tensor over the model-parallel group (TP x PP). Every rank therefore holds the same tokens and returns the same result.
+  are the only random state used; with the fused decoder each sample's uniforms are drawn
+  a block at a time, the same numbers as one draw per step: ``sampling.SlotUniforms``),
+  their log-probs and the finished flags, and broadcasts them as one ``[3, b]`` float64
+  tensor over the model-parallel group (TP x PP; with no other rank nothing is packed or
+  sent). Every rank therefore holds the same tokens and returns the same result.
 - **Pipeline parallelism** runs stage by stage for every forward: the first stage embeds
   the step's tokens, each stage sends its hidden state ``[s, b, h]`` to the next with a
   point-to-point send/recv, the last stage computes the logits. With virtual pipeline
@@ -97,7 +100,7 @@ from aligner.models.gpt import unwrap_model
 from aligner.models.moe import RoutingCapture
 from aligner.parallel import get_device
 from aligner.rollout.decode import FusedDecoder, unsupported_reason
-from aligner.rollout.sampling import chosen_logprobs, select_tokens
+from aligner.rollout.sampling import SlotUniforms, chosen_logprobs, select_tokens
 
 # Why a row stopped: code in the broadcast decision tensor -> name in the result.
 CONTINUE, STOP_TOKEN, STOP_STRING, MAX_NEW_TOKENS, CONTEXT_LENGTH = 0, 1, 2, 3, 4
@@ -251,6 +254,11 @@ class RolloutEngine:
 
     Constructing the engine is a collective over the model-parallel group.
     """
+
+    # Sampling with the fused decoder draws each sample's uniforms this many (at most
+    # max_new_tokens) at a time from its generator (SlotUniforms): one call per sample and
+    # block instead of per sample and step, the same numbers.
+    draw_block = 256
 
     def __init__(self, model_chunks, model_cfg: ModelConfig, tokenizer=None, max_batch: int = 64,
                  max_seq_len: Optional[int] = None, decode_impl: str = "auto",
@@ -553,12 +561,12 @@ class RolloutEngine:
         lengths = prompt_lengths + response_lengths
         width = int(lengths.max()) if n else 0
         resp_width = int(response_lengths.max()) if n else 0
-        tokens = torch.full((n, width), pad, dtype=torch.int64)
-        logprobs = torch.zeros((n, resp_width), dtype=torch.float32)
-        for i, (prompt, (resp, logps, _)) in enumerate(zip(prompts, responses)):
-            tokens[i, :len(prompt)] = torch.tensor(prompt, dtype=torch.int64)
-            tokens[i, len(prompt):len(prompt) + len(resp)] = torch.tensor(resp, dtype=torch.int64)
-            logprobs[i, :len(resp)] = torch.tensor(logps, dtype=torch.float32)
+        # built as padded Python lists, one tensor each (fp32 log-probs round-trip exactly)
+        tokens = torch.tensor([prompt + resp + [pad] * (width - len(prompt) - len(resp))
+                               for prompt, (resp, _, _) in zip(prompts, responses)],
+                              dtype=torch.int64).view(n, width)
+        logprobs = torch.tensor([logps + [0.0] * (resp_width - len(logps)) for (_, logps, _) in responses],
+                                dtype=torch.float32).view(n, resp_width)
         reasons = [STOP_REASONS[r[2]] for r in responses]
         texts = None
         if self.tokenizer is not None:
@@ -666,11 +674,12 @@ class RolloutEngine:
         plen = torch.tensor([len(prompts[i]) for i in rows], dtype=torch.int64, device=device)
         end = torch.clamp(plen + max_new, max=self.max_seq_len)
         stop_t = torch.tensor(stop_ids, dtype=torch.int64, device=device)
-        # one generator per sample, made when it enters a slot: its stream is its own
-        generators = {} if config.sampling and self.is_source else None
-        if generators is not None:
-            for i in rows:
-                generators[i] = torch.Generator().manual_seed(int(seeds[i]))
+        # one generator per sample, made when it enters a slot: its stream is its own; its
+        # uniforms are drawn a block at a time (the same numbers as one draw per step)
+        uniforms = None
+        if config.sampling and self.is_source:
+            uniforms = SlotUniforms(min(max_new, self.draw_block), device)
+            uniforms.reset([seeds[i] for i in rows])
         capture = self.routing_capture if record else None
         assert capture is None or not waiting, "routing is recorded batch by batch"
         staged: dict = {}  # waiting prompt -> its prefilled keys and values (see _admit)
@@ -688,8 +697,7 @@ class RolloutEngine:
         base = torch.arange(b, device=device) * total
         while True:
             chosen, logp, finished = self._shared_decision(
-                logits, col, None, tokens, plen, end,
-                [generators[r] for r in rows] if generators is not None else None, config, stop_t, len(rows), device)
+                logits, col, None, tokens, plen, end, uniforms, config, stop_t, len(rows), device)
             flat = base + col
             tokens.view(-1).index_copy_(0, flat, chosen)
             logprobs.view(-1).index_copy_(0, flat, logp)
@@ -701,14 +709,11 @@ class RolloutEngine:
                 if capture is not None:  # a row's last token is never fed; its padding columns
                     for j in done:       # (routed in the prefill) are no token of it
                         capture.choices[rows[j], int(col[j]) - 1:] = -1
-                if generators is not None:
-                    for j in done:
-                        del generators[rows[j]]
                 refill = done[:len(waiting)]
                 if refill:
                     newcomers = [waiting.pop() for _ in refill]
                     self._admit(refill, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
-                                generators, waiting, staged)
+                                uniforms, waiting, staged)
                 gone = done[len(refill):]
                 if gone:
                     if len(gone) == len(rows):
@@ -717,6 +722,8 @@ class RolloutEngine:
                     keep_mask[gone] = False
                     keep = keep_mask.nonzero().squeeze(-1)
                     self.decoder.keep_rows(keep)
+                    if uniforms is not None:
+                        uniforms.keep(keep)
                     tokens, logprobs = tokens[keep], logprobs[keep]
                     plen, end, col = plen[keep], end[keep], col[keep]
                     rows = [rows[j] for j in keep.tolist()]
@@ -732,7 +739,7 @@ class RolloutEngine:
             self.forwards += 1
 
     def _admit(self, slots, newcomers, prompts, seeds, max_new, rows, tokens, logprobs, plen, end, col,
-               generators, waiting, staged) -> None:
+               uniforms, waiting, staged) -> None:
         """Put the prompts ``newcomers`` into the freed ``slots`` (state updated in place).
 
         Prompts are prefilled ahead, ``max_batch`` at a time: a newcomer not yet prefilled
@@ -753,8 +760,8 @@ class RolloutEngine:
             logprobs[j] = 0.0
             plen[j] = len(p)
             end[j] = min(len(p) + max_new, self.max_seq_len)
-            if generators is not None:
-                generators[i] = torch.Generator().manual_seed(int(seeds[i]))
+            if uniforms is not None:
+                uniforms.assign(j, seeds[i])
         missing = [i for i in newcomers if i not in staged]
         if missing:  # every rank stages the same prompts: the order of ``waiting`` is shared
             group = missing + [i for i in reversed(waiting) if i not in staged][:self.max_batch - len(missing)]
@@ -780,9 +787,10 @@ class RolloutEngine:
         """Record the finished slots ``done`` (their last column is ``t - 1``; ``t`` an int
         or per slot [b]) with the reason."""
         stop_set = set(stop_t.tolist())
+        starts = plen.tolist()  # one conversion each for all the slots, not one per slot
+        ends = t.tolist() if isinstance(t, torch.Tensor) else [t] * len(starts)
         for j in done:
-            p = int(plen[j])
-            t_j = int(t[j]) if isinstance(t, torch.Tensor) else t
+            p, t_j = starts[j], ends[j]
             resp = tokens[j, p:t_j].tolist()
             if resp[-1] in stop_set:
                 code = STOP_TOKEN
@@ -801,24 +809,31 @@ class RolloutEngine:
     def _shared_decision(self, logits, t, in_prompt, tokens, plen, end, generators, config, stop_t,
                          n_rows: int, device):
         """The source rank's decision for the rows' next tokens (:meth:`_decide`), sent to every
-        rank of the model-parallel group: (chosen token ids, their log-probs, finished flags)."""
+        rank of the model-parallel group as one ``[3, b]`` float64 tensor (exact for token
+        ids, fp32 log-probs and flags): (chosen token ids, their log-probs, finished flags).
+        ``generators``: the slots' generators, or their :class:`SlotUniforms`."""
+        if self.mp_group is None:  # this rank is the source and the only rank: nothing to send
+            return self._decide(logits, t, in_prompt, tokens, plen, end, generators, config, stop_t)
         if self.is_source:
-            decision = self._decide(logits, t, in_prompt, tokens, plen, end, generators, config, stop_t)
+            decision = torch.stack([x.double() for x in self._decide(
+                logits, t, in_prompt, tokens, plen, end, generators, config, stop_t)])
         else:
             decision = torch.empty((3, n_rows), dtype=torch.float64, device=device)
-        if self.mp_group is not None:
-            torch.distributed.broadcast(decision, src=self.source_rank, group=self.mp_group)
+        torch.distributed.broadcast(decision, src=self.source_rank, group=self.mp_group)
         return decision[0].long(), decision[1].float(), decision[2] != 0
 
     def _decide(self, logits, t, in_prompt, tokens, plen, end, generators,
-                config: GenerationConfig, stop_t) -> torch.Tensor:
+                config: GenerationConfig, stop_t):
         """On the source rank: token, log-prob and finished flag of column ``t`` (an int, or
-        per slot [b]) for every slot -> ``[3, b]`` float64. ``in_prompt`` [b] marks slots
-        still reading their prompt (None when no slot does); ``generators``: the slots'
-        own (None when greedy)."""
+        per slot [b]) for every slot -> ([b] int64, [b] fp32, [b] bool). ``in_prompt`` [b]
+        marks slots still reading their prompt (None when no slot does); ``generators``: the
+        slots' own, or (no slot in its prompt) their :class:`SlotUniforms`; None when greedy."""
         if in_prompt is None:
+            drawn = isinstance(generators, SlotUniforms)
             chosen = select_tokens(logits, greedy=config.greedy, temperature=config.temperature,
-                                   top_k=config.top_k, top_p=config.top_p, generators=generators)
+                                   top_k=config.top_k, top_p=config.top_p,
+                                   generators=None if drawn else generators,
+                                   uniforms=generators.draw() if drawn else None)
         else:
             # Only generating slots draw random numbers: a sample's stream is its own.
             if isinstance(t, torch.Tensor):
@@ -847,7 +862,7 @@ class RolloutEngine:
                 ids = tokens[j, p:t_j].tolist() + [int(chosen[j])]
                 if self._has_stop_string(ids, config.stop_strings):
                     finished[j] = True
-        return torch.stack([chosen.double(), logp.double(), finished.double()])
+        return chosen, logp, finished
 
     # ------------------------------------------------------------------ model steps
     def _prefill_columns(self, shortest: int) -> int:

@@ -14,14 +14,18 @@ The pipeline for one step, on fp32 logits ``[b, v]``:
    cumulative probability (vocab order, float64) exceeds ``u`` times the total.
 
 One uniform per generated token per sample means a sample's draws depend only on its seed
-and its own history, not on the batch it shares (reproducible per request).
+and its own history, not on the batch it shares (reproducible per request). The fused
+decode path draws them ahead, a block per sample at a time (:class:`SlotUniforms`): a CPU
+generator's block ``torch.rand(n, dtype=float64)`` is the same numbers, in the same
+order, as n single draws, so the tokens are those of one draw per step, at one call per
+sample and block instead of one per sample and step.
 Greedy is the argmax of the raw logits. The log-probability reported for a chosen token is
 always ``log_softmax`` of the raw logits (the model's own distribution, before
 temperature and filtering): what the training path computes for the same sequence.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -66,12 +70,82 @@ def sample_from_logits(filtered: torch.Tensor, uniforms: torch.Tensor) -> torch.
 
 
 def select_tokens(logits: torch.Tensor, *, greedy: bool, temperature: float, top_k: int,
-                  top_p: float, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """The next token of every row of ``logits`` [b, v] -> [b] int64 (see module docstring)."""
+                  top_p: float, generators: Optional[Sequence[torch.Generator]] = None,
+                  uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The next token of every row of ``logits`` [b, v] -> [b] int64 (see module docstring):
+    each row's uniform drawn from its generator in ``generators``, or given (``uniforms``
+    [b] float64, drawn ahead from the same generators: :class:`SlotUniforms`)."""
     if greedy:
         return logits.argmax(dim=-1)
     filtered = filter_logits(logits, temperature, top_k, top_p)
-    return sample_from_logits(filtered, draw_uniforms(generators, logits.device))
+    if uniforms is None:
+        uniforms = draw_uniforms(generators, logits.device)
+    return sample_from_logits(filtered, uniforms)
+
+
+class SlotUniforms:
+    """The uniforms of the samples in a batch's slots, drawn ``block`` at a time from each
+    sample's own generator (seeded when the sample takes its slot): :meth:`draw` gives
+    every slot its sample's next uniform, exactly the number one ``torch.rand((),
+    generator=g, dtype=float64)`` per step would give (see the module docstring).
+
+    Every slot draws one uniform per call (every slot decides a token at every step). Per
+    call: one gather from the [slots, block] table and one increment; a slot's next block
+    is drawn when its block runs out (a Python-side count, no host sync)."""
+
+    def __init__(self, block: int, device):
+        if block < 1:
+            raise ValueError(f"SlotUniforms block = {block}: expected a positive integer")
+        self.block = int(block)
+        self.device = device
+        self.generators: list = []
+        self.table = torch.empty((0, self.block), dtype=torch.float64, device=device)
+        self.offset = torch.zeros(0, dtype=torch.int64, device=device)  # each slot's next column
+        self.due: list = []  # per slot: the draw count at which its block runs out
+        self.draws = 0  # calls of draw so far
+        self._base = torch.zeros(0, dtype=torch.int64, device=device)
+
+    def _fill(self, slot: int) -> None:
+        self.table[slot] = torch.rand(self.block, generator=self.generators[slot], dtype=torch.float64).to(
+            self.device)
+        self.offset[slot] = 0
+        self.due[slot] = self.draws + self.block
+
+    def reset(self, seeds: Sequence[int]) -> None:
+        """One slot per seed, each with a fresh generator."""
+        b = len(seeds)
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.table = torch.stack([torch.rand(self.block, generator=g, dtype=torch.float64)
+                                  for g in self.generators]).to(self.device)
+        self.offset = torch.zeros(b, dtype=torch.int64, device=self.device)
+        self.due = [self.block] * b
+        self.draws = 0
+        self._base = torch.arange(b, dtype=torch.int64, device=self.device) * self.block
+
+    def assign(self, slot: int, seed: int) -> None:
+        """Slot ``slot`` now holds a new sample: a fresh generator seeded with ``seed``."""
+        self.generators[slot] = torch.Generator().manual_seed(int(seed))
+        self._fill(slot)
+
+    def keep(self, keep: torch.Tensor) -> None:
+        """Only the slots ``keep`` [b'] (ascending) remain, in that order."""
+        kept = keep.tolist()
+        self.generators = [self.generators[j] for j in kept]
+        self.due = [self.due[j] for j in kept]
+        self.table = self.table.index_select(0, keep)
+        self.offset = self.offset.index_select(0, keep)
+        self._base = torch.arange(len(kept), dtype=torch.int64, device=self.device) * self.block
+
+    def draw(self) -> torch.Tensor:
+        """Every slot's next uniform -> [slots] float64."""
+        if self.due and min(self.due) <= self.draws:
+            for j, due in enumerate(self.due):
+                if due <= self.draws:
+                    self._fill(j)
+        u = self.table.view(-1).index_select(0, self._base + self.offset)
+        self.offset += 1
+        self.draws += 1
+        return u
 
 
 def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

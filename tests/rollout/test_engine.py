@@ -139,6 +139,15 @@ def _layout_checks(models, cfg):
                 out[key]["train_logprobs"] = _training_logprobs(models, res.tokens, res.lengths)
                 out[key]["result"] = (res.prompt_lengths, res.response_lengths)
     out["refill_megatron"] = RolloutEngine(models, cfg, decode_impl="megatron", continuous_batching=True).continuous
+    # the sampled refill run again with each sample's uniforms drawn 2 at a time (its blocks
+    # run out mid-response), and through megatron-core's decode steps (one draw per step)
+    sampled = GenerationConfig(**REFILL_SAMPLED)
+    engine = RolloutEngine(models, cfg, max_batch=REFILL_BATCH)
+    engine.draw_block = 2
+    res = engine.generate(REFILL_PROMPTS, sampled)
+    out["refill_sampled_block2"] = [res.response_tokens(i) for i in range(len(res))]
+    res = RolloutEngine(models, cfg, max_batch=REFILL_BATCH, decode_impl="megatron").generate(REFILL_PROMPTS, sampled)
+    out["refill_sampled_megatron"] = [res.response_tokens(i) for i in range(len(res))]
     return out
 
 
@@ -412,7 +421,9 @@ def test_refill_logprobs_equal_training_path(layout):
 
 def test_refill_sampling_equals_no_refill(layout):
     """Sample i draws from its own seed's generator whatever slot and step it decodes in:
-    the same samples with refills on and off, in every layout."""
+    the same samples with refills on and off, in every layout; and whatever the block of
+    uniforms the fused path draws ahead (2 or a whole response), the same samples as
+    megatron-core's decode steps, which draw one uniform per step."""
     tp, pp, ranks = layout
     for out in ranks:
         on, off = out["refill_sampled_on"], out["refill_sampled_off"]
@@ -420,6 +431,9 @@ def test_refill_sampling_equals_no_refill(layout):
         assert len({len(r) for r in on["responses"]}) >= 3 and "stop_token" in on["reasons"]
         _assert_forwards(on, off)
         assert out["refill_sampled_on"]["responses"] == ranks[0]["refill_sampled_on"]["responses"]
+        # uniforms drawn ahead in blocks of any size are the numbers of one draw per step
+        assert out["refill_sampled_block2"] == on["responses"]
+        assert out["refill_sampled_megatron"] == on["responses"]
 
 
 # ---------------------------------------------------------------------------- sampling

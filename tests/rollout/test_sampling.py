@@ -6,6 +6,7 @@ import torch
 
 from aligner.rollout.engine import GenerationConfig, seed_for
 from aligner.rollout.sampling import (
+    SlotUniforms,
     chosen_logprobs,
     filter_logits,
     sample_from_logits,
@@ -87,6 +88,59 @@ def test_select_tokens_greedy_and_seeded():
         g = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 100)]
         assert select_tokens(logits, greedy=False, temperature=0.7, top_k=1, top_p=1.0,
                              generators=g).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64])
+def test_slot_uniforms_are_each_samples_one_draw_per_step(block):
+    """Uniforms drawn ahead in blocks (SlotUniforms) are the numbers of one scalar draw per
+    step from each sample's own generator (the rule before blocks), through samples taking
+    freed slots, slots dropped, and blocks running out at different steps; and the tokens
+    chosen from them are the same as with the generators drawing step by step."""
+    gen = torch.Generator().manual_seed(0)
+    slots = SlotUniforms(block, "cpu")
+    seeds = [11, 12, 13, 14]
+    slots.reset(seeds)
+    reference = [torch.Generator().manual_seed(s) for s in seeds]  # one per slot, in slot order
+    for step in range(40):
+        logits = torch.randn((len(seeds), 9), generator=gen)
+        copies = [torch.Generator().set_state(g.get_state()) for g in reference]
+        u = slots.draw()
+        expected_u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in reference])
+        assert torch.equal(u, expected_u)
+        tokens = select_tokens(logits, greedy=False, temperature=0.8, top_k=5, top_p=0.9, uniforms=u)
+        assert torch.equal(tokens, select_tokens(logits, greedy=False, temperature=0.8, top_k=5, top_p=0.9,
+                                                 generators=copies))
+        if step % 5 == 2:  # slot 1 gets a new sample
+            seeds[1] = 100 + step
+            slots.assign(1, seeds[1])
+            reference[1] = torch.Generator().manual_seed(seeds[1])
+        if step == 17:  # slots 0 and 2 are dropped
+            slots.keep(torch.tensor([1, 3]))
+            seeds, reference = [seeds[1], seeds[3]], [reference[1], reference[3]]
+        if step == 30:  # slot 0 of the two gets a new sample
+            seeds[0] = 7
+            slots.assign(0, 7)
+            reference[0] = torch.Generator().manual_seed(7)
+
+
+def test_slot_uniforms_tokens_equal_per_step_draws():
+    """Tokens from block-drawn uniforms equal those drawn with a generator per row per step."""
+    gen = torch.Generator().manual_seed(1)
+    logits = [torch.randn((3, 50), generator=gen) for _ in range(12)]
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6, 7)]
+    step_by_step = [select_tokens(x, greedy=False, temperature=1.3, top_k=0, top_p=0.95, generators=gens)
+                    for x in logits]
+    slots = SlotUniforms(5, "cpu")
+    slots.reset([5, 6, 7])
+    blocks = [select_tokens(x, greedy=False, temperature=1.3, top_k=0, top_p=0.95, uniforms=slots.draw())
+              for x in logits]
+    assert [t.tolist() for t in blocks] == [t.tolist() for t in step_by_step]
+    assert len({tuple(t.tolist()) for t in blocks}) > 1  # the draws do vary
+
+
+def test_slot_uniforms_rejects_an_empty_block():
+    with pytest.raises(ValueError, match="block = 0"):
+        SlotUniforms(0, "cpu")
 
 
 def test_seed_for_is_deterministic_and_distinct():

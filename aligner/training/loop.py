@@ -181,6 +181,7 @@ class TrainingLoop:
         self.hooks = list(hooks)  # aligner.training.algorithm.StepHook
         self.stop_reason: Optional[str] = None
         self._signalled = 0  # the number of a signal that asks training to stop after this step
+        self._interrupted = False  # a Ctrl-C arrived (see _signals_handled)
 
     def request_stop(self, reason: str) -> None:
         """End training after the current step (a hook's early stop); checkpoint and export
@@ -385,7 +386,7 @@ class TrainingLoop:
     def fit(self) -> Dict[str, Any]:
         """Train to ``max_steps``; returns the last train and validation metrics."""
         try:
-            with self._sigterm_handled():
+            with self._signals_handled():
                 return self._fit()
         except KeyboardInterrupt:
             raise RunStopped(self.resume_note(f"interrupted (Ctrl-C) at step {self.step}"), signal.SIGINT) from None
@@ -478,10 +479,14 @@ class TrainingLoop:
 
     # ---------------------------------------------------------------- signals
     @contextlib.contextmanager
-    def _sigterm_handled(self):
+    def _signals_handled(self):
         """While training, SIGTERM asks for a stop after the current step (with a checkpoint
         when ``trainer.save_on_signal``); a second one, or one without saving, stops at once.
-        Handlers can only be set in the main thread: elsewhere the caller's stay."""
+        Ctrl-C (SIGINT, where Python's default handler is in place) stops at once, as by
+        default, and is also remembered: an interrupt raised where Python cannot pass it on
+        (inside a finalizer, ``__del__`` or a weakref callback, where it is reported as
+        ignored) still stops the run at the end of the step. Handlers can only be set in the
+        main thread: elsewhere the caller's stay."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -491,15 +496,27 @@ class TrainingLoop:
                 raise RunStopped(self.resume_note(f"stopped by SIGTERM at step {self.step}"), signum)
             self._signalled = signum
 
+        def on_sigint(signum, frame):
+            self._interrupted = True
+            raise KeyboardInterrupt
+
         previous = signal.signal(signal.SIGTERM, on_sigterm)
+        previous_int = None
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous_int = signal.signal(signal.SIGINT, on_sigint)
         try:
             yield
         finally:
             signal.signal(signal.SIGTERM, previous)
+            if previous_int is not None:
+                signal.signal(signal.SIGINT, previous_int)
 
     def _stop_if_signalled(self, saved: Optional[Path]) -> None:
-        """At the end of a step: if any rank was sent SIGTERM, every rank saves a checkpoint
-        (unless this step's was just written: ``saved``) and stops (:class:`RunStopped`)."""
+        """At the end of a step: a Ctrl-C that did not stop the run where it arrived stops it
+        now; if any rank was sent SIGTERM, every rank saves a checkpoint (unless this step's
+        was just written: ``saved``) and stops (:class:`RunStopped`)."""
+        if self._interrupted:  # an interrupt swallowed on its way (see _signals_handled)
+            raise KeyboardInterrupt
         if not self.cfg.save_on_signal:  # a SIGTERM has stopped the run at once (the same on every rank)
             return
         flag = torch.tensor([self._signalled], dtype=torch.int64, device=get_device())

@@ -3,6 +3,7 @@ keys, the same config resumes, ``trainer.resume=false`` starts afresh; a ``-m`` 
 one run folder per job; TensorBoard drops the events after the resumed step; the W&B run
 id is kept in the run folder. Tiny models through the real command line."""
 import json
+import subprocess
 import sys
 
 import pytest
@@ -284,7 +285,11 @@ def test_sigterm_saves_a_checkpoint_and_ctrl_c_names_the_last_one(world, tmp_pat
         try:
             _wait_for_step(run, step, proc)
             (os.killpg if group else os.kill)(proc.pid, sig)
-            code = proc.wait(timeout=120)
+            try:
+                code = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"still running 120 s after {sig!r}; its stderr ends:\n"
+                                     + "\n".join(err.read_text().splitlines()[-30:])) from None
         finally:
             proc.kill()
         return code, err.read_text().splitlines()
@@ -305,3 +310,52 @@ def test_sigterm_saves_a_checkpoint_and_ctrl_c_names_the_last_one(world, tmp_pat
     assert lines[-1].endswith(f"; the last complete checkpoint is {latest}: the same command resumes from it")
     assert find_latest(run / "checkpoints") == latest
     assert not any("Traceback" in line for line in lines), lines
+
+
+# A Ctrl-C whose KeyboardInterrupt Python cannot pass on: it arrives while a finalizer runs
+# (``__del__`` here), where Python reports the exception as ignored and carries on.
+SWALLOWED_CTRL_C = """
+import signal, sys
+from omegaconf import OmegaConf
+from aligner.algorithms.sft import SFTTrainer
+from aligner.runtime import RunStopped
+from aligner.training.algorithm import StepHook
+
+class Finalized:
+    def __del__(self):
+        signal.raise_signal(signal.SIGINT)
+
+class CtrlCInAFinalizer(StepHook):
+    name = "ctrl_c"
+    def after_step(self, loop):
+        if loop.step == 3:
+            Finalized()  # dropped at once: its finalizer gets the interrupt
+
+class Trainer(SFTTrainer):
+    def hooks(self, algo):
+        return [CtrlCInAFinalizer()]
+
+try:
+    Trainer(OmegaConf.from_dotlist(sys.argv[1:])).fit()
+except RunStopped as exc:
+    print(f"stopped {int(exc.signum)}: {exc}")
+else:
+    print("not stopped")
+"""
+
+
+def test_a_ctrl_c_python_reports_as_ignored_still_stops_the_run_after_the_step(world, tmp_path):
+    """The interrupt raised inside a finalizer is lost to the training code (Python prints
+    "Exception ignored"); the loop remembers the Ctrl-C and stops after that step."""
+    root, vocab = world
+    run = tmp_path / "swallowed"
+    out = pyproc.run([sys.executable, "-W", "ignore", "-c", SWALLOWED_CTRL_C, f"data.train={root / 'sft.jsonl'}",
+                      f"data.tokenizer={root / 'tok'}", "trainer.max_steps=8", "trainer.save_interval=0",
+                      f"trainer.out_dir={run}", *_tiny(vocab)], cwd=root, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "KeyboardInterrupt" in out.stderr and "Exception ignored" in out.stderr, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == ("stopped 2: interrupted (Ctrl-C) at step 3; no checkpoint was"
+                                                   " written yet: the same command starts the run again"), out.stdout
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x).get("split") == "train"]
+    assert steps == [1, 2, 3]

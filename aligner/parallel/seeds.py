@@ -3,10 +3,18 @@ of where it is used (docs/online_core.md, "determinism"), so that a resumed run 
 data-parallel size draw the same numbers.
 
 A stream's generator is seeded with ``seed · RUN_STRIDE + offset``, the offset a function
-of (step, epoch, round) with the strides below: RUN_STRIDE, a prime above a million, keeps
-the streams of different seeds apart for every offset a run reaches; the per-use strides
-are distinct primes, so that the (step, epoch) and (step, round) grids map to distinct
-offsets, and ROUND_OFFSET shifts the prompt-round streams off the others.
+of (step, epoch, round) with the strides below. Within one use the offsets are distinct for
+every index a run reaches (the per-use strides exceed the inner index: epochs and rounds
+stay far below them). Across uses the offsets are not disjoint: step 0's mini-batch orders
+(offsets 1, 2, ...) share their seeds with the data orders of epochs 1, 2, ..., and for
+some steps a prompt round's offset equals another step's mini-batch offset (the strides are
+distinct primes, which keeps such coincidences rare, not absent). A shared seed there gives
+two permutations of different sizes drawn for different purposes at different points of a
+run, which no objective compares. RUN_STRIDE, a prime above a million, keeps the
+streams of different seeds apart only while the offsets stay under it (data orders;
+mini-batch orders below step 991; prompt rounds below step 114): a longer run's later
+streams can share a seed with a neighbouring seed's stream, again one drawn at another
+step for another purpose.
 """
 from __future__ import annotations
 

@@ -17,8 +17,9 @@ starts from). ``old``: the functions and methods of ``--modules`` as the source 
 ``--base`` has them (for instance ``git archive <commit> | tar -x -C /tmp/aligner_base``),
 swapped into the live classes and modules; ``new``: this tree. Printed as JSON: medians
 per phase and variant, the largest difference of the two variants' reference log-probs
-over response tokens, the token positions of the step's cut and packed micro-batches,
-and the load averages.
+over response tokens, the token positions of the step's cut and packed micro-batches and
+their estimated forward FLOPs (:class:`aligner.training.forward.PassCost`), and the load
+averages.
 
 ``--profile``: torch.profiler (CPU) of one reference pass and one update of ``new``, the
 ops by self CPU time (``--stacks``: with the Python functions that ran them as rows of
@@ -148,12 +149,15 @@ def step_phases(algo, context, exp, extra, variants: Variants, repeats: int, pro
     out["decode_batch"] = statistics.median(t for _, t in decode_times)
     diff = (results["reference/old"] - results["reference/new"]).abs() * exp.response_mask
     out["reference_max_abs_diff"] = float(diff.max())  # over the response tokens
-    from aligner.training.forward import packed_rows, trimmed_rows
+    from aligner.training.forward import packed_rows, pass_cost, trimmed_rows
 
     ends = (exp.prompt_lengths + exp.response_lengths).tolist()
+    cost = pass_cost(context.roles["policy"].chunks)
+    out["cost_weights"] = {"position": cost.position, "pair": cost.pair}
     for name, fn in (("trimmed", trimmed_rows), ("packed", packed_rows)):
         micro = fn(exp.tokens, ends, context.micro_batch_size)
         out[f"positions/{name}"] = None if micro is None else sum(b["tokens"].numel() for b in micro)
+        out[f"cost/{name}"] = None if micro is None else cost.microbatches(micro)  # estimated FLOPs of a forward
     out["all"] = times
     return out
 

@@ -40,8 +40,23 @@ import types
 from pathlib import Path
 
 
+def same_code(a, b) -> bool:
+    """Whether two functions (or code objects) compile to the same instructions, constants
+    and names, wherever they sit in their files (nested code compared alike)."""
+    a, b = (getattr(f, "__func__", f) for f in (a, b))
+    a, b = (getattr(f, "__code__", f) for f in (a, b))
+    if not (isinstance(a, types.CodeType) and isinstance(b, types.CodeType)):
+        return False
+    if a.co_code != b.co_code or a.co_names != b.co_names or len(a.co_consts) != len(b.co_consts):
+        return False
+    return all(same_code(x, y) if isinstance(x, types.CodeType) else (type(x) is type(y) and x == y)
+               for x, y in zip(a.co_consts, b.co_consts))
+
+
 def load_base(base: Path, names):
-    """``[(live object, attribute, old value)]``: what swaps the live code for ``base``'s."""
+    """``[(live object, attribute, old value)]``: what swaps the live code for ``base``'s.
+    A method whose code is unchanged is not swapped (an old copy of a method that calls
+    ``super()`` without arguments would name the old class)."""
     swaps = []
     for name in names:
         live = sys.modules.get(name) or importlib.import_module(name)
@@ -60,6 +75,8 @@ def load_base(base: Path, names):
                 setattr(old, attr, target)  # the old methods see the live classes (isinstance, super)
                 for key, member in vars(value).items():
                     if isinstance(member, (types.FunctionType, staticmethod, classmethod, property)):
+                        if not isinstance(member, property) and same_code(member, target.__dict__.get(key)):
+                            continue
                         swaps.append((target, key, member))
         for attr, value in vars(old).items():
             if isinstance(value, types.FunctionType) and value.__module__ == old.__name__:

@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/phase_bench.py --model stops --repeats 11 \
         --base /tmp/aligner_base --modules aligner.training.roles [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/phase_bench.py --model stops --profile [--stacks]
+    OMP_NUM_THREADS=1 python benchmarks/phase_bench.py --model stops --calibrate --repeats 11
 
 bench_pg.py's model, prompts and configuration (16 prompts x 4 samples, micro-batches of 16
 rows, one thread) run two steps of aligner's GRPO; on the second, before its update, the
@@ -20,6 +21,10 @@ per phase and variant, the largest difference of the two variants' reference log
 over response tokens, the token positions of the step's cut and packed micro-batches and
 their estimated forward FLOPs (:class:`aligner.training.forward.PassCost`), and the load
 averages.
+
+``--calibrate``: the model's forward on fixed shapes, the CPU seconds per token position and
+per query-key pair fitted against :class:`aligner.training.forward.PassCost`'s FLOP ratio
+(:func:`calibrate`); nothing is compared.
 
 ``--profile``: torch.profiler (CPU) of one reference pass and one update of ``new``, the
 ops by self CPU time (``--stacks``: with the Python functions that ran them as rows of
@@ -224,6 +229,53 @@ def run(model: str, prompts: str, out_dir: str, base: str, modules: str, repeats
     return found
 
 
+def calibrate(model: str, repeats: int) -> dict:
+    """A spawned rank: the model's forward (no gradient, one thread) timed by the CPU clock
+    on micro-batches of 16 rows, causal without a mask (rows cut to 24..96 tokens) and packed
+    with a block-diagonal mask (rows of 48 and 96 holding 1, 2 or 4 samples); the least-squares fit
+    ``seconds = a * positions + b * query-key pairs`` (pairs as
+    :class:`aligner.training.forward.PassCost` counts them) against the FLOP estimate's
+    ratio ``position / pair``. Medians of ``repeats`` per shape."""
+    import torch
+
+    torch.set_num_threads(1)
+    from aligner.models.gpt import packed_attention_mask, packed_position_ids
+    from aligner.models.hf import from_pretrained
+    from aligner.parallel import ParallelConfig, initialize
+    from aligner.training.forward import pass_cost
+
+    initialize(ParallelConfig(seed=0))
+    chunk = from_pretrained(model)[0][0].eval()
+    cost = pass_cost(chunk)
+    shapes = []
+    for w in (24, 48, 72, 96):
+        shapes.append({"tokens": torch.randint(3, 400, (16, w)), "position_ids": None, "attention_mask": None})
+    for w in (48, 96):
+        for parts in (1, 2, 4):  # one part: the causal mask given explicitly
+            seg = torch.arange(w).div(w // parts, rounding_mode="floor").expand(16, w)
+            shapes.append({"tokens": torch.randint(3, 400, (16, w)), "position_ids": packed_position_ids(seg),
+                           "attention_mask": packed_attention_mask(seg)})
+    rows = []
+    with torch.no_grad():
+        for b in shapes:
+            chunk(b["tokens"], b["position_ids"], b["attention_mask"])  # warm
+            times = []
+            for _ in range(repeats):
+                t0 = time.process_time()
+                chunk(b["tokens"], b["position_ids"], b["attention_mask"])
+                times.append(time.process_time() - t0)
+            k, w = b["tokens"].shape
+            pairs = k * (w * w if b["attention_mask"] is not None else w * (w + 1) // 2)
+            rows.append({"shape": [k, w], "packed": b["attention_mask"] is not None, "positions": k * w,
+                         "pairs": pairs, "seconds": statistics.median(times),
+                         "estimate": cost.microbatch(b)})
+    x = torch.tensor([[r["positions"], r["pairs"]] for r in rows], dtype=torch.float64)
+    y = torch.tensor([r["seconds"] for r in rows], dtype=torch.float64)
+    a, b = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].tolist()
+    return {"shapes": rows, "fit_position_s": a, "fit_pair_s": b, "fit_position_per_pair": a / b,
+            "flops_position_per_pair": cost.position / cost.pair}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="stops", choices=["stops", "never"])
@@ -232,6 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modules", default="", help="comma-separated modules whose old code is swapped in")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--stacks", action="store_true", help="with --profile: the ops grouped by Python stack")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit the forward's CPU seconds per position and per query-key pair (nothing compared)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -244,8 +298,11 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="phase_bench_"))
     assets = make_assets(work, 16)
     load_before = os.getloadavg()
-    found = spawn_local(run, 1, assets[args.model], assets["prompts"], str(work / "run"), args.base, args.modules,
-                        args.repeats, args.profile, args.stacks, timeout=3600, threads_per_rank=1)[0]
+    if args.calibrate:
+        found = spawn_local(calibrate, 1, assets[args.model], args.repeats, timeout=3600, threads_per_rank=1)[0]
+    else:
+        found = spawn_local(run, 1, assets[args.model], assets["prompts"], str(work / "run"), args.base,
+                            args.modules, args.repeats, args.profile, args.stacks, timeout=3600, threads_per_rank=1)[0]
     report = {"model": args.model, "repeats": args.repeats, "modules": args.modules, "load_before": load_before,
               "load_after": os.getloadavg(), **found}
     print(json.dumps({k: v for k, v in report.items() if k != "all"}, indent=1))

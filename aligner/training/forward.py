@@ -63,8 +63,8 @@ def trimmed_rows(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_b
 
 @dataclass(frozen=True)
 class PassCost:
-    """The estimated work of a forward over a micro-batch, in model FLOPs (the count of
-    ``benchmarks/flops.py``, which it equals for causal rows):
+    """The estimated work of a forward over a micro-batch, in model FLOPs (on causal rows
+    the count of ``benchmarks/flops.py``, the output layer over the padded vocabulary):
 
         cost(batch [k, w]) = k * (position * w + pair * pairs(w))
 

@@ -450,9 +450,11 @@ def sdpa_masks(attention_mask: torch.Tensor, sq: int, sk: int, window: Optional[
     full layers alternate in some families). The entry holds the mask only weakly and is
     dropped when the mask is freed, so a tensor id cannot be reused while its entry lives;
     a write into the mask in place changes its ``_version`` and the entry is recomputed, as
-    it is when inference mode or the shapes differ."""
+    it is when inference mode or the shapes differ. A mask made in inference mode (the
+    rollout's) has no version counter and is derived in every layer, as before."""
+    kept = not attention_mask.is_inference()  # an inference tensor has no version counter
     inference = torch.is_inference_mode_enabled()
-    entry = _SDPA_MASKS.get(window)
+    entry = _SDPA_MASKS.get(window) if kept else None
     if (entry is not None and entry[0]() is attention_mask and entry[1] == attention_mask._version
             and entry[2:5] == (inference, sq, sk)):
         return entry[5]
@@ -465,6 +467,8 @@ def sdpa_masks(attention_mask: torch.Tensor, sq: int, sk: int, window: Optional[
     derived = (allowed | hidden, hidden)
     if attention_mask.device.type == "cpu" and not bool(hidden.any()):
         derived = (allowed, None)  # allowed | hidden is allowed itself
+    if not kept:
+        return derived
     _SDPA_MASKS[window] = (weakref.ref(attention_mask, functools.partial(_forget_sdpa_masks, window)),
                            attention_mask._version, inference, sq, sk, derived)
     return derived

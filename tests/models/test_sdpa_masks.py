@@ -10,7 +10,9 @@ of a forward in which every layer derives them itself (the cache emptied before 
 layer's core attention, as the code did before it was kept).
 
 The cache cannot go stale: a mask written in place gives the logits of a fresh copy of
-the written mask; a freed mask's entry is dropped with it.
+the written mask; a freed mask's entry is dropped with it; a mask made in inference mode
+(as the rollout engine makes them: no version counter) is not kept, and gives the same
+logits.
 """
 import gc
 
@@ -85,6 +87,11 @@ def _masks_world():
             mask[1, 0, 10:, 6:8] = True  # the third sample's later queries no longer see its first keys
             written = model(tokens, positions, mask)
         held, copy = len(layer_spec._SDPA_MASKS), mask.clone()
+        with torch.inference_mode():  # a mask made in inference mode (no version counter): not kept
+            inference_mask = mask.clone()
+            logits = {"cached": model(tokens, positions, inference_mask), "per_layer": per_layer(tokens, positions, mask)}
+            out[f"{arch}/inference_kept"] = any(e[0]() is inference_mask for e in layer_spec._SDPA_MASKS.values())
+        out[f"{arch}/inference"] = {k: v.clone() for k, v in logits.items()}  # normal tensors, to send back
         del mask
         gc.collect()
         out[f"{arch}/freed"] = (held, len(layer_spec._SDPA_MASKS))
@@ -95,12 +102,13 @@ def _masks_world():
 def test_masks_derived_once_per_forward_give_the_same_logits():
     out = spawn_local(_masks_world, 1, timeout=300)[0]
     for arch in ("llama", "mistral", "gemma2"):
-        for name in ("packed", "left", "causal", "written"):
+        for name in ("packed", "left", "causal", "written", "inference"):
             run = out[f"{arch}/{name}"]
             assert torch.equal(run["cached"], run["per_layer"]), (arch, name)
             assert run["cached"].abs().max() > 0.1
         for name in ("packed", "left"):  # the first layer's masks were served to the others
             assert all(out[f"{arch}/{name}"]["served"].values()), (arch, name)
+        assert not out[f"{arch}/inference_kept"], arch
         assert out[f"{arch}/freed"] == (len(set(out[f"{arch}/packed"]["windows"])), 0), arch  # gone with the mask
     assert set(out["llama/packed"]["windows"]) == {None}
     assert set(out["mistral/packed"]["windows"]) == {6}

@@ -74,7 +74,8 @@ class PassCost:
     weighted sum of values). pairs(w): a row without a mask runs the causal kernel, which
     skips the keys after each query, ``w (w + 1) / 2``; a row with a mask (packed rows'
     block-diagonal mask) computes every pair, ``w²``. Only the ratio of the two weights
-    decides between micro-batchings; sliding windows are not counted (the same for both)."""
+    decides between micro-batchings; sliding windows, which cap the pairs of both, are not
+    counted."""
 
     position: float
     pair: float

@@ -4,6 +4,7 @@
     OMP_NUM_THREADS=1 python benchmarks/phase_bench.py --model stops --repeats 11 \
         --base /tmp/aligner_base --modules aligner.training.roles [--out FILE]
     OMP_NUM_THREADS=1 python benchmarks/phase_bench.py --model stops --profile [--stacks]
+    OMP_NUM_THREADS=1 python benchmarks/phase_bench.py --model stops --calibrate --repeats 11
 
 bench_pg.py's model, prompts and configuration (16 prompts x 4 samples, micro-batches of 16
 rows, one thread) run two steps of aligner's GRPO; on the second, before its update, the
@@ -17,8 +18,13 @@ starts from). ``old``: the functions and methods of ``--modules`` as the source 
 ``--base`` has them (for instance ``git archive <commit> | tar -x -C /tmp/aligner_base``),
 swapped into the live classes and modules; ``new``: this tree. Printed as JSON: medians
 per phase and variant, the largest difference of the two variants' reference log-probs
-over response tokens, the token positions of the step's cut and packed micro-batches,
-and the load averages.
+over response tokens, the token positions of the step's cut and packed micro-batches and
+their estimated forward FLOPs (:class:`aligner.training.forward.PassCost`), and the load
+averages.
+
+``--calibrate``: the model's forward on fixed shapes, the CPU seconds per token position and
+per query-key pair fitted against :class:`aligner.training.forward.PassCost`'s FLOP ratio
+(:func:`calibrate`); nothing is compared.
 
 ``--profile``: torch.profiler (CPU) of one reference pass and one update of ``new``, the
 ops by self CPU time (``--stacks``: with the Python functions that ran them as rows of
@@ -39,8 +45,23 @@ import types
 from pathlib import Path
 
 
+def same_code(a, b) -> bool:
+    """Whether two functions (or code objects) compile to the same instructions, constants
+    and names, wherever they sit in their files (nested code compared alike)."""
+    a, b = (getattr(f, "__func__", f) for f in (a, b))
+    a, b = (getattr(f, "__code__", f) for f in (a, b))
+    if not (isinstance(a, types.CodeType) and isinstance(b, types.CodeType)):
+        return False
+    if a.co_code != b.co_code or a.co_names != b.co_names or len(a.co_consts) != len(b.co_consts):
+        return False
+    return all(same_code(x, y) if isinstance(x, types.CodeType) else (type(x) is type(y) and x == y)
+               for x, y in zip(a.co_consts, b.co_consts))
+
+
 def load_base(base: Path, names):
-    """``[(live object, attribute, old value)]``: what swaps the live code for ``base``'s."""
+    """``[(live object, attribute, old value)]``: what swaps the live code for ``base``'s.
+    A method whose code is unchanged is not swapped (an old copy of a method that calls
+    ``super()`` without arguments would name the old class)."""
     swaps = []
     for name in names:
         live = sys.modules.get(name) or importlib.import_module(name)
@@ -59,6 +80,8 @@ def load_base(base: Path, names):
                 setattr(old, attr, target)  # the old methods see the live classes (isinstance, super)
                 for key, member in vars(value).items():
                     if isinstance(member, (types.FunctionType, staticmethod, classmethod, property)):
+                        if not isinstance(member, property) and same_code(member, target.__dict__.get(key)):
+                            continue
                         swaps.append((target, key, member))
         for attr, value in vars(old).items():
             if isinstance(value, types.FunctionType) and value.__module__ == old.__name__:
@@ -148,12 +171,15 @@ def step_phases(algo, context, exp, extra, variants: Variants, repeats: int, pro
     out["decode_batch"] = statistics.median(t for _, t in decode_times)
     diff = (results["reference/old"] - results["reference/new"]).abs() * exp.response_mask
     out["reference_max_abs_diff"] = float(diff.max())  # over the response tokens
-    from aligner.training.forward import packed_rows, trimmed_rows
+    from aligner.training.forward import packed_rows, pass_cost, trimmed_rows
 
     ends = (exp.prompt_lengths + exp.response_lengths).tolist()
+    cost = pass_cost(context.roles["policy"].chunks)
+    out["cost_weights"] = {"position": cost.position, "pair": cost.pair}
     for name, fn in (("trimmed", trimmed_rows), ("packed", packed_rows)):
         micro = fn(exp.tokens, ends, context.micro_batch_size)
         out[f"positions/{name}"] = None if micro is None else sum(b["tokens"].numel() for b in micro)
+        out[f"cost/{name}"] = None if micro is None else cost.microbatches(micro)  # estimated FLOPs of a forward
     out["all"] = times
     return out
 
@@ -203,6 +229,53 @@ def run(model: str, prompts: str, out_dir: str, base: str, modules: str, repeats
     return found
 
 
+def calibrate(model: str, repeats: int) -> dict:
+    """A spawned rank: the model's forward (no gradient, one thread) timed by the CPU clock
+    on micro-batches of 16 rows, causal without a mask (rows cut to 24..96 tokens) and packed
+    with a block-diagonal mask (rows of 48 and 96 holding 1, 2 or 4 samples); the least-squares fit
+    ``seconds = a * positions + b * query-key pairs`` (pairs as
+    :class:`aligner.training.forward.PassCost` counts them) against the FLOP estimate's
+    ratio ``position / pair``. Medians of ``repeats`` per shape."""
+    import torch
+
+    torch.set_num_threads(1)
+    from aligner.models.gpt import packed_attention_mask, packed_position_ids
+    from aligner.models.hf import from_pretrained
+    from aligner.parallel import ParallelConfig, initialize
+    from aligner.training.forward import pass_cost
+
+    initialize(ParallelConfig(seed=0))
+    chunk = from_pretrained(model)[0][0].eval()
+    cost = pass_cost(chunk)
+    shapes = []
+    for w in (24, 48, 72, 96):
+        shapes.append({"tokens": torch.randint(3, 400, (16, w)), "position_ids": None, "attention_mask": None})
+    for w in (48, 96):
+        for parts in (1, 2, 4):  # one part: the causal mask given explicitly
+            seg = torch.arange(w).div(w // parts, rounding_mode="floor").expand(16, w)
+            shapes.append({"tokens": torch.randint(3, 400, (16, w)), "position_ids": packed_position_ids(seg),
+                           "attention_mask": packed_attention_mask(seg)})
+    rows = []
+    with torch.no_grad():
+        for b in shapes:
+            chunk(b["tokens"], b["position_ids"], b["attention_mask"])  # warm
+            times = []
+            for _ in range(repeats):
+                t0 = time.process_time()
+                chunk(b["tokens"], b["position_ids"], b["attention_mask"])
+                times.append(time.process_time() - t0)
+            k, w = b["tokens"].shape
+            pairs = k * (w * w if b["attention_mask"] is not None else w * (w + 1) // 2)
+            rows.append({"shape": [k, w], "packed": b["attention_mask"] is not None, "positions": k * w,
+                         "pairs": pairs, "seconds": statistics.median(times),
+                         "estimate": cost.microbatch(b)})
+    x = torch.tensor([[r["positions"], r["pairs"]] for r in rows], dtype=torch.float64)
+    y = torch.tensor([r["seconds"] for r in rows], dtype=torch.float64)
+    a, b = torch.linalg.lstsq(x, y[:, None]).solution[:, 0].tolist()
+    return {"shapes": rows, "fit_position_s": a, "fit_pair_s": b, "fit_position_per_pair": a / b,
+            "flops_position_per_pair": cost.position / cost.pair}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="stops", choices=["stops", "never"])
@@ -211,6 +284,8 @@ def main(argv=None) -> int:
     parser.add_argument("--modules", default="", help="comma-separated modules whose old code is swapped in")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--stacks", action="store_true", help="with --profile: the ops grouped by Python stack")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="fit the forward's CPU seconds per position and per query-key pair (nothing compared)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -223,8 +298,11 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="phase_bench_"))
     assets = make_assets(work, 16)
     load_before = os.getloadavg()
-    found = spawn_local(run, 1, assets[args.model], assets["prompts"], str(work / "run"), args.base, args.modules,
-                        args.repeats, args.profile, args.stacks, timeout=3600, threads_per_rank=1)[0]
+    if args.calibrate:
+        found = spawn_local(calibrate, 1, assets[args.model], args.repeats, timeout=3600, threads_per_rank=1)[0]
+    else:
+        found = spawn_local(run, 1, assets[args.model], assets["prompts"], str(work / "run"), args.base,
+                            args.modules, args.repeats, args.profile, args.stacks, timeout=3600, threads_per_rank=1)[0]
     report = {"model": args.model, "repeats": args.repeats, "modules": args.modules, "load_before": load_before,
               "load_after": os.getloadavg(), **found}
     print(json.dumps({k: v for k, v in report.items() if k != "all"}, indent=1))

@@ -37,7 +37,8 @@ from aligner.rewards.kinds import build_reward
 from aligner.rewards.sources import RewardBatch, RewardSource, check_reward_source
 from aligner.training.algorithm import Algorithm, StepContext
 from aligner.training.batching import unpack_rows
-from aligner.training.forward import collect_token_outputs, critic_values, forward, length_microbatches, policy_logps
+from aligner.training.forward import (PassCost, collect_token_outputs, critic_values, forward, length_microbatches,
+                                      pass_cost, policy_logps)
 from aligner.runtime import is_rank0
 from aligner.training.metrics import metric
 from aligner.training.rollout_log import RolloutLog
@@ -271,7 +272,7 @@ class ExperienceMaker:
     response tokens at most (default: the model's context). routing_replay (an MoE
     policy, ``moe.routing_replay``): the rollout records each token's experts and every
     policy pass over the experience (old log-probs, updates) routes them the same way.
-    packed / pack_tokens: the log-prob passes over the fewest token positions, rows cut to
+    packed / pack_tokens: the log-prob passes on the micro-batches of least estimated work, rows cut to
     their micro-batch's longest or packed rows
     (:func:`aligner.training.forward.length_microbatches`; never with an MoE policy, whose
     router losses and recorded routing are per padded row). max_batch / continuous_batching: the
@@ -563,17 +564,20 @@ class OnlineAlgorithm(Algorithm):
         return masked_whiten(adv, loss_mask, moments) if float(moments[0]) > 0 else adv
 
     # ---------------------------------------------------------------- micro-batches
-    def _microbatches(self, exp: Experience, extra: Dict[str, torch.Tensor], rows: List[int], mbs: int) -> List[dict]:
+    def _microbatches(self, exp: Experience, extra: Dict[str, torch.Tensor], rows: List[int], mbs: int,
+                      cost: PassCost) -> List[dict]:
         """Micro-batches of ``mbs`` rows; the last is filled with rows that count for nothing
         (and no rows at all give one such micro-batch). With ``packed``: the micro-batches
-        over the fewest token positions (:func:`aligner.training.forward.length_microbatches`):
+        of the least estimated work for the policy (``cost``,
+        :func:`aligner.training.forward.length_microbatches`):
         without pipeline stages the rows sorted by length, each micro-batch cut to its
         longest row (its per-row tensors cut alike), or the rows packed into micro-batches
         of ``pack_tokens`` tokens where that makes fewer micro-batches (the per-row tensors
         stay one row per sample, and the losses see one row per sample, :func:`unpack_rows`)."""
         if self.packed and rows:
             ends = exp.prompt_lengths + exp.response_lengths
-            micro = length_microbatches(exp.tokens[rows], ends[rows].tolist(), mbs, getattr(self.s, "pack_tokens", None))
+            micro = length_microbatches(exp.tokens[rows], ends[rows].tolist(), mbs, getattr(self.s, "pack_tokens", None),
+                                        cost=cost)
             if micro is not None:
                 out = []
                 for b in micro:
@@ -684,9 +688,10 @@ class OnlineAlgorithm(Algorithm):
         stopped_early = 0.0
         updates = 0
         positions = 0
+        cost = pass_cost(context.roles["policy"].chunks)
         for epoch in range(self.shape.epochs):
             for rows in self.minibatch_rows(context, len(exp), epoch):
-                micro = self._microbatches(exp, extra, rows, context.micro_batch_size)
+                micro = self._microbatches(exp, extra, rows, context.micro_batch_size, cost)
                 positions += sum(b["tokens"].numel() for b in micro)
                 outputs = {}
                 for name, loss in roles:

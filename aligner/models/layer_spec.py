@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -427,6 +428,57 @@ class RopeTablesSelfAttention(SelfAttention):
 
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
+# window (None or keys) -> (weak reference to the last attention_mask seen, its _version,
+# inference mode, sq, sk, its derived masks)
+_SDPA_MASKS: dict = {}
+
+
+def sdpa_masks(attention_mask: torch.Tensor, sq: int, sk: int, window: Optional[int]):
+    """SDPA's boolean mask (True = attend) [b or 1, 1, sq, sk] from megatron-core's
+    ``attention_mask`` (True = blocked) joined with a sliding window's blocked keys
+    (:func:`window_blocked`), and the query rows that see no key ([b or 1, 1, sq, 1], True;
+    None where the mask is on the CPU and every row sees a key).
+
+    A row with no visible key gets megatron-core's masked-softmax result: equal weight on
+    every key (and no gradient into its query or the keys). SDPA gives that for an
+    all-visible row whose query is zero (the caller zeroes those rows of q). On a GPU the
+    rows are always returned (zeroing a copy of q needs no host sync); on a CPU, where the
+    check costs nothing, only when some row is hidden.
+
+    Every layer of a forward gets the same mask tensor: the result for it is computed by
+    the first layer and served to the others (one entry per window, since windowed and
+    full layers alternate in some families). The entry holds the mask only weakly and is
+    dropped when the mask is freed, so a tensor id cannot be reused while its entry lives;
+    a write into the mask in place changes its ``_version`` and the entry is recomputed, as
+    it is when inference mode or the shapes differ. A mask made in inference mode (the
+    rollout's) has no version counter and is derived in every layer, as before."""
+    kept = not attention_mask.is_inference()  # an inference tensor has no version counter
+    inference = torch.is_inference_mode_enabled()
+    entry = _SDPA_MASKS.get(window) if kept else None
+    if (entry is not None and entry[0]() is attention_mask and entry[1] == attention_mask._version
+            and entry[2:5] == (inference, sq, sk)):
+        return entry[5]
+    if window is not None:
+        blocked = attention_mask | window_blocked(sq, sk, window, attention_mask.device)[None, None]
+    else:
+        blocked = attention_mask
+    allowed = ~blocked
+    hidden = ~allowed.any(dim=-1, keepdim=True)  # [b, 1, sq, 1]
+    derived = (allowed | hidden, hidden)
+    if attention_mask.device.type == "cpu" and not bool(hidden.any()):
+        derived = (allowed, None)  # allowed | hidden is allowed itself
+    if not kept:
+        return derived
+    _SDPA_MASKS[window] = (weakref.ref(attention_mask, functools.partial(_forget_sdpa_masks, window)),
+                           attention_mask._version, inference, sq, sk, derived)
+    return derived
+
+
+def _forget_sdpa_masks(window, ref) -> None:
+    entry = _SDPA_MASKS.get(window)
+    if entry is not None and entry[0] is ref:
+        del _SDPA_MASKS[window]
+
 
 class SDPAttention(DotProductAttention):
     """Core attention through ``torch.nn.functional.scaled_dot_product_attention``.
@@ -449,6 +501,9 @@ class SDPAttention(DotProductAttention):
     - no mask otherwise (a decode step): every key is visible.
     - a sliding window (:func:`layer_window`) blocks, in addition, the keys before it
       (:func:`window_blocked`).
+
+    The kernel's mask and the rows that see no key are derived from a given mask once per
+    model forward and window, not in every layer (:func:`sdpa_masks`).
 
     Grouped-query attention is SDPA's ``enable_gqa`` (no copies of keys and values) where
     the kernel that runs supports it: on a CPU, and on a GPU for the flash kernel (causal
@@ -490,18 +545,13 @@ class SDPAttention(DotProductAttention):
         sk = key.shape[0]
         # [s, b, n, hn] -> [b, n, s, hn]: views, the kernels take strided inputs
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if self.window is not None:
-            blocked = window_blocked(sq, sk, self.window, q.device)[None, None]
-            attention_mask = blocked if attention_mask is None else attention_mask | blocked
         mask, is_causal = None, False
         if attention_mask is not None:
-            allowed = ~attention_mask
-            # A row with no visible key gets megatron-core's masked-softmax result: equal
-            # weight on every key (and no gradient into its query or the keys). SDPA gives
-            # that for an all-visible row whose query is zero; a copy of q, no host sync.
-            visible = allowed.any(dim=-1, keepdim=True)  # [b, 1, sq, 1]
-            mask = allowed | ~visible
-            q = q.masked_fill(~visible, 0.0)
+            mask, hidden = sdpa_masks(attention_mask, sq, sk, self.window)
+            if hidden is not None:
+                q = q.masked_fill(hidden, 0.0)
+        elif self.window is not None:
+            mask = ~window_blocked(sq, sk, self.window, q.device)[None, None]  # every query sees itself
         elif self.attn_mask_type == AttnMaskType.causal and sq > 1:
             if sq == sk:
                 is_causal = True

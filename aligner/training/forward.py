@@ -9,6 +9,7 @@ Per-token tensors are aligned with the token they score: position ``p`` holds
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -60,19 +61,69 @@ def trimmed_rows(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_b
     return out
 
 
+@dataclass(frozen=True)
+class PassCost:
+    """The estimated work of a forward over a micro-batch, in model FLOPs (on causal rows
+    the count of ``benchmarks/flops.py``, the output layer over the padded vocabulary):
+
+        cost(batch [k, w]) = k * (position * w + pair * pairs(w))
+
+    position: FLOPs per token position, 2 per parameter that multiplies it (the q/k/v/o
+    projections, the MLP's matrices, the output layer or score head); pair: FLOPs per
+    query-key pair over all layers, ``4 * heads * head_dim`` per layer (q·k and the
+    weighted sum of values). pairs(w): a row without a mask runs the causal kernel, which
+    skips the keys after each query, ``w (w + 1) / 2``; a row with a mask (packed rows'
+    block-diagonal mask) computes every pair, ``w²``. Only the ratio of the two weights
+    decides between micro-batchings; sliding windows, which cap the pairs of both, are not
+    counted."""
+
+    position: float
+    pair: float
+
+    def microbatch(self, batch: dict) -> float:
+        k, w = batch["tokens"].shape
+        pairs = w * w if batch.get("attention_mask") is not None else w * (w + 1) // 2
+        return float(k) * (self.position * w + self.pair * pairs)
+
+    def microbatches(self, micro: Sequence[dict]) -> float:
+        return sum(self.microbatch(b) for b in micro)
+
+
+def pass_cost(model) -> PassCost:
+    """The :class:`PassCost` of a model (a chunk or a list of chunks, wrapped or not), from
+    its whole :class:`aligner.models.config.ModelConfig` (every layer, the padded vocabulary:
+    the same on every rank). An MoE layer counts its routed experts' FFNs (top-k) and its
+    shared expert."""
+    from aligner.models.gpt import unwrap_model
+
+    chunk = unwrap_model(model[0] if isinstance(model, (list, tuple)) else model)
+    cfg = chunk.model_cfg
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_query_groups * cfg.head_dim
+    ffn = cfg.ffn_hidden_size * (cfg.moe_router_topk or 1) if cfg.num_experts else cfg.ffn_hidden_size
+    ffn += cfg.moe_shared_expert_size or 0
+    mlp_matrices = 3 if chunk.config.gated_linear_unit else 2  # SwiGLU / GeGLU: gate, up, down
+    per_layer = cfg.hidden_size * (q + 2 * kv) + q * cfg.hidden_size + mlp_matrices * cfg.hidden_size * ffn
+    outputs = chunk.num_outputs if getattr(chunk, "head_type", None) else cfg.padded_vocab_size()
+    params = cfg.num_layers * per_layer + cfg.hidden_size * outputs
+    return PassCost(position=2.0 * params, pair=4.0 * cfg.num_layers * q)
+
+
 def length_microbatches(tokens: torch.Tensor, lengths: Optional[Sequence[int]], micro_batch_size: int,
-                        token_budget: Optional[int] = None) -> Optional[List[dict]]:
-    """Micro-batches of the rows of ``tokens`` [n, S] (real tokens: ``lengths``) over the
-    fewest token positions: rows sorted by length and cut to each micro-batch's longest
-    (:func:`trimmed_rows`, no pipeline stages) or packed rows (:func:`packed_rows`), the
-    first on a tie (causal attention, no block-diagonal mask); None where neither applies
-    (the caller's padded micro-batches). A micro-batch with ``unpack_index`` is packed; one
-    without holds ``rows`` right-padded to its own width."""
+                        token_budget: Optional[int] = None, *, cost: PassCost) -> Optional[List[dict]]:
+    """Micro-batches of the rows of ``tokens`` [n, S] (real tokens: ``lengths``) of the least
+    estimated work (``cost``, :class:`PassCost`: linear work per position plus attention
+    query-key pairs): rows sorted by length and cut to each micro-batch's longest
+    (:func:`trimmed_rows`, no pipeline stages; the causal kernel, no mask) or packed rows
+    (:func:`packed_rows`; fewer positions, but every query-key pair of a packed row is
+    computed through its block-diagonal mask), the first on a tie; None where neither
+    applies (the caller's padded micro-batches). A micro-batch with ``unpack_index`` is
+    packed; one without holds ``rows`` right-padded to its own width."""
     options = [m for m in (trimmed_rows(tokens, lengths, micro_batch_size),
                            packed_rows(tokens, lengths, micro_batch_size, token_budget)) if m is not None]
     if not options:
         return None
-    return min(options, key=lambda micro: sum(b["tokens"].numel() for b in micro))
+    return min(options, key=cost.microbatches)
 
 
 def pipeline_stages() -> int:
@@ -89,16 +140,18 @@ def collect_token_outputs(run_schedule, chunks, tokens: torch.Tensor, micro_batc
     """``per_token(batch, output) -> [b, S]`` over every row of ``tokens`` [n, S] in a
     forward-only schedule over ``chunks``; [n, S] fp32 on every pipeline stage.
 
-    lengths: the rows' real tokens (given: the micro-batches over the fewest positions,
-    :func:`length_microbatches`: rows sorted by length and cut to each micro-batch's
-    longest, or packed micro-batches of ``token_budget`` tokens; ``per_token`` then gets
+    lengths: the rows' real tokens (given: the micro-batches of the least estimated work
+    for the model of ``chunks``, :func:`length_microbatches`: rows sorted by length and cut
+    to each micro-batch's longest, or packed micro-batches of ``token_budget`` tokens; ``per_token`` then gets
     such a batch and returns one row per sample it holds, ``batch["rows"]``, as wide as
     the batch or S). The last padded micro-batch
     is filled with copies of row 0 (fixed shapes for the pipeline). routing [n, S, L, k]
     (an MoE model, with the layer numbers ``routing_layers``): the tokens go to these
     experts (:func:`forward`), on padded rows (a recorded routing is one row per sample)."""
     n, s = tokens.shape
-    micro = None if routing is not None else length_microbatches(tokens, lengths, micro_batch_size, token_budget)
+    micro = None
+    if routing is None and lengths is not None:
+        micro = length_microbatches(tokens, lengths, micro_batch_size, token_budget, cost=pass_cost(chunks))
     if micro is None:
         micro = []
         for start in range(0, n, micro_batch_size):

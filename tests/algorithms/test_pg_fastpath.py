@@ -8,7 +8,10 @@
   the loss.
 - Rows sorted by length, each micro-batch cut to its longest row
   (:func:`aligner.training.forward.trimmed_rows`): micro-batches and widths by hand, and
-  :func:`length_microbatches` takes them or packed rows, whichever runs fewer positions.
+  :func:`length_microbatches` takes them or packed rows, whichever its
+  :class:`~aligner.training.forward.PassCost` estimates cheaper (costs by hand: packed rows
+  count every query-key pair, cut rows the causal half); :func:`pass_cost` of a built model
+  equals ``benchmarks/flops.py``'s model FLOPs on causal rows.
 - GRPO on 8 fixed rows of 13..23 tokens (S = 24: no two pack) in micro-batches of 4: with
   ``packed = true`` the passes run on cut rows (16 + 24 columns: 160 update positions
   against 192 padded), and give the padded rows' loss, KL, entropy, gradient norms, every
@@ -82,16 +85,22 @@ def test_logprobs_and_entropy_from_one_log_softmax_equal_the_vocab_parallel_pair
 
 # ------------------------------------------------------------------------------ cut rows
 def _rows_world():
-    from aligner.training.forward import length_microbatches, trimmed_rows
+    from aligner.training.forward import PassCost, length_microbatches, packed_rows, trimmed_rows
 
     initialize(ParallelConfig(seed=0))
     tokens = torch.arange(8 * S).reshape(8, S)
     cut = trimmed_rows(tokens, LENGTHS, 4)
-    chosen = length_microbatches(tokens, LENGTHS, 4)
-    short = [3] * 8  # 8 rows of 3 tokens: one packed row of 24 beats 2 x 4 cut rows of 8
+    chosen = length_microbatches(tokens, LENGTHS, 4, cost=PassCost(position=1.0, pair=0.0))
+    # 8 rows of 3 tokens: 2 x [4, 8] cut rows (64 positions, 4 x 36 causal pairs each) or one
+    # packed [1, 24] row (24 positions, 576 pairs): cut 64a + 288b, packed 24a + 576b
+    short = [3] * 8
+    by_pairs, by_positions = PassCost(position=1.0, pair=1.0), PassCost(position=10.0, pair=1.0)
     return {"cut": [(b["rows"].tolist(), b["tokens"]) for b in cut], "chosen": chosen,
-            "short": length_microbatches(tokens, short, 4), "short_cut": trimmed_rows(tokens, short, 4),
-            "none": trimmed_rows(tokens, None, 4)}
+            "short_pairs": length_microbatches(tokens, short, 4, cost=by_pairs),
+            "short_positions": length_microbatches(tokens, short, 4, cost=by_positions),
+            "cost_cut": by_positions.microbatches(trimmed_rows(tokens, short, 4)),
+            "cost_packed": by_positions.microbatches(packed_rows(tokens, short, 4)),
+            "short_cut": trimmed_rows(tokens, short, 4), "none": trimmed_rows(tokens, None, 4)}
 
 
 def test_rows_sorted_by_length_and_cut_to_each_micro_batch_longest():
@@ -105,9 +114,46 @@ def test_rows_sorted_by_length_and_cut_to_each_micro_batch_longest():
     assert [b["rows"].tolist() for b in out["chosen"]] == [[2, 0, 5, 3], [7, 4, 1, 6]]  # nothing packs
     assert all("unpack_index" not in b and b["attention_mask"] is None for b in out["chosen"])
     assert sum(b["tokens"].numel() for b in out["short_cut"]) == 2 * 4 * 8
-    assert len(out["short"]) == 1 and "unpack_index" in out["short"][0]  # packed: 1 x 24 positions
-    assert out["short"][0]["tokens"].shape == (1, S)
+    assert out["cost_cut"] == 64 * 10 + 288 and out["cost_packed"] == 24 * 10 + 576  # 928 > 816
+    # weights 10 : 1 -> packed (816 < 928): 1 x 24 positions
+    assert len(out["short_positions"]) == 1 and "unpack_index" in out["short_positions"][0]
+    assert out["short_positions"][0]["tokens"].shape == (1, S)
+    # weights 1 : 1 -> cut rows (64 + 288 = 352 < 24 + 576 = 600), fewer positions or not
+    assert [b["tokens"].shape for b in out["short_pairs"]] == [(4, 8), (4, 8)]
+    assert all("unpack_index" not in b for b in out["short_pairs"])
     assert out["none"] is None
+
+
+def _cost_world():
+    import sys
+    from pathlib import Path
+
+    from aligner.models.config import ModelConfig
+    from aligner.models.gpt import build_model
+    from aligner.training.forward import pass_cost
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from flops import forward_flops
+
+    initialize(ParallelConfig(seed=0))
+    cfg = ModelConfig(vocab_size=504, hidden_size=64, ffn_hidden_size=176, num_layers=3, num_attention_heads=4,
+                      num_query_groups=2, make_vocab_size_divisible_by=8)
+    cost = pass_cost([build_model(cfg)])
+    value = pass_cost(build_model(cfg, head="value"))
+    cut = {"tokens": torch.zeros(3, 16, dtype=torch.long), "attention_mask": None}
+    return {"cost": cost, "value": value, "cut": cost.microbatch(cut), "flops": forward_flops(cfg, [16] * 3)}
+
+
+def test_pass_cost_is_the_model_flops():
+    """position = 2 x the matmul parameters (per layer q/k/v/o 64 x (64 + 2 x 32) + 64 x 64,
+    SwiGLU 3 x 64 x 176; the output layer 64 x 504), pair = 4 x layers x heads x head_dim;
+    on causal rows the count of benchmarks/flops.py."""
+    out = spawn_local(_cost_world, 1, timeout=300)[0]
+    layer = 64 * 128 + 64 * 64 + 3 * 64 * 176
+    assert out["cost"].position == 2 * (3 * layer + 64 * 504)
+    assert out["cost"].pair == 4 * 3 * 64
+    assert out["value"].position == 2 * (3 * layer + 64 * 1)  # a value head instead of the vocabulary
+    assert out["cut"] == out["flops"]
 
 
 # ------------------------------------------------------------------------------ updates

@@ -11,7 +11,15 @@ holds whole groups, and its advantages are those of the same rows at DP=1.
 
 GRPO and RLOO run on packed rows (``pack_tokens``: one row of 24 tokens a micro-batch) and,
 at TP=1, TP=2 and PP=2, also on padded rows (``packed = false``): loss, gradient norms and
-updated weights equal (1e-6).
+updated weights equal (1e-6). Without pipeline stages the passes take packed rows or rows
+cut to their micro-batch's longest by estimated cost
+(:func:`aligner.training.forward.length_microbatches`); the fixed rows (9..15 tokens,
+S = 24) are such that packing wins clearly on this model (hidden 32: a token position
+weighs 176 query-key pairs): the 8 rows pack into 4 rows of 24 (96 positions, ~4.9 MFLOP)
+against two micro-batches of 4 rows cut to 16 (128 positions, ~6.0 MFLOP), so the packed
+path is what these layouts run (RLOO's update positions asserted below). GRPO's
+mini-batches of 4 rows pack where two rows of 24 hold them and are cut where three would
+be needed (more positions and pairs than 4 rows of 16).
 
 Without pipeline stages a step's last packed micro-batch holds only its own rows (GRPO:
 4 packed rows in micro-batches of 3, so 3 + 1 rows; at PP=2 3 + 3): the same loss, gradient
@@ -212,6 +220,8 @@ def test_packed_updates_equal_padded_rows(runs, layout, config):
     for rank_out in (one if layout.startswith("tp1") else two):
         packed, padded = rank_out[f"{layout}/{config}"], rank_out[f"{layout}/{config}/unpacked"]
         assert packed["update_positions"] < padded["update_positions"], (layout, config)
+        if config == "rloo":  # one update over the 8 rows: 4 packed rows of 24 (cut rows: 2 x 4 x 16)
+            assert packed["update_positions"] == 4 * 24, (layout, packed["update_positions"])
         for key in KEYS:
             assert abs(packed[key] - padded[key]) <= 1e-6 * max(1.0, abs(padded[key])), (layout, config, key)
         assert torch.allclose(packed["weights"], padded["weights"], atol=1e-6, rtol=0), (layout, config)

@@ -15,6 +15,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from aligner.models.gpt import unwrap_model
 from aligner.models.moe import clear_replay, padding_mask, replay_routing
 from aligner.parallel import padded_length
 from aligner.training.batching import packed_row_microbatches, shifted_logprobs, unpack_rows
@@ -94,8 +95,6 @@ def pass_cost(model) -> PassCost:
     its whole :class:`aligner.models.config.ModelConfig` (every layer, the padded vocabulary:
     the same on every rank). An MoE layer counts its routed experts' FFNs (top-k) and its
     shared expert."""
-    from aligner.models.gpt import unwrap_model
-
     chunk = unwrap_model(model[0] if isinstance(model, (list, tuple)) else model)
     cfg = chunk.model_cfg
     q = cfg.num_attention_heads * cfg.head_dim

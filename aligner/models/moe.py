@@ -343,6 +343,11 @@ class RoutingCapture:
         self._cols = torch.as_tensor(columns, dtype=torch.long).cpu()
         self._each = True
 
+    def forget(self, row: int, start: int) -> None:
+        """Row ``row``'s entries from column ``start`` on are unrecorded again (-1): columns
+        a model call routed that hold no token of the row (its padding)."""
+        self.choices[row, start:] = -1
+
     def _hook(self, router, inputs, output) -> None:
         if self._rows is None:
             return

@@ -708,7 +708,7 @@ class RolloutEngine:
                 self._write_out(out, done, rows, tokens, logprobs, plen, col, stop_t, config)
                 if capture is not None:  # a row's last token is never fed; its padding columns
                     for j in done:       # (routed in the prefill) are no token of it
-                        capture.choices[rows[j], int(col[j]) - 1:] = -1
+                        capture.forget(rows[j], int(col[j]) - 1)
                 refill = done[:len(waiting)]
                 if refill:
                     newcomers = [waiting.pop() for _ in refill]

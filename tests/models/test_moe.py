@@ -102,6 +102,11 @@ def _replay_case():
         out[f"plain_{impl}"] = passes(result, False)
         out[f"plain_{impl}_replayed"] = passes(result, True)
         out[f"recorded_{impl}"] = result.routing
+        # 2 new tokens: the 5- and 7-token prompts end (at 7 and 9 tokens) before the prefill's
+        # 9 columns do; the columns it routed past a row's last fed token are no token of it
+        short = RolloutEngine([model], cfg, decode_impl=impl).generate(
+            prompts, GenerationConfig(max_new_tokens=2, greedy=True, stop_token_ids=[]), record_routing=True)
+        out[f"short_{impl}"] = (short.routing, short.lengths)
     gen = torch.Generator().manual_seed(0)
     handles = [r.register_forward_pre_hook(noisy_choice) for r in routers(model)]
     result = RolloutEngine([model], cfg).generate(prompts, greedy, record_routing=True)
@@ -263,6 +268,13 @@ def test_rollout_and_training_route_alike_on_both_decode_paths(job):
             assert r[case]["logprob_mismatch"] < 1e-6 and r[case]["max_abs"] < 4e-6, (case, r[case])
     # both decode paths route every fed token the same way
     assert torch.equal(r["recorded_fused"], r["recorded_megatron"])
+    # rows that end inside the prefill's width: recorded up to their last fed token, no further
+    for impl in ("fused", "megatron"):
+        routing, lengths = r[f"short_{impl}"]
+        assert lengths.tolist() == [7, 11, 9] and routing.shape[1] == 11
+        for i, n in enumerate(lengths.tolist()):
+            assert bool((routing[i, :n - 1] >= 0).all()) and bool((routing[i, n - 1:] == -1).all()), (impl, i)
+    assert torch.equal(r["short_fused"][0], r["short_megatron"][0])
 
 
 def test_routing_replay_removes_a_forced_routing_difference(job):

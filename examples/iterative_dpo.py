@@ -8,7 +8,8 @@ prompts, the reward model scores them and the best and worst make a pair
 rewards) trains the policy on those pairs starting from the current policy; the result is
 the next iteration's policy (the Nemotron-4 340B recipe's loop). After every iteration
 the policy samples for the world's held-out prompts (temperature 1, fixed seeds, the
-quickstart's judge) and the world's scorer rates the responses: the paired ground-truth
+quickstart's judge; ``--judge-samples K``: K responses per prompt, each prompt's scores
+their means) and the world's scorer rates the responses: the paired ground-truth
 helpfulness gain over the starting policy and over the previous iteration, with
 standard errors, go to ``results.json``.
 """
@@ -21,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from world_common import WorldJudge, paired  # the examples folder is the script's own
+from world_common import add_judge_arguments, judge_from_args, paired  # the examples folder is the script's own
 
 
 def main(argv=None) -> int:
@@ -39,13 +40,14 @@ def main(argv=None) -> int:
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--seed", type=int, default=0)
+    add_judge_arguments(parser, prompts=False)  # --judge-samples: the held-out judge's responses per prompt
     args = parser.parse_args(argv)
 
     from aligner.cli import pairs as pairs_cli
     from aligner.cli.train import compose
 
     qs, out = Path(args.quickstart), Path(args.out)
-    judged = WorldJudge(qs, out, seed=args.seed)
+    judged = judge_from_args(parser, args, qs, out, prompts=200)
     world = judged.world
     policy = Path(args.policy or qs / "dpo" / "hf")
     reward = args.reward or str(qs / "rm_bt" / "hf")

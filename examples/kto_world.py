@@ -25,14 +25,17 @@ per step (``--pairs``), learning rate and β (the configs' defaults):
 ``NAME=BASE`` is a variant of a base run in its own folder, and ``--set NAME:KEY=VALUE``
 changes one of its options (e.g. ``--runs kto_lr5e-6=kto --set kto_lr5e-6:optim.lr=5e-6``).
 ``--train-only`` trains the named runs and judges nothing (to train runs side by side in
-separate processes, then judge them all in one). Runs already trained in ``--out`` are not
-trained again, and a model already judged there (its ``generations_<name>.jsonl``) is not
-sampled again.
+separate processes, then judge them all in one). Runs already trained in ``--out`` with the
+same command are not trained again (one trained with another is refused, naming what
+differs), and a model already judged there from the same files with the same judge is not
+sampled again (examples/world_common.py, "Reuse").
 
-Judging (as examples/preference_world.py): ``--prompts`` held-out prompts, one response
-each at temperature 1 with fixed seeds, rated by the world's scorer; the paired helpfulness
-gains over the SFT model, over DPO and (KTO variants) over ``kto``, with standard errors, the exact-answer rates and the
-mean response length go to ``results.json`` (runs of earlier invocations stay).
+Judging (as examples/preference_world.py): ``--prompts`` held-out prompts, ``--judge-samples``
+responses each (default 1) at temperature 1 with fixed seeds, rated by the world's scorer;
+the paired helpfulness gains over the SFT model, over DPO and (KTO variants) over ``kto``,
+with standard errors, the exact-answer rates and the mean response length go to
+``results.json`` (runs of earlier invocations stay, unless they were judged by another
+judge: another ``--seed``, ``--prompts`` or ``--judge-samples``).
 """
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ import random
 import sys
 from pathlib import Path
 
-from world_common import WorldJudge, mean, named_runs, paired, rate, train  # the examples folder is the script's own
+from world_common import (add_judge_arguments, judge_from_args, mean, named_runs,  # the examples folder's own
+                          paired, rate, record_run, train, trained_before)
 
 BASES = {
     "dpo_pure": ("dpo", ["dpo.sft_weight=0"]),
@@ -83,19 +87,17 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE")
     parser.add_argument("--steps", type=int, default=100, help="steps of each run (the quickstart's DPO stage: 100)")
     parser.add_argument("--pairs", type=int, default=32, help="pairs per step (KTO: twice as many rows)")
-    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts judged")
+    add_judge_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-only", action="store_true", help="train the runs, judge nothing")
     args = parser.parse_args(argv)
     qs, out = Path(args.quickstart), Path(args.out)
     base_of, extra = named_runs(parser, args.runs, args.set, BASES, reserved=("sft", "dpo"))
 
-    judged = WorldJudge(qs, out, prompts=args.prompts, seed=args.seed)
+    judged = judge_from_args(parser, args, qs, out)
     world = judged.world
     unpaired = write_unpaired(world / "pairs_train.jsonl", out, args.seed)
     for name, base in base_of.items():
-        if (out / name / "hf").is_dir():
-            continue
         algorithm, options = BASES[base]
         data = ([f"data.train={world / 'pairs_train.jsonl'}", f"trainer.global_batch_size={args.pairs}"]
                 if algorithm == "dpo" else
@@ -106,7 +108,13 @@ def main(argv=None) -> int:
                      f"trainer.max_steps={args.steps}", f"trainer.seed={args.seed}", "trainer.micro_batch_size=8",
                      "trainer.progress=true", "trainer.tensorboard=false", "trainer.save_interval=0",
                      "trainer.val_interval=0"] + data + settings
+        try:
+            if trained_before(out / name, algorithm, overrides):
+                continue
+        except ValueError as exc:
+            parser.error(str(exc))
         seconds = train(algorithm, overrides)
+        record_run(out / name, algorithm, overrides)
         (out / f"train_{name}.json").write_text(json.dumps(
             {"algorithm": algorithm, "settings": settings + [f"steps={args.steps}", f"pairs={args.pairs}"],
              "seconds": seconds}, indent=2))
@@ -116,11 +124,7 @@ def main(argv=None) -> int:
     scores = {}
     for name, folder in [("sft", qs / "sft" / "hf"), ("dpo", qs / "dpo" / "hf")] + [(r, out / r / "hf")
                                                                                    for r in base_of]:
-        done = out / f"generations_{name}.jsonl"
-        if done.is_file():  # judged before: the same model, prompts and seeds
-            scores[name] = [json.loads(line)["scores"] for line in done.read_text().splitlines()]
-        else:
-            scores[name] = judged.judge(folder, name)
+        scores[name] = judged.judge(folder, name, reuse=True)  # read back if judged from the same model and settings
     helpful = {k: [float(s["helpfulness"]) for s in v] for k, v in scores.items()}
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
@@ -137,9 +141,15 @@ def main(argv=None) -> int:
         "training": {k: json.loads((out / f"train_{k}.json").read_text()) for k in base_of
                      if (out / f"train_{k}.json").is_file()},
     }
+    if args.judge_samples > 1:
+        new["first_response_only"] = judged.first_response_only(
+            [(f"{k}_over_{b}", b, k) for b in ("sft", "dpo") for k in helpful if k not in ("sft", b)])
+    judge = {"seed": args.seed, "prompts": args.prompts, "judge_samples": args.judge_samples}
+    if results.get("judge", judge) != judge:  # figures of another judge are not mixed with these
+        results = {k: v for k, v in results.items() if k == "training"}
     for key, values in new.items():  # runs of earlier invocations stay (each with its own settings)
         results[key] = dict(results.get(key, {}), **values)
-    results["quickstart"] = str(qs)
+    results["quickstart"], results["judge"] = str(qs), judge
     results_path.write_text(json.dumps(results, indent=2, sort_keys=True))
     print(json.dumps(results, indent=2, sort_keys=True))
     return 0

@@ -19,18 +19,22 @@ Then the SFT model and each policy answer the world's held-out prompts, greedily
 sampled (temperature 1, fixed seeds), and the world's scorer rates every response:
 the exact-answer rate (with its standard error and the paired gain over SFT) and the
 paired ground-truth helpfulness gain over SFT (as examples/ppo_world.py reports for PPO)
-go to ``results.json``, with steps and wall times. Runs already trained in ``--out`` are
-evaluated again, not retrained; each run keeps the settings it was trained with.
+go to ``results.json``, with steps and wall times. ``--judge-samples K`` samples K responses
+per prompt (each prompt's scores their means; greedy decoding stays one). Runs already
+trained in ``--out`` with the same command are evaluated again, not retrained (one trained
+with another is refused, naming what differs); each run keeps the settings it was trained
+with, and a model judged there before from the same files by the same judge is read back
+(examples/world_common.py, "Reuse").
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from world_common import WorldJudge, paired, rate  # the examples folder is the script's own
+from world_common import (add_judge_arguments, judge_from_args, paired, rate,  # the examples folder's own
+                          record_run, train, trained_before)
 
 RUNS = {
     "grpo_exact": ("grpo", ["pg.reward.kind=exact_answer"]),
@@ -39,13 +43,6 @@ RUNS = {
     "rloo_exact": ("rloo", ["pg.reward.kind=exact_answer"]),
     "rloo_rm": ("rloo", ["pg.reward.kind=model"]),
 }
-
-
-def train(config, overrides):
-    from aligner.cli.train import compose
-
-    trainer_cls, cfg = compose(config, overrides)
-    return trainer_cls(cfg).fit()
 
 
 def main(argv=None) -> int:
@@ -62,13 +59,13 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--mini-batch-size", type=int, default=None,
                         help="pg.mini_batch_size: responses per update (default: one update per step)")
-    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts judged")
+    add_judge_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     base = Path(args.quickstart)
     world = base / "world"
-    judge = WorldJudge(base, out, prompts=args.prompts, seed=args.seed)
+    judge = judge_from_args(parser, args, base, out)
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     runs = [r for r in args.runs.split(",") if r]
@@ -76,27 +73,30 @@ def main(argv=None) -> int:
     for name in runs:
         config, extra = RUNS[name]
         run = out / name
-        if (run / "hf").is_dir():
-            continue
         if name.endswith("_rm"):
             extra = extra + [f"pg.reward.path={base / 'rm_regression' / 'hf'}"]
-        t0 = time.perf_counter()
-        train(config, [f"init.hf={base / 'sft' / 'hf'}", f"data.train={world / 'prompts_train.jsonl'}",
-                       f"data.tokenizer={world / 'tokenizer.model'}", f"trainer.out_dir={run}",
-                       f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.prompts_per_step}",
-                       # global batch: prompts; micro-batch: rows (docs/online_core.md), no more than a step has
-                       f"trainer.micro_batch_size={min(16, args.prompts_per_step * args.samples_per_prompt)}",
-                       "trainer.save_interval=0", "trainer.progress=true",
-                       "trainer.tensorboard=false", f"trainer.seed={args.seed}", f"optim.lr={args.lr}",
-                       f"pg.kl_coef={args.kl}", f"pg.samples_per_prompt={args.samples_per_prompt}",
-                       f"pg.generation.max_new_tokens={args.max_new_tokens}"] + extra
-              + ([f"pg.mini_batch_size={args.mini_batch_size}"] if args.mini_batch_size else []))
-        timings[name] = time.perf_counter() - t0
+        overrides = ([f"init.hf={base / 'sft' / 'hf'}", f"data.train={world / 'prompts_train.jsonl'}",
+                      f"data.tokenizer={world / 'tokenizer.model'}", f"trainer.out_dir={run}",
+                      f"trainer.max_steps={args.steps}", f"trainer.global_batch_size={args.prompts_per_step}",
+                      # global batch: prompts; micro-batch: rows (docs/online_core.md), no more than a step has
+                      f"trainer.micro_batch_size={min(16, args.prompts_per_step * args.samples_per_prompt)}",
+                      "trainer.save_interval=0", "trainer.progress=true",
+                      "trainer.tensorboard=false", f"trainer.seed={args.seed}", f"optim.lr={args.lr}",
+                      f"pg.kl_coef={args.kl}", f"pg.samples_per_prompt={args.samples_per_prompt}",
+                      f"pg.generation.max_new_tokens={args.max_new_tokens}"] + extra
+                     + ([f"pg.mini_batch_size={args.mini_batch_size}"] if args.mini_batch_size else []))
+        try:
+            if trained_before(run, config, overrides):
+                continue
+        except ValueError as exc:
+            parser.error(str(exc))
+        timings[name] = train(config, overrides)
+        record_run(run, config, overrides)
         results.setdefault("settings", {})[name] = dict(vars(args), runs=name)
     scores = {}
     for name, folder in [("sft", base / "sft" / "hf")] + [(r, out / r / "hf") for r in runs]:
         for mode in ("greedy", "sampled"):
-            scores[(name, mode)] = judge.judge(folder, f"{name}_{mode}", greedy=mode == "greedy")
+            scores[(name, mode)] = judge.judge(folder, f"{name}_{mode}", greedy=mode == "greedy", reuse=True)
     exact = {k: [float(s["exact"]) for s in v] for k, v in scores.items()}
     helpful = {k: [float(s["helpfulness"]) for s in v] for k, v in scores.items()}
     steps = {}
@@ -115,7 +115,13 @@ def main(argv=None) -> int:
         "helpfulness_gain_over_sft": {f"{n}/{m}": paired(helpful[("sft", m)], v) for (n, m), v in helpful.items()
                                       if n != "sft"},
     }
-    results["base"] = str(base)
+    if args.judge_samples > 1:
+        new["first_response_only"] = judge.first_response_only(
+            [(f"{n}/sampled", "sft_sampled", f"{n}_sampled") for n in runs])
+    judged_by = {"seed": args.seed, "prompts": args.prompts, "judge_samples": args.judge_samples}
+    if results.get("judge", judged_by) != judged_by:  # figures of another judge are not mixed with these
+        results = {k: v for k, v in results.items() if k in ("train_seconds", "settings")}
+    results["base"], results["judge"] = str(base), judged_by
     for key, values in new.items():  # runs of earlier invocations stay (each with its own settings)
         results[key] = dict(results.get(key, {}), **values)
     results_path.write_text(json.dumps(results, indent=2, sort_keys=True))

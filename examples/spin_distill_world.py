@@ -35,7 +35,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from world_common import WorldJudge, mean, paired, train  # the examples folder is the script's own
+from world_common import add_judge_arguments, judge_from_args, mean, paired, train  # the examples folder's own
 
 
 def spin_data_quality(out: Path, rows: Path, iterations: int) -> dict:
@@ -92,10 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quickstart", required=True, help="a finished quickstart folder (read only)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--rows", type=int, default=1024, help="SFT rows to train on (the first of sft_train.jsonl)")
-    parser.add_argument("--prompts", type=int, default=200, help="held-out prompts judged")
-    parser.add_argument("--judge-samples", type=int, default=1,
-                        help="responses judged per held-out prompt (each from its own fixed seed; the prompt's"
-                        " scores are their means)")
+    add_judge_arguments(parser)
     parser.add_argument("--iterations", type=int, default=2, help="spin: iterations")
     parser.add_argument("--epochs", type=int, default=2, help="spin: epochs per iteration")
     parser.add_argument("--beta", type=float, default=0.1, help="spin: β")
@@ -111,11 +108,9 @@ def main(argv=None) -> int:
                         help="spin: also continue SFT from the SFT model on the same rows, for SPIN's steps at SPIN's"
                         " learning rate, and report SPIN's paired gain over it")
     args = parser.parse_args(argv)
-    if args.judge_samples < 1:
-        parser.error(f"--judge-samples {args.judge_samples}: expected an integer >= 1 (responses per prompt)")
 
     qs, out = Path(args.quickstart), Path(args.out)
-    judged = WorldJudge(qs, out, prompts=args.prompts, seed=args.seed, samples=args.judge_samples)
+    judged = judge_from_args(parser, args, qs, out)
     world = judged.world
     rows = out / "sft_rows.jsonl"
     with open(world / "sft_train.jsonl") as f:
@@ -186,18 +181,13 @@ def main(argv=None) -> int:
         results.setdefault("gain_over_sft_student", {})[args.name] = paired(sft_student, distilled)
         results.setdefault("gain_over_teacher", {})[args.name] = paired(teacher, distilled)
     if args.judge_samples > 1:
-        # the same comparisons judged by each model's first response per prompt alone: the
-        # one-response judge's seeds (its responses, to the float rounding of other batches)
-        def first(name):
-            return [float(s["helpfulness"]) for s in judged.rows[name][:len(judged.prompts)]]
-
+        # the same comparisons judged by each model's first response per prompt alone
         pairs = ([("gain_over_sft", "sft", "spin"), ("sft_control_gain_over_sft", "sft", "sft_control"),
                   ("spin_gain_over_sft_control", "sft_control", "spin")] if args.method == "spin" else
                  [("gain_over_sft_student", "sft_student", args.name),
                   ("teacher_gain_over_sft_student", "sft_student", "teacher"),
                   ("gain_over_teacher", "teacher", args.name)])
-        results["first_response_only"] = {key: paired(first(base), first(new)) for key, base, new in pairs
-                                          if base in judged.rows and new in judged.rows}
+        results["first_response_only"] = judged.first_response_only(pairs)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
     return 0

@@ -19,16 +19,26 @@ examples' ``--judge-samples``) each prompt gets K responses, each from its own f
 the mean over the prompt's K responses: the same quantity, the policy's expected score per
 prompt, with the sampling noise of one response divided by K, still paired over the same
 prompts.
+
+Reuse. A judgement is written with what it was made from (``generations_<name>.json``: the
+model's files' SHA-256, the seed, prompts, responses per prompt, new tokens, greedy or
+sampled); ``judge(..., reuse=True)`` reads it back only when all of these are the ones
+asked for, and samples again otherwise. A run an example trains records its command
+(``example_run.json`` in the run folder, :func:`record_run`); :func:`trained_before` reuses
+the folder only for the same command and refuses another, naming the overrides that
+differ, so a changed ``--steps`` or ``--seed`` never reads an old model as a new one.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -108,12 +118,23 @@ class WorldJudge:
         self.seed, self.max_new_tokens, self.samples = seed, max_new_tokens, samples
         self.rows: dict = {}  # name -> every response's score rows, response-major, as judged
 
-    def judge(self, model_dir: Path, name: str, greedy: bool = False) -> List[dict]:
+    def judge(self, model_dir: Path, name: str, greedy: bool = False, reuse: bool = False) -> List[dict]:
+        """``reuse``: read back ``generations_<name>.jsonl`` when it was judged from the same
+        model files with the same settings (``generations_<name>.json``), else sample."""
         from aligner.data.world import score_response
         from aligner.models import from_pretrained
         from aligner.rollout.engine import GenerationConfig, RolloutEngine
 
         n, samples = len(self.prompts), 1 if greedy else self.samples
+        made_from = {"model": files_digest(Path(model_dir)), "seed": self.seed, "prompts": n, "samples": samples,
+                     "max_new_tokens": self.max_new_tokens, "greedy": bool(greedy)}
+        generations, record = self.out / f"generations_{name}.jsonl", self.out / f"generations_{name}.json"
+        if reuse and generations.is_file() and record.is_file() and json.loads(record.read_text()) == made_from:
+            scores = [json.loads(line)["scores"] for line in generations.read_text().splitlines()]
+            print(f"[judge] {name}: judged before from the same model and settings ({generations}), read back")
+            self.rows[name] = scores
+            return prompt_means(scores, n)
+        record.unlink(missing_ok=True)  # no record names a judgement until it is complete
         models, cfg = from_pretrained(str(model_dir))
         engine = RolloutEngine(models, cfg, tokenizer=self.tokenizer, max_batch=64)
         result = engine.generate([p["prompt_tokens"].tolist() for p in self.prompts] * samples,
@@ -122,12 +143,85 @@ class WorldJudge:
                                  seeds=[judge_seed(self.seed, i, k) for k in range(samples) for i in range(n)])
         responses = [self.tokenizer.decode(result.response_tokens(j)) for j in range(n * samples)]
         scores = [score_response(self.prompts[j % n]["meta"], r) for j, r in enumerate(responses)]
-        with open(self.out / f"generations_{name}.jsonl", "w") as f:
+        partial = generations.with_name(generations.name + ".partial")
+        with open(partial, "w") as f:
             for j, (r, s) in enumerate(zip(responses, scores)):
                 f.write(json.dumps({"prompt": self.prompts[j % n]["prompt"], "sample": j // n, "response": r,
                                     "scores": s}) + "\n")
+        os.replace(partial, generations)
+        record.write_text(json.dumps(made_from, indent=2, sort_keys=True))
         self.rows[name] = scores
         return prompt_means(scores, n)
+
+    def first_response_only(self, comparisons: Sequence[tuple]) -> dict:
+        """The paired helpfulness comparisons ``(key, base, new)`` (names judged by this judge)
+        from each model's first response per prompt alone: what the one-response judge would
+        report for the same models (its responses, to the float rounding of other batches)."""
+        def first(name):
+            return [float(s["helpfulness"]) for s in self.rows[name][:len(self.prompts)]]
+
+        return {key: paired(first(base), first(new)) for key, base, new in comparisons
+                if base in self.rows and new in self.rows}
+
+
+def files_digest(folder: Path) -> str:
+    """SHA-256 of a model folder's files (names and contents, the top level), 16 hex digits."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        h.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def add_judge_arguments(parser: argparse.ArgumentParser, prompts: bool = True) -> None:
+    """The judge's options of a world example: ``--prompts`` (held-out prompts judged; left
+    out where the example's ``--prompts`` means something else) and ``--judge-samples``."""
+    if prompts:
+        parser.add_argument("--prompts", type=int, default=200, help="held-out prompts judged")
+    parser.add_argument("--judge-samples", type=int, default=1,
+                        help="responses judged per held-out prompt (each from its own fixed seed; the prompt's"
+                        " scores are their means)")
+
+
+def judge_from_args(parser: argparse.ArgumentParser, args, quickstart: Path, out: Path,
+                    prompts: Optional[int] = None) -> WorldJudge:
+    """The :class:`WorldJudge` of an example's ``--seed``, ``--judge-samples`` and held-out
+    prompts (``prompts``, default ``--prompts``); a value out of range is the parser's error."""
+    prompts = args.prompts if prompts is None else prompts
+    if args.judge_samples < 1:
+        parser.error(f"--judge-samples {args.judge_samples}: expected an integer >= 1 (responses per prompt)")
+    if prompts < 1:
+        parser.error(f"--prompts {prompts}: expected an integer >= 1 (held-out prompts judged)")
+    return WorldJudge(quickstart, out, prompts=prompts, seed=args.seed, samples=args.judge_samples)
+
+
+def trained_before(folder: Path, config: str, overrides: List[str]) -> bool:
+    """Whether ``folder`` holds a run this example trained with ``aligner train <config>
+    <overrides>`` (its ``hf/`` export and the command :func:`record_run` wrote): True for the
+    same command; False when nothing was trained there; ValueError (one line) for a run of
+    another command or one whose command was not recorded."""
+    if not (folder / "hf").is_dir():
+        return False
+    recorded = folder / "example_run.json"
+    if not recorded.is_file():
+        raise ValueError(f"{folder}: a trained run without {recorded.name}, the command it was trained with;"
+                         " remove the folder or use another --out")
+    was = json.loads(recorded.read_text())
+    if was == {"config": config, "overrides": list(overrides)}:
+        return True
+    before, now = was.get("overrides", []), list(overrides)
+    changed = [f"-{o}" for o in before if o not in now] + [f"+{o}" for o in now if o not in before]
+    if was.get("config") != config:
+        changed.insert(0, f"config {was.get('config')} -> {config}")
+    raise ValueError(f"{folder}: trained with other settings ({', '.join(changed) or 'their order'});"
+                     " use another --out or another run name")
+
+
+def record_run(folder: Path, config: str, overrides: List[str]) -> None:
+    """Record the command a finished run was trained with (read by :func:`trained_before`)."""
+    (folder / "example_run.json").write_text(json.dumps({"config": config, "overrides": list(overrides)}, indent=2))
 
 
 def named_runs(parser: argparse.ArgumentParser, runs: str, sets: List[str], bases, what: str = "BASE",

@@ -112,3 +112,80 @@ def test_several_responses_per_prompt_and_one_reproduces_the_one_response_judge(
     assert len(greedy) == prompts and len((world / "three" / "generations_g.jsonl").read_text().splitlines()) == prompts
     with pytest.raises(ValueError, match="samples = 0: expected an integer >= 1"):
         WorldJudge(world / "qs", world / "bad", samples=0)
+
+
+def test_a_judgement_is_read_back_only_for_the_same_model_and_settings(world, capsys):
+    import shutil
+
+    prompts, new = 6, 12
+    judge = WorldJudge(world / "qs", world / "reuse", prompts=prompts, seed=5, max_new_tokens=new, samples=2)
+    rows = judge.judge(world / "model", "m", reuse=True)  # nothing to read back: sampled
+    generations = world / "reuse" / "generations_m.jsonl"
+    record = json.loads((world / "reuse" / "generations_m.json").read_text())
+    assert record["samples"] == 2 and record["prompts"] == prompts and record["seed"] == 5 and not record["greedy"]
+    stamp = generations.stat().st_mtime_ns
+    assert "read back" not in capsys.readouterr().out
+
+    again = WorldJudge(world / "qs", world / "reuse", prompts=prompts, seed=5, max_new_tokens=new, samples=2)
+    assert again.judge(world / "model", "m", reuse=True) == rows
+    assert "generations_m.jsonl), read back" in capsys.readouterr().out
+    assert generations.stat().st_mtime_ns == stamp and len(again.rows["m"]) == 2 * prompts
+    # without reuse, or with another judge, it samples again
+    assert again.judge(world / "model", "m") == rows and generations.stat().st_mtime_ns != stamp
+    one = WorldJudge(world / "qs", world / "reuse", prompts=prompts, seed=5, max_new_tokens=new)
+    assert len(one.judge(world / "model", "m", reuse=True)) == prompts
+    assert len(generations.read_text().splitlines()) == prompts  # one response each: judged again
+    other_seed = WorldJudge(world / "qs", world / "reuse", prompts=prompts, seed=6, max_new_tokens=new)
+    other_seed.judge(world / "model", "m", reuse=True)
+    assert "read back" not in capsys.readouterr().out
+    # the same settings with changed model files: judged again
+    changed = world / "changed_model"
+    shutil.copytree(world / "model", changed)
+    other_seed.judge(changed, "c", reuse=True)
+    (changed / "config.json").write_text((changed / "config.json").read_text() + "\n")
+    other_seed.judge(changed, "c", reuse=True)
+    other_seed.judge(changed, "c", reuse=True)
+    assert capsys.readouterr().out.count("read back") == 1  # the third call only
+
+
+def test_first_response_only_compares_response_zero(world):
+    prompts = 6
+    judge = WorldJudge(world / "qs", world / "first", prompts=prompts, seed=5, max_new_tokens=12, samples=3)
+    judge.rows = {"a": [_row(h, False) for h in (1, 2, 3, 4, 5, 6, 9, 9, 9, 9, 9, 9, 0, 0, 0, 0, 0, 0)],
+                  "b": [_row(h, False) for h in (2, 2, 5, 4, 5, 9, 0, 0, 0, 0, 0, 0, 9, 9, 9, 9, 9, 9)]}
+    got = judge.first_response_only([("b_over_a", "a", "b"), ("missing", "a", "c")])
+    # response 0 differences 1, 0, 2, 0, 0, 3: mean 1, squared deviations 0+1+1+1+1+4, sample variance 8/5
+    assert list(got) == ["b_over_a"]
+    assert got["b_over_a"]["mean"] == pytest.approx(1.0)
+    assert got["b_over_a"]["standard_error"] == pytest.approx(math.sqrt(8 / 5 / 6))
+
+
+def test_an_example_reuses_a_run_only_for_the_same_command(tmp_path):
+    import argparse
+
+    from world_common import add_judge_arguments, judge_from_args, record_run, trained_before
+
+    run = tmp_path / "kto"
+    command = ["trainer.max_steps=100", "trainer.seed=0", "kto.beta=0.1"]
+    assert trained_before(run, "kto", command) is False  # nothing trained
+    (run / "hf").mkdir(parents=True)
+    with pytest.raises(ValueError) as err:  # trained, but by nobody who said how
+        trained_before(run, "kto", command)
+    assert "without example_run.json" in str(err.value) and "another --out" in str(err.value)
+    record_run(run, "kto", command)
+    assert trained_before(run, "kto", command) is True
+    with pytest.raises(ValueError) as err:
+        trained_before(run, "kto", ["trainer.max_steps=200", "trainer.seed=0", "kto.beta=0.1"])
+    msg = str(err.value)
+    assert "\n" not in msg and "-trainer.max_steps=100, +trainer.max_steps=200" in msg, msg
+    with pytest.raises(ValueError, match="config kto -> dpo"):
+        trained_before(run, "dpo", command)
+
+    parser = argparse.ArgumentParser(prog="example")
+    parser.add_argument("--seed", type=int, default=0)
+    add_judge_arguments(parser)
+    for bad, says in ((["--judge-samples", "0"], "--judge-samples 0: expected an integer >= 1"),
+                      (["--prompts", "0"], "--prompts 0: expected an integer >= 1")):
+        with pytest.raises(SystemExit) as exit_:
+            judge_from_args(parser, parser.parse_args(bad), tmp_path, tmp_path)
+        assert exit_.value.code == 2

@@ -36,8 +36,11 @@ def installed(tmp_path_factory):
     python = venv / "bin" / "python"
     purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                              check=True, capture_output=True, text=True).stdout.strip()
-    # the dependencies installed here, reused (their .pth files, an editable aligner's among them, are not run)
-    Path(purelib, "_installed_dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    # the dependencies installed here, reused (their .pth files, an editable aligner's among them, are not run):
+    # this interpreter's site-packages and any other a .pth file put on its path (a virtualenv that reuses
+    # another's dependencies), never a source folder
+    deps = site.getsitepackages() + [p for p in sys.path if Path(p).name == "site-packages"]
+    Path(purelib, "_installed_dependencies.pth").write_text("\n".join(dict.fromkeys(deps)) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
                     "--no-index", str(wheel)], check=True, env=env, timeout=300, capture_output=True)
     elsewhere = root / "elsewhere"

@@ -52,10 +52,13 @@ def paired(base: List[float], new: List[float]) -> dict:
 
 
 def rate(values: List[float]) -> dict:
-    """A rate of 0/1 outcomes with its binomial standard error."""
+    """The mean of per-prompt outcomes in [0, 1] with its standard error ``sqrt(Σ (v − p)² / n²)``:
+    for 0/1 outcomes (one response per prompt) the binomial ``sqrt(p (1 − p) / n)``; for each
+    prompt's fraction over K responses (``--judge-samples``) the spread of those fractions,
+    which the binomial formula would overstate."""
     n = len(values)
     p = sum(values) / n
-    return {"rate": p, "standard_error": math.sqrt(p * (1 - p) / n), "prompts": n}
+    return {"rate": p, "standard_error": math.sqrt(sum((v - p) ** 2 for v in values)) / n, "prompts": n}
 
 
 def mean(values: List[float]) -> float:

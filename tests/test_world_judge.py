@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from world_common import WorldJudge, judge_seed, paired, prompt_means  # noqa: E402
+from world_common import WorldJudge, judge_seed, paired, prompt_means, rate  # noqa: E402
 
 
 def _row(helpfulness, exact):
@@ -36,6 +36,11 @@ def test_prompt_means_and_paired_statistics_by_hand():
     assert stats["z"] == pytest.approx(math.sqrt(6))
     # the first responses alone: differences 2, 0, 4, -1 (mean 1.25)
     assert paired([r["helpfulness"] for r in base[:4]], [r["helpfulness"] for r in new[:4]])["mean"] == 1.25
+    # rates: binomial for 0/1 outcomes; the spread of per-prompt fractions for several responses each
+    assert rate([1.0, 0.0, 0.0, 1.0])["standard_error"] == pytest.approx(math.sqrt(0.5 * 0.5 / 4))
+    fractions = rate([r["exact"] for r in b])  # 0.5, 0, 0.5, 0.5: p 3/8, squared deviations 3 x 1/64 + 9/64
+    assert fractions["rate"] == 0.375 and fractions["standard_error"] == pytest.approx(math.sqrt(12 / 64) / 4)
+    assert fractions["standard_error"] < math.sqrt(0.375 * 0.625 / 4)  # what the binomial formula would say
     # one response per prompt: the rows themselves
     assert prompt_means(base[:4], 4) == base[:4]
     with pytest.raises(ValueError, match="7 score rows for 4 prompts"):

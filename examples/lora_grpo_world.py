@@ -18,24 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
-
-def paired(base, new):
-    """Mean and standard error of the per-prompt difference new − base."""
-    diffs = [b - a for a, b in zip(base, new)]
-    mean = sum(diffs) / len(diffs)
-    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-    return {"mean": mean, "standard_error": se, "prompts": len(diffs), "z": mean / se if se > 0 else float("inf")}
-
-
-def rate(values):
-    n = len(values)
-    p = sum(values) / n
-    return {"rate": p, "standard_error": math.sqrt(p * (1 - p) / n), "prompts": n}
+from world_common import paired, rate  # the examples folder is the script's own
 
 
 def generate(model_dir: Path, prompts, tokenizer, max_new_tokens: int, seed: int, greedy: bool):

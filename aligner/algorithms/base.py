@@ -17,6 +17,8 @@ reports a config mistake without loading it.
 from __future__ import annotations
 
 import json
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -28,7 +30,7 @@ from aligner.data.datasets import resolve_template, token_counts
 from aligner.evaluation.config import MonitorSection, check_monitor_sources
 from aligner.models.config import ModelConfig
 from aligner.parallel import ParallelConfig, get_device, initialize, is_initialized, padded_length, set_seed
-from aligner.runtime import is_rank0
+from aligner.runtime import get_logger, is_rank0
 from aligner.training import preflight as checks
 from aligner.training.algorithm import Algorithm
 from aligner.training.batching import (
@@ -105,6 +107,36 @@ def reference_batches(loop, training: bool) -> List[List[dict]]:
         tail = [loop.train_data[i] for i in range(n_train) if i not in covered]  # index i: position i
         batches += [tail[i: i + gbs] for i in range(0, len(tail), gbs)]
     return batches
+
+
+def reference_scope(loop, batches: List[List[dict]], unit: str) -> str:
+    """What the reference batches of :func:`reference_batches` cover, for
+    :func:`computing_reference`: ``"the log-probs of N training and M validation <unit>"``."""
+    n_val = len(loop.val_data or [])
+    n_train = sum(len(b) for b in batches) - n_val
+    return f"the log-probs of {n_train} training and {n_val} validation {unit}"
+
+
+@contextmanager
+def computing_reference(loop, algorithm: str, what: str):
+    """The models in evaluation mode, without gradients, while an offline reference is
+    computed from the initial weights (DPO, KTO), announced before (``what`` it covers) and
+    after (the seconds it took): on a large set it is minutes before the first step."""
+    import torch
+
+    log = get_logger("aligner.algorithms")
+    log.info(f"[{algorithm}] reference: {what}, from the initial weights")
+    t0 = time.perf_counter()
+    modes = [m.training for m in loop.models]
+    for m in loop.models:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(loop.models, modes):
+            m.train(mode)
+    log.info(f"[{algorithm}] reference: done in {time.perf_counter() - t0:.1f} s")
 
 
 def reduce_table(table, *, spread: bool = True, summed: bool = True):

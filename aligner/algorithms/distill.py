@@ -62,7 +62,7 @@ from aligner.config import Choice, ConfigError
 from aligner.files import atomic_write_bytes
 from aligner.models.config import ModelConfig
 from aligner.parallel.seeds import on_policy_generator
-from aligner.runtime import get_logger
+from aligner.runtime import UserError, get_logger
 from aligner.training.algorithm import StepContext
 from aligner.training.batching import schedule_microbatches, shifted_logprobs
 from aligner.training.forward import forward
@@ -356,12 +356,12 @@ class DistillAlgorithm(TokenAlgorithm):
         if self.topk_file.is_file():
             table = torch.load(self.topk_file, weights_only=True)
             if table["k"] != self.top_k:
-                raise ValueError(f"{self.topk_file}: holds the teacher's top-{table['k']}, distill.top_k = {self.top_k}")
+                raise UserError(f"{self.topk_file}: holds the teacher's top-{table['k']}, distill.top_k = {self.top_k}")
             if not self.top_k_tail:
                 return {int(i): (v, t) for i, v, t in zip(table["index"], table["values"], table["ids"])}
             if table.get("temperature") != self.temperature:
                 held = "no tail masses" if "tail" not in table else f"tail masses at temperature {table['temperature']}"
-                raise ValueError(f"{self.topk_file}: holds {held}; distill.top_k_tail = true at distill.temperature ="
+                raise UserError(f"{self.topk_file}: holds {held}; distill.top_k_tail = true at distill.temperature ="
                                  f" {self.temperature} needs them at that temperature (use another trainer.out_dir)")
             return {int(i): (v, t, m) for i, v, t, m in zip(table["index"], table["values"], table["ids"],
                                                            table["tail"])}

@@ -33,12 +33,15 @@ from aligner.algorithms.base import (
     pair_count,
     pair_logps,
     pair_margin,
+    computing_reference,
     reduce_table,
     reference_batches,
+    reference_scope,
     register_trainer,
 )
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
 from aligner.config import ConfigError, registered
+from aligner.runtime import UserError
 from aligner.training.config import InitSection
 from aligner.training.metrics import metric
 from aligner.training.roles import ReferencePolicy
@@ -220,13 +223,9 @@ class DPOAlgorithm(TokenAlgorithm):
         if self.reference == Reference.resident:
             # the online algorithms' reference role: initial weights on the host, swapped in
             self._host_ref = ReferencePolicy(loop.models, mode="host")
-        for m in loop.models:
-            m.eval()
-        with torch.no_grad():
+        with computing_reference(loop, self.name, reference_scope(loop, batches, "pairs")):
             for samples in batches:
                 self._reference_pass(loop, loop.local_share(samples), loop.seq_length(samples))
-        for m in loop.models:
-            m.train()
         self._ref = reduce_table(self._ref)
         self._summary = self._table_summary(n_train)
 
@@ -273,12 +272,12 @@ class DPOAlgorithm(TokenAlgorithm):
             if theirs is None:
                 continue  # e.g. the run began with reference=resident: no training table to compare
             if (theirs["pairs"], theirs["tokens"]) != (mine["pairs"], mine["tokens"]):
-                raise ValueError(
+                raise UserError(
                     f"resume: the {split} data differ from the checkpoint's run ({theirs['pairs']} pairs of"
                     f" {theirs['tokens']} response tokens then, {mine['pairs']} of {mine['tokens']} now)"
                 )
             if not math.isclose(theirs["abs_logps"], mine["abs_logps"], rel_tol=1e-3):
-                raise ValueError(
+                raise UserError(
                     f"resume: the reference log-probs recomputed from the initial weights differ from the"
                     f" checkpoint's run on the {split} pairs (Σ|log p| {mine['abs_logps']:.6g} now,"
                     f" {theirs['abs_logps']:.6g} then): the initial weights (init.hf, or model and"

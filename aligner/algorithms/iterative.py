@@ -42,6 +42,7 @@ from aligner.algorithms.base import TokenAlgorithm, policy_update
 from aligner.config import ConfigError
 from aligner.files import atomic_write_bytes, jsonl_text
 from aligner.parallel.seeds import window_slot_generator
+from aligner.runtime import UserError
 from aligner.training.algorithm import StepContext
 
 
@@ -102,13 +103,13 @@ def record_rows(path: Path, rows: List[dict]) -> Tuple[List[dict], str]:
 
 def read_recorded_rows(path: Path, expected: Optional[str], missing: str, changed: str) -> List[dict]:
     """The rows of the file ``path`` whose SHA-256 a checkpoint recorded as ``expected``:
-    FileNotFoundError ``"<path>: <missing>"`` without the record or the file, ValueError
-    ``"<path>: <changed>"`` when the file differs from it."""
+    FileNotFoundError ``"<path>: <missing>"`` without the record or the file, UserError
+    ``"<path>: <changed>"`` when the file differs from it (both one line on the command line)."""
     if expected is None or not path.is_file():
         raise FileNotFoundError(f"{path}: {missing}")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != expected:
-        raise ValueError(f"{path}: {changed}")
+        raise UserError(f"{path}: {changed}")
     return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
 
 
@@ -116,7 +117,7 @@ def check_row_indices(rows: List[dict], expected, path, what: str) -> None:
     """A samples file read back holds a row for every ``expected`` index (``what``: its rows' name)."""
     got = sorted(int(r["index"]) for r in rows)
     if got != sorted(expected):
-        raise ValueError(f"{path}: holds {what} {got[:5]}... ({len(got)}); this run has {len(expected)}")
+        raise UserError(f"{path}: holds {what} {got[:5]}... ({len(got)}); this run has {len(expected)}")
 
 
 class IterativeAlgorithm(TokenAlgorithm):

@@ -43,14 +43,16 @@ from aligner.algorithms.base import (
     RunConfig,
     TokenAlgorithm,
     Trainer,
+    computing_reference,
     init_from_hf,
     reduce_table,
     reference_batches,
+    reference_scope,
     register_trainer,
 )
 from aligner.algorithms.losses.kto import kto_loss, kto_reference_point, mismatched_rows
 from aligner.config import ConfigError
-from aligner.runtime import is_rank0
+from aligner.runtime import UserError, is_rank0
 from aligner.training.batching import per_item_sum, shifted_logprobs
 from aligner.training.config import InitSection
 from aligner.training.metrics import metric
@@ -285,9 +287,10 @@ class KTOAlgorithm(TokenAlgorithm):
         batches = reference_batches(loop, training=self.reference == Reference.precompute)
         if self.reference == Reference.resident:
             self._host_ref = ReferencePolicy(loop.models, mode="host")
-        for m in loop.models:
-            m.eval()
-        with torch.no_grad():
+        scope = reference_scope(loop, batches, "samples")
+        if self.reference == Reference.precompute:
+            scope += f" and the mismatched rows of {loop.max_steps} steps"
+        with computing_reference(loop, self.name, scope):
             for samples in batches:
                 self._pass(loop, "reference", loop.local_share(samples), loop.seq_length(samples))
             if self.reference == Reference.precompute:
@@ -299,8 +302,6 @@ class KTOAlgorithm(TokenAlgorithm):
                 self._ref_kl = torch.full((len(kl), width), math.nan, dtype=torch.float64)
                 for step, t in enumerate(kl):
                     self._ref_kl[step, : t.numel()] = t
-        for m in loop.models:
-            m.train()
         self._ref = reduce_table(self._ref, spread=True)
         if self._ref_kl is not None:
             self._ref_kl = reduce_table(self._ref_kl, spread=True, summed=False)
@@ -328,7 +329,10 @@ class KTOAlgorithm(TokenAlgorithm):
             out[split] = {"rows": int(t.shape[0]), "tokens": int(t[..., 1].sum()),
                           "abs_logps": float(t[..., 0].abs().sum())}
             if kl is not None:
-                out[split]["abs_kl_logps"] = float(kl.nan_to_num().abs().sum())
+                per_step = kl.nan_to_num().abs().sum(-1)
+                out[split]["abs_kl_logps"] = float(per_step.sum())
+                # per step: a run extended on resume (trainer.max_steps) is compared over its first steps
+                out[split]["abs_kl_logps_per_step"] = [float(v) for v in per_step]
         return out
 
     @torch.no_grad()
@@ -369,16 +373,25 @@ class KTOAlgorithm(TokenAlgorithm):
             if theirs is None:
                 continue
             if (theirs["rows"], theirs["tokens"]) != (mine["rows"], mine["tokens"]):
-                raise ValueError(f"resume: the {split} data differ from the checkpoint's run ({theirs['rows']} rows"
-                                 f" of {theirs['tokens']} response tokens then, {mine['rows']} of {mine['tokens']}"
-                                 " now)")
-            for key in ("abs_logps", "abs_kl_logps"):
-                if key in theirs and key in mine and not math.isclose(theirs[key], mine[key], rel_tol=1e-3):
-                    raise ValueError(
+                raise UserError(f"resume: the {split} data differ from the checkpoint's run ({theirs['rows']} rows"
+                                f" of {theirs['tokens']} response tokens then, {mine['rows']} of {mine['tokens']}"
+                                " now)")
+            cause = "the initial weights (init.hf, or model and trainer.seed) changed since the run began"
+            compared = [(key, theirs[key], mine[key], cause) for key in ("abs_logps",) if key in theirs and key in mine]
+            steps = "abs_kl_logps_per_step"
+            if steps in theirs and steps in mine:  # the steps both runs have (trainer.max_steps may change)
+                n = min(len(theirs[steps]), len(mine[steps]))
+                compared.append((f"abs_kl_logps of the first {n} steps", sum(theirs[steps][:n]),
+                                 sum(mine[steps][:n]), cause))
+            elif "abs_kl_logps" in theirs and "abs_kl_logps" in mine:  # a checkpoint without the steps' sums
+                compared.append(("abs_kl_logps", theirs["abs_kl_logps"], mine["abs_kl_logps"],
+                                 cause + ", or trainer.max_steps did (a checkpoint without the reference's"
+                                 " per-step sums resumes at its own trainer.max_steps only)"))
+            for what, then, now, why in compared:
+                if not math.isclose(then, now, rel_tol=1e-3):
+                    raise UserError(
                         f"resume: the reference log-probs recomputed from the initial weights differ from the"
-                        f" checkpoint's run on the {split} rows ({key} {mine[key]:.6g} now, {theirs[key]:.6g} then):"
-                        " the initial weights (init.hf, or model and trainer.seed) or trainer.max_steps changed"
-                        " since the run began")
+                        f" checkpoint's run on the {split} rows ({what} {now:.6g} now, {then:.6g} then): {why}")
 
 
 # ------------------------------------------------------------------------------ trainer

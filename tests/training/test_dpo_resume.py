@@ -93,3 +93,55 @@ def test_dpo_resumed_after_sigkill_logs_what_the_whole_run_logs(tmp_path, ranks,
         assert any(r["kl"] > 0 for r in train if r["step"] > killed_at), [r["kl"] for r in train]
     ra, rb = (json.loads((p / "result.json").read_text()) for p in (whole, killed))
     assert ra["val"] == rb["val"]
+
+
+def test_a_finished_kto_run_is_extended_and_a_changed_reference_is_one_user_error(tmp_path):
+    """trainer.max_steps may grow on a resume: KTO's precomputed reference then covers the new
+    steps' mismatched rows, and the checkpoint's are compared over the steps both runs have;
+    other initial weights are still refused, as a user error (one line on the command line)."""
+    from aligner.algorithms.kto import KTOAlgorithm
+    from aligner.runtime import UserError
+
+    run = tmp_path / "kto"
+    cmd = [sys.executable, "-W", "ignore", "-m", "tests.training.fit_driver", str(run), "STEPS", "2", "0",
+           "kto:precompute"]
+    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1")
+    for steps in (4, 6):
+        from aligner.parallel.state import free_port
+
+        env["MASTER_PORT"] = str(free_port())
+        p = pyproc.start([str(steps) if a == "STEPS" else a for a in cmd], cwd=ROOT, env=env,
+                         stderr=tmp_path / f"run{steps}.err")
+        p.wait(timeout=400)
+        err = (tmp_path / f"run{steps}.err").read_text(errors="replace")
+        assert p.returncode == 0, err[-3000:]
+        assert (f"[kto] reference: the log-probs of 26 training and 6 validation samples and the mismatched"
+                f" rows of {steps} steps, from the initial weights") in err, err[-3000:]
+        assert "[kto] reference: done in" in err
+    assert "resumed from step 4" in err
+    train = [r for r in _metrics(run) if r["split"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    state = json.loads((run / "checkpoints" / "step_0000006" / "extra.json").read_text())["algorithm"]
+    table = state["reference_table"]["training"]
+    per_step = table["abs_kl_logps_per_step"]
+    assert len(per_step) == 6 and abs(sum(per_step) - table["abs_kl_logps"]) < 1e-6 * table["abs_kl_logps"]
+
+    def resumed_with(steps, scale=1.0):
+        algo = KTOAlgorithm(0)
+        mine = dict(table, abs_kl_logps_per_step=[v * scale for v in per_step[:steps]])
+        algo._summary = {"training": mine}  # what setup() computed in the new process
+        algo.load_state_dict(json.loads(json.dumps(state)))
+
+    resumed_with(6)
+    resumed_with(3)  # shortened: compared over its 3 steps
+    resumed_with(6, scale=1 + 1e-5)  # layout round-off
+    with pytest.raises(UserError, match=r"abs_kl_logps of the first 3 steps .* initial weights"):
+        resumed_with(3, scale=1.01)
+    # a checkpoint written without the per-step sums: compared whole, the run length named as a cause
+    old = json.loads(json.dumps(state))
+    del old["reference_table"]["training"]["abs_kl_logps_per_step"]
+    algo = KTOAlgorithm(0)
+    algo._summary = {"training": dict(table, abs_kl_logps=sum(per_step[:4]), abs_kl_logps_per_step=per_step[:4])}
+    with pytest.raises(UserError, match=r"or trainer.max_steps did \(a checkpoint without"):
+        algo.load_state_dict(old)

@@ -100,6 +100,25 @@ def test_a_changed_config_is_refused_and_the_same_config_resumes(sft_run):
     assert after[0]["lr"] == pytest.approx(0.002) and before[0]["lr"] == pytest.approx(0.001)
 
 
+def test_a_dpo_run_whose_data_changed_is_refused_on_resume_in_one_line(sft_run):
+    root, _ = sft_run
+    pairs = (root / "pairs.jsonl").read_text().splitlines(keepends=True)
+    (root / "pairs_changing.jsonl").write_text("".join(pairs))
+    command = ("train", "dpo", "init.hf=sft_run/hf", "data.train=pairs_changing.jsonl", "trainer.out_dir=dpo_changed",
+               "trainer.progress=false", "trainer.tensorboard=false", "trainer.global_batch_size=4",
+               "trainer.micro_batch_size=4", "trainer.val_interval=0", "data.max_length=128", "trainer.save_interval=1")
+    first = _aligner(*command, "trainer.max_steps=1", cwd=root)
+    assert first.returncode == 0, first.stderr
+    assert "[dpo] reference: the log-probs of" in first.stderr and "[dpo] reference: done in" in first.stderr
+    (root / "pairs_changing.jsonl").write_text("".join(pairs[:-4]))  # the same path, four rows fewer
+    again = _aligner(*command, "trainer.max_steps=2", cwd=root)
+    assert again.returncode == 2, again.stderr
+    errors = [line for line in again.stderr.splitlines() if line.startswith("aligner train: error:")]
+    assert len(errors) == 1 and "Traceback" not in again.stderr, again.stderr
+    assert errors[0].startswith("aligner train: error: resume: the training data differ from the checkpoint's run ("), \
+        errors[0]
+
+
 def test_a_sweep_runs_each_job_in_its_own_run_folder(sft_run):
     root, _ = sft_run
     out = _aligner("train", "dpo", "-m", "dpo.beta=0.05,0.1", "init.hf=sft_run/hf", "data.train=pairs.jsonl",

@@ -109,23 +109,26 @@ def reference_batches(loop, training: bool) -> List[List[dict]]:
     return batches
 
 
-def reference_scope(loop, batches: List[List[dict]], unit: str) -> str:
+def reference_scope(loop, batches: List[List[dict]], unit: str) -> Optional[str]:
     """What the reference batches of :func:`reference_batches` cover, for
-    :func:`computing_reference`: ``"the log-probs of N training and M validation <unit>"``."""
+    :func:`computing_reference`: ``"the log-probs of N training and M validation <unit>"``
+    (None when they are empty: a resident reference without validation data)."""
     n_val = len(loop.val_data or [])
     n_train = sum(len(b) for b in batches) - n_val
-    return f"the log-probs of {n_train} training and {n_val} validation {unit}"
+    return f"the log-probs of {n_train} training and {n_val} validation {unit}" if n_train + n_val else None
 
 
 @contextmanager
 def computing_reference(loop, algorithm: str, what: str):
     """The models in evaluation mode, without gradients, while an offline reference is
     computed from the initial weights (DPO, KTO), announced before (``what`` it covers) and
-    after (the seconds it took): on a large set it is minutes before the first step."""
+    after (the seconds it took): on a large set it is minutes before the first step.
+    ``what`` None: nothing to announce."""
     import torch
 
     log = get_logger("aligner.algorithms")
-    log.info(f"[{algorithm}] reference: {what}, from the initial weights")
+    if what is not None:
+        log.info(f"[{algorithm}] reference: {what}, from the initial weights")
     t0 = time.perf_counter()
     modes = [m.training for m in loop.models]
     for m in loop.models:
@@ -136,7 +139,8 @@ def computing_reference(loop, algorithm: str, what: str):
     finally:
         for m, mode in zip(loop.models, modes):
             m.train(mode)
-    log.info(f"[{algorithm}] reference: done in {time.perf_counter() - t0:.1f} s")
+    if what is not None:
+        log.info(f"[{algorithm}] reference: done in {time.perf_counter() - t0:.1f} s")
 
 
 def reduce_table(table, *, spread: bool = True, summed: bool = True):

@@ -288,7 +288,7 @@ class KTOAlgorithm(TokenAlgorithm):
         if self.reference == Reference.resident:
             self._host_ref = ReferencePolicy(loop.models, mode="host")
         scope = reference_scope(loop, batches, "samples")
-        if self.reference == Reference.precompute:
+        if self.reference == Reference.precompute:  # precompute covers the training samples: scope is not None
             scope += f" and the mismatched rows of {loop.max_steps} steps"
         with computing_reference(loop, self.name, scope):
             for samples in batches:

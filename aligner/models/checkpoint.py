@@ -42,6 +42,7 @@ import torch.distributed as dist
 from megatron.core.dist_checkpointing.mapping import is_main_replica
 
 from aligner.models.gpt import unwrap_model
+from aligner.models.hf import CheckpointError
 from aligner.models.lora import has_adapters
 
 
@@ -337,7 +338,7 @@ def find_latest(root) -> Optional[Path]:
         info = json.loads(marker.read_text())
         name = info["dir"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"{marker}: expected JSON {{\"step\": N, \"dir\": \"step_...\"}} ({exc})") from None
+        raise CheckpointError(f"{marker}: expected JSON {{\"step\": N, \"dir\": \"step_...\"}} ({exc})") from None
     path = root / name
     if _is_partial(path) or not (path / "extra.json").is_file():
         raise FileNotFoundError(f"{marker} names {path}, which is missing or incomplete (no extra.json)")
@@ -392,17 +393,17 @@ def load_checkpoint(path_or_root, models, optimizer=None, scheduler=None) -> dic
 
 def _check_base(path: Path, saved: Optional[str], current: Optional[str]) -> None:
     """Refuse, before any tensor is read, adapters onto another base (or a full model
-    into an adapter run, and the reverse)."""
+    into an adapter run, and the reverse): a CheckpointError, one line on the command line."""
     if saved == current:
         return
     if saved is None:
-        raise ValueError(f"{path}: a full-model checkpoint; this model has LoRA adapters (base fingerprint"
+        raise CheckpointError(f"{path}: a full-model checkpoint; this model has LoRA adapters (base fingerprint"
                          f" {current}): resume it without lora.enabled, or start in a new out_dir")
     if current is None:
-        raise ValueError(f"{path}: holds LoRA adapters only (base fingerprint {saved}), not a whole model; load it"
+        raise CheckpointError(f"{path}: holds LoRA adapters only (base fingerprint {saved}), not a whole model; load it"
                          " onto its base with lora.enabled (the run's hf/ and hf_peft/ exports hold the merged"
                          " model and the adapters)")
-    raise ValueError(f"{path}: its adapters belong to the base with fingerprint {saved}; this run's base has"
+    raise CheckpointError(f"{path}: its adapters belong to the base with fingerprint {saved}; this run's base has"
                      f" fingerprint {current}: resume on the base it was trained on (init.hf) or start in a new"
                      " out_dir")
 

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
-from aligner.models.hf import save_safetensors
+from aligner.models.hf import CheckpointError, save_safetensors
 from aligner.models.lora import lora_layers
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
@@ -87,9 +87,9 @@ def read_peft_config(path) -> dict:
         raise FileNotFoundError(f"{path}: not a PEFT adapter folder (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
     config = json.loads(file.read_text())
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{file}: peft_type = {config.get('peft_type')!r}, expected 'LORA'")
+        raise CheckpointError(f"{file}: peft_type = {config.get('peft_type')!r}, expected 'LORA'")
     if config.get("bias", "none") != "none" or config.get("fan_in_fan_out"):
-        raise ValueError(f"{file}: bias / fan_in_fan_out adapters are not supported (expected bias 'none')")
+        raise CheckpointError(f"{file}: bias / fan_in_fan_out adapters are not supported (expected bias 'none')")
     return config
 
 
@@ -108,19 +108,19 @@ def load_peft(models, path) -> None:
                 for which in ("A", "B"):
                     key = _key(part.hf_module, which)
                     if key not in unused and key not in f.keys():
-                        raise ValueError(f"{file}: no {key!r}")
+                        raise CheckpointError(f"{file}: no {key!r}")
                     unused.discard(key)
                     full = f.get_tensor(key)
                     param = getattr(part, f"lora_{which}")
                     dim = _shard_dim(part, which)
                     local = full if dim is None else full.chunk(tp, dim)[rank]
                     if tuple(local.shape) != tuple(param.shape):
-                        raise ValueError(f"{file}: {key} has shape {tuple(full.shape)}; this model's adapter"
+                        raise CheckpointError(f"{file}: {key} has shape {tuple(full.shape)}; this model's adapter"
                                          f" needs {tuple(param.shape)} per TP rank (lora.rank, the architecture)")
                     with torch.no_grad():
                         param.copy_(local.to(param.dtype))
     if unused and ps.get_pipeline_model_parallel_world_size() == 1:
-        raise ValueError(f"{file}: {len(unused)} tensors match no adapter of the model (first: {sorted(unused)[0]})")
+        raise CheckpointError(f"{file}: {len(unused)} tensors match no adapter of the model (first: {sorted(unused)[0]})")
 
 
 __all__ = ["export_peft", "load_peft", "read_peft_config"]

@@ -128,7 +128,7 @@ def run_all(out_dir):
     try:
         load_checkpoint(step_dir, [other])
     except ValueError as exc:
-        out["refused"] = str(exc)
+        out["refused"], out["refused_type"] = str(exc), type(exc).__name__
     out["other_unchanged"] = all(torch.equal(p, before[n]) for n, p in other.named_parameters())
     out["adapters_loaded"] = trained
     out["adapters_saved"] = out["resumed"]["adapters"]
@@ -220,6 +220,7 @@ def test_lora_checkpoint_refuses_another_base_in_one_line(out):
     assert len(fp) == 16 and fp != other and out["nudged_fingerprint"] not in (fp, other)
     msg = out["refused"]
     assert "\n" not in msg and fp in msg and other in msg, msg
+    assert out["refused_type"] == "CheckpointError"  # a user error: one line and exit status 2 on the command line
     assert out["other_unchanged"]
     # `aligner export` of an adapter checkpoint: refused in one line (it holds no base)
     assert out["export_rc"] == 2 and "LoRA adapters only" in out["export_error"]

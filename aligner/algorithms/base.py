@@ -21,7 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -89,24 +89,82 @@ def init_from_hf() -> InitSection:
     return InitSection(hf=MISSING)
 
 
-def reference_batches(loop, training: bool) -> List[List[dict]]:
+def reference_steps(loop, full: bool = False) -> Optional[int]:
+    """The epoch-0 steps whose rows a precomputed reference table covers: the run's steps
+    when it ends within epoch 0 (a short run, a smoke test: the rows it never trains are not
+    computed), else None: every row (epoch 0's batches, then its unused tail, which later
+    epochs train). ``full``: every row whatever the run's length (a run resumed from a
+    checkpoint whose table covered them all, :func:`coverage_summary`)."""
+    if full or loop.max_steps > loop.steps_per_epoch:
+        return None
+    return loop.max_steps
+
+
+def reference_batches(loop, training: bool, steps: Optional[int] = None) -> List[List[dict]]:
     """The global batches of the rows an offline reference table covers (DPO, KTO): the
     validation rows (indices after the training set's, batched as evaluation batches them)
     and, with ``training`` (``Reference.precompute``), epoch 0 batch for batch as training
-    sees it (step 0 reproduces these numbers bit for bit), then the rows of epoch 0's
-    unused tail (later epochs train them)."""
+    sees it (step 0 reproduces these numbers bit for bit): its first ``steps`` batches
+    (:func:`reference_steps`), or with ``steps`` None all of them and then the rows of epoch
+    0's unused tail (later epochs train them)."""
     n_train, val, gbs = len(loop.train_data), loop.val_data or [], loop.cfg.global_batch_size
     batches = [[dict(val[i], index=n_train + i) for i in range(start, min(start + gbs, len(val)))]
                for start in range(0, len(val), gbs)]
     if training:
         covered = set()
-        for step in range(loop.steps_per_epoch):
+        for step in range(loop.steps_per_epoch if steps is None else steps):
             samples = loop.global_batch(step)
             covered.update(int(s["index"]) for s in samples)
             batches.append(samples)
-        tail = [loop.train_data[i] for i in range(n_train) if i not in covered]  # index i: position i
-        batches += [tail[i: i + gbs] for i in range(0, len(tail), gbs)]
+        if steps is None:
+            tail = [loop.train_data[i] for i in range(n_train) if i not in covered]  # index i: position i
+            batches += [tail[i: i + gbs] for i in range(0, len(tail), gbs)]
     return batches
+
+
+def resumes_whole_table(loop) -> bool:
+    """Whether the run resumes a checkpoint whose training reference table was recorded
+    without its coverage (:func:`coverage_summary`: written when a table always covered every
+    row); such a run computes the whole table again, as that run did, so the two compare."""
+    table = ((loop.resume_state() or {}).get("reference_table") or {}).get("training")
+    return table is not None and "per_step" not in table
+
+
+def coverage_summary(loop, steps: Optional[int], tokens, abs_logps) -> dict:
+    """What a training reference table covers, for the resume check (:func:`coverage_mismatch`):
+    per covered epoch-0 step ``[tokens, Σ|log p|]`` of its rows (``tokens``, ``abs_logps``:
+    per training row), and the unused tail's (None unless every row is covered: ``steps``
+    None, :func:`reference_steps`)."""
+    per_step, covered = [], set()
+    for step in range(loop.steps_per_epoch if steps is None else steps):
+        idx = [int(s["index"]) for s in loop.global_batch(step)]
+        covered.update(idx)
+        per_step.append([float(tokens[idx].sum()), float(abs_logps[idx].sum())])
+    tail = None
+    if steps is None:
+        rest = [i for i in range(len(loop.train_data)) if i not in covered]
+        tail = [float(tokens[rest].sum()), float(abs_logps[rest].sum())] if rest else [0.0, 0.0]
+    return {"per_step": per_step, "tail": tail}
+
+
+def coverage_mismatch(theirs: dict, mine: dict) -> Optional[Tuple[str, str]]:
+    """Where two :func:`coverage_summary` records disagree over what both cover (the first
+    steps both computed, and the tail where both did): ``("data", what)`` for other token
+    counts, ``("weights", what)`` for Σ|log p| beyond 1e-3 relative, else None."""
+    import math
+
+    n = min(len(theirs["per_step"]), len(mine["per_step"]))
+    parts = [(f"the rows of the first {n} steps", [sum(v[0] for v in side["per_step"][:n]) for side in (theirs, mine)],
+              [sum(v[1] for v in side["per_step"][:n]) for side in (theirs, mine)])]
+    if theirs.get("tail") is not None and mine.get("tail") is not None:
+        parts.append(("the rows of epoch 0's unused tail", [theirs["tail"][0], mine["tail"][0]],
+                      [theirs["tail"][1], mine["tail"][1]]))
+    for what, (tok_then, tok_now), (abs_then, abs_now) in parts:
+        if tok_then != tok_now:
+            return "data", f"{what}: {tok_then:.0f} response tokens then, {tok_now:.0f} now"
+        if not math.isclose(abs_then, abs_now, rel_tol=1e-3):
+            return "weights", f"{what}: Σ|log p| {abs_now:.6g} now, {abs_then:.6g} then"
+    return None
 
 
 def reference_scope(loop, batches: List[List[dict]], unit: str) -> Optional[str]:

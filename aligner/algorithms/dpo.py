@@ -34,9 +34,13 @@ from aligner.algorithms.base import (
     pair_logps,
     pair_margin,
     computing_reference,
+    coverage_mismatch,
+    coverage_summary,
     reduce_table,
     reference_batches,
     reference_scope,
+    reference_steps,
+    resumes_whole_table,
     register_trainer,
 )
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
@@ -139,6 +143,7 @@ class DPOAlgorithm(TokenAlgorithm):
         self._collect = False
         self._host_ref = None
         self._summary: Optional[Dict[str, dict]] = None
+        self._steps: Optional[int] = None  # the epoch-0 steps the training table covers (None: every pair)
 
     def groups(self, sample):
         return [
@@ -219,15 +224,19 @@ class DPOAlgorithm(TokenAlgorithm):
             return
         n_train = len(loop.train_data)
         self._ref = torch.zeros(n_train + len(loop.val_data or []), 4, dtype=torch.float64)
-        batches = reference_batches(loop, training=self.reference == Reference.precompute)
+        self._steps = reference_steps(loop, full=resumes_whole_table(loop))
+        batches = reference_batches(loop, training=self.reference == Reference.precompute, steps=self._steps)
         if self.reference == Reference.resident:
             # the online algorithms' reference role: initial weights on the host, swapped in
             self._host_ref = ReferencePolicy(loop.models, mode="host")
-        with computing_reference(loop, self.name, reference_scope(loop, batches, "pairs")):
+        scope = reference_scope(loop, batches, "pairs")
+        if self.reference == Reference.precompute and self._steps is not None:
+            scope += f" (those of the run's {self._steps} steps)"
+        with computing_reference(loop, self.name, scope):
             for samples in batches:
                 self._reference_pass(loop, loop.local_share(samples), loop.seq_length(samples))
         self._ref = reduce_table(self._ref)
-        self._summary = self._table_summary(n_train)
+        self._summary = self._table_summary(loop, n_train)
 
     def _check_reward_gaps(self, loop):
         """Every pair carries ``reward_gap`` when the loss reads it (its declared inputs)."""
@@ -242,15 +251,22 @@ class DPOAlgorithm(TokenAlgorithm):
                     f" 'chosen_reward' and 'rejected_reward'); {len(missing)} {split} pairs have none (first: {where})"
                 )
 
-    def _table_summary(self, n_train: int) -> Dict[str, dict]:
-        """Per split: pairs with a reference, their token count, Σ|reference log-prob| (all ranks alike)."""
+    def _table_summary(self, loop, n_train: int) -> Dict[str, dict]:
+        """Per split: the pairs, the response tokens and Σ|reference log-prob| of those the
+        table covers (all ranks alike); for the training pairs also per covered step
+        (:func:`aligner.algorithms.base.coverage_summary`), so that a run resumed with another
+        length compares what both computed."""
         parts = {"validation": self._ref[n_train:]}
         if self.reference == Reference.precompute:
             parts["training"] = self._ref[:n_train]
-        return {
+        out = {
             split: {"pairs": int(t.shape[0]), "tokens": int(t[:, 2:].sum()), "abs_logps": float(t[:, :2].abs().sum())}
             for split, t in parts.items()
         }
+        if "training" in out:
+            t = parts["training"]
+            out["training"].update(coverage_summary(loop, self._steps, t[:, 2:].sum(-1), t[:, :2].abs().sum(-1)))
+        return out
 
     @torch.no_grad()
     def before_step(self, loop, local_samples, seq_length):
@@ -271,6 +287,19 @@ class DPOAlgorithm(TokenAlgorithm):
             theirs = saved.get(split)
             if theirs is None:
                 continue  # e.g. the run began with reference=resident: no training table to compare
+            if "per_step" in theirs and "per_step" in mine:  # the steps both computed (the run's length may change)
+                if theirs["pairs"] != mine["pairs"]:
+                    raise UserError(f"resume: the {split} data differ from the checkpoint's run ({theirs['pairs']}"
+                                    f" pairs then, {mine['pairs']} now)")
+                mismatch = coverage_mismatch(theirs, mine)
+                if mismatch and mismatch[0] == "data":
+                    raise UserError(f"resume: the {split} data differ from the checkpoint's run ({mismatch[1]})")
+                if mismatch:
+                    raise UserError(
+                        f"resume: the reference log-probs recomputed from the initial weights differ from the"
+                        f" checkpoint's run on the {split} pairs ({mismatch[1]}): the initial weights (init.hf, or"
+                        f" model and trainer.seed) changed since the run began")
+                continue
             if (theirs["pairs"], theirs["tokens"]) != (mine["pairs"], mine["tokens"]):
                 raise UserError(
                     f"resume: the {split} data differ from the checkpoint's run ({theirs['pairs']} pairs of"

@@ -44,11 +44,15 @@ from aligner.algorithms.base import (
     TokenAlgorithm,
     Trainer,
     computing_reference,
+    coverage_mismatch,
+    coverage_summary,
     init_from_hf,
     reduce_table,
     reference_batches,
     reference_scope,
+    reference_steps,
     register_trainer,
+    resumes_whole_table,
 )
 from aligner.algorithms.losses.kto import kto_loss, kto_reference_point, mismatched_rows
 from aligner.config import ConfigError
@@ -157,6 +161,7 @@ class KTOAlgorithm(TokenAlgorithm):
         self._totals: Optional[tuple] = None  # the step's (responses, desirable responses), global batch
         self._host_ref = None
         self._summary: Optional[Dict[str, dict]] = None
+        self._steps: Optional[int] = None  # the epoch-0 steps the training table covers (None: every sample)
 
     # ------------------------------------------------------------------ batches
     def groups(self, sample):
@@ -284,11 +289,14 @@ class KTOAlgorithm(TokenAlgorithm):
         self._check_labels(loop)
         n_train = len(loop.train_data)
         self._ref = torch.zeros(n_train + len(loop.val_data or []), 2, 2, dtype=torch.float64)
-        batches = reference_batches(loop, training=self.reference == Reference.precompute)
+        self._steps = reference_steps(loop, full=resumes_whole_table(loop))
+        batches = reference_batches(loop, training=self.reference == Reference.precompute, steps=self._steps)
         if self.reference == Reference.resident:
             self._host_ref = ReferencePolicy(loop.models, mode="host")
         scope = reference_scope(loop, batches, "samples")
         if self.reference == Reference.precompute:  # precompute covers the training samples: scope is not None
+            if self._steps is not None:
+                scope += f" (those of the run's {self._steps} steps)"
             scope += f" and the mismatched rows of {loop.max_steps} steps"
         with computing_reference(loop, self.name, scope):
             for samples in batches:
@@ -305,7 +313,7 @@ class KTOAlgorithm(TokenAlgorithm):
         self._ref = reduce_table(self._ref, spread=True)
         if self._ref_kl is not None:
             self._ref_kl = reduce_table(self._ref_kl, spread=True, summed=False)
-        self._summary = self._table_summary(n_train)
+        self._summary = self._table_summary(loop, n_train)
 
     def _check_labels(self, loop):
         """Each step needs two responses to mismatch; advise on the weights' balance (the paper's)."""
@@ -319,8 +327,10 @@ class KTOAlgorithm(TokenAlgorithm):
         if advice and is_rank0():
             print(advice, file=sys.stderr, flush=True)
 
-    def _table_summary(self, n_train: int) -> Dict[str, dict]:
-        """Per split: rows, response tokens, Σ|reference log-prob| (and the mismatched rows'), all ranks alike."""
+    def _table_summary(self, loop, n_train: int) -> Dict[str, dict]:
+        """Per split: rows, response tokens, Σ|reference log-prob| (and the mismatched rows'), all
+        ranks alike, of what the table covers; for the training rows also per covered step
+        (:func:`aligner.algorithms.base.coverage_summary`)."""
         parts = {"validation": (self._ref[n_train:], None)}
         if self.reference == Reference.precompute:
             parts["training"] = (self._ref[:n_train], self._ref_kl)
@@ -328,6 +338,8 @@ class KTOAlgorithm(TokenAlgorithm):
         for split, (t, kl) in parts.items():
             out[split] = {"rows": int(t.shape[0]), "tokens": int(t[..., 1].sum()),
                           "abs_logps": float(t[..., 0].abs().sum())}
+            if split == "training":
+                out[split].update(coverage_summary(loop, self._steps, t[..., 1].sum(-1), t[..., 0].abs().sum(-1)))
             if kl is not None:
                 per_step = kl.nan_to_num().abs().sum(-1)
                 out[split]["abs_kl_logps"] = float(per_step.sum())
@@ -372,26 +384,37 @@ class KTOAlgorithm(TokenAlgorithm):
             theirs = saved.get(split)
             if theirs is None:
                 continue
-            if (theirs["rows"], theirs["tokens"]) != (mine["rows"], mine["tokens"]):
+            cause = "the initial weights (init.hf, or model and trainer.seed) changed since the run began"
+            differ = []  # (what differs, why)
+            if "per_step" in theirs and "per_step" in mine:  # the steps both computed (the run's length may change)
+                mismatch = coverage_mismatch(theirs, mine)
+                if theirs["rows"] != mine["rows"] or (mismatch and mismatch[0] == "data"):
+                    what = mismatch[1] if mismatch else f"{theirs['rows']} rows then, {mine['rows']} now"
+                    raise UserError(f"resume: the {split} data differ from the checkpoint's run ({what})")
+                if mismatch:
+                    differ.append((mismatch[1], cause))
+            elif (theirs["rows"], theirs["tokens"]) != (mine["rows"], mine["tokens"]):
                 raise UserError(f"resume: the {split} data differ from the checkpoint's run ({theirs['rows']} rows"
                                 f" of {theirs['tokens']} response tokens then, {mine['rows']} of {mine['tokens']}"
                                 " now)")
-            cause = "the initial weights (init.hf, or model and trainer.seed) changed since the run began"
-            compared = [(key, theirs[key], mine[key], cause) for key in ("abs_logps",) if key in theirs and key in mine]
+            elif not math.isclose(theirs["abs_logps"], mine["abs_logps"], rel_tol=1e-3):
+                differ.append((f"abs_logps {mine['abs_logps']:.6g} now, {theirs['abs_logps']:.6g} then", cause))
             steps = "abs_kl_logps_per_step"
             if steps in theirs and steps in mine:  # the steps both runs have (trainer.max_steps may change)
                 n = min(len(theirs[steps]), len(mine[steps]))
-                compared.append((f"abs_kl_logps of the first {n} steps", sum(theirs[steps][:n]),
-                                 sum(mine[steps][:n]), cause))
-            elif "abs_kl_logps" in theirs and "abs_kl_logps" in mine:  # a checkpoint without the steps' sums
-                compared.append(("abs_kl_logps", theirs["abs_kl_logps"], mine["abs_kl_logps"],
-                                 cause + ", or trainer.max_steps did (a checkpoint without the reference's"
-                                 " per-step sums resumes at its own trainer.max_steps only)"))
-            for what, then, now, why in compared:
+                then, now = sum(theirs[steps][:n]), sum(mine[steps][:n])
                 if not math.isclose(then, now, rel_tol=1e-3):
-                    raise UserError(
-                        f"resume: the reference log-probs recomputed from the initial weights differ from the"
-                        f" checkpoint's run on the {split} rows ({what} {now:.6g} now, {then:.6g} then): {why}")
+                    differ.append((f"abs_kl_logps of the first {n} steps {now:.6g} now, {then:.6g} then", cause))
+            elif "abs_kl_logps" in theirs and "abs_kl_logps" in mine:  # a checkpoint without the steps' sums
+                then, now = theirs["abs_kl_logps"], mine["abs_kl_logps"]
+                if not math.isclose(then, now, rel_tol=1e-3):
+                    differ.append((f"abs_kl_logps {now:.6g} now, {then:.6g} then",
+                                   cause + ", or trainer.max_steps did (a checkpoint without the reference's"
+                                   " per-step sums resumes at its own trainer.max_steps only)"))
+            if differ:
+                what, why = differ[0]
+                raise UserError(f"resume: the reference log-probs recomputed from the initial weights differ from the"
+                                f" checkpoint's run on the {split} rows ({what}): {why}")
 
 
 # ------------------------------------------------------------------------------ trainer

@@ -345,6 +345,17 @@ class TrainingLoop:
             model_config=self.model_cfg.to_dict() if self.model_cfg is not None else None,
         )
 
+    def resume_state(self) -> Optional[dict]:
+        """The algorithm state of the checkpoint :meth:`maybe_resume` would load (its
+        ``extra.json``), read without loading anything else; None for a run that starts
+        fresh. For setup work that must match what the run began with."""
+        if not self.cfg.resume:
+            return None
+        latest = find_latest(self.out_dir / "checkpoints")
+        if latest is None:
+            return None
+        return json.loads((latest / "extra.json").read_text()).get("algorithm", {})
+
     def maybe_resume(self) -> Optional[int]:
         if not self.cfg.resume:
             return None

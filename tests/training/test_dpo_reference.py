@@ -11,6 +11,7 @@ import pytest
 
 from aligner.parallel import ParallelConfig, initialize
 from aligner.parallel.spawn import spawn_local
+from aligner.runtime import UserError
 
 PAIRS, GBS, EPOCHS = 26, 8, 3
 TIMING = ("step_time", "tokens_per_s")
@@ -45,6 +46,8 @@ def run_all(out_dir):
     out = {"precompute": fit("precompute", "precompute"), "resident": fit("resident", "resident")}
     fit("resident", "resumed", max_steps=4)  # stops at step 4 with a checkpoint
     out["resumed"] = fit("resident", "resumed")  # the same run again: resumes at step 4
+    out["short"] = fit("precompute", "short", max_steps=2)  # ends within epoch 0: its own pairs only
+    out["extended"] = fit("precompute", "short")  # the same folder for all its epochs: resumed at step 2
     return out
 
 
@@ -82,14 +85,53 @@ def test_resume_refuses_a_reference_of_other_weights_or_data(out):
     assert state["reference"] == "precompute" and table["pairs"] == PAIRS and table["tokens"] > 0
     assert abs(table["abs_logps"] - float(out["precompute"]["table"][:PAIRS, :2].abs().sum())) < 1e-9
 
-    def resumed_with(**changes):
+    assert len(table["per_step"]) == 3 and table["tail"][0] > 0  # every step of epoch 0 and its unused tail
+    assert sum(v[0] for v in table["per_step"]) + table["tail"][0] == table["tokens"]
+
+    def resumed_with(saved=state, abs_scale=1.0, first_tokens=0, **changes):
         algo = DPOAlgorithm(0)
-        algo._summary = {"training": dict(table, **changes)}  # what setup() computed in the new process
-        algo.load_state_dict(json.loads(json.dumps(state)))
+        mine = json.loads(json.dumps(dict(table, **changes)))
+        if "per_step" in mine:
+            mine["per_step"] = [[t + (first_tokens if i == 0 else 0), a * abs_scale]
+                                for i, (t, a) in enumerate(mine["per_step"])]
+        algo._summary = {"training": mine}  # what setup() computed in the new process
+        algo.load_state_dict(json.loads(json.dumps(saved)))
 
     resumed_with()  # the same reference: accepted
-    resumed_with(abs_logps=table["abs_logps"] * (1 + 1e-5))  # layout round-off: accepted
-    with pytest.raises(ValueError, match="initial weights .* changed since the run began"):
-        resumed_with(abs_logps=table["abs_logps"] * 1.01)
-    with pytest.raises(ValueError, match="training data differ from the checkpoint's run"):
-        resumed_with(tokens=table["tokens"] + 1)
+    resumed_with(abs_scale=1 + 1e-5)  # layout round-off: accepted
+    resumed_with(per_step=table["per_step"][:2], tail=None)  # a run that ends within epoch 0: its steps compared
+    with pytest.raises(UserError, match="initial weights .* changed since the run began"):
+        resumed_with(abs_scale=1.01)
+    with pytest.raises(UserError, match="training data differ from the checkpoint's run .the rows of the first 3"):
+        resumed_with(first_tokens=1)
+    with pytest.raises(UserError, match="training data differ from the checkpoint's run .26 pairs then, 27 now"):
+        resumed_with(pairs=PAIRS + 1)
+    # a checkpoint recorded without its coverage (every pair covered): the totals compared, as then
+    old = json.loads(json.dumps(state))
+    for key in ("per_step", "tail"):
+        del old["reference_table"]["training"][key]
+    resumed_with(saved=old)
+    with pytest.raises(UserError, match="initial weights .* changed since the run began"):
+        resumed_with(saved=old, abs_logps=table["abs_logps"] * 1.01)
+    with pytest.raises(UserError, match="training data differ from the checkpoint's run"):
+        resumed_with(saved=old, tokens=table["tokens"] + 1)
+
+
+def test_a_run_within_epoch_0_computes_its_own_pairs_and_is_extended(out):
+    """A run of 2 steps (3 per epoch) precomputes the reference of those steps' pairs only,
+    equal to the whole table's; the same folder run for all its epochs resumes at step 2 (the
+    first 2 steps' pairs compared) and covers every pair."""
+    import torch
+
+    short, full, extended = out["short"], out["precompute"], out["extended"]
+    covered = short["table"][:PAIRS, 2] > 0
+    assert int(covered.sum()) == 2 * GBS
+    assert torch.equal(short["table"][:PAIRS][covered], full["table"][:PAIRS][covered])
+    table = short["state"]["reference_table"]["training"]
+    assert len(table["per_step"]) == 2 and table["tail"] is None and table["pairs"] == PAIRS
+    assert table["per_step"] == full["state"]["reference_table"]["training"]["per_step"][:2]
+    # step 1 reads only the initial weights and the reference: the same as the whole run's
+    _assert_same(short["metrics"][:1], full["metrics"][:1])
+    assert [r["step"] for r in extended["metrics"]] == list(range(1, EPOCHS * 3 + 1))
+    assert bool((extended["table"][:PAIRS, 2:] > 0).all())  # every pair, the unused tail included
+    assert extended["state"]["reference_table"]["training"] == full["state"]["reference_table"]["training"]

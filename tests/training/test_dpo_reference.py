@@ -48,6 +48,14 @@ def run_all(out_dir):
     out["resumed"] = fit("resident", "resumed")  # the same run again: resumes at step 4
     out["short"] = fit("precompute", "short", max_steps=2)  # ends within epoch 0: its own pairs only
     out["extended"] = fit("precompute", "short")  # the same folder for all its epochs: resumed at step 2
+    # a checkpoint as it was written before tables recorded their coverage: every pair's totals
+    fit("precompute", "legacy", max_steps=1)
+    extra = Path(out_dir) / "legacy" / "checkpoints" / "step_0000001" / "extra.json"
+    saved = json.loads(extra.read_text())
+    whole = out["precompute"]["state"]["reference_table"]["training"]
+    saved["algorithm"]["reference_table"]["training"] = {k: whole[k] for k in ("pairs", "tokens", "abs_logps")}
+    extra.write_text(json.dumps(saved))
+    out["legacy"] = fit("precompute", "legacy", max_steps=2)  # within epoch 0, but resumes that table: whole
     return out
 
 
@@ -135,3 +143,7 @@ def test_a_run_within_epoch_0_computes_its_own_pairs_and_is_extended(out):
     assert [r["step"] for r in extended["metrics"]] == list(range(1, EPOCHS * 3 + 1))
     assert bool((extended["table"][:PAIRS, 2:] > 0).all())  # every pair, the unused tail included
     assert extended["state"]["reference_table"]["training"] == full["state"]["reference_table"]["training"]
+    # a checkpoint without the record: the whole table computed again, as it was, and compared whole
+    legacy = out["legacy"]
+    assert [r["step"] for r in legacy["metrics"]] == [1, 2]
+    assert bool((legacy["table"][:PAIRS, 2:] > 0).all())

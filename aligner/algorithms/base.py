@@ -148,20 +148,21 @@ def coverage_summary(loop, steps: Optional[int], tokens, abs_logps) -> dict:
 
 
 def coverage_mismatch(theirs: dict, mine: dict) -> Optional[Tuple[str, str]]:
-    """Where two :func:`coverage_summary` records disagree over what both cover (the first
-    steps both computed, and the tail where both did): ``("data", what)`` for other token
-    counts, ``("weights", what)`` for Σ|log p| beyond 1e-3 relative, else None."""
+    """Where two :func:`coverage_summary` records disagree over what both cover, step by step
+    (the first steps both computed, then the tail where both did): ``("data", what)`` for other
+    token counts, ``("weights", what)`` for a Σ|log p| beyond 1e-3 relative (layout round-off
+    stays far below it; each step on its own, so that a small change of the initial weights
+    is not averaged away), else None."""
     import math
 
     n = min(len(theirs["per_step"]), len(mine["per_step"]))
-    parts = [(f"the rows of the first {n} steps", [sum(v[0] for v in side["per_step"][:n]) for side in (theirs, mine)],
-              [sum(v[1] for v in side["per_step"][:n]) for side in (theirs, mine)])]
+    parts = [(f"the rows of step {k + 1}", theirs["per_step"][k], mine["per_step"][k]) for k in range(n)]
     if theirs.get("tail") is not None and mine.get("tail") is not None:
-        parts.append(("the rows of epoch 0's unused tail", [theirs["tail"][0], mine["tail"][0]],
-                      [theirs["tail"][1], mine["tail"][1]]))
-    for what, (tok_then, tok_now), (abs_then, abs_now) in parts:
+        parts.append(("the rows of epoch 0's unused tail", theirs["tail"], mine["tail"]))
+    for what, (tok_then, abs_then), (tok_now, abs_now) in parts:
         if tok_then != tok_now:
             return "data", f"{what}: {tok_then:.0f} response tokens then, {tok_now:.0f} now"
+    for what, (_, abs_then), (_, abs_now) in parts:
         if not math.isclose(abs_then, abs_now, rel_tol=1e-3):
             return "weights", f"{what}: Σ|log p| {abs_now:.6g} now, {abs_then:.6g} then"
     return None

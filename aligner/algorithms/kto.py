@@ -400,11 +400,11 @@ class KTOAlgorithm(TokenAlgorithm):
             elif not math.isclose(theirs["abs_logps"], mine["abs_logps"], rel_tol=1e-3):
                 differ.append((f"abs_logps {mine['abs_logps']:.6g} now, {theirs['abs_logps']:.6g} then", cause))
             steps = "abs_kl_logps_per_step"
-            if steps in theirs and steps in mine:  # the steps both runs have (trainer.max_steps may change)
-                n = min(len(theirs[steps]), len(mine[steps]))
-                then, now = sum(theirs[steps][:n]), sum(mine[steps][:n])
-                if not math.isclose(then, now, rel_tol=1e-3):
-                    differ.append((f"abs_kl_logps of the first {n} steps {now:.6g} now, {then:.6g} then", cause))
+            if steps in theirs and steps in mine:  # each step both runs have (trainer.max_steps may change)
+                for k, (then, now) in enumerate(zip(theirs[steps], mine[steps])):
+                    if not math.isclose(then, now, rel_tol=1e-3):
+                        differ.append((f"abs_kl_logps of step {k + 1} {now:.6g} now, {then:.6g} then", cause))
+                        break
             elif "abs_kl_logps" in theirs and "abs_kl_logps" in mine:  # a checkpoint without the steps' sums
                 then, now = theirs["abs_kl_logps"], mine["abs_kl_logps"]
                 if not math.isclose(then, now, rel_tol=1e-3):

@@ -110,7 +110,7 @@ def test_resume_refuses_a_reference_of_other_weights_or_data(out):
     resumed_with(per_step=table["per_step"][:2], tail=None)  # a run that ends within epoch 0: its steps compared
     with pytest.raises(UserError, match="initial weights .* changed since the run began"):
         resumed_with(abs_scale=1.01)
-    with pytest.raises(UserError, match="training data differ from the checkpoint's run .the rows of the first 3"):
+    with pytest.raises(UserError, match="training data differ from the checkpoint.s run .the rows of step 1: "):
         resumed_with(first_tokens=1)
     with pytest.raises(UserError, match="training data differ from the checkpoint's run .26 pairs then, 27 now"):
         resumed_with(pairs=PAIRS + 1)

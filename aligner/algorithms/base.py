@@ -30,7 +30,7 @@ from aligner.data.datasets import resolve_template, token_counts
 from aligner.evaluation.config import MonitorSection, check_monitor_sources
 from aligner.models.config import ModelConfig
 from aligner.parallel import ParallelConfig, get_device, initialize, is_initialized, padded_length, set_seed
-from aligner.runtime import get_logger, is_rank0
+from aligner.runtime import UserError, get_logger, is_rank0
 from aligner.training import preflight as checks
 from aligner.training.algorithm import Algorithm
 from aligner.training.batching import (
@@ -166,6 +166,35 @@ def coverage_mismatch(theirs: dict, mine: dict) -> Optional[Tuple[str, str]]:
         if not math.isclose(abs_then, abs_now, rel_tol=1e-3):
             return "weights", f"{what}: Σ|log p| {abs_now:.6g} now, {abs_then:.6g} then"
     return None
+
+
+WEIGHTS_CHANGED = "the initial weights (init.hf, or model and trainer.seed) changed since the run began"
+
+
+def check_reference_table(split: str, theirs: dict, mine: dict, count: str, unit: str) -> None:
+    """Refuse (:class:`UserError`, one line) a resume whose recomputed reference table is not
+    the checkpoint's run's: other data (``count``, the record's number of ``unit``, or token
+    counts) or other initial weights (Σ|log p| beyond 1e-3 relative); step by step over the
+    steps both computed where both records have them (:func:`coverage_summary`), else (a
+    checkpoint written without them) on the totals."""
+    import math
+
+    if theirs[count] != mine[count]:
+        mismatch = ("data", f"{theirs[count]} {unit} then, {mine[count]} now")
+    elif "per_step" in theirs and "per_step" in mine:
+        mismatch = coverage_mismatch(theirs, mine)
+    elif theirs["tokens"] != mine["tokens"]:
+        mismatch = ("data", f"{theirs[count]} {unit} of {theirs['tokens']} response tokens then,"
+                            f" {mine[count]} of {mine['tokens']} now")
+    elif not math.isclose(theirs["abs_logps"], mine["abs_logps"], rel_tol=1e-3):
+        mismatch = ("weights", f"Σ|log p| {mine['abs_logps']:.6g} now, {theirs['abs_logps']:.6g} then")
+    else:
+        mismatch = None
+    if mismatch and mismatch[0] == "data":
+        raise UserError(f"resume: the {split} data differ from the checkpoint's run ({mismatch[1]})")
+    if mismatch:
+        raise UserError(f"resume: the reference log-probs recomputed from the initial weights differ from the"
+                        f" checkpoint's run on the {split} {unit} ({mismatch[1]}): {WEIGHTS_CHANGED}")
 
 
 def reference_scope(loop, batches: List[List[dict]], unit: str) -> Optional[str]:

@@ -18,7 +18,6 @@ reference (ORPO, SimPO) gets neither: no reference pass, no table, no weight cop
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -34,7 +33,7 @@ from aligner.algorithms.base import (
     pair_logps,
     pair_margin,
     computing_reference,
-    coverage_mismatch,
+    check_reference_table,
     coverage_summary,
     reduce_table,
     reference_batches,
@@ -45,7 +44,6 @@ from aligner.algorithms.base import (
 )
 from aligner.algorithms.losses.preference import PREFERENCE_LOSSES, preference_loss
 from aligner.config import ConfigError, registered
-from aligner.runtime import UserError
 from aligner.training.config import InitSection
 from aligner.training.metrics import metric
 from aligner.training.roles import ReferencePolicy
@@ -285,33 +283,8 @@ class DPOAlgorithm(TokenAlgorithm):
         saved = state.get("reference_table") or {}
         for split, mine in (self._summary or {}).items():
             theirs = saved.get(split)
-            if theirs is None:
-                continue  # e.g. the run began with reference=resident: no training table to compare
-            if "per_step" in theirs and "per_step" in mine:  # the steps both computed (the run's length may change)
-                if theirs["pairs"] != mine["pairs"]:
-                    raise UserError(f"resume: the {split} data differ from the checkpoint's run ({theirs['pairs']}"
-                                    f" pairs then, {mine['pairs']} now)")
-                mismatch = coverage_mismatch(theirs, mine)
-                if mismatch and mismatch[0] == "data":
-                    raise UserError(f"resume: the {split} data differ from the checkpoint's run ({mismatch[1]})")
-                if mismatch:
-                    raise UserError(
-                        f"resume: the reference log-probs recomputed from the initial weights differ from the"
-                        f" checkpoint's run on the {split} pairs ({mismatch[1]}): the initial weights (init.hf, or"
-                        f" model and trainer.seed) changed since the run began")
-                continue
-            if (theirs["pairs"], theirs["tokens"]) != (mine["pairs"], mine["tokens"]):
-                raise UserError(
-                    f"resume: the {split} data differ from the checkpoint's run ({theirs['pairs']} pairs of"
-                    f" {theirs['tokens']} response tokens then, {mine['pairs']} of {mine['tokens']} now)"
-                )
-            if not math.isclose(theirs["abs_logps"], mine["abs_logps"], rel_tol=1e-3):
-                raise UserError(
-                    f"resume: the reference log-probs recomputed from the initial weights differ from the"
-                    f" checkpoint's run on the {split} pairs (Σ|log p| {mine['abs_logps']:.6g} now,"
-                    f" {theirs['abs_logps']:.6g} then): the initial weights (init.hf, or model and"
-                    f" trainer.seed) changed since the run began"
-                )
+            if theirs is not None:  # None: e.g. the run began with reference=resident, no training table
+                check_reference_table(split, theirs, mine, "pairs", "pairs")
 
 
 # ------------------------------------------------------------------------------ trainer

@@ -44,7 +44,8 @@ from aligner.algorithms.base import (
     TokenAlgorithm,
     Trainer,
     computing_reference,
-    coverage_mismatch,
+    WEIGHTS_CHANGED,
+    check_reference_table,
     coverage_summary,
     init_from_hf,
     reduce_table,
@@ -384,37 +385,22 @@ class KTOAlgorithm(TokenAlgorithm):
             theirs = saved.get(split)
             if theirs is None:
                 continue
-            cause = "the initial weights (init.hf, or model and trainer.seed) changed since the run began"
-            differ = []  # (what differs, why)
-            if "per_step" in theirs and "per_step" in mine:  # the steps both computed (the run's length may change)
-                mismatch = coverage_mismatch(theirs, mine)
-                if theirs["rows"] != mine["rows"] or (mismatch and mismatch[0] == "data"):
-                    what = mismatch[1] if mismatch else f"{theirs['rows']} rows then, {mine['rows']} now"
-                    raise UserError(f"resume: the {split} data differ from the checkpoint's run ({what})")
-                if mismatch:
-                    differ.append((mismatch[1], cause))
-            elif (theirs["rows"], theirs["tokens"]) != (mine["rows"], mine["tokens"]):
-                raise UserError(f"resume: the {split} data differ from the checkpoint's run ({theirs['rows']} rows"
-                                f" of {theirs['tokens']} response tokens then, {mine['rows']} of {mine['tokens']}"
-                                " now)")
-            elif not math.isclose(theirs["abs_logps"], mine["abs_logps"], rel_tol=1e-3):
-                differ.append((f"abs_logps {mine['abs_logps']:.6g} now, {theirs['abs_logps']:.6g} then", cause))
-            steps = "abs_kl_logps_per_step"
+            check_reference_table(split, theirs, mine, "rows", "rows")
+            steps = "abs_kl_logps_per_step"  # the mismatched rows' reference, step by step where both have it
             if steps in theirs and steps in mine:  # each step both runs have (trainer.max_steps may change)
-                for k, (then, now) in enumerate(zip(theirs[steps], mine[steps])):
-                    if not math.isclose(then, now, rel_tol=1e-3):
-                        differ.append((f"abs_kl_logps of step {k + 1} {now:.6g} now, {then:.6g} then", cause))
-                        break
-            elif "abs_kl_logps" in theirs and "abs_kl_logps" in mine:  # a checkpoint without the steps' sums
-                then, now = theirs["abs_kl_logps"], mine["abs_kl_logps"]
+                pairs = [(f"abs_kl_logps of step {k + 1}", then, now)
+                         for k, (then, now) in enumerate(zip(theirs[steps], mine[steps]))]
+                why = WEIGHTS_CHANGED
+            else:  # a checkpoint without the steps' sums: the totals
+                pairs = [("abs_kl_logps", theirs["abs_kl_logps"], mine["abs_kl_logps"])] \
+                    if "abs_kl_logps" in theirs and "abs_kl_logps" in mine else []
+                why = (WEIGHTS_CHANGED + ", or trainer.max_steps did (a checkpoint without the reference's per-step"
+                       " sums resumes at its own trainer.max_steps only)")
+            for what, then, now in pairs:
                 if not math.isclose(then, now, rel_tol=1e-3):
-                    differ.append((f"abs_kl_logps {now:.6g} now, {then:.6g} then",
-                                   cause + ", or trainer.max_steps did (a checkpoint without the reference's"
-                                   " per-step sums resumes at its own trainer.max_steps only)"))
-            if differ:
-                what, why = differ[0]
-                raise UserError(f"resume: the reference log-probs recomputed from the initial weights differ from the"
-                                f" checkpoint's run on the {split} rows ({what}): {why}")
+                    raise UserError(f"resume: the reference log-probs recomputed from the initial weights differ from"
+                                    f" the checkpoint's run on the {split} rows ({what} {now:.6g} now, {then:.6g}"
+                                    f" then): {why}")
 
 
 # ------------------------------------------------------------------------------ trainer
